@@ -1,0 +1,274 @@
+"""Training configuration: everything that is not the model architecture.
+
+One YAML file holds both: the `model:` section becomes a `moe.config.ModelConfig`, the top-level
+keys and the `optimizer:`, `loss:` and `mesh:` sections become a `TrainConfig`. Command-line
+overrides are dotted `key=value` pairs whose values are parsed as YAML scalars
+(`steps=100`, `model.hidden_size=64`, `optimizer.lr=3e-4`, `mesh.data=2`). Unknown keys, bad
+types and bad values raise `ConfigError` with one line that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from moe.config import ConfigError, ModelConfig, _matches, _reject_unknown, load_yaml, model_section
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW and its learning-rate schedule (defaults: DeepSeek-V3 report §4.2).
+
+  Schedules (see `train.optimizer.make_schedule`): linear warm-up to `lr` over `warmup_steps`, then
+  - `warmup_constant_cosine` (V3): constant until `decay_start`, cosine to `final_lr` over
+    `decay_steps`, then constant at `final_lr`;
+  - `wsd` (warmup-stable-decay): the same, with a 1-sqrt decay shape instead of the cosine;
+  - `cosine`: cosine to `final_lr` from the end of warm-up to the last step (`decay_start` and
+    `decay_steps` unused).
+  `decay_start: null` means `steps - decay_steps` (the decay ends on the last step).
+  """
+
+  schedule: Literal["warmup_constant_cosine", "wsd", "cosine"] = "warmup_constant_cosine"
+  lr: float = 2.2e-4  # peak
+  final_lr: float = 2.2e-5
+  warmup_steps: int = 20
+  decay_start: int | None = None
+  decay_steps: int = 300
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  clip_norm: float = 1.0  # global gradient norm
+  moment_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # both AdamW moments (V3: BF16)
+
+  def __post_init__(self):
+    _check_fields(self, "optimizer.")
+    _require(self.lr >= 0 and self.final_lr >= 0, f"optimizer.lr={self.lr}, final_lr={self.final_lr} must be >= 0")
+    _require(self.warmup_steps >= 0, f"optimizer.warmup_steps={self.warmup_steps} must be >= 0")
+    _require(self.decay_steps >= 0, f"optimizer.decay_steps={self.decay_steps} must be >= 0")
+    _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"optimizer.b1={self.b1}, b2={self.b2} must be in [0, 1)")
+    _require(self.eps > 0, f"optimizer.eps={self.eps} must be > 0")
+    _require(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0")
+    _require(self.clip_norm > 0, f"optimizer.clip_norm={self.clip_norm} must be > 0")
+
+  def decay_start_step(self, steps: int) -> int:
+    """First step of the decay for `warmup_constant_cosine` and `wsd`."""
+    return steps - self.decay_steps if self.decay_start is None else self.decay_start
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Loss weights and the auxiliary-loss-free balancing update (V3 report §2.1.2, §2.2).
+
+  `L = CE + mtp_lambda/D · Σ_k CE_k + balance_alpha · L_bal`; after each step the router bias moves
+  `b_i += γ · sign(mean(load) - load_i)`, with `γ = bias_update_gamma` until the last
+  `bias_update_stop_fraction` of the steps and 0 after. V3 stops for its last 500B of 14.8T tokens
+  (≈0.034); the default 0.0 never stops, as a short run has no separate final phase.
+  """
+
+  mtp_lambda: float = 0.3
+  balance_alpha: float = 1e-4
+  bias_update_gamma: float = 1e-3
+  bias_update_stop_fraction: float = 0.0
+
+  def __post_init__(self):
+    _check_fields(self, "loss.")
+    for name in ("mtp_lambda", "balance_alpha", "bias_update_gamma"):
+      _require(getattr(self, name) >= 0, f"loss.{name}={getattr(self, name)} must be >= 0")
+    f = self.bias_update_stop_fraction
+    _require(0 <= f <= 1, f"loss.bias_update_stop_fraction={f} must be in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device-mesh axis sizes; -1 (at most one axis) takes the devices the others leave."""
+
+  data: int = -1
+  fsdp: int = 1
+  expert: int = 1
+  tensor: int = 1
+
+  def __post_init__(self):
+    _check_fields(self, "mesh.")
+    sizes = dataclasses.asdict(self)
+    for name, n in sizes.items():
+      _require(n == -1 or n >= 1, f"mesh.{name}={n} must be >= 1 or -1")
+    _require(list(sizes.values()).count(-1) <= 1, "mesh: at most one axis may be -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """A training run. `batch_size` is global, in sequences of `seq_len` tokens, split into
+  `grad_accum` micro-batches; `eval_every: 0` disables evaluation; `profile_steps: [start, stop]`
+  traces steps start <= s < stop."""
+
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  run_dir: str = "runs/default"  # load_train_config: runs/<config stem>
+  steps: int = 1000
+  seed: int = 0
+  batch_size: int = 8
+  seq_len: int = 256
+  grad_accum: int = 1
+  data: str = "default"
+  tokenizer: str = "byte"  # "byte" or a path to a tokenizer
+  precision: Literal["float32", "bf16"] = "float32"
+  log_every: int = 10
+  eval_every: int = 100
+  eval_steps: int = 10
+  profile_steps: tuple[int, int] | None = None
+  optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+  loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+  def __post_init__(self):
+    if isinstance(self.profile_steps, list):
+      object.__setattr__(self, "profile_steps", tuple(self.profile_steps))
+    _check_fields(self, "")
+    for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_steps"):
+      _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
+    _require(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0 (0: never)")
+    _require(
+        self.batch_size % self.grad_accum == 0,
+        f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}",
+    )
+    _require(
+        self.seq_len <= self.model.max_position_embeddings,
+        f"seq_len={self.seq_len} exceeds model.max_position_embeddings={self.model.max_position_embeddings}",
+    )
+    p = self.profile_steps
+    _require(
+        p is None or (isinstance(p, tuple) and len(p) == 2 and all(map(_is_int, p)) and 0 <= p[0] < p[1]),
+        f"profile_steps={list(p) if isinstance(p, tuple) else p!r} must be null or [start, stop] with"
+        " 0 <= start < stop",
+    )
+    opt = self.optimizer
+    if opt.schedule == "cosine":
+      _require(opt.warmup_steps <= self.steps, f"optimizer.warmup_steps={opt.warmup_steps} exceeds steps={self.steps}")
+    else:
+      start = opt.decay_start_step(self.steps)
+      _require(
+          opt.warmup_steps <= start,
+          f"optimizer: the decay starts at step {start} (decay_start={opt.decay_start}, steps={self.steps},"
+          f" decay_steps={opt.decay_steps}), before warmup_steps={opt.warmup_steps} ends",
+      )
+
+  def replace(self, **changes) -> TrainConfig:
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict:
+    """The resolved configuration, in the YAML layout `load_train_config` reads."""
+    d = dataclasses.asdict(self)
+    if self.profile_steps is not None:
+      d["profile_steps"] = list(self.profile_steps)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict, where: str = "config") -> TrainConfig:
+    d = dict(d)
+    _reject_unknown(d, cls, where)
+    d["model"] = ModelConfig.from_dict(_coerce(_section(d, "model", where), ModelConfig), f"{where}: model")
+    for name, sub in _SECTIONS.items():
+      if name in d:
+        s = _section(d, name, where)
+        _reject_unknown(s, sub, f"{where}: {name}")
+        d[name] = sub(**_coerce(s, sub))
+    return cls(**_coerce(d, cls))
+
+
+_SECTIONS = {"optimizer": OptimizerConfig, "loss": LossConfig, "mesh": MeshConfig}
+
+
+def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+  """Read `path`, apply `key=value` overrides in order, default `run_dir` to runs/<stem>."""
+  raw = load_yaml(path)
+  model_section(raw, path)
+  for item in overrides:
+    apply_override(raw, item)
+  raw.setdefault("run_dir", f"runs/{Path(path).stem}")
+  return TrainConfig.from_dict(raw, where=str(path))
+
+
+def apply_override(raw: dict, item: str) -> None:
+  """Set `a.b.c=value` in the nested dict `raw`; the value is parsed as a YAML scalar."""
+  key, sep, text = item.partition("=")
+  if not sep or not key:
+    raise ConfigError(f"override {item!r}: expected key=value (e.g. optimizer.lr=3e-4)")
+  where = f"override {item!r}"
+  *parents, leaf = key.split(".")
+  cls, node = TrainConfig, raw
+  for name in parents:
+    _reject_unknown({name: None}, cls, where)
+    cls = _dataclass_of(typing.get_type_hints(cls)[name])
+    if cls is None:
+      raise ConfigError(f"{where}: '{name}' is not a section")
+    if node.get(name) is None:
+      node[name] = {}
+    if not isinstance(node[name], dict):
+      raise ConfigError(f"{where}: '{name}' in the config file is not a mapping")
+    node = node[name]
+  _reject_unknown({leaf: None}, cls, where)
+  try:
+    node[leaf] = yaml.safe_load(text)
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{where}: not a YAML value ({str(e).splitlines()[0]})") from None
+
+
+# ------------------------------------------------------------------ helpers
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_fields(obj, prefix: str) -> None:
+  """Type-check a dataclass against its annotations (moe.config's matcher); tuples are checked by
+  the caller."""
+  hints = typing.get_type_hints(type(obj))
+  for f in dataclasses.fields(obj):
+    value = getattr(obj, f.name)
+    if isinstance(value, tuple):
+      continue
+    ok, want = _matches(value, hints[f.name])
+    if not ok:
+      raise ConfigError(f"{prefix}{f.name}: expected {want}, got {type(value).__name__} {value!r}")
+
+
+def _section(d: dict, name: str, where: str) -> dict:
+  if not isinstance(d.get(name), dict):
+    raise ConfigError(f"{where}: `{name}` must be a mapping, got {d.get(name)!r}")
+  return d[name]
+
+
+def _dataclass_of(tp):
+  """The dataclass in a field annotation such as `RopeScaling | None`, else None."""
+  args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+  return next((a for a in args if dataclasses.is_dataclass(a)), None)
+
+
+# YAML 1.1 (PyYAML) reads 1e-3 and 3E5 as strings; YAML 1.2 and people read them as numbers.
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _coerce(d: dict, cls) -> dict:
+  """Turn number-like strings into floats for the float-typed fields of `cls` (recursively)."""
+  hints = typing.get_type_hints(cls)
+  out = dict(d)
+  for key, value in d.items():
+    tp = hints.get(key)
+    if tp is None:  # unknown key: from_dict rejects it
+      continue
+    sub = _dataclass_of(tp)
+    if sub is not None and isinstance(value, dict):
+      out[key] = _coerce(value, sub)
+    elif isinstance(value, str) and _NUMBER.match(value) and _matches(1.5, tp)[0] and not _matches("", tp)[0]:
+      out[key] = float(value)
+  return out
