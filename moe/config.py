@@ -191,14 +191,14 @@ _HF_IGNORED = {
     "architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype",
     "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "quantization_config",
     "aux_loss_alpha", "seq_aux", "output_router_logits", "router_aux_loss_coef", "ep_size",
-    "num_key_value_heads", "pretraining_tp", "attention_dropout", "rope_interleave", "head_dim",
+    "num_key_value_heads", "pretraining_tp", "attention_dropout", "head_dim",
     "qk_head_dim", "_name_or_path", "id2label", "label2id", "return_dict", "output_hidden_states",
     "output_attentions", "tie_encoder_decoder", "is_encoder_decoder", "chunk_size_feed_forward",
     "problem_type", "tokenizer_class", "num_experts", "num_local_experts", "num_mtp_layers",
     "use_mla", "mlp_bias", "kv_lora_rank_", "layer_types",
 }
 # HF keys that must hold one value for this implementation to be the same function.
-_HF_REQUIRED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+_HF_REQUIRED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "rope_interleave": True}
 
 
 def hf_to_fields(raw: dict, where: str) -> dict:
@@ -208,8 +208,6 @@ def hf_to_fields(raw: dict, where: str) -> dict:
     if key in raw and raw[key] != want:
       raise ConfigError(f"{where}: {key}={raw[key]!r} is not supported (DeepSeek V2/V3 use {want!r})")
     raw.pop(key, None)
-  if raw.get("num_key_value_heads") not in (None, raw.get("num_attention_heads")):
-    raise ConfigError(f"{where}: num_key_value_heads must equal num_attention_heads for MLA")
   if "num_mtp_layers" in raw and "num_nextn_predict_layers" not in raw:
     raw["num_nextn_predict_layers"] = raw["num_mtp_layers"]
   # transformers >= 5 writes rope_theta and the YaRN settings into `rope_parameters`.
@@ -235,10 +233,12 @@ def hf_to_fields(raw: dict, where: str) -> dict:
     raw["n_group"] = 1
   if raw.get("topk_group") is None:
     raw["topk_group"] = 1
+  # transformers' configs omit these; its V3 always routes noaux_tc/sigmoid, its V2 softmax.
+  v3 = raw.get("model_type", "deepseek_v3") == "deepseek_v3"
   if raw.get("topk_method") is None:
-    raw["topk_method"] = "greedy"
-  if "scoring_func" not in raw:
-    raw["scoring_func"] = "sigmoid" if raw.get("topk_method") == "noaux_tc" else "softmax"
+    raw["topk_method"] = "noaux_tc" if v3 else "greedy"
+  if raw.get("scoring_func") is None:
+    raw["scoring_func"] = "sigmoid" if raw["topk_method"] == "noaux_tc" else "softmax"
   if raw.get("first_k_dense_replace") is None:
     raw["first_k_dense_replace"] = 0
   if raw.get("model_type") == "deepseek_v2":

@@ -1,0 +1,91 @@
+"""DeepSeekMoE feed-forward: shared experts + top-k routed SwiGLU experts.
+
+  y = shared(x) + sum_k w_k expert_{i_k}(x),   expert(x) = down(silu(x gate) * (x up))
+
+Routed experts run dropless on one device: the T*K (token, expert) assignments are sorted by
+expert and fed to grouped matmuls (`jax.lax.ragged_dot`). `dense_experts` is the plain
+every-expert-on-every-token reference used by the tests.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe import router as router_lib
+from moe.config import ModelConfig
+from moe.layers import MLP, dtype_of, param
+
+
+class MoEStats(NamedTuple):
+  """What training needs from one MoE layer."""
+
+  load: jax.Array  # [E] tokens routed to each expert (padding excluded)
+  balance_loss: jax.Array  # [] V3 sequence-wise balance loss, before alpha
+
+
+def sorted_experts(x_TxD, idx_TxK, w_TxK, gate_ExDxF, up_ExDxF, down_ExFxD):
+  """Dropless grouped-matmul experts: sort (token, k) pairs by expert, ragged_dot, unsort, combine."""
+  t, k = idx_TxK.shape
+  e = gate_ExDxF.shape[0]
+  flat = idx_TxK.reshape(-1)
+  order = jnp.argsort(flat, stable=True)  # [T*K] assignment ids sorted by expert
+  x_sorted = x_TxD[order // k]
+  sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+  h = jax.nn.silu(jax.lax.ragged_dot(x_sorted, gate_ExDxF, sizes)) * jax.lax.ragged_dot(x_sorted, up_ExDxF, sizes)
+  y_sorted = jax.lax.ragged_dot(h, down_ExFxD, sizes)
+  y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
+  return jnp.einsum("tkd,tk->td", y, w_TxK.astype(y.dtype))
+
+
+def dense_experts(x_TxD, idx_TxK, w_TxK, gate_ExDxF, up_ExDxF, down_ExFxD):
+  """Reference: every expert on every token, weighted by the (mostly zero) routing matrix."""
+  e = gate_ExDxF.shape[0]
+  w_TxE = (jax.nn.one_hot(idx_TxK, e, dtype=jnp.float32) * w_TxK[..., None]).sum(1)
+  h = jax.nn.silu(jnp.einsum("td,edf->tef", x_TxD, gate_ExDxF)) * jnp.einsum("td,edf->tef", x_TxD, up_ExDxF)
+  y = jnp.einsum("tef,efd->ted", h, down_ExFxD)
+  return jnp.einsum("ted,te->td", y, w_TxE.astype(y.dtype))
+
+
+class RoutedExperts(nnx.Module):
+  """n_routed_experts SwiGLU experts stored stacked: gate/up [E, D, F], down [E, F, D]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    self.dtype = dtype_of(cfg.dtype)
+    self.gate_proj = param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg)
+    self.up_proj = param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg)
+    self.down_proj = param(rngs, (e, f, d), ("expert", "moe_mlp", "embed"), cfg)
+
+  def weights(self):
+    return tuple(p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj))
+
+  def __call__(self, x_TxD, idx_TxK, w_TxK):
+    return sorted_experts(x_TxD.astype(self.dtype), idx_TxK, w_TxK, *self.weights())
+
+
+class MoE(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.gate = router_lib.Router(cfg, rngs=rngs)
+    self.experts = RoutedExperts(cfg, rngs=rngs)
+    if cfg.n_shared_experts:
+      self.shared_experts = MLP(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts, rngs=rngs, axis_name="moe_mlp")
+
+  def __call__(self, x_BxSxD, valid_BxS):
+    b, s, d = x_BxSxD.shape
+    w, idx, scores = self.gate(x_BxSxD)
+    y = self.experts(x_BxSxD.reshape(b * s, d), idx.reshape(b * s, -1), w.reshape(b * s, -1))
+    y = y.reshape(b, s, d).astype(x_BxSxD.dtype)
+    if self.cfg.n_shared_experts:
+      y = y + self.shared_experts(x_BxSxD)
+    stats = MoEStats(
+        load=router_lib.expert_load(idx.reshape(b * s, -1), valid_BxS.reshape(-1).astype(jnp.float32),
+                                    self.cfg.n_routed_experts),
+        balance_loss=router_lib.sequence_balance_loss(scores, idx, valid_BxS, self.cfg),
+    )
+    return y, stats

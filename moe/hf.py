@@ -1,0 +1,265 @@
+"""HF DeepSeek-V2/V3 checkpoints in and out, tensor by tensor.
+
+`from_hf(path)` reads a folder as released (config.json + safetensors shards; FP8 weights with
+128x128 `weight_scale_inv` blocks are dequantised) or as `transformers` saves it, and returns a
+`Transformer`. `to_hf(model, path)` writes a folder `transformers` loads. One table,
+`weight_names(cfg)`, maps every HF tensor name to (our parameter path, index, transposed?).
+Only one checkpoint tensor is held in memory beside the model at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from moe.config import ConfigError, ModelConfig
+from moe.layers import dtype_of
+from moe.model import Transformer
+
+log = logging.getLogger(__name__)
+
+
+class Target(NamedTuple):
+  path: str  # our variable path, "/"-joined
+  index: tuple  # position inside a stacked variable (layer, expert)
+  transpose: bool  # HF linear weights are [out, in]; our kernels are [in, out]
+
+
+# ------------------------------------------------------------------ the table
+def _layer_names(cfg: ModelConfig, moe: bool):
+  """(HF suffix inside a layer, our suffix, transpose?, expert index or None)."""
+  attn = ["q_proj"] if cfg.q_lora_rank is None else ["q_a_proj", "q_b_proj"]
+  attn += ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+  for name in attn:
+    yield f"self_attn.{name}.weight", f"self_attn/{name}/kernel", True, None
+  norms = ["input_layernorm", "post_attention_layernorm", "self_attn.kv_a_layernorm"]
+  norms += [] if cfg.q_lora_rank is None else ["self_attn.q_a_layernorm"]
+  for name in norms:
+    yield f"{name}.weight", f"{name.replace('.', '/')}/scale", False, None
+  if not moe:
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+      yield f"mlp.{proj}.weight", f"mlp/{proj}/kernel", True, None
+    return
+  yield "mlp.gate.weight", "mlp/gate/kernel", True, None
+  if cfg.topk_method == "noaux_tc":
+    yield "mlp.gate.e_score_correction_bias", "mlp/gate/e_score_correction_bias", False, None
+  for e in range(cfg.n_routed_experts):
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+      yield f"mlp.experts.{e}.{proj}.weight", f"mlp/experts/{proj}", True, e
+  if cfg.n_shared_experts:
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+      yield f"mlp.shared_experts.{proj}.weight", f"mlp/shared_experts/{proj}/kernel", True, None
+
+
+def weight_names(cfg: ModelConfig) -> dict[str, Target]:
+  """Every tensor of the released checkpoint layout -> where it lives in our model."""
+  table = {"model.embed_tokens.weight": Target("embed/embedding", (), False),
+           "model.norm.weight": Target("norm/scale", (), False)}
+  if not cfg.tie_word_embeddings:
+    table["lm_head.weight"] = Target("lm_head/kernel", (), True)
+  k = cfg.first_k_dense_replace
+  for i in range(cfg.num_hidden_layers):
+    stack, j = ("dense_layers", i) if i < k else ("moe_layers", i - k)
+    for hf, ours, t, e in _layer_names(cfg, moe=i >= k):
+      table[f"model.layers.{i}.{hf}"] = Target(f"{stack}/layers/{ours}", (j,) if e is None else (j, e), t)
+  for d in range(cfg.num_nextn_predict_layers):
+    pre = f"model.layers.{cfg.num_hidden_layers + d}"
+    table[f"{pre}.enorm.weight"] = Target(f"mtp/{d}/enorm/scale", (), False)
+    table[f"{pre}.hnorm.weight"] = Target(f"mtp/{d}/hnorm/scale", (), False)
+    table[f"{pre}.eh_proj.weight"] = Target(f"mtp/{d}/eh_proj/kernel", (), True)
+    table[f"{pre}.shared_head.norm.weight"] = Target(f"mtp/{d}/norm/scale", (), False)
+    for hf, ours, t, e in _layer_names(cfg, moe=cfg.n_routed_experts > 0):
+      table[f"{pre}.{hf}"] = Target(f"mtp/{d}/block/{ours}", () if e is None else (e,), t)
+  return table
+
+
+def _mtp_copies(cfg: ModelConfig) -> dict[str, str]:
+  """The MTP layers' own copies of embedding and head in the release -> the shared tensor."""
+  out = {}
+  for d in range(cfg.num_nextn_predict_layers):
+    pre = f"model.layers.{cfg.num_hidden_layers + d}"
+    out[f"{pre}.embed_tokens.weight"] = "model.embed_tokens.weight"
+    out[f"{pre}.shared_head.head.weight"] = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+  return out
+
+
+# ------------------------------------------------------------ safetensors I/O
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+class SafetensorsFolder:
+  """Lazy, memory-mapped view of every tensor in a folder of .safetensors files."""
+
+  def __init__(self, folder: Path):
+    self.entries = {}  # name -> (file, dtype, shape, start, end)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+      raise ConfigError(f"{folder}: no *.safetensors files (expected an HF checkpoint folder)")
+    for f in files:
+      with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+      for name, meta in header.items():
+        if name == "__metadata__":
+          continue
+        s, e = meta["data_offsets"]
+        self.entries[name] = (f, meta["dtype"], tuple(meta["shape"]), 8 + n + s, 8 + n + e)
+
+  def __contains__(self, name):
+    return name in self.entries
+
+  def names(self):
+    return self.entries.keys()
+
+  def get(self, name) -> np.ndarray:
+    f, dt, shape, start, end = self.entries[name]
+    if dt not in _ST_DTYPES:
+      raise ConfigError(f"{f}: tensor {name} has unsupported dtype {dt}")
+    return np.memmap(f, dtype=_ST_DTYPES[dt], mode="r", offset=start, shape=shape)
+
+
+def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: int = 128) -> np.ndarray:
+  """DeepSeek's FP8 release: weight [out, in] float8 * scale of its 128x128 block -> float32."""
+  out, inn = w.shape
+  s = np.repeat(np.repeat(scale_inv.astype(np.float32), block, 0), block, 1)[:out, :inn]
+  return w.astype(np.float32) * s
+
+
+def _read(ckpt: SafetensorsFolder, name: str) -> np.ndarray:
+  w = ckpt.get(name)
+  if w.dtype == ml_dtypes.float8_e4m3fn:
+    scale = name.removesuffix(".weight") + ".weight_scale_inv"
+    if scale not in ckpt:
+      raise ConfigError(f"{name} is float8 but {scale} is missing from the checkpoint")
+    return dequantize_fp8(np.asarray(w), np.asarray(ckpt.get(scale)))
+  return np.asarray(w, dtype=np.float32)
+
+
+# --------------------------------------------------------------------- loading
+def _variables(model) -> dict:
+  return {"/".join(map(str, p)): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
+
+
+def from_hf(path: str | Path, dtype: str | None = None, **overrides) -> Transformer:
+  """Load an HF DeepSeek-V2/V3 folder. `dtype` sets compute and parameter dtype (default float32).
+
+  If the checkpoint has no MTP weights (as `transformers` saves it), the model gets
+  num_nextn_predict_layers = 0. `overrides` replace ModelConfig fields (e.g. remat_policy).
+  """
+  path = Path(path)
+  cfg = ModelConfig.from_hf_json(path)
+  if dtype is not None:
+    overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
+  cfg = cfg.replace(**overrides)
+  ckpt = SafetensorsFolder(path)
+  if cfg.num_nextn_predict_layers and f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" not in ckpt:
+    log.info("%s has no MTP weights: loading with num_nextn_predict_layers=0", path)
+    cfg = cfg.replace(num_nextn_predict_layers=0)
+
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  variables = _variables(model)
+  buffers = {p: np.zeros(v.shape, np.dtype(v.dtype)) for p, v in variables.items()}
+  filled = set()
+  table = weight_names(cfg)
+  skip = set(_mtp_copies(cfg)) | {n for n in ckpt.names() if n.endswith("weight_scale_inv")}
+  for name in ckpt.names():
+    if name in skip:
+      continue
+    if name not in table:
+      raise ConfigError(f"{path}: tensor {name} does not belong to the configured model (config.json mismatch?)")
+    target = table[name]
+    w = _read(ckpt, name)
+    w = w.T if target.transpose else w
+    buf = buffers[target.path]
+    want = buf[target.index].shape if target.index else buf.shape
+    if w.shape != want:
+      raise ConfigError(f"{path}: {name} has shape {w.shape[::-1] if target.transpose else w.shape},"
+                        f" the config implies {want[::-1] if target.transpose else want}")
+    buf[target.index] = w
+    filled.add(name)
+  missing = sorted(n for n in table if n not in filled)
+  if missing:
+    raise ConfigError(f"{path}: checkpoint lacks {', '.join(missing[:3])}"
+                      + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+  for p, v in variables.items():
+    v.set_value(jnp.asarray(buffers.pop(p), dtype=v.dtype))  # frees each host buffer as it goes
+  return model
+
+
+# --------------------------------------------------------------------- saving
+_NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+def write_safetensors(fname: Path, specs: list[tuple[str, tuple, np.dtype]], get) -> int:
+  """Stream tensors into one .safetensors file: the header from shapes, then one tensor at a time.
+
+  (The `safetensors` package only writes from a dict of materialised arrays.)
+  """
+  header, offset = {"__metadata__": {"format": "pt"}}, 0
+  for name, shape, dt in specs:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+    header[name] = {"dtype": _NP_TO_ST[np.dtype(dt)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)
+  with open(fname, "wb") as fh:
+    fh.write(len(raw).to_bytes(8, "little"))
+    fh.write(raw)
+    for name, shape, dt in specs:
+      w = np.ascontiguousarray(get(name), dtype=dt)
+      assert w.shape == tuple(shape), (name, w.shape, shape)
+      fh.write(w.tobytes())
+  return offset
+
+
+def to_hf(model: Transformer, path: str | Path, max_shard_bytes: int = 4 << 30) -> None:
+  """Write config.json + sharded safetensors (+ index) in the released naming, tensor by tensor."""
+  path = Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  cfg = model.cfg
+  variables = _variables(model)
+  out_dtype = np.dtype(np.float32 if cfg.param_dtype == "float32" else ml_dtypes.bfloat16)
+  table = weight_names(cfg)
+  copies = _mtp_copies(cfg)
+
+  def spec(name):
+    t = table[copies.get(name, name)]
+    shape = variables[t.path].shape[len(t.index):]
+    dt = np.dtype(np.float32) if name.endswith("e_score_correction_bias") else out_dtype
+    return name, shape[::-1] if t.transpose else shape, dt
+
+  def get(name):
+    t = table[copies.get(name, name)]
+    v = variables[t.path][...]
+    w = np.asarray(jax.device_get(v[t.index] if t.index else v)).astype(np.float32)
+    return w.T if t.transpose else w
+
+  shards, size = [[]], 0
+  for s in map(spec, list(table) + list(copies)):
+    nbytes = int(np.prod(s[1], dtype=np.int64)) * s[2].itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(s)
+    size += nbytes
+  weight_map, total = {}, 0
+  for i, specs in enumerate(shards):
+    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    total += write_safetensors(path / fname, specs, get)
+    weight_map.update({name: fname for name, _, _ in specs})
+  (path / "model.safetensors.index.json").write_text(
+      json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+  (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))

@@ -1,0 +1,82 @@
+"""Building blocks: RMSNorm, Linear, Embed and the SwiGLU MLP.
+
+Every parameter carries logical axis names in its `axes` metadata (for example
+`("embed", "mlp")`); `parallel/sharding.py` maps those names to mesh axes. Nothing here
+names a device or a mesh axis. Linear kernels are stored `[in, out]` (HF stores `[out, in]`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe.config import ModelConfig
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, init="normal") -> nnx.Param:
+  """A parameter initialised as DeepSeek-V3 does: normal(0, initializer_range), norms at one."""
+  assert len(shape) == len(axes), (shape, axes)
+  dtype = dtype_of(cfg.param_dtype)
+  if init == "normal":
+    value = cfg.initializer_range * jax.random.normal(rngs.params(), shape, jnp.float32)
+  elif init == "ones":
+    value = jnp.ones(shape, jnp.float32)
+  else:
+    raise ValueError(init)
+  return nnx.Param(value.astype(dtype), axes=tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+  """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32 (as the reference)."""
+
+  def __init__(self, dim: int, cfg: ModelConfig, *, rngs: nnx.Rngs, axis_name: str = "norm"):
+    self.eps = cfg.rms_norm_eps
+    self.scale = param(rngs, (dim,), (axis_name,), cfg, init="ones")
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel, kernel [in, out]; the one matmul every projection goes through."""
+
+  def __init__(self, d_in: int, d_out: int, axes, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.dtype = dtype_of(cfg.dtype)
+    self.kernel = param(rngs, (d_in, d_out), axes, cfg)
+
+  def __call__(self, x):
+    return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+
+class Embed(nnx.Module):
+  """Token embedding table [vocab, hidden]; `attend` is the tied output head."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.dtype = dtype_of(cfg.dtype)
+    self.embedding = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+
+  def __call__(self, tokens_BxS):
+    return jnp.take(self.embedding[...], tokens_BxS, axis=0).astype(self.dtype)
+
+  def attend(self, x_BxSxD):
+    return jnp.dot(x_BxSxD.astype(self.dtype), self.embedding[...].T.astype(self.dtype))
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+
+  def __init__(self, cfg: ModelConfig, width: int, *, rngs: nnx.Rngs, axis_name: str = "mlp"):
+    d = cfg.hidden_size
+    self.gate_proj = Linear(d, width, ("embed", axis_name), cfg, rngs=rngs)
+    self.up_proj = Linear(d, width, ("embed", axis_name), cfg, rngs=rngs)
+    self.down_proj = Linear(width, d, (axis_name, "embed"), cfg, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,93 @@
+"""Multi-head latent attention (DeepSeek-V2 report, section 2.1).
+
+  c_q  = RMSNorm(h W_qa)            q = c_q W_qb              (or q = h W_q when q_lora_rank is null)
+  [c_kv | k_pe] = h W_kva           [k_nope | v] = RMSNorm(c_kv) W_kvb
+  q = [q_nope | RoPE(q_pe)]         k = [k_nope | RoPE(k_pe) shared by all heads]
+  o = softmax(q k^T * scale + causal/segment mask) v W_o
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe import rope
+from moe.config import ModelConfig
+from moe.layers import Linear, RMSNorm
+
+
+def attention_mask(segment_ids_BxS):
+  """[batch, 1, q, k] bool: causal, and within one document (segment id; 0 = padding)."""
+  s = segment_ids_BxS.shape[1]
+  causal = jnp.tril(jnp.ones((s, s), bool))
+  same_doc = segment_ids_BxS[:, :, None] == segment_ids_BxS[:, None, :]
+  return (causal[None] & same_doc)[:, None]
+
+
+def attend(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, mask_Bx1xSxS, scale: float):
+  """softmax(q k^T scale) v with float32 logits, through `jax.nn.dot_product_attention`.
+
+  The fused kernels need one head size for q, k and v; MLA's values are narrower
+  (v_head_dim < qk_head_dim), so v is zero-padded to the key size and the pad sliced off.
+  """
+  dv, dk = v_BxSxHxV.shape[-1], k_BxSxHxK.shape[-1]
+  if dv < dk:
+    v_BxSxHxV = jnp.pad(v_BxSxHxV, ((0, 0), (0, 0), (0, 0), (0, dk - dv)))
+  out = jax.nn.dot_product_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, mask=mask_Bx1xSxS, scale=scale)
+  return out[..., :dv]
+
+
+class MLA(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, h = cfg.hidden_size, cfg.num_attention_heads
+    if cfg.q_lora_rank is None:
+      self.q_proj = Linear(d, h * cfg.qk_head_dim, ("embed", "heads"), cfg, rngs=rngs)
+    else:
+      self.q_a_proj = Linear(d, cfg.q_lora_rank, ("embed", "q_lora"), cfg, rngs=rngs)
+      self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg, rngs=rngs)
+      self.q_b_proj = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, ("q_lora", "heads"), cfg, rngs=rngs)
+    self.kv_a_proj_with_mqa = Linear(
+        d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, ("embed", "kv_lora"), cfg, rngs=rngs
+    )
+    self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg, rngs=rngs)
+    self.kv_b_proj = Linear(
+        cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), ("kv_lora", "heads"), cfg, rngs=rngs
+    )
+    self.o_proj = Linear(h * cfg.v_head_dim, d, ("heads", "embed"), cfg, rngs=rngs)
+
+  def query(self, x_BxSxD):
+    """q: [batch, seq, heads, qk_head_dim] before RoPE."""
+    if self.cfg.q_lora_rank is None:
+      q = self.q_proj(x_BxSxD)
+    else:
+      q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BxSxD)))
+    b, s, _ = x_BxSxD.shape
+    return q.reshape(b, s, self.cfg.num_attention_heads, self.cfg.qk_head_dim)
+
+  def latent(self, x_BxSxD):
+    """The per-token cache of MLA: normalised c_kv [b, s, kv_lora_rank], un-rotated k_pe [b, s, rope]."""
+    ckv = self.kv_a_proj_with_mqa(x_BxSxD)
+    c_kv, k_pe = jnp.split(ckv, [self.cfg.kv_lora_rank], axis=-1)
+    return self.kv_a_layernorm(c_kv), k_pe
+
+  def __call__(self, x_BxSxD, cos_sin, mask_Bx1xSxS):
+    cfg = self.cfg
+    b, s, _ = x_BxSxD.shape
+    h, nope = cfg.num_attention_heads, cfg.qk_nope_head_dim
+    cos, sin = cos_sin
+
+    q_nope, q_pe = jnp.split(self.query(x_BxSxD), [nope], axis=-1)
+    c_kv, k_pe = self.latent(x_BxSxD)
+    kv = self.kv_b_proj(c_kv).reshape(b, s, h, nope + cfg.v_head_dim)
+    k_nope, v = jnp.split(kv, [nope], axis=-1)
+
+    q_pe = rope.apply_rope(q_pe, cos, sin)
+    k_pe = rope.apply_rope(k_pe[:, :, None, :], cos, sin)
+    q = jnp.concatenate([q_nope, q_pe], axis=-1)
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe, (b, s, h, cfg.qk_rope_head_dim))], axis=-1)
+
+    out = attend(q, k, v, mask_Bx1xSxS, rope.softmax_scale(cfg))
+    return self.o_proj(out.reshape(b, s, h * cfg.v_head_dim))

@@ -1,0 +1,174 @@
+"""Parity with `transformers` (DeepseekV3ForCausalLM, DeepseekV2ForCausalLM) and HF weights in/out."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from moe import hf  # noqa: E402
+from moe.config import ConfigError, ModelConfig  # noqa: E402
+from moe.model import Transformer  # noqa: E402
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32.0,
+        "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707, "rope_theta": 10000.0}
+BASE = dict(vocab_size=97, hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=4,
+            num_attention_heads=3, num_key_value_heads=3, kv_lora_rank=20, qk_nope_head_dim=12,
+            qk_rope_head_dim=8, v_head_dim=10, max_position_embeddings=256, tie_word_embeddings=False)
+
+CASES = {
+    # V3: sigmoid, noaux_tc group-limited (4 groups, keep 2), YaRN with mscale, 2 dense layers.
+    "v3_yarn_grouped": ("v3", dict(q_lora_rank=24, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
+                                   n_group=4, topk_group=2, first_k_dense_replace=2, routed_scaling_factor=2.5,
+                                   norm_topk_prob=True, rope_parameters=dict(YARN, mscale=1.0, mscale_all_dim=1.0))),
+    # V3 with a plain q projection, no YaRN, one group, no norm_topk_prob.
+    "v3_plain_q": ("v3", dict(q_lora_rank=None, n_routed_experts=6, n_shared_experts=2, num_experts_per_tok=2,
+                              n_group=1, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=1.5,
+                              norm_topk_prob=False, rope_parameters={"rope_type": "default", "rope_theta": 5000.0})),
+    # V2-Lite style: softmax greedy, q_lora null, YaRN mscale 0.707.
+    "v2_lite_greedy": ("v2", dict(q_lora_rank=None, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3,
+                                  topk_method="greedy", first_k_dense_replace=1, routed_scaling_factor=1.0,
+                                  norm_topk_prob=False, rope_parameters=YARN)),
+    # V2 style: softmax group_limited_greedy (group score = max), q_lora, routed_scaling_factor 16.
+    "v2_group_limited": ("v2", dict(q_lora_rank=24, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2,
+                                    n_group=4, topk_group=2, topk_method="group_limited_greedy",
+                                    first_k_dense_replace=2, routed_scaling_factor=16.0, norm_topk_prob=False,
+                                    rope_parameters=YARN)),
+}
+
+
+def make_hf_model(kind, extra, seed=0):
+  cls_cfg = transformers.DeepseekV3Config if kind == "v3" else transformers.DeepseekV2Config
+  cls_model = transformers.DeepseekV3ForCausalLM if kind == "v3" else transformers.DeepseekV2ForCausalLM
+  config = cls_cfg(**BASE, **extra, attn_implementation="eager")
+  torch.manual_seed(seed)
+  model = cls_model(config).float().eval()
+  with torch.no_grad():  # weights large enough that every component moves the logits
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight") or "layernorm" in name:
+        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+      else:
+        p.copy_(0.15 * torch.randn_like(p))
+    for name, b in model.named_buffers():
+      if name.endswith("e_score_correction_bias"):  # selection-only bias: must change the choice
+        b.copy_(0.3 * torch.rand_like(b))
+  return model
+
+
+def hf_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+
+
+def tokens_for(vocab, b=2, s=19, seed=1):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (b, s)), jnp.int32)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_transformers(case, tmp_path):
+  kind, extra = CASES[case]
+  ref = make_hf_model(kind, extra)
+  ref.save_pretrained(tmp_path)
+  model = hf.from_hf(tmp_path)
+  tokens = tokens_for(BASE["vocab_size"])
+  want = hf_logits(ref, tokens)
+  got = np.asarray(model(tokens))
+  assert got.shape == (2, 19, BASE["vocab_size"])
+  assert np.abs(want).max() > 1.0  # a test that could fail: logits are not all ~0
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["v3_yarn_grouped", "v2_lite_greedy"])
+def test_round_trip_to_hf_loads_in_transformers(case, tmp_path):
+  kind, extra = CASES[case]
+  make_hf_model(kind, extra).config.save_pretrained(tmp_path / "cfg")
+  cfg = ModelConfig.from_hf_json(tmp_path / "cfg")
+  cfg = cfg.replace(initializer_range=0.15, num_nextn_predict_layers=0)
+  model = Transformer(cfg, rngs=nnx.Rngs(3))
+  for v in model.router_bias_variables():
+    v.set_value(0.3 * jax.random.uniform(jax.random.key(4), v.shape))
+  hf.to_hf(model, tmp_path / "out", max_shard_bytes=60_000)  # forces several shards
+  assert len(list((tmp_path / "out").glob("*.safetensors"))) > 1
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").float()
+  tokens = tokens_for(cfg.vocab_size)
+  np.testing.assert_allclose(hf_logits(loaded.eval(), tokens), np.asarray(model(tokens)), atol=1e-4, rtol=0)
+
+
+def test_round_trip_keeps_mtp_and_bf16(tmp_path):
+  cfg = ModelConfig.from_yaml("configs/tiny.yaml").replace(param_dtype="bfloat16", dtype="bfloat16")
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  hf.to_hf(model, tmp_path)
+  index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+  assert f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" in index  # MTP as released
+  assert f"model.layers.{cfg.num_hidden_layers}.shared_head.head.weight" in index
+  back = hf.from_hf(tmp_path, dtype="bfloat16")
+  assert back.cfg.num_nextn_predict_layers == 1
+  a, b = nnx.state(model, nnx.Variable), nnx.state(back, nnx.Variable)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+  tokens = tokens_for(cfg.vocab_size)
+  np.testing.assert_array_equal(np.asarray(model.forward(tokens).mtp_logits[0]),
+                                np.asarray(back.forward(tokens).mtp_logits[0]))
+
+
+def test_dequantize_fp8_blocks_against_numpy():
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(200, 300)).astype(np.float32)  # partial 128-blocks on both axes
+  scale = rng.uniform(0.5, 2.0, size=(2, 3)).astype(np.float32)
+  q = w.astype(ml_dtypes.float8_e4m3fn)
+  want = np.empty_like(w)
+  for i in range(200):
+    for j in range(300):
+      want[i, j] = float(q[i, j]) * scale[i // 128, j // 128]
+  np.testing.assert_array_equal(hf.dequantize_fp8(q, scale), want)
+
+
+def test_from_hf_reads_fp8_release(tmp_path):
+  """Quantise a saved checkpoint's linear weights to float8 + weight_scale_inv, as DeepSeek released V3."""
+  kind, extra = CASES["v3_yarn_grouped"]
+  ref = make_hf_model(kind, extra)
+  ref.save_pretrained(tmp_path / "bf")
+  src = hf.SafetensorsFolder(tmp_path / "bf")
+  tensors, dequant = {}, {}
+  for name in src.names():
+    w = np.asarray(src.get(name), np.float32)
+    if name.endswith("proj.weight") and w.ndim == 2:
+      blocks = np.ceil(np.array(w.shape) / 128).astype(int)
+      scale = np.full(blocks, np.abs(w).max() / 448.0, np.float32)
+      q = (w / scale[0, 0]).astype(ml_dtypes.float8_e4m3fn)
+      tensors[name], tensors[name + "_scale_inv"] = q, scale
+      dequant[name] = q.astype(np.float32) * scale[0, 0]
+    else:
+      tensors[name] = w
+  (tmp_path / "fp8").mkdir()
+  specs = [(n, t.shape, t.dtype) for n, t in tensors.items()]
+  hf.write_safetensors(tmp_path / "fp8" / "model.safetensors", specs, tensors.__getitem__)
+  (tmp_path / "fp8" / "config.json").write_text((tmp_path / "bf" / "config.json").read_text())
+  model = hf.from_hf(tmp_path / "fp8")
+  variables = hf._variables(model)
+  table = hf.weight_names(model.cfg)
+  assert any("experts." in n for n in dequant) and len(dequant) > 20
+  for name, w in dequant.items():  # every quantised tensor landed dequantised, experts included
+    t = table[name]
+    got = np.asarray(variables[t.path][...][t.index] if t.index else variables[t.path][...])
+    np.testing.assert_array_equal(got, w.T, err_msg=name)
+
+
+def test_errors_are_one_line(tmp_path):
+  with pytest.raises(ConfigError, match="no such file"):
+    hf.from_hf(tmp_path / "missing")
+  kind, extra = CASES["v3_plain_q"]
+  make_hf_model(kind, extra).save_pretrained(tmp_path / "m")
+  cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+  cfg["num_hidden_layers"] = 3  # config says fewer layers than the weights hold
+  (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ConfigError, match="does not belong to the configured model") as e:
+    hf.from_hf(tmp_path / "m")
+  assert "\n" not in str(e.value)
