@@ -1,0 +1,123 @@
+"""Training metrics: RUN_DIR/metrics.jsonl, TensorBoard events in RUN_DIR, and a progress display.
+
+Each logged step appends one JSON object: `step`, `elapsed_s` (since the logger opened) and every
+metric passed in, scalars as floats and 1-D vectors (such as per-MoE-layer expert-load CV) as
+lists. TensorBoard gets the same scalars under their names, a vector `name` as `name/layer_i`.
+Eval metrics go to the same file and TensorBoard with an `eval_` prefix. Only the main process
+writes; on the others every method does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+
+def to_python(value) -> float | list[float]:
+  """A Python/NumPy/JAX scalar -> float; a 1-D array or sequence -> list of floats."""
+  a = np.asarray(value, dtype=np.float64)
+  if a.ndim > 1:
+    raise ValueError(f"metrics must be scalars or 1-D vectors, got shape {a.shape}")
+  return a.tolist()
+
+
+def tb_scalars(record: Mapping) -> dict[str, float]:
+  """{name: float} for TensorBoard; a vector `v` under `name` becomes `name/layer_i` = v[i]."""
+  out = {}
+  for name, v in record.items():
+    if isinstance(v, list):
+      out.update({f"{name}/layer_{i}": x for i, x in enumerate(v)})
+    else:
+      out[name] = v
+  return out
+
+
+def summary(step: int, total: int, record: Mapping) -> str:
+  """One line: step, loss, tokens/s and, when passed, MFU (a fraction, shown in %)."""
+  line = f"step {step}/{total}  loss {record['loss']:.4f}  tok/s {record['tokens_per_s']:,.0f}"
+  if "mfu" in record:
+    line += f"  mfu {100 * record['mfu']:.1f}%"
+  return line
+
+
+class MetricsLogger:
+  """`log(step, metrics)` needs `loss` and `tokens_per_s`; `mfu` (model-FLOPs utilisation, a
+  fraction) shows on the progress display when given.
+
+  progress: a tqdm bar (step, loss, tokens/s, MFU, ETA) on stderr when it is a terminal, else a
+  `summary` line per logged step; False shows nothing.
+  """
+
+  def __init__(self, run_dir, total_steps: int, *, is_main: bool = True, progress: bool = True,
+               start_step: int = 0):
+    self.total_steps = total_steps
+    self.is_main = is_main
+    self._closed = not is_main
+    if not is_main:
+      return
+    from tensorboardX import SummaryWriter
+    from tqdm import tqdm
+
+    self.run_dir = Path(run_dir)
+    self.run_dir.mkdir(parents=True, exist_ok=True)
+    self._file = open(self.run_dir / "metrics.jsonl", "a")
+    self._tb = SummaryWriter(str(self.run_dir))
+    self._start = time.time()
+    self._lines = progress and not sys.stderr.isatty()
+    self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                     disable=not progress or self._lines)
+
+  def log(self, step: int, metrics: Mapping) -> None:
+    if not self.is_main:
+      return
+    missing = {"loss", "tokens_per_s"} - set(metrics)
+    if missing:
+      raise ValueError(f"MetricsLogger.log needs {sorted(missing)}")
+    record = self._write(step, metrics)
+    if self._lines:
+      print(summary(step, self.total_steps, record), file=sys.stderr, flush=True)
+    elif not self._bar.disable:
+      post = {"loss": f"{record['loss']:.4f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
+      if "mfu" in record:
+        post["mfu"] = f"{100 * record['mfu']:.1f}%"
+      self._bar.set_postfix(post, refresh=False)
+      self._bar.update(max(0, step - self._bar.n))
+
+  def write_eval(self, step: int, metrics: Mapping) -> None:
+    """Eval metrics, each named `eval_<name>` (kept as is when it already starts with eval_)."""
+    if not self.is_main:
+      return
+    named = {k if k.startswith("eval_") else f"eval_{k}": v for k, v in metrics.items()}
+    record = self._write(step, named)
+    if not self._bar.disable or self._lines:
+      text = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float))
+      self._bar.write(f"step {step}  {text}", file=sys.stderr)
+
+  def _write(self, step: int, metrics: Mapping) -> dict:
+    record = {k: to_python(v) for k, v in metrics.items()}
+    line = {"step": int(step), "elapsed_s": round(time.time() - self._start, 3), **record}
+    self._file.write(json.dumps(line) + "\n")
+    self._file.flush()
+    for name, v in tb_scalars(record).items():
+      self._tb.add_scalar(name, v, int(step))
+    self._tb.flush()
+    return record
+
+  def close(self) -> None:
+    if self._closed:
+      return
+    self._closed = True
+    self._bar.close()
+    self._tb.close()
+    self._file.close()
+
+  def __enter__(self) -> MetricsLogger:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
