@@ -1,0 +1,132 @@
+"""MetricsLogger (JSONL, TensorBoard, progress) and `python -m train.plot`."""
+
+import json
+import re
+import struct
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train import plot
+from train.metrics import MetricsLogger, summary, tb_scalars
+
+
+def _records(run_dir):
+  return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _tb_tags(run_dir):
+  """{tag: [(step, value)]} from the TFRecord event files (8-byte length, 4-byte CRC, data, CRC)."""
+  from tensorboardX.proto.event_pb2 import Event
+
+  tags = {}
+  for path in sorted(run_dir.glob("events.out.tfevents.*")):
+    data, pos = path.read_bytes(), 0
+    while pos < len(data):
+      n = struct.unpack("<Q", data[pos:pos + 8])[0]
+      event = Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 16 + n
+      for v in event.summary.value:
+        tags.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return tags
+
+
+def _log_run(run_dir, steps=30, every=10):
+  with MetricsLogger(run_dir, steps, progress=False) as log:
+    for step in range(every, steps + 1, every):
+      log.log(step, {"loss": jnp.float32(5.0 - step / 10), "tokens_per_s": np.float64(1234.5), "lr": 1e-3,
+                     "expert_load/cv": jnp.array([0.5, 0.25, 0.125]) / step, "mfu": 0.02})
+      if step % 20 == 0:
+        log.write_eval(step, {"loss": np.float32(4.5 - step / 10)})
+
+
+def test_jsonl_records(tmp_path):
+  _log_run(tmp_path / "run")
+  recs = _records(tmp_path / "run")
+  assert [r["step"] for r in recs] == [10, 20, 20, 30]
+  r = recs[0]
+  assert r["loss"] == 4.0 and r["tokens_per_s"] == 1234.5 and r["lr"] == 1e-3 and r["mfu"] == 0.02
+  assert r["expert_load/cv"] == pytest.approx([0.05, 0.025, 0.0125])
+  assert isinstance(r["elapsed_s"], float)
+  assert recs[2] == {"step": 20, "elapsed_s": recs[2]["elapsed_s"], "eval_loss": 2.5}
+
+
+def test_appends_on_resume(tmp_path):
+  _log_run(tmp_path, steps=10)
+  _log_run(tmp_path, steps=10)
+  assert len(_records(tmp_path)) == 2
+
+
+def test_tensorboard_scalars(tmp_path):
+  _log_run(tmp_path)
+  tags = _tb_tags(tmp_path)
+  assert tags["loss"] == [(10, 4.0), (20, 3.0), (30, 2.0)]
+  assert tags["eval_loss"] == [(20, 2.5)]
+  assert tags["expert_load/cv/layer_2"][0] == (10, pytest.approx(0.0125))
+
+
+def test_tb_scalars_flattens_vectors():
+  assert tb_scalars({"loss": 1.0, "expert_load/cv": [0.1, 0.2]}) == {
+      "loss": 1.0, "expert_load/cv/layer_0": 0.1, "expert_load/cv/layer_1": 0.2}
+
+
+def test_rejects_missing_and_matrix_metrics(tmp_path):
+  with MetricsLogger(tmp_path, 10, progress=False) as log:
+    with pytest.raises(ValueError, match="tokens_per_s"):
+      log.log(1, {"loss": 1.0})
+    with pytest.raises(ValueError, match="1-D"):
+      log.log(1, {"loss": 1.0, "tokens_per_s": 1.0, "m": np.zeros((2, 2))})
+
+
+def test_only_main_writes(tmp_path):
+  with MetricsLogger(tmp_path / "run", 10, is_main=False) as log:
+    log.log(1, {"loss": 1.0, "tokens_per_s": 1.0})
+    log.write_eval(1, {"loss": 1.0})
+  assert not (tmp_path / "run").exists()
+
+
+def test_progress_lines_when_not_a_tty(tmp_path, capsys):
+  with MetricsLogger(tmp_path, 300) as log:  # pytest's stderr is not a terminal
+    log.log(10, {"loss": 3.25, "tokens_per_s": 12345.0, "mfu": 0.031})
+    log.write_eval(100, {"eval_loss": 3.0})
+  err = capsys.readouterr().err
+  assert "step 10/300  loss 3.2500  tok/s 12,345  mfu 3.1%" in err
+  assert "step 100  eval_loss 3.0000" in err
+
+
+def test_summary_without_mfu():
+  assert summary(5, 9, {"loss": 1.0, "tokens_per_s": 2.0}) == "step 5/9  loss 1.0000  tok/s 2"
+
+
+# ------------------------------------------------------------------ plot
+def test_plot_writes_png(tmp_path, capsys):
+  _log_run(tmp_path, steps=100)
+  assert plot.main([str(tmp_path)]) == 0
+  png = tmp_path / "loss.png"
+  assert capsys.readouterr().out.strip() == str(png)
+  data = png.read_bytes()
+  assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # two panels with lines
+
+
+def test_plot_without_expert_stats(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text("".join(
+      json.dumps({"step": s, "loss": 5 - s / 50, "tokens_per_s": 1.0}) + "\n" for s in range(0, 100, 10)))
+  out = tmp_path / "elsewhere.png"
+  assert plot.main([str(tmp_path), "--out", str(out)]) == 0
+  assert out.stat().st_size > 10_000 and not (tmp_path / "loss.png").exists()
+
+
+@pytest.mark.parametrize("setup, match", [
+    (None, "no such run directory"),
+    ("", "no metrics yet"),
+    ("{not json\n", r"metrics.jsonl:1: not JSON"),
+])
+def test_plot_errors_exit_2(tmp_path, capsys, setup, match):
+  run = tmp_path / "run"
+  if setup is not None:
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(setup)
+  assert plot.main([str(run)]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("error: ") and re.search(match, err)

@@ -1,0 +1,91 @@
+"""Plot a run: `python -m train.plot RUN_DIR [--out PNG]`.
+
+Reads RUN_DIR/metrics.jsonl (train.metrics) and draws train and eval loss vs step and, when the
+run logged `expert_load/cv` (one value per MoE layer), the expert-load coefficient of variation
+std(load)/mean(load) per layer vs step. Saves RUN_DIR/loss.png unless --out says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+CV_KEY = "expert_load/cv"
+
+
+class PlotError(Exception):
+  """A run that cannot be plotted; the message is one line."""
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+  if not run_dir.is_dir():
+    raise PlotError(f"{run_dir}: no such run directory")
+  path = run_dir / "metrics.jsonl"
+  if not path.is_file():
+    raise PlotError(f"{path}: no such file (has the run logged a step yet?)")
+  records = []
+  for i, line in enumerate(path.read_text().splitlines(), 1):
+    if line.strip():
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise PlotError(f"{path}:{i}: not JSON ({e.msg})") from None
+  if not records:
+    raise PlotError(f"{path}: no metrics yet")
+  return records
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list]:
+  """(steps, values) of the records that have `key`."""
+  rows = [(r["step"], r[key]) for r in records if key in r]
+  return [s for s, _ in rows], [v for _, v in rows]
+
+
+def draw(records: list[dict], out: Path, title: str) -> Path:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  cv_steps, cv = series(records, CV_KEY)
+  fig, axes = plt.subplots(1, 2 if cv else 1, figsize=(12 if cv else 6.5, 4.5), squeeze=False)
+  ax = axes[0, 0]
+  for key, style in (("loss", dict(lw=1.2)), ("eval_loss", dict(marker="o", lw=1.2))):
+    steps, values = series(records, key)
+    if steps:
+      ax.plot(steps, values, label="eval" if key == "eval_loss" else "train", **style)
+  ax.set(xlabel="step", ylabel="loss", title=title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  if cv:
+    ax = axes[0, 1]
+    for layer in range(max(map(len, cv))):
+      rows = [(s, v[layer]) for s, v in zip(cv_steps, cv) if layer < len(v)]
+      ax.plot([s for s, _ in rows], [v for _, v in rows], lw=1, label=f"MoE layer {layer}")
+    ax.set(xlabel="step", ylabel="std(load) / mean(load)", title="expert load CV")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+  return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m train.plot", description=__doc__.splitlines()[0])
+  parser.add_argument("run_dir", type=Path)
+  parser.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/loss.png)")
+  args = parser.parse_args(argv)
+  try:
+    records = read_metrics(args.run_dir)
+  except PlotError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(draw(records, args.out or args.run_dir / "loss.png", args.run_dir.name))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
