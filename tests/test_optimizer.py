@@ -168,6 +168,18 @@ class _Tiny(nnx.Module):
     self.e_score_correction_bias = _RouterBias(jnp.ones(4))
 
 
+@pytest.mark.parametrize("pure", [False, True])
+def test_mask_on_nnx_state(pure):
+  """nnx.State paths end in `.value` unless made pure; the name before it decides."""
+  state = nnx.state(_Tiny(nnx.Rngs(0)), nnx.Param)
+  mask = decay_mask(nnx.as_pure(state) if pure else state)
+  got = {"/".join(str(getattr(e, "key", getattr(e, "name", e))) for e in p): bool(m)
+         for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  suffix = "" if pure else "/value"
+  assert got == {f"proj/kernel{suffix}": True, f"proj/bias{suffix}": False, f"norm/scale{suffix}": False,
+                 f"layers/scale{suffix}": False}
+
+
 def test_nnx_optimizer_decays_only_matrices():
   """Zero gradients: Adam's update is 0, so only the decay moves parameters: p ← p·(1 - lr·wd)."""
   model = _Tiny(nnx.Rngs(0))

@@ -93,10 +93,19 @@ def _key_name(entry) -> str:
   return str(entry)
 
 
+def leaf_name(path) -> str:
+  """The parameter's name: the last path entry, skipping the `.value` that an nnx.State of
+  Variables (not `nnx.as_pure`) appends."""
+  names = [_key_name(e) for e in path]
+  while names and names[-1] == "value":
+    names.pop()
+  return names[-1] if names else ""
+
+
 def decays(path, leaf) -> bool:
-  """Weight decay applies to leaves with ndim >= 2 whose name (last path entry) is not `scale` and
+  """Weight decay applies to leaves with ndim >= 2 whose name (see `leaf_name`) is not `scale` and
   does not end in `bias`: a norm scale stacked over layers is 2-D yet not decayed."""
-  name = _key_name(path[-1]) if path else ""
+  name = leaf_name(path)
   return jnp.ndim(leaf) >= 2 and name != "scale" and not name.endswith("bias")
 
 
