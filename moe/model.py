@@ -15,7 +15,7 @@ from flax import nnx
 from moe import mla, mtp, rope
 from moe.config import ModelConfig
 from moe.experts import MoE, MoEStats
-from moe.layers import MLP, Embed, Linear, RMSNorm, dtype_of
+from moe.layers import MLP, Embed, Linear, RMSNorm
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer
@@ -66,17 +66,14 @@ class LayerStack(nnx.Module):
         v.set_metadata(axes=("layers",) + tuple(v.get_metadata()["axes"]))
 
   def __call__(self, x_BxSxD, cos_sin, mask, valid_BxS):
-    def apply(layer, x):
-      return layer(x, cos_sin, mask, valid_BxS)
+    graphdef, stacked = nnx.split(self.layers)
+
+    def body(x, layer_state):  # one layer: a slice of every stacked variable
+      return nnx.merge(graphdef, layer_state)(x, cos_sin, mask, valid_BxS)
 
     if self.remat_policy != "none":
-      apply = nnx.remat(apply, policy=REMAT_POLICIES[self.remat_policy])
-
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
-    def body(x, layer):
-      return apply(layer, x)
-
-    return body(x_BxSxD, self.layers)
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy])
+    return jax.lax.scan(body, x_BxSxD, stacked)
 
 
 class Transformer(nnx.Module):
@@ -146,3 +143,14 @@ class Transformer(nnx.Module):
       if module.block.is_moe and self.cfg.topk_method == "noaux_tc":
         out.append(module.block.mlp.gate.e_score_correction_bias)  # [E]
     return out
+
+  def update_router_biases(self, load_LxE, gamma):
+    """Auxiliary-loss-free balancing (V3 eq. 16 ff.): b_i += gamma * sign(mean(load) - load_i), per
+    layer, for `load` in `moe_stats` order. Outside the gradient; call after each step."""
+    i = 0
+    for v in self.router_bias_variables():
+      n = 1 if v.ndim == 1 else v.shape[0]
+      load = load_LxE[i:i + n]
+      delta = gamma * jnp.sign(load.mean(-1, keepdims=True) - load)
+      v[...] = v[...] + (delta[0] if v.ndim == 1 else delta)
+      i += n

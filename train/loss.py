@@ -1,0 +1,58 @@
+"""The DeepSeek-V3 training objective (report section 2.1.2, 2.2):
+
+  L = CE(main) + (lambda / D) sum_k CE(MTP depth k) + alpha sum_layers L_bal
+
+CE is the mean next-token cross-entropy over real targets, in float32. MTP depth k at position i
+predicts t_{i+k+1} = targets[i+k]; it counts only where that target exists, is real, and belongs to
+the same document as position i. L_bal is the complementary sequence-wise balance loss of each
+MoE layer (moe.router.sequence_balance_loss), summed over layers. (lambda / D) sum_k is written
+lambda * mean_k.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from moe.mtp import roll_left
+
+
+def token_nll(logits_BxSxV, targets_BxS):
+  """-log p(target) per token, float32."""
+  logits = logits_BxSxV.astype(jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets_BxS[..., None], axis=-1)[..., 0]
+  return logz - picked
+
+
+def mtp_targets(batch, k: int):
+  """(targets, mask) for MTP depth k: targets[i + k] where it continues position i's document."""
+  seg = batch["segment_ids"]
+  same_doc = roll_left(seg, k, fill=-1) == seg
+  mask = roll_left(batch["loss_mask"], k, fill=0) * same_doc
+  return roll_left(batch["targets"], k), mask.astype(jnp.float32)
+
+
+def token_counts(batch, depth: int):
+  """Real targets in the whole batch: the normalisers, known before the model runs (so gradient
+  accumulation over micro-batches gives exactly the full-batch loss)."""
+  counts = {"lm": batch["loss_mask"].astype(jnp.float32).sum()}
+  counts["mtp"] = jnp.stack([mtp_targets(batch, k)[1].sum() for k in range(1, depth + 1)]) if depth else jnp.zeros((0,))
+  return counts
+
+
+def objective(out, batch, counts, n_micro: int, mtp_lambda: float, balance_alpha: float):
+  """(L for this micro-batch's share, parts): token sums / whole-batch counts, balance / n_micro."""
+  mask = batch["loss_mask"].astype(jnp.float32)
+  lm = (token_nll(out.logits, batch["targets"]) * mask).sum() / jnp.maximum(counts["lm"], 1.0)
+  balance = out.moe_stats.balance_loss.sum() / n_micro if out.moe_stats is not None else jnp.zeros(())
+  parts = {"lm_loss": lm, "balance_loss": balance}
+  loss = lm + balance_alpha * balance
+  if out.mtp_logits:
+    per_depth = []
+    for k, logits in enumerate(out.mtp_logits, start=1):
+      targets, m = mtp_targets(batch, k)
+      per_depth.append((token_nll(logits, targets) * m).sum() / jnp.maximum(counts["mtp"][k - 1], 1.0))
+    parts["mtp_loss"] = jnp.stack(per_depth).mean()
+    loss = loss + mtp_lambda * parts["mtp_loss"]
+  return loss, parts
