@@ -87,19 +87,35 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device-mesh axis sizes; -1 (at most one axis) takes the devices the others leave."""
+  """Device-mesh axis sizes (parallel/mesh.py); -1 (at most one axis) takes the devices the others
+  leave. `rules` overrides entries of the logical-axis -> mesh-axes table (parallel/sharding.py),
+  e.g. `mesh.rules.embed=[fsdp,expert]`; a value is a mesh axis, a list of them, or null.
+  Expert parallelism (parallel/expert_parallel.py): `ep_transport` auto (padded on CPU, ragged
+  elsewhere), padded (all_to_all of fixed buffers; assignments past the capacity are dropped and
+  counted as `dropped_tokens`) or ragged (ragged_all_to_all, dropless); `capacity_factor` sets the
+  padded buffers to ceil(factor * tokens * top_k / expert) rows per rank pair (null: dropless)."""
 
   data: int = -1
   fsdp: int = 1
   expert: int = 1
   tensor: int = 1
+  rules: dict[str, str | list[str] | None] | None = None
+  ep_transport: Literal["auto", "padded", "ragged"] = "auto"
+  capacity_factor: float | None = None
 
   def __post_init__(self):
     _check_fields(self, "mesh.")
-    sizes = dataclasses.asdict(self)
+    sizes = {a: getattr(self, a) for a in ("data", "fsdp", "expert", "tensor")}
     for name, n in sizes.items():
       _require(n == -1 or n >= 1, f"mesh.{name}={n} must be >= 1 or -1")
     _require(list(sizes.values()).count(-1) <= 1, "mesh: at most one axis may be -1")
+    _require(self.rules is None or isinstance(self.rules, dict), f"mesh.rules={self.rules!r} must be a mapping")
+    for name, value in (self.rules or {}).items():
+      axes = [value] if isinstance(value, str) else [] if value is None else value
+      _require(isinstance(axes, list) and all(a in sizes for a in axes),
+               f"mesh.rules.{name}={value!r}: expected a mesh axis ({', '.join(sizes)}), a list of them, or null")
+    cf = self.capacity_factor
+    _require(cf is None or cf > 0, f"mesh.capacity_factor={cf} must be > 0 or null (dropless)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,9 +218,18 @@ def apply_override(raw: dict, item: str) -> None:
   where = f"override {item!r}"
   *parents, leaf = key.split(".")
   cls, node = TrainConfig, raw
-  for name in parents:
+  for i, name in enumerate(parents):
     _reject_unknown({name: None}, cls, where)
-    cls = _dataclass_of(typing.get_type_hints(cls)[name])
+    hint = typing.get_type_hints(cls)[name]
+    if _is_mapping(hint) and i == len(parents) - 1:  # a free-form mapping such as mesh.rules
+      if not isinstance(node.get(name), dict):
+        node[name] = {}
+      try:
+        node[name][leaf] = yaml.safe_load(text)
+      except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not a YAML value ({str(e).splitlines()[0]})") from None
+      return
+    cls = _dataclass_of(hint)
     if cls is None:
       raise ConfigError(f"{where}: '{name}' is not a section")
     if node.get(name) is None:
@@ -246,6 +271,12 @@ def _section(d: dict, name: str, where: str) -> dict:
   if not isinstance(d.get(name), dict):
     raise ConfigError(f"{where}: `{name}` must be a mapping, got {d.get(name)!r}")
   return d[name]
+
+
+def _is_mapping(tp) -> bool:
+  """Whether a field annotation such as `dict[str, str] | None` is a mapping."""
+  args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+  return any(a is dict or typing.get_origin(a) is dict for a in args)
 
 
 def _dataclass_of(tp):

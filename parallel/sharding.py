@@ -1,0 +1,188 @@
+"""Logical axis names -> mesh axes: the one rules table, parameter shardings, activation constraints.
+
+Model code names dimensions logically (every nnx.Variable carries `axes` metadata such as
+("embed", "mlp"); activations are constrained with names such as ("batch", "seq", "embed")). This
+table maps each name to mesh axes (parallel/mesh.py); `mesh.rules` in the config overrides entries,
+e.g. `mesh.rules={embed: [fsdp, expert]}` also shards dense parameters over the expert axis.
+
+Resolving a tuple of logical names for an array of a given shape:
+  - a mesh axis is used at most once per array: a later dimension asking for an axis an earlier
+    one already took does not get it (so activations ("batch", "seq", "embed") are sharded on batch
+    over data x fsdp x expert and replicated on embed, while parameters are sharded on embed over
+    fsdp);
+  - mesh axes of size 1 are dropped;
+  - a dimension is only sharded when its size divides by the product of its mesh axes; otherwise
+    that dimension is replicated, and a log line says so (once per name and shape).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moe.config import ConfigError
+from parallel import mesh as mesh_lib
+
+log = logging.getLogger("parallel")
+
+# logical name -> mesh axes. Batch over every data-like axis (experts use `expert` only inside the MoE
+# block, so the rest of the model treats it as data); parameters fully sharded over fsdp on their
+# hidden (`embed`) dimension; tensor parallelism on heads, FFN width and vocabulary; experts over
+# `expert`. Stacked layers, LoRA ranks and norms stay whole.
+DEFAULT_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp", "expert"),
+    "seq": (),
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "mlp": ("tensor",),
+    "moe_mlp": ("tensor",),
+    "expert": ("expert",),
+    "layers": (),
+    "q_lora": (),
+    "kv_lora": (),
+    "norm": (),
+    "mtp_concat": (),
+}
+
+
+def _as_axes(value, where: str) -> tuple[str, ...]:
+  if value is None:
+    return ()
+  axes = (value,) if isinstance(value, str) else tuple(value)
+  for a in axes:
+    if a not in mesh_lib.AXES:
+      raise ConfigError(f"{where}: {a!r} is not a mesh axis (one of {', '.join(mesh_lib.AXES)})")
+  if len(set(axes)) != len(axes):
+    raise ConfigError(f"{where}: mesh axes repeat in {list(axes)}")
+  return axes
+
+
+def resolve_rules(overrides: Mapping | None = None) -> dict[str, tuple[str, ...]]:
+  """DEFAULT_RULES with `overrides` (name -> axis, list of axes, or null) applied."""
+  rules = dict(DEFAULT_RULES)
+  for name, value in (overrides or {}).items():
+    rules[str(name)] = _as_axes(value, f"mesh.rules.{name}")
+  return rules
+
+
+def current_rules() -> Mapping[str, tuple[str, ...]]:
+  par = mesh_lib.current()
+  return par.rules if par is not None else DEFAULT_RULES
+
+
+_reported: set = set()
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh_shape: Mapping[str, int],
+                    rules: Mapping[str, tuple[str, ...]] | None = None, what: str = "") -> P:
+  """PartitionSpec for an array of `shape` whose dimensions are named `logical_axes`."""
+  rules = DEFAULT_RULES if rules is None else rules
+  if len(logical_axes) != len(shape):
+    raise ValueError(f"{what}: axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
+  used: set[str] = set()
+  out = []
+  for dim, (name, size) in enumerate(zip(logical_axes, shape)):
+    if name is None:
+      out.append(None)
+      continue
+    if name not in rules:
+      raise ConfigError(f"{what}: logical axis {name!r} has no sharding rule (add it to mesh.rules)")
+    axes = tuple(a for a in rules[name] if mesh_shape.get(a, 1) > 1 and a not in used)
+    n = math.prod(mesh_shape[a] for a in axes)
+    if axes and size % n:
+      key = (what, tuple(logical_axes), tuple(shape), dim)
+      if key not in _reported:
+        _reported.add(key)
+        log.info("sharding: %s dim %d (%r, size %d) does not divide by %s=%d; replicated", what or "array",
+                 dim, name, size, "x".join(axes), n)
+      axes = ()
+    used.update(axes)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  while out and out[-1] is None:
+    out.pop()
+  return P(*out)
+
+
+def variable_spec(v: nnx.Variable, mesh_shape, rules=None, what: str = "") -> P:
+  axes = v.get_metadata().get("axes")
+  shape = np.shape(v.get_value()) if hasattr(v, "get_value") else np.shape(v.value)
+  if axes is None:
+    return P()
+  return logical_to_spec(axes, shape, mesh_shape, rules, what)
+
+
+def _path_str(path) -> str:
+  parts = []
+  for e in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(e, attr):
+        parts.append(str(getattr(e, attr)))
+        break
+  return "/".join(p for p in parts if p != "value")
+
+
+def state_shardings(tree, mesh, rules=None):
+  """The NamedSharding of every array in `tree` (a pytree of nnx.Variables and/or arrays, such as
+  the trainer state {params, rest, opt, step}): from a Variable's `axes` metadata, replicated
+  for anything without it. Same tree structure as `tree`, usable as `jit(out_shardings=...)`."""
+  mesh_shape = dict(mesh.shape)
+
+  def one(path, x):
+    if isinstance(x, nnx.Variable):
+      return x.replace(NamedSharding(mesh, variable_spec(x, mesh_shape, rules, _path_str(path))))
+    return NamedSharding(mesh, P())
+
+  return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh, shape: Sequence[int], rules=None) -> NamedSharding:
+  """Sharding of a [batch, seq, ...] input array: batch over the batch axes."""
+  names = ("batch", "seq") + (None,) * (len(shape) - 2)
+  return NamedSharding(mesh, logical_to_spec(names[:len(shape)], shape, dict(mesh.shape), rules, "batch"))
+
+
+def process_rows(sharding: NamedSharding, global_shape: Sequence[int]) -> slice:
+  """The contiguous rows of a global [batch, ...] array this process holds under `sharding`."""
+  idx = sharding.addressable_devices_indices_map(tuple(global_shape)).values()
+  starts = [s[0].start or 0 for s in idx]
+  stops = [global_shape[0] if s[0].stop is None else s[0].stop for s in idx]
+  return slice(min(starts), max(stops))
+
+
+def place_batch(batch: Mapping[str, np.ndarray], par: mesh_lib.Parallelism | None,
+                global_batch_size: int | None = None) -> dict:
+  """Host batch -> global jax Arrays sharded over the batch axes.
+
+  Single process: `batch` is the global batch (jax.device_put). Several processes: `batch` is this
+  process's rows and `global_batch_size` the total; jax.make_array_from_process_local_data assembles
+  the global array, each process providing the rows `process_rows` names for it.
+  """
+  if par is None:
+    return {k: jax.numpy.asarray(v) for k, v in batch.items()}
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    if jax.process_count() == 1:
+      out[k] = jax.device_put(v, batch_sharding(par.mesh, v.shape, par.rules))
+    else:
+      shape = (global_batch_size or v.shape[0] * jax.process_count(),) + v.shape[1:]
+      sharding = batch_sharding(par.mesh, shape, par.rules)
+      out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+  return out
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint on an activation, by logical axis names; a no-op without a mesh (and
+  inside shard_map, where the mesh axes are manual)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh._any_axis_manual or mesh.size == 1:
+    return x
+  spec = logical_to_spec(tuple(logical_axes), x.shape, dict(mesh.shape), current_rules(), "activation")
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
