@@ -1,0 +1,151 @@
+"""moe.experts: grouped-matmul experts == dense reference == a float64 NumPy loop; the MoE block."""
+
+import functools
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe import experts
+from moe.config import ModelConfig
+
+T, E, K, D, F = 24, 8, 3, 16, 8
+EMPTY = 5  # an expert that receives no tokens
+
+
+def silu(x):
+  return x / (1.0 + np.exp(-x))
+
+
+def ref_experts(x, idx, w, gate, up, down):
+  """y_t = sum_k w_tk down_e(silu(x_t gate_e) * (x_t up_e)), e = idx_tk; float64 loops."""
+  x, w, gate, up, down = (np.asarray(a, np.float64) for a in (x, w, gate, up, down))
+  y = np.zeros_like(x)
+  for t in range(x.shape[0]):
+    for k in range(idx.shape[1]):
+      e = int(idx[t, k])
+      h = silu(x[t] @ gate[e]) * (x[t] @ up[e])
+      y[t] += w[t, k] * (h @ down[e])
+  return y
+
+
+@pytest.fixture(scope="module")
+def inputs():
+  rng = np.random.default_rng(0)
+  choices = [e for e in range(E) if e != EMPTY]
+  idx = np.stack([rng.choice(choices, K, replace=False) for _ in range(T)]).astype(np.int32)
+  w = rng.uniform(0.1, 1.0, (T, K)).astype(np.float32)
+  x = rng.standard_normal((T, D)).astype(np.float32)
+  gate = (rng.standard_normal((E, D, F)) * 0.3).astype(np.float32)
+  up = (rng.standard_normal((E, D, F)) * 0.3).astype(np.float32)
+  down = (rng.standard_normal((E, F, D)) * 0.3).astype(np.float32)
+  assert EMPTY not in idx and len(np.unique(idx)) == E - 1
+  return x, idx, w, gate, up, down
+
+
+def test_sorted_equals_dense_equals_reference(inputs):
+  want = ref_experts(*inputs)
+  args = [jnp.asarray(a) for a in inputs]
+  y_sorted = np.asarray(experts.sorted_experts(*args))
+  y_dense = np.asarray(experts.dense_experts(*args))
+  assert y_sorted.shape == (T, D) and y_sorted.dtype == np.float32
+  np.testing.assert_allclose(y_sorted, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(y_dense, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(y_sorted, y_dense, rtol=1e-5, atol=1e-6)
+
+
+def test_sorted_experts_unbalanced_and_single_expert():
+  """Every token on the same two experts (the other six empty), and K = 1."""
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((T, D)).astype(np.float32)
+  gate, up = (rng.standard_normal((E, D, F)).astype(np.float32) * 0.3 for _ in range(2))
+  down = rng.standard_normal((E, F, D)).astype(np.float32) * 0.3
+  for idx in (np.tile([[6, 2]], (T, 1)), rng.integers(0, E, (T, 1))):
+    idx = idx.astype(np.int32)
+    w = rng.uniform(0.1, 1.0, idx.shape).astype(np.float32)
+    got = experts.sorted_experts(*(jnp.asarray(a) for a in (x, idx, w, gate, up, down)))
+    np.testing.assert_allclose(np.asarray(got), ref_experts(x, idx, w, gate, up, down), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_sorted_match_dense(inputs):
+  x, idx, w, gate, up, down = (jnp.asarray(a) for a in inputs)
+  cot = jnp.asarray(np.random.default_rng(2).standard_normal((T, D)), jnp.float32)
+
+  def loss(fn):
+    def f(x, w, gate, up, down):
+      return jnp.sum(fn(x, idx, w, gate, up, down) * cot)
+    grad = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4)), compiler_options={"xla_backend_optimization_level": 0})
+    return grad(x, w, gate, up, down)
+
+  g_sorted, g_dense = loss(experts.sorted_experts), loss(experts.dense_experts)
+  for name, a, b in zip(("x", "w", "gate", "up", "down"), g_sorted, g_dense):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape, name
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert np.abs(b).max() > 1e-3, name
+  # The expert without tokens gets exactly zero gradient.
+  for g in g_sorted[2:]:
+    assert np.all(np.asarray(g)[EMPTY] == 0)
+
+  # The x-gradient against the float64 NumPy loop: a central-difference directional derivative.
+  v = np.random.default_rng(3).standard_normal((T, D))
+  eps = 1e-6
+  xs = np.asarray(inputs[0], np.float64)
+  rest = inputs[1:]
+  fd = (np.sum(ref_experts(xs + eps * v, *rest) * np.asarray(cot))
+        - np.sum(ref_experts(xs - eps * v, *rest) * np.asarray(cot))) / (2 * eps)
+  assert float(np.sum(np.asarray(g_sorted[0], np.float64) * v)) == pytest.approx(fd, rel=1e-4)
+
+
+# ------------------------------------------------------------------ the MoE block
+CFG = ModelConfig(hidden_size=D, moe_intermediate_size=F, n_routed_experts=E, num_experts_per_tok=2, n_group=2,
+                  topk_group=1, n_shared_experts=1, topk_method="noaux_tc", scoring_func="sigmoid",
+                  routed_scaling_factor=2.5)
+
+
+def random_moe(cfg, seed):
+  """The MoE block's structure (eval_shape: no init compiles) with random NumPy weights."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: experts.MoE(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+  state = jax.tree.map(lambda leaf: jnp.asarray(0.3 * rng.standard_normal(leaf.shape), leaf.dtype), state)
+  return graphdef, state
+
+
+@pytest.mark.parametrize("n_shared", [1, 0])
+def test_moe_module_is_shared_plus_routed(n_shared):
+  cfg = CFG.replace(n_shared_experts=n_shared)
+  graphdef, state = random_moe(cfg, seed=n_shared)
+
+  @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+  def run(state, x, valid):
+    moe = nnx.merge(graphdef, state)
+    y, stats = moe(x, valid)
+    w, idx, _ = moe.gate(x)
+    return y, stats, w, idx
+
+  moe = nnx.merge(graphdef, state)
+  assert hasattr(moe, "shared_experts") == bool(n_shared)
+  b, s = 2, 6
+  x = np.random.default_rng(4).standard_normal((b, s, D)).astype(np.float32)
+  valid = np.ones((b, s), bool)
+  valid[1, 4:] = False
+  y, stats, w, idx = run(state, jnp.asarray(x), jnp.asarray(valid))
+  assert y.shape == (b, s, D)
+
+  idx = np.asarray(idx).reshape(b * s, -1)
+  w = np.asarray(w).reshape(b * s, -1)
+  xt = x.reshape(b * s, D).astype(np.float64)
+  routed = ref_experts(xt, idx, w, moe.experts.gate_proj[...], moe.experts.up_proj[...], moe.experts.down_proj[...])
+  want = routed
+  if n_shared:
+    mlp = moe.shared_experts
+    g, u, dn = (np.asarray(p.kernel[...], np.float64) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    want = want + (silu(xt @ g) * (xt @ u)) @ dn
+  np.testing.assert_allclose(np.asarray(y).reshape(b * s, D), want, rtol=1e-5, atol=1e-5)
+  assert np.abs(routed).max() > 1e-2
+
+  load = np.asarray(stats.load)
+  np.testing.assert_array_equal(load, np.bincount(idx[valid.ravel()].ravel(), minlength=E))
+  assert load.sum() == valid.sum() * cfg.num_experts_per_tok
+  assert np.isfinite(float(stats.balance_loss))

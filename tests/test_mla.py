@@ -1,0 +1,188 @@
+"""moe.mla: the causal/segment mask, attention with narrow values, packed documents end to end."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe import mla, rope
+from moe.config import ModelConfig, RopeScaling
+from moe.model import Transformer
+
+
+def ref_mask(seg):
+  """m[b, q, k] = k <= q and seg[b, q] == seg[b, k]."""
+  seg = np.asarray(seg)
+  s = seg.shape[1]
+  causal = np.arange(s)[None, :] <= np.arange(s)[:, None]
+  return causal[None] & (seg[:, :, None] == seg[:, None, :])
+
+
+def test_attention_mask_causal_and_block_diagonal():
+  seg = np.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+  m = np.asarray(mla.attention_mask(jnp.asarray(seg)))
+  assert m.shape == (2, 1, 8, 8) and m.dtype == bool
+  np.testing.assert_array_equal(m[:, 0], ref_mask(seg))
+  np.testing.assert_array_equal(m[1, 0], np.tril(np.ones((8, 8), bool)))
+  # document 2 (positions 3, 4) sees only itself, causally
+  np.testing.assert_array_equal(m[0, 0, 3:5], [[0, 0, 0, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0, 0, 0]])
+  assert m[0, 0].diagonal().all()  # every query sees at least itself (no empty softmax rows)
+
+
+def ref_attend(q, k, v, mask, scale):
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+  logits = np.where(np.asarray(mask), logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+@pytest.mark.parametrize("dv", [8, 12])
+def test_attend_narrow_values_vs_reference(dv):
+  rng = np.random.default_rng(0)
+  b, s, h, dk = 2, 7, 3, 12
+  q, k = (rng.standard_normal((b, s, h, dk)).astype(np.float32) for _ in range(2))
+  v = rng.standard_normal((b, s, h, dv)).astype(np.float32)
+  seg = np.array([[1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 1, 0]])
+  mask = mla.attention_mask(jnp.asarray(seg))
+  scale = 0.37
+  out = np.asarray(mla.attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, scale))
+  assert out.shape == (b, s, h, dv)
+  np.testing.assert_allclose(out, ref_attend(q, k, v, ref_mask(seg)[:, None], scale), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the MLA module
+def ref_yarn_inv_freq(d, theta, factor, orig, beta_fast, beta_slow):
+  i = np.arange(d // 2, dtype=np.float64)
+  inv_freq = theta ** (-2.0 * i / d)
+  low = max(math.floor(d * math.log(orig / (beta_fast * 2 * math.pi)) / (2 * math.log(theta))), 0)
+  high = min(math.ceil(d * math.log(orig / (beta_slow * 2 * math.pi)) / (2 * math.log(theta))), d - 1)
+  ramp = np.clip((i - low) / max(high - low, 1e-3), 0.0, 1.0)
+  return inv_freq / factor * ramp + inv_freq * (1.0 - ramp)
+
+
+def ref_mla(x, w, cfg, positions, segment_ids):
+  """MLA from the V2 report / REFERENCE.md in float64, RoPE on adjacent pairs as complex numbers."""
+  x = np.asarray(x, np.float64)
+  w = {k: np.asarray(v, np.float64) for k, v in w.items()}
+  b, s, _ = x.shape
+  h, nope, r, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+
+  def rms(a, g):
+    return a / np.sqrt(np.mean(a * a, -1, keepdims=True) + cfg.rms_norm_eps) * g
+
+  q = (rms(x @ w["q_a"], w["q_a_norm"]) @ w["q_b"]).reshape(b, s, h, nope + r)
+  ckv = x @ w["kv_a"]
+  c_kv, k_pe = ckv[..., : cfg.kv_lora_rank], ckv[..., cfg.kv_lora_rank:]
+  kv = (rms(c_kv, w["kv_a_norm"]) @ w["kv_b"]).reshape(b, s, h, nope + dv)
+  k_nope, v = kv[..., :nope], kv[..., nope:]
+
+  rs = cfg.rope_scaling
+  freq = ref_yarn_inv_freq(r, cfg.rope_theta, rs.factor, rs.original_max_position_embeddings, rs.beta_fast,
+                           rs.beta_slow)
+
+  def m(scale, ms):
+    return 0.1 * ms * math.log(scale) + 1.0
+
+  rot = np.exp(1j * positions[..., None].astype(np.float64) * freq) * (m(rs.factor, rs.mscale)
+                                                                        / m(rs.factor, rs.mscale_all_dim))
+  zq = (q[..., nope::2] + 1j * q[..., nope + 1::2]) * rot[:, :, None, :]  # [b, s, h, r/2]
+  zk = (k_pe[..., 0::2] + 1j * k_pe[..., 1::2]) * rot  # [b, s, r/2], one head shared by all
+  scores = np.einsum("bqhd,bkhd->bhqk", q[..., :nope], k_nope)
+  scores += np.einsum("bqhd,bkd->bhqk", zq, np.conj(zk)).real
+  scores *= (nope + r) ** -0.5 * m(rs.factor, rs.mscale_all_dim) ** 2
+  scores = np.where(ref_mask(segment_ids)[:, None], scores, -np.inf)
+  p = np.exp(scores - scores.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  out = np.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, s, h * dv)
+  return out @ w["o"]
+
+
+def test_mla_module_vs_reference():
+  cfg = ModelConfig(hidden_size=24, num_attention_heads=3, q_lora_rank=12, kv_lora_rank=10, qk_nope_head_dim=6,
+                    qk_rope_head_dim=8, v_head_dim=5, rope_theta=10000.0,
+                    rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=16, beta_fast=32.0,
+                                             beta_slow=1.0, mscale=1.0, mscale_all_dim=0.5))
+  # eval_shape + NumPy weights (norm weights near one): no per-shape init compiles
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: mla.MLA(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(2)
+  state = jax.tree.map(lambda leaf: jnp.asarray(
+      (1.0 if leaf.ndim == 1 else 0.0) + 0.3 * rng.standard_normal(leaf.shape), leaf.dtype), state)
+  attn = nnx.merge(graphdef, state)
+  w = dict(q_a=attn.q_a_proj.kernel[...], q_a_norm=attn.q_a_layernorm.scale[...], q_b=attn.q_b_proj.kernel[...],
+           kv_a=attn.kv_a_proj_with_mqa.kernel[...], kv_a_norm=attn.kv_a_layernorm.scale[...],
+           kv_b=attn.kv_b_proj.kernel[...], o=attn.o_proj.kernel[...])
+  x = rng.standard_normal((2, 7, cfg.hidden_size)).astype(np.float32)
+  seg = np.array([[1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 1, 1]])
+  pos = np.array([[0, 1, 2, 3, 0, 1, 2], [3, 4, 5, 6, 7, 8, 9]])
+  @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+  def run(state, x, pos, seg):
+    return nnx.merge(graphdef, state)(x, rope.rope_tables(pos, cfg), mla.attention_mask(seg))
+
+  got = run(state, jnp.asarray(x), jnp.asarray(pos), jnp.asarray(seg))
+  want = ref_mla(x, w, cfg, pos, seg)
+  assert got.shape == (2, 7, cfg.hidden_size)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ packed documents, whole model
+CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                  num_hidden_layers=3, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                  qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                  n_group=2, topk_group=1, first_k_dense_replace=1, num_nextn_predict_layers=1,
+                  max_position_embeddings=64, initializer_range=0.1)
+
+
+def random_model(cfg, seed=0, std=0.15):
+  """The Transformer's structure (eval_shape: no init compile) with random NumPy weights."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    names = [str(getattr(p, "key", p)) for p in path]
+    if "scale" in names:  # RMSNorm weights near one
+      value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
+    elif "e_score_correction_bias" in names:
+      value = 0.05 * rng.standard_normal(leaf.shape)
+    else:
+      value = std * rng.standard_normal(leaf.shape)
+    return jnp.asarray(value, leaf.dtype)
+
+  return graphdef, jax.tree_util.tree_map_with_path(fill, state)
+
+
+def test_packed_documents_equal_separate_runs():
+  graphdef, state = random_model(CFG)
+
+  # LLVM opt level 0: faster XLA:CPU compiles, same HLO.
+  @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+  def run(state, tokens, seg, pos):
+    out = nnx.merge(graphdef, state).forward(tokens, seg, pos)
+    return out.logits, out.mtp_logits[0]
+
+  rng = np.random.default_rng(1)
+  n = 5  # both documents of length 5: one compile for the separate runs, one for the packed row
+  doc1, doc2 = rng.integers(0, CFG.vocab_size, (1, n)), rng.integers(0, CFG.vocab_size, (1, n))
+  packed = np.concatenate([doc1, doc2], axis=1)
+  seg = np.array([[1] * n + [2] * n])
+  pos = np.array([list(range(n)) * 2])
+  ones, arange = jnp.ones((1, n), jnp.int32), jnp.arange(n)[None]
+  got, got_mtp = (np.asarray(a) for a in run(state, jnp.asarray(packed), jnp.asarray(seg), jnp.asarray(pos)))
+  one, one_mtp = (np.asarray(a) for a in run(state, jnp.asarray(doc1), ones, arange))
+  two, two_mtp = (np.asarray(a) for a in run(state, jnp.asarray(doc2), ones, arange))
+  assert got.shape == (1, 2 * n, CFG.vocab_size)
+  np.testing.assert_allclose(got[:, :n], one, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got[:, n:], two, rtol=1e-5, atol=1e-5)
+  # MTP logits too, except at each document's last token (its MTP target lies in the next document).
+  np.testing.assert_allclose(got_mtp[:, : n - 1], one_mtp[:, : n - 1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_mtp[:, n:-1], two_mtp[:, :-1], rtol=1e-5, atol=1e-5)
+  # Without the segment ids (one long document) document 2 would see document 1.
+  whole, _ = run(state, jnp.asarray(packed), jnp.ones((1, 2 * n), jnp.int32), jnp.asarray(pos))
+  whole = np.asarray(whole)
+  assert np.abs(whole[:, n:] - two).max() > 1e-3
+  np.testing.assert_allclose(whole[:, :n], one, rtol=1e-5, atol=1e-5)
