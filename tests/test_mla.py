@@ -56,6 +56,21 @@ def test_attend_narrow_values_vs_reference(dv):
   np.testing.assert_allclose(out, ref_attend(q, k, v, ref_mask(seg)[:, None], scale), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block", [3, 7, 128])
+def test_causal_block_attention_vs_reference(block):
+  """The CPU path of `attend` (query blocks reading only earlier keys), if present, at several block sizes."""
+  if not hasattr(mla, "causal_block_attention"):
+    pytest.skip("no causal_block_attention in this tree")
+  rng = np.random.default_rng(3)
+  b, s, h, dk, dv = 2, 7, 2, 12, 8
+  q, k = (rng.standard_normal((b, s, h, dk)).astype(np.float32) for _ in range(2))
+  v = rng.standard_normal((b, s, h, dv)).astype(np.float32)
+  seg = np.array([[1, 1, 2, 2, 2, 3, 0], [1, 1, 1, 1, 1, 1, 1]])
+  out = mla.causal_block_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                   mla.attention_mask(jnp.asarray(seg)), 0.3, block=block)
+  np.testing.assert_allclose(np.asarray(out), ref_attend(q, k, v, ref_mask(seg)[:, None], 0.3), rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------ the MLA module
 def ref_yarn_inv_freq(d, theta, factor, orig, beta_fast, beta_slow):
   i = np.arange(d // 2, dtype=np.float64)
