@@ -26,16 +26,38 @@ def attention_mask(segment_ids_BxS):
 
 
 def attend(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, mask_Bx1xSxS, scale: float):
-  """softmax(q k^T scale) v with float32 logits, through `jax.nn.dot_product_attention`.
+  """softmax(q k^T scale + mask) v with float32 logits; `mask` is causal (attention_mask).
 
-  The fused kernels need one head size for q, k and v; MLA's values are narrower
-  (v_head_dim < qk_head_dim), so v is zero-padded to the key size and the pad sliced off.
+  GPU/TPU: `jax.nn.dot_product_attention` (fused kernels where they apply). Those need one head
+  size for q, k and v; MLA's values are narrower, so v is zero-padded and the pad sliced off.
+  CPU: `causal_block_attention`, which skips the all-masked upper blocks (2.8x faster fwd+bwd at
+  seq 256 on 2 cores, docs/perf.md).
   """
+  fn = causal_block_attention if jax.default_backend() == "cpu" else fused_attention
+  return fn(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, mask_Bx1xSxS, scale)
+
+
+def fused_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, mask_Bx1xSxS, scale: float):
+  """`jax.nn.dot_product_attention`, v zero-padded to the key head size."""
   dv, dk = v_BxSxHxV.shape[-1], k_BxSxHxK.shape[-1]
   if dv < dk:
     v_BxSxHxV = jnp.pad(v_BxSxHxV, ((0, 0), (0, 0), (0, 0), (0, dk - dv)))
   out = jax.nn.dot_product_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, mask=mask_Bx1xSxS, scale=scale)
   return out[..., :dv]
+
+
+def causal_block_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, mask_Bx1xSxS, scale: float, block: int = 128):
+  """Exact attention in query blocks; block i reads only keys before its end (causality)."""
+  s = q_BxSxHxK.shape[1]
+  outs = []
+  for start in range(0, s, block):
+    end = min(start + block, s)
+    logits = jnp.einsum("bthd,bshd->bhts", q_BxSxHxK[:, start:end], k_BxSxHxK[:, :end],
+                        preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask_Bx1xSxS[:, :, start:end, :end], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxHxV.dtype)
+    outs.append(jnp.einsum("bhts,bshd->bthd", probs, v_BxSxHxV[:, :end]))
+  return jnp.concatenate(outs, axis=1)
 
 
 class MLA(nnx.Module):
