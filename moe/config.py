@@ -75,6 +75,12 @@ class ModelConfig:
   dtype: Literal["float32", "bfloat16"] = "float32"  # activation / matmul compute dtype
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   remat_policy: Literal["none", "full", "save_dots", "save_dots_no_batch"] = "none"
+  # FP8 (moe/fp8.py, docs/fp8.md): E4M3 GEMMs (forward, Dgrad, Wgrad) with 1x128 / 128x128 online
+  # scales in the attention projections, dense and shared FFNs and routed experts; everything else
+  # (embedding, output head, router, norms, attention core) stays in `dtype`.
+  fp8: bool = False
+  fp8_pow2_scales: bool = False  # round FP8 scales up to powers of two
+  fp8_backend: Literal["auto", "native", "qdq"] = "auto"  # auto: native FP8 dots on GPUs with cc >= 8.9
 
   def __post_init__(self):
     _check_types(self, "model")
@@ -184,7 +190,7 @@ class ModelConfig:
     return d
 
 
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "fp8", "fp8_pow2_scales", "fp8_backend")
 
 # HF config.json keys that do not change the function this project computes.
 _HF_IGNORED = {

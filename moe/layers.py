@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe import fp8 as fp8_lib
 from moe.config import ModelConfig
 
 
@@ -45,13 +46,21 @@ class RMSNorm(nnx.Module):
 
 
 class Linear(nnx.Module):
-  """y = x @ kernel, kernel [in, out]; the one matmul every projection goes through."""
+  """y = x @ kernel, kernel [in, out]; the one matmul every projection goes through.
 
-  def __init__(self, d_in: int, d_out: int, axes, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  With `cfg.fp8` the GEMMs are FP8 (`moe.fp8.linear`: a custom_vjp with E4M3 forward, input- and
+  weight-gradient GEMMs; the master kernel goes in unrounded, so its gradient stays float32).
+  `fp8=False` keeps a layer in `cfg.dtype` (the output head and the MTP projection).
+  """
+
+  def __init__(self, d_in: int, d_out: int, axes, cfg: ModelConfig, *, rngs: nnx.Rngs, fp8: bool = True):
     self.dtype = dtype_of(cfg.dtype)
+    self.fp8 = fp8_lib.Recipe.of(cfg) if (fp8 and cfg.fp8) else None
     self.kernel = param(rngs, (d_in, d_out), axes, cfg)
 
   def __call__(self, x):
+    if self.fp8 is not None:
+      return fp8_lib.linear(x.astype(self.dtype), self.kernel[...], self.fp8)
     return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
 

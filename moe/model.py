@@ -86,7 +86,7 @@ class Transformer(nnx.Module):
     self.moe_layers = LayerStack(cfg, cfg.num_moe_layers, moe=True, rngs=rngs) if cfg.num_moe_layers else None
     self.norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
     self.lm_head = None if cfg.tie_word_embeddings else Linear(
-        cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg, rngs=rngs)
+        cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg, rngs=rngs, fp8=False)  # head: never FP8
     self.mtp = nnx.List([mtp.MTPModule(cfg, rngs=rngs) for _ in range(cfg.num_nextn_predict_layers)])
 
   def head(self, h_BxSxD):

@@ -26,7 +26,8 @@ class MTPModule(nnx.Module):
     d = cfg.hidden_size
     self.enorm = RMSNorm(d, cfg, rngs=rngs)
     self.hnorm = RMSNorm(d, cfg, rngs=rngs)
-    self.eh_proj = Linear(2 * d, d, ("mtp_concat", "embed"), cfg, rngs=rngs)
+    # Not FP8: outside the recipe's attention/FFN/expert GEMMs, next to the embedding and head.
+    self.eh_proj = Linear(2 * d, d, ("mtp_concat", "embed"), cfg, rngs=rngs, fp8=False)
     self.block = DecoderLayer(cfg, moe=cfg.n_routed_experts > 0, rngs=rngs)
     self.norm = RMSNorm(d, cfg, rngs=rngs)
 

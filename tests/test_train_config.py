@@ -72,7 +72,7 @@ def test_override_creates_missing_section(tmp_path):
         (["steps=true"], r"^steps: expected an integer"),
         (["optimizer.lr=fast"], r"^optimizer.lr: expected a number"),
         (["optimizer.moment_dtype=float16"], r"optimizer.moment_dtype: expected one of 'bfloat16', 'float32'"),
-        (["precision=fp8"], r"^precision: expected one of 'float32', 'bf16'"),
+        (["precision=fp16"], r"^precision: expected one of 'float32', 'bf16', 'fp8'"),
         (["optimizer.schedule=linear"], r"optimizer.schedule: expected one of"),
         (["mesh.data=0"], r"mesh.data=0 must be >= 1 or -1"),
         (["mesh.fsdp=-1"], r"at most one axis may be -1"),

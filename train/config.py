@@ -133,7 +133,9 @@ class TrainConfig:
   grad_accum: int = 1
   data: str = "default"
   tokenizer: str = "byte"  # "byte" or a path to a tokenizer
-  precision: Literal["float32", "bf16"] = "float32"
+  # float32 | bf16 (compute dtype; master weights float32) | fp8 (bf16 compute, FP8 E4M3 GEMMs in
+  # the attention projections, FFNs and routed experts: moe/fp8.py, docs/fp8.md)
+  precision: Literal["float32", "bf16", "fp8"] = "float32"
   log_every: int = 10
   eval_every: int = 100
   eval_steps: int = 10

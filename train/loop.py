@@ -23,12 +23,14 @@ from train.metrics import MetricsLogger
 
 log = logging.getLogger("train")
 
-COMPUTE_DTYPE = {"float32": "float32", "bf16": "bfloat16"}
+COMPUTE_DTYPE = {"float32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}
 
 
 def model_config(cfg: TrainConfig):
-  """The model as trained: `precision` sets the compute dtype; master weights stay float32."""
-  return cfg.model.replace(dtype=COMPUTE_DTYPE[cfg.precision], param_dtype="float32")
+  """The model as trained: `precision` sets the compute dtype (fp8: bf16 plus FP8 GEMMs in the
+  linears and routed experts, `ModelConfig.fp8`); master weights stay float32."""
+  return cfg.model.replace(dtype=COMPUTE_DTYPE[cfg.precision], param_dtype="float32",
+                           fp8=cfg.precision == "fp8" or cfg.model.fp8)
 
 
 def build(cfg: TrainConfig, model_cfg):
@@ -76,6 +78,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
            counts["active_params"] / 1e6, model_cfg.dtype, jax.device_count(), jax.default_backend())
   from train.bench import measure_peak_flops
 
+  if model_cfg.fp8:
+    from moe import fp8 as fp8_lib
+
+    log.info("fp8: %s", fp8_lib.describe(fp8_lib.Recipe.of(model_cfg)))
   peak = measure_peak_flops(jax.numpy.dtype(model_cfg.dtype))
   tokens_per_step = cfg.batch_size * cfg.seq_len
   first = last = None
