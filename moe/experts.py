@@ -8,6 +8,10 @@ XLA:CPU lowers ragged_dot densely (every row times every expert: E times the wor
 `blocked_experts` pads each expert's group to a multiple of `block` rows and runs one batched
 matmul over blocks (at most E - 1 padding blocks; measured 10x faster than ragged_dot for the
 bench-cpu layer, see docs/perf.md). `dense_experts` is the every-expert-on-every-token reference.
+
+FP8 (`cfg.fp8`, moe/fp8.py): the same paths with FP8 GEMMs, given the float32 master weights:
+`fp8_ragged_dot` in `sorted_experts`; `fp8_matmul` over the 128-row blocks in `blocked_experts`
+(a block holds one expert's tokens, so Wgrad's 128x1 token tiles never mix experts).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe import fp8 as fp8_lib
 from moe import router as router_lib
 from moe.config import ModelConfig
 from moe.layers import MLP, dtype_of, param
@@ -30,22 +35,26 @@ class MoEStats(NamedTuple):
   balance_loss: jax.Array  # [] V3 sequence-wise balance loss, before alpha
 
 
-def sorted_experts(x_TxD, idx_TxK, w_TxK, gate_ExDxF, up_ExDxF, down_ExFxD):
-  """Dropless grouped-matmul experts: sort (token, k) pairs by expert, ragged_dot, unsort, combine."""
+def sorted_experts(x_TxD, idx_TxK, w_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, fp8=None):
+  """Dropless grouped-matmul experts: sort (token, k) pairs by expert, ragged_dot, unsort, combine.
+  `fp8`: a moe.fp8.Recipe to run the grouped GEMMs in FP8."""
+  ragged_dot = jax.lax.ragged_dot if fp8 is None else lambda a, b, s: fp8_lib.fp8_ragged_dot(a, b, s, fp8)
   t, k = idx_TxK.shape
   e = gate_ExDxF.shape[0]
   flat = idx_TxK.reshape(-1)
   order = jnp.argsort(flat, stable=True)  # [T*K] assignment ids sorted by expert
   x_sorted = x_TxD[order // k]
   sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-  h = jax.nn.silu(jax.lax.ragged_dot(x_sorted, gate_ExDxF, sizes)) * jax.lax.ragged_dot(x_sorted, up_ExDxF, sizes)
-  y_sorted = jax.lax.ragged_dot(h, down_ExFxD, sizes)
+  h = jax.nn.silu(ragged_dot(x_sorted, gate_ExDxF, sizes)) * ragged_dot(x_sorted, up_ExDxF, sizes)
+  y_sorted = ragged_dot(h, down_ExFxD, sizes)
   y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
   return jnp.einsum("tkd,tk->td", y, w_TxK.astype(y.dtype))
 
 
-def blocked_experts(x_TxD, idx_TxK, w_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, block: int = 128):
-  """Dropless grouped matmul as block-padded batched matmul (the CPU path; same result)."""
+def blocked_experts(x_TxD, idx_TxK, w_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, block: int = 128, fp8=None):
+  """Dropless grouped matmul as block-padded batched matmul (the CPU path; same result).
+  `fp8`: a moe.fp8.Recipe to run the batched GEMMs in FP8."""
+  bmm = (lambda a, b: jnp.einsum("nij,njk->nik", a, b)) if fp8 is None else lambda a, b: fp8_lib.fp8_matmul(a, b, fp8)
   t, k = idx_TxK.shape
   e, d, _ = gate_ExDxF.shape
   n = t * k
@@ -60,16 +69,15 @@ def blocked_experts(x_TxD, idx_TxK, w_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, blo
   x_blocks = x_blocks.reshape(n_blocks, block, d)
   owner = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_blocks) * block, side="right")
   owner = jnp.minimum(owner, e - 1)  # trailing all-padding blocks: any expert, rows are zero
-  h = jax.nn.silu(jnp.einsum("nbd,ndf->nbf", x_blocks, gate_ExDxF[owner]))
-  h = h * jnp.einsum("nbd,ndf->nbf", x_blocks, up_ExDxF[owner])
-  y_sorted = jnp.einsum("nbf,nfd->nbd", h, down_ExFxD[owner]).reshape(n_blocks * block, d)[dest]
+  h = jax.nn.silu(bmm(x_blocks, gate_ExDxF[owner])) * bmm(x_blocks, up_ExDxF[owner])
+  y_sorted = bmm(h, down_ExFxD[owner]).reshape(n_blocks * block, d)[dest]
   y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, d)
   return jnp.einsum("tkd,tk->td", y, w_TxK.astype(y.dtype))
 
 
-def grouped_experts(*args):
+def grouped_experts(*args, fp8=None):
   """The dropless single-device path for this backend (see module docstring)."""
-  return (blocked_experts if jax.default_backend() == "cpu" else sorted_experts)(*args)
+  return (blocked_experts if jax.default_backend() == "cpu" else sorted_experts)(*args, fp8=fp8)
 
 
 def dense_experts(x_TxD, idx_TxK, w_TxK, gate_ExDxF, up_ExDxF, down_ExFxD):
@@ -87,6 +95,7 @@ class RoutedExperts(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     self.dtype = dtype_of(cfg.dtype)
+    self.fp8 = fp8_lib.Recipe.of(cfg) if cfg.fp8 else None
     self.gate_proj = param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg)
     self.up_proj = param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg)
     self.down_proj = param(rngs, (e, f, d), ("expert", "moe_mlp", "embed"), cfg)
@@ -95,6 +104,9 @@ class RoutedExperts(nnx.Module):
     return tuple(p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj))
 
   def __call__(self, x_TxD, idx_TxK, w_TxK):
+    if self.fp8 is not None:  # FP8: the float32 master weights go in (float32 weight gradients)
+      masters = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+      return grouped_experts(x_TxD.astype(self.dtype), idx_TxK, w_TxK, *masters, fp8=self.fp8)
     return grouped_experts(x_TxD.astype(self.dtype), idx_TxK, w_TxK, *self.weights())
 
 

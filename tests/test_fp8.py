@@ -225,3 +225,100 @@ def test_ragged_dot_vs_numpy():
   assert np.all(np.asarray(dw[1]) == 0)
   seg, n_seg = fp8.token_tile_segments(m, jnp.asarray(sizes, jnp.int32))
   assert int(seg[-1]) + 1 == len(segments) <= n_seg
+
+
+def ref_experts(x, idx, w, gate, up, down):
+  """float64 y_t = sum_k w_tk down_e(silu(x_t gate_e) * (x_t up_e))."""
+  x, gate, up, down = (np.asarray(a, np.float64) for a in (x, gate, up, down))
+  y = np.zeros_like(x)
+  for t in range(x.shape[0]):
+    for k in range(idx.shape[1]):
+      e = int(idx[t, k])
+      h = x[t] @ gate[e]
+      y[t] += w[t, k] * ((h / (1 + np.exp(-h)) * (x[t] @ up[e])) @ down[e])
+  return y
+
+
+def test_fp8_experts_sorted_and_blocked():
+  """Both grouped-matmul paths with FP8: equal to each other (same quantisation) and, through the
+  chain of three FP8 GEMMs of a SwiGLU expert (errors compound: each GEMM ~3.7%, and backward
+  cotangents carry the forward's), within 8% (forward) and 12% (gradients) of the float32 paths
+  (measured: <= 7% and <= 11.1%); float32 master-weight gradients."""
+  from moe import experts
+
+  rng = np.random.default_rng(3)
+  t, k, e, d, f = 96, 2, 4, 136, 40
+  idx = np.stack([rng.choice(e, k, replace=False) for _ in range(t)]).astype(np.int32)
+  w = rng.uniform(0.2, 1.0, (t, k)).astype(np.float32)
+  x = wide((t, d), 4)
+  gate, up = (rng.standard_normal((e, d, f)).astype(np.float32) * 0.1 for _ in range(2))
+  down = rng.standard_normal((e, f, d)).astype(np.float32) * 0.1
+  args = [jnp.asarray(a) for a in (x, idx, w, gate, up, down)]
+  cot = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
+  recipe = fp8.Recipe()
+
+  @jax.jit(compiler_options=FAST)
+  def run(x, w, gate, up, down):
+    out = {}
+    for name, fn in (("sorted", experts.sorted_experts), ("blocked", experts.blocked_experts)):
+      for r in (None, recipe):
+        loss = lambda *p: jnp.sum(fn(p[0], args[1], *p[1:], fp8=r) * cot)
+        y = fn(x, args[1], w, gate, up, down, fp8=r)
+        out[name, r is not None] = (y, jax.grad(loss, argnums=(0, 2, 3, 4))(x, w, gate, up, down))
+    return out
+
+  out = run(*args[:1], *args[2:])
+  want = ref_experts(x, idx, w, gate, up, down)
+  for name in ("sorted", "blocked"):
+    y8, g8 = out[name, True]
+    y32, g32 = out[name, False]
+    assert rel(y8, want) < 0.08 and rel(y32, want) < 1e-5
+    for a, b in zip(g8, g32):
+      assert a.dtype == jnp.float32 and rel(a, b) < 0.12
+  assert rel(out["sorted", True][0], out["blocked", True][0]) < 1e-5
+
+
+SMALL = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                    num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                    qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                    n_group=2, topk_group=1, first_k_dense_replace=1, num_nextn_predict_layers=1,
+                    max_position_embeddings=64, initializer_range=0.05, dtype="bfloat16")
+
+
+def test_model_uses_fp8_where_the_recipe_says():
+  """Attention projections, dense/shared FFNs and routed experts FP8; head, MTP projection, router,
+  embedding not. Logits close to the bf16 model with the same weights; float32 gradients."""
+  from moe.layers import Linear
+
+  model = nnx.eval_shape(lambda: Transformer(SMALL.replace(fp8=True), rngs=nnx.Rngs(0)))
+  fp8_layers = {".".join(map(str, p)) for p, m in nnx.iter_graph(model) if isinstance(m, Linear) and m.fp8}
+  plain = {".".join(map(str, p)) for p, m in nnx.iter_graph(model) if isinstance(m, Linear) and not m.fp8}
+  assert plain == {"lm_head", "mtp.0.eh_proj"}
+  for name in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj"):
+    assert any(n.endswith("self_attn." + name) or n.endswith("mlp." + name) for n in fp8_layers), name
+  assert any("shared_experts.down_proj" in n for n in fp8_layers)
+  assert model.moe_layers.layers.mlp.experts.fp8 == fp8.Recipe()
+  assert not hasattr(model.moe_layers.layers.mlp.gate, "fp8")  # the router: float32, no FP8
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  graphdef_bf16 = nnx.split(nnx.eval_shape(lambda: Transformer(SMALL, rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
+  rng = np.random.default_rng(0)  # random weights without an op-by-op init
+  fill = lambda path, a: jnp.asarray(("scale" in str(path)) + 0.1 * rng.standard_normal(a.shape), a.dtype)
+  params = jax.tree_util.tree_map_with_path(fill, params)  # norm scales near 1, weights std 0.1
+  rest = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), rest)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 16)), jnp.int32)
+
+  @jax.jit(compiler_options=FAST)
+  def run(params, rest):
+    def loss(g, p):
+      out = nnx.merge(g, p, rest).forward(tokens)
+      return out.logits.mean() + out.mtp_logits[0].mean(), out.logits
+    (l8, logits8), g8 = jax.value_and_grad(lambda p: loss(graphdef, p), has_aux=True)(params)
+    (l16, logits16), g16 = jax.value_and_grad(lambda p: loss(graphdef_bf16, p), has_aux=True)(params)
+    return logits8, logits16, g8, g16
+
+  logits8, logits16, g8, g16 = run(params, rest)
+  assert rel(logits8 - logits8.mean(), logits16 - logits16.mean()) < 0.1
+  leaves8, leaves16 = jax.tree.leaves(g8), jax.tree.leaves(g16)
+  assert all(a.dtype == jnp.float32 and np.all(np.isfinite(a)) for a in leaves8)
+  assert rel(np.concatenate([np.ravel(a) for a in leaves8]), np.concatenate([np.ravel(a) for a in leaves16])) < 0.1
