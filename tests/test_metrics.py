@@ -36,7 +36,7 @@ def _log_run(run_dir, steps=30, every=10):
   with MetricsLogger(run_dir, steps, progress=False) as log:
     for step in range(every, steps + 1, every):
       log.log(step, {"loss": jnp.float32(5.0 - step / 10), "tokens_per_s": np.float64(1234.5), "lr": 1e-3,
-                     "expert_load/cv": jnp.array([0.5, 0.25, 0.125]) / step, "mfu": 0.02})
+                     "expert_load_cv": jnp.array([0.5, 0.25, 0.125]) / step, "mfu": 0.02})
       if step % 20 == 0:
         log.write_eval(step, {"loss": np.float32(4.5 - step / 10)})
 
@@ -47,7 +47,7 @@ def test_jsonl_records(tmp_path):
   assert [r["step"] for r in recs] == [10, 20, 20, 30]
   r = recs[0]
   assert r["loss"] == 4.0 and r["tokens_per_s"] == 1234.5 and r["lr"] == 1e-3 and r["mfu"] == 0.02
-  assert r["expert_load/cv"] == pytest.approx([0.05, 0.025, 0.0125])
+  assert r["expert_load_cv"] == pytest.approx([0.05, 0.025, 0.0125])
   assert isinstance(r["elapsed_s"], float)
   assert recs[2] == {"step": 20, "elapsed_s": recs[2]["elapsed_s"], "eval_loss": 2.5}
 
@@ -63,7 +63,7 @@ def test_tensorboard_scalars(tmp_path):
   tags = _tb_tags(tmp_path)
   assert tags["loss"] == [(10, 4.0), (20, 3.0), (30, 2.0)]
   assert tags["eval_loss"] == [(20, 2.5)]
-  assert tags["expert_load/cv/layer_2"][0] == (10, pytest.approx(0.0125))
+  assert tags["expert_load_cv/layer_2"][0] == (10, pytest.approx(0.0125))
 
 
 def test_tb_scalars_flattens_vectors():

@@ -1,7 +1,8 @@
 """Plot a run: `python -m train.plot RUN_DIR [--out PNG]`.
 
-Reads RUN_DIR/metrics.jsonl (train.metrics) and draws train and eval loss vs step and, when the
-run logged `expert_load/cv` (one value per MoE layer), the expert-load coefficient of variation
+Reads RUN_DIR/metrics.jsonl (train.metrics) and draws the training objective, the training
+next-token loss (`lm_loss`, comparable with eval) and the eval loss vs step and, when the run
+logged `expert_load_cv` (one value per MoE layer), the expert-load coefficient of variation
 std(load)/mean(load) per layer vs step. Saves RUN_DIR/loss.png unless --out says otherwise.
 """
 
@@ -12,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-CV_KEY = "expert_load/cv"
+CV_KEY = "expert_load_cv"  # train/step.py
 
 
 class PlotError(Exception):
@@ -52,10 +53,12 @@ def draw(records: list[dict], out: Path, title: str) -> Path:
   cv_steps, cv = series(records, CV_KEY)
   fig, axes = plt.subplots(1, 2 if cv else 1, figsize=(12 if cv else 6.5, 4.5), squeeze=False)
   ax = axes[0, 0]
-  for key, style in (("loss", dict(lw=1.2)), ("eval_loss", dict(marker="o", lw=1.2))):
+  curves = (("loss", "train objective", dict(lw=1, alpha=0.5)), ("lm_loss", "train next-token", dict(lw=1.2)),
+            ("eval_loss", "eval next-token", dict(marker="o", lw=1.2)))
+  for key, label, style in curves:
     steps, values = series(records, key)
     if steps:
-      ax.plot(steps, values, label="eval" if key == "eval_loss" else "train", **style)
+      ax.plot(steps, values, label=label, **style)
   ax.set(xlabel="step", ylabel="loss", title=title)
   ax.grid(alpha=0.3)
   ax.legend()
