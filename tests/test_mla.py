@@ -42,8 +42,10 @@ def ref_attend(q, k, v, mask, scale):
   return np.einsum("bhqk,bkhd->bqhd", p, v)
 
 
+@pytest.mark.parametrize("fn", ["attend", "fused_attention", "causal_block_attention"])
 @pytest.mark.parametrize("dv", [8, 12])
-def test_attend_narrow_values_vs_reference(dv):
+def test_attend_narrow_values_vs_reference(dv, fn):
+  """`attend` and both of its paths (fused dot_product_attention: GPU/TPU; query blocks: CPU)."""
   rng = np.random.default_rng(0)
   b, s, h, dk = 2, 7, 3, 12
   q, k = (rng.standard_normal((b, s, h, dk)).astype(np.float32) for _ in range(2))
@@ -51,7 +53,7 @@ def test_attend_narrow_values_vs_reference(dv):
   seg = np.array([[1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 1, 0]])
   mask = mla.attention_mask(jnp.asarray(seg))
   scale = 0.37
-  out = np.asarray(mla.attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, scale))
+  out = np.asarray(getattr(mla, fn)(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, scale))
   assert out.shape == (b, s, h, dv)
   np.testing.assert_allclose(out, ref_attend(q, k, v, ref_mask(seg)[:, None], scale), rtol=1e-5, atol=1e-5)
 
