@@ -12,6 +12,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import moe  # noqa: E402
 from moe import hf  # noqa: E402
 from moe.config import ConfigError, ModelConfig  # noqa: E402
 from moe.model import Transformer  # noqa: E402
@@ -75,7 +76,7 @@ def test_logits_match_transformers(case, tmp_path):
   kind, extra = CASES[case]
   ref = make_hf_model(kind, extra)
   ref.save_pretrained(tmp_path)
-  model = hf.from_hf(tmp_path)
+  model = moe.from_hf(tmp_path)
   tokens = tokens_for(BASE["vocab_size"])
   want = hf_logits(ref, tokens)
   got = np.asarray(model(tokens))
