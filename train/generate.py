@@ -1,0 +1,77 @@
+"""Sample text from a model with MLA's latent KV cache (moe/decode.py).
+
+  python -m train.generate (RUN_DIR | HF_DIR) --prompt "..." [--prompt "..." ...]
+      [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--tokenizer byte|PATH] [--dtype D]
+
+HF_DIR: a folder with config.json + safetensors (moe.hf.from_hf). RUN_DIR: a training run directory
+(not readable yet: no checkpoint support). Each prompt is encoded as [BOS] + tokens (as training
+documents start); several prompts run as one right-padded batch. Temperature 0 is greedy; top-p < 1
+samples from the nucleus. Generation of a row stops after EOS. Prints each prompt followed by its
+completion (special tokens dropped), one block per prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from moe.config import ConfigError
+from train.data import DataError, load_tokenizer
+
+
+def load_model(path: str | Path, dtype: str | None = None):
+  """A Transformer from an HF folder (config.json present); a run directory is not readable yet."""
+  path = Path(path)
+  if (path / "config.json").is_file():
+    from moe import hf  # pylint: disable=import-outside-toplevel
+
+    return hf.from_hf(path, dtype=dtype)
+  if not path.is_dir():
+    raise ConfigError(f"{path}: no such directory; give an HF folder (with config.json) or a run directory")
+  raise ConfigError(f"{path}: no config.json, so not an HF folder, and run directories cannot be read:"
+                    " no checkpoint support yet")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("model", metavar="RUN_DIR|HF_DIR", help="HF folder (config.json + safetensors) or run directory")
+  parser.add_argument("--tokenizer", default="byte", help="'byte' (default) or the path of an HF tokenizer.json")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                      help="compute and parameter dtype (default float32)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__.split("\n")[0])
+  add_model_args(parser)
+  parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+  parser.add_argument("--max-new-tokens", type=int, default=64)
+  parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+  parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1] (default 1: off)")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  try:
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 0:
+      raise ConfigError("need --temperature >= 0, 0 < --top-p <= 1 and --max-new-tokens >= 0")
+    tokenizer = load_tokenizer(args.tokenizer)
+    model = load_model(args.model, args.dtype)
+    prompts = [[tokenizer.bos_id] + tokenizer.encode(p) for p in args.prompt]
+    top = max(max(p) for p in prompts)
+    if top >= model.cfg.vocab_size:
+      raise ConfigError(f"token id {top} from tokenizer {args.tokenizer!r} is outside the model's vocab_size"
+                        f" {model.cfg.vocab_size}; pass the model's --tokenizer")
+  except (ConfigError, DataError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  from moe.decode import Generator  # pylint: disable=import-outside-toplevel
+
+  outputs = Generator(model).generate(prompts, args.max_new_tokens, temperature=args.temperature,
+                                      top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id)
+  for text, new in zip(args.prompt, outputs):
+    special = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
+    print(text + tokenizer.decode([t for t in new if t not in special]), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
