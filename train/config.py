@@ -140,6 +140,14 @@ class TrainConfig:
   eval_every: int = 100
   eval_steps: int = 10
   profile_steps: tuple[int, int] | None = None
+  # Checkpoints (train/checkpoint.py) in RUN_DIR/checkpoints: saved asynchronously every `save_every`
+  # steps (0: only at the end), always at the end and on SIGTERM/SIGINT; the last `keep_last` are kept
+  # (0: all) plus every step divisible by `keep_every` (0: none). `resume: true` continues from the
+  # newest checkpoint in run_dir; false refuses to start when run_dir has any.
+  save_every: int = 1000
+  keep_last: int = 3
+  keep_every: int = 0
+  resume: bool = True
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
   loss: LossConfig = dataclasses.field(default_factory=LossConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -151,6 +159,8 @@ class TrainConfig:
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_steps"):
       _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
     _require(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0 (0: never)")
+    for name in ("save_every", "keep_last", "keep_every"):
+      _require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0 (0: see train/config.py)")
     _require(
         self.batch_size % self.grad_accum == 0,
         f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}",
