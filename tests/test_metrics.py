@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from train import plot
-from train.metrics import MetricsLogger, summary, tb_scalars
+from train.metrics import MetricsLogger, eta_seconds, summary, tb_scalars
 
 
 def _records(run_dir):
@@ -91,12 +91,19 @@ def test_progress_lines_when_not_a_tty(tmp_path, capsys):
     log.log(10, {"loss": 3.25, "tokens_per_s": 12345.0, "mfu": 0.031})
     log.write_eval(100, {"eval_loss": 3.0})
   err = capsys.readouterr().err
-  assert "step 10/300  loss 3.2500  tok/s 12,345  mfu 3.1%" in err
+  assert "step 10/300  loss 3.2500  tok/s 12,345  mfu 3.1%  eta " in err
   assert "step 100  eval_loss 3.0000" in err
 
 
 def test_summary_without_mfu():
   assert summary(5, 9, {"loss": 1.0, "tokens_per_s": 2.0}) == "step 5/9  loss 1.0000  tok/s 2"
+
+
+def test_eta():
+  assert eta_seconds(10, 100, 0, 20.0) == 180.0  # 2 s per step, 90 steps left
+  assert eta_seconds(110, 200, 100, 5.0) == 45.0  # resumed at 100: pace from there
+  assert eta_seconds(0, 10, 0, 1.0) is None
+  assert summary(5, 9, {"loss": 1.0, "tokens_per_s": 2.0}, eta_s=125) == "step 5/9  loss 1.0000  tok/s 2  eta 2:05"
 
 
 # ------------------------------------------------------------------ plot

@@ -37,12 +37,20 @@ def tb_scalars(record: Mapping) -> dict[str, float]:
   return out
 
 
-def summary(step: int, total: int, record: Mapping) -> str:
-  """One line: step, loss, tokens/s and, when passed, MFU (a fraction, shown in %)."""
+def summary(step: int, total: int, record: Mapping, eta_s: float | None = None) -> str:
+  """One line: step, loss, tokens/s and, when given, MFU (a fraction, shown in %) and ETA."""
   line = f"step {step}/{total}  loss {record['loss']:.4f}  tok/s {record['tokens_per_s']:,.0f}"
   if "mfu" in record:
     line += f"  mfu {100 * record['mfu']:.1f}%"
+  if eta_s is not None:
+    line += f"  eta {int(eta_s) // 60}:{int(eta_s) % 60:02d}"
   return line
+
+
+def eta_seconds(step: int, total: int, start_step: int, elapsed_s: float) -> float | None:
+  """Remaining time at the average pace since the logger opened."""
+  done = step - start_step
+  return None if done <= 0 else elapsed_s / done * (total - step)
 
 
 class MetricsLogger:
@@ -56,6 +64,7 @@ class MetricsLogger:
   def __init__(self, run_dir, total_steps: int, *, is_main: bool = True, progress: bool = True,
                start_step: int = 0):
     self.total_steps = total_steps
+    self._start_step = start_step
     self.is_main = is_main
     self._closed = not is_main
     if not is_main:
@@ -80,7 +89,8 @@ class MetricsLogger:
       raise ValueError(f"MetricsLogger.log needs {sorted(missing)}")
     record = self._write(step, metrics)
     if self._lines:
-      print(summary(step, self.total_steps, record), file=sys.stderr, flush=True)
+      eta = eta_seconds(step, self.total_steps, self._start_step, time.time() - self._start)
+      print(summary(step, self.total_steps, record, eta), file=sys.stderr, flush=True)
     elif not self._bar.disable:
       post = {"loss": f"{record['loss']:.4f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
       if "mfu" in record:
