@@ -26,6 +26,7 @@ from moe import fp8 as fp8_lib
 from moe import router as router_lib
 from moe.config import ModelConfig
 from moe.layers import MLP, dtype_of, param
+from parallel import expert_parallel
 
 
 class MoEStats(NamedTuple):
@@ -33,6 +34,7 @@ class MoEStats(NamedTuple):
 
   load: jax.Array  # [E] tokens routed to each expert (padding excluded)
   balance_loss: jax.Array  # [] V3 sequence-wise balance loss, before alpha
+  dropped: jax.Array  # [] (token, expert) assignments dropped by expert-parallel capacity (int32)
 
 
 def sorted_experts(x_TxD, idx_TxK, w_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, fp8=None):
@@ -122,7 +124,14 @@ class MoE(nnx.Module):
   def __call__(self, x_BxSxD, valid_BxS):
     b, s, d = x_BxSxD.shape
     w, idx, scores = self.gate(x_BxSxD)
-    y = self.experts(x_BxSxD.reshape(b * s, d), idx.reshape(b * s, -1), w.reshape(b * s, -1))
+    x_TxD, idx_TxK, w_TxK = x_BxSxD.reshape(b * s, d), idx.reshape(b * s, -1), w.reshape(b * s, -1)
+    # With a multi-device mesh current (the trainer sets it), parallel/expert_parallel.py runs the
+    # routed experts in shard_map (tokens exchanged with the ranks owning their experts).
+    dispatch = expert_parallel.dispatcher(self.cfg.n_routed_experts)
+    if dispatch is None:
+      y, dropped = self.experts(x_TxD, idx_TxK, w_TxK), jnp.zeros((), jnp.int32)
+    else:
+      y, dropped = dispatch(x_TxD.astype(self.experts.dtype), idx_TxK, w_TxK, *self.experts.weights())
     y = y.reshape(b, s, d).astype(x_BxSxD.dtype)
     if self.cfg.n_shared_experts:
       y = y + self.shared_experts(x_BxSxD)
@@ -130,5 +139,6 @@ class MoE(nnx.Module):
         load=router_lib.expert_load(idx.reshape(b * s, -1), valid_BxS.reshape(-1).astype(jnp.float32),
                                     self.cfg.n_routed_experts),
         balance_loss=router_lib.sequence_balance_loss(scores, idx, valid_BxS, self.cfg),
+        dropped=dropped,
     )
     return y, stats

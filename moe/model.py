@@ -16,6 +16,9 @@ from moe import mla, mtp, rope
 from moe.config import ModelConfig
 from moe.experts import MoE, MoEStats
 from moe.layers import MLP, Embed, Linear, RMSNorm
+from parallel.sharding import constrain
+
+ACT = ("batch", "seq", "embed")  # hidden states between layers (logical axes; see parallel/sharding.py)
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer
@@ -41,12 +44,12 @@ class DecoderLayer(nnx.Module):
     self.mlp = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.intermediate_size, rngs=rngs)
 
   def __call__(self, x_BxSxD, cos_sin, mask, valid_BxS):
-    h = x_BxSxD + self.self_attn(self.input_layernorm(x_BxSxD), cos_sin, mask)
+    h = constrain(x_BxSxD + self.self_attn(self.input_layernorm(x_BxSxD), cos_sin, mask), ACT)
     if self.is_moe:
       y, stats = self.mlp(self.post_attention_layernorm(h), valid_BxS)
     else:
       y, stats = self.mlp(self.post_attention_layernorm(h)), None
-    return h + y, stats
+    return constrain(h + y, ACT), stats
 
 
 class LayerStack(nnx.Module):
@@ -92,7 +95,7 @@ class Transformer(nnx.Module):
   def head(self, h_BxSxD):
     """Output head on normalised hidden states -> float32 logits."""
     logits = self.embed.attend(h_BxSxD) if self.lm_head is None else self.lm_head(h_BxSxD)
-    return logits.astype(jnp.float32)
+    return constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
 
   def __call__(self, tokens_BxS, segment_ids_BxS=None, positions_BxS=None):
     """logits [batch, seq, vocab] float32 (the MTP modules are not run)."""
@@ -113,7 +116,7 @@ class Transformer(nnx.Module):
     mask = mla.attention_mask(segment_ids_BxS)
     cos_sin = rope.rope_tables(positions_BxS, self.cfg)
 
-    h = self.embed(tokens_BxS)
+    h = constrain(self.embed(tokens_BxS), ACT)
     stats = []
     if self.dense_layers is not None:
       h, _ = self.dense_layers(h, cos_sin, mask, valid)

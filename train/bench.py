@@ -50,8 +50,9 @@ def run(cfg, steps: int = 10, warmup: int = 2) -> dict:
   from train import loop
 
   model_cfg = loop.model_config(cfg)
-  state, train_step, _ = loop.build(cfg, model_cfg)
-  batch = loop.to_device(synthetic_batch(cfg.batch_size, cfg.seq_len, model_cfg.vocab_size, cfg.seed))
+  par = loop.parallelism(cfg)
+  state, train_step, _ = loop.build(cfg, model_cfg, par)
+  batch = loop.to_device(synthetic_batch(cfg.batch_size, cfg.seq_len, model_cfg.vocab_size, cfg.seed), par)
   for _ in range(warmup):
     state, metrics = train_step(state, batch)
   jax.block_until_ready(metrics)
@@ -65,6 +66,8 @@ def run(cfg, steps: int = 10, warmup: int = 2) -> dict:
   achieved = flops_per_token * tokens / step_s
   peak = measure_peak_flops(jnp.dtype(model_cfg.dtype))
   return {"config": cfg.run_dir, "backend": jax.default_backend(), "devices": jax.device_count(),
+          "mesh": dict(par.mesh.shape), "ep_transport": par.ep_transport,
+          **({"dropped_tokens": int(metrics["dropped_tokens"])} if "dropped_tokens" in metrics else {}),
           "dtype": model_cfg.dtype, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
           "tokens_per_s": round(tokens / step_s, 1), "step_s": round(step_s, 4),
           "model_flops_per_token": flops_per_token, "achieved_tflops": round(achieved / 1e12, 4),
@@ -76,7 +79,8 @@ def main(argv=None) -> int:
 
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("config")
-  p.add_argument("overrides", nargs="*", help="key=value, e.g. batch_size=16 precision=bf16")
+  p.add_argument("overrides", nargs="*",
+                 help="key=value, e.g. batch_size=16 precision=bf16 mesh.data=2 mesh.expert=4")
   p.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
   p.add_argument("--warmup", type=int, default=2)
   args = p.parse_args(argv)

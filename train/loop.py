@@ -15,6 +15,8 @@ from flax import nnx
 from moe import params as params_lib
 from moe.config import ConfigError
 from moe.model import Transformer
+from parallel import mesh as mesh_lib
+from parallel import sharding as sharding_lib
 from train import data as data_lib
 from train import optimizer as optimizer_lib
 from train import step as step_lib
@@ -33,28 +35,66 @@ def model_config(cfg: TrainConfig):
                            fp8=cfg.precision == "fp8" or cfg.model.fp8)
 
 
-def build(cfg: TrainConfig, model_cfg):
-  """(state, jitted train step, jitted eval step) for a freshly initialised model."""
-  model = Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed))
+def parallelism(cfg: TrainConfig) -> mesh_lib.Parallelism:
+  """The device mesh (cfg.mesh over all devices) with its sharding rules and expert-parallel options."""
+  par = mesh_lib.Parallelism.from_config(cfg.mesh)
+  log.info("parallel: %s, expert-parallel transport %s", par.describe(), par.ep_transport)
+  return par
+
+
+def build(cfg: TrainConfig, model_cfg, par: mesh_lib.Parallelism | None = None):
+  """(state, jitted train step, jitted eval step) for a freshly initialised model.
+
+  `par` (default: `parallelism(cfg)`): on a multi-device mesh the state is created by a jitted init
+  whose outputs are already sharded (parallel.sharding.state_shardings: parameters and optimizer
+  moments by their logical axes), and the steps trace and run with the mesh current, so the model's
+  activation constraints and expert-parallel MoE apply. Feed the steps `to_device(batch, par)`.
+  """
+  par = parallelism(cfg) if par is None else par
   schedule = optimizer_lib.make_schedule(cfg)
   tx = optimizer_lib.make_optimizer(cfg, schedule)
-  graphdef, state = step_lib.init_state(model, tx)
-  return state, step_lib.make_train_step(graphdef, tx, schedule, cfg), step_lib.make_eval_step(graphdef)
+  box = {}
+
+  def init():
+    graphdef, state = step_lib.init_state(Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed)), tx)
+    box["graphdef"] = graphdef
+    return state
+
+  if par.mesh.size == 1:
+    state, shardings = init(), None
+  else:
+    shardings = sharding_lib.state_shardings(jax.eval_shape(init), par.mesh, par.rules)
+    with mesh_lib.activate(par):
+      state = jax.jit(init, out_shardings=shardings)()
+  graphdef = box["graphdef"]
+  train_step = mesh_lib.under(par, step_lib.make_train_step(graphdef, tx, schedule, cfg, shardings))
+  return state, train_step, mesh_lib.under(par, step_lib.make_eval_step(graphdef))
 
 
-def to_device(batch: dict) -> dict:
-  return {k: jax.numpy.asarray(v) for k, v in batch.items()}
+def to_device(batch: dict, par: mesh_lib.Parallelism | None = None, global_batch_size: int | None = None) -> dict:
+  """Host batch -> device arrays; with `par`, global arrays sharded over the batch axes (with several
+  processes `batch` is this process's rows of a global batch of `global_batch_size`)."""
+  return sharding_lib.place_batch(batch, par, global_batch_size)
 
 
-def evaluate(eval_step, state, cfg: TrainConfig, tokenizer, max_seq_len) -> float:
-  """Mean next-token loss over up to `eval_steps` batches of the held-out split."""
-  ds = data_lib.make_dataset(cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                             split="eval", tokenizer=tokenizer, max_seq_len=max_seq_len)
-  total, count = 0.0, 0.0
-  for i, batch in enumerate(ds):
-    if i >= cfg.eval_steps:
-      break
-    s, c = eval_step(state, to_device(batch))
+def evaluate(eval_step, state, cfg: TrainConfig, tokenizer, max_seq_len, par=None) -> float:
+  """Mean next-token loss over up to `eval_steps` batches of the held-out split. With several
+  processes every process runs exactly `eval_steps` steps (empty batches once its split runs out),
+  since each step is one collective program."""
+  n_proc, local_batch = jax.process_count(), cfg.batch_size // jax.process_count()
+  ds = data_lib.make_dataset(cfg.data, seq_len=cfg.seq_len, batch_size=local_batch, seed=cfg.seed,
+                             split="eval", tokenizer=tokenizer, max_seq_len=max_seq_len,
+                             process_index=jax.process_index(), process_count=n_proc)
+  total, count, it, empty = 0.0, 0.0, iter(ds), None
+  for _ in range(cfg.eval_steps):
+    batch = next(it, None)
+    if batch is None:
+      if n_proc == 1:
+        break
+      batch = empty
+    if empty is None:
+      empty = {k: np.zeros_like(v) for k, v in batch.items()}
+    s, c = eval_step(state, to_device(batch, par, cfg.batch_size))
     total, count = total + float(s), count + float(c)
   return total / max(count, 1.0)
 
@@ -70,9 +110,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     raise ConfigError(f"tokenizer {cfg.tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size is"
                       f" {model_cfg.vocab_size}: raise model.vocab_size")
   max_len = model_cfg.max_position_embeddings
-  batches = iter(data_lib.make_dataset(cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                                       split="train", tokenizer=tokenizer, max_seq_len=max_len))
-  state, train_step, eval_step = build(cfg, model_cfg)
+  n_proc = jax.process_count()
+  if cfg.batch_size % n_proc:
+    raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {n_proc} processes")
+  batches = iter(data_lib.make_dataset(cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size // n_proc,
+                                       seed=cfg.seed, split="train", tokenizer=tokenizer, max_seq_len=max_len,
+                                       process_index=jax.process_index(), process_count=n_proc))
+  par = parallelism(cfg)
+  state, train_step, eval_step = build(cfg, model_cfg, par)
   counts = params_lib.count(model_cfg, cfg.seq_len)
   log.info("model: %.2fM params (%.2fM active), %s on %d %s device(s)", counts["total_params"] / 1e6,
            counts["active_params"] / 1e6, model_cfg.dtype, jax.device_count(), jax.default_backend())
@@ -90,7 +135,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     for step in range(cfg.steps):
       if cfg.profile_steps and step == cfg.profile_steps[0]:
         jax.profiler.start_trace(str(run_dir / "profile"))
-      state, metrics = train_step(state, to_device(next(batches)))
+      state, metrics = train_step(state, to_device(next(batches), par, cfg.batch_size))
       if cfg.profile_steps and step + 1 == cfg.profile_steps[1]:
         jax.block_until_ready(metrics)
         jax.profiler.stop_trace()
@@ -112,7 +157,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         last = record["loss"]
         t0, pending, timed = time.perf_counter(), [], 0
       if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-        logger.write_eval(step + 1, {"loss": evaluate(eval_step, state, cfg, tokenizer, max_len)})
+        logger.write_eval(step + 1, {"loss": evaluate(eval_step, state, cfg, tokenizer, max_len, par)})
         t0, timed = time.perf_counter(), 0
   return {"first_loss": first, "last_loss": last, "steps": cfg.steps, "run_dir": str(run_dir)}
 
@@ -123,8 +168,17 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m train", description="Train a DeepSeek-style MoE.")
   p.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
   p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100 optimizer.lr=1e-3")
+  g = p.add_argument_group("multi-process (parallel/distributed.py; default: single process, or detected"
+                           " SLURM / Open MPI / multi-host Cloud TPU)")
+  g.add_argument("--coordinator", help="host:port of process 0 (env JAX_COORDINATOR_ADDRESS)")
+  g.add_argument("--num-processes", type=int, help="env JAX_NUM_PROCESSES")
+  g.add_argument("--process-id", type=int, help="env JAX_PROCESS_ID")
+  g.add_argument("--distributed", action="store_true", help="let JAX auto-detect the cluster")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
+  from parallel import distributed
+
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
   try:
     cfg = load_train_config(args.config, args.overrides)
     result = train(cfg)

@@ -34,7 +34,10 @@ def load_stats(load_LxE):
           "expert_load_cv": load_LxE.std(-1) / mean}
 
 
-def make_train_step(graphdef, tx, schedule, cfg: TrainConfig):
+def make_train_step(graphdef, tx, schedule, cfg: TrainConfig, state_shardings=None):
+  """The jitted step(state, batch) -> (state, metrics). `state_shardings` (parallel.sharding.
+  state_shardings of the state) pins the new state to the layout of the old, and the metrics are
+  then replicated; None lets XLA choose (single device)."""
   depth = cfg.model.num_nextn_predict_layers
   n_micro = cfg.grad_accum
   lam, alpha = cfg.loss.mtp_lambda, cfg.loss.balance_alpha
@@ -45,7 +48,8 @@ def make_train_step(graphdef, tx, schedule, cfg: TrainConfig):
     out = model.forward(batch["tokens"], batch["segment_ids"], batch["positions"])
     loss, parts = loss_lib.objective(out, batch, counts, n_micro, lam, alpha)
     load = out.moe_stats.load if out.moe_stats is not None else jnp.zeros((0, 1))
-    return loss, (parts, load)
+    dropped = out.moe_stats.dropped.sum() if out.moe_stats is not None else jnp.zeros((), jnp.int32)
+    return loss, (parts, load, dropped)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -53,7 +57,7 @@ def make_train_step(graphdef, tx, schedule, cfg: TrainConfig):
     params, rest = state["params"], state["rest"]
     counts = loss_lib.token_counts(batch, depth)
     if n_micro == 1:
-      (loss, (parts, load)), grads = grad_fn(params, rest, batch, counts)
+      (loss, (parts, load, dropped)), grads = grad_fn(params, rest, batch, counts)
     else:
       micro = jax.tree.map(lambda x: x.reshape(n_micro, -1, *x.shape[1:]), batch)
 
@@ -62,7 +66,7 @@ def make_train_step(graphdef, tx, schedule, cfg: TrainConfig):
 
       shapes = jax.eval_shape(grad_fn, params, rest, jax.tree.map(lambda x: x[0], micro), counts)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-      ((loss, (parts, load)), grads), _ = jax.lax.scan(accumulate, zeros, micro)
+      ((loss, (parts, load, dropped)), grads), _ = jax.lax.scan(accumulate, zeros, micro)
 
     updates, opt = tx.update(grads, state["opt"], params)
     params = optax.apply_updates(params, updates)
@@ -73,9 +77,14 @@ def make_train_step(graphdef, tx, schedule, cfg: TrainConfig):
 
     metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
                "tokens": counts["lm"], **(load_stats(load) if load.shape[0] else {})}
+    if load.shape[0]:  # (token, expert) assignments dropped by expert-parallel capacity (0: dropless)
+      metrics["dropped_tokens"] = dropped
     return {"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1}, metrics
 
-  return jax.jit(step, donate_argnums=0)
+  if state_shardings is None:
+    return jax.jit(step, donate_argnums=0)
+  replicated = jax.sharding.NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, replicated))
 
 
 def make_eval_step(graphdef):

@@ -1,0 +1,79 @@
+"""Multi-process start-up: `initialize()` wraps `jax.distributed.initialize`.
+
+Call it first thing, before anything touches a JAX device (`python -m train` does). Resolution order:
+
+  1. explicit arguments (the trainer's --coordinator / --num-processes / --process-id flags), else
+     the environment: JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES,
+     JAX_PROCESS_ID (and optionally JAX_LOCAL_DEVICE_IDS, comma-separated);
+  2. a detected cluster, where JAX finds everything itself: SLURM (`srun`, SLURM_NTASKS > 1), Open
+     MPI (OMPI_COMM_WORLD_SIZE > 1), a multi-host Cloud TPU slice (TPU_WORKER_HOSTNAMES lists more
+     than one host), or `auto=True` (--distributed) to ask JAX to detect whatever it can (Cloud TPU
+     via the metadata server, Kubernetes, mpi4py);
+  3. otherwise a single process: nothing to do.
+
+On CPU, cross-process collectives need an implementation: this selects gloo
+(`jax_cpu_collectives_implementation`), which is what the multi-process CPU tests use.
+After initialization every process sees all devices (`jax.devices()`) and its own
+(`jax.local_devices()`); the trainer builds one global mesh over all of them and each process feeds
+its own rows of every batch (parallel.sharding.place_batch).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+log = logging.getLogger("parallel")
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  return int(value) if value not in (None, "") else None
+
+
+def cluster_detected() -> str | None:
+  """Name of a multi-process environment JAX can configure itself from, or None."""
+  if (_env_int("SLURM_NTASKS") or 1) > 1 and "SLURM_JOB_ID" in os.environ:
+    return "slurm"
+  if (_env_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
+    return "openmpi"
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("TPU_PROCESS_ADDRESSES") or ""
+  if len([h for h in hosts.split(",") if h]) > 1:
+    return "cloud-tpu"
+  return None
+
+
+_initialized = False
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, local_device_ids=None, auto: bool = False) -> bool:
+  """Start JAX's distributed runtime if this is a multi-process run; True if it was started."""
+  global _initialized
+  if _initialized:
+    return True
+  coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+  num_processes = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+  process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+  if local_device_ids is None and os.environ.get("JAX_LOCAL_DEVICE_IDS"):
+    local_device_ids = [int(i) for i in os.environ["JAX_LOCAL_DEVICE_IDS"].split(",")]
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if coordinator_address is not None:
+    if num_processes is None or process_id is None:
+      raise ValueError("distributed: a coordinator address needs num_processes and process_id too"
+                       " (flags --num-processes/--process-id or JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
+    if num_processes == 1:
+      return False
+    jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids)
+    how = f"coordinator {coordinator_address}"
+  else:
+    how = cluster_detected() or ("auto-detected" if auto else None)
+    if how is None:
+      return False
+    jax.distributed.initialize(local_device_ids=local_device_ids)
+  _initialized = True
+  log.info("distributed (%s): process %d of %d, %d local / %d global devices", how, jax.process_index(),
+           jax.process_count(), jax.local_device_count(), jax.device_count())
+  return True

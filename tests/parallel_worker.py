@@ -1,0 +1,165 @@
+"""Subprocess side of tests/test_parallel.py: runs with several (simulated) CPU devices.
+
+  python tests/parallel_worker.py single JOB...     8 devices: the one-device step, then per JOB: a mesh
+                                                    name (one step vs one device, shard shapes), three
+                                                    (3 steps on d2f2e2), small_capacity, ragged
+  python tests/parallel_worker.py multi PORT ID N   process ID of N (4 devices each): 3 steps, losses
+
+XLA_FLAGS must be set before jax is imported, hence a separate process. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+MODE = sys.argv[1]
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
+                           + ("8" if MODE == "single" else "4")).strip()
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from parallel import distributed  # noqa: E402
+
+if MODE == "multi":
+  port, pid, n = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+  distributed.initialize(f"127.0.0.1:{port}", n, pid)
+
+from parallel import mesh as mesh_lib  # noqa: E402
+from parallel import sharding as sharding_lib  # noqa: E402
+from train import loop  # noqa: E402
+from train.bench import synthetic_batch  # noqa: E402
+from train.config import load_train_config  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "model.vocab_size=64", "model.hidden_size=32", "model.intermediate_size=64", "model.moe_intermediate_size=16",
+    "model.num_hidden_layers=2", "model.num_attention_heads=4", "model.q_lora_rank=16", "model.kv_lora_rank=16",
+    "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8", "model.n_routed_experts=8",
+    "model.num_experts_per_tok=2", "model.n_group=2", "model.topk_group=1", "seq_len=16", "batch_size=8",
+    # update = -lr * g / (|g| + eps) on the first step: with eps=1 the update follows the gradient
+    # smoothly, so comparing updated parameters compares gradients
+    "optimizer.lr=1.0", "optimizer.eps=1.0", "optimizer.weight_decay=0.0", "optimizer.warmup_steps=0",
+    "optimizer.clip_norm=1e9", "optimizer.moment_dtype=float32", "steps=300", "eval_every=0",
+]
+MESHES = {
+    "data8": dict(data=8),
+    "fsdp8": dict(fsdp=8),
+    "expert8": dict(data=1, expert=8),
+    "d2f2e2": dict(data=2, fsdp=2, expert=2),
+    "f2e2t2": dict(data=1, fsdp=2, expert=2, tensor=2),
+}
+
+
+def config(mesh: dict, extra=()):
+  over = TINY + [f"mesh.{k}={v}" for k, v in mesh.items()] + list(extra)
+  return load_train_config(os.path.join(ROOT, "configs/tiny.yaml"), over)
+
+
+def params_of(state):
+  return {jax.tree_util.keystr(p): np.asarray(jax.device_get(v)) for p, v in
+          jax.tree_util.tree_leaves_with_path(state["params"])}
+
+
+def one_step(cfg, batch):
+  """(metrics, initial params, updated params, shard report) of one step."""
+  par = mesh_lib.Parallelism.from_config(cfg.mesh, jax.devices())
+  model_cfg = loop.model_config(cfg)
+  state, train_step, _ = loop.build(cfg, model_cfg, par)
+  before = params_of(state)
+  shards = shard_report(state, par) if par.mesh.size > 1 else None
+  state, metrics = train_step(state, loop.to_device(batch, par))
+  return jax.device_get(metrics), before, params_of(state), shards
+
+
+def shard_report(state, par):
+  """Per parameter: global shape, spec, and whether every shard is 1/N along its sharded dims."""
+  sizes = dict(par.mesh.shape)
+  out, n_sharded = [], 0
+  for path, v in jax.tree_util.tree_leaves_with_path(state["params"]):
+    spec = tuple(v.sharding.spec) + (None,) * (v.ndim - len(v.sharding.spec))
+    want = []
+    for dim, entry in zip(v.shape, spec):
+      axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+      want.append(dim // int(np.prod([sizes[a] for a in axes])) if axes else dim)
+    ok = all(tuple(s.data.shape) == tuple(want) for s in v.addressable_shards)
+    n_sharded += any(e is not None for e in spec)
+    out.append({"name": jax.tree_util.keystr(path), "shape": list(v.shape), "spec": str(spec), "ok": ok})
+  return {"params": out, "n_sharded": n_sharded, "n_params": len(out)}
+
+
+def three_steps(cfg, first_batch=None):
+  """Losses of 3 steps on synthetic batches (process-local rows with several processes), and the
+  parameters before and after the first step."""
+  par = mesh_lib.Parallelism.from_config(cfg.mesh)
+  state, train_step, _ = loop.build(cfg, loop.model_config(cfg), par)
+  losses, snaps = [], [params_of(state)]
+  for i in range(3):
+    batch = first_batch if i == 0 else synthetic_batch(cfg.batch_size, cfg.seq_len, cfg.model.vocab_size, 100 + i)
+    if jax.process_count() > 1:  # this process's rows of the global batch
+      shape = (cfg.batch_size, cfg.seq_len)
+      rows = sharding_lib.process_rows(sharding_lib.batch_sharding(par.mesh, shape, par.rules), shape)
+      batch = {k: v[rows] for k, v in batch.items()}
+    state, m = train_step(state, loop.to_device(batch, par, cfg.batch_size))
+    losses.append(float(m["loss"]))
+    if i == 0:
+      snaps.append(params_of(state))
+  return losses, snaps
+
+
+def max_diff(a: dict, b: dict) -> float:
+  return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+def test_batch():
+  batch = synthetic_batch(8, 16, 64, seed=0)
+  batch["loss_mask"][:, -3:] = 0  # some padding, as real batches have
+  batch["segment_ids"][:, -3:] = 0
+  return batch
+
+
+def compare(ref, before, after, metrics, shards):
+  ref_before, ref_after, ref_m = ref
+  delta = {k: after[k] - before[k] for k in before}
+  ref_delta = {k: ref_after[k] - ref_before[k] for k in ref_before}
+  return {"metrics": {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0},
+          "init_diff": max_diff(before, ref_before), "update_diff": max_diff(delta, ref_delta),
+          "update_scale": max(float(np.abs(v).max()) for v in ref_delta.values()), "shards": shards}
+
+
+def main():
+  if MODE == "multi":
+    losses, _ = three_steps(config(MESHES["d2f2e2"]), test_batch())
+    print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(), "losses": losses}))
+    return
+  assert jax.device_count() == 8
+  jobs = sys.argv[2:]
+  batch = test_batch()
+  ref_m, ref_before, ref_after, _ = one_step(config(dict(data=1)), batch)
+  ref = (ref_before, ref_after, ref_m)
+  result = {"ref": {k: float(v) for k, v in ref_m.items() if np.ndim(v) == 0}, "meshes": {}}
+  for job in jobs:
+    if job == "three":  # mesh d2f2e2: 3 steps (the multi-process reference); step 1 vs one device
+      cfg = config(MESHES["d2f2e2"])
+      result["three_steps"], (before, after) = three_steps(cfg, batch)
+      result["meshes"]["d2f2e2"] = compare(ref, before, after, {"loss": result["three_steps"][0]}, None)
+    elif job in MESHES:
+      m, before, after, shards = one_step(config(MESHES[job]), batch)
+      result["meshes"][job] = compare(ref, before, after, m, shards)
+    elif job == "small_capacity":
+      m, *_ = one_step(config(MESHES["expert8"], ["mesh.capacity_factor=0.5"]), batch)
+      result[job] = {"dropped_tokens": int(m["dropped_tokens"]), "loss": float(m["loss"])}
+    elif job == "ragged":
+      m, before, after, _ = one_step(config(MESHES["d2f2e2"], ["mesh.ep_transport=ragged"]), batch)
+      result[job] = compare(ref, before, after, m, None)
+    else:
+      raise SystemExit(f"unknown job {job}")
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()

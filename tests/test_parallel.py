@@ -1,0 +1,179 @@
+"""parallel/: mesh and sharding rules (in process), and multi-device training on simulated CPU devices.
+
+The multi-device tests run tests/parallel_worker.py in subprocesses with
+XLA_FLAGS=--xla_force_host_platform_device_count=N (set before JAX starts), so this pytest process
+stays single-device. A training step of a tiny model (float32, dropless padded all-to-all) on each
+mesh must reproduce the one-device loss and parameter update; two processes x 4 devices must
+reproduce the one-process 8-device losses.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from moe.config import ConfigError
+from parallel import expert_parallel, mesh as mesh_lib, sharding
+from train.config import MeshConfig
+
+WORKER = Path(__file__).with_name("parallel_worker.py")
+ROOT = WORKER.parent.parent
+
+
+def run_worker(*args, timeout=900):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  out = subprocess.run([sys.executable, str(WORKER), *args], capture_output=True, text=True, timeout=timeout,
+                       cwd=ROOT, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ in process (one device)
+def test_axis_sizes_and_errors():
+  assert mesh_lib.axis_sizes(MeshConfig(data=-1, fsdp=2, expert=2), 8) == dict(data=2, fsdp=2, expert=2, tensor=1)
+  assert mesh_lib.axis_sizes(MeshConfig(data=2, fsdp=2, expert=2, tensor=1), 8)["data"] == 2
+  with pytest.raises(ConfigError, match=r"mesh data=3 x fsdp=1 x expert=1 x tensor=1 needs 3 devices.*8 devices"):
+    mesh_lib.axis_sizes(MeshConfig(data=3), 8)
+  with pytest.raises(ConfigError, match=r"fixed axes \(3 devices\) do not divide the 8 devices"):
+    mesh_lib.axis_sizes(MeshConfig(data=-1, fsdp=3), 8)
+  with pytest.raises(ConfigError, match=r"needs 16 devices"):
+    mesh_lib.axis_sizes(MeshConfig(data=4, fsdp=4), 8)
+  for e in (ConfigError,):
+    with pytest.raises(e):
+      MeshConfig(data=-1, fsdp=-1)
+
+
+def test_logical_to_spec():
+  shape = dict(data=2, fsdp=2, expert=2, tensor=2)
+  spec = lambda axes, dims, rules=None: sharding.logical_to_spec(axes, dims, shape, rules)
+  assert spec(("expert", "embed", "moe_mlp"), (8, 32, 16)) == P("expert", "fsdp", "tensor")
+  assert spec(("layers", "embed", "mlp"), (3, 32, 64)) == P(None, "fsdp", "tensor")
+  # a mesh axis is used once per array: activations are batch-sharded, embed replicated
+  assert spec(("batch", "seq", "embed"), (8, 16, 32)) == P(("data", "fsdp", "expert"))
+  # not divisible: that dim is replicated
+  assert spec(("batch", "seq", "embed"), (6, 16, 32)) == P(None, None, "fsdp")
+  assert spec(("vocab", "embed"), (63, 32)) == P(None, "fsdp")
+  # size-1 axes are dropped; rules overrides
+  assert sharding.logical_to_spec(("batch",), (8,), dict(data=8, fsdp=1, expert=1, tensor=1)) == P("data")
+  rules = sharding.resolve_rules({"embed": ["fsdp", "expert"], "vocab": None})
+  assert spec(("vocab", "embed"), (64, 32), rules) == P(None, ("fsdp", "expert"))
+  assert spec(("expert", "embed", "moe_mlp"), (8, 32, 16), rules) == P("expert", "fsdp", "tensor")
+  with pytest.raises(ConfigError, match="not a mesh axis"):
+    sharding.resolve_rules({"embed": "model"})
+  with pytest.raises(ConfigError, match="no sharding rule"):
+    spec(("nonsense",), (4,))
+
+
+def test_constrain_is_a_no_op_without_mesh():
+  x = jnp.ones((4, 8, 16))
+  assert sharding.constrain(x, ("batch", "seq", "embed")) is x
+  assert expert_parallel.dispatcher(8) is None
+
+
+def test_capacity_and_device_limited_routing():
+  assert expert_parallel.capacity(64, 2, 8, 1, None) == 64  # dropless: T * min(K, E_local)
+  assert expert_parallel.capacity(64, 8, 8, 32, None) == 64 * 8
+  assert expert_parallel.capacity(64, 2, 8, 1, 1.0) == 16  # ceil(1.0 * 64 * 2 / 8)
+  # V3: 256 experts, K=8, 8 groups, topk_group=4
+  assert expert_parallel.ranks_per_token(256, 8, 8, 8, 4) == 4  # group == rank
+  assert expert_parallel.ranks_per_token(256, 4, 8, 8, 4) == 4  # 2 groups per rank
+  assert expert_parallel.ranks_per_token(256, 16, 8, 8, 4) == 8  # a group spans 2 ranks
+  assert expert_parallel.ranks_per_token(256, 64, 8, 1, 1) == 8
+
+
+def test_transport_choice():
+  mesh = jax.make_mesh((1,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+  assert expert_parallel.resolve_transport("auto", mesh) == "padded"  # CPU
+  assert expert_parallel.resolve_transport("ragged", mesh) == "ragged_emulated"
+  with pytest.raises(ConfigError):
+    expert_parallel.resolve_transport("nccl", mesh)
+
+
+# ------------------------------------------------------------------ 8 simulated devices
+@pytest.fixture(scope="module")
+def eight():
+  """One-device reference step, then mesh d2f2e2 (3 steps), f2e2t2, and a small capacity factor."""
+  return run_worker("single", "three", "f2e2t2", "small_capacity")
+
+
+def check_mesh(name, r, ref):
+  m = r["metrics"]
+  assert r["init_diff"] < 1e-6, name  # same initial parameters
+  for k in ("loss", "lm_loss", "mtp_loss", "balance_loss"):
+    if k in m:
+      assert m[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), (name, k)
+  # the parameter update follows the gradient (see TINY in the worker): same gradients
+  assert r["update_diff"] < 1e-6 + 1e-4 * r["update_scale"], name
+  if r["shards"] is not None:
+    assert all(p["ok"] for p in r["shards"]["params"]), name
+    assert r["shards"]["n_sharded"] > 0, name
+  if "dropped_tokens" in m:
+    assert m["dropped_tokens"] == 0
+
+
+def test_meshes_match_one_device(eight):
+  for name in ("d2f2e2", "f2e2t2"):
+    check_mesh(name, eight["meshes"][name], eight["ref"])
+
+
+def test_shards_are_1_over_n(eight):
+  params = {p["name"]: p for p in eight["meshes"]["f2e2t2"]["shards"]["params"]}
+  assert all(p["ok"] for p in params.values())
+  experts = [p for n, p in params.items() if "['moe_layers']" in n and "['experts']['gate_proj']" in n]
+  assert len(experts) == 1 and experts[0]["spec"] == "(None, 'expert', 'fsdp', 'tensor')"  # [layers, E, D, F]
+  down = [p for n, p in params.items() if "['mtp']" in n and "['experts']['down_proj']" in n]
+  assert len(down) == 1 and down[0]["spec"] == "('expert', 'tensor', 'fsdp')"  # [E, F, D]
+  emb = [p for n, p in params.items() if "embedding" in n]
+  assert emb and emb[0]["spec"] == "('tensor', 'fsdp')"
+
+
+def test_small_capacity_drops_and_reports(eight):
+  r = eight["small_capacity"]
+  assert r["dropped_tokens"] > 0
+  assert np.isfinite(r["loss"])
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(eight):
+  """2 processes x 4 CPU devices (gloo), mesh data=2 x fsdp=2 x expert=2: the 3 losses of one process
+  with 8 devices."""
+  port = _free_port()
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  procs = [subprocess.Popen([sys.executable, str(WORKER), "multi", str(port), str(i), "2"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = []
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=600)
+      assert p.returncode == 0, err[-3000:]
+      outs.append(json.loads(out.strip().splitlines()[-1]))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for o in outs:
+    assert o["devices"] == 8
+    np.testing.assert_allclose(o["losses"], eight["three_steps"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_all_meshes_match_one_device():
+  r = run_worker("single", "data8", "fsdp8", "expert8", "ragged")
+  for name in ("data8", "fsdp8", "expert8"):
+    check_mesh(name, r["meshes"][name], r["ref"])
+  check_mesh("ragged", r["ragged"], r["ref"])  # ragged path with the all_gather emulation (CPU)
