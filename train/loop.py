@@ -17,6 +17,7 @@ from moe.config import ConfigError
 from moe.model import Transformer
 from parallel import mesh as mesh_lib
 from parallel import sharding as sharding_lib
+from train import checkpoint as checkpoint_lib
 from train import data as data_lib
 from train import optimizer as optimizer_lib
 from train import step as step_lib
@@ -61,7 +62,10 @@ def build(cfg: TrainConfig, model_cfg, par: mesh_lib.Parallelism | None = None):
     return state
 
   if par.mesh.size == 1:
-    state, shardings = init(), None
+    # committed to the mesh's device with the sharding the step returns, so the second step does not
+    # compile again for a new input sharding
+    replicated = jax.sharding.NamedSharding(par.mesh, jax.sharding.PartitionSpec())
+    state, shardings = jax.device_put(init(), replicated), None
   else:
     shardings = sharding_lib.state_shardings(jax.eval_shape(init), par.mesh, par.rules)
     with mesh_lib.activate(par):
@@ -100,9 +104,17 @@ def evaluate(eval_step, state, cfg: TrainConfig, tokenizer, max_seq_len, par=Non
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
-  """Train per `cfg`; returns {first_loss, last_loss, steps, ...}."""
+  """Train per `cfg`; returns {first_loss, last_loss, steps, ...}. Resumes from the newest checkpoint
+  in RUN_DIR/checkpoints and saves checkpoints as train/checkpoint.py describes; SIGTERM/SIGINT stop
+  after the current step with a checkpoint (`stopped_by` in the result)."""
   run_dir = Path(cfg.run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
+  ckpt = checkpoint_lib.Checkpoints(cfg)
+  try:
+    plan = ckpt.resume_plan()  # before anything is written: resume=false must leave the run untouched
+  except BaseException:
+    ckpt.close()
+    raise
   (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
   model_cfg = model_config(cfg)
   tokenizer = data_lib.load_tokenizer(cfg.tokenizer)
@@ -114,10 +126,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
   if cfg.batch_size % n_proc:
     raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {n_proc} processes")
   batches = iter(data_lib.make_dataset(cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size // n_proc,
-                                       seed=cfg.seed, split="train", tokenizer=tokenizer, max_seq_len=max_len,
+                                       seed=ckpt.data_seed, split="train", tokenizer=tokenizer, max_seq_len=max_len,
                                        process_index=jax.process_index(), process_count=n_proc))
   par = parallelism(cfg)
   state, train_step, eval_step = build(cfg, model_cfg, par)
+  start = 0
+  if plan is not None:
+    state, start = ckpt.restore(plan, state, batches, par), plan["step"]
   counts = params_lib.count(model_cfg, cfg.seq_len)
   log.info("model: %.2fM params (%.2fM active), %s on %d %s device(s)", counts["total_params"] / 1e6,
            counts["active_params"] / 1e6, model_cfg.dtype, jax.device_count(), jax.default_backend())
@@ -130,9 +145,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
   peak = measure_peak_flops(jax.numpy.dtype(model_cfg.dtype))
   tokens_per_step = cfg.batch_size * cfg.seq_len
   first = last = None
-  with MetricsLogger(run_dir, cfg.steps, progress=progress) as logger:
+  stopped = False
+  if start >= cfg.steps:
+    log.info("nothing to train: the checkpoint is at step %d and steps=%d", start, cfg.steps)
+  with ckpt, checkpoint_lib.StopSignal() as stop, \
+      MetricsLogger(run_dir, cfg.steps, progress=progress, start_step=start) as logger:
     t0, pending, timed = time.perf_counter(), [], 0
-    for step in range(cfg.steps):
+    for step in range(start, cfg.steps):
       if cfg.profile_steps and step == cfg.profile_steps[0]:
         jax.profiler.start_trace(str(run_dir / "profile"))
       state, metrics = train_step(state, to_device(next(batches), par, cfg.batch_size))
@@ -140,12 +159,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         jax.block_until_ready(metrics)
         jax.profiler.stop_trace()
       pending.append(metrics)
-      if step == 0:  # keep compilation out of tokens/s
+      if step == start:  # keep compilation out of tokens/s
         jax.block_until_ready(metrics)
         log.info("first step (compilation included): %.1f s", time.perf_counter() - t0)
         t0, timed = time.perf_counter(), -1
       timed += 1
-      if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+      stopped = stop.requested(step + 1)
+      if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or stopped:
         got = jax.device_get(pending)  # the one host sync per log interval
         dt = time.perf_counter() - t0
         record = {k: v for k, v in got[-1].items() if k != "tokens"}
@@ -159,7 +179,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
       if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
         logger.write_eval(step + 1, {"loss": evaluate(eval_step, state, cfg, tokenizer, max_len, par)})
         t0, timed = time.perf_counter(), 0
-  return {"first_loss": first, "last_loss": last, "steps": cfg.steps, "run_dir": str(run_dir)}
+      if ckpt.save(step + 1, state, batches, force=stopped or step + 1 == cfg.steps, par=par):
+        t0, timed = time.perf_counter(), 0
+      if stopped:
+        log.info("%s: stopped after step %d; the checkpoint is being written", stop.received, step + 1)
+        break
+  return {"first_loss": first, "last_loss": last, "steps": cfg.steps, "run_dir": str(run_dir), "start_step": start,
+          "stopped_by": stop.received if stopped else None, "last_step": step + 1 if start < cfg.steps else start}
 
 
 def main(argv=None) -> int:
@@ -175,7 +201,7 @@ def main(argv=None) -> int:
   g.add_argument("--process-id", type=int, help="env JAX_PROCESS_ID")
   g.add_argument("--distributed", action="store_true", help="let JAX auto-detect the cluster")
   args = p.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # absl (orbax) may have set one up
   from parallel import distributed
 
   distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
@@ -185,6 +211,13 @@ def main(argv=None) -> int:
   except (ConfigError, data_lib.DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"done: loss {result['first_loss']:.3f} -> {result['last_loss']:.3f} over {result['steps']} steps;"
-        f" metrics in {result['run_dir']}/metrics.jsonl (plot: python -m train.plot {result['run_dir']})")
+  if result["stopped_by"]:
+    print(f"stopped by {result['stopped_by']} at step {result['last_step']}: checkpoint in"
+          f" {result['run_dir']}/checkpoints/{result['last_step']}; run the same command to resume")
+  elif result["first_loss"] is None:
+    print(f"done: {result['run_dir']} is already at step {result['last_step']} (steps={result['steps']})")
+  else:
+    print(f"done: loss {result['first_loss']:.3f} -> {result['last_loss']:.3f} over steps {result['start_step']}.."
+          f"{result['last_step']}; metrics in {result['run_dir']}/metrics.jsonl (plot: python -m train.plot"
+          f" {result['run_dir']})")
   return 0

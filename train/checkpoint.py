@@ -1,0 +1,344 @@
+"""Orbax checkpoints of a training run: save, resume, preemption.
+
+Layout: `RUN_DIR/checkpoints/<step>/`, one Orbax step directory written by `ocp.CheckpointManager`
+(asynchronously: the arrays are copied to host memory, then written by a background thread while
+training continues), holding the items
+
+  model/      {"params", "rest"}: float32 master weights and the router biases (the `rest` of the
+              model state), an Orbax PyTree (OCDBT); `python -m train.export` reads only this item
+  optimizer/  {"opt", "step"}: the AdamW state and the step counter
+  data/       the Grain iterator state of every process, `process_<i>-of-<n>.json`
+              (grain.checkpoint.CheckpointSave); absent in checkpoints made from HF weights
+  config/     the resolved TrainConfig (JSON, `TrainConfig.to_dict`)
+  meta/       {"format", "step", "process_count", "device_count", "mesh", "data_seed"}
+
+Training draws no random numbers after initialisation (no dropout), so there is no RNG state to
+save: parameters, optimiser state, router biases and the data position determine the rest of the
+run, and a resumed run reproduces the uninterrupted one bitwise (on the same hardware and mesh).
+
+Orbax writes a step into `<step>.orbax-checkpoint-tmp-<time>` and renames it to `<step>` once every
+item is written, so a save interrupted by `kill -9` leaves only a temporary directory, which is
+never taken for a checkpoint and is deleted at the next start.
+
+Resuming (`resume: true`, the default) restores the newest step onto the current mesh: the arrays
+are read with the shardings of the state `build` made, so a checkpoint saved on one mesh or device
+count restores onto any other. The data iterator:
+  - same number of processes: every process continues its iterator exactly where it stopped (no
+    document repeated or skipped);
+  - a different number of processes: the per-process iterator states do not map onto the new
+    sharding of the documents, so the data restarts with a new shuffle seed (derived from `seed` and
+    the step, and recorded in later checkpoints): the documents of the epoch in progress may repeat
+    or be skipped, and a warning says so.
+`resume: false` refuses to start when the run directory holds checkpoints.
+
+Preemption: `StopSignal` turns SIGTERM / SIGINT into "finish the current step, save a checkpoint,
+wait for it to be written, exit 0" (a second signal aborts at once). With several processes JAX's
+preemption service (started by jax.distributed.initialize) catches SIGTERM and all processes stop
+at the same step (`multihost_utils.reached_preemption_sync_point`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moe.config import ConfigError
+from train.config import TrainConfig
+
+log = logging.getLogger("train")
+
+FORMAT = "deepseek-jax/train-checkpoint/1"
+ITEMS = ("model", "optimizer", "data", "config", "meta")
+TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+class CheckpointError(ConfigError):
+  """A checkpoint that cannot be used; the message is one line naming the directory and the fix."""
+
+
+def checkpoint_dir(run_dir) -> Path:
+  return Path(run_dir) / "checkpoints"
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _quiet_absl():
+  """Orbax and Grain log every save at INFO through absl; keep the training log readable."""
+  logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def _manager(directory: Path, keep_last: int = 0, keep_every: int = 0, read_only: bool = False):
+  policies = [ocp.checkpoint_managers.LatestN(keep_last if keep_last > 0 else None)]
+  if keep_every > 0:
+    policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
+  options = ocp.CheckpointManagerOptions(
+      enable_async_checkpointing=True, cleanup_tmp_directories=not read_only, create=not read_only,
+      read_only=read_only, preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
+  return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def _check_directory(directory: Path) -> None:
+  if directory.exists() and not directory.is_dir():
+    raise CheckpointError(f"{directory}: exists but is not a directory; move it away or pick another run_dir")
+
+
+def validate_step_dir(path: Path) -> dict:
+  """The meta of a finished checkpoint directory; CheckpointError if it is not one of ours."""
+  missing = [i for i in ("model", "optimizer", "config", "meta") if not (path / i).is_dir()]
+  if missing:
+    raise CheckpointError(f"{path}: not a checkpoint written by `python -m train` (no {', '.join(missing)});"
+                          " move it out of the checkpoints directory or pick another run_dir")
+  try:
+    meta = json.loads((path / "meta" / "metadata").read_text())
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{path}: unreadable meta ({_one_line(e)}); delete this step directory to resume from"
+                          " an earlier one") from None
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise CheckpointError(f"{path}: meta format {meta.get('format') if isinstance(meta, dict) else meta!r} is not"
+                          f" {FORMAT!r}; move it away or pick another run_dir")
+  return meta
+
+
+def read_config(path: Path) -> TrainConfig:
+  """The TrainConfig stored in a checkpoint step directory."""
+  try:
+    raw = json.loads((path / "config" / "metadata").read_text())
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{path}: unreadable config ({_one_line(e)})") from None
+  raw["profile_steps"] = raw.get("profile_steps")
+  return TrainConfig.from_dict(raw, where=f"{path}/config")
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+  """'key old -> new' for every leaf that differs between two TrainConfig dicts."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k), new.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += config_changes(a, b, f"{prefix}{k}.")
+    elif a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
+      out.append(f"{prefix}{k} {a!r} -> {b!r}")
+  return out
+
+
+def data_seed_after(seed: int, step: int) -> int:
+  """The shuffle seed of a data pipeline restarted at `step` (a process-count change)."""
+  return (seed * 1_000_003 + step * 7919 + 1) % 2**32
+
+
+def trim_metrics(run_dir, step: int) -> int:
+  """Drop the records of steps after `step` from RUN_DIR/metrics.jsonl (they were trained after the
+  checkpoint a run resumes from, and are trained again); returns how many were dropped."""
+  path = Path(run_dir) / "metrics.jsonl"
+  if not path.is_file():
+    return 0
+  lines = path.read_text().splitlines(keepends=True)
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line).get("step", 0) > step:
+        continue
+    except ValueError:
+      continue
+    keep.append(line)
+  if len(keep) != len(lines):
+    path.write_text("".join(keep))
+  return len(lines) - len(keep)
+
+
+class Checkpoints:
+  """The checkpoints of one run: `resume_plan()` at start-up, `restore()`, `save()` in the loop,
+  `close()` at the end (waits for the last save to be written)."""
+
+  def __init__(self, cfg: TrainConfig):
+    _quiet_absl()
+    self.cfg = cfg
+    self.directory = checkpoint_dir(cfg.run_dir)
+    _check_directory(self.directory)
+    self.data_seed = cfg.seed
+    self.mngr = _manager(self.directory, cfg.keep_last, cfg.keep_every)
+
+  # ------------------------------------------------------------------ resuming
+  def steps(self) -> list[int]:
+    return list(self.mngr.all_steps())
+
+  def resume_plan(self) -> dict | None:
+    """None for a fresh run; else {step, path, meta, restore_data, data_seed} of the newest checkpoint.
+    Sets `self.data_seed`: build the training data with it."""
+    steps = self.steps()
+    if not steps:
+      return None
+    if not self.cfg.resume:
+      raise CheckpointError(f"{self.directory} holds checkpoints (steps {', '.join(map(str, steps[-3:]))}) and"
+                            " resume=false: pick another run_dir or delete them")
+    step = steps[-1]
+    path = self.directory / str(step)
+    meta = validate_step_dir(path)
+    n_proc = jax.process_count()
+    has_data = (path / "data").is_dir()
+    same = meta.get("process_count") == n_proc
+    restore_data = has_data and same
+    self.data_seed = int(meta.get("data_seed", self.cfg.seed))
+    if has_data and not same:
+      self.data_seed = data_seed_after(self.cfg.seed, step)
+      log.warning("checkpoint %s was written by %s process(es), this run has %d: the data iterators cannot"
+                  " continue where they stopped, so the data restarts with shuffle seed %d (documents of the"
+                  " epoch in progress may repeat or be skipped)", path, meta.get("process_count"), n_proc,
+                  self.data_seed)
+    return {"step": step, "path": path, "meta": meta, "restore_data": restore_data, "data_seed": self.data_seed}
+
+  def restore(self, plan: dict, state, data_iter, par=None):
+    """The state of `plan`'s checkpoint, laid out like `state` (the fresh state `build` made; its
+    arrays are freed first, so memory holds one state at a time); `data_iter` continues in place
+    when `plan['restore_data']`."""
+    path, step = plan["path"], plan["step"]
+    target = abstract_like(state, par)
+    for x in jax.tree.leaves(state):
+      if isinstance(x, jax.Array):
+        x.delete()
+    del state
+    items = {
+        "model": ocp.args.StandardRestore({"params": target["params"], "rest": target["rest"]}),
+        "optimizer": ocp.args.StandardRestore({"opt": target["opt"], "step": target["step"]}),
+    }
+    if plan["restore_data"]:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    try:
+      got = self.mngr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax/tensorstore raise many kinds; all mean this directory is unusable
+      changes = [c for c in config_changes(read_config(path).to_dict(), self.cfg.to_dict()) if c.startswith("model.")]
+      why = f" (the model changed: {'; '.join(changes[:3])})" if changes else ""
+      raise CheckpointError(f"{path}: cannot restore{why}: {_one_line(e)}; delete this step directory to resume"
+                            " from an earlier one, or pick another run_dir") from None
+    old = read_config(path).to_dict()
+    changes = [c for c in config_changes(old, self.cfg.to_dict()) if not c.startswith(("run_dir ", "resume "))]
+    log.info("resumed from step %d (%s)%s", step, path,
+             f"; config changed: {', '.join(changes)}" if changes else "")
+    if jax.process_index() == 0:
+      trim_metrics(self.cfg.run_dir, step)
+    return {**got["model"], **got["optimizer"]}
+
+  # ------------------------------------------------------------------ saving
+  def due(self, step: int) -> bool:
+    return bool(self.cfg.save_every) and step % self.cfg.save_every == 0
+
+  def save(self, step: int, state, data_iter, *, force: bool = False, par=None) -> bool:
+    """Start an asynchronous save of `step` when it is due (`save_every`) or `force`; returns whether
+    it started. The arrays are copied to host before this returns, so the next (donating) step may
+    run at once."""
+    if not (force or self.due(step)) or step in self.steps():
+      return False
+    meta = {"format": FORMAT, "step": int(step), "process_count": jax.process_count(),
+            "device_count": jax.device_count(), "data_seed": int(self.data_seed),
+            "mesh": dict(par.mesh.shape) if par is not None else None}
+    items = {
+        "model": ocp.args.StandardSave({"params": state["params"], "rest": state["rest"]}),
+        "optimizer": ocp.args.StandardSave({"opt": state["opt"], "step": state["step"]}),
+        "config": ocp.args.JsonSave(self.cfg.to_dict()),
+        "meta": ocp.args.JsonSave(meta),
+    }
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    self.mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    log.info("checkpoint: saving step %d to %s", step, self.directory / str(step))
+    return True
+
+  def wait(self) -> None:
+    self.mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self.mngr.wait_until_finished()
+    self.mngr.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def abstract_like(state, par=None):
+  """ShapeDtypeStructs of `state` with its shardings; on a one-device mesh the replicated
+  NamedSharding a jitted step returns (so the first step after a restore does not compile twice)."""
+  one = NamedSharding(par.mesh, P()) if par is not None and par.mesh.size == 1 else None
+
+  def leaf(x):
+    s = x.sharding if isinstance(x.sharding, NamedSharding) or one is None else one
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+  return jax.tree.map(leaf, state)
+
+
+def save_state(run_dir, step: int, state, cfg: TrainConfig, data_iter=None, par=None) -> Path:
+  """Write one checkpoint synchronously (e.g. step 0 made from HF weights); returns its directory."""
+  with Checkpoints(cfg) as ckpt:
+    if step in ckpt.steps():
+      raise CheckpointError(f"{ckpt.directory / str(step)} already exists; pick another run_dir")
+    ckpt.save(step, state, data_iter, force=True, par=par)
+  return checkpoint_dir(run_dir) / str(step)
+
+
+def restore_model(path, target: dict):
+  """{"params", "rest"} of the checkpoint directory `path` (a step directory), read into `target`
+  (ShapeDtypeStructs; orbax casts to their dtypes). Reads neither optimiser state nor data."""
+  path = Path(path)
+  validate_step_dir(path)
+  _quiet_absl()
+  with ocp.CheckpointManager(path.parent.absolute(), options=ocp.CheckpointManagerOptions(read_only=True)) as m:
+    try:
+      return m.restore(int(path.name), args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))["model"]
+    except Exception as e:
+      raise CheckpointError(f"{path}: cannot restore the model: {_one_line(e)}") from None
+
+
+# ---------------------------------------------------------------------- preemption
+class StopSignal:
+  """While active, SIGTERM and SIGINT request a clean stop: `requested(step)` turns true, the loop
+  finishes its step, saves and returns. A second signal aborts (the default behaviour)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received: str | None = None
+    self._old = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+      self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    return self
+
+  def _handle(self, signum, frame):
+    if self.received is not None:  # the second one: act as if we were not here
+      signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+      signal.raise_signal(signum)
+      return
+    self.received = signal.Signals(signum).name
+    log.warning("%s: finishing the current step, then saving a checkpoint and exiting (again to abort)",
+                self.received)
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      try:
+        if multihost_utils.reached_preemption_sync_point(step):
+          self.received = self.received or "preemption"
+      except RuntimeError:  # preemption service off
+        pass
+    return self.received is not None
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+    self._old = {}
