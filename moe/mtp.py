@@ -5,8 +5,9 @@ main model's last block output, before the final norm) with the embedding of tok
   h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h_i^{k-1})])     (embedding half first, as released)
   h_i^k = TransformerBlock_k(h'_{1..i})                      (causal, same document mask)
   logits_i^k = Head(norm_k(h_i^k)), predicting t_{i+k+1}     (norm_k is shared_head.norm)
-Embedding and output head are the main model's. Inputs, positions and segment ids are rolled left
-by k (as Megatron-Core does); the trainer masks the last k positions and cross-document targets.
+Embedding and output head are the main model's. Input tokens and RoPE positions are rolled left by
+k (as Megatron-Core does); attention uses position i's document mask, and the trainer masks the
+last k positions and cross-document targets (train/loss.py).
 """
 
 from __future__ import annotations
