@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -70,7 +71,25 @@ def checkpoint_dir(run_dir) -> Path:
 
 def _one_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+  line = f"{type(e).__name__}: {text[0] if text else ''}"
+  return line if len(line) <= 240 else line[:237] + "..."
+
+
+
+def _ignore_closed_loop_callbacks():
+  """When a restore fails, tensorstore reads still in flight finish on orbax's closed asyncio loop, and
+  each reports a harmless 'RuntimeError: Event loop is closed' as an unraisable exception; drop those
+  so that a bad checkpoint gives one line of error. Installed once."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook._drops_closed_loop = True
+  sys.unraisablehook = hook
 
 
 def _quiet_absl():
@@ -168,6 +187,9 @@ class Checkpoints:
     _check_directory(self.directory)
     self.data_seed = cfg.seed
     self.mngr = _manager(self.directory, cfg.keep_last, cfg.keep_every)
+    wait_cleanup = getattr(self.mngr, "_maybe_await_cleanup_tmp_directory", None)  # (orbax 0.12: private)
+    if wait_cleanup is not None:  # interrupted saves are gone before anything else looks at the directory
+      wait_cleanup()
 
   # ------------------------------------------------------------------ resuming
   def steps(self) -> list[int]:
@@ -214,13 +236,16 @@ class Checkpoints:
     }
     if plan["restore_data"]:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    _ignore_closed_loop_callbacks()
     try:
       got = self.mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax/tensorstore raise many kinds; all mean this directory is unusable
       changes = [c for c in config_changes(read_config(path).to_dict(), self.cfg.to_dict()) if c.startswith("model.")]
-      why = f" (the model changed: {'; '.join(changes[:3])})" if changes else ""
-      raise CheckpointError(f"{path}: cannot restore{why}: {_one_line(e)}; delete this step directory to resume"
-                            " from an earlier one, or pick another run_dir") from None
+      if changes:
+        raise CheckpointError(f"{path}: written for another model ({'; '.join(changes[:3])}): undo the change or"
+                              f" pick another run_dir ({_one_line(e)})") from None
+      raise CheckpointError(f"{path}: cannot restore: {_one_line(e)}; delete this step directory to resume from an"
+                            " earlier one, or pick another run_dir") from None
     old = read_config(path).to_dict()
     changes = [c for c in config_changes(old, self.cfg.to_dict()) if not c.startswith(("run_dir ", "resume "))]
     log.info("resumed from step %d (%s)%s", step, path,
@@ -295,6 +320,7 @@ def restore_model(path, target: dict):
   path = Path(path)
   validate_step_dir(path)
   _quiet_absl()
+  _ignore_closed_loop_callbacks()
   with ocp.CheckpointManager(path.parent.absolute(), options=ocp.CheckpointManagerOptions(read_only=True)) as m:
     try:
       return m.restore(int(path.name), args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))["model"]
