@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,36 @@ def test_generate_cli(hf_dir, capsys):
   assert lines[0].startswith("Hello") and any(line.startswith("a") for line in lines[1:])
 
 
-def test_run_dir_without_checkpoint_support(tmp_path, capsys):
+def test_not_a_model_directory(tmp_path, capsys):
   rc, _, err = run(generate.main, [tmp_path, "--prompt", "x"], capsys)
-  assert rc == 2 and "no checkpoint support yet" in err and len(err.strip().splitlines()) == 1
+  assert rc == 2 and "no config.json" in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_dir_checkpoint_equals_its_hf_export(tmp_path, capsys):
+  """A checkpoint written by train.checkpoint.save_state reads back as the same model (eval loss
+  equal to its to_hf export's), and generate uses the run's tokenizer."""
+  from train import checkpoint as ckpt_lib
+  from train import optimizer as optimizer_lib
+  from train import step as step_lib
+  from train.config import load_train_config
+
+  small = {"vocab_size": 260, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
+           "num_hidden_layers": 2, "num_attention_heads": 2, "q_lora_rank": 16, "kv_lora_rank": 16,
+           "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}
+  cfg = load_train_config(Path(__file__).resolve().parents[1] / "configs/tiny.yaml", [f"model.{k}={v}" for k, v in small.items()]
+                          + [f"run_dir={tmp_path / 'run'}"])
+  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))), nnx.Param, ...)
+  rng = np.random.default_rng(1)
+  fill = lambda p, x: jnp.asarray((1.0 if "scale" in str(p) else 0.0) + 0.05 * rng.standard_normal(x.shape), x.dtype)
+  params, rest = jax.tree_util.tree_map_with_path(fill, params), jax.tree_util.tree_map_with_path(fill, rest)
+  tx = optimizer_lib.make_optimizer(cfg, optimizer_lib.make_schedule(cfg))
+  state = {"params": params, "rest": rest, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  ckpt_lib.save_state(cfg.run_dir, 3, state, cfg)
+  hf.to_hf(nnx.merge(graphdef, params, rest), tmp_path / "hf")
+
+  argv = ["--data", "default", "--seq-len", "16", "--batch-size", "2", "--max-batches", "1"]
+  rc_run, out_run, err = run(eval_lib.main, [cfg.run_dir, *argv], capsys)
+  assert rc_run == 0, err
+  rc_hf, out_hf, _ = run(eval_lib.main, [tmp_path / "hf", *argv], capsys)
+  assert rc_hf == 0 and json.loads(out_run)["loss"] == pytest.approx(json.loads(out_hf)["loss"], abs=1e-6)
+  assert generate.tokenizer_spec(cfg.run_dir, None) == cfg.tokenizer == "byte"

@@ -3,7 +3,8 @@
   python -m train.eval (RUN_DIR | HF_DIR) --data SPEC [--tokenizer byte|PATH] [--seq-len N]
       [--batch-size B] [--max-batches M] [--dtype D]
 
-Reads the eval split of SPEC (train.data.make_dataset(split='eval'): documents packed as in training,
+RUN_DIR: a training run directory (its newest checkpoint, and by default its tokenizer); HF_DIR: a
+folder with config.json + safetensors. Reads the eval split of SPEC (train.data.make_dataset(split='eval'): documents packed as in training,
 [BOS] + text + [EOS], attention within each document) and prints one JSON line:
 
   loss            mean next-token cross-entropy over the real targets (nats per token; EOS targets count)
@@ -33,7 +34,7 @@ from flax import nnx
 
 from moe.config import ConfigError
 from train.data import ByteTokenizer, DataError, load_tokenizer, make_dataset
-from train.generate import add_model_args, load_model
+from train.generate import add_model_args, load_model, tokenizer_spec
 from train.loss import token_nll
 
 
@@ -89,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--max-batches", type=int, default=None, help="default: the whole eval split")
   args = parser.parse_args(argv)
   try:
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(tokenizer_spec(args.model, args.tokenizer))
     model = load_model(args.model, args.dtype)
     seq_len = args.seq_len or min(512, model.cfg.max_position_embeddings)
     result = evaluate(model, args.data, tokenizer, seq_len, args.batch_size, args.max_batches)

@@ -3,8 +3,9 @@
   python -m train.generate (RUN_DIR | HF_DIR) --prompt "..." [--prompt "..." ...]
       [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--tokenizer byte|PATH] [--dtype D]
 
-HF_DIR: a folder with config.json + safetensors (moe.hf.from_hf). RUN_DIR: a training run directory
-(not readable yet: no checkpoint support). Each prompt is encoded as [BOS] + tokens (as training
+HF_DIR: a folder with config.json + safetensors (moe.hf.from_hf). RUN_DIR: a training run directory:
+its newest checkpoint (train/checkpoint.py; master weights, in --dtype), and by default its tokenizer.
+Each prompt is encoded as [BOS] + tokens (as training
 documents start); several prompts run as one right-padded batch. Temperature 0 is greedy; top-p < 1
 samples from the nucleus. Generation of a row stops after EOS. Prints each prompt followed by its
 completion (special tokens dropped), one block per prompt.
@@ -21,8 +22,41 @@ from moe.config import ConfigError
 from train.data import DataError, load_tokenizer
 
 
+def latest_checkpoint(run_dir: Path) -> Path:
+  """The newest finished step directory of RUN_DIR/checkpoints (train/checkpoint.py)."""
+  from train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+
+  directory = ckpt_lib.checkpoint_dir(run_dir)
+  steps = sorted(int(p.name) for p in directory.glob("*") if p.is_dir() and p.name.isdigit())
+  if not steps:
+    raise ConfigError(f"{run_dir}: neither an HF folder (no config.json) nor a run directory with checkpoints"
+                      f" (nothing in {directory})")
+  return directory / str(steps[-1])
+
+
+def load_run(run_dir: Path, dtype: str | None = None):
+  """The model of a run directory's newest checkpoint (its float32 master weights, cast to `dtype`).
+  FP8 GEMMs (precision=fp8) are not used here: the model runs in `dtype`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from moe.model import Transformer  # pylint: disable=import-outside-toplevel
+  from train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+
+  step_dir = latest_checkpoint(run_dir)
+  dtype = dtype or "float32"
+  cfg = ckpt_lib.read_config(step_dir).model.replace(dtype=dtype, param_dtype=dtype, fp8=False)
+  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        {"params": params, "rest": rest})
+  got = ckpt_lib.restore_model(step_dir, target)
+  return nnx.merge(graphdef, got["params"], got["rest"])
+
+
 def load_model(path: str | Path, dtype: str | None = None):
-  """A Transformer from an HF folder (config.json present); a run directory is not readable yet."""
+  """A Transformer from an HF folder (config.json present) or a training run directory (its newest
+  checkpoint). `dtype`: compute and parameter dtype (default float32)."""
   path = Path(path)
   if (path / "config.json").is_file():
     from moe import hf  # pylint: disable=import-outside-toplevel
@@ -30,13 +64,26 @@ def load_model(path: str | Path, dtype: str | None = None):
     return hf.from_hf(path, dtype=dtype)
   if not path.is_dir():
     raise ConfigError(f"{path}: no such directory; give an HF folder (with config.json) or a run directory")
-  raise ConfigError(f"{path}: no config.json, so not an HF folder, and run directories cannot be read:"
-                    " no checkpoint support yet")
+  return load_run(path, dtype)
+
+
+def tokenizer_spec(path: str | Path, given: str | None) -> str:
+  """--tokenizer if given; else the run's `tokenizer` for a run directory, 'byte' for an HF folder."""
+  if given is not None:
+    return given
+  path = Path(path)
+  if path.is_dir() and not (path / "config.json").is_file():
+    from train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+
+    return ckpt_lib.read_config(latest_checkpoint(path)).tokenizer
+  return "byte"
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("model", metavar="RUN_DIR|HF_DIR", help="HF folder (config.json + safetensors) or run directory")
-  parser.add_argument("--tokenizer", default="byte", help="'byte' (default) or the path of an HF tokenizer.json")
+  parser.add_argument("model", metavar="RUN_DIR|HF_DIR",
+                      help="HF folder (config.json + safetensors) or training run directory (newest checkpoint)")
+  parser.add_argument("--tokenizer", default=None,
+                      help="'byte' or the path of an HF tokenizer.json (default: the run's tokenizer; byte for HF_DIR)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                       help="compute and parameter dtype (default float32)")
 
@@ -53,12 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 0:
       raise ConfigError("need --temperature >= 0, 0 < --top-p <= 1 and --max-new-tokens >= 0")
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(tokenizer_spec(args.model, args.tokenizer))
     model = load_model(args.model, args.dtype)
     prompts = [[tokenizer.bos_id] + tokenizer.encode(p) for p in args.prompt]
     top = max(max(p) for p in prompts)
     if top >= model.cfg.vocab_size:
-      raise ConfigError(f"token id {top} from tokenizer {args.tokenizer!r} is outside the model's vocab_size"
+      raise ConfigError(f"token id {top} from tokenizer {tokenizer.spec!r} is outside the model's vocab_size"
                         f" {model.cfg.vocab_size}; pass the model's --tokenizer")
   except (ConfigError, DataError) as e:
     print(f"error: {e}", file=sys.stderr)
