@@ -131,7 +131,10 @@ class MoE(nnx.Module):
     if dispatch is None:
       y, dropped = self.experts(x_TxD, idx_TxK, w_TxK), jnp.zeros((), jnp.int32)
     else:
-      y, dropped = dispatch(x_TxD.astype(self.experts.dtype), idx_TxK, w_TxK, *self.experts.weights())
+      fp8 = self.experts.fp8  # FP8 takes the float32 master weights, as RoutedExperts does
+      weights = self.experts.weights() if fp8 is None else (
+          self.experts.gate_proj[...], self.experts.up_proj[...], self.experts.down_proj[...])
+      y, dropped = dispatch(x_TxD.astype(self.experts.dtype), idx_TxK, w_TxK, *weights, fp8=fp8)
     y = y.reshape(b, s, d).astype(x_BxSxD.dtype)
     if self.cfg.n_shared_experts:
       y = y + self.shared_experts(x_BxSxD)

@@ -11,7 +11,8 @@ the single-device `sorted_experts`. The function runs inside `jax.shard_map` ove
 
   1. each (token, k) assignment goes to rank idx // E_l, the rank owning its expert
   2. exchange with those ranks (all-to-all over `expert`)
-  3. grouped matmul (`jax.lax.ragged_dot`) over the local experts, on rows sorted by local expert;
+  3. grouped matmul over the local experts (`jax.lax.ragged_dot` on rows sorted by local expert;
+     on CPU moe.experts.blocked_experts, as XLA:CPU runs ragged_dot densely);
      with tensor parallelism each rank holds F / n_tp of every expert and the partial outputs are
      summed (psum over `tensor`)
   4. exchange back (the reverse all-to-all)
@@ -92,18 +93,37 @@ def capacity(t: int, k: int, n_ep: int, e_local: int, capacity_factor: float | N
 
 
 # ----------------------------------------------------------------- local pieces (inside shard_map)
-def _ffn(x_sorted, sizes, gate, up, down, tp_axes):
-  h = jax.nn.silu(jax.lax.ragged_dot(x_sorted, gate, sizes)) * jax.lax.ragged_dot(x_sorted, up, sizes)
-  y = jax.lax.ragged_dot(h, down, sizes)
-  return jax.lax.psum(y, tp_axes) if tp_axes else y
+def _on_cpu() -> bool:
+  return jax.default_backend() == "cpu"
 
 
-def _grouped(rows_RxD, expert_R, gate, up, down, tp_axes):
-  """Expert FFN of each row (expert_R in [0, E_l]; E_l marks an empty row, whose output is 0)."""
+def _grouped(rows_RxD, expert_R, gate, up, down, tp_axes, fp8=None):
+  """Expert FFN of each row (expert_R in [0, E_l]; E_l marks an empty row, whose output is 0).
+
+  GPU/TPU: rows sorted by expert, `ragged_dot` (FP8: moe.fp8.fp8_ragged_dot) over the non-empty
+  rows. CPU: XLA:CPU lowers ragged_dot densely (E_l times the work), so the rows go through
+  moe.experts.blocked_experts (block-padded batched matmul), empty rows with weight 0.
+  """
+  from moe import experts as experts_lib  # moe.experts imports this module
+
   e_local = gate.shape[0]
+  if _on_cpu():
+    valid = expert_R < e_local
+    y = experts_lib.blocked_experts(rows_RxD, jnp.where(valid, expert_R, 0)[:, None],
+                                    valid.astype(jnp.float32)[:, None], gate, up, down, fp8=fp8)
+    return jax.lax.psum(y, tp_axes) if tp_axes else y
+  if fp8 is None:
+    ragged_dot = jax.lax.ragged_dot
+  else:
+    from moe import fp8 as fp8_lib
+
+    ragged_dot = lambda a, b, sz: fp8_lib.fp8_ragged_dot(a, b, sz, fp8)
   order = jnp.argsort(expert_R, stable=True)
   sizes = jnp.bincount(expert_R, length=e_local + 1)[:e_local].astype(jnp.int32)
-  y_sorted = _ffn(rows_RxD[order], sizes, gate, up, down, tp_axes)
+  x_sorted = rows_RxD[order]
+  h = jax.nn.silu(ragged_dot(x_sorted, gate, sizes)) * ragged_dot(x_sorted, up, sizes)
+  y_sorted = ragged_dot(h, down, sizes)
+  y_sorted = jax.lax.psum(y_sorted, tp_axes) if tp_axes else y_sorted
   return jnp.zeros_like(y_sorted).at[order].set(y_sorted)
 
 
@@ -112,14 +132,15 @@ def _combine(y_NxD, w_TxK):
   return jnp.einsum("tkd,tk->td", y_NxD.reshape(t, k, -1), w_TxK.astype(y_NxD.dtype))
 
 
-def _local(x_TxD, idx_TxK, w_TxK, gate, up, down, tp_axes):
-  """No expert parallelism (n_ep == 1): the single-device sorted experts, per shard."""
-  k = idx_TxK.shape[1]
-  y = _grouped(jnp.repeat(x_TxD, k, axis=0), idx_TxK.reshape(-1), gate, up, down, tp_axes)
-  return _combine(y, w_TxK), jnp.zeros((), jnp.int32)
+def _local(x_TxD, idx_TxK, w_TxK, gate, up, down, tp_axes, fp8=None):
+  """No expert parallelism (n_ep == 1): the single-device grouped experts, per shard."""
+  from moe import experts as experts_lib
+
+  y = experts_lib.grouped_experts(x_TxD, idx_TxK, w_TxK, gate, up, down, fp8=fp8)
+  return (jax.lax.psum(y, tp_axes) if tp_axes else y), jnp.zeros((), jnp.int32)
 
 
-def _padded(x_TxD, idx_TxK, w_TxK, gate, up, down, *, ep_axes, tp_axes, n_ep, capacity_factor):
+def _padded(x_TxD, idx_TxK, w_TxK, gate, up, down, *, ep_axes, tp_axes, n_ep, capacity_factor, fp8=None):
   t, k = idx_TxK.shape
   n, d, e_local = t * k, x_TxD.shape[1], gate.shape[0]
   c = capacity(t, k, n_ep, e_local, capacity_factor)
@@ -134,7 +155,7 @@ def _padded(x_TxD, idx_TxK, w_TxK, gate, up, down, *, ep_axes, tp_axes, n_ep, ca
   send_x = jnp.zeros((n_ep * c, d), x_TxD.dtype).at[slot].set(jnp.repeat(x_TxD, k, axis=0), mode="drop")
   send_e = jnp.full((n_ep * c,), e_local, jnp.int32).at[slot].set(flat % e_local, mode="drop")
   a2a = functools.partial(jax.lax.all_to_all, axis_name=ep_axes, split_axis=0, concat_axis=0, tiled=True)
-  y_recv = _grouped(a2a(send_x), a2a(send_e), gate, up, down, tp_axes)
+  y_recv = _grouped(a2a(send_x), a2a(send_e), gate, up, down, tp_axes, fp8)
   y_back = a2a(y_recv)
   y = jnp.where(keep[:, None], y_back[jnp.minimum(slot, n_ep * c - 1)], 0)
   return _combine(y, w_TxK), (~keep).sum().astype(jnp.int32)
@@ -158,7 +179,7 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
   return result
 
 
-def _ragged(x_TxD, idx_TxK, w_TxK, gate, up, down, *, ep_axes, tp_axes, n_ep, emulate):
+def _ragged(x_TxD, idx_TxK, w_TxK, gate, up, down, *, ep_axes, tp_axes, n_ep, emulate, fp8=None):
   t, k = idx_TxK.shape
   n, d, e_local = t * k, x_TxD.shape[1], gate.shape[0]
   r = n_ep * t * min(k, e_local)  # worst-case rows received
@@ -186,7 +207,7 @@ def _ragged(x_TxD, idx_TxK, w_TxK, gate, up, down, *, ep_axes, tp_axes, n_ep, em
   seg_end = jnp.cumsum(recv_counts.reshape(-1))
   seg = jnp.searchsorted(seg_end, jnp.arange(r, dtype=jnp.int32), side="right")
   expert = jnp.where(seg < n_ep * e_local, seg % e_local, e_local).astype(jnp.int32)
-  y_rx = _grouped(rx, expert, gate, up, down, tp_axes)
+  y_rx = _grouped(rx, expert, gate, up, down, tp_axes, fp8)
 
   # Back to the sources, into their sorted order, then unsort and combine.
   y_sorted = ragged_a2a(y_rx, jnp.zeros((n, d), y_rx.dtype), recv_offsets, recv_sizes, a2a(input_offsets),
@@ -205,7 +226,8 @@ def _axes_of(entry) -> tuple[str, ...]:
 def dispatcher(n_experts: int):
   """The routed-experts function for the current mesh, or None (no mesh / one device: use
   moe.experts.sorted_experts). Signature: (x [T, D], idx [T, K], w [T, K], gate [E, D, F],
-  up [E, D, F], down [E, F, D]) -> (y [T, D], dropped assignments [] int32)."""
+  up [E, D, F], down [E, F, D], fp8=None) -> (y [T, D], dropped assignments [] int32); `fp8` (a
+  moe.fp8.Recipe, with the float32 master weights) runs the expert GEMMs in FP8."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1 or mesh._any_axis_manual:
     return None
@@ -217,7 +239,7 @@ def dispatcher(n_experts: int):
                            capacity_factor=cf)
 
 
-def routed_experts(x_TxD, idx_TxK, w_TxK, gate, up, down, *, mesh, rules, transport="padded",
+def routed_experts(x_TxD, idx_TxK, w_TxK, gate, up, down, fp8=None, *, mesh, rules, transport="padded",
                    capacity_factor=None):
   """Expert-parallel routed experts over `mesh` (see the module docstring); (y [T, D], dropped)."""
   shape = dict(mesh.shape)
@@ -241,12 +263,13 @@ def routed_experts(x_TxD, idx_TxK, w_TxK, gate, up, down, *, mesh, rules, transp
   tp = tp_axes if tp_axes else None
 
   if n_ep == 1:
-    fn = functools.partial(_local, tp_axes=tp_axes)
+    fn = functools.partial(_local, tp_axes=tp_axes, fp8=fp8)
   elif transport == "padded":
-    fn = functools.partial(_padded, ep_axes=ep_axes, tp_axes=tp_axes, n_ep=n_ep, capacity_factor=capacity_factor)
+    fn = functools.partial(_padded, ep_axes=ep_axes, tp_axes=tp_axes, n_ep=n_ep, capacity_factor=capacity_factor,
+                           fp8=fp8)
   elif transport in ("ragged", "ragged_emulated"):
     fn = functools.partial(_ragged, ep_axes=ep_axes, tp_axes=tp_axes, n_ep=n_ep,
-                           emulate=transport == "ragged_emulated")
+                           emulate=transport == "ragged_emulated", fp8=fp8)
   else:
     raise ValueError(f"unknown expert-parallel transport {transport!r}")
 

@@ -2,7 +2,8 @@
 
   python tests/parallel_worker.py single JOB...     8 devices: the one-device step, then per JOB: a mesh
                                                     name (one step vs one device, shard shapes), three
-                                                    (3 steps on d2f2e2), small_capacity, ragged
+                                                    (3 steps on d2f2e2), small_capacity, ragged,
+                                                    ep_unit[_all] (the MoE dispatch alone)
   python tests/parallel_worker.py multi PORT ID N   process ID of N (4 devices each): 3 steps, losses
 
 XLA_FLAGS must be set before jax is imported, hence a separate process. Prints one JSON line.
@@ -131,6 +132,40 @@ def compare(ref, before, after, metrics, shards):
           "update_scale": max(float(np.abs(v).max()) for v in ref_delta.values()), "shards": shards}
 
 
+def ep_unit(meshes=("d2f2e2", "f2e2t2")):
+  """parallel.expert_parallel alone vs moe.experts.sorted_experts (outputs and gradients), on the
+  GPU/TPU code path (ragged_dot on sorted rows) and the CPU one (blocked matmul), both transports."""
+  import jax.numpy as jnp
+
+  from moe.experts import sorted_experts
+  from parallel import expert_parallel
+
+  t, e, k, d, f = 64, 8, 3, 16, 8
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((t, d)).astype(np.float32)
+  idx = np.stack([rng.choice(e, k, replace=False) for _ in range(t)]).astype(np.int32)
+  w = rng.uniform(0.1, 1, (t, k)).astype(np.float32)
+  gate, up = ((rng.standard_normal((e, d, f)) * 0.3).astype(np.float32) for _ in range(2))
+  down = (rng.standard_normal((e, f, d)) * 0.3).astype(np.float32)
+  loss = lambda fn: lambda *a: (fn(a[0], idx, w, *a[1:])[0] ** 2).sum()
+  want = sorted_experts(x, idx, w, gate, up, down)
+  want_g = jax.grad(loss(lambda *a: (sorted_experts(*a),)), argnums=(0, 1, 2, 3))(x, gate, up, down)
+  out = {}
+  for mesh in meshes:
+    for transport in ("padded", "ragged_emulated"):
+      for cpu_path in (False, True):
+        expert_parallel._on_cpu = lambda: cpu_path
+        par = mesh_lib.Parallelism(mesh_lib.make_mesh(MESHES[mesh]), sharding_lib.DEFAULT_RULES, transport, None)
+        with mesh_lib.activate(par):
+          fn = expert_parallel.dispatcher(e)
+          y, dropped = jax.jit(fn)(x, idx, w, gate, up, down)
+          g = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2, 3)))(x, gate, up, down)
+        out[f"{mesh}/{transport}/{'cpu' if cpu_path else 'gpu'}"] = {
+            "y": float(jnp.abs(y - want).max()), "grad": max(float(jnp.abs(a - b).max()) for a, b in zip(g, want_g)),
+            "dropped": int(dropped)}
+  return out
+
+
 def main():
   if MODE == "multi":
     losses, _ = three_steps(config(MESHES["d2f2e2"]), test_batch())
@@ -150,6 +185,10 @@ def main():
     elif job in MESHES:
       m, before, after, shards = one_step(config(MESHES[job]), batch)
       result["meshes"][job] = compare(ref, before, after, m, shards)
+    elif job == "ep_unit":
+      result[job] = ep_unit(("d2f2e2",))
+    elif job == "ep_unit_all":
+      result["ep_unit"] = ep_unit(("d2f2e2", "f2e2t2", "expert8", "fsdp8"))
     elif job == "small_capacity":
       m, *_ = one_step(config(MESHES["expert8"], ["mesh.capacity_factor=0.5"]), batch)
       result[job] = {"dropped_tokens": int(m["dropped_tokens"]), "loss": float(m["loss"])}

@@ -102,7 +102,7 @@ def test_transport_choice():
 @pytest.fixture(scope="module")
 def eight():
   """One-device reference step, then mesh d2f2e2 (3 steps), f2e2t2, and a small capacity factor."""
-  return run_worker("single", "three", "f2e2t2", "small_capacity")
+  return run_worker("single", "three", "f2e2t2", "small_capacity", "ep_unit")
 
 
 def check_mesh(name, r, ref):
@@ -134,6 +134,17 @@ def test_shards_are_1_over_n(eight):
   assert len(down) == 1 and down[0]["spec"] == "('expert', 'tensor', 'fsdp')"  # [E, F, D]
   emb = [p for n, p in params.items() if "embedding" in n]
   assert emb and emb[0]["spec"] == "('tensor', 'fsdp')"
+
+
+def check_ep_unit(r):
+  assert len(r) >= 4
+  for name, v in r.items():
+    assert v["y"] < 1e-5 and v["grad"] < 1e-4 and v["dropped"] == 0, name
+
+
+def test_expert_parallel_dispatch_matches_sorted_experts(eight):
+  """Both transports, on the GPU/TPU code path (ragged_dot) and the CPU one (blocked matmul)."""
+  check_ep_unit(eight["ep_unit"])
 
 
 def test_small_capacity_drops_and_reports(eight):
@@ -173,7 +184,8 @@ def test_two_processes_match_one(eight):
 
 @pytest.mark.slow
 def test_all_meshes_match_one_device():
-  r = run_worker("single", "data8", "fsdp8", "expert8", "ragged")
+  r = run_worker("single", "data8", "fsdp8", "expert8", "ragged", "ep_unit_all")
+  check_ep_unit(r["ep_unit"])
   for name in ("data8", "fsdp8", "expert8"):
     check_mesh(name, r["meshes"][name], r["ref"])
   check_mesh("ragged", r["ragged"], r["ref"])  # ragged path with the all_gather emulation (CPU)
