@@ -1,0 +1,181 @@
+"""train.sweep (expansion, size rule, commands, resumability) and train.sweep_report (fits recover known
+laws from synthetic data; a fake sweep directory is reported on without training)."""
+
+import json
+import math
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from moe.config import ConfigError
+from train import sweep, sweep_report
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_SWEEP = ROOT / "configs/scaling/cpu-isoflop.yaml"
+
+
+def write_spec(tmp_path, **changes) -> Path:
+  spec = yaml.safe_load(CPU_SWEEP.read_text())
+  spec["base"] = str(ROOT / spec["base"])
+  spec["out_dir"] = str(tmp_path / "sweep")
+  spec.update(changes)
+  path = tmp_path / "sweep.yaml"
+  path.write_text(yaml.safe_dump(spec))
+  return path
+
+
+# ------------------------------------------------------------------ train.sweep
+def test_size_rule_scales_together():
+  small, big = sweep.size_overrides(32), sweep.size_overrides(128)
+  for key in ("model.num_hidden_layers", "model.num_attention_heads", "model.q_lora_rank", "model.kv_lora_rank",
+              "model.moe_intermediate_size", "model.n_routed_experts"):
+    assert big[key] > small[key], key
+  assert big["model.q_lora_rank"] == 64 and big["model.kv_lora_rank"] == 32 and big["model.num_hidden_layers"] == 4
+  with pytest.raises(ConfigError, match="multiple of 32"):
+    sweep.size_overrides(40)
+
+
+def test_isoflop_expansion_spends_each_budget(tmp_path):
+  spec = sweep.load_sweep(write_spec(tmp_path))
+  runs = sweep.expand(spec)
+  assert len(runs) == len(spec["budgets"]) * len(spec["sizes"])
+  for run in runs:
+    assert run.flops == pytest.approx(run.budget, rel=0.05)  # steps rounded to an integer
+    assert run.flops == run.flops_per_token * run.tokens
+    assert run.overrides["steps"] == run.steps and run.overrides["eval_every"] == run.steps
+    assert run.overrides["optimizer.warmup_steps"] == math.ceil(0.1 * run.steps)
+    assert run.overrides["run_dir"] == str(tmp_path / "sweep" / run.name)
+  for budget in spec["budgets"]:  # a bigger model gets fewer tokens at the same budget
+    group = [r for r in runs if r.budget == budget]
+    assert [r.active_params for r in group] == sorted(r.active_params for r in group)
+    assert [r.tokens for r in group] == sorted((r.tokens for r in group), reverse=True)
+  path = sweep.write_manifest(spec, runs)
+  assert [r["name"] for r in json.loads(path.read_text())["runs"]] == [r.name for r in runs]
+
+
+def test_grid_expansion_and_non_cosine_schedule(tmp_path):
+  path = write_spec(tmp_path, budgets=None, sizes=None)
+  spec = yaml.safe_load(path.read_text())
+  del spec["budgets"], spec["sizes"]
+  spec["grid"] = {"optimizer.lr": [1e-3, 3e-3], "model.hidden_size": [32, 64]}
+  spec["overrides"] = {**spec["overrides"], "steps": 40, "optimizer.schedule": "wsd"}
+  path.write_text(yaml.safe_dump(spec))
+  runs = sweep.expand(sweep.load_sweep(path))
+  assert len(runs) == 4 and len({r.name for r in runs}) == 4
+  assert all(r.steps == 40 and r.budget is None for r in runs)
+  assert all(r.overrides["optimizer.decay_steps"] == 40 - r.overrides.get("optimizer.warmup_steps", 20) for r in runs)
+
+
+def test_bad_sweep_files(tmp_path):
+  with pytest.raises(ConfigError, match="either"):
+    sweep.load_sweep(write_spec(tmp_path, grid={"seed": [0, 1]}))
+  with pytest.raises(ConfigError, match="unknown key"):
+    sweep.load_sweep(write_spec(tmp_path, budget=[1]))
+  with pytest.raises(ConfigError, match="unknown key"):  # a bad override names itself
+    sweep.expand(sweep.load_sweep(write_spec(tmp_path, overrides={"optimizer.lrr": 1})))
+
+
+def test_print_commands_and_skip_finished(tmp_path, capsys):
+  path = write_spec(tmp_path, budgets=[2.0e11], sizes=[32, 64])
+  runs = sweep.expand(sweep.load_sweep(path))
+  # one run finished by its done marker, one by its final eval record; the third is not finished
+  done_dir = Path(runs[0].overrides["run_dir"])
+  done_dir.mkdir(parents=True)
+  (done_dir / sweep.DONE).write_text("{}\n")
+  eval_dir = Path(runs[1].overrides["run_dir"])
+  eval_dir.mkdir(parents=True)
+  (eval_dir / "metrics.jsonl").write_text(json.dumps({"step": runs[1].steps - 1, "eval_loss": 2.0}) + "\n")
+  assert not sweep.is_done(runs[1])
+  with open(eval_dir / "metrics.jsonl", "a") as f:
+    f.write(json.dumps({"step": runs[1].steps, "eval_loss": 1.5}) + "\n")
+  assert sweep.is_done(runs[0]) and sweep.is_done(runs[1])
+  assert sweep.main([str(path), "--print-commands"]) == 0
+  assert capsys.readouterr().out == ""  # both finished: nothing to launch
+  out_file = tmp_path / "cmds.txt"
+  (done_dir / sweep.DONE).unlink()
+  assert sweep.main([str(path), "--print-commands", str(out_file)]) == 0
+  lines = out_file.read_text().splitlines()
+  assert lines == [shlex.join(["python", "-m", "train.sweep", str(path), "--run", runs[0].name])]
+  assert (tmp_path / "sweep" / sweep.MANIFEST).is_file()
+  assert sweep.main([str(path), "--run", "nope"]) == 2
+
+
+# ------------------------------------------------------------------ fits on synthetic data
+def test_power_law_recovers_exponent():
+  rng = np.random.default_rng(0)
+  c = np.geomspace(1e15, 1e21, 12)
+  loss = 30.0 * c ** -0.07 * np.exp(rng.normal(0, 0.003, c.size))
+  loss[4] *= 1.3  # one bad run: the soft-L1 loss keeps it from dragging the fit
+  p = sweep_report.fit_power_law(c, loss)
+  assert p["e"] == pytest.approx(-0.07, abs=0.004)
+  loss = 1.7 + 400.0 * c ** -0.15 * np.exp(rng.normal(0, 0.002, c.size))
+  q = sweep_report.fit_power_law(c, loss, offset=True)
+  assert q["e"] == pytest.approx(-0.15, abs=0.02) and q["c"] == pytest.approx(1.7, abs=0.1)
+
+
+def chinchilla_rows(alpha=0.34, beta=0.28, noise=0.0, seed=0):
+  """Runs on isoFLOP grids around the optimum of L = E + A/N^alpha + B/D^beta with D = C / 6N."""
+  E, A, B = 1.69, 406.4, 410.7
+  rng = np.random.default_rng(seed)
+  g = (alpha * A / (beta * B)) ** (1 / (alpha + beta))
+  rows = []
+  for budget in np.geomspace(1e18, 1e22, 5):
+    n_star = g * (budget / 6) ** (beta / (alpha + beta))
+    for n in n_star * np.geomspace(1 / 8, 8, 9):
+      d = budget / (6 * n)
+      loss = (E + A / n**alpha + B / d**beta) * math.exp(rng.normal(0, noise))
+      rows.append({"name": f"{budget:.0e}_{n:.0f}", "budget": budget, "flops": budget, "tokens": d,
+                   "active_params": n, "flops_per_token": 6 * n, "eval_loss": loss})
+  return rows
+
+
+def test_isoflop_fit_recovers_chinchilla_exponents():
+  alpha, beta = 0.34, 0.28
+  fit = sweep_report.fit_sweep(chinchilla_rows(alpha, beta, noise=0.001))
+  assert fit["n_opt_fit"]["a"] == pytest.approx(beta / (alpha + beta), abs=0.03)
+  assert fit["d_opt_fit"]["b"] == pytest.approx(alpha / (alpha + beta), abs=0.03)
+  assert fit["n_opt_fit"]["a"] + fit["d_opt_fit"]["b"] == pytest.approx(1.0, abs=1e-6)  # C = 6 N D
+  assert fit["flops_per_token_fit"]["slope"] == pytest.approx(1.0)
+  assert all(not e["extrapolated"] for e in fit["isoflop"])
+  assert fit["loss_vs_compute"]["b"] > 0 and fit["loss_vs_compute_offset"] is not None
+
+
+def test_isoflop_without_minimum_falls_back_to_best_run():
+  assert sweep_report.fit_isoflop([1, 2, 4], [1.0, 2.0, 2.5]) is None  # concave: no minimum
+  assert sweep_report.fit_isoflop([1, 2], [1.0, 2.0]) is None
+  rows = [{"name": f"r{n}", "budget": 1e12, "flops": 1e12, "tokens": 1e12 / (6 * n), "active_params": n,
+           "flops_per_token": 6 * n, "eval_loss": loss} for n, loss in [(1e5, 1.0), (2e5, 2.0), (4e5, 2.5)]]
+  fit = sweep_report.fit_sweep(rows)
+  assert fit["isoflop"][0]["n_opt"] is None and fit["frontier"] == [{"flops": 1e12, "loss": 1.0, "from": "best run"}]
+
+
+# ------------------------------------------------------------------ a fake sweep directory
+def test_report_on_fake_sweep_dir(tmp_path, capsys):
+  rows = chinchilla_rows(noise=0.002, seed=1)
+  sweep_dir = tmp_path / "fake"
+  manifest = {"base": "configs/tiny.yaml", "overrides": {}, "budgets": sorted({r["budget"] for r in rows}), "runs": []}
+  for i, r in enumerate(rows):
+    run_dir = sweep_dir / r["name"]
+    run_dir.mkdir(parents=True)
+    steps = 100
+    records = [{"step": 50, "loss": 9.0}, {"step": 50, "eval_loss": 9.0}, {"step": steps, "loss": r["eval_loss"]}]
+    if i != 3:  # run 3 is unfinished: no final eval record
+      records.append({"step": steps, "elapsed_s": 1.0, "eval_loss": r["eval_loss"]})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in records))
+    manifest["runs"].append({"name": r["name"], "overrides": {"run_dir": "elsewhere/" + r["name"]},
+                             "budget": r["budget"], "size": None, "steps": steps, "tokens": r["tokens"],
+                             "flops": r["flops"], "total_params": 2 * r["active_params"],
+                             "active_params": r["active_params"], "flops_per_token": r["flops_per_token"]})
+  (sweep_dir / sweep.MANIFEST).write_text(json.dumps(manifest))
+  assert sweep_report.main([str(sweep_dir)]) == 0
+  out = capsys.readouterr().out
+  assert "N_opt =" in out and "L(C) =" in out
+  fit = json.loads((sweep_dir / "fit.json").read_text())
+  assert fit["n_runs"] == len(rows) - 1 and len(fit["isoflop"]) == 5
+  assert fit["n_opt_fit"]["a"] == pytest.approx(0.28 / 0.62, abs=0.05)
+  for name in ("isoflop.png", "frontier.png", "optimal.png"):
+    assert (sweep_dir / name).stat().st_size > 1000
+  assert sweep_report.main([str(tmp_path / "missing")]) == 2

@@ -1,0 +1,310 @@
+"""Fit scaling laws to a finished sweep: `python -m train.sweep_report SWEEP_DIR [--params active|total]`.
+
+Reads SWEEP_DIR/sweep.json (written by train.sweep) and each run's metrics.jsonl: the eval loss logged at
+the run's last step (runs without it are unfinished and left out), its parameter count N (active
+parameters by default: per-token parameters as DeepSeek counts them, lm_head included, input embedding
+not), tokens D = steps x batch_size x seq_len and training FLOPs C = flops_per_token x D (moe.params).
+Fits (numpy / scipy), written to SWEEP_DIR/fit.json:
+
+- isoFLOP parabolas: per FLOP budget (>= 3 sizes), L = p2 (ln N)^2 + p1 ln N + p0 by least squares; its
+  vertex gives the compute-optimal N_opt(C) and the loss there, L_opt(C). A budget whose parabola opens
+  downwards has no minimum and is left out; a vertex outside the sizes run is kept and flagged
+  `extrapolated`. D_opt(C) = C / flops_per_token(N_opt), with ln flops_per_token interpolated linearly in
+  ln N over the sweep's runs (for a plain transformer this is C / 6N; here attention and the lm_head
+  are in the FLOPs too).
+- N_opt(C) = k_N C^a and D_opt(C) = k_D C^b: straight lines in log-log (>= 2 budgets).
+- Loss vs compute: L(C) = a C^-b on the frontier (each budget's L_opt, or its best run when it has no
+  parabola), fitted in log space with a soft-L1 loss (robust to one bad point); with >= 4 frontier points
+  also L(C) = c + a C^-b (c: irreducible loss, bounded to [0, min L)).
+
+Plots in SWEEP_DIR: isoflop.png (loss vs N per budget, the parabolas and their minima), frontier.png
+(every run's loss vs C, the frontier and its fit), optimal.png (N_opt and D_opt vs C with their fits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import optimize
+
+from train.sweep import MANIFEST, final_eval
+
+
+class ReportError(Exception):
+  """A sweep directory that cannot be reported on; the message is one line."""
+
+
+# ------------------------------------------------------------------ fits
+def fit_power_law(x, y, *, offset: bool = False) -> dict:
+  """y = a x^e (offset: y = c + a x^e, c in [0, min y)), least squares on ln y with a soft-L1 loss.
+  Returns {a, e, c, rmse_log} (c = 0 without offset)."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if len(x) < (3 if offset else 2) or np.any(x <= 0) or np.any(y <= 0):
+    raise ValueError(f"fit_power_law: need >= {3 if offset else 2} positive points, got {len(x)}")
+  lx, ly = np.log(x), np.log(y)
+  e0, la0 = np.polyfit(lx, ly, 1)
+  scale = max(float(np.std(ly)), 1e-6) * 0.1
+
+  if not offset:
+    res = optimize.least_squares(lambda p: p[0] + p[1] * lx - ly, [la0, e0], loss="soft_l1", f_scale=scale)
+    la, e = res.x
+    return {"a": float(math.exp(la)), "e": float(e), "c": 0.0,
+            "rmse_log": float(np.sqrt(np.mean((la + e * lx - ly) ** 2)))}
+  ymin = float(y.min())
+  lx0 = float(np.mean(lx))  # centre ln x so that ln a and e are not tied together
+
+  def model(p):
+    la, e, c = p
+    return np.log(c + np.exp(la + e * (lx - lx0)))
+
+  best = None
+  for frac in (0.0, 0.3, 0.6, 0.9):  # several starts for c; keep the best
+    c0 = frac * ymin
+    e_start, la_start = np.polyfit(lx - lx0, np.log(np.maximum(y - c0, 1e-12)), 1)
+    try:
+      res = optimize.least_squares(lambda p: model(p) - ly, [la_start, min(e_start, -1e-3), c0],
+                                   bounds=([-np.inf, -10.0, 0.0], [np.inf, 0.0, ymin * (1 - 1e-9)]),
+                                   loss="soft_l1", f_scale=scale)
+    except ValueError:
+      continue
+    if best is None or res.cost < best.cost:
+      best = res
+  la, e, c = best.x
+  return {"a": float(math.exp(la - e * lx0)), "e": float(e), "c": float(c),
+          "rmse_log": float(np.sqrt(np.mean((model(best.x) - ly) ** 2)))}
+
+
+def fit_isoflop(params, losses) -> dict | None:
+  """L = p2 (ln N)^2 + p1 ln N + p0; None with < 3 sizes or a parabola without a minimum."""
+  n, loss = np.asarray(params, np.float64), np.asarray(losses, np.float64)
+  if len(np.unique(n)) < 3:
+    return None
+  p2, p1, p0 = np.polyfit(np.log(n), loss, 2)
+  if p2 <= 0:
+    return None
+  ln_opt = -p1 / (2 * p2)
+  return {"coeffs": [float(p2), float(p1), float(p0)], "n_opt": float(math.exp(ln_opt)),
+          "loss_opt": float(p0 - p1 * p1 / (4 * p2)),
+          "extrapolated": bool(ln_opt < np.log(n.min()) or ln_opt > np.log(n.max()))}
+
+
+def fit_flops_per_token(params, fpt) -> tuple[float, float]:
+  """(slope, intercept) of ln flops_per_token vs ln N over the runs."""
+  n, f = np.log(np.asarray(params, np.float64)), np.log(np.asarray(fpt, np.float64))
+  if len(np.unique(n)) < 2:
+    return 1.0, float(np.mean(f - n))  # one size: flops_per_token proportional to N
+  slope, intercept = np.polyfit(n, f, 1)
+  return float(slope), float(intercept)
+
+
+def fit_sweep(rows: list[dict], params_key: str = "active_params") -> dict:
+  """All the fits of the module docstring for finished runs `rows` (dicts with budget, flops, tokens,
+  eval_loss, flops_per_token and params_key)."""
+  rows = [r for r in rows if r.get("eval_loss") is not None and math.isfinite(r["eval_loss"])]
+  if not rows:
+    raise ReportError("no finished runs (no run has an eval loss at its last step)")
+  slope, intercept = fit_flops_per_token([r[params_key] for r in rows], [r["flops_per_token"] for r in rows])
+  budgets = sorted({r["budget"] for r in rows if r.get("budget") is not None})
+  isoflop, frontier = [], []
+  for b in budgets:
+    group = sorted((r for r in rows if r.get("budget") == b), key=lambda r: r[params_key])
+    best = min(group, key=lambda r: r["eval_loss"])
+    fit = fit_isoflop([r[params_key] for r in group], [r["eval_loss"] for r in group])
+    entry = {"budget": b, "runs": [r["name"] for r in group], "best_run": best["name"],
+             "best_loss": best["eval_loss"], "best_params": best[params_key]}
+    if fit is not None:
+      d_opt = b / math.exp(intercept + slope * math.log(fit["n_opt"]))
+      entry.update(fit, d_opt=d_opt, tokens_per_param=d_opt / fit["n_opt"])
+      frontier.append({"flops": b, "loss": fit["loss_opt"], "from": "parabola"})
+    else:
+      entry.update(coeffs=None, n_opt=None, loss_opt=None, d_opt=None)
+      frontier.append({"flops": b, "loss": best["eval_loss"], "from": "best run"})
+    isoflop.append(entry)
+  if not budgets:  # a grid sweep: the lower envelope of loss vs FLOPs
+    running = math.inf
+    for r in sorted(rows, key=lambda r: r["flops"]):
+      if r["eval_loss"] < running:
+        running = r["eval_loss"]
+        frontier.append({"flops": r["flops"], "loss": r["eval_loss"], "from": r["name"]})
+  out = {"params_key": params_key, "n_runs": len(rows), "budgets": budgets, "isoflop": isoflop,
+         "flops_per_token_fit": {"slope": slope, "intercept": intercept,
+                                 "note": "ln flops_per_token = intercept + slope ln N"},
+         "frontier": frontier, "loss_vs_compute": None, "loss_vs_compute_offset": None,
+         "n_opt_fit": None, "d_opt_fit": None}
+  if len(frontier) >= 2:
+    fc, fl = [f["flops"] for f in frontier], [f["loss"] for f in frontier]
+    p = fit_power_law(fc, fl)
+    out["loss_vs_compute"] = {"a": p["a"], "b": -p["e"], "rmse_log": p["rmse_log"], "form": "L = a C^-b"}
+    if len(frontier) >= 4:
+      q = fit_power_law(fc, fl, offset=True)
+      out["loss_vs_compute_offset"] = {"a": q["a"], "b": -q["e"], "c": q["c"], "rmse_log": q["rmse_log"],
+                                       "form": "L = c + a C^-b"}
+  opt = [e for e in isoflop if e.get("n_opt")]
+  if len(opt) >= 2:
+    c = [e["budget"] for e in opt]
+    pn = fit_power_law(c, [e["n_opt"] for e in opt])
+    pd = fit_power_law(c, [e["d_opt"] for e in opt])
+    out["n_opt_fit"] = {"k": pn["a"], "a": pn["e"], "rmse_log": pn["rmse_log"], "form": "N_opt = k C^a"}
+    out["d_opt_fit"] = {"k": pd["a"], "b": pd["e"], "rmse_log": pd["rmse_log"], "form": "D_opt = k C^b"}
+  return out
+
+
+# ------------------------------------------------------------------ sweep directory
+def load_rows(sweep_dir: str | Path) -> list[dict]:
+  """One dict per run of SWEEP_DIR/sweep.json with its final eval loss (None if unfinished)."""
+  sweep_dir = Path(sweep_dir)
+  path = sweep_dir / MANIFEST
+  if not path.is_file():
+    raise ReportError(f"{path}: no such file (run `python -m train.sweep SWEEP.yaml` first)")
+  try:
+    manifest = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ReportError(f"{path}: not JSON ({e.msg})") from None
+  rows = []
+  for run in manifest.get("runs", []):
+    run_dir = sweep_dir / run["name"]
+    if not run_dir.is_dir():
+      run_dir = Path(run["overrides"].get("run_dir", run_dir))
+    row = {k: run[k] for k in ("name", "budget", "size", "steps", "tokens", "flops", "total_params",
+                               "active_params", "flops_per_token")}
+    row["eval_loss"] = final_eval(run_dir, run["steps"])
+    rows.append(row)
+  return rows
+
+
+def plot(sweep_dir: Path, rows: list[dict], fit: dict) -> list[Path]:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  key = fit["params_key"]
+  done = [r for r in rows if r["eval_loss"] is not None]
+  label_n = "active parameters N" if key == "active_params" else "total parameters N"
+  paths = []
+  colors = plt.cm.viridis(np.linspace(0, 0.9, max(len(fit["isoflop"]), 1)))
+
+  fig, ax = plt.subplots(figsize=(6.4, 4.4))
+  for color, e in zip(colors, fit["isoflop"]):
+    group = [r for r in done if r["budget"] == e["budget"]]
+    n = np.array([r[key] for r in group])
+    ax.scatter(n, [r["eval_loss"] for r in group], color=color, label=f"C = {e['budget']:.2g}")
+    if e.get("coeffs"):
+      lo, hi = min(n.min(), e["n_opt"]), max(n.max(), e["n_opt"])
+      grid = np.exp(np.linspace(np.log(lo) - 0.2, np.log(hi) + 0.2, 100))
+      ax.plot(grid, np.polyval(e["coeffs"], np.log(grid)), color=color, lw=1)
+      ax.scatter([e["n_opt"]], [e["loss_opt"]], color=color, marker="*", s=160, edgecolor="k", zorder=3)
+  ax.set_xscale("log")
+  ax.set_xlabel(label_n)
+  ax.set_ylabel("final eval loss (nats/token)")
+  ax.set_title("isoFLOP curves (star: parabola minimum)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  paths.append(sweep_dir / "isoflop.png")
+  fig.savefig(paths[-1], dpi=120)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(6.4, 4.4))
+  sc = ax.scatter([r["flops"] for r in done], [r["eval_loss"] for r in done], c=np.log10([r[key] for r in done]),
+                  cmap="viridis", s=25)
+  fig.colorbar(sc, ax=ax, label=f"log10 {label_n}")
+  fr = fit["frontier"]
+  ax.scatter([f["flops"] for f in fr], [f["loss"] for f in fr], marker="*", s=160, color="red", edgecolor="k",
+             zorder=3, label="frontier")
+  grid = np.geomspace(min(r["flops"] for r in done) / 1.5, max(r["flops"] for r in done) * 3, 100)
+  if fit["loss_vs_compute"]:
+    p = fit["loss_vs_compute"]
+    ax.plot(grid, p["a"] * grid ** -p["b"], "r-", lw=1, label=f"L = {p['a']:.3g} C^-{p['b']:.3f}")
+  if fit["loss_vs_compute_offset"]:
+    q = fit["loss_vs_compute_offset"]
+    ax.plot(grid, q["c"] + q["a"] * grid ** -q["b"], "r--", lw=1,
+            label=f"L = {q['c']:.3g} + {q['a']:.3g} C^-{q['b']:.3f}")
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel("training FLOPs C")
+  ax.set_ylabel("final eval loss (nats/token)")
+  ax.set_title("loss vs compute")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  paths.append(sweep_dir / "frontier.png")
+  fig.savefig(paths[-1], dpi=120)
+  plt.close(fig)
+
+  opt = [e for e in fit["isoflop"] if e.get("n_opt")]
+  if opt:
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    c = np.array([e["budget"] for e in opt])
+    ax.scatter(c, [e["n_opt"] for e in opt], color="C0", label="N_opt (params)")
+    ax.scatter(c, [e["d_opt"] for e in opt], color="C1", label="D_opt (tokens)")
+    grid = np.geomspace(c.min() / 1.5, c.max() * 1.5, 50)
+    if fit["n_opt_fit"]:
+      f = fit["n_opt_fit"]
+      ax.plot(grid, f["k"] * grid ** f["a"], "C0-", lw=1, label=f"N_opt = {f['k']:.3g} C^{f['a']:.3f}")
+      g = fit["d_opt_fit"]
+      ax.plot(grid, g["k"] * grid ** g["b"], "C1-", lw=1, label=f"D_opt = {g['k']:.3g} C^{g['b']:.3f}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training FLOPs C")
+    ax.set_title("compute-optimal parameters and tokens")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(sweep_dir / "optimal.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+  return paths
+
+
+def report(sweep_dir: str | Path, params_key: str = "active_params", plots: bool = True) -> dict:
+  sweep_dir = Path(sweep_dir)
+  rows = load_rows(sweep_dir)
+  fit = fit_sweep(rows, params_key)
+  fit["runs"] = rows
+  (sweep_dir / "fit.json").write_text(json.dumps(fit, indent=1) + "\n")
+  if plots:
+    fit["plots"] = [str(p) for p in plot(sweep_dir, rows, fit)]
+  return fit
+
+
+def summary(fit: dict) -> str:
+  lines = [f"{fit['n_runs']} finished runs; N = {fit['params_key']}"]
+  for e in fit["isoflop"]:
+    if e.get("n_opt"):
+      lines.append(f"C = {e['budget']:.3g}: N_opt {e['n_opt']:.4g}, D_opt {e['d_opt']:.4g} ({e['tokens_per_param']:.1f}"
+                   f" tokens/param), L_opt {e['loss_opt']:.4f}{' (extrapolated)' if e['extrapolated'] else ''}")
+    else:
+      lines.append(f"C = {e['budget']:.3g}: no parabola minimum; best run {e['best_run']} loss {e['best_loss']:.4f}")
+  if fit["loss_vs_compute"]:
+    p = fit["loss_vs_compute"]
+    lines.append(f"L(C) = {p['a']:.4g} C^-{p['b']:.4f}")
+  if fit["loss_vs_compute_offset"]:
+    q = fit["loss_vs_compute_offset"]
+    lines.append(f"L(C) = {q['c']:.4g} + {q['a']:.4g} C^-{q['b']:.4f}")
+  if fit["n_opt_fit"]:
+    lines.append(f"N_opt = {fit['n_opt_fit']['k']:.4g} C^{fit['n_opt_fit']['a']:.4f};"
+                 f" D_opt = {fit['d_opt_fit']['k']:.4g} C^{fit['d_opt_fit']['b']:.4f}")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m train.sweep_report", description="Fit scaling laws to a sweep directory.")
+  p.add_argument("sweep_dir", help="the sweep's out_dir (holds sweep.json)")
+  p.add_argument("--params", choices=["active", "total"], default="active", help="parameter count N (default: active)")
+  p.add_argument("--no-plots", action="store_true")
+  args = p.parse_args(argv)
+  try:
+    fit = report(args.sweep_dir, f"{args.params}_params", plots=not args.no_plots)
+  except ReportError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(summary(fit))
+  print(f"fit: {Path(args.sweep_dir) / 'fit.json'}" + (f"; plots: {', '.join(fit['plots'])}" if "plots" in fit else ""))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
