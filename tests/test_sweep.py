@@ -179,3 +179,26 @@ def test_report_on_fake_sweep_dir(tmp_path, capsys):
   for name in ("isoflop.png", "frontier.png", "optimal.png"):
     assert (sweep_dir / name).stat().st_size > 1000
   assert sweep_report.main([str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.slow
+def test_real_micro_sweep_runs_resumes_and_reports(tmp_path, monkeypatch):
+  """Two 20-step d32 runs in process, a rerun that skips them, then the report (a minute or more)."""
+  from train import bench
+
+  monkeypatch.setattr(bench, "measure_peak_flops", lambda dtype: 1e11)
+  monkeypatch.setattr(sweep, "_REAL_PEAK", None)
+  fpt_tokens = sweep.expand(sweep.load_sweep(write_spec(tmp_path, budgets=[1e12], sizes=[32])))[0]
+  per_step = fpt_tokens.flops / fpt_tokens.steps
+  path = write_spec(tmp_path, budgets=[20 * per_step, 40 * per_step], sizes=[32], min_steps=5)
+  assert sweep.main([str(path)]) == 0
+  runs = sweep.expand(sweep.load_sweep(path))
+  assert [r.steps for r in runs] == [20, 40]
+  for r in runs:
+    marker = json.loads((Path(r.overrides["run_dir"]) / sweep.DONE).read_text())
+    assert marker["name"] == r.name and 0 < marker["eval_loss"] < 10
+  mtime = (tmp_path / "sweep" / runs[0].name / "metrics.jsonl").stat().st_mtime
+  assert sweep.main([str(path)]) == 0  # everything finished: trains nothing
+  assert (tmp_path / "sweep" / runs[0].name / "metrics.jsonl").stat().st_mtime == mtime
+  fit = sweep_report.report(tmp_path / "sweep", plots=False)
+  assert fit["n_runs"] == 2 and fit["loss_vs_compute"] is not None
