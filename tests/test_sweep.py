@@ -34,7 +34,7 @@ def test_size_rule_scales_together():
               "model.moe_intermediate_size", "model.n_routed_experts"):
     assert big[key] > small[key], key
   assert big["model.q_lora_rank"] == 64 and big["model.kv_lora_rank"] == 32 and big["model.num_hidden_layers"] == 4
-  with pytest.raises(ConfigError, match="multiple of 32"):
+  with pytest.raises(ConfigError, match="multiple of 16"):
     sweep.size_overrides(40)
 
 

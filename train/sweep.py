@@ -11,7 +11,7 @@ that `python -m train.sweep_report out_dir` reads. Format:
     optimizer.schedule: cosine
   # (a) an isoFLOP sweep: every budget x every size
   budgets: [3e12, 1e13]          # training FLOPs per run
-  sizes: [32, 64, 96]            # hidden sizes, expanded by the size rule below, or mappings
+  sizes: [32, 48, 64, 96]        # hidden sizes, expanded by the size rule below, or mappings
                                  #   {name: s1, overrides: {model.hidden_size: 48, ...}} for any model
   warmup_fraction: 0.1           # optimizer.warmup_steps = ceil(fraction * steps) (default 0.1)
   min_steps: 10                  # a run shorter than this is skipped, with a warning (default 10)
@@ -27,7 +27,7 @@ spends its budget up to rounding; the report uses the run's actual FLOPs. Every 
 fixed overrides set them, and, for the warm-up/decay schedules other than cosine, a decay over all the
 steps after warm-up (`optimizer.decay_start=null`, `decay_steps = steps - warmup_steps`).
 
-Size rule (DeepSeek-style; one knob d = hidden_size, a multiple of 32):
+Size rule (DeepSeek-style; one knob d = hidden_size, a multiple of 16):
   num_hidden_layers      max(2, round(d / 32))      first_k_dense_replace 1 (the rest are MoE)
   num_attention_heads    max(1, d // 32)            head dims: qk_nope 32, qk_rope 16, v 32
   q_lora_rank            d // 2                     kv_lora_rank  d // 4
@@ -74,8 +74,8 @@ SWEEP_KEYS = {"base", "out_dir", "overrides", "budgets", "sizes", "grid", "warmu
 
 def size_overrides(d: int) -> dict:
   """The size rule of the module docstring: dotted model overrides for hidden size `d`."""
-  if d < 32 or d % 32:
-    raise ConfigError(f"size {d}: the size rule needs a hidden size that is a multiple of 32")
+  if d < 16 or d % 16:
+    raise ConfigError(f"size {d}: the size rule needs a hidden size that is a multiple of 16")
   experts = max(4, d // 16)
   experts += experts % 2  # two groups
   return {
