@@ -4,6 +4,7 @@ laws from synthetic data; a fake sweep directory is reported on without training
 import json
 import math
 import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -202,3 +203,24 @@ def test_real_micro_sweep_runs_resumes_and_reports(tmp_path, monkeypatch):
   assert (tmp_path / "sweep" / runs[0].name / "metrics.jsonl").stat().st_mtime == mtime
   fit = sweep_report.report(tmp_path / "sweep", plots=False)
   assert fit["n_runs"] == 2 and fit["loss_vs_compute"] is not None
+
+
+def test_subprocess_mode_launches_train_and_marks_done(tmp_path, monkeypatch):
+  path = write_spec(tmp_path, budgets=[2.0e11], sizes=[32])
+  calls = []
+
+  def fake_run(cmd):
+    calls.append(cmd)
+    overrides = dict(item.split("=", 1) for item in cmd[4:])
+    run_dir = Path(overrides["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": int(overrides["steps"]), "eval_loss": 2.5}) + "\n")
+    return type("Done", (), {"returncode": 0})()
+
+  monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+  assert sweep.main([str(path), "--subprocess"]) == 0
+  (run,) = sweep.expand(sweep.load_sweep(path))
+  base = yaml.safe_load(path.read_text())["base"]
+  assert calls == [[sys.executable, "-m", "train", base, *run.override_list()]]
+  assert json.loads((Path(run.overrides["run_dir"]) / sweep.DONE).read_text())["eval_loss"] == 2.5
+  assert sweep.main([str(path), "--subprocess"]) == 0 and len(calls) == 1  # finished: not launched again
