@@ -148,7 +148,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
   stopped = False
   if start >= cfg.steps:
     log.info("nothing to train: the checkpoint is at step %d and steps=%d", start, cfg.steps)
-  with ckpt, checkpoint_lib.StopSignal() as stop, \
+  # StopSignal outlives ckpt: a signal while the last save is being written must not cut it short
+  with checkpoint_lib.StopSignal() as stop, ckpt, \
       MetricsLogger(run_dir, cfg.steps, progress=progress, start_step=start) as logger:
     t0, pending, timed = time.perf_counter(), [], 0
     for step in range(start, cfg.steps):
