@@ -151,6 +151,12 @@ def test_isoflop_without_minimum_falls_back_to_best_run():
            "flops_per_token": 6 * n, "eval_loss": loss} for n, loss in [(1e5, 1.0), (2e5, 2.0), (4e5, 2.5)]]
   fit = sweep_report.fit_sweep(rows)
   assert fit["isoflop"][0]["n_opt"] is None and fit["frontier"] == [{"flops": 1e12, "loss": 1.0, "from": "best run"}]
+  # a convex curve whose vertex lies below the smallest size: flagged, kept out of the N_opt fit
+  rows = [dict(r, eval_loss=loss) for r, loss in zip(rows, [1.0, 1.2, 1.6])]
+  rows += [dict(r, budget=1e13, flops=1e13, name=r["name"] + "b") for r in rows]
+  fit = sweep_report.fit_sweep(rows)
+  assert all(e["extrapolated"] and e["n_opt"] < 1e5 for e in fit["isoflop"])
+  assert fit["n_opt_fit"] is None and [f["from"] for f in fit["frontier"]] == ["best run"] * 2
 
 
 # ------------------------------------------------------------------ a fake sweep directory

@@ -8,13 +8,14 @@ Fits (numpy / scipy), written to SWEEP_DIR/fit.json:
 
 - isoFLOP parabolas: per FLOP budget (>= 3 sizes), L = p2 (ln N)^2 + p1 ln N + p0 by least squares; its
   vertex gives the compute-optimal N_opt(C) and the loss there, L_opt(C). A budget whose parabola opens
-  downwards has no minimum and is left out; a vertex outside the sizes run is kept and flagged
-  `extrapolated`. D_opt(C) = C / flops_per_token(N_opt), with ln flops_per_token interpolated linearly in
+  downwards has no minimum; a vertex outside the sizes run is reported but flagged `extrapolated` (the
+  optimum lies beyond the sizes: run smaller or bigger ones). Both are left out of the N_opt / D_opt
+  fits, and the frontier takes the budget's best run instead. D_opt(C) = C / flops_per_token(N_opt), with ln flops_per_token interpolated linearly in
   ln N over the sweep's runs (for a plain transformer this is C / 6N; here attention and the lm_head
   are in the FLOPs too).
 - N_opt(C) = k_N C^a and D_opt(C) = k_D C^b: straight lines in log-log (>= 2 budgets).
 - Loss vs compute: L(C) = a C^-b on the frontier (each budget's L_opt, or its best run when it has no
-  parabola), fitted in log space with a soft-L1 loss (robust to one bad point); with >= 4 frontier points
+  parabola minimum within its sizes), fitted in log space with a soft-L1 loss (robust to one bad point); with >= 4 frontier points
   also L(C) = c + a C^-b (c: irreducible loss, bounded to [0, min L)).
 
 Plots in SWEEP_DIR: isoflop.png (loss vs N per budget, the parabolas and their minima), frontier.png
@@ -120,9 +121,11 @@ def fit_sweep(rows: list[dict], params_key: str = "active_params") -> dict:
     if fit is not None:
       d_opt = b / math.exp(intercept + slope * math.log(fit["n_opt"]))
       entry.update(fit, d_opt=d_opt, tokens_per_param=d_opt / fit["n_opt"])
+    else:
+      entry.update(coeffs=None, n_opt=None, loss_opt=None, d_opt=None, extrapolated=None)
+    if fit is not None and not fit["extrapolated"]:
       frontier.append({"flops": b, "loss": fit["loss_opt"], "from": "parabola"})
     else:
-      entry.update(coeffs=None, n_opt=None, loss_opt=None, d_opt=None)
       frontier.append({"flops": b, "loss": best["eval_loss"], "from": "best run"})
     isoflop.append(entry)
   if not budgets:  # a grid sweep: the lower envelope of loss vs FLOPs
@@ -144,7 +147,7 @@ def fit_sweep(rows: list[dict], params_key: str = "active_params") -> dict:
       q = fit_power_law(fc, fl, offset=True)
       out["loss_vs_compute_offset"] = {"a": q["a"], "b": -q["e"], "c": q["c"], "rmse_log": q["rmse_log"],
                                        "form": "L = c + a C^-b"}
-  opt = [e for e in isoflop if e.get("n_opt")]
+  opt = [e for e in isoflop if e.get("n_opt") and not e["extrapolated"]]
   if len(opt) >= 2:
     c = [e["budget"] for e in opt]
     pn = fit_power_law(c, [e["n_opt"] for e in opt])
@@ -198,11 +201,12 @@ def plot(sweep_dir: Path, rows: list[dict], fit: dict) -> list[Path]:
       lo, hi = min(n.min(), e["n_opt"]), max(n.max(), e["n_opt"])
       grid = np.exp(np.linspace(np.log(lo) - 0.2, np.log(hi) + 0.2, 100))
       ax.plot(grid, np.polyval(e["coeffs"], np.log(grid)), color=color, lw=1)
-      ax.scatter([e["n_opt"]], [e["loss_opt"]], color=color, marker="*", s=160, edgecolor="k", zorder=3)
+      ax.scatter([e["n_opt"]], [e["loss_opt"]], color="none" if e["extrapolated"] else color, marker="*", s=160,
+                 edgecolor="k", zorder=3)
   ax.set_xscale("log")
   ax.set_xlabel(label_n)
   ax.set_ylabel("final eval loss (nats/token)")
-  ax.set_title("isoFLOP curves (star: parabola minimum)")
+  ax.set_title("isoFLOP curves (star: parabola minimum; hollow: extrapolated)")
   ax.legend(fontsize=8)
   fig.tight_layout()
   paths.append(sweep_dir / "isoflop.png")
