@@ -314,16 +314,25 @@ def save_state(run_dir, step: int, state, cfg: TrainConfig, data_iter=None, par=
   return checkpoint_dir(run_dir) / str(step)
 
 
-def restore_model(path, target: dict):
+def restore_model(path, target: dict, on_host: bool = False):
   """{"params", "rest"} of the checkpoint directory `path` (a step directory), read into `target`
-  (ShapeDtypeStructs; orbax casts to their dtypes). Reads neither optimiser state nor data."""
+  (ShapeDtypeStructs; orbax casts to their dtypes), as jax Arrays with the targets' shardings, or with
+  `on_host` as NumPy arrays (no device memory: exporting). Reads neither optimiser state nor data."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
   path = Path(path)
   validate_step_dir(path)
   _quiet_absl()
   _ignore_closed_loop_callbacks()
-  with ocp.CheckpointManager(path.parent.absolute(), options=ocp.CheckpointManagerOptions(read_only=True)) as m:
+  if on_host:
+    restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), target)
+    args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
+  else:
+    args = ocp.args.StandardRestore(target)
+  options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
+  with ocp.CheckpointManager(path.parent.absolute(), options=options) as m:
     try:
-      return m.restore(int(path.name), args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))["model"]
+      return m.restore(int(path.name), args=ocp.args.Composite(model=args))["model"]
     except Exception as e:
       raise CheckpointError(f"{path}: cannot restore the model: {_one_line(e)}") from None
 

@@ -1,0 +1,146 @@
+"""Checkpoints to HF folders and back.
+
+  python -m train.export RUN_DIR [--step S] --out HF_DIR [--dtype float32|bfloat16]
+      writes config.json + sharded safetensors (+ index) in the released DeepSeek naming
+      (moe.hf.to_hf, one tensor at a time) from step S of RUN_DIR (default: its newest checkpoint);
+      only the model item (weights and router biases) is read, never the optimiser state
+
+  python -m train.export --from-hf HF_DIR --out RUN_DIR [--config CONFIG] [key=value ...]
+      makes RUN_DIR/checkpoints/0 (the HF weights, a fresh optimiser state, step 0) and
+      RUN_DIR/config.yaml: the model section comes from HF_DIR/config.json, the training keys from
+      CONFIG (its model section is ignored; default: TrainConfig's defaults) and the overrides.
+      Continue training or fine-tune with `python -m train RUN_DIR/config.yaml [key=value ...]`.
+      The data starts from the beginning (the checkpoint has no data-iterator state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from moe.config import ConfigError, load_yaml
+from train.config import TrainConfig, apply_override
+
+
+def step_dir(run_dir, step: int | None = None) -> Path:
+  """RUN_DIR/checkpoints/<step>: `step`, or the newest finished checkpoint (temporary directories of
+  an interrupted save never count)."""
+  from train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+
+  root = ckpt_lib.checkpoint_dir(run_dir)
+  steps = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+  if not steps:
+    raise ConfigError(f"{run_dir}: no checkpoints (nothing in {root}); train first, or give another run directory")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise ConfigError(f"{root}: no step {step}; it has {', '.join(map(str, steps[-10:]))}")
+  return root / str(step)
+
+
+def load_checkpoint_model(path, dtype: str = "float32", on_host: bool = False):
+  """The Transformer of a checkpoint step directory, parameters and compute in `dtype` (the float32
+  master weights cast), on the first local device, or with `on_host` as NumPy arrays (for writing
+  them out without using device memory)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from moe.model import Transformer  # pylint: disable=import-outside-toplevel
+  from train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+
+  path = Path(path)
+  ckpt_lib.validate_step_dir(path)
+  cfg = ckpt_lib.read_config(path).model.replace(dtype=dtype, param_dtype=dtype, fp8=False)
+  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        {"params": params, "rest": rest})
+  got = ckpt_lib.restore_model(path, target, on_host=on_host)
+  return nnx.merge(graphdef, got["params"], got["rest"])
+
+
+def export(run_dir, out, step: int | None = None, dtype: str = "float32", max_shard_bytes: int = 4 << 30) -> Path:
+  """Write step `step` (default newest) of `run_dir` as an HF folder `out`; returns the step directory."""
+  from moe import hf  # pylint: disable=import-outside-toplevel
+
+  out = Path(out)
+  if out.exists() and any(out.iterdir()):
+    raise ConfigError(f"{out}: exists and is not empty; choose a new --out directory")
+  src = step_dir(run_dir, step)
+  hf.to_hf(load_checkpoint_model(src, dtype, on_host=True), out, max_shard_bytes=max_shard_bytes)
+  return src
+
+
+def train_config_for_hf(model_cfg, run_dir, config: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+  """TrainConfig with `model_cfg` as its model: the training keys of `config` (a YAML file) and
+  `overrides`; run_dir set."""
+  raw = load_yaml(config) if config else {}
+  raw["model"] = dataclasses.asdict(model_cfg)
+  for item in overrides:
+    if item.split("=", 1)[0].startswith("model."):
+      raise ConfigError(f"override {item!r}: the model comes from the HF config.json; only training keys can change")
+    apply_override(raw, item)
+  raw["run_dir"] = str(run_dir)
+  return TrainConfig.from_dict(raw, where=config or "--from-hf")
+
+
+def from_hf(hf_dir, run_dir, config: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+  """Make RUN_DIR/checkpoints/0 from an HF folder: its weights (float32), a fresh optimiser state,
+  step 0; writes RUN_DIR/config.yaml. Returns the TrainConfig."""
+  from moe import hf  # pylint: disable=import-outside-toplevel
+  from train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from train import optimizer as optimizer_lib  # pylint: disable=import-outside-toplevel
+  from train import step as step_lib  # pylint: disable=import-outside-toplevel
+
+  run_dir = Path(run_dir)
+  root = ckpt_lib.checkpoint_dir(run_dir)
+  if root.exists() and any(root.iterdir()):
+    raise ConfigError(f"{root}: already holds checkpoints; choose a new --out run directory")
+  model = hf.from_hf(hf_dir, dtype="float32")
+  cfg = train_config_for_hf(model.cfg, run_dir, config, overrides)
+  tx = optimizer_lib.make_optimizer(cfg, optimizer_lib.make_schedule(cfg))
+  _, state = step_lib.init_state(model, tx)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  ckpt_lib.save_state(run_dir, 0, state, cfg)
+  (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+  return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  p.add_argument("run_dir", nargs="?", help="run directory to export (not with --from-hf)")
+  p.add_argument("overrides", nargs="*", help="with --from-hf: training key=value overrides")
+  p.add_argument("--out", required=True, help="HF folder to write; with --from-hf, the run directory to make")
+  p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the written tensors")
+  p.add_argument("--from-hf", metavar="HF_DIR", help="make a step-0 checkpoint from an HF folder instead")
+  p.add_argument("--config", help="with --from-hf: YAML with the training keys (its model section is ignored)")
+  args = p.parse_args(argv)
+  try:
+    if args.from_hf:
+      overrides = ([args.run_dir] if args.run_dir else []) + args.overrides  # key=value only
+      bad = [o for o in overrides if "=" not in o]
+      if bad or args.step is not None:
+        raise ConfigError("--from-hf takes no RUN_DIR or --step; give the new run directory as --out")
+      cfg = from_hf(args.from_hf, args.out, args.config, overrides)
+      print(f"{args.out}/checkpoints/0: {args.from_hf} with a fresh optimiser state; continue with"
+            f" python -m train {args.out}/config.yaml (steps={cfg.steps})")
+    else:
+      if not args.run_dir or args.overrides or args.config:
+        raise ConfigError("give one RUN_DIR (and --out, optionally --step); key=value and --config go with --from-hf")
+      src = export(args.run_dir, args.out, args.step, args.dtype)
+      print(f"{args.out}: step {src.name} of {args.run_dir} as an HF folder ({args.dtype})")
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
