@@ -213,3 +213,17 @@ def test_config_changes_and_trim_metrics(tmp_path):
   assert ckpt_lib.trim_metrics(tmp_path, 2) == 2
   kept = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in kept] == [1, 2, 2]
+
+
+def test_stop_signal_sigint_then_abort():
+  import os
+  import signal
+
+  before = signal.getsignal(signal.SIGINT)
+  with ckpt_lib.StopSignal() as stop:
+    assert not stop.requested(1)
+    os.kill(os.getpid(), signal.SIGINT)  # first: a clean stop after the current step
+    assert stop.requested(2) and stop.received == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):  # second: Python's default, abort now
+      os.kill(os.getpid(), signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is before
