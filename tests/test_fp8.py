@@ -10,7 +10,7 @@ Bounds used here (E4M3: 3 mantissa bits, max 448, smallest normal 2^-6):
 """
 
 import json
-import logging
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,8 @@ from flax import nnx
 from moe import fp8
 from moe.config import ModelConfig
 from moe.model import Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FAST = {"xla_backend_optimization_level": 0}
 BACKENDS = ("qdq", "native")  # "native" runs real float8 dot_generals; XLA:CPU upcasts them
@@ -58,6 +60,20 @@ def rel(a, b):
   return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
+QDQ = jax.jit(lambda x, tile, pow2: (q := fp8.quantize(x, tile, pow2), fp8.dequantize(q)), static_argnums=(1, 2))
+
+
+def jit_vjp(f, *args, cot=None):
+  """(f(*args), VJP of f at args with cotangent `cot`, default ones) in one compiled call."""
+
+  @jax.jit(compiler_options=FAST)
+  def run(args, cot):
+    y, vjp = jax.vjp(f, *args)
+    return y, vjp(jnp.ones_like(y) if cot is None else cot.astype(y.dtype))
+
+  return run(args, cot)
+
+
 def wide(shape, seed=0):
   """Normal values times per-row and per-column magnitudes spanning ~e^+-2: tile choice matters."""
   rng = np.random.default_rng(seed)
@@ -71,14 +87,14 @@ def wide(shape, seed=0):
 def test_scale_shapes_and_values(tile, want):
   x = wide((200, 300))
   x[:, 256:] *= 1e-7  # the last (partial) column tiles: amax below the 1e-4 floor
-  qt = fp8.quantize(jnp.asarray(x), tile)
+  qt, dq = QDQ(jnp.asarray(x), tile, False)
   ref_scale, ref_dq = np_quant(x, tile)
   assert qt.scale.shape == want and qt.scale.dtype == jnp.float32
   assert qt.q.dtype == jnp.float8_e4m3fn and qt.q.shape == (-(-200 // tile[0]) * tile[0], -(-300 // tile[1]) * tile[1])
   np.testing.assert_allclose(np.asarray(qt.scale), ref_scale, rtol=1e-6)
   if tile[1] == 128:
     np.testing.assert_allclose(np.asarray(qt.scale)[:, -1], 1e-4 / 448, rtol=1e-6)  # the floor
-  dq = np.asarray(fp8.dequantize(qt))
+  dq = np.asarray(dq)
   assert dq.shape == (200, 300)
   same = np.abs(dq - ref_dq) <= 1e-6 * np.abs(ref_dq)  # the same E4M3 value, float32 scale
   assert same.mean() > 0.999  # all but rare float32-vs-float64 rounding ties
@@ -104,9 +120,9 @@ def test_quantisation_error_bound(dist, pow2):
        "wide": lambda: wide((64, 384)),
        "tiny": lambda: rng.standard_normal((64, 384)) * 1e-3}[dist]().astype(np.float32)
   for tile in ((1, 128), (128, 1), (128, 128)):
-    qt = fp8.quantize(jnp.asarray(x), tile, pow2=pow2)
+    qt, dq = QDQ(jnp.asarray(x), tile, pow2)
     scale = np.repeat(np.repeat(np.asarray(qt.scale, np.float64), tile[0], 0), tile[1], 1)[:64, :384]
-    frac_normal = check_bound(x, fp8.dequantize(qt), scale)
+    frac_normal = check_bound(x, dq, scale)
     if dist == "normal" and tile[0] == 1:
       assert frac_normal > 0.9
     if pow2:
@@ -117,14 +133,13 @@ def test_quantisation_error_bound(dist, pow2):
 
 
 def test_zeros_stay_zero():
-  for tile in ((1, 128), (128, 1), (128, 128)):
-    qt = fp8.quantize(jnp.zeros((130, 200), jnp.bfloat16), tile)
-    np.testing.assert_allclose(np.asarray(qt.scale), 1e-4 / 448, rtol=1e-6)
-    assert np.all(np.asarray(fp8.dequantize(qt)) == 0)
-  x, w = jnp.zeros((5, 200)), jnp.zeros((200, 7))
-  assert np.all(np.asarray(fp8.linear(x, w)) == 0)
-  gx, gw = jax.grad(lambda x, w: fp8.linear(x, w).sum(), (0, 1))(x, w)
-  assert np.all(np.isfinite(gx)) and np.all(np.asarray(gw) == 0)
+  quant = jax.jit(lambda x: [(q.scale, fp8.dequantize(q)) for q in (fp8.quantize(x, t) for t in
+                                                                     ((1, 128), (128, 1), (128, 128)))])
+  for scale, dq in quant(jnp.zeros((130, 200), jnp.bfloat16)):
+    np.testing.assert_allclose(np.asarray(scale), 1e-4 / 448, rtol=1e-6)
+    assert np.all(np.asarray(dq) == 0)
+  y, (gx, gw) = jit_vjp(fp8.linear, jnp.zeros((5, 200)), jnp.zeros((200, 7)))
+  assert np.all(np.asarray(y) == 0) and np.all(np.asarray(gx) == 0) and np.all(np.asarray(gw) == 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -133,16 +148,17 @@ def test_nan_and_inf_propagate(backend):
   x = wide((6, 300))
   x[1, 5] = np.nan
   x[4, 200] = np.inf
-  dq = np.asarray(fp8.qdq(jnp.asarray(x), (1, 128)))
+  dq = np.asarray(jax.jit(fp8.qdq, static_argnums=1)(jnp.asarray(x), (1, 128)))
   assert np.all(np.isnan(dq[1, :128])) and np.all(np.isnan(dq[4, 128:256]))
   ok = np.ones_like(dq, bool)
   ok[1, :128] = ok[4, 128:256] = False
   assert np.all(np.isfinite(dq[ok]))
   w = jnp.asarray(wide((300, 40), 1) * 0.05)
-  y = np.asarray(fp8.linear(jnp.asarray(x), w, fp8.Recipe(backend=backend)))
+  lin = jax.jit(lambda x, w: fp8.linear(x, w, fp8.Recipe(backend=backend)))
+  y = np.asarray(lin(jnp.asarray(x), w))
   assert np.all(np.isnan(y[[1, 4]])) and np.all(np.isfinite(y[[0, 2, 3, 5]]))
   w_bad = w.at[7, 3].set(-jnp.inf)  # a bad weight: its 128x128 block, so output columns 0..39
-  y = np.asarray(fp8.linear(jnp.asarray(wide((6, 300))), w_bad, fp8.Recipe(backend=backend)))
+  y = np.asarray(lin(jnp.asarray(wide((6, 300))), w_bad))
   assert np.all(np.isnan(y))
 
 
@@ -155,8 +171,7 @@ def test_linear_forward_and_gradients_vs_numpy(backend):
   m, k, n = 200, 300, 260
   x, w, dy = wide((m, k), 0), wide((k, n), 1) * 0.05, wide((m, n), 2)
   recipe = fp8.Recipe(backend=backend)
-  y, vjp = jax.vjp(lambda x, w: fp8.linear(x, w, recipe), jnp.asarray(x), jnp.asarray(w))
-  dx, dw = vjp(jnp.asarray(dy))
+  y, (dx, dw) = jit_vjp(lambda x, w: fp8.linear(x, w, recipe), jnp.asarray(x), jnp.asarray(w), cot=jnp.asarray(dy))
   y_ref = np_qdq(x, (1, 128)) @ np_qdq(w, (128, 128))
   dx_ref = np_qdq(dy, (1, 128)) @ np_qdq(w, (128, 128)).T
   dw_ref = np_qdq(x, (128, 1)).T @ np_qdq(dy, (128, 1))
@@ -172,7 +187,8 @@ def test_linear_forward_and_gradients_vs_numpy(backend):
 
 def test_native_equals_qdq_and_scan_grouping(monkeypatch):
   x, w = jnp.asarray(wide((130, 600))), jnp.asarray(wide((600, 200), 1) * 0.05)
-  f = lambda b: jax.value_and_grad(lambda x, w: jnp.sum(fp8.linear(x, w, fp8.Recipe(backend=b)) ** 2), (0, 1))(x, w)
+  f = lambda b: jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(fp8.linear(x, w, fp8.Recipe(backend=b)) ** 2), (0, 1)),
+                        compiler_options=FAST)(x, w)
   (lq, gq), (ln, gn) = f("qdq"), f("native")
   monkeypatch.setattr(fp8, "NATIVE_PARTIAL_BYTES", 130 * 256 * 4 * 2)  # groups of 2 of the 5 K-chunks
   ls, gs = f("native")
@@ -186,15 +202,18 @@ def test_linear_dtypes_and_batch_axes():
   """bf16 activations, float32 master kernel: y and dx bf16, dW float32; leading axes are tokens."""
   x = jnp.asarray(wide((2, 3, 130)), jnp.bfloat16)
   w = jnp.asarray(wide((130, 20), 1) * 0.05)
-  y, vjp = jax.vjp(fp8.linear, x, w)
-  dx, dw = vjp(jnp.ones_like(y))
+  y, (dx, dw) = jit_vjp(fp8.linear, x, w)
   assert y.shape == (2, 3, 20) and y.dtype == dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
-  np.testing.assert_array_equal(np.asarray(y.reshape(6, 20)), np.asarray(fp8.linear(x.reshape(6, 130), w)))
-  # fp8_matmul with batch axes == each batch alone
   xb, wb = jnp.asarray(wide((3, 40, 130))), jnp.asarray(wide((3, 130, 24), 1))
-  yb = fp8.fp8_matmul(xb, wb)
-  for i in range(3):
-    np.testing.assert_allclose(np.asarray(yb[i]), np.asarray(fp8.linear(xb[i], wb[i])), rtol=1e-6, atol=1e-6)
+
+  @jax.jit(compiler_options=FAST)
+  def run(x, xb, wb):  # flattened tokens; fp8_matmul with batch axes == each batch alone
+    return (fp8.linear(x.reshape(6, 130), w), fp8.fp8_matmul(xb, wb),
+            jnp.stack([fp8.linear(xb[i], wb[i]) for i in range(3)]))
+
+  y_flat, yb, yb_each = run(x, xb, wb)
+  np.testing.assert_array_equal(np.asarray(y.reshape(6, 20)), np.asarray(y_flat))
+  np.testing.assert_allclose(np.asarray(yb), np.asarray(yb_each), rtol=1e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- routed experts
@@ -205,8 +224,8 @@ def test_ragged_dot_vs_numpy():
   m, d, f = int(sizes.sum()), 130, 70
   x, dy = wide((m, d), 0), wide((m, f), 2)
   w = np.stack([wide((d, f), 10 + e) * 0.1 for e in range(4)])
-  y, vjp = jax.vjp(lambda x, w: fp8.fp8_ragged_dot(x, w, jnp.asarray(sizes, jnp.int32)), jnp.asarray(x), jnp.asarray(w))
-  dx, dw = vjp(jnp.asarray(dy))
+  y, (dx, dw) = jit_vjp(lambda x, w: fp8.fp8_ragged_dot(x, w, jnp.asarray(sizes, jnp.int32)), jnp.asarray(x),
+                        jnp.asarray(w), cot=jnp.asarray(dy))
   ends = np.cumsum(sizes)
   starts = ends - sizes
   segments = []  # (tile x group) runs of rows
@@ -287,7 +306,7 @@ SMALL = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_int
 
 def test_model_uses_fp8_where_the_recipe_says():
   """Attention projections, dense/shared FFNs and routed experts FP8; head, MTP projection, router,
-  embedding not. Logits close to the bf16 model with the same weights; float32 gradients."""
+  embedding not (end to end: test_fp8_check_short_run)."""
   from moe.layers import Linear
 
   model = nnx.eval_shape(lambda: Transformer(SMALL.replace(fp8=True), rngs=nnx.Rngs(0)))
@@ -300,25 +319,73 @@ def test_model_uses_fp8_where_the_recipe_says():
   assert model.moe_layers.layers.mlp.experts.fp8 == fp8.Recipe()
   assert not hasattr(model.moe_layers.layers.mlp.gate, "fp8")  # the router: float32, no FP8
 
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  graphdef_bf16 = nnx.split(nnx.eval_shape(lambda: Transformer(SMALL, rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
-  rng = np.random.default_rng(0)  # random weights without an op-by-op init
-  fill = lambda path, a: jnp.asarray(("scale" in str(path)) + 0.1 * rng.standard_normal(a.shape), a.dtype)
-  params = jax.tree_util.tree_map_with_path(fill, params)  # norm scales near 1, weights std 0.1
-  rest = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), rest)
-  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 16)), jnp.int32)
 
-  @jax.jit(compiler_options=FAST)
-  def run(params, rest):
-    def loss(g, p):
-      out = nnx.merge(g, p, rest).forward(tokens)
-      return out.logits.mean() + out.mtp_logits[0].mean(), out.logits
-    (l8, logits8), g8 = jax.value_and_grad(lambda p: loss(graphdef, p), has_aux=True)(params)
-    (l16, logits16), g16 = jax.value_and_grad(lambda p: loss(graphdef_bf16, p), has_aux=True)(params)
-    return logits8, logits16, g8, g16
+def test_precision_fp8_maps_to_the_model():
+  from train import loop
+  from train.config import load_train_config
 
-  logits8, logits16, g8, g16 = run(params, rest)
-  assert rel(logits8 - logits8.mean(), logits16 - logits16.mean()) < 0.1
-  leaves8, leaves16 = jax.tree.leaves(g8), jax.tree.leaves(g16)
-  assert all(a.dtype == jnp.float32 and np.all(np.isfinite(a)) for a in leaves8)
-  assert rel(np.concatenate([np.ravel(a) for a in leaves8]), np.concatenate([np.ravel(a) for a in leaves16])) < 0.1
+  cfg = load_train_config(ROOT / "configs/tiny.yaml", ["precision=fp8", "model.fp8_pow2_scales=true"])
+  m = loop.model_config(cfg)
+  assert (m.dtype, m.param_dtype, m.fp8, m.fp8_pow2_scales) == ("bfloat16", "float32", True, True)
+  assert fp8.Recipe.of(m) == fp8.Recipe(pow2_scales=True)
+  assert not loop.model_config(cfg.replace(precision="bf16")).fp8
+  assert "fp8" not in m.to_hf_dict()  # runtime fields stay out of config.json
+  assert "quantise->dequantise" in fp8.describe(fp8.Recipe())  # CPU: the emulated path, said so
+
+
+TINY_OVERRIDES = [
+    "model.hidden_size=32", "model.intermediate_size=64", "model.moe_intermediate_size=32",
+    "model.num_hidden_layers=2", "model.num_attention_heads=2", "model.q_lora_rank=16", "model.kv_lora_rank=16",
+    "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8", "model.n_routed_experts=4",
+    "model.num_nextn_predict_layers=0", "seq_len=32", "batch_size=2", "optimizer.warmup_steps=2", "log_every=100",
+]
+
+
+def test_fp8_check_short_run(tmp_path, capsys):
+  """`python -m train.fp8_check`: same seed, same data, bf16 vs fp8 on a very small model for 8
+  steps; the last stdout line is the JSON summary; losses agree within 2% (the V3 report's 0.25%
+  is for long runs: docs/fp8.md has the 300-step tiny.yaml measurement)."""
+  from train import fp8_check
+
+  rc = fp8_check.main([str(ROOT / "configs/tiny.yaml"), *TINY_OVERRIDES, "--steps", "8", "--tail", "0.25",
+                       "--no-eval", "--out", str(tmp_path), "--plot", str(tmp_path / "curves.png")])
+  assert rc == 0
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert {"bf16_loss", "fp8_loss", "rel_loss_diff", "fp8_path"} <= summary.keys()
+  assert summary["tail_steps"] == 2 and summary["steps"] == 8
+  assert np.isfinite(summary["fp8_loss"]) and abs(summary["rel_loss_diff"]) < 0.02
+  runs = json.loads((tmp_path / "losses.json").read_text())["runs"]
+  assert len(runs["bf16"]["lm_loss"]) == len(runs["fp8"]["lm_loss"]) == 8
+  assert runs["bf16"]["lm_loss"][0] == pytest.approx(runs["fp8"]["lm_loss"][0], rel=0.02)  # same init, same batch
+  assert runs["fp8"]["lm_loss"][-1] < runs["fp8"]["lm_loss"][0]  # it learns
+  assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_config_traces_a_fp8_train_step(config):
+  """precision=fp8 builds and traces the full train step (forward, backward, AdamW) of every config,
+  V3-671B included (abstractly: jax.eval_shape, nothing allocated)."""
+  from train import optimizer as optimizer_lib
+  from train import step as step_lib
+  from train.config import load_train_config
+  from train import loop
+
+  cfg = load_train_config(ROOT / "configs" / config, ["precision=fp8", "batch_size=1", "seq_len=128", "grad_accum=1"])
+  model_cfg = loop.model_config(cfg)
+  schedule = optimizer_lib.make_schedule(cfg)
+  tx = optimizer_lib.make_optimizer(cfg, schedule)
+  box = {}
+
+  def init():
+    box["graphdef"], state = step_lib.init_state(Transformer(model_cfg, rngs=nnx.Rngs(0)), tx)
+    return state
+
+  state = jax.eval_shape(init)
+  step = step_lib.make_train_step(box["graphdef"], tx, schedule, cfg)
+  batch = {k: jax.ShapeDtypeStruct((1, 128), jnp.float32 if k == "loss_mask" else jnp.int32)
+           for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
+  new_state, metrics = jax.eval_shape(step, state, batch)
+  assert metrics["loss"].shape == () and metrics["loss"].dtype == jnp.float32
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), new_state["params"]) == jax.tree.map(
+      lambda a: (a.shape, a.dtype), state["params"])

@@ -46,6 +46,14 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) ->
           "loss_mask": np.ones((batch_size, seq_len), np.float32)}
 
 
+def fp8_path(model_cfg) -> str:
+  """How the FP8 GEMMs run here (precision=fp8): native FP8 dots, or quantise->dequantise (CPU: slower
+  than bf16, it adds the quantisation work to float32 matmuls). MFU stays against the bf16 peak."""
+  from moe import fp8 as fp8_lib
+
+  return fp8_lib.describe(fp8_lib.Recipe.of(model_cfg))
+
+
 def run(cfg, steps: int = 10, warmup: int = 2) -> dict:
   from train import loop
 
@@ -68,7 +76,9 @@ def run(cfg, steps: int = 10, warmup: int = 2) -> dict:
   return {"config": cfg.run_dir, "backend": jax.default_backend(), "devices": jax.device_count(),
           "mesh": dict(par.mesh.shape), "ep_transport": par.ep_transport,
           **({"dropped_tokens": int(metrics["dropped_tokens"])} if "dropped_tokens" in metrics else {}),
-          "dtype": model_cfg.dtype, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+          "dtype": model_cfg.dtype, "precision": cfg.precision,
+          **({"fp8": fp8_path(model_cfg)} if model_cfg.fp8 else {}),
+          "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
           "tokens_per_s": round(tokens / step_s, 1), "step_s": round(step_s, 4),
           "model_flops_per_token": flops_per_token, "achieved_tflops": round(achieved / 1e12, 4),
           "peak_tflops": round(peak / 1e12, 4), "mfu": round(achieved / peak, 4)}
