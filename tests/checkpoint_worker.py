@@ -1,12 +1,19 @@
-"""Subprocess side of tests/test_checkpoint_runs.py::test_restore_onto_other_meshes (8 simulated CPU devices).
+"""Subprocess side of the mesh and multi-process tests in tests/test_checkpoint_runs.py.
 
-  python tests/checkpoint_worker.py RUN_DIR
+  python tests/checkpoint_worker.py meshes RUN_DIR
+      8 simulated CPU devices: saves a state (random values in every parameter, router bias and
+      AdamW leaf, step 7) sharded as data=2 x fsdp=4, with a data iterator 3 batches in; restores it
+      on fsdp=8 and on one device, each with the shardings of the new mesh
+  python tests/checkpoint_worker.py multi PORT ID N RUN_DIR save|restore
+      process ID of N (4 devices each) on one data=2 x fsdp=4 mesh: `save` writes that state with
+      every process's iterator (process ID reads its own share of the documents) and the batches
+      that follow in RUN_DIR/expected_ID.npz; `restore` restores it with the same processes
+  python tests/checkpoint_worker.py single RUN_DIR
+      one process, 8 devices (fsdp=8): restores the multi-process checkpoint
 
-Saves a state (random values in every parameter, router bias and AdamW leaf, step 7) sharded as
-data=2 x fsdp=4, with a data iterator 3 batches in; restores it on fsdp=8 and on one device, each
-with the shardings of the new mesh, and reports (one JSON line) whether every array came back
-bitwise equal with the new layout and whether the iterator continued with the next batches.
-XLA_FLAGS must be set before jax is imported, hence a separate process.
+Each prints one JSON line: whether every array came back bitwise equal with the new layout, and
+whether the iterator continued with the next batches. XLA_FLAGS must be set before jax is
+imported, hence a separate process.
 """
 
 from __future__ import annotations
@@ -15,14 +22,21 @@ import json
 import os
 import sys
 
+MODE = sys.argv[1]
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
+                           + ("4" if MODE == "multi" else "8")).strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+
+from parallel import distributed  # noqa: E402
+
+if MODE == "multi":
+  distributed.initialize(f"127.0.0.1:{sys.argv[2]}", int(sys.argv[4]), int(sys.argv[3]))
 
 from moe.model import Transformer  # noqa: E402
 from parallel import mesh as mesh_lib  # noqa: E402
@@ -77,8 +91,64 @@ def random_state(abstract, shardings):
 
 def batches(cfg, seed):
   tok = data_lib.load_tokenizer("byte")
-  return iter(data_lib.make_dataset("default", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=seed,
-                                    split="train", tokenizer=tok))
+  n = jax.process_count()
+  return iter(data_lib.make_dataset("default", seq_len=cfg.seq_len, batch_size=cfg.batch_size // n, seed=seed,
+                                    split="train", tokenizer=tok, process_index=jax.process_index(),
+                                    process_count=n))
+
+
+def equal_to_fill(got, abstract, shardings) -> bool:
+  """Whether `got` (global arrays, any layout) equals random_state's values, compared on device (in
+  several processes no process holds every array)."""
+  want = random_state(abstract, shardings)
+  same = jax.jit(lambda a, b: jnp.stack([jnp.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]).all())
+  return bool(jax.device_get(same(got, want)))
+
+
+def multi(run_dir, phase):
+  """Save (or restore) the data=2 x fsdp=4 state with one iterator per process."""
+  cfg = config(run_dir, dict(data=2, fsdp=4))
+  abstract = abstract_state(cfg)
+  target, par = target_for(cfg, abstract)
+  shardings = jax.tree.map(lambda t: t.sharding, target)
+  pid = jax.process_index()
+  if phase == "save":
+    state = random_state(abstract, shardings)
+    it = batches(cfg, cfg.seed)
+    for _ in range(3):
+      next(it)
+    with ckpt_lib.Checkpoints(cfg) as ck:
+      ck.save(7, state, it, force=True, par=par)
+    nxt = [next(it) for _ in range(2)]
+    np.savez(os.path.join(run_dir, f"expected_{pid}.npz"), **{f"{i}_{k}": v for i, b in enumerate(nxt) for k, v in b.items()})
+    files = sorted(os.listdir(os.path.join(run_dir, "checkpoints", "7", "data")))
+    print(json.dumps({"process": pid, "data_files": files}))
+    return
+  with ckpt_lib.Checkpoints(cfg) as ck:
+    plan = ck.resume_plan()
+    it = batches(cfg, ck.data_seed)
+    got = ck.restore(plan, target, it, par)
+  expected = np.load(os.path.join(run_dir, f"expected_{pid}.npz"))
+  nxt = [next(it) for _ in range(2)]
+  cont = all(np.array_equal(b[k], expected[f"{i}_{k}"]) for i, b in enumerate(nxt) for k in b)
+  print(json.dumps({"process": pid, "step": plan["step"], "restore_data": plan["restore_data"],
+                    "equal": equal_to_fill(got, abstract, shardings), "data_continues": cont}))
+
+
+def single(run_dir):
+  """Restore the two-process checkpoint in one process on fsdp=8: arrays equal, data restarted."""
+  cfg = config(run_dir, dict(data=1, fsdp=8))
+  abstract = abstract_state(cfg)
+  target, par = target_for(cfg, abstract)
+  with ckpt_lib.Checkpoints(cfg) as ck:
+    plan = ck.resume_plan()
+    it = batches(cfg, ck.data_seed)
+    got = ck.restore(plan, target, it, par)
+  first = next(it)
+  fresh = next(batches(cfg, cfg.seed))
+  print(json.dumps({"step": plan["step"], "restore_data": plan["restore_data"], "data_seed": plan["data_seed"],
+                    "equal": equal_to_fill(got, abstract, jax.tree.map(lambda t: t.sharding, target)),
+                    "new_order": not same_batch(first, fresh)}))
 
 
 def same_batch(a, b):
@@ -86,7 +156,11 @@ def same_batch(a, b):
 
 
 def main():
-  run_dir = sys.argv[1]
+  if MODE == "multi":
+    return multi(sys.argv[5], sys.argv[6])
+  if MODE == "single":
+    return single(sys.argv[2])
+  run_dir = sys.argv[2]
   assert jax.device_count() == 8
   save_cfg = config(run_dir, dict(data=2, fsdp=4))
   abstract = abstract_state(save_cfg)

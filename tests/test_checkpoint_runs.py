@@ -16,6 +16,7 @@ They share a compilation cache (so most of them do not compile the step again) a
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "checkpoint_worker.py"
 CLI = """
 import os, sys, time
 from train import bench, loop
@@ -177,7 +179,7 @@ def runs(tmp_path_factory):
     r = Run(base / "kill", f"steps={STEPS}", "save_every=1", pause=0.3, name="kill")
     return r.signal_when(lambda: complete_steps(r.run_dir) and tmp_dirs(r.run_dir), signal.SIGKILL)
 
-  worker = subprocess.Popen([sys.executable, str(ROOT / "tests" / "checkpoint_worker.py"), str(base / "meshes")],
+  worker = subprocess.Popen([sys.executable, str(WORKER), "meshes", str(base / "meshes")],
                             cwd=ROOT, env=subprocess_env(base), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
   started = {
@@ -255,3 +257,41 @@ def test_restore_onto_other_meshes(runs):
     assert r["equal"], f"{name}: restored arrays differ from the saved ones"
     assert r["shards_ok"] and r["data_continues"], r
   assert result["fsdp8"]["n_sharded"] > result["fsdp8"]["n_arrays"] // 3  # really laid out over fsdp=8
+
+
+def free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
+
+
+def workers(base: Path, *args_per_process) -> list[dict]:
+  env = subprocess_env(base)
+  procs = [subprocess.Popen([sys.executable, str(WORKER), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for args in args_per_process]
+  out = []
+  for p in procs:
+    stdout, stderr = p.communicate(timeout=900)
+    assert p.returncode == 0, stderr[-3000:]
+    out.append(json.loads(stdout.strip().splitlines()[-1]))
+  return out
+
+
+@pytest.mark.slow
+def test_two_processes_save_and_restore(tmp_path):
+  """2 processes x 4 devices save (each its own iterator file); the same 2 processes continue their
+  data exactly; one process with 8 devices restores the arrays and restarts the data (new seed)."""
+  run = tmp_path / "run"
+  run.mkdir()
+  for phase in ("save", "restore"):
+    port = free_port()
+    results = workers(tmp_path, *[("multi", str(port), str(i), "2", str(run), phase) for i in range(2)])
+    if phase == "save":
+      want = ["process_0-of-2.json", "process_1-of-2.json"]
+      assert all([f for f in r["data_files"] if f.endswith(".json")] == want for r in results), results
+    else:
+      for r in results:
+        assert r["step"] == 7 and r["restore_data"] and r["equal"] and r["data_continues"], r
+  (single,) = workers(tmp_path, ("single", str(run)))
+  assert single["step"] == 7 and not single["restore_data"] and single["equal"], single
+  assert single["new_order"] and single["data_seed"] != 0, single
