@@ -182,7 +182,7 @@ def test_foreign_and_corrupted_directories(tmp_path):
   one_line_error(e, str(other / "checkpoints"), "not a directory")
 
 
-def test_changed_process_count_restarts_the_data_with_a_new_seed(tmp_path, caplog):
+def test_changed_process_count_or_pipeline_restarts_the_data_with_a_new_seed(tmp_path, caplog):
   cfg = config(tmp_path, "seed=5")
   tok = data_lib.load_tokenizer("byte")
   it = iter(data_lib.make_dataset("default", seq_len=32, batch_size=2, seed=5, split="train", tokenizer=tok))
@@ -203,6 +203,13 @@ def test_changed_process_count_restarts_the_data_with_a_new_seed(tmp_path, caplo
     state = ck.restore(plan, jax.eval_shape(toy_state), None)  # the arrays still restore
   assert "2 process(es)" in caplog.text and "shuffle seed" in caplog.text
   np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.full((4, 3), 4.0))
+  meta["process_count"] = 1
+  meta_file.write_text(json.dumps(meta))
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="train"), ckpt_lib.Checkpoints(cfg.replace(seq_len=64)) as ck:
+    plan = ck.resume_plan()  # another pipeline: its iterator state does not fit either
+    assert not plan["restore_data"] and plan["data_seed"] == ckpt_lib.data_seed_after(5, 4)
+  assert "the data pipeline changed (seq_len 32 -> 64)" in caplog.text
 
 
 def test_config_changes_and_trim_metrics(tmp_path):

@@ -25,10 +25,11 @@ are read with the shardings of the state `build` made, so a checkpoint saved on 
 count restores onto any other. The data iterator:
   - same number of processes: every process continues its iterator exactly where it stopped (no
     document repeated or skipped);
-  - a different number of processes: the per-process iterator states do not map onto the new
-    sharding of the documents, so the data restarts with a new shuffle seed (derived from `seed` and
-    the step, and recorded in later checkpoints): the documents of the epoch in progress may repeat
-    or be skipped, and a warning says so.
+  - a different number of processes, or a changed data pipeline (`data`, `tokenizer`, `seq_len`,
+    `batch_size` or `seed`): the saved iterator states do not fit the new pipeline, so the data
+    restarts with a new shuffle seed (derived from `seed` and the step, and recorded in later
+    checkpoints): the documents of the epoch in progress may repeat or be skipped, and a warning
+    says so.
 `resume: false` refuses to start when the run directory holds checkpoints.
 
 Preemption: `StopSignal` turns SIGTERM / SIGINT into "finish the current step, save a checkpoint,
@@ -59,6 +60,8 @@ log = logging.getLogger("train")
 FORMAT = "deepseek-jax/train-checkpoint/1"
 ITEMS = ("model", "optimizer", "data", "config", "meta")
 TMP_MARK = ".orbax-checkpoint-tmp"
+# the keys that define the training data pipeline: an iterator state only fits the pipeline it came from
+DATA_KEYS = ("data", "tokenizer", "seq_len", "batch_size", "seed")
 
 
 class CheckpointError(ConfigError):
@@ -210,14 +213,18 @@ class Checkpoints:
     n_proc = jax.process_count()
     has_data = (path / "data").is_dir()
     same = meta.get("process_count") == n_proc
-    restore_data = has_data and same
+    old = read_config(path).to_dict()
+    pipeline = [c for c in config_changes({k: old.get(k) for k in DATA_KEYS},
+                                          {k: getattr(self.cfg, k) for k in DATA_KEYS})]
+    restore_data = has_data and same and not pipeline
     self.data_seed = int(meta.get("data_seed", self.cfg.seed))
-    if has_data and not same:
+    if has_data and not restore_data:
       self.data_seed = data_seed_after(self.cfg.seed, step)
-      log.warning("checkpoint %s was written by %s process(es), this run has %d: the data iterators cannot"
-                  " continue where they stopped, so the data restarts with shuffle seed %d (documents of the"
-                  " epoch in progress may repeat or be skipped)", path, meta.get("process_count"), n_proc,
-                  self.data_seed)
+      why = (f"the data pipeline changed ({', '.join(pipeline)})" if pipeline else
+             f"it was written by {meta.get('process_count')} process(es), this run has {n_proc}")
+      log.warning("checkpoint %s: %s, so the data iterators cannot continue where they stopped: the data"
+                  " restarts with shuffle seed %d (documents of the epoch in progress may repeat or be"
+                  " skipped)", path, why, self.data_seed)
     return {"step": step, "path": path, "meta": meta, "restore_data": restore_data, "data_seed": self.data_seed}
 
   def restore(self, plan: dict, state, data_iter, par=None):
