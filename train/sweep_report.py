@@ -19,7 +19,7 @@ Fits (numpy / scipy), written to SWEEP_DIR/fit.json:
   also L(C) = c + a C^-b (c: irreducible loss, bounded to [0, min L)).
 
 Plots in SWEEP_DIR: isoflop.png (loss vs N per budget, the parabolas and their minima), frontier.png
-(every run's loss vs C, the frontier and its fit), optimal.png (N_opt and D_opt vs C with their fits).
+(every run's loss vs C, the frontier and its fit), optimal.png (N_opt and D_opt vs C with their fits; hollow markers: extrapolated, not fitted).
 """
 
 from __future__ import annotations
@@ -243,8 +243,10 @@ def plot(sweep_dir: Path, rows: list[dict], fit: dict) -> list[Path]:
   if opt:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     c = np.array([e["budget"] for e in opt])
-    ax.scatter(c, [e["n_opt"] for e in opt], color="C0", label="N_opt (params)")
-    ax.scatter(c, [e["d_opt"] for e in opt], color="C1", label="D_opt (tokens)")
+    face = ["none" if e["extrapolated"] else None for e in opt]  # hollow: extrapolated, not fitted
+    for i, (what, color) in enumerate((("n_opt", "C0"), ("d_opt", "C1"))):
+      ax.scatter(c, [e[what] for e in opt], facecolors=[f or color for f in face], edgecolors=color,
+                 label=("N_opt (params)", "D_opt (tokens)")[i])
     grid = np.geomspace(c.min() / 1.5, c.max() * 1.5, 50)
     if fit["n_opt_fit"]:
       f = fit["n_opt_fit"]
@@ -254,7 +256,7 @@ def plot(sweep_dir: Path, rows: list[dict], fit: dict) -> list[Path]:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training FLOPs C")
-    ax.set_title("compute-optimal parameters and tokens")
+    ax.set_title("compute-optimal parameters and tokens (hollow: extrapolated)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(sweep_dir / "optimal.png")
