@@ -1,4 +1,4 @@
-"""Scaling sweeps: `python -m train.sweep SWEEP.yaml [--print-commands [FILE]] [--subprocess] [--run NAME]`.
+"""Scaling sweeps: `python -m train.sweep SWEEP.yaml [--list] [--print-commands [FILE]] [--subprocess] [--run NAME]`.
 
 A sweep file expands into training runs (train.loop.train), one run directory each under `out_dir`,
 and a manifest `out_dir/sweep.json` (every run's name, overrides, size, parameter and FLOP counts)
