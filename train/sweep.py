@@ -277,7 +277,8 @@ def train_command(spec_path: str, run: Run) -> list[str]:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m train.sweep", description="Run a scaling sweep (see the module docstring).")
+  p = argparse.ArgumentParser(prog="python -m train.sweep",
+                              description="Run a scaling sweep (see the module docstring).")
   p.add_argument("sweep", help="sweep YAML, e.g. configs/scaling/cpu-isoflop.yaml")
   p.add_argument("--print-commands", nargs="?", const="-", metavar="FILE",
                  help="write one launch command per unfinished run (to FILE, default stdout) and train nothing")

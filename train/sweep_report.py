@@ -10,16 +10,17 @@ Fits (numpy / scipy), written to SWEEP_DIR/fit.json:
   vertex gives the compute-optimal N_opt(C) and the loss there, L_opt(C). A budget whose parabola opens
   downwards has no minimum; a vertex outside the sizes run is reported but flagged `extrapolated` (the
   optimum lies beyond the sizes: run smaller or bigger ones). Both are left out of the N_opt / D_opt
-  fits, and the frontier takes the budget's best run instead. D_opt(C) = C / flops_per_token(N_opt), with ln flops_per_token interpolated linearly in
-  ln N over the sweep's runs (for a plain transformer this is C / 6N; here attention and the lm_head
-  are in the FLOPs too).
+  fits, and the frontier takes the budget's best run instead. D_opt(C) = C / flops_per_token(N_opt),
+  with ln flops_per_token interpolated linearly in ln N over the sweep's runs (for a plain transformer
+  this is C / 6N; here attention and the lm_head are in the FLOPs too).
 - N_opt(C) = k_N C^a and D_opt(C) = k_D C^b: straight lines in log-log (>= 2 budgets).
 - Loss vs compute: L(C) = a C^-b on the frontier (each budget's L_opt, or its best run when it has no
-  parabola minimum within its sizes), fitted in log space with a soft-L1 loss (robust to one bad point); with >= 4 frontier points
-  also L(C) = c + a C^-b (c: irreducible loss, bounded to [0, min L)).
+  parabola minimum within its sizes), fitted in log space with a soft-L1 loss (robust to one bad
+  point); with >= 4 frontier points also L(C) = c + a C^-b (c: irreducible loss, bounded to [0, min L)).
 
 Plots in SWEEP_DIR: isoflop.png (loss vs N per budget, the parabolas and their minima), frontier.png
-(every run's loss vs C, the frontier and its fit), optimal.png (N_opt and D_opt vs C with their fits; hollow markers: extrapolated, not fitted).
+(every run's loss vs C, the frontier and its fit), optimal.png (N_opt and D_opt vs C with their fits;
+hollow markers: extrapolated, not fitted).
 """
 
 from __future__ import annotations
