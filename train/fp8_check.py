@@ -12,6 +12,7 @@ line on stdout is one JSON object:
   bf16_eval_loss, fp8_eval_loss, rel_eval_loss_diff   held-out loss after the last step
                         (`eval_steps` batches; not with --no-eval)
   fp8_path              how the FP8 GEMMs ran (native FP8 dots or quantise->dequantise)
+  float32_loss, rel_loss_diff_{bf16,fp8}_vs_float32   with --float32: a third, float32 run
 
 `--out DIR` also writes DIR/losses.json (per-step losses of both runs) and `--plot FILE.png` the
 two loss curves and their relative difference.
@@ -59,9 +60,12 @@ def train_losses(cfg: TrainConfig, log_every: int = 0, evaluate: bool = True) ->
           "seconds": time.perf_counter() - t0}
 
 
-def compare(cfg: TrainConfig, tail: float = 0.1, log_every: int = 0, evaluate: bool = True) -> tuple[dict, dict]:
-  """(summary, per-step losses {"bf16": ..., "fp8": ...}) of the bf16 and fp8 runs of `cfg`."""
-  runs = {p: train_losses(cfg.replace(precision=p), log_every, evaluate) for p in ("bf16", "fp8")}
+def compare(cfg: TrainConfig, tail: float = 0.1, log_every: int = 0, evaluate: bool = True,
+            float32: bool = False) -> tuple[dict, dict]:
+  """(summary, per-step losses {"bf16": ..., "fp8": ...}) of the bf16 and fp8 runs of `cfg` (and of
+  a float32 reference run with `float32`)."""
+  precisions = ("bf16", "fp8") + (("float32",) if float32 else ())
+  runs = {p: train_losses(cfg.replace(precision=p), log_every, evaluate) for p in precisions}
   n = max(1, int(round(cfg.steps * tail)))
   b, f = (float(np.mean(runs[p]["lm_loss"][-n:])) for p in ("bf16", "fp8"))
   summary = {"config": cfg.run_dir, "steps": cfg.steps, "tail_steps": n, "backend": jax.default_backend(),
@@ -70,6 +74,9 @@ def compare(cfg: TrainConfig, tail: float = 0.1, log_every: int = 0, evaluate: b
   be, fe = runs["bf16"]["eval_loss"], runs["fp8"]["eval_loss"]
   if be is not None:
     summary.update(bf16_eval_loss=be, fp8_eval_loss=fe, rel_eval_loss_diff=(fe - be) / be)
+  if float32:
+    r = float(np.mean(runs["float32"]["lm_loss"][-n:]))
+    summary.update(float32_loss=r, rel_loss_diff_bf16_vs_float32=(b - r) / r, rel_loss_diff_fp8_vs_float32=(f - r) / r)
   summary.update(bf16_loss=b, fp8_loss=f, rel_loss_diff=(f - b) / b)
   return summary, runs
 
@@ -82,21 +89,28 @@ def plot(runs: dict, path: str | Path, tail_steps: int, title: str = "") -> None
 
   fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
   smooth = lambda v, w=10: np.convolve(v, np.ones(w) / w, mode="valid") if len(v) >= w else np.asarray(v)
-  for p, color in (("bf16", "tab:blue"), ("fp8", "tab:orange")):
+  for p, color in (("bf16", "tab:blue"), ("fp8", "tab:orange"), ("float32", "tab:green")):
+    if p not in runs:
+      continue
     v = np.asarray(runs[p]["lm_loss"])
     steps = np.arange(1, len(v) + 1)
     ax.plot(steps, v, color=color, alpha=0.25, lw=0.8)
     s = smooth(v)
     ax.plot(steps[len(v) - len(s):], s, color=color, label=f"{p} (10-step mean)")
   b, f = np.asarray(runs["bf16"]["lm_loss"]), np.asarray(runs["fp8"]["lm_loss"])
-  rel = smooth((f - b) / b) * 100
-  ax2.plot(np.arange(len(b) - len(rel) + 1, len(b) + 1), rel, color="tab:red")
+  pairs = [("fp8 vs bf16", f, b, "tab:red")]
+  if "float32" in runs:
+    r = np.asarray(runs["float32"]["lm_loss"])
+    pairs += [("fp8 vs float32", f, r, "tab:orange"), ("bf16 vs float32", b, r, "tab:blue")]
+  for label, x, ref, color in pairs:
+    rel = smooth((x - ref) / ref) * 100
+    ax2.plot(np.arange(len(b) - len(rel) + 1, len(b) + 1), rel, color=color, label=label, lw=1.2)
   ax2.axhline(0, color="k", lw=0.5)
   ax2.axvspan(len(b) - tail_steps + 0.5, len(b) + 0.5, color="grey", alpha=0.2, label="averaged stretch")
   ax.set_ylabel("train lm_loss")
   ax.legend()
   ax.set_title(title)
-  ax2.set_ylabel("(fp8 - bf16) / bf16 [%]")
+  ax2.set_ylabel("relative difference [%]\n(10-step mean)")
   ax2.set_xlabel("step")
   ax2.legend()
   fig.tight_layout()
@@ -111,6 +125,7 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the config's)")
   p.add_argument("--tail", type=float, default=0.1, help="fraction of the last steps averaged (default 0.1)")
   p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation after training")
+  p.add_argument("--float32", action="store_true", help="also train a float32 reference run")
   p.add_argument("--out", default=None, help="folder for losses.json")
   p.add_argument("--plot", default=None, help="PNG of both loss curves")
   args = p.parse_intermixed_args(argv)
@@ -120,7 +135,7 @@ def main(argv=None) -> int:
     cfg = load_train_config(args.config, overrides)
     if not 0 < args.tail <= 1:
       raise ConfigError(f"--tail={args.tail} must be in (0, 1]")
-    summary, runs = compare(cfg, args.tail, log_every=cfg.log_every, evaluate=not args.no_eval)
+    summary, runs = compare(cfg, args.tail, log_every=cfg.log_every, evaluate=not args.no_eval, float32=args.float32)
   except (ConfigError, data_lib.DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
