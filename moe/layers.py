@@ -13,6 +13,7 @@ from flax import nnx
 
 from moe import fp8 as fp8_lib
 from moe.config import ModelConfig
+from parallel.sharding import constrain
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -72,7 +73,10 @@ class Embed(nnx.Module):
     self.embedding = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
 
   def __call__(self, tokens_BxS):
-    return jnp.take(self.embedding[...], tokens_BxS, axis=0).astype(self.dtype)
+    # Rows are gathered whole: under FSDP the table's hidden dim is all-gathered first (else the
+    # lookup comes out hidden-sharded and XLA must fully rematerialise it to shard it by batch).
+    table = constrain(self.embedding[...], ("vocab", None))
+    return jnp.take(table, tokens_BxS, axis=0).astype(self.dtype)
 
   def attend(self, x_BxSxD):
     return jnp.dot(x_BxSxD.astype(self.dtype), self.embedding[...].T.astype(self.dtype))

@@ -7,7 +7,10 @@
 
 Sizes come from the config (`mesh.data=2 mesh.fsdp=2 mesh.expert=2 mesh.tensor=1`); at most one
 may be -1, meaning the devices the others leave. A mesh whose size does not divide the device count
-is a one-line ConfigError. Axes are `AxisType.Auto`: inside `jit`, XLA's partitioner derives the
+is a one-line ConfigError. Across TPU slices or GPU hosts, `mesh.dcn_data` / `mesh.dcn_fsdp` say how
+many slices (or processes) the data / fsdp axis spans (`mesh_utils.create_hybrid_device_mesh`); the
+expert and tensor axes then stay within a slice or host. Without them `jax.make_mesh` orders devices
+so that the last axes (expert, tensor) are the closest. Axes are `AxisType.Auto`: inside `jit`, XLA's partitioner derives the
 collectives for data/fsdp/tensor from the parameter and activation shardings; expert parallelism
 is written by hand with `jax.shard_map` (parallel/expert_parallel.py).
 
@@ -33,6 +36,7 @@ from moe.config import ConfigError
 log = logging.getLogger("parallel")
 
 AXES = ("data", "fsdp", "expert", "tensor")
+DCN_AXES = ("data", "fsdp")  # may span slices / hosts (mesh.dcn_data, mesh.dcn_fsdp)
 
 
 def axis_sizes(mesh_cfg, n_devices: int) -> dict[str, int]:
@@ -69,7 +73,31 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     log.warning("mesh %s uses %d of %d devices", sizes, n, len(devices))
     devices = devices[:n]
   shape = tuple(sizes[a] for a in AXES)
-  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+  get = mesh_cfg.get if isinstance(mesh_cfg, Mapping) else lambda a, d: getattr(mesh_cfg, a, d)
+  dcn = {a: int(get(f"dcn_{a}", 1) or 1) for a in DCN_AXES}
+  if math.prod(dcn.values()) == 1:
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+  return Mesh(hybrid_devices(sizes, dcn, devices), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def hybrid_devices(sizes: dict[str, int], dcn: dict[str, int], devices):
+  """Device array for a mesh whose `data`/`fsdp` axes span slices (TPU multi-slice: devices carry a
+  `slice_index`) or hosts (otherwise: one granule per process), `dcn[a]` granules along axis `a`;
+  the other axes stay inside a granule, on the fast interconnect."""
+  from jax.experimental import mesh_utils
+
+  for a, n in dcn.items():
+    if sizes[a] % n:
+      raise ConfigError(f"mesh.dcn_{a}={n} does not divide mesh.{a}={sizes[a]}")
+  ici = tuple(sizes[a] // dcn.get(a, 1) for a in AXES)
+  outer = tuple(dcn.get(a, 1) for a in AXES)
+  slices = {getattr(d, "slice_index", 0) for d in devices}
+  by_process = len(slices) < math.prod(outer)
+  granules = len({d.process_index for d in devices}) if by_process else len(slices)
+  if granules != math.prod(outer):
+    raise ConfigError(f"mesh dcn_data x dcn_fsdp = {math.prod(outer)} granules, but the devices form {granules}"
+                      f" {'processes' if by_process else 'slices'}")
+  return mesh_utils.create_hybrid_device_mesh(ici, outer, devices, process_is_granule=by_process)
 
 
 @dataclasses.dataclass(frozen=True)

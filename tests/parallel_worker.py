@@ -167,9 +167,13 @@ def ep_unit(meshes=("d2f2e2", "f2e2t2")):
 
 
 def main():
-  if MODE == "multi":
-    losses, _ = three_steps(config(MESHES["d2f2e2"]), test_batch())
-    print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(), "losses": losses}))
+  if MODE == "multi":  # the data axis across the 2 processes (hybrid mesh, process = granule)
+    cfg = config(MESHES["d2f2e2"], ["mesh.dcn_data=2"])
+    losses, _ = three_steps(cfg, test_batch())
+    devices = mesh_lib.make_mesh(cfg.mesh).devices  # [data, fsdp, expert, tensor]
+    layout = [sorted({d.process_index for d in devices[i].flat}) for i in range(devices.shape[0])]
+    print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(), "losses": losses,
+                      "data_axis_processes": layout}))
     return
   assert jax.device_count() == 8
   jobs = sys.argv[2:]

@@ -160,8 +160,8 @@ def _free_port():
 
 
 def test_two_processes_match_one(eight):
-  """2 processes x 4 CPU devices (gloo), mesh data=2 x fsdp=2 x expert=2: the 3 losses of one process
-  with 8 devices."""
+  """2 processes x 4 CPU devices (gloo), mesh data=2 x fsdp=2 x expert=2 with the data axis across
+  the processes (mesh.dcn_data=2): the 3 losses of one process with 8 devices."""
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
@@ -179,6 +179,7 @@ def test_two_processes_match_one(eight):
         p.kill()
   for o in outs:
     assert o["devices"] == 8
+    assert o["data_axis_processes"] == [[0], [1]]
     np.testing.assert_allclose(o["losses"], eight["three_steps"], rtol=1e-5)
 
 

@@ -93,12 +93,16 @@ class MeshConfig:
   Expert parallelism (parallel/expert_parallel.py): `ep_transport` auto (padded on CPU, ragged
   elsewhere), padded (all_to_all of fixed buffers; assignments past the capacity are dropped and
   counted as `dropped_tokens`) or ragged (ragged_all_to_all, dropless); `capacity_factor` sets the
-  padded buffers to ceil(factor * tokens * top_k / expert) rows per rank pair (null: dropless)."""
+  padded buffers to ceil(factor * tokens * top_k / expert) rows per rank pair (null: dropless).
+  `dcn_data` / `dcn_fsdp`: how many TPU slices (or processes, e.g. GPU hosts) the data / fsdp axis
+  spans, for a mesh laid out over a slower outer network (parallel/mesh.py)."""
 
   data: int = -1
   fsdp: int = 1
   expert: int = 1
   tensor: int = 1
+  dcn_data: int = 1  # slices (TPU) or processes the data axis spans; must divide `data`
+  dcn_fsdp: int = 1  # the same for fsdp
   rules: dict[str, str | list[str] | None] | None = None
   ep_transport: Literal["auto", "padded", "ragged"] = "auto"
   capacity_factor: float | None = None
@@ -109,6 +113,8 @@ class MeshConfig:
     for name, n in sizes.items():
       _require(n == -1 or n >= 1, f"mesh.{name}={n} must be >= 1 or -1")
     _require(list(sizes.values()).count(-1) <= 1, "mesh: at most one axis may be -1")
+    for name in ("dcn_data", "dcn_fsdp"):
+      _require(getattr(self, name) >= 1, f"mesh.{name}={getattr(self, name)} must be >= 1")
     _require(self.rules is None or isinstance(self.rules, dict), f"mesh.rules={self.rules!r} must be a mapping")
     for name, value in (self.rules or {}).items():
       axes = [value] if isinstance(value, str) else [] if value is None else value
