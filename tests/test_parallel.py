@@ -190,3 +190,42 @@ def test_all_meshes_match_one_device():
   for name in ("data8", "fsdp8", "expert8"):
     check_mesh(name, r["meshes"][name], r["ref"])
   check_mesh("ragged", r["ragged"], r["ref"])  # ragged path with the all_gather emulation (CPU)
+
+
+@pytest.mark.slow
+def test_cli_two_processes(tmp_path):
+  """`python -m train` in 2 processes x 4 devices (--coordinator flags): data loaded per process,
+  eval with every process stepping together, metrics written once."""
+  port, run_dir = _free_port(), tmp_path / "run"
+  tiny = [a for a in _worker_tiny() if not a.startswith(("optimizer.", "steps=", "eval_every="))]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  args = [sys.executable, "-m", "train", "configs/tiny.yaml", *tiny, "model.vocab_size=260", "steps=4", "log_every=2",
+          "eval_every=4", "eval_steps=2", f"run_dir={run_dir}", "mesh.data=2", "mesh.fsdp=2", "mesh.expert=2",
+          "mesh.dcn_data=2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+  procs = [subprocess.Popen(args + ["--process-id", str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=900)
+      assert p.returncode == 0, err[-3000:]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in records if "loss" in r]
+  assert [r["step"] for r in train] == [2, 4] and all(np.isfinite(r["loss"]) for r in train)
+  assert train[-1]["dropped_tokens"] == 0
+  assert [r["step"] for r in records if "eval_loss" in r] == [4]
+
+
+def _worker_tiny():
+  """The worker's tiny-model overrides (tests/parallel_worker.py TINY), read without importing it."""
+  import ast
+
+  tree = ast.parse(WORKER.read_text())
+  for node in tree.body:
+    if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "TINY":
+      return ast.literal_eval(node.value)
+  raise AssertionError("TINY not found")

@@ -115,7 +115,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
   except BaseException:
     ckpt.close()
     raise
-  (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+  if jax.process_index() == 0:
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
   model_cfg = model_config(cfg)
   tokenizer = data_lib.load_tokenizer(cfg.tokenizer)
   if tokenizer.vocab_size > model_cfg.vocab_size:
@@ -150,7 +151,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     log.info("nothing to train: the checkpoint is at step %d and steps=%d", start, cfg.steps)
   # StopSignal outlives ckpt: a signal while the last save is being written must not cut it short
   with checkpoint_lib.StopSignal() as stop, ckpt, \
-      MetricsLogger(run_dir, cfg.steps, progress=progress, start_step=start) as logger:
+      MetricsLogger(run_dir, cfg.steps, progress=progress, start_step=start,
+                    is_main=jax.process_index() == 0) as logger:
     t0, pending, timed = time.perf_counter(), [], 0
     for step in range(start, cfg.steps):
       if cfg.profile_steps and step == cfg.profile_steps[0]:
