@@ -16,6 +16,8 @@ FP8 (`cfg.fp8`, moe/fp8.py): the same paths with FP8 GEMMs, given the float32 ma
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -53,28 +55,128 @@ def sorted_experts(x_TxD, idx_TxK, w_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, fp8=
   return jnp.einsum("tkd,tk->td", y, w_TxK.astype(y.dtype))
 
 
-def blocked_experts(x_TxD, idx_TxK, w_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, block: int = 128, fp8=None):
-  """Dropless grouped matmul as block-padded batched matmul (the CPU path; same result).
-  `fp8`: a moe.fp8.Recipe to run the batched GEMMs in FP8."""
-  bmm = (lambda a, b: jnp.einsum("nij,njk->nik", a, b)) if fp8 is None else lambda a, b: fp8_lib.fp8_matmul(a, b, fp8)
-  t, k = idx_TxK.shape
-  e, d, _ = gate_ExDxF.shape
-  n = t * k
+# Expert capacities (multiples of the mean T*K/E rows) tried in turn by `blocked_experts` before its
+# worst-case layout; the aux-loss-free bias keeps a training router within the first one or two.
+CAPACITY_TIERS = (1.25, 1.5, 2.0)
+
+
+@jax.custom_vjp
+def take_rows(x_NxD, idx_M, inv_N):
+  """x[idx] with zero rows where idx is out of range; each row of x is taken at most once and inv is
+  the inverse map (out of range for rows not taken), so the gradient is a gather too: XLA:CPU runs
+  the scatter-add that autodiff would make one row at a time."""
+  return jnp.take(x_NxD, idx_M, axis=0, mode="fill", fill_value=0)
+
+
+def _take_rows_fwd(x_NxD, idx_M, inv_N):
+  return take_rows(x_NxD, idx_M, inv_N), (idx_M, inv_N)
+
+
+def _take_rows_bwd(res, g_MxD):
+  idx_M, inv_N = res
+  return jnp.take(g_MxD, inv_N, axis=0, mode="fill", fill_value=0), None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def _slots(idx_TxK, e: int, block: int, cap_blocks: int | None):
+  """Where each (token, k) assignment goes in a block-padded, expert-sorted row layout.
+
+  cap_blocks None: each expert's rows rounded up to whole blocks, n/block + E blocks (the static
+  bound); owner_B: the expert of each block. Else every expert gets exactly cap_blocks blocks
+  (the caller checks that every group fits). Returns (slot_of_assignment [N], assignment_of_slot
+  [B*block] (N = empty slot), owner_B)."""
+  n = idx_TxK.size
   flat = idx_TxK.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
+  order = jnp.argsort(flat, stable=True)  # assignments sorted by expert
   expert_sorted = flat[order]
   sizes = jnp.bincount(flat, length=e)
-  padded = (sizes + block - 1) // block * block  # each group rounded up to whole blocks
-  dest = (jnp.cumsum(padded) - padded)[expert_sorted] + jnp.arange(n) - (jnp.cumsum(sizes) - sizes)[expert_sorted]
-  n_blocks = -(-n // block) + e  # static bound on sum(padded) / block
-  x_blocks = jnp.zeros((n_blocks * block, d), x_TxD.dtype).at[dest].set(x_TxD[order // k])
-  x_blocks = x_blocks.reshape(n_blocks, block, d)
-  owner = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_blocks) * block, side="right")
-  owner = jnp.minimum(owner, e - 1)  # trailing all-padding blocks: any expert, rows are zero
-  h = jax.nn.silu(bmm(x_blocks, gate_ExDxF[owner])) * bmm(x_blocks, up_ExDxF[owner])
-  y_sorted = bmm(h, down_ExFxD[owner]).reshape(n_blocks * block, d)[dest]
-  y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, d)
-  return jnp.einsum("tkd,tk->td", y, w_TxK.astype(y.dtype))
+  rank = jnp.arange(n) - (jnp.cumsum(sizes) - sizes)[expert_sorted]  # position within its expert
+  if cap_blocks is None:
+    padded = (sizes + block - 1) // block * block
+    slot = (jnp.cumsum(padded) - padded)[expert_sorted] + rank
+    n_blocks = -(-n // block) + e
+    owner = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_blocks) * block, side="right")
+    owner = jnp.minimum(owner, e - 1)  # trailing all-padding blocks: any expert, rows are zero
+  else:
+    slot = expert_sorted * (cap_blocks * block) + rank
+    n_blocks = e * cap_blocks
+    owner = jnp.arange(n_blocks) // cap_blocks
+  slot = slot.astype(jnp.int32)
+  slot_of_assignment = jnp.zeros(n, jnp.int32).at[order].set(slot)
+  assignment_of_slot = jnp.full(n_blocks * block, n, jnp.int32).at[slot].set(order.astype(jnp.int32))
+  return slot_of_assignment, assignment_of_slot, owner
+
+
+def blocked_experts(x_TxD, idx_TxK, w_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, block: int = 128, fp8=None,
+                    tiers=CAPACITY_TIERS):
+  """Dropless grouped matmul as a batched matmul over expert-sorted, block-padded rows (the CPU
+  path; same result as sorted_experts). `fp8`: a moe.fp8.Recipe to run the batched GEMMs in FP8.
+
+  If every expert's rows fit in the first capacity tier that holds them (tier * T*K/E rows, whole
+  blocks), the rows form [E, C, D] and each expert is one matmul with its weights as stored.
+  Otherwise (a badly unbalanced router) the worst-case layout: T*K/block + E blocks, each expert
+  padded to whole blocks, each block's weights picked by a one-hot matmul. The layout is chosen at
+  run time (lax.switch) and no assignment is ever dropped. The backward pass recomputes the
+  forward inside the chosen branch (custom_vjp): differentiating the switch directly would make
+  every branch write the residuals of all the others.
+  """
+  return _blocked(block, fp8, tuple(tiers), idx_TxK, x_TxD, w_TxK, gate_ExDxF, up_ExDxF, down_ExFxD)
+
+
+def _blocked_branches(block, fp8, tiers, idx_TxK, e):
+  """(branch index, one function (x, w, gate, up, down) -> y per layout)."""
+  bmm = (lambda a, b: jnp.einsum("nij,njk->nik", a, b)) if fp8 is None else lambda a, b: fp8_lib.fp8_matmul(a, b, fp8)
+  t, k = idx_TxK.shape
+  n = t * k
+  caps = []  # blocks per expert of each tier, up to one that holds any routing (all n rows)
+  for f in sorted(tiers):
+    c = max(1, math.ceil(f * n / (e * block)))
+    if c not in caps:
+      caps.append(c)
+    if c * block >= n:
+      break
+
+  def layout(cap_blocks):
+    def f(x_TxD, w_TxK, gate, up, down):
+      d = x_TxD.shape[1]
+      slot_of, assignment_of, owner_B = _slots(idx_TxK, e, block, cap_blocks)
+      x_NxD = jnp.repeat(x_TxD, k, axis=0)  # row t*k + j: token t for its j-th expert
+      rows = block if cap_blocks is None else cap_blocks * block
+      x_GxRxD = take_rows(x_NxD, assignment_of, slot_of).reshape(-1, rows, d)
+      if cap_blocks is None:
+        one_hot_GxE = jax.nn.one_hot(owner_B, e, dtype=gate.dtype)
+        gate, up, down = (jnp.einsum("ge,e...->g...", one_hot_GxE, p) for p in (gate, up, down))
+      h = jax.nn.silu(bmm(x_GxRxD, gate)) * bmm(x_GxRxD, up)
+      y_NxD = take_rows(bmm(h, down).reshape(-1, d), slot_of, assignment_of)
+      return jnp.einsum("tkd,tk->td", y_NxD.reshape(t, k, d), w_TxK.astype(y_NxD.dtype))
+    return f
+
+  largest = jnp.bincount(idx_TxK.reshape(-1), length=e).max()
+  branch = sum((largest > c * block).astype(jnp.int32) for c in caps)
+  fallback = [] if caps and caps[-1] * block >= n else [layout(None)]
+  return branch, [layout(c) for c in caps] + fallback
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _blocked(block, fp8, tiers, idx_TxK, *args):
+  branch, fns = _blocked_branches(block, fp8, tiers, idx_TxK, args[2].shape[0])
+  return jax.lax.switch(branch, fns, *args)
+
+
+def _blocked_fwd(block, fp8, tiers, idx_TxK, *args):
+  return _blocked(block, fp8, tiers, idx_TxK, *args), (idx_TxK, args)
+
+
+def _blocked_bwd(block, fp8, tiers, res, g_TxD):
+  idx_TxK, args = res
+  branch, fns = _blocked_branches(block, fp8, tiers, idx_TxK, args[2].shape[0])
+  vjps = [lambda g, *a, fn=fn: jax.vjp(fn, *a)[1](g) for fn in fns]
+  return (None, *jax.lax.switch(branch, vjps, g_TxD, *args))
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
 def grouped_experts(*args, fp8=None):

@@ -83,6 +83,28 @@ def test_blocked_experts_equals_reference(inputs, block):
   np.testing.assert_allclose(np.asarray(got), ref_experts(x, idx, w[:, :1], gate, up, down), rtol=1e-5, atol=1e-5)
 
 
+def test_blocked_experts_layouts_and_gradients(inputs):
+  """Each layout of the CPU path (capacity tiers [E, C, D] or the worst-case blocks, picked at run
+  time by the largest expert group) gives the reference output and the dense path's gradients."""
+  x, _, w, gate, up, down = (jnp.asarray(a) for a in inputs)
+  balanced = (np.arange(T * K).reshape(T, K) % E).astype(np.int32)  # 9 rows per expert
+  skewed = balanced.copy()
+  skewed[:5, 0] = 0  # expert 0: 13 rows (> 1.25 x 9 = 12 rows of block 4, <= 16)
+  one = np.zeros((T, 1), np.int32)  # every row on expert 0: only the worst-case layout holds it
+  cot = jnp.asarray(np.random.default_rng(4).standard_normal((T, D)), jnp.float32)
+  for idx, want_branch, n_layouts in ((balanced, 0, 4), (skewed, 1, 4), (one, 2, 3)):
+    branch, fns = experts._blocked_branches(4, None, experts.CAPACITY_TIERS, jnp.asarray(idx), E)
+    assert (int(branch), len(fns)) == (want_branch, n_layouts)
+    ww = w[:, :idx.shape[1]]
+    got = experts.blocked_experts(x, jnp.asarray(idx), ww, gate, up, down, block=4)
+    np.testing.assert_allclose(np.asarray(got), ref_experts(x, idx, ww, gate, up, down), rtol=1e-5, atol=1e-5)
+    loss = lambda fn: jax.grad(lambda *a: jnp.sum(fn(a[0], jnp.asarray(idx), *a[1:]) * cot), argnums=range(5))
+    g_blocked = loss(functools.partial(experts.blocked_experts, block=4))(x, ww, gate, up, down)
+    g_dense = loss(experts.dense_experts)(x, ww, gate, up, down)
+    for name, a, b in zip(("x", "w", "gate", "up", "down"), g_blocked, g_dense):  # |g| up to ~5
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def test_gradients_sorted_match_dense(inputs):
   x, idx, w, gate, up, down = (jnp.asarray(a) for a in inputs)
   cot = jnp.asarray(np.random.default_rng(2).standard_normal((T, D)), jnp.float32)
