@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -46,18 +48,51 @@ def fused_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, mask_Bx1xSxS, scale: float)
   return out[..., :dv]
 
 
-def causal_block_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, mask_Bx1xSxS, scale: float, block: int = 128):
+def causal_block_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, mask_Bx1xSxS, scale: float, block: int = 64):
   """Exact attention in query blocks; block i reads only keys before its end (causality)."""
   s = q_BxSxHxK.shape[1]
   outs = []
   for start in range(0, s, block):
     end = min(start + block, s)
-    logits = jnp.einsum("bthd,bshd->bhts", q_BxSxHxK[:, start:end], k_BxSxHxK[:, :end],
-                        preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask_Bx1xSxS[:, :, start:end, :end], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxHxV.dtype)
-    outs.append(jnp.einsum("bhts,bshd->bthd", probs, v_BxSxHxV[:, :end]))
+    outs.append(_attention_core(q_BxSxHxK[:, start:end], k_BxSxHxK[:, :end], v_BxSxHxV[:, :end],
+                                mask_Bx1xSxS[:, :, start:end, :end], scale))
   return jnp.concatenate(outs, axis=1)
+
+
+def _probs(q_BxTxHxK, k_BxSxHxK, mask_Bx1xTxS, scale):
+  logits = jnp.einsum("bthd,bshd->bhts", q_BxTxHxK, k_BxSxHxK, preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(mask_Bx1xTxS, logits, jnp.finfo(jnp.float32).min)
+  p = jnp.exp(logits - logits.max(-1, keepdims=True))
+  return p / p.sum(-1, keepdims=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_core(q_BxTxHxK, k_BxSxHxK, v_BxSxHxV, mask_Bx1xTxS, scale):
+  """softmax(q k^T scale + mask) v, with the softmax backward written out (dS = P (dP - rowsum(dO O)),
+  as flash attention does): autodiff of softmax makes several more passes over [b, h, t, s]."""
+  p = _probs(q_BxTxHxK, k_BxSxHxK, mask_Bx1xTxS, scale).astype(v_BxSxHxV.dtype)
+  return jnp.einsum("bhts,bshd->bthd", p, v_BxSxHxV)
+
+
+def _attention_core_fwd(q, k, v, mask, scale):
+  p = _probs(q, k, mask, scale).astype(v.dtype)
+  out = jnp.einsum("bhts,bshd->bthd", p, v)
+  return out, (q, k, v, mask, p, out)
+
+
+def _attention_core_bwd(scale, res, d_out):
+  q, k, v, mask, p, out = res
+  f32 = jnp.float32
+  dv = jnp.einsum("bhts,bthd->bshd", p, d_out.astype(p.dtype))
+  dp = jnp.einsum("bthd,bshd->bhts", d_out, v, preferred_element_type=f32)
+  rowsum = jnp.einsum("bthd,bthd->bht", d_out, out, preferred_element_type=f32)[..., None]
+  ds = (p.astype(f32) * (dp - rowsum) * scale).astype(q.dtype)
+  dq = jnp.einsum("bhts,bshd->bthd", ds, k)
+  dk = jnp.einsum("bhts,bthd->bshd", ds, q)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 class MLA(nnx.Module):
