@@ -75,6 +75,10 @@ class ModelConfig:
   dtype: Literal["float32", "bfloat16"] = "float32"  # activation / matmul compute dtype
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   remat_policy: Literal["none", "full", "save_dots", "save_dots_no_batch"] = "none"
+  # True: each layer stack is one lax.scan (compile time independent of depth). False: the same
+  # stacked parameters run as an unrolled loop, which XLA schedules across layers (bench-cpu: 9%
+  # faster steps, docs/perf.md); for shallow models, compile time grows with depth.
+  scan_layers: bool = True
   # FP8 (moe/fp8.py, docs/fp8.md): E4M3 GEMMs (forward, Dgrad, Wgrad) with 1x128 / 128x128 online
   # scales in the attention projections, dense and shared FFNs and routed experts; everything else
   # (embedding, output head, router, norms, attention core) stays in `dtype`.
@@ -190,7 +194,7 @@ class ModelConfig:
     return d
 
 
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "fp8", "fp8_pow2_scales", "fp8_backend")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "fp8", "fp8_pow2_scales", "fp8_backend")
 
 # HF config.json keys that do not change the function this project computes.
 _HF_IGNORED = {

@@ -57,6 +57,7 @@ class LayerStack(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, n: int, moe: bool, *, rngs: nnx.Rngs):
     self.remat_policy = cfg.remat_policy
+    self.unroll = not cfg.scan_layers
 
     @nnx.split_rngs(splits=n)
     @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -76,7 +77,7 @@ class LayerStack(nnx.Module):
 
     if self.remat_policy != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy])
-    return jax.lax.scan(body, x_BxSxD, stacked)
+    return jax.lax.scan(body, x_BxSxD, stacked, unroll=self.unroll)
 
 
 class Transformer(nnx.Module):
