@@ -103,8 +103,8 @@ def test_mtp_sees_exactly_one_token_ahead(model_fn):
 
 
 # ------------------------------------------------------------------ remat
-def test_remat_policies_same_loss_and_grads():
-  """nnx.value_and_grad of a scalar loss; the MTP block is not remat'd, so it is left out (with_mtp=False)."""
+def test_remat_policies_and_unrolled_layers_same_loss_and_grads():
+  """Every remat policy and scan_layers=False. nnx.value_and_grad of a scalar loss; the MTP block is not remat'd, so it is left out (with_mtp=False)."""
   graphdef, state = random_state(CFG, seed=3)
   tokens, seg = tokens_of(4), jnp.asarray([[1] * S, [1] * 4 + [2] * 4], jnp.int32)
   targets = tokens_of(5)
@@ -115,9 +115,11 @@ def test_remat_policies_same_loss_and_grads():
     return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], -1)) + 0.1 * out.moe_stats.balance_loss.sum()
 
   results = {}
-  for policy in ("none", "full", "save_dots"):
-    g = nnx.split(abstract_model(CFG.replace(remat_policy=policy)))[0]
+  for variant in ("none", "full", "save_dots", "unrolled"):  # unrolled: scan_layers=False, no remat
+    policy = "none" if variant == "unrolled" else variant
+    g = nnx.split(abstract_model(CFG.replace(remat_policy=policy, scan_layers=variant != "unrolled")))[0]
     assert nnx.merge(g, state).moe_layers.remat_policy == policy
+    assert nnx.merge(g, state).moe_layers.unroll == (variant == "unrolled")
 
     def value_and_grad(state, g=g):
       loss_value, grads = nnx.value_and_grad(loss)(nnx.merge(g, state))
@@ -126,12 +128,12 @@ def test_remat_policies_same_loss_and_grads():
     jaxpr = str(jax.make_jaxpr(value_and_grad)(state))
     assert ("remat" in jaxpr or "checkpoint" in jaxpr) == (policy != "none"), policy
     loss_value, grads = jax.jit(value_and_grad, compiler_options=FAST)(state)
-    results[policy] = (float(loss_value), grads)
+    results[variant] = (float(loss_value), grads)
   loss0, grads0 = results["none"]
   leaves0 = jax.tree.leaves(grads0)
   assert np.isfinite(loss0)
   assert len(leaves0) == len(jax.tree.leaves(nnx.filter_state(state, nnx.Param)))
-  for policy in ("full", "save_dots"):
+  for policy in ("full", "save_dots", "unrolled"):
     loss_value, grads = results[policy]
     assert loss_value == pytest.approx(loss0, rel=1e-6)
     assert jax.tree.structure(grads) == jax.tree.structure(grads0)
