@@ -1,7 +1,8 @@
 """Checkpoints across real processes: the trainer's CLI (train.loop.main, as `python -m train` runs it)
 in subprocesses, stopped and resumed; and a restore onto other meshes on 8 simulated devices.
 
-  - exactness: 6 steps straight == 3 steps, then resumed to 6 (bitwise equal losses, gradient norms)
+  - exactness: 6 steps straight == 3 steps, then resumed to 6 (bitwise equal losses, gradient norms),
+    also with the data read by 2 worker processes (data_workers=2)
   - SIGTERM: the run finishes its step, writes a checkpoint, exits 0; the resumed run equals the
     straight one
   - kill -9 during a save: no complete-looking checkpoint is left for that step; the next start
@@ -186,11 +187,15 @@ def runs(tmp_path_factory):
       "straight": straight, "worker": worker,
       "split": Scenario(lambda: Run(base / "split", f"steps={STEPS // 2}", name="split"), f"steps={STEPS}",
                         name="split"),
+      "workers_straight": Run(base / "workers_straight", f"steps={STEPS}", "data_workers=2", name="workers_straight"),
+      "workers_split": Scenario(lambda: Run(base / "workers_split", f"steps={STEPS // 2}", "data_workers=2",
+                                            name="workers_split"), f"steps={STEPS}", "data_workers=2",
+                                name="workers_split", after=compiled),
       "sigterm": Scenario(sigterm, f"steps={STEPS}", "save_every=0", name="sigterm", after=compiled),
       "kill": Scenario(kill, f"steps={STEPS}", "save_every=0", name="kill", after=compiled),
   }
   yield started
-  runs_left = [straight] + [r for sc in started.values() if isinstance(sc, Scenario) for r in (sc.first, sc.second)]
+  runs_left = [straight, started["workers_straight"]] + [r for sc in started.values() if isinstance(sc, Scenario) for r in (sc.first, sc.second)]
   for r in runs_left:
     if r is not None and r.proc.poll() is None:
       r.proc.kill()
@@ -213,6 +218,16 @@ def test_resume_is_bitwise_exact(runs, straight):
   assert "config changed: steps 3 -> 6" in second.stderr()
   assert step_records(second.run_dir) == straight  # losses, grad norms, lr, expert load: bitwise
   assert complete_steps(second.run_dir) == [STEPS // 2, STEPS]
+
+
+def test_data_workers_resume_exactly(runs):
+  """data_workers=2: the Grain worker processes' iterator state is checkpointed and restored too."""
+  straight = step_records(runs["workers_straight"].check().run_dir)
+  assert sorted(straight) == list(range(1, STEPS + 1))
+  left, second = runs["workers_split"].finish()
+  assert left["complete"] == [STEPS // 2] and sorted(left["records"]) == [1, 2, 3]
+  assert f"resumed from step {STEPS // 2} " in second.stderr()
+  assert step_records(second.run_dir) == straight
 
 
 def test_sigterm_checkpoints_and_exits_0(runs, straight):

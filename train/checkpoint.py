@@ -61,7 +61,7 @@ FORMAT = "deepseek-jax/train-checkpoint/1"
 ITEMS = ("model", "optimizer", "data", "config", "meta")
 TMP_MARK = ".orbax-checkpoint-tmp"
 # the keys that define the training data pipeline: an iterator state only fits the pipeline it came from
-DATA_KEYS = ("data", "tokenizer", "seq_len", "batch_size", "seed")
+DATA_KEYS = ("data", "tokenizer", "seq_len", "batch_size", "seed", "data_workers")
 
 
 class CheckpointError(ConfigError):
@@ -342,6 +342,25 @@ def restore_model(path, target: dict, on_host: bool = False):
       return m.restore(int(path.name), args=ocp.args.Composite(model=args))["model"]
     except Exception as e:
       raise CheckpointError(f"{path}: cannot restore the model: {_one_line(e)}") from None
+
+
+def load_model(path, dtype: str = "float32", on_host: bool = False):
+  """The Transformer of the checkpoint step directory `path`: the float32 master weights cast to
+  `dtype` (parameters and compute; FP8 GEMMs off), on the first local device, or with `on_host` as
+  NumPy arrays (for writing them out without using device memory)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from moe.model import Transformer  # pylint: disable=import-outside-toplevel
+
+  path = Path(path)
+  validate_step_dir(path)
+  cfg = read_config(path).model.replace(dtype=dtype, param_dtype=dtype, fp8=False)
+  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        {"params": params, "rest": rest})
+  got = restore_model(path, target, on_host=on_host)
+  return nnx.merge(graphdef, got["params"], got["rest"])
 
 
 # ---------------------------------------------------------------------- preemption

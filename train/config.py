@@ -139,6 +139,9 @@ class TrainConfig:
   grad_accum: int = 1
   data: str = "default"
   tokenizer: str = "byte"  # "byte" or a path to a tokenizer
+  # Processes that tokenise and pack the training data (Grain mp_prefetch); 0: in the training process,
+  # overlapping with the asynchronously dispatched step. The batch order depends on this number.
+  data_workers: int = 0
   # float32 | bf16 (compute dtype; master weights float32) | fp8 (bf16 compute, FP8 E4M3 GEMMs in
   # the attention projections, FFNs and routed experts: moe/fp8.py, docs/fp8.md)
   precision: Literal["float32", "bf16", "fp8"] = "float32"
@@ -165,7 +168,7 @@ class TrainConfig:
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_steps"):
       _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
     _require(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0 (0: never)")
-    for name in ("save_every", "keep_last", "keep_every"):
+    for name in ("save_every", "keep_last", "keep_every", "data_workers"):
       _require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0 (0: see train/config.py)")
     _require(
         self.batch_size % self.grad_accum == 0,

@@ -128,7 +128,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {n_proc} processes")
   batches = iter(data_lib.make_dataset(cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size // n_proc,
                                        seed=ckpt.data_seed, split="train", tokenizer=tokenizer, max_seq_len=max_len,
-                                       process_index=jax.process_index(), process_count=n_proc))
+                                       process_index=jax.process_index(), process_count=n_proc,
+                                       num_workers=cfg.data_workers))
   par = parallelism(cfg)
   state, train_step, eval_step = build(cfg, model_cfg, par)
   start = 0
