@@ -105,7 +105,7 @@ def test_from_hf_makes_a_step_0_checkpoint_that_trains(tmp_path, monkeypatch):
 
   # the weights are the HF ones, bitwise; the optimiser state is fresh
   ref = nnx.state(hf.from_hf(tmp_path / "hf"), nnx.Variable)
-  got = nnx.state(export.load_checkpoint_model(step0), nnx.Variable)
+  got = nnx.state(ckpt_lib.load_model(step0), nnx.Variable)
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with ckpt_lib.Checkpoints(cfg) as ck:

@@ -43,36 +43,16 @@ def step_dir(run_dir, step: int | None = None) -> Path:
   return root / str(step)
 
 
-def load_checkpoint_model(path, dtype: str = "float32", on_host: bool = False):
-  """The Transformer of a checkpoint step directory, parameters and compute in `dtype` (the float32
-  master weights cast), on the first local device, or with `on_host` as NumPy arrays (for writing
-  them out without using device memory)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-
-  from moe.model import Transformer  # pylint: disable=import-outside-toplevel
-  from train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-
-  path = Path(path)
-  ckpt_lib.validate_step_dir(path)
-  cfg = ckpt_lib.read_config(path).model.replace(dtype=dtype, param_dtype=dtype, fp8=False)
-  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        {"params": params, "rest": rest})
-  got = ckpt_lib.restore_model(path, target, on_host=on_host)
-  return nnx.merge(graphdef, got["params"], got["rest"])
-
-
 def export(run_dir, out, step: int | None = None, dtype: str = "float32", max_shard_bytes: int = 4 << 30) -> Path:
   """Write step `step` (default newest) of `run_dir` as an HF folder `out`; returns the step directory."""
   from moe import hf  # pylint: disable=import-outside-toplevel
+  from train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
 
   out = Path(out)
   if out.exists() and any(out.iterdir()):
     raise ConfigError(f"{out}: exists and is not empty; choose a new --out directory")
   src = step_dir(run_dir, step)
-  hf.to_hf(load_checkpoint_model(src, dtype, on_host=True), out, max_shard_bytes=max_shard_bytes)
+  hf.to_hf(ckpt_lib.load_model(src, dtype, on_host=True), out, max_shard_bytes=max_shard_bytes)
   return src
 
 

@@ -34,26 +34,6 @@ def latest_checkpoint(run_dir: Path) -> Path:
   return directory / str(steps[-1])
 
 
-def load_run(run_dir: Path, dtype: str | None = None):
-  """The model of a run directory's newest checkpoint (its float32 master weights, cast to `dtype`).
-  FP8 GEMMs (precision=fp8) are not used here: the model runs in `dtype`."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-
-  from moe.model import Transformer  # pylint: disable=import-outside-toplevel
-  from train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-
-  step_dir = latest_checkpoint(run_dir)
-  dtype = dtype or "float32"
-  cfg = ckpt_lib.read_config(step_dir).model.replace(dtype=dtype, param_dtype=dtype, fp8=False)
-  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        {"params": params, "rest": rest})
-  got = ckpt_lib.restore_model(step_dir, target)
-  return nnx.merge(graphdef, got["params"], got["rest"])
-
-
 def load_model(path: str | Path, dtype: str | None = None):
   """A Transformer from an HF folder (config.json present) or a training run directory (its newest
   checkpoint). `dtype`: compute and parameter dtype (default float32)."""
@@ -64,7 +44,9 @@ def load_model(path: str | Path, dtype: str | None = None):
     return hf.from_hf(path, dtype=dtype)
   if not path.is_dir():
     raise ConfigError(f"{path}: no such directory; give an HF folder (with config.json) or a run directory")
-  return load_run(path, dtype)
+  from train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+
+  return ckpt_lib.load_model(latest_checkpoint(path), dtype or "float32")
 
 
 def tokenizer_spec(path: str | Path, given: str | None) -> str:
