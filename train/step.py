@@ -75,7 +75,7 @@ def make_train_step(graphdef, tx, schedule, cfg: TrainConfig, state_shardings=No
     model.update_router_biases(load, gamma)
     _, _, rest = split_model(model)
 
-    metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+    metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                "tokens": counts["lm"], **(load_stats(load) if load.shape[0] else {})}
     if load.shape[0]:  # (token, expert) assignments dropped by expert-parallel capacity (0: dropless)
       metrics["dropped_tokens"] = dropped
