@@ -9,6 +9,7 @@ from flax import nnx
 from moe import decode, params
 from moe.config import ModelConfig, RopeScaling
 from moe.model import Transformer
+from random_weights import random_state
 
 FAST = {"xla_backend_optimization_level": 0}  # halves XLA:CPU compile time; HLO passes unchanged
 COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
@@ -31,27 +32,10 @@ S = 12  # full sequence length per row
 PROMPT_LENS = (9, 5, 1)
 
 
-def random_model(cfg, seed=0, std=0.15):
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    names = [str(getattr(p, "key", p)) for p in path]
-    if "scale" in names:
-      value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
-    elif "e_score_correction_bias" in names:
-      value = 0.05 * rng.standard_normal(leaf.shape)
-    else:
-      value = std * rng.standard_normal(leaf.shape)
-    return jnp.asarray(value, leaf.dtype)
-
-  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
-
-
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def setup(request):
   cfg = CONFIGS[request.param]
-  model = random_model(cfg)
+  model = nnx.merge(*random_state(cfg))
   tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (len(PROMPT_LENS), S)).astype(np.int32)
   graphdef, state = nnx.split(model)
   full = np.asarray(jax.jit(lambda st, t: nnx.merge(graphdef, st)(t), compiler_options=FAST)(state, tokens))

@@ -11,7 +11,7 @@ from flax import nnx
 
 from moe import mla, rope
 from moe.config import ModelConfig, RopeScaling
-from moe.model import Transformer
+from random_weights import random_state
 
 
 def ref_mask(seg):
@@ -155,26 +155,8 @@ CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_inter
                   max_position_embeddings=64, initializer_range=0.1)
 
 
-def random_model(cfg, seed=0, std=0.15):
-  """The Transformer's structure (eval_shape: no init compile) with random NumPy weights."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    names = [str(getattr(p, "key", p)) for p in path]
-    if "scale" in names:  # RMSNorm weights near one
-      value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
-    elif "e_score_correction_bias" in names:
-      value = 0.05 * rng.standard_normal(leaf.shape)
-    else:
-      value = std * rng.standard_normal(leaf.shape)
-    return jnp.asarray(value, leaf.dtype)
-
-  return graphdef, jax.tree_util.tree_map_with_path(fill, state)
-
-
 def test_packed_documents_equal_separate_runs():
-  graphdef, state = random_model(CFG)
+  graphdef, state = random_state(CFG)
 
   # LLVM opt level 0: faster XLA:CPU compiles, same HLO.
   @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})

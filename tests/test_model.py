@@ -11,6 +11,7 @@ from flax import nnx
 from moe import params, router
 from moe.config import ModelConfig
 from moe.model import Transformer
+from random_weights import random_state
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
@@ -26,24 +27,6 @@ FAST = {"xla_backend_optimization_level": 0}
 
 def abstract_model(cfg):
   return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-
-
-def random_state(cfg, seed=0, std=0.15):
-  """The Transformer's structure (eval_shape: no init compile) with random NumPy weights."""
-  graphdef, state = nnx.split(abstract_model(cfg))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    names = [str(getattr(p, "key", p)) for p in path]
-    if "scale" in names:  # RMSNorm weights near one
-      value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
-    elif "e_score_correction_bias" in names:
-      value = 0.05 * rng.standard_normal(leaf.shape)
-    else:
-      value = std * rng.standard_normal(leaf.shape)
-    return jnp.asarray(value, leaf.dtype)
-
-  return graphdef, jax.tree_util.tree_map_with_path(fill, state)
 
 
 @pytest.fixture(scope="module")
