@@ -187,6 +187,13 @@ def plot(sweep_dir: Path, rows: list[dict], fit: dict) -> list[Path]:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  def save(fig, ax, path: Path) -> Path:
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
   key = fit["params_key"]
   done = [r for r in rows if r["eval_loss"] is not None]
   label_n = "active parameters N" if key == "active_params" else "total parameters N"
@@ -208,11 +215,7 @@ def plot(sweep_dir: Path, rows: list[dict], fit: dict) -> list[Path]:
   ax.set_xlabel(label_n)
   ax.set_ylabel("final eval loss (nats/token)")
   ax.set_title("isoFLOP curves (star: parabola minimum; hollow: extrapolated)")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  paths.append(sweep_dir / "isoflop.png")
-  fig.savefig(paths[-1], dpi=120)
-  plt.close(fig)
+  paths.append(save(fig, ax, sweep_dir / "isoflop.png"))
 
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
   sc = ax.scatter([r["flops"] for r in done], [r["eval_loss"] for r in done], c=np.log10([r[key] for r in done]),
@@ -234,11 +237,7 @@ def plot(sweep_dir: Path, rows: list[dict], fit: dict) -> list[Path]:
   ax.set_xlabel("training FLOPs C")
   ax.set_ylabel("final eval loss (nats/token)")
   ax.set_title("loss vs compute")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  paths.append(sweep_dir / "frontier.png")
-  fig.savefig(paths[-1], dpi=120)
-  plt.close(fig)
+  paths.append(save(fig, ax, sweep_dir / "frontier.png"))
 
   opt = [e for e in fit["isoflop"] if e.get("n_opt")]
   if opt:
@@ -258,11 +257,7 @@ def plot(sweep_dir: Path, rows: list[dict], fit: dict) -> list[Path]:
     ax.set_yscale("log")
     ax.set_xlabel("training FLOPs C")
     ax.set_title("compute-optimal parameters and tokens (hollow: extrapolated)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(sweep_dir / "optimal.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save(fig, ax, sweep_dir / "optimal.png"))
   return paths
 
 
