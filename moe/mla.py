@@ -70,8 +70,7 @@ def _probs(q_BxTxHxK, k_BxSxHxK, mask_Bx1xTxS, scale):
 def _attention_core(q_BxTxHxK, k_BxSxHxK, v_BxSxHxV, mask_Bx1xTxS, scale):
   """softmax(q k^T scale + mask) v, with the softmax backward written out (dS = P (dP - rowsum(dO O)),
   as flash attention does): autodiff of softmax makes several more passes over [b, h, t, s]."""
-  p = _probs(q_BxTxHxK, k_BxSxHxK, mask_Bx1xTxS, scale).astype(v_BxSxHxV.dtype)
-  return jnp.einsum("bhts,bshd->bthd", p, v_BxSxHxV)
+  return _attention_core_fwd(q_BxTxHxK, k_BxSxHxK, v_BxSxHxV, mask_Bx1xTxS, scale)[0]
 
 
 def _attention_core_fwd(q, k, v, mask, scale):
