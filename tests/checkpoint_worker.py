@@ -105,6 +105,24 @@ def equal_to_fill(got, abstract, shardings) -> bool:
   return bool(jax.device_get(same(got, want)))
 
 
+def save_at_7(cfg, state, par):
+  """Save `state` as step 7 with the iterator 3 batches in; returns the 2 batches that follow."""
+  it = batches(cfg, cfg.seed)
+  for _ in range(3):
+    next(it)
+  with ckpt_lib.Checkpoints(cfg) as ck:
+    ck.save(7, state, it, force=True, par=par)
+  return [next(it) for _ in range(2)]
+
+
+def resume(cfg, target, par):
+  """(plan, restored state, the restored data iterator) of cfg's run directory."""
+  with ckpt_lib.Checkpoints(cfg) as ck:
+    plan = ck.resume_plan()
+    it = batches(cfg, ck.data_seed)
+    return plan, ck.restore(plan, target, it, par), it
+
+
 def multi(run_dir, phase):
   """Save (or restore) the data=2 x fsdp=4 state with one iterator per process."""
   cfg = config(run_dir, dict(data=2, fsdp=4))
@@ -113,21 +131,12 @@ def multi(run_dir, phase):
   shardings = jax.tree.map(lambda t: t.sharding, target)
   pid = jax.process_index()
   if phase == "save":
-    state = random_state(abstract, shardings)
-    it = batches(cfg, cfg.seed)
-    for _ in range(3):
-      next(it)
-    with ckpt_lib.Checkpoints(cfg) as ck:
-      ck.save(7, state, it, force=True, par=par)
-    nxt = [next(it) for _ in range(2)]
+    nxt = save_at_7(cfg, random_state(abstract, shardings), par)
     np.savez(os.path.join(run_dir, f"expected_{pid}.npz"), **{f"{i}_{k}": v for i, b in enumerate(nxt) for k, v in b.items()})
     files = sorted(os.listdir(os.path.join(run_dir, "checkpoints", "7", "data")))
     print(json.dumps({"process": pid, "data_files": files}))
     return
-  with ckpt_lib.Checkpoints(cfg) as ck:
-    plan = ck.resume_plan()
-    it = batches(cfg, ck.data_seed)
-    got = ck.restore(plan, target, it, par)
+  plan, got, it = resume(cfg, target, par)
   expected = np.load(os.path.join(run_dir, f"expected_{pid}.npz"))
   nxt = [next(it) for _ in range(2)]
   cont = all(np.array_equal(b[k], expected[f"{i}_{k}"]) for i, b in enumerate(nxt) for k in b)
@@ -140,10 +149,7 @@ def single(run_dir):
   cfg = config(run_dir, dict(data=1, fsdp=8))
   abstract = abstract_state(cfg)
   target, par = target_for(cfg, abstract)
-  with ckpt_lib.Checkpoints(cfg) as ck:
-    plan = ck.resume_plan()
-    it = batches(cfg, ck.data_seed)
-    got = ck.restore(plan, target, it, par)
+  plan, got, it = resume(cfg, target, par)
   first = next(it)
   fresh = next(batches(cfg, cfg.seed))
   print(json.dumps({"step": plan["step"], "restore_data": plan["restore_data"], "data_seed": plan["data_seed"],
@@ -168,21 +174,13 @@ def main():
   shardings = sharding_lib.state_shardings(abstract, par.mesh, par.rules)
   state = random_state(abstract, shardings)
   saved = [np.asarray(jax.device_get(x)) for x in jax.tree.leaves(state)]
-  it = batches(save_cfg, save_cfg.seed)
-  for _ in range(3):
-    next(it)
-  with ckpt_lib.Checkpoints(save_cfg) as ck:
-    ck.save(7, state, it, force=True, par=par)
-  expected = [next(it) for _ in range(2)]
+  expected = save_at_7(save_cfg, state, par)
   result = {"saved_mesh": ckpt_lib.validate_step_dir(ckpt_lib.checkpoint_dir(run_dir) / "7")["mesh"]}
 
   for name, mesh in (("fsdp8", dict(data=1, fsdp=8)), ("one_device", dict(data=1))):
     cfg = config(run_dir, mesh)
     target, par = target_for(cfg, abstract)
-    with ckpt_lib.Checkpoints(cfg) as ck:
-      plan = ck.resume_plan()
-      it2 = batches(cfg, ck.data_seed)
-      got = ck.restore(plan, target, it2, par)
+    plan, got, it2 = resume(cfg, target, par)
     leaves = jax.tree.leaves(got)
     want_shardings = jax.tree.leaves(ckpt_lib.abstract_like(target, par))
     sharded = 0
