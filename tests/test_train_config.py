@@ -75,6 +75,8 @@ def test_override_creates_missing_section(tmp_path):
         (["precision=fp16"], r"^precision: expected one of 'float32', 'bf16', 'fp8'"),
         (["optimizer.schedule=linear"], r"optimizer.schedule: expected one of"),
         (["mesh.data=0"], r"mesh.data=0 must be >= 1 or -1"),
+        (["data_workers=-1"], r"^data_workers=-1 must be >= 0"),
+        (["model.scan_layers=maybe"], r"scan_layers: expected"),
         (["mesh.fsdp=-1"], r"at most one axis may be -1"),
         (["batch_size=6", "grad_accum=4"], r"divisible by grad_accum=4"),
         (["profile_steps=[5, 3]"], r"profile_steps=\[5, 3\] must be null or \[start, stop\]"),
