@@ -54,6 +54,7 @@ router (float32), the norms, the attention core and the loss never call this mod
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -100,26 +101,84 @@ def native_fp8_available() -> bool:
     return False
 
 
+# Tests set this to run the Pallas kernels (moe/fp8_gpu.py) in the Pallas interpreter on CPU.
+INTERPRET_KERNELS = False
+
+
+@functools.cache
+def _kernels_pass_probe() -> bool:
+  """On a GPU: run the Pallas kernels once on small problems against the XLA path; a kernel that
+  fails to compile or disagrees is reported (warning) and not used. Runs in its own thread, outside
+  any trace that asks (JAX's trace state is per thread)."""
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    return pool.submit(_probe_kernels).result()
+
+
+def _probe_kernels() -> bool:
+  import numpy as np
+
+  from moe import fp8_gpu
+
+  try:
+    r = np.random.default_rng(0)
+    x, w = jnp.asarray(r.normal(size=(200, 300)), jnp.float32), jnp.asarray(r.normal(size=(300, 260)), jnp.float32)
+    xq, wq = quantize(x, (1, TILE)), quantize(w, (TILE, TILE))
+    errs = [_rel_err(_kernel_matmul(xq, wq, fp8_gpu), _xla_matmul(xq, wq))]
+    we, sizes = jnp.stack([w, -w, 2 * w]), jnp.asarray([90, 0, 70], jnp.int32)
+    errs.append(_rel_err(_kernel_ragged(x[:180], we, sizes, Recipe(), fp8_gpu)[0], _qdq_ragged(x[:180], we, sizes, False)))
+    dw = fp8_gpu.grouped_wgrad(x[:180], x[:180, :260], sizes, interpret=INTERPRET_KERNELS)
+    _, pullback = jax.vjp(lambda v: fp8_ragged_dot(x[:180], v, sizes, Recipe(backend="qdq")), we)
+    errs.append(_rel_err(dw, pullback(x[:180, :260])[0]))
+  except Exception as e:  # noqa: BLE001 - any compile/runtime failure means: use the XLA path
+    log.warning("fp8: the Pallas FP8 kernels failed on this GPU (%s: %s); using XLA FP8 dot_generals",
+                type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+    return False
+  if max(errs) > 1e-5:
+    log.warning("fp8: the Pallas FP8 kernels disagree with the XLA path (relative errors %s); not used", errs)
+    return False
+  return True
+
+
+def _rel_err(a, b) -> float:
+  return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
+
+
+def gemm_path(recipe: Recipe) -> Literal["qdq", "xla", "kernels"]:
+  """How this process runs the recipe's GEMMs: "qdq" (emulated), or real FP8 operands through the
+  Pallas "kernels" (GPUs where they pass the probe; tests: the interpreter) or "xla" dot_generals."""
+  native = native_fp8_available() if recipe.backend == "auto" else recipe.backend == "native"
+  if not native:
+    return "qdq"
+  if INTERPRET_KERNELS or (jax.default_backend() == "gpu" and _kernels_pass_probe()):
+    return "kernels"
+  return "xla"
+
+
 _announced: set = set()
 
 
-def use_native(recipe: Recipe) -> bool:
-  """Resolve `recipe.backend` for this process's default backend; log the choice once."""
-  native = native_fp8_available() if recipe.backend == "auto" else recipe.backend == "native"
-  key = (native, recipe.backend)
-  if key not in _announced:
-    _announced.add(key)
+def use_path(recipe: Recipe) -> str:
+  """`gemm_path`, logging the choice once per process."""
+  path = gemm_path(recipe)
+  if (path, recipe) not in _announced:
+    _announced.add((path, recipe))
     log.info("fp8: %s", describe(recipe))
-  return native
+  return path
 
 
 def describe(recipe: Recipe) -> str:
   """One line: the path the FP8 GEMMs take here."""
-  native = native_fp8_available() if recipe.backend == "auto" else recipe.backend == "native"
-  linear = ("native FP8 dot_general (float8_e4m3fn operands, float32 accumulation, per-128-K chunks)"
-            if native else "quantise->dequantise + float32 matmul (no native FP8 GEMM used)")
+  path = gemm_path(recipe)
+  linear, experts = {
+      "kernels": ("Pallas FP8 kernels (float8_e4m3fn operands, 128-deep tensor-core dots promoted to"
+                  " float32 in registers)", "Pallas grouped FP8 kernels"),
+      "xla": ("native FP8 dot_general (float8_e4m3fn operands, float32 accumulation, per-128-K chunks)",
+              "quantise->dequantise + float32 grouped matmul"),
+      "qdq": ("quantise->dequantise + float32 matmul (no native FP8 GEMM used)",
+              "quantise->dequantise + float32 grouped matmul"),
+  }[path]
   return (f"E4M3 GEMMs on {jax.default_backend()} (backend={recipe.backend}): linears {linear};"
-          f" routed experts quantise->dequantise + float32 grouped matmul;"
+          f" routed experts {experts};"
           f" scales 1x128 / 128x128 / 128x1 (Wgrad){', power-of-two' if recipe.pow2_scales else ''}")
 
 
@@ -148,9 +207,9 @@ class QTensor:
 def tile_scale(amax, pow2: bool = False):
   """scale = max(amax, 1e-4) / 448, optionally rounded up to a power of two; NaN/Inf stay so."""
   s = jnp.maximum(amax.astype(jnp.float32), AMAX_FLOOR) / E4M3_MAX
-  if pow2:  # s = m 2^e with m in [0.5, 1): the smallest power of two >= s
-    m, e = jnp.frexp(s)
-    up = jnp.ldexp(jnp.ones_like(s), jnp.where(m == 0.5, e - 1, e))
+  if pow2:  # the smallest power of two >= s: carry any mantissa bits into the exponent (s is normal)
+    bits = jax.lax.bitcast_convert_type(s, jnp.int32)
+    up = jax.lax.bitcast_convert_type((bits + 0x7FFFFF) & ~0x7FFFFF, jnp.float32)
     s = jnp.where(jnp.isfinite(s), up, s)
   return s
 
@@ -192,15 +251,35 @@ def qdq(x, tile: tuple[int, int], pow2: bool = False):
 
 
 # --------------------------------------------------------------------------- scaled GEMM
-def scaled_matmul(a: QTensor, b: QTensor, native: bool):
+def scaled_matmul(a: QTensor, b: QTensor, path: str):
   """float32 a @ b over the last two axes (leading axes batch), a [..., M, K], b [..., K, N].
 
   a's tiles must be (1 or 128) x 128 and b's 128 x (1 or 128): every scale constant along 128 of K.
+  `path`: "qdq", "xla" or "kernels" (`gemm_path`).
   """
   assert a.tile[1] == TILE and b.tile[0] == TILE, (a.tile, b.tile)
-  m, n = a.shape[-2], b.shape[-1]
-  if not native:
+  if path == "qdq":
     return jnp.matmul(dequantize(a), dequantize(b), preferred_element_type=jnp.float32)
+  if path == "kernels":
+    from moe import fp8_gpu
+
+    return _kernel_matmul(a, b, fp8_gpu)
+  return _xla_matmul(a, b)
+
+
+def _kernel_matmul(a: QTensor, b: QTensor, fp8_gpu):
+  sa = jnp.repeat(a.scale, a.tile[0], axis=-2)  # [..., Mp, Kt]: one scale per row and 128 of K
+  sb = jnp.repeat(b.scale, b.tile[1], axis=-1)  # [..., Kt, Np]
+  mm = functools.partial(fp8_gpu.blockscaled_matmul, interpret=INTERPRET_KERNELS)
+  for _ in a.q.shape[:-2]:
+    mm = jax.vmap(mm)
+  return mm(a.q, b.q, sa, sb)[..., : a.shape[-2], : b.shape[-1]]
+
+
+def _xla_matmul(a: QTensor, b: QTensor):
+  """One FP8 dot_general per 128-chunk of K (batched over the chunks); partials scaled and summed in
+  float32. Materialises the partials (at most NATIVE_PARTIAL_BYTES at a time)."""
+  m, n = a.shape[-2], b.shape[-1]
   *lead, mp, kp = a.q.shape
   np_ = b.q.shape[-1]
   kt, nb = kp // TILE, len(lead)
@@ -240,22 +319,22 @@ def fp8_matmul(x, w, recipe: Recipe = Recipe()):
 
 def _fwd(x, w, recipe):
   assert x.ndim == w.ndim >= 2, (x.shape, w.shape)
-  native, p2 = use_native(recipe), recipe.pow2_scales
+  path, p2 = use_path(recipe), recipe.pow2_scales
   xq = quantize(x, (1, TILE), p2)  # 1x128: per token, per 128 channels of K
   wq = quantize(w, (TILE, TILE), p2)  # 128x128 blocks
-  y = scaled_matmul(xq, wq, native).astype(x.dtype)
+  y = scaled_matmul(xq, wq, path).astype(x.dtype)
   return y, (x, wq, jnp.zeros((0,), w.dtype))  # the empty array carries w's dtype
 
 
 def _bwd(recipe, res, dy):
   x, wq, w_dtype = res
-  native, p2 = use_native(recipe), recipe.pow2_scales
+  path, p2 = use_path(recipe), recipe.pow2_scales
   # Dgrad: dy in 1x128 tiles (per token, 128 channels of N, the contracted axis); W^T blocks.
-  dx = scaled_matmul(quantize(dy, (1, TILE), p2), wq.mT, native)
+  dx = scaled_matmul(quantize(dy, (1, TILE), p2), wq.mT, path)
   # Wgrad: contracts over tokens, so both operands in 128x1 tiles (128 tokens x 1 channel).
   xt = quantize(jnp.swapaxes(x, -1, -2), (1, TILE), p2)  # x^T [..., K, M] per 1x128 = x per 128x1
   dyt = quantize(dy, (TILE, 1), p2)
-  dw = scaled_matmul(xt, dyt, native)
+  dw = scaled_matmul(xt, dyt, path)
   return dx.astype(x.dtype), dw.astype(w_dtype.dtype)
 
 
@@ -300,24 +379,47 @@ def _qdq_experts(w, pow2):
   return qdq(w, (TILE, TILE), pow2)  # [E, D, F]: 128x128 blocks per expert
 
 
+def _qdq_ragged(x, w, group_sizes, pow2: bool):
+  return _ragged(qdq(x, (1, TILE), pow2), _qdq_experts(w, pow2), group_sizes)
+
+
+def _kernel_ragged(x, w, group_sizes, recipe, fp8_gpu):
+  """The forward through the grouped Pallas kernel: (float32 y [M, F], w's quantised blocks)."""
+  p2 = recipe.pow2_scales
+  xq, wq = quantize(x, (1, TILE), p2), quantize(w, (TILE, TILE), p2)
+  y = fp8_gpu.grouped_matmul(xq.q, xq.scale, wq.q, wq.scale, group_sizes, interpret=INTERPRET_KERNELS)
+  return y[:, : w.shape[-1]], wq
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def fp8_ragged_dot(x, w, group_sizes, recipe: Recipe = Recipe()):
-  """`jax.lax.ragged_dot(x [M, D], w [E, D, F], group_sizes [E])` with FP8 numerics (qdq):
-  x per 1x128 tile, each expert's weight per 128x128 block, float32 grouped matmul; Dgrad dy per
-  1x128; Wgrad x and dy per 128 tokens x 1 within one expert (`token_tile_segments`)."""
+  """`jax.lax.ragged_dot(x [M, D], w [E, D, F], group_sizes [E])` with FP8 numerics: x per 1x128
+  tile, each expert's weight per 128x128 block; Dgrad dy per 1x128; Wgrad x and dy per 128 tokens
+  x 1 within one expert (`token_tile_segments`). Real FP8 operands on the "kernels" path
+  (moe/fp8_gpu.py); otherwise quantise->dequantise and a float32 `ragged_dot` (XLA has no FP8 one)."""
   return _ragged_fwd(x, w, group_sizes, recipe)[0]
 
 
 def _ragged_fwd(x, w, group_sizes, recipe):
-  p2 = recipe.pow2_scales
-  use_native(recipe)  # logs the path once; experts are always qdq
-  y = _ragged(qdq(x, (1, TILE), p2), _qdq_experts(w, p2), group_sizes).astype(x.dtype)
-  return y, (x, w, group_sizes)
+  w_dtype = jnp.zeros((0,), w.dtype)  # carries w's dtype for the gradient
+  if use_path(recipe) == "kernels":
+    from moe import fp8_gpu
+
+    y, wq = _kernel_ragged(x, w, group_sizes, recipe, fp8_gpu)
+    return y.astype(x.dtype), (x, wq, group_sizes, w_dtype)
+  return _qdq_ragged(x, w, group_sizes, recipe.pow2_scales).astype(x.dtype), (x, w, group_sizes, w_dtype)
 
 
 def _ragged_bwd(recipe, res, dy):
-  x, w, group_sizes = res
+  x, w, group_sizes, w_dtype = res
   p2 = recipe.pow2_scales
+  if use_path(recipe) == "kernels":  # w is the forward's QTensor
+    from moe import fp8_gpu
+
+    dyq, wt = quantize(dy, (1, TILE), p2), w.mT
+    dx = fp8_gpu.grouped_matmul(dyq.q, dyq.scale, wt.q, wt.scale, group_sizes, interpret=INTERPRET_KERNELS)
+    dw = fp8_gpu.grouped_wgrad(x, dy, group_sizes, pow2=p2, interpret=INTERPRET_KERNELS)
+    return dx[:, : x.shape[1]].astype(x.dtype), dw.astype(w_dtype.dtype), None
   wd = _qdq_experts(w, p2)
   dx = _ragged(qdq(dy, (1, TILE), p2), jnp.swapaxes(wd, 1, 2), group_sizes)
   seg, n_seg = token_tile_segments(x.shape[0], group_sizes)
@@ -325,7 +427,7 @@ def _ragged_bwd(recipe, res, dy):
   dyt = qdq_segments(dy, seg, n_seg, p2)
   _, pullback = jax.vjp(lambda v: _ragged(xt, v, group_sizes), wd)
   (dw,) = pullback(dyt)
-  return dx.astype(x.dtype), dw.astype(w.dtype), None
+  return dx.astype(x.dtype), dw.astype(w_dtype.dtype), None
 
 
 fp8_ragged_dot.defvjp(_ragged_fwd, _ragged_bwd)

@@ -26,7 +26,16 @@ from moe.model import Transformer
 ROOT = Path(__file__).resolve().parents[1]
 
 FAST = {"xla_backend_optimization_level": 0}
-BACKENDS = ("qdq", "native")  # "native" runs real float8 dot_generals; XLA:CPU upcasts them
+# "native": real float8 dot_generals (XLA:CPU upcasts them); "kernels": moe/fp8_gpu.py's Pallas
+# kernels in the Pallas interpreter (on a GPU they compile to Triton).
+BACKENDS = ("qdq", "native", "kernels")
+
+
+def make_recipe(backend, monkeypatch, **kw):
+  if backend == "kernels":
+    monkeypatch.setattr(fp8, "INTERPRET_KERNELS", True)
+    backend = "native"
+  return fp8.Recipe(backend=backend, **kw)
 
 
 # ----------------------------------------------------------------------------- NumPy references
@@ -143,7 +152,7 @@ def test_zeros_stay_zero():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_and_inf_propagate(backend):
+def test_nan_and_inf_propagate(backend, monkeypatch):
   """A NaN/Inf makes its whole tile NaN (documented), and every GEMM output touching it NaN."""
   x = wide((6, 300))
   x[1, 5] = np.nan
@@ -154,7 +163,8 @@ def test_nan_and_inf_propagate(backend):
   ok[1, :128] = ok[4, 128:256] = False
   assert np.all(np.isfinite(dq[ok]))
   w = jnp.asarray(wide((300, 40), 1) * 0.05)
-  lin = jax.jit(lambda x, w: fp8.linear(x, w, fp8.Recipe(backend=backend)))
+  recipe = make_recipe(backend, monkeypatch)
+  lin = jax.jit(lambda x, w: fp8.linear(x, w, recipe))
   y = np.asarray(lin(jnp.asarray(x), w))
   assert np.all(np.isnan(y[[1, 4]])) and np.all(np.isfinite(y[[0, 2, 3, 5]]))
   w_bad = w.at[7, 3].set(-jnp.inf)  # a bad weight: its 128x128 block, so output columns 0..39
@@ -164,13 +174,13 @@ def test_nan_and_inf_propagate(backend):
 
 # ----------------------------------------------------------------------------- the FP8 linear
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_linear_forward_and_gradients_vs_numpy(backend):
+def test_linear_forward_and_gradients_vs_numpy(backend, monkeypatch):
   """200 x 300 @ 300 x 260 (no dimension a multiple of 128): Fprop, Dgrad and Wgrad equal the
   float64 products of NumPy-quantised operands with the recipe's tiles, and are within 5% of the
   unquantised float32 linear."""
   m, k, n = 200, 300, 260
   x, w, dy = wide((m, k), 0), wide((k, n), 1) * 0.05, wide((m, n), 2)
-  recipe = fp8.Recipe(backend=backend)
+  recipe = make_recipe(backend, monkeypatch)
   y, (dx, dw) = jit_vjp(lambda x, w: fp8.linear(x, w, recipe), jnp.asarray(x), jnp.asarray(w), cot=jnp.asarray(dy))
   y_ref = np_qdq(x, (1, 128)) @ np_qdq(w, (128, 128))
   dx_ref = np_qdq(dy, (1, 128)) @ np_qdq(w, (128, 128)).T
@@ -198,18 +208,20 @@ def test_native_equals_qdq_and_scan_grouping(monkeypatch):
     assert rel(a, b) < 1e-5
 
 
-def test_linear_dtypes_and_batch_axes():
+@pytest.mark.parametrize("backend", ("qdq", "kernels"))
+def test_linear_dtypes_and_batch_axes(backend, monkeypatch):
   """bf16 activations, float32 master kernel: y and dx bf16, dW float32; leading axes are tokens."""
+  recipe = make_recipe(backend, monkeypatch)
   x = jnp.asarray(wide((2, 3, 130)), jnp.bfloat16)
   w = jnp.asarray(wide((130, 20), 1) * 0.05)
-  y, (dx, dw) = jit_vjp(fp8.linear, x, w)
+  y, (dx, dw) = jit_vjp(lambda x, w: fp8.linear(x, w, recipe), x, w)
   assert y.shape == (2, 3, 20) and y.dtype == dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
   xb, wb = jnp.asarray(wide((3, 40, 130))), jnp.asarray(wide((3, 130, 24), 1))
 
   @jax.jit(compiler_options=FAST)
   def run(x, xb, wb):  # flattened tokens; fp8_matmul with batch axes == each batch alone
-    return (fp8.linear(x.reshape(6, 130), w), fp8.fp8_matmul(xb, wb),
-            jnp.stack([fp8.linear(xb[i], wb[i]) for i in range(3)]))
+    return (fp8.linear(x.reshape(6, 130), w, recipe), fp8.fp8_matmul(xb, wb, recipe),
+            jnp.stack([fp8.linear(xb[i], wb[i], recipe) for i in range(3)]))
 
   y_flat, yb, yb_each = run(x, xb, wb)
   np.testing.assert_array_equal(np.asarray(y.reshape(6, 20)), np.asarray(y_flat))
@@ -217,15 +229,17 @@ def test_linear_dtypes_and_batch_axes():
 
 
 # ----------------------------------------------------------------------------- routed experts
-def test_ragged_dot_vs_numpy():
+@pytest.mark.parametrize("backend", ("qdq", "kernels"))
+def test_ragged_dot_vs_numpy(backend, monkeypatch):
   """Groups of 100, 0, 156 and 44 rows: group boundaries fall inside 128-row tiles, so Wgrad's
   128x1 token tiles restart at each boundary (never one scale for two experts)."""
   sizes = np.array([100, 0, 156, 44])
   m, d, f = int(sizes.sum()), 130, 70
   x, dy = wide((m, d), 0), wide((m, f), 2)
   w = np.stack([wide((d, f), 10 + e) * 0.1 for e in range(4)])
-  y, (dx, dw) = jit_vjp(lambda x, w: fp8.fp8_ragged_dot(x, w, jnp.asarray(sizes, jnp.int32)), jnp.asarray(x),
-                        jnp.asarray(w), cot=jnp.asarray(dy))
+  recipe = make_recipe(backend, monkeypatch)
+  y, (dx, dw) = jit_vjp(lambda x, w: fp8.fp8_ragged_dot(x, w, jnp.asarray(sizes, jnp.int32), recipe),
+                        jnp.asarray(x), jnp.asarray(w), cot=jnp.asarray(dy))
   ends = np.cumsum(sizes)
   starts = ends - sizes
   segments = []  # (tile x group) runs of rows

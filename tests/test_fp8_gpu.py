@@ -1,0 +1,111 @@
+"""moe/fp8_gpu.py: the Pallas FP8 kernels, run in the Pallas interpreter on CPU against float64
+NumPy, and lowered for CUDA (Triton IR is built without a GPU; compiling it to PTX needs one).
+Through moe.fp8 (the linear and the experts' grouped GEMM) they are also in tests/test_fp8.py
+("kernels" backend)."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe import fp8, fp8_gpu
+from tests.test_fp8 import np_quant, rel, wide
+
+
+def test_blockscaled_matmul_vs_numpy():
+  """a [200, 384] @ b [384, 260] (M, N not multiples of the 128 tiles), random scales per row x 128
+  of K and per 128 of K x column: the float64 sum of scaled chunks."""
+  r = np.random.default_rng(0)
+  a = jnp.asarray(r.normal(size=(200, 384)) * 30).astype(fp8.E4M3)
+  b = jnp.asarray(r.normal(size=(384, 260)) * 30).astype(fp8.E4M3)
+  sa, sb = r.uniform(0.01, 2, (200, 3)), r.uniform(0.01, 2, (3, 260))
+  y = fp8_gpu.blockscaled_matmul(a, b, jnp.asarray(sa, jnp.float32), jnp.asarray(sb, jnp.float32), interpret=True)
+  a64 = np.asarray(a.astype(jnp.float32), np.float64) * np.repeat(sa, 128, 1)
+  b64 = np.asarray(b.astype(jnp.float32), np.float64) * np.repeat(sb, 128, 0)
+  assert y.shape == (200, 260) and rel(y, a64 @ b64) < 1e-6
+
+
+def test_work_items_cover_every_tile_and_group_once():
+  sizes = jnp.asarray([100, 0, 156, 44, 0, 300], jnp.int32)
+  m_tiles = 5  # 600 rows
+  g, t, lo, hi = (np.asarray(v) for v in fp8_gpu._work_items(sizes, m_tiles))
+  ends = np.cumsum(np.asarray(sizes))
+  starts = ends - np.asarray(sizes)
+  want = {(e, tile) for e in range(6) for tile in range(m_tiles)
+          if max(starts[e], tile * 128) < min(ends[e], tile * 128 + 128)}
+  got = [(int(a), int(b)) for a, b, l, h in zip(g, t, lo, hi) if h > l]
+  assert sorted(got) == sorted(want) and len(g) == m_tiles + 6
+  for a, l, h in zip(g, lo, hi):
+    assert h == l == 0 or (l, h) == (starts[a], ends[a])
+
+
+def test_grouped_kernels_vs_numpy():
+  """Groups of 70, 0, 200, 3, 90 rows of 383 (the last 20 rows in no group). Fprop: each row's
+  1x128-scaled FP8 values times its group's 128x128-block-scaled FP8 weights. Wgrad: x and dy
+  quantised inside the kernel per (128-row tile within one group) x 1 column, as the recipe says."""
+  r = np.random.default_rng(1)
+  sizes = np.array([70, 0, 200, 3, 90])
+  m, d, f = 383, 256, 130
+  q = jnp.asarray(r.normal(size=(m, d)) * 30).astype(fp8.E4M3)
+  wq = jnp.asarray(r.normal(size=(5, d, 256)) * 30).astype(fp8.E4M3)
+  sq, sw = r.uniform(0.01, 2, (m, 2)), r.uniform(0.01, 2, (5, 2, 2))
+  gs = jnp.asarray(sizes, jnp.int32)
+  y = np.asarray(fp8_gpu.grouped_matmul(q, jnp.asarray(sq, jnp.float32), wq, jnp.asarray(sw, jnp.float32), gs,
+                                        interpret=True))
+  x, dy = wide((m, d), 2), wide((m, f), 3)
+  dw = np.asarray(fp8_gpu.grouped_wgrad(jnp.asarray(x), jnp.asarray(dy), gs, interpret=True))
+  q64 = np.asarray(q.astype(jnp.float32), np.float64) * np.repeat(sq, 128, 1)
+  ends = np.cumsum(sizes)
+  starts = ends - sizes
+  for e, (a, b) in enumerate(zip(starts, ends)):
+    if b == a:
+      continue
+    w64 = np.asarray(wq[e].astype(jnp.float32), np.float64) * np.repeat(np.repeat(sw[e], 128, 0), 128, 1)
+    assert rel(y[a:b], q64[a:b] @ w64) < 1e-6
+    cuts = sorted({a, b, *range((a // 128 + 1) * 128, b, 128)})
+    xt = np.concatenate([np_quant(x[c0:c1], (c1 - c0, 1))[1] for c0, c1 in zip(cuts[:-1], cuts[1:])])
+    dyt = np.concatenate([np_quant(dy[c0:c1], (c1 - c0, 1))[1] for c0, c1 in zip(cuts[:-1], cuts[1:])])
+    assert rel(dw[e], xt.T @ dyt) < 1e-5
+  assert np.all(y[ends[-1]:] == 0) and np.all(dw[1] == 0)
+
+
+def test_gemm_path_and_the_probe(monkeypatch, caplog):
+  """CPU: auto -> emulated; native -> XLA FP8 dot_generals; the kernels only in the interpreter.
+  The GPU start-up probe accepts working kernels and falls back (with a warning) from broken ones."""
+  assert fp8.gemm_path(fp8.Recipe()) == "qdq" and fp8.gemm_path(fp8.Recipe(backend="native")) == "xla"
+  monkeypatch.setattr(fp8, "INTERPRET_KERNELS", True)
+  assert fp8.gemm_path(fp8.Recipe(backend="native")) == "kernels"
+  assert "Pallas FP8 kernels" in fp8.describe(fp8.Recipe(backend="native"))
+  assert fp8._kernels_pass_probe.__wrapped__()  # (the probe runs outside the caller's trace)
+
+  def broken(*a, **k):
+    raise RuntimeError("ptxas fatal: unsupported")
+
+  monkeypatch.setattr(fp8_gpu, "blockscaled_matmul", broken)
+  with caplog.at_level(logging.WARNING, logger="moe.fp8"):
+    assert not fp8._kernels_pass_probe.__wrapped__()
+  assert "ptxas fatal" in caplog.text
+  monkeypatch.setattr(fp8_gpu, "blockscaled_matmul", lambda a, b, sa, sb, interpret: jnp.zeros((a.shape[0], b.shape[1])))
+  assert not fp8._kernels_pass_probe.__wrapped__()
+
+
+@pytest.mark.parametrize("which", ("linear", "experts"))
+def test_fp8_gemms_lower_to_triton_kernels_for_cuda(which, monkeypatch):
+  """Lowered for CUDA, every FP8 GEMM of the linear / the experts' grouped matmul (Fprop, Dgrad,
+  Wgrad) is a Triton kernel call and no FP8 dot is left to XLA."""
+  monkeypatch.setattr(fp8, "gemm_path", lambda recipe: "kernels")
+  recipe = fp8.Recipe(backend="native", pow2_scales=True)
+  S = jax.ShapeDtypeStruct
+  if which == "linear":
+    f = lambda x, w: jax.value_and_grad(lambda x, w: fp8.linear(x, w, recipe).astype(jnp.float32).sum(), (0, 1))(x, w)
+    args = (S((4, 256, 576), jnp.bfloat16), S((576, 1536), jnp.float32))
+  else:
+    def f(x, w):
+      loss = lambda x, w: fp8.fp8_ragged_dot(x, w, jnp.asarray([300, 0, 500, 224], jnp.int32), recipe).sum()
+      return jax.value_and_grad(loss, (0, 1))(x, w)
+    args = (S((1024, 2048), jnp.bfloat16), S((4, 2048, 1408), jnp.float32))
+  hlo = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert hlo.count("xla.gpu.triton") == 3
+  assert "f8E4M3FN" in hlo and not [l for l in hlo.splitlines() if "stablehlo.dot_general" in l and "f8E4M3FN" in l]
