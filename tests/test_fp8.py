@@ -375,6 +375,29 @@ def test_fp8_check_short_run(tmp_path, capsys):
   assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+def test_bench_fp8_covers_the_models_fp8_linears(capsys):
+  """`train.bench_fp8`'s GEMM shapes are the FP8 Linear kernels of the model (V3-style and the plain
+  q_proj of V2-Lite), and the CLI prints one JSON line per GEMM and a total."""
+  from moe.layers import Linear
+  from train import bench_fp8
+
+  for cfg in (SMALL, SMALL.replace(q_lora_rank=None)):
+    model = nnx.eval_shape(lambda: Transformer(cfg.replace(fp8=True), rngs=nnx.Rngs(0)))
+    got = {}
+    for path, m in nnx.iter_graph(model):
+      if isinstance(m, Linear) and m.fp8 and "mtp" not in path:
+        got.setdefault(path[-1], set()).add(tuple(m.kernel.shape[-2:]))  # stacked layers: [L, in, out]
+    want = {}
+    for name, (k, n, _) in bench_fp8.linear_shapes(cfg).items():
+      for leaf in ([name.split(".")[-1]] if "/" not in name else ["gate_proj", "up_proj"]):
+        want.setdefault(leaf, set()).add((k, n))
+    assert got == want
+  assert bench_fp8.main(["configs/tiny.yaml", "batch_size=1", "seq_len=64", *TINY_OVERRIDES[:11], "--iters", "1"]) == 0
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert len(rows) == len(bench_fp8.linear_shapes(SMALL)) + 3
+  assert all(r["bf16_s"] > 0 and r["fp8_s"] > 0 for r in rows[:-1]) and rows[-1]["speedup"] > 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_every_config_traces_a_fp8_train_step(config):
