@@ -24,16 +24,22 @@ Shapes that are not multiples of 128 are zero-padded to whole tiles before the a
 tile is scaled by the amax of its real elements; zeros cannot raise an amax) and the padding is
 sliced off the result.
 
-Two ways to run the same numerics (`Recipe.backend`, "auto" picks per backend; logged once):
-  native: the operands really are float8_e4m3fn: one `lax.dot_general` of FP8 operands with
+Three ways to run the same numerics (`gemm_path`; `Recipe.backend` "auto" picks per backend; logged once):
+  kernels: the operands really are float8_e4m3fn, in the Pallas (Triton) kernels of moe/fp8_gpu.py:
+          each output tile loops over K in 128-deep FP8 tensor-core dots whose float32 results are
+          scaled and summed in registers (DeepGEMM's promotion), for the linears and for the routed
+          experts' grouped GEMMs (Wgrad quantises its 128x1 tiles inside the kernel). "auto" and
+          "native" pick it on CUDA GPUs with compute capability >= 8.9 (Ada, Hopper, Blackwell) once
+          a start-up probe has run the kernels against the "xla" path; a failure there logs a warning
+          and falls back to "xla". Tests run the kernels in the Pallas interpreter.
+  xla:    FP8 operands through XLA: one `lax.dot_general` of FP8 operands with
           `preferred_element_type=float32` per 128-chunk of K (batched over chunks), scaled and
-          summed in float32. XLA lowers FP8 dots to cuBLASLt on Hopper/Ada (compute capability
-          >= 8.9); "auto" picks native there. (On other backends XLA upcasts, which is correct but
-          pointless: the tests run it on CPU to check the numerics.)
+          summed in float32. The float32 partial of every chunk goes to memory, so this is correct but
+          not fast; the routed experts run qdq here (XLA has no FP8 ragged_dot). Used by "native"
+          where the kernels cannot run (on CPU XLA upcasts: the tests check the numerics with it).
   qdq:    quantise -> dequantise to float32 (q * scale, exact up to float32 rounding) and one
           float32 matmul. Because every scale is constant along 128 of K this equals the chunked
-          sum up to float32 summation order. Used on CPU and TPUs without FP8.
-The routed experts' grouped GEMM (`fp8_ragged_dot`) is always qdq: XLA has no FP8 ragged_dot.
+          sum up to float32 summation order. "auto" on CPU and TPUs without FP8.
 `fp8_matmul` also takes leading batch dimensions (`[n, M, K] @ [n, K, N]`), which the block-padded
 CPU experts use (each 128-row block belongs to one expert, so Wgrad's 128x1 token tiles never
 straddle two experts).
