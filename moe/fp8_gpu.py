@@ -19,17 +19,72 @@ lower them for CUDA (Triton IR) without a GPU. Tile sizes and warps are first ch
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from moe.fp8 import E4M3, E4M3_MAX, TILE, tile_scale  # TILE: the K step and the grouped row tile
 
+log = logging.getLogger(__name__)
 BLOCK_N = 128  # output columns per program (a multiple of TILE: one weight block scale per step)
 PARAMS = plgpu.CompilerParams(num_warps=8, num_stages=3)
+
+
+# --------------------------------------------------------------------------- the FP8 dot
+# Pallas' Triton lowering of dot_general leaves tt.dot's maxNumImpreciseAcc unset (0: exact float32
+# accumulation), and Triton then runs FP8 dots on Hopper as f16 MMAv2 with upcast operands instead of
+# FP8 wgmma (checked by compiling the kernels' Triton IR for sm_90 with Triton 3.9: mma.sync f16
+# without the attribute, wgmma ...e4m3.e4m3 with it). These dots are 128 deep and promoted to the
+# float32 sum right after (the recipe's N_C = 128), so the tensor cores may accumulate them in their
+# own precision: `_fp8_dot` is a dot_general whose Triton lowering says maxNumImpreciseAcc = 128.
+# (Triton's own frontend sets 2^30 for FP8 dots on Hopper.) Elsewhere (the interpreter) it is a dot.
+fp8_dot_p = Primitive("fp8_dot")
+
+
+def _fp8_dot_impl(a, b, *, contract):
+  return lax.dot_general(a, b, ((contract, (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+fp8_dot_p.def_impl(_fp8_dot_impl)
+fp8_dot_p.def_abstract_eval(lambda a, b, *, contract: jax.core.ShapedArray(
+    (a.shape[1 - contract[0]], b.shape[1]), jnp.float32))
+mlir.register_lowering(fp8_dot_p, mlir.lower_fun(_fp8_dot_impl, multiple_results=False))
+
+
+def _register_triton_rule() -> bool:
+  try:  # a private table: a JAX without it keeps the plain dot (correct, MMAv2 on Hopper)
+    from jax._src.pallas.triton import lowering as triton_lowering
+  except ImportError as e:
+    log.warning("fp8: no Pallas Triton lowering table (%s); FP8 kernel dots use Pallas' dot_general", e)
+    return False
+
+  def rule(ctx, a, b, *, contract):
+    out = triton_lowering._dot_general_lowering(
+        ctx, a, b, dimension_numbers=((contract, (0,)), ((), ())), out_sharding=None, precision=None,
+        preferred_element_type=jnp.float32)
+    if out.owner.name == "tt.dot":
+      i32 = mlir.ir.IntegerType.get_signless(32)
+      out.owner.attributes["maxNumImpreciseAcc"] = mlir.ir.IntegerAttr.get(i32, TILE)
+    return out
+
+  triton_lowering.triton_lowering_rules[fp8_dot_p] = rule
+  return True
+
+
+_HAS_TRITON_RULE = _register_triton_rule()
+
+
+def fp8_dot(a, b, contract: tuple[int] = (1,)):
+  """float32 a @ b (contract=(1,)) or a^T @ b (contract=(0,)) of float8 tiles inside a kernel."""
+  if _HAS_TRITON_RULE:
+    return fp8_dot_p.bind(a, b, contract=contract)
+  return _fp8_dot_impl(a, b, contract=contract)
 
 
 def _pad_to(x, axis: int, multiple: int):
@@ -45,8 +100,7 @@ def _pad_to(x, axis: int, multiple: int):
 def _blockscaled_kernel(a_ref, b_ref, sa_ref, sb_ref, o_ref):
   # a_ref [BM, K] e4m3, b_ref [K, BN] e4m3, sa_ref [BM, K/128], sb_ref [K/128, BN], o_ref [BM, BN]
   def step(k, acc):
-    p = jnp.dot(a_ref[:, pl.ds(k * TILE, TILE)], b_ref[pl.ds(k * TILE, TILE), :],
-                preferred_element_type=jnp.float32)  # one 128-deep FP8 dot: the promoted partial
+    p = fp8_dot(a_ref[:, pl.ds(k * TILE, TILE)], b_ref[pl.ds(k * TILE, TILE), :])  # 128 deep, promoted here
     return acc + p * sa_ref[:, pl.ds(k, 1)] * sb_ref[pl.ds(k, 1), :]
 
   acc = lax.fori_loop(0, sa_ref.shape[1], step, jnp.zeros(o_ref.shape, jnp.float32))
@@ -104,8 +158,7 @@ def _grouped_kernel(g_ref, t_ref, lo_ref, hi_ref, x_ref, sx_ref, w_ref, sw_ref, 
   cols = pl.ds(j * BLOCK_N, BLOCK_N)
 
   def step(k, acc):
-    p = jnp.dot(x_ref[rows, pl.ds(k * TILE, TILE)], w_ref[g, pl.ds(k * TILE, TILE), cols],
-                preferred_element_type=jnp.float32)
+    p = fp8_dot(x_ref[rows, pl.ds(k * TILE, TILE)], w_ref[g, pl.ds(k * TILE, TILE), cols])
     sw = sw_ref[g, pl.ds(k, 1), pl.ds(j * (BLOCK_N // TILE), 1)]  # [1, 1]: one 128x128 weight block
     return acc + p * sx_ref[rows, pl.ds(k, 1)] * sw
 
@@ -156,7 +209,7 @@ def _wgrad_kernel(lo_ref, hi_ref, x_ref, dy_ref, o_ref, *, pow2: bool):
     inside = (r >= lo) & (r < hi)
     qx, sx = _quantize_columns(jnp.where(inside, x_ref[pl.ds(t * TILE, TILE), dcols].astype(jnp.float32), 0.0), pow2)
     qd, sd = _quantize_columns(jnp.where(inside, dy_ref[pl.ds(t * TILE, TILE), fcols].astype(jnp.float32), 0.0), pow2)
-    p = lax.dot_general(qx, qd, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)  # [D_t, F_t]
+    p = fp8_dot(qx, qd, contract=(0,))  # x^T dy: [D_t, F_t]
     return acc + p * sx.T * sd
 
   acc = lax.fori_loop(lo // TILE, (hi + TILE - 1) // TILE, step, jnp.zeros((TILE, BLOCK_N), jnp.float32))
