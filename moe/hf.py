@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,7 +21,6 @@ import numpy as np
 from flax import nnx
 
 from moe.config import ConfigError, ModelConfig
-from moe.layers import dtype_of
 from moe.model import Transformer
 
 log = logging.getLogger(__name__)

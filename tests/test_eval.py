@@ -97,7 +97,6 @@ def test_run_dir_checkpoint_equals_its_hf_export(tmp_path, capsys):
   equal to its to_hf export's), and generate uses the run's tokenizer."""
   from train import checkpoint as ckpt_lib
   from train import optimizer as optimizer_lib
-  from train import step as step_lib
   from train.config import load_train_config
 
   small = {"vocab_size": 260, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
