@@ -86,18 +86,21 @@ def _slots(idx_TxK, e: int, block: int, cap_blocks: int | None):
 
   cap_blocks None: each expert's rows rounded up to whole blocks, n/block + E blocks (the static
   bound); owner_B: the expert of each block. Else every expert gets exactly cap_blocks blocks
-  (the caller checks that every group fits). Returns (slot_of_assignment [N], assignment_of_slot
-  [B*block] (N = empty slot), owner_B)."""
+  (the caller checks that every group fits). An assignment to expert E is no assignment (an empty
+  row of expert-parallel buffers): it gets no slot. Returns (slot_of_assignment [N] (out of range:
+  none), assignment_of_slot [B*block] (N = empty slot), owner_B)."""
   n = idx_TxK.size
   flat = idx_TxK.reshape(-1)
-  order = jnp.argsort(flat, stable=True)  # assignments sorted by expert
+  order = jnp.argsort(flat, stable=True)  # assignments sorted by expert, the empty ones (E) last
   expert_sorted = flat[order]
-  sizes = jnp.bincount(flat, length=e)
+  sizes = jnp.bincount(flat, length=e + 1)
   rank = jnp.arange(n) - (jnp.cumsum(sizes) - sizes)[expert_sorted]  # position within its expert
+  sizes = sizes[:e]
   if cap_blocks is None:
     padded = (sizes + block - 1) // block * block
-    slot = (jnp.cumsum(padded) - padded)[expert_sorted] + rank
     n_blocks = -(-n // block) + e
+    slot = jnp.where(expert_sorted < e, jnp.append(jnp.cumsum(padded) - padded, 0)[expert_sorted] + rank,
+                     n_blocks * block)
     owner = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_blocks) * block, side="right")
     owner = jnp.minimum(owner, e - 1)  # trailing all-padding blocks: any expert, rows are zero
   else:
@@ -114,6 +117,7 @@ def blocked_experts(x_TxD, idx_TxK, w_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, blo
                     tiers=CAPACITY_TIERS):
   """Dropless grouped matmul as a batched matmul over expert-sorted, block-padded rows (the CPU
   path; same result as sorted_experts). `fp8`: a moe.fp8.Recipe to run the batched GEMMs in FP8.
+  idx == E (the number of experts) marks an empty assignment: output 0, no room taken.
 
   If every expert's rows fit in the first capacity tier that holds them (tier * T*K/E rows, whole
   blocks), the rows form [E, C, D] and each expert is one matmul with its weights as stored.

@@ -102,15 +102,15 @@ def _grouped(rows_RxD, expert_R, gate, up, down, tp_axes, fp8=None):
 
   GPU/TPU: rows sorted by expert, `ragged_dot` (FP8: moe.fp8.fp8_ragged_dot) over the non-empty
   rows. CPU: XLA:CPU lowers ragged_dot densely (E_l times the work), so the rows go through
-  moe.experts.blocked_experts (block-padded batched matmul), empty rows with weight 0.
+  moe.experts.blocked_experts (block-padded batched matmul), where expert E_l is no expert, so
+  the empty rows take no room in its layouts.
   """
   from moe import experts as experts_lib  # moe.experts imports this module
 
   e_local = gate.shape[0]
   if _on_cpu():
-    valid = expert_R < e_local
-    y = experts_lib.blocked_experts(rows_RxD, jnp.where(valid, expert_R, 0)[:, None],
-                                    valid.astype(jnp.float32)[:, None], gate, up, down, fp8=fp8)
+    y = experts_lib.blocked_experts(rows_RxD, expert_R[:, None], jnp.ones_like(expert_R, jnp.float32)[:, None],
+                                    gate, up, down, fp8=fp8)
     return jax.lax.psum(y, tp_axes) if tp_axes else y
   if fp8 is None:
     ragged_dot = jax.lax.ragged_dot

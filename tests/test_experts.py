@@ -105,6 +105,30 @@ def test_blocked_experts_layouts_and_gradients(inputs):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+def test_blocked_experts_empty_assignments(inputs):
+  """idx == E is no assignment (expert-parallel buffers' empty rows): output 0, and the layout is
+  chosen by the real rows alone (here the first capacity tier, though the empty ones outnumber any
+  expert's); output and gradients equal the dense path's, where idx == E selects nothing."""
+  x, _, w, gate, up, down = (jnp.asarray(a) for a in inputs)
+  spread = (np.arange(T * K).reshape(T, K) % E).astype(np.int32)
+  spread[np.arange(T * K).reshape(T, K) % 2 == 0] = E  # 36 empty, 4-5 real rows per expert
+  heavy = np.full((T, K), E, np.int32)
+  heavy[:, 0] = 0  # 24 real rows on expert 0 (> 2 x the mean of 9): the worst-case block layout
+  cot = jnp.asarray(np.random.default_rng(5).standard_normal((T, D)), jnp.float32)
+  for idx, last in ((spread, False), (heavy, True)):
+    branch, fns = experts._blocked_branches(4, None, experts.CAPACITY_TIERS, jnp.asarray(idx), E)
+    assert int(branch) == (len(fns) - 1 if last else 0)
+    real = np.where(idx < E, idx, 0), np.where(idx < E, np.asarray(w), 0.0)
+    got = experts.blocked_experts(x, jnp.asarray(idx), w, gate, up, down, block=4)
+    np.testing.assert_allclose(np.asarray(got), ref_experts(x, *real, gate, up, down), rtol=1e-5, atol=1e-5)
+    loss = lambda fn: jax.grad(lambda *a: jnp.sum(fn(a[0], jnp.asarray(idx), *a[1:]) * cot), argnums=range(5))
+    g_blocked = loss(functools.partial(experts.blocked_experts, block=4))(x, w, gate, up, down)
+    g_dense = loss(experts.dense_experts)(x, w, gate, up, down)
+    assert np.all(np.asarray(g_blocked[1])[idx == E] == 0)
+    for name, a, b in zip(("x", "w", "gate", "up", "down"), g_blocked, g_dense):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def test_gradients_sorted_match_dense(inputs):
   x, idx, w, gate, up, down = (jnp.asarray(a) for a in inputs)
   cot = jnp.asarray(np.random.default_rng(2).standard_normal((T, D)), jnp.float32)
