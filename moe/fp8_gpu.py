@@ -42,7 +42,7 @@ PARAMS = plgpu.CompilerParams(num_warps=8, num_stages=3)
 # FP8 wgmma (checked by compiling the kernels' Triton IR for sm_90 with Triton 3.9: mma.sync f16
 # without the attribute, wgmma ...e4m3.e4m3 with it). These dots are 128 deep and promoted to the
 # float32 sum right after (the recipe's N_C = 128), so the tensor cores may accumulate them in their
-# own precision: `_fp8_dot` is a dot_general whose Triton lowering says maxNumImpreciseAcc = 128.
+# own precision: `fp8_dot` is a dot_general whose Triton lowering says maxNumImpreciseAcc = 128.
 # (Triton's own frontend sets 2^30 for FP8 dots on Hopper.) Elsewhere (the interpreter) it is a dot.
 fp8_dot_p = Primitive("fp8_dot")
 
