@@ -99,8 +99,7 @@ def _slots(idx_TxK, e: int, block: int, cap_blocks: int | None):
   if cap_blocks is None:
     padded = (sizes + block - 1) // block * block
     n_blocks = -(-n // block) + e
-    slot = jnp.where(expert_sorted < e, jnp.append(jnp.cumsum(padded) - padded, 0)[expert_sorted] + rank,
-                     n_blocks * block)
+    slot = jnp.where(expert_sorted < e, (jnp.cumsum(padded) - padded)[expert_sorted] + rank, n_blocks * block)
     owner = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_blocks) * block, side="right")
     owner = jnp.minimum(owner, e - 1)  # trailing all-padding blocks: any expert, rows are zero
   else:

@@ -123,16 +123,15 @@ def _kernels_pass_probe() -> bool:
 def _probe_kernels() -> bool:
   import numpy as np
 
-  try:
-    from moe import fp8_gpu  # inside: a JAX whose Pallas/Triton API moved falls back too
-
+  try:  # the kernels' module is imported in here too: a JAX whose Pallas/Triton API moved falls back
     r = np.random.default_rng(0)
     x, w = jnp.asarray(r.normal(size=(200, 300)), jnp.float32), jnp.asarray(r.normal(size=(300, 260)), jnp.float32)
     xq, wq = quantize(x, (1, TILE)), quantize(w, (TILE, TILE))
-    errs = [_rel_err(_kernel_matmul(xq, wq, fp8_gpu), _xla_matmul(xq, wq))]
+    errs = [_rel_err(_kernel_matmul(xq, wq), _xla_matmul(xq, wq))]
     we, sizes = jnp.stack([w, -w, 2 * w]), jnp.asarray([90, 0, 70], jnp.int32)
-    errs.append(_rel_err(_kernel_ragged(x[:180], we, sizes, Recipe(), fp8_gpu)[0], _qdq_ragged(x[:180], we, sizes, False)))
-    dw = fp8_gpu.grouped_wgrad(x[:180], x[:180, :260], sizes, interpret=INTERPRET_KERNELS)
+    y = _kernel_grouped(quantize(x[:180], (1, TILE)), quantize(we, (TILE, TILE)), sizes)
+    errs.append(_rel_err(y, _qdq_ragged(x[:180], we, sizes, False)))
+    dw = _gpu().grouped_wgrad(x[:180], x[:180, :260], sizes, interpret=INTERPRET_KERNELS)
     _, pullback = jax.vjp(lambda v: fp8_ragged_dot(x[:180], v, sizes, Recipe(backend="qdq")), we)
     errs.append(_rel_err(dw, pullback(x[:180, :260])[0]))
   except Exception as e:  # noqa: BLE001 - any compile/runtime failure means: use the XLA path
@@ -267,16 +266,21 @@ def scaled_matmul(a: QTensor, b: QTensor, path: str):
   if path == "qdq":
     return jnp.matmul(dequantize(a), dequantize(b), preferred_element_type=jnp.float32)
   if path == "kernels":
-    from moe import fp8_gpu
-
-    return _kernel_matmul(a, b, fp8_gpu)
+    return _kernel_matmul(a, b)
   return _xla_matmul(a, b)
 
 
-def _kernel_matmul(a: QTensor, b: QTensor, fp8_gpu):
+def _gpu():
+  """moe/fp8_gpu.py, imported on first use (it imports Pallas/Triton, and this module)."""
+  from moe import fp8_gpu
+
+  return fp8_gpu
+
+
+def _kernel_matmul(a: QTensor, b: QTensor):
   sa = jnp.repeat(a.scale, a.tile[0], axis=-2)  # [..., Mp, Kt]: one scale per row and 128 of K
   sb = jnp.repeat(b.scale, b.tile[1], axis=-1)  # [..., Kt, Np]
-  mm = functools.partial(fp8_gpu.blockscaled_matmul, interpret=INTERPRET_KERNELS)
+  mm = functools.partial(_gpu().blockscaled_matmul, interpret=INTERPRET_KERNELS)
   for _ in a.q.shape[:-2]:
     mm = jax.vmap(mm)
   return mm(a.q, b.q, sa, sb)[..., : a.shape[-2], : b.shape[-1]]
@@ -389,12 +393,11 @@ def _qdq_ragged(x, w, group_sizes, pow2: bool):
   return _ragged(qdq(x, (1, TILE), pow2), _qdq_experts(w, pow2), group_sizes)
 
 
-def _kernel_ragged(x, w, group_sizes, recipe, fp8_gpu):
-  """The forward through the grouped Pallas kernel: (float32 y [M, F], w's quantised blocks)."""
-  p2 = recipe.pow2_scales
-  xq, wq = quantize(x, (1, TILE), p2), quantize(w, (TILE, TILE), p2)
-  y = fp8_gpu.grouped_matmul(xq.q, xq.scale, wq.q, wq.scale, group_sizes, interpret=INTERPRET_KERNELS)
-  return y[:, : w.shape[-1]], wq
+def _kernel_grouped(a: QTensor, b: QTensor, group_sizes):
+  """float32 [M, N] from the grouped Pallas kernel: rows of a [M, K] (1x128 tiles) in groups of
+  `group_sizes`, each times its expert's b [E, K, N] (128x128 blocks)."""
+  y = _gpu().grouped_matmul(a.q, a.scale, b.q, b.scale, group_sizes, interpret=INTERPRET_KERNELS)
+  return y[:, : b.shape[-1]]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -407,25 +410,21 @@ def fp8_ragged_dot(x, w, group_sizes, recipe: Recipe = Recipe()):
 
 
 def _ragged_fwd(x, w, group_sizes, recipe):
-  w_dtype = jnp.zeros((0,), w.dtype)  # carries w's dtype for the gradient
+  w_dtype, p2 = jnp.zeros((0,), w.dtype), recipe.pow2_scales  # the empty array carries w's dtype
   if use_path(recipe) == "kernels":
-    from moe import fp8_gpu
-
-    y, wq = _kernel_ragged(x, w, group_sizes, recipe, fp8_gpu)
+    wq = quantize(w, (TILE, TILE), p2)
+    y = _kernel_grouped(quantize(x, (1, TILE), p2), wq, group_sizes)
     return y.astype(x.dtype), (x, wq, group_sizes, w_dtype)
-  return _qdq_ragged(x, w, group_sizes, recipe.pow2_scales).astype(x.dtype), (x, w, group_sizes, w_dtype)
+  return _qdq_ragged(x, w, group_sizes, p2).astype(x.dtype), (x, w, group_sizes, w_dtype)
 
 
 def _ragged_bwd(recipe, res, dy):
   x, w, group_sizes, w_dtype = res
   p2 = recipe.pow2_scales
   if use_path(recipe) == "kernels":  # w is the forward's QTensor
-    from moe import fp8_gpu
-
-    dyq, wt = quantize(dy, (1, TILE), p2), w.mT
-    dx = fp8_gpu.grouped_matmul(dyq.q, dyq.scale, wt.q, wt.scale, group_sizes, interpret=INTERPRET_KERNELS)
-    dw = fp8_gpu.grouped_wgrad(x, dy, group_sizes, pow2=p2, interpret=INTERPRET_KERNELS)
-    return dx[:, : x.shape[1]].astype(x.dtype), dw.astype(w_dtype.dtype), None
+    dx = _kernel_grouped(quantize(dy, (1, TILE), p2), w.mT, group_sizes)
+    dw = _gpu().grouped_wgrad(x, dy, group_sizes, pow2=p2, interpret=INTERPRET_KERNELS)
+    return dx.astype(x.dtype), dw.astype(w_dtype.dtype), None
   wd = _qdq_experts(w, p2)
   dx = _ragged(qdq(dy, (1, TILE), p2), jnp.swapaxes(wd, 1, 2), group_sizes)
   seg, n_seg = token_tile_segments(x.shape[0], group_sizes)

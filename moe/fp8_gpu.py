@@ -142,10 +142,11 @@ def _work_items(group_sizes, m_tiles: int):
   starts, ends = _bounds(group_sizes)
   first = starts // TILE
   count = jnp.where(group_sizes > 0, (ends - 1) // TILE - first + 1, 0)
+  count_end = jnp.cumsum(count)
   w = jnp.arange(m_tiles + e)
-  g = jnp.minimum(jnp.searchsorted(jnp.cumsum(count), w, side="right"), e - 1)
-  valid = w < count.sum()
-  tile = jnp.where(valid, first[g] + w - (jnp.cumsum(count) - count)[g], 0)
+  g = jnp.minimum(jnp.searchsorted(count_end, w, side="right"), e - 1)
+  valid = w < count_end[-1]
+  tile = jnp.where(valid, first[g] + w - (count_end - count)[g], 0)
   return (g.astype(jnp.int32), tile.astype(jnp.int32), jnp.where(valid, starts[g], 0).astype(jnp.int32),
           jnp.where(valid, ends[g], 0).astype(jnp.int32))
 
