@@ -392,7 +392,7 @@ def test_bench_fp8_covers_the_models_fp8_linears(capsys):
       for leaf in ([name.split(".")[-1]] if "/" not in name else ["gate_proj", "up_proj"]):
         want.setdefault(leaf, set()).add((k, n))
     assert got == want
-  assert bench_fp8.main(["configs/tiny.yaml", "batch_size=1", "seq_len=64", *TINY_OVERRIDES[:11], "--iters", "1"]) == 0
+  assert bench_fp8.main(["configs/tiny.yaml", *TINY_OVERRIDES, "--iters", "1"]) == 0
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert len(rows) == len(bench_fp8.linear_shapes(SMALL)) + 3
   assert all(r["bf16_s"] > 0 and r["fp8_s"] > 0 for r in rows[:-1]) and rows[-1]["speedup"] > 0
