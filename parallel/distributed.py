@@ -45,14 +45,10 @@ def cluster_detected() -> str | None:
   return None
 
 
-_initialized = False
-
-
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, local_device_ids=None, auto: bool = False) -> bool:
   """Start JAX's distributed runtime if this is a multi-process run; True if it was started."""
-  global _initialized
-  if _initialized:
+  if jax.distributed.is_initialized():
     return True
   coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
   num_processes = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
@@ -73,7 +69,6 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if how is None:
       return False
     jax.distributed.initialize(local_device_ids=local_device_ids)
-  _initialized = True
   log.info("distributed (%s): process %d of %d, %d local / %d global devices", how, jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
   return True

@@ -1,20 +1,20 @@
 """Expert parallelism: routed experts split over the `expert` mesh axis, tokens exchanged by all-to-all.
 
-The MoE block (moe/experts.py) asks `dispatcher(n_experts)` for a function; it gets one when a mesh
-with more than one device is current (parallel.mesh.activate, or jax.set_mesh), else None and uses
-the single-device `sorted_experts`. The function runs inside `jax.shard_map` over the whole mesh:
+`dispatch_combine(x, idx, w, weights, weight_axes, expert_fn, par)` runs the routed experts of one
+MoE layer; the layer (moe/experts.py) gives it the routing and the local expert computation
+`expert_fn(rows [R, D], local expert [R], *local weights) -> [R, D]` (a row whose local expert is
+E_l, the number of local experts, is empty). Without a multi-device mesh it calls `expert_fn` on
+the T*K (token, expert) rows directly; otherwise inside `jax.shard_map` over the whole mesh:
 
   tokens  [T, D] split over the batch axes (data x fsdp x expert); routing was done outside, per token
-  experts [E, D, F] split over `expert` (E_l = E / n_ep per rank) and on F over `tensor`;
+  experts [E, ...] split over `expert` (E_l = E / n_ep per rank) and on their width over `tensor`;
           gathered over `fsdp` at the shard_map boundary (FSDP: XLA all-gathers the weights going
           in and reduce-scatters their gradients coming out)
 
   1. each (token, k) assignment goes to rank idx // E_l, the rank owning its expert
   2. exchange with those ranks (all-to-all over `expert`)
-  3. grouped matmul over the local experts (`jax.lax.ragged_dot` on rows sorted by local expert;
-     on CPU moe.experts.blocked_experts, as XLA:CPU runs ragged_dot densely);
-     with tensor parallelism each rank holds F / n_tp of every expert and the partial outputs are
-     summed (psum over `tensor`)
+  3. `expert_fn` over the received rows; with tensor parallelism each rank holds a slice of every
+     expert's width and the partial outputs are summed (psum over `tensor`)
   4. exchange back (the reverse all-to-all)
   5. weighted combine of the K expert outputs per token; the shared experts are added by the
      caller (outside shard_map, where XLA shards them like any dense FFN).
@@ -22,16 +22,18 @@ the single-device `sorted_experts`. The function runs inside `jax.shard_map` ove
 Transports (`mesh.ep_transport`):
   padded  `jax.lax.all_to_all` of fixed [n_ep, C, D] buffers: each rank sends at most C assignments
           to each other rank, C = ceil(capacity_factor * T*K / n_ep), capped at the dropless
-          T * min(K, E_l); assignments past C are dropped (their expert output counts as 0) and
-          counted (`dropped`, reported by the trainer as `dropped_tokens`: dropped (token, expert)
-          assignments per step, padding tokens included). capacity_factor null: dropless (C =
-          T * min(K, E_l)). Works on every backend.
+          T * min(K, E_l). Which assignments drop: per destination rank, a rank's assignments in
+          (token, k) order (token-major, then the k-th choice), the first C are sent and the rest
+          dropped (`padded_slots`); a dropped assignment's expert output counts as exactly 0, and the
+          count (`dropped`, reported by the trainer as `dropped_tokens`: dropped (token, expert)
+          assignments per step, padding tokens included) is returned. capacity_factor null:
+          dropless (C = T * min(K, E_l)). Works on every backend.
   ragged  `jax.lax.ragged_all_to_all`: sends exactly the assignments each rank needs (dropless); the
           receive buffer is sized for the worst case, n_ep * T * min(K, E_l) rows. For GPU/TPU.
           XLA:CPU does not implement ragged-all-to-all, so on CPU `ragged` runs the same code with
           the collective emulated by all_gather (tests use this to check the offsets arithmetic);
           the real collective is only exercised on GPU/TPU.
-  auto    padded on CPU, ragged elsewhere.
+  auto    padded on CPU, ragged elsewhere (`resolve_transport`, once, from the mesh's devices).
 
 Device-limited routing (DeepSeek-V2/V3): the router picks experts within `topk_group` of `n_group`
 groups; groups are contiguous expert ranges and so are ranks' experts, so with n_group == n_ep a group
@@ -46,22 +48,23 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from typing import Callable, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moe.config import ConfigError
-from parallel import mesh as mesh_lib
 from parallel import sharding as sharding_lib
+from parallel.errors import ConfigError
 
 log = logging.getLogger("parallel")
 
+Transport = Literal["auto", "padded", "ragged"]
 TRANSPORTS = ("auto", "padded", "ragged")
 
 
 def resolve_transport(name: str, mesh) -> str:
-  """'padded', 'ragged' or (CPU only) 'ragged_emulated' for the configured `name`."""
+  """'padded', 'ragged' or (CPU only) 'ragged_emulated' for the configured `name` on `mesh`'s devices."""
   if name not in TRANSPORTS:
     raise ConfigError(f"mesh.ep_transport={name!r} must be one of {', '.join(TRANSPORTS)}")
   platform = mesh.devices.flat[0].platform
@@ -92,73 +95,44 @@ def capacity(t: int, k: int, n_ep: int, e_local: int, capacity_factor: float | N
   return max(1, min(dropless, math.ceil(capacity_factor * t * k / n_ep)))
 
 
-# ----------------------------------------------------------------- local pieces (inside shard_map)
-def _on_cpu() -> bool:
-  return jax.default_backend() == "cpu"
-
-
-def _grouped(rows_RxD, expert_R, gate, up, down, tp_axes, fp8=None):
-  """Expert FFN of each row (expert_R in [0, E_l]; E_l marks an empty row, whose output is 0).
-
-  GPU/TPU: rows sorted by expert, `ragged_dot` (FP8: moe.fp8.fp8_ragged_dot) over the non-empty
-  rows. CPU: XLA:CPU lowers ragged_dot densely (E_l times the work), so the rows go through
-  moe.experts.blocked_experts (block-padded batched matmul), where expert E_l is no expert, so
-  the empty rows take no room in its layouts.
-  """
-  from moe import experts as experts_lib  # moe.experts imports this module
-
-  e_local = gate.shape[0]
-  if _on_cpu():
-    y = experts_lib.blocked_experts(rows_RxD, expert_R[:, None], jnp.ones_like(expert_R, jnp.float32)[:, None],
-                                    gate, up, down, fp8=fp8)
-    return jax.lax.psum(y, tp_axes) if tp_axes else y
-  if fp8 is None:
-    ragged_dot = jax.lax.ragged_dot
-  else:
-    from moe import fp8 as fp8_lib
-
-    ragged_dot = lambda a, b, sz: fp8_lib.fp8_ragged_dot(a, b, sz, fp8)
-  order = jnp.argsort(expert_R, stable=True)
-  sizes = jnp.bincount(expert_R, length=e_local + 1)[:e_local].astype(jnp.int32)
-  x_sorted = rows_RxD[order]
-  h = jax.nn.silu(ragged_dot(x_sorted, gate, sizes)) * ragged_dot(x_sorted, up, sizes)
-  y_sorted = ragged_dot(h, down, sizes)
-  y_sorted = jax.lax.psum(y_sorted, tp_axes) if tp_axes else y_sorted
-  return jnp.zeros_like(y_sorted).at[order].set(y_sorted)
-
-
-def _combine(y_NxD, w_TxK):
+def combine(y_NxD, w_TxK):
+  """sum_k w[t, k] y[t * K + k]: the weighted sum of each token's expert outputs."""
   t, k = w_TxK.shape
   return jnp.einsum("tkd,tk->td", y_NxD.reshape(t, k, -1), w_TxK.astype(y_NxD.dtype))
 
 
-def _local(x_TxD, idx_TxK, w_TxK, gate, up, down, tp_axes, fp8=None):
-  """No expert parallelism (n_ep == 1): the single-device grouped experts, per shard."""
-  from moe import experts as experts_lib
+# ----------------------------------------------------------------- local pieces (inside shard_map)
+def _local(x_TxD, idx_TxK, w_TxK, *weights, expert_fn):
+  """All experts on this rank: every (token, k) assignment is one row."""
+  y = expert_fn(jnp.repeat(x_TxD, idx_TxK.shape[1], axis=0), idx_TxK.reshape(-1), *weights)
+  return combine(y, w_TxK), jnp.zeros((), jnp.int32)
 
-  y = experts_lib.grouped_experts(x_TxD, idx_TxK, w_TxK, gate, up, down, fp8=fp8)
-  return (jax.lax.psum(y, tp_axes) if tp_axes else y), jnp.zeros((), jnp.int32)
+
+def padded_slots(dest_N, n_ep: int, c: int):
+  """(slot in the [n_ep * C] send buffer of each assignment, kept?) for assignments going to ranks
+  `dest_N`: per destination, the first C assignments in order are kept; the slot of a dropped one is
+  n_ep * C (out of range)."""
+  n = dest_N.shape[0]
+  order = jnp.argsort(dest_N, stable=True)
+  counts = jnp.bincount(dest_N, length=n_ep)
+  starts = jnp.cumsum(counts) - counts
+  pos = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32) - starts[dest_N[order]])
+  keep = pos < c
+  return jnp.where(keep, dest_N * c + pos, n_ep * c), keep
 
 
-def _padded(x_TxD, idx_TxK, w_TxK, gate, up, down, *, ep_axes, tp_axes, n_ep, capacity_factor, fp8=None):
+def _padded(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, ep_axes, n_ep, capacity_factor):
   t, k = idx_TxK.shape
-  n, d, e_local = t * k, x_TxD.shape[1], gate.shape[0]
+  d, e_local = x_TxD.shape[1], weights[0].shape[0]
   c = capacity(t, k, n_ep, e_local, capacity_factor)
   flat = idx_TxK.reshape(-1)
-  dest = flat // e_local  # owning rank of each assignment
-  order = jnp.argsort(dest, stable=True)
-  counts = jnp.bincount(dest, length=n_ep)
-  starts = jnp.cumsum(counts) - counts
-  pos = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32) - starts[dest[order]])
-  keep = pos < c
-  slot = jnp.where(keep, dest * c + pos, n_ep * c)  # out of range: dropped
+  slot, keep = padded_slots(flat // e_local, n_ep, c)
   send_x = jnp.zeros((n_ep * c, d), x_TxD.dtype).at[slot].set(jnp.repeat(x_TxD, k, axis=0), mode="drop")
   send_e = jnp.full((n_ep * c,), e_local, jnp.int32).at[slot].set(flat % e_local, mode="drop")
   a2a = functools.partial(jax.lax.all_to_all, axis_name=ep_axes, split_axis=0, concat_axis=0, tiled=True)
-  y_recv = _grouped(a2a(send_x), a2a(send_e), gate, up, down, tp_axes, fp8)
-  y_back = a2a(y_recv)
+  y_back = a2a(expert_fn(a2a(send_x), a2a(send_e), *weights))
   y = jnp.where(keep[:, None], y_back[jnp.minimum(slot, n_ep * c - 1)], 0)
-  return _combine(y, w_TxK), (~keep).sum().astype(jnp.int32)
+  return combine(y, w_TxK), (~keep).sum().astype(jnp.int32)
 
 
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
@@ -179,9 +153,9 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
   return result
 
 
-def _ragged(x_TxD, idx_TxK, w_TxK, gate, up, down, *, ep_axes, tp_axes, n_ep, emulate, fp8=None):
+def _ragged(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, ep_axes, n_ep, emulate):
   t, k = idx_TxK.shape
-  n, d, e_local = t * k, x_TxD.shape[1], gate.shape[0]
+  n, d, e_local = t * k, x_TxD.shape[1], weights[0].shape[0]
   r = n_ep * t * min(k, e_local)  # worst-case rows received
   ragged_a2a = emulated_ragged_all_to_all if emulate else jax.lax.ragged_all_to_all
   a2a = functools.partial(jax.lax.all_to_all, axis_name=ep_axes, split_axis=0, concat_axis=0, tiled=True)
@@ -207,45 +181,43 @@ def _ragged(x_TxD, idx_TxK, w_TxK, gate, up, down, *, ep_axes, tp_axes, n_ep, em
   seg_end = jnp.cumsum(recv_counts.reshape(-1))
   seg = jnp.searchsorted(seg_end, jnp.arange(r, dtype=jnp.int32), side="right")
   expert = jnp.where(seg < n_ep * e_local, seg % e_local, e_local).astype(jnp.int32)
-  y_rx = _grouped(rx, expert, gate, up, down, tp_axes, fp8)
+  y_rx = expert_fn(rx, expert, *weights)
 
   # Back to the sources, into their sorted order, then unsort and combine.
   y_sorted = ragged_a2a(y_rx, jnp.zeros((n, d), y_rx.dtype), recv_offsets, recv_sizes, a2a(input_offsets),
                         send_sizes, axis_name=ep_axes)
   y = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
-  return _combine(y, w_TxK), jnp.zeros((), jnp.int32)
+  return combine(y, w_TxK), jnp.zeros((), jnp.int32)
 
 
-# ----------------------------------------------------------------- the dispatcher
+# ----------------------------------------------------------------- the dispatch
 def _axes_of(entry) -> tuple[str, ...]:
   if entry is None:
     return ()
   return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def dispatcher(n_experts: int):
-  """The routed-experts function for the current mesh, or None (no mesh / one device: use
-  moe.experts.sorted_experts). Signature: (x [T, D], idx [T, K], w [T, K], gate [E, D, F],
-  up [E, D, F], down [E, F, D], fp8=None) -> (y [T, D], dropped assignments [] int32); `fp8` (a
-  moe.fp8.Recipe, with the float32 master weights) runs the expert GEMMs in FP8."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1 or mesh._any_axis_manual:
-    return None
-  par = mesh_lib.current()
-  transport = par.ep_transport if par is not None else ("padded" if mesh.abstract_device is None or
-                                                        mesh.abstract_device.platform == "cpu" else "ragged")
-  cf = par.capacity_factor if par is not None else None
-  return functools.partial(routed_experts, mesh=mesh, rules=sharding_lib.current_rules(), transport=transport,
-                           capacity_factor=cf)
+def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight_axes: Sequence[tuple],
+                     expert_fn: Callable, par=None):
+  """Routed experts of one MoE layer: (y [T, D] = sum_k w[t, k] expert_{idx[t, k]}(x[t]), dropped
+  assignments [] int32).
 
-
-def routed_experts(x_TxD, idx_TxK, w_TxK, gate, up, down, fp8=None, *, mesh, rules, transport="padded",
-                   capacity_factor=None):
-  """Expert-parallel routed experts over `mesh` (see the module docstring); (y [T, D], dropped)."""
+  weights: the experts' stacked parameters, [E, ...] each, with logical axes `weight_axes` (the first
+  "expert"; a None dimension is gathered whole inside). expert_fn(rows [R, D], local expert [R],
+  *local weights) -> [R, D]: the expert FFN of each row, whose local expert id E_l (the number of
+  local experts) marks an empty row. par: a parallel.mesh.Parallelism, or None (one device).
+  """
+  if par is None or par.mesh.size == 1:
+    return _local(x_TxD, idx_TxK, w_TxK, *weights, expert_fn=expert_fn)
+  mesh, rules = par.mesh, dict(par.rules)
   shape = dict(mesh.shape)
-  gate_spec = sharding_lib.logical_to_spec(("expert", None, "moe_mlp"), gate.shape, shape, rules, "experts")
-  gate_spec = tuple(gate_spec) + (None,) * (3 - len(gate_spec))
-  ep_axes = _axes_of(gate_spec[0])
+
+  def full_spec(wt, axes):
+    spec = tuple(sharding_lib.logical_to_spec(axes, wt.shape, shape, rules, "experts"))
+    return spec + (None,) * (wt.ndim - len(spec))
+
+  specs = [full_spec(wt, a) for wt, a in zip(weights, weight_axes)]
+  ep_axes = _axes_of(specs[0][0])
   n_ep = math.prod(shape[a] for a in ep_axes)
 
   # Token axes: the batch axes, plus the expert axes (each EP rank must hold its own tokens).
@@ -256,29 +228,32 @@ def routed_experts(x_TxD, idx_TxK, w_TxK, gate, up, down, fp8=None, *, mesh, rul
     raise ValueError(f"expert parallelism: {t} tokens do not divide over {'x'.join(ep_axes)}={n_ep}")
   while t % math.prod(shape[a] for a in token_axes):
     token_axes.remove(batch_axes.pop())
-  tp_axes = tuple(a for a in _axes_of(gate_spec[2]) if a not in token_axes)
-  ep_axes = tuple(ep_axes)
-  tok = P(tuple(token_axes) if token_axes else None)
+  # The experts' other dimensions: sharded over the non-token axes (tensor parallelism), whose
+  # partial outputs are summed.
+  inner = [tuple(tuple(a for a in _axes_of(s) if a not in token_axes) for s in spec[1:]) for spec in specs]
+  tp_axes = tuple(dict.fromkeys(a for dims in inner for axes in dims for a in axes))
   ep = ep_axes if ep_axes else None
-  tp = tp_axes if tp_axes else None
+  weight_specs = [P(ep, *(axes or None for axes in dims)) for dims in inner]
+  tok = P(tuple(token_axes) if token_axes else None)
+
+  def local_fn(rows, expert, *ws):
+    y = expert_fn(rows, expert, *ws)
+    return jax.lax.psum(y, tp_axes) if tp_axes else y
 
   if n_ep == 1:
-    fn = functools.partial(_local, tp_axes=tp_axes, fp8=fp8)
-  elif transport == "padded":
-    fn = functools.partial(_padded, ep_axes=ep_axes, tp_axes=tp_axes, n_ep=n_ep, capacity_factor=capacity_factor,
-                           fp8=fp8)
-  elif transport in ("ragged", "ragged_emulated"):
-    fn = functools.partial(_ragged, ep_axes=ep_axes, tp_axes=tp_axes, n_ep=n_ep,
-                           emulate=transport == "ragged_emulated", fp8=fp8)
+    fn = functools.partial(_local, expert_fn=local_fn)
+  elif par.ep_transport == "padded":
+    fn = functools.partial(_padded, expert_fn=local_fn, ep_axes=ep_axes, n_ep=n_ep,
+                           capacity_factor=par.capacity_factor)
+  elif par.ep_transport in ("ragged", "ragged_emulated"):
+    fn = functools.partial(_ragged, expert_fn=local_fn, ep_axes=ep_axes, n_ep=n_ep,
+                           emulate=par.ep_transport == "ragged_emulated")
   else:
-    raise ValueError(f"unknown expert-parallel transport {transport!r}")
+    raise ValueError(f"unknown expert-parallel transport {par.ep_transport!r}")
 
-  def body(x, idx, w, g, u, dn):
-    y, dropped = fn(x, idx, w, g, u, dn)
+  def body(x, idx, w, *ws):
+    y, dropped = fn(x, idx, w, *ws)
     return y, jax.lax.psum(dropped, tuple(token_axes)) if token_axes else dropped
 
-  return jax.shard_map(
-      body, mesh=mesh,
-      in_specs=(tok, tok, tok, P(ep, None, tp), P(ep, None, tp), P(ep, tp, None)),
-      out_specs=(tok, P()),
-  )(x_TxD, idx_TxK, w_TxK, gate, up, down)
+  return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, *weight_specs), out_specs=(tok, P()))(
+      x_TxD, idx_TxK, w_TxK, *weights)

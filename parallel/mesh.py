@@ -1,4 +1,4 @@
-"""The device mesh: four named axes built from `TrainConfig.mesh` (train.config.MeshConfig).
+"""The device mesh: four named axes, sized by `MeshConfig` (the `mesh:` section of a training config).
 
   data    pure data parallelism: parameters and optimizer state replicated
   fsdp    data parallelism with parameters, gradients and optimizer state sharded (ZeRO-3)
@@ -10,54 +10,90 @@ may be -1, meaning the devices the others leave. A mesh whose size does not divi
 is a one-line ConfigError. Across TPU slices or GPU hosts, `mesh.dcn_data` / `mesh.dcn_fsdp` say how
 many slices (or processes) the data / fsdp axis spans (`mesh_utils.create_hybrid_device_mesh`); the
 expert and tensor axes then stay within a slice or host. Without them `jax.make_mesh` orders devices
-so that the last axes (expert, tensor) are the closest. Axes are `AxisType.Auto`: inside `jit`, XLA's partitioner derives the
-collectives for data/fsdp/tensor from the parameter and activation shardings; expert parallelism
-is written by hand with `jax.shard_map` (parallel/expert_parallel.py).
+so that the last axes (expert, tensor) are the closest. Axes are `AxisType.Auto`: inside `jit`, XLA's
+partitioner derives the collectives for data/fsdp/tensor from the parameter and activation shardings;
+expert parallelism is written by hand with `jax.shard_map` (parallel/expert_parallel.py).
 
 `Parallelism` bundles the mesh with the logical-axis rules (parallel/sharding.py) and the expert-
-parallel options; `activate(par)` makes it current (and `jax.set_mesh(par.mesh)`) while a step is
-traced, so model code finds it without naming devices or mesh axes.
+parallel transport; it is built once and handed to the model (moe.runtime.Runtime) and the trainer.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import logging
 import math
-from typing import Mapping
 
 import jax
 from jax.sharding import AxisType, Mesh
 
-from moe.config import ConfigError
+from parallel import expert_parallel, sharding
+from parallel.errors import ConfigError, check_fields, require
 
 log = logging.getLogger("parallel")
 
-AXES = ("data", "fsdp", "expert", "tensor")
+AXES = sharding.MESH_AXES
 DCN_AXES = ("data", "fsdp")  # may span slices / hosts (mesh.dcn_data, mesh.dcn_fsdp)
 
 
-def axis_sizes(mesh_cfg, n_devices: int) -> dict[str, int]:
-  """{axis: size} for `mesh_cfg` (a MeshConfig or a mapping) on `n_devices`, -1 resolved."""
-  get = mesh_cfg.get if isinstance(mesh_cfg, Mapping) else lambda a, d: getattr(mesh_cfg, a, d)
-  sizes = {a: int(get(a, 1)) for a in AXES}
-  desc = " x ".join(f"{a}={n}" for a, n in sizes.items())
-  free = [a for a, n in sizes.items() if n == -1]
-  if len(free) > 1 or any(n == 0 or n < -1 for n in sizes.values()):
-    raise ConfigError(f"mesh {desc}: sizes must be >= 1, and at most one may be -1")
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device-mesh axis sizes; -1 (at most one axis) takes the devices the others leave. `rules`
+  overrides entries of the logical-axis -> mesh-axes table (parallel/sharding.py), e.g.
+  `mesh.rules.embed=[fsdp,expert]`; a value is a mesh axis, a list of them, or null.
+  Expert parallelism (parallel/expert_parallel.py): `ep_transport` auto (padded on CPU, ragged
+  elsewhere), padded (all_to_all of fixed buffers; assignments past the capacity are dropped and
+  counted as `dropped_tokens`) or ragged (ragged_all_to_all, dropless); `capacity_factor` sets the
+  padded buffers to ceil(factor * tokens * top_k / expert) rows per rank pair (null: dropless).
+  `dcn_data` / `dcn_fsdp`: how many TPU slices (or processes, e.g. GPU hosts) the data / fsdp axis
+  spans, for a mesh laid out over a slower outer network."""
+
+  data: int = -1
+  fsdp: int = 1
+  expert: int = 1
+  tensor: int = 1
+  dcn_data: int = 1  # slices (TPU) or processes the data axis spans; must divide `data`
+  dcn_fsdp: int = 1  # the same for fsdp
+  rules: dict[str, str | list[str] | None] | None = None
+  ep_transport: expert_parallel.Transport = "auto"
+  capacity_factor: float | None = None
+
+  def __post_init__(self):
+    check_fields(self, "mesh.")
+    for name, n in self.sizes().items():
+      require(n == -1 or n >= 1, f"mesh.{name}={n} must be >= 1 or -1")
+    require(list(self.sizes().values()).count(-1) <= 1, "mesh: at most one axis may be -1")
+    for name in ("dcn_data", "dcn_fsdp"):
+      require(getattr(self, name) >= 1, f"mesh.{name}={getattr(self, name)} must be >= 1")
+    sharding.resolve_rules(self.rules)  # a bad entry is a one-line error here, not at build time
+    cf = self.capacity_factor
+    require(cf is None or cf > 0, f"mesh.capacity_factor={cf} must be > 0 or null (dropless)")
+
+  def sizes(self) -> dict[str, int]:
+    return {a: getattr(self, a) for a in AXES}
+
+  def describe(self) -> str:
+    return " x ".join(f"{a}={n}" for a, n in self.sizes().items())
+
+
+def axis_sizes(mesh_cfg: MeshConfig, n_devices: int) -> dict[str, int]:
+  """{axis: size} for `mesh_cfg` on `n_devices`, -1 resolved (the sizes themselves were checked by
+  MeshConfig; this checks them against the devices)."""
+  sizes = mesh_cfg.sizes()
   known = math.prod(n for n in sizes.values() if n != -1)
+  free = [a for a, n in sizes.items() if n == -1]
   if free:
     if n_devices % known:
-      raise ConfigError(f"mesh {desc}: the fixed axes ({known} devices) do not divide the {n_devices} devices")
+      raise ConfigError(f"mesh {mesh_cfg.describe()}: the fixed axes ({known} devices) do not divide the"
+                        f" {n_devices} devices")
     sizes[free[0]] = n_devices // known
   elif n_devices % known:
-    raise ConfigError(f"mesh {desc} needs {known} devices, which does not divide the {n_devices} devices")
+    raise ConfigError(f"mesh {mesh_cfg.describe()} needs {known} devices, which does not divide the"
+                      f" {n_devices} devices")
   return sizes
 
 
-def make_mesh(mesh_cfg, devices=None) -> Mesh:
+def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
   """A Mesh with axes (data, fsdp, expert, tensor), all `AxisType.Auto`.
 
   A mesh smaller than the device count (it must divide it) uses the first devices; that is only
@@ -73,8 +109,7 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     log.warning("mesh %s uses %d of %d devices", sizes, n, len(devices))
     devices = devices[:n]
   shape = tuple(sizes[a] for a in AXES)
-  get = mesh_cfg.get if isinstance(mesh_cfg, Mapping) else lambda a, d: getattr(mesh_cfg, a, d)
-  dcn = {a: int(get(f"dcn_{a}", 1) or 1) for a in DCN_AXES}
+  dcn = {a: getattr(mesh_cfg, f"dcn_{a}") for a in DCN_AXES}
   if math.prod(dcn.values()) == 1:
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
   return Mesh(hybrid_devices(sizes, dcn, devices), AXES, axis_types=(AxisType.Auto,) * len(AXES))
@@ -102,57 +137,28 @@ def hybrid_devices(sizes: dict[str, int], dcn: dict[str, int], devices):
 
 @dataclasses.dataclass(frozen=True)
 class Parallelism:
-  """Everything a traced step needs to know about parallelism."""
+  """What the model and the trainer need to know about parallelism, built once from the config.
+
+  `rules`: logical axis -> mesh axes, as (name, axes) pairs (parallel.sharding.resolve_rules).
+  `ep_transport`: resolved for the mesh's devices, "padded", "ragged" or "ragged_emulated".
+  """
 
   mesh: Mesh
-  rules: Mapping[str, tuple[str, ...]]  # logical axis -> mesh axes (parallel.sharding.resolve_rules)
-  ep_transport: str = "padded"  # resolved: "padded" or "ragged" (parallel.expert_parallel)
+  rules: tuple[tuple[str, tuple[str, ...]], ...] = tuple(sharding.DEFAULT_RULES.items())
+  ep_transport: str = "padded"
   capacity_factor: float | None = None  # padded transport; None: dropless
 
   @classmethod
-  def from_config(cls, mesh_cfg, devices=None) -> Parallelism:
-    from parallel import expert_parallel, sharding
-
+  def from_config(cls, mesh_cfg: MeshConfig, devices=None) -> Parallelism:
     mesh = make_mesh(mesh_cfg, devices)
-    rules = sharding.resolve_rules(getattr(mesh_cfg, "rules", None))
-    transport = expert_parallel.resolve_transport(getattr(mesh_cfg, "ep_transport", "auto"), mesh)
-    return cls(mesh, rules, transport, getattr(mesh_cfg, "capacity_factor", None))
+    rules = tuple(sharding.resolve_rules(mesh_cfg.rules).items())
+    transport = expert_parallel.resolve_transport(mesh_cfg.ep_transport, mesh)
+    return cls(mesh, rules, transport, mesh_cfg.capacity_factor)
+
+  @property
+  def platform(self) -> str:
+    return self.mesh.devices.flat[0].platform
 
   def describe(self) -> str:
     sizes = " x ".join(f"{a}={n}" for a, n in self.mesh.shape.items())
-    return f"mesh {sizes} on {self.mesh.size} {self.mesh.devices.flat[0].platform} device(s)"
-
-
-_ACTIVE: contextvars.ContextVar[Parallelism | None] = contextvars.ContextVar("parallelism", default=None)
-
-
-def current() -> Parallelism | None:
-  """The Parallelism made current by `activate`, or None."""
-  return _ACTIVE.get()
-
-
-@contextlib.contextmanager
-def activate(par: Parallelism | None):
-  """Make `par` current and set its mesh (`jax.set_mesh`); None: no mesh (single device)."""
-  token = _ACTIVE.set(par)
-  try:
-    if par is None:
-      yield None
-    else:
-      with jax.set_mesh(par.mesh):
-        yield par
-  finally:
-    _ACTIVE.reset(token)
-
-
-def under(par: Parallelism | None, fn):
-  """`fn` wrapped to run (and hence trace) inside `activate(par)`."""
-  if par is None:
-    return fn
-
-  def wrapped(*args, **kwargs):
-    with activate(par):
-      return fn(*args, **kwargs)
-
-  wrapped.__wrapped__ = fn
-  return wrapped
+    return f"mesh {sizes} on {self.mesh.size} {self.platform} device(s), expert-parallel transport {self.ep_transport}"

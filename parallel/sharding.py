@@ -12,7 +12,7 @@ Resolving a tuple of logical names for an array of a given shape:
     fsdp);
   - mesh axes of size 1 are dropped;
   - a dimension is only sharded when its size divides by the product of its mesh axes; otherwise
-    that dimension is replicated, and a log line says so (once per name and shape).
+    that dimension is replicated (`state_shardings` logs each such parameter once).
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moe.config import ConfigError
-from parallel import mesh as mesh_lib
+from parallel.errors import ConfigError
 
 log = logging.getLogger("parallel")
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical name -> mesh axes. Batch over every data-like axis (experts use `expert` only inside the MoE
 # block, so the rest of the model treats it as data); parameters fully sharded over fsdp on their
@@ -55,10 +56,12 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
 def _as_axes(value, where: str) -> tuple[str, ...]:
   if value is None:
     return ()
-  axes = (value,) if isinstance(value, str) else tuple(value)
+  axes = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, list) else None
+  if axes is None or not all(isinstance(a, str) for a in axes):
+    raise ConfigError(f"{where}={value!r}: expected a mesh axis ({', '.join(MESH_AXES)}), a list of them, or null")
   for a in axes:
-    if a not in mesh_lib.AXES:
-      raise ConfigError(f"{where}: {a!r} is not a mesh axis (one of {', '.join(mesh_lib.AXES)})")
+    if a not in MESH_AXES:
+      raise ConfigError(f"{where}: {a!r} is not a mesh axis (one of {', '.join(MESH_AXES)})")
   if len(set(axes)) != len(axes):
     raise ConfigError(f"{where}: mesh axes repeat in {list(axes)}")
   return axes
@@ -66,28 +69,23 @@ def _as_axes(value, where: str) -> tuple[str, ...]:
 
 def resolve_rules(overrides: Mapping | None = None) -> dict[str, tuple[str, ...]]:
   """DEFAULT_RULES with `overrides` (name -> axis, list of axes, or null) applied."""
+  if overrides is not None and not isinstance(overrides, Mapping):
+    raise ConfigError(f"mesh.rules={overrides!r} must be a mapping")
   rules = dict(DEFAULT_RULES)
   for name, value in (overrides or {}).items():
     rules[str(name)] = _as_axes(value, f"mesh.rules.{name}")
   return rules
 
 
-def current_rules() -> Mapping[str, tuple[str, ...]]:
-  par = mesh_lib.current()
-  return par.rules if par is not None else DEFAULT_RULES
-
-
-_reported: set = set()
-
-
-def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh_shape: Mapping[str, int],
-                    rules: Mapping[str, tuple[str, ...]] | None = None, what: str = "") -> P:
-  """PartitionSpec for an array of `shape` whose dimensions are named `logical_axes`."""
-  rules = DEFAULT_RULES if rules is None else rules
+def resolve_dims(logical_axes: Sequence[str | None], shape: Sequence[int], mesh_shape: Mapping[str, int],
+                 rules=None, what: str = "") -> tuple[P, list[str]]:
+  """(PartitionSpec for an array of `shape` whose dimensions are named `logical_axes`, notes on the
+  dimensions replicated because their size does not divide)."""
+  rules = DEFAULT_RULES if rules is None else dict(rules)
   if len(logical_axes) != len(shape):
     raise ValueError(f"{what}: axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
   used: set[str] = set()
-  out = []
+  out, notes = [], []
   for dim, (name, size) in enumerate(zip(logical_axes, shape)):
     if name is None:
       out.append(None)
@@ -97,25 +95,20 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], me
     axes = tuple(a for a in rules[name] if mesh_shape.get(a, 1) > 1 and a not in used)
     n = math.prod(mesh_shape[a] for a in axes)
     if axes and size % n:
-      key = (what, tuple(logical_axes), tuple(shape), dim)
-      if key not in _reported:
-        _reported.add(key)
-        log.info("sharding: %s dim %d (%r, size %d) does not divide by %s=%d; replicated", what or "array",
-                 dim, name, size, "x".join(axes), n)
+      notes.append(f"{what or 'array'} dim {dim} ({name!r}, size {size}) does not divide by {'x'.join(axes)}={n};"
+                   " replicated")
       axes = ()
     used.update(axes)
     out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   while out and out[-1] is None:
     out.pop()
-  return P(*out)
+  return P(*out), notes
 
 
-def variable_spec(v: nnx.Variable, mesh_shape, rules=None, what: str = "") -> P:
-  axes = v.get_metadata().get("axes")
-  shape = np.shape(v.get_value()) if hasattr(v, "get_value") else np.shape(v.value)
-  if axes is None:
-    return P()
-  return logical_to_spec(axes, shape, mesh_shape, rules, what)
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh_shape: Mapping[str, int],
+                    rules=None, what: str = "") -> P:
+  """PartitionSpec for an array of `shape` whose dimensions are named `logical_axes`."""
+  return resolve_dims(logical_axes, shape, mesh_shape, rules, what)[0]
 
 
 def _path_str(path) -> str:
@@ -131,15 +124,26 @@ def _path_str(path) -> str:
 def state_shardings(tree, mesh, rules=None):
   """The NamedSharding of every array in `tree` (a pytree of nnx.Variables and/or arrays, such as
   the trainer state {params, rest, opt, step}): from a Variable's `axes` metadata, replicated
-  for anything without it. Same tree structure as `tree`, usable as `jit(out_shardings=...)`."""
+  for anything without it. Same tree structure as `tree`, usable as `jit(out_shardings=...)`.
+  Logs each parameter dimension that stays whole because it does not divide."""
   mesh_shape = dict(mesh.shape)
+  notes: dict[str, None] = {}
 
   def one(path, x):
-    if isinstance(x, nnx.Variable):
-      return x.replace(NamedSharding(mesh, variable_spec(x, mesh_shape, rules, _path_str(path))))
-    return NamedSharding(mesh, P())
+    if not isinstance(x, nnx.Variable):
+      return NamedSharding(mesh, P())
+    axes = x.get_metadata().get("axes")
+    spec = P()
+    if axes is not None:
+      shape = np.shape(x.get_value()) if hasattr(x, "get_value") else np.shape(x.value)
+      spec, why = resolve_dims(axes, shape, mesh_shape, rules, _path_str(path))
+      notes.update(dict.fromkeys(why))
+    return x.replace(NamedSharding(mesh, spec))
 
-  return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  out = jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  for note in notes:
+    log.info("sharding: %s", note)
+  return out
 
 
 def batch_sharding(mesh, shape: Sequence[int], rules=None) -> NamedSharding:
@@ -156,9 +160,8 @@ def process_rows(sharding: NamedSharding, global_shape: Sequence[int]) -> slice:
   return slice(min(starts), max(stops))
 
 
-def place_batch(batch: Mapping[str, np.ndarray], par: mesh_lib.Parallelism | None,
-                global_batch_size: int | None = None) -> dict:
-  """Host batch -> global jax Arrays sharded over the batch axes.
+def place_batch(batch: Mapping[str, np.ndarray], par=None, global_batch_size: int | None = None) -> dict:
+  """Host batch -> global jax Arrays sharded over the batch axes of `par` (a parallel.mesh.Parallelism).
 
   Single process: `batch` is the global batch (jax.device_put). Several processes: `batch` is this
   process's rows and `global_batch_size` the total; jax.make_array_from_process_local_data assembles
@@ -178,11 +181,10 @@ def place_batch(batch: Mapping[str, np.ndarray], par: mesh_lib.Parallelism | Non
   return out
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-  """Sharding constraint on an activation, by logical axis names; a no-op without a mesh (and
-  inside shard_map, where the mesh axes are manual)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh._any_axis_manual or mesh.size == 1:
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], par=None) -> jax.Array:
+  """Sharding constraint on an activation by logical axis names, on the mesh of `par` (a
+  parallel.mesh.Parallelism); a no-op without one or on a single device."""
+  if par is None or par.mesh.size == 1:
     return x
-  spec = logical_to_spec(tuple(logical_axes), x.shape, dict(mesh.shape), current_rules(), "activation")
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  spec = logical_to_spec(tuple(logical_axes), x.shape, dict(par.mesh.shape), par.rules, "activation")
+  return jax.lax.with_sharding_constraint(x, NamedSharding(par.mesh, spec))
