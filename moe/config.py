@@ -2,24 +2,20 @@
 
 Loads from this project's YAML (`model:` section) or from an HF `config.json` (as released, with
 `rope_scaling`, or as `transformers` >= 5 writes it, with `rope_parameters`). Unknown or ill-typed
-keys raise `ConfigError` with one line naming the key.
+keys raise `ConfigError` with one line naming the key. Only the architecture lives here (what
+config.json holds); how the model runs (dtypes, kernels, FP8, remat) is `moe.runtime`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import types
-import typing
 from pathlib import Path
 from typing import Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-  """A bad configuration; the message is one line that names the key and the fix."""
+from parallel.errors import ConfigError, check_fields, reject_unknown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,23 +67,11 @@ class ModelConfig:
   num_nextn_predict_layers: int = 1
   tie_word_embeddings: bool = False
   initializer_range: float = 0.006  # V3 paper's training init (the released config says 0.02)
-  # How to run it (not in HF's config.json)
-  dtype: Literal["float32", "bfloat16"] = "float32"  # activation / matmul compute dtype
-  param_dtype: Literal["float32", "bfloat16"] = "float32"
-  remat_policy: Literal["none", "full", "save_dots", "save_dots_no_batch"] = "none"
-  # True: each layer stack is one lax.scan (compile time independent of depth). False: the same
-  # stacked parameters run as an unrolled loop, which XLA schedules across layers (bench-cpu: 9%
-  # faster steps, docs/perf.md); for shallow models, compile time grows with depth.
-  scan_layers: bool = True
-  # FP8 (moe/fp8.py, docs/fp8.md): E4M3 GEMMs (forward, Dgrad, Wgrad) with 1x128 / 128x128 online
-  # scales in the attention projections, dense and shared FFNs and routed experts; everything else
-  # (embedding, output head, router, norms, attention core) stays in `dtype`.
-  fp8: bool = False
-  fp8_pow2_scales: bool = False  # round FP8 scales up to powers of two
-  fp8_backend: Literal["auto", "native", "qdq"] = "auto"  # auto: native FP8 dots on GPUs with cc >= 8.9
 
   def __post_init__(self):
-    _check_types(self, "model")
+    check_fields(self, "model.")
+    if self.rope_scaling is not None:
+      check_fields(self.rope_scaling, "model.rope_scaling.")
     if self.moe_layer_freq != 1:
       raise ConfigError(
           f"model.moe_layer_freq={self.moe_layer_freq} is not supported: every released DeepSeek"
@@ -137,12 +121,13 @@ class ModelConfig:
 
   # ---------------------------------------------------------------- loading
   @classmethod
-  def from_dict(cls, d: dict, where: str = "model") -> ModelConfig:
+  def from_dict(cls, d: dict, where: str = "model", elsewhere=None) -> ModelConfig:
+    """`elsewhere`: keys that live in another section, and where (for the unknown-key error)."""
     d = dict(d)
-    _reject_unknown(d, cls, where)
+    reject_unknown(d, cls, where, elsewhere)
     if isinstance(d.get("rope_scaling"), dict):
       rs = dict(d["rope_scaling"])
-      _reject_unknown(rs, RopeScaling, f"{where}.rope_scaling")
+      reject_unknown(rs, RopeScaling, f"{where}.rope_scaling")
       try:
         d["rope_scaling"] = RopeScaling(**rs)
       except TypeError as e:  # missing required field
@@ -174,10 +159,10 @@ class ModelConfig:
       return cls.from_yaml(p)
     return cls.from_hf_json(p)
 
-  def to_hf_dict(self) -> dict:
-    """config.json as the released checkpoints write it (rope_scaling, not rope_parameters)."""
-    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _RUNTIME_FIELDS}
-    d["initializer_range"] = self.initializer_range
+  def to_hf_dict(self, torch_dtype: str = "float32") -> dict:
+    """config.json as the released checkpoints write it (rope_scaling, not rope_parameters), for
+    tensors stored in `torch_dtype`."""
+    d = self.to_dict()
     if self.rope_scaling is not None:
       d["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
     v3 = self.scoring_func == "sigmoid"
@@ -187,14 +172,12 @@ class ModelConfig:
         num_key_value_heads=self.num_attention_heads,
         hidden_act="silu",
         attention_bias=False,
-        torch_dtype="float32" if self.param_dtype == "float32" else "bfloat16",
+        torch_dtype=torch_dtype,
     )
     if not v3:  # transformers' DeepseekV2Config has no num_nextn_predict_layers
       d.pop("num_nextn_predict_layers")
     return d
 
-
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "fp8", "fp8_pow2_scales", "fp8_backend")
 
 # HF config.json keys that do not change the function this project computes.
 _HF_IGNORED = {
@@ -274,47 +257,3 @@ def model_section(data: dict, path) -> dict:
   if not isinstance(data.get("model"), dict):
     raise ConfigError(f"{path}: needs a `model:` mapping with the architecture (see configs/tiny.yaml)")
   return data["model"]
-
-
-# ------------------------------------------------------------------ checking
-def _reject_unknown(d: dict, cls, where: str) -> None:
-  names = [f.name for f in dataclasses.fields(cls)]
-  for key in d:
-    if key not in names:
-      close = difflib.get_close_matches(str(key), names, n=1)
-      hint = f" (did you mean '{close[0]}'?)" if close else ""
-      raise ConfigError(f"{where}: unknown key '{key}'{hint}")
-
-
-def _check_types(obj, where: str) -> None:
-  hints = typing.get_type_hints(type(obj))
-  for f in dataclasses.fields(obj):
-    value = getattr(obj, f.name)
-    ok, want = _matches(value, hints[f.name])
-    if not ok:
-      raise ConfigError(f"{where}.{f.name}: expected {want}, got {type(value).__name__} {value!r}")
-  if isinstance(obj, ModelConfig) and obj.rope_scaling is not None:
-    _check_types(obj.rope_scaling, f"{where}.rope_scaling")
-
-
-def _matches(value, tp) -> tuple[bool, str]:
-  origin = typing.get_origin(tp)
-  if origin is Literal:
-    choices = typing.get_args(tp)
-    return value in choices, "one of " + ", ".join(map(repr, choices))
-  if origin in (typing.Union, types.UnionType):
-    results = [_matches(value, a) for a in typing.get_args(tp)]
-    return any(r[0] for r in results), " or ".join(r[1] for r in results)
-  if tp is type(None):
-    return value is None, "null"
-  if tp is bool:
-    return isinstance(value, bool), "a boolean"
-  if tp is int:
-    return isinstance(value, int) and not isinstance(value, bool), "an integer"
-  if tp is float:
-    return isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-  if tp is str:
-    return isinstance(value, str), "a string"
-  if dataclasses.is_dataclass(tp):
-    return isinstance(value, tp), f"a {tp.__name__} mapping"
-  return True, str(tp)

@@ -1,16 +1,10 @@
-"""Incremental decoding with MLA's latent KV cache (weight-absorption form) and sampling.
+"""Incremental decoding with MLA's latent KV cache, and sampling.
 
 The cache holds, per layer and token, only what MLA needs (DeepSeek-V2 report, section 2.1.3):
 the normalised latent `c_kv` (kv_lora_rank values) and the *rotated* decoupled key `k_pe`
 (qk_rope_head_dim values), in the compute dtype: (512 + 64) x 61 x 2 B = 70,272 B/token for
-DeepSeek-V3 in bf16 (moe.params.kv_cache_bytes_per_token_mla). Keys and values are never
-materialised per head; kv_b_proj = [W_UK | W_UV] (per head [kv_lora_rank, nope | v]) is absorbed:
-
-  q_lat  = q_nope W_UK^T                                 [batch, new, heads, kv_lora_rank]
-  scores = (q_lat . c_kv + RoPE(q_pe) . k_pe) * scale    over the cached tokens (causal)
-  o      = (softmax(scores) c_kv) W_UV, then o_proj
-
-which is exactly the full-attention result (q_nope . (c_kv W_UK) = (q_nope W_UK^T) . c_kv).
+DeepSeek-V3 in bf16 (moe.params.kv_cache_bytes_per_token_mla). The layers are the training layers
+(moe/decoder.py) run with the cache: MLA then attends in the weight-absorbed form (moe/mla.py).
 
 Layout: prompts are RIGHT-padded. Sequence b's token i sits in cache slot i and has RoPE position
 i, so every row's positions start at 0 whatever its length; `lengths[b]` counts its cached tokens.
@@ -19,14 +13,12 @@ lengths by `n_new[b]` (<= T): the prefill writes the padding of short prompts to
 lie at or beyond the row's new length, so no real query ever attends to them (the causal mask
 limits row b's query at slot p to slots <= p) and the next decode step overwrites them.
 
-The layer loop scans the stacked parameters of each LayerStack (as moe/model.py does); the cache
-of a stack is stacked the same way ([layers, batch, max_len, ...]) and carried through the scan, so
-each step writes only its B x T new rows in place (the jitted step donates the cache). MoE layers
-run moe.experts.MoE unchanged on the [batch, T, hidden] step (routing is per token, so the padding
-rows of a prefill do not change real tokens' outputs).
+The cache of a layer stack is stacked like its parameters ([layers, batch, max_len, ...]) and carried
+through the stack's scan, so each step writes only its B x T new rows in place (the jitted step
+donates the cache). MoE layers run unchanged on the [batch, T, hidden] step (routing is per token,
+so the padding rows of a prefill do not change real tokens' outputs).
 
-Not here: FP8 (cfg.fp8) GEMMs in the absorbed products (they run in cfg.dtype), MTP speculative
-decoding, expert-parallel / sharded decoding.
+Not here: MTP speculative decoding, expert-parallel / sharded decoding.
 """
 
 from __future__ import annotations
@@ -39,19 +31,11 @@ import numpy as np
 from flax import nnx
 
 from moe import rope
-from moe.config import ModelConfig
-from moe.layers import dtype_of
-
-
-class LayerCache(NamedTuple):
-  """One LayerStack's cache: c_kv [layers, batch, max_len, kv_lora_rank], k_pe [layers, batch, max_len, rope]."""
-
-  c_kv: jax.Array
-  k_pe: jax.Array  # rotated (RoPE applied at the token's position)
+from moe.mla import LatentCache
 
 
 class KVCache(NamedTuple):
-  stacks: tuple  # LayerCache per present stack: dense layers first, then MoE layers
+  stacks: tuple  # LatentCache [layers, batch, max_len, ...] per layer stack: dense layers first, then MoE
   lengths: jax.Array  # [batch] int32: cached tokens per row
 
   @property
@@ -62,76 +46,14 @@ class KVCache(NamedTuple):
     return self.stacks[0].c_kv.shape[-1] + self.stacks[0].k_pe.shape[-1]
 
 
-def _stacks(model):
-  return [s for s in (model.dense_layers, model.moe_layers) if s is not None]
-
-
 def init_cache(model, batch: int, max_len: int, dtype=None) -> KVCache:
-  """An empty cache (zeros, lengths 0) for `model` (a moe.model.Transformer)."""
-  cfg: ModelConfig = model.cfg
-  dtype = dtype_of(cfg.dtype) if dtype is None else dtype
-  stacks = []
-  for stack in _stacks(model):
-    n = stack.layers.input_layernorm.scale.shape[0]
-    stacks.append(LayerCache(jnp.zeros((n, batch, max_len, cfg.kv_lora_rank), dtype),
-                             jnp.zeros((n, batch, max_len, cfg.qk_rope_head_dim), dtype)))
-  return KVCache(tuple(stacks), jnp.zeros((batch,), jnp.int32))
-
-
-def absorbed_attention(attn, x_BxTxD, cos_sin, c_kv_all, k_pe_all, rows_B, slots_BxT, positions_BxT):
-  """MLA on T new tokens per row against the latent cache, in the absorbed form.
-
-  `attn` is an moe.mla.MLA (one layer). The new tokens' c_kv / rotated k_pe are written to
-  c_kv_all / k_pe_all ([batch, max_len, ...]) at `slots`; returns (output [B, T, D], c_kv_all, k_pe_all).
-  """
-  cfg = attn.cfg
-  b, t, _ = x_BxTxD.shape
-  h, nope, c = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
-  cos, sin = cos_sin
-  dtype = dtype_of(cfg.dtype)
-
-  q_nope, q_pe = jnp.split(attn.query(x_BxTxD), [nope], axis=-1)
-  q_pe = rope.apply_rope(q_pe, cos, sin)
-  c_kv, k_pe = attn.latent(x_BxTxD)
-  k_pe = rope.apply_rope(k_pe[:, :, None, :], cos, sin)[:, :, 0]
-  rows = rows_B[:, None]
-  c_kv_all = c_kv_all.at[rows, slots_BxT].set(c_kv.astype(c_kv_all.dtype), mode="drop")
-  k_pe_all = k_pe_all.at[rows, slots_BxT].set(k_pe.astype(k_pe_all.dtype), mode="drop")
-
-  w_kvb = attn.kv_b_proj.kernel[...].astype(dtype).reshape(c, h, nope + cfg.v_head_dim)
-  w_uk, w_uv = w_kvb[..., :nope], w_kvb[..., nope:]  # [C, H, nope], [C, H, v]
-  q_lat = jnp.einsum("bthn,chn->bthc", q_nope.astype(dtype), w_uk)
-  ckv, kpe = c_kv_all.astype(dtype), k_pe_all.astype(dtype)
-  scores = (jnp.einsum("bthc,bsc->bhts", q_lat, ckv, preferred_element_type=jnp.float32)
-            + jnp.einsum("bthr,bsr->bhts", q_pe.astype(dtype), kpe, preferred_element_type=jnp.float32))
-  scores = scores * rope.softmax_scale(cfg)
-  visible = jnp.arange(c_kv_all.shape[1])[None, None, None, :] <= positions_BxT[:, None, :, None]
-  scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  o_lat = jnp.einsum("bhts,bsc->bthc", probs, ckv)
-  out = jnp.einsum("bthc,chv->bthv", o_lat, w_uv)
-  return attn.o_proj(out.reshape(b, t, h * cfg.v_head_dim)), c_kv_all, k_pe_all
-
-
-def _run_stack(stack, h_BxTxD, cos_sin, layer_cache: LayerCache, rows_B, slots_BxT, positions_BxT, valid_BxT):
-  graphdef, stacked = nnx.split(stack.layers)
-
-  def body(carry, xs):
-    h, c_kv, k_pe = carry
-    i, layer_state = xs
-    layer = nnx.merge(graphdef, layer_state)
-    attn_out, ckv_i, kpe_i = absorbed_attention(layer.self_attn, layer.input_layernorm(h), cos_sin,
-                                                c_kv[i], k_pe[i], rows_B, slots_BxT, positions_BxT)
-    c_kv = jax.lax.dynamic_update_index_in_dim(c_kv, ckv_i, i, 0)
-    k_pe = jax.lax.dynamic_update_index_in_dim(k_pe, kpe_i, i, 0)
-    h = h + attn_out
-    x = layer.post_attention_layernorm(h)
-    y = layer.mlp(x, valid_BxT)[0] if layer.is_moe else layer.mlp(x)
-    return (h + y, c_kv, k_pe), None
-
-  n = layer_cache.c_kv.shape[0]
-  (h, c_kv, k_pe), _ = jax.lax.scan(body, (h_BxTxD, layer_cache.c_kv, layer_cache.k_pe), (jnp.arange(n), stacked))
-  return h, LayerCache(c_kv, k_pe)
+  """An empty cache (zeros, lengths 0) for `model` (a moe.model.Transformer), in its compute dtype."""
+  cfg = model.cfg
+  dtype = model.rt.compute_dtype if dtype is None else dtype
+  stacks = tuple(LatentCache(jnp.zeros((s.depth, batch, max_len, cfg.kv_lora_rank), dtype),
+                             jnp.zeros((s.depth, batch, max_len, cfg.qk_rope_head_dim), dtype))
+                 for s in model.stacks())
+  return KVCache(stacks, jnp.zeros((batch,), jnp.int32))
 
 
 def extend(model, cache: KVCache, tokens_BxT, n_new_B=None, last_only: bool = False):
@@ -144,13 +66,13 @@ def extend(model, cache: KVCache, tokens_BxT, n_new_B=None, last_only: bool = Fa
   n_new = jnp.full((b,), t, jnp.int32) if n_new_B is None else jnp.asarray(n_new_B, jnp.int32)
   positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # slot == RoPE position
   valid = jnp.arange(t)[None] < n_new[:, None]
-  rows = jnp.arange(b)
+  visible = jnp.arange(cache.max_len)[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, L]
   cos_sin = rope.rope_tables(positions, model.cfg)
 
   h = model.embed(tokens_BxT)
   new_stacks = []
-  for stack, layer_cache in zip(_stacks(model), cache.stacks):
-    h, layer_cache = _run_stack(stack, h, cos_sin, layer_cache, rows, positions, positions, valid)
+  for stack, layer_cache in zip(model.stacks(), cache.stacks):
+    h, _, layer_cache = stack(h, cos_sin, visible, valid, layer_cache, positions)
     new_stacks.append(layer_cache)
   if last_only:
     h = jnp.take_along_axis(h, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)

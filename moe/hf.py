@@ -4,7 +4,8 @@
 128x128 `weight_scale_inv` blocks are dequantised) or as `transformers` saves it, and returns a
 `Transformer`. `to_hf(model, path)` writes a folder `transformers` loads. One table,
 `weight_names(cfg)`, maps every HF tensor name to (our parameter path, index, transposed?).
-Only one checkpoint tensor is held in memory beside the model at a time.
+Tensors are read and written with the `safetensors` library; loading holds one checkpoint tensor
+beside the model at a time, saving one shard (at most `max_shard_bytes`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
-from moe.config import ConfigError, ModelConfig
+from moe.config import ModelConfig
 from moe.model import Transformer
+from moe.runtime import Runtime
+from parallel.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -91,42 +96,41 @@ def _mtp_copies(cfg: ModelConfig) -> dict[str, str]:
 
 
 # ------------------------------------------------------------ safetensors I/O
-_ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
+# safetensors' NumPy reader names float8 dtypes as NumPy attributes, which NumPy lacks
+# (safetensors#682); ml_dtypes provides them.
+for _name in ("float8_e4m3fn", "float8_e5m2"):
+  if not hasattr(np, _name):
+    setattr(np, _name, getattr(ml_dtypes, _name))
 
 
 class SafetensorsFolder:
-  """Lazy, memory-mapped view of every tensor in a folder of .safetensors files."""
+  """Every tensor in a folder of .safetensors files, read lazily through `safetensors.safe_open`."""
 
   def __init__(self, folder: Path):
-    self.entries = {}  # name -> (file, dtype, shape, start, end)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
       raise ConfigError(f"{folder}: no *.safetensors files (expected an HF checkpoint folder)")
+    self.handles, self.file_of = {}, {}
     for f in files:
-      with open(f, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(n))
-      for name, meta in header.items():
-        if name == "__metadata__":
-          continue
-        s, e = meta["data_offsets"]
-        self.entries[name] = (f, meta["dtype"], tuple(meta["shape"]), 8 + n + s, 8 + n + e)
+      try:
+        handle = safe_open(str(f), framework="numpy")
+      except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise ConfigError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+      self.handles[f] = handle
+      self.file_of.update(dict.fromkeys(handle.keys(), f))
 
   def __contains__(self, name):
-    return name in self.entries
+    return name in self.file_of
 
   def names(self):
-    return self.entries.keys()
+    return self.file_of.keys()
 
   def get(self, name) -> np.ndarray:
-    f, dt, shape, start, end = self.entries[name]
-    if dt not in _ST_DTYPES:
-      raise ConfigError(f"{f}: tensor {name} has unsupported dtype {dt}")
-    return np.memmap(f, dtype=_ST_DTYPES[dt], mode="r", offset=start, shape=shape)
+    f = self.file_of[name]
+    try:
+      return self.handles[f].get_tensor(name)
+    except Exception as e:  # an unsupported dtype, a truncated file
+      raise ConfigError(f"{f}: cannot read tensor {name} ({str(e).splitlines()[0]})") from None
 
 
 def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: int = 128) -> np.ndarray:
@@ -151,23 +155,35 @@ def _variables(model) -> dict:
   return {"/".join(map(str, p)): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
 
 
-def from_hf(path: str | Path, dtype: str | None = None, **overrides) -> Transformer:
-  """Load an HF DeepSeek-V2/V3 folder. `dtype` sets compute and parameter dtype (default float32).
+def dtype_name(dtype) -> str:
+  """'float32' or 'bfloat16' for a string, a NumPy or a JAX dtype."""
+  try:
+    name = jnp.dtype(dtype).name
+  except TypeError:
+    name = str(dtype)
+  if name not in ("float32", "bfloat16"):
+    raise ConfigError(f"dtype {dtype!r}: expected float32 or bfloat16")
+  return name
+
+
+def from_hf(path: str | Path, dtype=None, *, rt: Runtime | None = None) -> Transformer:
+  """Load an HF DeepSeek-V2/V3 folder. `dtype` (a name, NumPy or JAX dtype) sets the compute and
+  parameter dtype (default float32); `rt` instead gives the whole moe.runtime.Runtime.
 
   If the checkpoint has no MTP weights (as `transformers` saves it), the model gets
-  num_nextn_predict_layers = 0. `overrides` replace ModelConfig fields (e.g. remat_policy).
+  num_nextn_predict_layers = 0.
   """
   path = Path(path)
   cfg = ModelConfig.from_hf_json(path)
-  if dtype is not None:
-    overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
-  cfg = cfg.replace(**overrides)
+  if rt is None:
+    name = dtype_name(dtype or "float32")
+    rt = Runtime.resolve(dtype=name, param_dtype=name, announce=False)
   ckpt = SafetensorsFolder(path)
   if cfg.num_nextn_predict_layers and f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" not in ckpt:
     log.info("%s has no MTP weights: loading with num_nextn_predict_layers=0", path)
     cfg = cfg.replace(num_nextn_predict_layers=0)
 
-  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: Transformer(cfg, rt, rngs=nnx.Rngs(0)))
   variables = _variables(model)
   buffers = {p: np.zeros(v.shape, np.dtype(v.dtype)) for p, v in variables.items()}
   filled = set()
@@ -198,38 +214,14 @@ def from_hf(path: str | Path, dtype: str | None = None, **overrides) -> Transfor
 
 
 # --------------------------------------------------------------------- saving
-_NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-
-
-def write_safetensors(fname: Path, specs: list[tuple[str, tuple, np.dtype]], get) -> int:
-  """Stream tensors into one .safetensors file: the header from shapes, then one tensor at a time.
-
-  (The `safetensors` package only writes from a dict of materialised arrays.)
-  """
-  header, offset = {"__metadata__": {"format": "pt"}}, 0
-  for name, shape, dt in specs:
-    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
-    header[name] = {"dtype": _NP_TO_ST[np.dtype(dt)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-    offset += nbytes
-  raw = json.dumps(header, separators=(",", ":")).encode()
-  raw += b" " * (-len(raw) % 8)
-  with open(fname, "wb") as fh:
-    fh.write(len(raw).to_bytes(8, "little"))
-    fh.write(raw)
-    for name, shape, dt in specs:
-      w = np.ascontiguousarray(get(name), dtype=dt)
-      assert w.shape == tuple(shape), (name, w.shape, shape)
-      fh.write(w.tobytes())
-  return offset
-
-
 def to_hf(model: Transformer, path: str | Path, max_shard_bytes: int = 4 << 30) -> None:
-  """Write config.json + sharded safetensors (+ index) in the released naming, tensor by tensor."""
+  """Write config.json + sharded safetensors (+ index) in the released naming, one shard at a time,
+  in the model's parameter dtype."""
   path = Path(path)
   path.mkdir(parents=True, exist_ok=True)
   cfg = model.cfg
   variables = _variables(model)
-  out_dtype = np.dtype(np.float32 if cfg.param_dtype == "float32" else ml_dtypes.bfloat16)
+  out_dtype = np.dtype(np.float32 if model.rt.param_dtype == "float32" else ml_dtypes.bfloat16)
   table = weight_names(cfg)
   copies = _mtp_copies(cfg)
 
@@ -239,11 +231,11 @@ def to_hf(model: Transformer, path: str | Path, max_shard_bytes: int = 4 << 30) 
     dt = np.dtype(np.float32) if name.endswith("e_score_correction_bias") else out_dtype
     return name, shape[::-1] if t.transpose else shape, dt
 
-  def get(name):
+  def get(name, dt):
     t = table[copies.get(name, name)]
     v = variables[t.path][...]
     w = np.asarray(jax.device_get(v[t.index] if t.index else v)).astype(np.float32)
-    return w.T if t.transpose else w
+    return np.ascontiguousarray(w.T if t.transpose else w, dtype=dt)
 
   shards, size = [[]], 0
   for s in map(spec, list(table) + list(copies)):
@@ -256,8 +248,11 @@ def to_hf(model: Transformer, path: str | Path, max_shard_bytes: int = 4 << 30) 
   weight_map, total = {}, 0
   for i, specs in enumerate(shards):
     fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    total += write_safetensors(path / fname, specs, get)
-    weight_map.update({name: fname for name, _, _ in specs})
+    tensors = {name: get(name, dt) for name, _, dt in specs}
+    save_file(tensors, str(path / fname), metadata={"format": "pt"})
+    total += sum(t.nbytes for t in tensors.values())
+    weight_map.update(dict.fromkeys(tensors, fname))
+    del tensors
   (path / "model.safetensors.index.json").write_text(
       json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-  (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+  (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(torch_dtype=model.rt.param_dtype), indent=2))

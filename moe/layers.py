@@ -3,6 +3,7 @@
 Every parameter carries logical axis names in its `axes` metadata (for example
 `("embed", "mlp")`); `parallel/sharding.py` maps those names to mesh axes. Nothing here
 names a device or a mesh axis. Linear kernels are stored `[in, out]` (HF stores `[out, in]`).
+Each module is built with the model's `moe.runtime.Runtime` (dtypes, FP8, parallelism).
 """
 
 from __future__ import annotations
@@ -11,34 +12,30 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe import fp8 as fp8_lib
 from moe.config import ModelConfig
+from moe.kernels import fp8 as fp8_lib
+from moe.runtime import Runtime
 from parallel.sharding import constrain
 
 
-def dtype_of(name: str) -> jnp.dtype:
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
-def param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, init="normal") -> nnx.Param:
+def param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, rt: Runtime, init="normal") -> nnx.Param:
   """A parameter initialised as DeepSeek-V3 does: normal(0, initializer_range), norms at one."""
   assert len(shape) == len(axes), (shape, axes)
-  dtype = dtype_of(cfg.param_dtype)
   if init == "normal":
     value = cfg.initializer_range * jax.random.normal(rngs.params(), shape, jnp.float32)
   elif init == "ones":
     value = jnp.ones(shape, jnp.float32)
   else:
     raise ValueError(init)
-  return nnx.Param(value.astype(dtype), axes=tuple(axes))
+  return nnx.Param(value.astype(rt.weight_dtype), axes=tuple(axes))
 
 
 class RMSNorm(nnx.Module):
   """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32 (as the reference)."""
 
-  def __init__(self, dim: int, cfg: ModelConfig, *, rngs: nnx.Rngs, axis_name: str = "norm"):
+  def __init__(self, dim: int, cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs, axis_name: str = "norm"):
     self.eps = cfg.rms_norm_eps
-    self.scale = param(rngs, (dim,), (axis_name,), cfg, init="ones")
+    self.scale = param(rngs, (dim,), (axis_name,), cfg, rt, init="ones")
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
@@ -49,15 +46,16 @@ class RMSNorm(nnx.Module):
 class Linear(nnx.Module):
   """y = x @ kernel, kernel [in, out]; the one matmul every projection goes through.
 
-  With `cfg.fp8` the GEMMs are FP8 (`moe.fp8.linear`: a custom_vjp with E4M3 forward, input- and
-  weight-gradient GEMMs; the master kernel goes in unrounded, so its gradient stays float32).
-  `fp8=False` keeps a layer in `cfg.dtype` (the output head and the MTP projection).
+  With FP8 (`rt.fp8`) the GEMMs are FP8 (`moe.kernels.fp8.linear`: a custom_vjp with E4M3 forward,
+  input- and weight-gradient GEMMs; the master kernel goes in unrounded, so its gradient stays
+  float32). `fp8=False` keeps a layer in the compute dtype (the output head and the MTP projection).
   """
 
-  def __init__(self, d_in: int, d_out: int, axes, cfg: ModelConfig, *, rngs: nnx.Rngs, fp8: bool = True):
-    self.dtype = dtype_of(cfg.dtype)
-    self.fp8 = fp8_lib.Recipe.of(cfg) if (fp8 and cfg.fp8) else None
-    self.kernel = param(rngs, (d_in, d_out), axes, cfg)
+  def __init__(self, d_in: int, d_out: int, axes, cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs,
+               fp8: bool = True):
+    self.dtype = rt.compute_dtype
+    self.fp8 = rt.fp8 if fp8 else None
+    self.kernel = param(rngs, (d_in, d_out), axes, cfg, rt)
 
   def __call__(self, x):
     if self.fp8 is not None:
@@ -68,14 +66,15 @@ class Linear(nnx.Module):
 class Embed(nnx.Module):
   """Token embedding table [vocab, hidden]; `attend` is the tied output head."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.dtype = dtype_of(cfg.dtype)
-    self.embedding = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+  def __init__(self, cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs):
+    self.dtype = rt.compute_dtype
+    self.par = rt.par
+    self.embedding = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg, rt)
 
   def __call__(self, tokens_BxS):
     # Rows are gathered whole: under FSDP the table's hidden dim is all-gathered first (else the
     # lookup comes out hidden-sharded and XLA must fully rematerialise it to shard it by batch).
-    table = constrain(self.embedding[...], ("vocab", None))
+    table = constrain(self.embedding[...], ("vocab", None), self.par)
     return jnp.take(table, tokens_BxS, axis=0).astype(self.dtype)
 
   def attend(self, x_BxSxD):
@@ -85,11 +84,11 @@ class Embed(nnx.Module):
 class MLP(nnx.Module):
   """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
 
-  def __init__(self, cfg: ModelConfig, width: int, *, rngs: nnx.Rngs, axis_name: str = "mlp"):
+  def __init__(self, cfg: ModelConfig, rt: Runtime, width: int, *, rngs: nnx.Rngs, axis_name: str = "mlp"):
     d = cfg.hidden_size
-    self.gate_proj = Linear(d, width, ("embed", axis_name), cfg, rngs=rngs)
-    self.up_proj = Linear(d, width, ("embed", axis_name), cfg, rngs=rngs)
-    self.down_proj = Linear(width, d, (axis_name, "embed"), cfg, rngs=rngs)
+    self.gate_proj = Linear(d, width, ("embed", axis_name), cfg, rt, rngs=rngs)
+    self.up_proj = Linear(d, width, ("embed", axis_name), cfg, rt, rngs=rngs)
+    self.down_proj = Linear(width, d, (axis_name, "embed"), cfg, rt, rngs=rngs)
 
   def __call__(self, x):
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

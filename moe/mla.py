@@ -1,14 +1,26 @@
-"""Multi-head latent attention (DeepSeek-V2 report, section 2.1).
+"""Multi-head latent attention (DeepSeek-V2 report, section 2.1), for training and for decoding.
 
   c_q  = RMSNorm(h W_qa)            q = c_q W_qb              (or q = h W_q when q_lora_rank is null)
   [c_kv | k_pe] = h W_kva           [k_nope | v] = RMSNorm(c_kv) W_kvb
   q = [q_nope | RoPE(q_pe)]         k = [k_nope | RoPE(k_pe) shared by all heads]
   o = softmax(q k^T * scale + causal/segment mask) v W_o
+
+Without a cache (training, evaluation) the keys and values are materialised per head and the core
+runs the implementation the Runtime chose (moe/kernels/attention.py). With a `LatentCache`
+(decoding, moe/decode.py) only what MLA needs is cached per token (section 2.1.3): the normalised
+latent `c_kv` and the rotated decoupled key `k_pe`; kv_b_proj = [W_UK | W_UV] is absorbed into the
+query and the output, so keys and values are never materialised per head:
+
+  q_lat  = q_nope W_UK^T                                 [batch, new, heads, kv_lora_rank]
+  scores = (q_lat . c_kv + RoPE(q_pe) . k_pe) * scale    over the cached tokens
+  o      = (softmax(scores) c_kv) W_UV, then o_proj
+
+which is exactly the full-attention result (q_nope . (c_kv W_UK) = (q_nope W_UK^T) . c_kv).
 """
 
 from __future__ import annotations
 
-import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +28,17 @@ from flax import nnx
 
 from moe import rope
 from moe.config import ModelConfig
+from moe.kernels.attention import ATTENTION
 from moe.layers import Linear, RMSNorm
+from moe.runtime import Runtime
+
+
+class LatentCache(NamedTuple):
+  """One layer's decoding cache: normalised c_kv [batch, max_len, kv_lora_rank] and the rotated
+  k_pe [batch, max_len, qk_rope_head_dim] (RoPE applied at each token's position)."""
+
+  c_kv: jax.Array
+  k_pe: jax.Array
 
 
 def attention_mask(segment_ids_BxS):
@@ -27,92 +49,27 @@ def attention_mask(segment_ids_BxS):
   return (causal[None] & same_doc)[:, None]
 
 
-def attend(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, mask_Bx1xSxS, scale: float):
-  """softmax(q k^T scale + mask) v with float32 logits; `mask` is causal (attention_mask).
-
-  GPU/TPU: `jax.nn.dot_product_attention` (fused kernels where they apply). Those need one head
-  size for q, k and v; MLA's values are narrower, so v is zero-padded and the pad sliced off.
-  CPU: `causal_block_attention`, which skips the all-masked upper blocks (2.8x faster fwd+bwd at
-  seq 256 on 2 cores, docs/perf.md).
-  """
-  fn = causal_block_attention if jax.default_backend() == "cpu" else fused_attention
-  return fn(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, mask_Bx1xSxS, scale)
-
-
-def fused_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, mask_Bx1xSxS, scale: float):
-  """`jax.nn.dot_product_attention`, v zero-padded to the key head size."""
-  dv, dk = v_BxSxHxV.shape[-1], k_BxSxHxK.shape[-1]
-  if dv < dk:
-    v_BxSxHxV = jnp.pad(v_BxSxHxV, ((0, 0), (0, 0), (0, 0), (0, dk - dv)))
-  out = jax.nn.dot_product_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, mask=mask_Bx1xSxS, scale=scale)
-  return out[..., :dv]
-
-
-def causal_block_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, mask_Bx1xSxS, scale: float, block: int = 64):
-  """Exact attention in query blocks; block i reads only keys before its end (causality)."""
-  s = q_BxSxHxK.shape[1]
-  outs = []
-  for start in range(0, s, block):
-    end = min(start + block, s)
-    outs.append(_attention_core(q_BxSxHxK[:, start:end], k_BxSxHxK[:, :end], v_BxSxHxV[:, :end],
-                                mask_Bx1xSxS[:, :, start:end, :end], scale))
-  return jnp.concatenate(outs, axis=1)
-
-
-def _probs(q_BxTxHxK, k_BxSxHxK, mask_Bx1xTxS, scale):
-  logits = jnp.einsum("bthd,bshd->bhts", q_BxTxHxK, k_BxSxHxK, preferred_element_type=jnp.float32) * scale
-  logits = jnp.where(mask_Bx1xTxS, logits, jnp.finfo(jnp.float32).min)
-  p = jnp.exp(logits - logits.max(-1, keepdims=True))
-  return p / p.sum(-1, keepdims=True)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention_core(q_BxTxHxK, k_BxSxHxK, v_BxSxHxV, mask_Bx1xTxS, scale):
-  """softmax(q k^T scale + mask) v, with the softmax backward written out (dS = P (dP - rowsum(dO O)),
-  as flash attention does): autodiff of softmax makes several more passes over [b, h, t, s]."""
-  return _attention_core_fwd(q_BxTxHxK, k_BxSxHxK, v_BxSxHxV, mask_Bx1xTxS, scale)[0]
-
-
-def _attention_core_fwd(q, k, v, mask, scale):
-  p = _probs(q, k, mask, scale).astype(v.dtype)
-  out = jnp.einsum("bhts,bshd->bthd", p, v)
-  return out, (q, k, v, mask, p, out)
-
-
-def _attention_core_bwd(scale, res, d_out):
-  q, k, v, mask, p, out = res
-  f32 = jnp.float32
-  dv = jnp.einsum("bhts,bthd->bshd", p, d_out.astype(p.dtype))
-  dp = jnp.einsum("bthd,bshd->bhts", d_out, v, preferred_element_type=f32)
-  rowsum = jnp.einsum("bthd,bthd->bht", d_out, out, preferred_element_type=f32)[..., None]
-  ds = (p.astype(f32) * (dp - rowsum) * scale).astype(q.dtype)
-  dq = jnp.einsum("bhts,bshd->bthd", ds, k)
-  dk = jnp.einsum("bhts,bthd->bshd", ds, q)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
-
-
 class MLA(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs):
     self.cfg = cfg
+    self.attention = rt.attention
+    self.dtype = rt.compute_dtype
     d, h = cfg.hidden_size, cfg.num_attention_heads
     if cfg.q_lora_rank is None:
-      self.q_proj = Linear(d, h * cfg.qk_head_dim, ("embed", "heads"), cfg, rngs=rngs)
+      self.q_proj = Linear(d, h * cfg.qk_head_dim, ("embed", "heads"), cfg, rt, rngs=rngs)
     else:
-      self.q_a_proj = Linear(d, cfg.q_lora_rank, ("embed", "q_lora"), cfg, rngs=rngs)
-      self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg, rngs=rngs)
-      self.q_b_proj = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, ("q_lora", "heads"), cfg, rngs=rngs)
+      self.q_a_proj = Linear(d, cfg.q_lora_rank, ("embed", "q_lora"), cfg, rt, rngs=rngs)
+      self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg, rt, rngs=rngs)
+      self.q_b_proj = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, ("q_lora", "heads"), cfg, rt, rngs=rngs)
     self.kv_a_proj_with_mqa = Linear(
-        d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, ("embed", "kv_lora"), cfg, rngs=rngs
+        d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, ("embed", "kv_lora"), cfg, rt, rngs=rngs
     )
-    self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg, rngs=rngs)
+    self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg, rt, rngs=rngs)
     self.kv_b_proj = Linear(
-        cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), ("kv_lora", "heads"), cfg, rngs=rngs
+        cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), ("kv_lora", "heads"), cfg, rt, rngs=rngs
     )
-    self.o_proj = Linear(h * cfg.v_head_dim, d, ("heads", "embed"), cfg, rngs=rngs)
+    self.o_proj = Linear(h * cfg.v_head_dim, d, ("heads", "embed"), cfg, rt, rngs=rngs)
 
   def query(self, x_BxSxD):
     """q: [batch, seq, heads, qk_head_dim] before RoPE."""
@@ -129,21 +86,50 @@ class MLA(nnx.Module):
     c_kv, k_pe = jnp.split(ckv, [self.cfg.kv_lora_rank], axis=-1)
     return self.kv_a_layernorm(c_kv), k_pe
 
-  def __call__(self, x_BxSxD, cos_sin, mask_Bx1xSxS):
+  def __call__(self, x_BxTxD, cos_sin, mask, cache: LatentCache | None = None, slots_BxT=None):
+    """(output [B, T, D], cache).
+
+    Without `cache`: self-attention over the T tokens, `mask` [B, 1, T, T] (attention_mask); returns
+    cache None. With `cache`: the T new tokens' latents are written to it at `slots` [B, T] and they
+    attend to the cached tokens `mask` [B, 1, T, max_len] marks visible; returns the updated cache.
+    """
     cfg = self.cfg
-    b, s, _ = x_BxSxD.shape
+    b, t, _ = x_BxTxD.shape
     h, nope = cfg.num_attention_heads, cfg.qk_nope_head_dim
     cos, sin = cos_sin
 
-    q_nope, q_pe = jnp.split(self.query(x_BxSxD), [nope], axis=-1)
-    c_kv, k_pe = self.latent(x_BxSxD)
-    kv = self.kv_b_proj(c_kv).reshape(b, s, h, nope + cfg.v_head_dim)
-    k_nope, v = jnp.split(kv, [nope], axis=-1)
-
+    q_nope, q_pe = jnp.split(self.query(x_BxTxD), [nope], axis=-1)
     q_pe = rope.apply_rope(q_pe, cos, sin)
-    k_pe = rope.apply_rope(k_pe[:, :, None, :], cos, sin)
-    q = jnp.concatenate([q_nope, q_pe], axis=-1)
-    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe, (b, s, h, cfg.qk_rope_head_dim))], axis=-1)
+    c_kv, k_pe = self.latent(x_BxTxD)
+    k_pe = rope.apply_rope(k_pe[:, :, None, :], cos, sin)  # [B, T, 1, rope]
+    if cache is None:
+      kv = self.kv_b_proj(c_kv).reshape(b, t, h, nope + cfg.v_head_dim)
+      k_nope, v = jnp.split(kv, [nope], axis=-1)
+      q = jnp.concatenate([q_nope, q_pe], axis=-1)
+      k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe, (b, t, h, cfg.qk_rope_head_dim))], axis=-1)
+      out = ATTENTION[self.attention](q, k, v, mask, rope.softmax_scale(cfg))
+    else:
+      cache = _write(cache, c_kv, k_pe[:, :, 0], slots_BxT)
+      out = self._absorbed(q_nope, q_pe, cache, mask)
+    return self.o_proj(out.reshape(b, t, h * cfg.v_head_dim)), cache
 
-    out = attend(q, k, v, mask_Bx1xSxS, rope.softmax_scale(cfg))
-    return self.o_proj(out.reshape(b, s, h * cfg.v_head_dim))
+  def _absorbed(self, q_nope_BxTxHxN, q_pe_BxTxHxR, cache: LatentCache, mask_Bx1xTxL):
+    """softmax over the cached tokens in the latent space; [B, T, H, v_head_dim]."""
+    cfg, dtype = self.cfg, self.dtype
+    h, nope, c = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
+    w_kvb = self.kv_b_proj.kernel[...].astype(dtype).reshape(c, h, nope + cfg.v_head_dim)
+    w_uk, w_uv = w_kvb[..., :nope], w_kvb[..., nope:]  # [C, H, nope], [C, H, v]
+    q_lat = jnp.einsum("bthn,chn->bthc", q_nope_BxTxHxN.astype(dtype), w_uk)
+    ckv, kpe = cache.c_kv.astype(dtype), cache.k_pe.astype(dtype)
+    scores = (jnp.einsum("bthc,bsc->bhts", q_lat, ckv, preferred_element_type=jnp.float32)
+              + jnp.einsum("bthr,bsr->bhts", q_pe_BxTxHxR.astype(dtype), kpe, preferred_element_type=jnp.float32))
+    scores = jnp.where(mask_Bx1xTxL, scores * rope.softmax_scale(cfg), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    o_lat = jnp.einsum("bhts,bsc->bthc", probs, ckv)
+    return jnp.einsum("bthc,chv->bthv", o_lat, w_uv)
+
+
+def _write(cache: LatentCache, c_kv_BxTxC, k_pe_BxTxR, slots_BxT) -> LatentCache:
+  rows = jnp.arange(c_kv_BxTxC.shape[0])[:, None]
+  return LatentCache(cache.c_kv.at[rows, slots_BxT].set(c_kv_BxTxC.astype(cache.c_kv.dtype), mode="drop"),
+                     cache.k_pe.at[rows, slots_BxT].set(k_pe_BxTxR.astype(cache.k_pe.dtype), mode="drop"))

@@ -1,7 +1,8 @@
 """The DeepSeek-V2/V3 decoder: embedding -> dense layers -> MoE layers -> norm -> head (+ MTP).
 
-Layers of one kind are stored stacked (a leading `layers` axis) and applied with a scan, so
-compile time does not grow with depth; `remat_policy` picks what the backward pass recomputes.
+Layers of one kind are stored stacked (a leading `layers` axis) and applied with a scan
+(moe/decoder.py). How the model runs (dtypes, kernels, FP8, parallelism) is the `moe.runtime.Runtime`
+it is built with, resolved once; by default for float32 on this process's devices.
 """
 
 from __future__ import annotations
@@ -14,17 +15,11 @@ from flax import nnx
 
 from moe import mla, mtp, rope
 from moe.config import ModelConfig
-from moe.experts import MoE, MoEStats
-from moe.layers import MLP, Embed, Linear, RMSNorm
+from moe.decoder import ACT, LayerStack
+from moe.experts import MoEStats
+from moe.layers import Embed, Linear, RMSNorm
+from moe.runtime import Runtime
 from parallel.sharding import constrain
-
-ACT = ("batch", "seq", "embed")  # hidden states between layers (logical axes; see parallel/sharding.py)
-
-REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole layer
-    "save_dots": jax.checkpoint_policies.dots_saveable,
-    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 class ModelOutput(NamedTuple):
@@ -33,70 +28,28 @@ class ModelOutput(NamedTuple):
   moe_stats: MoEStats | None  # stacked over MoE layers, main layers first then MTP blocks
 
 
-class DecoderLayer(nnx.Module):
-  """Pre-norm block: h = x + MLA(norm(x)); y = h + FFN(norm(h)), FFN dense or DeepSeekMoE."""
-
-  def __init__(self, cfg: ModelConfig, moe: bool, *, rngs: nnx.Rngs):
-    self.is_moe = moe
-    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
-    self.self_attn = mla.MLA(cfg, rngs=rngs)
-    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
-    self.mlp = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.intermediate_size, rngs=rngs)
-
-  def __call__(self, x_BxSxD, cos_sin, mask, valid_BxS):
-    h = constrain(x_BxSxD + self.self_attn(self.input_layernorm(x_BxSxD), cos_sin, mask), ACT)
-    if self.is_moe:
-      y, stats = self.mlp(self.post_attention_layernorm(h), valid_BxS)
-    else:
-      y, stats = self.mlp(self.post_attention_layernorm(h)), None
-    return constrain(h + y, ACT), stats
-
-
-class LayerStack(nnx.Module):
-  """n identical-shape decoder layers, parameters stacked on a leading `layers` axis."""
-
-  def __init__(self, cfg: ModelConfig, n: int, moe: bool, *, rngs: nnx.Rngs):
-    self.remat_policy = cfg.remat_policy
-    self.unroll = not cfg.scan_layers
-
-    @nnx.split_rngs(splits=n)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def create(rngs):
-      return DecoderLayer(cfg, moe, rngs=rngs)
-
-    self.layers = create(rngs)
-    for _, v in nnx.iter_graph(self.layers):
-      if isinstance(v, nnx.Variable):
-        v.set_metadata(axes=("layers",) + tuple(v.get_metadata()["axes"]))
-
-  def __call__(self, x_BxSxD, cos_sin, mask, valid_BxS):
-    graphdef, stacked = nnx.split(self.layers)
-
-    def body(x, layer_state):  # one layer: a slice of every stacked variable
-      return nnx.merge(graphdef, layer_state)(x, cos_sin, mask, valid_BxS)
-
-    if self.remat_policy != "none":
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy])
-    return jax.lax.scan(body, x_BxSxD, stacked, unroll=self.unroll)
-
-
 class Transformer(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
+  def __init__(self, cfg: ModelConfig, rt: Runtime | None = None, *, rngs: nnx.Rngs):
+    rt = Runtime.resolve(announce=False) if rt is None else rt
+    self.cfg, self.rt = cfg, rt
     k = cfg.first_k_dense_replace
-    self.embed = Embed(cfg, rngs=rngs)
-    self.dense_layers = LayerStack(cfg, k, moe=False, rngs=rngs) if k else None
-    self.moe_layers = LayerStack(cfg, cfg.num_moe_layers, moe=True, rngs=rngs) if cfg.num_moe_layers else None
-    self.norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
+    self.embed = Embed(cfg, rt, rngs=rngs)
+    self.dense_layers = LayerStack(cfg, rt, k, moe=False, rngs=rngs) if k else None
+    self.moe_layers = LayerStack(cfg, rt, cfg.num_moe_layers, moe=True, rngs=rngs) if cfg.num_moe_layers else None
+    self.norm = RMSNorm(cfg.hidden_size, cfg, rt, rngs=rngs)
     self.lm_head = None if cfg.tie_word_embeddings else Linear(
-        cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg, rngs=rngs, fp8=False)  # head: never FP8
-    self.mtp = nnx.List([mtp.MTPModule(cfg, rngs=rngs) for _ in range(cfg.num_nextn_predict_layers)])
+        cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg, rt, rngs=rngs, fp8=False)  # head: never FP8
+    self.mtp = nnx.List([mtp.MTPModule(cfg, rt, rngs=rngs) for _ in range(cfg.num_nextn_predict_layers)])
+
+  def stacks(self) -> list[LayerStack]:
+    """The layer stacks in order (dense, then MoE), those present."""
+    return [s for s in (self.dense_layers, self.moe_layers) if s is not None]
 
   def head(self, h_BxSxD):
     """Output head on normalised hidden states -> float32 logits."""
     logits = self.embed.attend(h_BxSxD) if self.lm_head is None else self.lm_head(h_BxSxD)
-    return constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
+    return constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"), self.rt.par)
 
   def __call__(self, tokens_BxS, segment_ids_BxS=None, positions_BxS=None):
     """logits [batch, seq, vocab] float32 (the MTP modules are not run)."""
@@ -117,13 +70,12 @@ class Transformer(nnx.Module):
     mask = mla.attention_mask(segment_ids_BxS)
     cos_sin = rope.rope_tables(positions_BxS, self.cfg)
 
-    h = constrain(self.embed(tokens_BxS), ACT)
+    h = constrain(self.embed(tokens_BxS), ACT, self.rt.par)
     stats = []
-    if self.dense_layers is not None:
-      h, _ = self.dense_layers(h, cos_sin, mask, valid)
-    if self.moe_layers is not None:
-      h, layer_stats = self.moe_layers(h, cos_sin, mask, valid)
-      stats.append(layer_stats)
+    for stack in self.stacks():
+      h, layer_stats, _ = stack(h, cos_sin, mask, valid)
+      if stack is self.moe_layers:
+        stats.append(layer_stats)
     logits = self.head(self.norm(h))
 
     mtp_logits = []

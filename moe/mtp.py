@@ -16,26 +16,26 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe.config import ModelConfig
+from moe.decoder import DecoderLayer
 from moe.layers import Linear, RMSNorm
+from moe.runtime import Runtime
 
 
 class MTPModule(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    from moe.model import DecoderLayer  # the block is a normal (MoE) decoder layer
-
+  def __init__(self, cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs):
     d = cfg.hidden_size
-    self.enorm = RMSNorm(d, cfg, rngs=rngs)
-    self.hnorm = RMSNorm(d, cfg, rngs=rngs)
+    self.enorm = RMSNorm(d, cfg, rt, rngs=rngs)
+    self.hnorm = RMSNorm(d, cfg, rt, rngs=rngs)
     # Not FP8: outside the recipe's attention/FFN/expert GEMMs, next to the embedding and head.
-    self.eh_proj = Linear(2 * d, d, ("mtp_concat", "embed"), cfg, rngs=rngs, fp8=False)
-    self.block = DecoderLayer(cfg, moe=cfg.n_routed_experts > 0, rngs=rngs)
-    self.norm = RMSNorm(d, cfg, rngs=rngs)
+    self.eh_proj = Linear(2 * d, d, ("mtp_concat", "embed"), cfg, rt, rngs=rngs, fp8=False)
+    self.block = DecoderLayer(cfg, rt, moe=cfg.n_routed_experts > 0, rngs=rngs)  # a normal decoder layer
+    self.norm = RMSNorm(d, cfg, rt, rngs=rngs)
 
   def __call__(self, h_prev_BxSxD, emb_next_BxSxD, cos_sin, mask, valid_BxS):
     """(h^k [b, s, d] for the next depth, normalised h^k for the shared head, MoE stats)."""
     x = self.eh_proj(jnp.concatenate([self.enorm(emb_next_BxSxD), self.hnorm(h_prev_BxSxD)], axis=-1))
-    h, stats = self.block(x, cos_sin, mask, valid_BxS)
+    h, stats, _ = self.block(x, cos_sin, mask, valid_BxS)
     return h, self.norm(h), stats
 
 

@@ -49,7 +49,8 @@ import json
 import sys
 from pathlib import Path
 
-from moe.config import ConfigError, ModelConfig, load_yaml
+from moe.config import ModelConfig, load_yaml
+from parallel.errors import ConfigError
 
 DEFAULT_SEQ_LEN = 4096
 BYTES_PER_VALUE = 2  # bf16 KV cache

@@ -21,6 +21,7 @@ from flax import nnx
 
 from moe.config import ModelConfig
 from moe.layers import param
+from moe.runtime import Runtime
 
 
 class RouterBias(nnx.Variable):
@@ -75,9 +76,9 @@ def sequence_balance_loss(scores_BxSxE, idx_BxSxK, valid_BxS, cfg: ModelConfig):
 class Router(nnx.Module):
   """The MoE gate: `kernel` [hidden, n_routed_experts] and (noaux_tc) the correction bias."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.kernel = param(rngs, (cfg.hidden_size, cfg.n_routed_experts), ("embed", None), cfg)
+    self.kernel = param(rngs, (cfg.hidden_size, cfg.n_routed_experts), ("embed", None), cfg, rt)
     if cfg.topk_method == "noaux_tc":
       self.e_score_correction_bias = RouterBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32), axes=(None,))
 

@@ -1,6 +1,6 @@
-"""Pallas (Triton) kernels for the native FP8 GEMMs of moe/fp8.py on CUDA GPUs with FP8 tensor cores.
+"""Pallas (Triton) kernels for the native FP8 GEMMs of moe/kernels/fp8.py on CUDA GPUs with FP8 tensor cores.
 
-The scaled GEMM of moe/fp8.py, y = sum over 128-chunks c of K: (q_a[:, c] @ q_b[c, :]) * s_a[:, c] * s_b[c, :],
+The scaled GEMM of moe/kernels/fp8.py, y = sum over 128-chunks c of K: (q_a[:, c] @ q_b[c, :]) * s_a[:, c] * s_b[c, :],
 as DeepGEMM computes it: each output tile loops over K in steps of 128, one FP8 tensor-core dot per
 step into a fresh float32 accumulator, scaled and added to the tile's float32 sum in registers (the
 paper's promotion every N_C = 128 elements; nothing per-chunk goes to memory).
@@ -8,11 +8,11 @@ paper's promotion every N_C = 128 elements; nothing per-chunk goes to memory).
   blockscaled_matmul  a [M, K] @ b [K, N], scales [M, K/128] and [K/128, N]   (the linears' three GEMMs)
   grouped_matmul      x [M, K] @ w[g] for rows of group g (expert-sorted, ragged) (experts' Fprop, Dgrad)
   grouped_wgrad       dW[g] = x_g^T dy_g, x and dy quantised inside the kernel per 128 rows x 1
-                      column of one group (moe.fp8.token_tile_segments' tiles)     (experts' Wgrad)
+                      column of one group (moe.kernels.fp8.token_tile_segments' tiles)     (experts' Wgrad)
 
-Shapes: operands come from `moe.fp8.quantize` (K zero-padded to 128); other dimensions are padded
+Shapes: operands come from `moe.kernels.quant.quantize` (K zero-padded to 128); other dimensions are padded
 here to whole output tiles when needed and sliced off. `interpret=True` runs the kernels with the
-Pallas interpreter (any backend): the tests check them on CPU against moe/fp8.py and NumPy, and
+Pallas interpreter (any backend): the tests check them on CPU against moe/kernels/fp8.py and NumPy, and
 lower them for CUDA (Triton IR) without a GPU. Tile sizes and warps are first choices, not tuned.
 """
 
@@ -29,7 +29,7 @@ from jax.interpreters import mlir
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from moe.fp8 import E4M3, E4M3_MAX, TILE, tile_scale  # TILE: the K step and the grouped row tile
+from moe.kernels.quant import E4M3, E4M3_MAX, TILE, tile_scale  # TILE: the K step and the grouped row tile
 
 log = logging.getLogger(__name__)
 BLOCK_N = 128  # output columns per program (a multiple of TILE: one weight block scale per step)
@@ -220,7 +220,7 @@ def _wgrad_kernel(lo_ref, hi_ref, x_ref, dy_ref, o_ref, *, pow2: bool):
 @functools.partial(jax.jit, static_argnames=("pow2", "interpret"))
 def grouped_wgrad(x, dy, group_sizes, pow2: bool = False, interpret: bool = False):
   """float32 [E, D, F]: dW[g] = x_g^T @ dy_g over the rows of group g, x [M, D] and dy [M, F]
-  quantised per 128-row tile x 1 column *within one group* (`moe.fp8.token_tile_segments`)."""
+  quantised per 128-row tile x 1 column *within one group* (`moe.kernels.fp8.token_tile_segments`)."""
   e, d, f = group_sizes.shape[0], x.shape[1], dy.shape[1]
   x = _pad_to(_pad_to(x, 0, TILE), 1, TILE)
   dy = _pad_to(_pad_to(dy, 0, TILE), 1, BLOCK_N)

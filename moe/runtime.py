@@ -1,0 +1,111 @@
+"""How the model runs on its target, decided once when it is built: dtypes, kernels, FP8 GEMM path,
+rematerialisation, parallelism. Nothing of this is in the architecture (moe.config.ModelConfig) or
+in an HF config.json.
+
+`ImplConfig` holds the user's choices (the `impl:` section of a training config), "auto" meaning "from
+the target devices"; `Runtime.resolve` turns them, with the compute dtype and the parallelism, into a
+`Runtime` with every choice made, and logs it in one line. The model's modules keep the Runtime and
+never ask JAX which backend they run on, so compiling for a TPU or GPU target from a CPU host
+(`jax.experimental.topologies`) builds exactly the model that target would run, and every path can be
+chosen on CPU (tests, or to compare kernels).
+
+  attention  fused (jax.nn.dot_product_attention; GPU/TPU) | blocked (moe.kernels.cpu: CPU)
+  experts    ragged_dot (GPU/TPU) | blocked (moe.kernels.cpu: CPU) | dense (reference, E x the work)
+  fp8_gemm   kernels (Pallas; GPUs with FP8 tensor cores, interpreter elsewhere) | xla | qdq (CPU, TPU)
+             used when the compute is FP8 (`precision: fp8`; moe/kernels/fp8.py)
+  ep transport  parallel.expert_parallel.resolve_transport (the mesh's `ep_transport`)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from moe.kernels import fp8 as fp8_lib
+from parallel.errors import ConfigError, check_fields
+
+log = logging.getLogger("moe")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImplConfig:
+  """Implementation choices (`auto`: from the target devices) and speed settings.
+
+  `remat_policy`: what the backward pass recomputes per layer (none | full | save_dots |
+  save_dots_no_batch). `scan_layers`: True runs each layer stack as one lax.scan (compile time
+  independent of depth); False runs the same stacked parameters as an unrolled loop, which XLA
+  schedules across layers (bench-cpu: 9% faster steps, docs/perf.md; compile time grows with depth).
+  `fp8_pow2_scales`: round every FP8 scale up to a power of two."""
+
+  attention: Literal["auto", "fused", "blocked"] = "auto"
+  experts: Literal["auto", "ragged_dot", "blocked", "dense"] = "auto"
+  fp8_gemm: fp8_lib.GemmChoice = "auto"
+  fp8_pow2_scales: bool = False
+  remat_policy: RematPolicy = "none"
+  scan_layers: bool = True
+
+  def __post_init__(self):
+    check_fields(self, "impl.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+  """Every choice made: what the model's modules read. Build with `Runtime.resolve`."""
+
+  dtype: str = "float32"  # activations and matmuls
+  param_dtype: str = "float32"
+  attention: str = "fused"
+  experts: str = "ragged_dot"
+  fp8: fp8_lib.Recipe | None = None  # None: no FP8 GEMMs
+  remat_policy: RematPolicy = "none"
+  scan_layers: bool = True
+  par: object = None  # parallel.mesh.Parallelism, or None: one device
+  platform: str = "cpu"  # of the target devices
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  @classmethod
+  def resolve(cls, impl: ImplConfig = ImplConfig(), *, dtype: str = "float32", param_dtype: str | None = None,
+              fp8: bool = False, par=None, devices=None, announce: bool = True) -> Runtime:
+    """The Runtime for `impl` on the target: `par.mesh`'s devices, else `devices`, else jax.devices()."""
+    for name, value in (("dtype", dtype), ("param_dtype", param_dtype or dtype)):
+      if value not in DTYPES:
+        raise ConfigError(f"{name}={value!r} must be one of {', '.join(DTYPES)}")
+    if par is not None:
+      devices = list(par.mesh.devices.flat)
+    devices = list(jax.devices() if devices is None else devices)
+    platform = devices[0].platform
+    on_cpu = platform == "cpu"
+    attention = impl.attention if impl.attention != "auto" else "blocked" if on_cpu else "fused"
+    experts = impl.experts if impl.experts != "auto" else "blocked" if on_cpu else "ragged_dot"
+    recipe = None
+    if fp8:
+      if experts == "dense":
+        raise ConfigError("impl.experts=dense is the float reference and has no FP8 path: use auto, ragged_dot or"
+                          " blocked with precision=fp8")
+      recipe = fp8_lib.resolve_recipe(impl.fp8_gemm, devices, impl.fp8_pow2_scales)
+    rt = cls(dtype, param_dtype or dtype, attention, experts, recipe, impl.remat_policy, impl.scan_layers, par,
+             platform)
+    if announce:
+      log.info("impl: %s", rt.describe())
+    return rt
+
+  def describe(self) -> str:
+    target = self.par.describe() if self.par is not None else f"1 {self.platform} device"
+    fp8 = self.fp8.describe() if self.fp8 is not None else "off"
+    return (f"{self.dtype} compute, {self.param_dtype} parameters; attention {self.attention}, experts"
+            f" {self.experts}, remat {self.remat_policy}, {'scanned' if self.scan_layers else 'unrolled'} layers;"
+            f" fp8 {fp8}; {target}")
