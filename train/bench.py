@@ -14,56 +14,35 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from moe import params as params_lib
-from moe.config import ConfigError
+from parallel.errors import ConfigError
+from train.core import loop
+from train.core.config import load_train_config
+from train.core.data import synthetic_batch
+from train.core.metrics import measure_peak_flops
 
 
-def measure_peak_flops(dtype, n: int | None = None, iters: int = 30) -> float:
-  """FLOP/s of an n x n x n matmul in `dtype` (best of `iters` timed runs)."""
-  if n is None:
-    n = 2048 if jax.default_backend() == "cpu" else 8192
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dtype))
-  f(a, b).block_until_ready()
+def best_of(fn, *args, iters=5):
+  """Best wall time of `iters` calls of `fn(*args)` after one warm-up call."""
+  jax.block_until_ready(fn(*args))
   best = float("inf")
   for _ in range(iters):
     t = time.perf_counter()
-    f(a, b).block_until_ready()
+    jax.block_until_ready(fn(*args))
     best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best
-
-
-def synthetic_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(0, vocab, (batch_size, seq_len + 1), dtype=np.int32)
-  return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-          "segment_ids": np.ones((batch_size, seq_len), np.int32),
-          "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy(),
-          "loss_mask": np.ones((batch_size, seq_len), np.float32)}
-
-
-def fp8_path(model_cfg) -> str:
-  """How the FP8 GEMMs run here (precision=fp8): native FP8 dots, or quantise->dequantise (CPU: slower
-  than bf16, it adds the quantisation work to float32 matmuls). MFU stays against the bf16 peak."""
-  from moe import fp8 as fp8_lib
-
-  return fp8_lib.describe(fp8_lib.Recipe.of(model_cfg))
+  return best
 
 
 def run(cfg, steps: int = 10, warmup: int = 2) -> dict:
-  from train import loop
-
-  model_cfg = loop.model_config(cfg)
   par = loop.parallelism(cfg)
+  rt = loop.runtime(cfg, par)
   # The peak is the best of measurements before and after the steps: on a shared or throttling
   # machine a single low reading would inflate MFU.
-  peak = measure_peak_flops(jnp.dtype(model_cfg.dtype))
-  state, train_step, _ = loop.build(cfg, model_cfg, par)
-  batch = loop.to_device(synthetic_batch(cfg.batch_size, cfg.seq_len, model_cfg.vocab_size, cfg.seed), par)
+  peak = measure_peak_flops(rt.compute_dtype)
+  state, train_step, *_ = loop.build(cfg, par, rt)
+  batch = loop.to_device(synthetic_batch(cfg.batch_size, cfg.seq_len, cfg.model.vocab_size, cfg.seed), par)
   for _ in range(warmup):
     state, metrics = train_step(state, batch)
   jax.block_until_ready(metrics)
@@ -73,14 +52,14 @@ def run(cfg, steps: int = 10, warmup: int = 2) -> dict:
   jax.block_until_ready(metrics)
   step_s = (time.perf_counter() - t) / steps
   tokens = cfg.batch_size * cfg.seq_len
-  flops_per_token = params_lib.count(model_cfg, cfg.seq_len)["flops_per_token"]
+  flops_per_token = params_lib.count(cfg.model, cfg.seq_len)["flops_per_token"]
   achieved = flops_per_token * tokens / step_s
-  peak = max(peak, measure_peak_flops(jnp.dtype(model_cfg.dtype)))
-  return {"config": cfg.run_dir, "backend": jax.default_backend(), "devices": jax.device_count(),
+  peak = max(peak, measure_peak_flops(rt.compute_dtype))
+  return {"config": cfg.run_dir, "backend": rt.platform, "devices": par.mesh.size,
           "mesh": dict(par.mesh.shape), "ep_transport": par.ep_transport,
           **({"dropped_tokens": int(metrics["dropped_tokens"])} if "dropped_tokens" in metrics else {}),
-          "dtype": model_cfg.dtype, "precision": cfg.precision,
-          **({"fp8": fp8_path(model_cfg)} if model_cfg.fp8 else {}),
+          "dtype": rt.dtype, "precision": cfg.precision, "attention": rt.attention, "experts": rt.experts,
+          **({"fp8": rt.fp8.describe()} if rt.fp8 is not None else {}),
           "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
           "tokens_per_s": round(tokens / step_s, 1), "step_s": round(step_s, 4),
           "model_flops_per_token": flops_per_token, "achieved_tflops": round(achieved / 1e12, 4),
@@ -88,8 +67,6 @@ def run(cfg, steps: int = 10, warmup: int = 2) -> dict:
 
 
 def main(argv=None) -> int:
-  from train.config import load_train_config
-
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("config")
   p.add_argument("overrides", nargs="*",

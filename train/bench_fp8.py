@@ -3,7 +3,7 @@
 For every distinct linear of a layer (shapes from the config; rows = batch_size x seq_len tokens) and
 the routed experts' two grouped GEMM shapes (tokens x top-k rows over the experts, random uniform
 routing), times `jit(value_and_grad)` - Fprop, Dgrad and Wgrad - with bf16 operands and with the FP8
-recipe on this machine's path (`moe.fp8.describe`), best of `--iters`. Prints one JSON line per GEMM
+recipe on the path `impl.fp8_gemm` resolves to here (moe.kernels.fp8.Recipe), best of `--iters`. Prints one JSON line per GEMM
 (count per layer, bf16 and fp8 seconds, speed-up) and a last line with the layer totals: what FP8
 can win in the step before a full `train.bench` run, and which GEMM to look at when it does not.
 """
@@ -18,9 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe import fp8 as fp8_lib
-from moe.config import ConfigError, ModelConfig
-from parallel.bench_ep import best_of
+from moe.config import ModelConfig
+from moe.kernels import fp8 as fp8_lib
+from moe.runtime import Runtime
+from parallel.errors import ConfigError
+from train.bench import best_of
+from train.core.config import load_train_config
 
 
 def linear_shapes(m: ModelConfig) -> dict[str, tuple[int, int, int]]:
@@ -44,10 +47,8 @@ def _time_grad(loss, args, iters):
 
 
 def run(cfg, iters: int = 10) -> list[dict]:
-  from train.loop import model_config
-
-  m = model_config(cfg.replace(precision="fp8"))
-  recipe = fp8_lib.Recipe.of(m)
+  m = cfg.model
+  recipe = Runtime.resolve(cfg.impl, dtype="bfloat16", fp8=True, devices=jax.devices()[:1], announce=False).fp8
   t = cfg.batch_size * cfg.seq_len
   key = iter(jax.random.split(jax.random.key(cfg.seed), 32))
   rows = []
@@ -73,16 +74,14 @@ def run(cfg, iters: int = 10) -> list[dict]:
   fp8_total = sum(r["fp8_s"] * r["per_layer"] for r in rows)
   rows.append({"moe_layer_gemms_bf16_s": bf16_total, "moe_layer_gemms_fp8_s": fp8_total,
                "speedup": bf16_total / fp8_total, "backend": jax.default_backend(),
-               "device": jax.devices()[0].device_kind, "fp8_path": fp8_lib.describe(recipe)})
+               "device": jax.devices()[0].device_kind, "fp8_path": recipe.describe()})
   return rows
 
 
 def main(argv=None) -> int:
-  from train.config import load_train_config
-
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("config")
-  p.add_argument("overrides", nargs="*", help="key=value, e.g. batch_size=4 model.fp8_backend=native")
+  p.add_argument("overrides", nargs="*", help="key=value, e.g. batch_size=4 impl.fp8_gemm=xla")
   p.add_argument("--iters", type=int, default=10, help="timed runs per GEMM (best is reported)")
   args = p.parse_args(argv)
   try:

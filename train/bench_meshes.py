@@ -1,5 +1,5 @@
 """Compare training-step times of several meshes in one process, interleaved:
-`python -m parallel.bench_meshes CONFIG MESH [MESH ...] [--rounds R] [--set key=value ...]`.
+`python -m train.bench_meshes CONFIG MESH [MESH ...] [--rounds R] [--set key=value ...]`.
 
 MESH is comma-separated `mesh.` keys, e.g. `data=1` `data=8` `expert=8,capacity_factor=2`
 (unset axes: data=1, fsdp=1, expert=1, tensor=1). All meshes are built first (compiled and warmed
@@ -19,12 +19,12 @@ import time
 
 import jax
 
+from train.core import loop
+from train.core.config import load_train_config
+from train.core.data import synthetic_batch
+
 
 def main(argv=None) -> int:
-  from train import loop
-  from train.bench import synthetic_batch
-  from train.config import load_train_config
-
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("config")
   p.add_argument("meshes", nargs="+")
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     keys.update(kv.split("=", 1) for kv in spec.split(","))
     cfg = load_train_config(args.config, list(args.set) + [f"mesh.{k}={v}" for k, v in keys.items()])
     par = loop.parallelism(cfg)
-    state, step, _ = loop.build(cfg, loop.model_config(cfg), par)
+    state, step, *_ = loop.build(cfg, par)
     batch = loop.to_device(synthetic_batch(cfg.batch_size, cfg.seq_len, cfg.model.vocab_size, cfg.seed), par)
     t = time.perf_counter()
     state, metrics = step(state, batch)  # compile

@@ -4,7 +4,7 @@
       [--batch-size B] [--max-batches M] [--dtype D]
 
 RUN_DIR: a training run directory (its newest checkpoint, and by default its tokenizer); HF_DIR: a
-folder with config.json + safetensors. Reads the eval split of SPEC (train.data.make_dataset(split='eval'): documents packed as in training,
+folder with config.json + safetensors. Reads the eval split of SPEC (train.core.evaluation.EvalSet: documents packed as in training,
 [BOS] + text + [EOS], attention within each document) and prints one JSON line:
 
   loss            mean next-token cross-entropy over the real targets (nats per token; EOS targets count)
@@ -27,15 +27,16 @@ import math
 import sys
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe.config import ConfigError
-from train.data import ByteTokenizer, DataError, load_tokenizer, make_dataset
-from train.generate import add_model_args, load_model, tokenizer_spec
-from train.loss import token_nll
+from parallel.errors import ConfigError, DataError, InputError
+from train.core.checkpoint import load_any, tokenizer_of
+from train.core.data import ByteTokenizer, load_tokenizer
+from train.core.evaluation import EvalSet
+from train.core.step import make_eval_step
+from train.generate import add_model_args
 
 
 def target_bytes(batch: dict, tokenizer) -> int:
@@ -53,32 +54,22 @@ def target_bytes(batch: dict, tokenizer) -> int:
 
 
 def evaluate(model, data: str, tokenizer, seq_len: int, batch_size: int, max_batches: int | None = None) -> dict:
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def nats(state, batch):
-    logits = nnx.merge(graphdef, state)(batch["tokens"], batch["segment_ids"], batch["positions"])
-    return (token_nll(logits, batch["targets"]) * batch["loss_mask"]).sum()
-
-  ds = make_dataset(data, seq_len=seq_len, batch_size=batch_size, seed=0, split="eval", tokenizer=tokenizer,
-                    max_seq_len=model.cfg.max_position_embeddings)
-  total_nats, tokens, nbytes, batches = 0.0, 0, 0, 0
-  for batch in ds:
-    if max_batches is not None and batches >= max_batches:
-      break
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  evals = EvalSet(data, tokenizer, seq_len=seq_len, batch_size=batch_size,
+                  max_seq_len=model.cfg.max_position_embeddings, max_batches=max_batches)
+  for batch in evals.batches:
     if int(batch["tokens"].max()) >= model.cfg.vocab_size:
       raise ConfigError(f"token id {int(batch['tokens'].max())} from tokenizer {tokenizer.spec!r} is outside the"
                         f" model's vocab_size {model.cfg.vocab_size}; pass the model's --tokenizer")
-    total_nats += float(nats(state, {k: jnp.asarray(v) for k, v in batch.items()}))
-    tokens += int(batch["loss_mask"].sum())
-    nbytes += target_bytes(batch, tokenizer)
-    batches += 1
-  if not tokens:
+  got = evals.run(make_eval_step(graphdef), {"params": params, "rest": rest},
+                  lambda b: {k: jnp.asarray(v) for k, v in b.items()})
+  if not got["tokens"]:
     raise DataError(f"{data}: the eval split gave no targets")
-  loss = total_nats / tokens
+  nbytes = sum(target_bytes(b, tokenizer) for b in evals.batches)
+  loss, total_nats = got["loss"], got["nats"]
   return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
           "bits_per_byte": total_nats / math.log(2) / nbytes if nbytes else float("nan"),
-          "tokens": tokens, "bytes": nbytes, "batches": batches}
+          "tokens": int(got["tokens"]), "bytes": nbytes, "batches": got["batches"]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,11 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--max-batches", type=int, default=None, help="default: the whole eval split")
   args = parser.parse_args(argv)
   try:
-    tokenizer = load_tokenizer(tokenizer_spec(args.model, args.tokenizer))
-    model = load_model(args.model, args.dtype)
+    tokenizer = load_tokenizer(tokenizer_of(args.model, args.tokenizer))
+    model = load_any(args.model, args.dtype)
     seq_len = args.seq_len or min(512, model.cfg.max_position_embeddings)
     result = evaluate(model, args.data, tokenizer, seq_len, args.batch_size, args.max_batches)
-  except (ConfigError, DataError) as e:
+  except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(json.dumps(result))

@@ -23,35 +23,21 @@ from typing import Sequence
 
 import yaml
 
-from moe.config import ConfigError, load_yaml
-from train.config import TrainConfig, apply_override
-
-
-def step_dir(run_dir, step: int | None = None) -> Path:
-  """RUN_DIR/checkpoints/<step>: `step`, or the newest finished checkpoint (temporary directories of
-  an interrupted save never count)."""
-  from train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-
-  root = ckpt_lib.checkpoint_dir(run_dir)
-  steps = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
-  if not steps:
-    raise ConfigError(f"{run_dir}: no checkpoints (nothing in {root}); train first, or give another run directory")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise ConfigError(f"{root}: no step {step}; it has {', '.join(map(str, steps[-10:]))}")
-  return root / str(step)
+from moe import hf
+from moe.config import load_yaml
+from parallel.errors import ConfigError
+from train.core import checkpoint as ckpt_lib
+from train.core import optimizer as optimizer_lib
+from train.core import step as step_lib
+from train.core.config import TrainConfig, apply_override
 
 
 def export(run_dir, out, step: int | None = None, dtype: str = "float32", max_shard_bytes: int = 4 << 30) -> Path:
   """Write step `step` (default newest) of `run_dir` as an HF folder `out`; returns the step directory."""
-  from moe import hf  # pylint: disable=import-outside-toplevel
-  from train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-
   out = Path(out)
   if out.exists() and any(out.iterdir()):
     raise ConfigError(f"{out}: exists and is not empty; choose a new --out directory")
-  src = step_dir(run_dir, step)
+  src = ckpt_lib.step_dir(run_dir, step)
   hf.to_hf(ckpt_lib.load_model(src, dtype, on_host=True), out, max_shard_bytes=max_shard_bytes)
   return src
 
@@ -72,11 +58,6 @@ def train_config_for_hf(model_cfg, run_dir, config: str | None = None, overrides
 def from_hf(hf_dir, run_dir, config: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
   """Make RUN_DIR/checkpoints/0 from an HF folder: its weights (float32), a fresh optimiser state,
   step 0; writes RUN_DIR/config.yaml. Returns the TrainConfig."""
-  from moe import hf  # pylint: disable=import-outside-toplevel
-  from train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from train import optimizer as optimizer_lib  # pylint: disable=import-outside-toplevel
-  from train import step as step_lib  # pylint: disable=import-outside-toplevel
-
   run_dir = Path(run_dir)
   root = ckpt_lib.checkpoint_dir(run_dir)
   if root.exists() and any(root.iterdir()):

@@ -2,7 +2,7 @@
 
 Trains the model of CONFIG twice from the same seed (so the same float32 initial weights) on the
 same batches (same data seed): once with `precision=bf16`, once with `precision=fp8` (bf16 compute,
-FP8 E4M3 GEMMs in the linears and routed experts, moe/fp8.py). Progress goes to stderr; the last
+FP8 E4M3 GEMMs in the linears and routed experts, moe/kernels/fp8.py). Progress goes to stderr; the last
 line on stdout is one JSON object:
 
   bf16_loss, fp8_loss   the main next-token cross-entropy (the objective's `lm_loss`, without the
@@ -30,23 +30,22 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from moe import fp8 as fp8_lib
-from moe.config import ConfigError
-from train import data as data_lib
-from train import loop
-from train.config import TrainConfig, load_train_config
+from parallel.errors import ConfigError, InputError
+from train.core import data as data_lib
+from train.core import loop
+from train.core.config import TrainConfig, load_train_config
 
 log = logging.getLogger("train.fp8_check")
 
 
 def train_losses(cfg: TrainConfig, log_every: int = 0, evaluate: bool = True) -> dict:
-  """Per-step `lm_loss` and `loss` of `cfg` (as trained by train.loop's step), and the eval loss."""
-  model_cfg = loop.model_config(cfg)
+  """Per-step `lm_loss` and `loss` of `cfg` (as trained by train.core.loop's step), the eval loss, and
+  how the FP8 GEMMs ran."""
   tokenizer = data_lib.load_tokenizer(cfg.tokenizer)
-  max_len = model_cfg.max_position_embeddings
   batches = iter(data_lib.make_dataset(cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                                       split="train", tokenizer=tokenizer, max_seq_len=max_len))
-  state, train_step, eval_step = loop.build(cfg, model_cfg)
+                                       split="train", tokenizer=tokenizer,
+                                       max_seq_len=cfg.model.max_position_embeddings))
+  state, train_step, eval_step, rt, _ = loop.build(cfg)
   metrics, t0 = [], time.perf_counter()
   for step in range(cfg.steps):
     state, m = train_step(state, loop.to_device(next(batches)))
@@ -55,9 +54,10 @@ def train_losses(cfg: TrainConfig, log_every: int = 0, evaluate: bool = True) ->
       log.info("%s step %d/%d: lm_loss %.4f (%.1f s)", cfg.precision, step + 1, cfg.steps,
                float(m["lm_loss"]), time.perf_counter() - t0)
   got = jax.device_get(metrics)
+  eval_loss = loop.evaluate(eval_step, state, cfg, loop.eval_set(cfg, tokenizer)) if evaluate else None
   return {"lm_loss": [float(m["lm_loss"]) for m in got], "loss": [float(m["loss"]) for m in got],
-          "eval_loss": loop.evaluate(eval_step, state, cfg, tokenizer, max_len) if evaluate else None,
-          "seconds": time.perf_counter() - t0}
+          "eval_loss": eval_loss, "seconds": time.perf_counter() - t0,
+          "fp8_path": rt.fp8.describe() if rt.fp8 is not None else None}
 
 
 def compare(cfg: TrainConfig, tail: float = 0.1, log_every: int = 0, evaluate: bool = True,
@@ -69,8 +69,7 @@ def compare(cfg: TrainConfig, tail: float = 0.1, log_every: int = 0, evaluate: b
   n = max(1, int(round(cfg.steps * tail)))
   b, f = (float(np.mean(runs[p]["lm_loss"][-n:])) for p in ("bf16", "fp8"))
   summary = {"config": cfg.run_dir, "steps": cfg.steps, "tail_steps": n, "backend": jax.default_backend(),
-             "fp8_path": fp8_lib.describe(fp8_lib.Recipe.of(loop.model_config(cfg.replace(precision="fp8")))),
-             "seconds": {p: round(runs[p]["seconds"], 1) for p in runs}}
+             "fp8_path": runs["fp8"]["fp8_path"], "seconds": {p: round(runs[p]["seconds"], 1) for p in runs}}
   be, fe = runs["bf16"]["eval_loss"], runs["fp8"]["eval_loss"]
   if be is not None:
     summary.update(bf16_eval_loss=be, fp8_eval_loss=fe, rel_eval_loss_diff=(fe - be) / be)
@@ -136,7 +135,7 @@ def main(argv=None) -> int:
     if not 0 < args.tail <= 1:
       raise ConfigError(f"--tail={args.tail} must be in (0, 1]")
     summary, runs = compare(cfg, args.tail, log_every=cfg.log_every, evaluate=not args.no_eval, float32=args.float32)
-  except (ConfigError, data_lib.DataError) as e:
+  except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if args.out:

@@ -4,7 +4,7 @@
       [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--tokenizer byte|PATH] [--dtype D]
 
 HF_DIR: a folder with config.json + safetensors (moe.hf.from_hf). RUN_DIR: a training run directory:
-its newest checkpoint (train/checkpoint.py; master weights, in --dtype), and by default its tokenizer.
+its newest checkpoint (train/core/checkpoint.py; master weights, in --dtype), and by default its tokenizer.
 Each prompt is encoded as [BOS] + tokens (as training
 documents start); several prompts run as one right-padded batch. Temperature 0 is greedy; top-p < 1
 samples from the nucleus. Generation of a row stops after EOS. Prints each prompt followed by its
@@ -15,50 +15,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Sequence
 
-from moe.config import ConfigError
-from train.data import DataError, load_tokenizer
-
-
-def latest_checkpoint(run_dir: Path) -> Path:
-  """The newest finished step directory of RUN_DIR/checkpoints (train/checkpoint.py)."""
-  from train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-
-  directory = ckpt_lib.checkpoint_dir(run_dir)
-  steps = sorted(int(p.name) for p in directory.glob("*") if p.is_dir() and p.name.isdigit())
-  if not steps:
-    raise ConfigError(f"{run_dir}: neither an HF folder (no config.json) nor a run directory with checkpoints"
-                      f" (nothing in {directory})")
-  return directory / str(steps[-1])
-
-
-def load_model(path: str | Path, dtype: str | None = None):
-  """A Transformer from an HF folder (config.json present) or a training run directory (its newest
-  checkpoint). `dtype`: compute and parameter dtype (default float32)."""
-  path = Path(path)
-  if (path / "config.json").is_file():
-    from moe import hf  # pylint: disable=import-outside-toplevel
-
-    return hf.from_hf(path, dtype=dtype)
-  if not path.is_dir():
-    raise ConfigError(f"{path}: no such directory; give an HF folder (with config.json) or a run directory")
-  from train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-
-  return ckpt_lib.load_model(latest_checkpoint(path), dtype or "float32")
-
-
-def tokenizer_spec(path: str | Path, given: str | None) -> str:
-  """--tokenizer if given; else the run's `tokenizer` for a run directory, 'byte' for an HF folder."""
-  if given is not None:
-    return given
-  path = Path(path)
-  if path.is_dir() and not (path / "config.json").is_file():
-    from train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-
-    return ckpt_lib.read_config(latest_checkpoint(path)).tokenizer
-  return "byte"
+from moe.decode import Generator
+from parallel.errors import ConfigError, InputError
+from train.core.checkpoint import load_any, tokenizer_of
+from train.core.data import load_tokenizer
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -82,18 +44,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 0:
       raise ConfigError("need --temperature >= 0, 0 < --top-p <= 1 and --max-new-tokens >= 0")
-    tokenizer = load_tokenizer(tokenizer_spec(args.model, args.tokenizer))
-    model = load_model(args.model, args.dtype)
+    tokenizer = load_tokenizer(tokenizer_of(args.model, args.tokenizer))
+    model = load_any(args.model, args.dtype)
     prompts = [[tokenizer.bos_id] + tokenizer.encode(p) for p in args.prompt]
     top = max(max(p) for p in prompts)
     if top >= model.cfg.vocab_size:
       raise ConfigError(f"token id {top} from tokenizer {tokenizer.spec!r} is outside the model's vocab_size"
                         f" {model.cfg.vocab_size}; pass the model's --tokenizer")
-  except (ConfigError, DataError) as e:
+  except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  from moe.decode import Generator  # pylint: disable=import-outside-toplevel
-
   outputs = Generator(model).generate(prompts, args.max_new_tokens, temperature=args.temperature,
                                       top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id)
   for text, new in zip(args.prompt, outputs):

@@ -1,6 +1,6 @@
 """Plot a run: `python -m train.plot RUN_DIR [--out PNG]`.
 
-Reads RUN_DIR/metrics.jsonl (train.metrics) and draws the training objective, the training
+Reads RUN_DIR/metrics.jsonl (train.core.metrics) and draws the training objective, the training
 next-token loss (`lm_loss`, comparable with eval) and the eval loss vs step and, when the run
 logged `expert_load_cv` (one value per MoE layer), the expert-load coefficient of variation
 std(load)/mean(load) per layer vs step. Saves RUN_DIR/loss.png unless --out says otherwise.
@@ -13,28 +13,26 @@ import json
 import sys
 from pathlib import Path
 
-CV_KEY = "expert_load_cv"  # train/step.py
+from parallel.errors import DataError
 
-
-class PlotError(Exception):
-  """A run that cannot be plotted; the message is one line."""
+CV_KEY = "expert_load_cv"  # train/core/step.py
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
   if not run_dir.is_dir():
-    raise PlotError(f"{run_dir}: no such run directory")
+    raise DataError(f"{run_dir}: no such run directory")
   path = run_dir / "metrics.jsonl"
   if not path.is_file():
-    raise PlotError(f"{path}: no such file (has the run logged a step yet?)")
+    raise DataError(f"{path}: no such file (has the run logged a step yet?)")
   records = []
   for i, line in enumerate(path.read_text().splitlines(), 1):
     if line.strip():
       try:
         records.append(json.loads(line))
       except json.JSONDecodeError as e:
-        raise PlotError(f"{path}:{i}: not JSON ({e.msg})") from None
+        raise DataError(f"{path}:{i}: not JSON ({e.msg})") from None
   if not records:
-    raise PlotError(f"{path}: no metrics yet")
+    raise DataError(f"{path}: no metrics yet")
   return records
 
 
@@ -83,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     records = read_metrics(args.run_dir)
-  except PlotError as e:
+  except DataError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(draw(records, args.out or args.run_dir / "loss.png", args.run_dir.name))

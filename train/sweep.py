@@ -1,6 +1,6 @@
 """Scaling sweeps: `python -m train.sweep SWEEP.yaml [--list] [--print-commands [FILE]] [--subprocess] [--run NAME]`.
 
-A sweep file expands into training runs (train.loop.train), one run directory each under `out_dir`,
+A sweep file expands into training runs (train.core.loop.train), one run directory each under `out_dir`,
 and a manifest `out_dir/sweep.json` (every run's name, overrides, size, parameter and FLOP counts)
 that `python -m train.sweep_report out_dir` reads. Format:
 
@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import itertools
 import json
 import logging
@@ -62,8 +61,10 @@ from pathlib import Path
 import yaml
 
 from moe import params as params_lib
-from moe.config import ConfigError
-from train.config import load_train_config
+from parallel.errors import ConfigError
+from train.core import loop
+from train.core.config import load_train_config
+from train.core.metrics import measure_peak_flops
 
 log = logging.getLogger("train.sweep")
 
@@ -249,24 +250,12 @@ def mark_done(run: Run, seconds: float | None = None) -> None:
   (run_dir / DONE).write_text(json.dumps(record) + "\n")
 
 
-@functools.cache
-def _peak_once(dtype):
-  return _REAL_PEAK(dtype)
-
-
-_REAL_PEAK = None
-
-
-def run_in_process(spec: dict, run: Run) -> None:
-  global _REAL_PEAK
-  from train import bench, loop
-
-  if _REAL_PEAK is None:  # measure the matmul peak (for MFU) once per sweep, not per run
-    _REAL_PEAK = bench.measure_peak_flops
-    bench.measure_peak_flops = _peak_once
+def run_in_process(spec: dict, run: Run, peak_flops: float | None = None) -> None:
+  """Train `run` in this process; `peak_flops`: the FLOP/s its MFU is measured against (measured
+  once per sweep, not per run)."""
   cfg = load_train_config(spec["base"], run.override_list())
   t0 = time.time()
-  result = loop.train(cfg, progress=False)
+  result = loop.train(cfg, progress=False, peak_flops=peak_flops)
   if result["stopped_by"]:
     raise KeyboardInterrupt(f"{run.name}: stopped by {result['stopped_by']}")
   mark_done(run, time.time() - t0)
@@ -318,6 +307,7 @@ def main(argv=None) -> int:
       print(f"{len(todo)} commands in {args.print_commands}")
     return 0
   t_start = time.time()
+  peak = {}  # compute dtype -> FLOP/s, measured once
   for i, run in enumerate(todo, 1):
     log.info("sweep: run %d/%d %s (%d steps, %.3gM active params, %.3g FLOPs)", i, len(todo), run.name, run.steps,
              run.active_params / 1e6, run.flops)
@@ -330,7 +320,10 @@ def main(argv=None) -> int:
         return rc
       mark_done(run, time.time() - t0)
     else:
-      run_in_process(spec, run)
+      dtype = load_train_config(spec["base"], run.override_list()).compute_dtype
+      if dtype not in peak:
+        peak[dtype] = measure_peak_flops(dtype)
+      run_in_process(spec, run, peak[dtype])
     log.info("sweep: %s done in %.0f s (sweep %.0f s so far)", run.name, time.time() - t0, time.time() - t_start)
   print(f"sweep done: {len(runs)} runs in {spec['out_dir']} (report: python -m train.sweep_report {spec['out_dir']})")
   return 0

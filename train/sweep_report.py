@@ -34,11 +34,8 @@ from pathlib import Path
 import numpy as np
 from scipy import optimize
 
+from parallel.errors import DataError
 from train.sweep import MANIFEST, final_eval
-
-
-class ReportError(Exception):
-  """A sweep directory that cannot be reported on; the message is one line."""
 
 
 # ------------------------------------------------------------------ fits
@@ -109,7 +106,7 @@ def fit_sweep(rows: list[dict], params_key: str = "active_params") -> dict:
   eval_loss, flops_per_token and params_key)."""
   rows = [r for r in rows if r.get("eval_loss") is not None and math.isfinite(r["eval_loss"])]
   if not rows:
-    raise ReportError("no finished runs (no run has an eval loss at its last step)")
+    raise DataError("no finished runs (no run has an eval loss at its last step)")
   slope, intercept = fit_flops_per_token([r[params_key] for r in rows], [r["flops_per_token"] for r in rows])
   budgets = sorted({r["budget"] for r in rows if r.get("budget") is not None})
   isoflop, frontier = [], []
@@ -164,11 +161,11 @@ def load_rows(sweep_dir: str | Path) -> list[dict]:
   sweep_dir = Path(sweep_dir)
   path = sweep_dir / MANIFEST
   if not path.is_file():
-    raise ReportError(f"{path}: no such file (run `python -m train.sweep SWEEP.yaml` first)")
+    raise DataError(f"{path}: no such file (run `python -m train.sweep SWEEP.yaml` first)")
   try:
     manifest = json.loads(path.read_text())
   except json.JSONDecodeError as e:
-    raise ReportError(f"{path}: not JSON ({e.msg})") from None
+    raise DataError(f"{path}: not JSON ({e.msg})") from None
   rows = []
   for run in manifest.get("runs", []):
     run_dir = sweep_dir / run["name"]
@@ -300,7 +297,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   try:
     fit = report(args.sweep_dir, f"{args.params}_params", plots=not args.no_plots)
-  except ReportError as e:
+  except DataError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(summary(fit))

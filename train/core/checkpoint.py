@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 import sys
 import threading
@@ -49,11 +50,16 @@ from pathlib import Path
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moe.config import ConfigError
-from train.config import TrainConfig
+from moe import hf
+from moe.model import Transformer
+from moe.runtime import Runtime
+from parallel.errors import CheckpointError, ConfigError
+from train.core.config import TrainConfig
 
 log = logging.getLogger("train")
 
@@ -64,12 +70,37 @@ TMP_MARK = ".orbax-checkpoint-tmp"
 DATA_KEYS = ("data", "tokenizer", "seq_len", "batch_size", "seed", "data_workers")
 
 
-class CheckpointError(ConfigError):
-  """A checkpoint that cannot be used; the message is one line naming the directory and the fix."""
-
-
 def checkpoint_dir(run_dir) -> Path:
   return Path(run_dir) / "checkpoints"
+
+
+def finished_steps(directory: Path) -> list[int]:
+  """The steps of the finished checkpoints in a checkpoints directory, ascending (the temporary
+  directory of a save in progress or interrupted never counts)."""
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def step_dir(run_dir, step: int | None = None) -> Path:
+  """RUN_DIR/checkpoints/<step>: `step`, or the newest finished checkpoint."""
+  root = checkpoint_dir(run_dir)
+  steps = finished_steps(root)
+  if not steps:
+    raise ConfigError(f"{run_dir}: no checkpoints (nothing in {root}); train first, or give another run directory")
+  if step is None:
+    return root / str(steps[-1])
+  if step not in steps:
+    raise ConfigError(f"{root}: no step {step}; it has {', '.join(map(str, steps[-10:]))}")
+  return root / str(step)
+
+
+def remove_interrupted_saves(directory: Path) -> None:
+  """Delete the temporary directories of saves cut short (kill -9, a lost host): never a checkpoint."""
+  if jax.process_index() == 0 and directory.is_dir():
+    for p in directory.glob(f"*{TMP_MARK}*"):
+      log.info("checkpoint: removing %s (a save that did not finish)", p)
+      shutil.rmtree(p, ignore_errors=True)
 
 
 def _one_line(e: BaseException) -> str:
@@ -105,7 +136,7 @@ def _manager(directory: Path, keep_last: int = 0, keep_every: int = 0, read_only
   if keep_every > 0:
     policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
   options = ocp.CheckpointManagerOptions(
-      enable_async_checkpointing=True, cleanup_tmp_directories=not read_only, create=not read_only,
+      enable_async_checkpointing=True, cleanup_tmp_directories=False, create=not read_only,
       read_only=read_only, preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
   return ocp.CheckpointManager(directory.absolute(), options=options)
 
@@ -189,14 +220,12 @@ class Checkpoints:
     self.directory = checkpoint_dir(cfg.run_dir)
     _check_directory(self.directory)
     self.data_seed = cfg.seed
+    remove_interrupted_saves(self.directory)  # before anything else looks at the directory
     self.mngr = _manager(self.directory, cfg.keep_last, cfg.keep_every)
-    wait_cleanup = getattr(self.mngr, "_maybe_await_cleanup_tmp_directory", None)  # (orbax 0.12: private)
-    if wait_cleanup is not None:  # interrupted saves are gone before anything else looks at the directory
-      wait_cleanup()
 
   # ------------------------------------------------------------------ resuming
   def steps(self) -> list[int]:
-    return list(self.mngr.all_steps())
+    return finished_steps(self.directory)
 
   def resume_plan(self) -> dict | None:
     """None for a fresh run; else {step, path, meta, restore_data, data_seed} of the newest checkpoint.
@@ -325,8 +354,6 @@ def restore_model(path, target: dict, on_host: bool = False):
   """{"params", "rest"} of the checkpoint directory `path` (a step directory), read into `target`
   (ShapeDtypeStructs; orbax casts to their dtypes), as jax Arrays with the targets' shardings, or with
   `on_host` as NumPy arrays (no device memory: exporting). Reads neither optimiser state nor data."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
   path = Path(path)
   validate_step_dir(path)
   _quiet_absl()
@@ -344,23 +371,50 @@ def restore_model(path, target: dict, on_host: bool = False):
       raise CheckpointError(f"{path}: cannot restore the model: {_one_line(e)}") from None
 
 
-def load_model(path, dtype: str = "float32", on_host: bool = False):
+def load_model(path, dtype: str = "float32", on_host: bool = False) -> Transformer:
   """The Transformer of the checkpoint step directory `path`: the float32 master weights cast to
   `dtype` (parameters and compute; FP8 GEMMs off), on the first local device, or with `on_host` as
   NumPy arrays (for writing them out without using device memory)."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-
-  from moe.model import Transformer  # pylint: disable=import-outside-toplevel
-
   path = Path(path)
   validate_step_dir(path)
-  cfg = read_config(path).model.replace(dtype=dtype, param_dtype=dtype, fp8=False)
-  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+  cfg = read_config(path)
+  rt = Runtime.resolve(cfg.impl, dtype=dtype, param_dtype=dtype, devices=jax.local_devices()[:1], announce=False)
+  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rt, rngs=nnx.Rngs(0))),
+                                     nnx.Param, ...)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         {"params": params, "rest": rest})
   got = restore_model(path, target, on_host=on_host)
   return nnx.merge(graphdef, got["params"], got["rest"])
+
+
+def load_any(path, dtype: str | None = None) -> Transformer:
+  """A Transformer from an HF folder (config.json present) or a training run directory (its newest
+  checkpoint). `dtype`: compute and parameter dtype (default float32)."""
+  path = Path(path)
+  if (path / "config.json").is_file():
+    return hf.from_hf(path, dtype=dtype)
+  return load_model(_newest_of_run(path), dtype or "float32")
+
+
+def _newest_of_run(path: Path) -> Path:
+  """The newest checkpoint of `path`, given where an HF folder or a run directory is expected."""
+  if not path.is_dir():
+    raise ConfigError(f"{path}: no such directory; give an HF folder (with config.json) or a run directory")
+  if not finished_steps(checkpoint_dir(path)):
+    raise ConfigError(f"{path}: neither an HF folder (no config.json) nor a run directory with checkpoints"
+                      f" (nothing in {checkpoint_dir(path)})")
+  return step_dir(path)
+
+
+def tokenizer_of(path, given: str | None = None) -> str:
+  """`given` if set; else the run's `tokenizer` for a run directory, 'byte' for an HF folder."""
+  if given is not None:
+    return given
+  path = Path(path)
+  if path.is_dir() and not (path / "config.json").is_file():
+    return read_config(_newest_of_run(path)).tokenizer
+  return "byte"
 
 
 # ---------------------------------------------------------------------- preemption

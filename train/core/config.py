@@ -1,10 +1,16 @@
-"""Training configuration: everything that is not the model architecture.
+"""Training configuration: one YAML file, one typed dataclass per section.
 
-One YAML file holds both: the `model:` section becomes a `moe.config.ModelConfig`, the top-level
-keys and the `optimizer:`, `loss:` and `mesh:` sections become a `TrainConfig`. Command-line
-overrides are dotted `key=value` pairs whose values are parsed as YAML scalars
+  model:      the architecture, moe.config.ModelConfig (the fields of DeepSeek's config.json)
+  impl:       how the model runs, moe.runtime.ImplConfig (kernels, remat, scan; `auto` = from the devices)
+  mesh:       the device mesh and expert-parallel transport, parallel.mesh.MeshConfig
+  optimizer:  OptimizerConfig        loss: LossConfig
+  top level:  TrainConfig (steps, batch_size, seq_len, data, precision, checkpoints, ...)
+
+`precision` (float32 | bf16 | fp8) is the one compute-precision setting: master weights stay float32.
+Command-line overrides are dotted `key=value` pairs whose values are parsed as YAML scalars
 (`steps=100`, `model.hidden_size=64`, `optimizer.lr=3e-4`, `mesh.data=2`). Unknown keys, bad
-types and bad values raise `ConfigError` with one line that names the key.
+types and bad values raise `ConfigError` with one line that names the key; a key given at the wrong
+level is pointed to where it lives (`ep_transport=padded` -> mesh.ep_transport).
 """
 
 from __future__ import annotations
@@ -18,14 +24,17 @@ from typing import Literal
 
 import yaml
 
-from moe.config import ConfigError, ModelConfig, _matches, _reject_unknown, load_yaml, model_section
+from moe.config import ModelConfig, load_yaml, model_section
+from moe.runtime import ImplConfig
+from parallel.errors import ConfigError, check_fields, dataclass_of, matches, reject_unknown, require
+from parallel.mesh import MeshConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
   """AdamW and its learning-rate schedule (defaults: DeepSeek-V3 report §4.2).
 
-  Schedules (see `train.optimizer.make_schedule`): linear warm-up to `lr` over `warmup_steps`, then
+  Schedules (see `train.core.optimizer.make_schedule`): linear warm-up to `lr` over `warmup_steps`, then
   - `warmup_constant_cosine` (V3): constant until `decay_start`, cosine to `final_lr` over
     `decay_steps`, then constant at `final_lr`;
   - `wsd` (warmup-stable-decay): the same, with a 1-sqrt decay shape instead of the cosine;
@@ -48,14 +57,14 @@ class OptimizerConfig:
   moment_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # both AdamW moments (V3: BF16)
 
   def __post_init__(self):
-    _check_fields(self, "optimizer.")
-    _require(self.lr >= 0 and self.final_lr >= 0, f"optimizer.lr={self.lr}, final_lr={self.final_lr} must be >= 0")
-    _require(self.warmup_steps >= 0, f"optimizer.warmup_steps={self.warmup_steps} must be >= 0")
-    _require(self.decay_steps >= 0, f"optimizer.decay_steps={self.decay_steps} must be >= 0")
-    _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"optimizer.b1={self.b1}, b2={self.b2} must be in [0, 1)")
-    _require(self.eps > 0, f"optimizer.eps={self.eps} must be > 0")
-    _require(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0")
-    _require(self.clip_norm > 0, f"optimizer.clip_norm={self.clip_norm} must be > 0")
+    check_fields(self, "optimizer.")
+    require(self.lr >= 0 and self.final_lr >= 0, f"optimizer.lr={self.lr}, final_lr={self.final_lr} must be >= 0")
+    require(self.warmup_steps >= 0, f"optimizer.warmup_steps={self.warmup_steps} must be >= 0")
+    require(self.decay_steps >= 0, f"optimizer.decay_steps={self.decay_steps} must be >= 0")
+    require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"optimizer.b1={self.b1}, b2={self.b2} must be in [0, 1)")
+    require(self.eps > 0, f"optimizer.eps={self.eps} must be > 0")
+    require(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0")
+    require(self.clip_norm > 0, f"optimizer.clip_norm={self.clip_norm} must be > 0")
 
   def decay_start_step(self, steps: int) -> int:
     """First step of the decay for `warmup_constant_cosine` and `wsd`."""
@@ -78,50 +87,11 @@ class LossConfig:
   bias_update_stop_fraction: float = 0.0
 
   def __post_init__(self):
-    _check_fields(self, "loss.")
+    check_fields(self, "loss.")
     for name in ("mtp_lambda", "balance_alpha", "bias_update_gamma"):
-      _require(getattr(self, name) >= 0, f"loss.{name}={getattr(self, name)} must be >= 0")
+      require(getattr(self, name) >= 0, f"loss.{name}={getattr(self, name)} must be >= 0")
     f = self.bias_update_stop_fraction
-    _require(0 <= f <= 1, f"loss.bias_update_stop_fraction={f} must be in [0, 1]")
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-  """Device-mesh axis sizes (parallel/mesh.py); -1 (at most one axis) takes the devices the others
-  leave. `rules` overrides entries of the logical-axis -> mesh-axes table (parallel/sharding.py),
-  e.g. `mesh.rules.embed=[fsdp,expert]`; a value is a mesh axis, a list of them, or null.
-  Expert parallelism (parallel/expert_parallel.py): `ep_transport` auto (padded on CPU, ragged
-  elsewhere), padded (all_to_all of fixed buffers; assignments past the capacity are dropped and
-  counted as `dropped_tokens`) or ragged (ragged_all_to_all, dropless); `capacity_factor` sets the
-  padded buffers to ceil(factor * tokens * top_k / expert) rows per rank pair (null: dropless).
-  `dcn_data` / `dcn_fsdp`: how many TPU slices (or processes, e.g. GPU hosts) the data / fsdp axis
-  spans, for a mesh laid out over a slower outer network (parallel/mesh.py)."""
-
-  data: int = -1
-  fsdp: int = 1
-  expert: int = 1
-  tensor: int = 1
-  dcn_data: int = 1  # slices (TPU) or processes the data axis spans; must divide `data`
-  dcn_fsdp: int = 1  # the same for fsdp
-  rules: dict[str, str | list[str] | None] | None = None
-  ep_transport: Literal["auto", "padded", "ragged"] = "auto"
-  capacity_factor: float | None = None
-
-  def __post_init__(self):
-    _check_fields(self, "mesh.")
-    sizes = {a: getattr(self, a) for a in ("data", "fsdp", "expert", "tensor")}
-    for name, n in sizes.items():
-      _require(n == -1 or n >= 1, f"mesh.{name}={n} must be >= 1 or -1")
-    _require(list(sizes.values()).count(-1) <= 1, "mesh: at most one axis may be -1")
-    for name in ("dcn_data", "dcn_fsdp"):
-      _require(getattr(self, name) >= 1, f"mesh.{name}={getattr(self, name)} must be >= 1")
-    _require(self.rules is None or isinstance(self.rules, dict), f"mesh.rules={self.rules!r} must be a mapping")
-    for name, value in (self.rules or {}).items():
-      axes = [value] if isinstance(value, str) else [] if value is None else value
-      _require(isinstance(axes, list) and all(a in sizes for a in axes),
-               f"mesh.rules.{name}={value!r}: expected a mesh axis ({', '.join(sizes)}), a list of them, or null")
-    cf = self.capacity_factor
-    _require(cf is None or cf > 0, f"mesh.capacity_factor={cf} must be > 0 or null (dropless)")
+    require(0 <= f <= 1, f"loss.bias_update_stop_fraction={f} must be in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,14 +112,14 @@ class TrainConfig:
   # Processes that tokenise and pack the training data (Grain mp_prefetch); 0: in the training process,
   # overlapping with the asynchronously dispatched step. The batch order depends on this number.
   data_workers: int = 0
-  # float32 | bf16 (compute dtype; master weights float32) | fp8 (bf16 compute, FP8 E4M3 GEMMs in
-  # the attention projections, FFNs and routed experts: moe/fp8.py, docs/fp8.md)
+  # The compute precision; master weights are float32. float32 | bf16 | fp8 (bf16 compute, FP8 E4M3
+  # GEMMs in the attention projections, FFNs and routed experts: moe/kernels/fp8.py, docs/fp8.md)
   precision: Literal["float32", "bf16", "fp8"] = "float32"
   log_every: int = 10
   eval_every: int = 100
   eval_steps: int = 10
   profile_steps: tuple[int, int] | None = None
-  # Checkpoints (train/checkpoint.py) in RUN_DIR/checkpoints: saved asynchronously every `save_every`
+  # Checkpoints (train/core/checkpoint.py) in RUN_DIR/checkpoints: saved asynchronously every `save_every`
   # steps (0: only at the end), always at the end and on SIGTERM/SIGINT; the last `keep_last` are kept
   # (0: all) plus every step divisible by `keep_every` (0: none). `resume: true` continues from the
   # newest checkpoint in run_dir; false refuses to start when run_dir has any.
@@ -160,40 +130,50 @@ class TrainConfig:
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
   loss: LossConfig = dataclasses.field(default_factory=LossConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  impl: ImplConfig = dataclasses.field(default_factory=ImplConfig)
 
   def __post_init__(self):
     if isinstance(self.profile_steps, list):
       object.__setattr__(self, "profile_steps", tuple(self.profile_steps))
-    _check_fields(self, "")
+    check_fields(self, "")
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_steps"):
-      _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
-    _require(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0 (0: never)")
+      require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
+    require(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0 (0: never)")
     for name in ("save_every", "keep_last", "keep_every", "data_workers"):
-      _require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0 (0: see train/config.py)")
-    _require(
+      require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0 (0: see train/core/config.py)")
+    require(
         self.batch_size % self.grad_accum == 0,
         f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}",
     )
-    _require(
+    require(
         self.seq_len <= self.model.max_position_embeddings,
         f"seq_len={self.seq_len} exceeds model.max_position_embeddings={self.model.max_position_embeddings}",
     )
     p = self.profile_steps
-    _require(
+    require(
         p is None or (isinstance(p, tuple) and len(p) == 2 and all(map(_is_int, p)) and 0 <= p[0] < p[1]),
         f"profile_steps={list(p) if isinstance(p, tuple) else p!r} must be null or [start, stop] with"
         " 0 <= start < stop",
     )
     opt = self.optimizer
     if opt.schedule == "cosine":
-      _require(opt.warmup_steps <= self.steps, f"optimizer.warmup_steps={opt.warmup_steps} exceeds steps={self.steps}")
+      require(opt.warmup_steps <= self.steps, f"optimizer.warmup_steps={opt.warmup_steps} exceeds steps={self.steps}")
     else:
       start = opt.decay_start_step(self.steps)
-      _require(
+      require(
           opt.warmup_steps <= start,
           f"optimizer: the decay starts at step {start} (decay_start={opt.decay_start}, steps={self.steps},"
           f" decay_steps={opt.decay_steps}), before warmup_steps={opt.warmup_steps} ends",
       )
+
+  @property
+  def compute_dtype(self) -> str:
+    """The dtype of activations and matmuls `precision` sets."""
+    return "float32" if self.precision == "float32" else "bfloat16"
+
+  @property
+  def fp8(self) -> bool:
+    return self.precision == "fp8"
 
   def replace(self, **changes) -> TrainConfig:
     return dataclasses.replace(self, **changes)
@@ -208,17 +188,38 @@ class TrainConfig:
   @classmethod
   def from_dict(cls, d: dict, where: str = "config") -> TrainConfig:
     d = dict(d)
-    _reject_unknown(d, cls, where)
-    d["model"] = ModelConfig.from_dict(_coerce(_section(d, "model", where), ModelConfig), f"{where}: model")
+    reject_unknown(d, cls, where, _ELSEWHERE)
+    d["model"] = ModelConfig.from_dict(_coerce(_section(d, "model", where), ModelConfig), f"{where}: model",
+                                       _ELSEWHERE)
     for name, sub in _SECTIONS.items():
-      if name in d:
+      if name in d and name != "model":
         s = _section(d, name, where)
-        _reject_unknown(s, sub, f"{where}: {name}")
+        reject_unknown(s, sub, f"{where}: {name}", _ELSEWHERE)
         d[name] = sub(**_coerce(s, sub))
     return cls(**_coerce(d, cls))
 
 
-_SECTIONS = {"optimizer": OptimizerConfig, "loss": LossConfig, "mesh": MeshConfig}
+_SECTIONS = {"model": ModelConfig, "impl": ImplConfig, "mesh": MeshConfig, "optimizer": OptimizerConfig,
+             "loss": LossConfig}
+
+
+def _key_places() -> dict[str, str]:
+  """Every key -> where it lives ('steps', 'mesh.ep_transport', ...), for suggesting the right level
+  of a key given at the wrong one; and the keys that moved out of the model section."""
+  places: dict[str, list[str]] = {}
+  for f in dataclasses.fields(TrainConfig):
+    if f.name not in _SECTIONS:
+      places.setdefault(f.name, []).append(f.name)
+  for section, sub in _SECTIONS.items():
+    for f in dataclasses.fields(sub):
+      places.setdefault(f.name, []).append(f"{section}.{f.name}")
+  out = {k: " or ".join(v) for k, v in places.items()}
+  precision = "precision (float32 | bf16 | fp8; master weights stay float32)"
+  out.update(dtype=precision, param_dtype=precision, fp8="precision=fp8", fp8_backend="impl.fp8_gemm")
+  return out
+
+
+_ELSEWHERE = _key_places()
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
@@ -240,17 +241,14 @@ def apply_override(raw: dict, item: str) -> None:
   *parents, leaf = key.split(".")
   cls, node = TrainConfig, raw
   for i, name in enumerate(parents):
-    _reject_unknown({name: None}, cls, where)
+    reject_unknown({name: None}, cls, where, _ELSEWHERE)
     hint = typing.get_type_hints(cls)[name]
     if _is_mapping(hint) and i == len(parents) - 1:  # a free-form mapping such as mesh.rules
       if not isinstance(node.get(name), dict):
         node[name] = {}
-      try:
-        node[name][leaf] = yaml.safe_load(text)
-      except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not a YAML value ({str(e).splitlines()[0]})") from None
+      node[name][leaf] = _yaml_value(text, where)
       return
-    cls = _dataclass_of(hint)
+    cls = dataclass_of(hint)
     if cls is None:
       raise ConfigError(f"{where}: '{name}' is not a section")
     if node.get(name) is None:
@@ -258,40 +256,16 @@ def apply_override(raw: dict, item: str) -> None:
     if not isinstance(node[name], dict):
       raise ConfigError(f"{where}: '{name}' in the config file is not a mapping")
     node = node[name]
-  _reject_unknown({leaf: None}, cls, where)
-  try:
-    node[leaf] = yaml.safe_load(text)
-  except yaml.YAMLError as e:
-    raise ConfigError(f"{where}: not a YAML value ({str(e).splitlines()[0]})") from None
+  reject_unknown({leaf: None}, cls, where, _ELSEWHERE)
+  node[leaf] = _yaml_value(text, where)
 
 
 # ------------------------------------------------------------------ helpers
-def _require(ok: bool, message: str) -> None:
-  if not ok:
-    raise ConfigError(message)
-
-
-def _is_int(x) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _check_fields(obj, prefix: str) -> None:
-  """Type-check a dataclass against its annotations (moe.config's matcher); tuples are checked by
-  the caller."""
-  hints = typing.get_type_hints(type(obj))
-  for f in dataclasses.fields(obj):
-    value = getattr(obj, f.name)
-    if isinstance(value, tuple):
-      continue
-    ok, want = _matches(value, hints[f.name])
-    if not ok:
-      raise ConfigError(f"{prefix}{f.name}: expected {want}, got {type(value).__name__} {value!r}")
-
-
-def _section(d: dict, name: str, where: str) -> dict:
-  if not isinstance(d.get(name), dict):
-    raise ConfigError(f"{where}: `{name}` must be a mapping, got {d.get(name)!r}")
-  return d[name]
+def _yaml_value(text: str, where: str):
+  try:
+    return yaml.safe_load(text)
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{where}: not a YAML value ({str(e).splitlines()[0]})") from None
 
 
 def _is_mapping(tp) -> bool:
@@ -300,10 +274,14 @@ def _is_mapping(tp) -> bool:
   return any(a is dict or typing.get_origin(a) is dict for a in args)
 
 
-def _dataclass_of(tp):
-  """The dataclass in a field annotation such as `RopeScaling | None`, else None."""
-  args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
-  return next((a for a in args if dataclasses.is_dataclass(a)), None)
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _section(d: dict, name: str, where: str) -> dict:
+  if not isinstance(d.get(name), dict):
+    raise ConfigError(f"{where}: `{name}` must be a mapping, got {d.get(name)!r}")
+  return d[name]
 
 
 # YAML 1.1 (PyYAML) reads 1e-3 and 3E5 as strings; YAML 1.2 and people read them as numbers.
@@ -318,9 +296,9 @@ def _coerce(d: dict, cls) -> dict:
     tp = hints.get(key)
     if tp is None:  # unknown key: from_dict rejects it
       continue
-    sub = _dataclass_of(tp)
+    sub = dataclass_of(tp)
     if sub is not None and isinstance(value, dict):
       out[key] = _coerce(value, sub)
-    elif isinstance(value, str) and _NUMBER.match(value) and _matches(1.5, tp)[0] and not _matches("", tp)[0]:
+    elif isinstance(value, str) and _NUMBER.match(value) and matches(1.5, tp)[0] and not matches("", tp)[0]:
       out[key] = float(value)
   return out

@@ -18,7 +18,7 @@ Tokenizers (`load_tokenizer(spec)`):
                     BOS/EOS/PAD come from a `tokenizer_config.json` beside it, else from well-known
                     token names; PAD falls back to EOS
 
-Prepared directory (`python -m train.data prepare INPUT... --out DIR [--tokenizer byte|PATH]`):
+Prepared directory (`prepare`, or `python -m train.data prepare INPUT... --out DIR [--tokenizer byte|PATH]`):
 `shard-NNNNN.array_record` files, each record one document's token ids (without BOS/EOS) as
 little-endian int32 bytes, and `metadata.json` with the tokenizer spec, vocab_size, bos/eos/pad ids and
 counts. Reading it back needs a tokenizer with the same vocab_size and special ids.
@@ -53,7 +53,6 @@ num_workers); `iter(ds)` is a checkpointable iterator (`get_state` / `set_state`
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
 import json
@@ -63,20 +62,18 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from absl import flags
 import grain
 import numpy as np
 import tqdm
+from absl import flags
+
+from parallel.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 METADATA = "metadata.json"
 SHARD_BYTES = 256 * 2**20  # start a new ArrayRecord shard after this many token bytes
 EVAL_FRACTION = 0.01
 MIN_EVAL_DOCS = 4
-
-
-class DataError(ValueError):
-  """Bad data input; the message is one line naming the file (and line) and the fix."""
 
 
 # ------------------------------------------------------------------------------------------ tokenizers
@@ -482,22 +479,11 @@ def prepare(inputs: Sequence[str], out: str | Path, tokenizer: Tokenizer) -> dic
   return meta
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m train.data", description=__doc__.split("\n")[0])
-  commands = parser.add_subparsers(dest="command", required=True)
-  p = commands.add_parser("prepare", help="tokenise a corpus into ArrayRecord shards")
-  p.add_argument("inputs", nargs="+", metavar="INPUT", help="'default', a file, or a glob (quoted)")
-  p.add_argument("--out", required=True, help="output directory (new or empty)")
-  p.add_argument("--tokenizer", default="byte", help="'byte' (default) or the path of an HF tokenizer.json")
-  args = parser.parse_args(argv)
-  try:
-    meta = prepare(args.inputs, args.out, load_tokenizer(args.tokenizer))
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"{args.out}: {meta['num_documents']} documents, {meta['num_tokens']} tokens, {meta['num_shards']} shard(s)")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+def synthetic_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
+  """A batch of random tokens, one document per row (benchmarks and tests)."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, (batch_size, seq_len + 1), dtype=np.int32)
+  return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+          "segment_ids": np.ones((batch_size, seq_len), np.int32),
+          "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy(),
+          "loss_mask": np.ones((batch_size, seq_len), np.float32)}

@@ -1,4 +1,5 @@
-"""Training metrics: RUN_DIR/metrics.jsonl, TensorBoard events in RUN_DIR, and a progress display.
+"""Training metrics: RUN_DIR/metrics.jsonl, TensorBoard events in RUN_DIR, a progress display, and
+the peak FLOP/s that model-FLOPs utilisation (MFU) is measured against.
 
 Each logged step appends one JSON object: `step`, `elapsed_s` (since the logger opened) and every
 metric passed in, scalars as floats and 1-D vectors (such as per-MoE-layer expert-load CV) as
@@ -15,7 +16,26 @@ import time
 from pathlib import Path
 from typing import Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+
+def measure_peak_flops(dtype, n: int | None = None, iters: int = 30) -> float:
+  """FLOP/s of an n x n x n matmul in `dtype` on the default device (best of `iters` timed runs):
+  the peak MFU is reported against, measured on the spot."""
+  if n is None:
+    n = 2048 if jax.default_backend() == "cpu" else 8192
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dtype))
+  f(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(iters):
+    t = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best
 
 
 def to_python(value) -> float | list[float]:

@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from train import loss as loss_lib
-from train.config import TrainConfig
+from moe.config import ModelConfig
+from train.core import loss as loss_lib
+from train.core.config import TrainConfig
 
 
 def split_model(model):
@@ -34,11 +35,12 @@ def load_stats(load_LxE):
           "expert_load_cv": load_LxE.std(-1) / mean}
 
 
-def make_train_step(graphdef, tx, schedule, cfg: TrainConfig, state_shardings=None):
-  """The jitted step(state, batch) -> (state, metrics). `state_shardings` (parallel.sharding.
-  state_shardings of the state) pins the new state to the layout of the old, and the metrics are
-  then replicated; None lets XLA choose (single device)."""
-  depth = cfg.model.num_nextn_predict_layers
+def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainConfig, state_shardings=None):
+  """The jitted step(state, batch) -> (state, metrics) of the model `graphdef` with architecture
+  `model_cfg` (the one it was built with). `state_shardings` (parallel.sharding.state_shardings of
+  the state) pins the new state to the layout of the old, and the metrics are then replicated; None
+  lets XLA choose (single device)."""
+  depth = model_cfg.num_nextn_predict_layers
   n_micro = cfg.grad_accum
   lam, alpha = cfg.loss.mtp_lambda, cfg.loss.balance_alpha
   bias_stop = int(round(cfg.steps * (1 - cfg.loss.bias_update_stop_fraction)))

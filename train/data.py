@@ -1,0 +1,37 @@
+"""Tokenise a corpus once, for training on it many times:
+
+  python -m train.data prepare INPUT... --out DIR [--tokenizer byte|PATH]
+
+writes ArrayRecord shards of pre-tokenised documents and metadata.json (train/core/data.py, `prepare`);
+train on them with `data=DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from parallel.errors import DataError
+from train.core.data import load_tokenizer, prepare
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m train.data", description=__doc__.split("\n")[0])
+  commands = parser.add_subparsers(dest="command", required=True)
+  p = commands.add_parser("prepare", help="tokenise a corpus into ArrayRecord shards")
+  p.add_argument("inputs", nargs="+", metavar="INPUT", help="'default', a file, or a glob (quoted)")
+  p.add_argument("--out", required=True, help="output directory (new or empty)")
+  p.add_argument("--tokenizer", default="byte", help="'byte' (default) or the path of an HF tokenizer.json")
+  args = parser.parse_args(argv)
+  try:
+    meta = prepare(args.inputs, args.out, load_tokenizer(args.tokenizer))
+  except DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"{args.out}: {meta['num_documents']} documents, {meta['num_tokens']} tokens, {meta['num_shards']} shard(s)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
