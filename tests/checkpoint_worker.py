@@ -41,12 +41,12 @@ if MODE == "multi":
 from moe.model import Transformer  # noqa: E402
 from parallel import mesh as mesh_lib  # noqa: E402
 from parallel import sharding as sharding_lib  # noqa: E402
-from train import checkpoint as ckpt_lib  # noqa: E402
-from train import data as data_lib  # noqa: E402
-from train import loop  # noqa: E402
-from train import optimizer as optimizer_lib  # noqa: E402
-from train import step as step_lib  # noqa: E402
-from train.config import load_train_config  # noqa: E402
+from train.core import checkpoint as ckpt_lib  # noqa: E402
+from train.core import data as data_lib  # noqa: E402
+from train.core import loop  # noqa: E402
+from train.core import optimizer as optimizer_lib  # noqa: E402
+from train.core import step as step_lib  # noqa: E402
+from train.core.config import load_train_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model.vocab_size=260", "model.hidden_size=32", "model.intermediate_size=64", "model.moe_intermediate_size=16",
@@ -62,8 +62,7 @@ def config(run_dir, mesh: dict):
 
 def abstract_state(cfg):
   tx = optimizer_lib.make_optimizer(cfg, optimizer_lib.make_schedule(cfg))
-  model_cfg = loop.model_config(cfg)
-  return jax.eval_shape(lambda: step_lib.init_state(Transformer(model_cfg, rngs=nnx.Rngs(0)), tx)[1])
+  return jax.eval_shape(lambda: step_lib.init_state(Transformer(cfg.model, rngs=nnx.Rngs(0)), tx)[1])
 
 
 def target_for(cfg, abstract):

@@ -3,7 +3,8 @@
   python tests/parallel_worker.py single JOB...     8 devices: the one-device step, then per JOB: a mesh
                                                     name (one step vs one device, shard shapes), three
                                                     (3 steps on d2f2e2), small_capacity, ragged,
-                                                    ep_unit[_all] (the MoE dispatch alone)
+                                                    ep_unit[_all] (the MoE dispatch alone), capacity
+                                                    (which assignments the padded transport drops)
   python tests/parallel_worker.py multi PORT ID N   process ID of N (4 devices each): 3 steps, losses
 
 XLA_FLAGS must be set before jax is imported, hence a separate process. Prints one JSON line.
@@ -22,6 +23,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from parallel import distributed  # noqa: E402
@@ -30,11 +32,15 @@ if MODE == "multi":
   port, pid, n = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
   distributed.initialize(f"127.0.0.1:{port}", n, pid)
 
+from moe.experts import DISPATCH_AXES  # noqa: E402
+from moe.kernels.experts import EXPERTS  # noqa: E402
+from parallel import expert_parallel  # noqa: E402
 from parallel import mesh as mesh_lib  # noqa: E402
 from parallel import sharding as sharding_lib  # noqa: E402
-from train import loop  # noqa: E402
-from train.bench import synthetic_batch  # noqa: E402
-from train.config import load_train_config  # noqa: E402
+from parallel.mesh import MeshConfig  # noqa: E402
+from train.core import loop  # noqa: E402
+from train.core.data import synthetic_batch  # noqa: E402
+from train.core.config import load_train_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -69,8 +75,7 @@ def params_of(state):
 def one_step(cfg, batch):
   """(metrics, initial params, updated params, shard report) of one step."""
   par = mesh_lib.Parallelism.from_config(cfg.mesh, jax.devices())
-  model_cfg = loop.model_config(cfg)
-  state, train_step, _ = loop.build(cfg, model_cfg, par)
+  state, train_step, *_ = loop.build(cfg, par)
   before = params_of(state)
   shards = shard_report(state, par) if par.mesh.size > 1 else None
   state, metrics = train_step(state, loop.to_device(batch, par))
@@ -97,7 +102,7 @@ def three_steps(cfg, first_batch=None):
   """Losses of 3 steps on synthetic batches (process-local rows with several processes), and the
   parameters before and after the first step."""
   par = mesh_lib.Parallelism.from_config(cfg.mesh)
-  state, train_step, _ = loop.build(cfg, loop.model_config(cfg), par)
+  state, train_step, *_ = loop.build(cfg, par)
   losses, snaps = [], [params_of(state)]
   for i in range(3):
     batch = first_batch if i == 0 else synthetic_batch(cfg.batch_size, cfg.seq_len, cfg.model.vocab_size, 100 + i)
@@ -132,38 +137,70 @@ def compare(ref, before, after, metrics, shards):
           "update_scale": max(float(np.abs(v).max()) for v in ref_delta.values()), "shards": shards}
 
 
-def ep_unit(meshes=("d2f2e2", "f2e2t2")):
-  """parallel.expert_parallel alone vs moe.experts.sorted_experts (outputs and gradients), on the
-  GPU/TPU code path (ragged_dot on sorted rows) and the CPU one (blocked matmul), both transports."""
-  import jax.numpy as jnp
-
-  from moe.experts import sorted_experts
-  from parallel import expert_parallel
-
-  t, e, k, d, f = 64, 8, 3, 16, 8
-  rng = np.random.default_rng(0)
+def routing(t=64, e=8, k=3, d=16, f=8, seed=0):
+  rng = np.random.default_rng(seed)
   x = rng.standard_normal((t, d)).astype(np.float32)
   idx = np.stack([rng.choice(e, k, replace=False) for _ in range(t)]).astype(np.int32)
   w = rng.uniform(0.1, 1, (t, k)).astype(np.float32)
   gate, up = ((rng.standard_normal((e, d, f)) * 0.3).astype(np.float32) for _ in range(2))
   down = (rng.standard_normal((e, f, d)) * 0.3).astype(np.float32)
+  return x, idx, w, gate, up, down
+
+
+def layer(par, impl):
+  """The routed experts of one MoE layer through parallel.expert_parallel with the grouped matmul `impl`."""
+  expert_fn = EXPERTS[impl]
+  return lambda x, idx, w, gate, up, down: expert_parallel.dispatch_combine(
+      x, idx, w, (gate, up, down), DISPATCH_AXES, expert_fn, par)
+
+
+def ep_unit(meshes=("d2f2e2", "f2e2t2")):
+  """parallel.expert_parallel on meshes vs the one-device layer (outputs and gradients), with the
+  GPU/TPU grouped matmul (ragged_dot on sorted rows) and the CPU one (blocked), both transports."""
+  x, idx, w, gate, up, down = routing()
   loss = lambda fn: lambda *a: (fn(a[0], idx, w, *a[1:])[0] ** 2).sum()
-  want = sorted_experts(x, idx, w, gate, up, down)
-  want_g = jax.grad(loss(lambda *a: (sorted_experts(*a),)), argnums=(0, 1, 2, 3))(x, gate, up, down)
+  single = layer(None, "ragged_dot")
+  want = single(x, idx, w, gate, up, down)[0]
+  want_g = jax.grad(loss(single), argnums=(0, 1, 2, 3))(x, gate, up, down)
   out = {}
   for mesh in meshes:
     for transport in ("padded", "ragged_emulated"):
-      for cpu_path in (False, True):
-        expert_parallel._on_cpu = lambda: cpu_path
-        par = mesh_lib.Parallelism(mesh_lib.make_mesh(MESHES[mesh]), sharding_lib.DEFAULT_RULES, transport, None)
-        with mesh_lib.activate(par):
-          fn = expert_parallel.dispatcher(e)
-          y, dropped = jax.jit(fn)(x, idx, w, gate, up, down)
-          g = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2, 3)))(x, gate, up, down)
-        out[f"{mesh}/{transport}/{'cpu' if cpu_path else 'gpu'}"] = {
+      for impl in ("ragged_dot", "blocked"):
+        par = mesh_lib.Parallelism(mesh_lib.make_mesh(MeshConfig(**MESHES[mesh])), ep_transport=transport)
+        fn = layer(par, impl)
+        y, dropped = jax.jit(fn)(x, idx, w, gate, up, down)
+        g = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2, 3)))(x, gate, up, down)
+        out[f"{mesh}/{transport}/{impl}"] = {
             "y": float(jnp.abs(y - want).max()), "grad": max(float(jnp.abs(a - b).max()) for a, b in zip(g, want_g)),
             "dropped": int(dropped)}
   return out
+
+
+def capacity_drops(capacity_factor=0.5):
+  """The padded transport on expert=8 with a capacity below the load: which assignments are dropped
+  (per source and destination rank, those past the first C in (token, k) order), that they add exactly
+  nothing, and the count. Reference: the one-device layer with the dropped assignments' weights zero."""
+  x, idx, w, gate, up, down = routing()
+  n_ep, t, k = 8, x.shape[0], idx.shape[1]
+  e_local, t_local = gate.shape[0] // n_ep, t // n_ep
+  c = expert_parallel.capacity(t_local, k, n_ep, e_local, capacity_factor)
+  keep = np.zeros_like(idx, bool)
+  for src in range(n_ep):  # the tokens of each source rank, in order
+    sent = np.zeros(n_ep, int)
+    for tok in range(src * t_local, (src + 1) * t_local):
+      for j in range(k):
+        dest = idx[tok, j] // e_local
+        keep[tok, j] = sent[dest] < c
+        sent[dest] += 1
+  par = mesh_lib.Parallelism(mesh_lib.make_mesh(MeshConfig(**MESHES["expert8"])), ep_transport="padded",
+                             capacity_factor=capacity_factor)
+  y, dropped = jax.jit(layer(par, "blocked"))(x, idx, w, gate, up, down)
+  want = layer(None, "ragged_dot")(x, idx, np.where(keep, w, 0.0), gate, up, down)[0]
+  full = layer(None, "ragged_dot")(x, idx, w, gate, up, down)[0]
+  slot, kept = expert_parallel.padded_slots(jnp.asarray(idx[:t_local].reshape(-1) // e_local), n_ep, c)
+  return {"capacity": c, "dropped": int(dropped), "want_dropped": int((~keep).sum()),
+          "y": float(jnp.abs(y - want).max()), "vs_dropless": float(jnp.abs(y - full).max()),
+          "slots_rank0": np.asarray(kept).tolist() == keep[:t_local].reshape(-1).tolist()}
 
 
 def main():
@@ -193,6 +230,8 @@ def main():
       result[job] = ep_unit(("d2f2e2",))
     elif job == "ep_unit_all":
       result["ep_unit"] = ep_unit(("d2f2e2", "f2e2t2", "expert8", "fsdp8"))
+    elif job == "capacity":
+      result[job] = capacity_drops()
     elif job == "small_capacity":
       m, *_ = one_step(config(MESHES["expert8"], ["mesh.capacity_factor=0.5"]), batch)
       result[job] = {"dropped_tokens": int(m["dropped_tokens"]), "loss": float(m["loss"])}

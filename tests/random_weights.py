@@ -8,10 +8,10 @@ from flax import nnx
 from moe.model import Transformer
 
 
-def random_state(cfg, seed=0, std=0.15):
-  """(graphdef, state) of Transformer(cfg) (eval_shape: no init compile) with random weights: RMSNorm
-  scales near one, router biases small, everything else normal with `std`."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+def random_state(cfg, seed=0, std=0.15, rt=None):
+  """(graphdef, state) of Transformer(cfg, rt) (eval_shape: no init compile) with random weights:
+  RMSNorm scales near one, router biases small, everything else normal with `std`."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rt, rngs=nnx.Rngs(0))))
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):

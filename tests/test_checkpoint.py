@@ -15,12 +15,12 @@ import pytest
 from flax import nnx
 
 from moe.model import Transformer
-from train import checkpoint as ckpt_lib
-from train import data as data_lib
-from train import loop
-from train import optimizer as optimizer_lib
-from train import step as step_lib
-from train.config import load_train_config
+from train.core import checkpoint as ckpt_lib
+from train.core import data as data_lib
+from train.core import loop
+from train.core import optimizer as optimizer_lib
+from train.core import step as step_lib
+from train.core.config import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MODEL = ["model.vocab_size=260", "model.hidden_size=32", "model.intermediate_size=64",
@@ -62,8 +62,7 @@ def model_state():
   """(cfg, state) of the tiny model: parameters, router biases, AdamW state, step (jitted init)."""
   cfg = config("unused")
   tx = optimizer_lib.make_optimizer(cfg, optimizer_lib.make_schedule(cfg))
-  model_cfg = loop.model_config(cfg)
-  state = jax.jit(lambda: step_lib.init_state(Transformer(model_cfg, rngs=nnx.Rngs(0)), tx)[1])()
+  state = jax.jit(lambda: step_lib.init_state(Transformer(cfg.model, rngs=nnx.Rngs(0)), tx)[1])()
   return cfg, state
 
 

@@ -10,7 +10,8 @@ import grain
 import numpy as np
 import pytest
 
-from train import data
+from parallel.errors import DataError
+from train.core import data
 
 ROOT = Path(__file__).resolve().parents[1]
 BYTE = data.ByteTokenizer()
@@ -245,7 +246,9 @@ def test_jsonl_source(tmp_path):
 
 
 def test_parquet_source(tmp_path):
-  pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
   pq.write_table(pa.table({"id": [0, 1], "text": ["one", "two"]}), tmp_path / "a.parquet")
   pq.write_table(pa.table({"text": ["three"]}), tmp_path / "b.parquet")
   assert data.load_documents(str(tmp_path / "*.parquet"), BYTE) == ["one", "two", "three"]
@@ -274,15 +277,15 @@ def test_prepare_with_hf_tokenizer_and_mismatch(tmp_path):
   assert meta["tokenizer"] == str(tok_path) and meta["vocab_size"] == tok.vocab_size
   assert take(data.make_dataset(str(tmp_path / "out"), seq_len=8, batch_size=2, seed=0, split="train",
                                 tokenizer=tok), 1)
-  with pytest.raises(data.DataError, match=f"pass --tokenizer {tok_path}"):
+  with pytest.raises(DataError, match=f"pass --tokenizer {tok_path}"):
     data.make_dataset(str(tmp_path / "out"), seq_len=8, batch_size=2, seed=0, split="train", tokenizer=BYTE)
-  with pytest.raises(data.DataError, match="already holds"):
+  with pytest.raises(DataError, match="already holds"):
     data.prepare(["default"], tmp_path / "out", tok)
 
 
 # ---------------------------------------------------------------------------------------------- errors
 def error(fn, *args, **kwargs) -> str:
-  with pytest.raises(data.DataError) as e:
+  with pytest.raises(DataError) as e:
     fn(*args, **kwargs)
   assert "\n" not in str(e.value)
   return str(e.value)
@@ -314,7 +317,9 @@ def test_error_jsonl_line_without_text(tmp_path):
 
 
 def test_error_parquet_without_text_column(tmp_path):
-  pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
   pq.write_table(pa.table({"body": ["x"]}), tmp_path / "a.parquet")
   assert 'a.parquet: no "text" column (columns: body)' in error(make, str(tmp_path / "a.parquet"))
 

@@ -1,6 +1,8 @@
-"""moe.experts: grouped-matmul experts == dense reference == a float64 NumPy loop; the MoE block."""
+"""moe.kernels.experts (every grouped-matmul implementation) == the dense reference == a float64 NumPy
+loop; the MoE block."""
 
 import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,10 @@ from flax import nnx
 
 from moe import experts
 from moe.config import ModelConfig
+from moe.kernels import cpu
+from moe.kernels.experts import dense_ffn, ragged_ffn
+from moe.runtime import ImplConfig, Runtime
+from parallel.expert_parallel import combine
 
 T, E, K, D, F = 24, 8, 3, 16, 8
 EMPTY = 5  # an expert that receives no tokens
@@ -30,6 +36,20 @@ def ref_experts(x, idx, w, gate, up, down):
   return y
 
 
+def routed(ffn, x, idx, w, gate, up, down, **kw):
+  """sum_k w[t, k] FFN_{idx[t, k]}(x[t]) through a row-wise grouped-matmul implementation `ffn`."""
+  k = idx.shape[1]
+  return combine(ffn(jnp.repeat(x, k, axis=0), jnp.asarray(idx).reshape(-1), gate, up, down, **kw), w)
+
+
+sorted_experts = functools.partial(routed, ragged_ffn)
+dense_experts = functools.partial(routed, dense_ffn)
+
+
+def blocked_experts(*args, block=128):
+  return routed(cpu.blocked_ffn, *args, block=block)
+
+
 @pytest.fixture(scope="module")
 def inputs():
   rng = np.random.default_rng(0)
@@ -47,8 +67,8 @@ def inputs():
 def test_sorted_equals_dense_equals_reference(inputs):
   want = ref_experts(*inputs)
   args = [jnp.asarray(a) for a in inputs]
-  y_sorted = np.asarray(experts.sorted_experts(*args))
-  y_dense = np.asarray(experts.dense_experts(*args))
+  y_sorted = np.asarray(sorted_experts(*args))
+  y_dense = np.asarray(dense_experts(*args))
   assert y_sorted.shape == (T, D) and y_sorted.dtype == np.float32
   np.testing.assert_allclose(y_sorted, want, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(y_dense, want, rtol=1e-5, atol=1e-5)
@@ -64,22 +84,20 @@ def test_sorted_experts_unbalanced_and_single_expert():
   for idx in (np.tile([[6, 2]], (T, 1)), rng.integers(0, E, (T, 1))):
     idx = idx.astype(np.int32)
     w = rng.uniform(0.1, 1.0, idx.shape).astype(np.float32)
-    got = experts.sorted_experts(*(jnp.asarray(a) for a in (x, idx, w, gate, up, down)))
+    got = sorted_experts(*(jnp.asarray(a) for a in (x, idx, w, gate, up, down)))
     np.testing.assert_allclose(np.asarray(got), ref_experts(x, idx, w, gate, up, down), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("block", [4, 5, 128])
 def test_blocked_experts_equals_reference(inputs, block):
-  """The CPU path (block-padded batched matmul), if present: same result for any block size."""
-  if not hasattr(experts, "blocked_experts"):
-    pytest.skip("no blocked_experts in this tree")
+  """The CPU path (block-padded batched matmul): same result for any block size."""
   want = ref_experts(*inputs)
-  got = experts.blocked_experts(*(jnp.asarray(a) for a in inputs), block=block)
+  got = blocked_experts(*(jnp.asarray(a) for a in inputs), block=block)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
   # all tokens on one expert (one group of T*K rows, the rest empty)
   x, _, w, gate, up, down = inputs
   idx = np.zeros((T, 1), np.int32)
-  got = experts.blocked_experts(*(jnp.asarray(a) for a in (x, idx, w[:, :1], gate, up, down)), block=block)
+  got = blocked_experts(*(jnp.asarray(a) for a in (x, idx, w[:, :1], gate, up, down)), block=block)
   np.testing.assert_allclose(np.asarray(got), ref_experts(x, idx, w[:, :1], gate, up, down), rtol=1e-5, atol=1e-5)
 
 
@@ -93,14 +111,14 @@ def test_blocked_experts_layouts_and_gradients(inputs):
   one = np.zeros((T, 1), np.int32)  # every row on expert 0: only the worst-case layout holds it
   cot = jnp.asarray(np.random.default_rng(4).standard_normal((T, D)), jnp.float32)
   for idx, want_branch, n_layouts in ((balanced, 0, 4), (skewed, 1, 4), (one, 2, 3)):
-    branch, fns = experts._blocked_branches(4, None, experts.CAPACITY_TIERS, jnp.asarray(idx), E)
+    branch, fns = cpu.blocked_branches(4, None, cpu.CAPACITY_TIERS, jnp.asarray(idx).reshape(-1), E)
     assert (int(branch), len(fns)) == (want_branch, n_layouts)
     ww = w[:, :idx.shape[1]]
-    got = experts.blocked_experts(x, jnp.asarray(idx), ww, gate, up, down, block=4)
+    got = blocked_experts(x, jnp.asarray(idx), ww, gate, up, down, block=4)
     np.testing.assert_allclose(np.asarray(got), ref_experts(x, idx, ww, gate, up, down), rtol=1e-5, atol=1e-5)
     loss = lambda fn: jax.grad(lambda *a: jnp.sum(fn(a[0], jnp.asarray(idx), *a[1:]) * cot), argnums=range(5))
-    g_blocked = loss(functools.partial(experts.blocked_experts, block=4))(x, ww, gate, up, down)
-    g_dense = loss(experts.dense_experts)(x, ww, gate, up, down)
+    g_blocked = loss(functools.partial(blocked_experts, block=4))(x, ww, gate, up, down)
+    g_dense = loss(dense_experts)(x, ww, gate, up, down)
     for name, a, b in zip(("x", "w", "gate", "up", "down"), g_blocked, g_dense):  # |g| up to ~5
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
 
@@ -116,14 +134,14 @@ def test_blocked_experts_empty_assignments(inputs):
   heavy[:, 0] = 0  # 24 real rows on expert 0 (> 2 x the mean of 9): the worst-case block layout
   cot = jnp.asarray(np.random.default_rng(5).standard_normal((T, D)), jnp.float32)
   for idx, last in ((spread, False), (heavy, True)):
-    branch, fns = experts._blocked_branches(4, None, experts.CAPACITY_TIERS, jnp.asarray(idx), E)
+    branch, fns = cpu.blocked_branches(4, None, cpu.CAPACITY_TIERS, jnp.asarray(idx).reshape(-1), E)
     assert int(branch) == (len(fns) - 1 if last else 0)
     real = np.where(idx < E, idx, 0), np.where(idx < E, np.asarray(w), 0.0)
-    got = experts.blocked_experts(x, jnp.asarray(idx), w, gate, up, down, block=4)
+    got = blocked_experts(x, jnp.asarray(idx), w, gate, up, down, block=4)
     np.testing.assert_allclose(np.asarray(got), ref_experts(x, *real, gate, up, down), rtol=1e-5, atol=1e-5)
     loss = lambda fn: jax.grad(lambda *a: jnp.sum(fn(a[0], jnp.asarray(idx), *a[1:]) * cot), argnums=range(5))
-    g_blocked = loss(functools.partial(experts.blocked_experts, block=4))(x, w, gate, up, down)
-    g_dense = loss(experts.dense_experts)(x, w, gate, up, down)
+    g_blocked = loss(functools.partial(blocked_experts, block=4))(x, w, gate, up, down)
+    g_dense = loss(dense_experts)(x, w, gate, up, down)
     assert np.all(np.asarray(g_blocked[1])[idx == E] == 0)
     for name, a, b in zip(("x", "w", "gate", "up", "down"), g_blocked, g_dense):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
@@ -139,7 +157,7 @@ def test_gradients_sorted_match_dense(inputs):
     grad = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4)), compiler_options={"xla_backend_optimization_level": 0})
     return grad(x, w, gate, up, down)
 
-  g_sorted, g_dense = loss(experts.sorted_experts), loss(experts.dense_experts)
+  g_sorted, g_dense = loss(sorted_experts), loss(dense_experts)
   for name, a, b in zip(("x", "w", "gate", "up", "down"), g_sorted, g_dense):
     a, b = np.asarray(a), np.asarray(b)
     assert a.shape == b.shape, name
@@ -165,18 +183,21 @@ CFG = ModelConfig(hidden_size=D, moe_intermediate_size=F, n_routed_experts=E, nu
                   routed_scaling_factor=2.5)
 
 
-def random_moe(cfg, seed):
+def random_moe(cfg, seed, impl="auto"):
   """The MoE block's structure (eval_shape: no init compiles) with random NumPy weights."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: experts.MoE(cfg, rngs=nnx.Rngs(0))))
+  rt = Runtime.resolve(ImplConfig(experts=impl), announce=False)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: experts.MoE(cfg, rt, rngs=nnx.Rngs(0))))
   rng = np.random.default_rng(seed)
   state = jax.tree.map(lambda leaf: jnp.asarray(0.3 * rng.standard_normal(leaf.shape), leaf.dtype), state)
   return graphdef, state
 
 
-@pytest.mark.parametrize("n_shared", [1, 0])
-def test_moe_module_is_shared_plus_routed(n_shared):
+@pytest.mark.parametrize("n_shared, impl", [(1, "auto"), (0, "auto"), (1, "ragged_dot"), (1, "dense")])
+def test_moe_module_is_shared_plus_routed(n_shared, impl):
+  """The block with each grouped-matmul implementation `impl.experts` chooses (auto: blocked on CPU)."""
   cfg = CFG.replace(n_shared_experts=n_shared)
-  graphdef, state = random_moe(cfg, seed=n_shared)
+  graphdef, state = random_moe(cfg, seed=n_shared, impl=impl)
+  assert nnx.merge(graphdef, state).experts.impl == {"auto": "blocked"}.get(impl, impl)
 
   @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
   def run(state, x, valid):

@@ -8,18 +8,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from moe import hf  # noqa: E402
-from moe.model import Transformer  # noqa: E402
-from train import bench, export, loop  # noqa: E402
-from train import checkpoint as ckpt_lib  # noqa: E402
-from train import optimizer as optimizer_lib  # noqa: E402
-from train import step as step_lib  # noqa: E402
-from train.config import load_train_config  # noqa: E402
+from moe import hf
+from moe.model import Transformer
+from train import export
+from train.core import loop
+from train.core import checkpoint as ckpt_lib
+from train.core import optimizer as optimizer_lib
+from train.core import step as step_lib
+from train.core.config import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MODEL = ["model.vocab_size=260", "model.hidden_size=32", "model.intermediate_size=64",
@@ -40,7 +40,7 @@ def hf_logits(model, toks):
 
 def test_export_matches_transformers(tmp_path):
   cfg = load_train_config(ROOT / "configs/tiny.yaml", [*SMALL_MODEL, *TRAIN, f"run_dir={tmp_path / 'run'}"])
-  model_cfg = loop.model_config(cfg)
+  model_cfg = cfg.model
   tx = optimizer_lib.make_optimizer(cfg, optimizer_lib.make_schedule(cfg))
   abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
   graphdef = nnx.split(abstract, nnx.Param, ...)[0]
@@ -86,7 +86,7 @@ def test_export_errors(tmp_path, capsys):
   assert err.count("\n") == 0 and "no checkpoints" in err and str(tmp_path / "nothing") in err
 
 
-def test_from_hf_makes_a_step_0_checkpoint_that_trains(tmp_path, monkeypatch):
+def test_from_hf_makes_a_step_0_checkpoint_that_trains(tmp_path):
   config = transformers.DeepseekV3Config(
       vocab_size=260, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
       num_attention_heads=2, num_key_value_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
@@ -112,13 +112,11 @@ def test_from_hf_makes_a_step_0_checkpoint_that_trains(tmp_path, monkeypatch):
     plan = ck.resume_plan()
     assert plan["step"] == 0 and not plan["restore_data"]
     tx = optimizer_lib.make_optimizer(cfg, optimizer_lib.make_schedule(cfg))
-    model_cfg = loop.model_config(cfg)
-    target = jax.eval_shape(lambda: step_lib.init_state(Transformer(model_cfg, rngs=nnx.Rngs(0)), tx)[1])
+    target = jax.eval_shape(lambda: step_lib.init_state(Transformer(cfg.model, rngs=nnx.Rngs(0)), tx)[1])
     state = ck.restore(plan, target, None)
   assert int(state["step"]) == 0
   assert all(not np.asarray(x).any() for x in jax.tree.leaves(state["opt"]))
 
-  monkeypatch.setattr(bench, "measure_peak_flops", lambda dtype: 1e12)
-  result = loop.train(cfg, progress=False)
+  result = loop.train(cfg, progress=False, peak_flops=1e12)
   assert result["start_step"] == 0 and result["last_step"] == 1 and np.isfinite(result["last_loss"])
   assert (run / "checkpoints" / "1").is_dir()

@@ -1,4 +1,4 @@
-"""moe.fp8 against float64 NumPy references; the FP8 model; a short bf16-vs-fp8 training comparison.
+"""moe.kernels.fp8 against float64 NumPy references; the FP8 model; a short bf16-vs-fp8 training comparison.
 
 Bounds used here (E4M3: 3 mantissa bits, max 448, smallest normal 2^-6):
 - one quantisation: |dq - x| <= 2^-4 |x| where |x| / scale >= 2^-6 (normal range), else
@@ -19,23 +19,24 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe import fp8
 from moe.config import ModelConfig
+from moe.kernels import cpu, fp8
+from moe.kernels.experts import ragged_ffn
 from moe.model import Transformer
+from moe.runtime import ImplConfig, Runtime
+from parallel.expert_parallel import combine
 
 ROOT = Path(__file__).resolve().parents[1]
 
 FAST = {"xla_backend_optimization_level": 0}
-# "native": real float8 dot_generals (XLA:CPU upcasts them); "kernels": moe/fp8_gpu.py's Pallas
-# kernels in the Pallas interpreter (on a GPU they compile to Triton).
-BACKENDS = ("qdq", "native", "kernels")
+# "xla": real float8 dot_generals (XLA:CPU upcasts them); "kernels": moe/kernels/fp8_pallas.py's
+# Pallas kernels, which on a CPU run in the Pallas interpreter (on a GPU they compile to Triton).
+BACKENDS = ("qdq", "xla", "kernels")
 
 
-def make_recipe(backend, monkeypatch, **kw):
-  if backend == "kernels":
-    monkeypatch.setattr(fp8, "INTERPRET_KERNELS", True)
-    backend = "native"
-  return fp8.Recipe(backend=backend, **kw)
+def make_recipe(backend, **kw):
+  """The Recipe `impl.fp8_gemm=backend` resolves to on this CPU."""
+  return fp8.resolve_recipe(backend, jax.devices(), **kw)
 
 
 # ----------------------------------------------------------------------------- NumPy references
@@ -163,7 +164,7 @@ def test_nan_and_inf_propagate(backend, monkeypatch):
   ok[1, :128] = ok[4, 128:256] = False
   assert np.all(np.isfinite(dq[ok]))
   w = jnp.asarray(wide((300, 40), 1) * 0.05)
-  recipe = make_recipe(backend, monkeypatch)
+  recipe = make_recipe(backend)
   lin = jax.jit(lambda x, w: fp8.linear(x, w, recipe))
   y = np.asarray(lin(jnp.asarray(x), w))
   assert np.all(np.isnan(y[[1, 4]])) and np.all(np.isfinite(y[[0, 2, 3, 5]]))
@@ -180,7 +181,7 @@ def test_linear_forward_and_gradients_vs_numpy(backend, monkeypatch):
   unquantised float32 linear."""
   m, k, n = 200, 300, 260
   x, w, dy = wide((m, k), 0), wide((k, n), 1) * 0.05, wide((m, n), 2)
-  recipe = make_recipe(backend, monkeypatch)
+  recipe = make_recipe(backend)
   y, (dx, dw) = jit_vjp(lambda x, w: fp8.linear(x, w, recipe), jnp.asarray(x), jnp.asarray(w), cot=jnp.asarray(dy))
   y_ref = np_qdq(x, (1, 128)) @ np_qdq(w, (128, 128))
   dx_ref = np_qdq(dy, (1, 128)) @ np_qdq(w, (128, 128)).T
@@ -195,13 +196,12 @@ def test_linear_forward_and_gradients_vs_numpy(backend, monkeypatch):
   assert rel(dw, x64.T @ dy64) < 0.05
 
 
-def test_native_equals_qdq_and_scan_grouping(monkeypatch):
+def test_xla_equals_qdq_and_scan_grouping():
   x, w = jnp.asarray(wide((130, 600))), jnp.asarray(wide((600, 200), 1) * 0.05)
-  f = lambda b: jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(fp8.linear(x, w, fp8.Recipe(backend=b)) ** 2), (0, 1)),
+  f = lambda r: jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(fp8.linear(x, w, r) ** 2), (0, 1)),
                         compiler_options=FAST)(x, w)
-  (lq, gq), (ln, gn) = f("qdq"), f("native")
-  monkeypatch.setattr(fp8, "NATIVE_PARTIAL_BYTES", 130 * 256 * 4 * 2)  # groups of 2 of the 5 K-chunks
-  ls, gs = f("native")
+  (lq, gq), (ln, gn) = f(fp8.Recipe("qdq")), f(fp8.Recipe("xla"))
+  ls, gs = f(fp8.Recipe("xla", xla_partial_bytes=130 * 256 * 4 * 2))  # groups of 2 of the 5 K-chunks
   for a, b in ((ln, lq), (ls, lq)):
     np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
   for a, b in zip(gn + gs, gq + gq):
@@ -211,7 +211,7 @@ def test_native_equals_qdq_and_scan_grouping(monkeypatch):
 @pytest.mark.parametrize("backend", ("qdq", "kernels"))
 def test_linear_dtypes_and_batch_axes(backend, monkeypatch):
   """bf16 activations, float32 master kernel: y and dx bf16, dW float32; leading axes are tokens."""
-  recipe = make_recipe(backend, monkeypatch)
+  recipe = make_recipe(backend)
   x = jnp.asarray(wide((2, 3, 130)), jnp.bfloat16)
   w = jnp.asarray(wide((130, 20), 1) * 0.05)
   y, (dx, dw) = jit_vjp(lambda x, w: fp8.linear(x, w, recipe), x, w)
@@ -237,7 +237,7 @@ def test_ragged_dot_vs_numpy(backend, monkeypatch):
   m, d, f = int(sizes.sum()), 130, 70
   x, dy = wide((m, d), 0), wide((m, f), 2)
   w = np.stack([wide((d, f), 10 + e) * 0.1 for e in range(4)])
-  recipe = make_recipe(backend, monkeypatch)
+  recipe = make_recipe(backend)
   y, (dx, dw) = jit_vjp(lambda x, w: fp8.fp8_ragged_dot(x, w, jnp.asarray(sizes, jnp.int32), recipe),
                         jnp.asarray(x), jnp.asarray(w), cot=jnp.asarray(dy))
   ends = np.cumsum(sizes)
@@ -277,8 +277,6 @@ def test_fp8_experts_sorted_and_blocked():
   chain of three FP8 GEMMs of a SwiGLU expert (errors compound: each GEMM ~3.7%, and backward
   cotangents carry the forward's), within 8% (forward) and 12% (gradients) of the float32 paths
   (measured: <= 7% and <= 11.1%); float32 master-weight gradients."""
-  from moe import experts
-
   rng = np.random.default_rng(3)
   t, k, e, d, f = 96, 2, 4, 136, 40
   idx = np.stack([rng.choice(e, k, replace=False) for _ in range(t)]).astype(np.int32)
@@ -290,14 +288,17 @@ def test_fp8_experts_sorted_and_blocked():
   cot = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
   recipe = fp8.Recipe()
 
+  def routed(ffn, x, w, gate, up, down, r):  # each (token, k) a row, then the weighted combine
+    return combine(ffn(jnp.repeat(x, k, axis=0), args[1].reshape(-1), gate, up, down, fp8=r), w)
+
   @jax.jit(compiler_options=FAST)
   def run(x, w, gate, up, down):
     out = {}
-    for name, fn in (("sorted", experts.sorted_experts), ("blocked", experts.blocked_experts)):
+    for name, ffn in (("sorted", ragged_ffn), ("blocked", cpu.blocked_ffn)):
       for r in (None, recipe):
-        loss = lambda *p: jnp.sum(fn(p[0], args[1], *p[1:], fp8=r) * cot)
-        y = fn(x, args[1], w, gate, up, down, fp8=r)
-        out[name, r is not None] = (y, jax.grad(loss, argnums=(0, 2, 3, 4))(x, w, gate, up, down))
+        loss = lambda *p: jnp.sum(routed(ffn, *p, r) * cot)
+        y = routed(ffn, x, w, gate, up, down, r)
+        out[name, r is not None] = (y, jax.grad(loss, argnums=(0, 1, 2, 3, 4))(x, w, gate, up, down))
     return out
 
   out = run(*args[:1], *args[2:])
@@ -315,7 +316,8 @@ SMALL = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_int
                     num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
                     qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
                     n_group=2, topk_group=1, first_k_dense_replace=1, num_nextn_predict_layers=1,
-                    max_position_embeddings=64, initializer_range=0.05, dtype="bfloat16")
+                    max_position_embeddings=64, initializer_range=0.05)
+FP8 = Runtime.resolve(dtype="bfloat16", param_dtype="float32", fp8=True, announce=False)
 
 
 def test_model_uses_fp8_where_the_recipe_says():
@@ -323,7 +325,7 @@ def test_model_uses_fp8_where_the_recipe_says():
   embedding not (end to end: test_fp8_check_short_run)."""
   from moe.layers import Linear
 
-  model = nnx.eval_shape(lambda: Transformer(SMALL.replace(fp8=True), rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: Transformer(SMALL, FP8, rngs=nnx.Rngs(0)))
   fp8_layers = {".".join(map(str, p)) for p, m in nnx.iter_graph(model) if isinstance(m, Linear) and m.fp8}
   plain = {".".join(map(str, p)) for p, m in nnx.iter_graph(model) if isinstance(m, Linear) and not m.fp8}
   assert plain == {"lm_head", "mtp.0.eh_proj"}
@@ -334,17 +336,22 @@ def test_model_uses_fp8_where_the_recipe_says():
   assert not hasattr(model.moe_layers.layers.mlp.gate, "fp8")  # the router: float32, no FP8
 
 
-def test_precision_fp8_maps_to_the_model():
-  from train import loop
-  from train.config import load_train_config
+def test_precision_fp8_maps_to_the_runtime():
+  from parallel.errors import ConfigError
+  from train.core import loop
+  from train.core.config import load_train_config
 
-  cfg = load_train_config(ROOT / "configs/tiny.yaml", ["precision=fp8", "model.fp8_pow2_scales=true"])
-  m = loop.model_config(cfg)
-  assert (m.dtype, m.param_dtype, m.fp8, m.fp8_pow2_scales) == ("bfloat16", "float32", True, True)
-  assert fp8.Recipe.of(m) == fp8.Recipe(pow2_scales=True)
-  assert not loop.model_config(cfg.replace(precision="bf16")).fp8
-  assert "fp8" not in m.to_hf_dict()  # runtime fields stay out of config.json
-  assert "quantise->dequantise" in fp8.describe(fp8.Recipe())  # CPU: the emulated path, said so
+  cfg = load_train_config(ROOT / "configs/tiny.yaml", ["precision=fp8", "impl.fp8_pow2_scales=true"])
+  par = loop.parallelism(cfg)
+  rt = loop.runtime(cfg, par)
+  assert (rt.dtype, rt.param_dtype, rt.fp8) == ("bfloat16", "float32", fp8.Recipe("qdq", pow2_scales=True))
+  assert loop.runtime(cfg.replace(precision="bf16"), par).fp8 is None
+  assert "fp8" not in cfg.model.to_hf_dict()  # runtime fields stay out of config.json
+  assert "quantise->dequantise" in rt.fp8.describe()  # CPU: the emulated path, said so
+  for choice, want in (("xla", fp8.Recipe("xla")), ("kernels", fp8.Recipe("kernels", interpret=True))):
+    assert Runtime.resolve(ImplConfig(fp8_gemm=choice), fp8=True, announce=False).fp8 == want
+  with pytest.raises(ConfigError, match="dense is the float reference"):
+    Runtime.resolve(ImplConfig(experts="dense"), fp8=True, announce=False)
 
 
 TINY_OVERRIDES = [
@@ -382,7 +389,7 @@ def test_bench_fp8_covers_the_models_fp8_linears(capsys):
   from train import bench_fp8
 
   for cfg in (SMALL, SMALL.replace(q_lora_rank=None)):
-    model = nnx.eval_shape(lambda: Transformer(cfg.replace(fp8=True), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: Transformer(cfg, FP8, rngs=nnx.Rngs(0)))
     got = {}
     for path, m in nnx.iter_graph(model):
       if isinstance(m, Linear) and m.fp8 and "mtp" not in path:
@@ -398,28 +405,21 @@ def test_bench_fp8_covers_the_models_fp8_linears(capsys):
   assert all(r["bf16_s"] > 0 and r["fp8_s"] > 0 for r in rows[:-1]) and rows[-1]["speedup"] > 0
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_every_config_traces_a_fp8_train_step(config):
   """precision=fp8 builds and traces the full train step (forward, backward, AdamW) of every config,
   V3-671B included (abstractly: jax.eval_shape, nothing allocated)."""
-  from train import optimizer as optimizer_lib
-  from train import step as step_lib
-  from train.config import load_train_config
-  from train import loop
+  from train.core import optimizer as optimizer_lib
+  from train.core import step as step_lib
+  from train.core.config import load_train_config
 
   cfg = load_train_config(ROOT / "configs" / config, ["precision=fp8", "batch_size=1", "seq_len=128", "grad_accum=1"])
-  model_cfg = loop.model_config(cfg)
+  rt = Runtime.resolve(cfg.impl, dtype=cfg.compute_dtype, param_dtype="float32", fp8=cfg.fp8, announce=False)
   schedule = optimizer_lib.make_schedule(cfg)
   tx = optimizer_lib.make_optimizer(cfg, schedule)
-  box = {}
-
-  def init():
-    box["graphdef"], state = step_lib.init_state(Transformer(model_cfg, rngs=nnx.Rngs(0)), tx)
-    return state
-
-  state = jax.eval_shape(init)
-  step = step_lib.make_train_step(box["graphdef"], tx, schedule, cfg)
+  make = lambda: Transformer(cfg.model, rt, rngs=nnx.Rngs(0))
+  state = jax.eval_shape(lambda: step_lib.init_state(make(), tx)[1])
+  step = step_lib.make_train_step(nnx.graphdef(nnx.eval_shape(make)), cfg.model, tx, schedule, cfg)
   batch = {k: jax.ShapeDtypeStruct((1, 128), jnp.float32 if k == "loss_mask" else jnp.int32)
            for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
   new_state, metrics = jax.eval_shape(step, state, batch)

@@ -1,16 +1,19 @@
-"""moe/fp8_gpu.py: the Pallas FP8 kernels, run in the Pallas interpreter on CPU against float64
-NumPy, and lowered for CUDA (Triton IR is built without a GPU; compiling it to PTX needs one).
-Through moe.fp8 (the linear and the experts' grouped GEMM) they are also in tests/test_fp8.py
+"""moe/kernels/fp8_pallas.py: the Pallas FP8 kernels, run in the Pallas interpreter on CPU against
+float64 NumPy, and lowered for CUDA (Triton IR is built without a GPU; compiling it to PTX needs one).
+Through moe.kernels.fp8 (the linear and the experts' grouped GEMM) they are also in tests/test_fp8.py
 ("kernels" backend)."""
 
 import logging
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe import fp8, fp8_gpu
+from moe.kernels import fp8
+from moe.kernels import fp8_pallas as fp8_gpu
+from moe.runtime import Runtime
 from tests.test_fp8 import np_quant, rel, wide
 
 
@@ -71,33 +74,42 @@ def test_grouped_kernels_vs_numpy():
   assert np.all(y[ends[-1]:] == 0) and np.all(dw[1] == 0)
 
 
-def test_gemm_path_and_the_probe(monkeypatch, caplog):
-  """CPU: auto -> emulated; native -> XLA FP8 dot_generals; the kernels only in the interpreter.
-  The GPU start-up probe accepts working kernels and falls back (with a warning) from broken ones."""
-  assert fp8.gemm_path(fp8.Recipe()) == "qdq" and fp8.gemm_path(fp8.Recipe(backend="native")) == "xla"
-  monkeypatch.setattr(fp8, "INTERPRET_KERNELS", True)
-  assert fp8.gemm_path(fp8.Recipe(backend="native")) == "kernels"
-  assert "Pallas FP8 kernels" in fp8.describe(fp8.Recipe(backend="native"))
-  assert fp8._kernels_pass_probe.__wrapped__()  # (the probe runs outside the caller's trace)
+def test_gemm_choice_and_the_probe(caplog):
+  """CPU: auto -> emulated (qdq); xla -> XLA FP8 dot_generals; kernels -> the Pallas interpreter. On a
+  GPU with FP8 tensor cores auto takes the kernels when the start-up probe accepts them and falls back
+  (with a warning) to xla from broken ones; a compile-only GPU target is not probed."""
+  cpu = jax.devices()
+  assert fp8.resolve_recipe("auto", cpu) == fp8.Recipe("qdq")
+  assert fp8.resolve_recipe("xla", cpu) == fp8.Recipe("xla")
+  assert fp8.resolve_recipe("kernels", cpu) == fp8.Recipe("kernels", interpret=True)
+  assert "Pallas FP8 kernels" in fp8.Recipe("kernels").describe()
+  h100 = types.SimpleNamespace(platform="gpu", compute_capability="9.0")
+  a100 = types.SimpleNamespace(platform="gpu", compute_capability="8.0")
+  assert fp8.resolve_recipe("auto", [h100], probe=lambda: True) == fp8.Recipe("kernels")
+  assert fp8.resolve_recipe("auto", [h100], probe=lambda: False) == fp8.Recipe("xla")
+  assert fp8.resolve_recipe("auto", [h100]) == fp8.Recipe("kernels")  # not this process's device: no probe
+  assert fp8.resolve_recipe("auto", [a100]) == fp8.Recipe("qdq")
+  assert fp8.probe_kernels(interpret=True)
 
   def broken(*a, **k):
     raise RuntimeError("ptxas fatal: unsupported")
 
-  monkeypatch.setattr(fp8_gpu, "blockscaled_matmul", broken)
-  with caplog.at_level(logging.WARNING, logger="moe.fp8"):
-    assert not fp8._kernels_pass_probe.__wrapped__()
+  kernels = dict(blockscaled_matmul=fp8_gpu.blockscaled_matmul, grouped_matmul=fp8_gpu.grouped_matmul,
+                 grouped_wgrad=fp8_gpu.grouped_wgrad)
+  with caplog.at_level(logging.WARNING, logger="moe.kernels.fp8"):
+    assert not fp8.probe_kernels(types.SimpleNamespace(**{**kernels, "blockscaled_matmul": broken}), interpret=True)
   assert "ptxas fatal" in caplog.text
-  monkeypatch.setattr(fp8_gpu, "blockscaled_matmul", lambda a, b, sa, sb, interpret: jnp.zeros((a.shape[0], b.shape[1])))
-  assert not fp8._kernels_pass_probe.__wrapped__()
+  zeros = lambda a, b, sa, sb, interpret: jnp.zeros((a.shape[0], b.shape[1]))
+  assert not fp8.probe_kernels(types.SimpleNamespace(**{**kernels, "blockscaled_matmul": zeros}), interpret=True)
 
 
-@pytest.mark.parametrize("which", ("linear", "experts", "model"))
-def test_fp8_gemms_lower_to_triton_kernels_for_cuda(which, monkeypatch):
+@pytest.mark.parametrize("which", ("linear", "experts", "model-ragged_dot", "model-blocked"))
+def test_fp8_gemms_lower_to_triton_kernels_for_cuda(which):
   """Lowered for CUDA, every FP8 GEMM of the linear / the experts' grouped matmul (Fprop, Dgrad,
   Wgrad) is a Triton kernel call and no FP8 dot is left to XLA; so is a whole FP8 model's fwd+bwd
-  (layers under lax.scan, batched expert blocks under vmap, dimensions that are not multiples of 128)."""
-  monkeypatch.setattr(fp8, "gemm_path", lambda recipe: "kernels")
-  recipe = fp8.Recipe(backend="native", pow2_scales=True)
+  (layers under lax.scan; the experts as ragged GEMMs or as batched blocks under vmap; dimensions that
+  are not multiples of 128)."""
+  recipe = fp8.Recipe("kernels", pow2_scales=True)
   S = jax.ShapeDtypeStruct
   if which == "linear":
     f = lambda x, w: jax.value_and_grad(lambda x, w: fp8.linear(x, w, recipe).astype(jnp.float32).sum(), (0, 1))(x, w)
@@ -113,12 +125,14 @@ def test_fp8_gemms_lower_to_triton_kernels_for_cuda(which, monkeypatch):
     from tests.random_weights import random_state
     from tests.test_fp8 import SMALL
 
-    graphdef, state = random_state(SMALL.replace(fp8=True))
+    rt = Runtime(dtype="bfloat16", param_dtype="float32", attention="fused", experts=which.split("-")[1],
+                 fp8=recipe, platform="gpu")
+    graphdef, state = random_state(SMALL, rt=rt)
     f = lambda state, tokens: jax.value_and_grad(lambda s: nnx.merge(graphdef, s)(tokens).sum())(state)
     args = (state, S((2, 16), jnp.int32))
   hlo = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   n = hlo.count("xla.gpu.triton")
-  assert n == 3 if which != "model" else n >= 3
+  assert n == 3 if not which.startswith("model") else n >= 3
   assert "f8E4M3FN" in hlo and not [l for l in hlo.splitlines() if "stablehlo.dot_general" in l and "f8E4M3FN" in l]
 
 
@@ -134,10 +148,11 @@ def test_kernel_dots_allow_tensor_core_fp8_accumulation(monkeypatch):
     modules.append(result.module.operation.get_asm())
     return result
 
-  monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", capture)
-  monkeypatch.setattr(fp8, "gemm_path", lambda recipe: "kernels")
-  f = lambda x, w: jax.grad(lambda x, w: fp8.fp8_ragged_dot(x, w, jnp.asarray([100, 28], jnp.int32)).sum(), (0, 1))(x, w)
-  g = lambda x, w: jax.grad(lambda x, w: fp8.linear(x, w).sum(), (0, 1))(x, w)
+  monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", capture)  # to read the Triton IR
+  recipe = fp8.Recipe("kernels")
+  f = lambda x, w: jax.grad(lambda x, w: fp8.fp8_ragged_dot(x, w, jnp.asarray([100, 28], jnp.int32), recipe).sum(),
+                            (0, 1))(x, w)
+  g = lambda x, w: jax.grad(lambda x, w: fp8.linear(x, w, recipe).sum(), (0, 1))(x, w)
   S = jax.ShapeDtypeStruct
   for fn, args in ((f, (S((128, 256), jnp.bfloat16), S((2, 256, 128), jnp.float32))),
                    (g, (S((128, 256), jnp.bfloat16), S((256, 128), jnp.float32)))):

@@ -7,15 +7,17 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import torch
+import transformers
 from flax import nnx
+from safetensors.numpy import save_file
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-import moe  # noqa: E402
-from moe import hf  # noqa: E402
-from moe.config import ConfigError, ModelConfig  # noqa: E402
-from moe.model import Transformer  # noqa: E402
+import moe
+from moe import hf
+from moe.config import ModelConfig
+from moe.model import Transformer
+from moe.runtime import Runtime
+from parallel.errors import ConfigError
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32.0,
         "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707, "rope_theta": 10000.0}
@@ -102,14 +104,14 @@ def test_round_trip_to_hf_loads_in_transformers(case, tmp_path):
 
 
 def test_round_trip_keeps_mtp_and_bf16(tmp_path):
-  cfg = ModelConfig.from_yaml("configs/tiny.yaml").replace(param_dtype="bfloat16", dtype="bfloat16")
-  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  cfg = ModelConfig.from_yaml("configs/tiny.yaml")
+  model = Transformer(cfg, Runtime.resolve(dtype="bfloat16", announce=False), rngs=nnx.Rngs(0))
   hf.to_hf(model, tmp_path)
   index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
   assert f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" in index  # MTP as released
   assert f"model.layers.{cfg.num_hidden_layers}.shared_head.head.weight" in index
-  back = hf.from_hf(tmp_path, dtype="bfloat16")
-  assert back.cfg.num_nextn_predict_layers == 1
+  back = hf.from_hf(tmp_path, dtype=jnp.bfloat16)  # a JAX dtype works as well as its name
+  assert back.cfg.num_nextn_predict_layers == 1 and back.rt.dtype == "bfloat16"
   a, b = nnx.state(model, nnx.Variable), nnx.state(back, nnx.Variable)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     assert x.dtype == y.dtype and x.shape == y.shape
@@ -149,8 +151,7 @@ def test_from_hf_reads_fp8_release(tmp_path):
     else:
       tensors[name] = w
   (tmp_path / "fp8").mkdir()
-  specs = [(n, t.shape, t.dtype) for n, t in tensors.items()]
-  hf.write_safetensors(tmp_path / "fp8" / "model.safetensors", specs, tensors.__getitem__)
+  save_file(tensors, str(tmp_path / "fp8" / "model.safetensors"))
   (tmp_path / "fp8" / "config.json").write_text((tmp_path / "bf" / "config.json").read_text())
   model = hf.from_hf(tmp_path / "fp8")
   variables = hf._variables(model)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import loss as loss_lib
+from train.core import loss as loss_lib
 
 B, S, V = 2, 6, 5
 LAM, ALPHA = 0.3, 1e-2

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from train import plot
-from train.metrics import MetricsLogger, eta_seconds, summary, tb_scalars
+from train.core.metrics import MetricsLogger, eta_seconds, summary, tb_scalars
 
 
 def _records(run_dir):

@@ -11,7 +11,10 @@ from flax import nnx
 
 from moe import mla, rope
 from moe.config import ModelConfig, RopeScaling
-from random_weights import random_state
+from moe.kernels import cpu
+from moe.kernels.attention import ATTENTION
+from moe.runtime import ImplConfig, Runtime
+from tests.random_weights import random_state
 
 
 def ref_mask(seg):
@@ -42,10 +45,11 @@ def ref_attend(q, k, v, mask, scale):
   return np.einsum("bhqk,bkhd->bqhd", p, v)
 
 
-@pytest.mark.parametrize("fn", ["attend", "fused_attention", "causal_block_attention"])
+@pytest.mark.parametrize("fn", sorted(ATTENTION))
 @pytest.mark.parametrize("dv", [8, 12])
-def test_attend_narrow_values_vs_reference(dv, fn):
-  """`attend` and both of its paths (fused dot_product_attention: GPU/TPU; query blocks: CPU)."""
+def test_attention_narrow_values_vs_reference(dv, fn):
+  """Every attention core `impl.attention` can choose (fused dot_product_attention: GPU/TPU; query
+  blocks: CPU)."""
   rng = np.random.default_rng(0)
   b, s, h, dk = 2, 7, 3, 12
   q, k = (rng.standard_normal((b, s, h, dk)).astype(np.float32) for _ in range(2))
@@ -53,22 +57,20 @@ def test_attend_narrow_values_vs_reference(dv, fn):
   seg = np.array([[1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 1, 0]])
   mask = mla.attention_mask(jnp.asarray(seg))
   scale = 0.37
-  out = np.asarray(getattr(mla, fn)(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, scale))
+  out = np.asarray(ATTENTION[fn](jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, scale))
   assert out.shape == (b, s, h, dv)
   np.testing.assert_allclose(out, ref_attend(q, k, v, ref_mask(seg)[:, None], scale), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("block", [3, 7, 128])
 def test_causal_block_attention_vs_reference(block):
-  """The CPU path of `attend` (query blocks reading only earlier keys), if present, at several block sizes."""
-  if not hasattr(mla, "causal_block_attention"):
-    pytest.skip("no causal_block_attention in this tree")
+  """The CPU attention (query blocks reading only earlier keys) at several block sizes."""
   rng = np.random.default_rng(3)
   b, s, h, dk, dv = 2, 7, 2, 12, 8
   q, k = (rng.standard_normal((b, s, h, dk)).astype(np.float32) for _ in range(2))
   v = rng.standard_normal((b, s, h, dv)).astype(np.float32)
   seg = np.array([[1, 1, 2, 2, 2, 3, 0], [1, 1, 1, 1, 1, 1, 1]])
-  out = mla.causal_block_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+  out = cpu.causal_block_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
                                    mla.attention_mask(jnp.asarray(seg)), 0.3, block=block)
   np.testing.assert_allclose(np.asarray(out), ref_attend(q, k, v, ref_mask(seg)[:, None], 0.3), rtol=1e-5, atol=1e-5)
 
@@ -90,7 +92,7 @@ def test_causal_block_attention_gradients(block):
 
   with jax.enable_x64():
     want = jax.grad(lambda *a: jnp.sum(plain(*a) * cot), argnums=(0, 1, 2))(q, k, v)
-  got = jax.grad(lambda *a: jnp.sum(mla.causal_block_attention(*a, mask, 0.3, block=block) * cot.astype(np.float32)),
+  got = jax.grad(lambda *a: jnp.sum(cpu.causal_block_attention(*a, mask, 0.3, block=block) * cot.astype(np.float32)),
                  argnums=(0, 1, 2))(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
   for name, g, w in zip("qkv", got, want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5, err_msg=name)
@@ -150,7 +152,7 @@ def test_mla_module_vs_reference():
                     rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=16, beta_fast=32.0,
                                              beta_slow=1.0, mscale=1.0, mscale_all_dim=0.5))
   # eval_shape + NumPy weights (norm weights near one): no per-shape init compiles
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: mla.MLA(cfg, rngs=nnx.Rngs(0))))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: mla.MLA(cfg, Runtime.resolve(announce=False), rngs=nnx.Rngs(0))))
   rng = np.random.default_rng(2)
   state = jax.tree.map(lambda leaf: jnp.asarray(
       (1.0 if leaf.ndim == 1 else 0.0) + 0.3 * rng.standard_normal(leaf.shape), leaf.dtype), state)
@@ -163,7 +165,7 @@ def test_mla_module_vs_reference():
   pos = np.array([[0, 1, 2, 3, 0, 1, 2], [3, 4, 5, 6, 7, 8, 9]])
   @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
   def run(state, x, pos, seg):
-    return nnx.merge(graphdef, state)(x, rope.rope_tables(pos, cfg), mla.attention_mask(seg))
+    return nnx.merge(graphdef, state)(x, rope.rope_tables(pos, cfg), mla.attention_mask(seg))[0]
 
   got = run(state, jnp.asarray(x), jnp.asarray(pos), jnp.asarray(seg))
   want = ref_mla(x, w, cfg, pos, seg)
@@ -179,8 +181,9 @@ CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_inter
                   max_position_embeddings=64, initializer_range=0.1)
 
 
-def test_packed_documents_equal_separate_runs():
-  graphdef, state = random_state(CFG)
+@pytest.mark.parametrize("attention", ["blocked", "fused"])
+def test_packed_documents_equal_separate_runs(attention):
+  graphdef, state = random_state(CFG, rt=Runtime.resolve(ImplConfig(attention=attention), announce=False))
 
   # LLVM opt level 0: faster XLA:CPU compiles, same HLO.
   @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})

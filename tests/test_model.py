@@ -11,7 +11,8 @@ from flax import nnx
 from moe import params, router
 from moe.config import ModelConfig
 from moe.model import Transformer
-from random_weights import random_state
+from moe.runtime import ImplConfig, Runtime
+from tests.random_weights import random_state
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
@@ -25,8 +26,8 @@ B, S = 2, 8
 FAST = {"xla_backend_optimization_level": 0}
 
 
-def abstract_model(cfg):
-  return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+def abstract_model(cfg, rt=None):
+  return nnx.eval_shape(lambda: Transformer(cfg, rt, rngs=nnx.Rngs(0)))
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,8 @@ def test_remat_policies_and_unrolled_layers_same_loss_and_grads():
   results = {}
   for variant in ("none", "full", "save_dots", "unrolled"):  # unrolled: scan_layers=False, no remat
     policy = "none" if variant == "unrolled" else variant
-    g = nnx.split(abstract_model(CFG.replace(remat_policy=policy, scan_layers=variant != "unrolled")))[0]
+    impl = ImplConfig(remat_policy=policy, scan_layers=variant != "unrolled")
+    g = nnx.split(abstract_model(CFG, Runtime.resolve(impl, announce=False)))[0]
     assert nnx.merge(g, state).moe_layers.remat_policy == policy
     assert nnx.merge(g, state).moe_layers.unroll == (variant == "unrolled")
 

@@ -7,8 +7,8 @@ import optax
 import pytest
 from flax import nnx
 
-from train.config import OptimizerConfig, TrainConfig
-from train.optimizer import decay_mask, make_optimizer, make_schedule, scale_by_adam
+from train.core.config import OptimizerConfig, TrainConfig
+from train.core.optimizer import decay_mask, make_optimizer, make_schedule, scale_by_adam
 
 
 def _cfg(steps=1000, **opt):

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from moe.config import ConfigError
+from parallel.errors import ConfigError
 from parallel import expert_parallel, mesh as mesh_lib, sharding
-from train.config import MeshConfig
+from parallel.mesh import MeshConfig
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 ROOT = WORKER.parent.parent
@@ -74,10 +74,26 @@ def test_logical_to_spec():
     spec(("nonsense",), (4,))
 
 
-def test_constrain_is_a_no_op_without_mesh():
+def test_constrain_and_dispatch_without_mesh():
+  """No Parallelism (one device): constrain is the identity and the dispatch runs expert_fn on the
+  (token, k) rows in place, with nothing dropped."""
   x = jnp.ones((4, 8, 16))
   assert sharding.constrain(x, ("batch", "seq", "embed")) is x
-  assert expert_parallel.dispatcher(8) is None
+  rows = []
+  y, dropped = expert_parallel.dispatch_combine(
+      jnp.arange(6.0).reshape(3, 2), jnp.asarray([[1, 0], [0, 1], [1, 1]]), jnp.asarray([[1.0, 2.0]] * 3),
+      (jnp.zeros((2, 2, 1)),), (("expert", None, None),), lambda r, e, _: rows.append(e) or r * (e[:, None] + 1))
+  np.testing.assert_array_equal(np.asarray(rows[0]), [1, 0, 0, 1, 1, 1])
+  np.testing.assert_array_equal(np.asarray(y), [[0 * 2 + 0 * 2, 1 * 2 + 1 * 2], [2 + 2 * 2 * 2, 3 + 3 * 2 * 2],
+                                                [4 * 2 + 4 * 2 * 2, 5 * 2 + 5 * 2 * 2]])
+  assert int(dropped) == 0
+
+
+def test_padded_slots_keep_the_first_c_per_destination():
+  dest = jnp.asarray([2, 0, 2, 2, 1, 0, 2], jnp.int32)
+  slot, keep = expert_parallel.padded_slots(dest, n_ep=3, c=2)
+  np.testing.assert_array_equal(np.asarray(keep), [True, True, True, False, True, True, False])
+  np.testing.assert_array_equal(np.asarray(slot), [4, 0, 5, 6, 2, 1, 6])  # dest * C + position; 6: dropped
 
 
 def test_capacity_and_device_limited_routing():
@@ -104,17 +120,20 @@ def test_transport_choice():
 def eight():
   """One-device reference step, then meshes d2f2e2 (3 steps), f2e2t2, data=8, fsdp=8, expert=8 (padded
   transport), expert=8 with the ragged transport, and a small capacity factor."""
-  return run_worker("single", "three", "f2e2t2", "data8", "fsdp8", "expert8", "ragged", "small_capacity", "ep_unit")
+  return run_worker("single", "three", "f2e2t2", "data8", "fsdp8", "expert8", "ragged", "small_capacity", "ep_unit",
+                    "capacity")
 
 
 def check_mesh(name, r, ref):
   m = r["metrics"]
   assert r["init_diff"] < 1e-6, name  # same initial parameters
+  # README: the one-device loss within 5e-7 relative and parameter update within 2e-7 (float32, a few
+  # ulps; measured 1.1e-7 and 6e-8 with updates up to 0.065)
   for k in ("loss", "lm_loss", "mtp_loss", "balance_loss"):
     if k in m:
-      assert m[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), (name, k)
+      assert m[k] == pytest.approx(ref[k], rel=5e-7, abs=1e-12), (name, k)
   # the parameter update follows the gradient (see TINY in the worker): same gradients
-  assert r["update_diff"] < 1e-6 + 1e-4 * r["update_scale"], name
+  assert r["update_diff"] < 2e-7 and r["update_scale"] > 1e-2, name
   if r["shards"] is not None:
     assert all(p["ok"] for p in r["shards"]["params"]), name
     assert (r["shards"]["n_sharded"] > 0) == (name != "data8"), name  # pure data parallel: replicated
@@ -156,6 +175,16 @@ def test_small_capacity_drops_and_reports(eight):
   assert np.isfinite(r["loss"])
 
 
+def test_capacity_drops_the_documented_assignments_to_exactly_zero(eight):
+  """expert=8, capacity factor 0.5: the dropped (token, k) assignments are those past the first C per
+  (source, destination) rank pair in (token, k) order; the output equals the one-device layer with
+  their router weights set to 0 (they contribute exactly nothing), and the count is theirs."""
+  r = eight["capacity"]
+  assert r["capacity"] == 2 and r["slots_rank0"]
+  assert r["dropped"] == r["want_dropped"] > 0
+  assert r["y"] < 1e-5 < r["vs_dropless"]
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -183,15 +212,13 @@ def test_two_processes_match_one(eight):
   for o in outs:
     assert o["devices"] == 8
     assert o["data_axis_processes"] == [[0], [1]]
-    np.testing.assert_allclose(o["losses"], eight["three_steps"], rtol=1e-5)
+    np.testing.assert_allclose(o["losses"], eight["three_steps"], rtol=5e-7)
 
 
-@pytest.mark.slow
 def test_expert_parallel_dispatch_on_every_mesh():
   check_ep_unit(run_worker("single", "ep_unit_all")["ep_unit"])
 
 
-@pytest.mark.slow
 def test_cli_two_processes(tmp_path):
   """`python -m train` in 2 processes x 4 devices (--coordinator flags): data loaded per process,
   eval with every process stepping together, metrics written once."""

@@ -154,7 +154,9 @@ def test_negative_biased_scores_stay_in_kept_groups():
 def test_router_module_scores_and_routing():
   from flax import nnx
   cfg = V3_LIKE.replace(initializer_range=0.5)
-  gate = router.Router(cfg, rngs=nnx.Rngs(0))
+  from moe.runtime import Runtime
+
+  gate = router.Router(cfg, Runtime.resolve(announce=False), rngs=nnx.Rngs(0))
   assert isinstance(gate.e_score_correction_bias, router.RouterBias)
   assert not isinstance(gate.e_score_correction_bias, nnx.Param)
   x = np.random.default_rng(6).standard_normal((2, 5, cfg.hidden_size)).astype(np.float32)

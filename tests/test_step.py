@@ -13,9 +13,9 @@ from flax import nnx
 
 from moe.config import ModelConfig
 from moe.model import Transformer
-from train import optimizer as optimizer_lib
-from train import step as step_lib
-from train.config import LossConfig, OptimizerConfig, TrainConfig
+from train.core import optimizer as optimizer_lib
+from train.core import step as step_lib
+from train.core.config import LossConfig, OptimizerConfig, TrainConfig
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
                   num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
@@ -70,7 +70,7 @@ class Setup:
     tx = optax.chain(capture_grads(), optimizer_lib.make_optimizer(cfg, self.schedule))
     self.graphdef, state = step_lib.init_state(Transformer(cfg.model, rngs=nnx.Rngs(0)), tx)
     self._init = jax.tree.map(np.asarray, state)
-    self.step = step_lib.make_train_step(self.graphdef, tx, self.schedule, cfg)
+    self.step = step_lib.make_train_step(self.graphdef, cfg.model, tx, self.schedule, cfg)
 
     @jax.jit
     def load(params, rest, batch):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from moe.config import ConfigError
+from parallel.errors import ConfigError
 from train import sweep, sweep_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,13 +188,8 @@ def test_report_on_fake_sweep_dir(tmp_path, capsys):
   assert sweep_report.main([str(tmp_path / "missing")]) == 2
 
 
-@pytest.mark.slow
-def test_real_micro_sweep_runs_resumes_and_reports(tmp_path, monkeypatch):
+def test_real_micro_sweep_runs_resumes_and_reports(tmp_path):
   """Two 20-step d32 runs in process, a rerun that skips them, then the report (a minute or more)."""
-  from train import bench
-
-  monkeypatch.setattr(bench, "measure_peak_flops", lambda dtype: 1e11)
-  monkeypatch.setattr(sweep, "_REAL_PEAK", None)
   fpt_tokens = sweep.expand(sweep.load_sweep(write_spec(tmp_path, budgets=[1e12], sizes=[32])))[0]
   per_step = fpt_tokens.flops / fpt_tokens.steps
   path = write_spec(tmp_path, budgets=[20 * per_step, 40 * per_step], sizes=[32], min_steps=5)

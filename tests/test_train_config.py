@@ -3,8 +3,9 @@
 import pytest
 import yaml
 
-from moe.config import ConfigError, ModelConfig
-from train.config import OptimizerConfig, TrainConfig, load_train_config
+from moe.config import ModelConfig
+from parallel.errors import ConfigError
+from train.core.config import OptimizerConfig, TrainConfig, load_train_config
 
 TINY = "configs/tiny.yaml"
 
@@ -76,7 +77,18 @@ def test_override_creates_missing_section(tmp_path):
         (["optimizer.schedule=linear"], r"optimizer.schedule: expected one of"),
         (["mesh.data=0"], r"mesh.data=0 must be >= 1 or -1"),
         (["data_workers=-1"], r"^data_workers=-1 must be >= 0"),
-        (["model.scan_layers=maybe"], r"scan_layers: expected"),
+        (["impl.scan_layers=maybe"], r"^impl.scan_layers: expected a boolean"),
+        (["impl.attention=flash"], r"^impl.attention: expected one of 'auto', 'fused', 'blocked'"),
+        (["impl.experts=sparse"], r"^impl.experts: expected one of 'auto', 'ragged_dot', 'blocked', 'dense'"),
+        (["mesh.ep_transport=nccl"], r"^mesh.ep_transport: expected one of 'auto', 'padded', 'ragged'"),
+        (["mesh.rules.embed=model"], r"mesh.rules.embed: 'model' is not a mesh axis"),
+        # a key at the wrong level names where it lives
+        (["ep_transport=padded"], r"unknown key 'ep_transport' \(it lives at mesh.ep_transport\)$"),
+        (["model.scan_layers=false"], r"unknown key 'scan_layers' \(it lives at impl.scan_layers\)$"),
+        (["remat_policy=full"], r"unknown key 'remat_policy' \(it lives at impl.remat_policy\)$"),
+        (["model.dtype=bfloat16"], r"unknown key 'dtype' \(it lives at precision \(float32 \| bf16 \| fp8"),
+        (["model.fp8=true"], r"unknown key 'fp8' \(it lives at precision=fp8\)$"),
+        (["optimizer.seq_len=3"], r"unknown key 'seq_len' \(it lives at seq_len\)$"),
         (["mesh.fsdp=-1"], r"at most one axis may be -1"),
         (["batch_size=6", "grad_accum=4"], r"divisible by grad_accum=4"),
         (["profile_steps=[5, 3]"], r"profile_steps=\[5, 3\] must be null or \[start, stop\]"),
@@ -106,6 +118,19 @@ def test_bad_overrides_one_line(overrides, match):
 def test_bad_file_one_line(tmp_path, extra, match):
   with pytest.raises(ConfigError, match=match):
     load_train_config(_write(tmp_path, MODEL + extra))
+
+
+def test_model_dtype_in_yaml_is_an_error_not_ignored(tmp_path):
+  """`precision` is the one compute-precision setting: a model.dtype in the file (which precision
+  used to override silently) stops the run with one line naming precision."""
+  path = _write(tmp_path, MODEL.replace("model:\n", "model:\n  dtype: bfloat16\n", 1) + "precision: float32\n")
+  with pytest.raises(ConfigError, match=r"run.yaml: model: unknown key 'dtype' \(it lives at precision") as e:
+    load_train_config(path)
+  assert "\n" not in str(e.value)
+  c = load_train_config(TINY, ["precision=bf16"])
+  assert (c.compute_dtype, c.fp8) == ("bfloat16", False)
+  assert (load_train_config(TINY, ["precision=fp8"]).compute_dtype, load_train_config(TINY).compute_dtype) == (
+      "bfloat16", "float32")
 
 
 def test_missing_model_section(tmp_path):
