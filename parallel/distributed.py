@@ -11,7 +11,9 @@ Call it first thing, before anything touches a JAX device (`python -m train` doe
      via the metadata server, Kubernetes, mpi4py);
   3. otherwise a single process: nothing to do.
 
-On CPU, cross-process collectives need an implementation: this selects gloo
+`select_platform()` chooses JAX's platform from the host once (an installed libtpu is not loaded on a
+host without TPUs); `python -m train` and the tools call it first. On CPU, cross-process collectives
+need an implementation: this selects gloo
 (`jax_cpu_collectives_implementation`), which is what the multi-process CPU tests use.
 After initialization every process sees all devices (`jax.devices()`) and its own
 (`jax.local_devices()`); the trainer builds one global mesh over all of them and each process feeds
@@ -20,12 +22,32 @@ its own rows of every batch (parallel.sharding.place_batch).
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 
 import jax
 
 log = logging.getLogger("parallel")
+
+
+def host_accelerator() -> str | None:
+  """'tpu' or 'gpu' when this host has one (its device files), else None."""
+  if glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"):
+    return "tpu"
+  if os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia/version") or glob.glob("/dev/kfd"):
+    return "gpu"
+  return None
+
+
+def select_platform() -> None:
+  """Pick JAX's platform once, before anything touches a device: JAX_PLATFORMS if it is set, else
+  cpu on a host without an accelerator. (With the tpu extra installed, JAX would otherwise load libtpu
+  on every CPU run, which probes for TPU chips and workers and logs about them.)"""
+  if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
+    return
+  if host_accelerator() is None:
+    jax.config.update("jax_platforms", "cpu")
 
 
 def _env_int(name: str) -> int | None:

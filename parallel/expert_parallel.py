@@ -20,6 +20,10 @@ the T*K (token, expert) rows directly; otherwise inside `jax.shard_map` over the
      caller (outside shard_map, where XLA shards them like any dense FFN).
 
 Transports (`mesh.ep_transport`):
+  dropless exchanges (ragged, or padded without a capacity factor) size their receive buffers for the
+          worst case, every rank's tokens choosing this rank's experts; the tokens go in chunks
+          (`dropless_chunks`, `mesh.ep_chunks`), one at a time with their buffers recomputed in the
+          backward pass, so that a chunk's worst case is at most the balanced receive of all tokens.
   padded  `jax.lax.all_to_all` of fixed [n_ep, C, D] buffers: each rank sends at most C assignments
           to each other rank, C = ceil(capacity_factor * T*K / n_ep), capped at the dropless
           T * min(K, E_l). Which assignments drop: per destination rank, a rank's assignments in
@@ -33,7 +37,8 @@ Transports (`mesh.ep_transport`):
           XLA:CPU does not implement ragged-all-to-all, so on CPU `ragged` runs the same code with
           the collective emulated by all_gather (tests use this to check the offsets arithmetic);
           the real collective is only exercised on GPU/TPU.
-  auto    padded on CPU, ragged elsewhere (`resolve_transport`, once, from the mesh's devices).
+  auto    padded on CPU and on v5e slices above 32 chips (libtpu has no ragged-all-to-all there),
+          ragged elsewhere (`resolve_transport`, once, from the mesh's devices).
 
 Device-limited routing (DeepSeek-V2/V3): the router picks experts within `topk_group` of `n_group`
 groups; groups are contiguous expert ranges and so are ranks' experts, so with n_group == n_ep a group
@@ -63,16 +68,34 @@ Transport = Literal["auto", "padded", "ragged"]
 TRANSPORTS = ("auto", "padded", "ragged")
 
 
+# libtpu does not compile ragged-all-to-all on v5e slices of 8x8 chips and more ("Ragged all-to-all is
+# currently not supported in limited ICI routing settings"); v4, v5p and v6e compile it.
+V5E_RAGGED_MAX_CHIPS = 32
+
+
+def ragged_unsupported(mesh) -> str | None:
+  """Why `mesh`'s devices cannot run ragged_all_to_all (None: they can)."""
+  device = mesh.devices.flat[0]
+  if device.platform == "tpu" and device.device_kind == "TPU v5 lite" and mesh.size > V5E_RAGGED_MAX_CHIPS:
+    return f"libtpu has no ragged-all-to-all on v5e slices above {V5E_RAGGED_MAX_CHIPS} chips"
+  return None
+
+
 def resolve_transport(name: str, mesh) -> str:
   """'padded', 'ragged' or (CPU only) 'ragged_emulated' for the configured `name` on `mesh`'s devices."""
   if name not in TRANSPORTS:
     raise ConfigError(f"mesh.ep_transport={name!r} must be one of {', '.join(TRANSPORTS)}")
   platform = mesh.devices.flat[0].platform
+  why_not = ragged_unsupported(mesh)
   if name == "auto":
-    return "padded" if platform == "cpu" else "ragged"
+    if why_not:
+      log.info("expert parallel: padded transport (%s)", why_not)
+    return "padded" if platform == "cpu" or why_not else "ragged"
   if name == "ragged" and platform == "cpu":
     log.info("expert parallel: XLA:CPU has no ragged-all-to-all; emulating it with all_gather")
     return "ragged_emulated"
+  if name == "ragged" and why_not:
+    raise ConfigError(f"mesh.ep_transport=ragged: {why_not}; use padded (or auto)")
   return name
 
 
@@ -85,6 +108,26 @@ def ranks_per_token(n_experts: int, n_ep: int, k: int, n_group: int, topk_group:
     elif n_ep % n_group == 0:
       bound = min(bound, topk_group * (n_ep // n_group))
   return bound
+
+
+# A dropless exchange must size its receive buffers for the worst case: every token of every rank
+# choosing this rank's experts, n_ep * min(K, E_l) rows per local token against K when balanced (8x for
+# DeepSeek-V3 on 8 expert ranks). The tokens then go in chunks, one at a time, each chunk's buffers
+# recomputed in the backward pass rather than kept, so that a chunk's worst case is at most this many
+# times the balanced receive of all the tokens. (DeepSeek-V3 on v5p-1024, fsdp=64 x expert=8, remat
+# full: 63.3 GiB of temporaries per chip in one go, 45.4 GiB in 4 chunks, 35.4 GiB in the 8 chunks of
+# factor 1, as much as the padded transport with capacity factor 1.25, which drops; docs/pods.md.)
+CHUNK_BUFFER_FACTOR = 1
+
+
+def dropless_chunks(t: int, k: int, n_ep: int, e_local: int, given: int | None = None) -> int:
+  """Chunks of the `t` local tokens for a dropless exchange (`given`: mesh.ep_chunks)."""
+  if given is not None:
+    if given < 1 or t % given:
+      raise ConfigError(f"mesh.ep_chunks={given} must divide the {t} tokens each expert-parallel rank holds")
+    return given
+  want = math.ceil(n_ep * min(k, e_local) / (CHUNK_BUFFER_FACTOR * k))
+  return next(c for c in range(max(1, want), t + 1) if t % c == 0)
 
 
 def capacity(t: int, k: int, n_ep: int, e_local: int, capacity_factor: float | None) -> int:
@@ -190,6 +233,25 @@ def _ragged(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, ep_axes, n_ep, emulate):
   return combine(y, w_TxK), jnp.zeros((), jnp.int32)
 
 
+def in_chunks(fn, chunks: int):
+  """`fn(x, idx, w, *weights) -> (y, dropped)` over `chunks` consecutive slices of the tokens, one
+  after the other (lax.scan); each chunk's exchange and expert FFN are recomputed in the backward
+  pass (jax.checkpoint), so only one chunk's buffers are ever live."""
+  if chunks == 1:
+    return fn
+
+  def run(x, idx, w, *weights):
+    split = lambda a: a.reshape(chunks, a.shape[0] // chunks, *a.shape[1:])
+
+    def step(_, c):
+      return None, fn(*c, *weights)
+
+    _, (ys, dropped) = jax.lax.scan(jax.checkpoint(step), None, (split(x), split(idx), split(w)))
+    return ys.reshape(x.shape[0], -1), dropped.sum()
+
+  return run
+
+
 # ----------------------------------------------------------------- the dispatch
 def _axes_of(entry) -> tuple[str, ...]:
   if entry is None:
@@ -240,6 +302,10 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
     y = expert_fn(rows, expert, *ws)
     return jax.lax.psum(y, tp_axes) if tp_axes else y
 
+  t_local = t // math.prod(shape[a] for a in token_axes)
+  k, e_local = idx_TxK.shape[1], weights[0].shape[0] // n_ep
+  dropless = par.ep_transport != "padded" or par.capacity_factor is None
+  chunks = dropless_chunks(t_local, k, n_ep, e_local, par.ep_chunks) if dropless and n_ep > 1 else 1
   if n_ep == 1:
     fn = functools.partial(_local, expert_fn=local_fn)
   elif par.ep_transport == "padded":
@@ -250,6 +316,8 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
                            emulate=par.ep_transport == "ragged_emulated")
   else:
     raise ValueError(f"unknown expert-parallel transport {par.ep_transport!r}")
+
+  fn = in_chunks(fn, chunks)
 
   def body(x, idx, w, *ws):
     y, dropped = fn(x, idx, w, *ws)

@@ -9,8 +9,9 @@ Sizes come from the config (`mesh.data=2 mesh.fsdp=2 mesh.expert=2 mesh.tensor=1
 may be -1, meaning the devices the others leave. A mesh whose size does not divide the device count
 is a one-line ConfigError. Across TPU slices or GPU hosts, `mesh.dcn_data` / `mesh.dcn_fsdp` say how
 many slices (or processes) the data / fsdp axis spans (`mesh_utils.create_hybrid_device_mesh`); the
-expert and tensor axes then stay within a slice or host. Without them `jax.make_mesh` orders devices
-so that the last axes (expert, tensor) are the closest. Axes are `AxisType.Auto`: inside `jit`, XLA's
+expert and tensor axes then stay within a slice or host. Without them `mesh_utils.create_device_mesh` orders devices
+so that the last axes (expert, tensor) are the closest (splitting physical axes where a size
+needs it, e.g. expert=8 on a 4x4x4 slice). Axes are `AxisType.Auto`: inside `jit`, XLA's
 partitioner derives the collectives for data/fsdp/tensor from the parameter and activation shardings;
 expert parallelism is written by hand with `jax.shard_map` (parallel/expert_parallel.py).
 
@@ -57,6 +58,9 @@ class MeshConfig:
   rules: dict[str, str | list[str] | None] | None = None
   ep_transport: expert_parallel.Transport = "auto"
   capacity_factor: float | None = None
+  # Dropless exchanges in this many chunks of each rank's tokens (null: as many as keep a chunk's
+  # worst-case receive buffer within the balanced one of all tokens; parallel/expert_parallel.py).
+  ep_chunks: int | None = None
 
   def __post_init__(self):
     check_fields(self, "mesh.")
@@ -68,6 +72,7 @@ class MeshConfig:
     sharding.resolve_rules(self.rules)  # a bad entry is a one-line error here, not at build time
     cf = self.capacity_factor
     require(cf is None or cf > 0, f"mesh.capacity_factor={cf} must be > 0 or null (dropless)")
+    require(self.ep_chunks is None or self.ep_chunks >= 1, f"mesh.ep_chunks={self.ep_chunks} must be >= 1 or null")
 
   def sizes(self) -> dict[str, int]:
     return {a: getattr(self, a) for a in AXES}
@@ -110,9 +115,26 @@ def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
     devices = devices[:n]
   shape = tuple(sizes[a] for a in AXES)
   dcn = {a: getattr(mesh_cfg, f"dcn_{a}") for a in DCN_AXES}
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
   if math.prod(dcn.values()) == 1:
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+    if slices > 1:
+      raise ConfigError(f"the devices span {slices} slices: set mesh.dcn_data={slices} (or mesh.dcn_fsdp) so that"
+                        " the axes crossing the data-centre network are the data-parallel ones")
+    return Mesh(device_grid(shape, devices), AXES, axis_types=(AxisType.Auto,) * len(AXES))
   return Mesh(hybrid_devices(sizes, dcn, devices), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def device_grid(shape: tuple[int, ...], devices):
+  """`devices` arranged as `shape`, the last axes on the closest devices. Where an axis is not a
+  product of whole physical axes (expert=8 on a 4x4x4 v5p slice) the physical axes are split, which
+  jax.make_mesh refuses: any factorisation of the devices is laid out."""
+  from jax.experimental import mesh_utils
+
+  try:
+    return mesh_utils.create_device_mesh(shape, devices)
+  except (NotImplementedError, ValueError, AssertionError):
+    log.info("mesh %s: splitting physical device axes to lay it out", "x".join(map(str, shape)))
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
 
 
 def hybrid_devices(sizes: dict[str, int], dcn: dict[str, int], devices):
@@ -132,7 +154,11 @@ def hybrid_devices(sizes: dict[str, int], dcn: dict[str, int], devices):
   if granules != math.prod(outer):
     raise ConfigError(f"mesh dcn_data x dcn_fsdp = {math.prod(outer)} granules, but the devices form {granules}"
                       f" {'processes' if by_process else 'slices'}")
-  return mesh_utils.create_hybrid_device_mesh(ici, outer, devices, process_is_granule=by_process)
+  try:
+    return mesh_utils.create_hybrid_device_mesh(ici, outer, devices, process_is_granule=by_process)
+  except (NotImplementedError, ValueError, AssertionError):
+    return mesh_utils.create_hybrid_device_mesh(ici, outer, devices, process_is_granule=by_process,
+                                                allow_split_physical_axes=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,13 +173,14 @@ class Parallelism:
   rules: tuple[tuple[str, tuple[str, ...]], ...] = tuple(sharding.DEFAULT_RULES.items())
   ep_transport: str = "padded"
   capacity_factor: float | None = None  # padded transport; None: dropless
+  ep_chunks: int | None = None  # dropless exchanges: token chunks (None: expert_parallel.dropless_chunks)
 
   @classmethod
   def from_config(cls, mesh_cfg: MeshConfig, devices=None) -> Parallelism:
     mesh = make_mesh(mesh_cfg, devices)
     rules = tuple(sharding.resolve_rules(mesh_cfg.rules).items())
     transport = expert_parallel.resolve_transport(mesh_cfg.ep_transport, mesh)
-    return cls(mesh, rules, transport, mesh_cfg.capacity_factor)
+    return cls(mesh, rules, transport, mesh_cfg.capacity_factor, mesh_cfg.ep_chunks)
 
   @property
   def platform(self) -> str:

@@ -3,16 +3,17 @@
 Model code names dimensions logically (every nnx.Variable carries `axes` metadata such as
 ("embed", "mlp"); activations are constrained with names such as ("batch", "seq", "embed")). This
 table maps each name to mesh axes (parallel/mesh.py); `mesh.rules` in the config overrides entries,
-e.g. `mesh.rules={embed: [fsdp, expert]}` also shards dense parameters over the expert axis.
+e.g. `mesh.rules={embed: fsdp}` keeps dense parameters whole across the expert axis.
 
 Resolving a tuple of logical names for an array of a given shape:
   - a mesh axis is used at most once per array: a later dimension asking for an axis an earlier
     one already took does not get it (so activations ("batch", "seq", "embed") are sharded on batch
     over data x fsdp x expert and replicated on embed, while parameters are sharded on embed over
-    fsdp);
+    fsdp x expert, and the experts [expert, embed, moe_mlp] on embed over fsdp alone);
   - mesh axes of size 1 are dropped;
-  - a dimension is only sharded when its size divides by the product of its mesh axes; otherwise
-    that dimension is replicated (`state_shardings` logs each such parameter once).
+  - a dimension is only sharded over mesh axes whose product divides its size: the longest prefix
+    of its rule's axes that does (`embed` over fsdp x expert, else over fsdp), else it is replicated
+    (`state_shardings` logs each such parameter once).
 """
 
 from __future__ import annotations
@@ -33,21 +34,24 @@ log = logging.getLogger("parallel")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical name -> mesh axes. Batch over every data-like axis (experts use `expert` only inside the MoE
-# block, so the rest of the model treats it as data); parameters fully sharded over fsdp on their
-# hidden (`embed`) dimension; tensor parallelism on heads, FFN width and vocabulary; experts over
-# `expert`. Stacked layers, LoRA ranks and norms stay whole.
+# block, so the rest of the model treats it as data); parameters fully sharded on their hidden
+# (`embed`) dimension over fsdp and, for the dense ones, the expert axis too (it is a data axis
+# outside the MoE block: ZeRO-3 over both; the experts' own `expert` dimension takes that axis first), and MLA's up-projections (q_b_proj [q_lora, heads], kv_b_proj
+# [kv_lora, heads], which have no hidden dimension) on their LoRA rank, so that no large parameter is
+# replicated when tensor=1; tensor parallelism on heads, FFN width and vocabulary; experts over
+# `expert`. Stacked layers and norms stay whole.
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp", "expert"),
     "seq": (),
-    "embed": ("fsdp",),
+    "embed": ("fsdp", "expert"),
     "vocab": ("tensor",),
     "heads": ("tensor",),
     "mlp": ("tensor",),
     "moe_mlp": ("tensor",),
     "expert": ("expert",),
     "layers": (),
-    "q_lora": (),
-    "kv_lora": (),
+    "q_lora": ("fsdp", "expert"),
+    "kv_lora": ("fsdp", "expert"),
     "norm": (),
     "mtp_concat": (),
 }
@@ -93,11 +97,14 @@ def resolve_dims(logical_axes: Sequence[str | None], shape: Sequence[int], mesh_
     if name not in rules:
       raise ConfigError(f"{what}: logical axis {name!r} has no sharding rule (add it to mesh.rules)")
     axes = tuple(a for a in rules[name] if mesh_shape.get(a, 1) > 1 and a not in used)
-    n = math.prod(mesh_shape[a] for a in axes)
-    if axes and size % n:
-      notes.append(f"{what or 'array'} dim {dim} ({name!r}, size {size}) does not divide by {'x'.join(axes)}={n};"
-                   " replicated")
-      axes = ()
+    wanted = axes
+    while axes and size % math.prod(mesh_shape[a] for a in axes):
+      axes = axes[:-1]  # the longest prefix of the rule's axes that divides the dimension
+    if axes != wanted:
+      n = math.prod(mesh_shape[a] for a in wanted)
+      kept = f"sharded over {'x'.join(axes)} only" if axes else "replicated"
+      notes.append(f"{what or 'array'} dim {dim} ({name!r}, size {size}) does not divide by {'x'.join(wanted)}={n};"
+                   f" {kept}")
     used.update(axes)
     out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   while out and out[-1] is None:
