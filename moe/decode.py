@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from moe import rope
-from moe.mla import LatentCache
+from moe.mla import LatentCache, Mask
 
 
 class KVCache(NamedTuple):
@@ -72,7 +72,7 @@ def extend(model, cache: KVCache, tokens_BxT, n_new_B=None, last_only: bool = Fa
   h = model.embed(tokens_BxT)
   new_stacks = []
   for stack, layer_cache in zip(model.stacks(), cache.stacks):
-    h, _, layer_cache = stack(h, cos_sin, visible, valid, layer_cache, positions)
+    h, _, layer_cache = stack(h, cos_sin, Mask(visible), valid, layer_cache, positions)
     new_stacks.append(layer_cache)
   if last_only:
     h = jnp.take_along_axis(h, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)

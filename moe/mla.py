@@ -6,7 +6,8 @@
   o = softmax(q k^T * scale + causal/segment mask) v W_o
 
 Without a cache (training, evaluation) the keys and values are materialised per head and the core
-runs the implementation the Runtime chose (moe/kernels/attention.py). With a `LatentCache`
+runs the implementation the Runtime chose (moe/kernels/attention.py: fused, blocked on CPU, the
+splash kernel on TPU). With a `LatentCache`
 (decoding, moe/decode.py) only what MLA needs is cached per token (section 2.1.3): the normalised
 latent `c_kv` and the rotated decoupled key `k_pe`; kv_b_proj = [W_UK | W_UV] is absorbed into the
 query and the output, so keys and values are never materialised per head:
@@ -20,6 +21,7 @@ which is exactly the full-attention result (q_nope . (c_kv W_UK) = (q_nope W_UK^
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -28,7 +30,7 @@ from flax import nnx
 
 from moe import rope
 from moe.config import ModelConfig
-from moe.kernels.attention import ATTENTION
+from moe.kernels.attention import ATTENTION, PALLAS, per_device
 from moe.layers import Linear, RMSNorm
 from moe.runtime import Runtime
 
@@ -39,6 +41,18 @@ class LatentCache(NamedTuple):
 
   c_kv: jax.Array
   k_pe: jax.Array
+
+
+class Mask(NamedTuple):
+  """Which keys each query sees: `dense` [batch, 1, q, k] bool, and in training the `segment_ids`
+  [batch, seq] it was made from (causal within each document), which the splash kernel takes."""
+
+  dense: jax.Array
+  segment_ids: jax.Array | None = None
+
+
+def document_mask(segment_ids_BxS) -> Mask:
+  return Mask(attention_mask(segment_ids_BxS), segment_ids_BxS)
 
 
 def attention_mask(segment_ids_BxS):
@@ -54,6 +68,8 @@ class MLA(nnx.Module):
   def __init__(self, cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.attention = rt.attention
+    self.par = rt.par  # the Pallas kernels run per device, under the mesh
+    self.interpret = rt.platform != {"splash": "tpu", "flash": "gpu"}.get(rt.attention)  # else the interpreter
     self.dtype = rt.compute_dtype
     d, h = cfg.hidden_size, cfg.num_attention_heads
     if cfg.q_lora_rank is None:
@@ -86,12 +102,12 @@ class MLA(nnx.Module):
     c_kv, k_pe = jnp.split(ckv, [self.cfg.kv_lora_rank], axis=-1)
     return self.kv_a_layernorm(c_kv), k_pe
 
-  def __call__(self, x_BxTxD, cos_sin, mask, cache: LatentCache | None = None, slots_BxT=None):
+  def __call__(self, x_BxTxD, cos_sin, mask: Mask, cache: LatentCache | None = None, slots_BxT=None):
     """(output [B, T, D], cache).
 
-    Without `cache`: self-attention over the T tokens, `mask` [B, 1, T, T] (attention_mask); returns
-    cache None. With `cache`: the T new tokens' latents are written to it at `slots` [B, T] and they
-    attend to the cached tokens `mask` [B, 1, T, max_len] marks visible; returns the updated cache.
+    Without `cache`: self-attention over the T tokens (`mask`: document_mask); returns cache None.
+    With `cache`: the T new tokens' latents are written to it at `slots` [B, T] and they attend to
+    the cached tokens `mask.dense` [B, 1, T, max_len] marks visible; returns the updated cache.
     """
     cfg = self.cfg
     b, t, _ = x_BxTxD.shape
@@ -107,10 +123,14 @@ class MLA(nnx.Module):
       k_nope, v = jnp.split(kv, [nope], axis=-1)
       q = jnp.concatenate([q_nope, q_pe], axis=-1)
       k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe, (b, t, h, cfg.qk_rope_head_dim))], axis=-1)
-      out = ATTENTION[self.attention](q, k, v, mask, rope.softmax_scale(cfg))
+      if self.attention in PALLAS:
+        kernel = functools.partial(PALLAS[self.attention], scale=rope.softmax_scale(cfg), interpret=self.interpret)
+        out = per_device(kernel, q, k, v, mask.segment_ids, self.par)
+      else:
+        out = ATTENTION[self.attention](q, k, v, mask.dense, rope.softmax_scale(cfg))
     else:
       cache = _write(cache, c_kv, k_pe[:, :, 0], slots_BxT)
-      out = self._absorbed(q_nope, q_pe, cache, mask)
+      out = self._absorbed(q_nope, q_pe, cache, mask.dense)
     return self.o_proj(out.reshape(b, t, h * cfg.v_head_dim)), cache
 
   def _absorbed(self, q_nope_BxTxHxN, q_pe_BxTxHxR, cache: LatentCache, mask_Bx1xTxL):

@@ -67,7 +67,7 @@ class Transformer(nnx.Module):
     if positions_BxS is None:
       positions_BxS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     valid = segment_ids_BxS > 0
-    mask = mla.attention_mask(segment_ids_BxS)
+    mask = mla.document_mask(segment_ids_BxS)
     cos_sin = rope.rope_tables(positions_BxS, self.cfg)
 
     h = constrain(self.embed(tokens_BxS), ACT, self.rt.par)

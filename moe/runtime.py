@@ -9,7 +9,8 @@ never ask JAX which backend they run on, so compiling for a TPU or GPU target fr
 (`jax.experimental.topologies`) builds exactly the model that target would run, and every path can be
 chosen on CPU (tests, or to compare kernels).
 
-  attention  fused (jax.nn.dot_product_attention; GPU/TPU) | blocked (moe.kernels.cpu: CPU)
+  attention  splash (Pallas flash attention; TPU) | flash (Pallas Triton flash attention; GPU) |
+             blocked (moe.kernels.cpu: CPU) | fused (jax.nn.dot_product_attention)
   experts    ragged_dot (GPU/TPU) | blocked (moe.kernels.cpu: CPU) | dense (reference, E x the work)
   fp8_gemm   kernels (Pallas; GPUs with FP8 tensor cores, interpreter elsewhere) | xla | qdq (CPU, TPU)
              used when the compute is FP8 (`precision: fp8`; moe/kernels/fp8.py)
@@ -44,7 +45,7 @@ class ImplConfig:
   schedules across layers (bench-cpu: 9% faster steps, docs/perf.md; compile time grows with depth).
   `fp8_pow2_scales`: round every FP8 scale up to a power of two."""
 
-  attention: Literal["auto", "fused", "blocked"] = "auto"
+  attention: Literal["auto", "fused", "blocked", "splash", "flash"] = "auto"
   experts: Literal["auto", "ragged_dot", "blocked", "dense"] = "auto"
   fp8_gemm: fp8_lib.GemmChoice = "auto"
   fp8_pow2_scales: bool = False
@@ -89,7 +90,9 @@ class Runtime:
     devices = list(jax.devices() if devices is None else devices)
     platform = devices[0].platform
     on_cpu = platform == "cpu"
-    attention = impl.attention if impl.attention != "auto" else "blocked" if on_cpu else "fused"
+    attention = impl.attention
+    if attention == "auto":
+      attention = {"cpu": "blocked", "tpu": "splash", "gpu": "flash"}.get(platform, "fused")
     experts = impl.experts if impl.experts != "auto" else "blocked" if on_cpu else "ragged_dot"
     recipe = None
     if fp8:
