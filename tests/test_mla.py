@@ -12,7 +12,7 @@ from flax import nnx
 from moe import mla, rope
 from moe.config import ModelConfig, RopeScaling
 from moe.kernels import cpu
-from moe.kernels.attention import ATTENTION
+from moe.kernels.attention import ATTENTION, PALLAS
 from moe.runtime import ImplConfig, Runtime
 from tests.random_weights import random_state
 
@@ -45,11 +45,12 @@ def ref_attend(q, k, v, mask, scale):
   return np.einsum("bhqk,bkhd->bqhd", p, v)
 
 
-@pytest.mark.parametrize("fn", sorted(ATTENTION))
+@pytest.mark.parametrize("fn", sorted(ATTENTION) + sorted(PALLAS))
 @pytest.mark.parametrize("dv", [8, 12])
 def test_attention_narrow_values_vs_reference(dv, fn):
-  """Every attention core `impl.attention` can choose (fused dot_product_attention: GPU/TPU; query
-  blocks: CPU)."""
+  """Every attention core `impl.attention` can choose: fused dot_product_attention, the CPU query
+  blocks, and the Pallas flash-attention kernels for TPU (splash) and GPU (flash), which on this CPU
+  run in the Pallas interpreter and take the segment ids instead of the dense mask."""
   rng = np.random.default_rng(0)
   b, s, h, dk = 2, 7, 3, 12
   q, k = (rng.standard_normal((b, s, h, dk)).astype(np.float32) for _ in range(2))
@@ -57,7 +58,12 @@ def test_attention_narrow_values_vs_reference(dv, fn):
   seg = np.array([[1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 1, 0]])
   mask = mla.attention_mask(jnp.asarray(seg))
   scale = 0.37
-  out = np.asarray(ATTENTION[fn](jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, scale))
+  args = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+  if fn in PALLAS:
+    out = PALLAS[fn](*args, jnp.asarray(seg), scale, interpret=True)
+  else:
+    out = ATTENTION[fn](*args, mask, scale)
+  out = np.asarray(out)
   assert out.shape == (b, s, h, dv)
   np.testing.assert_allclose(out, ref_attend(q, k, v, ref_mask(seg)[:, None], scale), rtol=1e-5, atol=1e-5)
 
@@ -165,7 +171,7 @@ def test_mla_module_vs_reference():
   pos = np.array([[0, 1, 2, 3, 0, 1, 2], [3, 4, 5, 6, 7, 8, 9]])
   @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
   def run(state, x, pos, seg):
-    return nnx.merge(graphdef, state)(x, rope.rope_tables(pos, cfg), mla.attention_mask(seg))[0]
+    return nnx.merge(graphdef, state)(x, rope.rope_tables(pos, cfg), mla.document_mask(seg))[0]
 
   got = run(state, jnp.asarray(x), jnp.asarray(pos), jnp.asarray(seg))
   want = ref_mla(x, w, cfg, pos, seg)
@@ -181,7 +187,7 @@ CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_inter
                   max_position_embeddings=64, initializer_range=0.1)
 
 
-@pytest.mark.parametrize("attention", ["blocked", "fused"])
+@pytest.mark.parametrize("attention", ["blocked", "fused", "splash", "flash"])
 def test_packed_documents_equal_separate_runs(attention):
   graphdef, state = random_state(CFG, rt=Runtime.resolve(ImplConfig(attention=attention), announce=False))
 

@@ -57,16 +57,19 @@ def test_logical_to_spec():
   shape = dict(data=2, fsdp=2, expert=2, tensor=2)
   spec = lambda axes, dims, rules=None: sharding.logical_to_spec(axes, dims, shape, rules)
   assert spec(("expert", "embed", "moe_mlp"), (8, 32, 16)) == P("expert", "fsdp", "tensor")
-  assert spec(("layers", "embed", "mlp"), (3, 32, 64)) == P(None, "fsdp", "tensor")
+  # dense weights: embed over fsdp and expert (a data axis outside the MoE block)
+  assert spec(("layers", "embed", "mlp"), (3, 32, 64)) == P(None, ("fsdp", "expert"), "tensor")
   # a mesh axis is used once per array: activations are batch-sharded, embed replicated
   assert spec(("batch", "seq", "embed"), (8, 16, 32)) == P(("data", "fsdp", "expert"))
-  # not divisible: that dim is replicated
-  assert spec(("batch", "seq", "embed"), (6, 16, 32)) == P(None, None, "fsdp")
-  assert spec(("vocab", "embed"), (63, 32)) == P(None, "fsdp")
+  # not divisible: the longest prefix of the rule's axes that divides it, else replicated
+  assert spec(("batch", "seq", "embed"), (6, 16, 32)) == P("data", None, ("fsdp", "expert"))
+  assert spec(("layers", "embed"), (3, 6)) == P(None, "fsdp")
+  assert spec(("vocab", "embed"), (63, 32)) == P(None, ("fsdp", "expert"))
+  assert spec(("q_lora", "heads"), (16, 32)) == P(("fsdp", "expert"), "tensor")  # MLA's up-projections
   # size-1 axes are dropped; rules overrides
   assert sharding.logical_to_spec(("batch",), (8,), dict(data=8, fsdp=1, expert=1, tensor=1)) == P("data")
-  rules = sharding.resolve_rules({"embed": ["fsdp", "expert"], "vocab": None})
-  assert spec(("vocab", "embed"), (64, 32), rules) == P(None, ("fsdp", "expert"))
+  rules = sharding.resolve_rules({"embed": "fsdp", "vocab": None})
+  assert spec(("vocab", "embed"), (64, 32), rules) == P(None, "fsdp")
   assert spec(("expert", "embed", "moe_mlp"), (8, 32, 16), rules) == P("expert", "fsdp", "tensor")
   with pytest.raises(ConfigError, match="not a mesh axis"):
     sharding.resolve_rules({"embed": "model"})
@@ -105,6 +108,22 @@ def test_capacity_and_device_limited_routing():
   assert expert_parallel.ranks_per_token(256, 4, 8, 8, 4) == 4  # 2 groups per rank
   assert expert_parallel.ranks_per_token(256, 16, 8, 8, 4) == 8  # a group spans 2 ranks
   assert expert_parallel.ranks_per_token(256, 64, 8, 1, 1) == 8
+
+
+def test_dropless_exchanges_go_in_chunks():
+  """Defect 5: a dropless exchange's receive buffer is sized for the worst case, n_ep * min(K, E_l)
+  rows per local token (8 x the balanced K for DeepSeek-V3 on 8 expert ranks); the tokens go in
+  chunks so that one chunk's worst case is at most the balanced receive of all of them."""
+  t, k, n_ep, e_local = 4096, 8, 8, 32  # V3 at one 4096-token sequence per chip, expert=8
+  chunks = expert_parallel.dropless_chunks(t, k, n_ep, e_local)
+  assert chunks == 8 and n_ep * min(k, e_local) * t / chunks <= t * k
+  assert expert_parallel.dropless_chunks(t, k, 64, 4) == 32  # expert=64: 4 local experts, 32x worst case
+  assert expert_parallel.dropless_chunks(16, 2, 2, 4) == 2
+  assert expert_parallel.dropless_chunks(96, 1, 1, 4) == 1  # balanced is the worst case: one go
+  assert expert_parallel.dropless_chunks(30, 1, 8, 4) == 10  # the first divisor of the tokens >= 8
+  assert expert_parallel.dropless_chunks(4096, 8, 8, 32, given=1) == 1
+  with pytest.raises(ConfigError, match="mesh.ep_chunks=3 must divide the 4096 tokens"):
+    expert_parallel.dropless_chunks(4096, 8, 8, 32, given=3)
 
 
 def test_transport_choice():
@@ -155,7 +174,7 @@ def test_shards_are_1_over_n(eight):
   down = [p for n, p in params.items() if "['mtp']" in n and "['experts']['down_proj']" in n]
   assert len(down) == 1 and down[0]["spec"] == "('expert', 'tensor', 'fsdp')"  # [E, F, D]
   emb = [p for n, p in params.items() if "embedding" in n]
-  assert emb and emb[0]["spec"] == "('tensor', 'fsdp')"
+  assert emb and emb[0]["spec"] == "('tensor', ('fsdp', 'expert'))"
 
 
 def check_ep_unit(r):

@@ -21,7 +21,7 @@ from parallel.errors import ConfigError
 from train.core import loop
 from train.core.config import load_train_config
 from train.core.data import synthetic_batch
-from train.core.metrics import measure_peak_flops
+from train.core.metrics import device_memory, measure_peak_flops
 
 
 def best_of(fn, *args, iters=5):
@@ -63,7 +63,8 @@ def run(cfg, steps: int = 10, warmup: int = 2) -> dict:
           "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
           "tokens_per_s": round(tokens / step_s, 1), "step_s": round(step_s, 4),
           "model_flops_per_token": flops_per_token, "achieved_tflops": round(achieved / 1e12, 4),
-          "peak_tflops": round(peak / 1e12, 4), "mfu": round(achieved / peak, 4)}
+          "peak_tflops": round(peak / 1e12, 4), "mfu": round(achieved / peak, 4),
+          **({"device_memory": device_memory()} if device_memory() is not None else {})}
 
 
 def main(argv=None) -> int:

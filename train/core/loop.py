@@ -29,7 +29,7 @@ from train.core import optimizer as optimizer_lib
 from train.core import step as step_lib
 from train.core.config import TrainConfig
 from train.core.evaluation import EvalSet
-from train.core.metrics import MetricsLogger, measure_peak_flops
+from train.core.metrics import MetricsLogger, device_memory, measure_peak_flops
 
 log = logging.getLogger("train")
 
@@ -47,21 +47,32 @@ def runtime(cfg: TrainConfig, par: Parallelism) -> Runtime:
   return Runtime.resolve(cfg.impl, dtype=cfg.compute_dtype, param_dtype="float32", fp8=cfg.fp8, par=par)
 
 
-class Built(NamedTuple):
-  state: dict  # {params, rest, opt, step}, laid out on the mesh
+class Setup(NamedTuple):
+  """Everything a run is made of but the arrays: what `build` initialises and `train.aot` compiles."""
+
+  par: Parallelism
+  rt: Runtime
+  init: object  # () -> the freshly initialised state {params, rest, opt, step}
+  abstract_state: dict  # ShapeDtypeStructs of the state, with their shardings
+  shardings: object  # the state's NamedShardings (None on one device)
   train_step: object  # jitted (state, batch) -> (state, metrics)
   eval_step: object  # jitted (state, batch) -> (summed NLL, target count)
-  rt: Runtime
-  shardings: object  # the state's NamedShardings (None on one device)
+
+  def batch_spec(self, batch_size: int, seq_len: int) -> dict:
+    """ShapeDtypeStructs of a global training batch, sharded as `to_device` places it."""
+    shape = (batch_size, seq_len)
+    sharding = sharding_lib.batch_sharding(self.par.mesh, shape, self.par.rules)
+    return {k: jax.ShapeDtypeStruct(shape, jax.numpy.float32 if k == "loss_mask" else jax.numpy.int32,
+                                    sharding=sharding)
+            for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
 
 
-def build(cfg: TrainConfig, par: Parallelism | None = None, rt: Runtime | None = None) -> Built:
-  """A freshly initialised state and the jitted steps.
+def setup(cfg: TrainConfig, par: Parallelism | None = None, rt: Runtime | None = None) -> Setup:
+  """The mesh, runtime, state layout and jitted steps of `cfg`, without allocating anything.
 
-  On a multi-device mesh the state is created by a jitted init whose outputs are already sharded
-  (parallel.sharding.state_shardings: parameters and optimizer moments by their logical axes); the
-  model carries the mesh (its Runtime) for its activation constraints and expert-parallel MoE.
-  Feed the steps `to_device(batch, par)`.
+  On a multi-device mesh the state's shardings come from its parameters' logical axes
+  (parallel.sharding.state_shardings); the model carries the mesh (its Runtime) for its activation
+  constraints and expert-parallel MoE. `par` may be built on compile-only devices (train.aot).
   """
   par = parallelism(cfg) if par is None else par
   rt = runtime(cfg, par) if rt is None else rt
@@ -72,16 +83,35 @@ def build(cfg: TrainConfig, par: Parallelism | None = None, rt: Runtime | None =
     return step_lib.init_state(Transformer(cfg.model, rt, rngs=nnx.Rngs(cfg.seed)), tx)[1]
 
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg.model, rt, rngs=nnx.Rngs(cfg.seed))))
+  abstract = jax.eval_shape(init)
   if par.mesh.size == 1:
-    # committed to the mesh's device with the sharding the step returns, so the second step does not
-    # compile again for a new input sharding
+    # the sharding the step returns, so that the second step does not compile again
     replicated = jax.sharding.NamedSharding(par.mesh, jax.sharding.PartitionSpec())
-    state, shardings = jax.device_put(init(), replicated), None
+    layout, shardings = jax.tree.map(lambda _: replicated, abstract), None
   else:
-    shardings = sharding_lib.state_shardings(jax.eval_shape(init), par.mesh, par.rules)
-    state = jax.jit(init, out_shardings=shardings)()
+    layout = shardings = sharding_lib.state_shardings(abstract, par.mesh, par.rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, layout)
   train_step = step_lib.make_train_step(graphdef, cfg.model, tx, schedule, cfg, shardings)
-  return Built(state, train_step, step_lib.make_eval_step(graphdef), rt, shardings)
+  return Setup(par, rt, init, abstract, shardings, train_step, step_lib.make_eval_step(graphdef))
+
+
+class Built(NamedTuple):
+  state: dict  # {params, rest, opt, step}, laid out on the mesh
+  train_step: object  # jitted (state, batch) -> (state, metrics)
+  eval_step: object  # jitted (state, batch) -> (summed NLL, target count)
+  rt: Runtime
+  shardings: object  # the state's NamedShardings (None on one device)
+
+
+def build(cfg: TrainConfig, par: Parallelism | None = None, rt: Runtime | None = None) -> Built:
+  """A freshly initialised state, laid out on the mesh, and the jitted steps (see `setup`).
+  Feed the steps `to_device(batch, par)`."""
+  s = setup(cfg, par, rt)
+  if s.shardings is None:
+    state = jax.device_put(s.init(), jax.tree.map(lambda a: a.sharding, s.abstract_state))
+  else:
+    state = jax.jit(s.init, out_shardings=s.shardings)()
+  return Built(state, s.train_step, s.eval_step, s.rt, s.shardings)
 
 
 def to_device(batch: dict, par: Parallelism | None = None, global_batch_size: int | None = None) -> dict:
@@ -163,6 +193,9 @@ def train(cfg: TrainConfig, progress: bool = True, peak_flops: float | None = No
       if step == start:  # keep compilation out of tokens/s
         jax.block_until_ready(metrics)
         log.info("first step (compilation included): %.1f s", time.perf_counter() - t0)
+        if (memory := device_memory()) is not None:
+          log.info("device memory after the first step: peak %s GiB in use of %s GiB", memory["peak_GiB"],
+                   memory.get("limit_GiB", "?"))
         t0, timed = time.perf_counter(), -1
       timed += 1
       stopped = stop.requested(step + 1)
@@ -186,5 +219,7 @@ def train(cfg: TrainConfig, progress: bool = True, peak_flops: float | None = No
       if stopped:
         log.info("%s: stopped after step %d; the checkpoint is being written", stop.received, step + 1)
         break
+    if (memory := device_memory()) is not None:
+      log.info("device memory: peak %s GiB in use of %s GiB", memory["peak_GiB"], memory.get("limit_GiB", "?"))
   return {"first_loss": first, "last_loss": last, "steps": cfg.steps, "run_dir": str(run_dir), "start_step": start,
           "stopped_by": stop.received if stopped else None, "last_step": step + 1 if start < cfg.steps else start}

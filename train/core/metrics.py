@@ -38,6 +38,21 @@ def measure_peak_flops(dtype, n: int | None = None, iters: int = 30) -> float:
   return 2 * n**3 / best
 
 
+def device_memory() -> dict | None:
+  """{peak_GiB, limit_GiB} of the first local device's memory in use so far, where the backend
+  reports it (GPU, TPU; CPU does not): to check a compile-time estimate (train.aot) against a run."""
+  try:
+    stats = jax.local_devices()[0].memory_stats()
+  except Exception:  # noqa: BLE001 - a backend without memory statistics
+    return None
+  if not stats or "peak_bytes_in_use" not in stats:
+    return None
+  out = {"peak_GiB": round(stats["peak_bytes_in_use"] / 2**30, 2)}
+  if stats.get("bytes_limit"):
+    out["limit_GiB"] = round(stats["bytes_limit"] / 2**30, 2)
+  return out
+
+
 def to_python(value) -> float | list[float]:
   """A Python/NumPy/JAX scalar -> float; a 1-D array or sequence -> list of floats."""
   a = np.asarray(value, dtype=np.float64)

@@ -1,0 +1,245 @@
+"""Will it fit? Compile the real training step for a TPU or GPU pod on this (CPU) machine.
+
+  python -m train.aot CONFIG --target v5p-1024 [--target h100x256 ...] [--slices N] [key=value ...]
+  python -m train.aot CONFIG --target v5p-512 --search [--tries N]
+
+The step is the one `python -m train` runs (train.core.loop.setup: same model, runtime, shardings
+and batch), lowered and compiled for the target's compile-only devices (parallel/targets.py) with
+no accelerator present. One JSON line per target:
+
+  chips, devices, mesh, impl (attention, experts, ep_transport, fp8), compile_s,
+  per_device bytes from the compiler: arguments (split into params, optimizer, batch), temporaries,
+  output, aliased (the donated state), peak = arguments + temporaries + output - aliased,
+  hbm (per device, as the compiler plans it), headroom, fits,
+  model FLOPs per step and per device (analytic, moe.params: the compiler's cost analysis is absent
+  on GPU and over-counts ragged_dot's weight gradient on TPU),
+  collectives of the compiled HLO by kind: count (instructions in the program, so a collective in a
+  scanned layer counts once) and bytes (of their results),
+  largest_replicated: the biggest parameters held whole on every device.
+
+A target the state does not fit is one line, "does not fit on v5p-1024: needs 97.5 GiB of 95.7 GiB
+per device", and exit code 3 (2: a bad config or target). `--search` compiles mesh factorisations,
+remat policies and grad_accum for one target, best first, and prints one JSON line per try and a
+table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import re
+import sys
+import time
+
+import jax
+import numpy as np
+
+from moe import params as params_lib
+from parallel import targets as targets_lib
+from parallel.errors import ConfigError, InputError
+from parallel.mesh import Parallelism
+from train.core import loop
+from train.core.config import TrainConfig, load_train_config
+
+log = logging.getLogger("train.aot")
+
+GiB = 1 << 30
+EXIT_DOES_NOT_FIT = 3
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all",
+               "collective-permute")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+          "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+class DoesNotFit(Exception):
+  def __init__(self, target: str, needed: float | None, hbm: float, detail: str):
+    self.target, self.needed, self.hbm, self.detail = target, needed, hbm, detail
+    need = f"needs {needed / GiB:.1f} GiB of {hbm / GiB:.1f} GiB per device" if needed else detail
+    super().__init__(f"does not fit on {target}: {need}")
+
+
+def for_target(cfg: TrainConfig, target: targets_lib.Target) -> TrainConfig:
+  """`cfg` on a multi-slice target: without mesh.dcn_* the data axis spans the slices."""
+  if target.slices > 1 and cfg.mesh.dcn_data * cfg.mesh.dcn_fsdp == 1:
+    log.info("%s: %d slices, mesh.dcn_data=%d", target.name, target.slices, target.slices)
+    return cfg.replace(mesh=dataclasses.replace(cfg.mesh, dcn_data=target.slices))
+  return cfg
+
+
+def collectives(hlo: str) -> dict:
+  """{kind: {"count", "bytes"}} of the collectives in compiled HLO text (async pairs counted once)."""
+  out = {}
+  pattern = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+  for shape, kind, _ in pattern.findall(hlo):
+    entry = out.setdefault(kind, {"count": 0, "bytes": 0})
+    entry["count"] += 1
+    for dtype, dims in re.findall(r"([a-z0-9]+)\[([0-9,]*)\]", shape):
+      size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+      entry["bytes"] += size * _BYTES.get(dtype, 4)
+  return out
+
+
+def per_device_bytes(tree) -> int:
+  """Bytes one device holds of an abstract pytree with shardings (the largest shard of each leaf)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def largest_replicated(state, n_devices: int, top: int = 3) -> list[dict]:
+  """The biggest parameters every device holds whole (candidates for a sharding rule)."""
+  if n_devices == 1:
+    return []
+  rows = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state["params"]):
+    if leaf.sharding.is_fully_replicated:
+      names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+      rows.append({"param": "/".join(n for n in names if n != "value"),
+                   "shape": list(leaf.shape), "MiB": round(leaf.size * np.dtype(leaf.dtype).itemsize / 2**20, 1)})
+  return sorted(rows, key=lambda r: -r["MiB"])[:top]
+
+
+_OOM = re.compile(r"\(([0-9.]+)([KMGT]?)\) exceeds available HBM \(([0-9.]+)([KMGT]?)\)")
+_UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def compile_for(cfg: TrainConfig, target: targets_lib.Target) -> dict:
+  """Compile `cfg`'s train step for `target`; the report (see the module docstring), or DoesNotFit."""
+  cfg = for_target(cfg, target)
+  devices = targets_lib.devices(target)
+  par = Parallelism.from_config(cfg.mesh, devices)
+  s = loop.setup(cfg, par)
+  batch = s.batch_spec(cfg.batch_size, cfg.seq_len)
+  t0 = time.perf_counter()
+  try:
+    compiled = s.train_step.lower(s.abstract_state, batch).compile()
+  except Exception as e:  # noqa: BLE001 - the compiler's out-of-memory error, anything else re-raised
+    text = str(e)
+    if "Ran out of memory" not in text and "exceeds available HBM" not in text:
+      raise
+    m = _OOM.search(text)
+    needed = float(m.group(1)) * _UNIT[m.group(2)] if m else None
+    hbm = float(m.group(3)) * _UNIT[m.group(4)] if m else target.hbm_bytes
+    raise DoesNotFit(target.name, needed, hbm, text.strip().splitlines()[0][:200]) from None
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  state = s.abstract_state
+  parts = {"params": per_device_bytes((state["params"], state["rest"])),
+           "optimizer": per_device_bytes((state["opt"], state["step"])), "batch": per_device_bytes(batch)}
+  peak = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+          - mem.alias_size_in_bytes)
+  if peak > target.hbm_bytes:  # XLA:GPU compiles what does not fit and says so only in a warning
+    raise DoesNotFit(target.name, peak, target.hbm_bytes, "")
+  n = par.mesh.size
+  flops = params_lib.count(cfg.model, cfg.seq_len)["flops_per_token"] * cfg.batch_size * cfg.seq_len
+  rt = s.rt
+  return {
+      "target": target.name, "slices": target.slices, "chips": target.chips * target.slices, "devices": n,
+      "mesh": dict(par.mesh.shape),
+      "impl": {"attention": rt.attention, "experts": rt.experts, "ep_transport": par.ep_transport,
+               "capacity_factor": par.capacity_factor, "fp8": rt.fp8.gemm if rt.fp8 else None,
+               "remat_policy": rt.remat_policy, "dtype": rt.dtype},
+      "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "grad_accum": cfg.grad_accum,
+      "compile_s": round(compile_s, 1),
+      "per_device_GiB": {"arguments": _gib(mem.argument_size_in_bytes), **{k: _gib(v) for k, v in parts.items()},
+                         "temporaries": _gib(mem.temp_size_in_bytes), "output": _gib(mem.output_size_in_bytes),
+                         "aliased": _gib(mem.alias_size_in_bytes), "peak": _gib(peak)},
+      "hbm_GiB": _gib(target.hbm_bytes), "headroom_GiB": _gib(target.hbm_bytes - peak),
+      "headroom": round(1 - peak / target.hbm_bytes, 3), "fits": peak <= target.hbm_bytes,
+      "model_flops_per_step": flops, "model_flops_per_device": flops / n,
+      "collectives": collectives(compiled.as_text()),
+      "largest_replicated": largest_replicated(state, n),
+  }
+
+
+def _gib(b: float) -> float:
+  return round(b / GiB, 2)
+
+
+# ------------------------------------------------------------------ search
+def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list[list[str]]:
+  """Override sets to try, most promising first: expert x fsdp (x tensor) factorisations of the
+  devices, then remat policies and grad_accum."""
+  n = target.devices
+  e = cfg.model.n_routed_experts
+  meshes = []
+  for tensor in (1, 2, 4):
+    for expert in sorted({x for x in (1, 2, 4, 8, 16, 32, 64) if x <= e and e % x == 0}, reverse=True):
+      if n % (expert * tensor) == 0:
+        meshes.append([f"mesh.data=1", f"mesh.fsdp={n // (expert * tensor)}", f"mesh.expert={expert}",
+                       f"mesh.tensor={tensor}"])
+  out = []
+  for remat in ("none", "save_dots_no_batch", "full"):
+    for accum in (1, 2, 4):
+      if cfg.batch_size % accum:
+        continue
+      for m in meshes:
+        out.append(m + [f"impl.remat_policy={remat}", f"grad_accum={accum}"])
+  return out[:tries]
+
+
+def search(cfg_path: str, overrides: list[str], target: targets_lib.Target, tries: int) -> list[dict]:
+  rows = []
+  for extra in candidates(load_train_config(cfg_path, overrides), target, tries):
+    try:
+      cfg = load_train_config(cfg_path, overrides + extra)
+      r = compile_for(cfg, target)
+      row = {"overrides": extra, "fits": r["fits"], "peak_GiB": r["per_device_GiB"]["peak"],
+             "compile_s": r["compile_s"]}
+    except DoesNotFit as e:
+      row = {"overrides": extra, "fits": False, "peak_GiB": _gib(e.needed) if e.needed else None, "why": str(e)}
+    except InputError as e:
+      row = {"overrides": extra, "fits": False, "peak_GiB": None, "why": str(e)}
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+  rows.sort(key=lambda r: (not r["fits"], r["peak_GiB"] if r["peak_GiB"] is not None else float("inf")))
+  return rows
+
+
+def table(rows: list[dict]) -> str:
+  lines = [f"{'fits':5s} {'peak GiB':>9s}  overrides"]
+  for r in rows:
+    peak = f"{r['peak_GiB']:.1f}" if r["peak_GiB"] is not None else "-"
+    lines.append(f"{'yes' if r['fits'] else 'no':5s} {peak:>9s}  {' '.join(r['overrides'])}")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m train.aot", description=__doc__.splitlines()[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  p.add_argument("config", help="training YAML, e.g. configs/deepseek-v3-671b.yaml")
+  p.add_argument("overrides", nargs="*", help="key=value overrides, as for python -m train")
+  p.add_argument("--target", action="append", required=True, help="v5p-1024, v6e-256, h100x256, ... (repeatable)")
+  p.add_argument("--slices", type=int, default=1, help="TPU slices (multi-slice over the data-centre network)")
+  p.add_argument("--search", action="store_true", help="try meshes, remat policies and grad_accum for the target")
+  p.add_argument("--tries", type=int, default=12, help="with --search: at most this many compiles")
+  args = p.parse_intermixed_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
+  rc = 0
+  try:
+    cfg = load_train_config(args.config, args.overrides)
+    targets = [targets_lib.parse(t, args.slices) for t in args.target]
+    if args.search:
+      if len(targets) != 1:
+        raise ConfigError("--search takes one --target")
+      print(table(search(args.config, args.overrides, targets[0], args.tries)))
+      return 0
+    for target in targets:
+      try:
+        print(json.dumps(compile_for(cfg, target)), flush=True)
+      except DoesNotFit as e:
+        print(f"{args.config}: {e}", file=sys.stderr, flush=True)
+        rc = EXIT_DOES_NOT_FIT
+  except InputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return rc
+
+
+if __name__ == "__main__":
+  sys.exit(main())
