@@ -72,6 +72,16 @@ class ModelConfig:
     check_fields(self, "model.")
     if self.rope_scaling is not None:
       check_fields(self.rope_scaling, "model.rope_scaling.")
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                 "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 1")
+    for name in ("n_shared_experts", "num_nextn_predict_layers"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 0")
+    if self.q_lora_rank is not None and self.q_lora_rank < 1:
+      raise ConfigError(f"model.q_lora_rank={self.q_lora_rank} must be >= 1 or null (a plain q_proj)")
     if self.moe_layer_freq != 1:
       raise ConfigError(
           f"model.moe_layer_freq={self.moe_layer_freq} is not supported: every released DeepSeek"

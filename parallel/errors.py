@@ -32,6 +32,11 @@ class CheckpointError(ConfigError):
   """A checkpoint that cannot be used (a directory, a format, a model that does not match)."""
 
 
+class RunFailed(Exception):
+  """A run that cannot go on: it diverged, or a checkpoint could not be written. One line naming the
+  step, the cause and the last good checkpoint; the CLIs exit with code 4."""
+
+
 def require(ok: bool, message: str) -> None:
   if not ok:
     raise ConfigError(message)

@@ -6,7 +6,7 @@ import logging
 import sys
 
 from parallel import distributed
-from parallel.errors import InputError
+from parallel.errors import InputError, RunFailed
 from train.core import config, loop
 
 
@@ -34,6 +34,9 @@ def main(argv=None) -> int:
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except RunFailed as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 4
   if result["stopped_by"]:
     print(f"stopped by {result['stopped_by']} at step {result['last_step']}: checkpoint in"
           f" {result['run_dir']}/checkpoints/{result['last_step']}; run the same command to resume")

@@ -37,8 +37,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list]:
-  """(steps, values) of the records that have `key`."""
-  rows = [(r["step"], r[key]) for r in records if key in r]
+  """(steps, values) of the records that have a finite `key` (a diverged step logs null)."""
+  rows = [(r["step"], r[key]) for r in records if r.get(key) is not None]
   return [s for s, _ in rows], [v for _, v in rows]
 
 

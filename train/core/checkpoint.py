@@ -6,7 +6,8 @@ training continues), holding the items
 
   model/      {"params", "rest"}: float32 master weights and the router biases (the `rest` of the
               model state), an Orbax PyTree (OCDBT); `python -m train.export` reads only this item
-  optimizer/  {"opt", "step"}: the AdamW state and the step counter
+  optimizer/  {"opt", "step", "guard"}: the AdamW state, the step counter and the spike guard's running
+              mean of the loss
   data/       the Grain iterator state of every process, `process_<i>-of-<n>.json`
               (grain.checkpoint.CheckpointSave); absent in checkpoints made from HF weights
   config/     the resolved TrainConfig (JSON, `TrainConfig.to_dict`)
@@ -46,10 +47,12 @@ import shutil
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -58,7 +61,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moe import hf
 from moe.model import Transformer
 from moe.runtime import Runtime
-from parallel.errors import CheckpointError, ConfigError
+from parallel.errors import CheckpointError, ConfigError, RunFailed
 from train.core.config import TrainConfig
 
 log = logging.getLogger("train")
@@ -111,16 +114,21 @@ def _one_line(e: BaseException) -> str:
 
 
 def _ignore_closed_loop_callbacks():
-  """When a restore fails, tensorstore reads still in flight finish on orbax's closed asyncio loop, and
-  each reports a harmless 'RuntimeError: Event loop is closed' as an unraisable exception; drop those
-  so that a bad checkpoint gives one line of error. Installed once."""
+  """When a restore or a save fails, the tensorstore reads and writes still in flight finish on (or
+  are dropped with) orbax's asyncio loop, each reporting an unraisable exception or a never-awaited
+  coroutine at exit; drop those so that a bad checkpoint gives one line of error. Installed once."""
+  warnings.filterwarnings("ignore", category=RuntimeWarning, message=r"coroutine .* was never awaited")
   previous = sys.unraisablehook
   if getattr(previous, "_drops_closed_loop", False):
     return
 
   def hook(unraisable):
-    if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
-      previous(unraisable)
+    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    code = getattr(unraisable.object, "cr_code", None)  # a coroutine of orbax abandoned by the failure
+    if code is not None and "orbax" in code.co_filename:
+      return
+    previous(unraisable)
 
   hook._drops_closed_loop = True
   sys.unraisablehook = hook
@@ -135,9 +143,12 @@ def _manager(directory: Path, keep_last: int = 0, keep_every: int = 0, read_only
   policies = [ocp.checkpoint_managers.LatestN(keep_last if keep_last > 0 else None)]
   if keep_every > 0:
     policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
+  # The step directory is made before save() returns, so that a directory that cannot be written
+  # fails the save at once (made in the background, a failure surfaces as a 300 s barrier timeout).
   options = ocp.CheckpointManagerOptions(
       enable_async_checkpointing=True, cleanup_tmp_directories=False, create=not read_only,
-      read_only=read_only, preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
+      read_only=read_only, preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+      async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
   return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
@@ -220,6 +231,7 @@ class Checkpoints:
     self.directory = checkpoint_dir(cfg.run_dir)
     _check_directory(self.directory)
     self.data_seed = cfg.seed
+    self.saving, self.broken = None, False
     remove_interrupted_saves(self.directory)  # before anything else looks at the directory
     self.mngr = _manager(self.directory, cfg.keep_last, cfg.keep_every)
 
@@ -268,7 +280,8 @@ class Checkpoints:
     del state
     items = {
         "model": ocp.args.StandardRestore({"params": target["params"], "rest": target["rest"]}),
-        "optimizer": ocp.args.StandardRestore({"opt": target["opt"], "step": target["step"]}),
+        "optimizer": ocp.args.StandardRestore({"opt": target["opt"], "step": target["step"],
+                                               "guard": target["guard"]}),
     }
     if plan["restore_data"]:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -298,6 +311,7 @@ class Checkpoints:
     """Start an asynchronous save of `step` when it is due (`save_every`) or `force`; returns whether
     it started. The arrays are copied to host before this returns, so the next (donating) step may
     run at once."""
+    self.check()
     if not (force or self.due(step)) or step in self.steps():
       return False
     meta = {"format": FORMAT, "step": int(step), "process_count": jax.process_count(),
@@ -305,22 +319,50 @@ class Checkpoints:
             "mesh": dict(par.mesh.shape) if par is not None else None}
     items = {
         "model": ocp.args.StandardSave({"params": state["params"], "rest": state["rest"]}),
-        "optimizer": ocp.args.StandardSave({"opt": state["opt"], "step": state["step"]}),
+        "optimizer": ocp.args.StandardSave({"opt": state["opt"], "step": state["step"], "guard": state["guard"]}),
         "config": ocp.args.JsonSave(self.cfg.to_dict()),
         "meta": ocp.args.JsonSave(meta),
     }
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    self.mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+      self.mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore/the OS: all mean this save did not happen
+      self._failed(step, e)
+    self.saving = step
     log.info("checkpoint: saving step %d to %s", step, self.directory / str(step))
     return True
 
+  def check(self) -> None:
+    """RunFailed if the asynchronous save in progress (or just finished) failed."""
+    try:
+      self.mngr.check_for_errors()
+    except Exception as e:  # noqa: BLE001
+      self._failed(self.saving, e)
+
+  def _failed(self, step, e: BaseException):
+    _ignore_closed_loop_callbacks()
+    good = [s for s in self.steps() if s != step]
+    last = f"the last good checkpoint is {self.directory / str(good[-1])}" if good else "no earlier checkpoint"
+    self.broken = True
+    raise RunFailed(f"step {step}: writing the checkpoint to {self.directory / str(step)} failed ({_one_line(e)});"
+                    f" {last}") from None
+
   def wait(self) -> None:
-    self.mngr.wait_until_finished()
+    try:
+      self.mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      self._failed(self.saving, e)
 
   def close(self) -> None:
-    self.mngr.wait_until_finished()
-    self.mngr.close()
+    try:
+      self.wait()
+    finally:
+      try:
+        self.mngr.close()
+      except Exception:  # noqa: BLE001 - a manager whose last save failed: already reported
+        if not self.broken:
+          raise
 
   def __enter__(self):
     return self
@@ -390,11 +432,19 @@ def load_model(path, dtype: str = "float32", on_host: bool = False) -> Transform
 
 def load_any(path, dtype: str | None = None) -> Transformer:
   """A Transformer from an HF folder (config.json present) or a training run directory (its newest
-  checkpoint). `dtype`: compute and parameter dtype (default float32)."""
+  checkpoint). `dtype`: compute and parameter dtype (default float32). Weights holding NaN or Inf are
+  a ConfigError: nothing useful can be computed from them."""
   path = Path(path)
   if (path / "config.json").is_file():
-    return hf.from_hf(path, dtype=dtype)
-  return load_model(_newest_of_run(path), dtype or "float32")
+    model = hf.from_hf(path, dtype=dtype)
+  else:
+    path = _newest_of_run(path)
+    model = load_model(path, dtype or "float32")
+  bad = [p for p, v in nnx.to_flat_state(nnx.state(model, nnx.Variable)) if not bool(jnp.isfinite(v[...]).all())]
+  if bad:
+    raise ConfigError(f"{path}: the weights hold NaN or Inf ({'/'.join(map(str, bad[0]))}"
+                      f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); use an earlier checkpoint")
+  return model
 
 
 def _newest_of_run(path: Path) -> Path:

@@ -115,6 +115,13 @@ class TrainConfig:
   # The compute precision; master weights are float32. float32 | bf16 | fp8 (bf16 compute, FP8 E4M3
   # GEMMs in the attention projections, FFNs and routed experts: moe/kernels/fp8.py, docs/fp8.md)
   precision: Literal["float32", "bf16", "fp8"] = "float32"
+  # A step whose loss or gradient norm is not finite is never applied (train/core/step.py); then
+  # stop: the run ends with one line naming the step and the last good checkpoint (exit code 4);
+  # skip: training goes on, and stops after `max_skipped` skipped steps in a row.
+  on_nonfinite: Literal["stop", "skip"] = "stop"
+  max_skipped: int = 10
+  # Skip an update whose loss exceeds this many times the running mean of the loss (null: never).
+  spike_skip_factor: float | None = None
   log_every: int = 10
   eval_every: int = 100
   eval_steps: int = 10
@@ -136,9 +143,11 @@ class TrainConfig:
     if isinstance(self.profile_steps, list):
       object.__setattr__(self, "profile_steps", tuple(self.profile_steps))
     check_fields(self, "")
-    for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_steps"):
+    for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_steps", "max_skipped"):
       require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
     require(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0 (0: never)")
+    f = self.spike_skip_factor
+    require(f is None or f > 1, f"spike_skip_factor={f} must be > 1 (a multiple of the running mean loss) or null")
     for name in ("save_every", "keep_last", "keep_every", "data_workers"):
       require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0 (0: see train/core/config.py)")
     require(

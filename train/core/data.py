@@ -287,6 +287,16 @@ def _open_prepared(path: Path, tokenizer: Tokenizer) -> _Prepared:
         f"{path}: prepared with tokenizer {meta['tokenizer']!r} {theirs}, but the tokenizer given is"
         f" {tokenizer.spec!r} {ours}; pass --tokenizer {meta['tokenizer']}"
     )
+  records = 0
+  for shard in shards:  # a truncated or damaged shard: one line naming it, before training starts
+    try:
+      records += len(grain.sources.ArrayRecordDataSource([str(shard)]))
+    except (RuntimeError, ValueError, OSError) as e:
+      raise DataError(f"{shard}: not a readable ArrayRecord shard ({str(e).splitlines()[0][:160]}); prepare"
+                      f" {path} again") from None
+  if records != meta["num_documents"]:
+    raise DataError(f"{path}: its shards hold {records} documents, {METADATA} says {meta['num_documents']};"
+                    " prepare it again")
   return _Prepared(grain.sources.ArrayRecordDataSource([str(s) for s in shards]))
 
 
@@ -439,7 +449,10 @@ def prepare(inputs: Sequence[str], out: str | Path, tokenizer: Tokenizer) -> dic
   from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
 
   out = Path(out)
-  out.mkdir(parents=True, exist_ok=True)
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise DataError(f"--out {out}: cannot make it a directory ({e.strerror}); choose a new --out directory") from None
   if any(out.glob("shard-*.array_record")) or (out / METADATA).exists():
     raise DataError(f"{out}: already holds a prepared dataset; choose an empty --out directory")
   paths, num_docs, num_tokens, shard_bytes = [], 0, 0, SHARD_BYTES

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -21,11 +20,12 @@ from moe import params as params_lib
 from moe.model import Transformer
 from moe.runtime import Runtime
 from parallel import sharding as sharding_lib
-from parallel.errors import ConfigError
+from parallel.errors import ConfigError, RunFailed
 from parallel.mesh import Parallelism
 from train.core import checkpoint as checkpoint_lib
 from train.core import data as data_lib
 from train.core import optimizer as optimizer_lib
+from train.core import rundir
 from train.core import step as step_lib
 from train.core.config import TrainConfig
 from train.core.evaluation import EvalSet
@@ -135,44 +135,86 @@ def evaluate(eval_step, state, cfg: TrainConfig, evals: EvalSet, par=None) -> fl
   return evals.run(eval_step, state, lambda b: to_device(b, par, cfg.batch_size), steps)["loss"]
 
 
+class Guard:
+  """The host side of the non-finite guard (train/core/step.py skips such updates on device): reads the
+  flags of the steps synced at each log interval or before a save; `on_nonfinite: stop` ends the run
+  at the first, `skip` after `max_skipped` skipped steps in a row."""
+
+  def __init__(self, cfg: TrainConfig, ckpt):
+    self.cfg, self.ckpt, self.in_a_row = cfg, ckpt, 0
+
+  def check(self, first_step: int, metrics: list[dict]) -> None:
+    for i, m in enumerate(metrics):
+      step = first_step + i
+      if m["skipped"]:
+        self.in_a_row += 1
+        if m["nonfinite"] and self.cfg.on_nonfinite == "stop":
+          self.fail(step, f"the loss ({float(m['loss']):.4g}) or the gradient norm ({float(m['grad_norm']):.4g}) is"
+                          " not finite (on_nonfinite=stop)")
+        if self.in_a_row > self.cfg.max_skipped:
+          self.fail(step, f"{self.in_a_row} updates in a row were skipped (non-finite or spiking loss;"
+                          f" max_skipped={self.cfg.max_skipped})")
+        log.warning("step %d: update skipped (%s)", step, "non-finite loss or gradient" if m["nonfinite"] else
+                    f"loss spike: {float(m['loss']):.4g}")
+      else:
+        self.in_a_row = 0
+
+  def fail(self, step: int, why: str):
+    self.ckpt.wait()  # a save in flight was of a good state: let it finish
+    good = self.ckpt.steps()
+    last = (f"the last good checkpoint is {self.ckpt.directory / str(good[-1])} (resume from it, e.g. with a lower"
+            " optimizer.lr)" if good else "no checkpoint was written")
+    raise RunFailed(f"step {step}: {why}; stopped, nothing saved after it; {last}")
+
+
 def train(cfg: TrainConfig, progress: bool = True, peak_flops: float | None = None) -> dict:
   """Train per `cfg`; returns {first_loss, last_loss, steps, ...}. Resumes from the newest checkpoint
   in RUN_DIR/checkpoints and saves checkpoints as train/core/checkpoint.py describes; SIGTERM/SIGINT
   stop after the current step with a checkpoint (`stopped_by` in the result). `peak_flops`: the
-  FLOP/s MFU is measured against (default: measured here, train.core.metrics.measure_peak_flops)."""
-  run_dir = Path(cfg.run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
-  ckpt = checkpoint_lib.Checkpoints(cfg)
-  try:
-    plan = ckpt.resume_plan()  # before anything is written: resume=false must leave the run untouched
-  except BaseException:
-    ckpt.close()
-    raise
-  if jax.process_index() == 0:
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-  tokenizer = data_lib.load_tokenizer(cfg.tokenizer)
-  if tokenizer.vocab_size > cfg.model.vocab_size:
-    raise ConfigError(f"tokenizer {cfg.tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size is"
-                      f" {cfg.model.vocab_size}: raise model.vocab_size")
-  max_len = cfg.model.max_position_embeddings
-  n_proc = jax.process_count()
-  if cfg.batch_size % n_proc:
-    raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {n_proc} processes")
-  batches = iter(data_lib.make_dataset(cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size // n_proc,
-                                       seed=ckpt.data_seed, split="train", tokenizer=tokenizer, max_seq_len=max_len,
-                                       process_index=jax.process_index(), process_count=n_proc,
-                                       num_workers=cfg.data_workers))
-  par = parallelism(cfg)
-  state, train_step, eval_step, rt, _ = build(cfg, par)
-  start = 0
-  if plan is not None:
-    state, start = ckpt.restore(plan, state, batches, par), plan["step"]
+  FLOP/s MFU is measured against (default: measured here, train.core.metrics.measure_peak_flops).
+
+  Everything that can be checked is checked before the first step (the run directory writable and
+  not in use, the resume accepted, the data and the eval split readable); RUN_DIR/config.yaml is
+  written only then. A diverged step or a checkpoint that cannot be written raises RunFailed."""
+  run_dir = rundir.prepare(cfg.run_dir)
+  with rundir.RunLock(run_dir, active=jax.process_index() == 0):
+    ckpt = checkpoint_lib.Checkpoints(cfg)
+    try:
+      plan = ckpt.resume_plan()  # before anything is written: resume=false must leave the run untouched
+      tokenizer = data_lib.load_tokenizer(cfg.tokenizer)
+      if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"tokenizer {cfg.tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size is"
+                          f" {cfg.model.vocab_size}: raise model.vocab_size")
+      n_proc = jax.process_count()
+      if cfg.batch_size % n_proc:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {n_proc} processes")
+      batches = iter(data_lib.make_dataset(
+          cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size // n_proc, seed=ckpt.data_seed, split="train",
+          tokenizer=tokenizer, max_seq_len=cfg.model.max_position_embeddings, process_index=jax.process_index(),
+          process_count=n_proc, num_workers=cfg.data_workers))
+      evals = eval_set(cfg, tokenizer) if cfg.eval_every else None  # a bad eval split fails now, not at step 100
+      par = parallelism(cfg)
+      state, train_step, eval_step, rt, _ = build(cfg, par)
+      start = 0
+      if plan is not None:
+        state, start = ckpt.restore(plan, state, batches, par), plan["step"]
+    except BaseException:
+      ckpt.close()
+      raise
+    if jax.process_index() == 0:  # the configuration is accepted
+      (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return _loop(cfg, run_dir, ckpt, plan, state, start, batches, evals, train_step, eval_step, rt, par, progress,
+                 peak_flops)
+
+
+def _loop(cfg, run_dir, ckpt, plan, state, start, batches, evals, train_step, eval_step, rt, par, progress,
+          peak_flops) -> dict:
   counts = params_lib.count(cfg.model, cfg.seq_len)
   log.info("model: %.2fM params (%.2fM active), %s compute on %d %s device(s)", counts["total_params"] / 1e6,
            counts["active_params"] / 1e6, rt.dtype, jax.device_count(), rt.platform)
   peak = measure_peak_flops(rt.compute_dtype) if peak_flops is None else peak_flops
   tokens_per_step = cfg.batch_size * cfg.seq_len
-  evals = None
+  guard = Guard(cfg, ckpt)
   first = last = None
   stopped = False
   if start >= cfg.steps:
@@ -181,7 +223,7 @@ def train(cfg: TrainConfig, progress: bool = True, peak_flops: float | None = No
   with checkpoint_lib.StopSignal() as stop, ckpt, \
       MetricsLogger(run_dir, cfg.steps, progress=progress, start_step=start,
                     is_main=jax.process_index() == 0) as logger:
-    t0, pending, timed = time.perf_counter(), [], 0
+    t0, pending, timed, checked = time.perf_counter(), [], 0, 0
     for step in range(start, cfg.steps):
       if cfg.profile_steps and step == cfg.profile_steps[0]:
         jax.profiler.start_trace(str(run_dir / "profile"))
@@ -199,22 +241,28 @@ def train(cfg: TrainConfig, progress: bool = True, peak_flops: float | None = No
         t0, timed = time.perf_counter(), -1
       timed += 1
       stopped = stop.requested(step + 1)
-      if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or stopped:
-        got = jax.device_get(pending)  # the one host sync per log interval
-        dt = time.perf_counter() - t0
-        record = {k: v for k, v in got[-1].items() if k != "tokens"}
-        record["loss"] = float(np.mean([m["loss"] for m in got]))
-        record["tokens_per_s"] = tokens_per_step * max(timed, 1) / dt
-        record["mfu"] = record["tokens_per_s"] * counts["flops_per_token"] / peak
-        logger.log(step + 1, record)
-        first = record["loss"] if first is None else first
-        last = record["loss"]
-        t0, pending, timed = time.perf_counter(), [], 0
-      if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-        evals = evals or eval_set(cfg, tokenizer)
-        logger.write_eval(step + 1, {"loss": evaluate(eval_step, state, cfg, evals, par)})
+      last_step = step + 1 == cfg.steps
+      saving = stopped or last_step or ckpt.due(step + 1)
+      if (step + 1) % cfg.log_every == 0 or last_step or stopped or saving:
+        got = jax.device_get(pending)  # the one host sync per log interval (and before a save)
+        guard.check(step + 2 - len(got) + checked, got[checked:])  # nothing non-finite is saved
+        checked = len(got)
+        if (step + 1) % cfg.log_every == 0 or last_step or stopped:
+          record = {k: v for k, v in got[-1].items() if k not in ("tokens", "skipped", "nonfinite")}
+          record["loss"] = float(np.mean([m["loss"] for m in got]))
+          record["skipped_steps"] = int(sum(m["skipped"] for m in got))
+          if timed > 0:  # the interval of the first step (compilation) has no throughput
+            record["tokens_per_s"] = tokens_per_step * timed / (time.perf_counter() - t0)
+            record["mfu"] = record["tokens_per_s"] * counts["flops_per_token"] / peak
+          logger.log(step + 1, record)
+          first = record["loss"] if first is None else first
+          last = record["loss"]
+          t0, pending, timed, checked = time.perf_counter(), [], 0, 0
+      # the final checkpoint before the final evaluation: a late failure never costs trained steps
+      if ckpt.save(step + 1, state, batches, force=stopped or last_step, par=par):
         t0, timed = time.perf_counter(), 0
-      if ckpt.save(step + 1, state, batches, force=stopped or step + 1 == cfg.steps, par=par):
+      if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last_step):
+        logger.write_eval(step + 1, {"loss": evaluate(eval_step, state, cfg, evals, par)})
         t0, timed = time.perf_counter(), 0
       if stopped:
         log.info("%s: stopped after step %d; the checkpoint is being written", stop.received, step + 1)

@@ -53,12 +53,15 @@ def device_memory() -> dict | None:
   return out
 
 
-def to_python(value) -> float | list[float]:
-  """A Python/NumPy/JAX scalar -> float; a 1-D array or sequence -> list of floats."""
+def to_python(value) -> float | list[float] | None:
+  """A Python/NumPy/JAX scalar -> float; a 1-D array or sequence -> list of floats; NaN and +-Inf ->
+  None (JSON null: metrics.jsonl stays JSON)."""
   a = np.asarray(value, dtype=np.float64)
   if a.ndim > 1:
     raise ValueError(f"metrics must be scalars or 1-D vectors, got shape {a.shape}")
-  return a.tolist()
+  if a.ndim == 0:
+    return float(a) if np.isfinite(a) else None
+  return [float(x) if np.isfinite(x) else None for x in a]
 
 
 def tb_scalars(record: Mapping) -> dict[str, float]:
@@ -66,16 +69,21 @@ def tb_scalars(record: Mapping) -> dict[str, float]:
   out = {}
   for name, v in record.items():
     if isinstance(v, list):
-      out.update({f"{name}/layer_{i}": x for i, x in enumerate(v)})
-    else:
+      out.update({f"{name}/layer_{i}": x for i, x in enumerate(v) if x is not None})
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
       out[name] = v
   return out
 
 
 def summary(step: int, total: int, record: Mapping, eta_s: float | None = None) -> str:
-  """One line: step, loss, tokens/s and, when given, MFU (a fraction, shown in %) and ETA."""
-  line = f"step {step}/{total}  loss {record['loss']:.4f}  tok/s {record['tokens_per_s']:,.0f}"
-  if "mfu" in record:
+  """One line: step, loss and, when given, tokens/s, MFU (a fraction, shown in %) and ETA."""
+  loss = record["loss"]
+  line = f"step {step}/{total}  loss {'nan' if loss is None else f'{loss:.4f}'}"
+  if record.get("tokens_per_s") is not None:
+    line += f"  tok/s {record['tokens_per_s']:,.0f}"
+  if record.get("skipped_steps"):
+    line += f"  skipped {int(record['skipped_steps'])}"
+  if record.get("mfu") is not None:
     line += f"  mfu {100 * record['mfu']:.1f}%"
   if eta_s is not None:
     line += f"  eta {int(eta_s) // 60}:{int(eta_s) % 60:02d}"
@@ -89,8 +97,9 @@ def eta_seconds(step: int, total: int, start_step: int, elapsed_s: float) -> flo
 
 
 class MetricsLogger:
-  """`log(step, metrics)` needs `loss` and `tokens_per_s`; `mfu` (model-FLOPs utilisation, a
-  fraction) shows on the progress display when given.
+  """`log(step, metrics)` needs `loss`; `tokens_per_s` and `mfu` (model-FLOPs utilisation, a fraction)
+  show on the progress display when given. Non-finite values are written as null and named in the
+  record's `nonfinite` list.
 
   progress: a tqdm bar (step, loss, tokens/s, MFU, ETA) on stderr when it is a terminal, else a
   `summary` line per logged step; False shows nothing.
@@ -119,16 +128,17 @@ class MetricsLogger:
   def log(self, step: int, metrics: Mapping) -> None:
     if not self.is_main:
       return
-    missing = {"loss", "tokens_per_s"} - set(metrics)
-    if missing:
-      raise ValueError(f"MetricsLogger.log needs {sorted(missing)}")
+    if "loss" not in metrics:
+      raise ValueError("MetricsLogger.log needs a loss")
     record = self._write(step, metrics)
     if self._lines:
       eta = eta_seconds(step, self.total_steps, self._start_step, time.time() - self._start)
       print(summary(step, self.total_steps, record, eta), file=sys.stderr, flush=True)
     elif not self._bar.disable:
-      post = {"loss": f"{record['loss']:.4f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
-      if "mfu" in record:
+      post = {"loss": "nan" if record["loss"] is None else f"{record['loss']:.4f}"}
+      if record.get("tokens_per_s") is not None:
+        post["tok/s"] = f"{record['tokens_per_s']:,.0f}"
+      if record.get("mfu") is not None:
         post["mfu"] = f"{100 * record['mfu']:.1f}%"
       self._bar.set_postfix(post, refresh=False)
       self._bar.update(max(0, step - self._bar.n))
@@ -140,12 +150,16 @@ class MetricsLogger:
     named = {k if k.startswith("eval_") else f"eval_{k}": v for k, v in metrics.items()}
     record = self._write(step, named)
     if not self._bar.disable or self._lines:
-      text = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float))
+      text = "  ".join(f"{k} {'nan' if v is None else f'{v:.4f}'}" for k, v in record.items()
+                       if v is None or isinstance(v, float))
       self._bar.write(f"step {step}  {text}", file=sys.stderr)
 
   def _write(self, step: int, metrics: Mapping) -> dict:
     record = {k: to_python(v) for k, v in metrics.items()}
+    bad = [k for k, v in record.items() if v is None or (isinstance(v, list) and None in v)]
     line = {"step": int(step), "elapsed_s": round(time.time() - self._start, 3), **record}
+    if bad:
+      line["nonfinite"] = bad
     self._file.write(json.dumps(line) + "\n")
     self._file.flush()
     for name, v in tb_scalars(record).items():

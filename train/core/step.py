@@ -1,7 +1,15 @@
 """One jitted training step with donated state: forward, backward, AdamW, router-bias update.
 
-The state is a plain pytree {params, rest, opt, step}: `params` the nnx.Param leaves (float32 master
-weights), `rest` every other model variable (the router biases), `opt` the optax state.
+The state is a plain pytree {params, rest, opt, step, guard}: `params` the nnx.Param leaves (float32
+master weights), `rest` every other model variable (the router biases), `opt` the optax state,
+`guard` the running mean of the loss for the spike guard.
+
+The update is skipped - parameters, router biases and optimizer state come out bitwise as they went
+in, the step counter still advances - when the loss or the global gradient norm is not finite, or,
+with `spike_skip_factor` k, when the loss exceeds k x its running mean (an exponential mean of the
+accepted losses, decay 0.99, from the 20th accepted step). The metrics say so (`nonfinite`,
+`skipped`); the training loop stops or carries on (`on_nonfinite`). A non-finite value therefore
+never reaches the weights, and no checkpoint can hold one.
 Gradient accumulation runs `grad_accum` micro-batches in a scan; the loss is normalised by the
 whole batch's token counts, so it equals the single-batch loss exactly.
 """
@@ -23,9 +31,15 @@ def split_model(model):
   return nnx.split(model, nnx.Param, ...)
 
 
+LOSS_DECAY = 0.99  # the spike guard's running mean of the loss
+SPIKE_WARMUP = 20  # accepted steps before the spike guard acts
+
+
 def init_state(model, tx: optax.GradientTransformation):
   graphdef, params, rest = split_model(model)
-  return graphdef, {"params": params, "rest": rest, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  guard = {"loss_mean": jnp.zeros((), jnp.float32), "accepted": jnp.zeros((), jnp.int32)}
+  return graphdef, {"params": params, "rest": rest, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
+                    "guard": guard}
 
 
 def load_stats(load_LxE):
@@ -44,6 +58,7 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainCo
   n_micro = cfg.grad_accum
   lam, alpha = cfg.loss.mtp_lambda, cfg.loss.balance_alpha
   bias_stop = int(round(cfg.steps * (1 - cfg.loss.bias_update_stop_fraction)))
+  spike_factor = cfg.spike_skip_factor
 
   def loss_fn(params, rest, batch, counts):
     model = nnx.merge(graphdef, params, rest)
@@ -70,18 +85,34 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainCo
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       ((loss, (parts, load, dropped)), grads), _ = jax.lax.scan(accumulate, zeros, micro)
 
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    guard = state["guard"]
+    skip = ~finite
+    if spike_factor is not None:
+      mean = guard["loss_mean"] / (1 - LOSS_DECAY ** guard["accepted"].astype(jnp.float32))
+      skip = skip | ((guard["accepted"] >= SPIKE_WARMUP) & (loss > spike_factor * mean))
     updates, opt = tx.update(grads, state["opt"], params)
-    params = optax.apply_updates(params, updates)
+    new_params = optax.apply_updates(params, updates)
     gamma = jnp.where(state["step"] < bias_stop, cfg.loss.bias_update_gamma, 0.0)
-    model = nnx.merge(graphdef, params, rest)
+    old_rest = jax.tree.leaves(rest)  # (the bias update below writes into the merged model's variables)
+    model = nnx.merge(graphdef, new_params, rest)
     model.update_router_biases(load, gamma)
-    _, _, rest = split_model(model)
+    _, _, new_rest = split_model(model)
+    rest = jax.tree.unflatten(jax.tree.structure(new_rest), old_rest)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(skip, o, n), new, old)
+    guard = {"loss_mean": jnp.where(skip, guard["loss_mean"], LOSS_DECAY * guard["loss_mean"]
+                                    + (1 - LOSS_DECAY) * jnp.where(finite, loss, 0.0)),
+             "accepted": guard["accepted"] + (~skip).astype(jnp.int32)}
 
-    metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
-               "tokens": counts["lm"], **(load_stats(load) if load.shape[0] else {})}
+    metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+               "tokens": counts["lm"], "nonfinite": (~finite).astype(jnp.int32), "skipped": skip.astype(jnp.int32),
+               **(load_stats(load) if load.shape[0] else {})}
     if load.shape[0]:  # (token, expert) assignments dropped by expert-parallel capacity (0: dropless)
       metrics["dropped_tokens"] = dropped
-    return {"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1}, metrics
+    new_state = {"params": keep(new_params, params), "rest": keep(new_rest, rest), "opt": keep(opt, state["opt"]),
+                 "step": state["step"] + 1, "guard": guard}
+    return new_state, metrics
 
   if state_shardings is None:
     return jax.jit(step, donate_argnums=0)
