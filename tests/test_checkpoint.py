@@ -41,7 +41,8 @@ def host(tree):
 def toy_state(value=0.0):
   """A state-shaped pytree without a model: fast saves for the bookkeeping tests."""
   return {"params": {"w": jnp.full((4, 3), value)}, "rest": {"b": jnp.full((2,), value)},
-          "opt": {"m": jnp.full((4, 3), -value)}, "step": jnp.asarray(int(value), jnp.int32)}
+          "opt": {"m": jnp.full((4, 3), -value)}, "step": jnp.asarray(int(value), jnp.int32),
+          "guard": {"loss_mean": jnp.asarray(value, jnp.float32), "accepted": jnp.asarray(int(value), jnp.int32)}}
 
 
 def save_toy(cfg, steps):

@@ -109,7 +109,8 @@ def test_run_dir_checkpoint_equals_its_hf_export(tmp_path, capsys):
   fill = lambda p, x: jnp.asarray((1.0 if "scale" in str(p) else 0.0) + 0.05 * rng.standard_normal(x.shape), x.dtype)
   params, rest = jax.tree_util.tree_map_with_path(fill, params), jax.tree_util.tree_map_with_path(fill, rest)
   tx = optimizer_lib.make_optimizer(cfg, optimizer_lib.make_schedule(cfg))
-  state = {"params": params, "rest": rest, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  state = {"params": params, "rest": rest, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
+           "guard": {"loss_mean": jnp.zeros((), jnp.float32), "accepted": jnp.zeros((), jnp.int32)}}
   ckpt_lib.save_state(cfg.run_dir, 3, state, cfg)
   hf.to_hf(nnx.merge(graphdef, params, rest), tmp_path / "hf")
 

@@ -73,10 +73,26 @@ def test_tb_scalars_flattens_vectors():
 
 def test_rejects_missing_and_matrix_metrics(tmp_path):
   with MetricsLogger(tmp_path, 10, progress=False) as log:
-    with pytest.raises(ValueError, match="tokens_per_s"):
-      log.log(1, {"loss": 1.0})
+    with pytest.raises(ValueError, match="needs a loss"):
+      log.log(1, {"tokens_per_s": 1.0})
     with pytest.raises(ValueError, match="1-D"):
       log.log(1, {"loss": 1.0, "tokens_per_s": 1.0, "m": np.zeros((2, 2))})
+
+
+def test_non_finite_values_are_json_null_and_named(tmp_path):
+  """metrics.jsonl stays JSON when a run diverges: NaN / Inf become null, listed under `nonfinite`;
+  TensorBoard gets only the finite scalars; the first interval (compilation) has no throughput."""
+  with MetricsLogger(tmp_path, 10, progress=False) as log:
+    log.log(1, {"loss": float("nan"), "grad_norm": np.float32(np.inf), "lr": 1e-3, "cv": [0.5, float("nan")]})
+    log.log(2, {"loss": 2.0, "tokens_per_s": 10.0})
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  first, second = (json.loads(line) for line in lines)  # strict JSON: no bare NaN
+  assert "NaN" not in lines[0] and "Infinity" not in lines[0]
+  assert first["loss"] is None and first["grad_norm"] is None and first["cv"] == [0.5, None]
+  assert first["nonfinite"] == ["loss", "grad_norm", "cv"] and first["lr"] == 1e-3
+  assert "nonfinite" not in second and "tokens_per_s" not in first
+  assert summary(1, 10, {"loss": None}) == "step 1/10  loss nan"
+  assert tb_scalars({"loss": None, "lr": 1e-3, "cv": [0.5, None]}) == {"lr": 1e-3, "cv/layer_0": 0.5}
 
 
 def test_only_main_writes(tmp_path):
