@@ -47,13 +47,13 @@ import shutil
 import signal
 import sys
 import threading
+import traceback
 import warnings
 from pathlib import Path
 
 import grain
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -62,6 +62,7 @@ from moe import hf
 from moe.model import Transformer
 from moe.runtime import Runtime
 from parallel.errors import CheckpointError, ConfigError, RunFailed
+from parallel.sharding import state_shardings
 from train.core.config import TrainConfig
 
 log = logging.getLogger("train")
@@ -132,6 +133,18 @@ def _ignore_closed_loop_callbacks():
 
   hook._drops_closed_loop = True
   sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_drop_abandoned_orbax_tasks)
+
+
+def _drop_abandoned_orbax_tasks(record: logging.LogRecord) -> bool:
+  """asyncio logs "Task exception was never retrieved" with a traceback when it collects a failed
+  task nobody awaited: after a failed restore, orbax's reads of the other arrays end that way (at a
+  moment that depends on the garbage collector). The failure itself was already reported in one line."""
+  if not str(record.msg).startswith(("Task exception was never retrieved", "Future exception was never retrieved")):
+    return True
+  tb = record.exc_info[2] if record.exc_info else None
+  files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(tb)]
+  return not any("orbax" in f or "tensorstore" in f for f in files)
 
 
 def _quiet_absl():
@@ -392,41 +405,42 @@ def save_state(run_dir, step: int, state, cfg: TrainConfig, data_iter=None, par=
   return checkpoint_dir(run_dir) / str(step)
 
 
-def restore_model(path, target: dict, on_host: bool = False):
+def restore_model(path, target: dict):
   """{"params", "rest"} of the checkpoint directory `path` (a step directory), read into `target`
-  (ShapeDtypeStructs; orbax casts to their dtypes), as jax Arrays with the targets' shardings, or with
-  `on_host` as NumPy arrays (no device memory: exporting). Reads neither optimiser state nor data."""
+  (ShapeDtypeStructs with shardings; orbax casts to their dtypes and reads each device's part). Reads
+  neither optimiser state nor data."""
   path = Path(path)
   validate_step_dir(path)
   _quiet_absl()
   _ignore_closed_loop_callbacks()
-  if on_host:
-    restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), target)
-    args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
-  else:
-    args = ocp.args.StandardRestore(target)
   options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
   with ocp.CheckpointManager(path.parent.absolute(), options=options) as m:
     try:
-      return m.restore(int(path.name), args=ocp.args.Composite(model=args))["model"]
+      return m.restore(int(path.name), args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))["model"]
     except Exception as e:
       raise CheckpointError(f"{path}: cannot restore the model: {_one_line(e)}") from None
 
 
-def load_model(path, dtype: str = "float32", on_host: bool = False) -> Transformer:
+def load_model(path, dtype: str = "float32", par=None) -> Transformer:
   """The Transformer of the checkpoint step directory `path`: the float32 master weights cast to
-  `dtype` (parameters and compute; FP8 GEMMs off), on the first local device, or with `on_host` as
-  NumPy arrays (for writing them out without using device memory)."""
+  `dtype` (parameters and compute; FP8 GEMMs off), on the first local device, or with `par` (a
+  parallel.mesh.Parallelism) sharded over its mesh by the logical-axis rules (exporting a model larger
+  than one device)."""
   path = Path(path)
   validate_step_dir(path)
   cfg = read_config(path)
-  rt = Runtime.resolve(cfg.impl, dtype=dtype, param_dtype=dtype, devices=jax.local_devices()[:1], announce=False)
+  devices = None if par is not None else jax.local_devices()[:1]
+  rt = Runtime.resolve(cfg.impl, dtype=dtype, param_dtype=dtype, devices=devices, par=par, announce=False)
   graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rt, rngs=nnx.Rngs(0))),
                                      nnx.Param, ...)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        {"params": params, "rest": rest})
-  got = restore_model(path, target, on_host=on_host)
+  abstract = {"params": params, "rest": rest}
+  if par is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+  else:
+    shardings = state_shardings(abstract, par.mesh, par.rules)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+  got = restore_model(path, target)
   return nnx.merge(graphdef, got["params"], got["rest"])
 
 
