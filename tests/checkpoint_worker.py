@@ -43,7 +43,6 @@ from parallel import mesh as mesh_lib  # noqa: E402
 from parallel import sharding as sharding_lib  # noqa: E402
 from train.core import checkpoint as ckpt_lib  # noqa: E402
 from train.core import data as data_lib  # noqa: E402
-from train.core import loop  # noqa: E402
 from train.core import optimizer as optimizer_lib  # noqa: E402
 from train.core import step as step_lib  # noqa: E402
 from train.core.config import load_train_config  # noqa: E402

@@ -17,7 +17,6 @@ They share a compilation cache (so most of them do not compile the step again) a
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.processes import cpu_env, free_port, last_json, run_together
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "checkpoint_worker.py"
@@ -55,10 +56,8 @@ VOLATILE = {"elapsed_s", "tokens_per_s", "mfu"}  # timings; everything else must
 def subprocess_env(base: Path) -> dict:
   """CPU, one device, and a compilation cache shared by the runs of this module: the runs with the
   straight run's config load its compiled step instead of compiling it again."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  return env
+  return cpu_env(JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 class Run:
@@ -274,22 +273,8 @@ def test_restore_onto_other_meshes(runs):
   assert result["fsdp8"]["n_sharded"] > result["fsdp8"]["n_arrays"] // 3  # really laid out over fsdp=8
 
 
-def free_port() -> int:
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    return sock.getsockname()[1]
-
-
 def workers(base: Path, *args_per_process) -> list[dict]:
-  env = subprocess_env(base)
-  procs = [subprocess.Popen([sys.executable, str(WORKER), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for args in args_per_process]
-  out = []
-  for p in procs:
-    stdout, stderr = p.communicate(timeout=900)
-    assert p.returncode == 0, stderr[-3000:]
-    out.append(json.loads(stdout.strip().splitlines()[-1]))
-  return out
+  return [last_json(o) for o in run_together([(WORKER, *a) for a in args_per_process], subprocess_env(base))]
 
 
 def test_two_processes_save_and_restore(tmp_path):

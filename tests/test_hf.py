@@ -49,7 +49,7 @@ CASES = {
 def make_hf_model(kind, extra, seed=0):
   cls_cfg = transformers.DeepseekV3Config if kind == "v3" else transformers.DeepseekV2Config
   cls_model = transformers.DeepseekV3ForCausalLM if kind == "v3" else transformers.DeepseekV2ForCausalLM
-  config = cls_cfg(**BASE, **extra, attn_implementation="eager")
+  config = cls_cfg(**{**BASE, **extra}, attn_implementation="eager")
   torch.manual_seed(seed)
   model = cls_model(config).float().eval()
   with torch.no_grad():  # weights large enough that every component moves the logits
@@ -133,6 +133,25 @@ def test_dequantize_fp8_blocks_against_numpy():
   np.testing.assert_array_equal(hf.dequantize_fp8(q, scale), want)
 
 
+def test_fp8_blocks_quantise_and_read_by_slices(tmp_path):
+  """quantize_fp8: per 128x128 block scale = amax / 448, every value within E4M3's relative rounding;
+  written and read back by slices that cut blocks (what each device reads): the dequantised slice."""
+  rng = np.random.default_rng(1)
+  w = (rng.normal(size=(300, 200)) * rng.uniform(0.01, 10, size=(300, 1))).astype(np.float32)
+  q, scale = hf.quantize_fp8(w)
+  assert q.shape == w.shape and scale.shape == (3, 2)
+  np.testing.assert_allclose(scale[2, 1], np.abs(w[256:, 128:]).max() / 448, rtol=1e-7)
+  full = hf.dequantize_fp8(q, scale)
+  assert np.all(np.abs(full - w) <= 2.0**-4 * np.abs(w) + scale.max() * 2.0**-9)
+  (tmp_path / "f").mkdir()
+  save_file({"model.layers.0.mlp.up_proj.weight": q, "model.layers.0.mlp.up_proj.weight_scale_inv": scale},
+            str(tmp_path / "f" / "model.safetensors"))
+  folder = hf.SafetensorsFolder(tmp_path / "f")
+  for rows, cols in [(slice(0, 300), slice(0, 200)), (slice(100, 290), slice(7, 150)), (slice(256, 300), slice(127, 129))]:
+    got = hf.read_float32(folder, "model.layers.0.mlp.up_proj.weight", rows, cols)
+    np.testing.assert_array_equal(got, full[rows, cols])
+
+
 def test_from_hf_reads_fp8_release(tmp_path):
   """Quantise a saved checkpoint's linear weights to float8 + weight_scale_inv, as DeepSeek released V3."""
   kind, extra = CASES["v3_yarn_grouped"]
@@ -164,13 +183,27 @@ def test_from_hf_reads_fp8_release(tmp_path):
 
 
 def test_errors_are_one_line(tmp_path):
+  """An extra, a missing and a misshapen tensor: one line naming the tensor and its file, raised before
+  anything is read."""
   with pytest.raises(ConfigError, match="no such file"):
     hf.from_hf(tmp_path / "missing")
   kind, extra = CASES["v3_plain_q"]
   make_hf_model(kind, extra).save_pretrained(tmp_path / "m")
-  cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-  cfg["num_hidden_layers"] = 3  # config says fewer layers than the weights hold
-  (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(ConfigError, match="does not belong to the configured model") as e:
-    hf.from_hf(tmp_path / "m")
-  assert "\n" not in str(e.value)
+  good = json.loads((tmp_path / "m" / "config.json").read_text())
+  weights = tmp_path / "m" / "model.safetensors"
+  cases = [
+      (dict(good, num_hidden_layers=3), None,
+       rf"^{weights}: tensor model.layers.3.input_layernorm.weight does not belong to the model of"),
+      (dict(good, moe_intermediate_size=good["moe_intermediate_size"] * 2), None,
+       rf"^{weights}: model.layers.\d+.mlp.experts.0.gate_proj.weight has shape \(\d+, \d+\), the config implies"),
+      (good, "model.norm.weight", r"the checkpoint lacks tensor model.norm.weight that config.json implies$"),
+  ]
+  from safetensors.numpy import load_file
+
+  tensors = load_file(str(weights))
+  for cfg, drop, match in cases:
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    save_file({k: v for k, v in tensors.items() if k != drop}, str(weights))
+    with pytest.raises(ConfigError, match=match) as e:
+      hf.from_hf(tmp_path / "m")
+    assert "\n" not in str(e.value)

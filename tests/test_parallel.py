@@ -9,10 +9,6 @@ parameter update; two processes x 4 devices must reproduce the one-process 8-dev
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -24,18 +20,14 @@ from jax.sharding import PartitionSpec as P
 from parallel.errors import ConfigError
 from parallel import expert_parallel, mesh as mesh_lib, sharding
 from parallel.mesh import MeshConfig
+from tests.processes import cpu_env, free_port, last_json, run_together
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 ROOT = WORKER.parent.parent
 
 
 def run_worker(*args, timeout=900):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
-  out = subprocess.run([sys.executable, str(WORKER), *args], capture_output=True, text=True, timeout=timeout,
-                       cwd=ROOT, env=env)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return last_json(run_together([(WORKER, *args)], cpu_env(), timeout)[0])
 
 
 # ------------------------------------------------------------------ in process (one device)
@@ -204,30 +196,11 @@ def test_capacity_drops_the_documented_assignments_to_exactly_zero(eight):
   assert r["y"] < 1e-5 < r["vs_dropless"]
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_match_one(eight):
   """2 processes x 4 CPU devices (gloo), mesh data=2 x fsdp=2 x expert=2 with the data axis across
   the processes (mesh.dcn_data=2): the 3 losses of one process with 8 devices."""
-  port = _free_port()
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
-  procs = [subprocess.Popen([sys.executable, str(WORKER), "multi", str(port), str(i), "2"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outs = []
-  try:
-    for p in procs:
-      out, err = p.communicate(timeout=600)
-      assert p.returncode == 0, err[-3000:]
-      outs.append(json.loads(out.strip().splitlines()[-1]))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  port = free_port()
+  outs = [last_json(o) for o in run_together([(WORKER, "multi", port, i, 2) for i in range(2)], cpu_env(), 600)]
   for o in outs:
     assert o["devices"] == 8
     assert o["data_axis_processes"] == [[0], [1]]
@@ -241,23 +214,12 @@ def test_expert_parallel_dispatch_on_every_mesh():
 def test_cli_two_processes(tmp_path):
   """`python -m train` in 2 processes x 4 devices (--coordinator flags): data loaded per process,
   eval with every process stepping together, metrics written once."""
-  port, run_dir = _free_port(), tmp_path / "run"
+  port, run_dir = free_port(), tmp_path / "run"
   tiny = [a for a in _worker_tiny() if not a.startswith(("optimizer.", "steps=", "eval_every="))]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  args = [sys.executable, "-m", "train", "configs/tiny.yaml", *tiny, "model.vocab_size=260", "steps=4", "log_every=2",
+  args = ["-m", "train", "configs/tiny.yaml", *tiny, "model.vocab_size=260", "steps=4", "log_every=2",
           "eval_every=4", "eval_steps=2", f"run_dir={run_dir}", "mesh.data=2", "mesh.fsdp=2", "mesh.expert=2",
           "mesh.dcn_data=2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
-  procs = [subprocess.Popen(args + ["--process-id", str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
-  try:
-    for p in procs:
-      out, err = p.communicate(timeout=900)
-      assert p.returncode == 0, err[-3000:]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  run_together([args + ["--process-id", str(i)] for i in range(2)], cpu_env(4))
   records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
   train = [r for r in records if "loss" in r]
   assert [r["step"] for r in train] == [2, 4] and all(np.isfinite(r["loss"]) for r in train)

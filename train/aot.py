@@ -171,7 +171,7 @@ def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list
   for tensor in (1, 2, 4):
     for expert in sorted({x for x in (1, 2, 4, 8, 16, 32, 64) if x <= e and e % x == 0}, reverse=True):
       if n % (expert * tensor) == 0:
-        meshes.append([f"mesh.data=1", f"mesh.fsdp={n // (expert * tensor)}", f"mesh.expert={expert}",
+        meshes.append(["mesh.data=1", f"mesh.fsdp={n // (expert * tensor)}", f"mesh.expert={expert}",
                        f"mesh.tensor={tensor}"])
   out = []
   for remat in ("none", "save_dots_no_batch", "full"):

@@ -14,7 +14,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 from moe import params as params_lib
 from parallel.errors import ConfigError

@@ -1,11 +1,13 @@
 """Checkpoints to HF folders and back.
 
-  python -m train.export RUN_DIR [--step S] --out HF_DIR [--dtype float32|bfloat16]
+  python -m train.export RUN_DIR [--step S] --out HF_DIR [--dtype float32|bfloat16] [--fp8]
       writes config.json + sharded safetensors (+ index) in the released DeepSeek naming
-      (moe.hf.to_hf, one tensor at a time) from step S of RUN_DIR (default: its newest checkpoint);
-      only the model item (weights and router biases) is read, never the optimiser state
+      (moe.hf.to_hf) from step S of RUN_DIR (default: its newest checkpoint), read sharded over all
+      devices and gathered one tensor at a time; only the model item (weights and router biases) is
+      read, never the optimiser state. --fp8: the linear weights in DeepSeek's FP8 release format.
 
   python -m train.export --from-hf HF_DIR --out RUN_DIR [--config CONFIG] [key=value ...]
+      (or, without the step-0 checkpoint, `python -m train CONFIG init_from=HF_DIR`)
       makes RUN_DIR/checkpoints/0 (the HF weights, a fresh optimiser state, step 0) and
       RUN_DIR/config.yaml: the model section comes from HF_DIR/config.json, the training keys from
       CONFIG (its model section is ignored; default: TrainConfig's defaults) and the overrides.
@@ -26,19 +28,24 @@ import yaml
 from moe import hf
 from moe.config import load_yaml
 from parallel.errors import ConfigError
+from parallel.mesh import MeshConfig, Parallelism
 from train.core import checkpoint as ckpt_lib
-from train.core import optimizer as optimizer_lib
-from train.core import step as step_lib
+from train.core import loop
 from train.core.config import TrainConfig, apply_override
 
 
-def export(run_dir, out, step: int | None = None, dtype: str = "float32", max_shard_bytes: int = 4 << 30) -> Path:
-  """Write step `step` (default newest) of `run_dir` as an HF folder `out`; returns the step directory."""
+def export(run_dir, out, step: int | None = None, dtype: str = "float32", max_shard_bytes: int = 4 << 30,
+           fp8: bool = False) -> Path:
+  """Write step `step` (default newest) of `run_dir` as an HF folder `out`; returns the step directory.
+
+  The checkpoint (from a run on any mesh) is read sharded over all of this job's devices (fsdp), and
+  written one tensor at a time: no host holds the model."""
   out = Path(out)
   if out.exists() and any(out.iterdir()):
     raise ConfigError(f"{out}: exists and is not empty; choose a new --out directory")
   src = ckpt_lib.step_dir(run_dir, step)
-  hf.to_hf(ckpt_lib.load_model(src, dtype, on_host=True), out, max_shard_bytes=max_shard_bytes)
+  par = Parallelism.from_config(MeshConfig(data=1, fsdp=-1))
+  hf.to_hf(ckpt_lib.load_model(src, dtype, par=par), out, max_shard_bytes=max_shard_bytes, fp8=fp8)
   return src
 
 
@@ -62,10 +69,8 @@ def from_hf(hf_dir, run_dir, config: str | None = None, overrides: Sequence[str]
   root = ckpt_lib.checkpoint_dir(run_dir)
   if root.exists() and any(root.iterdir()):
     raise ConfigError(f"{root}: already holds checkpoints; choose a new --out run directory")
-  model = hf.from_hf(hf_dir, dtype="float32")
-  cfg = train_config_for_hf(model.cfg, run_dir, config, overrides)
-  tx = optimizer_lib.make_optimizer(cfg, optimizer_lib.make_schedule(cfg))
-  _, state = step_lib.init_state(model, tx)
+  cfg = train_config_for_hf(hf.config_of(hf_dir), run_dir, config, overrides)
+  state = loop.build(cfg, init_from=str(hf_dir)).state  # read straight into the config's mesh
   run_dir.mkdir(parents=True, exist_ok=True)
   ckpt_lib.save_state(run_dir, 0, state, cfg)
   (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -80,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--out", required=True, help="HF folder to write; with --from-hf, the run directory to make")
   p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the written tensors")
+  p.add_argument("--fp8", action="store_true",
+                 help="the linear weights in DeepSeek's FP8 release format (E4M3 + 128x128 weight_scale_inv)")
   p.add_argument("--from-hf", metavar="HF_DIR", help="make a step-0 checkpoint from an HF folder instead")
   p.add_argument("--config", help="with --from-hf: YAML with the training keys (its model section is ignored)")
   args = p.parse_args(argv)
@@ -95,8 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
       if not args.run_dir or args.overrides or args.config:
         raise ConfigError("give one RUN_DIR (and --out, optionally --step); key=value and --config go with --from-hf")
-      src = export(args.run_dir, args.out, args.step, args.dtype)
-      print(f"{args.out}: step {src.name} of {args.run_dir} as an HF folder ({args.dtype})")
+      src = export(args.run_dir, args.out, args.step, args.dtype, fp8=args.fp8)
+      print(f"{args.out}: step {src.name} of {args.run_dir} as an HF folder ({args.dtype}{', FP8 linears' if args.fp8 else ''})")
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -109,6 +109,10 @@ class TrainConfig:
   grad_accum: int = 1
   data: str = "default"
   tokenizer: str = "byte"  # "byte" or a path to a tokenizer
+  # An HF folder (DeepSeek's release: config.json + safetensors, bf16 or FP8) whose weights a fresh run
+  # starts from, read straight into their shardings; the optimizer starts fresh. Its config.json must
+  # describe the `model:` section. Ignored when the run resumes from its own checkpoint.
+  init_from: str | None = None
   # Processes that tokenise and pack the training data (Grain mp_prefetch); 0: in the training process,
   # overlapping with the asynchronously dispatched step. The batch order depends on this number.
   data_workers: int = 0

@@ -7,15 +7,18 @@ the jitted steps. `train` runs the loop; `python -m train CONFIG` (train/__main_
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import yaml
 from flax import nnx
 
+from moe import hf
 from moe import params as params_lib
 from moe.model import Transformer
 from moe.runtime import Runtime
@@ -52,7 +55,8 @@ class Setup(NamedTuple):
 
   par: Parallelism
   rt: Runtime
-  init: object  # () -> the freshly initialised state {params, rest, opt, step}
+  tx: object  # the optimizer (optax)
+  init: object  # () -> the freshly initialised state {params, rest, opt, step, guard}
   abstract_state: dict  # ShapeDtypeStructs of the state, with their shardings
   shardings: object  # the state's NamedShardings (None on one device)
   train_step: object  # jitted (state, batch) -> (state, metrics)
@@ -92,7 +96,7 @@ def setup(cfg: TrainConfig, par: Parallelism | None = None, rt: Runtime | None =
     layout = shardings = sharding_lib.state_shardings(abstract, par.mesh, par.rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, layout)
   train_step = step_lib.make_train_step(graphdef, cfg.model, tx, schedule, cfg, shardings)
-  return Setup(par, rt, init, abstract, shardings, train_step, step_lib.make_eval_step(graphdef))
+  return Setup(par, rt, tx, init, abstract, shardings, train_step, step_lib.make_eval_step(graphdef))
 
 
 class Built(NamedTuple):
@@ -103,15 +107,37 @@ class Built(NamedTuple):
   shardings: object  # the state's NamedShardings (None on one device)
 
 
-def build(cfg: TrainConfig, par: Parallelism | None = None, rt: Runtime | None = None) -> Built:
-  """A freshly initialised state, laid out on the mesh, and the jitted steps (see `setup`).
-  Feed the steps `to_device(batch, par)`."""
+def build(cfg: TrainConfig, par: Parallelism | None = None, rt: Runtime | None = None,
+          init_from: str | None = None) -> Built:
+  """A freshly initialised state, laid out on the mesh, and the jitted steps (see `setup`); with
+  `init_from`, the weights of that HF folder (read straight into their shardings) and a fresh
+  optimizer. Feed the steps `to_device(batch, par)`."""
   s = setup(cfg, par, rt)
-  if s.shardings is None:
-    state = jax.device_put(s.init(), jax.tree.map(lambda a: a.sharding, s.abstract_state))
+  layout = jax.tree.map(lambda a: a.sharding, s.abstract_state)
+  if init_from is not None:
+    state = state_from_hf(cfg, s, init_from, layout)
+  elif s.shardings is None:
+    state = jax.device_put(s.init(), layout)
   else:
     state = jax.jit(s.init, out_shardings=s.shardings)()
   return Built(state, s.train_step, s.eval_step, s.rt, s.shardings)
+
+
+def state_from_hf(cfg: TrainConfig, s: Setup, path: str, layout) -> dict:
+  """The training state with the weights of the HF folder `path` (float32 master weights), a fresh
+  optimizer state and step 0. Its config.json must describe `cfg.model`."""
+  theirs, ours = dataclasses.asdict(hf.config_of(path)), dataclasses.asdict(cfg.model)
+  for key in ours:
+    if key != "initializer_range" and theirs[key] != ours[key]:
+      raise ConfigError(f"init_from={path}: its config.json gives {key}={theirs[key]!r} but model.{key} is"
+                        f" {ours[key]!r}; make the config's model: section match the checkpoint")
+  model = hf.from_hf(path, rt=s.rt, par=s.par)
+  log.info("init_from %s: %.2f GB read by this process", path, model.loaded_bytes / 1e9)
+  _, params, rest = step_lib.split_model(model)
+  fresh = jax.jit(lambda p: {"opt": s.tx.init(p), "step": jnp.zeros((), jnp.int32),
+                             "guard": {"loss_mean": jnp.zeros((), jnp.float32), "accepted": jnp.zeros((), jnp.int32)}},
+                  out_shardings={k: layout[k] for k in ("opt", "step", "guard")})(params)
+  return {"params": params, "rest": rest, **fresh}
 
 
 def to_device(batch: dict, par: Parallelism | None = None, global_batch_size: int | None = None) -> dict:
@@ -194,7 +220,7 @@ def train(cfg: TrainConfig, progress: bool = True, peak_flops: float | None = No
           process_count=n_proc, num_workers=cfg.data_workers))
       evals = eval_set(cfg, tokenizer) if cfg.eval_every else None  # a bad eval split fails now, not at step 100
       par = parallelism(cfg)
-      state, train_step, eval_step, rt, _ = build(cfg, par)
+      state, train_step, eval_step, rt, _ = build(cfg, par, init_from=cfg.init_from if plan is None else None)
       start = 0
       if plan is not None:
         state, start = ckpt.restore(plan, state, batches, par), plan["step"]
