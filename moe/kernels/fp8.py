@@ -218,6 +218,15 @@ def _xla_matmul(a: QTensor, b: QTensor, partial_bytes: int = XLA_PARTIAL_BYTES):
   return y[..., :m, :n]
 
 
+def _like(ct, primal):
+  """The cotangent `ct` with `primal`'s manual axes: inside a shard_map, a weight's gradient computed
+  from tokens that vary over an axis the weight does not (a data axis) is summed over that axis, as
+  JAX's own transposes do (custom_vjp requires it)."""
+  varying = lambda x: set(jax.typeof(x).manual_axis_type.varying)
+  extra = tuple(sorted(varying(ct) - varying(primal)))
+  return jax.lax.psum(ct, extra) if extra else ct
+
+
 # --------------------------------------------------------------------------- the FP8 linear
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def fp8_matmul(x, w, recipe: Recipe = Recipe()):
@@ -232,7 +241,7 @@ def _fwd(x, w, recipe):
   xq = quantize(x, (1, TILE), p2)  # 1x128: per token, per 128 channels of K
   wq = quantize(w, (TILE, TILE), p2)  # 128x128 blocks
   y = scaled_matmul(xq, wq, recipe).astype(x.dtype)
-  return y, (x, wq, jnp.zeros((0,), w.dtype))  # the empty array carries w's dtype
+  return y, (x, wq, w.reshape(-1)[:0])  # the empty slice carries w's dtype (and manual axes)
 
 
 def _bwd(recipe, res, dy):
@@ -244,7 +253,7 @@ def _bwd(recipe, res, dy):
   xt = quantize(jnp.swapaxes(x, -1, -2), (1, TILE), p2)  # x^T [..., K, M] per 1x128 = x per 128x1
   dyt = quantize(dy, (TILE, 1), p2)
   dw = scaled_matmul(xt, dyt, recipe)
-  return dx.astype(x.dtype), dw.astype(w_dtype.dtype)
+  return _like(dx.astype(x.dtype), x), _like(dw.astype(w_dtype.dtype), w_dtype)
 
 
 fp8_matmul.defvjp(_fwd, _bwd)
@@ -310,7 +319,7 @@ def fp8_ragged_dot(x, w, group_sizes, recipe: Recipe = Recipe()):
 
 
 def _ragged_fwd(x, w, group_sizes, recipe):
-  w_dtype, p2 = jnp.zeros((0,), w.dtype), recipe.pow2_scales  # the empty array carries w's dtype
+  w_dtype, p2 = w.reshape(-1)[:0], recipe.pow2_scales  # the empty slice carries w's dtype (and manual axes)
   if recipe.gemm == "kernels":
     wq = quantize(w, (TILE, TILE), p2)
     y = _kernel_grouped(quantize(x, (1, TILE), p2), wq, group_sizes, recipe.interpret)
@@ -324,7 +333,7 @@ def _ragged_bwd(recipe, res, dy):
   if recipe.gemm == "kernels":  # w is the forward's QTensor
     dx = _kernel_grouped(quantize(dy, (1, TILE), p2), w.mT, group_sizes, recipe.interpret)
     dw = _pallas().grouped_wgrad(x, dy, group_sizes, pow2=p2, interpret=recipe.interpret)
-    return dx.astype(x.dtype), dw.astype(w_dtype.dtype), None
+    return _like(dx.astype(x.dtype), x), _like(dw.astype(w_dtype.dtype), w_dtype), None
   wd = _qdq_experts(w, p2)
   dx = _ragged(qdq(dy, (1, TILE), p2), jnp.swapaxes(wd, 1, 2), group_sizes)
   seg, n_seg = token_tile_segments(x.shape[0], group_sizes)
@@ -332,7 +341,7 @@ def _ragged_bwd(recipe, res, dy):
   dyt = qdq_segments(dy, seg, n_seg, p2)
   _, pullback = jax.vjp(lambda v: _ragged(xt, v, group_sizes), wd)
   (dw,) = pullback(dyt)
-  return dx.astype(x.dtype), dw.astype(w_dtype.dtype), None
+  return _like(dx.astype(x.dtype), x), _like(dw.astype(w_dtype.dtype), w_dtype), None
 
 
 fp8_ragged_dot.defvjp(_ragged_fwd, _ragged_bwd)
