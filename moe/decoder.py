@@ -19,6 +19,8 @@ from moe.config import ModelConfig
 from moe.experts import MoE
 from moe.layers import MLP, RMSNorm
 from moe.runtime import Runtime
+from parallel import pipeline
+from parallel.pipeline import Layout
 from parallel.sharding import constrain
 
 ACT = ("batch", "seq", "embed")  # hidden states between layers (logical axes; see parallel/sharding.py)
@@ -53,9 +55,13 @@ class DecoderLayer(nnx.Module):
 
 
 class LayerStack(nnx.Module):
-  """n identical-shape decoder layers, parameters stacked on a leading `layers` axis."""
+  """n identical-shape decoder layers, parameters stacked on a leading axis named `axis` ("layers";
+  "stage_layers" for the pipelined stack, whose n slots may include padding: parallel/pipeline.py)."""
 
-  def __init__(self, cfg: ModelConfig, rt: Runtime, n: int, moe: bool, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rt: Runtime, n: int, moe: bool, *, rngs: nnx.Rngs, axis: str = "layers",
+               layout: Layout | None = None):
+    """n layers; with `layout` (whose `layers` is n) stored in its slots. Each layer is initialised
+    from its own index's key, so the weights do not depend on the layout (nor on the mesh)."""
     self.remat_policy = rt.remat_policy
     self.unroll = not rt.scan_layers
 
@@ -67,7 +73,9 @@ class LayerStack(nnx.Module):
     self.layers = create(rngs)
     for _, v in nnx.iter_graph(self.layers):
       if isinstance(v, nnx.Variable):
-        v.set_metadata(axes=("layers",) + tuple(v.get_metadata()["axes"]))
+        v.set_metadata(axes=(axis,) + tuple(v.get_metadata()["axes"]))
+        if layout is not None and layout != Layout(n):
+          v.set_value(pipeline.convert(v.get_value(), Layout(n), layout))
 
   @property
   def depth(self) -> int:
@@ -77,17 +85,32 @@ class LayerStack(nnx.Module):
     """(output, MoE statistics stacked over the layers, cache): `cache` is the layers' LatentCache
     stacked [layers, ...], carried through the scan so that each layer updates its slice in place."""
     graphdef, stacked = nnx.split(self.layers)
+    return self.apply(graphdef, (stacked,), x_BxSxD, cos_sin, mask, valid_BxS, cache=cache, slots_BxS=slots_BxS)
+
+  def apply(self, graphdef, states: tuple, x_BxSxD, cos_sin, mask, valid_BxS, active_L=None, cache=None,
+            slots_BxS=None):
+    """The layers of `states` (the state(s) of `self.layers` as nnx.split gave them with `graphdef`,
+    or a slice of them: one pipeline chunk) in order; a layer whose `active_L` entry is False
+    (padding) passes x through with zero statistics (it is computed and dropped: a stage cannot branch
+    on its own data around collectives that the other stages' devices do not reach)."""
 
     def body(carry, xs):  # one layer: a slice of every stacked variable (and of the cache)
       x, cache = carry
-      i, layer_state = xs
+      i, layer_state, on = xs
       layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-      x, stats, layer_cache = nnx.merge(graphdef, layer_state)(x, cos_sin, mask, valid_BxS, layer_cache, slots_BxS)
+      run = lambda x: nnx.merge(graphdef, *layer_state)(x, cos_sin, mask, valid_BxS, layer_cache, slots_BxS)
+      y, stats, layer_cache = run(x)
+      if on is not None:  # (computed and dropped, not skipped: every device must reach the layer's collectives)
+        y = jnp.where(on, y, x)
+        stats = jax.tree.map(lambda v: jnp.where(on, v, jnp.zeros_like(v)), stats)
+      x = y
       if cache is not None:
         cache = jax.tree.map(lambda c, u: jax.lax.dynamic_update_index_in_dim(c, u, i, 0), cache, layer_cache)
       return (x, cache), stats
 
     if self.remat_policy != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy])
-    (x, cache), stats = jax.lax.scan(body, (x_BxSxD, cache), (jnp.arange(self.depth), stacked), unroll=self.unroll)
+    n = jax.tree.leaves(states)[0].shape[0]
+    (x, cache), stats = jax.lax.scan(body, (x_BxSxD, cache), (jnp.arange(n), states, active_L),
+                                     unroll=self.unroll)
     return x, stats, cache

@@ -29,6 +29,7 @@ from moe.runtime import Runtime
 from parallel import sharding as sharding_lib
 from parallel.errors import ConfigError
 from parallel.mesh import Parallelism
+from parallel.pipeline import Layout
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +66,17 @@ def _layer_names(cfg: ModelConfig, moe: bool):
       yield f"mlp.shared_experts.{proj}.weight", f"mlp/shared_experts/{proj}/kernel", True, None
 
 
-def weight_names(cfg: ModelConfig) -> dict[str, Target]:
-  """Every tensor of the released checkpoint layout -> where it lives in our model."""
+def weight_names(cfg: ModelConfig, layout: Layout | None = None) -> dict[str, Target]:
+  """Every tensor of the released checkpoint layout -> where it lives in our model (the MoE layers at
+  their slots in `layout`, a pipelined model's stack: parallel/pipeline.py)."""
+  slot = (layout or Layout(cfg.num_moe_layers)).layer_slot()
   table = {"model.embed_tokens.weight": Target("embed/embedding", (), False),
            "model.norm.weight": Target("norm/scale", (), False)}
   if not cfg.tie_word_embeddings:
     table["lm_head.weight"] = Target("lm_head/kernel", (), True)
   k = cfg.first_k_dense_replace
   for i in range(cfg.num_hidden_layers):
-    stack, j = ("dense_layers", i) if i < k else ("moe_layers", i - k)
+    stack, j = ("dense_layers", i) if i < k else ("moe_layers", int(slot[i - k]))
     for hf, ours, t, e in _layer_names(cfg, moe=i >= k):
       table[f"model.layers.{i}.{hf}"] = Target(f"{stack}/layers/{ours}", (j,) if e is None else (j, e), t)
   for d in range(cfg.num_nextn_predict_layers):
@@ -212,11 +215,12 @@ def config_of(path: str | Path) -> ModelConfig:
   return cfg
 
 
-def check_tensors(ckpt: SafetensorsFolder, cfg: ModelConfig, variables: dict, path: Path) -> dict:
+def check_tensors(ckpt: SafetensorsFolder, cfg: ModelConfig, variables: dict, path: Path,
+                  layout: Layout | None = None) -> dict:
   """{variable path: [(index, HF name, transposed?)]} for every tensor of `cfg`, after checking that
   the checkpoint has each of them in the shape the config implies and nothing else (before anything
   is read: a bad checkpoint is one line naming the tensor and its file, and nothing is half-loaded)."""
-  table = weight_names(cfg)
+  table = weight_names(cfg, layout)
   skip = set(_mtp_copies(cfg)) | {n for n in ckpt.names() if n.endswith("weight_scale_inv")}
   for name in ckpt.names():
     if name not in table and name not in skip:
@@ -238,12 +242,12 @@ def check_tensors(ckpt: SafetensorsFolder, cfg: ModelConfig, variables: dict, pa
 def _block(ckpt, entries, shape, index, dtype=np.float32) -> np.ndarray:
   """`variable[index]` in `dtype` for the global slices `index` of one variable of `shape`: its leading
   stacked dimensions (layer, expert) pick the HF tensors, the others slice each of them (read as
-  float32 one tensor's slice at a time, cast as it is stored)."""
+  float32 one tensor's slice at a time, cast as it is stored; a pipeline's padding slots are zero)."""
   index = tuple(slice(*sl.indices(n)) for sl, n in zip(index, shape))
   lead = len(entries[0][0])
   ranges = [range(sl.start, sl.stop) for sl in index[:lead]]
   inner = index[lead:]
-  out = np.empty([len(r) for r in ranges] + [sl.stop - sl.start for sl in inner], dtype)
+  out = np.zeros([len(r) for r in ranges] + [sl.stop - sl.start for sl in inner], dtype)
   for pos, name, transpose in entries:
     if not all(i in r for i, r in zip(pos, ranges)):
       continue
@@ -303,7 +307,7 @@ def from_hf(path: str | Path, dtype=None, *, mesh=None, rt: Runtime | None = Non
   ckpt = SafetensorsFolder(path)
   model = nnx.eval_shape(lambda: Transformer(cfg, rt, rngs=nnx.Rngs(0)))
   variables = _variables(model)
-  plan = check_tensors(ckpt, cfg, variables, path)
+  plan = check_tensors(ckpt, cfg, variables, path, model.layout)
   mesh_shape = dict(par.mesh.shape) if par is not None else {}
   single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   for p, v in variables.items():
@@ -349,7 +353,7 @@ def to_hf(model: Transformer, path: str | Path, max_shard_bytes: int = 4 << 30, 
   cfg = model.cfg
   variables = _variables(model)
   out_dtype = np.dtype(np.float32 if model.rt.param_dtype == "float32" else ml_dtypes.bfloat16)
-  table = weight_names(cfg)
+  table = weight_names(cfg, model.layout)
   copies = _mtp_copies(cfg)
 
   def spec(name):

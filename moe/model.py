@@ -1,7 +1,10 @@
 """The DeepSeek-V2/V3 decoder: embedding -> dense layers -> MoE layers -> norm -> head (+ MTP).
 
 Layers of one kind are stored stacked (a leading `layers` axis) and applied with a scan
-(moe/decoder.py). How the model runs (dtypes, kernels, FP8, parallelism) is the `moe.runtime.Runtime`
+(moe/decoder.py). With pipeline stages (`mesh.stage` > 1) the MoE layers are the pipelined ones: their
+stack is stored in the pipeline's slot order, padding included (`layout`, parallel/pipeline.py), and
+the trainer runs it through the pipeline (train/core/pipelined.py) between `bottom` (embedding, dense
+layers) and `top` (norm, head, MTP). How the model runs (dtypes, kernels, FP8, parallelism) is the `moe.runtime.Runtime`
 it is built with, resolved once; by default for float32 on this process's devices.
 """
 
@@ -11,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moe import mla, mtp, rope
@@ -19,6 +23,7 @@ from moe.decoder import ACT, LayerStack
 from moe.experts import MoEStats
 from moe.layers import Embed, Linear, RMSNorm
 from moe.runtime import Runtime
+from parallel.pipeline import Layout
 from parallel.sharding import constrain
 
 
@@ -26,6 +31,25 @@ class ModelOutput(NamedTuple):
   logits: jax.Array  # [batch, seq, vocab] float32
   mtp_logits: tuple  # D x [batch, seq, vocab] float32; depth k predicts t_{i+k+1}
   moe_stats: MoEStats | None  # stacked over MoE layers, main layers first then MTP blocks
+
+
+class Context(NamedTuple):
+  """Per-batch inputs every layer needs."""
+  positions: jax.Array  # [batch, seq] RoPE positions
+  cos_sin: tuple  # RoPE tables
+  mask: jax.Array  # document mask
+  valid: jax.Array  # [batch, seq] real tokens
+
+
+def context(cfg: ModelConfig, tokens_BxS, segment_ids_BxS=None, positions_BxS=None) -> Context:
+  """Document mask, RoPE tables and padding of a batch (defaults: one document, positions 0..S-1)."""
+  b, s = tokens_BxS.shape
+  if segment_ids_BxS is None:
+    segment_ids_BxS = jnp.ones((b, s), jnp.int32)
+  if positions_BxS is None:
+    positions_BxS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  return Context(positions_BxS, rope.rope_tables(positions_BxS, cfg), mla.document_mask(segment_ids_BxS),
+                 segment_ids_BxS > 0)
 
 
 class Transformer(nnx.Module):
@@ -36,7 +60,9 @@ class Transformer(nnx.Module):
     k = cfg.first_k_dense_replace
     self.embed = Embed(cfg, rt, rngs=rngs)
     self.dense_layers = LayerStack(cfg, rt, k, moe=False, rngs=rngs) if k else None
-    self.moe_layers = LayerStack(cfg, rt, cfg.num_moe_layers, moe=True, rngs=rngs) if cfg.num_moe_layers else None
+    self.layout = rt.par.layout(cfg.num_moe_layers) if rt.par is not None else Layout(cfg.num_moe_layers)
+    self.moe_layers = LayerStack(cfg, rt, cfg.num_moe_layers, moe=True, rngs=rngs, axis="stage_layers",
+                                 layout=self.layout) if cfg.num_moe_layers else None
     self.norm = RMSNorm(cfg.hidden_size, cfg, rt, rngs=rngs)
     self.lm_head = None if cfg.tie_word_embeddings else Linear(
         cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg, rt, rngs=rngs, fp8=False)  # head: never FP8
@@ -60,34 +86,46 @@ class Transformer(nnx.Module):
 
     segment_ids: document id of each token within its row (0 = padding); attention stays within a
     document. positions: position within the document (RoPE). Defaults: one document, 0..S-1.
+    With a pipelined layout the MoE layers run here unpipelined, in layer order (a reference: every
+    device gathers the whole stack); training and evaluation pipeline them (train/core/pipelined.py).
     """
-    b, s = tokens_BxS.shape
-    if segment_ids_BxS is None:
-      segment_ids_BxS = jnp.ones((b, s), jnp.int32)
-    if positions_BxS is None:
-      positions_BxS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    valid = segment_ids_BxS > 0
-    mask = mla.document_mask(segment_ids_BxS)
-    cos_sin = rope.rope_tables(positions_BxS, self.cfg)
+    ctx = self.context(tokens_BxS, segment_ids_BxS, positions_BxS)
+    h, stats = self.bottom(tokens_BxS, ctx)
+    if self.moe_layers is not None:
+      graphdef, stacked = nnx.split(self.moe_layers.layers)
+      order = self.layout.layer_slot()
+      if not (order == np.arange(len(order))).all() or len(order) != self.layout.slots:
+        stacked = jax.tree.map(lambda x: jnp.take(x, jnp.asarray(order), axis=0), stacked)
+      h, layer_stats, _ = self.moe_layers.apply(graphdef, (stacked,), h, ctx.cos_sin, ctx.mask, ctx.valid)
+      stats.append(layer_stats)
+    logits, mtp_logits, mtp_stats = self.top(h, tokens_BxS, ctx, with_mtp)
+    stats += mtp_stats
+    moe_stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *stats) if stats else None
+    return ModelOutput(logits, mtp_logits, moe_stats)
 
+  def context(self, tokens_BxS, segment_ids_BxS=None, positions_BxS=None) -> Context:
+    return context(self.cfg, tokens_BxS, segment_ids_BxS, positions_BxS)
+
+  def bottom(self, tokens_BxS, ctx: Context):
+    """(hidden states after the embedding and the dense layers, [] : no MoE statistics here)."""
     h = constrain(self.embed(tokens_BxS), ACT, self.rt.par)
-    stats = []
-    for stack in self.stacks():
-      h, layer_stats, _ = stack(h, cos_sin, mask, valid)
-      if stack is self.moe_layers:
-        stats.append(layer_stats)
-    logits = self.head(self.norm(h))
+    if self.dense_layers is not None:
+      h, _, _ = self.dense_layers(h, ctx.cos_sin, ctx.mask, ctx.valid)
+    return h, []
 
-    mtp_logits = []
+  def top(self, h_BxSxD, tokens_BxS, ctx: Context, with_mtp=True):
+    """(logits, MTP logits, [MTP blocks' statistics stacked [1, ...] each]) from the last MoE layer's output."""
+    logits = self.head(self.norm(h_BxSxD))
+    mtp_logits, stats = [], []
     if with_mtp:
+      h = h_BxSxD
       for k, module in enumerate(self.mtp, start=1):
         emb_next = self.embed(mtp.roll_left(tokens_BxS, k))
-        cos_sin_k = rope.rope_tables(mtp.roll_left(positions_BxS, k), self.cfg)
-        h, h_normed, block_stats = module(h, emb_next, cos_sin_k, mask, valid)
+        cos_sin_k = rope.rope_tables(mtp.roll_left(ctx.positions, k), self.cfg)
+        h, h_normed, block_stats = module(h, emb_next, cos_sin_k, ctx.mask, ctx.valid)
         mtp_logits.append(self.head(h_normed))
         stats.append(jax.tree.map(lambda x: x[None], block_stats))
-    moe_stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *stats) if stats else None
-    return ModelOutput(logits, tuple(mtp_logits), moe_stats)
+    return logits, tuple(mtp_logits), stats
 
   # ----------------------------------------------------------- router biases
   def router_bias_variables(self):

@@ -271,8 +271,10 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
   """
   if par is None or par.mesh.size == 1:
     return _local(x_TxD, idx_TxK, w_TxK, *weights, expert_fn=expert_fn)
-  mesh, rules = par.mesh, dict(par.rules)
-  shape = dict(mesh.shape)
+  mesh, shape, free = sharding_lib.context(par)  # (inside the pipeline, `stage` is already manual)
+  if math.prod(shape.values()) == 1:
+    return _local(x_TxD, idx_TxK, w_TxK, *weights, expert_fn=expert_fn)
+  rules = dict(par.rules)
 
   def full_spec(wt, axes):
     spec = tuple(sharding_lib.logical_to_spec(axes, wt.shape, shape, rules, "experts"))
@@ -323,5 +325,6 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
     y, dropped = fn(x, idx, w, *ws)
     return y, jax.lax.psum(dropped, tuple(token_axes)) if token_axes else dropped
 
-  return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, *weight_specs), out_specs=(tok, P()))(
+  return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, *weight_specs), out_specs=(tok, P()),
+                       axis_names=free)(
       x_TxD, idx_TxK, w_TxK, *weights)

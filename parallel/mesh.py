@@ -1,14 +1,16 @@
-"""The device mesh: four named axes, sized by `MeshConfig` (the `mesh:` section of a training config).
+"""The device mesh: five named axes, sized by `MeshConfig` (the `mesh:` section of a training config).
 
+  stage   pipeline stages (parallel/pipeline.py): the MoE layers split into stages; outside the
+          pipeline (embedding, dense layers) it carries data like `data`
   data    pure data parallelism: parameters and optimizer state replicated
   fsdp    data parallelism with parameters, gradients and optimizer state sharded (ZeRO-3)
   expert  routed experts split across ranks (expert parallelism); carries data for everything else
   tensor  attention heads and FFN width split (Megatron-style tensor parallelism)
 
-Sizes come from the config (`mesh.data=2 mesh.fsdp=2 mesh.expert=2 mesh.tensor=1`); at most one
+Sizes come from the config (`mesh.stage=2 mesh.data=2 mesh.fsdp=2 mesh.expert=2`); at most one
 may be -1, meaning the devices the others leave. A mesh whose size does not divide the device count
-is a one-line ConfigError. Across TPU slices or GPU hosts, `mesh.dcn_data` / `mesh.dcn_fsdp` say how
-many slices (or processes) the data / fsdp axis spans (`mesh_utils.create_hybrid_device_mesh`); the
+is a one-line ConfigError. Across TPU slices or GPU hosts, `mesh.dcn_stage` / `mesh.dcn_data` /
+`mesh.dcn_fsdp` say how many slices (or processes) the stage / data / fsdp axis spans (`mesh_utils.create_hybrid_device_mesh`); the
 expert and tensor axes then stay within a slice or host. Without them `mesh_utils.create_device_mesh` orders devices
 so that the last axes (expert, tensor) are the closest (splitting physical axes where a size
 needs it, e.g. expert=8 on a 4x4x4 slice). Axes are `AxisType.Auto`: inside `jit`, XLA's
@@ -29,12 +31,13 @@ import jax
 from jax.sharding import AxisType, Mesh
 
 from parallel import expert_parallel, sharding
+from parallel.pipeline import Layout, PipelineConfig
 from parallel.errors import ConfigError, check_fields, require
 
 log = logging.getLogger("parallel")
 
 AXES = sharding.MESH_AXES
-DCN_AXES = ("data", "fsdp")  # may span slices / hosts (mesh.dcn_data, mesh.dcn_fsdp)
+DCN_AXES = ("stage", "data", "fsdp")  # may span slices / hosts (mesh.dcn_stage, mesh.dcn_data, mesh.dcn_fsdp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,13 +49,15 @@ class MeshConfig:
   elsewhere), padded (all_to_all of fixed buffers; assignments past the capacity are dropped and
   counted as `dropped_tokens`) or ragged (ragged_all_to_all, dropless); `capacity_factor` sets the
   padded buffers to ceil(factor * tokens * top_k / expert) rows per rank pair (null: dropless).
-  `dcn_data` / `dcn_fsdp`: how many TPU slices (or processes, e.g. GPU hosts) the data / fsdp axis
-  spans, for a mesh laid out over a slower outer network."""
+  `dcn_stage` / `dcn_data` / `dcn_fsdp`: how many TPU slices (or processes, e.g. GPU hosts) the
+  stage / data / fsdp axis spans, for a mesh laid out over a slower outer network."""
 
+  stage: int = 1  # pipeline stages (parallel/pipeline.py; the `pipeline:` section)
   data: int = -1
   fsdp: int = 1
   expert: int = 1
   tensor: int = 1
+  dcn_stage: int = 1  # slices (TPU) or processes the stage axis spans; must divide `stage`
   dcn_data: int = 1  # slices (TPU) or processes the data axis spans; must divide `data`
   dcn_fsdp: int = 1  # the same for fsdp
   rules: dict[str, str | list[str] | None] | None = None
@@ -67,7 +72,7 @@ class MeshConfig:
     for name, n in self.sizes().items():
       require(n == -1 or n >= 1, f"mesh.{name}={n} must be >= 1 or -1")
     require(list(self.sizes().values()).count(-1) <= 1, "mesh: at most one axis may be -1")
-    for name in ("dcn_data", "dcn_fsdp"):
+    for name in ("dcn_stage", "dcn_data", "dcn_fsdp"):
       require(getattr(self, name) >= 1, f"mesh.{name}={getattr(self, name)} must be >= 1")
     sharding.resolve_rules(self.rules)  # a bad entry is a one-line error here, not at build time
     cf = self.capacity_factor
@@ -99,7 +104,7 @@ def axis_sizes(mesh_cfg: MeshConfig, n_devices: int) -> dict[str, int]:
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
-  """A Mesh with axes (data, fsdp, expert, tensor), all `AxisType.Auto`.
+  """A Mesh with axes (stage, data, fsdp, expert, tensor), all `AxisType.Auto`.
 
   A mesh smaller than the device count (it must divide it) uses the first devices; that is only
   allowed in a single process.
@@ -118,8 +123,8 @@ def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
   slices = len({getattr(d, "slice_index", 0) for d in devices})
   if math.prod(dcn.values()) == 1:
     if slices > 1:
-      raise ConfigError(f"the devices span {slices} slices: set mesh.dcn_data={slices} (or mesh.dcn_fsdp) so that"
-                        " the axes crossing the data-centre network are the data-parallel ones")
+      raise ConfigError(f"the devices span {slices} slices: set mesh.dcn_data={slices} (or mesh.dcn_fsdp, mesh.dcn_stage)"
+                        " so that the axes crossing the data-centre network are the data-parallel or pipeline ones")
     return Mesh(device_grid(shape, devices), AXES, axis_types=(AxisType.Auto,) * len(AXES))
   return Mesh(hybrid_devices(sizes, dcn, devices), AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
@@ -152,7 +157,7 @@ def hybrid_devices(sizes: dict[str, int], dcn: dict[str, int], devices):
   by_process = len(slices) < math.prod(outer)
   granules = len({d.process_index for d in devices}) if by_process else len(slices)
   if granules != math.prod(outer):
-    raise ConfigError(f"mesh dcn_data x dcn_fsdp = {math.prod(outer)} granules, but the devices form {granules}"
+    raise ConfigError(f"mesh dcn_stage x dcn_data x dcn_fsdp = {math.prod(outer)} granules, but the devices form {granules}"
                       f" {'processes' if by_process else 'slices'}")
   try:
     return mesh_utils.create_hybrid_device_mesh(ici, outer, devices, process_is_granule=by_process)
@@ -174,13 +179,22 @@ class Parallelism:
   ep_transport: str = "padded"
   capacity_factor: float | None = None  # padded transport; None: dropless
   ep_chunks: int | None = None  # dropless exchanges: token chunks (None: expert_parallel.dropless_chunks)
+  pipeline: PipelineConfig = PipelineConfig()  # used when the mesh has stages
 
   @classmethod
-  def from_config(cls, mesh_cfg: MeshConfig, devices=None) -> Parallelism:
+  def from_config(cls, mesh_cfg: MeshConfig, devices=None, pipeline: PipelineConfig = PipelineConfig()) -> Parallelism:
     mesh = make_mesh(mesh_cfg, devices)
     rules = tuple(sharding.resolve_rules(mesh_cfg.rules).items())
     transport = expert_parallel.resolve_transport(mesh_cfg.ep_transport, mesh)
-    return cls(mesh, rules, transport, mesh_cfg.capacity_factor, mesh_cfg.ep_chunks)
+    return cls(mesh, rules, transport, mesh_cfg.capacity_factor, mesh_cfg.ep_chunks, pipeline)
+
+  @property
+  def stages(self) -> int:
+    return self.mesh.shape.get("stage", 1)
+
+  def layout(self, layers: int) -> Layout:
+    """Where the pipelined stack of `layers` layers is stored (parallel/pipeline.py)."""
+    return Layout(layers, self.stages, self.pipeline.repeats if self.stages > 1 else 1)
 
   @property
   def platform(self) -> str:

@@ -31,17 +31,19 @@ from parallel.errors import ConfigError
 
 log = logging.getLogger("parallel")
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("stage", "data", "fsdp", "expert", "tensor")
 
-# logical name -> mesh axes. Batch over every data-like axis (experts use `expert` only inside the MoE
+# logical name -> mesh axes. Batch over every data-like axis (`stage` too: outside the pipeline the
+# stages split the batch; inside it, where `stage` is manual, `constrain` drops it) (experts use `expert` only inside the MoE
 # block, so the rest of the model treats it as data); parameters fully sharded on their hidden
 # (`embed`) dimension over fsdp and, for the dense ones, the expert axis too (it is a data axis
 # outside the MoE block: ZeRO-3 over both; the experts' own `expert` dimension takes that axis first), and MLA's up-projections (q_b_proj [q_lora, heads], kv_b_proj
 # [kv_lora, heads], which have no hidden dimension) on their LoRA rank, so that no large parameter is
 # replicated when tensor=1; tensor parallelism on heads, FFN width and vocabulary; experts over
-# `expert`. Stacked layers and norms stay whole.
+# `expert`. Stacked layers and norms stay whole, except the pipelined stack, whose slots (parallel/
+# pipeline.py) split over `stage`.
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp", "expert"),
+    "batch": ("stage", "data", "fsdp", "expert"),
     "seq": (),
     "embed": ("fsdp", "expert"),
     "vocab": ("tensor",),
@@ -50,6 +52,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "moe_mlp": ("tensor",),
     "expert": ("expert",),
     "layers": (),
+    "stage_layers": ("stage",),
     "q_lora": ("fsdp", "expert"),
     "kv_lora": ("fsdp", "expert"),
     "norm": (),
@@ -188,10 +191,26 @@ def place_batch(batch: Mapping[str, np.ndarray], par=None, global_batch_size: in
   return out
 
 
+def context(par):
+  """(mesh, {axis: size}, the axes still automatic) to shard against here: `par.mesh` outside any
+  shard_map; inside one that is manual over some axes (the pipeline's `stage`), the abstract mesh of
+  that context with the manual axes at size 1, so that rules naming them leave them out (a nested
+  shard_map then names only the automatic axes)."""
+  abstract = jax.sharding.get_abstract_mesh()
+  manual = set() if abstract.empty else set(abstract.manual_axes)
+  free = frozenset(a for a in par.mesh.axis_names if a not in manual)
+  if not manual:
+    return par.mesh, dict(par.mesh.shape), free
+  return abstract, {a: 1 if a in manual else n for a, n in par.mesh.shape.items()}, free
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None], par=None) -> jax.Array:
   """Sharding constraint on an activation by logical axis names, on the mesh of `par` (a
   parallel.mesh.Parallelism); a no-op without one or on a single device."""
   if par is None or par.mesh.size == 1:
     return x
-  spec = logical_to_spec(tuple(logical_axes), x.shape, dict(par.mesh.shape), par.rules, "activation")
-  return jax.lax.with_sharding_constraint(x, NamedSharding(par.mesh, spec))
+  mesh, shape, _ = context(par)
+  if math.prod(shape.values()) == 1:
+    return x
+  spec = logical_to_spec(tuple(logical_axes), x.shape, shape, par.rules, "activation")
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

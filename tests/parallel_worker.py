@@ -207,7 +207,8 @@ def main():
   if MODE == "multi":  # the data axis across the 2 processes (hybrid mesh, process = granule)
     cfg = config(MESHES["d2f2e2"], ["mesh.dcn_data=2"])
     losses, _ = three_steps(cfg, test_batch())
-    devices = mesh_lib.make_mesh(cfg.mesh).devices  # [data, fsdp, expert, tensor]
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    devices = np.moveaxis(mesh.devices, mesh.axis_names.index("data"), 0)  # [data, ...]
     layout = [sorted({d.process_index for d in devices[i].flat}) for i in range(devices.shape[0])]
     print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(), "losses": losses,
                       "data_axis_processes": layout}))

@@ -63,11 +63,13 @@ def test_meshes_split_physical_axes_when_they_must():
   """Defect 2: expert=8 on v5p-128 (4x4x4 chips) is laid out; several slices need a dcn axis."""
   devices = targets.devices(targets.parse("v5p-128"))
   mesh = make_mesh(MeshConfig(data=-1, expert=8), devices)
-  assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "expert": 8, "tensor": 1}
+  assert dict(mesh.shape) == {"stage": 1, "data": 8, "fsdp": 1, "expert": 8, "tensor": 1}
   assert len({d.id for d in mesh.devices.flat}) == 64
   two = targets.devices(targets.parse("v5p-16", slices=2))
   mesh = make_mesh(MeshConfig(data=-1, fsdp=2, expert=4, dcn_data=2), two)
-  assert all(len({d.slice_index for d in mesh.devices[i].flat}) == 1 for i in range(2))  # data across slices
+  assert all(len({d.slice_index for d in mesh.devices[0, i].flat}) == 1 for i in range(2))  # data across slices
+  mesh = make_mesh(MeshConfig(stage=2, data=-1, expert=4, dcn_stage=2), two)  # pipeline stages across slices
+  assert all(len({d.slice_index for d in mesh.devices[i].flat}) == 1 for i in range(2))
   with pytest.raises(ConfigError, match="span 2 slices: set mesh.dcn_data=2"):
     make_mesh(MeshConfig(data=-1, expert=8), two)
 
@@ -111,13 +113,24 @@ def test_compiles_for_v5p_with_data_fsdp_and_expert_axes(capsys):
   for config in ("tiny", "bench-cpu"):
     (r,) = compile_json(capsys, f"configs/{config}.yaml", "--target", "v5p-16", "mesh.data=2", "mesh.fsdp=2",
                         "mesh.expert=2", "batch_size=8", "seq_len=256")
-    assert r["fits"] and r["devices"] == 8 and r["mesh"] == {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1}
+    assert r["fits"] and r["devices"] == 8 and r["mesh"] == {"stage": 1, "data": 2, "fsdp": 2, "expert": 2, "tensor": 1}
     assert r["impl"]["ep_transport"] == "ragged" and r["impl"]["experts"] == "ragged_dot"
     assert r["impl"]["attention"] == "splash"
     assert r["collectives"]["ragged-all-to-all"]["count"] > 0 and r["collectives"]["all-gather"]["bytes"] > 0
     mem = r["per_device_GiB"]
     assert 0 < mem["peak"] <= mem["arguments"] + mem["temporaries"] + mem["output"]
     assert r["model_flops_per_step"] == r["model_flops_per_device"] * 8 > 0
+
+
+def test_compiles_a_pipeline_for_v5p(capsys):
+  """mesh.stage: tiny.yaml (4 MoE layers) on v5p-16 as 2 stages x fsdp=2 x expert=2, 1F1B: the
+  pipeline's shard_map over `stage` with the expert-parallel one nested inside compiles for TPU; the
+  activations and cotangents move by collective-permute."""
+  (r,) = compile_json(capsys, "configs/tiny.yaml", "--target", "v5p-16", "mesh.stage=2", "mesh.data=1", "mesh.fsdp=2",
+                      "mesh.expert=2", "model.num_hidden_layers=5", "batch_size=8", "seq_len=256",
+                      "pipeline.schedule=1f1b", "pipeline.microbatches=4")
+  assert r["fits"] and r["mesh"] == {"stage": 2, "data": 1, "fsdp": 2, "expert": 2, "tensor": 1}
+  assert r["collectives"]["collective-permute"]["count"] > 0 and r["collectives"]["ragged-all-to-all"]["count"] > 0
 
 
 def test_compiles_for_a_large_v5e_slice_with_the_padded_transport(capsys):

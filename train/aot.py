@@ -112,7 +112,7 @@ def compile_for(cfg: TrainConfig, target: targets_lib.Target) -> dict:
   """Compile `cfg`'s train step for `target`; the report (see the module docstring), or DoesNotFit."""
   cfg = for_target(cfg, target)
   devices = targets_lib.devices(target)
-  par = Parallelism.from_config(cfg.mesh, devices)
+  par = Parallelism.from_config(cfg.mesh, devices, cfg.pipeline)
   s = loop.setup(cfg, par)
   batch = s.batch_spec(cfg.batch_size, cfg.seq_len)
   t0 = time.perf_counter()

@@ -86,10 +86,11 @@ def per_device(kernel, q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, segment_ids_BxS, par):
   of several devices: XLA does not partition a Pallas call)."""
   if par is None or par.mesh.size == 1:
     return kernel(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, segment_ids_BxS)
-  shape = dict(par.mesh.shape)
+  mesh, shape, free = sharding_lib.context(par)  # (inside the pipeline, `stage` is already manual)
   qkv = sharding_lib.logical_to_spec(("batch", None, "heads", None), q_BxSxHxK.shape, shape, par.rules, "attention")
   qkv = P(*(tuple(qkv) + (None,) * (4 - len(qkv))))
-  return jax.shard_map(kernel, mesh=par.mesh, in_specs=(qkv, qkv, qkv, P(qkv[0])), out_specs=qkv, check_vma=False)(
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(qkv, qkv, qkv, P(qkv[0])), out_specs=qkv, axis_names=free,
+                       check_vma=False)(
       q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, segment_ids_BxS)
 
 

@@ -11,7 +11,7 @@ training continues), holding the items
   data/       the Grain iterator state of every process, `process_<i>-of-<n>.json`
               (grain.checkpoint.CheckpointSave); absent in checkpoints made from HF weights
   config/     the resolved TrainConfig (JSON, `TrainConfig.to_dict`)
-  meta/       {"format", "step", "process_count", "device_count", "mesh", "data_seed"}
+  meta/       {"format", "step", "process_count", "device_count", "mesh", "data_seed", "pipeline_layout"}
 
 Training draws no random numbers after initialisation (no dropout), so there is no RNG state to
 save: parameters, optimiser state, router biases and the data position determine the rest of the
@@ -23,7 +23,10 @@ never taken for a checkpoint and is deleted at the next start.
 
 Resuming (`resume: true`, the default) restores the newest step onto the current mesh: the arrays
 are read with the shardings of the state `build` made, so a checkpoint saved on one mesh or device
-count restores onto any other. The data iterator:
+count restores onto any other. With pipeline stages the MoE stack (with its optimizer moments and
+router biases) is stored in the pipeline's slot order (parallel/pipeline.py), recorded in meta as
+`pipeline_layout` [stages, repeats]; a checkpoint of another stage count or repeats is read in its own
+order and rearranged on device (`_relayout`). The data iterator:
   - same number of processes: every process continues its iterator exactly where it stopped (no
     document repeated or skipped);
   - a different number of processes, or a changed data pipeline (`data`, `tokenizer`, `seq_len`,
@@ -61,7 +64,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moe import hf
 from moe.model import Transformer
 from moe.runtime import Runtime
+from parallel import pipeline
 from parallel.errors import CheckpointError, ConfigError, RunFailed
+from parallel.pipeline import Layout
 from parallel.sharding import state_shardings
 from train.core.config import TrainConfig
 
@@ -287,6 +292,9 @@ class Checkpoints:
     when `plan['restore_data']`."""
     path, step = plan["path"], plan["step"]
     target = abstract_like(state, par)
+    src = Layout(self.cfg.model.num_moe_layers, *plan["meta"].get("pipeline_layout", (1, 1)))
+    dst = _layout(self.cfg, par)
+    final, target = target, _relayout_target(target, src, dst)
     for x in jax.tree.leaves(state):
       if isinstance(x, jax.Array):
         x.delete()
@@ -314,7 +322,9 @@ class Checkpoints:
              f"; config changed: {', '.join(changes)}" if changes else "")
     if jax.process_index() == 0:
       trim_metrics(self.cfg.run_dir, step)
-    return {**got["model"], **got["optimizer"]}
+    if src != dst:
+      log.info("checkpoint %s: MoE stack rearranged from %s to %s", path, src.describe(), dst.describe())
+    return _relayout({**got["model"], **got["optimizer"]}, src, dst, final)
 
   # ------------------------------------------------------------------ saving
   def due(self, step: int) -> bool:
@@ -329,7 +339,8 @@ class Checkpoints:
       return False
     meta = {"format": FORMAT, "step": int(step), "process_count": jax.process_count(),
             "device_count": jax.device_count(), "data_seed": int(self.data_seed),
-            "mesh": dict(par.mesh.shape) if par is not None else None}
+            "mesh": dict(par.mesh.shape) if par is not None else None,
+            "pipeline_layout": [_layout(self.cfg, par).stages, _layout(self.cfg, par).repeats]}
     items = {
         "model": ocp.args.StandardSave({"params": state["params"], "rest": state["rest"]}),
         "optimizer": ocp.args.StandardSave({"opt": state["opt"], "step": state["step"], "guard": state["guard"]}),
@@ -384,6 +395,44 @@ class Checkpoints:
     self.close()
 
 
+def _layout(cfg: TrainConfig, par=None) -> Layout:
+  """The pipeline layout a state built for `par` stores the MoE stack in."""
+  return par.layout(cfg.model.num_moe_layers) if par is not None else Layout(cfg.model.num_moe_layers)
+
+
+def _in_stack(path) -> bool:
+  return "moe_layers" in jax.tree_util.keystr(path)
+
+
+def _relayout_target(target, src: Layout, dst: Layout):
+  """`target` with the MoE stack's arrays (parameters, moments, router biases) in `src`'s slots,
+  their slot dimension unsharded (to be rearranged on device)."""
+  if src == dst:
+    return target
+
+  def leaf(path, x):
+    if not _in_stack(path):
+      return x
+    s = x.sharding
+    sharding = NamedSharding(s.mesh, P(None, *tuple(s.spec)[1:])) if isinstance(s, NamedSharding) else s
+    return jax.ShapeDtypeStruct((src.slots,) + x.shape[1:], x.dtype, sharding=sharding)
+
+  return jax.tree_util.tree_map_with_path(leaf, target)
+
+
+def _relayout(state, src: Layout, dst: Layout, target):
+  """The restored `state` with the MoE stack moved from `src`'s slots to `dst`'s, laid out as `target`."""
+  if src == dst:
+    return state
+
+  def leaf(path, x, t):
+    if not _in_stack(path):
+      return x
+    return jax.jit(lambda a: pipeline.convert(a, src, dst), out_shardings=t.sharding)(x)
+
+  return jax.tree_util.tree_map_with_path(leaf, state, target)
+
+
 def abstract_like(state, par=None):
   """ShapeDtypeStructs of `state` with its shardings; on a one-device mesh the replicated
   NamedSharding a jitted step returns (so the first step after a restore does not compile twice)."""
@@ -427,7 +476,7 @@ def load_model(path, dtype: str = "float32", par=None) -> Transformer:
   parallel.mesh.Parallelism) sharded over its mesh by the logical-axis rules (exporting a model larger
   than one device)."""
   path = Path(path)
-  validate_step_dir(path)
+  meta = validate_step_dir(path)
   cfg = read_config(path)
   devices = None if par is not None else jax.local_devices()[:1]
   rt = Runtime.resolve(cfg.impl, dtype=dtype, param_dtype=dtype, devices=devices, par=par, announce=False)
@@ -440,7 +489,9 @@ def load_model(path, dtype: str = "float32", par=None) -> Transformer:
   else:
     shardings = state_shardings(abstract, par.mesh, par.rules)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-  got = restore_model(path, target)
+  src = Layout(cfg.model.num_moe_layers, *meta.get("pipeline_layout", (1, 1)))
+  dst = _layout(cfg, par)
+  got = _relayout(restore_model(path, _relayout_target(target, src, dst)), src, dst, target)
   return nnx.merge(graphdef, got["params"], got["rest"])
 
 

@@ -3,6 +3,7 @@
   model:      the architecture, moe.config.ModelConfig (the fields of DeepSeek's config.json)
   impl:       how the model runs, moe.runtime.ImplConfig (kernels, remat, scan; `auto` = from the devices)
   mesh:       the device mesh and expert-parallel transport, parallel.mesh.MeshConfig
+  pipeline:   the pipeline schedule when mesh.stage > 1, parallel.pipeline.PipelineConfig
   optimizer:  OptimizerConfig        loss: LossConfig
   top level:  TrainConfig (steps, batch_size, seq_len, data, precision, checkpoints, ...)
 
@@ -28,6 +29,7 @@ from moe.config import ModelConfig, load_yaml, model_section
 from moe.runtime import ImplConfig
 from parallel.errors import ConfigError, check_fields, dataclass_of, matches, reject_unknown, require
 from parallel.mesh import MeshConfig
+from parallel.pipeline import PipelineConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +143,7 @@ class TrainConfig:
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
   loss: LossConfig = dataclasses.field(default_factory=LossConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
   impl: ImplConfig = dataclasses.field(default_factory=ImplConfig)
 
   def __post_init__(self):
@@ -212,8 +215,8 @@ class TrainConfig:
     return cls(**_coerce(d, cls))
 
 
-_SECTIONS = {"model": ModelConfig, "impl": ImplConfig, "mesh": MeshConfig, "optimizer": OptimizerConfig,
-             "loss": LossConfig}
+_SECTIONS = {"model": ModelConfig, "impl": ImplConfig, "mesh": MeshConfig, "pipeline": PipelineConfig,
+             "optimizer": OptimizerConfig, "loss": LossConfig}
 
 
 def _key_places() -> dict[str, str]:

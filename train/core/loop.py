@@ -28,6 +28,7 @@ from parallel.mesh import Parallelism
 from train.core import checkpoint as checkpoint_lib
 from train.core import data as data_lib
 from train.core import optimizer as optimizer_lib
+from train.core import pipelined
 from train.core import rundir
 from train.core import step as step_lib
 from train.core.config import TrainConfig
@@ -39,8 +40,16 @@ log = logging.getLogger("train")
 
 def parallelism(cfg: TrainConfig, devices=None) -> Parallelism:
   """The device mesh (cfg.mesh over `devices`, default all) with its sharding rules and transport."""
-  par = Parallelism.from_config(cfg.mesh, devices)
+  par = Parallelism.from_config(cfg.mesh, devices, cfg.pipeline)
   log.info("parallel: %s", par.describe())
+  if par.stages > 1:
+    rows = cfg.batch_size // cfg.grad_accum
+    sched = pipelined.schedule(par, rows)
+    log.info("%s; MoE %s", sched.describe(), par.layout(cfg.model.num_moe_layers).describe())
+    if (rows // sched.microbatches) % par.stages:
+      log.warning("pipeline: micro-batches of %d sequences do not split over the %d stages, so every stage runs the"
+                  " embedding, dense layers and head on all of them (%dx their work): make batch_size / grad_accum /"
+                  " pipeline.microbatches a multiple of mesh.stage", rows // sched.microbatches, par.stages, par.stages)
   return par
 
 
@@ -95,8 +104,8 @@ def setup(cfg: TrainConfig, par: Parallelism | None = None, rt: Runtime | None =
   else:
     layout = shardings = sharding_lib.state_shardings(abstract, par.mesh, par.rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, layout)
-  train_step = step_lib.make_train_step(graphdef, cfg.model, tx, schedule, cfg, shardings)
-  return Setup(par, rt, tx, init, abstract, shardings, train_step, step_lib.make_eval_step(graphdef))
+  train_step = step_lib.make_train_step(graphdef, cfg.model, tx, schedule, cfg, shardings, par)
+  return Setup(par, rt, tx, init, abstract, shardings, train_step, step_lib.make_eval_step(graphdef, par))
 
 
 class Built(NamedTuple):
@@ -241,6 +250,7 @@ def _loop(cfg, run_dir, ckpt, plan, state, start, batches, evals, train_step, ev
   peak = measure_peak_flops(rt.compute_dtype) if peak_flops is None else peak_flops
   tokens_per_step = cfg.batch_size * cfg.seq_len
   guard = Guard(cfg, ckpt)
+  sched = pipelined.schedule(par, cfg.batch_size // cfg.grad_accum) if par.stages > 1 else None
   first = last = None
   stopped = False
   if start >= cfg.steps:
@@ -277,6 +287,9 @@ def _loop(cfg, run_dir, ckpt, plan, state, start, batches, evals, train_step, ev
           record = {k: v for k, v in got[-1].items() if k not in ("tokens", "skipped", "nonfinite")}
           record["loss"] = float(np.mean([m["loss"] for m in got]))
           record["skipped_steps"] = int(sum(m["skipped"] for m in got))
+          if par.stages > 1:  # the schedule and its predicted idle share (parallel/pipeline.py)
+            record["pipeline_schedule"] = sched.kind
+            record["pipeline_bubble"] = sched.bubble()
           if timed > 0:  # the interval of the first step (compilation) has no throughput
             record["tokens_per_s"] = tokens_per_step * timed / (time.perf_counter() - t0)
             record["mfu"] = record["tokens_per_s"] * counts["flops_per_token"] / peak

@@ -53,9 +53,11 @@ def device_memory() -> dict | None:
   return out
 
 
-def to_python(value) -> float | list[float] | None:
+def to_python(value) -> float | list[float] | str | None:
   """A Python/NumPy/JAX scalar -> float; a 1-D array or sequence -> list of floats; NaN and +-Inf ->
-  None (JSON null: metrics.jsonl stays JSON)."""
+  None (JSON null: metrics.jsonl stays JSON); a string (a name, e.g. the pipeline schedule) as is."""
+  if isinstance(value, str):
+    return value
   a = np.asarray(value, dtype=np.float64)
   if a.ndim > 1:
     raise ValueError(f"metrics must be scalars or 1-D vectors, got shape {a.shape}")

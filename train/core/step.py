@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from moe.config import ModelConfig
 from train.core import loss as loss_lib
+from train.core import pipelined
 from train.core.config import TrainConfig
 
 
@@ -49,11 +51,13 @@ def load_stats(load_LxE):
           "expert_load_cv": load_LxE.std(-1) / mean}
 
 
-def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainConfig, state_shardings=None):
+def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainConfig, state_shardings=None,
+                    par=None):
   """The jitted step(state, batch) -> (state, metrics) of the model `graphdef` with architecture
   `model_cfg` (the one it was built with). `state_shardings` (parallel.sharding.state_shardings of
   the state) pins the new state to the layout of the old, and the metrics are then replicated; None
-  lets XLA choose (single device)."""
+  lets XLA choose (single device). With `par` (parallel.mesh.Parallelism) of more than one stage the
+  MoE layers run through the pipeline (train/core/pipelined.py)."""
   depth = model_cfg.num_nextn_predict_layers
   n_micro = cfg.grad_accum
   lam, alpha = cfg.loss.mtp_lambda, cfg.loss.balance_alpha
@@ -68,7 +72,19 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainCo
     dropped = out.moe_stats.dropped.sum() if out.moe_stats is not None else jnp.zeros((), jnp.int32)
     return loss, (parts, load, dropped)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  staged = par is not None and par.stages > 1
+  if not staged:
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  else:
+    sched = pipelined.schedule(par, cfg.batch_size // n_micro)
+    layout = par.layout(model_cfg.num_moe_layers)
+    # the metrics' rows: the MoE layers in layer order (padding slots left out), then the MTP blocks
+    metric_rows = np.concatenate([layout.layer_slot(), layout.slots + np.arange(depth)])
+
+    def grad_fn(params, rest, batch, counts):  # the pipeline's forwards and backwards, not autodiff
+      pipe = pipelined.Pipelined(graphdef, params, rest, par, sched, lam, alpha)
+      loss, parts, load, dropped, grads = pipe.run(params, rest, batch, counts, n_micro)
+      return (loss, (parts, load, dropped)), grads
 
   def step(state, batch):
     params, rest = state["params"], state["rest"]
@@ -85,6 +101,7 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainCo
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       ((loss, (parts, load, dropped)), grads), _ = jax.lax.scan(accumulate, zeros, micro)
 
+    metric_load = load[metric_rows] if staged else load
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     guard = state["guard"]
@@ -107,7 +124,7 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainCo
 
     metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "lr": schedule(state["step"]),
                "tokens": counts["lm"], "nonfinite": (~finite).astype(jnp.int32), "skipped": skip.astype(jnp.int32),
-               **(load_stats(load) if load.shape[0] else {})}
+               **(load_stats(metric_load) if load.shape[0] else {})}
     if load.shape[0]:  # (token, expert) assignments dropped by expert-parallel capacity (0: dropless)
       metrics["dropped_tokens"] = dropped
     new_state = {"params": keep(new_params, params), "rest": keep(new_rest, rest), "opt": keep(opt, state["opt"]),
@@ -120,13 +137,20 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainCo
   return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, replicated))
 
 
-def make_eval_step(graphdef):
-  """Summed next-token NLL and target count of one batch (main head only)."""
+def make_eval_step(graphdef, par=None):
+  """Summed next-token NLL and target count of one batch (main head only). With `par` of more than
+  one stage the MoE layers run through the pipeline's forwards (gpipe order)."""
 
   def step(state, batch):
+    mask = batch["loss_mask"].astype(jnp.float32)
+    if par is not None and par.stages > 1:
+      sched = pipelined.schedule(par, batch["tokens"].shape[0], kind="gpipe")
+      pipe = pipelined.Pipelined(graphdef, state["params"], state["rest"], par, sched, 0.0, 0.0, with_mtp=False)
+      counts = {"lm": jnp.ones((), jnp.float32), "mtp": jnp.ones((0,), jnp.float32)}
+      _, parts, _, _, _ = pipe.run(state["params"], state["rest"], batch, counts, 1, train=False)
+      return parts["lm_loss"], mask.sum()
     model = nnx.merge(graphdef, state["params"], state["rest"])
     logits = model(batch["tokens"], batch["segment_ids"], batch["positions"])
-    mask = batch["loss_mask"].astype(jnp.float32)
     return (loss_lib.token_nll(logits, batch["targets"]) * mask).sum(), mask.sum()
 
   return jax.jit(step)

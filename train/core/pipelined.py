@@ -1,0 +1,117 @@
+"""The training objective and its gradients through the pipeline, when the mesh has stages.
+
+Where each part runs (parallel/pipeline.py has the mechanics):
+  embedding and the first dense layers  as a micro-batch enters the first stage, every stage computing
+                                        a 1/N block of its rows (the stage axis carries data there, as
+                                        in MaxText), gathered to the first stage; the backward likewise
+  MoE layers                            pipelined: the stack's slots split over `stage`, EP / FSDP / TP
+                                        inside each stage
+  final norm, head, MTP, loss           after the last stage, folded into the last chunk's backward, so
+                                        that a 1F1B backward starts as soon as a micro-batch leaves the
+                                        last MoE layer; again every stage takes a 1/N block of the rows
+                                        (DeepSeek put the embedding on the first and the head + MTP on the
+                                        last stage; splitting them over all stages keeps them off the
+                                        critical stage and keeps the control flow the same everywhere)
+The non-pipelined weights are whole on every stage (sharded over the other axes as usual).
+
+`Pipelined.run` gives what `jax.value_and_grad` of the unpipelined objective gives (train/core/
+step.py). Micro-batch m's loss is its share of the whole batch's (token sums over the whole batch's
+counts; the balance loss over grad_accum x microbatches), so the sum over micro-batches is the
+full-batch loss exactly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe import model as model_lib
+from parallel import pipeline
+from parallel.errors import ConfigError
+from train.core import loss as loss_lib
+
+STACK = "moe_layers"
+
+
+def _split(tree):
+  """(tree without the MoE stack, the stack's `layers` state; empty when it has none, e.g. the rest of
+  a model without router biases)."""
+  stack = tree[STACK]["layers"] if STACK in tree else nnx.State({})
+  return nnx.State({k: v for k, v in tree.items() if k != STACK}), stack
+
+
+def _join(like, other, stack):
+  """The tree of `like` (the params) from the parts `_split` made of such a tree."""
+  key = lambda path: tuple(str(getattr(k, "key", k)) for k in path)
+  leaves = {key(p): x for p, x in jax.tree_util.tree_leaves_with_path(other)}
+  leaves.update({(STACK, "layers") + key(p): x for p, x in jax.tree_util.tree_leaves_with_path(stack)})
+  return jax.tree_util.tree_map_with_path(lambda p, _: leaves[key(p)], like)
+
+
+def schedule(par, rows: int, kind: str | None = None) -> pipeline.Schedule:
+  """The schedule of `par.pipeline` for `rows` sequences per pipeline run (one grad-accumulation
+  micro-batch); `kind` overrides the schedule (evaluation runs forwards only: gpipe)."""
+  m = par.pipeline.microbatches or par.stages
+  if rows % m:
+    raise ConfigError(f"pipeline.microbatches={m} must divide the {rows} sequences of each step's micro-batch"
+                      " (batch_size / grad_accum)")
+  return pipeline.make_schedule(kind or par.pipeline.schedule, par.stages, m, par.pipeline.repeats)
+
+
+class Pipelined:
+  """The objective of the model `graphdef` (built with a stage > 1 Runtime) through `sched`."""
+
+  def __init__(self, graphdef, params, rest, par, sched: pipeline.Schedule, mtp_lambda: float,
+               balance_alpha: float, with_mtp: bool = True):
+    model = nnx.merge(graphdef, params, rest)
+    self.cfg, self.layout, self.apply = model.cfg, model.layout, model.moe_layers.apply
+    self.layer_graph = nnx.split(model.moe_layers.layers, nnx.Param, ...)[0]
+    model.moe_layers = None
+    self.other_graph = nnx.split(model, nnx.Param, ...)[0]
+    self.par, self.sched = par, sched
+    self.lam, self.alpha, self.with_mtp = mtp_lambda, balance_alpha, with_mtp
+
+  def _functions(self, n_total: int):
+    def first_fn(q, qc, mb):
+      model = nnx.merge(self.other_graph, q, qc["rest"])
+      return model.bottom(mb["tokens"], model.context(mb["tokens"], mb["segment_ids"], mb["positions"]))[0]
+
+    def stage_fn(p, c, x, mb):
+      ctx = model_lib.context(self.cfg, mb["tokens"], mb["segment_ids"], mb["positions"])
+      h, stats, _ = self.apply(self.layer_graph, (p, c["rest"]), x, ctx.cos_sin, ctx.mask, ctx.valid,
+                               active_L=c["active"])
+      return h, self.alpha * stats.balance_loss.sum() / n_total, stats
+
+    def last_fn(q, qc, y, mb, blocks):  # on one of `blocks` row blocks of a micro-batch
+      model = nnx.merge(self.other_graph, q, qc["rest"])
+      ctx = model.context(mb["tokens"], mb["segment_ids"], mb["positions"])
+      logits, mtp_logits, mtp_stats = model.top(y, mb["tokens"], ctx, self.with_mtp)
+      stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *mtp_stats) if mtp_stats else None
+      out = model_lib.ModelOutput(logits, mtp_logits, stats)
+      loss, parts = loss_lib.objective(out, mb, qc["counts"], n_total * blocks, self.lam, self.alpha)
+      if stats is not None:  # (a balance loss is a mean over a block's sequences)
+        stats = stats._replace(balance_loss=stats.balance_loss / blocks)
+      return loss, {"parts": parts, "stats": stats}
+
+    return first_fn, stage_fn, last_fn
+
+  def run(self, params, rest, batch, counts, n_micro: int, train: bool = True):
+    """(loss, parts, load [slots + MTP blocks, E] in the stack's slot order, dropped, grads or None)."""
+    p_other, p_stack = _split(params)
+    r_other, r_stack = _split(rest)
+    m = self.sched.microbatches
+    n_total = n_micro * m
+
+    mb = jax.tree.map(lambda x: x.reshape(m, -1, *x.shape[1:]), batch)
+    first_fn, stage_fn, last_fn = self._functions(n_total)
+    consts = {"rest": r_stack, "active": jnp.asarray(self.layout.slot_layer() >= 0)}
+    loss, g_stack, g_other, stats, aux = pipeline.run(
+        self.sched, self.par.mesh, self.layout.per_chunk, first_fn, stage_fn, last_fn, p_stack, consts, p_other,
+        {"rest": r_other, "counts": counts}, mb, train=train)
+    parts, extra = dict(aux["parts"]), aux["stats"]
+    both = [stats] if extra is None else [stats, extra]
+    parts["balance_loss"] = sum(s.balance_loss.sum() for s in both) / n_total
+    load = jnp.concatenate([s.load for s in both])
+    dropped = sum(s.dropped.sum() for s in both)
+    return loss, parts, load, dropped, _join(params, g_other, g_stack) if train else None
