@@ -2,7 +2,14 @@
 `python -m train.bench_meshes CONFIG MESH [MESH ...] [--rounds R] [--set key=value ...]`.
 
 MESH is comma-separated `mesh.` keys, e.g. `data=1` `data=8` `expert=8,capacity_factor=2`
-(unset axes: data=1, fsdp=1, expert=1, tensor=1). All meshes are built first (compiled and warmed
+(unset axes: data=1, fsdp=1, expert=1, tensor=1), and for pipelines `pipeline.` keys: `stage=4,data=2,
+schedule=1f1b,microbatches=8`. A pipelined mesh's line also gives its schedule's predictions
+(parallel/pipeline.py): `bubble` (the masked share of the chunk work the executor runs), `predicted_ratio`
+(its step time over an unpipelined run's: the chunk work it executes, backward recomputation included,
+over the 3 units per micro-batch and chunk of an unpipelined forward + backward) and, against the
+first unpipelined mesh given, the measured `ratio` and `measured_idle` = 1 - (the schedule's useful
+work / 3MC) / ratio, to set against `bubble` (on simulated CPU devices every device shares the same
+cores, so time is work). All meshes are built first (compiled and warmed
 up); then each of R rounds times one step of every mesh in turn, so a change in the machine's load
 hits all of them alike. Prints one JSON line per mesh: min and median step seconds, dropped tokens.
 Meant for simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), where a 1-device
@@ -12,6 +19,7 @@ mesh and 8-device meshes can run side by side in one process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -19,9 +27,13 @@ import time
 
 import jax
 
-from train.core import loop
+from parallel.pipeline import PipelineConfig
+from train.core import loop, pipelined
 from train.core.config import load_train_config
 from train.core.data import synthetic_batch
+
+
+PIPELINE_KEYS = {f.name for f in dataclasses.fields(PipelineConfig)}
 
 
 def main(argv=None) -> int:
@@ -35,7 +47,8 @@ def main(argv=None) -> int:
   for spec in args.meshes:
     keys = dict(data=1, fsdp=1, expert=1, tensor=1)
     keys.update(kv.split("=", 1) for kv in spec.split(","))
-    cfg = load_train_config(args.config, list(args.set) + [f"mesh.{k}={v}" for k, v in keys.items()])
+    over = [f"{'pipeline' if k in PIPELINE_KEYS else 'mesh'}.{k}={v}" for k, v in keys.items()]
+    cfg = load_train_config(args.config, list(args.set) + over)
     par = loop.parallelism(cfg)
     state, step, *_ = loop.build(cfg, par)
     batch = loop.to_device(synthetic_batch(cfg.batch_size, cfg.seq_len, cfg.model.vocab_size, cfg.seed), par)
@@ -45,18 +58,28 @@ def main(argv=None) -> int:
     compile_s = time.perf_counter() - t
     state, metrics = step(state, batch)  # warm-up
     jax.block_until_ready(metrics)
+    sched = pipelined.schedule(par, cfg.batch_size // cfg.grad_accum) if par.stages > 1 else None
     runs.append({"mesh": spec, "state": state, "step": step, "batch": batch, "times": [], "compile_s": compile_s,
-                 "dropped_tokens": int(metrics.get("dropped_tokens", 0))})
+                 "dropped_tokens": int(metrics.get("dropped_tokens", 0)), "sched": sched})
   for _ in range(args.rounds):
     for r in runs:
       t = time.perf_counter()
       r["state"], metrics = r["step"](r["state"], r["batch"])
       jax.block_until_ready(metrics)
       r["times"].append(time.perf_counter() - t)
+  base = next((statistics.median(r["times"]) for r in runs if r["sched"] is None), None)
   for r in runs:
-    print(json.dumps({"mesh": r["mesh"], "devices": jax.device_count(), "min_step_s": round(min(r["times"]), 3),
-                      "median_step_s": round(statistics.median(r["times"]), 3),
-                      "first_step_s": round(r["compile_s"], 1), "dropped_tokens": r["dropped_tokens"]}))
+    line = {"mesh": r["mesh"], "devices": jax.device_count(), "min_step_s": round(min(r["times"]), 3),
+            "median_step_s": round(statistics.median(r["times"]), 3),
+            "first_step_s": round(r["compile_s"], 1), "dropped_tokens": r["dropped_tokens"]}
+    if (s := r["sched"]) is not None:
+      units = 3 * s.microbatches * s.stages * s.repeats  # an unpipelined forward + backward of every chunk
+      line.update(schedule=s.kind, bubble=round(s.bubble(), 3), textbook_bubble=round(s.textbook_bubble(), 3),
+                  predicted_ratio=round(s.executed() / units, 3))
+      if base is not None:
+        ratio = statistics.median(r["times"]) / base
+        line.update(ratio=round(ratio, 3), measured_idle=round(1 - s.work() / units / ratio, 3))
+    print(json.dumps(line))
   return 0
 
 
