@@ -120,6 +120,8 @@ class Layout:
     return out
 
   def describe(self) -> str:
+    if self.stages == 1:
+      return f"{self.layers} layers in layer order"
     sizes = self.chunk_sizes()
     pad = f", {self.slots - self.layers} padding slot(s)" if self.slots > self.layers else ""
     return f"{self.layers} layers in {self.chunks} chunks of {min(sizes)}-{max(sizes)}{pad}"

@@ -42,6 +42,8 @@ def parallelism(cfg: TrainConfig, devices=None) -> Parallelism:
   """The device mesh (cfg.mesh over `devices`, default all) with its sharding rules and transport."""
   par = Parallelism.from_config(cfg.mesh, devices, cfg.pipeline)
   log.info("parallel: %s", par.describe())
+  if par.stages == 1 and cfg.pipeline != type(cfg.pipeline)():
+    log.warning("pipeline: %s has no effect without stages (set mesh.stage)", cfg.pipeline)
   if par.stages > 1:
     rows = cfg.batch_size // cfg.grad_accum
     sched = pipelined.schedule(par, rows)
