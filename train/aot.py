@@ -164,8 +164,8 @@ def _gib(b: float) -> float:
 # ------------------------------------------------------------------ search
 def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list[list[str]]:
   """Override sets to try, most promising first: expert x fsdp (x tensor) factorisations of the
-  devices, then remat policies and grad_accum."""
-  n = target.devices
+  devices (of each pipeline stage's, with mesh.stage given), then remat policies and grad_accum."""
+  n = target.devices // max(cfg.mesh.stage, 1)
   e = cfg.model.n_routed_experts
   meshes = []
   for tensor in (1, 2, 4):
