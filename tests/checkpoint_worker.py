@@ -22,21 +22,15 @@ import json
 import os
 import sys
 
-MODE = sys.argv[1]
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
-                           + ("4" if MODE == "multi" else "8")).strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.processes import start_worker  # noqa: E402
+
+MODE = start_worker({"multi": 4})
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-
-from parallel import distributed  # noqa: E402
-
-if MODE == "multi":
-  distributed.initialize(f"127.0.0.1:{sys.argv[2]}", int(sys.argv[4]), int(sys.argv[3]))
 
 from moe.model import Transformer  # noqa: E402
 from parallel import mesh as mesh_lib  # noqa: E402

@@ -16,21 +16,14 @@ import json
 import os
 import sys
 
-MODE = sys.argv[1]
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
-                           + ("8" if MODE == "single" else "4")).strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.processes import TINY, start_worker  # noqa: E402
+
+MODE = start_worker({"multi": 4})
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
-from parallel import distributed  # noqa: E402
-
-if MODE == "multi":
-  port, pid, n = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-  distributed.initialize(f"127.0.0.1:{port}", n, pid)
 
 from moe.experts import DISPATCH_AXES  # noqa: E402
 from moe.kernels.experts import EXPERTS  # noqa: E402
@@ -43,16 +36,6 @@ from train.core.data import synthetic_batch  # noqa: E402
 from train.core.config import load_train_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "model.vocab_size=64", "model.hidden_size=32", "model.intermediate_size=64", "model.moe_intermediate_size=16",
-    "model.num_hidden_layers=2", "model.num_attention_heads=4", "model.q_lora_rank=16", "model.kv_lora_rank=16",
-    "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8", "model.n_routed_experts=8",
-    "model.num_experts_per_tok=2", "model.n_group=2", "model.topk_group=1", "seq_len=16", "batch_size=8",
-    # update = -lr * g / (|g| + eps) on the first step: with eps=1 the update follows the gradient
-    # smoothly, so comparing updated parameters compares gradients
-    "optimizer.lr=1.0", "optimizer.eps=1.0", "optimizer.weight_decay=0.0", "optimizer.warmup_steps=0",
-    "optimizer.clip_norm=1e9", "optimizer.moment_dtype=float32", "steps=300", "eval_every=0",
-]
 MESHES = {
     "data8": dict(data=8),
     "fsdp8": dict(fsdp=8),

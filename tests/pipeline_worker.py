@@ -11,11 +11,11 @@ import json
 import os
 import sys
 
-# (LLVM's optimisations off: compiling is most of this test's time, running the tiny model almost none)
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
-os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.processes import TINY, start_worker  # noqa: E402
+
+# (LLVM's optimisations off: compiling is most of this test's time, running the tiny model almost none)
+start_worker({}, xla_flags="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -29,20 +29,11 @@ from train.core.config import load_train_config  # noqa: E402
 from train.core.data import synthetic_batch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "model.vocab_size=64", "model.hidden_size=32", "model.intermediate_size=64", "model.moe_intermediate_size=16",
-    "model.num_hidden_layers=10", "model.num_attention_heads=4", "model.q_lora_rank=16", "model.kv_lora_rank=16",
-    "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8", "model.n_routed_experts=8",
-    "model.num_experts_per_tok=2", "model.n_group=2", "model.topk_group=1", "seq_len=16", "batch_size=8",
-    # update = -lr * g / (|g| + eps) on the first step: with eps=1 the update follows the gradient
-    # smoothly, so comparing updated parameters compares gradients (tests/parallel_worker.py)
-    "optimizer.lr=1.0", "optimizer.eps=1.0", "optimizer.weight_decay=0.0", "optimizer.warmup_steps=0",
-    "optimizer.clip_norm=1e9", "optimizer.moment_dtype=float32", "steps=300", "eval_every=0",
-]
+LAYERS = ["model.num_hidden_layers=10"]  # 9 MoE layers: uneven over 4 stages x 2 repeats
 
 
 def config(extra=()):
-  return load_train_config(os.path.join(ROOT, "configs/tiny.yaml"), TINY + list(extra))
+  return load_train_config(os.path.join(ROOT, "configs/tiny.yaml"), TINY + LAYERS + list(extra))
 
 
 def job_config(job: str):

@@ -1,4 +1,8 @@
-"""Tests that start processes: JAX on CPU with N simulated devices, several at once, one JSON line each."""
+"""Tests that start processes: JAX on CPU with N simulated devices, several at once, one JSON line each.
+
+The parent side: `cpu_env`, `free_port`, `run_together`, `last_json`. The worker side: `start_worker`
+(call it before importing jax) and `TINY`, the model the multi-device workers train.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,33 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny DeepSeek-V3-style model for one training step on 8 simulated devices (tests/parallel_worker.py,
+# tests/pipeline_worker.py). update = -lr * g / (|g| + eps) on the first step: with eps=1 the update
+# follows the gradient smoothly, so comparing updated parameters compares gradients.
+TINY = [
+    "model.vocab_size=64", "model.hidden_size=32", "model.intermediate_size=64", "model.moe_intermediate_size=16",
+    "model.num_hidden_layers=2", "model.num_attention_heads=4", "model.q_lora_rank=16", "model.kv_lora_rank=16",
+    "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8", "model.n_routed_experts=8",
+    "model.num_experts_per_tok=2", "model.n_group=2", "model.topk_group=1", "seq_len=16", "batch_size=8",
+    "optimizer.lr=1.0", "optimizer.eps=1.0", "optimizer.weight_decay=0.0", "optimizer.warmup_steps=0",
+    "optimizer.clip_norm=1e9", "optimizer.moment_dtype=float32", "steps=300", "eval_every=0",
+]
+
+
+def start_worker(devices: dict[str, int], default: int = 8, xla_flags: str = "") -> str:
+  """A worker's start-up, before it imports jax: JAX on CPU with the simulated device count its mode
+  (sys.argv[1]) asks for in `devices` (else `default`), plus `xla_flags`; in mode "multi" (argv: multi
+  PORT ID N ...) JAX's distributed runtime joined as process ID of N on 127.0.0.1:PORT. Returns the mode."""
+  mode = sys.argv[1]
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count="
+                             f"{devices.get(mode, default)} {xla_flags}").strip()
+  if mode == "multi":
+    from parallel import distributed
+
+    distributed.initialize(f"127.0.0.1:{sys.argv[2]}", int(sys.argv[4]), int(sys.argv[3]))
+  return mode
 
 
 def cpu_env(devices: int | None = None, **extra) -> dict:

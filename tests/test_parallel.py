@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from parallel.errors import ConfigError
 from parallel import expert_parallel, mesh as mesh_lib, sharding
 from parallel.mesh import MeshConfig
-from tests.processes import cpu_env, free_port, last_json, run_together
+from tests.processes import TINY, cpu_env, free_port, last_json, run_together
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 ROOT = WORKER.parent.parent
@@ -145,7 +145,7 @@ def check_mesh(name, r, ref):
   for k in ("loss", "lm_loss", "mtp_loss", "balance_loss"):
     if k in m:
       assert m[k] == pytest.approx(ref[k], rel=5e-7, abs=1e-12), (name, k)
-  # the parameter update follows the gradient (see TINY in the worker): same gradients
+  # the parameter update follows the gradient (see TINY in tests/processes.py): same gradients
   assert r["update_diff"] < 2e-7 and r["update_scale"] > 1e-2, name
   if r["shards"] is not None:
     assert all(p["ok"] for p in r["shards"]["params"]), name
@@ -217,7 +217,7 @@ def test_cli_two_processes(tmp_path):
   """`python -m train` in 2 processes x 4 devices (--coordinator flags): data loaded per process,
   eval with every process stepping together, metrics written once."""
   port, run_dir = free_port(), tmp_path / "run"
-  tiny = [a for a in _worker_tiny() if not a.startswith(("optimizer.", "steps=", "eval_every="))]
+  tiny = [a for a in TINY if not a.startswith(("optimizer.", "steps=", "eval_every="))]
   args = ["-m", "train", "configs/tiny.yaml", *tiny, "model.vocab_size=260", "steps=4", "log_every=2",
           "eval_every=4", "eval_steps=2", f"run_dir={run_dir}", "mesh.data=2", "mesh.fsdp=2", "mesh.expert=2",
           "mesh.dcn_data=2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
@@ -227,14 +227,3 @@ def test_cli_two_processes(tmp_path):
   assert [r["step"] for r in train] == [2, 4] and all(np.isfinite(r["loss"]) for r in train)
   assert train[-1]["dropped_tokens"] == 0
   assert [r["step"] for r in records if "eval_loss" in r] == [4]
-
-
-def _worker_tiny():
-  """The worker's tiny-model overrides (tests/parallel_worker.py TINY), read without importing it."""
-  import ast
-
-  tree = ast.parse(WORKER.read_text())
-  for node in tree.body:
-    if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "TINY":
-      return ast.literal_eval(node.value)
-  raise AssertionError("TINY not found")
