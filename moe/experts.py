@@ -25,7 +25,9 @@ from moe.config import ModelConfig
 from moe.kernels.experts import EXPERTS
 from moe.layers import MLP, param
 from moe.runtime import Runtime
-from parallel.expert_parallel import dispatch_combine
+from parallel.errors import ConfigError
+from parallel import eplb
+from parallel.expert_parallel import dispatch_combine, ep_size
 
 # Logical axes of the stacked expert weights as they enter the expert-parallel dispatch: the hidden
 # dimension is gathered whole there (FSDP), the FFN width stays split over `tensor`.
@@ -40,8 +42,18 @@ class MoEStats(NamedTuple):
   dropped: jax.Array  # [] (token, expert) assignments dropped by expert-parallel capacity (int32)
 
 
+class ExpertCopies(nnx.Variable):
+  """The logical expert held by each redundant expert slot (mesh.redundant_experts): re-placed from
+  the measured loads every mesh.redundant_every steps (parallel/eplb.py), never by gradients."""
+
+
 class RoutedExperts(nnx.Module):
-  """n_routed_experts SwiGLU experts stored stacked: gate/up [E, D, F], down [E, F, D]."""
+  """n_routed_experts SwiGLU experts stored stacked: gate/up [E, D, F], down [E, F, D].
+
+  With redundant experts (mesh.redundant_experts = R over n_ep expert-parallel ranks) each rank also
+  runs R / n_ep copies of hot experts; `copies` [R] says which. The copies are made from these
+  weights for each step and their gradients sum into them: checkpoints, export and the optimizer
+  only ever see the E experts."""
 
   def __init__(self, cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs):
     e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
@@ -52,6 +64,22 @@ class RoutedExperts(nnx.Module):
     self.gate_proj = param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg, rt)
     self.up_proj = param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg, rt)
     self.down_proj = param(rngs, (e, f, d), ("expert", "moe_mlp", "embed"), cfg, rt)
+    self.routing = (e, cfg.n_group, cfg.topk_group)
+    n_ep, r = ep_size(rt.par, e), rt.par.redundant_experts if rt.par is not None else 0
+    if r:
+      if n_ep == 1 or r % n_ep:
+        raise ConfigError(f"mesh.redundant_experts={r} needs expert parallelism with the slots spread evenly:"
+                          f" the {e} experts split over {n_ep} rank(s)")
+      self.copies = ExpertCopies(eplb.initial(n_ep, r // n_ep, e // n_ep), axes=(None,))
+      self.placement = (n_ep, r // n_ep, rt.par.ep_nodes, rt.par.redundant_every)  # static
+
+  def replace_copies(self, load_E, step):
+    """After `step` steps: every `redundant_every`-th, the copies re-placed for the loads `load_E`
+    ([E], or [L, E] for a stack of layers)."""
+    n_ep, r_local, nodes, every = self.placement
+    place = lambda load: eplb.place(load, n_ep, r_local, nodes)
+    new = jax.vmap(place)(load_E) if load_E.ndim == 2 else place(load_E)
+    self.copies[...] = jnp.where(step % every == 0, new, self.copies[...])
 
   def __call__(self, x_TxD, idx_TxK, w_TxK):
     """(sum_k w[t, k] expert_{idx[t, k]}(x[t]) [T, D], assignments dropped by expert parallelism)."""
@@ -59,7 +87,9 @@ class RoutedExperts(nnx.Module):
     if self.fp8 is None:  # FP8 takes the float32 master weights (float32 weight gradients)
       weights = tuple(p.astype(self.dtype) for p in weights)
     expert_fn = functools.partial(EXPERTS[self.impl], fp8=self.fp8)
-    return dispatch_combine(x_TxD.astype(self.dtype), idx_TxK, w_TxK, weights, DISPATCH_AXES, expert_fn, self.par)
+    copies = self.copies[...] if hasattr(self, "copies") else None
+    return dispatch_combine(x_TxD.astype(self.dtype), idx_TxK, w_TxK, weights, DISPATCH_AXES, expert_fn, self.par,
+                            self.routing, copies)
 
 
 class MoE(nnx.Module):

@@ -138,6 +138,23 @@ class Transformer(nnx.Module):
         out.append(module.block.mlp.gate.e_score_correction_bias)  # [E]
     return out
 
+  def moe_experts(self):
+    """The routed experts of every MoE layer in `moe_stats` order: the stack's (one module over
+    [L_moe, ...]) and each MTP block's."""
+    out = [self.moe_layers.layers.mlp.experts] if self.moe_layers is not None else []
+    return out + [module.block.mlp.experts for module in self.mtp if module.block.is_moe]
+
+  def replace_expert_copies(self, load_LxE, step):
+    """Redundant experts (mesh.redundant_experts): every `redundant_every` steps, re-place the copies
+    of each MoE layer from its load in `load_LxE` (`moe_stats` order). Call after each step with the
+    number of steps done."""
+    i = 0
+    for experts in self.moe_experts():
+      n = 1 if experts.gate_proj.ndim == 3 else experts.gate_proj.shape[0]
+      if hasattr(experts, "copies"):
+        experts.replace_copies(load_LxE[i] if n == 1 else load_LxE[i:i + n], step)
+      i += n
+
   def update_router_biases(self, load_LxE, gamma):
     """Auxiliary-loss-free balancing (V3 eq. 16 ff.): b_i += gamma * sign(mean(load) - load_i), per
     layer, for `load` in `moe_stats` order. Outside the gradient; call after each step."""

@@ -53,13 +53,13 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from parallel import sharding as sharding_lib
+from parallel import eplb, sharding as sharding_lib
 from parallel.errors import ConfigError
 
 log = logging.getLogger("parallel")
@@ -130,12 +130,21 @@ def dropless_chunks(t: int, k: int, n_ep: int, e_local: int, given: int | None =
   return next(c for c in range(max(1, want), t + 1) if t % c == 0)
 
 
-def capacity(t: int, k: int, n_ep: int, e_local: int, capacity_factor: float | None) -> int:
-  """Rows per (source, destination) rank pair of the padded transport."""
-  dropless = t * min(k, e_local)
+def capacity(t: int, k: int, n_ep: int, e_local: int, capacity_factor: float | None, rows: int | None = None) -> int:
+  """Assignments per (source, destination) rank pair of the padded transport, for `t` tokens per rank
+  whose assignments come from `rows` rows (default t; more in the two-level dispatch's second hop)."""
+  dropless = (t if rows is None else rows) * min(k, e_local)
   if capacity_factor is None:
     return dropless
   return max(1, min(dropless, math.ceil(capacity_factor * t * k / n_ep)))
+
+
+def node_capacity(t: int, nodes_per_token: int, nodes: int, capacity_factor: float | None) -> int:
+  """Tokens per (source rank, destination node) of the two-level padded dispatch: a token goes to a
+  node once, to at most `nodes_per_token` of the `nodes`."""
+  if capacity_factor is None:
+    return t
+  return max(1, min(t, math.ceil(capacity_factor * t * nodes_per_token / nodes)))
 
 
 def combine(y_NxD, w_TxK):
@@ -152,41 +161,29 @@ def _local(x_TxD, idx_TxK, w_TxK, *weights, expert_fn):
 
 
 def padded_slots(dest_N, n_ep: int, c: int):
-  """(slot in the [n_ep * C] send buffer of each assignment, kept?) for assignments going to ranks
-  `dest_N`: per destination, the first C assignments in order are kept; the slot of a dropped one is
+  """(slot in the [n_ep * C] send buffer of each row, kept?) for rows going to ranks `dest_N` (n_ep:
+  not sent): per destination, the first C rows in order are kept; the slot of a row not kept is
   n_ep * C (out of range)."""
   n = dest_N.shape[0]
   order = jnp.argsort(dest_N, stable=True)
-  counts = jnp.bincount(dest_N, length=n_ep)
+  counts = jnp.bincount(dest_N, length=n_ep + 1)
   starts = jnp.cumsum(counts) - counts
   pos = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32) - starts[dest_N[order]])
-  keep = pos < c
+  keep = (pos < c) & (dest_N < n_ep)
   return jnp.where(keep, dest_N * c + pos, n_ep * c), keep
 
 
-def _padded(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, ep_axes, n_ep, capacity_factor):
-  t, k = idx_TxK.shape
-  d, e_local = x_TxD.shape[1], weights[0].shape[0]
-  c = capacity(t, k, n_ep, e_local, capacity_factor)
-  flat = idx_TxK.reshape(-1)
-  slot, keep = padded_slots(flat // e_local, n_ep, c)
-  send_x = jnp.zeros((n_ep * c, d), x_TxD.dtype).at[slot].set(jnp.repeat(x_TxD, k, axis=0), mode="drop")
-  send_e = jnp.full((n_ep * c,), e_local, jnp.int32).at[slot].set(flat % e_local, mode="drop")
-  a2a = functools.partial(jax.lax.all_to_all, axis_name=ep_axes, split_axis=0, concat_axis=0, tiled=True)
-  y_back = a2a(expert_fn(a2a(send_x), a2a(send_e), *weights))
-  y = jnp.where(keep[:, None], y_back[jnp.minimum(slot, n_ep * c - 1)], 0)
-  return combine(y, w_TxK), (~keep).sum().astype(jnp.int32)
-
-
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
-                               axis_name):
-  """jax.lax.ragged_all_to_all (one slice per peer) built from all_gather, for backends without it.
-  Moves n_ep times the data; for tests and CPU only."""
+                               axis_name, axis_index_groups=None, member=None):
+  """jax.lax.ragged_all_to_all (one slice per peer) built from all_gather, for backends without it
+  (`member`: this rank's position in its group of `axis_index_groups`). Moves n times the data; for
+  tests and CPU only."""
   del recv_sizes  # implied by the senders' send_sizes
-  n = jax.lax.axis_size(axis_name)
-  me = jax.lax.axis_index(axis_name)
-  ops = jax.lax.all_gather(operand, axis_name)  # [n, M, D]
-  in_off, sizes, out_off = (jax.lax.all_gather(a, axis_name) for a in (input_offsets, send_sizes, output_offsets))
+  gather = functools.partial(jax.lax.all_gather, axis_name=axis_name, axis_index_groups=axis_index_groups)
+  n = send_sizes.shape[0]
+  me = jax.lax.axis_index(axis_name) if member is None else member
+  ops = gather(operand)  # [n, M, D]
+  in_off, sizes, out_off = (gather(a) for a in (input_offsets, send_sizes, output_offsets))
   rows = jnp.arange(operand.shape[0])
   result = output
   for s in range(n):
@@ -196,41 +193,205 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
   return result
 
 
-def _ragged(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, ep_axes, n_ep, emulate):
+class Hop(NamedTuple):
+  """One exchange among `n` expert-parallel ranks: all of them (`groups` None) or, in the two-level
+  dispatch, each rank's node (inner) or the ranks with its position in the other nodes (outer)."""
+
+  axes: tuple[str, ...]
+  n: int
+  groups: list[list[int]] | None
+  member: jax.Array  # this rank's position among its n peers
+
+  def a2a(self, x):
+    return jax.lax.all_to_all(x, self.axes, 0, 0, tiled=True, axis_index_groups=self.groups)
+
+
+def _exclusive(c):
+  return (jnp.cumsum(c) - c).astype(jnp.int32)
+
+
+def _gather(table, rows, fill):
+  """table[rows], a row index of len(table) giving `fill`."""
+  pad = jnp.full((1, *table.shape[1:]), fill, table.dtype)
+  return jnp.concatenate([table, pad])[rows]
+
+
+def _send_padded(hop: Hop, dest_N, c: int, payloads):
+  """Rows to ranks `dest_N` (hop.n: not sent) in fixed [n * C] buffers: (received [n * C, ...] per
+  payload (table, row of each of the N rows, fill), back(y [n * C, D]) -> [N, D], rows dropped)."""
+  slot, keep = padded_slots(dest_N, hop.n, c)
+  n_rows = payloads[0][0].shape[0]
+  received = []
+  for table, rows, fill in payloads:
+    src = jnp.full((hop.n * c,), table.shape[0], jnp.int32).at[slot].set(rows, mode="drop")
+    received.append(hop.a2a(_gather(table, src, fill)))
+  del n_rows
+
+  def back(y):
+    y_back = hop.a2a(y)
+    return jnp.where(keep[:, None], y_back[jnp.minimum(slot, hop.n * c - 1)], 0)
+
+  return received, back, (dest_N < hop.n) & ~keep
+
+
+def _ragged(how, x, out, member, offsets):
+  """ragged_all_to_all of `x` into `out` (`how`: axes, groups, emulated?; `member`: this rank's place
+  in its group, for the emulation)."""
+  axes, groups, emulate = how
+  groups = [list(g) for g in groups] if groups is not None else None
+  if emulate:
+    return emulated_ragged_all_to_all(x, out, *offsets, axis_name=axes, axis_index_groups=groups, member=member)
+  return jax.lax.ragged_all_to_all(x, out, *offsets, axis_name=axes, axis_index_groups=groups)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ragged_move(how, x, out, member, there, back):
+  """_ragged(x, out, there), whose gradient is the same exchange the other way, _ragged(dy, 0, back)
+  (jax's own transpose of ragged_all_to_all drops axis_index_groups)."""
+  return _ragged(how, x, out, member, there)
+
+
+def _ragged_move_fwd(how, x, out, member, there, back):
+  return _ragged(how, x, out, member, there), (jnp.zeros_like(x), member, back)
+
+
+def _ragged_move_bwd(how, res, dy):
+  zeros, member, back = res
+  return _ragged(how, dy, zeros, member, back), None, None, None, None
+
+
+_ragged_move.defvjp(_ragged_move_fwd, _ragged_move_bwd)
+
+
+def _send_ragged(hop: Hop, dest_N, most_sent: int, most_received: int, payloads, emulate: bool):
+  """Rows to ranks `dest_N` (hop.n: not sent) by ragged all-to-all, exactly the rows each rank needs;
+  at most `most_sent` rows are sent and `most_received` received. Returns as _send_padded (nothing
+  is dropped)."""
+  n = hop.n
+  how = (hop.axes, tuple(map(tuple, hop.groups)) if hop.groups is not None else None, emulate)
+  order = jnp.argsort(dest_N, stable=True)[:most_sent]  # by destination; the rows not sent last
+  send_sizes = jnp.bincount(dest_N, length=n + 1)[:n].astype(jnp.int32)
+  input_offsets = _exclusive(send_sizes)
+  recv_sizes = hop.a2a(send_sizes)  # [n]: rows from each peer, packed back to back by peer
+  recv_offsets = _exclusive(recv_sizes)
+  there = (input_offsets, send_sizes, hop.a2a(recv_offsets), recv_sizes)  # (where my rows land on each peer)
+  back = (recv_offsets, recv_sizes, hop.a2a(input_offsets), send_sizes)
+  received = [_ragged_move(how, _gather(table, rows[order], fill),
+                           jnp.full((most_received, *table.shape[1:]), fill, table.dtype), hop.member, there, back)
+              for table, rows, fill in payloads]
+
+  def back_to_senders(y):
+    y_sorted = _ragged_move(how, y, jnp.zeros((most_sent, *y.shape[1:]), y.dtype), hop.member, back, there)
+    return jnp.zeros((dest_N.shape[0], *y.shape[1:]), y.dtype).at[order].set(y_sorted)
+
+  return received, back_to_senders, jnp.zeros(dest_N.shape, bool)
+
+
+class Plan(NamedTuple):
+  """How one MoE layer's tokens travel on this mesh (static)."""
+
+  axes: tuple[str, ...]  # the expert-parallel mesh axes
+  n_ep: int
+  nodes: int  # mesh.ep_nodes: 1, one level; > 1, across nodes once per node, then inside the node
+  transport: str  # padded | ragged | ragged_emulated
+  capacity_factor: float | None  # padded; None: dropless
+  nodes_per_token: int  # the most nodes one token's experts live on (device-limited routing)
+
+
+def _exchange(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, plan: Plan):
+  """The routed experts of this rank's tokens, in one or two hops (module docstring)."""
   t, k = idx_TxK.shape
-  n, d, e_local = t * k, x_TxD.shape[1], weights[0].shape[0]
-  r = n_ep * t * min(k, e_local)  # worst-case rows received
-  ragged_a2a = emulated_ragged_all_to_all if emulate else jax.lax.ragged_all_to_all
-  a2a = functools.partial(jax.lax.all_to_all, axis_name=ep_axes, split_axis=0, concat_axis=0, tiled=True)
-  exclusive = lambda c: (jnp.cumsum(c) - c).astype(jnp.int32)
+  e_local = weights[0].shape[0]
+  n_in = plan.n_ep // plan.nodes
+  per_node = e_local * n_in
+  padded, cf = plan.transport == "padded", plan.capacity_factor
+  emulate = plan.transport == "ragged_emulated"
+  rank = jax.lax.axis_index(plan.axes)
+  node = rank // n_in
+  dropped = jnp.zeros((), jnp.int32)
 
-  # Source side: assignments sorted by global expert, hence by owning rank, then local expert.
-  flat = idx_TxK.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
-  x_sorted = x_TxD[order // k]
-  send_counts = jnp.bincount(flat, length=n_ep * e_local).astype(jnp.int32).reshape(n_ep, e_local)
-  send_sizes = send_counts.sum(1)
-  input_offsets = exclusive(send_sizes)
+  # 1. Across nodes: each token once to every node holding some of its experts (to the rank with this
+  #    rank's position there), carrying all K expert ids and router weights.
+  if plan.nodes == 1:
+    x_R, idx_R, w_R = x_TxD, idx_TxK, w_TxK
+  else:
+    outer = Hop(plan.axes, plan.nodes, [[i + n_in * g for g in range(plan.nodes)] for i in range(n_in)]
+                if n_in > 1 else None, node)
+    hits_TxG = (idx_TxK[:, :, None] // per_node == jnp.arange(plan.nodes)).sum(1)
+    dest_N = jnp.where(hits_TxG > 0, jnp.arange(plan.nodes), plan.nodes).reshape(-1)
+    tok_N = jnp.arange(t * plan.nodes, dtype=jnp.int32) // plan.nodes
+    payloads = [(x_TxD, tok_N, 0), (idx_TxK, tok_N, plan.n_ep * e_local), (w_TxK, tok_N, 0)]
+    g = plan.nodes_per_token
+    if padded:
+      c = node_capacity(t, g, plan.nodes, cf)
+      (x_R, idx_R, w_R), back_outer, lost = _send_padded(outer, dest_N, c, payloads)
+      dropped += (hits_TxG.reshape(-1) * lost).sum().astype(jnp.int32)
+    else:
+      (x_R, idx_R, w_R), back_outer, _ = _send_ragged(outer, dest_N, t * g, plan.nodes * t, payloads, emulate)
 
-  # What each rank receives: per source, per local expert; chunks packed back to back by source.
-  recv_counts = a2a(send_counts)  # [n_ep (source), E_l]
-  recv_sizes = recv_counts.sum(1)
-  recv_offsets = exclusive(recv_sizes)
-  output_offsets = a2a(recv_offsets)  # where my slice lands on each destination
-  rx = ragged_a2a(x_sorted, jnp.zeros((r, d), x_TxD.dtype), input_offsets, send_sizes, output_offsets, recv_sizes,
-                  axis_name=ep_axes)
+  # 2. Inside the node: each (row, k) assignment to the rank owning its expert; the expert FFN there.
+  rows = x_R.shape[0]
+  mine_RxK = idx_R // per_node == node
+  dest_N = jnp.where(mine_RxK, idx_R // e_local % n_in, n_in).reshape(-1)
+  expert_N = jnp.where(mine_RxK, idx_R % e_local, e_local).reshape(-1)
+  row_N = jnp.arange(rows * k, dtype=jnp.int32) // k
+  if n_in == 1:
+    y_N = expert_fn(x_R[row_N], expert_N, *weights)
+  else:
+    inner = Hop(plan.axes, n_in, [[g * n_in + i for i in range(n_in)] for g in range(plan.nodes)]
+                if plan.nodes > 1 else None, rank % n_in)
+    payloads = [(x_R, row_N, 0), (expert_N, jnp.arange(rows * k, dtype=jnp.int32), e_local)]
+    if padded:
+      c = capacity(t, k, n_in, e_local, cf, rows)
+      (rx, ex), back_inner, lost = _send_padded(inner, dest_N, c, payloads)
+      dropped += lost.sum().astype(jnp.int32)
+    else:
+      (rx, ex), back_inner, _ = _send_ragged(inner, dest_N, rows * min(k, per_node),
+                                             n_in * rows * min(k, e_local), payloads, emulate)
+    y_N = back_inner(expert_fn(rx, ex, *weights))
 
-  # Local expert of each received row: segments (source, expert) in order, sizes recv_counts.
-  seg_end = jnp.cumsum(recv_counts.reshape(-1))
-  seg = jnp.searchsorted(seg_end, jnp.arange(r, dtype=jnp.int32), side="right")
-  expert = jnp.where(seg < n_ep * e_local, seg % e_local, e_local).astype(jnp.int32)
-  y_rx = expert_fn(rx, expert, *weights)
+  # 3. Back: the node's weighted sum of its experts' outputs per row, one trip per node to the token.
+  y_R = combine(y_N, jnp.where(mine_RxK, w_R, 0))
+  if plan.nodes == 1:
+    return y_R, dropped
+  return back_outer(y_R).reshape(t, plan.nodes, -1).sum(1), dropped
 
-  # Back to the sources, into their sorted order, then unsort and combine.
-  y_sorted = ragged_a2a(y_rx, jnp.zeros((n, d), y_rx.dtype), recv_offsets, recv_sizes, a2a(input_offsets),
-                        send_sizes, axis_name=ep_axes)
-  y = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
-  return combine(y, w_TxK), jnp.zeros((), jnp.int32)
+
+def _with_copies(weights, copies_R, plan: Plan):
+  """This rank's expert weights [E_l + r_l, ...]: its own experts, then copies of the experts its
+  redundant slots hold (`copies_R`, parallel/eplb.py), each sent by the expert's home rank in the
+  same node (an all-to-all inside the node, zeros from every other rank). The gradient of a copy
+  flows back the same way and sums into its expert."""
+  n_in = plan.n_ep // plan.nodes
+  r_l = copies_R.shape[0] // plan.n_ep
+  e_local = weights[0].shape[0]
+  rank = jax.lax.axis_index(plan.axes)
+  wanted = jax.lax.dynamic_index_in_dim(copies_R.reshape(plan.nodes, n_in * r_l), rank // n_in, keepdims=False)
+  from_me = wanted // e_local == rank  # [n_in * r_l]: the slots of my node's ranks I am home to
+  inner = Hop(plan.axes, n_in, [[g * n_in + i for i in range(n_in)] for g in range(plan.nodes)]
+              if plan.nodes > 1 else None, rank % n_in)
+  out = []
+  for w in weights:
+    if n_in == 1:
+      copy = w[wanted % e_local]
+    else:
+      send = jnp.where(from_me.reshape(-1, *(1,) * (w.ndim - 1)), w[wanted % e_local], 0)
+      copy = inner.a2a(send).reshape(n_in, r_l, *w.shape[1:]).sum(0)  # from each rank of the node, one non-zero
+    out.append(jnp.concatenate([w, copy.astype(w.dtype)]))
+  return out
+
+
+def in_halves(fn):
+  """`fn` over the two halves of the tokens as independent computations (mesh.ep_overlap), so that
+  the compiler can run one half's exchange while the other half's experts compute."""
+
+  def run(x, idx, w, *weights):
+    h = x.shape[0] // 2
+    y0, dropped0 = fn(x[:h], idx[:h], w[:h], *weights)
+    y1, dropped1 = fn(x[h:], idx[h:], w[h:], *weights)
+    return jnp.concatenate([y0, y1]), dropped0 + dropped1
+
+  return run
 
 
 def in_chunks(fn, chunks: int):
@@ -253,6 +414,14 @@ def in_chunks(fn, chunks: int):
 
 
 # ----------------------------------------------------------------- the dispatch
+def ep_size(par, n_experts: int) -> int:
+  """Expert-parallel ranks the `n_experts` routed experts split over on `par`'s mesh."""
+  if par is None:
+    return 1
+  spec = sharding_lib.logical_to_spec(("expert",), (n_experts,), dict(par.mesh.shape), dict(par.rules), "experts")
+  return math.prod(par.mesh.shape[a] for a in _axes_of(spec[0] if len(spec) else None))
+
+
 def _axes_of(entry) -> tuple[str, ...]:
   if entry is None:
     return ()
@@ -260,7 +429,8 @@ def _axes_of(entry) -> tuple[str, ...]:
 
 
 def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight_axes: Sequence[tuple],
-                     expert_fn: Callable, par=None):
+                     expert_fn: Callable, par=None, routing: tuple[int, int, int] | None = None,
+                     copies: jax.Array | None = None):
   """Routed experts of one MoE layer: (y [T, D] = sum_k w[t, k] expert_{idx[t, k]}(x[t]), dropped
   assignments [] int32).
 
@@ -268,6 +438,10 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
   "expert"; a None dimension is gathered whole inside). expert_fn(rows [R, D], local expert [R],
   *local weights) -> [R, D]: the expert FFN of each row, whose local expert id E_l (the number of
   local experts) marks an empty row. par: a parallel.mesh.Parallelism, or None (one device).
+  routing: (logical experts, n_group, topk_group) of device-limited routing, which bounds the nodes a
+  token reaches in the two-level dispatch (None: no limit). copies: the logical expert held by each
+  redundant slot (mesh.redundant_experts; parallel/eplb.py), [n_ep * r_l]; each assignment goes to
+  one copy of its expert (eplb.physical_ids). Ignored without expert parallelism.
   """
   if par is None or par.mesh.size == 1:
     return _local(x_TxD, idx_TxK, w_TxK, *weights, expert_fn=expert_fn)
@@ -308,23 +482,33 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
   k, e_local = idx_TxK.shape[1], weights[0].shape[0] // n_ep
   dropless = par.ep_transport != "padded" or par.capacity_factor is None
   chunks = dropless_chunks(t_local, k, n_ep, e_local, par.ep_chunks) if dropless and n_ep > 1 else 1
+  nodes = par.ep_nodes
+  if n_ep % nodes:
+    raise ConfigError(f"mesh.ep_nodes={nodes} does not divide the {n_ep} expert-parallel ranks"
+                      f" ({'x'.join(ep_axes) or 'expert'}={n_ep})")
   if n_ep == 1:
     fn = functools.partial(_local, expert_fn=local_fn)
-  elif par.ep_transport == "padded":
-    fn = functools.partial(_padded, expert_fn=local_fn, ep_axes=ep_axes, n_ep=n_ep,
-                           capacity_factor=par.capacity_factor)
-  elif par.ep_transport in ("ragged", "ragged_emulated"):
-    fn = functools.partial(_ragged, expert_fn=local_fn, ep_axes=ep_axes, n_ep=n_ep,
-                           emulate=par.ep_transport == "ragged_emulated")
   else:
-    raise ValueError(f"unknown expert-parallel transport {par.ep_transport!r}")
-
+    n_experts, n_group, topk_group = routing or (n_ep * e_local, 1, 1)
+    plan = Plan(ep_axes, n_ep, nodes, par.ep_transport, par.capacity_factor,
+                ranks_per_token(n_experts, nodes, k, n_group, topk_group))
+    fn = functools.partial(_exchange, expert_fn=local_fn, plan=plan)
+  if par.ep_overlap and n_ep > 1:
+    if t_local % (2 * chunks):
+      raise ConfigError(f"mesh.ep_overlap: the {t_local} tokens of each expert-parallel rank do not split into"
+                        f" {chunks} chunk(s) of two halves")
+    fn = in_halves(fn)
   fn = in_chunks(fn, chunks)
+  if n_ep == 1:
+    copies = None
 
-  def body(x, idx, w, *ws):
+  def body(x, idx, w, copies_R, *ws):
+    if copies_R is not None:
+      ws = _with_copies(ws, copies_R, plan)
+      idx = eplb.physical_ids(idx, copies_R, n_ep * e_local, n_ep)
     y, dropped = fn(x, idx, w, *ws)
     return y, jax.lax.psum(dropped, tuple(token_axes)) if token_axes else dropped
 
-  return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, *weight_specs), out_specs=(tok, P()),
+  return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, P(), *weight_specs), out_specs=(tok, P()),
                        axis_names=free)(
-      x_TxD, idx_TxK, w_TxK, *weights)
+      x_TxD, idx_TxK, w_TxK, copies, *weights)

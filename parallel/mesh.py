@@ -66,6 +66,17 @@ class MeshConfig:
   # Dropless exchanges in this many chunks of each rank's tokens (null: as many as keep a chunk's
   # worst-case receive buffer within the balanced one of all tokens; parallel/expert_parallel.py).
   ep_chunks: int | None = None
+  # The expert-parallel ranks as this many nodes (GPU hosts, TPU slices, or any split of the expert
+  # axis) of neighbouring ranks: > 1 sends a token across nodes once per node holding its experts,
+  # then to the experts' ranks inside the node (two-level dispatch; parallel/expert_parallel.py).
+  ep_nodes: int = 1
+  # Each MoE layer's tokens in two independent halves, so that one half's all-to-all can run while
+  # the other half's experts compute.
+  ep_overlap: bool = False
+  # Extra expert slots, spread evenly over the expert-parallel ranks, holding copies of the most
+  # loaded experts (re-chosen from the measured loads every `redundant_every` steps; moe/experts.py).
+  redundant_experts: int = 0
+  redundant_every: int = 100
 
   def __post_init__(self):
     check_fields(self, "mesh.")
@@ -78,6 +89,14 @@ class MeshConfig:
     cf = self.capacity_factor
     require(cf is None or cf > 0, f"mesh.capacity_factor={cf} must be > 0 or null (dropless)")
     require(self.ep_chunks is None or self.ep_chunks >= 1, f"mesh.ep_chunks={self.ep_chunks} must be >= 1 or null")
+    require(self.ep_nodes >= 1, f"mesh.ep_nodes={self.ep_nodes} must be >= 1")
+    require(self.expert == -1 or self.expert % self.ep_nodes == 0,
+            f"mesh.ep_nodes={self.ep_nodes} must divide mesh.expert={self.expert}")
+    require(self.redundant_experts >= 0, f"mesh.redundant_experts={self.redundant_experts} must be >= 0")
+    require(self.expert == -1 or self.redundant_experts % self.expert == 0,
+            f"mesh.redundant_experts={self.redundant_experts} must be a multiple of mesh.expert={self.expert}"
+            " (the same number of extra slots on every expert-parallel rank)")
+    require(self.redundant_every >= 1, f"mesh.redundant_every={self.redundant_every} must be >= 1")
 
   def sizes(self) -> dict[str, int]:
     return {a: getattr(self, a) for a in AXES}
@@ -179,6 +198,10 @@ class Parallelism:
   ep_transport: str = "padded"
   capacity_factor: float | None = None  # padded transport; None: dropless
   ep_chunks: int | None = None  # dropless exchanges: token chunks (None: expert_parallel.dropless_chunks)
+  ep_nodes: int = 1  # two-level dispatch over this many nodes of expert-parallel ranks (1: one level)
+  ep_overlap: bool = False  # each MoE layer's exchange in two independent halves
+  redundant_experts: int = 0  # extra expert slots (copies of the hottest experts), over all EP ranks
+  redundant_every: int = 100  # steps between re-placements of the copies
   pipeline: PipelineConfig = PipelineConfig()  # used when the mesh has stages
 
   @classmethod
@@ -186,7 +209,8 @@ class Parallelism:
     mesh = make_mesh(mesh_cfg, devices)
     rules = tuple(sharding.resolve_rules(mesh_cfg.rules).items())
     transport = expert_parallel.resolve_transport(mesh_cfg.ep_transport, mesh)
-    return cls(mesh, rules, transport, mesh_cfg.capacity_factor, mesh_cfg.ep_chunks, pipeline)
+    return cls(mesh, rules, transport, mesh_cfg.capacity_factor, mesh_cfg.ep_chunks, mesh_cfg.ep_nodes,
+               mesh_cfg.ep_overlap, mesh_cfg.redundant_experts, mesh_cfg.redundant_every, pipeline)
 
   @property
   def stages(self) -> int:
@@ -199,6 +223,14 @@ class Parallelism:
   @property
   def platform(self) -> str:
     return self.mesh.devices.flat[0].platform
+
+  def compiler_options(self) -> dict:
+    """XLA options for the programs that run on this mesh. mesh.ep_overlap on TPU: asynchronous
+    all-to-alls, which libtpu otherwise runs synchronously, so that one half's exchange can run
+    under the other half's compute (XLA:GPU makes them asynchronous by default)."""
+    if self.ep_overlap and self.platform == "tpu":
+      return {"xla_tpu_enable_async_all_to_all": True, "xla_tpu_enable_async_ragged_all_to_all": True}
+    return {}
 
   def describe(self) -> str:
     sizes = " x ".join(f"{a}={n}" for a, n in self.mesh.shape.items())

@@ -115,6 +115,7 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainCo
     old_rest = jax.tree.leaves(rest)  # (the bias update below writes into the merged model's variables)
     model = nnx.merge(graphdef, new_params, rest)
     model.update_router_biases(load, gamma)
+    model.replace_expert_copies(load, state["step"] + 1)
     _, _, new_rest = split_model(model)
     rest = jax.tree.unflatten(jax.tree.structure(new_rest), old_rest)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(skip, o, n), new, old)
@@ -134,7 +135,8 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainCo
   if state_shardings is None:
     return jax.jit(step, donate_argnums=0)
   replicated = jax.sharding.NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, jax.sharding.PartitionSpec())
-  return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, replicated))
+  return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, replicated),
+                 compiler_options=par.compiler_options() if par is not None else None)
 
 
 def make_eval_step(graphdef, par=None):

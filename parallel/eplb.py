@@ -1,0 +1,172 @@
+"""Redundant experts (DeepSeek-V3's EPLB, adapted): copies of hot experts on extra slots per rank.
+
+Expert parallelism splits the E routed experts over n_ep ranks, E_l = E / n_ep consecutive "native"
+experts per rank (rank r owns logical experts [r*E_l, (r+1)*E_l)). Each rank also has r_local
+"redundant slots", R = n_ep * r_local in all, slot s on rank s // r_local; a redundant slot holds a
+copy of some logical expert, and the assignments routed to an expert with c copies (native +
+redundant) are split evenly between its copies. The ranks form `n_outer` outer groups (nodes) of
+n_in = n_ep / n_outer consecutive ranks; a copy stays in the outer group of its expert's home rank,
+so a token still crosses nodes only to the nodes its experts live on.
+
+  slots_R   [R] int32, the logical expert of each redundant slot: `place` (from measured loads) or
+            `initial` (before any load is measured: copies on their home ranks, no extra traffic)
+  physical  rank r holds S = E_l + r_local slots, ids r*S + j: j < E_l its native expert r*E_l + j,
+            j >= E_l its redundant slot r*r_local + (j - E_l). `physical_ids` maps routed (token, k)
+            assignments to physical slots; `logical_of_physical` gives the expert of each physical
+            slot, to build the physical weights by a gather, w[logical_of_physical(...)].
+
+`place` follows EPLB (deepseek-ai/EPLB): replicate greedily (the expert with the largest load per
+copy gets the next copy), then put the replicas, heaviest per-copy load first, on the least loaded
+rank of their outer group with a free slot. All of it is jax.numpy with static ints (jit-able) and
+deterministic, ties going to the lowest index.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from parallel.errors import ConfigError
+
+
+def _check(n_experts: int, n_ep: int, r_local: int, n_outer: int = 1) -> int:
+  """E_l, after checking that the experts split over the ranks and the ranks over the outer groups."""
+  if n_ep < 1 or n_experts % n_ep:
+    raise ConfigError(f"{n_experts} experts do not split over {n_ep} expert-parallel ranks")
+  if r_local < 0:
+    raise ConfigError(f"redundant experts per rank must be >= 0, got {r_local}")
+  if n_outer < 1 or n_ep % n_outer:
+    raise ConfigError(f"{n_ep} expert-parallel ranks do not split into {n_outer} outer groups")
+  return n_experts // n_ep
+
+
+def _r_local(slots_R, n_ep: int) -> int:
+  """Redundant slots per rank, after checking that they split evenly over the ranks."""
+  if slots_R.shape[0] % n_ep:
+    raise ConfigError(f"{slots_R.shape[0]} redundant slots do not split over {n_ep} expert-parallel ranks")
+  return slots_R.shape[0] // n_ep
+
+
+def replicate(load_E, n_ep: int, r_local: int, n_outer: int = 1):
+  """Copies [E] int32 of each expert (native included) after R = n_ep * r_local greedy steps: each
+  gives a copy to the expert with the largest load / copies among those whose outer group still has
+  a free redundant slot (n_ep / n_outer * r_local per group)."""
+  e = load_E.shape[0]
+  e_local = _check(e, n_ep, r_local, n_outer)
+  load = load_E.astype(jnp.float32)
+  group_E = jnp.arange(e) // (e_local * (n_ep // n_outer))
+  free0 = jnp.full((n_outer,), (n_ep // n_outer) * r_local, jnp.int32)
+
+  def step(_, carry):
+    copies, free = carry
+    best = jnp.argmax(jnp.where(free[group_E] > 0, load / copies, -jnp.inf))
+    return copies.at[best].add(1), free.at[group_E[best]].add(-1)
+
+  copies, _ = jax.lax.fori_loop(0, n_ep * r_local, step, (jnp.ones((e,), jnp.int32), free0))
+  return copies
+
+
+def place(load_E, n_ep: int, r_local: int, n_outer: int = 1):
+  """Redundant slots [n_ep * r_local] int32 (logical expert of each) from measured loads [E].
+
+  The replicas (`replicate`) go in order of descending load per copy (ties: lower expert) each to
+  the rank of its expert's outer group with a free slot and the lowest load (native experts' load per
+  copy plus the replicas placed so far), among the ranks holding no copy of it if there is one (the
+  home rank last); ties go to the lowest rank, the slot is that rank's next free one."""
+  e = load_E.shape[0]
+  e_local = _check(e, n_ep, r_local, n_outer)
+  n_slots = n_ep * r_local
+  if n_slots == 0:
+    return jnp.zeros((0,), jnp.int32)
+  load = load_E.astype(jnp.float32)
+  copies = replicate(load, n_ep, r_local, n_outer)
+  per_copy = load / copies
+  order = jnp.argsort(-per_copy, stable=True)
+  replicas = jnp.repeat(order, (copies - 1)[order], total_repeat_length=n_slots).astype(jnp.int32)
+  rank_ids = jnp.arange(n_ep)
+  group_R = rank_ids // (n_ep // n_outer)
+  home_E = jnp.arange(e) // e_local
+  rank_load = per_copy.reshape(n_ep, e_local).sum(axis=1)
+  holds = home_E[None, :] == rank_ids[:, None]  # [n_ep, E]: rank holds a copy of expert
+  free = jnp.full((n_ep,), r_local, jnp.int32)
+
+  def step(i, carry):
+    slots, rank_load, holds, free = carry
+    x = replicas[i]
+    ok = (group_R == group_R[home_E[x]]) & (free > 0)
+    fresh = ok & ~holds[:, x]
+    rank = jnp.argmin(jnp.where(jnp.where(fresh.any(), fresh, ok), rank_load, jnp.inf))
+    slot = rank * r_local + (r_local - free[rank])
+    return (slots.at[slot].set(x), rank_load.at[rank].add(per_copy[x]), holds.at[rank, x].set(True),
+            free.at[rank].add(-1))
+
+  init = (jnp.zeros((n_slots,), jnp.int32), rank_load, holds, free)
+  return jax.lax.fori_loop(0, n_slots, step, init)[0]
+
+
+def initial(n_ep: int, r_local: int, e_local: int):
+  """Redundant slots before any load is measured: slot j of rank r holds rank r's native expert
+  r*E_l + (j % E_l) (copies on their home ranks: no extra traffic)."""
+  s = jnp.arange(n_ep * r_local, dtype=jnp.int32)
+  return (s // r_local) * e_local + (s % r_local) % e_local
+
+
+def copies_of(slots_R, n_experts: int):
+  """Copies [E] int32 of each expert: 1 (native) + the redundant slots holding it."""
+  return 1 + jnp.bincount(slots_R, length=n_experts).astype(jnp.int32)
+
+
+def _occurrence(flat_N, n_experts: int):
+  """For each assignment, how many earlier assignments (in order) went to the same expert."""
+  n = flat_N.shape[0]
+  order = jnp.argsort(flat_N, stable=True)
+  counts = jnp.bincount(flat_N, length=n_experts)
+  starts = jnp.cumsum(counts) - counts
+  return jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32) - starts[flat_N[order]])
+
+
+def physical_ids(idx_TxK, slots_R, n_experts: int, n_ep: int, exact: bool = False):
+  """Physical slot [T, K] int32 of each (token, k) assignment of logical expert e = idx[t, k].
+
+  Copy c of e, 0 <= c < copies[e], is its native slot for c == 0 and else the (c-1)-th redundant
+  slot holding e (in slot order). c = t mod copies[e], t the token's row (elementwise: shards with
+  the tokens); with `exact`, c = the assignment's occurrence among those of e (token-major, then k)
+  mod copies[e], which splits each expert's assignments within 1 between its copies (a sort over
+  all T*K assignments)."""
+  t, k = idx_TxK.shape
+  n_slots, r_local = slots_R.shape[0], _r_local(slots_R, n_ep)
+  e_local = _check(n_experts, n_ep, r_local)
+  per_rank = e_local + r_local
+  idx = idx_TxK.astype(jnp.int32)
+  native = (idx // e_local) * per_rank + idx % e_local
+  if n_slots == 0:
+    return native
+  copies = copies_of(slots_R, n_experts)
+  if exact:
+    c = _occurrence(idx.reshape(-1), n_experts).reshape(t, k) % copies[idx]
+  else:
+    c = jnp.arange(t, dtype=jnp.int32)[:, None] % copies[idx]
+  order = jnp.argsort(slots_R, stable=True).astype(jnp.int32)  # redundant slots by (expert, slot)
+  starts = jnp.cumsum(copies - 1) - (copies - 1)
+  s = order[jnp.minimum(starts[idx] + jnp.maximum(c - 1, 0), n_slots - 1)]
+  redundant = (s // r_local) * per_rank + e_local + s % r_local
+  return jnp.where(c == 0, native, redundant)
+
+
+def logical_of_physical(slots_R, n_experts: int, n_ep: int):
+  """Logical expert [n_ep * (E_l + r_local)] int32 of each physical slot."""
+  r_local = _r_local(slots_R, n_ep)
+  e_local = _check(n_experts, n_ep, r_local)
+  native = jnp.arange(n_experts, dtype=jnp.int32).reshape(n_ep, e_local)
+  return jnp.concatenate([native, slots_R.astype(jnp.int32).reshape(n_ep, r_local)], axis=1).reshape(-1)
+
+
+def rows_per_rank(phys_TxK, n_ep: int, slots_per_rank: int):
+  """Assignments [n_ep] int32 received by each rank: those whose physical slot it holds."""
+  return jnp.bincount(phys_TxK.reshape(-1) // slots_per_rank, length=n_ep).astype(jnp.int32)
+
+
+def rank_imbalance(rows_per_rank_):
+  """Max over mean of the rows each rank receives (1: balanced)."""
+  rows = rows_per_rank_.astype(jnp.float32)
+  return rows.max() / rows.mean()

@@ -1,0 +1,192 @@
+"""Subprocess side of tests/test_ep.py: expert-parallel traffic features on 8 simulated CPU devices.
+
+  python tests/ep_worker.py all
+    dispatch  the MoE dispatch alone (outputs and gradients) vs one device: two-level (mesh.ep_nodes
+              2, 4 and 8 = one node per rank), both transports, with and without redundant copies
+    steps     three training steps of the tiny model (group-limited routing) on expert=8 and data=2 x
+              expert=4 with the two-level dispatch, the split exchange (mesh.ep_overlap) and redundant
+              experts re-placed after every step, alone and together, vs the same steps on one device
+    restore   redundant experts through a checkpoint: 2 steps, save, restore into a fresh state, the
+              third step == the third of the straight run
+
+Prints one JSON line. The compiled steps go to a persistent compilation cache, so the restore's runs
+(the same computation) do not compile again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.processes import TINY, start_worker  # noqa: E402
+
+MODE = start_worker({})
+CACHE = tempfile.mkdtemp(prefix="ep_worker_cache")
+os.environ.update(JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from moe.experts import DISPATCH_AXES  # noqa: E402
+from moe.kernels.experts import EXPERTS  # noqa: E402
+from parallel import eplb, expert_parallel  # noqa: E402
+
+from parallel import mesh as mesh_lib  # noqa: E402
+from train.core import checkpoint as ckpt_lib  # noqa: E402
+from train.core import loop  # noqa: E402
+from train.core.config import load_train_config  # noqa: E402
+from train.core.data import synthetic_batch  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 8 experts in 4 groups, a token's 2 experts within 2 groups: with expert=8 (ep_nodes=4: 2 ranks a
+# node) or expert=4 (ep_nodes=2) a token reaches at most 2 nodes of the 4 or 2.
+ROUTING = ["model.n_group=4", "model.topk_group=2", "steps=3"]
+MESHES = {"expert8": ["mesh.data=1", "mesh.expert=8"], "d2e4": ["mesh.data=2", "mesh.expert=4"]}
+FEATURES = {
+    "nodes_overlap": ["mesh.ep_nodes={nodes}", "mesh.ep_overlap=true"],
+    "all": ["mesh.ep_nodes={nodes}", "mesh.ep_overlap=true", "mesh.redundant_experts={ep}", "mesh.redundant_every=1"],
+    "all_ragged": ["mesh.ep_nodes={nodes}", "mesh.ep_overlap=true", "mesh.redundant_experts={ep}",
+                   "mesh.redundant_every=1", "mesh.ep_transport=ragged"],
+}
+
+RUNS = [("expert8", "nodes_overlap"), ("expert8", "all_ragged"), ("d2e4", "all")]
+
+
+def config(extra=(), run_dir=None):
+  over = TINY + ROUTING + list(extra) + ([f"run_dir={run_dir}"] if run_dir else [])
+  return load_train_config(os.path.join(ROOT, "configs/tiny.yaml"), over)
+
+
+def batch(i):
+  b = synthetic_batch(8, 16, 64, seed=10 + i)
+  b["loss_mask"][:, -3:] = 0  # some padding, as real batches have
+  b["segment_ids"][:, -3:] = 0
+  return b
+
+
+def leaves(tree):
+  return {jax.tree_util.keystr(p): np.asarray(jax.device_get(v)) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def copies_of(state):
+  return {k: v.tolist() for k, v in leaves(state["rest"]).items() if "copies" in k}
+
+
+def run(cfg, steps=3, state=None):
+  """(losses, params before the last step, params after it, the state) of `steps` steps."""
+  par = mesh_lib.Parallelism.from_config(cfg.mesh)
+  built = loop.build(cfg, par)
+  state = built.state if state is None else state
+  losses, before = [], None
+  for i in range(steps):
+    before = leaves(state["params"])
+    state, m = built.train_step(state, loop.to_device(batch(i), par))
+    losses.append(float(m["loss"]))
+  return losses, before, leaves(state["params"]), state
+
+
+def compare(ref, got) -> dict:
+  (ref_losses, ref_before, ref_after, _), (losses, before, after, state) = ref, got
+  delta = {k: after[k] - before[k] for k in before}
+  ref_delta = {k: ref_after[k] - ref_before[k] for k in ref_before}
+  norm = np.sqrt(sum(float((v ** 2).sum()) for v in ref_delta.values()))
+  diff = np.sqrt(sum(float(((delta[k] - ref_delta[k]) ** 2).sum()) for k in delta))
+  return {"loss_rel": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)), "update_rel": diff / norm,
+          "copies": copies_of(state)}
+
+
+def steps():
+  """(comparisons, the expert8/all_ragged run)"""
+  ref = run(config())
+  out, runs = {}, {}
+  for mesh, feature in RUNS:
+    ep, nodes = (8, 4) if mesh == "expert8" else (4, 2)
+    extra = MESHES[mesh] + [o.format(nodes=nodes, ep=ep) for o in FEATURES[feature]]
+    runs[mesh, feature] = run(config(extra))
+    out[f"{mesh}/{feature}"] = compare(ref, runs[mesh, feature])
+  return out, runs["expert8", "all_ragged"]
+
+
+def routed(t=64, e=16, k=4, d=16, f=8, n_group=4, topk_group=2, seed=0):
+  """Tokens, group-limited routing (k experts within topk_group of n_group groups) and expert weights."""
+  rng = np.random.default_rng(seed)
+  per = e // n_group
+  idx = np.stack([rng.choice(np.concatenate([np.arange(g * per, (g + 1) * per) for g in
+                                             rng.choice(n_group, topk_group, replace=False)]), k, replace=False)
+                  for _ in range(t)]).astype(np.int32)
+  x = rng.standard_normal((t, d)).astype(np.float32)
+  w = rng.uniform(0.1, 1, (t, k)).astype(np.float32)
+  gate, up = ((rng.standard_normal((e, d, f)) * 0.3).astype(np.float32) for _ in range(2))
+  down = (rng.standard_normal((e, f, d)) * 0.3).astype(np.float32)
+  return x, idx, w, gate, up, down
+
+
+def dispatch():
+  args = routed()
+  idx = jnp.asarray(args[1])
+
+  def layer(par, copies=None):
+    return lambda x, w, g, u, d: expert_parallel.dispatch_combine(x, idx, w, (g, u, d), DISPATCH_AXES,
+                                                                  EXPERTS["blocked"], par, (16, 4, 2), copies)
+
+  def loss(fn):
+    return lambda *a: (fn(*a)[0] * jnp.cos(fn(*a)[0])).sum()
+
+  x, _, *rest = args
+  want = layer(None)(x, *rest)[0]
+  want_g = jax.grad(loss(layer(None)), argnums=(0, 1, 2, 3, 4))(x, *rest)
+  load = jnp.bincount(idx.ravel(), length=16).astype(jnp.float32)
+  out = {}
+  for mesh, nodes, transport, redundant in [("expert8", 2, "padded", False), ("expert8", 8, "padded", True),
+                                            ("expert8", 4, "ragged_emulated", True),
+                                            ("d2e4", 4, "ragged_emulated", False), ("d2e4", 2, "padded", True)]:
+    n_ep = 8 if mesh == "expert8" else 4
+    sizes = dict(data=1, expert=8) if mesh == "expert8" else dict(data=2, expert=4)
+    par = mesh_lib.Parallelism(mesh_lib.make_mesh(mesh_lib.MeshConfig(**sizes)), ep_transport=transport, ep_nodes=nodes)
+    copies = eplb.place(load, n_ep, 1, nodes) if redundant else None
+    fn = layer(par, copies)
+    y, dropped = jax.jit(fn)(x, *rest)
+    g = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2, 3, 4)))(x, *rest)
+    out[f"{mesh}/nodes{nodes}/{transport}/{'copies' if redundant else 'plain'}"] = {
+        "y": float(jnp.abs(y - want).max() / jnp.abs(want).max()), "dropped": int(dropped),
+        "grad": max(float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(g, want_g))}
+  return out
+
+
+def restore(straight):
+  extra = MESHES["expert8"] + [o.format(nodes=4, ep=8) for o in FEATURES["all_ragged"]]
+  with tempfile.TemporaryDirectory() as tmp:
+    cfg = config(extra, run_dir=tmp)
+    par = mesh_lib.Parallelism.from_config(cfg.mesh)
+    *_, state = run(cfg, steps=2)
+    saved = copies_of(state)
+    with ckpt_lib.Checkpoints(cfg) as ck:
+      ck.save(2, state, None, force=True, par=par)
+    built = loop.build(cfg, par)
+    fresh = copies_of(built.state)
+    with ckpt_lib.Checkpoints(cfg) as ck:
+      state = ck.restore(ck.resume_plan(), built.state, None, par)
+    got = copies_of(state)
+    before = leaves(state["params"])
+    state, m = built.train_step(state, loop.to_device(batch(2), par))
+  return {"saved": saved, "restored": got, "fresh": fresh, "loss": float(m["loss"]),
+          "straight_loss": straight[0][-1],
+          "update_diff": max(float(np.abs((leaves(state["params"])[k] - before[k]) - (straight[2][k] - straight[1][k])).max())
+                             for k in before)}
+
+
+def main():
+  assert jax.device_count() == 8
+  result = {"dispatch": dispatch()}
+  result["steps"], straight = steps()
+  result["restore"] = restore(straight)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,80 @@
+"""Expert-parallel traffic (parallel/expert_parallel.py, parallel/eplb.py): the two-level dispatch
+(mesh.ep_nodes), the split exchange (mesh.ep_overlap) and redundant experts (mesh.redundant_experts).
+
+In process: the capacities and bounds. On 8 simulated devices (tests/ep_worker.py): every feature, alone
+and together, equal to one device (float32, loss within 1e-6 relative, update within 1e-6 of its norm) on
+expert=8 and data=2 x expert=4 with group-limited routing, across re-placements of the copies and a
+checkpoint restore.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from parallel import expert_parallel
+from parallel.errors import ConfigError
+from parallel.mesh import MeshConfig
+from tests.processes import cpu_env, last_json, run_together
+
+WORKER = Path(__file__).with_name("ep_worker.py")
+
+
+def test_two_level_capacities_count_token_node_rows():
+  # V3 on 8 nodes: 8 experts within 4 of 8 groups, a group per node: a token reaches at most 4 nodes
+  assert expert_parallel.ranks_per_token(256, 8, 8, 8, 4) == 4
+  # with capacity factor 1: 4096 tokens x 4 nodes / 8 nodes rows per (rank, node), against
+  # 4096 x 8 / 64 (token, expert) rows per rank pair of the one-level exchange over 64 ranks
+  assert expert_parallel.node_capacity(4096, 4, 8, 1.0) == 2048
+  assert expert_parallel.capacity(4096, 8, 64, 4, 1.0) == 512
+  assert expert_parallel.node_capacity(4096, 4, 8, None) == 4096  # dropless: each token once per node
+  assert expert_parallel.node_capacity(10, 1, 2, 0.01) == 1
+  # the second hop: assignments of the rows received from all nodes, over the ranks of a node
+  assert expert_parallel.capacity(64, 8, 8, 4, None, rows=8 * 64) == 8 * 64 * 4
+
+
+def test_padded_slots_skip_rows_not_sent():
+  import jax.numpy as jnp
+
+  slot, keep = expert_parallel.padded_slots(jnp.asarray([1, 2, 0, 1, 2, 1]), n_ep=2, c=1)  # 2: not sent
+  assert keep.tolist() == [True, False, True, False, False, False]
+  assert slot.tolist() == [1, 2, 0, 2, 2, 2]
+
+
+def test_bad_settings_are_one_line():
+  with pytest.raises(ConfigError, match="mesh.ep_nodes=3 must divide mesh.expert=8"):
+    MeshConfig(expert=8, ep_nodes=3)
+  with pytest.raises(ConfigError, match="mesh.redundant_experts=4 must be a multiple of mesh.expert=8"):
+    MeshConfig(expert=8, redundant_experts=4)
+  with pytest.raises(ConfigError, match="redundant_every"):
+    MeshConfig(expert=8, redundant_experts=8, redundant_every=0)
+
+
+@pytest.fixture(scope="module")
+def eight():
+  return last_json(run_together([(WORKER, "all")], cpu_env(), 900)[0])
+
+
+def test_dispatch_matches_one_device(eight):
+  """The MoE dispatch alone: 2, 4 or 8 (one per rank) nodes, both transports, with copies."""
+  assert len(eight["dispatch"]) == 5
+  for name, r in eight["dispatch"].items():
+    assert r["y"] < 1e-6 and r["grad"] < 1e-6 and r["dropped"] == 0, name
+
+
+def test_training_steps_match_one_device(eight):
+  """Three steps, the copies re-placed after each: loss and update as on one device."""
+  assert set(eight["steps"]) == {"expert8/nodes_overlap", "expert8/all_ragged", "d2e4/all"}
+  for name, r in eight["steps"].items():
+    assert r["loss_rel"] < 1e-6 and r["update_rel"] < 1e-6, name
+  initial = {"expert8": list(range(8)), "d2e4": [0, 2, 4, 6]}  # each rank's first expert copied at home
+  for name in ("expert8/all_ragged", "d2e4/all"):
+    copies = eight["steps"][name]["copies"]
+    assert len(copies) == 2  # the MoE stack's and the MTP block's
+    stack = next(v for k, v in copies.items() if "moe_layers" in k)[0]
+    assert stack != initial[name.split("/")[0]], name  # re-placed from the measured loads
+
+
+def test_redundant_experts_survive_a_checkpoint(eight):
+  r = eight["restore"]
+  assert r["restored"] == r["saved"] != r["fresh"]
+  assert r["loss"] == r["straight_loss"] and r["update_diff"] == 0.0
