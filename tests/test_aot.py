@@ -17,6 +17,7 @@ from parallel import targets
 from parallel.errors import ConfigError
 from parallel.mesh import MeshConfig, Parallelism, make_mesh
 from train import aot
+from train import hlo as hlo_lib
 from train.core import loop
 from train.core.config import load_train_config
 
@@ -120,6 +121,8 @@ def test_compiles_for_v5p_with_data_fsdp_and_expert_axes(capsys):
     mem = r["per_device_GiB"]
     assert 0 < mem["peak"] <= mem["arguments"] + mem["temporaries"] + mem["output"]
     assert r["model_flops_per_step"] == r["model_flops_per_device"] * 8 > 0
+    slow = r["slow_a2a"]  # one slice: nothing crosses the data-centre network
+    assert (slow["groups"], slow["granules"], slow["bytes_per_device"]) == ("slices", 1, 0) and slow["count"] > 0
 
 
 def test_compiles_a_pipeline_for_v5p(capsys):
@@ -167,3 +170,120 @@ def test_compiles_for_h100(capsys):
   (r,) = compile_json(capsys, "configs/tiny.yaml", "--target", "h100x8", "mesh.data=2", "mesh.fsdp=2", "mesh.expert=2",
                       "precision=bf16")
   assert r["fits"] and r["impl"]["ep_transport"] == "ragged" and r["impl"]["attention"] == "fused"
+  assert (r["slow_a2a"]["groups"], r["slow_a2a"]["granules"], r["slow_a2a"]["bytes_per_device"]) == ("hosts", 1, 0)
+
+
+# ------------------------------------------------------------------ all-to-all over the slow network
+SNIPPET = """HloModule jit_step, is_scheduled=true, num_partitions=8
+
+%body (p: (s32[], bf16[64,8])) -> (s32[], bf16[64,8]) {
+  %p = (s32[], bf16[64,8]{1,0}) parameter(0)
+  %in = bf16[64,8]{1,0} get-tuple-element(%p), index=1
+  %out = bf16[16,8]{1,0} broadcast(%zero), dimensions={}
+  %offsets = s64[2]{0} constant({0, 8})
+  %r = bf16[16,8]{1,0} ragged-all-to-all(%in, %out, %offsets, %offsets, %offsets, /*index=5*/%offsets), channel_id=3, replica_groups=[4,2]<=[8]
+  %sum = f32[4]{0} all-reduce(%zero), channel_id=4, replica_groups=[1,8]<=[8], to_apply=%add
+  ROOT %t = (s32[], bf16[64,8]{1,0}) tuple(%i, %in)
+}
+
+ENTRY %main.0_spmd (x: f32[16,4]) -> f32[16,4] {
+  %x = f32[16,4]{1,0} parameter(0)
+  %s = ((f32[16,4]{1,0}), f32[16,4]{1,0}) all-to-all-start(%x), channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}
+  %d = f32[16,4]{1,0} all-to-all-done(%s)
+  %a = f32[16,4]{1,0} all-to-all(%d), channel_id=2, replica_groups=[2,4]<=[4,2]T(1,0), dimensions={0}
+  %w = (s32[], bf16[64,8]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  ROOT %y = f32[16,4]{1,0} copy(%a)
+}
+"""
+
+
+def fake_devices(ids, process=None, slices=None, platform="gpu"):
+  from types import SimpleNamespace
+  return [SimpleNamespace(id=i, process_index=process(i) if process else 0, slice_index=slices(i) if slices else 0,
+                          platform=platform) for i in ids]
+
+
+def test_replica_groups_and_slow_a2a_of_hand_written_hlo():
+  """Replica groups, explicit and iota (a reshape of iota(N), optionally transposed), and the bytes a
+  device sends to other hosts: a group of n with m members elsewhere sends bytes(operand) * m / n."""
+  assert hlo_lib.replica_groups("{{0,1,2,3},{4,5,6,7}}", 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert hlo_lib.replica_groups("{}", 4) == [[0, 1, 2, 3]]
+  assert hlo_lib.replica_groups("[2,4]<=[8]", 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert hlo_lib.replica_groups("[4,2]<=[2,4]T(1,0)", 8) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+  assert hlo_lib.replica_groups("[2,4]<=[4,2]T(1,0)", 8) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+  assert hlo_lib.replica_groups("[2,4]<=[2,2,2]T(2,1,0)", 8) == [[0, 4, 2, 6], [1, 5, 3, 7]]
+  # Positions 0..7 are devices 0,4,1,5,2,6,3,7; hosts of 4 devices: positions alternate host 0, 1.
+  devices = fake_devices([0, 4, 1, 5, 2, 6, 3, 7], process=lambda i: i // 4)
+  r = hlo_lib.slow_a2a(SNIPPET, devices)
+  rows = {row["name"]: row for row in r["per_instruction"]}
+  # the async pair (f32[16,4], 256 bytes) in groups {0,1,2,3}: hosts 0,1,0,1, so m=2 of n=4: 128 bytes
+  assert rows["s"] == {"kind": "all-to-all", "name": "s", "operand_bytes": 256, "group": 4, "remote": 2,
+                       "bytes_per_device": 128, "times": 1}
+  # [2,4]<=[4,2]T(1,0): groups {0,2,4,6} and {1,3,5,7}, each on one host: nothing over the slow network
+  assert rows["a"]["remote"] == 0 and rows["a"]["bytes_per_device"] == 0
+  # ragged, in the loop body run 5 times: [4,2]<=[8], pairs on two hosts (m=1, n=2); the input is
+  # bf16[64,8] (1024 bytes; 512 sent elsewhere), the output bf16[16,8] (256 bytes; balanced: 128)
+  assert rows["r"] == {"kind": "ragged-all-to-all", "name": "r", "operand_bytes": 1024, "group": 2, "remote": 1,
+                       "bytes_per_device": 512, "times": 5, "balanced_bytes_per_device": 128}
+  assert (r["groups"], r["granules"], r["count"], r["upper_bound"]) == ("hosts", 2, 3, True)
+  assert (r["bytes_per_device"], r["balanced_bytes_per_device"], r["total_bytes"]) == (640, 256, 8 * 640)
+  assert r["per_step"] == {"bytes_per_device": 128 + 5 * 512, "balanced_bytes_per_device": 128 + 5 * 128,
+                           "total_bytes": 8 * (128 + 5 * 512), "trip_counts_known": True}
+  # a loop without a known trip count (XLA:TPU records none) counts once, and says so
+  r = hlo_lib.slow_a2a(SNIPPET.replace(', backend_config={"known_trip_count":{"n":"5"}}', ""), devices)
+  assert r["per_step"]["bytes_per_device"] == 640 and not r["per_step"]["trip_counts_known"]
+  # one host: nothing is slow
+  assert hlo_lib.slow_a2a(SNIPPET, fake_devices(range(8)))["bytes_per_device"] == 0
+  # TPU multi-slice: a collective crossing slices is a megascale send, its groups as device ids
+  send = ('  %send = (f32[4,8]{1,0:T(4,128)}, u32[], token[]) send(%x, %after-all), channel_id=2,'
+          ' is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_host_transfer_rendezvous='
+          '"all_to_all.9_0",_xla_megascale_target={{100000,200000,100001,200001}},_xla_megascale_transfer_type='
+          '"ALL_TO_ALL"}\n')
+  tpu = fake_devices([100000, 100001, 200000, 200001], slices=lambda i: i // 100000 - 1, platform="tpu")
+  r = hlo_lib.slow_a2a("HloModule m, num_partitions=2\n" + send, tpu)
+  assert (r["groups"], r["granules"], r["count"], r["bytes_per_device"], r["total_bytes"]) == ("slices", 2, 1, 64, 256)
+  assert not r["upper_bound"]
+
+
+def test_slow_a2a_across_tpu_slices(capsys):
+  """A real compile for 2 slices of v5p-8: an all_to_all over a mesh axis that crosses the slices
+  (it becomes a megascale transfer) against bytes(operand) * m / n from the devices' slice_index; the
+  training step, whose expert axis stays inside a slice (parallel/mesh.py), sends nothing over the DCN."""
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  devices = targets.devices(targets.parse("v5p-8", slices=2))
+  order = [devices[i] for i in (0, 4, 1, 5, 2, 6, 7, 3)]  # slices 0-3 | 4-7: along "a", groups of 3 + 1 per slice
+  mesh = Mesh(np.array(order).reshape(4, 2), ("a", "b"))
+  spec = P(("a", "b"))
+  f = jax.jit(jax.shard_map(lambda x: jax.lax.all_to_all(x, "a", 0, 0, tiled=True), mesh=mesh, in_specs=spec,
+                            out_specs=spec))
+  compiled = f.lower(jax.ShapeDtypeStruct((8 * 16, 64), jnp.float32, sharding=NamedSharding(mesh, spec))).compile()
+  assert [d.id for d in hlo_lib.device_assignment(compiled, mesh)] == [d.id for d in order]
+  r = hlo_lib.slow_a2a(compiled.as_text(), hlo_lib.device_assignment(compiled, mesh))
+  operand = 16 * 64 * 4  # each device's [16, 64] float32 block
+  slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+  sent = [operand * sum(o != s for o in column) / 4 for column in slices.T for s in column]
+  assert (r["groups"], r["granules"], r["count"]) == ("slices", 2, 1)
+  assert r["bytes_per_device"] == max(sent) == operand * 3 / 4 and r["total_bytes"] == sum(sent)
+  (step,) = compile_json(capsys, "configs/tiny.yaml", "--target", "v5p-8", "--slices", "2", "mesh.expert=4",
+                         *SMALL[:-2], "batch_size=8", "seq_len=64")
+  assert step["mesh"]["data"] == 2 and step["collectives"]["ragged-all-to-all"]["count"] > 0
+  slow = step["slow_a2a"]
+  assert (slow["groups"], slow["granules"], slow["bytes_per_device"], slow["per_step"]["bytes_per_device"]) == \
+      ("slices", 2, 0, 0) and slow["count"] > 0
+
+
+def test_ep_overlap_makes_the_all_to_alls_asynchronous_on_tpu(capsys):
+  """mesh.ep_overlap on v5p: libtpu compiles all-to-alls synchronously unless asked
+  (Parallelism.compiler_options); with the two halves of each MoE layer's tokens the schedule puts
+  compute between the start and the done of most exchanges. With the two-level dispatch and
+  redundant experts too (the ragged exchanges' own gradient, custom_vjp, compiles with groups)."""
+  common = ["configs/tiny.yaml", "--target", "v5p-16", "mesh.data=2", "mesh.expert=4", "batch_size=8", "seq_len=256"]
+  (plain,) = compile_json(capsys, *common)
+  assert plain["async_a2a"]["async"] == 0 and plain["async_a2a"]["sync"] > 0
+  (split,) = compile_json(capsys, *common, "mesh.ep_overlap=true", "mesh.ep_nodes=2", "mesh.redundant_experts=4")
+  a2a = split["async_a2a"]
+  assert a2a["async"] > a2a["sync"] and a2a["overlapped"] >= 0.8 * a2a["async"]
+  assert split["collectives"]["ragged-all-to-all"]["count"] > plain["collectives"]["ragged-all-to-all"]["count"]

@@ -15,6 +15,20 @@ no accelerator present. One JSON line per target:
   on GPU and over-counts ragged_dot's weight gradient on TPU),
   collectives of the compiled HLO by kind: count (instructions in the program, so a collective in a
   scanned layer counts once) and bytes (of their results),
+  slow_a2a: what each device sends over the slow network in all-to-all and ragged-all-to-all, to
+    other hosts of 8 GPUs (process_index) or other TPU slices (slice_index, --slices N). A device in
+    a replica group of n (ids: positions in the device assignment, mesh.devices.flat; explicit or
+    iota, "[4,2]<=[2,4]T(1,0)"; across slices the megascale send's device ids) with m members
+    elsewhere sends bytes(operand) * m / n. groups ("hosts" | "slices"), granules, count
+    (instructions, async pairs once), bytes_per_device (the most any device sends, per instruction
+    like `collectives`: a collective in the scanned layers or in expert-parallel chunks counts
+    once), total_bytes (all devices), per_step (each instruction times its while loops' known trip
+    counts, layers x chunks; XLA:TPU records none: trip_counts_known false and they count once),
+    per_instruction (the largest: remote = m, times = runs per step). A ragged-all-to-all's
+    buffers are worst-case sized (the return exchange's operand holds n_ep x the dispatched rows),
+    so its bytes(operand) * m / n is an upper figure (upper_bound); balanced_bytes_per_device takes
+    min(bytes(input), bytes(output)), what balanced routing sends. Megascale (cross-slice)
+    buffers count as laid out for the transfer.
   largest_replicated: the biggest parameters held whole on every device.
 
 A target the state does not fit is one line, "does not fit on v5p-1024: needs 97.5 GiB of 95.7 GiB
@@ -41,6 +55,7 @@ from moe import params as params_lib
 from parallel import targets as targets_lib
 from parallel.errors import ConfigError, InputError
 from parallel.mesh import Parallelism
+from train import hlo as hlo_lib
 from train.core import loop
 from train.core.config import TrainConfig, load_train_config
 
@@ -48,10 +63,6 @@ log = logging.getLogger("train.aot")
 
 GiB = 1 << 30
 EXIT_DOES_NOT_FIT = 3
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all",
-               "collective-permute")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
-          "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 
 
 class DoesNotFit(Exception):
@@ -67,19 +78,6 @@ def for_target(cfg: TrainConfig, target: targets_lib.Target) -> TrainConfig:
     log.info("%s: %d slices, mesh.dcn_data=%d", target.name, target.slices, target.slices)
     return cfg.replace(mesh=dataclasses.replace(cfg.mesh, dcn_data=target.slices))
   return cfg
-
-
-def collectives(hlo: str) -> dict:
-  """{kind: {"count", "bytes"}} of the collectives in compiled HLO text (async pairs counted once)."""
-  out = {}
-  pattern = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-  for shape, kind, _ in pattern.findall(hlo):
-    entry = out.setdefault(kind, {"count": 0, "bytes": 0})
-    entry["count"] += 1
-    for dtype, dims in re.findall(r"([a-z0-9]+)\[([0-9,]*)\]", shape):
-      size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-      entry["bytes"] += size * _BYTES.get(dtype, 4)
-  return out
 
 
 def per_device_bytes(tree) -> int:
@@ -136,6 +134,7 @@ def compile_for(cfg: TrainConfig, target: targets_lib.Target) -> dict:
   if peak > target.hbm_bytes:  # XLA:GPU compiles what does not fit and says so only in a warning
     raise DoesNotFit(target.name, peak, target.hbm_bytes, "")
   n = par.mesh.size
+  hlo = compiled.as_text()
   flops = params_lib.count(cfg.model, cfg.seq_len)["flops_per_token"] * cfg.batch_size * cfg.seq_len
   rt = s.rt
   return {
@@ -152,7 +151,10 @@ def compile_for(cfg: TrainConfig, target: targets_lib.Target) -> dict:
       "hbm_GiB": _gib(target.hbm_bytes), "headroom_GiB": _gib(target.hbm_bytes - peak),
       "headroom": round(1 - peak / target.hbm_bytes, 3), "fits": peak <= target.hbm_bytes,
       "model_flops_per_step": flops, "model_flops_per_device": flops / n,
-      "collectives": collectives(compiled.as_text()),
+      "collectives": hlo_lib.collectives(hlo),
+      "slow_a2a": hlo_lib.slow_a2a(hlo, hlo_lib.device_assignment(compiled, par.mesh),
+                                   "slices" if target.platform == "tpu" else "hosts"),
+      "async_a2a": hlo_lib.async_all_to_alls(hlo),
       "largest_replicated": largest_replicated(state, n),
   }
 

@@ -1,0 +1,278 @@
+"""Reading compiled HLO text (`compiled.as_text()`): what a program sends, over which links, and when.
+
+  collectives(hlo)          {kind: {count, bytes}}: instructions in the program (a collective in a
+                            scanned layer counts once) and the bytes of their results
+  slow_a2a(hlo, devices)    bytes each device sends to other hosts (GPU) or slices (TPU) in
+                            all-to-alls (train/aot.py's docstring has the fields)
+  async_all_to_alls(hlo)    whether the all-to-alls are asynchronous and how many compute
+                            instructions the schedule puts between each start and its done
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+
+import jax
+import numpy as np
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all",
+               "collective-permute")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+          "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+def collectives(hlo: str) -> dict:
+  """{kind: {"count", "bytes"}} of the collectives in compiled HLO text (async pairs counted once)."""
+  out = {}
+  pattern = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+  for shape, kind, _ in pattern.findall(hlo):
+    entry = out.setdefault(kind, {"count": 0, "bytes": 0})
+    entry["count"] += 1
+    for dtype, dims in re.findall(r"([a-z0-9]+)\[([0-9,]*)\]", shape):
+      size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+      entry["bytes"] += size * _BYTES.get(dtype, 4)
+  return out
+
+
+# ------------------------------------------------------------------ all-to-all over the slow network
+_INSTR = re.compile(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\(.*?\)|[a-z][a-z0-9]*\[[0-9,]*\](?:\{[^}]*\})?)\s+"
+                    r"([a-z][\w\-]*)\((.*)$")
+_COMPUTATION = re.compile(r"(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
+_CALLS = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)"
+                    r"|\b(?:branch_computations|called_computations)=\{([^}]*)\}")
+_GROUPS = re.compile(r"replica_groups=(\{(?:\{[0-9,]*\},?)*\}|\[[0-9,]+\]<=\[[0-9,]+\](?:T\([0-9,]+\))?)")
+_MEGASCALE = re.compile(r'_xla_megascale_transfer_type="(RAGGED_ALL_TO_ALL|ALL_TO_ALL)"')
+
+
+def shape_bytes(shape: str) -> int:
+  """Bytes of the arrays in an HLO shape ("f32[8,32]{1,0}", "(bf16[4], s32[])"; token[] is 0)."""
+  total = 0
+  for dtype, dims in re.findall(r"([a-z][a-z0-9]*)\[([0-9,]*)\]", shape):
+    total += math.prod(int(d) for d in dims.split(",") if d) * _BYTES.get(dtype, 0 if dtype == "token" else 4)
+  return total
+
+
+def replica_groups(text: str, n: int) -> list[list[int]]:
+  """The groups of an HLO `replica_groups=` value: explicit ("{{0,1},{2,3}}"; "{}" is one group of
+  all `n`) or iota ("[G,S]<=[d0,d1,...]T(perm)": iota(d0*d1*...) reshaped to dims, transposed by
+  perm, reshaped to G groups of S)."""
+  m = re.fullmatch(r"\[(\d+),(\d+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", text)
+  if m:
+    dims = [int(x) for x in m.group(3).split(",")]
+    ids = np.arange(math.prod(dims)).reshape(dims)
+    if m.group(4):
+      ids = ids.transpose([int(x) for x in m.group(4).split(",")])
+    return ids.reshape(int(m.group(1)), int(m.group(2))).tolist()
+  groups = [[int(x) for x in g.split(",")] for g in re.findall(r"\{([0-9,]+)\}", text)]
+  return groups or [list(range(n))]
+
+
+def granule_of(devices, groups=None):
+  """("slices" | "hosts", device -> its slice or host): TPU devices talk over the slow network to
+  other slices (slice_index), GPUs to other hosts (process_index; the compile-only CUDA devices of
+  h100xN count hosts of 8 in device-id order). `groups` may also be a {device id: node} map (nodes
+  of simulated devices)."""
+  if isinstance(groups, dict):
+    return "nodes", lambda d: groups[d.id]
+  if groups is None:
+    groups = "slices" if devices[0].platform == "tpu" else "hosts"
+  if groups == "slices":
+    return groups, lambda d: getattr(d, "slice_index", 0)
+  return groups, lambda d: d.process_index
+
+
+def _operands(rest: str) -> list[str]:
+  """Operand names of an instruction, from the text after its opening parenthesis."""
+  depth, end = 1, len(rest)
+  for i, ch in enumerate(rest):
+    depth += {"(": 1, ")": -1}.get(ch, 0)
+    if depth == 0:
+      end = i
+      break
+  return re.findall(r"%([\w.\-]+)", rest[:end]) or [w.split()[-1] for w in rest[:end].split(",") if w.strip()]
+
+
+def _times(calls: list[tuple[str, str, int | None]], entry: str) -> dict[str, tuple[int, bool]]:
+  """How often each computation runs per execution of `entry` (the sum over its call sites of the
+  caller's count, times a while body's known trip count, an unknown one taken as 1), and whether
+  every loop around it had a known trip count."""
+  callers: dict[str, list] = {}
+  for caller, callee, n in calls:
+    callers.setdefault(callee, []).append((caller, n))
+  memo = {entry: (1, True)}
+
+  def times(c: str, seen=()) -> tuple[int, bool]:
+    if c not in memo:
+      if c in seen:  # not a call graph HLO can have; stop rather than recurse
+        return 0, False
+      total, known = 0, True
+      for caller, n in callers.get(c, []):
+        count, known_above = times(caller, seen + (c,))
+        total += count * (1 if n is None else n)
+        known = known and known_above and n is not None
+      memo[c] = (total, known)
+    return memo[c]
+
+  return {c: times(c) for c in {callee for _, callee, _ in calls} | {entry}}
+
+
+def slow_a2a(hlo: str, devices, groups: str | None = None, top: int = 6) -> dict:
+  """Bytes each device sends to other hosts (GPU) or slices (TPU) in the all-to-all and
+  ragged-all-to-all collectives of compiled HLO text; `devices` is the program's device assignment
+  (replica-group ids are positions in it). See the module docstring."""
+  kind, granule = granule_of(devices, groups)
+  header = re.search(r"num_partitions=(\d+)", hlo)
+  replicas = re.search(r"replica_count=(\d+)", hlo)
+  size = (int(header.group(1)) if header else 1) * (int(replicas.group(1)) if replicas else 1)
+  program = list(devices)
+  if size < len(program):  # one program per TPU slice: its own collectives stay inside the slice
+    first = getattr(program[0], "slice_index", 0)
+    program = [d for d in program if getattr(d, "slice_index", 0) == first][:size]
+  by_id = {d.id: d for d in devices}
+  shapes, found, received, calls = {}, [], {}, []
+  computation = entry = ""
+  for line in hlo.splitlines():
+    head = _COMPUTATION.match(line)
+    if head and "=" not in line.split("(", 1)[0]:
+      computation = head.group(1)
+      entry = computation if line.startswith("ENTRY") else entry
+      continue
+    instr = _INSTR.match(line)
+    if not instr:
+      continue
+    name, shape, op, rest = instr.groups()
+    shapes[name] = shape
+    for key, callee, many in _CALLS.findall(rest):
+      trips = re.search(r'known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"', rest) if key == "body" else None
+      for c in [callee] if callee else re.findall(r"%?([\w.\-]+)", many):
+        calls.append((computation, c, int(trips.group(1)) if trips else (None if key == "body" else 1)))
+    base = op.removesuffix("-start")
+    if base in ("all-to-all", "ragged-all-to-all"):
+      g = _GROUPS.search(rest)
+      members = [[program[i] for i in group] for group in replica_groups(g.group(1) if g else "{}", size)]
+      found.append((base, name, computation, members, _operands(rest)))
+    elif op in ("send", "recv") and "_xla_megascale_target" in rest:  # TPU multi-slice: over the DCN
+      t = _MEGASCALE.search(rest)
+      if not t or (t.group(1) == "RAGGED_ALL_TO_ALL" and '_xla_megascale_ragged_operand_index="0"' not in rest):
+        continue  # ragged: the data buffer (operand 0), not its offsets and sizes
+      buffer = shape_bytes(re.search(r"[a-z][a-z0-9]*\[[0-9,]*\]", shape).group(0))  # (buffer, u32[], token[])
+      key = re.search(r'_xla_host_transfer_rendezvous="([^"]*)"', rest)
+      key = key.group(1) if key else name
+      if op == "recv":
+        received[key] = buffer
+        continue
+      ids = re.search(r"_xla_megascale_target=\{((?:\{[0-9,]*\},?)*)\}", rest).group(1)
+      members = [[by_id[int(x)] for x in g.split(",")] for g in re.findall(r"\{([0-9,]+)\}", ids)]
+      found.append(("ragged-all-to-all" if t.group(1) == "RAGGED_ALL_TO_ALL" else "all-to-all", name, computation,
+                    members, (buffer, key)))
+  times = _times(calls, entry)
+  known = True
+  per_device: dict[int, list[float]] = {}  # id -> [bytes, balanced, bytes per step, balanced per step]
+  rows = []
+  for kind_, name, computation, members, operands in found:
+    ragged = kind_ == "ragged-all-to-all"
+    if isinstance(operands, tuple):  # megascale: its send buffer and the matching receive buffer
+      sent, rendezvous = operands
+      got = received.get(rendezvous, sent)
+    else:  # all-to-all: all operands (the array or the tuple of chunks); ragged: input, output
+      sizes = [shape_bytes(shapes.get(o, "")) for o in operands]
+      sent = sizes[0] if ragged else sum(sizes)
+      got = sizes[1] if ragged and len(sizes) > 1 else sent
+    even = min(sent, got)
+    n_times, loops_known = times.get(computation, (1, True))
+    known = known and loops_known
+    row = {"kind": kind_, "name": name, "operand_bytes": sent, "group": max(map(len, members), default=0),
+           "remote": 0, "bytes_per_device": 0, "times": n_times}
+    if ragged:
+      row["balanced_bytes_per_device"] = 0
+    for group in members:
+      at = collections.Counter(granule(d) for d in group)
+      for d in group:
+        m = len(group) - at[granule(d)]
+        b, e = sent * m / len(group), even * m / len(group)
+        acc = per_device.setdefault(d.id, [0.0] * 4)
+        for i, v in enumerate((b, e, b * n_times, e * n_times)):
+          acc[i] += v
+        row["remote"] = max(row["remote"], m)
+        row["bytes_per_device"] = max(row["bytes_per_device"], round(b))
+        if ragged:
+          row["balanced_bytes_per_device"] = max(row["balanced_bytes_per_device"], round(e))
+    rows.append(row)
+  rows.sort(key=lambda r: (-r["bytes_per_device"] * r["times"], r["name"]))
+  worst = lambda i: round(max((v[i] for v in per_device.values()), default=0))
+  return {"groups": kind, "granules": len({granule(d) for d in devices}), "count": len(rows),
+          "bytes_per_device": worst(0), "balanced_bytes_per_device": worst(1),
+          "total_bytes": round(sum(v[0] for v in per_device.values())),
+          "per_step": {"bytes_per_device": worst(2), "balanced_bytes_per_device": worst(3),
+                       "total_bytes": round(sum(v[2] for v in per_device.values())), "trip_counts_known": known},
+          "upper_bound": any(r["kind"] == "ragged-all-to-all" and r["remote"] for r in rows),
+          "per_instruction": rows[:top]}
+
+
+def device_assignment(compiled, mesh) -> list:
+  """The devices of a compiled SPMD program in the order its replica-group ids count them: the
+  input shardings' device assignment (for a jit over a Mesh, mesh.devices.flat)."""
+  for sharding in jax.tree.leaves(compiled.input_shardings):
+    devices = getattr(sharding, "_device_assignment", None)
+    if devices:
+      return list(devices)
+  return list(mesh.devices.flat)
+
+
+# ------------------------------------------------------------------ asynchronous all-to-alls
+_COMPUTE = ("fusion", "convolution", "dot", "custom-call", "while", "call", "conditional")
+
+
+def _instructions(hlo: str) -> dict[str, list[tuple[str, str, str]]]:
+  """{computation: [(name, opcode, rest of the line)] in schedule order} (scheduled HLO prints each
+  computation's instructions in the order they run)."""
+  out, current = {}, None
+  for line in hlo.splitlines():
+    head = _COMPUTATION.match(line)
+    if head and "=" not in line.split("(", 1)[0]:
+      current = out.setdefault(head.group(1), [])
+      continue
+    instr = _INSTR.match(line)
+    if instr and current is not None:
+      name, _, op, rest = instr.groups()
+      current.append((name, op, rest))
+  return out
+
+
+def async_all_to_alls(hlo: str) -> dict:
+  """{sync, async, overlapped, between}: all-to-all and ragged-all-to-all instructions that run
+  synchronously (including a GPU start marked "is_sync":true), asynchronously (a start/done pair, or
+  an async-start wrapping one), and of those how many have compute (fusions, matmuls, loops) scheduled
+  between start and done; `between`: those compute counts."""
+  comps = _instructions(hlo)
+  has_a2a = {c for c, instrs in comps.items() if any(op in ("all-to-all", "ragged-all-to-all") for _, op, _ in instrs)}
+  async_bodies = {m.group(1) for instrs in comps.values() for _, op, rest in instrs if op == "async-start"
+                  for m in [re.search(r"calls=%?([\w.\-]+)", rest)] if m}
+  out = {"sync": 0, "async": 0, "overlapped": 0, "between": []}
+  for computation, instrs in comps.items():
+    for k, (name, op, rest) in enumerate(instrs):
+      if op in ("all-to-all", "ragged-all-to-all"):
+        out["sync"] += computation not in async_bodies  # (else counted at its async-start)
+        continue
+      called = re.search(r"calls=%?([\w.\-]+)", rest)
+      if not (op in ("all-to-all-start", "ragged-all-to-all-start")
+              or (op == "async-start" and called is not None and called.group(1) in has_a2a)):
+        continue
+      if '"is_sync":true' in rest:
+        out["sync"] += 1
+        continue
+      pending, done = {name}, len(instrs)
+      for j in range(k + 1, len(instrs)):
+        other, other_op, other_rest = instrs[j]
+        if set(_operands(other_rest)) & pending:
+          if other_op.endswith("-done"):
+            done = j
+            break
+          pending.add(other)  # an async-update carries it on
+      between = sum(1 for _, o, _ in instrs[k + 1:done] if o in _COMPUTE)
+      out["async"] += 1
+      out["overlapped"] += between > 0
+      out["between"].append(between)
+  return out
