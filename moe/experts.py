@@ -78,8 +78,8 @@ class RoutedExperts(nnx.Module):
     ([E], or [L, E] for a stack of layers)."""
     n_ep, r_local, nodes, every = self.placement
     place = lambda load: eplb.place(load, n_ep, r_local, nodes)
-    new = jax.vmap(place)(load_E) if load_E.ndim == 2 else place(load_E)
-    self.copies[...] = jnp.where(step % every == 0, new, self.copies[...])
+    place_all = (lambda: jax.vmap(place)(load_E)) if load_E.ndim == 2 else (lambda: place(load_E))
+    self.copies[...] = jax.lax.cond(step % every == 0, place_all, lambda: self.copies[...])
 
   def __call__(self, x_TxD, idx_TxK, w_TxK):
     """(sum_k w[t, k] expert_{idx[t, k]}(x[t]) [T, D], assignments dropped by expert parallelism)."""

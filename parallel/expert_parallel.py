@@ -11,41 +11,53 @@ the T*K (token, expert) rows directly; otherwise inside `jax.shard_map` over the
           gathered over `fsdp` at the shard_map boundary (FSDP: XLA all-gathers the weights going
           in and reduce-scatters their gradients coming out)
 
-  1. each (token, k) assignment goes to rank idx // E_l, the rank owning its expert
-  2. exchange with those ranks (all-to-all over `expert`)
+The n_ep ranks form `mesh.ep_nodes` = N nodes of n_in = n_ep / N neighbouring ranks (the closest
+devices: a GPU host, a TPU slice, or any split of the axis); node g holds the experts of its ranks,
+a contiguous range. Per rank, `_exchange`:
+
+  1. across nodes (N > 1): each token once to every node holding some of its K experts, to the rank
+     with this rank's position there (all-to-all among the ranks of the same position, DeepEP's
+     "rail"), carrying x, all K expert ids and router weights
+  2. inside the node: each (row, k) assignment whose expert is in this node to the rank owning it
+     (all-to-all among the node's ranks; with N = 1 that is every rank, the one-level exchange)
   3. `expert_fn` over the received rows; with tensor parallelism each rank holds a slice of every
      expert's width and the partial outputs are summed (psum over `tensor`)
-  4. exchange back (the reverse all-to-all)
-  5. weighted combine of the K expert outputs per token; the shared experts are added by the
-     caller (outside shard_map, where XLA shards them like any dense FFN).
+  4. back inside the node, and the node's weighted sum of its experts' outputs per row
+  5. back across nodes in one trip per (token, node), summed per token; the shared experts are added
+     by the caller (outside shard_map, where XLA shards them like any dense FFN).
 
-Transports (`mesh.ep_transport`):
-  dropless exchanges (ragged, or padded without a capacity factor) size their receive buffers for the
-          worst case, every rank's tokens choosing this rank's experts; the tokens go in chunks
-          (`dropless_chunks`, `mesh.ep_chunks`), one at a time with their buffers recomputed in the
-          backward pass, so that a chunk's worst case is at most the balanced receive of all tokens.
-  padded  `jax.lax.all_to_all` of fixed [n_ep, C, D] buffers: each rank sends at most C assignments
-          to each other rank, C = ceil(capacity_factor * T*K / n_ep), capped at the dropless
-          T * min(K, E_l). Which assignments drop: per destination rank, a rank's assignments in
-          (token, k) order (token-major, then the k-th choice), the first C are sent and the rest
-          dropped (`padded_slots`); a dropped assignment's expert output counts as exactly 0, and the
-          count (`dropped`, reported by the trainer as `dropped_tokens`: dropped (token, expert)
-          assignments per step, padding tokens included) is returned. capacity_factor null:
-          dropless (C = T * min(K, E_l)). Works on every backend.
-  ragged  `jax.lax.ragged_all_to_all`: sends exactly the assignments each rank needs (dropless); the
-          receive buffer is sized for the worst case, n_ep * T * min(K, E_l) rows. For GPU/TPU.
-          XLA:CPU does not implement ragged-all-to-all, so on CPU `ragged` runs the same code with
-          the collective emulated by all_gather (tests use this to check the offsets arithmetic);
-          the real collective is only exercised on GPU/TPU.
+Device-limited routing (DeepSeek-V2/V3) picks a token's experts within `topk_group` of `n_group`
+groups; groups are contiguous expert ranges and so are nodes, so when groups nest in nodes (or
+nodes in groups) a token reaches at most `ranks_per_token(E, N, K, n_group, topk_group)` nodes:
+V3's 8 experts within 4 of 8 groups, with a group per node, cross the slow links 4 times, not 8.
+
+Transports (`mesh.ep_transport`), for both hops:
+  padded  `jax.lax.all_to_all` of fixed buffers: per (source rank, destination node) at most
+          `node_capacity` = ceil(capacity_factor * T * G / N) tokens (G: the most nodes a token
+          reaches), per (source, destination) rank pair inside a node at most `capacity` =
+          ceil(capacity_factor * T * K / n_in) assignments. Which rows drop: per destination, the
+          first ones in (token, k) order are sent (`padded_slots`), the rest dropped; a dropped
+          assignment's expert output counts as exactly 0, and the count (`dropped`, reported by the
+          trainer as `dropped_tokens`: dropped (token, expert) assignments per step, padding tokens
+          included, a token dropped at a node counting each of its experts there) is returned.
+          capacity_factor null: dropless (T per node, every received row's assignments inside).
+          Works on every backend.
+  ragged  `jax.lax.ragged_all_to_all`: sends exactly the rows each rank needs (dropless); the
+          receive buffers are sized for the worst case. For GPU/TPU. XLA:CPU does not implement
+          ragged-all-to-all, so on CPU `ragged` runs the same code with the collective emulated by
+          all_gather (tests use this to check the offsets arithmetic); the real collective is only
+          exercised on GPU/TPU. Its gradient is the same exchange the other way (`_ragged_move`).
   auto    padded on CPU and on v5e slices above 32 chips (libtpu has no ragged-all-to-all there),
           ragged elsewhere (`resolve_transport`, once, from the mesh's devices).
+Dropless exchanges size their receive buffers for the worst case, every rank's tokens choosing
+this rank's experts; the tokens then go in chunks (`dropless_chunks`, `mesh.ep_chunks`), one at a
+time with their buffers recomputed in the backward pass.
 
-Device-limited routing (DeepSeek-V2/V3): the router picks experts within `topk_group` of `n_group`
-groups; groups are contiguous expert ranges and so are ranks' experts, so with n_group == n_ep a group
-is a rank and a token goes to at most topk_group ranks. If n_group is a multiple of n_ep a rank holds
-n_group / n_ep whole groups (still <= topk_group ranks per token); if n_ep is a multiple of n_group a
-group spans n_ep / n_group ranks, so a token may reach topk_group * n_ep / n_group ranks. Otherwise
-groups and ranks do not nest and the bound is min(K, n_ep) ranks (`ranks_per_token`).
+Redundant experts (`copies`, mesh.redundant_experts): each rank also holds r_l copies of experts of
+its node, which parallel/eplb.py chose; `_with_copies` makes them from the home ranks' weights
+inside the node, and each assignment of a copied expert goes to one of its copies
+(eplb.physical_ids). `mesh.ep_overlap`: the tokens of each chunk in two independent halves
+(`in_halves`), so that one half's exchange can run while the other half computes.
 """
 
 from __future__ import annotations
@@ -100,7 +112,8 @@ def resolve_transport(name: str, mesh) -> str:
 
 
 def ranks_per_token(n_experts: int, n_ep: int, k: int, n_group: int, topk_group: int) -> int:
-  """Most expert-parallel ranks one token's K assignments can reach (device-limited routing)."""
+  """Most of `n_ep` equal contiguous expert ranges (ranks, or nodes of ranks) one token's K
+  assignments can reach under device-limited routing."""
   bound = min(k, n_ep)
   if n_group > 1 and n_experts % n_group == 0:
     if n_group % n_ep == 0:

@@ -23,7 +23,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.processes import TINY, start_worker  # noqa: E402
 
-MODE = start_worker({})
+MODE = start_worker({}, xla_flags="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 CACHE = tempfile.mkdtemp(prefix="ep_worker_cache")
 os.environ.update(JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -45,16 +45,22 @@ from train.core.data import synthetic_batch  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 8 experts in 4 groups, a token's 2 experts within 2 groups: with expert=8 (ep_nodes=4: 2 ranks a
 # node) or expert=4 (ep_nodes=2) a token reaches at most 2 nodes of the 4 or 2.
-ROUTING = ["model.n_group=4", "model.topk_group=2", "steps=3"]
-MESHES = {"expert8": ["mesh.data=1", "mesh.expert=8"], "d2e4": ["mesh.data=2", "mesh.expert=4"]}
+ROUTING = ["model.n_group=4", "model.topk_group=2", "model.num_hidden_layers=3", "steps=3"]
+MESHES = {"expert8": ["mesh.data=1", "mesh.expert=8"], "d2e4": ["mesh.data=2", "mesh.expert=4"],
+          "stage2e4": ["mesh.data=1", "mesh.stage=2", "mesh.expert=4"]}
 FEATURES = {
     "nodes_overlap": ["mesh.ep_nodes={nodes}", "mesh.ep_overlap=true"],
     "all": ["mesh.ep_nodes={nodes}", "mesh.ep_overlap=true", "mesh.redundant_experts={ep}", "mesh.redundant_every=1"],
+    "all_1f1b": ["mesh.ep_nodes={nodes}", "mesh.ep_overlap=true", "mesh.redundant_experts={ep}",
+                 "mesh.redundant_every=1", "pipeline.schedule=1f1b", "pipeline.microbatches=4"],
+    "all_fp8": ["mesh.ep_nodes={nodes}", "mesh.ep_overlap=true", "mesh.redundant_experts={ep}",
+                "mesh.redundant_every=1", "precision=fp8"],
     "all_ragged": ["mesh.ep_nodes={nodes}", "mesh.ep_overlap=true", "mesh.redundant_experts={ep}",
                    "mesh.redundant_every=1", "mesh.ep_transport=ragged"],
 }
 
-RUNS = [("expert8", "nodes_overlap"), ("expert8", "all_ragged"), ("d2e4", "all")]
+RUNS = [("expert8", "nodes_overlap"), ("expert8", "all_ragged"), ("d2e4", "all"), ("stage2e4", "all_1f1b"),
+        ("expert8", "all_fp8")]
 
 
 def config(extra=(), run_dir=None):
@@ -102,13 +108,13 @@ def compare(ref, got) -> dict:
 
 def steps():
   """(comparisons, the expert8/all_ragged run)"""
-  ref = run(config())
+  refs = {"": run(config()), "fp8": run(config(["precision=fp8"]))}
   out, runs = {}, {}
   for mesh, feature in RUNS:
     ep, nodes = (8, 4) if mesh == "expert8" else (4, 2)
     extra = MESHES[mesh] + [o.format(nodes=nodes, ep=ep) for o in FEATURES[feature]]
     runs[mesh, feature] = run(config(extra))
-    out[f"{mesh}/{feature}"] = compare(ref, runs[mesh, feature])
+    out[f"{mesh}/{feature}"] = compare(refs["fp8" if "fp8" in feature else ""], runs[mesh, feature])
   return out, runs["expert8", "all_ragged"]
 
 

@@ -1,35 +1,78 @@
-"""Time one expert-parallel MoE layer and its all-to-alls alone: `python -m train.bench_ep CONFIG [key=value]`.
+"""One expert-parallel MoE layer alone: time, slow-link bytes, load per rank.
+
+  python -m train.bench_ep CONFIG [key=value] [--nodes N] [--skew S]
 
 Uses the model shape and mesh of the config (e.g. configs/bench-cpu.yaml mesh.data=1 mesh.expert=8;
-on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=8 first). Tokens: the global batch
-(batch_size x seq_len) with a random router (group-limited top-k as the model routes). Prints one JSON
-line of best-of-N seconds:
+on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=8 first) and its expert-parallel
+settings (mesh.ep_transport, capacity_factor, ep_nodes, ep_overlap, redundant_experts). Tokens: the
+global batch (batch_size x seq_len) with a random router, group-limited top-k as the model routes;
+--skew S lowers the router logit of the expert of popularity rank i by S log(i + 1) (a Zipf-like
+popularity, the experts' ranks in a random order). Prints one JSON line:
 
-  layer_fwd, layer_fwd_bwd   routed experts through parallel.expert_parallel (dispatch, grouped matmul,
-                             return, combine), forward and forward + backward
-  a2a_fwd                    only the padded transport's exchanges (tokens out, expert ids out,
-                             outputs back) on buffers of the same shape
-  single_fwd, single_fwd_bwd the same layer on one device (the same grouped matmul, no exchange)
+  layer_fwd, layer_fwd_bwd   best-of-N seconds of the routed experts through
+                             parallel.expert_parallel (dispatch, grouped matmul, return, combine),
+                             forward and forward + backward; single_*: the same on one device
+  slow                       with --nodes N (the expert-parallel ranks as N nodes of neighbouring
+                             ranks): bytes each rank sends to other nodes per MoE layer, forward +
+                             backward, for this dispatch and for the one-level one (ep_nodes=1):
+                             `buffers` from the compiled all-to-alls of the padded transport (their
+                             operand sizes, train/hlo.py; the capacity factor of the config, 1.25
+                             if it has none), `rows` what a ragged (exact) exchange sends for this
+                             routing (the most any rank sends); and the ratios one-level / this
+  rows_per_rank              (token, expert) rows each rank computes, and their max / mean
+                             (imbalance), without redundant experts and, with mesh.redundant_experts,
+                             with copies placed from this routing's load (parallel/eplb.py)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe import router as router_lib
 from moe.experts import DISPATCH_AXES
 from moe.kernels.experts import EXPERTS
-from parallel import expert_parallel
+from parallel import eplb, expert_parallel
+from train import hlo as hlo_lib
 from train.bench import best_of
 from train.core import loop
 from train.core.config import load_train_config
+
+
+def routed(cfg, skew: float):
+  """Tokens [T, D], router weights and expert ids [T, K], and expert weights, from cfg.seed."""
+  m = cfg.model
+  t, d, e, f = cfg.batch_size * cfg.seq_len, m.hidden_size, m.n_routed_experts, m.moe_intermediate_size
+  keys = jax.random.split(jax.random.key(cfg.seed), 6)
+  x = jax.random.normal(keys[0], (t, d), jnp.float32)
+  popularity = jax.random.permutation(keys[5], e) + 1  # 1 = the hottest
+  logits = x @ (0.05 * jax.random.normal(keys[1], (d, e))) - skew * jnp.log(popularity)
+  w, idx = router_lib.select(router_lib.scores_of(logits, m), None, m)
+  gate, up = (0.02 * jax.random.normal(kk, (e, d, f)) for kk in keys[2:4])
+  down = 0.02 * jax.random.normal(keys[4], (e, f, d))
+  return x, w, idx, (gate, up, down)
+
+
+def slow_rows(idx_TxK, n_ep: int, nodes: int, e_local: int, two_level: bool) -> int:
+  """Rows the busiest rank sends to other nodes for this routing (tokens split evenly over the ranks
+  in order): one per remote (token, expert) assignment, or one per remote node a token reaches."""
+  t, _ = idx_TxK.shape
+  src_node = (np.arange(t) // (t // n_ep)) // (n_ep // nodes)
+  dest_node = np.asarray(idx_TxK) // e_local // (n_ep // nodes)
+  remote = dest_node != src_node[:, None]
+  if two_level:
+    per_token = np.array([len(set(dest_node[i][remote[i]])) for i in range(t)])
+  else:
+    per_token = remote.sum(1)
+  return int(per_token.reshape(n_ep, -1).sum(1).max())
 
 
 def main(argv=None) -> int:
@@ -37,61 +80,73 @@ def main(argv=None) -> int:
   p.add_argument("config")
   p.add_argument("overrides", nargs="*")
   p.add_argument("--iters", type=int, default=5)
+  p.add_argument("--nodes", type=int, default=None, help="count bytes between this many nodes of ranks")
+  p.add_argument("--skew", type=float, default=0.0, help="Zipf exponent of the experts' popularity")
   args = p.parse_args(argv)
   cfg = load_train_config(args.config, args.overrides)
   m = cfg.model
   par = loop.parallelism(cfg)
   rt = loop.runtime(cfg, par)
-  t, d, e, f, k = cfg.batch_size * cfg.seq_len, m.hidden_size, m.n_routed_experts, m.moe_intermediate_size, \
-      m.num_experts_per_tok
-  keys = jax.random.split(jax.random.key(cfg.seed), 6)
-  x = jax.random.normal(keys[0], (t, d), jnp.float32)
-  scores = router_lib.scores_of(x @ (0.05 * jax.random.normal(keys[1], (d, e))), m)
-  w, idx = router_lib.select(scores, None, m)
-  gate, up = (0.02 * jax.random.normal(kk, (e, d, f)) for kk in keys[2:4])
-  down = 0.02 * jax.random.normal(keys[4], (e, f, d))
+  x, w, idx, weights = routed(cfg, args.skew)
+  t, d = x.shape
+  e, k = m.n_routed_experts, m.num_experts_per_tok
+  n_ep = expert_parallel.ep_size(par, e)
+  e_local = e // n_ep
   expert_fn = functools.partial(EXPERTS[rt.experts], fp8=rt.fp8)
+  load = jnp.bincount(idx.reshape(-1), length=e).astype(jnp.float32)
+  copies = eplb.place(load, n_ep, par.redundant_experts // n_ep, par.ep_nodes) if par.redundant_experts else None
 
-  def layer(par):
-    return lambda x, idx, w, gate, up, down: expert_parallel.dispatch_combine(
-        x, idx, w, (gate, up, down), DISPATCH_AXES, expert_fn, par)
+  def layer(par, copies=None):
+    return lambda x, idx, w, *ws: expert_parallel.dispatch_combine(
+        x, idx, w, ws, DISPATCH_AXES, expert_fn, par, (e, m.n_group, m.topk_group), copies)
 
-  def loss(fn, x, gate, up, down):
-    return (fn(x, idx, w, gate, up, down)[0] ** 2).sum()
+  def loss(fn, x, *ws):
+    return (fn(x, idx, w, *ws)[0] ** 2).sum()
 
-  single = layer(None)
+  grad = lambda fn: jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3)))
   out = {"mesh": dict(par.mesh.shape), "transport": par.ep_transport, "capacity_factor": par.capacity_factor,
-         "experts_impl": rt.experts, "tokens": t, "hidden": d, "experts": e, "top_k": k}
-  out["single_fwd"] = best_of(jax.jit(single), x, idx, w, gate, up, down, iters=args.iters)
-  out["single_fwd_bwd"] = best_of(jax.jit(jax.grad(functools.partial(loss, single), argnums=(0, 1, 2, 3))),
-                                  x, gate, up, down, iters=args.iters)
+         "ep_nodes": par.ep_nodes, "ep_overlap": par.ep_overlap, "redundant_experts": par.redundant_experts,
+         "experts_impl": rt.experts, "tokens": t, "hidden": d, "experts": e, "top_k": k, "skew": args.skew}
+  single = layer(None)
+  out["single_fwd"] = best_of(jax.jit(single), x, idx, w, *weights, iters=args.iters)
+  out["single_fwd_bwd"] = best_of(grad(single), x, *weights, iters=args.iters)
 
   tok = NamedSharding(par.mesh, P(tuple(a for a in ("data", "fsdp", "expert") if par.mesh.shape[a] > 1)))
   xs, idx, w = (jax.device_put(a, tok) for a in (x, idx, w))
-  ep = layer(par)
-  out["layer_fwd"] = best_of(jax.jit(ep), xs, idx, w, gate, up, down, iters=args.iters)
-  out["layer_fwd_bwd"] = best_of(jax.jit(jax.grad(functools.partial(loss, ep), argnums=(0, 1, 2, 3))),
-                                 xs, gate, up, down, iters=args.iters)
-  _, dropped = jax.jit(ep)(xs, idx, w, gate, up, down)
-  out["dropped"] = int(dropped)
-  n_ep = par.mesh.shape["expert"]
-  if n_ep > 1:
-    t_local = t // par.mesh.size * par.mesh.shape.get("tensor", 1)
-    c = expert_parallel.capacity(t_local, k, n_ep, e // n_ep, par.capacity_factor)
-    a2a = functools.partial(jax.lax.all_to_all, axis_name="expert", split_axis=0, concat_axis=0, tiled=True)
+  ep = layer(par, copies)
+  out["layer_fwd"] = best_of(jax.jit(ep), xs, idx, w, *weights, iters=args.iters)
+  out["layer_fwd_bwd"] = best_of(grad(ep), xs, *weights, iters=args.iters)
+  out["dropped"] = int(jax.jit(ep)(xs, idx, w, *weights)[1])
 
-    def exchange(buf, ids):  # the padded transport's three exchanges
-      return a2a(a2a(buf) * 2.0), a2a(ids)
-
-    spec = P(tuple(a for a in ("data", "fsdp", "expert") if par.mesh.shape[a] > 1))
-    fn = jax.jit(jax.shard_map(exchange, mesh=par.mesh, in_specs=(spec, spec), out_specs=(spec, spec)))
-    n_dev = par.mesh.size // par.mesh.shape.get("tensor", 1)
-    buf = jnp.zeros((n_dev * n_ep * c, d), jnp.float32)
-    ids = jnp.zeros((n_dev * n_ep * c,), jnp.int32)
-    out["a2a_rows_per_device"] = n_ep * c
-    out["a2a_fwd"] = best_of(fn, buf, ids, iters=args.iters)
+  if args.nodes:
+    out["slow"] = slow_bytes(par, layer, grad, xs, weights, np.asarray(idx), n_ep, args.nodes, e_local, d)
+  rows = lambda phys, per_rank: np.bincount(np.asarray(phys).reshape(-1) // per_rank, minlength=n_ep)
+  plain = rows(idx, e_local)
+  out["rows_per_rank"] = {"without": plain.tolist(), "imbalance_without": round(plain.max() / plain.mean(), 3)}
+  if copies is not None:
+    phys = eplb.physical_ids(jnp.asarray(idx), copies, e, n_ep)
+    spread = rows(phys, e_local + par.redundant_experts // n_ep)
+    out["rows_per_rank"].update({"with": spread.tolist(), "imbalance_with": round(spread.max() / spread.mean(), 3),
+                                 "copies": np.asarray(copies).tolist()})
   print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in out.items()}))
   return 0
+
+
+def slow_bytes(par, layer, grad, xs, weights, idx, n_ep, nodes, e_local, d) -> dict:
+  """Bytes per rank to other nodes, per MoE layer forward + backward, this dispatch vs one level."""
+  axis = par.mesh.axis_names.index("expert")
+  node = {dev.id: pos[axis] // (n_ep // nodes) for pos, dev in np.ndenumerate(par.mesh.devices)}
+  padded = dataclasses.replace(par, ep_transport="padded", capacity_factor=par.capacity_factor or 1.25)
+  out = {"nodes": nodes}
+  for name, p in (("this", padded), ("one_level", dataclasses.replace(padded, ep_nodes=1))):
+    compiled = grad(layer(p)).lower(xs, *weights).compile()
+    slow = hlo_lib.slow_a2a(compiled.as_text(), hlo_lib.device_assignment(compiled, par.mesh), node)
+    two = p.ep_nodes > 1
+    out[name] = {"buffers": slow["bytes_per_device"],
+                 "rows": 4 * slow_rows(idx, n_ep, nodes, e_local, two) * d * xs.dtype.itemsize}  # there and back, fwd + bwd
+  out["ratio_buffers"] = round(out["one_level"]["buffers"] / max(out["this"]["buffers"], 1), 3)
+  out["ratio_rows"] = round(out["one_level"]["rows"] / max(out["this"]["rows"], 1), 3)
+  return out
 
 
 if __name__ == "__main__":
