@@ -1,13 +1,19 @@
 """Subprocess side of tests/test_ep.py: expert-parallel traffic features on 8 simulated CPU devices.
+Two processes run at once (one core each):
 
-  python tests/ep_worker.py all
+  python tests/ep_worker.py a
     dispatch  the MoE dispatch alone (outputs and gradients) vs one device: two-level (mesh.ep_nodes
               2, 4 and 8 = one node per rank), both transports, with and without redundant copies
-    steps     three training steps of the tiny model (group-limited routing) on expert=8 and data=2 x
-              expert=4 with the two-level dispatch, the split exchange (mesh.ep_overlap) and redundant
-              experts re-placed after every step, alone and together, vs the same steps on one device
+              and the split exchange (mesh.ep_overlap), on expert=8, data=2 x expert=4 and
+              fsdp=2 x expert=2 x tensor=2
+    steps     three training steps of the tiny model (group-limited routing) with all three, the
+              copies re-placed after every step, vs the same steps on one device: expert=8 (ragged),
+              data=2 x expert=4 (padded)
     restore   redundant experts through a checkpoint: 2 steps, save, restore into a fresh state, the
               third step == the third of the straight run
+  python tests/ep_worker.py b
+    steps     the same three steps through a 2-stage 1F1B pipeline (stage=2 x expert=4), and with
+              precision=fp8 on expert=8 against FP8 on one device
 
 Prints one JSON line. The compiled steps go to a persistent compilation cache, so the restore's runs
 (the same computation) do not compile again.
@@ -49,7 +55,6 @@ ROUTING = ["model.n_group=4", "model.topk_group=2", "model.num_hidden_layers=3",
 MESHES = {"expert8": ["mesh.data=1", "mesh.expert=8"], "d2e4": ["mesh.data=2", "mesh.expert=4"],
           "stage2e4": ["mesh.data=1", "mesh.stage=2", "mesh.expert=4"]}
 FEATURES = {
-    "nodes_overlap": ["mesh.ep_nodes={nodes}", "mesh.ep_overlap=true"],
     "all": ["mesh.ep_nodes={nodes}", "mesh.ep_overlap=true", "mesh.redundant_experts={ep}", "mesh.redundant_every=1"],
     "all_1f1b": ["mesh.ep_nodes={nodes}", "mesh.ep_overlap=true", "mesh.redundant_experts={ep}",
                  "mesh.redundant_every=1", "pipeline.schedule=1f1b", "pipeline.microbatches=4"],
@@ -59,8 +64,7 @@ FEATURES = {
                    "mesh.redundant_every=1", "mesh.ep_transport=ragged"],
 }
 
-RUNS = [("expert8", "nodes_overlap"), ("expert8", "all_ragged"), ("d2e4", "all"), ("stage2e4", "all_1f1b"),
-        ("expert8", "all_fp8")]
+RUNS = {"a": [("expert8", "all_ragged"), ("d2e4", "all")], "b": [("stage2e4", "all_1f1b"), ("expert8", "all_fp8")]}
 
 
 def config(extra=(), run_dir=None):
@@ -106,16 +110,18 @@ def compare(ref, got) -> dict:
           "copies": copies_of(state)}
 
 
-def steps():
-  """(comparisons, the expert8/all_ragged run)"""
-  refs = {"": run(config()), "fp8": run(config(["precision=fp8"]))}
-  out, runs = {}, {}
-  for mesh, feature in RUNS:
+def steps(runs):
+  """{name: comparison}, {(mesh, feature): run}"""
+  refs = {"": None, "fp8": None}
+  out, done = {}, {}
+  for mesh, feature in runs:
+    ref = "fp8" if "fp8" in feature else ""
+    refs[ref] = refs[ref] or run(config(["precision=fp8"] if ref else []))
     ep, nodes = (8, 4) if mesh == "expert8" else (4, 2)
     extra = MESHES[mesh] + [o.format(nodes=nodes, ep=ep) for o in FEATURES[feature]]
-    runs[mesh, feature] = run(config(extra))
-    out[f"{mesh}/{feature}"] = compare(refs["fp8" if "fp8" in feature else ""], runs[mesh, feature])
-  return out, runs["expert8", "all_ragged"]
+    done[mesh, feature] = run(config(extra))
+    out[f"{mesh}/{feature}"] = compare(refs[ref], done[mesh, feature])
+  return out, done
 
 
 def routed(t=64, e=16, k=4, d=16, f=8, n_group=4, topk_group=2, seed=0):
@@ -148,17 +154,19 @@ def dispatch():
   want_g = jax.grad(loss(layer(None)), argnums=(0, 1, 2, 3, 4))(x, *rest)
   load = jnp.bincount(idx.ravel(), length=16).astype(jnp.float32)
   out = {}
-  for mesh, nodes, transport, redundant in [("expert8", 2, "padded", False), ("expert8", 8, "padded", True),
-                                            ("expert8", 4, "ragged_emulated", True),
-                                            ("d2e4", 4, "ragged_emulated", False), ("d2e4", 2, "padded", True)]:
-    n_ep = 8 if mesh == "expert8" else 4
-    sizes = dict(data=1, expert=8) if mesh == "expert8" else dict(data=2, expert=4)
-    par = mesh_lib.Parallelism(mesh_lib.make_mesh(mesh_lib.MeshConfig(**sizes)), ep_transport=transport, ep_nodes=nodes)
+  sizes = {"expert8": dict(data=1, expert=8), "d2e4": dict(data=2, expert=4), "f2e2t2": dict(data=1, fsdp=2, expert=2, tensor=2)}
+  for mesh, nodes, transport, redundant, overlap in [
+      ("expert8", 2, "padded", False, True), ("expert8", 8, "padded", True, False),
+      ("expert8", 4, "ragged_emulated", True, True), ("d2e4", 4, "ragged_emulated", False, False),
+      ("d2e4", 2, "padded", True, False), ("f2e2t2", 2, "padded", True, True)]:
+    n_ep = sizes[mesh]["expert"]
+    par = mesh_lib.Parallelism(mesh_lib.make_mesh(mesh_lib.MeshConfig(**sizes[mesh])), ep_transport=transport,
+                               ep_nodes=nodes, ep_overlap=overlap)
     copies = eplb.place(load, n_ep, 1, nodes) if redundant else None
     fn = layer(par, copies)
     y, dropped = jax.jit(fn)(x, *rest)
     g = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2, 3, 4)))(x, *rest)
-    out[f"{mesh}/nodes{nodes}/{transport}/{'copies' if redundant else 'plain'}"] = {
+    out[f"{mesh}/nodes{nodes}/{transport}/{'copies' if redundant else 'plain'}{'/overlap' if overlap else ''}"] = {
         "y": float(jnp.abs(y - want).max() / jnp.abs(want).max()), "dropped": int(dropped),
         "grad": max(float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(g, want_g))}
   return out
@@ -188,9 +196,10 @@ def restore(straight):
 
 def main():
   assert jax.device_count() == 8
-  result = {"dispatch": dispatch()}
-  result["steps"], straight = steps()
-  result["restore"] = restore(straight)
+  result = {"dispatch": dispatch()} if MODE == "a" else {}
+  result["steps"], done = steps(RUNS[MODE])
+  if MODE == "a":
+    result["restore"] = restore(done["expert8", "all_ragged"])
   print(json.dumps(result))
 
 

@@ -223,14 +223,15 @@ def test_config_changes_and_trim_metrics(tmp_path):
 
 
 def test_stop_signal_sigint_then_abort():
-  import os
   import signal
 
   before = signal.getsignal(signal.SIGINT)
   with ckpt_lib.StopSignal() as stop:
     assert not stop.requested(1)
-    os.kill(os.getpid(), signal.SIGINT)  # first: a clean stop after the current step
+    # raise_signal delivers to this (the main) thread before it returns; os.kill may land on any of
+    # the process's threads (XLA's, libtpu's) and the handler then runs a little later
+    signal.raise_signal(signal.SIGINT)  # first: a clean stop after the current step
     assert stop.requested(2) and stop.received == "SIGINT"
     with pytest.raises(KeyboardInterrupt):  # second: Python's default, abort now
-      os.kill(os.getpid(), signal.SIGINT)
+      signal.raise_signal(signal.SIGINT)
   assert signal.getsignal(signal.SIGINT) is before

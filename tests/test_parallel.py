@@ -26,10 +26,6 @@ WORKER = Path(__file__).with_name("parallel_worker.py")
 ROOT = WORKER.parent.parent
 
 
-def run_worker(*args, timeout=900):
-  return last_json(run_together([(WORKER, *args)], cpu_env(), timeout)[0])
-
-
 # ------------------------------------------------------------------ in process (one device)
 def test_axis_sizes_and_errors():
   assert mesh_lib.axis_sizes(MeshConfig(data=-1, fsdp=2, expert=2), 8) == dict(stage=1, data=2, fsdp=2, expert=2,
@@ -131,10 +127,14 @@ def test_transport_choice():
 # ------------------------------------------------------------------ 8 simulated devices
 @pytest.fixture(scope="module")
 def eight():
-  """One-device reference step, then meshes d2f2e2 (3 steps), f2e2t2, data=8, fsdp=8, expert=8 (padded
-  transport), expert=8 with the ragged transport, and a small capacity factor."""
-  return run_worker("single", "three", "f2e2t2", "data8", "fsdp8", "expert8", "ragged", "small_capacity", "ep_unit",
-                    "capacity")
+  """Two workers at once (one core each), each with the one-device reference step: meshes d2f2e2 (3
+  steps), f2e2t2, data=8, fsdp=8, expert=8 (padded transport), expert=8 with the ragged transport, a
+  small capacity factor, and the MoE dispatch alone on every mesh."""
+  jobs = [("three", "f2e2t2", "data8", "ragged", "capacity", "ep_unit"),
+          ("fsdp8", "expert8", "small_capacity", "ep_unit_all")]
+  a, b = (last_json(out) for out in run_together([(WORKER, "single", *j) for j in jobs], cpu_env(), 900))
+  assert a["ref"] == b["ref"]
+  return {**b, **a, "meshes": {**a["meshes"], **b["meshes"]}}
 
 
 def check_mesh(name, r, ref):
@@ -209,8 +209,8 @@ def test_two_processes_match_one(eight):
     np.testing.assert_allclose(o["losses"], eight["three_steps"], rtol=5e-7)
 
 
-def test_expert_parallel_dispatch_on_every_mesh():
-  check_ep_unit(run_worker("single", "ep_unit_all")["ep_unit"])
+def test_expert_parallel_dispatch_on_every_mesh(eight):
+  check_ep_unit(eight["ep_unit_all"])
 
 
 def test_cli_two_processes(tmp_path):
