@@ -111,6 +111,18 @@ def initial(n_ep: int, r_local: int, e_local: int):
   return (s // r_local) * e_local + (s % r_local) % e_local
 
 
+def in_nodes(slots_R, n_experts: int, n_ep: int, n_outer: int = 1):
+  """`slots_R` with every copy whose expert lives in another outer group than its slot replaced by
+  the slot's `initial` copy: a placement made for another mesh (a checkpoint restored with another
+  mesh.expert or ep_nodes) stays valid, each copy made inside its node."""
+  r_local = _r_local(slots_R, n_ep)
+  e_local = _check(n_experts, n_ep, r_local, n_outer)
+  n_in = n_ep // n_outer
+  slot_group = jnp.arange(slots_R.shape[0]) // r_local // n_in
+  ok = (slots_R >= 0) & (slots_R < n_experts) & (slots_R // e_local // n_in == slot_group)
+  return jnp.where(ok, slots_R, initial(n_ep, r_local, e_local)).astype(jnp.int32)
+
+
 def copies_of(slots_R, n_experts: int):
   """Copies [E] int32 of each expert: 1 (native) + the redundant slots holding it."""
   return 1 + jnp.bincount(slots_R, length=n_experts).astype(jnp.int32)

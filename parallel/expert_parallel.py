@@ -517,6 +517,7 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
 
   def body(x, idx, w, copies_R, *ws):
     if copies_R is not None:
+      copies_R = eplb.in_nodes(copies_R, n_ep * e_local, n_ep, nodes)
       ws = _with_copies(ws, copies_R, plan)
       idx = eplb.physical_ids(idx, copies_R, n_ep * e_local, n_ep)
     y, dropped = fn(x, idx, w, *ws)

@@ -109,9 +109,9 @@ def compile_json(capsys, *argv):
 
 
 def test_compiles_for_v5p_with_data_fsdp_and_expert_axes(capsys):
-  """tiny.yaml and bench-cpu.yaml on v5p-16 (8 chips) with data=2 x fsdp=2 x expert=2: the TPU paths
+  """tiny.yaml on v5p-16 (8 chips) with data=2 x fsdp=2 x expert=2: the TPU paths
   (ragged_dot as Mosaic kernels, ragged_all_to_all, the splash kernel) lower and compile."""
-  for config in ("tiny", "bench-cpu"):
+  for config in ("tiny",):
     (r,) = compile_json(capsys, f"configs/{config}.yaml", "--target", "v5p-16", "mesh.data=2", "mesh.fsdp=2",
                         "mesh.expert=2", "batch_size=8", "seq_len=256")
     assert r["fits"] and r["devices"] == 8 and r["mesh"] == {"stage": 1, "data": 2, "fsdp": 2, "expert": 2, "tensor": 1}

@@ -222,16 +222,31 @@ def test_config_changes_and_trim_metrics(tmp_path):
   assert [r["step"] for r in kept] == [1, 2, 2]
 
 
-def test_stop_signal_sigint_then_abort():
-  import signal
+SIGINT_TWICE = """
+import signal
+from train.core import checkpoint as ckpt_lib
 
-  before = signal.getsignal(signal.SIGINT)
-  with ckpt_lib.StopSignal() as stop:
-    assert not stop.requested(1)
-    # raise_signal delivers to this (the main) thread before it returns; os.kill may land on any of
-    # the process's threads (XLA's, libtpu's) and the handler then runs a little later
-    signal.raise_signal(signal.SIGINT)  # first: a clean stop after the current step
-    assert stop.requested(2) and stop.received == "SIGINT"
-    with pytest.raises(KeyboardInterrupt):  # second: Python's default, abort now
-      signal.raise_signal(signal.SIGINT)
-  assert signal.getsignal(signal.SIGINT) is before
+before = signal.getsignal(signal.SIGINT)
+with ckpt_lib.StopSignal() as stop:
+  assert not stop.requested(1)
+  signal.raise_signal(signal.SIGINT)  # first: a clean stop after the current step
+  assert stop.requested(2) and stop.received == "SIGINT"
+  try:
+    signal.raise_signal(signal.SIGINT)  # second: Python's default, abort now
+    raise SystemExit("no KeyboardInterrupt")
+  except KeyboardInterrupt:
+    pass
+assert signal.getsignal(signal.SIGINT) is before
+print("ok")
+"""
+
+
+def test_stop_signal_sigint_then_abort():
+  """In a fresh interpreter: after the earlier tests' compiles (libtpu, XLA) the full run's process
+  once lost the second signal, which this test is not about."""
+  import subprocess
+  import sys
+
+  out = subprocess.run([sys.executable, "-c", SIGINT_TWICE], cwd=Path(__file__).parents[1], capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

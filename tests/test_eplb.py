@@ -261,3 +261,14 @@ def test_redundant_experts_balance_skewed_routing(permuted):
   for value in with_r.values():
     assert value < 0.6 * without
     assert value < 1.5
+
+
+def test_in_nodes_keeps_copies_inside_their_node():
+  """A placement from another mesh (restored from a checkpoint): copies of experts whose home is in
+  another node fall back to the slot's home copy; the rest stay."""
+  # 8 experts, 4 ranks (2 experts each) in 2 nodes of 2 ranks, 1 slot per rank
+  slots = jnp.asarray([3, 0, 7, 1])  # rank 0 copies 3 (node 0: ok), rank 1 copies 0 (ok),
+  #                                    rank 2 copies 7 (node 1: ok), rank 3 copies 1 (node 0: not ok)
+  assert eplb.in_nodes(slots, 8, 4, 2).tolist() == [3, 0, 7, 6]  # rank 3's home copy: expert 6
+  assert eplb.in_nodes(slots, 8, 4, 1).tolist() == [3, 0, 7, 1]  # one node: all fine
+  assert eplb.in_nodes(jnp.asarray([9, -1, 4, 5]), 8, 4, 1).tolist() == [0, 2, 4, 5]  # out of range

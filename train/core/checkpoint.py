@@ -310,7 +310,8 @@ class Checkpoints:
     try:
       got = self.mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax/tensorstore raise many kinds; all mean this directory is unusable
-      changes = [c for c in config_changes(read_config(path).to_dict(), self.cfg.to_dict()) if c.startswith("model.")]
+      changes = [c for c in config_changes(read_config(path).to_dict(), self.cfg.to_dict())
+                 if c.startswith(("model.", "mesh.redundant_experts "))]  # (the copies' placement is saved)
       if changes:
         raise CheckpointError(f"{path}: written for another model ({'; '.join(changes[:3])}): undo the change or"
                               f" pick another run_dir ({_one_line(e)})") from None
