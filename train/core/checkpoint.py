@@ -551,8 +551,12 @@ class StopSignal:
 
   def _handle(self, signum, frame):
     if self.received is not None:  # the second one: act as if we were not here
-      signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
-      signal.raise_signal(signum)
+      old = self._old.get(signum, signal.SIG_DFL)
+      signal.signal(signum, old)
+      if callable(old):  # a Python handler (SIGINT's default raises KeyboardInterrupt): call it here, since a
+        old(signum, frame)  # re-raised signal was seen to be lost once XLA/libtpu had started their threads
+      else:
+        signal.raise_signal(signum)  # the default action (or none, if it was ignored)
       return
     self.received = signal.Signals(signum).name
     log.warning("%s: finishing the current step, then saving a checkpoint and exiting (again to abort)",
