@@ -219,6 +219,16 @@ class Hop(NamedTuple):
     return jax.lax.all_to_all(x, self.axes, 0, 0, tiled=True, axis_index_groups=self.groups)
 
 
+def _hops(plan, rank) -> tuple[Hop, Hop]:
+  """(across nodes: the ranks with this rank's position in every node, inside this rank's node)."""
+  n_in = plan.n_ep // plan.nodes
+  outer = Hop(plan.axes, plan.nodes, [[i + n_in * g for g in range(plan.nodes)] for i in range(n_in)]
+              if n_in > 1 else None, rank // n_in)
+  inner = Hop(plan.axes, n_in, [[g * n_in + i for i in range(n_in)] for g in range(plan.nodes)]
+              if plan.nodes > 1 else None, rank % n_in)
+  return outer, inner
+
+
 def _exclusive(c):
   return (jnp.cumsum(c) - c).astype(jnp.int32)
 
@@ -233,12 +243,10 @@ def _send_padded(hop: Hop, dest_N, c: int, payloads):
   """Rows to ranks `dest_N` (hop.n: not sent) in fixed [n * C] buffers: (received [n * C, ...] per
   payload (table, row of each of the N rows, fill), back(y [n * C, D]) -> [N, D], rows dropped)."""
   slot, keep = padded_slots(dest_N, hop.n, c)
-  n_rows = payloads[0][0].shape[0]
   received = []
   for table, rows, fill in payloads:
     src = jnp.full((hop.n * c,), table.shape[0], jnp.int32).at[slot].set(rows, mode="drop")
     received.append(hop.a2a(_gather(table, src, fill)))
-  del n_rows
 
   def back(y):
     y_back = hop.a2a(y)
@@ -321,6 +329,7 @@ def _exchange(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, plan: Plan):
   emulate = plan.transport == "ragged_emulated"
   rank = jax.lax.axis_index(plan.axes)
   node = rank // n_in
+  outer, inner = _hops(plan, rank)
   dropped = jnp.zeros((), jnp.int32)
 
   # 1. Across nodes: each token once to every node holding some of its experts (to the rank with this
@@ -328,8 +337,6 @@ def _exchange(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, plan: Plan):
   if plan.nodes == 1:
     x_R, idx_R, w_R = x_TxD, idx_TxK, w_TxK
   else:
-    outer = Hop(plan.axes, plan.nodes, [[i + n_in * g for g in range(plan.nodes)] for i in range(n_in)]
-                if n_in > 1 else None, node)
     hits_TxG = (idx_TxK[:, :, None] // per_node == jnp.arange(plan.nodes)).sum(1)
     dest_N = jnp.where(hits_TxG > 0, jnp.arange(plan.nodes), plan.nodes).reshape(-1)
     tok_N = jnp.arange(t * plan.nodes, dtype=jnp.int32) // plan.nodes
@@ -351,8 +358,6 @@ def _exchange(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, plan: Plan):
   if n_in == 1:
     y_N = expert_fn(x_R[row_N], expert_N, *weights)
   else:
-    inner = Hop(plan.axes, n_in, [[g * n_in + i for i in range(n_in)] for g in range(plan.nodes)]
-                if plan.nodes > 1 else None, rank % n_in)
     payloads = [(x_R, row_N, 0), (expert_N, jnp.arange(rows * k, dtype=jnp.int32), e_local)]
     if padded:
       c = capacity(t, k, n_in, e_local, cf, rows)
@@ -381,8 +386,7 @@ def _with_copies(weights, copies_R, plan: Plan):
   rank = jax.lax.axis_index(plan.axes)
   wanted = jax.lax.dynamic_index_in_dim(copies_R.reshape(plan.nodes, n_in * r_l), rank // n_in, keepdims=False)
   from_me = wanted // e_local == rank  # [n_in * r_l]: the slots of my node's ranks I am home to
-  inner = Hop(plan.axes, n_in, [[g * n_in + i for i in range(n_in)] for g in range(plan.nodes)]
-              if plan.nodes > 1 else None, rank % n_in)
+  _, inner = _hops(plan, rank)
   out = []
   for w in weights:
     if n_in == 1:
