@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.processes import start_worker  # noqa: E402
 
-MODE = start_worker({"multi": 4}, xla_flags="--xla_backend_optimization_level=0")  # (compiles 1/3 faster)
+MODE = start_worker({"multi": 4})
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

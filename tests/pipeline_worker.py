@@ -14,8 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.processes import TINY, start_worker  # noqa: E402
 
-# (LLVM's optimisations off: compiling is most of this test's time, running the tiny model almost none)
-start_worker({}, xla_flags="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+start_worker({})  # (tests.processes.cpu_env: fast compiles into the session's compilation cache)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -40,10 +39,8 @@ def job_config(job: str):
   stage, schedule, *extra = job.split(":")
   extra = extra[0].split(",") if extra and extra[0] else []
   over = [f"mesh.stage={stage}", f"pipeline.schedule={schedule}"] + extra  # (stage 1: no pipeline)
-  if not any(e.startswith(("mesh.fsdp", "mesh.expert")) for e in extra):
-    over.append("mesh.data=-1")
-  else:
-    over.append("mesh.data=1")
+  if not any(e.startswith("mesh.data") for e in extra):  # the devices the other axes leave, else data=1
+    over.append("mesh.data=1" if any(e.startswith(("mesh.fsdp", "mesh.expert")) for e in extra) else "mesh.data=-1")
   if schedule == "circular":
     over.append("pipeline.repeats=2")
   return config(over)

@@ -43,13 +43,35 @@ def start_worker(devices: dict[str, int], default: int = 8, xla_flags: str = "")
   return mode
 
 
+# What the subprocesses share: XLA:CPU's backend optimisations off (compiling is most of their time,
+# running the tiny models almost none; results are the same) and one persistent compilation cache for
+# the session, so that a program compiled by one process (the tiny model's init and step, above all)
+# is read by the next. The pytest process itself keeps the defaults: it also compiles for TPU and GPU
+# targets (train.aot), whose programs these flags would change.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+_cache: list[str] = []
+
+
+def compilation_cache() -> str:
+  """This test session's persistent compilation cache for subprocesses (removed at exit)."""
+  if not _cache:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache.append(tempfile.mkdtemp(prefix="tests_jax_cache_"))
+    atexit.register(shutil.rmtree, _cache[0], True)
+  return _cache[0]
+
+
 def cpu_env(devices: int | None = None, **extra) -> dict:
-  """This environment on JAX's CPU platform; with `devices`, that many simulated devices (else the
-  process sets XLA_FLAGS itself)."""
+  """This environment on JAX's CPU platform, compiling fast into the session's compilation cache;
+  with `devices`, that many simulated devices (else the process sets XLA_FLAGS itself, after these)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
-  if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = FAST_COMPILE + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
+  env.update(JAX_COMPILATION_CACHE_DIR=compilation_cache(), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.3",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   env.update(extra)
   return env
 

@@ -15,9 +15,9 @@ from safetensors.numpy import save_file
 import moe
 from moe import hf
 from moe.config import ModelConfig
-from moe.model import Transformer
 from moe.runtime import Runtime
 from parallel.errors import ConfigError
+from tests.random_weights import initialised
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32.0,
         "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707, "rope_theta": 10000.0}
@@ -93,7 +93,7 @@ def test_round_trip_to_hf_loads_in_transformers(case, tmp_path):
   make_hf_model(kind, extra).config.save_pretrained(tmp_path / "cfg")
   cfg = ModelConfig.from_hf_json(tmp_path / "cfg")
   cfg = cfg.replace(initializer_range=0.15, num_nextn_predict_layers=0)
-  model = Transformer(cfg, rngs=nnx.Rngs(3))
+  model = initialised(cfg, seed=3)
   for v in model.router_bias_variables():
     v.set_value(0.3 * jax.random.uniform(jax.random.key(4), v.shape))
   hf.to_hf(model, tmp_path / "out", max_shard_bytes=60_000)  # forces several shards
@@ -105,7 +105,7 @@ def test_round_trip_to_hf_loads_in_transformers(case, tmp_path):
 
 def test_round_trip_keeps_mtp_and_bf16(tmp_path):
   cfg = ModelConfig.from_yaml("configs/tiny.yaml")
-  model = Transformer(cfg, Runtime.resolve(dtype="bfloat16", announce=False), rngs=nnx.Rngs(0))
+  model = initialised(cfg, Runtime.resolve(dtype="bfloat16", announce=False))
   hf.to_hf(model, tmp_path)
   index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
   assert f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" in index  # MTP as released

@@ -1,9 +1,9 @@
 """Pipeline parallelism (parallel/pipeline.py, train/core/pipelined.py): schedules and layouts in
 process; training on 8 simulated CPU devices in subprocesses (tests/pipeline_worker.py).
 
-Every schedule on 2 and 4 stages, alone and with FSDP / expert parallelism, must give the one-device
-loss and parameter update (float32, relative 1e-6); the model has 9 MoE layers, so the stages hold
-uneven chunks and padding slots. A checkpoint saved on 2 stages (circular) restores on 1 and on 4
+Every schedule on 2 and 4 stages, with data, FSDP and expert parallelism (JOBS: each pair covered),
+must give the one-device loss and parameter update (float32, relative 1e-6); the model has 9 MoE
+layers, so the stages hold uneven chunks and padding slots. A checkpoint saved on 2 stages (circular) restores on 1 and on 4
 stages (1f1b) to the same weights, moments and router biases; evaluation through the pipeline equals
 the one-device evaluation; HF export and a sharded HF load into a pipelined layout round-trip bitwise.
 """
@@ -140,14 +140,27 @@ def test_config_errors():
 
 
 # ------------------------------------------------------------------ 8 simulated devices
+# A covering design rather than every combination (each job is a compile of half a minute): every
+# schedule on 2 and on 4 stages, and each of the data, fsdp and expert axes with every schedule;
+# grad_accum through 1F1B; FP8 through 1F1B and on data=8 alone. Each worker's first job uses the
+# one-device reference the other worker needs last (the session's compilation cache holds it by then).
 JOBS = [
-    ["2:gpipe", "2:circular:pipeline.microbatches=4", "2:1f1b:pipeline.microbatches=4",
-     "4:gpipe:mesh.fsdp=2", "4:circular:mesh.expert=2", "4:1f1b:mesh.expert=2,pipeline.microbatches=8",
+    ["2:gpipe:mesh.data=2,mesh.expert=2", "4:circular:mesh.data=2,pipeline.microbatches=4",
+     "2:1f1b:mesh.data=2,mesh.fsdp=2,pipeline.microbatches=4,grad_accum=2",
      "2:1f1b:precision=fp8,pipeline.microbatches=4,mesh.expert=2"],
-    ["1:gpipe:precision=fp8", "4:gpipe", "4:circular:pipeline.microbatches=4", "4:1f1b:pipeline.microbatches=4,grad_accum=2",
-     "2:gpipe:mesh.fsdp=2,mesh.expert=2", "2:circular:mesh.fsdp=2,mesh.expert=2",
-     "2:1f1b:mesh.fsdp=2,mesh.expert=2,pipeline.microbatches=4"],
+    ["1:gpipe:precision=fp8", "4:gpipe:mesh.fsdp=2", "2:circular:mesh.fsdp=2,mesh.expert=2",
+     "4:1f1b:mesh.expert=2,pipeline.microbatches=8"],
 ]
+
+
+def test_jobs_cover_every_schedule_with_every_axis():
+  covered = set()
+  for job in (j for jobs in JOBS for j in jobs if "precision" not in j):
+    stages, schedule, extra = job.split(":")
+    covered.add((schedule, f"stage={stages}"))
+    covered.update((schedule, e.split("=")[0]) for e in extra.split(",") if e.startswith("mesh."))
+  assert covered == {(s, a) for s in ("gpipe", "circular", "1f1b")
+                     for a in ("stage=2", "stage=4", "mesh.data", "mesh.fsdp", "mesh.expert")}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from moe.config import ModelConfig
-from moe.model import Transformer
+from tests.random_weights import initialised
 from train.core import optimizer as optimizer_lib
 from train.core import step as step_lib
 from train.core.config import LossConfig, OptimizerConfig, TrainConfig
@@ -68,7 +68,7 @@ class Setup:
     self.cfg = cfg
     self.schedule = optimizer_lib.make_schedule(cfg)
     tx = optax.chain(capture_grads(), optimizer_lib.make_optimizer(cfg, self.schedule))
-    self.graphdef, state = step_lib.init_state(Transformer(cfg.model, rngs=nnx.Rngs(0)), tx)
+    self.graphdef, state = step_lib.init_state(initialised(cfg.model), tx)
     self._init = jax.tree.map(np.asarray, state)
     self.step = step_lib.make_train_step(self.graphdef, cfg.model, tx, self.schedule, cfg)
 
@@ -194,7 +194,7 @@ def test_aux_free_balancing_evens_out_a_skewed_router():
   experts 0 and 1 a large weight on u, so they take (almost) every token of the MoE layer. Then run
   only the bias update, b_i += gamma * sign(mean(load) - load_i), for 120 rounds at gamma 1e-2."""
   rng = np.random.default_rng(0)
-  model = Transformer(CFG, rngs=nnx.Rngs(0))
+  model = initialised(CFG)
   u = rng.standard_normal(CFG.hidden_size)
   u /= np.linalg.norm(u)
   model.embed.embedding[...] += jnp.asarray(0.2 * u, jnp.float32)
