@@ -5,17 +5,20 @@ in subprocesses, stopped and resumed; and a restore onto other meshes on 8 simul
     also with the data read by 2 worker processes (data_workers=2)
   - SIGTERM: the run finishes its step, writes a checkpoint, exits 0; the resumed run equals the
     straight one
+  - two SIGINTs: the second aborts at once in one line; the next start resumes
   - kill -9 during a save: no complete-looking checkpoint is left for that step; the next start
     resumes from the previous good one and again equals the straight run
   - restore of a data=2 x fsdp=4 save onto fsdp=8 and onto one device (tests/checkpoint_worker.py)
 
 The subprocesses run the CLI with a given peak FLOP/s (no matmul benchmark) and, where a signal must
 land mid-run, with a pause before each step (TEST_STEP_PAUSE); neither changes what is computed.
-They share a compilation cache (so most of them do not compile the step again) and overlap.
+They share the session's compilation cache (tests.processes.cpu_env: most of them do not compile the
+step again) and overlap.
 """
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,7 +35,7 @@ WORKER = ROOT / "tests" / "checkpoint_worker.py"
 CLI = """
 import os, sys, time
 from train.__main__ import main
-from train.core import loop
+from train.core import loop, preemption
 pause = float(os.environ.get("TEST_STEP_PAUSE", "0"))
 if pause:
   to_device = loop.to_device
@@ -40,6 +43,14 @@ if pause:
     time.sleep(pause)
     return to_device(*args, **kwargs)
   loop.to_device = slow
+if os.environ.get("TEST_HOLD_AFTER_STOP"):  # wait for a second signal once the first is seen
+  requested = preemption.StopSignal.requested
+  def held(self, step):
+    if requested(self, step):
+      time.sleep(120)
+      return True
+    return False
+  preemption.StopSignal.requested = held
 sys.exit(main(sys.argv[1:] + ["--peak-tflops", "1"]))  # --peak-tflops: skip the 2048^3 matmul benchmark
 """
 SMALL_MODEL = ["model.vocab_size=260", "model.hidden_size=32", "model.intermediate_size=64",
@@ -53,25 +64,19 @@ STEPS = 6
 VOLATILE = {"elapsed_s", "tokens_per_s", "mfu"}  # timings; everything else must match bitwise
 
 
-def subprocess_env(base: Path) -> dict:
-  """CPU, one device, and a compilation cache shared by the runs of this module: the runs with the
-  straight run's config load its compiled step instead of compiling it again."""
-  return cpu_env(JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-
-
 class Run:
   """One trainer process with its output in files."""
 
-  def __init__(self, run_dir: Path, *overrides, pause: float = 0.0, name: str = "run"):
+  def __init__(self, run_dir: Path, *overrides, pause: float = 0.0, name: str = "run", **env_extra):
     run_dir.mkdir(parents=True, exist_ok=True)
     self.run_dir = run_dir
     self.out, self.err = run_dir.parent / f"{name}.out", run_dir.parent / f"{name}.err"
-    env = subprocess_env(run_dir.parent)
+    env = cpu_env(**env_extra)
     env["TEST_STEP_PAUSE"] = str(pause)
     args = ["configs/tiny.yaml", *RUN, f"run_dir={run_dir}", *overrides]
-    with open(self.out, "w") as out, open(self.err, "w") as err:
-      self.proc = subprocess.Popen([sys.executable, "-c", CLI, *args], cwd=ROOT, env=env, stdout=out, stderr=err)
+    with open(self.out, "w") as out, open(self.err, "w") as err:  # SIGINT ignored, as in a background job
+      self.proc = subprocess.Popen([sys.executable, "-c", CLI, *args], cwd=ROOT, env=env, stdout=out, stderr=err,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
 
   def wait(self, timeout=600) -> "Run":
     self.proc.wait(timeout=timeout)
@@ -83,17 +88,19 @@ class Run:
   def stderr(self) -> str:
     return self.err.read_text()
 
-  def signal_when(self, predicate, sig, poll=0.0005):
-    """In a thread: send `sig` as soon as `predicate()` holds; then `self.at_signal` records the
-    checkpoint directory as the signal left it (None if the run ended first)."""
+  def signal_when(self, predicate, sig, poll=0.0005, then=None):
+    """In a thread: send `sig` as soon as `predicate()` holds (and again once `then()` holds, if
+    given); then `self.at_signal` records the checkpoint directory as the signal left it (None if
+    the run ended first)."""
     self.at_signal = None
 
     def watch():
-      while not predicate():
-        if self.proc.poll() is not None:
-          return
-        time.sleep(poll)
-      self.proc.send_signal(sig)
+      for condition in (predicate, then) if then else (predicate,):
+        while not condition():
+          if self.proc.poll() is not None:
+            return
+          time.sleep(poll)
+        self.proc.send_signal(sig)
       if sig == signal.SIGKILL:
         self.proc.wait()
       self.at_signal = {"complete": complete_steps(self.run_dir), "tmp": tmp_dirs(self.run_dir)}
@@ -158,7 +165,7 @@ class Scenario:
     self.thread.join(timeout=900)
     if self.error is not None:
       raise self.error
-    assert self.left["returncode"] in (0, -signal.SIGKILL), self.left["stderr"][-3000:]
+    assert self.left["returncode"] in (0, -signal.SIGKILL, 128 + signal.SIGINT), self.left["stderr"][-3000:]
     return self.left, self.second.check()
 
 
@@ -175,12 +182,17 @@ def runs(tmp_path_factory):
     r = Run(base / "sigterm", f"steps={STEPS}", "save_every=0", pause=0.4, name="sigterm")
     return r.signal_when(lambda: f"step 2/{STEPS}" in r.stderr(), signal.SIGTERM)
 
+  def sigint_twice():  # the second one while the run holds after the first: it must abort
+    r = Run(base / "sigint", f"steps={STEPS}", "save_every=1", pause=0.4, name="sigint", TEST_HOLD_AFTER_STOP="1")
+    return r.signal_when(lambda: f"step 2/{STEPS}" in r.stderr(), signal.SIGINT,
+                         then=lambda: "SIGINT: finishing the current step" in r.stderr())
+
   def kill():  # once a first checkpoint is complete, kill -9 while the next one is being written
     r = Run(base / "kill", f"steps={STEPS}", "save_every=1", pause=0.3, name="kill")
     return r.signal_when(lambda: complete_steps(r.run_dir) and tmp_dirs(r.run_dir), signal.SIGKILL)
 
   worker = subprocess.Popen([sys.executable, str(WORKER), "meshes", str(base / "meshes")],
-                            cwd=ROOT, env=subprocess_env(base), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
   started = {
       "straight": straight, "worker": worker,
@@ -192,6 +204,7 @@ def runs(tmp_path_factory):
                                 name="workers_split", after=compiled),
       "sigterm": Scenario(sigterm, f"steps={STEPS}", "save_every=0", name="sigterm", after=compiled),
       "kill": Scenario(kill, f"steps={STEPS}", "save_every=0", name="kill", after=compiled),
+      "sigint": Scenario(sigint_twice, f"steps={STEPS}", "save_every=0", name="sigint", after=compiled),
   }
   yield started
   runs_left = [straight, started["workers_straight"]] + [r for sc in started.values() if isinstance(sc, Scenario) for r in (sc.first, sc.second)]
@@ -244,6 +257,26 @@ def test_sigterm_checkpoints_and_exits_0(runs, straight):
   assert step_records(resumed.run_dir) == straight
 
 
+def test_second_sigint_aborts_in_one_line_and_the_run_resumes(runs, straight):
+  """Started with SIGINT ignored (a background job of a non-interactive shell, where the second
+  Ctrl-C was once lost): the first SIGINT asks for a stop, the second, while the run is held (by the
+  test) before it saves, aborts within the grace of 3 s: exit 130, one line naming the newest
+  complete checkpoint; the next start resumes from it."""
+  left, resumed = runs["sigint"].finish()
+  assert runs["sigint"].first.at_signal is not None, "the run ended before the second SIGINT"
+  assert left["returncode"] == 128 + signal.SIGINT, left["stderr"][-3000:]
+  assert "Traceback" not in left["stderr"] and "SIGINT: finishing the current step" in left["stderr"]
+  good = left["complete"]
+  assert good and max(good) < STEPS
+  last = left["stderr"].strip().splitlines()[-1]
+  named = re.fullmatch(r"error: aborted by a second SIGINT; nothing saved after step (\d+), the newest complete"
+                       r" checkpoint; run the same command to resume from it", last)
+  assert named and int(named[1]) in good, last  # (a save in flight may complete as the process ends)
+  assert f"resumed from step {max(good)} " in resumed.stderr()
+  records = step_records(resumed.run_dir)
+  assert {s: records[s] for s in straight} == straight
+
+
 def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(runs, straight):
   left, resumed = runs["kill"].finish()
   at_kill = runs["kill"].first.at_signal
@@ -274,7 +307,7 @@ def test_restore_onto_other_meshes(runs):
 
 
 def workers(base: Path, *args_per_process) -> list[dict]:
-  return [last_json(o) for o in run_together([(WORKER, *a) for a in args_per_process], subprocess_env(base))]
+  return [last_json(o) for o in run_together([(WORKER, *a) for a in args_per_process], cpu_env())]
 
 
 def test_two_processes_save_and_restore(tmp_path):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 
 from parallel import distributed
 from parallel.errors import InputError, RunFailed
-from train.core import config, loop
+from train.core import checkpoint, config, loop, preemption
 
 
 def main(argv=None) -> int:
@@ -27,6 +29,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # absl (orbax) may have set one up
   distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
+  cfg = None
   try:
     cfg = config.load_train_config(args.config, args.overrides)
     peak = None if args.peak_tflops is None else args.peak_tflops * 1e12
@@ -37,6 +40,13 @@ def main(argv=None) -> int:
   except RunFailed as e:
     print(f"error: {e}", file=sys.stderr)
     return 4
+  except KeyboardInterrupt as e:  # a second SIGINT/SIGTERM (train/core/preemption.py), or Ctrl-C before the loop
+    signum = getattr(e, "signum", signal.SIGINT)
+    what = f"{'a second ' if hasattr(e, 'signum') else ''}{signal.Signals(signum).name}"
+    hint = checkpoint.resume_hint(checkpoint.checkpoint_dir(cfg.run_dir)) if cfg else "nothing was started"
+    print(preemption.abort_line(what, hint), file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(128 + signum)  # now, not after a save still being written by Orbax's (non-daemon) threads
   if result["stopped_by"]:
     print(f"stopped by {result['stopped_by']} at step {result['last_step']}: checkpoint in"
           f" {result['run_dir']}/checkpoints/{result['last_step']}; run the same command to resume")

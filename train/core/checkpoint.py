@@ -36,10 +36,8 @@ order and rearranged on device (`_relayout`). The data iterator:
     says so.
 `resume: false` refuses to start when the run directory holds checkpoints.
 
-Preemption: `StopSignal` turns SIGTERM / SIGINT into "finish the current step, save a checkpoint,
-wait for it to be written, exit 0" (a second signal aborts at once). With several processes JAX's
-preemption service (started by jax.distributed.initialize) catches SIGTERM and all processes stop
-at the same step (`multihost_utils.reached_preemption_sync_point`).
+Preemption (SIGTERM / SIGINT: finish the step, save, exit 0; a second one aborts) is
+train/core/preemption.py; an abort leaves an interrupted save as such a temporary directory.
 """
 
 from __future__ import annotations
@@ -47,9 +45,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import signal
 import sys
-import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -89,6 +85,14 @@ def finished_steps(directory: Path) -> list[int]:
   if not directory.is_dir():
     return []
   return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def resume_hint(directory: Path) -> str:
+  """Where a run that stopped without saving resumes from (its checkpoints directory)."""
+  done = finished_steps(directory)
+  if not done:
+    return "no checkpoint was written"
+  return f"nothing saved after step {done[-1]}, the newest complete checkpoint; run the same command to resume from it"
 
 
 def step_dir(run_dir, step: int | None = None) -> Path:
@@ -392,7 +396,9 @@ class Checkpoints:
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
+  def __exit__(self, exc_type, *exc):
+    if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+      return  # an abort (train/core/preemption.py): a save in flight is abandoned, not waited for
     self.close()
 
 
@@ -534,46 +540,3 @@ def tokenizer_of(path, given: str | None = None) -> str:
 
 
 # ---------------------------------------------------------------------- preemption
-class StopSignal:
-  """While active, SIGTERM and SIGINT request a clean stop: `requested(step)` turns true, the loop
-  finishes its step, saves and returns. A second signal aborts (the default behaviour)."""
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self.received: str | None = None
-    self._old = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
-      self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-    return self
-
-  def _handle(self, signum, frame):
-    if self.received is not None:  # the second one: act as if we were not here
-      old = self._old.get(signum, signal.SIG_DFL)
-      signal.signal(signum, old)
-      if callable(old):  # a Python handler (SIGINT's default raises KeyboardInterrupt): call it here, since a
-        old(signum, frame)  # re-raised signal was seen to be lost once XLA/libtpu had started their threads
-      else:
-        signal.raise_signal(signum)  # the default action (or none, if it was ignored)
-      return
-    self.received = signal.Signals(signum).name
-    log.warning("%s: finishing the current step, then saving a checkpoint and exiting (again to abort)",
-                self.received)
-
-  def requested(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-
-      try:
-        if multihost_utils.reached_preemption_sync_point(step):
-          self.received = self.received or "preemption"
-      except RuntimeError:  # preemption service off
-        pass
-    return self.received is not None
-
-  def __exit__(self, *exc):
-    for s, h in self._old.items():
-      signal.signal(s, h)
-    self._old = {}

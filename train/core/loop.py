@@ -29,6 +29,7 @@ from train.core import checkpoint as checkpoint_lib
 from train.core import data as data_lib
 from train.core import optimizer as optimizer_lib
 from train.core import pipelined
+from train.core import preemption
 from train.core import rundir
 from train.core import step as step_lib
 from train.core.config import TrainConfig
@@ -256,7 +257,8 @@ def _loop(cfg, run_dir, ckpt, plan, state, start, batches, evals, train_step, ev
   if start >= cfg.steps:
     log.info("nothing to train: the checkpoint is at step %d and steps=%d", start, cfg.steps)
   # StopSignal outlives ckpt: a signal while the last save is being written must not cut it short
-  with checkpoint_lib.StopSignal() as stop, ckpt, \
+  with preemption.StopSignal(jax.process_count(), hint=lambda: checkpoint_lib.resume_hint(ckpt.directory)) as stop, \
+      ckpt, \
       MetricsLogger(run_dir, cfg.steps, progress=progress, start_step=start,
                     is_main=jax.process_index() == 0) as logger:
     t0, pending, timed, checked = time.perf_counter(), [], 0, 0
