@@ -95,7 +95,7 @@ class ModelConfig:
     if not 1 <= self.topk_group <= self.n_group:
       raise ConfigError(f"model.topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
     kept = self.topk_group * self.n_routed_experts // self.n_group
-    if self.num_experts_per_tok > kept:
+    if self.group_limited and self.num_experts_per_tok > kept:
       raise ConfigError(
           f"model.num_experts_per_tok={self.num_experts_per_tok} exceeds the {kept} experts in the"
           f" topk_group={self.topk_group} kept groups"
@@ -111,6 +111,12 @@ class ModelConfig:
       )
 
   # Derived sizes, named as in the papers / reference code.
+  @property
+  def group_limited(self) -> bool:
+    """Whether the router keeps a token's experts within topk_group of the n_group groups (V2's
+    group_limited_greedy, V3's noaux_tc); `greedy` ignores the groups."""
+    return self.n_group > 1 and self.topk_method != "greedy"
+
   @property
   def qk_head_dim(self) -> int:
     return self.qk_nope_head_dim + self.qk_rope_head_dim

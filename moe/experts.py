@@ -64,7 +64,7 @@ class RoutedExperts(nnx.Module):
     self.gate_proj = param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg, rt)
     self.up_proj = param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg, rt)
     self.down_proj = param(rngs, (e, f, d), ("expert", "moe_mlp", "embed"), cfg, rt)
-    self.routing = (e, cfg.n_group, cfg.topk_group)
+    self.routing = router_lib.reach(cfg)  # what the router enforces, which bounds the nodes a token reaches
     n_ep, r = ep_size(rt.par, e), rt.par.redundant_experts if rt.par is not None else 0
     if r:
       if n_ep == 1 or r % n_ep:

@@ -38,7 +38,7 @@ def select(scores_TxE, bias_E, cfg: ModelConfig):
   """(weights [T, K] float32, expert indices [T, K] int32) for float32 scores."""
   choice = scores_TxE if bias_E is None else scores_TxE + bias_E
   t, e = choice.shape
-  if cfg.n_group > 1 and cfg.topk_method != "greedy":
+  if cfg.group_limited:
     grouped = choice.reshape(t, cfg.n_group, e // cfg.n_group)
     if cfg.topk_method == "noaux_tc":
       group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)
@@ -52,6 +52,15 @@ def select(scores_TxE, bias_E, cfg: ModelConfig):
   if cfg.norm_topk_prob:
     weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
   return weights * cfg.routed_scaling_factor, idx.astype(jnp.int32)
+
+
+def reach(cfg: ModelConfig) -> tuple[int, int, int]:
+  """(experts, groups, groups kept) as the router enforces them, which bounds how many expert-parallel
+  nodes one token can reach (parallel.expert_parallel.ranks_per_token): without a group limit
+  (`greedy`, or one group) a token's experts may be anywhere."""
+  if cfg.group_limited:
+    return cfg.n_routed_experts, cfg.n_group, cfg.topk_group
+  return cfg.n_routed_experts, 1, 1
 
 
 def expert_load(idx_TxK, valid_T, n_experts: int):

@@ -30,6 +30,8 @@ Device-limited routing (DeepSeek-V2/V3) picks a token's experts within `topk_gro
 groups; groups are contiguous expert ranges and so are nodes, so when groups nest in nodes (or
 nodes in groups) a token reaches at most `ranks_per_token(E, N, K, n_group, topk_group)` nodes:
 V3's 8 experts within 4 of 8 groups, with a group per node, cross the slow links 4 times, not 8.
+The layer passes what its router really enforces (`moe.router.reach`: no limit under `greedy`
+routing or one group, so a token may reach every node).
 
 Transports (`mesh.ep_transport`), for both hops:
   padded  `jax.lax.all_to_all` of fixed buffers: per (source rank, destination node) at most
@@ -43,7 +45,9 @@ Transports (`mesh.ep_transport`), for both hops:
           capacity_factor null: dropless (T per node, every received row's assignments inside).
           Works on every backend.
   ragged  `jax.lax.ragged_all_to_all`: sends exactly the rows each rank needs (dropless); the
-          receive buffers are sized for the worst case. For GPU/TPU. XLA:CPU does not implement
+          send and receive buffers are sized for the worst case the routing allows. A row the
+          send buffer cannot hold (a bound that is wrong: a bug) is counted in `dropped` like a
+          padded drop, and the trainer stops at a dropless step that dropped anything. For GPU/TPU. XLA:CPU does not implement
           ragged-all-to-all, so on CPU `ragged` runs the same code with the collective emulated by
           all_gather (tests use this to check the offsets arithmetic); the real collective is only
           exercised on GPU/TPU. Its gradient is the same exchange the other way (`_ragged_move`).
@@ -285,13 +289,17 @@ _ragged_move.defvjp(_ragged_move_fwd, _ragged_move_bwd)
 
 
 def _send_ragged(hop: Hop, dest_N, most_sent: int, most_received: int, payloads, emulate: bool):
-  """Rows to ranks `dest_N` (hop.n: not sent) by ragged all-to-all, exactly the rows each rank needs;
-  at most `most_sent` rows are sent and `most_received` received. Returns as _send_padded (nothing
-  is dropped)."""
+  """Rows to ranks `dest_N` (hop.n: not sent) by ragged all-to-all, exactly the rows each rank needs,
+  in buffers of `most_sent` rows sent and `most_received` received. Returns as _send_padded: a row
+  the send buffer cannot hold (its bound too small: a bug, which the trainer stops on) is not sent
+  and comes back as 0, and is reported lost, never silently."""
   n = hop.n
   how = (hop.axes, tuple(map(tuple, hop.groups)) if hop.groups is not None else None, emulate)
-  order = jnp.argsort(dest_N, stable=True)[:most_sent]  # by destination; the rows not sent last
+  by_dest = jnp.argsort(dest_N, stable=True)  # by destination; the rows not sent last
+  order = by_dest[:most_sent]
   send_sizes = jnp.bincount(dest_N, length=n + 1)[:n].astype(jnp.int32)
+  send_sizes = jnp.minimum(send_sizes, jnp.maximum(most_sent - _exclusive(send_sizes), 0))  # what fits
+  lost = jnp.zeros(dest_N.shape, bool).at[by_dest].set(jnp.arange(dest_N.shape[0]) >= most_sent) & (dest_N < n)
   input_offsets = _exclusive(send_sizes)
   recv_sizes = hop.a2a(send_sizes)  # [n]: rows from each peer, packed back to back by peer
   recv_offsets = _exclusive(recv_sizes)
@@ -305,7 +313,7 @@ def _send_ragged(hop: Hop, dest_N, most_sent: int, most_received: int, payloads,
     y_sorted = _ragged_move(how, y, jnp.zeros((most_sent, *y.shape[1:]), y.dtype), hop.member, back, there)
     return jnp.zeros((dest_N.shape[0], *y.shape[1:]), y.dtype).at[order].set(y_sorted)
 
-  return received, back_to_senders, jnp.zeros(dest_N.shape, bool)
+  return received, back_to_senders, lost
 
 
 class Plan(NamedTuple):
@@ -345,9 +353,9 @@ def _exchange(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, plan: Plan):
     if padded:
       c = node_capacity(t, g, plan.nodes, cf)
       (x_R, idx_R, w_R), back_outer, lost = _send_padded(outer, dest_N, c, payloads)
-      dropped += (hits_TxG.reshape(-1) * lost).sum().astype(jnp.int32)
     else:
-      (x_R, idx_R, w_R), back_outer, _ = _send_ragged(outer, dest_N, t * g, plan.nodes * t, payloads, emulate)
+      (x_R, idx_R, w_R), back_outer, lost = _send_ragged(outer, dest_N, t * g, plan.nodes * t, payloads, emulate)
+    dropped += (hits_TxG.reshape(-1) * lost).sum().astype(jnp.int32)
 
   # 2. Inside the node: each (row, k) assignment to the rank owning its expert; the expert FFN there.
   rows = x_R.shape[0]
@@ -362,10 +370,10 @@ def _exchange(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, plan: Plan):
     if padded:
       c = capacity(t, k, n_in, e_local, cf, rows)
       (rx, ex), back_inner, lost = _send_padded(inner, dest_N, c, payloads)
-      dropped += lost.sum().astype(jnp.int32)
     else:
-      (rx, ex), back_inner, _ = _send_ragged(inner, dest_N, rows * min(k, per_node),
-                                             n_in * rows * min(k, e_local), payloads, emulate)
+      (rx, ex), back_inner, lost = _send_ragged(inner, dest_N, rows * min(k, per_node),
+                                                n_in * rows * min(k, e_local), payloads, emulate)
+    dropped += lost.sum().astype(jnp.int32)
     y_N = back_inner(expert_fn(rx, ex, *weights))
 
   # 3. Back: the node's weighted sum of its experts' outputs per row, one trip per node to the token.
@@ -497,8 +505,7 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
 
   t_local = t // math.prod(shape[a] for a in token_axes)
   k, e_local = idx_TxK.shape[1], weights[0].shape[0] // n_ep
-  dropless = par.ep_transport != "padded" or par.capacity_factor is None
-  chunks = dropless_chunks(t_local, k, n_ep, e_local, par.ep_chunks) if dropless and n_ep > 1 else 1
+  chunks = dropless_chunks(t_local, k, n_ep, e_local, par.ep_chunks) if par.dropless and n_ep > 1 else 1
   nodes = par.ep_nodes
   if n_ep % nodes:
     raise ConfigError(f"mesh.ep_nodes={nodes} does not divide the {n_ep} expert-parallel ranks"

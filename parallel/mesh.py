@@ -213,6 +213,11 @@ class Parallelism:
                mesh_cfg.ep_overlap, mesh_cfg.redundant_experts, mesh_cfg.redundant_every, pipeline)
 
   @property
+  def dropless(self) -> bool:
+    """Whether the expert-parallel exchange promises to send every (token, expert) assignment."""
+    return self.ep_transport != "padded" or self.capacity_factor is None
+
+  @property
   def stages(self) -> int:
     return self.mesh.shape.get("stage", 1)
 

@@ -15,8 +15,8 @@ Two processes run at once (one core each):
     steps     the same three steps through a 2-stage 1F1B pipeline (stage=2 x expert=4), and with
               precision=fp8 on expert=8 against FP8 on one device
 
-Prints one JSON line. The compiled steps go to a persistent compilation cache, so the restore's runs
-(the same computation) do not compile again.
+Prints one JSON line. The compiled steps go to the test session's persistent compilation cache
+(tests.processes.cpu_env), so the restore's runs (the same computation) do not compile again.
 """
 
 from __future__ import annotations
@@ -29,10 +29,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.processes import TINY, start_worker  # noqa: E402
 
-MODE = start_worker({}, xla_flags="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
-CACHE = tempfile.mkdtemp(prefix="ep_worker_cache")
-os.environ.update(JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+MODE = start_worker({})  # (tests.processes.cpu_env: fast compiles into the session's compilation cache)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -64,7 +61,8 @@ FEATURES = {
                    "mesh.redundant_every=1", "mesh.ep_transport=ragged"],
 }
 
-RUNS = {"a": [("expert8", "all_ragged"), ("d2e4", "all")], "b": [("stage2e4", "all_1f1b"), ("expert8", "all_fp8")]}
+# (b's float32 one-device reference comes last: by then a has compiled it into the session's cache)
+RUNS = {"a": [("expert8", "all_ragged"), ("d2e4", "all")], "b": [("expert8", "all_fp8"), ("stage2e4", "all_1f1b")]}
 
 
 def config(extra=(), run_dir=None):
@@ -172,6 +170,81 @@ def dispatch():
   return out
 
 
+# Every routing method the router has, over groups that nest in the nodes, contain them or cross them
+# (24 experts on expert=8: 3 a rank; ep_nodes 2 = 12 experts a node, 4 = 6 a node), 4 experts a token.
+GROUPINGS = {"ungrouped": (1, 1), "groups3": (3, 1), "groups6": (6, 2), "groups12": (12, 2)}
+METHODS = {"noaux_tc": "sigmoid", "greedy": "softmax", "group_limited_greedy": "softmax"}
+
+
+def reference_contributions(x, idx, w, gate, up, down):
+  """[T, K, D] float64: w[t, k] * expert_{idx[t, k]}(x[t]), in numpy."""
+  x, gate, up, down = (np.asarray(a, np.float64) for a in (x, gate, up, down))
+  g = np.einsum("td,tkdf->tkf", x, gate[idx])
+  h = g / (1 + np.exp(-g)) * np.einsum("td,tkdf->tkf", x, up[idx])
+  return np.einsum("tkf,tkfd->tkd", h, down[idx]) * np.asarray(w, np.float64)[..., None]
+
+
+def missing_assignments(y, parts_TxKxD) -> int | None:
+  """How many (token, k) contributions y lacks, found per token as the one subset of its K
+  contributions whose removal explains y (None if no subset does)."""
+  t, k, _ = parts_TxKxD.shape
+  subsets = [[j for j in range(k) if m >> j & 1] for m in range(2 ** k)]
+  total, scale = 0, np.abs(parts_TxKxD.sum(1)).max()
+  for i in range(t):
+    errs = [np.abs(parts_TxKxD[i, [j for j in range(k) if j not in s]].sum(0) - y[i]).max() / scale for s in subsets]
+    best = int(np.argmin(errs))
+    if errs[best] > 1e-5:
+      return None
+    total += len(subsets[best])
+  return total
+
+
+def routing_matrix():
+  """The dispatch under every routing method x grouping x ep_nodes (1, 2, 4) x transport (padded
+  dropless, padded with capacity factor 1, ragged), forward, on expert=8; and the ragged exchange
+  given a bound the router does not keep (group limits claimed for greedy routing: the old bug)."""
+  from moe import router as router_lib
+  from moe.config import ModelConfig
+
+  rng = np.random.default_rng(1)
+  t, e, k, d, f = 64, 24, 4, 16, 8
+  x = rng.standard_normal((t, d)).astype(np.float32)
+  logits = rng.standard_normal((t, e)).astype(np.float32) * 2
+  gate, up = ((rng.standard_normal((e, d, f)) * 0.3).astype(np.float32) for _ in range(2))
+  down = (rng.standard_normal((e, f, d)) * 0.3).astype(np.float32)
+  pars = {(nodes, transport, cf): mesh_lib.Parallelism(mesh_lib.make_mesh(mesh_lib.MeshConfig(data=1, expert=8)),
+                                                       ep_transport=transport, ep_nodes=nodes, capacity_factor=cf)
+          for nodes in (1, 2, 4) for transport, cf in (("padded", None), ("padded", 1.0), ("ragged_emulated", None))}
+  compiled = {}
+
+  def run(par, routing, idx, w):  # one program per plan (the routing enters only as the nodes a token reaches)
+    key = par, expert_parallel.ranks_per_token(routing[0], par.ep_nodes, k, *routing[1:])
+    if key not in compiled:
+      compiled[key] = jax.jit(lambda x, idx, w, *ws: expert_parallel.dispatch_combine(
+          x, idx, w, ws, DISPATCH_AXES, EXPERTS["blocked"], par, routing))
+    y, dropped = compiled[key](x, idx, w, gate, up, down)
+    return np.asarray(y, np.float64), int(dropped)
+
+  out = {}
+  for method, scoring in METHODS.items():
+    for grouping, (n_group, topk_group) in GROUPINGS.items():
+      cfg = ModelConfig(n_routed_experts=e, num_experts_per_tok=k, n_group=n_group, topk_group=topk_group,
+                        topk_method=method, scoring_func=scoring, norm_topk_prob=True)
+      w, idx = router_lib.select(router_lib.scores_of(jnp.asarray(logits), cfg), None, cfg)
+      idx, w = np.asarray(idx), np.asarray(w)
+      parts = reference_contributions(x, idx, w, gate, up, down)
+      routing = router_lib.reach(cfg)
+      for (nodes, transport, cf), par in pars.items():
+        y, dropped = run(par, routing, idx, w)
+        out[f"{method}/{grouping}/nodes{nodes}/{transport}{'_cf1' if cf else ''}"] = {
+            "err": float(np.abs(y - parts.sum(1)).max() / np.abs(parts.sum(1)).max()), "dropped": dropped,
+            "missing": missing_assignments(y, parts), "nodes_reached": int(max(len(set(r)) for r in idx // (e // nodes)))}
+      if method == "greedy" and grouping == "groups6":  # claim V3-style limits the router does not keep
+        y, dropped = run(pars[2, "ragged_emulated", None], (e, n_group, 1), idx, w)
+        out["wrong_bound"] = {"dropped": dropped, "missing": missing_assignments(y, parts)}
+  return out
+
+
 def restore(straight):
   extra = MESHES["expert8"] + [o.format(nodes=4, ep=8) for o in FEATURES["all_ragged"]]
   with tempfile.TemporaryDirectory() as tmp:
@@ -196,7 +269,7 @@ def restore(straight):
 
 def main():
   assert jax.device_count() == 8
-  result = {"dispatch": dispatch()} if MODE == "a" else {}
+  result = {"dispatch": dispatch()} if MODE == "a" else {"routing": routing_matrix()}
   result["steps"], done = steps(RUNS[MODE])
   if MODE == "a":
     result["restore"] = restore(done["expert8", "all_ragged"])

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe.model import Transformer
-from parallel.errors import ConfigError, DataError
+from parallel.errors import ConfigError, DataError, RunFailed
+from tests.random_weights import initialised
 from tests.test_checkpoint_runs import Run, complete_steps
 from train import data as data_cli
 from train.core import checkpoint as ckpt_lib
@@ -76,7 +76,7 @@ def small():
       "optimizer.warmup_steps=0", "spike_skip_factor=2"])
   schedule = optimizer_lib.make_schedule(cfg)
   tx = optimizer_lib.make_optimizer(cfg, schedule)
-  graphdef, state = step_lib.init_state(Transformer(cfg.model, rngs=nnx.Rngs(0)), tx)
+  graphdef, state = step_lib.init_state(initialised(cfg.model), tx)
   return cfg, jax.jit(step_lib.make_train_step(graphdef, cfg.model, tx, schedule, cfg)), state
 
 
@@ -115,6 +115,28 @@ def test_spike_guard(small):
   young = dict(jax.tree.map(jnp.copy, state), guard={"loss_mean": jnp.float32(0.0001), "accepted": jnp.int32(3)})
   _, m = step(young, batch())
   assert int(m["skipped"]) == 0
+
+
+def test_a_dropless_exchange_that_lost_rows_stops_the_run(tmp_path):
+  """The step never applies an update whose dropless exchange reported lost (token, expert) rows
+  (train/core/step.py: `lost`, tested on 8 devices in tests/test_ep.py); the loop stops at it."""
+  from train.core import loop
+
+  class NoSaves:
+    directory = tmp_path
+
+    def wait(self):
+      pass
+
+    def steps(self):
+      return []
+
+  cfg = load_train_config(ROOT / "configs/tiny.yaml", ["mesh.ep_transport=ragged"])
+  guard = loop.Guard(cfg, NoSaves())
+  guard.check(6, [{"lost": 0, "skipped": 0, "nonfinite": 0}])
+  with pytest.raises(RunFailed, match=r"^step 7: the dropless expert-parallel exchange \(mesh.ep_transport=ragged\)"
+                                      r" could not send 3 \(token, expert\) assignments.*no checkpoint was written"):
+    guard.check(7, [{"lost": 3, "skipped": 1, "nonfinite": 0}])
 
 
 # ------------------------------------------------------------------ 2. one run per directory

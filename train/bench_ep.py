@@ -98,7 +98,7 @@ def main(argv=None) -> int:
 
   def layer(par, copies=None):
     return lambda x, idx, w, *ws: expert_parallel.dispatch_combine(
-        x, idx, w, ws, DISPATCH_AXES, expert_fn, par, (e, m.n_group, m.topk_group), copies)
+        x, idx, w, ws, DISPATCH_AXES, expert_fn, par, router_lib.reach(m), copies)
 
   def loss(fn, x, *ws):
     return (fn(x, idx, w, *ws)[0] ** 2).sum()

@@ -182,6 +182,10 @@ class Guard:
   def check(self, first_step: int, metrics: list[dict]) -> None:
     for i, m in enumerate(metrics):
       step = first_step + i
+      if m["lost"]:
+        self.fail(step, f"the dropless expert-parallel exchange (mesh.ep_transport={self.cfg.mesh.ep_transport})"
+                        f" could not send {int(m['lost'])} (token, expert) assignments: a bug in its buffer bounds"
+                        " (please report it); the step was not applied. mesh.ep_transport=padded avoids it")
       if m["skipped"]:
         self.in_a_row += 1
         if m["nonfinite"] and self.cfg.on_nonfinite == "stop":
@@ -286,7 +290,7 @@ def _loop(cfg, run_dir, ckpt, plan, state, start, batches, evals, train_step, ev
         guard.check(step + 2 - len(got) + checked, got[checked:])  # nothing non-finite is saved
         checked = len(got)
         if (step + 1) % cfg.log_every == 0 or last_step or stopped:
-          record = {k: v for k, v in got[-1].items() if k not in ("tokens", "skipped", "nonfinite")}
+          record = {k: v for k, v in got[-1].items() if k not in ("tokens", "skipped", "nonfinite", "lost")}
           record["loss"] = float(np.mean([m["loss"] for m in got]))
           record["skipped_steps"] = int(sum(m["skipped"] for m in got))
           if par.stages > 1:  # the schedule and its predicted idle share (parallel/pipeline.py)

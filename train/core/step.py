@@ -63,6 +63,7 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainCo
   lam, alpha = cfg.loss.mtp_lambda, cfg.loss.balance_alpha
   bias_stop = int(round(cfg.steps * (1 - cfg.loss.bias_update_stop_fraction)))
   spike_factor = cfg.spike_skip_factor
+  dropless = par is not None and par.dropless
 
   def loss_fn(params, rest, batch, counts):
     model = nnx.merge(graphdef, params, rest)
@@ -104,8 +105,9 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainCo
     metric_load = load[metric_rows] if staged else load
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    lost = dropped > 0 if dropless else jnp.zeros((), bool)  # a dropless exchange that dropped: never applied
     guard = state["guard"]
-    skip = ~finite
+    skip = ~finite | lost
     if spike_factor is not None:
       mean = guard["loss_mean"] / (1 - LOSS_DECAY ** guard["accepted"].astype(jnp.float32))
       skip = skip | ((guard["accepted"] >= SPIKE_WARMUP) & (loss > spike_factor * mean))
@@ -125,6 +127,7 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainCo
 
     metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "lr": schedule(state["step"]),
                "tokens": counts["lm"], "nonfinite": (~finite).astype(jnp.int32), "skipped": skip.astype(jnp.int32),
+               "lost": jnp.where(lost, dropped, 0),
                **(load_stats(metric_load) if load.shape[0] else {})}
     if load.shape[0]:  # (token, expert) assignments dropped by expert-parallel capacity (0: dropless)
       metrics["dropped_tokens"] = dropped
