@@ -21,12 +21,15 @@ stage forward and cotangents one stage back by `ppermute` at the end of each tic
 
 The executor (`run`) is one `jax.shard_map` manual over `stage` only (the other axes stay automatic:
 FSDP gathers, tensor parallelism and the expert-parallel shard_map nest inside, within the stage's
-devices), a `lax.scan` over the schedule's ticks, and per tick a `lax.switch` per slot chosen by the
-stage's row of the schedule tables. A forward keeps only its input (in a stash of as many slots as the
-schedule needs); the backward recomputes the chunk's forward under `jax.vjp` (a stage-level remat).
-The last chunk's forward is folded into its backward, which also runs `last_fn` (norm, head, MTP,
-loss) and starts the cotangent. The first chunk's input cotangents are returned for the layers before
-the pipeline.
+devices), a `lax.scan` over the schedule's ticks, and per tick a forward slot and a backward slot
+whose work each stage's row of the schedule tables chooses. Each forward runs once: it is taken under
+`jax.vjp` in its F tick and keeps what its backward needs (the residuals that `impl.remat_policy`
+leaves, minus the arrays the backward has anyway: the chunk's weights, its input, the micro-batch) in a
+stash of as many slots as the schedule needs; the B tick only runs the pullback (Megatron's 1F1B keeps
+its activations the same way). `first_fn` (embedding, dense layers) keeps its residuals likewise, and
+`last_fn` (norm, head, MTP, loss) runs with its pullback in the last chunk's F tick, whose cotangent
+waits in the last stage's cotangent slots for the chunk's backward. The first chunk's input cotangents
+go back through first_fn's pullback.
 """
 
 from __future__ import annotations
@@ -44,7 +47,10 @@ from parallel.errors import ConfigError, check_fields, require
 
 Kind = Literal["gpipe", "circular", "1f1b"]
 AXIS = "stage"
-F_COST, B_COST = 1, 3  # a backward recomputes its forward: 1 + 2
+# the named scopes of the executor's conditionals, read back from the compiled HLO (train/hlo.py)
+SCOPES = ("pipeline_forward", "pipeline_backward", "pipeline_first", "pipeline_last", "pipeline_first_backward")
+TRANSFER = "stage_transfer"  # the scope of every collective the executor itself makes over `stage`
+F_COST, B_COST = 1, 2  # a backward runs the pullback of its F tick's forward (plus what the remat policy recomputes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,16 +154,17 @@ class Schedule:
   repeats: int
   act_in: np.ndarray  # stash slot the arriving activation goes to
   cot_in: np.ndarray  # cotangent slot the arriving cotangent goes to
-  fwd: np.ndarray  # 1: run a forward (0: none; the last chunk's forward is folded into its backward)
+  fwd: np.ndarray  # 1: run a chunk's forward (0: none)
   f_mb: np.ndarray
   f_rep: np.ndarray  # which of the stage's chunks (its repeat)
-  f_slot: np.ndarray  # stash slot of the input (chunk 0: where first_fn's output goes)
-  bwd: np.ndarray  # 0 none, 1 a chunk's backward, 2 the last chunk's forward + last_fn + backward
+  f_slot: np.ndarray  # stash slot of the input and the residuals (chunk 0: where first_fn's output goes)
+  f_cot: np.ndarray  # the last chunk: cotangent slot where last_fn's cotangent waits for the backward
+  bwd: np.ndarray  # 1: run a chunk's backward (0: none)
   b_mb: np.ndarray
   b_rep: np.ndarray
   b_slot: np.ndarray
-  b_cot: np.ndarray  # cotangent slot (bwd == 1)
-  stash: int  # stash slots per stage (activations held)
+  b_cot: np.ndarray  # cotangent slot
+  stash: int  # stash slots per stage (inputs and residuals held)
   cots: int  # cotangent slots per stage
 
   @property
@@ -165,9 +172,8 @@ class Schedule:
     return self.fwd.shape[0]
 
   def work(self) -> int:
-    """The chunk work the schedule does, a forward costing 1 and a backward 3 (it recomputes its
-    forward; the last chunk's folded forward is in its backward)."""
-    return int(((self.fwd == 1) * F_COST + (self.bwd > 0) * B_COST).sum())
+    """The chunk work the schedule does, a forward costing 1 and a backward 2."""
+    return int((self.fwd * F_COST + self.bwd * B_COST).sum())
 
   def executed(self) -> int:
     """The chunk work `run` executes: every stage runs a tick's forward slot when any stage has a
@@ -182,6 +188,21 @@ class Schedule:
     """The usual prediction, (N-1) / (M*R + N-1) (1F1B's is GPipe's; `bubble` is this executor's)."""
     n, m, r = self.stages, self.microbatches, self.repeats
     return (n - 1) / (m * r + n - 1)
+
+  def flops(self, slot: dict) -> dict:
+    """FLOPs of the pipelined layers' part of a step per device, from `slot`: {scope: FLOPs of one
+    execution of that slot of `run`} (SCOPES, read from the compiled program by train.hlo.matmul_flops;
+    a forward slot includes first_fn and last_fn, a backward slot first_fn's backward).
+    `work`: per stage, what its chunks, first_fn and last_fn need (every stage runs first_fn and
+    last_fn on its block of each micro-batch's rows); `executed`: what every device runs in lockstep,
+    bubbles included."""
+    first, last, first_b = (slot.get(k, 0) for k in ("pipeline_first", "pipeline_last", "pipeline_first_backward"))
+    chunk_f = slot.get("pipeline_forward", 0) - first - last
+    chunk_b = slot.get("pipeline_backward", 0) - first_b
+    ends = self.microbatches * (first + last + first_b)
+    work = [int(self.fwd[:, s].sum() * chunk_f + self.bwd[:, s].sum() * chunk_b + ends) for s in range(self.stages)]
+    executed = (self.fwd.max(axis=1).sum() * chunk_f + self.bwd.max(axis=1).sum() * chunk_b + ends)
+    return {"work": work, "executed": int(executed)}
 
   def describe(self) -> str:
     return (f"pipeline {self.kind}: {self.stages} stages x {self.repeats} repeat(s), {self.microbatches} micro-batches,"
@@ -238,32 +259,41 @@ def make_schedule(kind: str, stages: int, microbatches: int, repeats: int = 1) -
   stage_of = lambda mc: mc[1] % n
   held = {**arrive_act, **{(m, 0): f_tick[(m, 0)] for m in range(m_total)}}  # chunk 0: from its forward on
   act_slot, stash = _allocate({k: (a, b_tick[k]) for k, a in held.items()}, n, stage_of)
-  cot_slot, cots = _allocate({k: (a, b_tick[k]) for k, a in arrive_cot.items()}, n, stage_of)
+  last_cot = {(m, c_total - 1): f_tick[(m, c_total - 1)] for m in range(m_total)}  # last_fn's, from the F tick
+  cot_slot, cots = _allocate({k: (a, b_tick[k]) for k, a in {**arrive_cot, **last_cot}.items()}, n, stage_of)
   tab = {name: np.full((t, n), -1, np.int32) for name in
-         ("act_in", "cot_in", "f_mb", "f_rep", "f_slot", "b_mb", "b_rep", "b_slot", "b_cot")}
+         ("act_in", "cot_in", "f_mb", "f_rep", "f_slot", "f_cot", "b_mb", "b_rep", "b_slot", "b_cot")}
   fwd, bwd = np.zeros((t, n), np.int32), np.zeros((t, n), np.int32)
   for (m, c), a in arrive_act.items():
     tab["act_in"][a, c % n] = act_slot[(m, c)]
   for (m, c), a in arrive_cot.items():
     tab["cot_in"][a, c % n] = cot_slot[(m, c)]
   for (m, c), tk in f_tick.items():
-    if c < c_total - 1:
-      s = c % n
-      fwd[tk, s] = 1
-      tab["f_mb"][tk, s], tab["f_rep"][tk, s] = m, c // n
-      tab["f_slot"][tk, s] = act_slot[(m, c)]
+    s = c % n
+    fwd[tk, s] = 1
+    tab["f_mb"][tk, s], tab["f_rep"][tk, s] = m, c // n
+    tab["f_slot"][tk, s] = act_slot[(m, c)]
+    if c == c_total - 1:
+      tab["f_cot"][tk, s] = cot_slot[(m, c)]
   for (m, c), tk in b_tick.items():
     s = c % n
-    bwd[tk, s] = 2 if c == c_total - 1 else 1
+    bwd[tk, s] = 1
     tab["b_mb"][tk, s], tab["b_rep"][tk, s] = m, c // n
     tab["b_slot"][tk, s] = act_slot[(m, c)]
-    tab["b_cot"][tk, s] = cot_slot.get((m, c), -1)
+    tab["b_cot"][tk, s] = cot_slot[(m, c)]
   return Schedule(kind, n, m_total, r_total, fwd=fwd, bwd=bwd, stash=max(stash, 1), cots=max(cots, 1), **tab)
 
 
 # --------------------------------------------------------------------------------------- executor
 def _take(tree, i):
   return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), tree)
+
+
+def _put(buf, x, i, on):
+  """`buf` with slot i set to x where `on` (only that slot is rewritten either way)."""
+  i = jnp.maximum(i, 0)
+  x = jnp.where(on, x.astype(buf.dtype), jax.lax.dynamic_index_in_dim(buf, i, 0, keepdims=False))
+  return jax.lax.dynamic_update_index_in_dim(buf, x, i, 0)
 
 
 def _chunk(tree, r, size):
@@ -277,14 +307,41 @@ def _add_chunk(acc, upd, r, size):
   return jax.tree.map(one, acc, upd)
 
 
-def _broadcast_from(x, source, s):
-  """`x` of stage `source` on every stage (a psum of it and zeros, in float32: XLA:CPU's all-reduce
-  promotion fails on some bfloat16 all-reduces)."""
-  return jax.lax.psum(jnp.where(s == source, x, jnp.zeros_like(x)).astype(jnp.float32), AXIS).astype(x.dtype)
+def _from_stage(x, source, s, parts: int, wide: bool):
+  """Stage `source`'s `x` [rows, ...]: on each stage its 1/parts block of the rows (a reduce-scatter of
+  it and the other stages' zeros) or, when parts is 1, all of it (an all-reduce). Exact in any dtype;
+  `wide`: in float32 (XLA:CPU's all-reduce promotion fails on some bfloat16 all-reduces)."""
+  y = jnp.where(s == source, x, jnp.zeros_like(x)).astype(jnp.float32 if wide else x.dtype)
+  with jax.named_scope(TRANSFER):
+    y = jax.lax.psum_scatter(y, AXIS, scatter_dimension=0, tiled=True) if parts > 1 else jax.lax.psum(y, AXIS)
+  return y.astype(x.dtype)
 
 
 def _zeros(tree):
   return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
+
+
+class _Residuals:
+  """A `jax.vjp` pullback split into the arrays its backward must be given later (kept in the stash)
+  and those the backward has anyway (`known`: the weights, the input, the micro-batch), told apart by
+  identity as the forward is traced (as `jax.ad_checkpoint.print_saved_residuals` does), and put back
+  together in the backward's trace."""
+
+  def __init__(self):
+    self.treedef, self.where = None, None
+
+  def split(self, pullback, *known) -> list:
+    leaves, self.treedef = jax.tree.flatten(pullback)
+    ids = {id(x): (i, j) for i, tree in reversed(list(enumerate(known))) for j, x in enumerate(jax.tree.leaves(tree))}
+    where = [ids.get(id(x)) for x in leaves]
+    if self.where is not None and where != self.where:  # a bug, not an input error
+      raise RuntimeError("pipeline: the forward's residuals differ between two traces of the same chunk")
+    self.where = where
+    return [x for x, w in zip(leaves, where) if w is None]
+
+  def join(self, kept, *known):
+    known, kept = [jax.tree.leaves(tree) for tree in known], iter(kept)
+    return jax.tree.unflatten(self.treedef, [next(kept) if w is None else known[w[0]][w[1]] for w in self.where])
 
 
 def run(sched: Schedule, mesh, per_chunk: int, first_fn: Callable, stage_fn: Callable, last_fn: Callable,
@@ -308,24 +365,28 @@ def run(sched: Schedule, mesh, per_chunk: int, first_fn: Callable, stage_fn: Cal
   index. A tick runs the forward slot if any stage has a forward then, and the backward slot if any
   has a backward; a stage without one computes on its stash's stale contents and its results are
   masked out (MaxText's pipeline computes its bubbles the same way). first_fn and last_fn run on every
-  stage, each on a 1/N block of the micro-batch's rows (first_fn's outputs gathered to the first
-  stage, last_fn's inputs broadcast from the last; the cotangents back the same ways) when the rows
-  divide by N, else on all rows on every stage with one stage's result kept. So a micro-batch's
-  activations exist only while it is in flight, and the first stage holds no whole-batch buffer.
+  stage, each on a 1/N block of the micro-batch's rows (first_fn's outputs all-gathered, kept on the
+  first stage; the last stage's output reduce-scattered into the blocks; the cotangents back the same
+  two ways) when the rows divide by N, else on all rows on every stage with one stage's result kept.
+  So a micro-batch's activations exist only while it is in flight, and the first stage holds no
+  whole-batch buffer.
   """
   n, reps, size = sched.stages, sched.repeats, per_chunk
   tables = {k: jnp.asarray(getattr(sched, k)) for k in
-            ("act_in", "cot_in", "fwd", "f_mb", "f_rep", "f_slot", "bwd", "b_mb", "b_rep", "b_slot", "b_cot")}
+            ("act_in", "cot_in", "fwd", "f_mb", "f_rep", "f_slot", "f_cot", "bwd", "b_mb", "b_rep", "b_slot",
+             "b_cot")}
   any_f = jnp.asarray(sched.fwd.max(axis=1) > 0)
-  any_b = jnp.asarray(sched.bwd.max(axis=1) > (0 if train else 1))
+  any_b = jnp.asarray(sched.bwd.max(axis=1) > 0)
   first_f = jnp.asarray(np.where((sched.fwd[:, 0] == 1) & (sched.f_rep[:, 0] == 0), sched.f_mb[:, 0], -1))
-  first_b = jnp.asarray(np.where((sched.bwd[:, 0] > 0) & (sched.b_rep[:, 0] == 0), sched.b_mb[:, 0], -1))
-  last_mb = jnp.asarray(np.where(sched.bwd[:, n - 1] == 2, sched.b_mb[:, n - 1], -1))
+  first_b = jnp.asarray(np.where((sched.bwd[:, 0] == 1) & (sched.b_rep[:, 0] == 0), sched.b_mb[:, 0], -1))
+  last_f = jnp.asarray(np.where((sched.fwd[:, n - 1] == 1) & (sched.f_rep[:, n - 1] == reps - 1),
+                                sched.f_mb[:, n - 1], -1))
   ring = reps > 1
   fwd_perm = [(i, i + 1) for i in range(n - 1)] + ([(n - 1, 0)] if ring else [])
   bwd_perm = [(i + 1, i) for i in range(n - 1)] + ([(0, n - 1)] if ring else [])
   rows = jax.tree.leaves(mb_inputs)[0].shape[1]
   parts = n if rows % n == 0 else 1
+  wide = mesh.devices.flat[0].platform == "cpu"  # the target's, not the host's (train.aot compiles for pods)
 
   def body(stack_params, stack_consts, post_params, post_consts, mb_inputs):
     s = jax.lax.axis_index(AXIS)
@@ -333,96 +394,124 @@ def run(sched: Schedule, mesh, per_chunk: int, first_fn: Callable, stage_fn: Cal
     block = lambda tree: jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, (s if parts > 1 else 0) * (
         rows // parts), rows // parts, 0), tree)
     mask = lambda on, tree: jax.tree.map(lambda x: jnp.where(on, x, jnp.zeros_like(x)), tree)
+    def gather(x):
+      with jax.named_scope(TRANSFER):
+        return jax.lax.all_gather(x, AXIS, axis=0, tiled=True) if parts > 1 else x
+    one_stage = lambda tree, keep: tree if parts > 1 else mask(keep, tree)  # (all rows ran on every stage)
+    chunk_res, first_res = _Residuals(), _Residuals()
+
+    def chunk_forward(p, c, x, mb):
+      """(y, term, stats, the residuals to keep) of one chunk."""
+      f = lambda p, x: (lambda y, term, stats: ((y, term), stats))(*stage_fn(p, c, x, mb))
+      if not train:
+        (y, term), stats = f(p, x)
+        return y, term, stats, []
+      (y, term), pullback, stats = jax.vjp(f, p, x, has_aux=True)
+      return y, term, stats, chunk_res.split(pullback, p, c, x, mb)
+
+    def first_forward(mb):
+      """first_fn on this stage's block of a micro-batch, and the residuals to keep."""
+      if not train:
+        return first_fn(post_params, post_consts, mb), []
+      x, pullback = jax.vjp(lambda q: first_fn(q, post_consts, mb), post_params)
+      return x, first_res.split(pullback, post_params, post_consts, mb)
+
     mb0 = _take(mb_inputs, 0)
-    act_shape = jax.eval_shape(first_fn, post_params, post_consts, mb0)
+    act_shape, first_kept = jax.eval_shape(first_forward, block(mb0))
     act_shape = jax.ShapeDtypeStruct((rows,) + act_shape.shape[1:], act_shape.dtype)
     zero_act = jnp.zeros(act_shape.shape, act_shape.dtype)
-    _, _, stats_shape = jax.eval_shape(stage_fn, _chunk(stack_params, 0, size), _chunk(stack_consts, 0, size),
-                                       zero_act, mb0)
+    _, term_shape, stats_shape, chunk_kept = jax.eval_shape(
+        chunk_forward, _chunk(stack_params, 0, size), _chunk(stack_consts, 0, size), zero_act, mb0)
     aux_shape = jax.eval_shape(last_fn, post_params, post_consts, block(zero_act), block(mb0), parts)[1]
-    gather = lambda x: jax.lax.all_gather(x, AXIS, axis=0, tiled=True) if parts > 1 else x
-    one_stage = lambda tree, keep: tree if parts > 1 else mask(keep, tree)  # (all rows ran on every stage)
+    slots = lambda shapes: [jnp.zeros((sched.stash,) + x.shape, x.dtype) for x in shapes]
 
-    def first(stash, t):
-      """first_fn of the micro-batch entering the first stage, into its stash slot there."""
-      x = gather(first_fn(post_params, post_consts, block(_take(mb_inputs, first_f[t]))))
-      put = jax.lax.dynamic_update_index_in_dim(stash, x.astype(stash.dtype), jnp.maximum(row("f_slot", t), 0), 0)
-      return jnp.where(s == 0, put, stash)
+    def first(carry, t):
+      """first_fn of the micro-batch entering the first stage: its output into the stash slot there,
+      every stage's residuals (of its block) into the same slot of its own stash."""
+      carry = dict(carry)
+      x, kept = first_forward(block(_take(mb_inputs, first_f[t])))
+      slot = tables["f_slot"][t, 0]
+      carry["first_kept"] = [_put(buf, k, slot, True) for buf, k in zip(carry["first_kept"], kept)]
+      carry["stash"] = _put(carry["stash"], gather(x), slot, s == 0)
+      return carry
+
+    def last(carry, y, t):
+      """last_fn on the last stage's output (and its pullback): the loss, aux and post grads, and the
+      cotangent for y into the last stage's cotangent slot."""
+      carry = dict(carry)
+      y = _from_stage(y, n - 1, s, parts, wide)  # this stage's block of the last stage's y
+      mb = block(_take(mb_inputs, last_f[t]))
+      f = lambda q, y: last_fn(q, post_consts, y, mb, parts)
+      keep = s == n - 1
+      if train:
+        loss, pullback, aux = jax.vjp(f, post_params, y, has_aux=True)
+        gq, gy = pullback(jnp.ones_like(loss))
+        carry["cots"] = _put(carry["cots"], gather(gy), row("f_cot", t), keep)
+        carry["g_post"] = jax.tree.map(jnp.add, carry["g_post"], one_stage(gq, keep))
+      else:
+        loss, aux = f(post_params, y)
+      carry["loss"] = carry["loss"] + jnp.where(keep | (parts > 1), loss, 0.0).astype(jnp.float32)
+      carry["aux"] = jax.tree.map(jnp.add, carry["aux"], one_stage(aux, keep))
+      return carry
 
     def forward(carry, t):
-      carry = dict(carry)
-      carry["stash"] = jax.lax.cond(first_f[t] >= 0, first, lambda stash, t: stash, carry["stash"], t)
-      m, r = jnp.maximum(row("f_mb", t), 0), jnp.maximum(row("f_rep", t), 0)
-      x = _take(carry["stash"], jnp.maximum(row("f_slot", t), 0))
-      y, _, _ = stage_fn(_chunk(stack_params, r, size), _chunk(stack_consts, r, size), x, _take(mb_inputs, m))
-      return carry, jnp.where(row("fwd", t) == 1, y.astype(zero_act.dtype), zero_act)
+      with jax.named_scope("pipeline_first"):
+        carry = jax.lax.cond(first_f[t] >= 0, first, lambda carry, t: dict(carry), carry, t)
+      on, m, r = row("fwd", t) == 1, jnp.maximum(row("f_mb", t), 0), jnp.maximum(row("f_rep", t), 0)
+      slot = row("f_slot", t)
+      x = _take(carry["stash"], jnp.maximum(slot, 0))
+      y, term, stats, kept = chunk_forward(_chunk(stack_params, r, size), _chunk(stack_consts, r, size), x,
+                                           _take(mb_inputs, m))
+      carry["kept"] = [_put(buf, k, slot, on) for buf, k in zip(carry["kept"], kept)]
+      carry["stats"] = _add_chunk(carry["stats"], mask(on, stats), r, size)
+      carry["loss"] = carry["loss"] + jnp.where(on, term, 0.0).astype(jnp.float32)
+      with jax.named_scope("pipeline_last"):
+        carry = jax.lax.cond(last_f[t] >= 0, lambda carry, y: last(carry, y, t), lambda carry, y: dict(carry),
+                             carry, y)
+      return carry, jnp.where(on, y.astype(zero_act.dtype), zero_act)
 
-    def last(y, t):
-      """last_fn on the last stage's output: (this block's loss, cotangent for y, post grads, aux)."""
-      y = _broadcast_from(y, n - 1, s)  # the last stage's y, everywhere
-      mb = block(_take(mb_inputs, last_mb[t]))
-      f = lambda q, y: last_fn(q, post_consts, y, mb, parts)
-      if train:
-        loss, vjp, aux = jax.vjp(f, post_params, block(y), has_aux=True)
-        gq, gy = vjp(jnp.ones_like(loss))
-        gy = gather(gy)
-      else:
-        (loss, aux), gq, gy = f(post_params, block(y)), None, None
-      keep = s == n - 1
-      return jnp.where(keep | (parts > 1), loss, 0.0), gy, one_stage(gq, keep), one_stage(aux, keep)
-
-    def first_backward(gx, t):
-      """Gradients of first_fn for the micro-batch leaving the first stage (its cotangent gx there)."""
-      gx = _broadcast_from(gx, 0, s)
-      _, vjp = jax.vjp(lambda q: first_fn(q, post_consts, block(_take(mb_inputs, first_b[t]))), post_params)
-      (gq,) = vjp(block(gx).astype(act_shape.dtype))
+    def first_backward(gx, kept, t):
+      """first_fn's gradients for the micro-batch leaving the first stage (its cotangent gx there)."""
+      gx = _from_stage(gx, 0, s, parts, wide)  # this stage's block of the first stage's gx
+      mb = block(_take(mb_inputs, first_b[t]))
+      (gq,) = first_res.join(kept, post_params, post_consts, mb)(gx.astype(act_shape.dtype))
       return one_stage(gq, s == 0)
 
     def backward(carry, t):
-      kind, m, r = row("bwd", t), jnp.maximum(row("b_mb", t), 0), jnp.maximum(row("b_rep", t), 0)
-      on = kind > (0 if train else 1)
-      x = _take(carry["stash"], jnp.maximum(row("b_slot", t), 0))
-      p, c, mb = _chunk(stack_params, r, size), _chunk(stack_consts, r, size), _take(mb_inputs, m)
       carry = dict(carry)
-
-      def chunk(p, x):
-        y, term, stats = stage_fn(p, c, x, mb)
-        return (y, term), stats
-
-      if train:
-        (y, term), vjp, stats = jax.vjp(chunk, p, x, has_aux=True)
-      else:
-        (y, term), stats = chunk(p, x)
-      nothing = lambda y: jax.tree.map(lambda z: jnp.zeros(z.shape, z.dtype), jax.eval_shape(lambda y: last(y, t), y))
-      loss_post, gy, gq, aux = jax.lax.cond(last_mb[t] >= 0, lambda y: last(y, t), nothing, y)
-      carry["stats"] = _add_chunk(carry["stats"], mask(on, stats), r, size)
-      carry["loss"] = carry["loss"] + jnp.where(on, term, 0.0).astype(jnp.float32) + loss_post.astype(jnp.float32)
-      carry["aux"] = jax.tree.map(jnp.add, carry["aux"], aux)
-      if not train:
-        return carry
-      cot = jnp.where(kind == 2, gy.astype(zero_act.dtype), _take(carry["cots"], jnp.maximum(row("b_cot", t), 0)))
-      gp, gx = vjp((cot, jnp.ones_like(term)))
-      g_first = jax.lax.cond(first_b[t] >= 0, first_backward, lambda gx, t: _zeros(post_params), gx, t)
+      on, m, r = row("bwd", t) == 1, jnp.maximum(row("b_mb", t), 0), jnp.maximum(row("b_rep", t), 0)
+      slot = jnp.maximum(row("b_slot", t), 0)
+      p, c, mb = _chunk(stack_params, r, size), _chunk(stack_consts, r, size), _take(mb_inputs, m)
+      pullback = chunk_res.join(_take(carry["kept"], slot), p, c, _take(carry["stash"], slot), mb)
+      cot = _take(carry["cots"], jnp.maximum(row("b_cot", t), 0))
+      gp, gx = pullback((cot, jnp.ones(term_shape.shape, term_shape.dtype)))
+      first_kept = _take(carry["first_kept"], jnp.maximum(tables["b_slot"][t, 0], 0))
+      with jax.named_scope("pipeline_first_backward"):
+        g_first = jax.lax.cond(first_b[t] >= 0, first_backward, lambda gx, kept, t: _zeros(post_params),
+                               gx, first_kept, t)
       carry["g_stack"] = _add_chunk(carry["g_stack"], mask(on, gp), r, size)
-      carry["g_post"] = jax.tree.map(lambda a, b, c: a + b + c, carry["g_post"], gq, g_first)
+      carry["g_post"] = jax.tree.map(jnp.add, carry["g_post"], g_first)
       carry["send_cot"] = jnp.where(on & ((r > 0) | (s > 0)), gx.astype(zero_act.dtype), zero_act)
       return carry
 
     def tick(carry, t):
       a, k = row("act_in", t), row("cot_in", t)  # arrivals from the previous tick's ppermute
-      carry["stash"] = jnp.where(a >= 0, jax.lax.dynamic_update_index_in_dim(
-          carry["stash"], carry["recv_act"], jnp.maximum(a, 0), 0), carry["stash"])
-      carry["cots"] = jnp.where(k >= 0, jax.lax.dynamic_update_index_in_dim(
-          carry["cots"], carry["recv_cot"], jnp.maximum(k, 0), 0), carry["cots"])
-      carry, send_act = jax.lax.cond(any_f[t], forward, lambda carry, t: (dict(carry), zero_act), carry, t)
+      carry["stash"] = _put(carry["stash"], carry["recv_act"], a, a >= 0)
+      carry["cots"] = _put(carry["cots"], carry["recv_cot"], k, k >= 0)
+      with jax.named_scope("pipeline_forward"):  # (the scopes name the slots in the compiled HLO: SCOPES)
+        carry, send_act = jax.lax.cond(any_f[t], forward, lambda carry, t: (dict(carry), zero_act), carry, t)
       carry["send_cot"] = zero_act
-      carry = jax.lax.cond(any_b[t], backward, lambda carry, t: dict(carry), carry, t)
-      carry["recv_act"] = jax.lax.ppermute(send_act, AXIS, fwd_perm)
-      carry["recv_cot"] = jax.lax.ppermute(carry["send_cot"], AXIS, bwd_perm)
+      if train:
+        with jax.named_scope("pipeline_backward"):
+          carry = jax.lax.cond(any_b[t], backward, lambda carry, t: dict(carry), carry, t)
+      with jax.named_scope(TRANSFER):
+        carry["recv_act"] = jax.lax.ppermute(send_act, AXIS, fwd_perm)
+        carry["recv_cot"] = jax.lax.ppermute(carry["send_cot"], AXIS, bwd_perm)
       return carry, None
 
     carry = {
         "stash": jnp.zeros((sched.stash,) + zero_act.shape, zero_act.dtype),
+        "kept": slots(chunk_kept), "first_kept": slots(first_kept),
         "cots": jnp.zeros((sched.cots,) + zero_act.shape, zero_act.dtype),
         "recv_act": zero_act, "recv_cot": zero_act, "send_cot": zero_act,
         "g_stack": _zeros(stack_params), "g_post": _zeros(post_params),

@@ -127,14 +127,23 @@ def test_compiles_for_v5p_with_data_fsdp_and_expert_axes(capsys):
 
 
 def test_compiles_a_pipeline_for_v5p(capsys):
-  """mesh.stage: tiny.yaml (4 MoE layers) on v5p-16 as 2 stages x fsdp=2 x expert=2, 1F1B: the
-  pipeline's shard_map over `stage` with the expert-parallel one nested inside compiles for TPU; the
-  activations and cotangents move by collective-permute."""
+  """mesh.stage: tiny.yaml (4 MoE layers) on v5p-16 as 2 stages x fsdp=2 x expert=2, 1F1B, bf16: the
+  pipeline's shard_map over `stage` with the expert-parallel one nested inside compiles for TPU. Over
+  `stage` the executor moves activations in bf16, never more than one micro-batch's [2 rows, 256,
+  128] per collective (XLA splits them over the stage's fsdp x expert devices): per tick the
+  activation and a cotangent (collective-permute), per micro-batch first_fn's blocks (all-gather),
+  the last stage's output into the stages' blocks (reduce-scatter) and the cotangents back. Before:
+  float32 psums of whole activations, a workaround for XLA:CPU, on every platform."""
   (r,) = compile_json(capsys, "configs/tiny.yaml", "--target", "v5p-16", "mesh.stage=2", "mesh.data=1", "mesh.fsdp=2",
                       "mesh.expert=2", "model.num_hidden_layers=5", "batch_size=8", "seq_len=256",
-                      "pipeline.schedule=1f1b", "pipeline.microbatches=4")
+                      "pipeline.schedule=1f1b", "pipeline.microbatches=4", "precision=bf16")
   assert r["fits"] and r["mesh"] == {"stage": 2, "data": 1, "fsdp": 2, "expert": 2, "tensor": 1}
-  assert r["collectives"]["collective-permute"]["count"] > 0 and r["collectives"]["ragged-all-to-all"]["count"] > 0
+  assert r["collectives"]["ragged-all-to-all"]["count"] > 0
+  for row in r["stage_transfers"]:
+    assert row["shape"].startswith("bf16[") and hlo_lib.shape_bytes(row["shape"]) <= 2 * 256 * 128 * 2, row
+  kinds = {row["kind"] for row in r["stage_transfers"]}
+  assert {"collective-permute", "all-gather", "reduce-scatter"} <= kinds <= {
+      "collective-permute", "all-gather", "reduce-scatter", "all-reduce"}, kinds
 
 
 def test_compiles_for_a_large_v5e_slice_with_the_padded_transport(capsys):

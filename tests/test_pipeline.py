@@ -25,10 +25,10 @@ ROOT = WORKER.parent.parent
 
 # ------------------------------------------------------------------ schedules and layouts (in process)
 def replay(s: pipeline.Schedule):
-  """Check a schedule's tables by replaying them: every (micro-batch, chunk) runs its forward (or, for
-  the last chunk, its folded forward) and its backward once, each after what it depends on, with its
-  input (and cotangent) present in the stash slot the tables name. Returns the most inputs a stage
-  held at once."""
+  """Check a schedule's tables by replaying them: every (micro-batch, chunk) runs its forward and its
+  backward once, each after what it depends on, with its input (and its residuals, in the same slot)
+  and its cotangent (for the last chunk: last_fn's, put there by the chunk's forward) present in the
+  slots the tables name. Returns the most inputs a stage held at once."""
   n, m, c_total = s.stages, s.microbatches, s.stages * s.repeats
   stash = [dict() for _ in range(n)]  # stage -> slot -> (mb, chunk)
   cots = [dict() for _ in range(n)]
@@ -53,20 +53,24 @@ def replay(s: pipeline.Schedule):
           in_flight[st].add((mb, c))
         assert stash[st][int(s.f_slot[t, st])] == (mb, c)
         f_done[(mb, c)] = t
-        assert c + 1 < c_total
-        sent_act[(c + 1) % n] = (mb, c + 1)
+        if c + 1 < c_total:
+          assert s.f_cot[t, st] < 0
+          sent_act[(c + 1) % n] = (mb, c + 1)
+        else:  # last_fn's cotangent waits for the chunk's backward
+          cots[st][int(s.f_cot[t, st])] = (mb, c)
       if s.bwd[t, st]:
         mb, c = int(s.b_mb[t, st]), int(s.b_rep[t, st]) * n + st
-        assert (mb, c) not in b_done and (s.bwd[t, st] == 2) == (c == c_total - 1)
+        assert (mb, c) not in b_done and f_done[(mb, c)] <= t
         assert stash[st][int(s.b_slot[t, st])] == (mb, c)
+        assert cots[st][int(s.b_cot[t, st])] == (mb, c)
         if c < c_total - 1:
-          assert cots[st][int(s.b_cot[t, st])] == (mb, c) and b_done[(mb, c + 1)] < t
+          assert b_done[(mb, c + 1)] < t
         if 0 < c:
           sent_cot[(c - 1) % n] = (mb, c - 1)
         b_done[(mb, c)] = t
         in_flight[st].discard((mb, c))
     most = max(most, *(len(x) for x in in_flight))
-  assert len(b_done) == m * c_total and len(f_done) == m * (c_total - 1)
+  assert len(b_done) == m * c_total and len(f_done) == m * c_total
   return most
 
 
@@ -78,7 +82,7 @@ def test_schedules_replay(kind, n, m, r):
   held = replay(s)
   assert held <= s.stash
   if kind == "gpipe":
-    assert s.stash == m and s.ticks == 2 * (m + n - 1) - 1  # (the last stage's forward is folded)
+    assert s.stash == m and s.ticks == 2 * (m + n - 1) - 1  # (the last stage's first backward in its last F tick)
   if kind == "circular":
     assert s.stash == m * r
 
@@ -94,7 +98,7 @@ def test_1f1b_memory_does_not_grow_with_microbatches():
 
 def test_bubbles():
   """The textbook bubbles, and the executor's (the masked share of the chunk work it runs, a forward
-  costing 1 and a backward 3): more micro-batches and more repeats shrink both."""
+  costing 1 and a backward 2): more micro-batches and more repeats shrink both."""
   assert make_schedule("gpipe", 4, 8).textbook_bubble() == pytest.approx(3 / 11)
   assert make_schedule("circular", 4, 8, 2).textbook_bubble() == pytest.approx(3 / 19)
   assert make_schedule("1f1b", 4, 8).textbook_bubble() == pytest.approx(3 / 11)
@@ -137,6 +141,58 @@ def test_config_errors():
 
     cfg = load_train_config(ROOT / "configs/tiny.yaml", ["pipeline.microbatches=3"])
     pipelined.schedule(mesh_lib.Parallelism(mesh_lib.make_mesh(cfg.mesh), pipeline=cfg.pipeline), 8)
+
+
+# ------------------------------------------------------------------ executed FLOPs (in process)
+def test_each_forward_runs_once(remat="full"):
+  """The pipelined step's matmul FLOPs, read from its compiled program slot by slot (train.hlo), equal
+  the plain `jax.value_and_grad` step's with the same remat policy: a backward runs its F tick's
+  pullback and does not recompute the forward (before: +1 forward per non-last chunk, 1.19x here).
+  One stage with two circular repeats, so that every stage-level cost is on this device; the bubble
+  (the lockstep's masked work) is the schedule's, tested above. (Measured the same with remat none:
+  1.0, the backward slot 2x the forward.)"""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from moe.model import Transformer
+  from tests.random_weights import FAST
+  from train import hlo
+  from train.core import loop, pipelined
+  from train.core import loss as loss_lib
+
+  cfg = load_train_config(ROOT / "configs/tiny.yaml", [
+      "impl.experts=dense", "impl.attention=fused", f"impl.remat_policy={remat}", "model.num_hidden_layers=3"])
+  par = loop.parallelism(cfg)
+  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, loop.runtime(cfg, par),
+                                                                         rngs=nnx.Rngs(0))), nnx.Param, ...)
+  batch = {k: jax.ShapeDtypeStruct((4, 32), jnp.int32) for k in ("tokens", "segment_ids", "positions", "targets")}
+  batch["loss_mask"] = jax.ShapeDtypeStruct((4, 32), jnp.float32)
+  depth, lam, alpha = cfg.model.num_nextn_predict_layers, cfg.loss.mtp_lambda, cfg.loss.balance_alpha
+  sched = make_schedule("circular", 1, 2, 2)
+
+  def piped(params, rest, batch):
+    pipe = pipelined.Pipelined(graphdef, params, rest, par, sched, lam, alpha)
+    pipe.layout = Layout(cfg.model.num_moe_layers, 1, 2)  # (the stack's slots in circular order)
+    loss, _, _, _, grads = pipe.run(params, rest, batch, loss_lib.token_counts(batch, depth), 1)
+    return loss, grads
+
+  def plain(params, rest, batch):
+    def f(params):
+      out = nnx.merge(graphdef, params, rest).forward(batch["tokens"], batch["segment_ids"], batch["positions"])
+      return loss_lib.objective(out, batch, loss_lib.token_counts(batch, depth), 1, lam, alpha)[0]
+    return jax.value_and_grad(f)(params)
+
+  flops = {name: hlo.matmul_flops(jax.jit(fn).lower(params, rest, batch).compile(FAST).as_text(), pipeline.SCOPES)
+           for name, fn in (("piped", piped), ("plain", plain))}
+  assert flops["piped"]["trip_counts_known"] and flops["plain"]["total"] > 1e9
+  slot = flops["piped"]
+  chunk_f = slot["pipeline_forward"] - slot["pipeline_first"] - slot["pipeline_last"]
+  chunk_b = slot["pipeline_backward"] - slot["pipeline_first_backward"]
+  assert chunk_b == pytest.approx(3 * chunk_f, rel=0.05)  # full remat's own recompute + the backward (2)
+  work = sched.flops(slot)
+  assert work["work"] == [work["executed"]]  # one stage: no bubble
+  assert work["executed"] / flops["plain"]["total"] == pytest.approx(1.0, abs=0.01)
 
 
 # ------------------------------------------------------------------ 8 simulated devices
@@ -212,7 +268,10 @@ def test_checkpoints_move_between_stage_counts(eight):
   _, ck = eight
   lines = [m for m in ck["metrics"] if "loss" in m]
   assert [m["pipeline_schedule"] for m in lines] == ["circular", "circular"]
-  assert lines[0]["pipeline_bubble"] == pytest.approx(make_schedule("circular", 2, 2, 2).bubble())
+  # circular, 2 stages x 2 repeats, 2 micro-batches: forwards in ticks 0-4 (the last stage's last in 4),
+  # backwards in 4-8 (the first stage's last in 8); in lockstep each device runs 5 forward slots (cost
+  # 1) and 5 backward slots (cost 2), 30 units on 2 stages, of which the 2 x 4 chunks need 2 x 4 x 3
+  assert lines[0]["pipeline_bubble"] == pytest.approx(1 - 24 / 30)
   for job, r in ck["restored"].items():
     assert r["step"] == 2 and r["equal"], job
   single = ck["restored"]["1:gpipe"]["eval"]

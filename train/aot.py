@@ -29,7 +29,11 @@ no accelerator present. One JSON line per target:
     so its bytes(operand) * m / n is an upper figure (upper_bound); balanced_bytes_per_device takes
     min(bytes(input), bytes(output)), what balanced routing sends. Megascale (cross-slice)
     buffers count as laid out for the transfer.
-  largest_replicated: the biggest parameters held whole on every device.
+  largest_replicated: the biggest parameters held whole on every device,
+  stage_transfers (with mesh.stage > 1): the pipeline executor's own collectives over `stage`, by kind
+    and array (per tick an activation and a cotangent by collective-permute; per micro-batch
+    first_fn's blocks all-gathered, the last stage's output scattered, and their cotangents), all in
+    the compute dtype on TPU and GPU.
 
 A target the state does not fit is one line, "does not fit on v5p-1024: needs 97.5 GiB of 95.7 GiB
 per device", and exit code 3 (2: a bad config or target). `--search` compiles mesh factorisations,
@@ -40,6 +44,7 @@ table.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import logging
@@ -52,6 +57,7 @@ import jax
 import numpy as np
 
 from moe import params as params_lib
+from parallel import pipeline
 from parallel import targets as targets_lib
 from parallel.errors import ConfigError, InputError
 from parallel.mesh import Parallelism
@@ -156,7 +162,15 @@ def compile_for(cfg: TrainConfig, target: targets_lib.Target) -> dict:
                                    "slices" if target.platform == "tpu" else "hosts"),
       "async_a2a": hlo_lib.async_all_to_alls(hlo),
       "largest_replicated": largest_replicated(state, n),
+      **({"stage_transfers": stage_transfers(hlo)} if par.stages > 1 else {}),
   }
+
+
+def stage_transfers(hlo: str) -> list[dict]:
+  """The pipeline executor's own collectives over `stage` (parallel/pipeline.py: TRANSFER), one row
+  per kind and array: {kind, shape, count} (instructions; XLA may peel a loop's first collective)."""
+  rows = collections.Counter((r["kind"], r["shape"]) for r in hlo_lib.scoped_collectives(hlo, pipeline.TRANSFER))
+  return [{"kind": k, "shape": shape, "count": c} for (k, shape), c in sorted(rows.items())]
 
 
 def _gib(b: float) -> float:

@@ -5,8 +5,8 @@ MESH is comma-separated `mesh.` keys, e.g. `data=1` `data=8` `expert=8,capacity_
 (unset axes: data=1, fsdp=1, expert=1, tensor=1), and for pipelines `pipeline.` keys: `stage=4,data=2,
 schedule=1f1b,microbatches=8`. A pipelined mesh's line also gives its schedule's predictions
 (parallel/pipeline.py): `bubble` (the masked share of the chunk work the executor runs), `predicted_ratio`
-(its step time over an unpipelined run's: the chunk work it executes, backward recomputation included,
-over the 3 units per micro-batch and chunk of an unpipelined forward + backward) and, against the
+(its step time over an unpipelined run's: the chunk work it executes, bubbles included, over the
+F_COST + B_COST = 3 units per micro-batch and chunk of an unpipelined forward + backward) and, against the
 first unpipelined mesh given, the measured `ratio` and `measured_idle` = 1 - (the schedule's useful
 work / 3MC) / ratio, to set against `bubble` (on simulated CPU devices every device shares the same
 cores, so time is work). All meshes are built first (compiled and warmed
@@ -27,7 +27,7 @@ import time
 
 import jax
 
-from parallel.pipeline import PipelineConfig
+from parallel.pipeline import B_COST, F_COST, PipelineConfig
 from train.core import loop, pipelined
 from train.core.config import load_train_config
 from train.core.data import synthetic_batch
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
             "median_step_s": round(statistics.median(r["times"]), 3),
             "first_step_s": round(r["compile_s"], 1), "dropped_tokens": r["dropped_tokens"]}
     if (s := r["sched"]) is not None:
-      units = 3 * s.microbatches * s.stages * s.repeats  # an unpipelined forward + backward of every chunk
+      units = (F_COST + B_COST) * s.microbatches * s.stages * s.repeats  # unpipelined fwd + bwd of every chunk
       line.update(schedule=s.kind, bubble=round(s.bubble(), 3), textbook_bubble=round(s.textbook_bubble(), 3),
                   predicted_ratio=round(s.executed() / units, 3))
       if base is not None:

@@ -6,6 +6,11 @@
                             all-to-alls (train/aot.py's docstring has the fields)
   async_all_to_alls(hlo)    whether the all-to-alls are asynchronous and how many compute
                             instructions the schedule puts between each start and its done
+  matmul_flops(hlo)         the matmul FLOPs a program executes, counted from the shapes of its dots,
+                            ragged dots, convolutions and GEMM custom calls, through fusions, loops
+                            (times their trip counts) and conditionals (their costliest branch)
+  scoped_collectives(hlo, scope)  the collectives made under `jax.named_scope(scope)`: kind, shape,
+                            bytes, and how often each runs per step (conditionals counted as taken)
 """
 
 from __future__ import annotations
@@ -276,3 +281,152 @@ def async_all_to_alls(hlo: str) -> dict:
       out["overlapped"] += between > 0
       out["between"].append(between)
   return out
+
+
+# ------------------------------------------------------------------ executed matmul FLOPs
+_GEMM_TARGETS = ("__cublas$gemm", "__cublas$lt$matmul", "__cublas$lt$matmul$f8")
+
+
+def _dims(shape: str) -> list[int]:
+  """The dimensions of an array shape ("bf16[8,32]{1,0}" -> [8, 32]); of a tuple, its first array."""
+  m = re.search(r"[a-z][a-z0-9]*\[([0-9,]*)\]", shape)
+  return [int(d) for d in m.group(1).split(",") if d] if m else []
+
+
+def _listed(rest: str, key: str) -> list[int]:
+  m = re.search(key + r"=\{([0-9,]*)\}", rest)
+  return [int(x) for x in m.group(1).split(",") if x] if m else []
+
+
+def _instruction_flops(shape: str, op: str, rest: str, shapes: dict) -> tuple[str, int]:
+  """(kind, FLOPs) of one instruction's own matmul work (0 for anything else)."""
+  out = math.prod(_dims(shape))
+  operands = _operands(rest)
+  lhs = _dims(shapes.get(operands[0], "")) if operands else []
+  if op in ("dot", "ragged-dot"):
+    k = math.prod(lhs[d] for d in _listed(rest, "lhs_contracting_dims") if d < len(lhs))
+    return ("ragged_dot" if op == "ragged-dot" else "dot"), 2 * out * k
+  if op == "convolution":
+    labels = re.search(r"dim_labels=[^_]*_([^-]*)->", rest)
+    kernel = _dims(shapes.get(operands[1], "")) if len(operands) > 1 else []
+    if not labels or len(kernel) != len(labels.group(1)):
+      return "convolution", 0
+    o = labels.group(1).index("o")
+    return "convolution", 2 * out * math.prod(kernel) // max(kernel[o], 1)
+  if op == "custom-call" and any(f'custom_call_target="{t}"' in rest for t in _GEMM_TARGETS):
+    m = re.search(r'"lhs_contracting_dimensions"\s*:\s*\[([^\]]*)\]', rest)
+    dims = [int(x.strip().strip('"')) for x in m.group(1).split(",") if x.strip()] if m else []
+    return "gemm", 2 * math.prod(_dims(shape)) * math.prod(lhs[d] for d in dims if d < len(lhs))
+  return "", 0
+
+
+def _matmul_costs(hlo: str):
+  """(cost, entry, conditionals): cost(computation) -> (Counter of FLOPs by kind, trip counts known)
+  for one execution of it; conditionals: [(op_name metadata, costliest branch's Counter)]."""
+  comps: dict[str, list] = {}
+  shapes: dict[str, str] = {}
+  current, entry = None, ""
+  for line in hlo.splitlines():
+    head = _COMPUTATION.match(line)
+    if head and "=" not in line.split("(", 1)[0]:
+      current = comps.setdefault(head.group(1), [])
+      entry = head.group(1) if line.startswith("ENTRY") else entry
+      continue
+    instr = _INSTR.match(line)
+    if instr and current is not None:
+      name, shape, op, rest = instr.groups()
+      shapes[name] = shape
+      current.append((shape, op, rest))
+  memo: dict[str, tuple[collections.Counter, bool]] = {}
+  conditionals = []
+
+  def branches_of(rest: str) -> list[str]:
+    many = re.search(r"branch_computations=\{([^}]*)\}", rest)
+    if many:
+      return re.findall(r"%?([\w.\-]+)", many.group(1))
+    return re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", rest)
+
+  def cost(c: str, seen=()) -> tuple[collections.Counter, bool]:
+    if c in memo:
+      return memo[c]
+    total, known = collections.Counter(), True
+    if c in seen:  # not a call graph HLO can have
+      return total, False
+    for shape, op, rest in comps.get(c, []):
+      kind, f = _instruction_flops(shape, op, rest, shapes)
+      if f:
+        total[kind] += f
+      if op == "while":
+        body = re.search(r"\bbody=%?([\w.\-]+)", rest).group(1)
+        trips = re.search(r'known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"', rest)
+        inner, k = cost(body, seen + (c,))
+        total.update({key: v * (int(trips.group(1)) if trips else 1) for key, v in inner.items()})
+        known = known and k and trips is not None
+      elif op == "conditional":
+        branches = [cost(b, seen + (c,)) for b in branches_of(rest)]
+        if branches:
+          top = max(branches, key=lambda b: sum(b[0].values()))[0]
+          total.update(top)
+          known = known and all(k for _, k in branches)
+          name = re.search(r'op_name="([^"]*)"', rest)
+          conditionals.append((name.group(1) if name else "", top))
+      elif op not in ("all-reduce", "all-reduce-start", "reduce-scatter", "reduce", "reduce-window", "scatter",
+                      "select-and-scatter", "sort", "map"):
+        for callee in re.findall(r"\b(?:calls|to_apply)=%?([\w.\-]+)", rest):
+          inner, k = cost(callee, seen + (c,))
+          total.update(inner)
+          known = known and k
+    memo[c] = (total, known)
+    return memo[c]
+
+  return cost, entry, conditionals
+
+
+def _summary(counter) -> dict:
+  out = {kind: int(counter.get(kind, 0)) for kind in ("dot", "ragged_dot", "convolution", "gemm")}
+  return {**out, "total": sum(out.values())}
+
+
+def matmul_flops(hlo: str, scopes: tuple[str, ...] = ()) -> dict:
+  """{dot, ragged_dot, convolution, gemm, total, trip_counts_known}: the matmul FLOPs one execution of
+  the program's entry computation performs on one device. A while loop counts its body times its
+  known trip count (an unknown one once, and trip_counts_known says so); a conditional counts its
+  costliest branch (an upper bound where the branches differ; what a pipeline tick costs when any
+  stage takes it, as the executor runs every slot in lockstep). With `scopes`, also {scope: FLOPs of
+  one execution of the costliest branch of a conditional made under `jax.named_scope(scope)`}."""
+  cost, entry, conditionals = _matmul_costs(hlo)
+  total, known = cost(entry)
+  out = {**_summary(total), "trip_counts_known": known}
+  for scope in scopes:
+    found = [c for name, c in conditionals if f"/{scope}/" in f"/{name}/"]
+    out[scope] = max((_summary(c)["total"] for c in found), default=0)
+  return out
+
+
+def scoped_collectives(hlo: str, scope: str) -> list[dict]:
+  """[{kind, shape, bytes, times}] of the collectives whose op_name metadata has the path segment
+  `scope` (a collective-permute's bytes: its array's, once); `times`: executions per run of the entry
+  computation, a conditional's branches each counted as taken (an upper bound)."""
+  pattern = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+  calls, found, computation, entry = [], [], "", ""
+  for line in hlo.splitlines():
+    head = _COMPUTATION.match(line)
+    if head and "=" not in line.split("(", 1)[0]:
+      computation = head.group(1)
+      entry = computation if line.startswith("ENTRY") else entry
+      continue
+    instr = _INSTR.match(line)
+    if not instr:
+      continue
+    rest = instr.group(4)
+    for key, callee, many in _CALLS.findall(rest):
+      trips = re.search(r'known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"', rest) if key == "body" else None
+      for c in [callee] if callee else re.findall(r"%?([\w.\-]+)", many):
+        calls.append((computation, c, int(trips.group(1)) if trips else (None if key == "body" else 1)))
+    m = pattern.search(line)
+    name = re.search(r'op_name="([^"]*)"', line)
+    if m and name and f"/{scope}/" in f"/{name.group(1)}/":
+      array = re.search(r"[a-z][a-z0-9]*\[[0-9,]*\]", m.group(1)).group(0)
+      found.append((computation, {"kind": m.group(2), "shape": array, "bytes": shape_bytes(array)}))
+  times = _times(calls, entry)
+  return [{**row, "times": times.get(c, (1, True))[0]} for c, row in found]
