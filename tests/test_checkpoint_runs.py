@@ -33,7 +33,8 @@ from tests.processes import cpu_env, free_port, last_json, run_together
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "checkpoint_worker.py"
 CLI = """
-import os, sys, time
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job of a script inherits it (issue 29)
 from train.__main__ import main
 from train.core import loop, preemption
 pause = float(os.environ.get("TEST_STEP_PAUSE", "0"))
@@ -74,9 +75,8 @@ class Run:
     env = cpu_env(**env_extra)
     env["TEST_STEP_PAUSE"] = str(pause)
     args = ["configs/tiny.yaml", *RUN, f"run_dir={run_dir}", *overrides]
-    with open(self.out, "w") as out, open(self.err, "w") as err:  # SIGINT ignored, as in a background job
-      self.proc = subprocess.Popen([sys.executable, "-c", CLI, *args], cwd=ROOT, env=env, stdout=out, stderr=err,
-                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    with open(self.out, "w") as out, open(self.err, "w") as err:
+      self.proc = subprocess.Popen([sys.executable, "-c", CLI, *args], cwd=ROOT, env=env, stdout=out, stderr=err)
 
   def wait(self, timeout=600) -> "Run":
     self.proc.wait(timeout=timeout)
