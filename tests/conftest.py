@@ -10,7 +10,7 @@ select_platform()
 
 # Files that take minutes (their 8-device workers or CLI runs), longest first; the rest follow in order.
 LONGEST = ("test_pipeline.py", "test_ep.py", "test_parallel.py", "test_checkpoint_runs.py", "test_aot.py",
-           "test_reliability.py", "test_hf_pod.py", "test_hf.py", "test_sweep.py")
+           "test_reliability.py", "test_hf_pod.py", "test_hf.py", "test_sweep.py", "test_bench.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -16,7 +16,7 @@ import time
 import jax
 
 from moe import params as params_lib
-from parallel.errors import ConfigError
+from parallel.errors import InputError
 from train.core import loop
 from train.core.config import load_train_config
 from train.core.data import synthetic_batch
@@ -75,11 +75,10 @@ def main(argv=None) -> int:
   p.add_argument("--warmup", type=int, default=2)
   args = p.parse_args(argv)
   try:
-    cfg = load_train_config(args.config, args.overrides)
-  except ConfigError as e:
+    print(json.dumps(run(load_train_config(args.config, args.overrides), args.steps, args.warmup)))
+  except InputError as e:  # a bad config, mesh or data: one line
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(json.dumps(run(cfg, args.steps, args.warmup)))
   return 0
 
 

@@ -27,6 +27,7 @@ import time
 
 import jax
 
+from parallel.errors import InputError
 from parallel.pipeline import B_COST, F_COST, PipelineConfig
 from train.core import loop, pipelined
 from train.core.config import load_train_config
@@ -43,6 +44,14 @@ def main(argv=None) -> int:
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--set", nargs="*", default=[], help="key=value overrides for every mesh")
   args = p.parse_args(argv)
+  try:
+    return run(args)
+  except InputError as e:  # a bad config or mesh: one line
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def run(args) -> int:
   runs = []
   for spec in args.meshes:
     keys = dict(data=1, fsdp=1, expert=1, tensor=1)
