@@ -61,6 +61,7 @@ class RoutedExperts(nnx.Module):
     self.fp8 = rt.fp8
     self.impl = rt.experts
     self.par = rt.par
+    self.keep_exchanged = rt.ep_remat == "keep"
     self.gate_proj = param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg, rt)
     self.up_proj = param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg, rt)
     self.down_proj = param(rngs, (e, f, d), ("expert", "moe_mlp", "embed"), cfg, rt)
@@ -89,7 +90,7 @@ class RoutedExperts(nnx.Module):
     expert_fn = functools.partial(EXPERTS[self.impl], fp8=self.fp8)
     copies = self.copies[...] if hasattr(self, "copies") else None
     return dispatch_combine(x_TxD.astype(self.dtype), idx_TxK, w_TxK, weights, DISPATCH_AXES, expert_fn, self.par,
-                            self.routing, copies)
+                            self.routing, copies, self.keep_exchanged)
 
 
 class MoE(nnx.Module):

@@ -43,13 +43,17 @@ class ImplConfig:
   save_dots_no_batch). `scan_layers`: True runs each layer stack as one lax.scan (compile time
   independent of depth); False runs the same stacked parameters as an unrolled loop, which XLA
   schedules across layers (bench-cpu: 9% faster steps, docs/perf.md; compile time grows with depth).
-  `fp8_pow2_scales`: round every FP8 scale up to a power of two."""
+  `fp8_pow2_scales`: round every FP8 scale up to a power of two. `ep_remat`: whether the backward pass
+  of a chunked dropless expert-parallel exchange runs the exchange again (recompute: only one chunk's
+  buffers live at a time) or keeps the rows each chunk received and returned (keep: no all-to-all
+  repeated, all chunks' rows held; parallel/expert_parallel.py: in_chunks)."""
 
   attention: Literal["auto", "fused", "blocked", "splash", "flash"] = "auto"
   experts: Literal["auto", "ragged_dot", "blocked", "dense"] = "auto"
   fp8_gemm: fp8_lib.GemmChoice = "auto"
   fp8_pow2_scales: bool = False
   remat_policy: RematPolicy = "none"
+  ep_remat: Literal["recompute", "keep"] = "recompute"
   scan_layers: bool = True
 
   def __post_init__(self):
@@ -69,6 +73,7 @@ class Runtime:
   scan_layers: bool = True
   par: object = None  # parallel.mesh.Parallelism, or None: one device
   platform: str = "cpu"  # of the target devices
+  ep_remat: str = "recompute"
 
   @property
   def compute_dtype(self):
@@ -101,7 +106,7 @@ class Runtime:
                           " blocked with precision=fp8")
       recipe = fp8_lib.resolve_recipe(impl.fp8_gemm, devices, impl.fp8_pow2_scales)
     rt = cls(dtype, param_dtype or dtype, attention, experts, recipe, impl.remat_policy, impl.scan_layers, par,
-             platform)
+             platform, impl.ep_remat)
     if announce:
       log.info("impl: %s", rt.describe())
     return rt
@@ -110,5 +115,6 @@ class Runtime:
     target = self.par.describe() if self.par is not None else f"1 {self.platform} device"
     fp8 = self.fp8.describe() if self.fp8 is not None else "off"
     return (f"{self.dtype} compute, {self.param_dtype} parameters; attention {self.attention}, experts"
-            f" {self.experts}, remat {self.remat_policy}, {'scanned' if self.scan_layers else 'unrolled'} layers;"
+            f" {self.experts}, remat {self.remat_policy} (expert-parallel exchange: {self.ep_remat}),"
+            f" {'scanned' if self.scan_layers else 'unrolled'} layers;"
             f" fp8 {fp8}; {target}")

@@ -73,6 +73,7 @@ from typing import Callable, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from parallel import eplb, sharding as sharding_lib
@@ -356,6 +357,7 @@ def _exchange(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, plan: Plan):
     else:
       (x_R, idx_R, w_R), back_outer, lost = _send_ragged(outer, dest_N, t * g, plan.nodes * t, payloads, emulate)
     dropped += (hits_TxG.reshape(-1) * lost).sum().astype(jnp.int32)
+    x_R, idx_R, w_R = (checkpoint_name(a, EXCHANGED) for a in (x_R, idx_R, w_R))
 
   # 2. Inside the node: each (row, k) assignment to the rank owning its expert; the expert FFN there.
   rows = x_R.shape[0]
@@ -374,7 +376,8 @@ def _exchange(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, plan: Plan):
       (rx, ex), back_inner, lost = _send_ragged(inner, dest_N, rows * min(k, per_node),
                                                 n_in * rows * min(k, e_local), payloads, emulate)
     dropped += lost.sum().astype(jnp.int32)
-    y_N = back_inner(expert_fn(rx, ex, *weights))
+    rx, ex = checkpoint_name(rx, EXCHANGED), checkpoint_name(ex, EXCHANGED)
+    y_N = checkpoint_name(back_inner(expert_fn(rx, ex, *weights)), EXCHANGED)
 
   # 3. Back: the node's weighted sum of its experts' outputs per row, one trip per node to the token.
   y_R = combine(y_N, jnp.where(mine_RxK, w_R, 0))
@@ -419,12 +422,18 @@ def in_halves(fn):
   return run
 
 
-def in_chunks(fn, chunks: int):
+EXCHANGED = "ep_exchanged"  # the checkpoint name of the rows an exchange received or returned
+
+
+def in_chunks(fn, chunks: int, keep: bool = False):
   """`fn(x, idx, w, *weights) -> (y, dropped)` over `chunks` consecutive slices of the tokens, one
-  after the other (lax.scan); each chunk's exchange and expert FFN are recomputed in the backward
-  pass (jax.checkpoint), so only one chunk's buffers are ever live."""
+  after the other (lax.scan), each under jax.checkpoint: its expert FFN is recomputed in the backward
+  pass, and its exchange too, so that only one chunk's buffers are ever live; with `keep`
+  (impl.ep_remat=keep) the rows each chunk received and got back (named EXCHANGED) are saved
+  instead, and the backward repeats no all-to-all."""
   if chunks == 1:
     return fn
+  policy = jax.checkpoint_policies.save_only_these_names(EXCHANGED) if keep else None
 
   def run(x, idx, w, *weights):
     split = lambda a: a.reshape(chunks, a.shape[0] // chunks, *a.shape[1:])
@@ -432,7 +441,7 @@ def in_chunks(fn, chunks: int):
     def step(_, c):
       return None, fn(*c, *weights)
 
-    _, (ys, dropped) = jax.lax.scan(jax.checkpoint(step), None, (split(x), split(idx), split(w)))
+    _, (ys, dropped) = jax.lax.scan(jax.checkpoint(step, policy=policy), None, (split(x), split(idx), split(w)))
     return ys.reshape(x.shape[0], -1), dropped.sum()
 
   return run
@@ -455,7 +464,7 @@ def _axes_of(entry) -> tuple[str, ...]:
 
 def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight_axes: Sequence[tuple],
                      expert_fn: Callable, par=None, routing: tuple[int, int, int] | None = None,
-                     copies: jax.Array | None = None):
+                     copies: jax.Array | None = None, keep_exchanged: bool = False):
   """Routed experts of one MoE layer: (y [T, D] = sum_k w[t, k] expert_{idx[t, k]}(x[t]), dropped
   assignments [] int32).
 
@@ -466,7 +475,8 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
   routing: (logical experts, n_group, topk_group) of device-limited routing, which bounds the nodes a
   token reaches in the two-level dispatch (None: no limit). copies: the logical expert held by each
   redundant slot (mesh.redundant_experts; parallel/eplb.py), [n_ep * r_l]; each assignment goes to
-  one copy of its expert (eplb.physical_ids). Ignored without expert parallelism.
+  one copy of its expert (eplb.physical_ids). Ignored without expert parallelism. keep_exchanged:
+  the backward of chunked dropless exchanges keeps their rows rather than exchanging again (in_chunks).
   """
   if par is None or par.mesh.size == 1:
     return _local(x_TxD, idx_TxK, w_TxK, *weights, expert_fn=expert_fn)
@@ -522,7 +532,7 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
       raise ConfigError(f"mesh.ep_overlap: the {t_local} tokens of each expert-parallel rank do not split into"
                         f" {chunks} chunk(s) of two halves")
     fn = in_halves(fn)
-  fn = in_chunks(fn, chunks)
+  fn = in_chunks(fn, chunks, keep_exchanged)
   if n_ep == 1:
     copies = None
 

@@ -26,8 +26,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from typing import Callable
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh
 
 from parallel import expert_parallel, sharding
@@ -66,10 +68,11 @@ class MeshConfig:
   # Dropless exchanges in this many chunks of each rank's tokens (null: as many as keep a chunk's
   # worst-case receive buffer within the balanced one of all tokens; parallel/expert_parallel.py).
   ep_chunks: int | None = None
-  # The expert-parallel ranks as this many nodes (GPU hosts, TPU slices, or any split of the expert
-  # axis) of neighbouring ranks: > 1 sends a token across nodes once per node holding its experts,
-  # then to the experts' ranks inside the node (two-level dispatch; parallel/expert_parallel.py).
-  ep_nodes: int = 1
+  # The expert-parallel ranks as this many nodes of neighbouring ranks: > 1 sends a token across
+  # nodes once per node holding its experts, then to the experts' ranks inside the node (two-level
+  # dispatch; parallel/expert_parallel.py). null: the nodes the expert axis spans, from the devices
+  # (GPU hosts, TPU slices; one on CPU); a number simulates nodes (any split of the expert axis).
+  ep_nodes: int | None = None
   # Each MoE layer's tokens in two independent halves, so that one half's all-to-all can run while
   # the other half's experts compute.
   ep_overlap: bool = False
@@ -89,8 +92,8 @@ class MeshConfig:
     cf = self.capacity_factor
     require(cf is None or cf > 0, f"mesh.capacity_factor={cf} must be > 0 or null (dropless)")
     require(self.ep_chunks is None or self.ep_chunks >= 1, f"mesh.ep_chunks={self.ep_chunks} must be >= 1 or null")
-    require(self.ep_nodes >= 1, f"mesh.ep_nodes={self.ep_nodes} must be >= 1")
-    require(self.expert == -1 or self.expert % self.ep_nodes == 0,
+    require(self.ep_nodes is None or self.ep_nodes >= 1, f"mesh.ep_nodes={self.ep_nodes} must be >= 1 or null")
+    require(self.ep_nodes is None or self.expert == -1 or self.expert % self.ep_nodes == 0,
             f"mesh.ep_nodes={self.ep_nodes} must divide mesh.expert={self.expert}")
     require(self.redundant_experts >= 0, f"mesh.redundant_experts={self.redundant_experts} must be >= 0")
     require(self.expert == -1 or self.redundant_experts % self.expert == 0,
@@ -199,6 +202,7 @@ class Parallelism:
   capacity_factor: float | None = None  # padded transport; None: dropless
   ep_chunks: int | None = None  # dropless exchanges: token chunks (None: expert_parallel.dropless_chunks)
   ep_nodes: int = 1  # two-level dispatch over this many nodes of expert-parallel ranks (1: one level)
+  ep_nodes_are: str = "one node"  # what the nodes are: "hosts", "slices" (from the devices) or "mesh.ep_nodes"
   ep_overlap: bool = False  # each MoE layer's exchange in two independent halves
   redundant_experts: int = 0  # extra expert slots (copies of the hottest experts), over all EP ranks
   redundant_every: int = 100  # steps between re-placements of the copies
@@ -209,7 +213,8 @@ class Parallelism:
     mesh = make_mesh(mesh_cfg, devices)
     rules = tuple(sharding.resolve_rules(mesh_cfg.rules).items())
     transport = expert_parallel.resolve_transport(mesh_cfg.ep_transport, mesh)
-    return cls(mesh, rules, transport, mesh_cfg.capacity_factor, mesh_cfg.ep_chunks, mesh_cfg.ep_nodes,
+    nodes, are = (mesh_cfg.ep_nodes, "mesh.ep_nodes") if mesh_cfg.ep_nodes is not None else expert_nodes(mesh)
+    return cls(mesh, rules, transport, mesh_cfg.capacity_factor, mesh_cfg.ep_chunks, nodes, are,
                mesh_cfg.ep_overlap, mesh_cfg.redundant_experts, mesh_cfg.redundant_every, pipeline)
 
   @property
@@ -239,4 +244,37 @@ class Parallelism:
 
   def describe(self) -> str:
     sizes = " x ".join(f"{a}={n}" for a, n in self.mesh.shape.items())
-    return f"mesh {sizes} on {self.mesh.size} {self.platform} device(s), expert-parallel transport {self.ep_transport}"
+    nodes = f", {self.ep_nodes} expert-parallel nodes ({self.ep_nodes_are})" if self.ep_nodes > 1 else ""
+    return (f"mesh {sizes} on {self.mesh.size} {self.platform} device(s), expert-parallel transport"
+            f" {self.ep_transport}{nodes}")
+
+
+def node_of(devices) -> tuple[str, Callable]:
+  """(what a node is, device -> its node) behind the slow links: TPU slices (slice_index), GPU hosts
+  (process_index); CPU devices are one node."""
+  platform = devices[0].platform
+  if platform == "tpu":
+    return "slices", lambda d: getattr(d, "slice_index", 0)
+  if platform == "cpu":
+    return "one node", lambda d: 0
+  return "hosts", lambda d: d.process_index
+
+
+def expert_nodes(mesh: Mesh) -> tuple[int, str]:
+  """(nodes, what they are) that the `expert` axis spans, when each is a block of neighbouring
+  expert-parallel ranks (else 1: one level, and says why)."""
+  kind, node = node_of(list(mesh.devices.flat))
+  if mesh.shape.get("expert", 1) == 1 or kind == "one node":
+    return 1, kind
+  line = np.moveaxis(mesh.devices, list(mesh.axis_names).index("expert"), 0).reshape(mesh.shape["expert"], -1)[:, 0]
+  n = nodes_along([node(d) for d in line])
+  return (n, kind) if n else (1, f"{kind} not in blocks of the expert axis")
+
+
+def nodes_along(ids: list) -> int:
+  """How many nodes a line of ranks spans, given each rank's node: 0 unless each node holds one block
+  of neighbouring ranks, all blocks the same size."""
+  n = len(set(ids))
+  per = len(ids) // n
+  blocks = len(ids) % n == 0 and all(ids[i] == ids[i - i % per] for i in range(len(ids)))
+  return n if blocks and len(set(ids[::per])) == n else 0

@@ -58,7 +58,7 @@ FEATURES = {
     "all_fp8": ["mesh.ep_nodes={nodes}", "mesh.ep_overlap=true", "mesh.redundant_experts={ep}",
                 "mesh.redundant_every=1", "precision=fp8"],
     "all_ragged": ["mesh.ep_nodes={nodes}", "mesh.ep_overlap=true", "mesh.redundant_experts={ep}",
-                   "mesh.redundant_every=1", "mesh.ep_transport=ragged"],
+                   "mesh.redundant_every=1", "mesh.ep_transport=ragged", "mesh.ep_chunks=2", "impl.ep_remat=keep"],
 }
 
 # (b's float32 one-device reference comes last: by then a has compiled it into the session's cache)

@@ -108,19 +108,57 @@ def compile_json(capsys, *argv):
   return [json.loads(line) for line in out.out.splitlines()]
 
 
+def test_per_device_batch_sets_grad_accum_from_the_mesh():
+  """The large configs carry a pod layout: per_device_batch=1, fsdp over what expert=8 leaves. On
+  v5p-512 (256 chips) V3's 15,360 sequences make 60 micro-batches of 256; on v5p-1024, 30."""
+  cfg = load_train_config(ROOT / "configs/deepseek-v3-671b.yaml")
+  for target, fsdp, accum in (("v5p-512", 32, 60), ("v5p-1024", 64, 30)):
+    par = Parallelism.from_config(cfg.mesh, targets.devices(targets.parse(target)))
+    assert dict(par.mesh.shape)["fsdp"] == fsdp and loop.batch_devices(par) == (256 * fsdp // 32, "fsdp x expert")
+    resolved = loop.on_mesh(cfg, par)
+    assert (resolved.grad_accum, resolved.per_device_batch) == (accum, None) and loop.on_mesh(resolved, par) == resolved
+  par = Parallelism.from_config(cfg.mesh, targets.devices(targets.parse("v5p-512")))
+  with pytest.raises(ConfigError, match=r"^batch_size=1000 is not a multiple of per_device_batch=1 x the 256 devices"
+                                        r" the batch splits over \(fsdp x expert\) = 256: change batch_size"):
+    loop.on_mesh(cfg.replace(batch_size=1000), par)
+  with pytest.raises(ConfigError, match="per_device_batch=1 and grad_accum=4: set one of them"):
+    load_train_config(ROOT / "configs/deepseek-v3-671b.yaml", ["grad_accum=4"])
+
+
+def test_kept_exchange_rows_are_not_exchanged_again():
+  """impl.ep_remat: a dropless exchange in 2 chunks (expert=4 on v5p-8, ragged) repeats its
+  all-to-alls in the backward pass (recompute), or keeps the rows and does not (keep). Counted in the
+  lowered step's text, where the MoE layers share one function per pass: the forward's three ragged
+  all-to-alls (the rows and their expert ids there, the results back), the backward's two transposes,
+  and with recompute the forward's three again."""
+  counts = {}
+  for ep in ("recompute", "keep"):
+    cfg = load_train_config(ROOT / "configs/tiny.yaml", [*SMALL, "mesh.data=1", "mesh.expert=4", "mesh.ep_chunks=2",
+                                                          f"impl.ep_remat={ep}", "model.first_k_dense_replace=0",
+                                                          "model.num_nextn_predict_layers=0", "impl.scan_layers=false"])
+    par = Parallelism.from_config(cfg.mesh, targets.devices(targets.parse("v5p-8")))
+    s = loop.setup(cfg, par)
+    text = s.train_step.lower(s.abstract_state, s.batch_spec(cfg.batch_size, cfg.seq_len)).as_text()
+    counts[ep] = text.count("ragged_all_to_all")
+  assert counts == {"keep": 3 + 2, "recompute": 3 + 2 + 3}, counts
+
+
 def test_compiles_for_v5p_with_data_fsdp_and_expert_axes(capsys):
   """tiny.yaml on v5p-16 (8 chips) with data=2 x fsdp=2 x expert=2: the TPU paths
-  (ragged_dot as Mosaic kernels, ragged_all_to_all, the splash kernel) lower and compile."""
+  (ragged_dot as Mosaic kernels, ragged_all_to_all, the splash kernel) lower and compile; --buffers
+  names the largest buffers at the peak."""
   for config in ("tiny",):
     (r,) = compile_json(capsys, f"configs/{config}.yaml", "--target", "v5p-16", "mesh.data=2", "mesh.fsdp=2",
-                        "mesh.expert=2", "batch_size=8", "seq_len=256")
+                        "mesh.expert=2", "batch_size=8", "seq_len=256", "--buffers", "4")
     assert r["fits"] and r["devices"] == 8 and r["mesh"] == {"stage": 1, "data": 2, "fsdp": 2, "expert": 2, "tensor": 1}
     assert r["impl"]["ep_transport"] == "ragged" and r["impl"]["experts"] == "ragged_dot"
     assert r["impl"]["attention"] == "splash"
     assert r["collectives"]["ragged-all-to-all"]["count"] > 0 and r["collectives"]["all-gather"]["bytes"] > 0
-    mem = r["per_device_GiB"]
-    assert 0 < mem["peak"] <= mem["arguments"] + mem["temporaries"] + mem["output"]
-    assert r["model_flops_per_step"] == r["model_flops_per_device"] * 8 > 0
+    top = r["peak_buffers"]
+    assert len(top) == 4 and [b["bytes"] for b in top] == sorted((b["bytes"] for b in top), reverse=True)
+    for b in top:  # each as large as its array (TPU tiles may pad it), and smaller than the peak
+      assert hlo_lib.shape_bytes(b["array"]) <= b["bytes"] < r["per_device_GiB"]["peak"] * 2**30, b
+    assert any(b["source"].startswith(("moe/", "parallel/", "train/")) for b in top), top
     assert r["async_a2a"]["async"] == 0 < r["async_a2a"]["sync"]  # libtpu's default (see mesh.ep_overlap)
     slow = r["slow_a2a"]  # one slice: nothing crosses the data-centre network
     assert (slow["groups"], slow["granules"], slow["bytes_per_device"]) == ("slices", 1, 0) and slow["count"] > 0
@@ -169,8 +207,8 @@ def test_bad_target_and_search(capsys):
   assert aot.main(["configs/tiny.yaml", "--target", "v5p-8", "--search", "--tries", "2", *SMALL]) == 0
   out = capsys.readouterr().out.splitlines()
   rows = [json.loads(line) for line in out[:2]]
-  assert [r["overrides"][:4] for r in rows] == [["mesh.data=1", "mesh.fsdp=1", "mesh.expert=4", "mesh.tensor=1"],
-                                                ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=1"]]
+  assert [r["overrides"][:4] for r in rows] == [["mesh.data=1", "mesh.fsdp=1", "mesh.expert=4", "mesh.tensor=1"]] * 2
+  assert [r["overrides"][5] for r in rows] == ["impl.ep_remat=keep", "impl.ep_remat=recompute"]
   assert out[2].startswith("fits") and all(r["fits"] for r in rows) and len(out) == 5
 
 
@@ -205,6 +243,27 @@ ENTRY %main.0_spmd (x: f32[16,4]) -> f32[16,4] {
   ROOT %y = f32[16,4]{1,0} copy(%a)
 }
 """
+
+
+def test_peak_buffers_name_the_arrays_and_the_lines_that_made_them(tmp_path):
+  """A program whose peak holds x and sin(x), [256, 256] f32 each: hlo.peak_buffers reads XLA's
+  live-range dump and names each buffer's array, bytes and source line (this file)."""
+  import inspect
+
+  import jax.numpy as jnp
+
+  def f(x):
+    y = jnp.sin(x)
+    return (y @ x.T).sum()
+
+  line = inspect.getsourcelines(f)[1] + 1
+  jax.jit(f).lower(jnp.ones((256, 256))).compile({"xla_dump_to": str(tmp_path), "xla_dump_hlo_as_text": True})
+  live = next(tmp_path.glob("*after_optimizations-live-range.txt"))
+  text = live.with_name(live.name.replace("-live-range.txt", ".txt")).read_text()
+  rows = hlo_lib.peak_buffers(text, live.read_text(), top=2)
+  assert [(r["array"], r["bytes"]) for r in rows] == [("f32[256,256]", 256 * 256 * 4)] * 2, rows
+  made = {r["op"]: r for r in rows}
+  assert set(made) == {"parameter", "fusion"} and f"tests/test_aot.py:{line} (" in made["fusion"]["source"]
 
 
 def fake_devices(ids, process=None, slices=None, platform="gpu"):

@@ -49,6 +49,19 @@ def test_bad_settings_are_one_line():
     MeshConfig(expert=8, redundant_experts=8, redundant_every=0)
 
 
+def test_nodes_come_from_the_devices_unless_set():
+  """mesh.ep_nodes null: the nodes the expert axis spans (GPU hosts, TPU slices), when each holds a
+  block of neighbouring ranks; CPU devices are one node; a number simulates nodes."""
+  from parallel.mesh import Parallelism, nodes_along
+
+  assert nodes_along([0] * 8) == 1 and nodes_along([0, 0, 1, 1, 2, 2, 3, 3]) == 4
+  assert nodes_along([0, 1, 0, 1]) == 0 and nodes_along([0, 0, 0, 1]) == 0 and nodes_along([0, 0, 1, 1, 0, 0]) == 0
+  par = Parallelism.from_config(MeshConfig(data=1))
+  assert (par.ep_nodes, par.ep_nodes_are) == (1, "one node")
+  par = Parallelism.from_config(MeshConfig(data=1, ep_nodes=1))
+  assert (par.ep_nodes, par.ep_nodes_are) == (1, "mesh.ep_nodes")
+
+
 @pytest.fixture(scope="module")
 def eight():
   """The two workers' results, merged."""
@@ -101,7 +114,8 @@ def test_router_reach_is_what_the_router_enforces():
 
 def test_training_steps_match_one_device(eight):
   """Three steps, the copies re-placed after each: loss and update as on one device, also through a
-  2-stage 1F1B pipeline."""
+  2-stage 1F1B pipeline; the ragged run exchanges in 2 chunks whose rows the backward keeps
+  (impl.ep_remat=keep)."""
   steps = eight["steps"]
   assert set(steps) == {"expert8/all_ragged", "d2e4/all", "stage2e4/all_1f1b", "expert8/all_fp8"}
   for name, r in steps.items():

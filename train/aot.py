@@ -2,6 +2,7 @@
 
   python -m train.aot CONFIG --target v5p-1024 [--target h100x256 ...] [--slices N] [key=value ...]
   python -m train.aot CONFIG --target v5p-512 --search [--tries N]
+  python -m train.aot CONFIG --target v6e-256 --slices 4 --buffers 10
 
 The step is the one `python -m train` runs (train.core.loop.setup: same model, runtime, shardings
 and batch), lowered and compiled for the target's compile-only devices (parallel/targets.py) with
@@ -33,7 +34,11 @@ no accelerator present. One JSON line per target:
   stage_transfers (with mesh.stage > 1): the pipeline executor's own collectives over `stage`, by kind
     and array (per tick an activation and a cotangent by collective-permute; per micro-batch
     first_fn's blocks all-gathered, the last stage's output scattered, and their cotangents), all in
-    the compute dtype on TPU and GPU.
+    the compute dtype on TPU and GPU,
+  peak_buffers (with --buffers N): the N largest buffers live at the peak, from the compiler's
+    live-range dump: bytes, array, the HLO instruction and opcode, the JAX operation and the innermost
+    source line in moe/, parallel/ or train/ that made it (a target it does not fit: the compiler's
+    own list of its largest allocations, on stderr after the one line).
 
 A target the state does not fit is one line, "does not fit on v5p-1024: needs 97.5 GiB of 95.7 GiB
 per device", and exit code 3 (2: a bad config or target). `--search` compiles mesh factorisations,
@@ -51,7 +56,9 @@ import logging
 import math
 import re
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -72,8 +79,8 @@ EXIT_DOES_NOT_FIT = 3
 
 
 class DoesNotFit(Exception):
-  def __init__(self, target: str, needed: float | None, hbm: float, detail: str):
-    self.target, self.needed, self.hbm, self.detail = target, needed, hbm, detail
+  def __init__(self, target: str, needed: float | None, hbm: float, detail: str, report: str = ""):
+    self.target, self.needed, self.hbm, self.detail, self.report = target, needed, hbm, detail, report
     need = f"needs {needed / GiB:.1f} GiB of {hbm / GiB:.1f} GiB per device" if needed else detail
     super().__init__(f"does not fit on {target}: {need}")
 
@@ -112,16 +119,20 @@ _OOM = re.compile(r"\(([0-9.]+)([KMGT]?)\) exceeds available HBM \(([0-9.]+)([KM
 _UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def compile_for(cfg: TrainConfig, target: targets_lib.Target) -> dict:
-  """Compile `cfg`'s train step for `target`; the report (see the module docstring), or DoesNotFit."""
+def compile_for(cfg: TrainConfig, target: targets_lib.Target, buffers: int = 0) -> dict:
+  """Compile `cfg`'s train step for `target`; the report (see the module docstring), or DoesNotFit.
+  `buffers`: also the largest buffers live at the peak (XLA's dumps, written to a temporary folder)."""
   cfg = for_target(cfg, target)
   devices = targets_lib.devices(target)
   par = Parallelism.from_config(cfg.mesh, devices, cfg.pipeline)
+  cfg = loop.on_mesh(cfg, par)
   s = loop.setup(cfg, par)
   batch = s.batch_spec(cfg.batch_size, cfg.seq_len)
   t0 = time.perf_counter()
+  dump = tempfile.TemporaryDirectory(prefix="aot_dump") if buffers else None
+  options = {"xla_dump_to": dump.name, "xla_dump_hlo_as_text": True} if dump else None
   try:
-    compiled = s.train_step.lower(s.abstract_state, batch).compile()
+    compiled = s.train_step.lower(s.abstract_state, batch).compile(options)
   except Exception as e:  # noqa: BLE001 - the compiler's out-of-memory error, anything else re-raised
     text = str(e)
     if "Ran out of memory" not in text and "exceeds available HBM" not in text:
@@ -129,7 +140,7 @@ def compile_for(cfg: TrainConfig, target: targets_lib.Target) -> dict:
     m = _OOM.search(text)
     needed = float(m.group(1)) * _UNIT[m.group(2)] if m else None
     hbm = float(m.group(3)) * _UNIT[m.group(4)] if m else target.hbm_bytes
-    raise DoesNotFit(target.name, needed, hbm, text.strip().splitlines()[0][:200]) from None
+    raise DoesNotFit(target.name, needed, hbm, text.strip().splitlines()[0][:200], text) from None
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   state = s.abstract_state
@@ -163,7 +174,30 @@ def compile_for(cfg: TrainConfig, target: targets_lib.Target) -> dict:
       "async_a2a": hlo_lib.async_all_to_alls(hlo),
       "largest_replicated": largest_replicated(state, n),
       **({"stage_transfers": stage_transfers(hlo)} if par.stages > 1 else {}),
+      **({"peak_buffers": _peak_buffers(dump, buffers)} if dump else {}),
   }
+
+
+def _allocations(report: str, top: int) -> str:
+  """The part of the compiler's out-of-memory message that lists its largest allocations (libtpu:
+  "Largest program allocations in hbm:"), its first `top` entries."""
+  start = report.find("Largest program allocations")
+  if start < 0:
+    return report.strip()[:2000]
+  entries = re.split(r"\n\s*(?=\d+\. Size:)", report[start:])
+  return "\n".join(e.rstrip() for e in entries[:top + 1])
+
+
+def _peak_buffers(dump: tempfile.TemporaryDirectory, top: int) -> list[dict]:
+  """The `top` largest buffers live at the step's peak, from the compiler's dumps in `dump`."""
+  with dump:
+    folder = Path(dump.name)
+    ranges = sorted(folder.glob("*jit_step*after_optimizations-live-range.txt"), key=lambda p: p.stat().st_size)
+    if not ranges:
+      return []
+    live = ranges[-1]
+    text = live.with_name(live.name.replace("-live-range.txt", ".txt"))
+    return hlo_lib.peak_buffers(text.read_text() if text.exists() else "", live.read_text(), top)
 
 
 def stage_transfers(hlo: str) -> list[dict]:
@@ -180,7 +214,8 @@ def _gib(b: float) -> float:
 # ------------------------------------------------------------------ search
 def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list[list[str]]:
   """Override sets to try, most promising first: expert x fsdp (x tensor) factorisations of the
-  devices (of each pipeline stage's, with mesh.stage given), then remat policies and grad_accum."""
+  devices (of each pipeline stage's, with mesh.stage given), then remat policies (the chunked
+  expert-parallel exchange's rows kept before recomputed) and grad_accum."""
   n = target.devices // max(cfg.mesh.stage, 1)
   e = cfg.model.n_routed_experts
   meshes = []
@@ -191,11 +226,13 @@ def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list
                        f"mesh.tensor={tensor}"])
   out = []
   for remat in ("none", "save_dots_no_batch", "full"):
-    for accum in (1, 2, 4):
-      if cfg.batch_size % accum:
+    for accum in (1, 2, 4) if cfg.per_device_batch is None else (None,):  # (per_device_batch: grad_accum follows)
+      if accum is not None and cfg.batch_size % accum:
         continue
       for m in meshes:
-        out.append(m + [f"impl.remat_policy={remat}", f"grad_accum={accum}"])
+        for ep in ("keep", "recompute"):  # (the chunked exchange's rows kept when they fit: no all-to-all again)
+          out.append(m + [f"impl.remat_policy={remat}", f"impl.ep_remat={ep}"] + (
+              [f"grad_accum={accum}"] if accum else []))
   return out[:tries]
 
 
@@ -234,6 +271,8 @@ def main(argv=None) -> int:
   p.add_argument("--slices", type=int, default=1, help="TPU slices (multi-slice over the data-centre network)")
   p.add_argument("--search", action="store_true", help="try meshes, remat policies and grad_accum for the target")
   p.add_argument("--tries", type=int, default=12, help="with --search: at most this many compiles")
+  p.add_argument("--buffers", type=int, default=0, metavar="N",
+                 help="also list the N largest buffers live at the peak: array, bytes, operation, source line")
   args = p.parse_intermixed_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
   rc = 0
@@ -247,9 +286,11 @@ def main(argv=None) -> int:
       return 0
     for target in targets:
       try:
-        print(json.dumps(compile_for(cfg, target)), flush=True)
+        print(json.dumps(compile_for(cfg, target, args.buffers)), flush=True)
       except DoesNotFit as e:
         print(f"{args.config}: {e}", file=sys.stderr, flush=True)
+        if args.buffers and e.report:  # the compiler's own list of its largest allocations
+          print(_allocations(e.report, args.buffers), file=sys.stderr, flush=True)
         rc = EXIT_DOES_NOT_FIT
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)

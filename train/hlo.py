@@ -11,6 +11,8 @@
                             (times their trip counts) and conditionals (their costliest branch)
   scoped_collectives(hlo, scope)  the collectives made under `jax.named_scope(scope)`: kind, shape,
                             bytes, and how often each runs per step (conditionals counted as taken)
+  peak_buffers(hlo, live)   the largest buffers live at the peak, from XLA's live-range dump, with
+                            the operation and the source line that made each
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from __future__ import annotations
 import collections
 import math
 import re
+from typing import NamedTuple
 
 import jax
 import numpy as np
+
+from parallel import mesh as mesh_lib
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all",
                "collective-permute")
@@ -42,8 +47,52 @@ def collectives(hlo: str) -> dict:
 
 
 # ------------------------------------------------------------------ all-to-all over the slow network
-_INSTR = re.compile(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\(.*?\)|[a-z][a-z0-9]*\[[0-9,]*\](?:\{[^}]*\})?)\s+"
-                    r"([a-z][\w\-]*)\((.*)$")
+class _Instruction(NamedTuple):
+  """One HLO instruction line: name, result shape, opcode, the text after the opcode's parenthesis."""
+  name: str
+  shape: str
+  op: str
+  rest: str
+
+  def groups(self):
+    return tuple(self)
+
+  def group(self, i: int) -> str:
+    return self[i - 1]
+
+
+class _InstructionParser:
+  """`match(line)` -> _Instruction or None. A tuple shape is read to its balanced parenthesis, since
+  TPU layouts put parentheses inside it ("{1,0:T(8,128)(2,1)}")."""
+
+  _HEAD = re.compile(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
+  _ARRAY = re.compile(r"[a-z][a-z0-9]*\[[0-9,]*\](?:\{[^}]*\})?")
+  _OP = re.compile(r"\s+([a-z][\w\-]*)\((.*)$")
+
+  def match(self, line: str) -> _Instruction | None:
+    head = self._HEAD.match(line)
+    if not head:
+      return None
+    i = head.end()
+    if line.startswith("(", i):
+      depth = 0
+      for j in range(i, len(line)):
+        depth += {"(": 1, ")": -1}.get(line[j], 0)
+        if depth == 0:
+          break
+      else:
+        return None
+      shape, k = line[i:j + 1], j + 1
+    else:
+      array = self._ARRAY.match(line, i)
+      if not array:
+        return None
+      shape, k = array.group(0), array.end()
+    op = self._OP.match(line, k)
+    return _Instruction(head.group(1), shape, op.group(1), op.group(2)) if op else None
+
+
+_INSTR = _InstructionParser()
 _COMPUTATION = re.compile(r"(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
 _CALLS = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)"
                     r"|\b(?:branch_computations|called_computations)=\{([^}]*)\}")
@@ -82,7 +131,8 @@ def granule_of(devices, groups=None):
   if isinstance(groups, dict):
     return "nodes", lambda d: groups[d.id]
   if groups is None:
-    groups = "slices" if devices[0].platform == "tpu" else "hosts"
+    kind, node = mesh_lib.node_of(devices)
+    return ("hosts", node) if kind == "one node" else (kind, node)
   if groups == "slices":
     return groups, lambda d: getattr(d, "slice_index", 0)
   return groups, lambda d: d.process_index
@@ -430,3 +480,95 @@ def scoped_collectives(hlo: str, scope: str) -> list[dict]:
       found.append((computation, {"kind": m.group(2), "shape": array, "bytes": shape_bytes(array)}))
   times = _times(calls, entry)
   return [{**row, "times": times.get(c, (1, True))[0]} for c, row in found]
+
+
+# ------------------------------------------------------------------ the buffers live at the peak
+_LIVE = re.compile(r"\s+([\w.\-]+)\{([0-9,]*)\}: (\d+) bytes")
+
+
+def _tuple_elements(shape: str) -> list[str]:
+  """The top-level elements of a tuple shape "(s32[], f32[8]{0}, /*index=2*/(...))"."""
+  inner, out, depth, cur = shape.strip()[1:-1], [], 0, ""
+  inner = re.sub(r"/\*.*?\*/", "", inner)
+  for ch in inner:
+    if ch == "," and depth == 0:
+      out.append(cur.strip())
+      cur = ""
+      continue
+    depth += {"(": 1, ")": -1, "{": 1, "}": -1, "[": 1, "]": -1}.get(ch, 0)
+    cur += ch
+  return out + ([cur.strip()] if cur.strip() else [])
+
+
+def _frames(hlo: str):
+  """stack_frame_id -> [(file, function, line)] innermost first, from the module's frame tables."""
+  tables = {}
+  for section in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+    m = re.search(rf"^{section}\n((?:\d+ .*\n)*)", hlo, re.M)
+    tables[section] = dict(re.findall(r"^(\d+) (.*)$", m.group(1), re.M)) if m else {}
+  names = {k: v.strip('"') for k, v in tables["FileNames"].items()}
+  funcs = {k: v.strip('"') for k, v in tables["FunctionNames"].items()}
+  locs = {k: dict(re.findall(r"(\w+)=(\d+)", v)) for k, v in tables["FileLocations"].items()}
+  frames = {k: dict(re.findall(r"(\w+)=(\d+)", v)) for k, v in tables["StackFrames"].items()}
+
+  def stack(frame_id: str) -> list[tuple[str, str, int]]:
+    out, seen = [], set()
+    while frame_id in frames and frame_id not in seen:
+      seen.add(frame_id)
+      loc = locs.get(frames[frame_id].get("file_location_id", ""), {})
+      out.append((names.get(loc.get("file_name_id", ""), "?"), funcs.get(loc.get("function_name_id", ""), "?"),
+                  int(loc.get("line", 0))))
+      parent = frames[frame_id].get("parent_frame_id")
+      if parent == frame_id:
+        break
+      frame_id = parent
+    return out
+
+  return stack
+
+
+def peak_buffers(hlo: str, live_ranges: str, top: int = 10, project=("moe/", "parallel/", "train/")) -> list[dict]:
+  """The `top` largest buffers live at the program's peak (XLA's live-range dump, "Live ranges at N
+  (peak)"), each with its bytes, array, the instruction and opcode that made it, the JAX op and the
+  innermost source line in the project (`project` path parts) that made it."""
+  live = []
+  block = re.search(r"Live ranges at \d+ \(peak\):\n((?:\s+[\w.\-]+\{[0-9,]*\}: \d+ bytes.*\n)*)", live_ranges)
+  for name, index, size in _LIVE.findall(block.group(1) if block else ""):
+    live.append((int(size), name, index))
+  live.sort(key=lambda x: (-x[0], x[1], x[2]))
+  instrs, home, caller, computation = {}, {}, {}, ""
+  for line in hlo.splitlines():
+    head = _COMPUTATION.match(line)
+    if head and "=" not in line.split("(", 1)[0]:
+      computation = head.group(1)
+      continue
+    m = _INSTR.match(line)
+    if m:
+      instrs[m.group(1)], home[m.group(1)] = (m.group(2), m.group(3), line), computation
+      for callee in re.findall(r"\b(?:body|condition|calls|to_apply)=%?([\w.\-]+)", m.group(4)):
+        caller.setdefault(callee, line)
+  stack = _frames(hlo)
+  rows = []
+  for size, name, index in live[:top]:
+    shape, op, line = instrs.get(name, ("?", "?", ""))
+    if op == "parameter" and home.get(name) in caller:  # a loop's carry: where the loop (a scan) was made
+      line = caller[home[name]] if "stack_frame_id" not in line else line
+    if index and shape.startswith("("):
+      elements = _tuple_elements(shape)
+      i = int(index.split(",")[0])
+      shape = elements[i] if i < len(elements) else shape
+    array = re.search(r"[a-z][a-z0-9]*\[[0-9,]*\]", shape)
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    frame = re.search(r"stack_frame_id=(\d+)", line)
+    source = re.search(r'source_file="([^"]*)" source_line=(\d+)', line)
+    where = f"{source.group(1)}:{source.group(2)}" if source else ""
+    if frame and not where:
+      frames = stack(frame.group(1))
+      mine = [f for f in frames if any("/" + p in f[0] for p in project)] or frames
+      if mine:
+        path = mine[0][0]
+        cut = min((path.find("/" + p) for p in project if "/" + p in path), default=-1)
+        where = f"{path[cut + 1:] if cut >= 0 else path}:{mine[0][2]} ({mine[0][1]})"
+    rows.append({"bytes": size, "array": array.group(0) if array else shape, "instruction": name + (
+        f"{{{index}}}" if index else ""), "op": op, "jax_op": op_name.group(1) if op_name else "", "source": where})
+  return rows

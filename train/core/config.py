@@ -99,8 +99,10 @@ class LossConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """A training run. `batch_size` is global, in sequences of `seq_len` tokens, split into
-  `grad_accum` micro-batches; `eval_every: 0` disables evaluation; `profile_steps: [start, stop]`
-  traces steps start <= s < stop."""
+  `grad_accum` micro-batches, or into micro-batches of `per_device_batch` sequences on each device
+  the batch splits over (MaxText's per_device_batch_size: grad_accum follows from the mesh, so that
+  one YAML runs on any pod; train/core/loop.py: on_mesh); `eval_every: 0` disables evaluation;
+  `profile_steps: [start, stop]` traces steps start <= s < stop."""
 
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   run_dir: str = "runs/default"  # load_train_config: runs/<config stem>
@@ -109,6 +111,7 @@ class TrainConfig:
   batch_size: int = 8
   seq_len: int = 256
   grad_accum: int = 1
+  per_device_batch: int | None = None
   data: str = "default"
   tokenizer: str = "byte"  # "byte" or a path to a tokenizer
   # An HF folder (DeepSeek's release: config.json + safetensors, bf16 or FP8) whose weights a fresh run
@@ -157,6 +160,11 @@ class TrainConfig:
     require(f is None or f > 1, f"spike_skip_factor={f} must be > 1 (a multiple of the running mean loss) or null")
     for name in ("save_every", "keep_last", "keep_every", "data_workers"):
       require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0 (0: see train/core/config.py)")
+    require(self.per_device_batch is None or self.per_device_batch >= 1,
+            f"per_device_batch={self.per_device_batch} must be >= 1 or null")
+    require(self.per_device_batch is None or self.grad_accum == 1,
+            f"per_device_batch={self.per_device_batch} and grad_accum={self.grad_accum}: set one of them"
+            " (per_device_batch derives grad_accum from the mesh)")
     require(
         self.batch_size % self.grad_accum == 0,
         f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}",

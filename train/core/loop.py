@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from typing import NamedTuple
 
@@ -39,6 +40,28 @@ from train.core.metrics import MetricsLogger, device_memory, measure_peak_flops
 log = logging.getLogger("train")
 
 
+def batch_devices(par: Parallelism) -> tuple[int, str]:
+  """(how many ways a batch's rows split on `par`'s mesh, over which axes, "fsdp x expert")."""
+  axes = [a for a in dict(par.rules).get("batch", ()) if par.mesh.shape.get(a, 1) > 1]
+  return math.prod(par.mesh.shape[a] for a in axes), " x ".join(axes) or "no axis"
+
+
+def on_mesh(cfg: TrainConfig, par: Parallelism) -> TrainConfig:
+  """`cfg` with grad_accum resolved from `per_device_batch` for `par`'s mesh (unchanged without it):
+  batch_size = grad_accum x per_device_batch x the devices the batch splits over."""
+  if cfg.per_device_batch is None:
+    return cfg
+  n, axes = batch_devices(par)
+  rows = cfg.per_device_batch * n
+  if cfg.batch_size % rows:
+    raise ConfigError(f"batch_size={cfg.batch_size} is not a multiple of per_device_batch={cfg.per_device_batch} x"
+                      f" the {n} devices the batch splits over ({axes}) = {rows}: change batch_size or"
+                      " per_device_batch, or give grad_accum instead")
+  log.info("per_device_batch=%d on %d batch devices (%s): grad_accum=%d", cfg.per_device_batch, n, axes,
+           cfg.batch_size // rows)
+  return cfg.replace(grad_accum=cfg.batch_size // rows, per_device_batch=None)
+
+
 def parallelism(cfg: TrainConfig, devices=None) -> Parallelism:
   """The device mesh (cfg.mesh over `devices`, default all) with its sharding rules and transport."""
   par = Parallelism.from_config(cfg.mesh, devices, cfg.pipeline)
@@ -46,6 +69,7 @@ def parallelism(cfg: TrainConfig, devices=None) -> Parallelism:
   if par.stages == 1 and cfg.pipeline != type(cfg.pipeline)():
     log.warning("pipeline: %s has no effect without stages (set mesh.stage)", cfg.pipeline)
   if par.stages > 1:
+    cfg = on_mesh(cfg, par)
     rows = cfg.batch_size // cfg.grad_accum
     sched = pipelined.schedule(par, rows)
     log.info("%s; MoE %s", sched.describe(), par.layout(cfg.model.num_moe_layers).describe())
@@ -91,6 +115,7 @@ def setup(cfg: TrainConfig, par: Parallelism | None = None, rt: Runtime | None =
   constraints and expert-parallel MoE. `par` may be built on compile-only devices (train.aot).
   """
   par = parallelism(cfg) if par is None else par
+  cfg = on_mesh(cfg, par)
   rt = runtime(cfg, par) if rt is None else rt
   schedule = optimizer_lib.make_schedule(cfg)
   tx = optimizer_lib.make_optimizer(cfg, schedule)
@@ -234,6 +259,7 @@ def train(cfg: TrainConfig, progress: bool = True, peak_flops: float | None = No
           process_count=n_proc, num_workers=cfg.data_workers))
       evals = eval_set(cfg, tokenizer) if cfg.eval_every else None  # a bad eval split fails now, not at step 100
       par = parallelism(cfg)
+      cfg = on_mesh(cfg, par)
       state, train_step, eval_step, rt, _ = build(cfg, par, init_from=cfg.init_from if plan is None else None)
       start = 0
       if plan is not None:
