@@ -146,7 +146,8 @@ def test_kept_exchange_rows_are_not_exchanged_again():
 def test_compiles_for_v5p_with_data_fsdp_and_expert_axes(capsys):
   """tiny.yaml on v5p-16 (8 chips) with data=2 x fsdp=2 x expert=2: the TPU paths
   (ragged_dot as Mosaic kernels, ragged_all_to_all, the splash kernel) lower and compile; --buffers
-  names the largest buffers at the peak."""
+  names the largest buffers at the peak. Without mesh.ep_overlap libtpu runs the all-to-alls
+  synchronously (test_ep_overlap_makes_the_all_to_alls_asynchronous_on_tpu)."""
   for config in ("tiny",):
     (r,) = compile_json(capsys, f"configs/{config}.yaml", "--target", "v5p-16", "mesh.data=2", "mesh.fsdp=2",
                         "mesh.expert=2", "batch_size=8", "seq_len=256", "--buffers", "4")

@@ -220,7 +220,8 @@ def test_cli_two_processes(tmp_path):
   tiny = [a for a in TINY if not a.startswith(("optimizer.", "steps=", "eval_every="))]
   args = ["-m", "train", "configs/tiny.yaml", *tiny, "model.vocab_size=260", "steps=4", "log_every=2",
           "eval_every=4", "eval_steps=2", f"run_dir={run_dir}", "mesh.data=2", "mesh.fsdp=2", "mesh.expert=2",
-          "mesh.dcn_data=2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+          "mesh.dcn_data=2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+          "--peak-tflops", "1"]  # (no 2048^3 matmul benchmark in each process)
   run_together([args + ["--process-id", str(i)] for i in range(2)], cpu_env(4))
   records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
   train = [r for r in records if "loss" in r]
