@@ -93,6 +93,33 @@ class _InstructionParser:
 
 
 _INSTR = _InstructionParser()
+_TRIPS = re.compile(r'known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
+
+
+def _walk(hlo: str):
+  """(computation, entry computation so far, _Instruction) for each instruction of HLO text (a line
+  before any computation's header: computation "")."""
+  computation = entry = ""
+  for line in hlo.splitlines():
+    head = _COMPUTATION.match(line)
+    if head and "=" not in line.split("(", 1)[0]:
+      computation = head.group(1)
+      entry = computation if line.startswith("ENTRY") else entry
+      continue
+    instr = _INSTR.match(line)
+    if instr:
+      yield computation, entry, instr
+
+
+def _call_edges(computation: str, rest: str) -> list[tuple[str, str, int | None]]:
+  """(caller, callee, times per call) of an instruction's called computations: a while body its known
+  trip count (None: unknown), anything else once."""
+  out = []
+  for key, callee, many in _CALLS.findall(rest):
+    trips = _TRIPS.search(rest) if key == "body" else None
+    for c in [callee] if callee else re.findall(r"%?([\w.\-]+)", many):
+      out.append((computation, c, int(trips.group(1)) if trips else (None if key == "body" else 1)))
+  return out
 _COMPUTATION = re.compile(r"(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
 _CALLS = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)"
                     r"|\b(?:branch_computations|called_computations)=\{([^}]*)\}")
@@ -186,23 +213,11 @@ def slow_a2a(hlo: str, devices, groups: str | None = None, top: int = 6) -> dict
     first = getattr(program[0], "slice_index", 0)
     program = [d for d in program if getattr(d, "slice_index", 0) == first][:size]
   by_id = {d.id: d for d in devices}
-  shapes, found, received, calls = {}, [], {}, []
-  computation = entry = ""
-  for line in hlo.splitlines():
-    head = _COMPUTATION.match(line)
-    if head and "=" not in line.split("(", 1)[0]:
-      computation = head.group(1)
-      entry = computation if line.startswith("ENTRY") else entry
-      continue
-    instr = _INSTR.match(line)
-    if not instr:
-      continue
-    name, shape, op, rest = instr.groups()
+  shapes, found, received, calls, entry = {}, [], {}, [], ""
+  for computation, entry, instr in _walk(hlo):
+    name, shape, op, rest = instr
     shapes[name] = shape
-    for key, callee, many in _CALLS.findall(rest):
-      trips = re.search(r'known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"', rest) if key == "body" else None
-      for c in [callee] if callee else re.findall(r"%?([\w.\-]+)", many):
-        calls.append((computation, c, int(trips.group(1)) if trips else (None if key == "body" else 1)))
+    calls += _call_edges(computation, rest)
     base = op.removesuffix("-start")
     if base in ("all-to-all", "ragged-all-to-all"):
       g = _GROUPS.search(rest)
@@ -283,16 +298,10 @@ _COMPUTE = ("fusion", "convolution", "dot", "custom-call", "while", "call", "con
 def _instructions(hlo: str) -> dict[str, list[tuple[str, str, str]]]:
   """{computation: [(name, opcode, rest of the line)] in schedule order} (scheduled HLO prints each
   computation's instructions in the order they run)."""
-  out, current = {}, None
-  for line in hlo.splitlines():
-    head = _COMPUTATION.match(line)
-    if head and "=" not in line.split("(", 1)[0]:
-      current = out.setdefault(head.group(1), [])
-      continue
-    instr = _INSTR.match(line)
-    if instr and current is not None:
-      name, _, op, rest = instr.groups()
-      current.append((name, op, rest))
+  out = {}
+  for computation, _, (name, _, op, rest) in _walk(hlo):
+    if computation:
+      out.setdefault(computation, []).append((name, op, rest))
   return out
 
 
@@ -375,18 +384,11 @@ def _matmul_costs(hlo: str):
   for one execution of it; conditionals: [(op_name metadata, costliest branch's Counter)]."""
   comps: dict[str, list] = {}
   shapes: dict[str, str] = {}
-  current, entry = None, ""
-  for line in hlo.splitlines():
-    head = _COMPUTATION.match(line)
-    if head and "=" not in line.split("(", 1)[0]:
-      current = comps.setdefault(head.group(1), [])
-      entry = head.group(1) if line.startswith("ENTRY") else entry
-      continue
-    instr = _INSTR.match(line)
-    if instr and current is not None:
-      name, shape, op, rest = instr.groups()
-      shapes[name] = shape
-      current.append((shape, op, rest))
+  entry = ""
+  for computation, entry, (name, shape, op, rest) in _walk(hlo):
+    shapes[name] = shape
+    if computation:
+      comps.setdefault(computation, []).append((shape, op, rest))
   memo: dict[str, tuple[collections.Counter, bool]] = {}
   conditionals = []
 
@@ -408,7 +410,7 @@ def _matmul_costs(hlo: str):
         total[kind] += f
       if op == "while":
         body = re.search(r"\bbody=%?([\w.\-]+)", rest).group(1)
-        trips = re.search(r'known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"', rest)
+        trips = _TRIPS.search(rest)
         inner, k = cost(body, seen + (c,))
         total.update({key: v * (int(trips.group(1)) if trips else 1) for key, v in inner.items()})
         known = known and k and trips is not None
@@ -458,23 +460,12 @@ def scoped_collectives(hlo: str, scope: str) -> list[dict]:
   `scope` (a collective-permute's bytes: its array's, once); `times`: executions per run of the entry
   computation, a conditional's branches each counted as taken (an upper bound)."""
   pattern = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-  calls, found, computation, entry = [], [], "", ""
-  for line in hlo.splitlines():
-    head = _COMPUTATION.match(line)
-    if head and "=" not in line.split("(", 1)[0]:
-      computation = head.group(1)
-      entry = computation if line.startswith("ENTRY") else entry
-      continue
-    instr = _INSTR.match(line)
-    if not instr:
-      continue
-    rest = instr.group(4)
-    for key, callee, many in _CALLS.findall(rest):
-      trips = re.search(r'known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"', rest) if key == "body" else None
-      for c in [callee] if callee else re.findall(r"%?([\w.\-]+)", many):
-        calls.append((computation, c, int(trips.group(1)) if trips else (None if key == "body" else 1)))
+  calls, found, entry = [], [], ""
+  for computation, entry, instr in _walk(hlo):
+    calls += _call_edges(computation, instr.rest)
+    line = f"= {instr.shape} {instr.op}({instr.rest}"
     m = pattern.search(line)
-    name = re.search(r'op_name="([^"]*)"', line)
+    name = re.search(r'op_name="([^"]*)"', instr.rest)
     if m and name and f"/{scope}/" in f"/{name.group(1)}/":
       array = re.search(r"[a-z][a-z0-9]*\[[0-9,]*\]", m.group(1)).group(0)
       found.append((computation, {"kind": m.group(2), "shape": array, "bytes": shape_bytes(array)}))
@@ -536,17 +527,11 @@ def peak_buffers(hlo: str, live_ranges: str, top: int = 10, project=("moe/", "pa
   for name, index, size in _LIVE.findall(block.group(1) if block else ""):
     live.append((int(size), name, index))
   live.sort(key=lambda x: (-x[0], x[1], x[2]))
-  instrs, home, caller, computation = {}, {}, {}, ""
-  for line in hlo.splitlines():
-    head = _COMPUTATION.match(line)
-    if head and "=" not in line.split("(", 1)[0]:
-      computation = head.group(1)
-      continue
-    m = _INSTR.match(line)
-    if m:
-      instrs[m.group(1)], home[m.group(1)] = (m.group(2), m.group(3), line), computation
-      for callee in re.findall(r"\b(?:body|condition|calls|to_apply)=%?([\w.\-]+)", m.group(4)):
-        caller.setdefault(callee, line)
+  instrs, home, caller = {}, {}, {}
+  for computation, _, (name, shape, op, rest) in _walk(hlo):
+    instrs[name], home[name] = (shape, op, rest), computation
+    for _, callee, _ in _call_edges(computation, rest):
+      caller.setdefault(callee, rest)
   stack = _frames(hlo)
   rows = []
   for size, name, index in live[:top]:
