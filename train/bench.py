@@ -74,12 +74,20 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
   p.add_argument("--warmup", type=int, default=2)
   args = p.parse_args(argv)
-  try:
+  def bench() -> int:
     print(json.dumps(run(load_train_config(args.config, args.overrides), args.steps, args.warmup)))
-  except InputError as e:  # a bad config, mesh or data: one line
+    return 0
+
+  return one_line_errors(bench)
+
+
+def one_line_errors(fn) -> int:
+  """fn()'s exit code, or 2 after one line on stderr for a bad config, mesh or data (the benchmarks' CLIs)."""
+  try:
+    return fn()
+  except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  return 0
 
 
 if __name__ == "__main__":

@@ -41,9 +41,8 @@ from moe import router as router_lib
 from moe.experts import DISPATCH_AXES
 from moe.kernels.experts import EXPERTS
 from parallel import eplb, expert_parallel
-from parallel.errors import InputError
 from train import hlo as hlo_lib
-from train.bench import best_of
+from train.bench import best_of, one_line_errors
 from train.core import loop
 from train.core.config import load_train_config
 
@@ -84,11 +83,7 @@ def main(argv=None) -> int:
   p.add_argument("--nodes", type=int, default=None, help="count bytes between this many nodes of ranks")
   p.add_argument("--skew", type=float, default=0.0, help="Zipf exponent of the experts' popularity")
   args = p.parse_args(argv)
-  try:
-    return run(args)
-  except InputError as e:  # a bad config or mesh: one line
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  return one_line_errors(lambda: run(args))
 
 
 def run(args) -> int:

@@ -27,8 +27,8 @@ import time
 
 import jax
 
-from parallel.errors import InputError
 from parallel.pipeline import B_COST, F_COST, PipelineConfig
+from train.bench import one_line_errors
 from train.core import loop, pipelined
 from train.core.config import load_train_config
 from train.core.data import synthetic_batch
@@ -44,11 +44,7 @@ def main(argv=None) -> int:
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--set", nargs="*", default=[], help="key=value overrides for every mesh")
   args = p.parse_args(argv)
-  try:
-    return run(args)
-  except InputError as e:  # a bad config or mesh: one line
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  return one_line_errors(lambda: run(args))
 
 
 def run(args) -> int:
