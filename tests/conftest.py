@@ -4,7 +4,14 @@ pytest-xdist runs them on two workers, a file at a time (`--dist loadfile` in py
 file's module fixtures start their subprocesses once); the longest files go first, so that neither
 core waits for the other at the end."""
 
-from parallel.distributed import select_platform
+import os
+
+# XLA:CPU's new fusion emitters take twice as long to compile the tiny models as the old ones, and
+# compiling is most of these tests' time (CPU-only flag: the TPU and GPU targets train.aot compiles
+# for are untouched). The subprocess workers get it too (tests.processes.FAST_COMPILE).
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_fusion_emitters=false".strip()
+
+from parallel.distributed import select_platform  # noqa: E402
 
 select_platform()
 

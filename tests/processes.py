@@ -43,12 +43,13 @@ def start_worker(devices: dict[str, int], default: int = 8, xla_flags: str = "")
   return mode
 
 
-# What the subprocesses share: XLA:CPU's backend optimisations off (compiling is most of their time,
-# running the tiny models almost none; results are the same) and one persistent compilation cache for
+# What the subprocesses share: XLA:CPU's backend optimisations and new fusion emitters off (compiling
+# is most of their time, running the tiny models almost none; results are the same) and one persistent compilation cache for
 # the session, so that a program compiled by one process (the tiny model's init and step, above all)
 # is read by the next. The pytest process itself keeps the defaults: it also compiles for TPU and GPU
 # targets (train.aot), whose programs these flags would change.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                "--xla_cpu_use_fusion_emitters=false")
 _cache: list[str] = []
 
 
