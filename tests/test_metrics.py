@@ -53,9 +53,20 @@ def test_jsonl_records(tmp_path):
 
 
 def test_appends_on_resume(tmp_path):
+  """A run resumed at step 10 appends; one that starts at step 0 again (no checkpoint completed)
+  moves the records no checkpoint covers to metrics.dropped.jsonl: metrics.jsonl is one history."""
   _log_run(tmp_path, steps=10)
-  _log_run(tmp_path, steps=10)
-  assert len(_records(tmp_path)) == 2
+  with MetricsLogger(tmp_path, 20, progress=False, start_step=10) as log:
+    log.log(20, {"loss": 1.0})
+  assert [r["step"] for r in _records(tmp_path)] == [10, 20]
+  with MetricsLogger(tmp_path, 20, progress=False, start_step=10) as log:
+    log.log(20, {"loss": 2.0})
+  assert [(r["step"], r["loss"]) for r in _records(tmp_path)] == [(10, 4.0), (20, 2.0)]
+  with MetricsLogger(tmp_path, 20, progress=False, start_step=0) as log:
+    log.log(10, {"loss": 3.0})
+  assert [(r["step"], r["loss"]) for r in _records(tmp_path)] == [(10, 3.0)]
+  dropped = [json.loads(x) for x in (tmp_path / "metrics.dropped.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["loss"]) for r in dropped] == [(20, 1.0), (10, 4.0), (20, 2.0)]
 
 
 def test_tensorboard_scalars(tmp_path):

@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import json
 import logging
 import math
 import re
@@ -69,6 +68,7 @@ from parallel import targets as targets_lib
 from parallel.errors import ConfigError, InputError
 from parallel.mesh import Parallelism
 from train import hlo as hlo_lib
+from train.core import jsonl
 from train.core import loop
 from train.core.config import TrainConfig, load_train_config
 
@@ -248,7 +248,7 @@ def search(cfg_path: str, overrides: list[str], target: targets_lib.Target, trie
       row = {"overrides": extra, "fits": False, "peak_GiB": _gib(e.needed) if e.needed else None, "why": str(e)}
     except InputError as e:
       row = {"overrides": extra, "fits": False, "peak_GiB": None, "why": str(e)}
-    print(json.dumps(row), flush=True)
+    print(jsonl.dumps(row), flush=True)
     rows.append(row)
   rows.sort(key=lambda r: (not r["fits"], r["peak_GiB"] if r["peak_GiB"] is not None else float("inf")))
   return rows
@@ -286,7 +286,7 @@ def main(argv=None) -> int:
       return 0
     for target in targets:
       try:
-        print(json.dumps(compile_for(cfg, target, args.buffers)), flush=True)
+        print(jsonl.dumps(compile_for(cfg, target, args.buffers)), flush=True)
       except DoesNotFit as e:
         print(f"{args.config}: {e}", file=sys.stderr, flush=True)
         if args.buffers and e.report:  # the compiler's own list of its largest allocations

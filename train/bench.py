@@ -9,7 +9,6 @@ on the spot with a large matmul in the compute dtype, and MFU = achieved / peak.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -17,6 +16,7 @@ import jax
 
 from moe import params as params_lib
 from parallel.errors import InputError
+from train.core import jsonl
 from train.core import loop
 from train.core.config import load_train_config
 from train.core.data import synthetic_batch
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
   p.add_argument("--warmup", type=int, default=2)
   args = p.parse_args(argv)
   def bench() -> int:
-    print(json.dumps(run(load_train_config(args.config, args.overrides), args.steps, args.warmup)))
+    print(jsonl.dumps(run(load_train_config(args.config, args.overrides), args.steps, args.warmup)))
     return 0
 
   return one_line_errors(bench)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import sys
 
 import jax
@@ -43,6 +42,7 @@ from moe.kernels.experts import EXPERTS
 from parallel import eplb, expert_parallel
 from train import hlo as hlo_lib
 from train.bench import best_of, one_line_errors
+from train.core import jsonl
 from train.core import loop
 from train.core.config import load_train_config
 
@@ -132,7 +132,7 @@ def run(args) -> int:
     spread = rows(phys, e_local + par.redundant_experts // n_ep)
     out["rows_per_rank"].update({"with": spread.tolist(), "imbalance_with": round(spread.max() / spread.mean(), 3),
                                  "copies": np.asarray(copies).tolist()})
-  print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in out.items()}))
+  print(jsonl.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in out.items()}))
   return 0
 
 

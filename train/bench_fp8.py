@@ -11,7 +11,6 @@ can win in the step before a full `train.bench` run, and which GEMM to look at w
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import jax
@@ -23,6 +22,7 @@ from moe.kernels import fp8 as fp8_lib
 from moe.runtime import Runtime
 from parallel.errors import ConfigError
 from train.bench import best_of
+from train.core import jsonl
 from train.core.config import load_train_config
 
 
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   for row in run(cfg, args.iters):
-    print(json.dumps(row), flush=True)
+    print(jsonl.dumps(row), flush=True)
   return 0
 
 

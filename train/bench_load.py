@@ -83,11 +83,12 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.worker:
     from parallel import distributed
+    from train.core import jsonl
 
     coordinator, n, i = args.worker
     if int(n) > 1:
       distributed.initialize(coordinator, int(n), int(i))
-    print(json.dumps(worker(args.dir, args.dtype)))
+    print(jsonl.dumps(worker(args.dir, args.dtype)))
     return 0
   if args.devices % args.processes:
     print(f"error: --devices {args.devices} does not divide over --processes {args.processes}", file=sys.stderr)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ import jax
 
 from parallel.pipeline import B_COST, F_COST, PipelineConfig
 from train.bench import one_line_errors
+from train.core import jsonl
 from train.core import loop, pipelined
 from train.core.config import load_train_config
 from train.core.data import synthetic_batch
@@ -84,7 +84,7 @@ def run(args) -> int:
       if base is not None:
         ratio = statistics.median(r["times"]) / base
         line.update(ratio=round(ratio, 3), measured_idle=round(1 - s.work() / units / ratio, 3))
-    print(json.dumps(line))
+    print(jsonl.dumps(line))
   return 0
 
 

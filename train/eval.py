@@ -22,7 +22,6 @@ loss / ln 2 when no EOS is among the targets.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from typing import Sequence
@@ -32,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from parallel.errors import ConfigError, DataError, InputError
+from train.core import jsonl
 from train.core.checkpoint import load_any, tokenizer_of
 from train.core.data import ByteTokenizer, load_tokenizer
 from train.core.evaluation import EvalSet
@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(json.dumps(result))
+  print(jsonl.dumps(result))
   return 0
 
 

@@ -21,7 +21,6 @@ two loss curves and their relative difference.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -32,6 +31,7 @@ import numpy as np
 
 from parallel.errors import ConfigError, InputError
 from train.core import data as data_lib
+from train.core import jsonl
 from train.core import loop
 from train.core.config import TrainConfig, load_train_config
 
@@ -141,11 +141,11 @@ def main(argv=None) -> int:
   if args.out:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "losses.json").write_text(json.dumps({"summary": summary, "runs": runs}))
+    (out / "losses.json").write_text(jsonl.dumps({"summary": summary, "runs": runs}))
   if args.plot:
     plot(runs, args.plot, summary["tail_steps"],
          f"{args.config}: bf16 vs fp8, {cfg.steps} steps (rel. diff {summary['rel_loss_diff'] * 100:+.3f}%)")
-  print(json.dumps(summary))
+  print(jsonl.dumps(summary))
   return 0
 
 

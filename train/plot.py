@@ -4,6 +4,10 @@ Reads RUN_DIR/metrics.jsonl (train.core.metrics) and draws the training objectiv
 next-token loss (`lm_loss`, comparable with eval) and the eval loss vs step and, when the run
 logged `expert_load_cv` (one value per MoE layer), the expert-load coefficient of variation
 std(load)/mean(load) per layer vs step. Saves RUN_DIR/loss.png unless --out says otherwise.
+
+A metrics.jsonl whose steps start again (written before the trainer moved the records no checkpoint
+covers to metrics.dropped.jsonl, or joined by hand) is drawn as its latest history only, with a
+warning naming how many records were left out: never as a zig-zag.
 """
 
 from __future__ import annotations
@@ -34,6 +38,19 @@ def read_metrics(run_dir: Path) -> list[dict]:
   if not records:
     raise DataError(f"{path}: no metrics yet")
   return records
+
+
+def latest_history(records: list[dict]) -> tuple[list[dict], int]:
+  """(the records of the latest history, how many earlier ones were left out): read from the end, a
+  record belongs to it while its step is below that of every later training record (an eval record
+  follows the training record of its step, so it is read first)."""
+  kept, floor = [], float("inf")
+  for r in reversed(records):
+    if r.get("step", 0) < floor:
+      kept.append(r)
+      if "loss" in r:
+        floor = r.get("step", 0)
+  return kept[::-1], len(records) - len(kept)
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list]:
@@ -84,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  records, left_out = latest_history(records)
+  if left_out:
+    print(f"warning: {args.run_dir / 'metrics.jsonl'}: its steps start again; drawing the latest history (steps"
+          f" {records[0]['step']}..{records[-1]['step']}), {left_out} earlier record(s) left out", file=sys.stderr)
   print(draw(records, args.out or args.run_dir / "loss.png", args.run_dir.name))
   return 0
 

@@ -62,6 +62,7 @@ import yaml
 
 from moe import params as params_lib
 from parallel.errors import ConfigError
+from train.core import jsonl
 from train.core import loop
 from train.core.config import load_train_config
 from train.core.metrics import measure_peak_flops
@@ -219,7 +220,7 @@ def write_manifest(spec: dict, runs: list[Run]) -> Path:
   path = out / MANIFEST
   doc = {"base": spec["base"], "overrides": spec["overrides"], "budgets": spec["budgets"],
          "runs": [dataclasses.asdict(r) for r in runs]}
-  path.write_text(json.dumps(doc, indent=1) + "\n")
+  path.write_text(jsonl.dumps(doc, indent=1) + "\n")
   return path
 
 
@@ -247,7 +248,7 @@ def is_done(run: Run) -> bool:
 def mark_done(run: Run, seconds: float | None = None) -> None:
   run_dir = Path(run.overrides["run_dir"])
   record = {"name": run.name, "eval_loss": final_eval(run_dir, run.steps), "seconds": seconds}
-  (run_dir / DONE).write_text(json.dumps(record) + "\n")
+  (run_dir / DONE).write_text(jsonl.dumps(record) + "\n")
 
 
 def run_in_process(spec: dict, run: Run, peak_flops: float | None = None) -> None:

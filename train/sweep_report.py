@@ -35,6 +35,7 @@ import numpy as np
 from scipy import optimize
 
 from parallel.errors import DataError
+from train.core import jsonl
 from train.sweep import MANIFEST, final_eval
 
 
@@ -263,7 +264,7 @@ def report(sweep_dir: str | Path, params_key: str = "active_params", plots: bool
   rows = load_rows(sweep_dir)
   fit = fit_sweep(rows, params_key)
   fit["runs"] = rows
-  (sweep_dir / "fit.json").write_text(json.dumps(fit, indent=1) + "\n")
+  (sweep_dir / "fit.json").write_text(jsonl.dumps(fit, indent=1) + "\n")
   if plots:
     fit["plots"] = [str(p) for p in plot(sweep_dir, rows, fit)]
   return fit

@@ -65,6 +65,7 @@ from parallel.errors import CheckpointError, ConfigError, RunFailed
 from parallel.pipeline import Layout
 from parallel.sharding import state_shardings
 from train.core.config import TrainConfig
+from train.core.metrics import trim_metrics  # noqa: F401 - the run's metrics start where its checkpoint does
 
 log = logging.getLogger("train")
 
@@ -223,26 +224,6 @@ def data_seed_after(seed: int, step: int) -> int:
   return (seed * 1_000_003 + step * 7919 + 1) % 2**32
 
 
-def trim_metrics(run_dir, step: int) -> int:
-  """Drop the records of steps after `step` from RUN_DIR/metrics.jsonl (they were trained after the
-  checkpoint a run resumes from, and are trained again); returns how many were dropped."""
-  path = Path(run_dir) / "metrics.jsonl"
-  if not path.is_file():
-    return 0
-  lines = path.read_text().splitlines(keepends=True)
-  keep = []
-  for line in lines:
-    try:
-      if json.loads(line).get("step", 0) > step:
-        continue
-    except ValueError:
-      continue
-    keep.append(line)
-  if len(keep) != len(lines):
-    path.write_text("".join(keep))
-  return len(lines) - len(keep)
-
-
 class Checkpoints:
   """The checkpoints of one run: `resume_plan()` at start-up, `restore()`, `save()` in the loop,
   `close()` at the end (waits for the last save to be written)."""
@@ -325,8 +306,6 @@ class Checkpoints:
     changes = [c for c in config_changes(old, self.cfg.to_dict()) if not c.startswith(("run_dir ", "resume "))]
     log.info("resumed from step %d (%s)%s", step, path,
              f"; config changed: {', '.join(changes)}" if changes else "")
-    if jax.process_index() == 0:
-      trim_metrics(self.cfg.run_dir, step)
     if src != dst:
       log.info("checkpoint %s: MoE stack rearranged from %s to %s", path, src.describe(), dst.describe())
     return _relayout({**got["model"], **got["optimizer"]}, src, dst, final)

@@ -68,6 +68,7 @@ import tqdm
 from absl import flags
 
 from parallel.errors import DataError
+from train.core import jsonl
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 METADATA = "metadata.json"
@@ -488,7 +489,7 @@ def prepare(inputs: Sequence[str], out: str | Path, tokenizer: Tokenizer) -> dic
       "num_shards": len(paths),
       "inputs": list(inputs),
   }
-  (out / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
+  (out / METADATA).write_text(jsonl.dumps(meta, indent=2) + "\n")
   return meta
 
 

@@ -313,7 +313,13 @@ def _loop(cfg, run_dir, ckpt, plan, state, start, batches, evals, train_step, ev
       saving = stopped or last_step or ckpt.due(step + 1)
       if (step + 1) % cfg.log_every == 0 or last_step or stopped or saving:
         got = jax.device_get(pending)  # the one host sync per log interval (and before a save)
-        guard.check(step + 2 - len(got) + checked, got[checked:])  # nothing non-finite is saved
+        try:
+          guard.check(step + 2 - len(got) + checked, got[checked:])  # nothing non-finite is saved
+        except RunFailed:  # the steps that led to the stop are the ones a user needs: one record each
+          for i, m in enumerate(got):
+            logger.log(step + 2 - len(got) + i, {**{k: v for k, v in m.items() if k not in ("tokens", "skipped",
+                                                    "nonfinite", "lost")}, "skipped_steps": int(m["skipped"])})
+          raise
         checked = len(got)
         if (step + 1) % cfg.log_every == 0 or last_step or stopped:
           record = {k: v for k, v in got[-1].items() if k not in ("tokens", "skipped", "nonfinite", "lost")}

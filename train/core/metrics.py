@@ -6,11 +6,20 @@ metric passed in, scalars as floats and 1-D vectors (such as per-MoE-layer exper
 lists. TensorBoard gets the same scalars under their names, a vector `name` as `name/layer_i`.
 Eval metrics go to the same file and TensorBoard with an `eval_` prefix. Only the main process
 writes; on the others every method does nothing.
+
+metrics.jsonl describes one history: a run that starts at step S (from a checkpoint of step S, or
+S = 0 when none completed) first moves the records of steps after S, which no checkpoint covers and
+which are trained again, to RUN_DIR/metrics.dropped.jsonl (`trim_metrics`, said in a log line). A
+metrics.jsonl deleted, moved or replaced while the run writes it is written again at its path with
+every record of the file the run had open (checked at each write), so the path the run reports holds
+the whole history.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +28,12 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from parallel.errors import RunFailed
+from train.core import jsonl
+
+log = logging.getLogger("train")
+METRICS, DROPPED = "metrics.jsonl", "metrics.dropped.jsonl"
 
 
 def measure_peak_flops(dtype, n: int | None = None, iters: int = 30) -> float:
@@ -64,6 +79,34 @@ def to_python(value) -> float | list[float] | str | None:
   if a.ndim == 0:
     return float(a) if np.isfinite(a) else None
   return [float(x) if np.isfinite(x) else None for x in a]
+
+
+def trim_metrics(run_dir, step: int) -> int:
+  """Move the records of steps after `step` from RUN_DIR/metrics.jsonl to the end of
+  RUN_DIR/metrics.dropped.jsonl (they were trained after the checkpoint a run starts from, or by a run
+  that left no checkpoint, and are trained again); returns how many moved. metrics.jsonl is replaced
+  atomically, after the dropped records are on disk: a crash in between loses none."""
+  path = Path(run_dir) / METRICS
+  if not path.is_file():
+    return 0
+  keep, drop = [], []
+  for line in path.read_text().splitlines(keepends=True):
+    try:
+      later = json.loads(line).get("step", 0) > step
+    except (ValueError, AttributeError):
+      later = True  # a torn or foreign line: not part of the history either
+    (drop if later else keep).append(line if line.endswith("\n") else line + "\n")
+  if drop:
+    with open(path.parent / DROPPED, "a") as f:
+      f.write("".join(drop))
+      f.flush()
+      os.fsync(f.fileno())
+    tmp = path.with_name(f".{METRICS}.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+    log.warning("%s: %d record(s) of steps after %d, which no checkpoint covers, moved to %s (this run trains"
+                " those steps again)", path, len(drop), step, path.parent / DROPPED)
+  return len(drop)
 
 
 def tb_scalars(record: Mapping) -> dict[str, float]:
@@ -120,7 +163,9 @@ class MetricsLogger:
 
     self.run_dir = Path(run_dir)
     self.run_dir.mkdir(parents=True, exist_ok=True)
-    self._file = open(self.run_dir / "metrics.jsonl", "a")
+    self.path = self.run_dir / METRICS
+    trim_metrics(self.run_dir, start_step)
+    self._file = open(self.path, "a+")  # "+": what it holds can be read back if it is deleted under us
     self._tb = SummaryWriter(str(self.run_dir))
     self._start = time.time()
     self._lines = progress and not sys.stderr.isatty()
@@ -162,12 +207,35 @@ class MetricsLogger:
     line = {"step": int(step), "elapsed_s": round(time.time() - self._start, 3), **record}
     if bad:
       line["nonfinite"] = bad
-    self._file.write(json.dumps(line) + "\n")
-    self._file.flush()
+    try:
+      self._reopen_if_gone()
+      self._file.write(jsonl.dumps(line) + "\n")
+      self._file.flush()
+    except OSError as e:
+      raise RunFailed(f"step {step}: cannot write {self.path} ({e.strerror or e}); the checkpoints are kept:"
+                      " fix the run directory and run the same command to resume") from None
     for name, v in tb_scalars(record).items():
       self._tb.add_scalar(name, v, int(step))
     self._tb.flush()
     return record
+
+  def _reopen_if_gone(self) -> None:
+    """metrics.jsonl deleted, moved or replaced since it was opened: write the records of the file
+    the run holds open (all of the history) at its path again and go on appending there."""
+    mine = os.fstat(self._file.fileno())
+    try:
+      there = os.stat(self.path)
+      if (there.st_ino, there.st_dev) == (mine.st_ino, mine.st_dev):
+        return
+    except FileNotFoundError:
+      pass
+    self._file.seek(0)
+    history = self._file.read()
+    self._file.close()
+    self._file = open(self.path, "w+")
+    self._file.write(history)
+    log.warning("%s was deleted, moved or replaced while the run wrote it: written again there with the %d"
+                " record(s) it held", self.path, history.count("\n"))
 
   def close(self) -> None:
     if self._closed:
@@ -175,10 +243,19 @@ class MetricsLogger:
     self._closed = True
     self._bar.close()
     self._tb.close()
-    self._file.close()
+    try:
+      self._reopen_if_gone()  # the last record (e.g. the final eval) is not lost to a deletion after it
+    except OSError as e:
+      raise RunFailed(f"cannot write {self.path} ({e.strerror or e}); the checkpoints are kept") from None
+    finally:
+      self._file.close()
 
   def __enter__(self) -> MetricsLogger:
     return self
 
-  def __exit__(self, *exc) -> None:
-    self.close()
+  def __exit__(self, exc_type, *exc) -> None:
+    try:
+      self.close()
+    except RunFailed:
+      if exc_type is None:  # else the error in flight is the one to report
+        raise

@@ -18,6 +18,7 @@ import socket
 from pathlib import Path
 
 from parallel.errors import ConfigError
+from train.core import jsonl
 
 log = logging.getLogger("train")
 
@@ -72,7 +73,7 @@ class RunLock:
     me = {"host": socket.gethostname(), "pid": os.getpid(),
           "since": datetime.datetime.now().isoformat(timespec="seconds")}
     os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(me).encode(), 0)
+    os.pwrite(fd, jsonl.dumps(me).encode(), 0)
     self.fd = fd
     return self
 
