@@ -9,7 +9,9 @@
 
 `devices(target)` returns jax Device objects that nothing can run on but everything compiles for
 (`jax.experimental.topologies`); `Target.hbm_bytes` is the per-device memory the compiler plans
-against (TPU: as libtpu reports it in its out-of-memory errors).
+against (TPU: as libtpu reports it in its out-of-memory errors). `hardware(family)`: the chip's
+peak FLOP/s, HBM and link bandwidths and price, each with its source, from configs/hardware.yaml
+(the step-time forecast's table: train/forecast.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from parallel.errors import ConfigError
 
 GiB = 1 << 30
 GPU_SPECS = Path(__file__).resolve().parents[1] / "configs" / "gpus"
+HARDWARE = Path(__file__).resolve().parents[1] / "configs" / "hardware.yaml"
 
 # family -> (topology prefix, chip config, devices per chip, 3-D?, HBM per device as libtpu plans it)
 TPU_FAMILIES = {
@@ -56,7 +59,8 @@ class Target:
 
   @property
   def family(self) -> str:
-    return self.name.split("-")[0] if self.platform == "tpu" else self.name.split("x")[0]
+    family = self.name.split("-")[0] if self.platform == "tpu" else self.name.split("x")[0]
+    return "v5e" if family == "v5litepod" else family
 
 
 def _tpu_shape(chips: int, three_d: bool) -> tuple[tuple[int, ...], tuple[bool, ...]]:
@@ -142,6 +146,26 @@ def devices(target: Target) -> list:
   if len(found) != target.devices:
     raise ConfigError(f"target {target.name}: expected {target.devices} devices, the topology has {len(found)}")
   return found
+
+
+_FIGURES = ("peak_bf16", "peak_fp8", "hbm_bytes", "hbm_bw", "fast_bw", "fast_domain", "slow_bw", "devices_per_chip",
+            "price")
+
+
+def hardware(family: str, path: Path = HARDWARE) -> dict:
+  """The figures of a chip family ("v5p", "h100", ...; configs/hardware.yaml has each one's source)."""
+  import yaml
+
+  table = yaml.safe_load(Path(path).read_text())
+  if family not in table:
+    raise ConfigError(f"no hardware figures for {family!r} in {path}: one of {', '.join(table)}")
+  row = table[family]
+  missing = [k for k in _FIGURES if k not in row]
+  if missing:
+    raise ConfigError(f"{path}: {family} lacks {', '.join(missing)}")
+  number = lambda k: None if row[k] is None else float(row[k])  # (YAML reads 459.0e12 as text)
+  return {**{k: number(k) for k in _FIGURES if k not in ("fast_domain", "devices_per_chip")},
+          "fast_domain": row["fast_domain"], "devices_per_chip": int(row["devices_per_chip"])}
 
 
 def chips_of(n_devices: int, target: Target) -> int:

@@ -23,8 +23,9 @@ no accelerator present. One JSON line per target:
     elsewhere sends bytes(operand) * m / n. groups ("hosts" | "slices"), granules, count
     (instructions, async pairs once), bytes_per_device (the most any device sends, per instruction
     like `collectives`: a collective in the scanned layers or in expert-parallel chunks counts
-    once), total_bytes (all devices), per_step (each instruction times its while loops' known trip
-    counts, layers x chunks; XLA:TPU records none: trip_counts_known false and they count once),
+    once), total_bytes (all devices), per_step (each instruction times its while loops' trip
+    counts, layers x chunks, from known_trip_count or the loop's condition; a loop whose count
+    neither gives counts once, and trip_counts_known says so),
     per_instruction (the largest: remote = m, times = runs per step). A ragged-all-to-all's
     buffers are worst-case sized (the return exchange's operand holds n_ep x the dispatched rows),
     so its bytes(operand) * m / n is an upper figure (upper_bound); balanced_bytes_per_device takes
@@ -43,7 +44,20 @@ no accelerator present. One JSON line per target:
 A target the state does not fit is one line, "does not fit on v5p-1024: needs 97.5 GiB of 95.7 GiB
 per device", and exit code 3 (2: a bad config or target). `--search` compiles mesh factorisations,
 remat policies and grad_accum for one target, best first, and prints one JSON line per try and a
-table.
+table ranked by the forecast step time (memory second).
+
+forecast (train/forecast.py; configs/hardware.yaml has each chip's figures and their sources):
+  costs: per device and step, read from the compiled HLO (not XLA's cost_analysis): flops by kind
+    (dots and convolutions, ragged dots at the balanced fill and as their buffers, attention
+    kernels, other), hbm_bytes, collective_bytes by kind and link (fast: ICI / NVLink; slow: DCN /
+    the network) with sync and async counts, async (per kind: count, comm_s, hidden_s under the
+    compute scheduled between start and done); loops times their trip counts (XLA:TPU records
+    none: read from each loop's condition);
+  forecast: step_s (each kernel max(FLOPs / peak, bytes / HBM bandwidth), each collective bytes /
+    link bandwidth less what the schedule overlaps), compute_s, exposed_comm_s and its share,
+    tokens_per_s_per_chip, model_tflops_per_chip, mfu (model FLOPs, moe.params, against the bf16
+    peak), executed_over_model_flops (recompute, masked and padded work), usd_per_million_tokens at
+    --price per chip-hour (default the table's), ragged_fill, and the forecast's measured error.
 """
 
 from __future__ import annotations
@@ -63,10 +77,11 @@ import jax
 import numpy as np
 
 from moe import params as params_lib
-from parallel import pipeline
+from parallel import expert_parallel, pipeline
 from parallel import targets as targets_lib
 from parallel.errors import ConfigError, InputError
 from parallel.mesh import Parallelism
+from train import forecast
 from train import hlo as hlo_lib
 from train.core import jsonl
 from train.core import loop
@@ -119,7 +134,32 @@ _OOM = re.compile(r"\(([0-9.]+)([KMGT]?)\) exceeds available HBM \(([0-9.]+)([KM
 _UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def compile_for(cfg: TrainConfig, target: targets_lib.Target, buffers: int = 0) -> dict:
+def step_forecast(hlo: str, cfg: TrainConfig, par: Parallelism, target: targets_lib.Target, assignment,
+                  model_flops: float, price: float | None = None) -> dict:
+  """{"costs", "forecast"} of a compiled step (train/forecast.py): per device what it executes, reads
+  and sends, and the step's time on the target's chips (configs/hardware.yaml), priced at `price`
+  per chip-hour (default: the table's)."""
+  chip = forecast.chip_of(target.family)
+  p = forecast.Program(hlo)
+  rows, _ = loop.batch_devices(par)
+  tokens_per_device = cfg.batch_size * cfg.seq_len / max(cfg.grad_accum, 1) / max(rows, 1)
+  n_ep, k = par.mesh.shape.get("expert", 1), cfg.model.num_experts_per_tok
+  chunks = 1
+  if par.dropless and n_ep > 1:
+    chunks = expert_parallel.dropless_chunks(int(tokens_per_device), k, n_ep,
+                                             max(1, cfg.model.n_routed_experts // n_ep), par.ep_chunks)
+  fill = forecast.expected_ragged_fill(hlo, tokens_per_device, k, chunks)
+  cost = forecast.costs(p, chip, forecast.granules(assignment, p.size, target.platform), fill)
+  chips = target.chips * target.slices
+  price = price if price is not None else targets_lib.hardware(target.family)["price"]
+  out = forecast.report(cost, chip, tokens=cfg.batch_size * cfg.seq_len, model_flops=model_flops, chips=chips,
+                        devices=par.mesh.size, price=price)
+  return {"costs": forecast.summary(cost),
+          "forecast": {**out, "chip": target.family, "ragged_fill": round(fill, 4), "price_per_chip_hour": price,
+                       "error": forecast.ERROR}}
+
+
+def compile_for(cfg: TrainConfig, target: targets_lib.Target, buffers: int = 0, price: float | None = None) -> dict:
   """Compile `cfg`'s train step for `target`; the report (see the module docstring), or DoesNotFit.
   `buffers`: also the largest buffers live at the peak (XLA's dumps, written to a temporary folder)."""
   cfg = for_target(cfg, target)
@@ -154,6 +194,8 @@ def compile_for(cfg: TrainConfig, target: targets_lib.Target, buffers: int = 0) 
   hlo = compiled.as_text()
   flops = params_lib.count(cfg.model, cfg.seq_len)["flops_per_token"] * cfg.batch_size * cfg.seq_len
   rt = s.rt
+  assignment = hlo_lib.device_assignment(compiled, par.mesh)
+  predicted = step_forecast(hlo, cfg, par, target, assignment, flops, price)
   return {
       "target": target.name, "slices": target.slices, "chips": target.chips * target.slices, "devices": n,
       "mesh": dict(par.mesh.shape),
@@ -169,9 +211,10 @@ def compile_for(cfg: TrainConfig, target: targets_lib.Target, buffers: int = 0) 
       "headroom": round(1 - peak / target.hbm_bytes, 3), "fits": peak <= target.hbm_bytes,
       "model_flops_per_step": flops, "model_flops_per_device": flops / n,
       "collectives": hlo_lib.collectives(hlo),
-      "slow_a2a": hlo_lib.slow_a2a(hlo, hlo_lib.device_assignment(compiled, par.mesh),
+      "slow_a2a": hlo_lib.slow_a2a(hlo, assignment,
                                    "slices" if target.platform == "tpu" else "hosts"),
       "async_a2a": hlo_lib.async_all_to_alls(hlo),
+      **predicted,
       "largest_replicated": largest_replicated(state, n),
       **({"stage_transfers": stage_transfers(hlo)} if par.stages > 1 else {}),
       **({"peak_buffers": _peak_buffers(dump, buffers)} if dump else {}),
@@ -243,22 +286,27 @@ def search(cfg_path: str, overrides: list[str], target: targets_lib.Target, trie
       cfg = load_train_config(cfg_path, overrides + extra)
       r = compile_for(cfg, target)
       row = {"overrides": extra, "fits": r["fits"], "peak_GiB": r["per_device_GiB"]["peak"],
-             "compile_s": r["compile_s"]}
+             "step_s": r["forecast"]["step_s"], "mfu": r["forecast"].get("mfu"),
+             "exposed_comm_share": r["forecast"]["exposed_comm_share"], "compile_s": r["compile_s"]}
     except DoesNotFit as e:
       row = {"overrides": extra, "fits": False, "peak_GiB": _gib(e.needed) if e.needed else None, "why": str(e)}
     except InputError as e:
       row = {"overrides": extra, "fits": False, "peak_GiB": None, "why": str(e)}
     print(jsonl.dumps(row), flush=True)
     rows.append(row)
-  rows.sort(key=lambda r: (not r["fits"], r["peak_GiB"] if r["peak_GiB"] is not None else float("inf")))
+  inf = float("inf")
+  rows.sort(key=lambda r: (not r["fits"], r.get("step_s", inf), r["peak_GiB"] if r["peak_GiB"] is not None else inf))
   return rows
 
 
 def table(rows: list[dict]) -> str:
-  lines = [f"{'fits':5s} {'peak GiB':>9s}  overrides"]
+  """The layouts tried, fastest forecast step first among those that fit, memory second."""
+  lines = [f"{'fits':5s} {'step s':>8s} {'MFU':>6s} {'peak GiB':>9s}  overrides"]
   for r in rows:
     peak = f"{r['peak_GiB']:.1f}" if r["peak_GiB"] is not None else "-"
-    lines.append(f"{'yes' if r['fits'] else 'no':5s} {peak:>9s}  {' '.join(r['overrides'])}")
+    step = f"{r['step_s']:.3f}" if "step_s" in r else "-"
+    mfu = f"{r['mfu']:.3f}" if r.get("mfu") is not None else "-"
+    lines.append(f"{'yes' if r['fits'] else 'no':5s} {step:>8s} {mfu:>6s} {peak:>9s}  {' '.join(r['overrides'])}")
   return "\n".join(lines)
 
 
@@ -273,6 +321,8 @@ def main(argv=None) -> int:
   p.add_argument("--tries", type=int, default=12, help="with --search: at most this many compiles")
   p.add_argument("--buffers", type=int, default=0, metavar="N",
                  help="also list the N largest buffers live at the peak: array, bytes, operation, source line")
+  p.add_argument("--price", type=float, default=None, metavar="USD",
+                 help="price per chip-hour for the forecast's cost per million tokens (default: configs/hardware.yaml)")
   args = p.parse_intermixed_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
   rc = 0

@@ -1,10 +1,12 @@
 """Checkpoints to HF folders and back.
 
-  python -m train.export RUN_DIR [--step S] --out HF_DIR [--dtype float32|bfloat16] [--fp8]
+  python -m train.export RUN_DIR [--step S] --out HF_DIR [--dtype float32|bfloat16] [--fp8] [--allow-nonfinite]
       writes config.json + sharded safetensors (+ index) in the released DeepSeek naming
       (moe.hf.to_hf) from step S of RUN_DIR (default: its newest checkpoint), read sharded over all
       devices and gathered one tensor at a time; only the model item (weights and router biases) is
       read, never the optimiser state. --fp8: the linear weights in DeepSeek's FP8 release format.
+      Weights holding NaN or Inf are refused in one line (exit 2, nothing written) unless
+      --allow-nonfinite.
 
   python -m train.export --from-hf HF_DIR --out RUN_DIR [--config CONFIG] [key=value ...]
       (or, without the step-0 checkpoint, `python -m train CONFIG init_from=HF_DIR`)
@@ -35,17 +37,21 @@ from train.core.config import TrainConfig, apply_override
 
 
 def export(run_dir, out, step: int | None = None, dtype: str = "float32", max_shard_bytes: int = 4 << 30,
-           fp8: bool = False) -> Path:
+           fp8: bool = False, allow_nonfinite: bool = False) -> Path:
   """Write step `step` (default newest) of `run_dir` as an HF folder `out`; returns the step directory.
 
   The checkpoint (from a run on any mesh) is read sharded over all of this job's devices (fsdp), and
-  written one tensor at a time: no host holds the model."""
+  written one tensor at a time: no host holds the model. Weights holding NaN or Inf are refused (a
+  ConfigError naming the first such tensor, nothing written) unless `allow_nonfinite`."""
   out = Path(out)
   if out.exists() and any(out.iterdir()):
     raise ConfigError(f"{out}: exists and is not empty; choose a new --out directory")
   src = ckpt_lib.step_dir(run_dir, step)
   par = Parallelism.from_config(MeshConfig(data=1, fsdp=-1))
-  hf.to_hf(ckpt_lib.load_model(src, dtype, par=par), out, max_shard_bytes=max_shard_bytes, fp8=fp8)
+  model = ckpt_lib.load_model(src, dtype, par=par)
+  if not allow_nonfinite:
+    ckpt_lib.check_finite(model, src, "export an earlier --step, or pass --allow-nonfinite to write them anyway")
+  hf.to_hf(model, out, max_shard_bytes=max_shard_bytes, fp8=fp8)
   return src
 
 
@@ -87,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the written tensors")
   p.add_argument("--fp8", action="store_true",
                  help="the linear weights in DeepSeek's FP8 release format (E4M3 + 128x128 weight_scale_inv)")
+  p.add_argument("--allow-nonfinite", action="store_true",
+                 help="write weights holding NaN or Inf (refused by default: nothing can use them)")
   p.add_argument("--from-hf", metavar="HF_DIR", help="make a step-0 checkpoint from an HF folder instead")
   p.add_argument("--config", help="with --from-hf: YAML with the training keys (its model section is ignored)")
   args = p.parse_args(argv)
@@ -102,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
       if not args.run_dir or args.overrides or args.config:
         raise ConfigError("give one RUN_DIR (and --out, optionally --step); key=value and --config go with --from-hf")
-      src = export(args.run_dir, args.out, args.step, args.dtype, fp8=args.fp8)
+      src = export(args.run_dir, args.out, args.step, args.dtype, fp8=args.fp8, allow_nonfinite=args.allow_nonfinite)
       print(f"{args.out}: step {src.name} of {args.run_dir} as an HF folder ({args.dtype}{', FP8 linears' if args.fp8 else ''})")
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)

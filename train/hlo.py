@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import re
 from typing import NamedTuple
@@ -111,19 +112,121 @@ def _walk(hlo: str):
       yield computation, entry, instr
 
 
-def _call_edges(computation: str, rest: str) -> list[tuple[str, str, int | None]]:
-  """(caller, callee, times per call) of an instruction's called computations: a while body its known
-  trip count (None: unknown), anything else once."""
+def _call_edges(computation: str, rest: str, trips: dict | None = None) -> list[tuple[str, str, int | None]]:
+  """(caller, callee, times per call) of an instruction's called computations: a while body its trip
+  count (known_trip_count, else `trips`, trip_counts' {body: n}; None: unknown), anything else once."""
   out = []
   for key, callee, many in _CALLS.findall(rest):
-    trips = _TRIPS.search(rest) if key == "body" else None
+    known = _TRIPS.search(rest) if key == "body" else None
+    n = int(known.group(1)) if known else (trips or {}).get(callee) if key == "body" else 1
     for c in [callee] if callee else re.findall(r"%?([\w.\-]+)", many):
-      out.append((computation, c, int(trips.group(1)) if trips else (None if key == "body" else 1)))
+      out.append((computation, c, n))
+  return out
+
+
+# ------------------------------------------------------------------ loop trip counts
+_PEEL = ("copy", "bitcast", "convert", "reshape", "broadcast")
+_FLIP = {"LT": "GT", "GT": "LT", "LE": "GE", "GE": "LE", "NE": "NE", "EQ": "EQ"}
+
+
+def _value(name: str, instrs: dict, comps: dict, fusion_operands=None):
+  """What an instruction amounts to for a loop counter: ("const", int), ("index", i) for element i of
+  the loop's tuple parameter, or None; through copies, bitcasts, converts and a fusion's parameters."""
+  seen = set()
+  while name in instrs and name not in seen:
+    seen.add(name)
+    ins = instrs[name]
+    if ins.op == "constant":
+      m = re.match(r"\s*(-?\d+)\)", ins.rest)
+      return ("const", int(m.group(1))) if m else None
+    if ins.op == "get-tuple-element":
+      m = re.search(r"\bindex=(\d+)", ins.rest)
+      inner = instrs.get((_operands(ins.rest) or [""])[0])
+      return ("index", int(m.group(1))) if m and inner is not None and inner.op == "parameter" else None
+    if ins.op == "parameter" and fusion_operands is not None:
+      k = int(re.match(r"\s*(\d+)", ins.rest).group(1))
+      name, fusion_operands = fusion_operands[k], None
+      continue
+    if ins.op not in _PEEL:
+      return None
+    name = (_operands(ins.rest) or [""])[0]
+  return None
+
+
+def _trips_from_condition(cond: list, instrs: dict, comps: dict, init_operands: list[str], body: list) -> int | None:
+  """A while loop's trip count from its condition computation, `counter DIR constant` (or that
+  inside a fusion), the counter's initial value (a constant in the loop's initial tuple, else 0) and
+  its step (the body's `add(counter, constant)`, else 1)."""
+  compare, inside = None, None
+  for ins in reversed(cond):
+    if ins.op == "compare":
+      compare = ins
+      break
+    if ins.op == "fusion":  # XLA:GPU fuses the compare
+      called = re.search(r"\bcalls=%?([\w.\-]+)", ins.rest)
+      found = [i for i in comps.get(called.group(1), []) if i.op == "compare"] if called else []
+      if found:
+        compare, inside = found[-1], _operands(ins.rest)
+        break
+  if compare is None:
+    return None
+  direction = re.search(r"direction=([A-Z]+)", compare.rest)
+  sides = [_value(o, instrs, comps, inside) for o in _operands(compare.rest)[:2]]
+  if not direction or len(sides) != 2 or None in sides:
+    return None
+  d = direction.group(1)
+  if sides[0][0] == "const" and sides[1][0] == "index":
+    sides, d = sides[::-1], _FLIP[d]
+  if sides[0][0] != "index" or sides[1][0] != "const":
+    return None
+  i, limit = sides[0][1], sides[1][1]
+  init = _value(init_operands[i], instrs, comps) if i < len(init_operands) else None
+  start = init[1] if init and init[0] == "const" else 0
+  step = 1
+  root = next((ins for ins in reversed(body) if ins.op == "tuple"), None)
+  if root is not None and i < len(_operands(root.rest)):
+    update = instrs.get(_operands(root.rest)[i])
+    if update is not None and update.op == "add":
+      values = [_value(o, instrs, comps) for o in _operands(update.rest)]
+      step = next((v[1] for v in values if v and v[0] == "const"), 1) or 1
+  span = {"LT": limit - start, "LE": limit - start + 1, "GT": start - limit, "GE": start - limit + 1,
+          "NE": limit - start}.get(d)
+  if span is None:
+    return None
+  return max(0, -(-span // abs(step)))
+
+
+@functools.lru_cache(maxsize=4)
+def trip_counts(hlo: str) -> dict[str, int]:
+  """{while body computation: trip count} for the loops of HLO text: XLA:GPU's known_trip_count, or
+  read from the loop's condition (XLA:TPU records none): `counter < constant` on an element of the
+  loop's tuple, from its initial value in the loop's operand, by the step the body adds."""
+  comps: dict[str, list] = {}
+  instrs: dict[str, _Instruction] = {}
+  for computation, _, ins in _walk(hlo):
+    comps.setdefault(computation, []).append(ins)
+    instrs[ins.name] = ins
+  out = {}
+  for ins in instrs.values():
+    if ins.op != "while":
+      continue
+    body = re.search(r"\bbody=%?([\w.\-]+)", ins.rest).group(1)
+    known = _TRIPS.search(ins.rest)
+    cond = re.search(r"\bcondition=%?([\w.\-]+)", ins.rest)
+    if known:
+      out[body] = int(known.group(1))
+    elif cond:
+      operand = instrs.get((_operands(ins.rest) or [""])[0])
+      init = _operands(operand.rest) if operand is not None and operand.op == "tuple" else []
+      n = _trips_from_condition(comps.get(cond.group(1), []), instrs, comps, init, comps.get(body, []))
+      if n is not None:
+        out[body] = n
   return out
 _COMPUTATION = re.compile(r"(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
 _CALLS = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)"
                     r"|\b(?:branch_computations|called_computations)=\{([^}]*)\}")
-_GROUPS = re.compile(r"replica_groups=(\{(?:\{[0-9,]*\},?)*\}|\[[0-9,]+\]<=\[[0-9,]+\](?:T\([0-9,]+\))?)")
+_GROUPS = re.compile(r"replica_groups=(\{(?:\{[0-9,]*\},?)*\}|\[[0-9,]+\]<=\[[0-9,]+\](?:T\([0-9,]+\))?"
+                     r"|mesh\[[^\]]*\](?:<=\[[0-9,]+\](?:T\([0-9,]+\))?)? \{[^}]*\})")
 _MEGASCALE = re.compile(r'_xla_megascale_transfer_type="(RAGGED_ALL_TO_ALL|ALL_TO_ALL)"')
 
 
@@ -137,8 +240,23 @@ def shape_bytes(shape: str) -> int:
 
 def replica_groups(text: str, n: int) -> list[list[int]]:
   """The groups of an HLO `replica_groups=` value: explicit ("{{0,1},{2,3}}"; "{}" is one group of
-  all `n`) or iota ("[G,S]<=[d0,d1,...]T(perm)": iota(d0*d1*...) reshaped to dims, transposed by
-  perm, reshaped to G groups of S)."""
+  all `n`), iota ("[G,S]<=[d0,d1,...]T(perm)": iota(d0*d1*...) reshaped to dims, transposed by
+  perm, reshaped to G groups of S) or a mesh's axes ("mesh['a'=4,'b'=2] {'a'}": iota(8) as a [4, 2]
+  mesh, one group per 'b' of the 4 devices along 'a'; libtpu writes these)."""
+  m = re.fullmatch(r"mesh\[([^\]]*)\](?:<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?)? \{([^}]*)\}", text)
+  if m:  # mesh['a'=4,'b'=2] {'a'}: the devices of a mesh (iota, or as listed) grouped along the named axes
+    axes = re.findall(r"'([^']+)'=(\d+)", m.group(1))
+    dims = [int(k) for _, k in axes]
+    ids = np.arange(math.prod(dims))
+    if m.group(2):
+      ids = ids.reshape([int(x) for x in m.group(2).split(",")])
+      ids = ids.transpose([int(x) for x in m.group(3).split(",")]) if m.group(3) else ids
+    ids = ids.reshape(dims)
+    names = [a for a, _ in axes]
+    grouped = [names.index(a) for a in re.findall(r"'([^']+)'", m.group(4))]
+    rest = [i for i in range(len(dims)) if i not in grouped]
+    size = math.prod(dims[i] for i in grouped)
+    return ids.transpose(rest + grouped).reshape(-1, size).tolist()
   m = re.fullmatch(r"\[(\d+),(\d+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", text)
   if m:
     dims = [int(x) for x in m.group(3).split(",")]
@@ -214,10 +332,11 @@ def slow_a2a(hlo: str, devices, groups: str | None = None, top: int = 6) -> dict
     program = [d for d in program if getattr(d, "slice_index", 0) == first][:size]
   by_id = {d.id: d for d in devices}
   shapes, found, received, calls, entry = {}, [], {}, [], ""
+  trips = trip_counts(hlo)
   for computation, entry, instr in _walk(hlo):
     name, shape, op, rest = instr
     shapes[name] = shape
-    calls += _call_edges(computation, rest)
+    calls += _call_edges(computation, rest, trips)
     base = op.removesuffix("-start")
     if base in ("all-to-all", "ragged-all-to-all"):
       g = _GROUPS.search(rest)
@@ -371,7 +490,13 @@ def _instruction_flops(shape: str, op: str, rest: str, shapes: dict) -> tuple[st
     if not labels or len(kernel) != len(labels.group(1)):
       return "convolution", 0
     o = labels.group(1).index("o")
-    return "convolution", 2 * out * math.prod(kernel) // max(kernel[o], 1)
+    window = re.search(r"window=\{([^}]*)\}", rest)
+    size = re.search(r"size=([0-9x]+)", window.group(1)) if window else None
+    dilate = re.search(r"lhs_dilate=([0-9x]+)", window.group(1)) if window else None
+    taps = math.prod(int(k) for k in size.group(1).split("x")) if size else 1
+    holes = [(int(k), int(d)) for k, d in zip(size.group(1).split("x"), dilate.group(1).split("x"))] if dilate else []
+    real = math.prod(-(-k // d) for k, d in holes) if holes else taps  # taps on the input, not its dilation holes
+    return "convolution", 2 * out * math.prod(kernel) // max(kernel[o], 1) // taps * real
   if op == "custom-call" and any(f'custom_call_target="{t}"' in rest for t in _GEMM_TARGETS):
     m = re.search(r'"lhs_contracting_dimensions"\s*:\s*\[([^\]]*)\]', rest)
     dims = [int(x.strip().strip('"')) for x in m.group(1).split(",") if x.strip()] if m else []
@@ -390,7 +515,7 @@ def _matmul_costs(hlo: str):
     if computation:
       comps.setdefault(computation, []).append((shape, op, rest))
   memo: dict[str, tuple[collections.Counter, bool]] = {}
-  conditionals = []
+  conditionals, loops = [], trip_counts(hlo)
 
   def branches_of(rest: str) -> list[str]:
     many = re.search(r"branch_computations=\{([^}]*)\}", rest)
@@ -410,10 +535,10 @@ def _matmul_costs(hlo: str):
         total[kind] += f
       if op == "while":
         body = re.search(r"\bbody=%?([\w.\-]+)", rest).group(1)
-        trips = _TRIPS.search(rest)
+        n = loops.get(body)
         inner, k = cost(body, seen + (c,))
-        total.update({key: v * (int(trips.group(1)) if trips else 1) for key, v in inner.items()})
-        known = known and k and trips is not None
+        total.update({key: v * (1 if n is None else n) for key, v in inner.items()})
+        known = known and k and n is not None
       elif op == "conditional":
         branches = [cost(b, seen + (c,)) for b in branches_of(rest)]
         if branches:
@@ -460,9 +585,9 @@ def scoped_collectives(hlo: str, scope: str) -> list[dict]:
   `scope` (a collective-permute's bytes: its array's, once); `times`: executions per run of the entry
   computation, a conditional's branches each counted as taken (an upper bound)."""
   pattern = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-  calls, found, entry = [], [], ""
+  calls, found, entry, trips = [], [], "", trip_counts(hlo)
   for computation, entry, instr in _walk(hlo):
-    calls += _call_edges(computation, instr.rest)
+    calls += _call_edges(computation, instr.rest, trips)
     line = f"= {instr.shape} {instr.op}({instr.rest}"
     m = pattern.search(line)
     name = re.search(r'op_name="([^"]*)"', instr.rest)

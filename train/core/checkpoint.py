@@ -12,6 +12,16 @@ training continues), holding the items
               (grain.checkpoint.CheckpointSave); absent in checkpoints made from HF weights
   config/     the resolved TrainConfig (JSON, `TrainConfig.to_dict`)
   meta/       {"format", "step", "process_count", "device_count", "mesh", "data_seed", "pipeline_layout"}
+  checksums/  `process_<i>-of-<n>.json` of every process: {array: {"dtype", "shards": {index: CRC-32}}},
+              the CRC-32 of the host bytes of each array shard this process saved (replica 0), its
+              index as "start:stop,..." (`shard_checksums`); written with the step, so committed with it
+
+A restore checks every shard it reads against its checksum (`verify`: a restored shard holding
+saved shards is checked on each of them, so a restore onto fewer devices is checked too; one split
+finer than the save cannot be, and is counted as unchecked). A checkpoint that fails is named and
+moved aside to `<step>.corrupt`, and the run falls back to the newest one that verifies (saying so),
+or stops in one line when none does: "the last good checkpoint" of any message is never one known
+bad. Checkpoints written before checksums existed restore unchecked (with a log line).
 
 Training draws no random numbers after initialisation (no dropout), so there is no RNG state to
 save: parameters, optimiser state, router biases and the data position determine the rest of the
@@ -42,17 +52,22 @@ train/core/preemption.py; an abort leaves an interrupted save as such a temporar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import re
 import shutil
 import sys
 import traceback
 import warnings
+import zlib
 from pathlib import Path
+from typing import Any
 
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -64,14 +79,16 @@ from parallel import pipeline
 from parallel.errors import CheckpointError, ConfigError, RunFailed
 from parallel.pipeline import Layout
 from parallel.sharding import state_shardings
+from train.core import jsonl
 from train.core.config import TrainConfig
 from train.core.metrics import trim_metrics  # noqa: F401 - the run's metrics start where its checkpoint does
 
 log = logging.getLogger("train")
 
 FORMAT = "deepseek-jax/train-checkpoint/1"
-ITEMS = ("model", "optimizer", "data", "config", "meta")
+ITEMS = ("model", "optimizer", "data", "config", "meta", "checksums")
 TMP_MARK = ".orbax-checkpoint-tmp"
+CORRUPT = ".corrupt"  # a step directory whose bytes failed their checksums, moved aside
 # the keys that define the training data pipeline: an iterator state only fits the pipeline it came from
 DATA_KEYS = ("data", "tokenizer", "seq_len", "batch_size", "seed", "data_workers")
 
@@ -117,11 +134,143 @@ def remove_interrupted_saves(directory: Path) -> None:
       shutil.rmtree(p, ignore_errors=True)
 
 
+def _cause(e: BaseException) -> str:
+  """What made a write fail, short: the operating system's error where tensorstore's long message
+  ends with one ("... No space left on device [os_error_code='28']"), else `_one_line`."""
+  if isinstance(e, OSError) and e.strerror:
+    return f"{e.strerror} (errno {e.errno})"
+  os_error = re.search(r"([^:]+) \[os_error_code='(\d+)'\]", str(e))
+  if os_error:
+    return f"{os_error.group(1).strip()} (errno {os_error.group(2)})"
+  return _one_line(e)
+
+
 def _one_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
   line = f"{type(e).__name__}: {text[0] if text else ''}"
   return line if len(line) <= 240 else line[:237] + "..."
 
+
+
+# ---------------------------------------------------------------------- checksums
+def _index(index: tuple, shape: tuple) -> str:
+  """A shard's index (a tuple of slices) as "start:stop,start:stop" ("" for a scalar)."""
+  return ",".join("{}:{}".format(*sl.indices(n)[:2]) for sl, n in zip(index, shape))
+
+
+def _bounds(text: str) -> list[tuple[int, int]]:
+  return [tuple(map(int, part.split(":"))) for part in text.split(",")] if text else []
+
+
+def _name(path) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def _crc(a) -> str:
+  return f"{zlib.crc32(np.ascontiguousarray(a).tobytes()):08x}"
+
+
+def shard_checksums(tree) -> dict:
+  """{array name: {"dtype", "shards": {index: CRC-32 hex}}} of the shards of `tree`'s arrays that this
+  process holds (replica 0 of each: every shard is summed by exactly one process)."""
+  out = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if isinstance(x, jax.Array):
+      shards = {_index(s.index, x.shape): _crc(np.asarray(s.data)) for s in x.addressable_shards if s.replica_id == 0}
+      out[_name(path)] = {"dtype": str(x.dtype), "shards": shards}
+  return out
+
+
+def read_checksums(path: Path) -> dict | None:
+  """The checksums of every process of the checkpoint step directory `path`, merged; None when it
+  has none (written before checksums existed)."""
+  files = sorted((path / "checksums").glob("process_*-of-*.json"))
+  if not files:
+    return None
+  merged = {}
+  for f in files:
+    try:
+      part = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+      return {"": {"dtype": "", "shards": {}, "unreadable": f"{f.name}: {_one_line(e)}"}}
+    for name, entry in part.items():
+      merged.setdefault(name, {"dtype": entry["dtype"], "shards": {}})["shards"].update(entry["shards"])
+  return merged
+
+
+def verify(tree, saved: dict) -> tuple[list[str], int]:
+  """(the shards of `tree` this process restored whose bytes differ from their checksum at save, as
+  "array [index]", how many saved shards it checked). A restored shard is checked on every saved
+  shard it contains; arrays restored in another dtype (a cast on read) cannot be checked."""
+  if "" in saved:
+    return [f"checksums {saved['']['unreadable']}"], 0
+  bad, checked = [], 0
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    entry = saved.get(_name(path))
+    if entry is None or not isinstance(x, jax.Array) or entry["dtype"] != str(x.dtype):
+      continue
+    pieces = [(_bounds(k), crc, k) for k, crc in entry["shards"].items()]
+    for shard in x.addressable_shards:
+      have = _bounds(_index(shard.index, x.shape))
+      host = None
+      for b, crc, k in pieces:
+        if all(h0 <= s0 and s1 <= h1 for (s0, s1), (h0, h1) in zip(b, have)):
+          host = np.asarray(shard.data) if host is None else host
+          part = host[tuple(slice(s0 - h0, s1 - h0) for (s0, s1), (h0, _) in zip(b, have))]
+          checked += 1
+          if _crc(part) != crc:
+            bad.append(f"{_name(path)} [{k}]")
+  return sorted(set(bad)), checked
+
+
+def _any_process(flag: bool) -> bool:
+  """Whether `flag` holds on any process (every process gets the same answer)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
+
+
+class ChecksumHandler:
+  """Orbax CheckpointHandler writing this process's `shard_checksums` as
+  checksums/process_<i>-of-<n>.json (the pattern of grain's iterator handler: every process writes its
+  own file into the step's temporary directory, committed with the step)."""
+
+  def save(self, directory, item=None, args=None):
+    item = item if item is not None else args.item
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    (directory / name).write_text(jsonl.dumps(item))
+
+  def restore(self, directory, item=None, args=None):
+    return read_checksums(Path(directory).parent)
+
+  def structure(self, directory):
+    return None
+
+  def metadata(self, directory):
+    return None
+
+  def finalize(self, directory):
+    pass
+
+  def close(self):
+    pass
+
+  @classmethod
+  def typestr(cls):
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@ocp.args.register_with_handler(ChecksumHandler, for_save=True)
+@dataclasses.dataclass
+class ChecksumSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(ChecksumHandler, for_restore=True)  # orbax wants both; reads use read_checksums
+@dataclasses.dataclass
+class ChecksumRestore(ocp.args.CheckpointArgs):
+  item: Any = None
 
 
 def _ignore_closed_loop_callbacks():
@@ -158,8 +307,23 @@ def _drop_abandoned_orbax_tasks(record: logging.LogRecord) -> bool:
 
 
 def _quiet_absl():
-  """Orbax and Grain log every save at INFO through absl; keep the training log readable."""
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  """Orbax and Grain log every save at INFO through absl; keep the training log readable. A save that
+  fails (a full disk) makes orbax's background threads log the same error with a traceback once per
+  thread (78 tracebacks for one failed save): those records are dropped, since `Checkpoints` reports
+  the failure itself in one line; every other orbax error is still logged."""
+  absl = logging.getLogger("absl")
+  absl.setLevel(logging.WARNING)
+  if _drop_orbax_save_failures not in absl.filters:
+    absl.addFilter(_drop_orbax_save_failures)
+
+
+ORBAX_SAVE_FAILURES = re.compile(r"_SignalingThread\.run\(\) raised an exception|Handler Commit operations or the"
+                                 r" Commit callback in background save thread|\[wait_until_finished\] Save Finalize"
+                                 r" thread \(.*\) failed")
+
+
+def _drop_orbax_save_failures(record: logging.LogRecord) -> bool:
+  return not ("orbax" in record.pathname and ORBAX_SAVE_FAILURES.search(str(record.msg)))
 
 
 def _manager(directory: Path, keep_last: int = 0, keep_every: int = 0, read_only: bool = False):
@@ -234,7 +398,7 @@ class Checkpoints:
     self.directory = checkpoint_dir(cfg.run_dir)
     _check_directory(self.directory)
     self.data_seed = cfg.seed
-    self.saving, self.broken = None, False
+    self.saving, self.broken, self.now = None, False, None
     remove_interrupted_saves(self.directory)  # before anything else looks at the directory
     self.mngr = _manager(self.directory, cfg.keep_last, cfg.keep_every)
 
@@ -251,7 +415,9 @@ class Checkpoints:
     if not self.cfg.resume:
       raise CheckpointError(f"{self.directory} holds checkpoints (steps {', '.join(map(str, steps[-3:]))}) and"
                             " resume=false: pick another run_dir or delete them")
-    step = steps[-1]
+    return self._plan(steps[-1])
+
+  def _plan(self, step: int) -> dict:
     path = self.directory / str(step)
     meta = validate_step_dir(path)
     n_proc = jax.process_count()
@@ -274,16 +440,42 @@ class Checkpoints:
   def restore(self, plan: dict, state, data_iter, par=None):
     """The state of `plan`'s checkpoint, laid out like `state` (the fresh state `build` made; its
     arrays are freed first, so memory holds one state at a time); `data_iter` continues in place
-    when `plan['restore_data']`."""
-    path, step = plan["path"], plan["step"]
+    when `plan['restore_data']`. A checkpoint that fails its checksums is moved aside and the newest
+    earlier one that verifies is restored instead (see the module docstring): `plan` is updated in
+    place to the one restored (its "step" is where the run continues)."""
     target = abstract_like(state, par)
-    src = Layout(self.cfg.model.num_moe_layers, *plan["meta"].get("pipeline_layout", (1, 1)))
-    dst = _layout(self.cfg, par)
-    final, target = target, _relayout_target(target, src, dst)
     for x in jax.tree.leaves(state):
       if isinstance(x, jax.Array):
         x.delete()
     del state
+    failed = []
+    while True:
+      got, bad = self._restore_checked(plan, target, data_iter, par)
+      if not bad:
+        break
+      failed.append(f"{plan['path']} ({bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''})")
+      self._set_aside(plan["step"])
+      older = self.steps()
+      if not older:
+        raise CheckpointError(f"checkpoint {'; '.join(failed)} fails its checksums (its bytes changed on disk after"
+                              f" it was written), moved aside as <step>{CORRUPT}; no checkpoint of {self.directory}"
+                              " verifies: run the same command to start from step 0, or restore the files from a copy")
+      seed, bad_step = self.data_seed, plan["step"]
+      plan.update(self._plan(older[-1]))
+      if plan["data_seed"] != seed:
+        raise CheckpointError(f"checkpoint {failed[-1]} fails its checksums, moved aside as <step>{CORRUPT}; the newest"
+                              f" that remains, {plan['path']}, was written with another data order: run the same command"
+                              " to resume from it")
+      log.warning("checkpoint %s fails its checksums (its bytes changed on disk after it was written): moved aside"
+                  " as %s%s; falling back to %s", failed[-1], bad_step, CORRUPT, plan["path"])
+    return got
+
+  def _restore_checked(self, plan: dict, target, data_iter, par):
+    """(the restored state, the shards that failed their checksums on any process)."""
+    path, step = plan["path"], plan["step"]
+    src = Layout(self.cfg.model.num_moe_layers, *plan["meta"].get("pipeline_layout", (1, 1)))
+    dst = _layout(self.cfg, par)
+    final, target = target, _relayout_target(target, src, dst)
     items = {
         "model": ocp.args.StandardRestore({"params": target["params"], "rest": target["rest"]}),
         "optimizer": ocp.args.StandardRestore({"opt": target["opt"], "step": target["step"],
@@ -302,13 +494,38 @@ class Checkpoints:
                               f" pick another run_dir ({_one_line(e)})") from None
       raise CheckpointError(f"{path}: cannot restore: {_one_line(e)}; delete this step directory to resume from an"
                             " earlier one, or pick another run_dir") from None
+    arrays = {"model": got["model"], "optimizer": got["optimizer"]}
+    saved = read_checksums(path)
+    if saved is None:
+      log.info("checkpoint %s has no checksums (written before they existed): restored unchecked", path)
+      bad = []
+    else:
+      bad, checked = verify(arrays, saved)
+      if _any_process(bool(bad)):
+        return None, bad or ["a shard of another process"]
+      log.info("checkpoint %s: %d array shard(s) match their checksums", path, checked)
     old = read_config(path).to_dict()
     changes = [c for c in config_changes(old, self.cfg.to_dict()) if not c.startswith(("run_dir ", "resume "))]
     log.info("resumed from step %d (%s)%s", step, path,
              f"; config changed: {', '.join(changes)}" if changes else "")
     if src != dst:
       log.info("checkpoint %s: MoE stack rearranged from %s to %s", path, src.describe(), dst.describe())
-    return _relayout({**got["model"], **got["optimizer"]}, src, dst, final)
+    return _relayout({**got["model"], **got["optimizer"]}, src, dst, final), []
+
+  def _set_aside(self, step: int) -> None:
+    """Move a checkpoint that failed its checksums out of the steps (to <step>.corrupt, or
+    <step>.corrupt-<n> when that exists): kept for a look, never restored or counted again."""
+    if jax.process_index() == 0:
+      path = self.directory / str(step)
+      dest = path.with_name(f"{step}{CORRUPT}")
+      n = 1
+      while dest.exists():
+        dest, n = path.with_name(f"{step}{CORRUPT}-{n}"), n + 1
+      path.rename(dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+    self.mngr.reload()
 
   # ------------------------------------------------------------------ saving
   def due(self, step: int) -> bool:
@@ -318,9 +535,11 @@ class Checkpoints:
     """Start an asynchronous save of `step` when it is due (`save_every`) or `force`; returns whether
     it started. The arrays are copied to host before this returns, so the next (donating) step may
     run at once."""
+    self.now = step
     self.check()
     if not (force or self.due(step)) or step in self.steps():
       return False
+    self.wait()  # a failure of the previous save is reported as that step's (orbax would raise it in this save)
     meta = {"format": FORMAT, "step": int(step), "process_count": jax.process_count(),
             "device_count": jax.device_count(), "data_seed": int(self.data_seed),
             "mesh": dict(par.mesh.shape) if par is not None else None,
@@ -330,6 +549,9 @@ class Checkpoints:
         "optimizer": ocp.args.StandardSave({"opt": state["opt"], "step": state["step"], "guard": state["guard"]}),
         "config": ocp.args.JsonSave(self.cfg.to_dict()),
         "meta": ocp.args.JsonSave(meta),
+        "checksums": ChecksumSave(shard_checksums({"model": {"params": state["params"], "rest": state["rest"]},
+                                                   "optimizer": {"opt": state["opt"], "step": state["step"],
+                                                                 "guard": state["guard"]}})),
     }
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
@@ -352,9 +574,11 @@ class Checkpoints:
     _ignore_closed_loop_callbacks()
     good = [s for s in self.steps() if s != step]
     last = f"the last good checkpoint is {self.directory / str(good[-1])}" if good else "no earlier checkpoint"
+    after = self.now - step if self.now is not None and step is not None else 0
+    lost = f"{after} step(s) trained after it are not saved; " if after > 0 else ""
     self.broken = True
-    raise RunFailed(f"step {step}: writing the checkpoint to {self.directory / str(step)} failed ({_one_line(e)});"
-                    f" {last}") from None
+    raise RunFailed(f"step {step}: writing the checkpoint to {self.directory / str(step)} failed ({_cause(e)});"
+                    f" {lost}{last}") from None
 
   def wait(self) -> None:
     try:
@@ -364,7 +588,8 @@ class Checkpoints:
 
   def close(self) -> None:
     try:
-      self.wait()
+      if not self.broken:  # else the failure was reported, and orbax raises it again here
+        self.wait()
     finally:
       try:
         self.mngr.close()
@@ -451,9 +676,17 @@ def restore_model(path, target: dict):
   options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
   with ocp.CheckpointManager(path.parent.absolute(), options=options) as m:
     try:
-      return m.restore(int(path.name), args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))["model"]
+      got = m.restore(int(path.name), args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))["model"]
     except Exception as e:
       raise CheckpointError(f"{path}: cannot restore the model: {_one_line(e)}") from None
+  saved = read_checksums(path)
+  bad = verify({"model": got}, saved)[0] if saved is not None else []
+  if _any_process(bool(bad)):
+    earlier = [s for s in finished_steps(path.parent) if s < int(path.name)]
+    raise CheckpointError(f"{path} fails its checksums ({(bad or ['a shard of another process'])[0]}): its bytes changed"
+                          " on disk after it was written; " + (f"use an earlier step (--step {earlier[-1]})" if earlier
+                                                               else "restore the files from a copy"))
+  return got
 
 
 def load_model(path, dtype: str = "float32", par=None) -> Transformer:
@@ -491,11 +724,16 @@ def load_any(path, dtype: str | None = None) -> Transformer:
   else:
     path = _newest_of_run(path)
     model = load_model(path, dtype or "float32")
+  check_finite(model, path, "use an earlier checkpoint")
+  return model
+
+
+def check_finite(model, path, fix: str) -> None:
+  """ConfigError naming the first tensor of `model` (read from `path`) that holds NaN or Inf."""
   bad = [p for p, v in nnx.to_flat_state(nnx.state(model, nnx.Variable)) if not bool(jnp.isfinite(v[...]).all())]
   if bad:
     raise ConfigError(f"{path}: the weights hold NaN or Inf ({'/'.join(map(str, bad[0]))}"
-                      f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); use an earlier checkpoint")
-  return model
+                      f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); {fix}")
 
 
 def _newest_of_run(path: Path) -> Path:

@@ -179,6 +179,9 @@ class TrainConfig:
         f"profile_steps={list(p) if isinstance(p, tuple) else p!r} must be null or [start, stop] with"
         " 0 <= start < stop",
     )
+    r, e = self.mesh.redundant_experts, self.model.n_routed_experts
+    require(r <= e, f"mesh.redundant_experts={r} exceeds model.n_routed_experts={e}: EPLB fills at most one extra"
+                    f" slot per expert (as many copies per rank as experts per rank); use at most {e}")
     opt = self.optimizer
     if opt.schedule == "cosine":
       require(opt.warmup_steps <= self.steps, f"optimizer.warmup_steps={opt.warmup_steps} exceeds steps={self.steps}")

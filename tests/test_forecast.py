@@ -1,0 +1,229 @@
+"""train/forecast.py and train/hlo.py's loop reader on hand-written HLO: trip counts from a loop's
+condition, FLOPs, HBM bytes, collective bytes per link for a made-up device assignment, async
+overlap, and the forecast of a program whose time is counted by hand on a made-up chip."""
+
+import json
+
+import pytest
+
+from parallel import targets
+from parallel.errors import ConfigError
+from train import forecast
+from train import hlo as hlo_lib
+from train import hlo_report
+
+# A scan the way XLA:TPU compiles it: no known_trip_count; the condition compares element 0 of the
+# loop's tuple with 7, the counter starts at copy(constant(1)) and the body adds 2: i = 1, 3, 5 -> 3 trips.
+LOOP = """HloModule jit_step, is_scheduled=true, num_partitions=4
+
+%cond (p.1: (s32[], bf16[64,32])) -> pred[] {
+  %p.1 = (s32[], bf16[64,32]{1,0}) parameter(0)
+  %limit = s32[] constant(7)
+  %i.1 = s32[] get-tuple-element(%p.1), index=0
+  ROOT %lt = pred[] compare(%i.1, %limit), direction=LT
+}
+
+%body (p.2: (s32[], bf16[64,32])) -> (s32[], bf16[64,32]) {
+  %p.2 = (s32[], bf16[64,32]{1,0}) parameter(0)
+  %i.2 = s32[] get-tuple-element(%p.2), index=0
+  %x.2 = bf16[64,32]{1,0} get-tuple-element(%p.2), index=1
+  %w = bf16[32,32]{1,0} constant({...})
+  %y = bf16[64,32]{1,0} dot(%x.2, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %two = s32[] constant(2)
+  %next = s32[] add(%i.2, %two)
+  ROOT %t = (s32[], bf16[64,32]{1,0}) tuple(%next, %y)
+}
+
+ENTRY %main (x: bf16[64,32]) -> bf16[64,32] {
+  %x = bf16[64,32]{1,0} parameter(0)
+  %one = s32[] constant(1)
+  %start = s32[] copy(%one)
+  %init = (s32[], bf16[64,32]{1,0}) tuple(%start, %x)
+  %w.1 = (s32[], bf16[64,32]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %out = bf16[64,32]{1,0} get-tuple-element(%w.1), index=1
+}
+"""
+
+
+def test_trip_count_from_the_condition():
+  body_flops = 2 * 64 * 32 * 32
+  assert hlo_lib.trip_counts(LOOP) == {"body": 3}
+  assert hlo_lib.matmul_flops(LOOP) == {"dot": 3 * body_flops, "ragged_dot": 0, "convolution": 0, "gemm": 0,
+                                        "total": 3 * body_flops, "trip_counts_known": True}
+  # written the other way round (7 > i), and counting to 7 inclusive (i <= 7: 1, 3, 5, 7)
+  flipped = LOOP.replace("compare(%i.1, %limit), direction=LT", "compare(%limit, %i.1), direction=GT")
+  assert hlo_lib.trip_counts(flipped) == {"body": 3}
+  assert hlo_lib.trip_counts(LOOP.replace("direction=LT", "direction=LE")) == {"body": 4}
+  # XLA:GPU's fused compare: the constant and the counter enter a fusion as its parameters
+  fused = LOOP.replace("  ROOT %lt = pred[] compare(%i.1, %limit), direction=LT\n",
+                       "  ROOT %lt = pred[] fusion(%i.1, %limit), kind=kLoop, calls=%fused_lt\n").replace(
+      "%cond (p.1", "%fused_lt (a: s32[], b: s32[]) -> pred[] {\n  %a = s32[] parameter(0)\n  %b = s32[] parameter(1)\n"
+      "  ROOT %c = pred[] compare(%a, %b), direction=LT\n}\n\n%cond (p.1")
+  assert hlo_lib.trip_counts(fused) == {"body": 3}
+  # a known_trip_count wins; a condition it cannot read leaves the loop unknown (counted once)
+  assert hlo_lib.trip_counts(LOOP.replace("body=%body", 'body=%body, backend_config={"known_trip_count":{"n":"9"}}')) \
+      == {"body": 9}
+  unknown = LOOP.replace("%limit = s32[] constant(7)", "%limit = s32[] get-tuple-element(%p.1), index=0")
+  assert hlo_lib.trip_counts(unknown) == {} and not hlo_lib.matmul_flops(unknown)["trip_counts_known"]
+
+
+def test_mesh_replica_groups():
+  """libtpu's replica groups name a mesh's axes: iota(8) as [4, 2], grouped along the named axes."""
+  assert hlo_lib.replica_groups("mesh['axis_0'=4,'axis_1'=2] {'axis_0'}", 8) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+  assert hlo_lib.replica_groups("mesh['axis_0'=4,'axis_1'=2] {'axis_1'}", 8) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+  assert hlo_lib.replica_groups("mesh['axis_0'=4,'axis_1'=2] {'axis_0','axis_1'}", 8) == [list(range(8))]
+  line = "x, replica_groups=mesh['axis_0'=4,'axis_1'=1] {'axis_0'}, dimensions={1}"
+  assert hlo_lib._GROUPS.search(line).group(1) == "mesh['axis_0'=4,'axis_1'=1] {'axis_0'}"
+
+
+# Collectives of 8 devices whose granules (hosts, say) are pairs: position i is on host i // 2.
+COLLECTIVES = """HloModule m, is_scheduled=true, num_partitions=8
+
+ENTRY %main (a: f32[2,4], b: bf16[16], c: f32[8], d: f32[4,4]) -> f32[8,4] {
+  %a = f32[2,4]{1,0} parameter(0)
+  %b = bf16[16]{0} parameter(1)
+  %c = f32[8]{0} parameter(2)
+  %d = f32[4,4]{1,0} parameter(3)
+  %ag = f32[8,4]{1,0} all-gather(%a), channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}
+  %ar = bf16[16]{0} all-reduce(%b), channel_id=2, replica_groups=[4,2]<=[8], to_apply=%add
+  %aa = f32[8]{0} all-to-all(%c), channel_id=3, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}
+  %rs = f32[1,4]{1,0} reduce-scatter(%d), channel_id=4, replica_groups=mesh['x'=2,'y'=4] {'y'}, dimensions={0}, to_apply=%add
+  %cp = f32[4,4]{1,0} collective-permute(%d), channel_id=5, source_target_pairs={{0,1},{1,2}}
+  ROOT %r = f32[8,4]{1,0} copy(%ag)
+}
+"""
+
+
+def test_collective_bytes_per_link_by_hand():
+  chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e9, 1e8)
+  s = forecast.summary(forecast.costs(COLLECTIVES, chip, granule=lambda i: i // 2))["collective_bytes"]
+  # all-gather: result f32[8,4] = 128 bytes, a device receives (n-1)/n of it = 96; {0,1,2,3} spans hosts 0, 1
+  assert s["all-gather"] == {"fast": 0, "slow": 96, "sync": 1}
+  # all-reduce of 32 bytes in pairs {0,1},{2,3},... each on one host: 2 x 32 x 1/2 over the fast link
+  assert s["all-reduce"] == {"fast": 32, "slow": 0, "sync": 1}
+  # all-to-all of 32 bytes in groups of 4 on two hosts: 1/4 to the host's other member, 2/4 to the other host
+  assert s["all-to-all"] == {"fast": 8, "slow": 16, "sync": 1}
+  # reduce-scatter of 64 bytes along 'y' (4 positions: 0-3, two hosts): 3/4 of it, over the slow link
+  assert s["reduce-scatter"] == {"fast": 0, "slow": 48, "sync": 1}
+  # collective-permute 0->1 (one host), 1->2 (two): the 64-byte array over the slow link
+  assert s["collective-permute"] == {"fast": 0, "slow": 64, "sync": 1}
+  # all on one host: nothing slow
+  one = forecast.summary(forecast.costs(COLLECTIVES, chip))["collective_bytes"]
+  assert all(v["slow"] == 0 for v in one.values()) and one["all-gather"]["fast"] == 96
+
+
+# One matmul and one all-reduce: bf16[128,256] x bf16[256,512] on a chip of 1 TFLOP/s, 1 GB/s of
+# HBM and 1 GB/s of link.
+MATMUL = """HloModule m, is_scheduled=true, num_partitions=4
+
+%fused_dot (p0: bf16[128,256], p1: bf16[256,512]) -> bf16[128,512] {
+  %p0 = bf16[128,256]{1,0} parameter(0)
+  %p1 = bf16[256,512]{1,0} parameter(1)
+  ROOT %dot.1 = bf16[128,512]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (x: bf16[128,256], w: bf16[256,512], g: bf16[128,512]) -> bf16[128,512] {
+  %x = bf16[128,256]{1,0} parameter(0)
+  %w = bf16[256,512]{1,0} parameter(1)
+  %g = bf16[128,512]{1,0} parameter(2)
+  %sum = bf16[128,512]{1,0} all-reduce(%g), channel_id=1, replica_groups={{0,1,2,3}}, to_apply=%add
+  %y = bf16[128,512]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused_dot
+  ROOT %z = bf16[128,512]{1,0} add(%y, %sum)
+}
+"""
+
+
+def test_forecast_of_a_hand_computable_program():
+  chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e9, 1e8)
+  dot_flops = 2 * 128 * 256 * 512  # 33.6 us at 1 TFLOP/s
+  dot_bytes = 2 * (128 * 256 + 256 * 512 + 128 * 512)  # 458,752 bytes: 458.8 us at 1 GB/s (memory-bound)
+  add_bytes = 3 * 2 * 128 * 512  # two operands and the result: 393.2 us
+  ring = 2 * (2 * 128 * 512) * 3 / 4  # all-reduce of 128 KiB over 4: 196,608 bytes, 196.6 us
+  c = forecast.costs(MATMUL, chip)
+  s = forecast.summary(c)
+  assert s["flops"]["dot"] == dot_flops and s["flops"]["other"] == 128 * 512
+  assert s["hbm_bytes"] == dot_bytes + add_bytes and s["collective_bytes"]["all-reduce"]["fast"] == ring
+  assert c.time == pytest.approx((dot_bytes + add_bytes) / 1e9 + ring / 1e9)
+  assert c.exposed == pytest.approx(ring / 1e9)
+  # asynchronous, with the matmul scheduled between its start and done: hidden under it
+  overlapped = MATMUL.replace(
+      "  %sum = bf16[128,512]{1,0} all-reduce(%g), channel_id=1, replica_groups={{0,1,2,3}}, to_apply=%add\n"
+      "  %y = bf16[128,512]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused_dot\n",
+      "  %s = bf16[128,512]{1,0} all-reduce-start(%g), channel_id=1, replica_groups={{0,1,2,3}}, to_apply=%add\n"
+      "  %y = bf16[128,512]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused_dot\n"
+      "  %sum = bf16[128,512]{1,0} all-reduce-done(%s)\n")
+  c = forecast.costs(overlapped, chip)
+  assert c.exposed == 0 and c.time == pytest.approx((dot_bytes + add_bytes) / 1e9)
+  s = forecast.summary(c)
+  assert s["async"]["all-reduce"] == {"count": 1, "comm_s": pytest.approx(ring / 1e9),
+                                      "hidden_s": pytest.approx(ring / 1e9)}
+  # with a fast HBM the matmul is compute-bound and hides only part of the all-reduce
+  fast = forecast.Chip("made-up", 1e12, 2e12, 1e15, 1e9, 1e8)
+  c = forecast.costs(overlapped, fast)
+  assert c.exposed == pytest.approx(ring / 1e9 - dot_flops / 1e12)
+  r = forecast.report(c, fast, tokens=1000, model_flops=4 * dot_flops, chips=4, devices=4, price=3.6)
+  assert r["mfu"] == pytest.approx(dot_flops / c.time / 1e12, abs=1e-3)
+  assert r["usd_per_million_tokens"] == pytest.approx(3.6 * 4 * c.time / 3600 / 1e-3, rel=1e-3)
+
+
+def test_hbm_bytes_of_slices_updates_and_on_chip_arrays():
+  """A fusion that reads one row of a stacked [10, 256] weight reads that row; an in-place update
+  writes its update; an operand in TPU memory space S(1) (VMEM) costs no HBM traffic."""
+  text = """HloModule m, num_partitions=1
+
+%slice_row (p0: f32[10,256], p1: s32[]) -> f32[1,256] {
+  %p0 = f32[10,256]{1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  ROOT %ds = f32[1,256]{1,0} dynamic-slice(%p0, %p1, %zero), dynamic_slice_sizes={1,256}
+}
+
+%put_row (q0: f32[10,256], q1: f32[1,256], q2: s32[]) -> f32[10,256] {
+  %q0 = f32[10,256]{1,0} parameter(0)
+  %q1 = f32[1,256]{1,0} parameter(1)
+  %q2 = s32[] parameter(2)
+  %zero.1 = s32[] constant(0)
+  ROOT %dus = f32[10,256]{1,0} dynamic-update-slice(%q0, %q1, %q2, %zero.1)
+}
+
+ENTRY %main (w: f32[10,256], i: s32[], v: f32[1,256]) -> f32[10,256] {
+  %w = f32[10,256]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %v = f32[1,256]{1,0:S(1)} parameter(2)
+  %row = f32[1,256]{1,0} fusion(%w, %i), kind=kLoop, calls=%slice_row
+  ROOT %new = f32[10,256]{1,0} fusion(%w, %v, %i), kind=kLoop, calls=%put_row
+}
+"""
+  s = forecast.summary(forecast.costs(text, forecast.Chip("x", 1e12, 1e12, 1e9, 1e9, 1e9)))
+  row = 256 * 4
+  # the slice: reads a row (and the s32 index), writes a row; the update: reads v from VMEM (0), the
+  # index, writes a row in place
+  assert s["hbm_bytes"] == (row + 4 + row) + (0 + 4 + row)
+
+
+def test_hardware_table_has_a_source_for_every_figure():
+  text = targets.HARDWARE.read_text()
+  for family in ("v4", "v5e", "v5p", "v6e", "tpu7x", "h100", "h200", "b200", "gb200"):
+    hw = targets.hardware(family)
+    assert hw["peak_fp8"] >= hw["peak_bf16"] > 1e14 and hw["hbm_bw"] > 5e11 and hw["fast_bw"] > hw["slow_bw"] > 1e9
+    block = text.split(f"\n{family}:\n", 1)[1].split("\n\n", 1)[0].split("\n" + "\n".join([]))[0]
+    rows = [line for line in block.splitlines() if line.startswith("  ")][:9]
+    assert all("#" in line for line in rows if not line.strip().startswith(("fast_domain", "devices_per_chip"))), family
+  assert targets.hardware("v5p")["peak_bf16"] == 459e12 and targets.hardware("tpu7x")["devices_per_chip"] == 2
+  assert forecast.chip_of("tpu7x").peak_bf16 == 2307e12 / 2  # two devices per chip
+  with pytest.raises(ConfigError, match="no hardware figures for 'a100'"):
+    targets.hardware("a100")
+
+
+def test_hlo_report_cli(tmp_path, capsys):
+  path = tmp_path / "step.txt"
+  path.write_text(MATMUL)
+  assert hlo_report.main([str(path), "--target", "v5p-8", "--tokens", "512", "--model-flops", "1e9"]) == 0
+  r = json.loads(capsys.readouterr().out)
+  assert r["costs"]["flops"]["dot"] == 2 * 128 * 256 * 512 and r["forecast"]["devices"] == 4
+  assert r["forecast"]["chip"] == "v5p" and r["forecast"]["price_per_chip_hour"] == 4.2
+  (tmp_path / "bad.txt").write_text("not hlo")
+  assert hlo_report.main([str(tmp_path / "bad.txt"), "--target", "v5p-8"]) == 2
+  assert hlo_report.main([str(tmp_path / "none.txt"), "--target", "v5p-8"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 2 and "not HLO text" in err[0] and "no such file" in err[1]

@@ -1,0 +1,466 @@
+"""A step-time forecast from compiled HLO text: what one device executes, reads and sends per step,
+and how long that takes on a chip (parallel/targets.py: CHIPS, each figure with its source).
+
+  costs(hlo, granule)   per device and step: FLOPs by kind, HBM bytes, collectives by kind and link,
+                        which collectives are asynchronous and how much compute the schedule puts
+                        between their start and done, and the roofline time of it all on `chip`
+  report(costs, ...)    step time, tokens/s per chip, model TFLOP/s per chip, MFU, exposed
+                        communication, cost per million tokens
+
+How it counts (one device; SPMD programs run the same on all):
+- The program runs from its entry computation; a while loop runs its body its trip count times
+  (train/hlo.py: trip_counts, from known_trip_count or the loop's condition), a conditional its
+  costliest branch, a call its callee. Fusions, reducers and sorting comparators are parts of one
+  kernel, not programs of their own.
+- FLOPs: dots and convolutions from their shapes (inside fusions too), ragged dots (XLA's, and
+  libtpu's Mosaic kernels "ragged-dot-*": 2 x rows x K x N), cuBLAS GEMM custom calls, the splash
+  attention kernels (causal: half the blocks; forward 2 matmuls, dq 3, dkv 4, from q, k, v's
+  shapes), and "other": one FLOP per element each elementwise or reduce operation makes.
+- HBM bytes: each kernel's operands and results (a fusion's, not its insides), less what lives
+  on chip (TPU: arrays in memory space S(1), VMEM), a fusion's operand that only feeds dynamic
+  slices or gathers counting the slices, an in-place dynamic-update-slice its update.
+- Collectives: bytes each device puts on a link (ring algorithms): all-gather (n-1)/n x result,
+  reduce-scatter (n-1)/n x operand, all-reduce 2(n-1)/n x operand, all-to-all (n-1)/n x operand
+  (the part to members behind the slow link on it), ragged all-to-all as all-to-all of its input
+  buffer (an upper figure: the buffer is sized for the worst case), collective-permute its
+  operand, send (a TPU cross-slice transfer) its buffer. A group that spans granules (GPU hosts, TPU
+  slices) runs at the slow link's rate (its ring crosses it), all-to-alls split by members.
+- Time: each kernel max(matmul FLOPs / peak, HBM bytes / HBM bandwidth) (f8 operands at the fp8
+  peak, everything else at bf16's: f32 dots on TPU run one bf16 pass by default); each collective
+  bytes / link bandwidth; a synchronous one adds all of it, an asynchronous one what the kernels
+  scheduled between its start and done do not cover. No latency per kernel or per message, no
+  contention between overlapping transfers: a forecast of the ideal schedule, so a lower bound
+  on the step time; the measured error of it is in docs/pods.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+
+from train import hlo as hlo_lib
+
+COLLECTIVE_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "ragged-all-to-all",
+                    "collective-permute", "send", "recv")
+_CONTROL = ("while", "conditional", "call")
+_FREE = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
+         "replica-id", "add-dependency", "opt-barrier", "copy-done", "iota")
+_FREE_TARGETS = ("AllocateBuffer", "AssumeGatherIndicesInBound", "PrepareAsyncCallStart", "PrepareAsyncCallDone",
+                 "GatherScatterIndicesBitpacked", "Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape")
+_ELEMENTWISE = ("add", "subtract", "multiply", "divide", "maximum", "minimum", "exponential", "log", "tanh",
+                "rsqrt", "sqrt", "power", "negate", "abs", "select", "compare", "logistic", "exponential-minus-one",
+                "log-plus-one", "cosine", "sine", "clamp", "reduce", "reduce-window", "convert", "and", "or", "xor",
+                "sign", "floor", "ceil", "round-nearest-even", "atan2", "erf", "cbrt", "remainder", "is-finite")
+_ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
+# What the forecast's error is known to be (docs/pods.md, "Step-time forecast": the calibration).
+ERROR = "uncalibrated: an ideal schedule at peak rates, a lower bound of the step; docs/pods.md"
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """What the forecast needs of one device (parallel/targets.py: CHIPS has them per chip, with sources)."""
+  name: str
+  peak_bf16: float  # FLOP/s per device
+  peak_fp8: float
+  hbm_bw: float  # bytes/s per device
+  fast_bw: float  # bytes/s a device puts on the fast link for one collective (ICI ring, NVLink)
+  slow_bw: float  # bytes/s per device across granules (DCN, the network)
+
+
+# ------------------------------------------------------------------ shapes
+def _arrays(shape: str, on_chip: bool = True):
+  """(dtype, elements, bytes) of the arrays in an HLO shape; on_chip False leaves out arrays in a
+  memory space other than 0 (TPU's S(1): VMEM)."""
+  for dtype, dims, layout in _ARRAY.findall(shape):
+    if not on_chip and layout and re.search(r"S\([1-9]\d*\)", layout):
+      continue
+    n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+    yield dtype, n, n * hlo_lib._BYTES.get(dtype, 0 if dtype == "token" else 4)
+
+
+def _hbm(shape: str) -> int:
+  return sum(b for _, _, b in _arrays(shape, on_chip=False))
+
+
+def _elements(shape: str) -> int:
+  return sum(n for _, n, _ in _arrays(shape))
+
+
+# ------------------------------------------------------------------ the program
+class Program:
+  """HLO text parsed once: computations (instructions in schedule order), each instruction by name,
+  loop trip counts, the module's partition count."""
+
+  def __init__(self, hlo: str):
+    self.comps: dict[str, list] = {}
+    self.instrs: dict[str, hlo_lib._Instruction] = {}
+    self.entry = ""
+    for computation, entry, ins in hlo_lib._walk(hlo):
+      self.entry = entry
+      if computation:
+        self.comps.setdefault(computation, []).append(ins)
+      self.instrs[ins.name] = ins
+    self.shapes = {name: ins.shape for name, ins in self.instrs.items()}
+    self.trips = hlo_lib.trip_counts(hlo)
+    parts = re.search(r"num_partitions=(\d+)", hlo)
+    replicas = re.search(r"replica_count=(\d+)", hlo)
+    self.size = (int(parts.group(1)) if parts else 1) * (int(replicas.group(1)) if replicas else 1)
+
+  def shape(self, name: str) -> str:
+    ins = self.instrs.get(name)
+    return ins.shape if ins is not None else ""
+
+  def called(self, ins, key: str = "calls") -> str | None:
+    m = re.search(rf"\b{key}=%?([\w.\-]+)", ins.rest)
+    return m.group(1) if m else None
+
+
+# ------------------------------------------------------------------ one kernel
+def _flops(p: Program, ins) -> tuple[collections.Counter, bool]:
+  """(FLOPs by kind, fp8?) of one kernel: a fusion's insides, or the instruction itself."""
+  out, fp8 = collections.Counter(), False
+  todo = [ins]
+  while todo:
+    i = todo.pop()
+    kind, f = hlo_lib._instruction_flops(i.shape, i.op, i.rest, p.shapes)
+    if f:
+      out["convolution" if kind == "convolution" else kind] += f
+      fp8 = fp8 or any(p.shape(o).startswith("f8") for o in hlo_lib._operands(i.rest)[:2])
+    elif i.op == "custom-call":
+      kind, f = _custom_call_flops(p, i)
+      out[kind] += f
+    elif i.op in _ELEMENTWISE:
+      operand = hlo_lib._operands(i.rest)[:1]
+      out["other"] += _elements(p.shape(operand[0]) if i.op.startswith("reduce") and operand else i.shape)
+    if i.op == "fusion":
+      todo += p.comps.get(p.called(i) or "", [])
+  return out, fp8
+
+
+def _constraints(rest: str) -> list[list[int]]:
+  """The dimensions of a custom call's operand_layout_constraints (its operands' shapes)."""
+  start = rest.find("operand_layout_constraints={")
+  if start < 0:
+    return []
+  depth, i = 0, start + len("operand_layout_constraints=")
+  for j in range(i, len(rest)):
+    depth += {"{": 1, "}": -1}.get(rest[j], 0)
+    if depth == 0:
+      break
+  return [[int(d) for d in dims.split(",") if d] for _, dims, _ in _ARRAY.findall(rest[i:j + 1])]
+
+
+def _custom_call_flops(p: Program, ins) -> tuple[str, int]:
+  """("ragged_dot" | "attention" | "gemm" | "custom_call", FLOPs) of a custom call, from its shapes."""
+  target = re.search(r'custom_call_target="([^"]*)"', ins.rest)
+  target = target.group(1) if target else ""
+  if any(target == t for t in hlo_lib._GEMM_TARGETS):
+    return hlo_lib._instruction_flops(ins.shape, ins.op, ins.rest, p.shapes)
+  if ins.name.startswith("ragged-dot") and not ins.name.startswith("ragged-dot-metadata"):
+    out = hlo_lib._dims(ins.shape)
+    lhs = next((d for d in _constraints(ins.rest) if len(d) == 2 and out and d[0] == out[0]), None)
+    if len(out) == 2 and lhs:  # [rows, N] from [rows, K] x [groups, K, N]
+      return "ragged_dot", 2 * out[0] * out[1] * lhs[1]
+    arrays = [d for d in _constraints(ins.rest) if len(d) == 2]
+    if len(out) == 3 and len(arrays) >= 2:  # [groups, K, N] from [rows, K]^T x [rows, N]
+      return "ragged_dot", 2 * arrays[-2][0] * out[1] * out[2]
+    return "custom_call", 0
+  if ins.name.startswith("splash_mha"):
+    qkv = [d for d in _constraints(ins.rest) if len(d) == 4][:3]
+    if len(qkv) == 3:
+      (b, h, sq, dqk), (_, _, skv, _), (_, _, _, dv) = qkv
+      matmuls = (dqk + dv) if "_fwd" in ins.name else (2 * dqk + dv) if "_dq" in ins.name else 2 * (dqk + dv)
+      return "attention", b * h * sq * skv * matmuls  # 2 FLOPs per MAC x causal half
+  return "custom_call", 0
+
+
+def _kernel_bytes(p: Program, ins) -> int:
+  """HBM bytes a kernel reads and writes (see the module docstring)."""
+  if ins.op in _FREE or ins.op.endswith("-done") or ins.op in _CONTROL:
+    return 0
+  if ins.op == "custom-call" and re.search(r'custom_call_target="(' + "|".join(_FREE_TARGETS) + ')"', ins.rest):
+    return 0
+  operands = hlo_lib._operands(ins.rest)
+  if ins.op == "copy-start":  # (destination, source, context): a copy between memory spaces
+    return _hbm(p.shape(operands[0])) + _hbm(hlo_lib._tuple_elements(ins.shape)[0]) if operands else 0
+  if ins.op.endswith("-start"):  # the result holds the operands again
+    return sum(_hbm(p.shape(o)) for o in operands)
+  if ins.op == "dynamic-slice":
+    return 2 * _hbm(ins.shape)
+  if ins.op == "dynamic-update-slice":
+    return 2 * _hbm(p.shape(operands[1])) if len(operands) > 1 else 0
+  reads = [_hbm(p.shape(o)) for o in operands]
+  write = _hbm(ins.shape)
+  fused = p.comps.get(p.called(ins) or "", []) if ins.op == "fusion" else []
+  if fused:
+    params = {int(re.match(r"\s*(\d+)", i.rest).group(1)): i.name for i in fused if i.op == "parameter"}
+    users = collections.defaultdict(list)
+    for i in fused:
+      for k, o in enumerate(hlo_lib._operands(i.rest)):
+        users[o].append((i, k))
+    for k, name in params.items():
+      use = users.get(name, [])
+      if k < len(reads) and use and all(u.op in ("dynamic-slice", "gather", "slice") and j == 0 for u, j in use):
+        reads[k] = min(reads[k], sum(_hbm(u.shape) for u, _ in use))
+      if k < len(reads) and use and all(u.op == "dynamic-update-slice" and j == 0 for u, j in use):
+        update = sum(_hbm(p.shape(hlo_lib._operands(u.rest)[1])) for u, _ in use)
+        reads[k], write = 0, min(write, update)  # in place: the update is written, the rest stays
+  return sum(reads) + write
+
+
+# ------------------------------------------------------------------ collectives
+def _collective(p: Program, ins) -> tuple[str, object] | None:
+  """(kind, the instruction carrying the groups) of a collective or the start of one, else None."""
+  op = ins.op.removesuffix("-start")
+  if op in COLLECTIVE_KINDS[:6]:
+    return op, ins
+  if ins.op == "send" and "_xla_megascale_target" in ins.rest:
+    return "send", ins
+  if ins.op == "async-start":
+    for inner in p.comps.get(p.called(ins) or "", []):
+      if inner.op in COLLECTIVE_KINDS[:6]:
+        return inner.op, inner
+  return None
+
+
+def _link_bytes(p: Program, kind: str, ins, granule) -> tuple[float, float, int]:
+  """(fast bytes, slow bytes, group size) one device puts on the links for a collective (the worst
+  device's, where groups differ); `granule`: replica-group position -> its GPU host or TPU slice."""
+  operands = hlo_lib._operands(ins.rest)
+  sizes = [hlo_lib.shape_bytes(p.shape(o)) for o in operands]
+  if kind == "send":  # a TPU cross-slice transfer: its buffer, over the DCN
+    array = re.search(r"[a-z][a-z0-9]*\[[0-9,]*\]", ins.shape)
+    return 0.0, float(hlo_lib.shape_bytes(array.group(0)) if array else 0), 2
+  if kind == "collective-permute":
+    pairs = [tuple(map(int, x)) for x in re.findall(r"\{(\d+),(\d+)\}", (re.search(
+        r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", ins.rest) or re.match("()", "")).group(1))]
+    data = float(sizes[0]) if sizes else 0.0
+    slow = any(granule(a) != granule(b) for a, b in pairs)
+    return (0.0, data, 2) if slow else (data, 0.0, 2)
+  g = hlo_lib._GROUPS.search(ins.rest)
+  groups = hlo_lib.replica_groups(g.group(1) if g else "{}", p.size)
+  result = hlo_lib.shape_bytes(ins.shape if not ins.shape.startswith("(") or kind == "all-to-all"
+                               else hlo_lib._tuple_elements(ins.shape)[-1])
+  data = {"all-gather": result, "reduce-scatter": sum(sizes), "all-reduce": 2 * sum(sizes),
+          "all-to-all": sum(sizes), "ragged-all-to-all": sizes[0] if sizes else 0}[kind]
+  fast = slow = 0.0
+  n = max(map(len, groups), default=1)
+  for group in groups:
+    at = collections.Counter(granule(i) for i in group)
+    m = max(len(group) - at[granule(i)] for i in group)
+    share = data * (len(group) - 1) / max(len(group), 1)
+    if kind in ("all-to-all", "ragged-all-to-all"):
+      f, s = data * (len(group) - 1 - m) / len(group), data * m / len(group)
+    else:
+      f, s = (0.0, share) if m else (share, 0.0)
+    fast, slow = max(fast, f), max(slow, s)
+  return fast, slow, n
+
+
+# ------------------------------------------------------------------ the walk
+@dataclasses.dataclass
+class Cost:
+  time: float = 0.0  # seconds
+  compute: float = 0.0  # of which kernels
+  exposed: float = 0.0  # of which communication not under compute
+  flops: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  hbm: float = 0.0
+  links: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (kind, fast|slow) -> bytes
+  counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (kind, sync|async) -> n
+  overlap: list = dataclasses.field(default_factory=list)  # async: (kind, comm s, compute between s, times)
+  known: bool = True
+
+  def add(self, other: "Cost", times: float = 1) -> None:
+    self.time += other.time * times
+    self.compute += other.compute * times
+    self.exposed += other.exposed * times
+    self.hbm += other.hbm * times
+    self.known = self.known and other.known
+    for mine, theirs in ((self.flops, other.flops), (self.links, other.links), (self.counts, other.counts)):
+      for k, v in theirs.items():
+        mine[k] += v * times
+    self.overlap += [(k, c, b, t * times) for k, c, b, t in other.overlap]
+
+
+def ragged_rows(hlo: str) -> int:
+  """The most rows any ragged dot of the program holds (its buffer: dropless exchanges size it for
+  the worst case, and the Mosaic kernels skip the rows no group holds)."""
+  rows = 0
+  for _, _, ins in hlo_lib._walk(hlo):
+    if ins.op == "ragged-dot" or (ins.op == "custom-call" and ins.name.startswith("ragged-dot-")
+                                  and not ins.name.startswith("ragged-dot-metadata")):
+      dims = hlo_lib._dims(ins.shape)
+      rows = max(rows, dims[0] if len(dims) == 2 else 0)
+  return rows
+
+
+def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: float = 1.0) -> Cost:
+  """Cost of one execution of the program's entry computation on one device (module docstring).
+  `granule(position)`: the host (GPU) or slice (TPU) of a replica-group position; all one by default.
+  `ragged_fill`: the share of a ragged dot's rows that hold tokens (1: the buffers full, an upper
+  figure; train.aot passes the balanced share); Cost.flops counts "ragged_dot" with it and
+  "ragged_dot_buffer" without."""
+  p = hlo if isinstance(hlo, Program) else Program(hlo)
+  memo: dict[str, Cost] = {}
+
+  def kernel_time(ins) -> tuple[float, collections.Counter, float]:
+    flops, fp8 = _flops(p, ins)
+    if flops.get("ragged_dot"):
+      flops["ragged_dot_buffer"] = flops["ragged_dot"]
+      flops["ragged_dot"] = flops["ragged_dot"] * ragged_fill
+    matmul = sum(v for k, v in flops.items() if k not in ("other", "ragged_dot_buffer"))
+    hbm = _kernel_bytes(p, ins)
+    return max(matmul / (chip.peak_fp8 if fp8 else chip.peak_bf16), hbm / chip.hbm_bw), flops, hbm
+
+  def run(c: str, seen=()) -> Cost:
+    if c in memo:
+      return memo[c]
+    out = Cost()
+    pending: dict[str, list] = {}  # start (or an async-update carrying it) -> [kind, comm s, compute s]
+    for ins in p.comps.get(c, []) if c not in seen else []:
+      t = 0.0
+      if ins.op == "while":
+        body, cond = p.called(ins, "body"), p.called(ins, "condition")
+        n = p.trips.get(body)
+        out.known = out.known and n is not None
+        inner = Cost()
+        inner.add(run(body, seen + (c,)))
+        inner.add(run(cond, seen + (c,)))
+        t = inner.time * (n or 1)
+        out.add(inner, n or 1)
+        out.time -= t  # (added below)
+      elif ins.op == "conditional":
+        many = re.search(r"branch_computations=\{([^}]*)\}", ins.rest)
+        names = re.findall(r"%?([\w.\-]+)", many.group(1)) if many else re.findall(
+            r"(?:true|false)_computation=%?([\w.\-]+)", ins.rest)
+        branches = [run(b, seen + (c,)) for b in names]
+        if branches:
+          top = max(branches, key=lambda b: b.time)
+          t = top.time
+          out.add(top)
+          out.time -= t
+      elif ins.op == "call":
+        inner = run(p.called(ins, "to_apply") or "", seen + (c,))
+        t = inner.time
+        out.add(inner)
+        out.time -= t
+      elif (found := _collective(p, ins)) is not None:
+        kind, carrier = found
+        fast, slow, _ = _link_bytes(p, kind, carrier, granule)
+        out.links[(kind, "fast")] += fast
+        out.links[(kind, "slow")] += slow
+        comm = max(fast / chip.fast_bw, slow / chip.slow_bw) if kind in ("all-to-all", "ragged-all-to-all") else (
+            fast / chip.fast_bw + slow / chip.slow_bw)
+        asynchronous = (ins.op.endswith("-start") or ins.op == "async-start") and '"is_sync":true' not in ins.rest
+        out.counts[(kind, "async" if asynchronous else "sync")] += 1
+        if asynchronous:
+          pending[ins.name] = [kind, comm, 0.0]
+        else:
+          out.exposed += comm
+          out.time += comm
+      elif ins.op.endswith("-done") or ins.op.endswith("-update"):
+        for o in hlo_lib._operands(ins.rest):
+          if o in pending:
+            kind, comm, between = pending.pop(o)
+            if ins.op.endswith("-update"):
+              pending[ins.name] = [kind, comm, between]
+              break
+            wait = max(0.0, comm - between)
+            out.overlap.append((kind, comm, between, 1))
+            out.exposed += wait
+            out.time += wait
+            break
+      else:
+        t, flops, hbm = kernel_time(ins)
+        out.flops.update(flops)
+        out.hbm += hbm
+        out.compute += t
+      out.time += t
+      for entry in pending.values():
+        entry[2] += t
+    for kind, comm, between in pending.values():  # a start without its done in this computation
+      out.exposed += comm
+      out.time += comm
+    memo[c] = out
+    return out
+
+  return run(p.entry)
+
+
+def summary(cost: Cost) -> dict:
+  """The per-device counts of a Cost as JSON: FLOPs by kind, HBM bytes, collective bytes by kind and
+  link, sync/async counts and the overlap of the asynchronous ones."""
+  links = {}
+  for (kind, link), v in sorted(cost.links.items()):
+    links.setdefault(kind, {"fast": 0, "slow": 0})[link] = round(v)
+  for (kind, mode), v in cost.counts.items():
+    links.setdefault(kind, {"fast": 0, "slow": 0})[mode] = round(v)
+  overlap = collections.defaultdict(lambda: [0.0, 0.0, 0.0])
+  for kind, comm, between, times in cost.overlap:
+    o = overlap[kind]
+    o[0] += times
+    o[1] += comm * times
+    o[2] += min(comm, between) * times
+  matmul = {k: int(v) for k, v in sorted(cost.flops.items()) if k not in ("other", "ragged_dot_buffer") and v}
+  buffer = {"ragged_dot_buffer": int(cost.flops["ragged_dot_buffer"])} if cost.flops.get("ragged_dot_buffer") else {}
+  return {"flops": {**matmul, "matmul": sum(matmul.values()), **buffer, "other": int(cost.flops.get("other", 0))},
+          "hbm_bytes": round(cost.hbm), "collective_bytes": links,
+          "async": {k: {"count": round(v[0]), "comm_s": v[1], "hidden_s": v[2]} for k, v in sorted(overlap.items())},
+          "trip_counts_known": cost.known}
+
+
+def report(cost: Cost, chip: Chip, *, tokens: int, model_flops: float, chips: int, devices: int,
+           price: float | None = None) -> dict:
+  """The forecast of a step from a device's Cost: step time, tokens/s per chip, model TFLOP/s per chip,
+  MFU against the chip's bf16 peak, the exposed communication's share, the cost per million tokens
+  at `price` per chip-hour."""
+  step = cost.time
+  per_chip = devices / chips
+  sig = lambda x: float(f"{x:.4g}")
+  out = {"step_s": sig(step), "compute_s": sig(cost.compute), "exposed_comm_s": sig(cost.exposed),
+         "exposed_comm_share": round(cost.exposed / step, 3) if step else 0.0}
+  if step and tokens:
+    out["tokens_per_s_per_chip"] = round(tokens / step / chips, 1)
+  if step and model_flops:
+    tflops = model_flops / step / chips / 1e12
+    out["model_tflops_per_chip"] = round(tflops, 1)
+    out["mfu"] = round(tflops * 1e12 / (chip.peak_bf16 * per_chip), 3)
+    out["executed_over_model_flops"] = round(sum(v for k, v in cost.flops.items() if k not in (
+        "other", "ragged_dot_buffer")) * devices
+                                             / model_flops, 3)
+  if step and tokens and price:
+    out["usd_per_million_tokens"] = sig(price * chips * step / 3600 / (tokens / 1e6))
+  return out
+
+
+# ------------------------------------------------------------------ chips and links
+def chip_of(family: str, path=None) -> Chip:
+  """The per-device figures of a chip family (configs/hardware.yaml: per chip, with sources)."""
+  from parallel import targets
+
+  hw = targets.hardware(family, **({"path": path} if path else {}))
+  n = hw["devices_per_chip"]
+  return Chip(family, hw["peak_bf16"] / n, hw["peak_fp8"] / n, hw["hbm_bw"] / n, hw["fast_bw"] / n, hw["slow_bw"] / n)
+
+
+def granules(devices, size: int, platform: str):
+  """position -> granule of a program's replica-group positions from its device assignment: the
+  TPU slice (slice_index) or GPU host (process_index); a program that covers one TPU slice of
+  several (libtpu compiles one per slice) numbers that slice's devices."""
+  program = list(devices)
+  if platform == "tpu":
+    node = lambda d: getattr(d, "slice_index", 0)
+    if size < len(program):
+      program = [d for d in program if node(d) == node(program[0])][:size]
+  else:
+    node = lambda d: d.process_index
+  return lambda i: node(program[i]) if i < len(program) else 0
+
+
+def expected_ragged_fill(hlo: str, tokens_per_device: float, top_k: int, chunks: int) -> float:
+  """The share of a ragged dot's buffer rows that hold tokens under balanced routing: a device's
+  tokens x top_k / chunks rows (dropless exchanges in `chunks`), against the buffer's rows."""
+  rows = ragged_rows(hlo)
+  return min(1.0, tokens_per_device * top_k / max(chunks, 1) / rows) if rows else 1.0
