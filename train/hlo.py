@@ -493,10 +493,14 @@ def _instruction_flops(shape: str, op: str, rest: str, shapes: dict) -> tuple[st
     window = re.search(r"window=\{([^}]*)\}", rest)
     size = re.search(r"size=([0-9x]+)", window.group(1)) if window else None
     dilate = re.search(r"lhs_dilate=([0-9x]+)", window.group(1)) if window else None
-    taps = math.prod(int(k) for k in size.group(1).split("x")) if size else 1
-    holes = [(int(k), int(d)) for k, d in zip(size.group(1).split("x"), dilate.group(1).split("x"))] if dilate else []
-    real = math.prod(-(-k // d) for k, d in holes) if holes else taps  # taps on the input, not its dilation holes
-    return "convolution", 2 * out * math.prod(kernel) // max(kernel[o], 1) // taps * real
+    sizes = [int(k) for k in size.group(1).split("x")] if size else []
+    dilates = [int(d) for d in dilate.group(1).split("x")] if dilate else [1] * len(sizes)
+    lhs_labels = re.search(r"dim_labels=([^_]*)_", rest).group(1)
+    spatial = {int(ch): lhs[i] for i, ch in enumerate(lhs_labels) if ch.isdigit() and i < len(lhs)}
+    # the taps that land on the input, not on padding or dilation holes (XLA writes batched and
+    # grouped matmuls as convolutions whose windows mostly cover padding)
+    real = math.prod(min(-(-k // d), spatial.get(i, k)) for i, (k, d) in enumerate(zip(sizes, dilates)))
+    return "convolution", 2 * out * math.prod(kernel) // max(kernel[o], 1) // max(math.prod(sizes), 1) * real
   if op == "custom-call" and any(f'custom_call_target="{t}"' in rest for t in _GEMM_TARGETS):
     m = re.search(r'"lhs_contracting_dimensions"\s*:\s*\[([^\]]*)\]', rest)
     dims = [int(x.strip().strip('"')) for x in m.group(1).split(",") if x.strip()] if m else []
