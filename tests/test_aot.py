@@ -143,14 +143,23 @@ def test_kept_exchange_rows_are_not_exchanged_again():
   assert counts == {"keep": 3 + 2, "recompute": 3 + 2 + 3}, counts
 
 
-def test_compiles_for_v5p_with_data_fsdp_and_expert_axes(capsys):
+V5P16 = ["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2", "batch_size=8", "seq_len=256"]
+
+
+@pytest.fixture(scope="module")
+def tiny_v5p16():
+  """train.aot's report of tiny.yaml compiled for v5p-16 (8 chips) with data=2 x fsdp=2 x expert=2,
+  --buffers 4: compiled once for the tests that read it."""
+  cfg = load_train_config(ROOT / "configs/tiny.yaml", V5P16)
+  return json.loads(json.dumps(aot.compile_for(cfg, targets.parse("v5p-16"), buffers=4)))
+
+
+def test_compiles_for_v5p_with_data_fsdp_and_expert_axes(tiny_v5p16):
   """tiny.yaml on v5p-16 (8 chips) with data=2 x fsdp=2 x expert=2: the TPU paths
   (ragged_dot as Mosaic kernels, ragged_all_to_all, the splash kernel) lower and compile; --buffers
   names the largest buffers at the peak. Without mesh.ep_overlap libtpu runs the all-to-alls
   synchronously (test_ep_overlap_makes_the_all_to_alls_asynchronous_on_tpu)."""
-  for config in ("tiny",):
-    (r,) = compile_json(capsys, f"configs/{config}.yaml", "--target", "v5p-16", "mesh.data=2", "mesh.fsdp=2",
-                        "mesh.expert=2", "batch_size=8", "seq_len=256", "--buffers", "4")
+  for r in (tiny_v5p16,):
     assert r["fits"] and r["devices"] == 8 and r["mesh"] == {"stage": 1, "data": 2, "fsdp": 2, "expert": 2, "tensor": 1}
     assert r["impl"]["ep_transport"] == "ragged" and r["impl"]["experts"] == "ragged_dot"
     assert r["impl"]["attention"] == "splash"
@@ -163,6 +172,35 @@ def test_compiles_for_v5p_with_data_fsdp_and_expert_axes(capsys):
     assert r["async_a2a"]["async"] == 0 < r["async_a2a"]["sync"]  # libtpu's default (see mesh.ep_overlap)
     slow = r["slow_a2a"]  # one slice: nothing crosses the data-centre network
     assert (slow["groups"], slow["granules"], slow["bytes_per_device"]) == ("slices", 1, 0) and slow["count"] > 0
+
+
+def test_executed_flops_of_the_compiled_tiny_step_counted_by_hand(tiny_v5p16):
+  """The compiled tiny step on v5p-16 (a device: 256 tokens, one sequence; expert=2, so 4 of the 8
+  experts), its executed FLOPs read from the HLO against a count from the model's shapes:
+  - dense matmuls (MLA's projections in 5 blocks, the dense MLP, routers and shared experts in 4
+    MoE blocks, MTP's eh_proj, the head twice): forward, and in the backward input and weight
+    gradients, 3 x 2 x params x tokens (remat_policy none);
+  - routed experts (3 matrices of H x I per assignment, top-2): the ragged dots forward, again in
+    the backward (impl.ep_remat recomputes each exchanged chunk) and for the input gradients; the
+    weight gradients as libtpu compiles ragged_dot's transpose, a dense matmul over each of the 4
+    local experts of every row of the worst-case buffer (n_ep x tokens x min(top-k, local) rows);
+  - attention (splash, causal: half the S x S blocks): forward QK and PV, dq 3 and dkv 4 matmuls."""
+  r = tiny_v5p16
+  H, I_dense, I_moe, V, heads, q_lora, kv_lora, nope, rope, v = 128, 384, 96, 512, 4, 64, 32, 32, 16, 32
+  T, S, K, e_local, n_ep = 256, 256, 2, 4, 2
+  attn_proj = H * q_lora + q_lora * heads * (nope + rope) + H * (kv_lora + rope) + kv_lora * heads * (nope + v) + \
+      heads * v * H
+  dense = 5 * attn_proj + 3 * H * I_dense + 4 * (H * 8 + 3 * H * I_moe) + 2 * H * H + 2 * H * V
+  routed_fwd = 2 * T * K * 3 * H * I_moe  # per MoE block
+  buffer_rows = n_ep * T * min(K, e_local)
+  weight_grads = e_local * 2 * buffer_rows * 3 * H * I_moe
+  attention = 5 * heads * S * S * ((nope + rope + v) + (2 * (nope + rope) + v) + 2 * (nope + rope + v))
+  want = 6 * dense * T + 4 * (3 * routed_fwd + weight_grads) + attention
+  flops = r["costs"]["flops"]
+  assert flops["matmul"] == pytest.approx(want, rel=0.10), (flops, want)
+  assert flops["attention"] == attention and r["forecast"]["ragged_fill"] == pytest.approx(T * K / buffer_rows)
+  assert r["costs"]["trip_counts_known"] and r["forecast"]["step_s"] > 0
+  assert all(c["slow"] == 0 for c in r["costs"]["collective_bytes"].values())  # one slice: all over ICI
 
 
 def test_compiles_a_pipeline_for_v5p(capsys):

@@ -227,3 +227,24 @@ def test_hlo_report_cli(tmp_path, capsys):
   assert hlo_report.main([str(tmp_path / "none.txt"), "--target", "v5p-8"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 2 and "not HLO text" in err[0] and "no such file" in err[1]
+
+
+def test_convolutions_count_the_taps_on_their_input():
+  """XLA writes a matmul batched over heads as a convolution whose window slides over padding
+  (libtpu: q_b_proj as [2,256,64,1] x [4,48,64,1], window 1x4 padded 3 each side: one of the 4 taps
+  lands on the input), and ragged_dot's weight gradient as one over a dilated input (size=2
+  lhs_dilate=2: one tap of 2); each counts its real multiply-adds."""
+  text = """HloModule m, num_partitions=1
+
+ENTRY %main (a: f32[2,256,64,1], b: bf16[4,48,64,1], c: f32[2,1024,128], d: f32[2,1024,96]) -> f32[2,256,4,48] {
+  %a = f32[2,256,64,1]{3,2,1,0} parameter(0)
+  %b = bf16[4,48,64,1]{3,2,1,0} parameter(1)
+  %c = f32[2,1024,128]{2,1,0} parameter(2)
+  %d = f32[2,1024,96]{2,1,0} parameter(3)
+  %q = f32[2,256,4,48]{3,2,1,0} convolution(%a, %b), window={size=1x4 pad=0_0x3_3 rhs_reversal=0x1}, dim_labels=0bf1_1oi0->0b1f
+  %g = f32[2,128,96]{2,1,0} convolution(%c, %d), window={size=2 lhs_dilate=2}, dim_labels=0fb_0io->0bf
+  ROOT %r = f32[2,256,4,48]{3,2,1,0} copy(%q)
+}
+"""
+  flops = hlo_lib.matmul_flops(text)
+  assert flops["convolution"] == 2 * (2 * 256) * 64 * (4 * 48) + 2 * 2 * 1024 * 128 * 96
