@@ -98,19 +98,22 @@ class LayerStack(nnx.Module):
       x, cache = carry
       i, layer_state, on = xs
       layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-      run = lambda x: nnx.merge(graphdef, *layer_state)(x, cos_sin, mask, valid_BxS, layer_cache, slots_BxS)
-      y, stats, layer_cache = run(x)
+      layer = nnx.merge(graphdef, *layer_state)
+      y, stats, layer_cache = layer(x, cos_sin, mask, valid_BxS, layer_cache, slots_BxS)
+      sown = nnx.pop(layer, nnx.Intermediate)  # what the layer sowed (MLA's max_logit), stacked by the scan
       if on is not None:  # (computed and dropped, not skipped: every device must reach the layer's collectives)
         y = jnp.where(on, y, x)
         stats = jax.tree.map(lambda v: jnp.where(on, v, jnp.zeros_like(v)), stats)
       x = y
       if cache is not None:
         cache = jax.tree.map(lambda c, u: jax.lax.dynamic_update_index_in_dim(c, u, i, 0), cache, layer_cache)
-      return (x, cache), stats
+      return (x, cache), (stats, sown)
 
     if self.remat_policy != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy])
     n = jax.tree.leaves(states)[0].shape[0]
-    (x, cache), stats = jax.lax.scan(body, (x_BxSxD, cache), (jnp.arange(n), states, active_L),
-                                     unroll=self.unroll)
+    (x, cache), (stats, sown) = jax.lax.scan(body, (x_BxSxD, cache), (jnp.arange(n), states, active_L),
+                                             unroll=self.unroll)
+    if active_L is None:  # sown into the stack, [layers, ...] (the pipeline's stages drop theirs)
+      nnx.update(self.layers, sown)
     return x, stats, cache

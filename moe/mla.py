@@ -123,6 +123,8 @@ class MLA(nnx.Module):
       k_nope, v = jnp.split(kv, [nope], axis=-1)
       q = jnp.concatenate([q_nope, q_pe], axis=-1)
       k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe, (b, t, h, cfg.qk_rope_head_dim))], axis=-1)
+      # QK-clip's statistic (train/core/muon.py), an intermediate: computed only when the trainer pops it
+      self.max_logit = nnx.Intermediate(max_logit(q, k, mask.dense, rope.softmax_scale(cfg)))
       if self.attention in PALLAS:
         kernel = functools.partial(PALLAS[self.attention], scale=rope.softmax_scale(cfg), interpret=self.interpret)
         out = per_device(kernel, q, k, v, mask.segment_ids, self.par)
@@ -147,6 +149,24 @@ class MLA(nnx.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     o_lat = jnp.einsum("bhts,bsc->bthc", probs, ckv)
     return jnp.einsum("bthc,chv->bthv", o_lat, w_uv)
+
+
+def max_logit(q_BxTxHxK, k_BxSxHxK, mask_Bx1xTxS, scale, block: int = 512):
+  """[heads] float32: each head's largest pre-softmax logit q.k * scale over the batch where `mask`
+  lets the query see the key, without a gradient; over blocks of `block` queries, so that no
+  [batch, heads, T, S] array is made whole."""
+  b, t, h, d = q_BxTxHxK.shape
+  n = t // block if t % block == 0 and t > block else 1
+  q = jax.lax.stop_gradient(q_BxTxHxK).reshape(b, n, t // n, h, d).swapaxes(0, 1)
+  k = jax.lax.stop_gradient(k_BxSxHxK)
+  mask = jnp.broadcast_to(mask_Bx1xTxS, (b, 1, t, k.shape[1])).reshape(b, 1, n, t // n, -1).swapaxes(0, 2)
+
+  def one(qm):  # one block of queries: [B, t/n, H, K], [1, B, t/n, S]
+    q_blk, m_blk = qm
+    s = jnp.einsum("bthd,bshd->bhts", q_blk, k, preferred_element_type=jnp.float32)
+    return jnp.where(m_blk[0][:, None], s, -jnp.inf).max(axis=(0, 2, 3))
+
+  return jax.lax.map(one, (q, mask)).max(axis=0) * scale
 
 
 def _write(cache: LatentCache, c_kv_BxTxC, k_pe_BxTxR, slots_BxT) -> LatentCache:

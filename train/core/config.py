@@ -34,7 +34,14 @@ from parallel.pipeline import PipelineConfig
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  """AdamW and its learning-rate schedule (defaults: DeepSeek-V3 report §4.2).
+  """The optimizer and its learning-rate schedule (defaults: AdamW as DeepSeek-V3 report §4.2).
+
+  `name`: `adamw` for every parameter, or `muon` (train/core/muon.py, Moonlight's recipe): Muon for the
+  matrices (momentum `muon_beta`, Nesterov; update RMS matched to AdamW's by `muon_consistent_rms` x
+  sqrt(max(A, B)), so `lr` and `weight_decay` mean what they mean for AdamW), AdamW (b1, b2, eps) for
+  the embedding, head and norms; with `qk_clip_threshold` tau (Kimi K2's MuonClip; null: off) each
+  attention head whose largest logit in the step exceeded tau has its query/key projections scaled
+  down after the update.
 
   Schedules (see `train.core.optimizer.make_schedule`): linear warm-up to `lr` over `warmup_steps`, then
   - `warmup_constant_cosine` (V3): constant until `decay_start`, cosine to `final_lr` over
@@ -45,6 +52,7 @@ class OptimizerConfig:
   `decay_start: null` means `steps - decay_steps` (the decay ends on the last step).
   """
 
+  name: Literal["adamw", "muon"] = "adamw"
   schedule: Literal["warmup_constant_cosine", "wsd", "cosine"] = "warmup_constant_cosine"
   lr: float = 2.2e-4  # peak
   final_lr: float = 2.2e-5
@@ -56,7 +64,10 @@ class OptimizerConfig:
   eps: float = 1e-8
   weight_decay: float = 0.1
   clip_norm: float = 1.0  # global gradient norm
-  moment_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # both AdamW moments (V3: BF16)
+  moment_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # both AdamW moments (V3: BF16), Muon's momentum
+  muon_beta: float = 0.95  # Muon's momentum (Moonlight, Kimi K2)
+  muon_consistent_rms: float = 0.2  # Muon's update RMS (Moonlight's 0.2 x sqrt(max(A, B)))
+  qk_clip_threshold: float | None = 100.0  # with name=muon (Kimi K2: 100; MaxText's default)
 
   def __post_init__(self):
     check_fields(self, "optimizer.")
@@ -67,6 +78,15 @@ class OptimizerConfig:
     require(self.eps > 0, f"optimizer.eps={self.eps} must be > 0")
     require(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0")
     require(self.clip_norm > 0, f"optimizer.clip_norm={self.clip_norm} must be > 0")
+    require(0 <= self.muon_beta < 1, f"optimizer.muon_beta={self.muon_beta} must be in [0, 1)")
+    require(self.muon_consistent_rms > 0, f"optimizer.muon_consistent_rms={self.muon_consistent_rms} must be > 0")
+    t = self.qk_clip_threshold
+    require(t is None or t > 0, f"optimizer.qk_clip_threshold={t} must be > 0 or null (off)")
+
+  @property
+  def qk_clip(self) -> float | None:
+    """QK-clip's threshold when it runs (with Muon), else None."""
+    return self.qk_clip_threshold if self.name == "muon" else None
 
   def decay_start_step(self, steps: int) -> int:
     """First step of the decay for `warmup_constant_cosine` and `wsd`."""
@@ -183,6 +203,9 @@ class TrainConfig:
     require(r <= e, f"mesh.redundant_experts={r} exceeds model.n_routed_experts={e}: EPLB fills at most one extra"
                     f" slot per expert (as many copies per rank as experts per rank); use at most {e}")
     opt = self.optimizer
+    require(opt.qk_clip is None or self.mesh.stage == 1,
+            f"optimizer.qk_clip_threshold={opt.qk_clip_threshold} with mesh.stage={self.mesh.stage}: the pipeline does"
+            " not collect the attention logits QK-clip needs; set optimizer.qk_clip_threshold=null or mesh.stage=1")
     if opt.schedule == "cosine":
       require(opt.warmup_steps <= self.steps, f"optimizer.warmup_steps={opt.warmup_steps} exceeds steps={self.steps}")
     else:

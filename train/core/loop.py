@@ -118,7 +118,7 @@ def setup(cfg: TrainConfig, par: Parallelism | None = None, rt: Runtime | None =
   cfg = on_mesh(cfg, par)
   rt = runtime(cfg, par) if rt is None else rt
   schedule = optimizer_lib.make_schedule(cfg)
-  tx = optimizer_lib.make_optimizer(cfg, schedule)
+  tx = optimizer_lib.make_optimizer(cfg, schedule, par)
 
   def init():
     return step_lib.init_state(Transformer(cfg.model, rt, rngs=nnx.Rngs(cfg.seed)), tx)[1]

@@ -1,4 +1,4 @@
-"""Learning-rate schedules and AdamW as DeepSeek-V3 trains (report §4.2, §3.3).
+"""Learning-rate schedules, and AdamW as DeepSeek-V3 trains (report §4.2, §3.3) or Muon (train/core/muon.py).
 
 `t` below is optax's update count: 0 for the first update. Warm-up is `lr · t / W`, so the first
 update has learning rate 0 (it only fills the moments).
@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from train.core import muon
 from train.core.config import TrainConfig
 
 
@@ -114,13 +115,22 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """AdamW with decoupled decay on float32 master weights, after global-norm clipping:
-  g ← g · min(1, clip_norm/‖g‖₂);  p ← p - lr(t) · (m̂/(√v̂ + eps) + wd · mask · p)."""
+def adamw(cfg: TrainConfig, schedule: optax.Schedule) -> tuple[optax.GradientTransformation, ...]:
+  """AdamW with decoupled decay, p <- p - lr(t) * (m^/(sqrt(v^) + eps) + wd * mask * p), as the
+  transformations to chain."""
   o = cfg.optimizer
-  return optax.chain(
-      optax.clip_by_global_norm(o.clip_norm),
-      scale_by_adam(o.b1, o.b2, o.eps, jnp.dtype(o.moment_dtype)),
-      optax.add_decayed_weights(o.weight_decay, mask=decay_mask),
-      optax.scale_by_learning_rate(schedule),
-  )
+  return (scale_by_adam(o.b1, o.b2, o.eps, jnp.dtype(o.moment_dtype)),
+          optax.add_decayed_weights(o.weight_decay, mask=decay_mask),
+          optax.scale_by_learning_rate(schedule))
+
+
+def make_optimizer(cfg: TrainConfig, schedule: optax.Schedule, par=None) -> optax.GradientTransformation:
+  """`cfg.optimizer.name` on float32 master weights, after global-norm clipping
+  g <- g * min(1, clip_norm/||g||_2): `adamw` (above) for every parameter, or `muon` for the matrices
+  and AdamW for the rest (train/core/muon.py; `par`, the parallel.mesh.Parallelism, lays out its
+  Newton-Schulz iterations)."""
+  o = cfg.optimizer
+  clip = optax.clip_by_global_norm(o.clip_norm)
+  if o.name == "adamw":
+    return optax.chain(clip, *adamw(cfg, schedule))
+  return optax.chain(clip, muon.make_muon(o, schedule, optax.chain(*adamw(cfg, schedule)), par))

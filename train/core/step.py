@@ -24,6 +24,7 @@ from flax import nnx
 
 from moe.config import ModelConfig
 from train.core import loss as loss_lib
+from train.core import muon
 from train.core import pipelined
 from train.core.config import TrainConfig
 
@@ -64,6 +65,7 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainCo
   bias_stop = int(round(cfg.steps * (1 - cfg.loss.bias_update_stop_fraction)))
   spike_factor = cfg.spike_skip_factor
   dropless = par is not None and par.dropless
+  qk_clip = cfg.optimizer.qk_clip  # QK-clip's threshold (train/core/muon.py), or None
 
   def loss_fn(params, rest, batch, counts):
     model = nnx.merge(graphdef, params, rest)
@@ -71,7 +73,8 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainCo
     loss, parts = loss_lib.objective(out, batch, counts, n_micro, lam, alpha)
     load = out.moe_stats.load if out.moe_stats is not None else jnp.zeros((0, 1))
     dropped = out.moe_stats.dropped.sum() if out.moe_stats is not None else jnp.zeros((), jnp.int32)
-    return loss, (parts, load, dropped)
+    max_logits = nnx.pop(model, nnx.Intermediate) if qk_clip is not None else None  # per MLA module
+    return loss, (parts, load, dropped, max_logits)
 
   staged = par is not None and par.stages > 1
   if not staged:
@@ -85,22 +88,25 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainCo
     def grad_fn(params, rest, batch, counts):  # the pipeline's forwards and backwards, not autodiff
       pipe = pipelined.Pipelined(graphdef, params, rest, par, sched, lam, alpha)
       loss, parts, load, dropped, grads = pipe.run(params, rest, batch, counts, n_micro)
-      return (loss, (parts, load, dropped)), grads
+      return (loss, (parts, load, dropped, None)), grads
 
   def step(state, batch):
     params, rest = state["params"], state["rest"]
     counts = loss_lib.token_counts(batch, depth)
     if n_micro == 1:
-      (loss, (parts, load, dropped)), grads = grad_fn(params, rest, batch, counts)
+      (loss, (parts, load, dropped, max_logits)), grads = grad_fn(params, rest, batch, counts)
     else:
       micro = jax.tree.map(lambda x: x.reshape(n_micro, -1, *x.shape[1:]), batch)
 
-      def accumulate(carry, mb):
-        return jax.tree.map(jnp.add, carry, grad_fn(params, rest, mb, counts)), None
+      def accumulate(carry, mb):  # sums, but the max logits' max
+        (c_loss, (*c_aux, c_max)), c_grads = carry
+        (loss, (*aux, max_logits)), grads = grad_fn(params, rest, mb, counts)
+        summed = jax.tree.map(jnp.add, ((c_loss, c_aux), c_grads), ((loss, aux), grads))
+        return ((summed[0][0], (*summed[0][1], jax.tree.map(jnp.maximum, c_max, max_logits))), summed[1]), None
 
       shapes = jax.eval_shape(grad_fn, params, rest, jax.tree.map(lambda x: x[0], micro), counts)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-      ((loss, (parts, load, dropped)), grads), _ = jax.lax.scan(accumulate, zeros, micro)
+      ((loss, (parts, load, dropped, max_logits)), grads), _ = jax.lax.scan(accumulate, zeros, micro)
 
     metric_load = load[metric_rows] if staged else load
     grad_norm = optax.tree.norm(grads)
@@ -113,6 +119,8 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainCo
       skip = skip | ((guard["accepted"] >= SPIKE_WARMUP) & (loss > spike_factor * mean))
     updates, opt = tx.update(grads, state["opt"], params)
     new_params = optax.apply_updates(params, updates)
+    if qk_clip is not None:
+      new_params = muon.qk_clip(new_params, max_logits, qk_clip, model_cfg)
     gamma = jnp.where(state["step"] < bias_stop, cfg.loss.bias_update_gamma, 0.0)
     old_rest = jax.tree.leaves(rest)  # (the bias update below writes into the merged model's variables)
     model = nnx.merge(graphdef, new_params, rest)
@@ -129,6 +137,8 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainCo
                "tokens": counts["lm"], "nonfinite": (~finite).astype(jnp.int32), "skipped": skip.astype(jnp.int32),
                "lost": jnp.where(lost, dropped, 0),
                **(load_stats(metric_load) if load.shape[0] else {})}
+    if qk_clip is not None:  # each MLA layer's largest attention logit in the step, before the clip
+      metrics["max_logit"] = muon.layer_max_logits(max_logits)
     if load.shape[0]:  # (token, expert) assignments dropped by expert-parallel capacity (0: dropless)
       metrics["dropped_tokens"] = dropped
     new_state = {"params": keep(new_params, params), "rest": keep(new_rest, rest), "opt": keep(opt, state["opt"]),
