@@ -248,3 +248,18 @@ ENTRY %main (a: f32[2,256,64,1], b: bf16[4,48,64,1], c: f32[2,1024,128], d: f32[
 """
   flops = hlo_lib.matmul_flops(text)
   assert flops["convolution"] == 2 * (2 * 256) * 64 * (4 * 48) + 2 * 2 * 1024 * 128 * 96
+
+
+def test_device_check_without_a_gpu(capsys, monkeypatch):
+  """No NVIDIA GPU here: one line, exit 0, after finding every module and config its plan runs; a
+  plan naming something absent is an error."""
+  from train import device_check
+
+  monkeypatch.setattr(device_check, "gpu", lambda: None)
+  assert device_check.main([]) == 0
+  out = capsys.readouterr().out.strip().splitlines()
+  assert len(out) == 1 and "no NVIDIA GPU here" in out[0] and "4 checks" in out[0] and "complete" in out[0]
+  assert device_check.missing() == []
+  assert device_check.missing([("x", ["-m", "train.nothing", "configs/none.yaml"], 1)]) == [
+      "module train.nothing", "configs/none.yaml"]
+  assert device_check.target_of("NVIDIA H100 80GB HBM3") == "h100x1" and device_check.target_of("Tesla T4") is None
