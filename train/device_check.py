@@ -133,9 +133,11 @@ def table(r: dict) -> str:
 
 
 def main(argv=None) -> int:
+  from train.core import jsonl  # strict JSON (NaN -> null); the project is imported inside functions here
+
   if (argv if argv is not None else sys.argv[1:]) == ["--kernels"]:
     errors = kernels()
-    print(json.dumps(errors))
+    print(jsonl.dumps(errors))
     return 0 if max(errors.values()) < 1e-5 else 1
   gaps = missing()
   if gaps:
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
     print(f"device_check: {name} is not a GPU with a forecast target (H100, H200, B200)", file=sys.stderr)
     return 2
   r = run(target)
-  print(json.dumps(r))
+  print(jsonl.dumps(r))
   print(table(r))
   return 0 if all(r[n]["rc"] == 0 for n, _, _ in PLAN) else 1
 

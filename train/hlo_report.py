@@ -14,13 +14,13 @@ ragged dots' buffers count full (ragged_fill 1: an upper figure) unless --ragged
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from parallel import targets as targets_lib
 from parallel.errors import InputError
 from train import forecast
+from train.core import jsonl
 
 
 def hlo_report(text: str, target: targets_lib.Target, tokens: int = 0, model_flops: float = 0.0,
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     if "HloModule" not in text[:10000]:
       raise InputError(f"{args.file}: not HLO text (no HloModule line); pass compiled.as_text() or an"
                        " *after_optimizations.txt dump")
-    print(json.dumps(hlo_report(text, target, args.tokens, args.model_flops, args.price, args.ragged_fill)))
+    print(jsonl.dumps(hlo_report(text, target, args.tokens, args.model_flops, args.price, args.ragged_fill)))
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
