@@ -1,7 +1,18 @@
-"""Held-out loss, perplexity and bits per byte of a model.
+"""Held-out loss, perplexity and bits per byte of a model; or lm-evaluation-harness tasks.
 
   python -m train.eval (RUN_DIR | HF_DIR) --data SPEC [--tokenizer byte|PATH] [--seq-len N]
       [--batch-size B] [--max-batches M] [--dtype D]
+  python -m train.eval (RUN_DIR | HF_DIR) --tasks T1,T2 [--num-fewshot K] [--limit N]
+      [--include-path TASK_DIR] [--batch-size B] [--max-length L] [mesh.fsdp=8 ...]
+
+Task mode (--tasks; the `eval` extra installs lm-eval) runs lm-eval's tasks in this process on the
+JAX model (train/core/lm_eval_adapter.py), on one device, or with mesh.* keys on the mesh they
+describe (as in training; batches sharded over the data axes). It prints lm-eval's table, then one
+JSON line per task: {"task", lm-eval's metrics (acc, acc_norm, ..., their _stderr), and the
+continuous ones: correct_logprob_per_token / correct_logprob_per_byte (choice tasks),
+logprob_per_token / logprob_per_byte (rolling tasks), "samples"}.
+
+Loss mode (--data):
 
 RUN_DIR: a training run directory (its newest checkpoint, and by default its tokenizer); HF_DIR: a
 folder with config.json + safetensors. Reads the eval split of SPEC (train.core.evaluation.EvalSet: documents packed as in training,
@@ -24,6 +35,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import jax.numpy as jnp
@@ -72,15 +84,71 @@ def evaluate(model, data: str, tokenizer, seq_len: int, batch_size: int, max_bat
           "tokens": int(got["tokens"]), "bytes": nbytes, "batches": got["batches"]}
 
 
+def mesh_of(overrides: Sequence[str]) -> Parallelism | None:
+  """The Parallelism the `mesh.*=value` overrides describe (None without any: one device)."""
+  if not overrides:
+    return None
+  raw: dict = {}
+  for item in overrides:
+    if not item.startswith("mesh."):
+      raise ConfigError(f"{item!r}: only mesh.* keys are accepted here (e.g. mesh.fsdp=8)")
+    apply_override(raw, item)
+  try:
+    return Parallelism.from_config(MeshConfig(**raw["mesh"]))
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"mesh: {e}") from None
+
+
+def load_on(path: str, dtype: str | None, par: Parallelism | None):
+  """The model of an HF folder or run directory, on one device or sharded over `par`'s mesh."""
+  if par is None:
+    return load_any(path, dtype)
+  if (Path(path) / "config.json").is_file():
+    return hf.from_hf(path, dtype=dtype, par=par)
+  return load_model(step_dir(path), dtype or "float32", par)
+
+
+def run_task_mode(args, overrides: Sequence[str]) -> int:
+  from train.core import lm_eval_adapter
+
+  lm_eval_adapter.require_lm_eval()
+  tasks = [t for t in args.tasks.split(",") if t]
+  if args.limit is not None and args.limit <= 0:
+    raise ConfigError(f"--limit {args.limit}: must be > 0")
+  tokenizer = load_tokenizer(tokenizer_of(args.model, args.tokenizer))
+  model = load_on(args.model, args.dtype, mesh_of(overrides))
+  lm = lm_eval_adapter.JaxLM(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
+  limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+  results, table = lm_eval_adapter.run_tasks(lm, tasks, num_fewshot=args.num_fewshot, limit=limit,
+                                             include_path=args.include_path)
+  print(table, flush=True)
+  for task, metrics in results.items():
+    print(jsonl.dumps({"task": task, **metrics}), flush=True)
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.split("\n")[0])
   add_model_args(parser)
-  parser.add_argument("--data", required=True, help="data spec as in training ('default', files, prepared dir)")
+  parser.add_argument("--data", default=None, help="data spec as in training ('default', files, prepared dir)")
   parser.add_argument("--seq-len", type=int, default=None, help="default: min(512, max_position_embeddings)")
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--max-batches", type=int, default=None, help="default: the whole eval split")
+  parser.add_argument("--tasks", default=None, help="lm-eval task names, comma-separated (task mode)")
+  parser.add_argument("--num-fewshot", type=int, default=None, help="task mode: few-shot examples (default: the task's)")
+  parser.add_argument("--limit", type=float, default=None, help="task mode: documents per task (< 1: a fraction)")
+  parser.add_argument("--include-path", default=None, help="task mode: a folder of local task YAML files")
+  parser.add_argument("--max-length", type=int, default=None,
+                      help="task mode: context window in tokens (default: max_position_embeddings)")
+  parser.add_argument("overrides", nargs="*", metavar="mesh.KEY=VALUE", help="task mode: the mesh, as in training")
   args = parser.parse_args(argv)
   try:
+    if (args.data is None) == (args.tasks is None):
+      raise ConfigError("give --data SPEC (held-out loss) or --tasks T1,T2 (lm-eval tasks), one of them")
+    if args.tasks is not None:
+      return run_task_mode(args, args.overrides)
+    if args.overrides:
+      raise ConfigError(f"{args.overrides[0]!r}: mesh keys are for task mode (--tasks)")
     tokenizer = load_tokenizer(tokenizer_of(args.model, args.tokenizer))
     model = load_any(args.model, args.dtype)
     seq_len = args.seq_len or min(512, model.cfg.max_position_embeddings)

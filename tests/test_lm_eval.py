@@ -1,0 +1,178 @@
+"""lm-evaluation-harness on the JAX model (train/core/lm_eval_adapter.py), against hand computations.
+
+The references run the model's plain forward pass on one right-padded batch of fixed width (causal:
+padding after a token never changes its logits), take log-softmax in float64 NumPy and sum over the
+continuation tokens, with the tokenization ([BOS] + UTF-8 bytes) and left truncation written out
+here; greedy generation is checked against the full forward's argmax, one token at a time.
+"""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+pytest.importorskip("lm_eval")
+from lm_eval.api.instance import Instance  # noqa: E402
+
+from moe import hf  # noqa: E402
+from moe.config import ModelConfig  # noqa: E402
+from moe.model import Transformer  # noqa: E402
+from train import eval as eval_lib  # noqa: E402
+from train.core import lm_eval_adapter  # noqa: E402
+from train.core.data import ByteTokenizer  # noqa: E402
+
+MAX_LEN = 64
+CFG = ModelConfig(vocab_size=260, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+                  num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                  v_head_dim=8, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=2,
+                  topk_group=1, first_k_dense_replace=1, num_nextn_predict_layers=0, max_position_embeddings=MAX_LEN,
+                  initializer_range=0.02)
+BOS, EOS = ByteTokenizer.bos_id, ByteTokenizer.eos_id
+
+
+@pytest.fixture(scope="module")
+def model():
+  # random weights, large enough (std 0.2) that the logits are far from ties; no init compile
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(CFG, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(0)
+  state = jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.asarray((1.0 if "scale" in str(p) else 0.0) + 0.2 * rng.standard_normal(x.shape), x.dtype),
+      state)
+  return nnx.merge(graphdef, state)
+
+
+@pytest.fixture(scope="module")
+def lm(model):
+  return lm_eval_adapter.JaxLM(model, ByteTokenizer(), batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def forward(model):
+  """ids (lists) -> float64 log-softmax [n, MAX_LEN, V] of one right-padded batch (one compile)."""
+  graphdef, state = nnx.split(model)
+  fn = jax.jit(lambda tokens: nnx.merge(graphdef, state)(tokens))
+
+  def run(rows):
+    tokens = np.zeros((8, MAX_LEN), np.int32)
+    for i, r in enumerate(rows):
+      tokens[i, :len(r)] = r
+    logits = np.asarray(fn(jnp.asarray(tokens)), np.float64)[:len(rows)]
+    top = logits.max(-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+  return run
+
+
+def reference_loglikelihood(forward, pairs):
+  """(sum log p, greedy) per (context, continuation) by hand: [BOS] + bytes, the last MAX_LEN + 1 tokens."""
+  rows, spans = [], []
+  for ctx, cont in pairs:
+    c, w = [BOS] + list(ctx.encode()), list(cont.encode())
+    whole = (c + w)[-(MAX_LEN + 1):]
+    rows.append(whole)
+    spans.append(len(w))
+  logp = forward([r[:-1] for r in rows])
+  out = []
+  for i, (r, n) in enumerate(zip(rows, spans)):
+    pos = np.arange(len(r) - 1 - n, len(r) - 1)
+    targets = np.asarray(r[1:])[pos]
+    out.append((logp[i, pos, targets].sum(), bool((logp[i, pos].argmax(-1) == targets).all())))
+  return out
+
+
+PAIRS = [("Question: 2 + 2 =", " 4"), ("Question: 2 + 2 =", " five"), ("The cat", " sat on the mat"),
+         ("x" * 90, " truncated from the left"),  # 91 + 24 tokens: only the last 65 are read
+         ("a", "b")]
+
+
+def test_loglikelihood_matches_hand_computation(lm, forward):
+  got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(PAIRS)])
+  want = reference_loglikelihood(forward, PAIRS)
+  for (g, g_greedy), (w, w_greedy), pair in zip(got, want, PAIRS):
+    assert g == pytest.approx(w, abs=1e-4), pair
+    assert g_greedy == w_greedy
+  assert len({round(g, 3) for g, _ in got}) == len(got)  # not all the same number
+
+
+def test_rolling_loglikelihood_matches_hand_computation(lm, forward):
+  short, long = "short text", "".join(chr(97 + i % 26) for i in range(MAX_LEN + 10))
+  got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate((short, long))])
+  ids_short, ids_long = list(short.encode()), list(long.encode())
+  # short: one window [BOS] + text; long: [BOS] + the first MAX_LEN - 1 predict the first MAX_LEN, then
+  # the last 10 are predicted from the MAX_LEN tokens before the last one
+  first = reference_loglikelihood(forward, [("", short)])[0][0]
+  rows = [[BOS] + ids_long[:MAX_LEN - 1], ids_long[-MAX_LEN - 1:-1]]
+  logp = forward(rows)
+  window1 = logp[0, np.arange(MAX_LEN), ids_long[:MAX_LEN]].sum()
+  window2 = logp[1, np.arange(MAX_LEN - 10, MAX_LEN), ids_long[-10:]].sum()
+  assert got[0] == pytest.approx(first, abs=1e-4)
+  assert got[1] == pytest.approx(window1 + window2, abs=1e-4)
+
+
+def test_greedy_generation_matches_stepwise_argmax(lm, model, forward):
+  contexts = ["Once upon a time", "abc"]
+  gen = {"until": ["zz"], "max_gen_toks": 12}
+  got = lm.generate_until([Instance("generate_until", {}, (c, gen), i) for i, c in enumerate(contexts)])
+  for c, text in zip(contexts, got):
+    seq = [BOS] + list(c.encode())
+    for _ in range(12):  # the full forward, one token at a time, no cache
+      nxt = int(forward([seq])[0, len(seq) - 1].argmax())
+      seq.append(nxt)
+      if nxt == EOS:
+        break
+    want = ByteTokenizer().decode(seq[1 + len(c.encode()):]).split("zz")[0]
+    assert text == want
+
+
+def write_tasks(d):
+  """A multiple-choice task and a rolling-loglikelihood task in local YAML + JSONL (no network); every
+  request fits 16 tokens, so the CLI compiles one shape."""
+  mc = [{"q": f"{a} + {b} =", "choices": [f" {a + b}", f" {a + b + 1}", f" {a * b + 7}"], "answer": i % 3}
+        for i, (a, b) in enumerate([(1, 2), (3, 4), (5, 6), (2, 2), (7, 1)])]
+  (d / "mc.jsonl").write_text("".join(json.dumps(x) + "\n" for x in mc))
+  (d / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ("A quick fox.", "é" * 6)))
+  common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {}\ntest_split: test\n"
+  (d / "tiny_mc.yaml").write_text("task: tiny_mc\n" + common.format(d / "mc.jsonl") + (
+      "output_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: answer\n"
+      "target_delimiter: ''\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"))
+  (d / "tiny_text.yaml").write_text("task: tiny_text\n" + common.format(d / "text.jsonl") + (
+      "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n"
+      "  - metric: bits_per_byte\n    aggregation: bits_per_byte\n    higher_is_better: false\n"))
+  return mc
+
+
+def test_cli_local_tasks(model, forward, tmp_path, capsys, monkeypatch):
+  """python -m train.eval HF_DIR --tasks ... --include-path: accuracy and the continuous metrics
+  equal those computed by hand from the reference log-likelihoods."""
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  hf.to_hf(model, tmp_path / "hf")
+  (tmp_path / "tasks").mkdir()
+  mc = write_tasks(tmp_path / "tasks")
+  rc = eval_lib.main([str(tmp_path / "hf"), "--tasks", "tiny_mc,tiny_text", "--include-path", str(tmp_path / "tasks"),
+                      "--batch-size", "4"])
+  out, err = capsys.readouterr()
+  assert rc == 0, err
+  assert "|tiny_mc" in out.replace(" ", "")
+  rows = {r["task"]: r for r in (json.loads(line) for line in out.splitlines() if line.startswith("{"))}
+  acc, per_byte, per_token = [], [], []
+  for doc in mc:
+    lls = [ll for ll, _ in reference_loglikelihood(forward, [(doc["q"], c) for c in doc["choices"]])]
+    acc.append(int(np.argmax(lls)) == doc["answer"])
+    right = doc["choices"][doc["answer"]]
+    per_byte.append(lls[doc["answer"]] / len(right.encode()))
+    per_token.append(lls[doc["answer"]] / len(right.encode()))  # byte tokens
+  assert rows["tiny_mc"]["acc"] == pytest.approx(np.mean(acc))
+  assert rows["tiny_mc"]["correct_logprob_per_byte"] == pytest.approx(np.mean(per_byte), abs=1e-5)
+  assert rows["tiny_mc"]["correct_logprob_per_token"] == pytest.approx(np.mean(per_token), abs=1e-5)
+  text = rows["tiny_text"]  # lm-eval's bits_per_byte is -sum(ll) / bytes / ln 2
+  assert text["bits_per_byte"] == pytest.approx(-text["logprob_per_byte"] / math.log(2), rel=1e-6)
+  assert text["samples"] == 2
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+  rc = eval_lib.main([str(tmp_path), "--tasks", "no_such_task", "--data", "default"])
+  assert rc == 2 and capsys.readouterr().err.count("\n") == 1

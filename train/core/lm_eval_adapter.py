@@ -1,0 +1,320 @@
+"""lm-evaluation-harness tasks run in-process on the JAX model (`lm-eval` on the package index).
+
+`JaxLM(model, tokenizer)` is an `lm_eval.api.model.LM` backed by a moe.model.Transformer, on
+whatever mesh the model was built for (its Runtime's Parallelism; a training state works as is):
+
+- Tokens: a text is encoded as [BOS] + tokens (as training documents and train.generate start), like
+  lm-eval's `hf` backend with add_bos_token; a (context, continuation) pair is split as lm-eval's
+  TemplateLM does (trailing spaces of the context move to the continuation; the continuation is what
+  encode(context + continuation) adds to encode(context)).
+- loglikelihood: the input is (context + continuation)[-(max_length + 1):][:-1], left-truncated as
+  the `hf` backend does; the sum of log p(continuation token) and whether each was the argmax.
+  Requests run longest first, right-padded (padding is its own segment 0: no real token attends to
+  it) into batches of `batch_size` rows (rounded up to a multiple of the devices the batch splits
+  over, sharded over them) and lengths rounded up to a power of two, so few shapes compile.
+- loglikelihood_rolling: lm-eval's disjoint rolling windows of max_length tokens, conditioned on BOS.
+- generate_until: the latent-cache decoder (moe/decode.py); the context left-truncated to
+  max_length - max_gen_toks; greedy unless do_sample (then temperature / top_p); a row stops at EOS
+  or when its text holds a stop string (cut before it).
+
+`run_tasks` evaluates tasks and adds, per task, the continuous metrics that rank small models
+better than accuracy (DataDecide, arXiv 2504.11393): for choice tasks the correct answer's
+log-probability per token and per UTF-8 byte (each averaged over documents), for rolling
+tasks the total log-probability per token and per byte.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moe.decode import Generator
+from parallel import sharding as sharding_lib
+from parallel.errors import ConfigError
+from train.core import jsonl
+
+try:
+  from lm_eval.api.model import TemplateLM
+except ImportError:  # the optional `eval` extra; JaxLM() says how to install it
+  TemplateLM = object
+
+
+def require_lm_eval() -> None:
+  if TemplateLM is object:
+    raise ConfigError("lm-evaluation-harness is not installed: pip install -e '.[eval]'")
+
+
+def batch_rows(par) -> int:
+  """How many ways a batch's rows split on `par`'s mesh (1 without one)."""
+  if par is None:
+    return 1
+  axes = dict(par.rules).get("batch", ())
+  return math.prod(par.mesh.shape.get(a, 1) for a in axes)
+
+
+def bucket(n: int, cap: int) -> int:
+  """n rounded up to a power of two (at least 16), at most `cap`."""
+  return min(cap, max(16, 1 << (n - 1).bit_length()))
+
+
+def _score(graphdef, state, tokens_BxS, segment_ids_BxS, targets_BxS):
+  """(log p(target) [B, S], target == argmax [B, S]) of one right-padded batch."""
+  logits = nnx.merge(graphdef, state)(tokens_BxS, segment_ids_BxS).astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return (jnp.take_along_axis(logp, targets_BxS[..., None], axis=-1)[..., 0],
+          jnp.argmax(logits, axis=-1) == targets_BxS)
+
+
+class JaxLM(TemplateLM):
+  """An lm-eval LM on a moe.model.Transformer (see the module docstring)."""
+
+  def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None,
+               max_gen_toks: int = 256):
+    require_lm_eval()
+    super().__init__()
+    self.tokenizer, self.cfg, self.par = tokenizer, model.cfg, model.rt.par
+    self.max_length = max_length or model.cfg.max_position_embeddings
+    self.max_gen_toks = max_gen_toks
+    rows = batch_rows(self.par)
+    self.batch_size = -(-batch_size // rows) * rows
+    self.graphdef, self.state = nnx.split(model)
+    self._score = jax.jit(_score, static_argnums=0)
+    self._generator = None
+    self.continuation_tokens: dict[tuple[str, str], int] = {}  # for the per-token metrics
+
+  # ---------------------------------------------------------------- tokens
+  @property
+  def eot_token_id(self) -> int:
+    return self.tokenizer.eos_id
+
+  @property
+  def prefix_token_id(self) -> int:
+    return self.tokenizer.bos_id
+
+  def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+    ids = list(self.tokenizer.encode(string))
+    return ids if add_special_tokens is False else [self.tokenizer.bos_id] + ids
+
+  def tok_decode(self, ids) -> str:
+    special = {self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id}
+    return self.tokenizer.decode([int(t) for t in ids if int(t) not in special])
+
+  def _check_ids(self, ids) -> None:
+    top = max(ids, default=0)
+    if top >= self.cfg.vocab_size:
+      raise ConfigError(f"token id {top} from tokenizer {self.tokenizer.spec!r} is outside the model's vocab_size"
+                        f" {self.cfg.vocab_size}; pass the model's --tokenizer")
+
+  # ---------------------------------------------------------------- scoring
+  def _place(self, arrays: dict) -> dict:
+    return sharding_lib.place_batch(arrays, self.par) if self.par is not None else {
+        k: jnp.asarray(v) for k, v in arrays.items()}
+
+  def score_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    """(sum of log p(continuation), all greedy) per (context ids, continuation ids), left-truncated."""
+    rows = []
+    for ctx, cont in pairs:
+      whole = (list(ctx) + list(cont))[-(self.max_length + 1):]
+      self._check_ids(whole)
+      rows.append((whole[:-1], whole[1:], min(len(cont), len(whole) - 1)))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    out: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
+    for start in range(0, len(order), self.batch_size):
+      chunk = order[start:start + self.batch_size]
+      length = bucket(max(len(rows[i][0]) for i in chunk), self.max_length)
+      arrays = {k: np.zeros((self.batch_size, length), np.int32) for k in ("tokens", "segments", "targets")}
+      for r, i in enumerate(chunk):
+        inp, tgt, _ = rows[i]
+        arrays["tokens"][r, :len(inp)], arrays["targets"][r, :len(inp)] = inp, tgt
+        arrays["segments"][r, :len(inp)] = 1
+      a = self._place(arrays)
+      logp, greedy = jax.device_get(self._score(self.graphdef, self.state, a["tokens"], a["segments"], a["targets"]))
+      for r, i in enumerate(chunk):
+        n_inp, n_cont = len(rows[i][0]), rows[i][2]
+        part = slice(n_inp - n_cont, n_inp)
+        out[i] = (float(logp[r, part].astype(np.float64).sum()), bool(greedy[r, part].all()))
+    return out
+
+  def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+    got = self.score_tokens([(ctx, cont) for _, ctx, cont in requests])
+    for (key, _, cont), answer in zip(requests, got):
+      if key is not None:
+        self.continuation_tokens[tuple(key)] = len(cont)
+        self.cache_hook.add_partial("loglikelihood", tuple(key), answer)
+    return got
+
+  def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+    from lm_eval import utils
+    windows, owner = [], []
+    for i, (string,) in enumerate(req.args for req in requests):
+      ids = self.tok_encode(string, add_special_tokens=False)
+      self.continuation_tokens[("", string)] = len(ids)
+      for w in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
+          token_list=ids, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)):
+        windows.append(w)
+        owner.append(i)
+    totals = [0.0] * len(requests)
+    for i, (ll, _) in zip(owner, self.score_tokens(windows)):
+      totals[i] += ll
+    for req, total in zip(requests, totals):
+      self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+    return totals
+
+  # ---------------------------------------------------------------- generation
+  def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+    out = [""] * len(requests)
+    groups: dict[str, list[int]] = {}
+    for i, req in enumerate(requests):
+      groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
+    for idx in groups.values():
+      kwargs = dict(requests[idx[0]].args[1])
+      until = kwargs.pop("until", None) or []
+      until = [until] if isinstance(until, str) else list(until)
+      max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+      do_sample = bool(kwargs.pop("do_sample", False))
+      temperature = float(kwargs.pop("temperature", 1.0 if do_sample else 0.0)) if do_sample else 0.0
+      top_p = float(kwargs.pop("top_p", 1.0) or 1.0)
+      idx = sorted(idx, key=lambda i: -len(requests[i].args[0]))
+      for start in range(0, len(idx), self.batch_size):
+        chunk = idx[start:start + self.batch_size]
+        texts = self.generate([requests[i].args[0] for i in chunk], until, max_new, temperature, top_p, seed=start)
+        for i, text in zip(chunk, texts):
+          out[i] = text
+          self.cache_hook.add_partial("generate_until", requests[i].args, text)
+    return out
+
+  def generate(self, contexts: list[str], until: list[str], max_new: int, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int = 0) -> list[str]:
+    """Completions of `contexts` (at most batch_size), each cut before its first stop string."""
+    if max_new < 1:
+      return [""] * len(contexts)
+    if self._generator is None:
+      self._generator = Generator(nnx.merge(self.graphdef, self.state))
+    gen = self._generator
+    keep = max(1, self.max_length - max_new)
+    prompts = [self.tok_encode(c)[-keep:] for c in contexts]
+    for p in prompts:
+      self._check_ids(p)
+    prompts += [prompts[0]] * (self.batch_size - len(prompts))  # fixed shapes: pad rows repeat row 0
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    width = bucket(int(lengths.max()), keep)
+    tokens = np.zeros((len(prompts), width), np.int32)
+    for r, p in enumerate(prompts):
+      tokens[r, :len(p)] = p
+    cache = gen.init_cache(len(prompts), width + max_new)
+    logits, cache = gen.extend(gen.state, cache, jnp.asarray(tokens), jnp.asarray(lengths), True)
+    key = jax.random.key(seed)
+    key, sub = jax.random.split(key)
+    nxt = gen.sample(logits, sub, temperature, top_p)
+    new = [[] for _ in contexts]
+    done = np.zeros(len(contexts), bool)
+    for step in range(max_new):
+      ids = np.asarray(nxt)
+      for r in np.flatnonzero(~done):
+        new[r].append(int(ids[r]))
+        text = self.tok_decode(new[r])
+        if int(ids[r]) == self.tokenizer.eos_id or any(s in text for s in until):
+          done[r] = True
+      if done.all() or step + 1 == max_new:
+        break
+      key, sub = jax.random.split(key)
+      nxt, _, cache = gen.step(gen.state, cache, nxt, sub, temperature, top_p)
+    texts = [self.tok_decode(n) for n in new]
+    return [min((t.split(s)[0] for s in until if s), key=len, default=t) for t in texts]
+
+
+# ------------------------------------------------------------------- tasks
+def _correct_index(sample: dict) -> int | None:
+  target, args = sample["target"], sample["arguments"]
+  if isinstance(target, (int, np.integer)) and 0 <= int(target) < len(args):
+    return int(target)
+  if isinstance(target, str):
+    conts = [a[1].strip() for a in args]
+    return conts.index(target.strip()) if target.strip() in conts else None
+  return None
+
+
+def continuous_metrics(samples: list[dict], output_type: str, lm: JaxLM) -> dict:
+  """Choice tasks (multiple_choice, loglikelihood): the correct answer's log-probability per token and
+  per UTF-8 byte, each averaged over documents. Rolling tasks: the total log-probability per token and
+  per byte. Other tasks: {}."""
+  if output_type in ("multiple_choice", "loglikelihood"):
+    per_token, per_byte = [], []
+    for s in samples:
+      i = _correct_index(s) if output_type == "multiple_choice" else 0
+      if i is None:
+        continue
+      ctx, cont = s["arguments"][i]
+      ll, n = float(s["filtered_resps"][i][0]), lm.continuation_tokens.get((ctx, cont))
+      if n:
+        per_token.append(ll / n)
+      if cont:
+        per_byte.append(ll / len(cont.encode("utf-8")))
+    return {"correct_logprob_per_token": float(np.mean(per_token)) if per_token else None,
+            "correct_logprob_per_byte": float(np.mean(per_byte)) if per_byte else None}
+  if output_type == "loglikelihood_rolling":
+    total = sum(float(s["filtered_resps"][0]) for s in samples)
+    texts = [s["arguments"][0][0] for s in samples]
+    tokens = sum(lm.continuation_tokens.get(("", t), 0) for t in texts)
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    return {"logprob_per_token": total / tokens if tokens else None,
+            "logprob_per_byte": total / nbytes if nbytes else None}
+  return {}
+
+
+def task_manager(tasks: list[str], include_path: str | None = None):
+  """lm-eval's TaskManager that knows `tasks`: the local folder alone when it defines them all
+  (indexing lm-eval's own ~15k task files takes half a minute), else lm-eval's tasks too."""
+  require_lm_eval()
+  from lm_eval.tasks import TaskManager
+
+  if include_path is not None:
+    if not Path(include_path).is_dir():
+      raise ConfigError(f"include path {include_path}: no such directory (a folder of task YAML files)")
+    local = TaskManager(include_path=include_path, include_defaults=False)
+    if all(t in local.all_tasks for t in tasks):
+      return local
+  manager = TaskManager(include_path=include_path)
+  unknown = [t for t in tasks if t not in manager.all_tasks]
+  if unknown:
+    raise ConfigError(f"unknown lm-eval task(s) {', '.join(unknown)}: see `lm-eval ls tasks`, or give the folder"
+                      " of a local task's YAML as the include path")
+  return manager
+
+
+def run_tasks(lm: JaxLM, tasks: list[str], *, num_fewshot: int | None = None, limit: int | float | None = None,
+              include_path: str | None = None, manager=None, seed: int = 0) -> tuple[dict, str]:
+  """({task: {metric: value}}, lm-eval's table) for `tasks` on `lm` (`manager`: a task_manager to
+  reuse). Metric names drop lm-eval's ',none' filter suffix (other filters keep theirs as
+  'metric/filter'); non-finite values become None."""
+  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+  from lm_eval import evaluator
+  from lm_eval.utils import make_table
+
+  manager = manager or task_manager(tasks, include_path)
+  lm.continuation_tokens.clear()
+  results = evaluator.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                      task_manager=manager, log_samples=True, random_seed=seed,
+                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                                      bootstrap_iters=100, verbosity="WARNING")
+  table = make_table(results)
+  out = {}
+  for task, metrics in results["results"].items():
+    row = {}
+    for key, value in metrics.items():
+      if "," not in key or not isinstance(value, (int, float)):
+        continue
+      name, filt = key.split(",", 1)
+      row[name if filt == "none" else f"{name}/{filt}"] = float(value)
+    if task in results.get("samples", {}):
+      output_type = results.get("configs", {}).get(task, {}).get("output_type", "")
+      row.update(continuous_metrics(results["samples"][task], output_type, lm))
+    row["samples"] = len(results.get("samples", {}).get(task, []))
+    out[task] = jsonl.finite(row)
+  return out, table
