@@ -145,6 +145,20 @@ def _cause(e: BaseException) -> str:
   return _one_line(e)
 
 
+def _corruption(e: BaseException) -> str | None:
+  """What a restore error says is corrupt, when it says so (tensorstore: compressed bytes that no
+  longer decompress, "Data corruption detected"), short; else None."""
+  chain = []
+  while e is not None and len(chain) < 8:
+    chain.append(str(e))
+    e = e.__cause__ or e.__context__
+  for text in reversed(chain):  # the innermost says what; the outer ones wrap it in a TensorStore spec
+    if re.search(r"data corruption|DATA_LOSS", text, re.IGNORECASE):
+      m = re.search(r'Error reading "([^"]+)".*?: ([^;:]*(?:data corruption|DATA_LOSS)[^;]*)', text, re.IGNORECASE)
+      return f"{m.group(1)}: {m.group(2).strip()}" if m else text.strip().splitlines()[0][:200]
+  return None
+
+
 def _one_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
   line = f"{type(e).__name__}: {text[0] if text else ''}"
@@ -219,7 +233,7 @@ def verify(tree, saved: dict) -> tuple[list[str], int]:
           part = host[tuple(slice(s0 - h0, s1 - h0) for (s0, s1), (h0, _) in zip(b, have))]
           checked += 1
           if _crc(part) != crc:
-            bad.append(f"{_name(path)} [{k}]")
+            bad.append(f"{_name(path)} [{k}] fails its checksum")
   return sorted(set(bad)), checked
 
 
@@ -394,6 +408,7 @@ class Checkpoints:
 
   def __init__(self, cfg: TrainConfig):
     _quiet_absl()
+    _ignore_closed_loop_callbacks()  # a background save that fails leaves tensorstore callbacks on a closed loop
     self.cfg = cfg
     self.directory = checkpoint_dir(cfg.run_dir)
     _check_directory(self.directory)
@@ -457,17 +472,17 @@ class Checkpoints:
       self._set_aside(plan["step"])
       older = self.steps()
       if not older:
-        raise CheckpointError(f"checkpoint {'; '.join(failed)} fails its checksums (its bytes changed on disk after"
-                              f" it was written), moved aside as <step>{CORRUPT}; no checkpoint of {self.directory}"
-                              " verifies: run the same command to start from step 0, or restore the files from a copy")
+        raise CheckpointError(f"checkpoint {'; '.join(failed)} is corrupt (its bytes changed on disk after it was"
+                              f" written), moved aside as <step>{CORRUPT}; no checkpoint of {self.directory} verifies:"
+                              " run the same command to start from step 0, or restore the files from a copy")
       seed, bad_step = self.data_seed, plan["step"]
       plan.update(self._plan(older[-1]))
       if plan["data_seed"] != seed:
-        raise CheckpointError(f"checkpoint {failed[-1]} fails its checksums, moved aside as <step>{CORRUPT}; the newest"
-                              f" that remains, {plan['path']}, was written with another data order: run the same command"
+        raise CheckpointError(f"checkpoint {failed[-1]} is corrupt, moved aside as <step>{CORRUPT}; the newest that"
+                              f" remains, {plan['path']}, was written with another data order: run the same command"
                               " to resume from it")
-      log.warning("checkpoint %s fails its checksums (its bytes changed on disk after it was written): moved aside"
-                  " as %s%s; falling back to %s", failed[-1], bad_step, CORRUPT, plan["path"])
+      log.warning("checkpoint %s is corrupt (its bytes changed on disk after it was written): moved aside as %s%s;"
+                  " falling back to %s", failed[-1], bad_step, CORRUPT, plan["path"])
     return got
 
   def _restore_checked(self, plan: dict, target, data_iter, par):
@@ -492,18 +507,22 @@ class Checkpoints:
       if changes:
         raise CheckpointError(f"{path}: written for another model ({'; '.join(changes[:3])}): undo the change or"
                               f" pick another run_dir ({_one_line(e)})") from None
-      raise CheckpointError(f"{path}: cannot restore: {_one_line(e)}; delete this step directory to resume from an"
-                            " earlier one, or pick another run_dir") from None
-    arrays = {"model": got["model"], "optimizer": got["optimizer"]}
-    saved = read_checksums(path)
+      if _corruption(e) is None:
+        raise CheckpointError(f"{path}: cannot restore: {_one_line(e)}; delete this step directory to resume from an"
+                              " earlier one, or pick another run_dir") from None
+      got, bad = None, [_corruption(e)]  # compressed bytes that no longer decompress
+    else:
+      saved = read_checksums(path)
+      bad, checked = verify({"model": got["model"], "optimizer": got["optimizer"]}, saved) if saved is not None else ([], 0)
+    if _any_process(bool(bad)):
+      return None, bad or ["a shard of another process fails its checksum"]
     if saved is None:
       log.info("checkpoint %s has no checksums (written before they existed): restored unchecked", path)
-      bad = []
-    else:
-      bad, checked = verify(arrays, saved)
-      if _any_process(bool(bad)):
-        return None, bad or ["a shard of another process"]
+    elif checked:
       log.info("checkpoint %s: %d array shard(s) match their checksums", path, checked)
+    else:
+      log.warning("checkpoint %s: none of its checksums fits a shard restored here (saved on finer shards, or in"
+                  " another dtype): restored unchecked", path)
     old = read_config(path).to_dict()
     changes = [c for c in config_changes(old, self.cfg.to_dict()) if not c.startswith(("run_dir ", "resume "))]
     log.info("resumed from step %d (%s)%s", step, path,
@@ -678,14 +697,17 @@ def restore_model(path, target: dict):
     try:
       got = m.restore(int(path.name), args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))["model"]
     except Exception as e:
-      raise CheckpointError(f"{path}: cannot restore the model: {_one_line(e)}") from None
-  saved = read_checksums(path)
-  bad = verify({"model": got}, saved)[0] if saved is not None else []
+      if _corruption(e) is None:
+        raise CheckpointError(f"{path}: cannot restore the model: {_one_line(e)}") from None
+      got, bad = None, [_corruption(e)]
+    else:
+      saved = read_checksums(path)
+      bad = verify({"model": got}, saved)[0] if saved is not None else []
   if _any_process(bool(bad)):
     earlier = [s for s in finished_steps(path.parent) if s < int(path.name)]
-    raise CheckpointError(f"{path} fails its checksums ({(bad or ['a shard of another process'])[0]}): its bytes changed"
-                          " on disk after it was written; " + (f"use an earlier step (--step {earlier[-1]})" if earlier
-                                                               else "restore the files from a copy"))
+    raise CheckpointError(f"{path} is corrupt ({(bad or ['a shard of another process fails its checksum'])[0]}): its"
+                          " bytes changed on disk after it was written; " +
+                          (f"use an earlier step (--step {earlier[-1]})" if earlier else "restore the files from a copy"))
   return got
 
 
