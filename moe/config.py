@@ -213,6 +213,9 @@ _HF_REQUIRED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False
 def hf_to_fields(raw: dict, where: str) -> dict:
   """Map an HF DeepSeek config.json dict onto ModelConfig field names."""
   raw = dict(raw)
+  if raw.get("model_type", "deepseek_v3") not in ("deepseek_v2", "deepseek_v3"):
+    raise ConfigError(f"{where}: model_type={raw['model_type']!r} is not a DeepSeek-V2/V3 model (model_type"
+                      " deepseek_v2 or deepseek_v3), the only architecture this project loads")
   for key, want in _HF_REQUIRED.items():
     if key in raw and raw[key] != want:
       raise ConfigError(f"{where}: {key}={raw[key]!r} is not supported (DeepSeek V2/V3 use {want!r})")
@@ -256,14 +259,21 @@ def hf_to_fields(raw: dict, where: str) -> dict:
   return out
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, what: str = "config file") -> dict:
+  """The mapping in the YAML file `path`; ConfigError (one line) for a file that is missing, not
+  UTF-8, not YAML or not a mapping."""
   path = Path(path)
   if not path.is_file():
-    raise ConfigError(f"{path}: no such config file")
+    raise ConfigError(f"{path}: no such {what}")
   try:
-    data = yaml.safe_load(path.read_text())
+    data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save the"
+                      f" {what} as UTF-8") from None
   except yaml.YAMLError as e:
-    raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark is not None else ""
+    raise ConfigError(f"{path}: not valid YAML{where} ({str(e).splitlines()[0]})") from None
   if not isinstance(data, dict):
     raise ConfigError(f"{path}: expected a mapping at the top level")
   return data

@@ -15,6 +15,9 @@ Call it first thing, before anything touches a JAX device (`python -m train` doe
 host without TPUs); `python -m train` and the tools call it first. On CPU, cross-process collectives
 need an implementation: this selects gloo
 (`jax_cpu_collectives_implementation`), which is what the multi-process CPU tests use.
+Every process waits at most `timeout_s` (the trainer's --init-timeout, default 300 s) for all of them
+to connect, saying for what and how long, then stops with one line (exit 2); Ctrl-C ends the wait.
+A coordinator address without a port or a process id outside 0..N-1 is a one-line ConfigError.
 After initialization every process sees all devices (`jax.devices()`) and its own
 (`jax.local_devices()`); the trainer builds one global mesh over all of them and each process feeds
 its own rows of every batch (parallel.sharding.place_batch).
@@ -25,8 +28,13 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import signal
+import sys
+import threading
 
 import jax
+
+from parallel.errors import ConfigError
 
 log = logging.getLogger("parallel")
 
@@ -67,9 +75,29 @@ def cluster_detected() -> str | None:
   return None
 
 
+def check_processes(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
+  """ConfigError (one line) for a coordinator address without a port, or a process id outside
+  0..num_processes-1, before JAX is asked (it raises IndexError / ValueError for them)."""
+  if coordinator_address is not None:
+    host, sep, port = coordinator_address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise ConfigError(f"distributed: coordinator {coordinator_address!r} is not host:port (e.g."
+                        f" {host or coordinator_address or 'localhost'}:12355): give the port process 0 listens on")
+    if num_processes is None or process_id is None:
+      raise ConfigError("distributed: a coordinator address needs num_processes and process_id too"
+                        " (flags --num-processes/--process-id or JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
+  if num_processes is not None and num_processes < 1:
+    raise ConfigError(f"distributed: num_processes={num_processes} must be at least 1")
+  if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+    raise ConfigError(f"distributed: process_id={process_id} is not one of the {num_processes} processes: give each"
+                      f" process its own id in 0..{num_processes - 1}")
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_device_ids=None, auto: bool = False) -> bool:
-  """Start JAX's distributed runtime if this is a multi-process run; True if it was started."""
+               process_id: int | None = None, local_device_ids=None, auto: bool = False,
+               timeout_s: int = 300) -> bool:
+  """Start JAX's distributed runtime if this is a multi-process run; True if it was started. Waits at
+  most `timeout_s` for every process to connect, then ends the process with one line (exit 2)."""
   if jax.distributed.is_initialized():
     return True
   coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
@@ -77,20 +105,51 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
   if local_device_ids is None and os.environ.get("JAX_LOCAL_DEVICE_IDS"):
     local_device_ids = [int(i) for i in os.environ["JAX_LOCAL_DEVICE_IDS"].split(",")]
+  check_processes(coordinator_address, num_processes, process_id)
+  if timeout_s < 1:
+    raise ConfigError(f"distributed: init timeout {timeout_s} s must be at least 1 s")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator_address is not None:
-    if num_processes is None or process_id is None:
-      raise ValueError("distributed: a coordinator address needs num_processes and process_id too"
-                       " (flags --num-processes/--process-id or JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
     if num_processes == 1:
       return False
-    jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids)
     how = f"coordinator {coordinator_address}"
+    _connect(lambda t: jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids,
+                                                  initialization_timeout=t),
+             f"process {process_id} of {num_processes} at the coordinator {coordinator_address}", timeout_s)
   else:
     how = cluster_detected() or ("auto-detected" if auto else None)
     if how is None:
       return False
-    jax.distributed.initialize(local_device_ids=local_device_ids)
+    _connect(lambda t: jax.distributed.initialize(local_device_ids=local_device_ids, initialization_timeout=t),
+             f"this process of the {how} cluster", timeout_s)
   log.info("distributed (%s): process %d of %d, %d local / %d global devices", how, jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
+
+
+def _connect(initialize, who: str, timeout_s: int) -> None:
+  """Run `initialize(jax_timeout)` under a watchdog: JAX's own timeout aborts the process with a C++
+  stack trace, and the wait ignores Ctrl-C (the main thread is in C++). So after `timeout_s` the
+  watchdog thread prints one line and exits 2 (JAX's timeout is set later, as a backstop), and
+  SIGINT ends the process while it waits (there is nothing to save yet)."""
+  log.info("distributed: %s, waiting up to %d s for every process to connect (--init-timeout)", who, timeout_s)
+  done = threading.Event()
+
+  def watchdog():
+    if not done.wait(timeout_s):
+      print(f"error: distributed: {who} waited {timeout_s} s (--init-timeout) and not every process connected;"
+            " start all of them with the same coordinator host:port and number of processes and distinct"
+            " process ids, or raise --init-timeout", file=sys.stderr, flush=True)
+      os._exit(2)
+
+  threading.Thread(target=watchdog, name="distributed-init-watchdog", daemon=True).start()
+  interrupt = threading.current_thread() is threading.main_thread() and \
+      signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  if interrupt:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+  try:
+    initialize(timeout_s + 60)
+  finally:
+    done.set()
+    if interrupt:
+      signal.signal(signal.SIGINT, signal.default_int_handler)

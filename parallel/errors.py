@@ -37,6 +37,12 @@ class RunFailed(Exception):
   step, the cause and the last good checkpoint; the CLIs exit with code 4."""
 
 
+def divisors(n: int) -> str:
+  """The sizes that divide `n`, in words: '1, 2, 4 or 8' (for messages that name what would fit)."""
+  ds = [str(d) for d in range(1, n + 1) if n % d == 0]
+  return ds[0] if len(ds) == 1 else f"{', '.join(ds[:-1])} or {ds[-1]}"
+
+
 def require(ok: bool, message: str) -> None:
   if not ok:
     raise ConfigError(message)

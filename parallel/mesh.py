@@ -34,7 +34,7 @@ from jax.sharding import AxisType, Mesh
 
 from parallel import expert_parallel, sharding
 from parallel.pipeline import Layout, PipelineConfig
-from parallel.errors import ConfigError, check_fields, require
+from parallel.errors import ConfigError, check_fields, divisors, require
 
 log = logging.getLogger("parallel")
 
@@ -94,11 +94,11 @@ class MeshConfig:
     require(self.ep_chunks is None or self.ep_chunks >= 1, f"mesh.ep_chunks={self.ep_chunks} must be >= 1 or null")
     require(self.ep_nodes is None or self.ep_nodes >= 1, f"mesh.ep_nodes={self.ep_nodes} must be >= 1 or null")
     require(self.ep_nodes is None or self.expert == -1 or self.expert % self.ep_nodes == 0,
-            f"mesh.ep_nodes={self.ep_nodes} must divide mesh.expert={self.expert}")
+            f"mesh.ep_nodes={self.ep_nodes} must divide mesh.expert={self.expert}: {divisors(self.expert)}")
     require(self.redundant_experts >= 0, f"mesh.redundant_experts={self.redundant_experts} must be >= 0")
     require(self.expert == -1 or self.redundant_experts % self.expert == 0,
             f"mesh.redundant_experts={self.redundant_experts} must be a multiple of mesh.expert={self.expert}"
-            " (the same number of extra slots on every expert-parallel rank)")
+            f" (the same number of extra slots on every expert-parallel rank): 0, {self.expert}, {2 * self.expert}, ...")
     require(self.redundant_every >= 1, f"mesh.redundant_every={self.redundant_every} must be >= 1")
 
   def sizes(self) -> dict[str, int]:
@@ -117,12 +117,23 @@ def axis_sizes(mesh_cfg: MeshConfig, n_devices: int) -> dict[str, int]:
   if free:
     if n_devices % known:
       raise ConfigError(f"mesh {mesh_cfg.describe()}: the fixed axes ({known} devices) do not divide the"
-                        f" {n_devices} devices")
+                        f" {n_devices} devices; {would_divide(sizes, n_devices)}")
     sizes[free[0]] = n_devices // known
   elif n_devices % known:
     raise ConfigError(f"mesh {mesh_cfg.describe()} needs {known} devices, which does not divide the"
-                      f" {n_devices} devices")
+                      f" {n_devices} devices; {would_divide(sizes, n_devices)}")
   return sizes
+
+
+def would_divide(sizes: dict[str, int], n_devices: int) -> str:
+  """The sizes of each fixed axis that would divide `n_devices`, the other axes kept, in words."""
+  fixed = {a: n for a, n in sizes.items() if n not in (-1, 1)}
+  fits = []
+  for a, n in fixed.items():
+    rest = math.prod(m for b, m in fixed.items() if b != a)
+    if n_devices % rest == 0:
+      fits.append(f"mesh.{a}={divisors(n_devices // rest)}")
+  return f"{'; or '.join(fits) if fits else f'fixed axes multiplying to {divisors(n_devices)}'} would"
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
@@ -172,7 +183,7 @@ def hybrid_devices(sizes: dict[str, int], dcn: dict[str, int], devices):
 
   for a, n in dcn.items():
     if sizes[a] % n:
-      raise ConfigError(f"mesh.dcn_{a}={n} does not divide mesh.{a}={sizes[a]}")
+      raise ConfigError(f"mesh.dcn_{a}={n} does not divide mesh.{a}={sizes[a]}: {divisors(sizes[a])} would")
   ici = tuple(sizes[a] // dcn.get(a, 1) for a in AXES)
   outer = tuple(dcn.get(a, 1) for a in AXES)
   slices = {getattr(d, "slice_index", 0) for d in devices}

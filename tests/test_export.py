@@ -80,6 +80,7 @@ def test_export_matches_transformers(tmp_path):
 
 
 def test_export_errors(tmp_path, capsys):
+  (tmp_path / "nothing").mkdir()
   assert export.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and "no checkpoints" in err and str(tmp_path / "nothing") in err

@@ -182,11 +182,11 @@ def test_a_save_that_cannot_be_written_fails_fast(tmp_path):
 
 # ------------------------------------------------------------------ 4. late errors, early
 def test_errors_come_before_the_first_step(tmp_path):
-  """A one-document corpus cannot give an eval split: that stops the run before step 1 (it used to
-  stop in the final evaluation, after the training and before the final save)."""
-  (tmp_path / "one.txt").write_text("only one document\n")
+  """A corpus that cannot be read stops the run before step 1 and writes nothing. (A one-document
+  corpus, once the example here, now holds out its end: tests/test_cli_errors.py.)"""
+  (tmp_path / "one.txt").write_bytes("café\n".encode("latin-1"))
   run = Run(tmp_path / "run", "steps=200", "eval_every=100", f"data={tmp_path / 'one.txt'}").wait()
-  assert run.proc.returncode == 2 and "needs at least 2 documents" in last_line(run)
+  assert run.proc.returncode == 2 and "not UTF-8 text" in last_line(run)
   assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "config.yaml").exists()
 
 

@@ -26,11 +26,14 @@ def main(argv=None) -> int:
   g.add_argument("--num-processes", type=int, help="env JAX_NUM_PROCESSES")
   g.add_argument("--process-id", type=int, help="env JAX_PROCESS_ID")
   g.add_argument("--distributed", action="store_true", help="let JAX auto-detect the cluster")
-  args = p.parse_args(argv)
+  g.add_argument("--init-timeout", type=int, default=300, metavar="SECONDS",
+                 help="how long to wait for every process to connect before stopping (default 300)")
+  args = p.parse_intermixed_args(argv)  # overrides may follow the flags
   logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # absl (orbax) may have set one up
-  distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
   cfg = None
   try:
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
+                           timeout_s=args.init_timeout)
     cfg = config.load_train_config(args.config, args.overrides)
     peak = None if args.peak_tflops is None else args.peak_tflops * 1e12
     result = loop.train(cfg, peak_flops=peak)

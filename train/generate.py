@@ -51,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if top >= model.cfg.vocab_size:
       raise ConfigError(f"token id {top} from tokenizer {tokenizer.spec!r} is outside the model's vocab_size"
                         f" {model.cfg.vocab_size}; pass the model's --tokenizer")
+    check_length(max(map(len, prompts)), args.max_new_tokens, model.cfg.max_position_embeddings)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -60,6 +61,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     special = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
     print(text + tokenizer.decode([t for t in new if t not in special]), flush=True)
   return 0
+
+
+def check_length(prompt_len: int, max_new_tokens: int, max_positions: int) -> None:
+  """ConfigError when the longest prompt (with BOS) and the new tokens would run past the positions
+  the model was trained for (max_position_embeddings): RoPE beyond them is extrapolation."""
+  if prompt_len + max_new_tokens <= max_positions:
+    return
+  if prompt_len >= max_positions:
+    raise ConfigError(f"the longest prompt is {prompt_len} tokens (with BOS), and the model's max_position_embeddings"
+                      f" is {max_positions}: shorten the prompt")
+  raise ConfigError(f"the longest prompt ({prompt_len} tokens with BOS) + --max-new-tokens {max_new_tokens} ="
+                    f" {prompt_len + max_new_tokens} positions, past the model's max_position_embeddings"
+                    f" {max_positions}; use --max-new-tokens {max_positions - prompt_len} or less")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ from pathlib import Path
 import yaml
 
 from moe import params as params_lib
+from moe.config import load_yaml
 from parallel.errors import ConfigError
 from train.core import jsonl
 from train.core import loop
@@ -125,11 +126,7 @@ def _scalar(v) -> str:
 
 def load_sweep(path: str | Path) -> dict:
   path = Path(path)
-  if not path.is_file():
-    raise ConfigError(f"{path}: no such sweep file")
-  spec = yaml.safe_load(path.read_text())
-  if not isinstance(spec, dict):
-    raise ConfigError(f"{path}: expected a mapping")
+  spec = load_yaml(path, "sweep file")
   unknown = set(spec) - SWEEP_KEYS
   if unknown:
     raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)} (expected {sorted(SWEEP_KEYS)})")

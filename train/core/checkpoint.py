@@ -116,6 +116,8 @@ def resume_hint(directory: Path) -> str:
 def step_dir(run_dir, step: int | None = None) -> Path:
   """RUN_DIR/checkpoints/<step>: `step`, or the newest finished checkpoint."""
   root = checkpoint_dir(run_dir)
+  if not Path(run_dir).is_dir():
+    raise ConfigError(f"{run_dir}: no such run directory; give the run_dir of a training run")
   steps = finished_steps(root)
   if not steps:
     raise ConfigError(f"{run_dir}: no checkpoints (nothing in {root}); train first, or give another run directory")

@@ -45,7 +45,9 @@ max(4, 1%) documents (at most half) with the smallest hash of their index; train
 is then sharded across processes by taking every process_count-th document from process_index, so
 processes read disjoint documents that together cover the split. Train iterates forever, reshuffled
 every epoch from the seed; eval reads its documents once in order, and its last batch is padded with
-empty rows (loss_mask 0). Processes may yield different numbers of eval batches.
+empty rows (loss_mask 0). Processes may yield different numbers of eval batches. A corpus of one
+document (a single text file, a prepared directory of one) is split by position instead: the eval split
+is its last 1% (at least one character, or token when prepared), train the rest.
 
 The returned `grain.IterDataset` is deterministic for a given (seed, process_index, process_count,
 num_workers); `iter(ds)` is a checkpointable iterator (`get_state` / `set_state`).
@@ -167,9 +169,18 @@ def load_tokenizer(spec: str) -> Tokenizer:
     return ByteTokenizer()
   path = Path(spec)
   if path.is_dir():
+    if not (path / "tokenizer.json").is_file():
+      raise DataError(f"tokenizer {spec!r}: the directory holds no tokenizer.json; give the path of an HF"
+                      " tokenizer.json (or its directory), or 'byte'")
     path = path / "tokenizer.json"
-  if path.name.endswith(".json") and path.is_file():
-    return HFTokenizer(path, spec)
+  if path.is_file():
+    if path.suffix == ".json":
+      return HFTokenizer(path, spec)
+    raise DataError(f"tokenizer {spec!r}: not a .json file; give the path of an HF tokenizer.json (or its"
+                    " directory), or 'byte'")
+  if path.suffix == ".json" or "/" in spec:
+    raise DataError(f"tokenizer {spec!r}: no such file; give the path of an HF tokenizer.json (or its directory),"
+                    " or 'byte'")
   raise DataError(f"unknown tokenizer {spec!r}: use 'byte' or the path of an HF tokenizer.json")
 
 
@@ -331,6 +342,15 @@ def split_indices(num_documents: int, split: str) -> np.ndarray:
   raise DataError(f"unknown split {split!r}; use 'train' or 'eval'")
 
 
+def split_by_position(document, split: str):
+  """The `split` part of a corpus of one document (text or token ids): eval is its last EVAL_FRACTION
+  (at least one character or token), train the rest."""
+  if split not in ("train", "eval"):
+    raise DataError(f"unknown split {split!r}; use 'train' or 'eval'")
+  cut = len(document) - max(1, math.ceil(len(document) * EVAL_FRACTION))
+  return document[:cut] if split == "train" else document[cut:]
+
+
 # --------------------------------------------------------------------------------------------- packing
 @dataclasses.dataclass(frozen=True)
 class _Encode:
@@ -411,7 +431,11 @@ def make_dataset(
   """
   _check_sizes(seq_len, batch_size, seed, max_seq_len, process_index, process_count)
   documents = load_documents(data, tokenizer)
-  indices = split_indices(len(documents), split)[process_index::process_count]
+  if len(documents) == 1:  # one large document is a corpus too: hold out its end
+    documents, indices = [split_by_position(documents[0], split)], np.arange(1)
+  else:
+    indices = split_indices(len(documents), split)
+  indices = indices[process_index::process_count]
   if not len(indices) and split == "train":
     raise DataError(
         f"{data}: process {process_index} of {process_count} gets no training documents (the split has"

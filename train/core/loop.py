@@ -241,6 +241,14 @@ def train(cfg: TrainConfig, progress: bool = True, peak_flops: float | None = No
   Everything that can be checked is checked before the first step (the run directory writable and
   not in use, the resume accepted, the data and the eval split readable); RUN_DIR/config.yaml is
   written only then. A diverged step or a checkpoint that cannot be written raises RunFailed."""
+  # Until the first step has finished a signal ends the run at once (nothing to save); StopSignal
+  # outlives ckpt: a signal while the last save is being written must not cut it short
+  hint = lambda: checkpoint_lib.resume_hint(checkpoint_lib.checkpoint_dir(cfg.run_dir))  # noqa: E731
+  with preemption.StopSignal(jax.process_count(), hint=hint, started=False) as stop:
+    return _train(cfg, stop, progress, peak_flops)
+
+
+def _train(cfg: TrainConfig, stop, progress: bool, peak_flops: float | None) -> dict:
   run_dir = rundir.prepare(cfg.run_dir)
   with rundir.RunLock(run_dir, active=jax.process_index() == 0):
     ckpt = checkpoint_lib.Checkpoints(cfg)
@@ -267,13 +275,20 @@ def train(cfg: TrainConfig, progress: bool = True, peak_flops: float | None = No
     except BaseException:
       ckpt.close()
       raise
-    if jax.process_index() == 0:  # the configuration is accepted
-      (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return _loop(cfg, run_dir, ckpt, plan, state, start, batches, evals, train_step, eval_step, rt, par, progress,
+    if jax.process_index() == 0 and start < cfg.steps:  # the configuration is accepted (and has steps to run)
+      write_atomically(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return _loop(cfg, run_dir, ckpt, stop, state, start, batches, evals, train_step, eval_step, rt, par, progress,
                  peak_flops)
 
 
-def _loop(cfg, run_dir, ckpt, plan, state, start, batches, evals, train_step, eval_step, rt, par, progress,
+def write_atomically(path, text: str) -> None:
+  """`path` holds the old text or the new, whenever the process ends."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+def _loop(cfg, run_dir, ckpt, stop, state, start, batches, evals, train_step, eval_step, rt, par, progress,
           peak_flops) -> dict:
   counts = params_lib.count(cfg.model, cfg.seq_len)
   log.info("model: %.2fM params (%.2fM active), %s compute on %d %s device(s)", counts["total_params"] / 1e6,
@@ -286,11 +301,8 @@ def _loop(cfg, run_dir, ckpt, plan, state, start, batches, evals, train_step, ev
   stopped = False
   if start >= cfg.steps:
     log.info("nothing to train: the checkpoint is at step %d and steps=%d", start, cfg.steps)
-  # StopSignal outlives ckpt: a signal while the last save is being written must not cut it short
-  with preemption.StopSignal(jax.process_count(), hint=lambda: checkpoint_lib.resume_hint(ckpt.directory)) as stop, \
-      ckpt, \
-      MetricsLogger(run_dir, cfg.steps, progress=progress, start_step=start,
-                    is_main=jax.process_index() == 0) as logger:
+  with ckpt, MetricsLogger(run_dir, cfg.steps, progress=progress, start_step=start,
+                           is_main=jax.process_index() == 0) as logger:
     t0, pending, timed, checked = time.perf_counter(), [], 0, 0
     for step in range(start, cfg.steps):
       if cfg.profile_steps and step == cfg.profile_steps[0]:
@@ -307,6 +319,7 @@ def _loop(cfg, run_dir, ckpt, plan, state, start, batches, evals, train_step, ev
           log.info("device memory after the first step: peak %s GiB in use of %s GiB", memory["peak_GiB"],
                    memory.get("limit_GiB", "?"))
         t0, timed = time.perf_counter(), -1
+        stop.start()  # from now on a signal stops after the step in progress, with a checkpoint
       timed += 1
       stopped = stop.requested(step + 1)
       last_step = step + 1 == cfg.steps

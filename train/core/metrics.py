@@ -136,7 +136,8 @@ def summary(step: int, total: int, record: Mapping, eta_s: float | None = None) 
 
 
 def eta_seconds(step: int, total: int, start_step: int, elapsed_s: float) -> float | None:
-  """Remaining time at the average pace since the logger opened."""
+  """Remaining time at the average pace of the `elapsed_s` since `start_step` (the logger times from
+  its first logged step: the interval before it holds the compilation)."""
   done = step - start_step
   return None if done <= 0 else elapsed_s / done * (total - step)
 
@@ -153,7 +154,6 @@ class MetricsLogger:
   def __init__(self, run_dir, total_steps: int, *, is_main: bool = True, progress: bool = True,
                start_step: int = 0):
     self.total_steps = total_steps
-    self._start_step = start_step
     self.is_main = is_main
     self._closed = not is_main
     if not is_main:
@@ -168,6 +168,7 @@ class MetricsLogger:
     self._file = open(self.path, "a+")  # "+": what it holds can be read back if it is deleted under us
     self._tb = SummaryWriter(str(self.run_dir))
     self._start = time.time()
+    self._paced = None  # (step, time) of the first log
     self._lines = progress and not sys.stderr.isatty()
     self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                      disable=not progress or self._lines)
@@ -179,7 +180,8 @@ class MetricsLogger:
       raise ValueError("MetricsLogger.log needs a loss")
     record = self._write(step, metrics)
     if self._lines:
-      eta = eta_seconds(step, self.total_steps, self._start_step, time.time() - self._start)
+      self._paced = self._paced or (step, time.time())  # the pace starts after the compilation
+      eta = eta_seconds(step, self.total_steps, self._paced[0], time.time() - self._paced[1])
       print(summary(step, self.total_steps, record, eta), file=sys.stderr, flush=True)
     elif not self._bar.disable:
       post = {"loss": "nan" if record["loss"] is None else f"{record['loss']:.4f}"}

@@ -28,7 +28,7 @@ from flax import nnx
 
 from moe import model as model_lib
 from parallel import pipeline
-from parallel.errors import ConfigError
+from parallel.errors import ConfigError, divisors
 from train.core import loss as loss_lib
 
 STACK = "moe_layers"
@@ -55,7 +55,7 @@ def schedule(par, rows: int, kind: str | None = None) -> pipeline.Schedule:
   m = par.pipeline.microbatches or par.stages
   if rows % m:
     raise ConfigError(f"pipeline.microbatches={m} must divide the {rows} sequences of each step's micro-batch"
-                      " (batch_size / grad_accum)")
+                      f" (batch_size / grad_accum): {divisors(rows)}")
   return pipeline.make_schedule(kind or par.pipeline.schedule, par.stages, m, par.pipeline.repeats)
 
 

@@ -18,6 +18,10 @@ the loop's next check (`requested`, which raises `Aborted`, a KeyboardInterrupt,
 caller unwinds normally); if it does not, the watcher ends the process itself. An exception raised
 from the handler instead would surface inside whatever library code the main thread was in (Orbax
 logs it with a traceback).
+
+Before the first step has finished (`StopSignal(started=False)` until `start()`: the run directory,
+the data, the restore, the compilation of the first step) there is nothing to save, so the first
+signal ends the process at once, with one line that says so and where the run resumes from.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ class StopSignal:
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def __init__(self, process_count: int = 1, grace_s: float = 3.0, hint: Callable[[], str] = lambda: ""):
+  def __init__(self, process_count: int = 1, grace_s: float = 3.0, hint: Callable[[], str] = lambda: "",
+               started: bool = True):
     self.received: str | None = None
     self.aborted: int | None = None  # the second signal's number
     self.process_count = process_count
@@ -63,6 +68,8 @@ class StopSignal:
     self._wakeup = None  # (read fd, write fd, the wakeup fd we replaced)
     self._done = threading.Event()
     self._watcher: threading.Thread | None = None
+    self._started = started  # False: a first signal ends the process (nothing to save yet)
+    self._lock = threading.Lock()  # start() against the watcher's decision
 
   def __enter__(self):
     if threading.current_thread() is not threading.main_thread() or self.process_count > 1:
@@ -92,14 +99,27 @@ class StopSignal:
         heard += 1
         name = signal.Signals(signum).name
         if heard == 1:
+          with self._lock:
+            if not self._started:
+              self._end(f"error: stopped by {name} before the first step finished (setting up or compiling):"
+                        " nothing to save; ", signum)
           log.warning("%s: finishing the current step, then saving a checkpoint and exiting (again to abort)", name)
         elif not self._done.wait(self.grace_s):  # the main thread did not get back to the loop: end it here
-          try:
-            hint = self.hint()
-          except Exception:  # noqa: BLE001 - the abort must happen whatever the hint does
-            hint = "see the run's checkpoints"
-          os.write(2, (abort_line(f"a second {name}", hint) + "\n").encode())
-          os._exit(128 + signum)
+          self._end(abort_line(f"a second {name}", ""), signum)
+
+  def _end(self, line: str, signum: int) -> None:
+    """Write `line` + the resume hint to stderr and end the process with 128 + signum."""
+    try:
+      hint = self.hint()
+    except Exception:  # noqa: BLE001 - the abort must happen whatever the hint does
+      hint = "see the run's checkpoints"
+    os.write(2, (line + hint + "\n").encode())
+    os._exit(128 + signum)
+
+  def start(self) -> None:
+    """The first step has finished: from now on the first signal stops after the current step."""
+    with self._lock:
+      self._started = True
 
   def requested(self, step: int) -> bool:
     """Whether to stop after `step` (raises Aborted after a second signal)."""
