@@ -4,14 +4,18 @@ a save that cannot be written, errors found late, a rejected resume, one line fo
 The faults go through `python -m train` in subprocesses (tests/test_checkpoint_runs.py's Run: the CLI
 with a given peak FLOP/s and an optional pause before each step); the kill -9 during an asynchronous
 save is tests/test_checkpoint_runs.py::test_kill_during_save_resumes_from_the_last_complete_checkpoint.
+Section 7 is issue 24: nothing lost, nothing wrong reported as success (docs/reliability.md's table).
 """
 
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import jax
@@ -24,12 +28,17 @@ from parallel.errors import ConfigError, DataError, RunFailed
 from tests.random_weights import initialised
 from tests.test_checkpoint_runs import Run, complete_steps
 from train import data as data_cli
+from train import export as export_cli
+from train import plot
+from train.__main__ import main as train_main
 from train.core import checkpoint as ckpt_lib
 from train.core import data as data_lib
+from train.core import jsonl
 from train.core import optimizer as optimizer_lib
 from train.core import rundir
 from train.core import step as step_lib
 from train.core.config import load_train_config
+from train.core.metrics import MetricsLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 DIVERGE = ["optimizer.lr=1e6", "optimizer.warmup_steps=0"]
@@ -53,7 +62,8 @@ def test_divergence_stops_with_the_last_good_checkpoint(tmp_path):
   assert line.startswith("error: step 3: the loss") and "not finite" in line, line
   assert f"the last good checkpoint is {tmp_path / 'run' / 'checkpoints' / '2'}" in line
   assert complete_steps(tmp_path / "run") == [2]
-  assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
+  assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3]  # the step that stopped it is logged
+  assert metrics(tmp_path / "run")[-1]["nonfinite"]
   model = ckpt_lib.load_any(tmp_path / "run")  # finite, or it would say so
   assert all(bool(jnp.isfinite(v[...]).all()) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
 
@@ -256,3 +266,153 @@ def test_first_interval_reports_no_throughput(tmp_path):
   assert "tokens_per_s" not in records[0] and "mfu" not in records[0]
   assert all(0 < r["mfu"] < 1 for r in records[1:])
   shutil.rmtree(tmp_path / "run")
+
+
+# ------------------------------------------------------------------ 7. nothing lost, nothing wrong reported as success
+def corrupt(step_dir: Path, n: int = 400) -> Path:
+  """Flip `n` bytes in the middle of the largest array file of a checkpoint's model item."""
+  target = max((step_dir / "model").glob("ocdbt.process_*/d/*"), key=lambda f: f.stat().st_size)
+  data = bytearray(target.read_bytes())
+  mid = len(data) // 2
+  data[mid:mid + n] = bytes(b ^ 0x5A for b in data[mid:mid + n])
+  target.write_bytes(bytes(data))
+  return target
+
+
+def test_corrupt_checkpoint_falls_back_and_a_divergence_keeps_its_steps(tmp_path):
+  """Checkpoint 4 with 400 bytes changed: the resume names it, sets it aside (4.corrupt) and restores
+  checkpoint 2, which verifies; metrics.jsonl is cut back to step 2 (steps 3 and 4 go to
+  metrics.dropped.jsonl). lr=1e6 then diverges before the first log line (log_every=10): the steps
+  up to the stop are in metrics.jsonl, and the stop names checkpoint 2. With checkpoint 2 corrupted
+  too, nothing verifies: one line, exit 2, and the run directory holds no checkpoint to loop on."""
+  run_dir = tmp_path / "run"
+  Run(run_dir, "steps=4", "save_every=2").check()
+  corrupt(run_dir / "checkpoints" / "4")
+  run = Run(run_dir, "steps=8", "save_every=2", "log_every=10", *DIVERGE, name="diverges").wait()
+  assert run.proc.returncode == 4, run.stderr()[-3000:]
+  err, line = run.stderr(), last_line(run)
+  assert f"checkpoint {run_dir / 'checkpoints' / '4'} (" in err and "is corrupt" in err  # by checksum or by zstd
+  assert f"falling back to {run_dir / 'checkpoints' / '2'}" in err and "resumed from step 2" in err
+  stop = int(line.split()[2].rstrip(":"))
+  assert line.startswith(f"error: step {stop}: the loss") and stop > 2, line
+  assert line.endswith(f"the last good checkpoint is {run_dir / 'checkpoints' / '2'} (resume from it, e.g. with a"
+                       " lower optimizer.lr)"), line
+  assert complete_steps(run_dir) == [2] and (run_dir / "checkpoints" / "4.corrupt").is_dir()
+  records = metrics(run_dir)
+  assert [r["step"] for r in records] == list(range(1, stop + 1)) and records[-1]["nonfinite"]
+  dropped = [json.loads(x) for x in (run_dir / "metrics.dropped.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in dropped] == [3, 4]
+  corrupt(run_dir / "checkpoints" / "2")
+  run = Run(run_dir, "steps=8", name="none").wait()
+  assert run.proc.returncode == 2, run.stderr()[-3000:]
+  assert "is corrupt" in last_line(run) and "no checkpoint of" in last_line(run)
+  assert "Traceback" not in run.stderr() and complete_steps(run_dir) == []
+
+
+def test_checksums_find_the_changed_shard():
+  """`verify` checks a restored shard on every saved shard it holds (a save on 2 devices restored onto
+  one): bytes as saved pass, one changed float is named by its array and shard."""
+  a = np.arange(12, dtype=np.float32).reshape(4, 3)
+  crc = lambda x: f"{zlib.crc32(np.ascontiguousarray(x).tobytes()):08x}"
+  saved = {"w": {"dtype": "float32", "shards": {"0:2,0:3": crc(a[:2]), "2:4,0:3": crc(a[2:])}}}
+  assert ckpt_lib.verify({"w": jnp.asarray(a)}, saved) == ([], 2)
+  a[3, 1] = np.nextafter(a[3, 1], np.inf)
+  assert ckpt_lib.verify({"w": jnp.asarray(a)}, saved) == (["w [2:4,0:3] fails its checksum"], 2)
+  assert ckpt_lib.verify({"w": jnp.asarray(a, jnp.bfloat16)}, saved) == ([], 0)  # cast on read: not checkable
+  whole = ckpt_lib.shard_checksums({"w": jnp.asarray(a)})
+  assert whole == {"w": {"dtype": "float32", "shards": {"0:4,0:3": crc(a)}}}
+
+
+def test_a_full_disk_names_the_save_that_failed_and_a_restart_keeps_one_history(tmp_path):
+  """RUN_DIR on a 300 kB tmpfs, holding the metrics of an earlier run that left no checkpoint (steps
+  1-5): those move to metrics.dropped.jsonl; the save of step 2 (about 600 kB) fails. Exit 4, one
+  line naming step 2 (not the next save), the cause and the steps trained after it; no orbax
+  traceback on stderr."""
+  run_dir = tmp_path / "run"  # the mount point: the run's stdout and stderr go beside it, not on the full disk
+  run_dir.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(run_dir)], capture_output=True).returncode:
+    pytest.skip("mounting a tmpfs needs CAP_SYS_ADMIN")
+  try:
+    earlier = [{"step": s, "loss": 9.0} for s in range(1, 6)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in earlier))
+    run = Run(run_dir, "steps=6", "save_every=2").wait()
+    err, line = run.stderr(), last_line(run)
+    assert run.proc.returncode == 4, err[-3000:]
+    assert line.startswith(f"error: step 2: writing the checkpoint to {run_dir / 'checkpoints' / '2'} failed (No space"
+                           " left on device (errno 28)); "), line
+    after = re.search(r"\)\); (?:(\d+) step\(s\) trained after it are not saved; )?no earlier checkpoint$", line)
+    assert after, line
+    after = int(after.group(1) or 0)
+    assert "Traceback" not in err and len(err.splitlines()) < 20, err
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 3 + after))
+    assert [json.loads(x) for x in (run_dir / "metrics.dropped.jsonl").read_text().splitlines()] == earlier
+  finally:
+    subprocess.run(["umount", "-l", str(run_dir)], check=True)
+
+
+def test_metrics_deleted_or_moved_during_a_run_reach_their_path(tmp_path):
+  """metrics.jsonl deleted, then moved, while the logger writes it: each time the file at the path the
+  run reports is written again with every record so far, and the final record after a deletion is
+  not lost either."""
+  with MetricsLogger(tmp_path, 10, progress=False) as log:
+    log.log(1, {"loss": 3.0})
+    (tmp_path / "metrics.jsonl").unlink()
+    log.log(2, {"loss": 2.5})
+    (tmp_path / "metrics.jsonl").rename(tmp_path / "moved.jsonl")
+    log.log(3, {"loss": float("nan")})
+    log.write_eval(3, {"loss": 2.0})
+    (tmp_path / "metrics.jsonl").unlink()
+  assert [(r["step"], r.get("loss", r.get("eval_loss"))) for r in metrics(tmp_path)] == [
+      (1, 3.0), (2, 2.5), (3, None), (3, 2.0)]
+
+
+def test_plot_draws_the_latest_history_of_a_restarted_log(tmp_path, capsys):
+  """A metrics.jsonl whose steps start again (1, 2, 3, 1, 2, 3, 4: written before restarts were cut)
+  is drawn as steps 1-4 of the last history, with a warning; never as a zig-zag."""
+  rows = [(s, 9.0) for s in (1, 2, 3)] + [(s, 5.0 - s / 10) for s in (1, 2, 3, 4)]
+  lines = [json.dumps({"step": s, "loss": v}) for s, v in rows] + [json.dumps({"step": 4, "eval_loss": 4.0})]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+  records, left_out = plot.latest_history(plot.read_metrics(tmp_path))
+  assert left_out == 3 and [(r["step"], r.get("loss")) for r in records] == [(s, v) for s, v in rows[3:]] + [(4, None)]
+  assert plot.main([str(tmp_path)]) == 0 and (tmp_path / "loss.png").is_file()
+  assert "3 earlier record(s) left out" in capsys.readouterr().err
+
+
+def test_export_refuses_nonfinite_weights(small, tmp_path, capsys):
+  """A checkpoint holding a NaN weight: train.export writes nothing and says which tensor, exit 2;
+  --allow-nonfinite writes it."""
+  cfg, _, state = small
+  params = jax.tree.map(lambda x: x, state["params"])
+  leaf = params["embed"]["embedding"]
+  leaf[...] = leaf[...].at[0, 0].set(jnp.nan)
+  ckpt_lib.save_state(tmp_path / "run", 0, {**state, "params": params}, cfg.replace(run_dir=str(tmp_path / "run")))
+  assert export_cli.main([str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "the weights hold NaN or Inf (embed/embedding" in err[0] and "--allow-nonfinite" in err[0]
+  assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
+  assert export_cli.main([str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--allow-nonfinite"]) == 0
+  assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_every_json_line_is_strict_json():
+  """NaN and +-Inf become null (as metrics.jsonl writes them), nested and as NumPy scalars; and no
+  tool in train/ writes JSON but through train.core.jsonl (train.eval printed {"loss": NaN})."""
+  text = jsonl.dumps({"loss": float("nan"), "v": [np.float32(np.inf), 1.5], "n": np.int64(3), "ok": np.bool_(True)})
+
+  def strict(constant):
+    raise ValueError(f"not JSON: {constant}")
+
+  assert json.loads(text, parse_constant=strict) == {"loss": None, "v": [None, 1.5], "n": 3, "ok": True}
+  writers = [str(f.relative_to(ROOT)) for f in sorted((ROOT / "train").rglob("*.py"))
+             if "json.dump" in f.read_text() and f.name != "jsonl.py"]
+  assert writers == [], writers
+  assert not math.isnan(json.loads(jsonl.dumps(2.5)))
+
+
+def test_redundant_experts_are_bounded_in_one_line(capsys):
+  """mesh.redundant_experts=1000 with 8 experts ran at 68 tokens/s; now one line before anything runs."""
+  assert train_main([str(ROOT / "configs/tiny.yaml"), "mesh.redundant_experts=1000", "run_dir=/nonexistent/never"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["error: mesh.redundant_experts=1000 exceeds model.n_routed_experts=8: EPLB fills at most one extra"
+                 " slot per expert (as many copies per rank as experts per rank); use at most 8"]
+  assert not Path("/nonexistent/never").exists()
