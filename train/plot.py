@@ -3,7 +3,9 @@
 Reads RUN_DIR/metrics.jsonl (train.core.metrics) and draws the training objective, the training
 next-token loss (`lm_loss`, comparable with eval) and the eval loss vs step and, when the run
 logged `expert_load_cv` (one value per MoE layer), the expert-load coefficient of variation
-std(load)/mean(load) per layer vs step. Saves RUN_DIR/loss.png unless --out says otherwise.
+std(load)/mean(load) per layer vs step, and when the run evaluated lm-eval tasks (`eval_tasks`), each
+task's continuous metric (the correct answer's log-probability per byte, or the text's for rolling
+tasks) with its accuracy on a second axis. Saves RUN_DIR/loss.png unless --out says otherwise.
 
 A metrics.jsonl whose steps start again (written before the trainer moved the records no checkpoint
 covers to metrics.dropped.jsonl, or joined by hand) is drawn as its latest history only, with a
@@ -20,6 +22,14 @@ from pathlib import Path
 from parallel.errors import DataError
 
 CV_KEY = "expert_load_cv"  # train/core/step.py
+TASK_CURVES = ("correct_logprob_per_byte", "logprob_per_byte")  # train/core/lm_eval_adapter.py
+TASK_SCORES = ("acc", "exact_match")
+
+
+def task_keys(records: list[dict], metrics: tuple[str, ...]) -> list[str]:
+  """The eval_<task>/<metric> keys of the records for `metrics`, in order of appearance."""
+  keys = dict.fromkeys(k for r in records for k in r if k.startswith("eval_") and k.rsplit("/", 1)[-1] in metrics)
+  return list(keys)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -66,7 +76,9 @@ def draw(records: list[dict], out: Path, title: str) -> Path:
   import matplotlib.pyplot as plt
 
   cv_steps, cv = series(records, CV_KEY)
-  fig, axes = plt.subplots(1, 2 if cv else 1, figsize=(12 if cv else 6.5, 4.5), squeeze=False)
+  task_curves, task_scores = task_keys(records, TASK_CURVES), task_keys(records, TASK_SCORES)
+  panels = 1 + bool(cv) + bool(task_curves or task_scores)
+  fig, axes = plt.subplots(1, panels, figsize=(6 * panels + 0.5, 4.5), squeeze=False)
   ax = axes[0, 0]
   curves = (("loss", "train objective", dict(lw=1, alpha=0.5)), ("lm_loss", "train next-token", dict(lw=1.2)),
             ("eval_loss", "eval next-token", dict(marker="o", lw=1.2)))
@@ -85,6 +97,20 @@ def draw(records: list[dict], out: Path, title: str) -> Path:
     ax.set(xlabel="step", ylabel="std(load) / mean(load)", title="expert load CV")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+  if task_curves or task_scores:
+    ax = axes[0, -1]
+    for key in task_curves:
+      ax.plot(*series(records, key), marker="o", lw=1.2, label=key[len("eval_"):])
+    ax.set(xlabel="step", ylabel="log-probability per byte", title="lm-eval tasks")
+    ax.grid(alpha=0.3)
+    if task_scores:
+      twin = ax.twinx()
+      for key in task_scores:
+        twin.plot(*series(records, key), marker="s", ls="--", lw=1, label=key[len("eval_"):])
+      twin.set(ylabel="accuracy")
+      twin.legend(fontsize="small", loc="lower right")
+    if task_curves:
+      ax.legend(fontsize="small", loc="upper left")
   fig.tight_layout()
   fig.savefig(out, dpi=110)
   plt.close(fig)

@@ -154,6 +154,12 @@ class TrainConfig:
   log_every: int = 10
   eval_every: int = 100
   eval_steps: int = 10
+  # lm-evaluation-harness tasks (train/core/lm_eval_adapter.py; the `eval` extra) run at the same
+  # cadence on the training mesh, logged as eval_<task>/<metric>: task names (a list, or "a,b"),
+  # documents per task (null: all) and a folder of local task YAML files (null: lm-eval's tasks only).
+  eval_tasks: tuple[str, ...] = ()
+  eval_tasks_limit: int | None = None
+  eval_tasks_path: str | None = None
   profile_steps: tuple[int, int] | None = None
   # Checkpoints (train/core/checkpoint.py) in RUN_DIR/checkpoints: saved asynchronously every `save_every`
   # steps (0: only at the end), always at the end and on SIGTERM/SIGINT; the last `keep_last` are kept
@@ -172,6 +178,12 @@ class TrainConfig:
   def __post_init__(self):
     if isinstance(self.profile_steps, list):
       object.__setattr__(self, "profile_steps", tuple(self.profile_steps))
+    tasks = self.eval_tasks.split(",") if isinstance(self.eval_tasks, str) else self.eval_tasks
+    require(isinstance(tasks, (list, tuple)) and all(isinstance(t, str) and t for t in tasks),
+            f"eval_tasks={self.eval_tasks!r} must be a list of lm-eval task names (or 'a,b')")
+    object.__setattr__(self, "eval_tasks", tuple(tasks))
+    require(self.eval_tasks_limit is None or self.eval_tasks_limit >= 1,
+            f"eval_tasks_limit={self.eval_tasks_limit} must be >= 1 or null (all documents)")
     check_fields(self, "")
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_steps", "max_skipped"):
       require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
@@ -233,6 +245,7 @@ class TrainConfig:
     d = dataclasses.asdict(self)
     if self.profile_steps is not None:
       d["profile_steps"] = list(self.profile_steps)
+    d["eval_tasks"] = list(self.eval_tasks)
     return d
 
   @classmethod

@@ -25,6 +25,7 @@ tasks the total log-probability per token and per byte.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -33,8 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe.decode import Generator
+from moe.model import Transformer
 from parallel import sharding as sharding_lib
 from parallel.errors import ConfigError
 from train.core import jsonl
@@ -63,12 +66,16 @@ def bucket(n: int, cap: int) -> int:
   return min(cap, max(16, 1 << (n - 1).bit_length()))
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _score(graphdef, state, tokens_BxS, segment_ids_BxS, targets_BxS):
-  """(log p(target) [B, S], target == argmax [B, S]) of one right-padded batch."""
-  logits = nnx.merge(graphdef, state)(tokens_BxS, segment_ids_BxS).astype(jnp.float32)
+  """(log p(target) [B, S], target == argmax [B, S]) of one right-padded batch, replicated (every
+  process reads them whole)."""
+  model = nnx.merge(graphdef, state)
+  logits = model(tokens_BxS, segment_ids_BxS).astype(jnp.float32)
   logp = jax.nn.log_softmax(logits, axis=-1)
-  return (jnp.take_along_axis(logp, targets_BxS[..., None], axis=-1)[..., 0],
-          jnp.argmax(logits, axis=-1) == targets_BxS)
+  out = (jnp.take_along_axis(logp, targets_BxS[..., None], axis=-1)[..., 0], jnp.argmax(logits, axis=-1) == targets_BxS)
+  par = model.rt.par
+  return out if par is None else jax.lax.with_sharding_constraint(out, NamedSharding(par.mesh, P()))
 
 
 class JaxLM(TemplateLM):
@@ -83,10 +90,15 @@ class JaxLM(TemplateLM):
     self.max_gen_toks = max_gen_toks
     rows = batch_rows(self.par)
     self.batch_size = -(-batch_size // rows) * rows
-    self.graphdef, self.state = nnx.split(model)
-    self._score = jax.jit(_score, static_argnums=0)
     self._generator = None
+    self.load(model)
     self.continuation_tokens: dict[tuple[str, str], int] = {}  # for the per-token metrics
+
+  def load(self, model) -> None:
+    """Evaluate `model` (the same architecture, e.g. the training state of a later step) from now on."""
+    self.graphdef, self.state = nnx.split(model)
+    if self._generator is not None:
+      self._generator.state = self.state
 
   # ---------------------------------------------------------------- tokens
   @property
@@ -113,8 +125,14 @@ class JaxLM(TemplateLM):
 
   # ---------------------------------------------------------------- scoring
   def _place(self, arrays: dict) -> dict:
-    return sharding_lib.place_batch(arrays, self.par) if self.par is not None else {
-        k: jnp.asarray(v) for k, v in arrays.items()}
+    """Host batch (the same on every process) -> arrays sharded over the batch axes."""
+    if self.par is None:
+      return {k: jnp.asarray(v) for k, v in arrays.items()}
+    out = {}
+    for k, v in arrays.items():
+      sharding = sharding_lib.batch_sharding(self.par.mesh, v.shape, self.par.rules)
+      out[k] = jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+    return out
 
   def score_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
     """(sum of log p(continuation), all greedy) per (context ids, continuation ids), left-truncated."""
@@ -134,7 +152,7 @@ class JaxLM(TemplateLM):
         arrays["tokens"][r, :len(inp)], arrays["targets"][r, :len(inp)] = inp, tgt
         arrays["segments"][r, :len(inp)] = 1
       a = self._place(arrays)
-      logp, greedy = jax.device_get(self._score(self.graphdef, self.state, a["tokens"], a["segments"], a["targets"]))
+      logp, greedy = jax.device_get(_score(self.graphdef, self.state, a["tokens"], a["segments"], a["targets"]))
       for r, i in enumerate(chunk):
         n_inp, n_cont = len(rows[i][0]), rows[i][2]
         part = slice(n_inp - n_cont, n_inp)
@@ -318,3 +336,28 @@ def run_tasks(lm: JaxLM, tasks: list[str], *, num_fewshot: int | None = None, li
     row["samples"] = len(results.get("samples", {}).get(task, []))
     out[task] = jsonl.finite(row)
   return out, table
+
+
+class TrainingTasks:
+  """lm-eval tasks run on the training state every `eval_every` steps (train/core/loop.py), on the
+  training mesh: contexts of at most `seq_len` tokens (what the model is trained on), batches of a
+  micro-batch's rows. Built before the first step, so that an unknown task fails then."""
+
+  def __init__(self, cfg, tokenizer):
+    self.cfg, self.tokenizer, self.lm, self.graphdef = cfg, tokenizer, None, None
+    self.manager = task_manager(list(cfg.eval_tasks), cfg.eval_tasks_path)
+
+  def run(self, state: dict, rt) -> dict:
+    """{"<task>/<metric>": value} of the model in `state` ({"params", "rest", ...})."""
+    if self.graphdef is None:  # the training state's split (train/core/step.py: split_model)
+      abstract = nnx.eval_shape(lambda: Transformer(self.cfg.model, rt, rngs=nnx.Rngs(0)))
+      self.graphdef = nnx.split(abstract, nnx.Param, ...)[0]
+    model = nnx.merge(self.graphdef, state["params"], state["rest"])
+    if self.lm is None:
+      self.lm = JaxLM(model, self.tokenizer, batch_size=self.cfg.batch_size // self.cfg.grad_accum,
+                      max_length=self.cfg.seq_len)
+    else:
+      self.lm.load(model)
+    results, _ = run_tasks(self.lm, list(self.cfg.eval_tasks), limit=self.cfg.eval_tasks_limit,
+                           manager=self.manager, seed=self.cfg.seed)
+    return {f"{task}/{name}": v for task, row in results.items() for name, v in row.items() if name != "samples"}

@@ -266,6 +266,10 @@ def _train(cfg: TrainConfig, stop, progress: bool, peak_flops: float | None) -> 
           tokenizer=tokenizer, max_seq_len=cfg.model.max_position_embeddings, process_index=jax.process_index(),
           process_count=n_proc, num_workers=cfg.data_workers))
       evals = eval_set(cfg, tokenizer) if cfg.eval_every else None  # a bad eval split fails now, not at step 100
+      tasks = None
+      if cfg.eval_every and cfg.eval_tasks:  # an unknown task fails now too
+        from train.core.lm_eval_adapter import TrainingTasks
+        tasks = TrainingTasks(cfg, tokenizer)
       par = parallelism(cfg)
       cfg = on_mesh(cfg, par)
       state, train_step, eval_step, rt, _ = build(cfg, par, init_from=cfg.init_from if plan is None else None)
@@ -278,7 +282,7 @@ def _train(cfg: TrainConfig, stop, progress: bool, peak_flops: float | None) -> 
     if jax.process_index() == 0 and start < cfg.steps:  # the configuration is accepted (and has steps to run)
       write_atomically(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return _loop(cfg, run_dir, ckpt, stop, state, start, batches, evals, train_step, eval_step, rt, par, progress,
-                 peak_flops)
+                 peak_flops, tasks)
 
 
 def write_atomically(path, text: str) -> None:
@@ -289,7 +293,7 @@ def write_atomically(path, text: str) -> None:
 
 
 def _loop(cfg, run_dir, ckpt, stop, state, start, batches, evals, train_step, eval_step, rt, par, progress,
-          peak_flops) -> dict:
+          peak_flops, tasks=None) -> dict:
   counts = params_lib.count(cfg.model, cfg.seq_len)
   log.info("model: %.2fM params (%.2fM active), %s compute on %d %s device(s)", counts["total_params"] / 1e6,
            counts["active_params"] / 1e6, rt.dtype, jax.device_count(), rt.platform)
@@ -352,7 +356,8 @@ def _loop(cfg, run_dir, ckpt, stop, state, start, batches, evals, train_step, ev
       if ckpt.save(step + 1, state, batches, force=stopped or last_step, par=par):
         t0, timed = time.perf_counter(), 0
       if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last_step):
-        logger.write_eval(step + 1, {"loss": evaluate(eval_step, state, cfg, evals, par)})
+        logger.write_eval(step + 1, {"loss": evaluate(eval_step, state, cfg, evals, par),
+                                     **(tasks.run(state, rt) if tasks else {})})
         t0, timed = time.perf_counter(), 0
       if stopped:
         log.info("%s: stopped after step %d; the checkpoint is being written", stop.received, step + 1)
