@@ -17,8 +17,14 @@ so a token still crosses nodes only to the nodes its experts live on.
 
 `place` follows EPLB (deepseek-ai/EPLB): replicate greedily (the expert with the largest load per
 copy gets the next copy), then put the replicas, heaviest per-copy load first, on the least loaded
-rank of their outer group with a free slot. All of it is jax.numpy with static ints (jit-able) and
-deterministic, ties going to the lowest index.
+rank of their outer group with a free slot. That can be worse than no copies (even loads: it halves
+the hottest experts and moves the halves onto ranks that were already average; configs/bench-cpu.yaml
+1.04 -> 1.22 max/mean), so `replace` keeps the old placement unless the new one lowers the max/mean
+rank load computed from the same measured loads (`rank_loads`), and the old one unless it is no worse
+than no copies (`initial`). All of it is jax.numpy with static ints (jit-able) and deterministic,
+ties going to the lowest index.
+
+A slot holding `n_experts` (EMPTY in `usable`) holds no copy: nothing is routed to it.
 """
 
 from __future__ import annotations
@@ -123,9 +129,45 @@ def in_nodes(slots_R, n_experts: int, n_ep: int, n_outer: int = 1):
   return jnp.where(ok, slots_R, initial(n_ep, r_local, e_local)).astype(jnp.int32)
 
 
+def usable(slots_R, n_experts: int, n_ep: int, n_outer: int = 1):
+  """`slots_R` with every slot `in_nodes` would change (a placement restored from another mesh: its copy
+  made for an expert of another node, or out of range) marked empty (n_experts): the copy weights in
+  such a slot were made for the old mesh's placement, so no assignment may go there until the copies
+  are next made (after the step)."""
+  ok = in_nodes(slots_R, n_experts, n_ep, n_outer) == slots_R
+  return jnp.where(ok, slots_R, n_experts).astype(jnp.int32)
+
+
 def copies_of(slots_R, n_experts: int):
-  """Copies [E] int32 of each expert: 1 (native) + the redundant slots holding it."""
-  return 1 + jnp.bincount(slots_R, length=n_experts).astype(jnp.int32)
+  """Copies [E] int32 of each expert: 1 (native) + the redundant slots holding it (empty slots,
+  holding n_experts, count for none)."""
+  return 1 + jnp.bincount(slots_R, length=n_experts + 1)[:n_experts].astype(jnp.int32)
+
+
+def rank_loads(slots_R, load_E, n_ep: int):
+  """Rows [n_ep] float32 each rank computes under the placement `slots_R` for the expert loads
+  `load_E`, each expert's load split evenly over its copies."""
+  e = load_E.shape[0]
+  r_local = _r_local(slots_R, n_ep)
+  e_local = _check(e, n_ep, r_local)
+  per_copy = load_E.astype(jnp.float32) / copies_of(slots_R, e)
+  extra = jnp.where(slots_R < e, per_copy[jnp.minimum(slots_R, e - 1)], 0)
+  return per_copy.reshape(n_ep, e_local).sum(1) + extra.reshape(n_ep, r_local).sum(1)
+
+
+def replace(old_R, load_E, n_ep: int, r_local: int, n_outer: int = 1):
+  """The placement after a re-placement from measured loads `load_E`: `place`'s new one if it lowers
+  the max/mean rank load (`rank_loads` of the same loads) below the old one's; else the old one
+  (made valid for this mesh, `in_nodes`), unless that is worse than no copies, when the home copies
+  (`initial`, as good as no copies). So a placement is never worse than no copies on the loads it
+  was chosen for."""
+  e = load_E.shape[0]
+  old = in_nodes(old_R, e, n_ep, n_outer)
+  new = place(load_E, n_ep, r_local, n_outer)
+  home = initial(n_ep, r_local, e // n_ep)
+  score = lambda slots: rank_imbalance(rank_loads(slots, load_E, n_ep))
+  best = jnp.where(score(home) < score(old), home, old)
+  return jnp.where(score(new) < score(best), new, best)
 
 
 def _occurrence(flat_N, n_experts: int):
@@ -179,6 +221,6 @@ def rows_per_rank(phys_TxK, n_ep: int, slots_per_rank: int):
 
 
 def rank_imbalance(rows_per_rank_):
-  """Max over mean of the rows each rank receives (1: balanced)."""
+  """Max over mean of the rows each rank receives (1: balanced; 1 when there are none)."""
   rows = rows_per_rank_.astype(jnp.float32)
-  return rows.max() / rows.mean()
+  return jnp.where(rows.sum() > 0, rows.max() / jnp.maximum(rows.mean(), 1e-30), 1.0)

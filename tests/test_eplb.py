@@ -272,3 +272,64 @@ def test_in_nodes_keeps_copies_inside_their_node():
   assert eplb.in_nodes(slots, 8, 4, 2).tolist() == [3, 0, 7, 6]  # rank 3's home copy: expert 6
   assert eplb.in_nodes(slots, 8, 4, 1).tolist() == [3, 0, 7, 1]  # one node: all fine
   assert eplb.in_nodes(jnp.asarray([9, -1, 4, 5]), 8, 4, 1).tolist() == [0, 2, 4, 5]  # out of range
+
+
+# ------------------------------------------------------------------ re-placement never makes it worse
+def test_rank_loads_split_each_expert_over_its_copies():
+  """Hand-checked: loads 2 each, rank 0's slot copies expert 1, rank 1's expert 0 (1 a copy each):
+  rank 0 computes 1 + 1 + 1, rank 1 2 + 2 + 1. Loads 2, 4, 6, 8 with rank 0's slot empty (4, the
+  number of experts) and rank 1's copying expert 1: rank 0 2 + 4/2, rank 1 6 + 8 + 4/2."""
+  assert eplb.rank_loads(jnp.array([1, 0]), jnp.array([2.0, 2, 2, 2]), 2).tolist() == [3, 5]
+  assert eplb.rank_loads(jnp.array([4, 1]), jnp.array([2.0, 4, 6, 8]), 2).tolist() == [4, 16]
+
+
+def test_replace_keeps_the_old_placement_unless_the_new_one_is_better():
+  """Even loads (4 experts on 2 ranks, a slot each): EPLB's placement halves experts 0 and 1 and puts
+  the halves on ranks that were average (max/mean 1.25 against 1 without copies), so the re-placement
+  keeps the home copies; skewed loads take the new placement; an old placement worse than no copies
+  for the new loads (rank 0, the busier, copying rank 1's expert 2: 1.25) gives way to the home
+  copies when the new one is no better."""
+  even, skewed = jnp.array([1.0, 1, 1, 1]), jnp.array([9.0, 0, 0, 0])
+  home = eplb.initial(2, 1, 2)
+  imbalance = lambda slots, load: float(eplb.rank_imbalance(eplb.rank_loads(slots, load, 2)))
+  assert place(even, 2, 1, 1).tolist() == [1, 0] and imbalance(jnp.array([1, 0]), even) == 1.25
+  assert imbalance(home, even) == 1.0
+  assert eplb.replace(home, even, 2, 1).tolist() == home.tolist()
+  assert eplb.replace(jnp.array([2, 3]), even, 2, 1).tolist() == home.tolist()
+  assert imbalance(jnp.array([2, 3]), even) == 1.25
+  assert eplb.replace(home, skewed, 2, 1).tolist() == place(skewed, 2, 1, 1).tolist() == [0, 0]
+  assert eplb.replace(jnp.array([0, 0]), skewed, 2, 1).tolist() == [0, 0]  # as good as the new one: kept
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_replace_is_never_worse_than_no_copies(seed):
+  """Random loads, even and skewed, re-placed from random old placements: the max/mean rank load of
+  the result is at most the old one's and the home copies' (no copies), and below them exactly when
+  it is EPLB's new placement."""
+  rng = np.random.default_rng(seed)
+  n_experts, n_ep, r_local, n_outer = 16, 4, 2, 2
+  jitted = jax.jit(eplb.replace, static_argnums=(2, 3, 4))
+  score = lambda slots, load: float(eplb.rank_imbalance(eplb.rank_loads(slots, load, n_ep)))
+  home = eplb.initial(n_ep, r_local, n_experts // n_ep)
+  for s in (0.0, 0.5, 1.5):
+    load = jnp.asarray(counts(zipf_routing(n_experts, 2, 512, seed, s=s), n_experts))
+    old = place(jnp.asarray(rng.uniform(0, 10, n_experts), jnp.float32), n_ep, r_local, n_outer)
+    got = jitted(old, load, n_ep, r_local, n_outer)
+    new = place(load, n_ep, r_local, n_outer)
+    assert score(got, load) <= min(score(old, load), score(home, load)) + 1e-6
+    assert got.tolist() in (old.tolist(), home.tolist(), new.tolist())
+    if got.tolist() == new.tolist() != old.tolist():
+      assert score(new, load) < min(score(old, load), score(home, load)) + 1e-6
+
+
+def test_usable_empties_slots_made_for_another_mesh():
+  """A restored placement whose slot copies an expert of another node: that slot is empty (its copy
+  weights were made for the old mesh), and no assignment goes to it."""
+  slots = jnp.asarray([3, 0, 7, 1])  # rank 3 (node 1) copies expert 1 (node 0): not usable
+  assert eplb.usable(slots, 8, 4, 2).tolist() == [3, 0, 7, 8]
+  assert eplb.copies_of(eplb.usable(slots, 8, 4, 2), 8).tolist() == [2, 1, 1, 2, 1, 1, 1, 2]
+  idx = jnp.asarray(zipf_routing(8, 2, 64, 0))
+  phys = physical_ids(idx, eplb.usable(slots, 8, 4, 2), 8, 4)
+  assert 3 * 3 + 2 not in phys.tolist() and (phys == 3 * 3 + 2).sum() == 0  # rank 3's redundant slot
+  logical = np.asarray(eplb.logical_of_physical(slots, 8, 4))
+  assert (logical[np.asarray(phys)] == np.asarray(idx)).all()
