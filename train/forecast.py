@@ -152,6 +152,14 @@ def _constraints(rest: str) -> list[list[int]]:
   return [[int(d) for d in dims.split(",") if d] for _, dims, _ in _ARRAY.findall(rest[i:j + 1])]
 
 
+def _float_operands(rest: str) -> list[list[int]]:
+  """The dimensions of a custom call's floating-point operands (from its layout constraints)."""
+  start = rest.find("operand_layout_constraints={")
+  text = rest[start:start + 4000] if start >= 0 else ""
+  return [[int(d) for d in dims.split(",") if d] for dtype, dims, _ in _ARRAY.findall(text)
+          if dtype.startswith(("f", "bf"))]
+
+
 def _custom_call_flops(p: Program, ins) -> tuple[str, int]:
   """("ragged_dot" | "attention" | "gemm" | "custom_call", FLOPs) of a custom call, from its shapes."""
   target = re.search(r'custom_call_target="([^"]*)"', ins.rest)
@@ -168,11 +176,11 @@ def _custom_call_flops(p: Program, ins) -> tuple[str, int]:
       return "ragged_dot", 2 * arrays[-2][0] * out[1] * out[2]
     return "custom_call", 0
   if ins.name.startswith("splash_mha"):
-    qkv = [d for d in _constraints(ins.rest) if len(d) == 4][:3]
+    qkv = [d for d in _float_operands(ins.rest) if len(d) >= 3][:3]  # q, k, v: [(batch,) heads, seq, dim]
     if len(qkv) == 3:
-      (b, h, sq, dqk), (_, _, skv, _), (_, _, _, dv) = qkv
+      (*bh, sq, dqk), (*_, skv, _), (*_, dv) = qkv
       matmuls = (dqk + dv) if "_fwd" in ins.name else (2 * dqk + dv) if "_dq" in ins.name else 2 * (dqk + dv)
-      return "attention", b * h * sq * skv * matmuls  # 2 FLOPs per MAC x causal half
+      return "attention", math.prod(bh) * sq * skv * matmuls  # 2 FLOPs per MAC x causal half
   return "custom_call", 0
 
 
