@@ -15,7 +15,7 @@ from flax import nnx
 from moe.config import ModelConfig
 from moe.kernels import fp8 as fp8_lib
 from moe.runtime import Runtime
-from parallel.sharding import constrain
+from parallel import lookup
 
 
 def param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, rt: Runtime, init="normal") -> nnx.Param:
@@ -72,10 +72,7 @@ class Embed(nnx.Module):
     self.embedding = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg, rt)
 
   def __call__(self, tokens_BxS):
-    # Rows are gathered whole: under FSDP the table's hidden dim is all-gathered first (else the
-    # lookup comes out hidden-sharded and XLA must fully rematerialise it to shard it by batch).
-    table = constrain(self.embedding[...], ("vocab", None), self.par)
-    return jnp.take(table, tokens_BxS, axis=0).astype(self.dtype)
+    return lookup.take_rows(self.embedding[...], tokens_BxS, self.par, self.dtype)  # (the table stays sharded)
 
   def attend(self, x_BxSxD):
     return jnp.dot(x_BxSxD.astype(self.dtype), self.embedding[...].T.astype(self.dtype))

@@ -82,6 +82,25 @@ def test_constrain_and_dispatch_without_mesh():
   assert int(dropped) == 0
 
 
+def test_embedding_lookup_keeps_the_table_sharded():
+  """parallel/lookup.py on v5p-16 (8 chips, compile-only) with fsdp=4 x tensor=2: the compiled lookup
+  and its gradient all-gather only the token ids (int32), never the table, and the gradient comes out
+  sharded like the table ([V/2, D/4] per device). Its values: the 8-device training steps below."""
+  from parallel import lookup, targets
+
+  par = mesh_lib.Parallelism.from_config(MeshConfig(fsdp=4, tensor=2), targets.devices(targets.parse("v5p-16")))
+  v, d = 1024, 256
+  table = jax.ShapeDtypeStruct((v, d), jnp.float32, sharding=jax.sharding.NamedSharding(
+      par.mesh, sharding.logical_to_spec(("vocab", "embed"), (v, d), dict(par.mesh.shape), par.rules)))
+  ids = jax.ShapeDtypeStruct((16, 64), jnp.int32)
+  loss = lambda t, i: (lookup.take_rows(t, i, par, jnp.bfloat16).astype(jnp.float32) ** 2).sum()
+  compiled = jax.jit(jax.grad(loss)).lower(table, ids).compile()
+  gathers = [line.split("=", 1)[1].split("all-gather")[0].strip() for line in compiled.as_text().splitlines()
+             if " all-gather(" in line or " all-gather-start(" in line]
+  assert gathers and all(g.startswith(("s32[", "(s32[")) for g in gathers), gathers
+  assert compiled.output_shardings.shard_shape((v, d)) == (v // 2, d // 4)
+
+
 def test_padded_slots_keep_the_first_c_per_destination():
   dest = jnp.asarray([2, 0, 2, 2, 1, 0, 2], jnp.int32)
   slot, keep = expert_parallel.padded_slots(dest, n_ep=3, c=2)
