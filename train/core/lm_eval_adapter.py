@@ -25,6 +25,7 @@ tasks the total log-probability per token and per byte.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -207,13 +208,25 @@ class JaxLM(TemplateLM):
           self.cache_hook.add_partial("generate_until", requests[i].args, text)
     return out
 
+  def _decoding_model(self):
+    """The model for moe/decode.py, which has no expert-parallel exchange or pipeline: on a mesh, the
+    same arrays under a Runtime without the mesh (XLA partitions the MoE layers as they are sharded)."""
+    model = nnx.merge(self.graphdef, self.state)
+    if self.par is None:
+      return model
+    if self.par.stages > 1:
+      raise ConfigError("generate_until does not run on a pipelined mesh (mesh.stage > 1): evaluate generation"
+                        " tasks with mesh.stage=1")
+    rt = dataclasses.replace(model.rt, par=None)
+    return nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: Transformer(self.cfg, rt, rngs=nnx.Rngs(0)))), self.state)
+
   def generate(self, contexts: list[str], until: list[str], max_new: int, temperature: float = 0.0,
                top_p: float = 1.0, seed: int = 0) -> list[str]:
     """Completions of `contexts` (at most batch_size), each cut before its first stop string."""
     if max_new < 1:
       return [""] * len(contexts)
     if self._generator is None:
-      self._generator = Generator(nnx.merge(self.graphdef, self.state))
+      self._generator = Generator(self._decoding_model())
     gen = self._generator
     keep = max(1, self.max_length - max_new)
     prompts = [self.tok_encode(c)[-keep:] for c in contexts]
