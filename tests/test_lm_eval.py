@@ -217,6 +217,26 @@ def test_same_numbers_on_a_mesh(tmp_path):
   assert got["max_diff"] < 1e-4 and got["greedy_same"] and got["generated_same"], got
 
 
+def test_sweep_report_fits_task_metrics(tmp_path):
+  """train.sweep reads the task metrics of a run's last step; sweep_report takes each budget's best
+  run (lowest eval loss) and fits -value = a C^-b to the continuous metric (exact here: 2 C^-0.1)."""
+  from train import sweep, sweep_report
+
+  (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 5, "eval_loss": 2.0, "eval_t/acc": 0.2}) + "\n"
+                                          + json.dumps({"step": 10, "eval_loss": 1.5, "eval_t/acc": 0.5}) + "\n")
+  assert sweep.final_tasks(tmp_path, 10) == {"t/acc": 0.5}
+  rows = []
+  for i, c in enumerate((1e12, 1e13, 1e14)):
+    for j, worse in enumerate((0.0, 0.3)):  # the second run of each budget has a higher loss
+      rows.append({"name": f"r{i}{j}", "budget": c, "flops": c, "eval_loss": 3.0 - i + worse,
+                   "tasks": {"t/correct_logprob_per_byte": -2 * c ** -0.1 - worse, "t/acc": 0.1 * i + worse}})
+  got = sweep_report.fit_tasks(rows, [1e12, 1e13, 1e14], [])
+  assert [p[2] for p in got["t/correct_logprob_per_byte"]["points"]] == ["r00", "r10", "r20"]
+  assert got["t/correct_logprob_per_byte"]["fit"]["b"] == pytest.approx(0.1, rel=1e-4)
+  assert got["t/correct_logprob_per_byte"]["fit"]["a"] == pytest.approx(2.0, rel=1e-3)
+  assert got["t/acc"]["fit"] is None and [p[1] for p in got["t/acc"]["points"]] == pytest.approx([0.0, 0.1, 0.2])
+
+
 def _mesh_worker(path):
   """python -m tests.test_lm_eval DIR: one device against a 2 x 2 x 2 mesh, one JSON line."""
   from parallel.mesh import MeshConfig, Parallelism

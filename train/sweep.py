@@ -42,6 +42,8 @@ writes one command per run (`python -m train.sweep SWEEP.yaml --run NAME`, which
 for a cluster's job array and trains nothing. A run is skipped when its directory holds a `done`
 marker (written after a run finishes) or its metrics.jsonl has the final eval record (step == steps),
 so a killed sweep continues where it stopped (an unfinished run resumes from its checkpoint).
+With `eval_tasks` among the overrides (lm-eval tasks, train/core/lm_eval_adapter.py) every run also
+evaluates them at its end; the `done` marker and the report record their metrics.
 """
 
 from __future__ import annotations
@@ -237,6 +239,21 @@ def final_eval(run_dir: Path, steps: int) -> float | None:
   return loss
 
 
+def final_tasks(run_dir: Path, steps: int) -> dict:
+  """The lm-eval task metrics (`eval_tasks`; eval_<task>/<metric>, named <task>/<metric> here) logged
+  at step == steps in run_dir/metrics.jsonl; {} without any."""
+  path = Path(run_dir) / "metrics.jsonl"
+  out = {}
+  for line in path.read_text().splitlines() if path.is_file() else []:
+    try:
+      r = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if r.get("step") == steps:
+      out.update({k[len("eval_"):]: v for k, v in r.items() if k.startswith("eval_") and "/" in k})
+  return out
+
+
 def is_done(run: Run) -> bool:
   run_dir = Path(run.overrides["run_dir"])
   return (run_dir / DONE).exists() or final_eval(run_dir, run.steps) is not None
@@ -244,7 +261,8 @@ def is_done(run: Run) -> bool:
 
 def mark_done(run: Run, seconds: float | None = None) -> None:
   run_dir = Path(run.overrides["run_dir"])
-  record = {"name": run.name, "eval_loss": final_eval(run_dir, run.steps), "seconds": seconds}
+  record = {"name": run.name, "eval_loss": final_eval(run_dir, run.steps), "seconds": seconds,
+            "tasks": final_tasks(run_dir, run.steps)}
   (run_dir / DONE).write_text(jsonl.dumps(record) + "\n")
 
 

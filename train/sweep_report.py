@@ -18,9 +18,14 @@ Fits (numpy / scipy), written to SWEEP_DIR/fit.json:
   parabola minimum within its sizes), fitted in log space with a soft-L1 loss (robust to one bad
   point); with >= 4 frontier points also L(C) = c + a C^-b (c: irreducible loss, bounded to [0, min L)).
 
+- Downstream tasks (runs with `eval_tasks`): for each continuous task metric (`.../correct_logprob_per_byte`,
+  `.../logprob_per_byte`: log-probabilities, so -value is a loss in nats per byte) the value of each
+  budget's best run (lowest eval loss; for a grid, the loss frontier's runs), and -value = a C^-b fitted
+  like L(C) (>= 2 points); accuracies are listed beside them, not fitted.
+
 Plots in SWEEP_DIR: isoflop.png (loss vs N per budget, the parabolas and their minima), frontier.png
 (every run's loss vs C, the frontier and its fit), optimal.png (N_opt and D_opt vs C with their fits;
-hollow markers: extrapolated, not fitted).
+hollow markers: extrapolated, not fitted), tasks.png (the task metrics' points and fits vs C, when any).
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from scipy import optimize
 
 from parallel.errors import DataError
 from train.core import jsonl
-from train.sweep import MANIFEST, final_eval
+from train.sweep import MANIFEST, final_eval, final_tasks
+
+CONTINUOUS = ("correct_logprob_per_byte", "logprob_per_byte")  # train/core/lm_eval_adapter.py
 
 
 # ------------------------------------------------------------------ fits
@@ -153,6 +160,29 @@ def fit_sweep(rows: list[dict], params_key: str = "active_params") -> dict:
     pd = fit_power_law(c, [e["d_opt"] for e in opt])
     out["n_opt_fit"] = {"k": pn["a"], "a": pn["e"], "rmse_log": pn["rmse_log"], "form": "N_opt = k C^a"}
     out["d_opt_fit"] = {"k": pd["a"], "b": pd["e"], "rmse_log": pd["rmse_log"], "form": "D_opt = k C^b"}
+  out["tasks"] = fit_tasks(rows, budgets, frontier)
+  return out
+
+
+def fit_tasks(rows: list[dict], budgets: list, frontier: list[dict]) -> dict:
+  """{<task>/<metric>: {"points": [[C, value, run]], "fit": -value = a C^-b or None}} over each budget's
+  best run (a grid: the frontier's runs); continuous metrics are fitted, accuracies only listed."""
+  if budgets:
+    chosen = [min((r for r in rows if r.get("budget") == b), key=lambda r: r["eval_loss"]) for b in budgets]
+  else:
+    names = {f["from"] for f in frontier}
+    chosen = [r for r in rows if r["name"] in names]
+  keys = sorted({k for r in chosen for k in r.get("tasks", {})
+                 if k.rsplit("/", 1)[-1] in CONTINUOUS + ("acc", "acc_norm", "exact_match")})
+  out = {}
+  for key in keys:
+    points = [[r["flops"], r["tasks"][key], r["name"]] for r in chosen
+              if isinstance(r.get("tasks", {}).get(key), (int, float))]
+    fit = None
+    if key.rsplit("/", 1)[-1] in CONTINUOUS and len(points) >= 2 and all(v < 0 for _, v, _ in points):
+      p = fit_power_law([c for c, _, _ in points], [-v for _, v, _ in points])
+      fit = {"a": p["a"], "b": -p["e"], "rmse_log": p["rmse_log"], "form": "-value = a C^-b"}
+    out[key] = {"points": points, "fit": fit}
   return out
 
 
@@ -175,6 +205,7 @@ def load_rows(sweep_dir: str | Path) -> list[dict]:
     row = {k: run[k] for k in ("name", "budget", "size", "steps", "tokens", "flops", "total_params",
                                "active_params", "flops_per_token")}
     row["eval_loss"] = final_eval(run_dir, run["steps"])
+    row["tasks"] = final_tasks(run_dir, run["steps"])
     rows.append(row)
   return rows
 
@@ -256,6 +287,18 @@ def plot(sweep_dir: Path, rows: list[dict], fit: dict) -> list[Path]:
     ax.set_xlabel("training FLOPs C")
     ax.set_title("compute-optimal parameters and tokens (hollow: extrapolated)")
     paths.append(save(fig, ax, sweep_dir / "optimal.png"))
+  fitted = {k: v for k, v in fit.get("tasks", {}).items() if v["fit"] is not None}
+  if fitted:
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for key, entry in fitted.items():
+      c = np.array([p[0] for p in entry["points"]])
+      line, = ax.plot(c, [-p[1] for p in entry["points"]], "o", label=key)
+      grid = np.geomspace(c.min(), c.max(), 50)
+      ax.plot(grid, entry["fit"]["a"] * grid ** -entry["fit"]["b"], color=line.get_color(), lw=1,
+              label=f"{entry['fit']['a']:.3g} C^-{entry['fit']['b']:.3f}")
+    ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="-log-probability per byte (nats)",
+           title="downstream tasks vs compute")
+    paths.append(save(fig, ax, sweep_dir / "tasks.png"))
   return paths
 
 
@@ -287,6 +330,10 @@ def summary(fit: dict) -> str:
   if fit["n_opt_fit"]:
     lines.append(f"N_opt = {fit['n_opt_fit']['k']:.4g} C^{fit['n_opt_fit']['a']:.4f};"
                  f" D_opt = {fit['d_opt_fit']['k']:.4g} C^{fit['d_opt_fit']['b']:.4f}")
+  for key, entry in fit.get("tasks", {}).items():
+    values = ", ".join(f"{v:.4g}" for _, v, _ in entry["points"])
+    law = f"; -value = {entry['fit']['a']:.4g} C^-{entry['fit']['b']:.4f}" if entry["fit"] else ""
+    lines.append(f"{key}: {values} (best run per budget){law}")
   return "\n".join(lines)
 
 
