@@ -55,7 +55,8 @@ _ELEMENTWISE = ("add", "subtract", "multiply", "divide", "maximum", "minimum", "
                 "sign", "floor", "ceil", "round-nearest-even", "atan2", "erf", "cbrt", "remainder", "is-finite")
 _ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
 # What the forecast's error is known to be (docs/pods.md, "Step-time forecast": the calibration).
-ERROR = "uncalibrated: an ideal schedule at peak rates, a lower bound of the step; docs/pods.md"
+ERROR = ("not measured: no run of this project on an accelerator yet (train.device_check measures it on a GPU);"
+         " an ideal schedule at peak rates, so a lower bound of the step; docs/pods.md")
 
 
 @dataclasses.dataclass(frozen=True)
