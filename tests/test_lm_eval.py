@@ -146,14 +146,14 @@ def write_tasks(d):
 
 
 def test_cli_local_tasks(model, forward, tmp_path, capsys, monkeypatch):
-  """python -m train.eval HF_DIR --tasks ... --include-path: accuracy and the continuous metrics
-  equal those computed by hand from the reference log-likelihoods."""
+  """python -m train.eval HF_DIR mesh.data=1 --tasks ... --include-path: accuracy and the continuous
+  metrics equal those computed by hand from the reference log-likelihoods."""
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
   hf.to_hf(model, tmp_path / "hf")
   (tmp_path / "tasks").mkdir()
   mc = write_tasks(tmp_path / "tasks")
-  rc = eval_lib.main([str(tmp_path / "hf"), "--tasks", "tiny_mc,tiny_text", "--include-path", str(tmp_path / "tasks"),
-                      "--batch-size", "4"])
+  rc = eval_lib.main([str(tmp_path / "hf"), "mesh.data=1", "--tasks", "tiny_mc,tiny_text", "--include-path",
+                      str(tmp_path / "tasks"), "--batch-size", "4"])  # a one-device mesh: the sharded path
   out, err = capsys.readouterr()
   assert rc == 0, err
   assert "|tiny_mc" in out.replace(" ", "")

@@ -42,9 +42,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moe import hf
 from parallel.errors import ConfigError, DataError, InputError
+from parallel.mesh import MeshConfig, Parallelism
 from train.core import jsonl
-from train.core.checkpoint import load_any, tokenizer_of
+from train.core.checkpoint import load_any, load_model, step_dir, tokenizer_of
+from train.core.config import apply_override
 from train.core.data import ByteTokenizer, load_tokenizer
 from train.core.evaluation import EvalSet
 from train.core.step import make_eval_step
@@ -141,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--max-length", type=int, default=None,
                       help="task mode: context window in tokens (default: max_position_embeddings)")
   parser.add_argument("overrides", nargs="*", metavar="mesh.KEY=VALUE", help="task mode: the mesh, as in training")
-  args = parser.parse_args(argv)
+  args = parser.parse_intermixed_args(argv)  # mesh keys before or after the options
   try:
     if (args.data is None) == (args.tasks is None):
       raise ConfigError("give --data SPEC (held-out loss) or --tasks T1,T2 (lm-eval tasks), one of them")
