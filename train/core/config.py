@@ -184,6 +184,8 @@ class TrainConfig:
     object.__setattr__(self, "eval_tasks", tuple(tasks))
     require(self.eval_tasks_limit is None or self.eval_tasks_limit >= 1,
             f"eval_tasks_limit={self.eval_tasks_limit} must be >= 1 or null (all documents)")
+    require(not self.eval_tasks or self.eval_every > 0,
+            f"eval_tasks={list(self.eval_tasks)} never run with eval_every=0: set eval_every (steps between evaluations)")
     check_fields(self, "")
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_steps", "max_skipped"):
       require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
