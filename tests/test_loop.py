@@ -79,3 +79,13 @@ def test_cli_errors(args, words):
   for w in words:
     assert w in lines[0]
   assert p.stdout == ""
+
+
+def test_nothing_to_train_leaves_the_run_as_it_was(run):
+  """steps=4 on a run at step 6: "nothing to train", and config.yaml still says steps=6 (it was
+  rewritten with the smaller count, which the next resume would have read as the run's plan)."""
+  run_dir, cfg, _ = run
+  before = (run_dir / "config.yaml").read_text()
+  result = loop.train(cfg.replace(steps=4), progress=False, peak_flops=1e12)
+  assert result["first_loss"] is None and result["last_step"] == 6
+  assert (run_dir / "config.yaml").read_text() == before

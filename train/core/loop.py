@@ -254,6 +254,11 @@ def _train(cfg: TrainConfig, stop, progress: bool, peak_flops: float | None) -> 
     ckpt = checkpoint_lib.Checkpoints(cfg)
     try:
       plan = ckpt.resume_plan()  # before anything is written: resume=false must leave the run untouched
+      if plan is not None and plan["step"] >= cfg.steps:  # nothing to build, load or write
+        log.info("nothing to train: the checkpoint is at step %d and steps=%d", plan["step"], cfg.steps)
+        ckpt.close()
+        return {"first_loss": None, "last_loss": None, "steps": cfg.steps, "run_dir": str(run_dir),
+                "start_step": plan["step"], "stopped_by": None, "last_step": plan["step"]}
       tokenizer = data_lib.load_tokenizer(cfg.tokenizer)
       if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer {cfg.tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size is"
@@ -279,7 +284,7 @@ def _train(cfg: TrainConfig, stop, progress: bool, peak_flops: float | None) -> 
     except BaseException:
       ckpt.close()
       raise
-    if jax.process_index() == 0 and start < cfg.steps:  # the configuration is accepted (and has steps to run)
+    if jax.process_index() == 0:  # the configuration is accepted
       write_atomically(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return _loop(cfg, run_dir, ckpt, stop, state, start, batches, evals, train_step, eval_step, rt, par, progress,
                  peak_flops, tasks)
@@ -303,8 +308,6 @@ def _loop(cfg, run_dir, ckpt, stop, state, start, batches, evals, train_step, ev
   sched = pipelined.schedule(par, cfg.batch_size // cfg.grad_accum) if par.stages > 1 else None
   first = last = None
   stopped = False
-  if start >= cfg.steps:
-    log.info("nothing to train: the checkpoint is at step %d and steps=%d", start, cfg.steps)
   with ckpt, MetricsLogger(run_dir, cfg.steps, progress=progress, start_step=start,
                            is_main=jax.process_index() == 0) as logger:
     t0, pending, timed, checked = time.perf_counter(), [], 0, 0
@@ -365,4 +368,4 @@ def _loop(cfg, run_dir, ckpt, stop, state, start, batches, evals, train_step, ev
     if (memory := device_memory()) is not None:
       log.info("device memory: peak %s GiB in use of %s GiB", memory["peak_GiB"], memory.get("limit_GiB", "?"))
   return {"first_loss": first, "last_loss": last, "steps": cfg.steps, "run_dir": str(run_dir), "start_step": start,
-          "stopped_by": stop.received if stopped else None, "last_step": step + 1 if start < cfg.steps else start}
+          "stopped_by": stop.received if stopped else None, "last_step": step + 1}

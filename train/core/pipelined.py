@@ -25,9 +25,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe import model as model_lib
 from parallel import pipeline
+from parallel import sharding as sharding_lib
 from parallel.errors import ConfigError, divisors
 from train.core import loss as loss_lib
 
@@ -96,6 +98,21 @@ class Pipelined:
 
     return first_fn, stage_fn, last_fn
 
+  def _micro_batches(self, batch, m: int):
+    """[rows, ...] -> [m, rows / m, ...], each micro-batch's rows over the batch axes but `stage` (every
+    stage reads whole micro-batches). Reshaping rows sharded over stage x data instead left XLA's
+    partitioner to rematerialise every input array ("Involuntary full rematerialization", logged
+    once per array)."""
+    rules = tuple((k, tuple(a for a in v if a != pipeline.AXIS)) if k == "batch" else (k, v)
+                  for k, v in self.par.rules)
+
+    def split(x):
+      y = x.reshape(m, -1, *x.shape[1:])
+      spec = sharding_lib.batch_sharding(self.par.mesh, y.shape[1:], rules).spec
+      return jax.lax.with_sharding_constraint(y, NamedSharding(self.par.mesh, P(None, *spec)))
+
+    return jax.tree.map(split, batch)
+
   def run(self, params, rest, batch, counts, n_micro: int, train: bool = True):
     """(loss, parts, load [slots + MTP blocks, E] in the stack's slot order, dropped, grads or None)."""
     p_other, p_stack = _split(params)
@@ -103,7 +120,7 @@ class Pipelined:
     m = self.sched.microbatches
     n_total = n_micro * m
 
-    mb = jax.tree.map(lambda x: x.reshape(m, -1, *x.shape[1:]), batch)
+    mb = self._micro_batches(batch, m)
     first_fn, stage_fn, last_fn = self._functions(n_total)
     consts = {"rest": r_stack, "active": jnp.asarray(self.layout.slot_layer() >= 0)}
     loss, g_stack, g_other, stats, aux = pipeline.run(
