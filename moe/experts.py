@@ -27,7 +27,7 @@ from moe.layers import MLP, param
 from moe.runtime import Runtime
 from parallel.errors import ConfigError
 from parallel import eplb
-from parallel.expert_parallel import dispatch_combine, ep_size
+from parallel.expert_parallel import add_copy_grads, dispatch_combine, ep_size, make_copies
 
 # Logical axes of the stacked expert weights as they enter the expert-parallel dispatch: the hidden
 # dimension is gathered whole there (FSDP), the FFN width stays split over `tensor`.
@@ -47,13 +47,25 @@ class ExpertCopies(nnx.Variable):
   the measured loads every mesh.redundant_every steps (parallel/eplb.py), never by gradients."""
 
 
+class CopyWeights(nnx.Variable):
+  """The weights of the redundant slots' copies [R, ...], in the dtype the experts compute with: state,
+  not parameters (the optimizer and export never see them; checkpoints keep them with the placement
+  they were made for), made from the experts' weights after every optimizer step (`make_copies`), so
+  that a copy always equals its expert. The training step differentiates them like parameters and
+  sums their gradients into their experts' once per step (`add_copy_grads`)."""
+
+
+COPY_NAMES = ("copy_gate_proj", "copy_up_proj", "copy_down_proj")  # CopyWeights of gate_proj, up_proj, down_proj
+
+
 class RoutedExperts(nnx.Module):
   """n_routed_experts SwiGLU experts stored stacked: gate/up [E, D, F], down [E, F, D].
 
   With redundant experts (mesh.redundant_experts = R over n_ep expert-parallel ranks) each rank also
-  runs R / n_ep copies of hot experts; `copies` [R] says which. The copies are made from these
-  weights for each step and their gradients sum into them: checkpoints, export and the optimizer
-  only ever see the E experts."""
+  runs R / n_ep copies of hot experts: `copies` [R] says which, `copy_gate_proj`, `copy_up_proj`,
+  `copy_down_proj` [R, ...] hold their weights (CopyWeights). The forward uses them as they are; the
+  training step remakes them after each update and sums their gradients into the experts': the
+  optimizer and export only ever see the E experts."""
 
   def __init__(self, cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs):
     e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
@@ -71,26 +83,72 @@ class RoutedExperts(nnx.Module):
       if n_ep == 1 or r % n_ep:
         raise ConfigError(f"mesh.redundant_experts={r} needs expert parallelism with the slots spread evenly:"
                           f" the {e} experts split over {n_ep} rank(s)")
-      self.copies = ExpertCopies(eplb.initial(n_ep, r // n_ep, e // n_ep), axes=(None,))
+      slots = eplb.initial(n_ep, r // n_ep, e // n_ep)
+      self.copies = ExpertCopies(slots, axes=(None,))
+      for name, w, axes in zip(COPY_NAMES, self._weights(), self._axes()):  # home copies of the initial weights
+        setattr(self, name, CopyWeights(w[slots], axes=axes))
       self.placement = (n_ep, r // n_ep, rt.par.ep_nodes, rt.par.redundant_every)  # static
+
+  def _weights(self):
+    """The experts' weights as the expert FFN takes them: in the compute dtype (FP8: the float32
+    master weights, whose gradients are float32)."""
+    return tuple(p[...].astype(self._copy_dtype()) for p in (self.gate_proj, self.up_proj, self.down_proj))
+
+  def _copy_dtype(self):
+    return self.gate_proj[...].dtype if self.fp8 is not None else self.dtype
+
+  def _axes(self):
+    return tuple(v.get_metadata()["axes"] for v in (self.gate_proj, self.up_proj, self.down_proj))
 
   def replace_copies(self, load_E, step):
     """After `step` steps: every `redundant_every`-th, the copies re-placed for the loads `load_E`
-    ([E], or [L, E] for a stack of layers)."""
+    ([E], or [L, E] for a stack of layers), keeping the old placement where the new one would not
+    lower the max/mean rank load (eplb.replace); in every step made valid for this mesh (a placement
+    restored from another one: eplb.in_nodes). Call `make_copies` after it."""
     n_ep, r_local, nodes, every = self.placement
-    place = lambda load: eplb.place(load, n_ep, r_local, nodes)
-    place_all = (lambda: jax.vmap(place)(load_E)) if load_E.ndim == 2 else (lambda: place(load_E))
-    self.copies[...] = jax.lax.cond(step % every == 0, place_all, lambda: self.copies[...])
+    e = load_E.shape[-1]
+    per_layer = lambda fn: (lambda *a: jax.vmap(fn)(*a)) if load_E.ndim == 2 else fn
+    replace = per_layer(lambda old, load: eplb.replace(old, load, n_ep, r_local, nodes))
+    valid = per_layer(lambda old: eplb.in_nodes(old, e, n_ep, nodes))
+    old = self.copies[...]
+    self.copies[...] = jax.lax.cond(step % every == 0, lambda: replace(old, load_E), lambda: valid(old))
+
+  def make_copies(self):
+    """The copies' weights from the experts' current ones and placement: per layer one exchange inside
+    each expert-parallel node (parallel.expert_parallel.make_copies)."""
+    made = make_copies(self._weights(), self._axes(), self.copies[...], self.par)
+    for name, w in zip(COPY_NAMES, made):
+      getattr(self, name)[...] = w
+
+  def add_copy_grads(self):
+    """On a module whose Params and CopyWeights hold gradients (train/core/step.py merges them into
+    the model's graph): the copies' gradients summed into their experts' (one exchange per layer),
+    sent in the copies' dtype."""
+    grads = add_copy_grads([self.gate_proj[...], self.up_proj[...], self.down_proj[...]],
+                           [getattr(self, name)[...].astype(self._copy_dtype()) for name in COPY_NAMES],
+                           self._axes(), self.copies[...], self.par)
+    for v, g in zip((self.gate_proj, self.up_proj, self.down_proj), grads):
+      v[...] = g
 
   def __call__(self, x_TxD, idx_TxK, w_TxK):
     """(sum_k w[t, k] expert_{idx[t, k]}(x[t]) [T, D], assignments dropped by expert parallelism)."""
-    weights = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
-    if self.fp8 is None:  # FP8 takes the float32 master weights (float32 weight gradients)
-      weights = tuple(p.astype(self.dtype) for p in weights)
+    weights = self._weights()
     expert_fn = functools.partial(EXPERTS[self.impl], fp8=self.fp8)
-    copies = self.copies[...] if hasattr(self, "copies") else None
+    copies = None
+    if hasattr(self, "copies"):  # (cast: the training step differentiates float32 views of them)
+      copies = (self.copies[...], tuple(getattr(self, n)[...].astype(w.dtype) for n, w in zip(COPY_NAMES, weights)))
     return dispatch_combine(x_TxD.astype(self.dtype), idx_TxK, w_TxK, weights, DISPATCH_AXES, expert_fn, self.par,
                             self.routing, copies, self.keep_exchanged)
+
+
+def split_copies(rest):
+  """(the CopyWeights of `rest`, a model's non-parameter state; the rest of it)."""
+  return nnx.split_state(rest, CopyWeights, ...)
+
+
+def copy_experts(model):
+  """The RoutedExperts of `model` (moe_stats order) that have redundant copies."""
+  return [m for m in model.moe_experts() if hasattr(m, "copies")]
 
 
 class MoE(nnx.Module):

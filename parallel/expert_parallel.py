@@ -58,15 +58,21 @@ this rank's experts; the tokens then go in chunks (`dropless_chunks`, `mesh.ep_c
 time with their buffers recomputed in the backward pass.
 
 Redundant experts (`copies`, mesh.redundant_experts): each rank also holds r_l copies of experts of
-its node, which parallel/eplb.py chose; `_with_copies` makes them from the home ranks' weights
-inside the node, and each assignment of a copied expert goes to one of its copies
-(eplb.physical_ids). `mesh.ep_overlap`: the tokens of each chunk in two independent halves
-(`in_halves`), so that one half's exchange can run while the other half computes.
+its node, which parallel/eplb.py chose, and each assignment of a copied expert goes to one of its
+copies (eplb.physical_ids). The copies' weights are state (moe/experts.py), made from the experts'
+weights once per optimizer step by `make_copies`: per layer one exchange inside the node of the
+weights as stored (FSDP and tensor shards stay put), exactly the r_l slots each rank holds by
+ragged_all_to_all wherever the devices have it, else r_l slots to every rank of the node
+(`copies_transport`). The copies' gradients, accumulated over the step's micro-batches, go home
+once per step the same way back (`add_copy_grads`); the dispatch itself moves no weights.
+`mesh.ep_overlap`: the tokens of each chunk in two independent halves (`in_halves`), so that one
+half's exchange can run while the other half computes.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 from typing import Callable, Literal, NamedTuple, Sequence
@@ -386,27 +392,154 @@ def _exchange(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, plan: Plan):
   return back_outer(y_R).reshape(t, plan.nodes, -1).sum(1), dropped
 
 
-def _with_copies(weights, copies_R, plan: Plan):
-  """This rank's expert weights [E_l + r_l, ...]: its own experts, then copies of the experts its
-  redundant slots hold (`copies_R`, parallel/eplb.py), each sent by the expert's home rank in the
-  same node (an all-to-all inside the node, zeros from every other rank). The gradient of a copy
-  flows back the same way and sums into its expert."""
+COPIES = "expert_copies"  # the jax.named_scope of the copies' moves, by which the HLO readers find them
+
+
+def _node_slots(slots_R, plan: Plan, rank, e_local: int):
+  """(home member [n_in, r_l], local index there [n_in, r_l]) of the expert each redundant slot of each
+  rank of this rank's node holds (a placement valid here: eplb.in_nodes)."""
   n_in = plan.n_ep // plan.nodes
-  r_l = copies_R.shape[0] // plan.n_ep
-  e_local = weights[0].shape[0]
+  r_l = slots_R.shape[0] // plan.n_ep
+  held = jax.lax.dynamic_index_in_dim(slots_R.reshape(plan.nodes, n_in, r_l), rank // n_in, keepdims=False)
+  return held // e_local % n_in, held % e_local
+
+
+def _rows(ws):
+  """The arrays [n, ...] of `ws` as one [n, sum of their sizes] (one collective moves them all)."""
+  return jnp.concatenate([w.reshape(w.shape[0], -1) for w in ws], axis=1)
+
+
+def _unrows(rows, like):
+  """`_rows` undone: arrays [n, ...] shaped as `like`'s."""
+  sizes = [math.prod(w.shape[1:]) for w in like]
+  parts = jnp.split(rows, list(itertools.accumulate(sizes))[:-1], axis=1)
+  return [p.reshape(rows.shape[0], *w.shape[1:]) for p, w in zip(parts, like)]
+
+
+def _copy_offsets(home, me, to_homes: bool):
+  """ragged_all_to_all offsets (input offsets, send sizes, output offsets, receive sizes) [n_in] of
+  the copies' move inside the node, each known to every rank from the placement (`home` [n_in, r_l]:
+  the home member of each slot of each member), so no sizes are exchanged. Making copies, a home
+  sends each slot it is home to, by (member, slot), and a member receives its r_l slots by (home,
+  slot); sending gradients home (`to_homes`) the reverse."""
+  n_in = home.shape[0]
+  peers = jnp.arange(n_in)
+  count = (home[:, :, None] == peers).sum(1).astype(jnp.int32)  # [member i, home s]: i's slots homed at s
+  if to_homes:  # send count[me, s] to s, at s after the rows of members before me
+    send, recv = count[me], count[:, me]
+    out = ((peers[:, None] < me) * count).sum(0)  # at each home s: rows from members before me
+  else:  # send count[i, me] to i, at i after its slots homed before me
+    send, recv = count[:, me], count[me]
+    out = ((peers[None, :] < me) * count).sum(1)  # at each member i: its slots homed at members before me
+  return _exclusive(send), send, out.astype(jnp.int32), recv
+
+
+def _make_copies(ws, slots_R, plan: Plan):
+  """This rank's copies [r_l, ...] of each weight of `ws` ([E_l, ...] here), from their home ranks in
+  its node, in one collective: `ragged` transports send exactly the slots each rank holds (r_l
+  experts received per rank), the padded one r_l slots to every rank of the node, filled where the
+  sender is the home."""
+  n_in = plan.n_ep // plan.nodes
+  r_l, e_local = slots_R.shape[0] // plan.n_ep, ws[0].shape[0]
   rank = jax.lax.axis_index(plan.axes)
-  wanted = jax.lax.dynamic_index_in_dim(copies_R.reshape(plan.nodes, n_in * r_l), rank // n_in, keepdims=False)
-  from_me = wanted // e_local == rank  # [n_in * r_l]: the slots of my node's ranks I am home to
   _, inner = _hops(plan, rank)
-  out = []
-  for w in weights:
-    if n_in == 1:
-      copy = w[wanted % e_local]
-    else:
-      send = jnp.where(from_me.reshape(-1, *(1,) * (w.ndim - 1)), w[wanted % e_local], 0)
-      copy = inner.a2a(send).reshape(n_in, r_l, *w.shape[1:]).sum(0)  # from each rank of the node, one non-zero
-    out.append(jnp.concatenate([w, copy.astype(w.dtype)]))
-  return out
+  home, local = _node_slots(slots_R, plan, rank, e_local)
+  if n_in == 1:
+    return [w[local[0]] for w in ws]
+  me = inner.member
+  rows = _rows(ws)  # [E_l, size]
+  mine = (home == me).reshape(-1)  # the node's slots (member, slot) whose expert is mine
+  if plan.transport == "padded":
+    got = inner.a2a(jnp.where(mine[:, None], rows[local.reshape(-1)], 0)).reshape(n_in, r_l, -1)  # [home, my slot]
+    return _unrows(got[home[me], jnp.arange(r_l)], ws)
+  order = jnp.argsort(~mine, stable=True)  # mine first, by (member, slot)
+  how = (inner.axes, tuple(map(tuple, inner.groups)) if inner.groups is not None else None,
+         plan.transport == "ragged_emulated")
+  got = _ragged(how, rows[local.reshape(-1)[order]], jnp.zeros((r_l, rows.shape[1]), rows.dtype), me,
+                _copy_offsets(home, me, to_homes=False))  # [my slots by (home, slot)]
+  arrival = jnp.argsort(jnp.argsort(home[me], stable=True))
+  return _unrows(got[arrival], ws)
+
+
+def _add_copy_grads(gs, cgs, slots_R, plan: Plan):
+  """`gs` ([E_l, ...], this rank's experts' gradients) plus the gradients of their copies, `cgs`
+  ([r_l, ...] on each rank), each sent once to its expert's home rank (the reverse of _make_copies)."""
+  n_in = plan.n_ep // plan.nodes
+  r_l, e_local = slots_R.shape[0] // plan.n_ep, gs[0].shape[0]
+  rank = jax.lax.axis_index(plan.axes)
+  _, inner = _hops(plan, rank)
+  home, local = _node_slots(slots_R, plan, rank, e_local)
+  if n_in == 1:
+    return [g.at[local[0]].add(cg.astype(g.dtype)) for g, cg in zip(gs, cgs)]
+  me = inner.member
+  rows = _rows(cgs)  # [r_l, size]
+  mine = (home == me).reshape(-1)  # the node's slots (member, slot) whose expert is mine
+  to = jnp.where(mine, local.reshape(-1), e_local)
+  if plan.transport == "padded":
+    send = jnp.zeros((n_in, r_l, rows.shape[1]), rows.dtype).at[home[me], jnp.arange(r_l)].set(rows)
+    got = inner.a2a(send.reshape(n_in * r_l, -1))  # [(member, its slot)]
+  else:
+    how = (inner.axes, tuple(map(tuple, inner.groups)) if inner.groups is not None else None,
+           plan.transport == "ragged_emulated")
+    out = jnp.zeros((n_in * r_l, rows.shape[1]), rows.dtype)
+    arrived = _ragged(how, rows[jnp.argsort(home[me], stable=True)], out, me,
+                      _copy_offsets(home, me, to_homes=True))  # the slots homed here, by (member, slot)
+    got = arrived[jnp.cumsum(mine) - mine]
+  return [g.at[to].add(d.astype(g.dtype), mode="drop") for g, d in zip(gs, _unrows(got, gs))]
+
+
+def _stored(fn, arrays, axes, slots, par, n_out: int):
+  """`fn(slots [R], local arrays, plan)` on every rank over `arrays` as they are stored ([*L, E or R,
+  ...] with logical `axes`, the expert dimension after the leading stacked ones), once per stacked
+  layer; its `n_out` results are sharded as the first `n_out` arrays."""
+  mesh, shape, free = sharding_lib.context(par)
+  lead = slots.ndim - 1
+  specs = []
+  for x, ax in zip(arrays, axes):
+    spec = tuple(sharding_lib.logical_to_spec(ax, x.shape, shape, dict(par.rules), "experts"))
+    specs.append(P(*spec, *(None,) * (x.ndim - len(spec))))
+  ep_axes = _axes_of(specs[0][lead])
+  plan = Plan(ep_axes, math.prod(shape[a] for a in ep_axes), par.ep_nodes, copies_transport(par), None, 1)
+
+  def body(s, *xs):
+    if lead == 0:
+      return tuple(fn(s, xs, plan))
+    flat = lambda x: x.reshape(-1, *x.shape[lead:])
+    ys = jax.lax.map(lambda a: tuple(fn(a[0], a[1:], plan)), (flat(s), *map(flat, xs)))
+    return tuple(y.reshape(x.shape[:lead] + y.shape[1:]) for y, x in zip(ys, xs))
+
+  run = jax.shard_map(body, mesh=mesh, in_specs=(P(*specs[0][:lead], None), *specs),
+                      out_specs=tuple(specs[:n_out]), axis_names=free)
+  with jax.named_scope(COPIES):
+    return list(run(slots, *arrays))
+
+
+def copies_transport(par) -> str:
+  """How the copies' weights and gradients move: exactly (ragged_all_to_all) wherever the devices
+  have it, whatever mesh.ep_transport; else (CPU, large v5e slices) r_l slots to every rank of the
+  node, or the ragged emulation where the dispatch emulates it too (tests)."""
+  if par.ep_transport != "padded":
+    return par.ep_transport
+  return "padded" if par.mesh.devices.flat[0].platform == "cpu" or ragged_unsupported(par.mesh) else "ragged"
+
+
+def make_copies(weights: Sequence[jax.Array], axes: Sequence[tuple], slots, par) -> list[jax.Array]:
+  """The redundant slots' copies [*L, R, ...] of the experts' `weights` ([*L, E, ...], logical `axes`
+  as stored, e.g. ("layers", "expert", "embed", "moe_mlp")) for the placement `slots` [*L, R] (valid
+  on this mesh: eplb.in_nodes), made where the weights are stored: per layer one exchange inside
+  each node of the weights' shards (FSDP and tensor slices stay where they are). Run once per
+  optimizer step (moe/experts.py), not in the forward."""
+  return _stored(lambda s, ws, plan: _make_copies(ws, s, plan), list(weights), list(axes), slots, par, len(weights))
+
+
+def add_copy_grads(grads: Sequence[jax.Array], copy_grads: Sequence[jax.Array], axes: Sequence[tuple], slots,
+                   par) -> list[jax.Array]:
+  """`grads` of the experts' weights ([*L, E, ...], logical `axes` as stored) with the gradients of
+  their copies (`copy_grads` [*L, R, ...], sent in their own dtype) summed in: the transpose of
+  `make_copies`, once per step."""
+  k = len(grads)
+  return _stored(lambda s, xs, plan: _add_copy_grads(xs[:k], xs[k:], s, plan), list(grads) + list(copy_grads),
+                 list(axes) * 2, slots, par, k)
 
 
 def in_halves(fn):
@@ -473,9 +606,11 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
   *local weights) -> [R, D]: the expert FFN of each row, whose local expert id E_l (the number of
   local experts) marks an empty row. par: a parallel.mesh.Parallelism, or None (one device).
   routing: (logical experts, n_group, topk_group) of device-limited routing, which bounds the nodes a
-  token reaches in the two-level dispatch (None: no limit). copies: the logical expert held by each
-  redundant slot (mesh.redundant_experts; parallel/eplb.py), [n_ep * r_l]; each assignment goes to
-  one copy of its expert (eplb.physical_ids). Ignored without expert parallelism. keep_exchanged:
+  token reaches in the two-level dispatch (None: no limit). copies: redundant experts
+  (mesh.redundant_experts), (slots [R], copy weights): the logical expert held by each redundant
+  slot (parallel/eplb.py) and its weights [R, ...] (`make_copies` of `weights`, with their
+  `weight_axes`), R = n_ep * r_l; each assignment goes to one copy of its expert
+  (eplb.physical_ids), and nothing moves the weights here. Ignored without expert parallelism. keep_exchanged:
   the backward of chunked dropless exchanges keeps their rows rather than exchanging again (in_chunks).
   """
   if par is None or par.mesh.size == 1:
@@ -533,17 +668,16 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
                         f" {chunks} chunk(s) of two halves")
     fn = in_halves(fn)
   fn = in_chunks(fn, chunks, keep_exchanged)
-  if n_ep == 1:
-    copies = None
+  slots, copy_weights = (None, ()) if copies is None or n_ep == 1 else copies
 
-  def body(x, idx, w, copies_R, *ws):
-    if copies_R is not None:
-      copies_R = eplb.in_nodes(copies_R, n_ep * e_local, n_ep, nodes)
-      ws = _with_copies(ws, copies_R, plan)
-      idx = eplb.physical_ids(idx, copies_R, n_ep * e_local, n_ep)
+  def body(x, idx, w, slots_R, *ws):
+    if slots_R is not None:  # this rank's copies follow its own experts
+      k = len(ws) // 2
+      ws = [jnp.concatenate([a, c.astype(a.dtype)]) for a, c in zip(ws[:k], ws[k:])]
+      idx = eplb.physical_ids(idx, eplb.usable(slots_R, n_ep * e_local, n_ep, nodes), n_ep * e_local, n_ep)
     y, dropped = fn(x, idx, w, *ws)
     return y, jax.lax.psum(dropped, tuple(token_axes)) if token_axes else dropped
 
-  return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, P(), *weight_specs), out_specs=(tok, P()),
-                       axis_names=free)(
-      x_TxD, idx_TxK, w_TxK, copies, *weights)
+  return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, P(), *weight_specs, *weight_specs[:len(copy_weights)]),
+                       out_specs=(tok, P()), axis_names=free)(
+      x_TxD, idx_TxK, w_TxK, slots, *weights, *copy_weights)

@@ -44,6 +44,7 @@ from train.core import checkpoint as ckpt_lib  # noqa: E402
 from train.core import loop  # noqa: E402
 from train.core.config import load_train_config  # noqa: E402
 from train.core.data import synthetic_batch  # noqa: E402
+from train.bench_ep import a2a_bytes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 8 experts in 4 groups, a token's 2 experts within 2 groups: with expert=8 (ep_nodes=4: 2 ranks a
@@ -136,13 +137,20 @@ def routed(t=64, e=16, k=4, d=16, f=8, n_group=4, topk_group=2, seed=0):
   return x, idx, w, gate, up, down
 
 
+STORED_AXES = (("expert", "embed", "moe_mlp"), ("expert", "embed", "moe_mlp"), ("expert", "moe_mlp", "embed"))
+
+
 def dispatch():
+  """The dispatch alone vs one device. With copies as the training step runs them: their weights made
+  by make_copies, the dispatch differentiated with respect to them too, and their gradients added
+  into the experts' by add_copy_grads."""
   args = routed()
   idx = jnp.asarray(args[1])
 
   def layer(par, copies=None):
-    return lambda x, w, g, u, d: expert_parallel.dispatch_combine(x, idx, w, (g, u, d), DISPATCH_AXES,
-                                                                  EXPERTS["blocked"], par, (16, 4, 2), copies)
+    return lambda x, w, g, u, d, *cw: expert_parallel.dispatch_combine(
+        x, idx, w, (g, u, d), DISPATCH_AXES, EXPERTS["blocked"], par, (16, 4, 2),
+        None if copies is None else (copies, cw))
 
   def loss(fn):
     return lambda *a: (fn(*a)[0] * jnp.cos(fn(*a)[0])).sum()
@@ -160,13 +168,21 @@ def dispatch():
     n_ep = sizes[mesh]["expert"]
     par = mesh_lib.Parallelism(mesh_lib.make_mesh(mesh_lib.MeshConfig(**sizes[mesh])), ep_transport=transport,
                                ep_nodes=nodes, ep_overlap=overlap)
-    copies = eplb.place(load, n_ep, 1, nodes) if redundant else None
-    fn = layer(par, copies)
-    y, dropped = jax.jit(fn)(x, *rest)
-    g = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2, 3, 4)))(x, *rest)
-    out[f"{mesh}/nodes{nodes}/{transport}/{'copies' if redundant else 'plain'}{'/overlap' if overlap else ''}"] = {
-        "y": float(jnp.abs(y - want).max() / jnp.abs(want).max()), "dropped": int(dropped),
-        "grad": max(float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(g, want_g))}
+    slots = eplb.place(load, n_ep, 1, nodes) if redundant else None
+    fn = layer(par, slots)
+    make = jax.jit(lambda *ws: tuple(expert_parallel.make_copies(ws, STORED_AXES, slots, par)))
+    add = jax.jit(lambda gs, cgs: expert_parallel.add_copy_grads(gs, cgs, STORED_AXES, slots, par))
+    copy_w = make(*rest[1:]) if redundant else ()
+    y, dropped = jax.jit(fn)(x, *rest, *copy_w)
+    g = jax.jit(jax.grad(loss(fn), argnums=tuple(range(5 + len(copy_w)))))(x, *rest, *copy_w)
+    name = f"{mesh}/nodes{nodes}/{transport}/{'copies' if redundant else 'plain'}{'/overlap' if overlap else ''}"
+    if redundant:
+      g = g[:2] + tuple(add(g[2:5], g[5:]))
+    out[name] = {"y": float(jnp.abs(y - want).max() / jnp.abs(want).max()), "dropped": int(dropped),
+                 "grad": max(float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(g, want_g))}
+    if redundant and transport == "padded":  # the copies' all-to-all bytes per device, from the HLO
+      hlo = [f.lower(*a).compile().as_text() for f, a in ((make, rest[1:]), (add, (g[2:5], copy_w)))]
+      out[name]["copy_bytes"] = [a2a_bytes(h) for h in hlo]
   return out
 
 

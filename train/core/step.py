@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from moe import experts as experts_lib
 from moe.config import ModelConfig
 from train.core import loss as loss_lib
 from train.core import muon
@@ -93,20 +94,30 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainCo
   def step(state, batch):
     params, rest = state["params"], state["rest"]
     counts = loss_lib.token_counts(batch, depth)
+    # Redundant experts' copies (moe/experts.py) are differentiated like parameters (as float32, so
+    # that their gradients accumulate in float32) and their gradients summed into their experts' below.
+    copy_weights, fixed = experts_lib.split_copies(rest)
+    wrt, fixed = (nnx.merge_state(params, jax.tree.map(lambda w: w.astype(jnp.float32), copy_weights)), fixed) \
+        if copy_weights else (params, rest)
     if n_micro == 1:
-      (loss, (parts, load, dropped, max_logits)), grads = grad_fn(params, rest, batch, counts)
+      (loss, (parts, load, dropped, max_logits)), grads = grad_fn(wrt, fixed, batch, counts)
     else:
       micro = jax.tree.map(lambda x: x.reshape(n_micro, -1, *x.shape[1:]), batch)
 
       def accumulate(carry, mb):  # sums, but the max logits' max
         (c_loss, (*c_aux, c_max)), c_grads = carry
-        (loss, (*aux, max_logits)), grads = grad_fn(params, rest, mb, counts)
+        (loss, (*aux, max_logits)), grads = grad_fn(wrt, fixed, mb, counts)
         summed = jax.tree.map(jnp.add, ((c_loss, c_aux), c_grads), ((loss, aux), grads))
         return ((summed[0][0], (*summed[0][1], jax.tree.map(jnp.maximum, c_max, max_logits))), summed[1]), None
 
-      shapes = jax.eval_shape(grad_fn, params, rest, jax.tree.map(lambda x: x[0], micro), counts)
+      shapes = jax.eval_shape(grad_fn, wrt, fixed, jax.tree.map(lambda x: x[0], micro), counts)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       ((loss, (parts, load, dropped, max_logits)), grads), _ = jax.lax.scan(accumulate, zeros, micro)
+    if copy_weights:  # once per step, however many micro-batches
+      grads_model = nnx.merge(graphdef, grads, fixed)
+      for experts in experts_lib.copy_experts(grads_model):
+        experts.add_copy_grads()
+      grads = split_model(grads_model)[1]
 
     metric_load = load[metric_rows] if staged else load
     grad_norm = optax.tree.norm(grads)
@@ -126,6 +137,8 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainCo
     model = nnx.merge(graphdef, new_params, rest)
     model.update_router_biases(load, gamma)
     model.replace_expert_copies(load, state["step"] + 1)
+    for experts in experts_lib.copy_experts(model):  # the copies equal their experts' new weights
+      experts.make_copies()
     _, _, new_rest = split_model(model)
     rest = jax.tree.unflatten(jax.tree.structure(new_rest), old_rest)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(skip, o, n), new, old)
