@@ -92,7 +92,9 @@ class LayerStack(nnx.Module):
     """The layers of `states` (the state(s) of `self.layers` as nnx.split gave them with `graphdef`,
     or a slice of them: one pipeline chunk) in order; a layer whose `active_L` entry is False
     (padding) passes x through with zero statistics (it is computed and dropped: a stage cannot branch
-    on its own data around collectives that the other stages' devices do not reach)."""
+    on its own data around collectives that the other stages' devices do not reach). What the layers
+    leave as nnx.Intermediate (MLA's `max_logit`, for QK-clip) is stacked into `self.layers`, [layers, ...],
+    outside the pipeline (`active_L` None)."""
 
     def body(carry, xs):  # one layer: a slice of every stacked variable (and of the cache)
       x, cache = carry

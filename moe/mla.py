@@ -17,6 +17,9 @@ query and the output, so keys and values are never materialised per head:
   o      = (softmax(scores) c_kv) W_UV, then o_proj
 
 which is exactly the full-attention result (q_nope . (c_kv W_UK) = (q_nope W_UK^T) . c_kv).
+
+In training each call also leaves `max_logit` [heads], an nnx.Intermediate: each head's largest
+pre-softmax logit over the batch, which QK-clip reads (train/core/muon.py); unread, XLA drops it.
 """
 
 from __future__ import annotations

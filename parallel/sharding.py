@@ -41,11 +41,13 @@ MESH_AXES = ("stage", "data", "fsdp", "expert", "tensor")
 # [kv_lora, heads], which have no hidden dimension) on their LoRA rank, so that no large parameter is
 # replicated when tensor=1; tensor parallelism on heads, FFN width and vocabulary; experts over
 # `expert`. Stacked layers and norms stay whole, except the pipelined stack, whose slots (parallel/
-# pipeline.py) split over `stage`.
+# pipeline.py) split over `stage`; the weights outside the stack (embedding, head, dense layers, MTP)
+# are sharded over `stage` too (their `embed` takes it last: the stack's slots take it first), so that
+# their float32 weights and moments are not whole on every stage; the pipeline gathers them per step.
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("stage", "data", "fsdp", "expert"),
     "seq": (),
-    "embed": ("fsdp", "expert"),
+    "embed": ("fsdp", "expert", "stage"),
     "vocab": ("tensor",),
     "heads": ("tensor",),
     "mlp": ("tensor",),
@@ -53,8 +55,8 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "expert": ("expert",),
     "layers": (),
     "stage_layers": ("stage",),
-    "q_lora": ("fsdp", "expert"),
-    "kv_lora": ("fsdp", "expert"),
+    "q_lora": ("fsdp", "expert", "stage"),
+    "kv_lora": ("fsdp", "expert", "stage"),
     "norm": (),
     "mtp_concat": (),
 }
@@ -143,9 +145,12 @@ def state_shardings(tree, mesh, rules=None):
     if not isinstance(x, nnx.Variable):
       return NamedSharding(mesh, P())
     axes = x.get_metadata().get("axes")
+    value = x.get_value() if hasattr(x, "get_value") else x.value
+    if not hasattr(value, "shape"):  # no array: a placeholder such as optax's MaskedNode (partitioned optimizers)
+      return x
     spec = P()
     if axes is not None:
-      shape = np.shape(x.get_value()) if hasattr(x, "get_value") else np.shape(x.value)
+      shape = np.shape(value)
       spec, why = resolve_dims(axes, shape, mesh_shape, rules, _path_str(path))
       notes.update(dict.fromkeys(why))
     return x.replace(NamedSharding(mesh, spec))

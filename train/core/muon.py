@@ -46,6 +46,7 @@ from collections import Counter
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -140,28 +141,75 @@ def assignment(params) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------ sharded Newton-Schulz
+def lead_order(axes, shape) -> tuple[int, ...]:
+  """The dimension order in which Muon sees a parameter: its longest batch dimension first (the
+  experts of a stack [layers, experts, in, out]), then the other dimensions in order. optax merges the
+  batch dimensions into one, which keeps a sharding only if it is on the first of them."""
+  batch = [i for i, a in enumerate(axes) if MUON_AXES[a] == BATCH]
+  if not batch:
+    return tuple(range(len(axes)))
+  lead = max(batch, key=lambda i: shape[i])
+  return (lead,) + tuple(i for i in range(len(axes)) if i != lead)
+
+
+def batch_first(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner` on the parameters (and updates) with their dimensions in `lead_order`, their axes
+  metadata permuted alike (so that its state is laid out by the same rules); the updates it returns
+  back in the parameters' order."""
+
+  def permute(v):
+    x = v.get_value()
+    if not hasattr(x, "ndim"):  # masked out: another partition's parameter
+      return v
+    order = lead_order(_axes(v), x.shape)
+    return v.replace(jnp.transpose(x, order), axes=tuple(_axes(v)[i] for i in order))
+
+  def unpermute(u, like):
+    x = u.get_value()
+    if not hasattr(x, "ndim"):
+      return like
+    order = lead_order(_axes(like), like.get_value().shape)
+    return like.replace(jnp.transpose(x, np.argsort(order)))
+
+  def each(fn, tree):
+    return jax.tree.map(fn, tree, is_leaf=is_variable)
+
+  def init(params):
+    return inner.init(each(permute, params))
+
+  def update(updates, state, params=None):
+    out, state = inner.update(each(permute, updates), state, None if params is None else each(permute, params))
+    leaves, treedef = jax.tree.flatten(updates, is_leaf=is_variable)
+    mine = jax.tree.leaves(out, is_leaf=is_variable)
+    return jax.tree.unflatten(treedef, [unpermute(u, like) for u, like in zip(mine, leaves, strict=True)]), state
+
+  return optax.GradientTransformation(init, update)
+
+
 def ns_spec(axes, shape, mesh_shape, rules) -> P:
-  """The layout in which to orthogonalise the update of a parameter named `axes` of `shape`: its own
-  (parallel/sharding.py), but with each mesh axis that splits a matrix dimension moved to a batch
-  dimension it divides, so that the matrices are whole on every device and the Newton-Schulz
-  iterations need no collective (an axis that divides no batch dimension stays where it was)."""
+  """The layout in which to orthogonalise the update of a stacked parameter named `axes` of `shape`,
+  in `lead_order` (its longest batch dimension first): every mesh axis of its own layout (parallel/
+  sharding.py) moved to that first dimension where they divide it, so that the matrices are whole on
+  every device, the Newton-Schulz iterations need no collective, and optax's merge of the batch
+  dimensions keeps the sharding. With one batch dimension an axis that does not divide goes there
+  unevenly (XLA pads: 58 layers over 256 devices, one layer's matrices on each of 58); with more, it
+  stays where it was."""
   spec = list(logical_to_spec(axes, shape, mesh_shape, rules)) + [None] * len(shape)
   spec = [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in spec[:len(shape)]]
-  batch = [i for i, a in enumerate(axes) if MUON_AXES[a] == BATCH]
-  for i in [i for i, a in enumerate(axes) if MUON_AXES[a] == MATRIX]:
-    for a in spec[i]:
-      for j in batch:
-        if shape[j] % (math.prod(mesh_shape[b] for b in spec[j]) * mesh_shape[a]) == 0:
-          spec[j] += (a,)
+  n_batch = sum(MUON_AXES[a] == BATCH for a in axes)
+  if n_batch:
+    for i in range(1, len(shape)):
+      for a in spec[i]:
+        if shape[0] % (math.prod(mesh_shape[b] for b in spec[0]) * mesh_shape[a]) == 0 or n_batch == 1:
+          spec[0] += (a,)
           spec[i] = tuple(b for b in spec[i] if b != a)
-          break
   return P(*[None if not e else e[0] if len(e) == 1 else e for e in spec])
 
 
 def reshard_for_ns(par) -> optax.GradientTransformation:
-  """Stateless: every stacked Muon update laid out by `ns_spec` (`par`: parallel.mesh.Parallelism;
-  None or one device: the identity). XLA moves each update with one all-to-all over the axes that
-  move, and back when the update meets its parameter."""
+  """Stateless: every stacked Muon update (in `lead_order`) laid out by `ns_spec` (`par`:
+  parallel.mesh.Parallelism; None or one device: the identity). XLA moves each update with all-to-alls
+  over the axes that move, and back when the update meets its parameter."""
 
   def one(v):
     x = v.get_value()
@@ -182,14 +230,14 @@ def reshard_for_ns(par) -> optax.GradientTransformation:
 def make_muon(o, schedule: optax.Schedule, adamw: optax.GradientTransformation, par=None):
   """Muon for the matrices, `adamw` (unclipped, with its own learning rate and decay) for the rest;
   `o` the OptimizerConfig. Clip the gradients before."""
-  muon = optax.chain(
+  muon = batch_first(optax.chain(
       reshard_for_ns(par),
       optax.contrib.scale_by_muon(beta=o.muon_beta, mu_dtype=jnp.dtype(o.moment_dtype),
                                   weight_dimension_numbers=dimension_numbers),
       scale_by_shape(dimension_numbers, consistent_rms=o.muon_consistent_rms),
       optax.add_decayed_weights(o.weight_decay),
       optax.scale_by_learning_rate(schedule),
-  )
+  ))
   tx = optax.partition({"muon": muon, "adamw": adamw}, labels)
 
   def init(params):
