@@ -41,13 +41,11 @@ MESH_AXES = ("stage", "data", "fsdp", "expert", "tensor")
 # [kv_lora, heads], which have no hidden dimension) on their LoRA rank, so that no large parameter is
 # replicated when tensor=1; tensor parallelism on heads, FFN width and vocabulary; experts over
 # `expert`. Stacked layers and norms stay whole, except the pipelined stack, whose slots (parallel/
-# pipeline.py) split over `stage`; the weights outside the stack (embedding, head, dense layers, MTP)
-# are sharded over `stage` too (their `embed` takes it last: the stack's slots take it first), so that
-# their float32 weights and moments are not whole on every stage; the pipeline gathers them per step.
+# pipeline.py) split over `stage`.
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("stage", "data", "fsdp", "expert"),
     "seq": (),
-    "embed": ("fsdp", "expert", "stage"),
+    "embed": ("fsdp", "expert"),
     "vocab": ("tensor",),
     "heads": ("tensor",),
     "mlp": ("tensor",),
@@ -55,8 +53,8 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "expert": ("expert",),
     "layers": (),
     "stage_layers": ("stage",),
-    "q_lora": ("fsdp", "expert", "stage"),
-    "kv_lora": ("fsdp", "expert", "stage"),
+    "q_lora": ("fsdp", "expert"),
+    "kv_lora": ("fsdp", "expert"),
     "norm": (),
     "mtp_concat": (),
 }
