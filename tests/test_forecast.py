@@ -206,8 +206,9 @@ def test_hardware_table_has_a_source_for_every_figure():
   for family in ("v4", "v5e", "v5p", "v6e", "tpu7x", "h100", "h200", "b200", "gb200"):
     hw = targets.hardware(family)
     assert hw["peak_fp8"] >= hw["peak_bf16"] > 1e14 and hw["hbm_bw"] > 5e11 and hw["fast_bw"] > hw["slow_bw"] > 1e9
-    block = text.split(f"\n{family}:\n", 1)[1].split("\n\n", 1)[0].split("\n" + "\n".join([]))[0]
-    rows = [line for line in block.splitlines() if line.startswith("  ")][:9]
+    lines = text.split(f"\n{family}:\n", 1)[1].splitlines()
+    rows = lines[:next((i for i, line in enumerate(lines) if not line.startswith("  ")), len(lines))]
+    assert len(rows) == 9, (family, rows)
     assert all("#" in line for line in rows if not line.strip().startswith(("fast_domain", "devices_per_chip"))), family
   assert targets.hardware("v5p")["peak_bf16"] == 459e12 and targets.hardware("tpu7x")["devices_per_chip"] == 2
   assert forecast.chip_of("tpu7x").peak_bf16 == 2307e12 / 2  # two devices per chip
