@@ -21,7 +21,18 @@ popularity, the experts' ranks in a random order). Prints one JSON line:
                              routing (the most any rank sends); and the ratios one-level / this
   rows_per_rank              (token, expert) rows each rank computes, and their max / mean
                              (imbalance), without redundant experts and, with mesh.redundant_experts,
-                             with copies placed from this routing's load (parallel/eplb.py)
+                             with copies placed from this routing's load as the trainer re-places
+                             them (parallel/eplb.py: replace, from the home copies, which it keeps
+                             when the new placement would not lower the max / mean)
+  bytes                      all-to-all bytes per device per MoE layer from the compiled HLO (the
+                             results of its all-to-alls, with the padded transport and a capacity
+                             factor, 1.25 if the config has none, so that no loop hides any):
+                             `dispatch`, one micro-batch's forward + backward; with
+                             mesh.redundant_experts `copies`, once per optimizer step: making the
+                             copies from the experts (parallel.expert_parallel.make_copies) and
+                             sending their gradients home (add_copy_grads); `per_step` the ratio
+                             copies / (dispatch x grad_accum)
+Timings and bytes take the copies' weights as given (state made once per step, as in training).
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import re
 import sys
 
 import jax
@@ -98,16 +110,19 @@ def run(args) -> int:
   e_local = e // n_ep
   expert_fn = functools.partial(EXPERTS[rt.experts], fp8=rt.fp8)
   load = jnp.bincount(idx.reshape(-1), length=e).astype(jnp.float32)
-  copies = eplb.place(load, n_ep, par.redundant_experts // n_ep, par.ep_nodes) if par.redundant_experts else None
+  r_local = par.redundant_experts // n_ep
+  copies = eplb.replace(eplb.initial(n_ep, r_local, e_local), load, n_ep, r_local, par.ep_nodes) \
+      if par.redundant_experts else None
 
-  def layer(par, copies=None):
+  def layer(par, copies=None):  # ws: the 3 weights, then (with copies) the copies' 3
     return lambda x, idx, w, *ws: expert_parallel.dispatch_combine(
-        x, idx, w, ws, DISPATCH_AXES, expert_fn, par, router_lib.reach(m), copies)
+        x, idx, w, ws[:3], DISPATCH_AXES, expert_fn, par, router_lib.reach(m),
+        None if copies is None else (copies, ws[3:]))
 
   def loss(fn, x, *ws):
     return (fn(x, idx, w, *ws)[0] ** 2).sum()
 
-  grad = lambda fn: jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3)))
+  grad = lambda fn, n=3: jax.jit(jax.grad(functools.partial(loss, fn), argnums=tuple(range(1 + n))))
   out = {"mesh": dict(par.mesh.shape), "transport": par.ep_transport, "capacity_factor": par.capacity_factor,
          "ep_nodes": par.ep_nodes, "ep_overlap": par.ep_overlap, "redundant_experts": par.redundant_experts,
          "experts_impl": rt.experts, "tokens": t, "hidden": d, "experts": e, "top_k": k, "skew": args.skew}
@@ -118,9 +133,12 @@ def run(args) -> int:
   tok = NamedSharding(par.mesh, P(tuple(a for a in ("data", "fsdp", "expert") if par.mesh.shape[a] > 1)))
   xs, idx, w = (jax.device_put(a, tok) for a in (x, idx, w))
   ep = layer(par, copies)
-  out["layer_fwd"] = best_of(jax.jit(ep), xs, idx, w, *weights, iters=args.iters)
-  out["layer_fwd_bwd"] = best_of(grad(ep), xs, *weights, iters=args.iters)
-  out["dropped"] = int(jax.jit(ep)(xs, idx, w, *weights)[1])
+  made = () if copies is None else tuple(jax.jit(lambda *ws: expert_parallel.make_copies(ws, STORED_AXES, copies, par))(
+      *weights))
+  out["layer_fwd"] = best_of(jax.jit(ep), xs, idx, w, *weights, *made, iters=args.iters)
+  out["layer_fwd_bwd"] = best_of(grad(ep, 3 + len(made)), xs, *weights, *made, iters=args.iters)
+  out["dropped"] = int(jax.jit(ep)(xs, idx, w, *weights, *made)[1])
+  out["bytes"] = traffic(par, layer, grad, xs, weights, copies, made, cfg.grad_accum)
 
   if args.nodes:
     out["slow"] = slow_bytes(par, layer, grad, xs, weights, np.asarray(idx), n_ep, args.nodes, e_local, d)
@@ -129,11 +147,37 @@ def run(args) -> int:
   out["rows_per_rank"] = {"without": plain.tolist(), "imbalance_without": round(plain.max() / plain.mean(), 3)}
   if copies is not None:
     phys = eplb.physical_ids(jnp.asarray(idx), copies, e, n_ep)
-    spread = rows(phys, e_local + par.redundant_experts // n_ep)
+    spread = rows(phys, e_local + r_local)
     out["rows_per_rank"].update({"with": spread.tolist(), "imbalance_with": round(spread.max() / spread.mean(), 3),
                                  "copies": np.asarray(copies).tolist()})
   print(jsonl.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in out.items()}))
   return 0
+
+
+STORED_AXES = (("expert", "embed", "moe_mlp"), ("expert", "embed", "moe_mlp"), ("expert", "moe_mlp", "embed"))
+
+
+def a2a_bytes(hlo: str) -> int:
+  """Bytes of the results of the all-to-alls in compiled HLO text, every element of a tuple-shaped
+  one (XLA:CPU splits an all-to-all into an array per peer); each instruction once (no loops)."""
+  shapes = re.findall(r"=\s*(\(.*?\)|\S+)\s+(?:ragged-)?all-to-all\(", hlo)
+  return sum(hlo_lib.shape_bytes(a) for shape in shapes for a in re.findall(r"[a-z][a-z0-9]*\[[0-9,]*\]", shape))
+
+
+def traffic(par, layer, grad, xs, weights, copies, made, grad_accum: int) -> dict:
+  """All-to-all bytes per device per MoE layer: the dispatch's per micro-batch (forward + backward,
+  the copies' weights given), and the copies' per optimizer step (made once, their gradients home)."""
+  padded = dataclasses.replace(par, ep_transport="padded", capacity_factor=par.capacity_factor or 1.25)
+  hlo = grad(layer(padded, copies), 3 + len(made)).lower(xs, *weights, *made).compile().as_text()
+  out = {"dispatch": a2a_bytes(hlo)}
+  if copies is not None:
+    def step_copies(ws, cgs):
+      return (expert_parallel.make_copies(ws, STORED_AXES, copies, padded),
+              expert_parallel.add_copy_grads(ws, cgs, STORED_AXES, copies, padded))
+    out["copies"] = a2a_bytes(jax.jit(step_copies).lower(list(weights), list(made)).compile().as_text())
+    out["grad_accum"] = grad_accum
+    out["per_step"] = round(out["copies"] / (out["dispatch"] * grad_accum), 4)
+  return out
 
 
 def slow_bytes(par, layer, grad, xs, weights, idx, n_ep, nodes, e_local, d) -> dict:
