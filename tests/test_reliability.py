@@ -73,7 +73,7 @@ def test_skip_mode_stops_after_max_skipped(tmp_path):
   assert run.proc.returncode == 4
   assert "3 updates in a row were skipped" in last_line(run) and last_line(run).startswith("error: step 5:")
   records = metrics(tmp_path / "run")
-  assert [r.get("skipped_steps") for r in records] == [0, 0, 1, 1]
+  assert [r.get("skipped_steps") for r in records] == [0, 0, 1, 1, 1]  # step 5, which stopped it, included
   assert records[2]["nonfinite"] and records[2]["grad_norm"] is None
 
 

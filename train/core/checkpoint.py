@@ -319,9 +319,14 @@ def _ignore_closed_loop_callbacks():
 def _drop_abandoned_orbax_tasks(record: logging.LogRecord) -> bool:
   """asyncio logs "Task exception was never retrieved" with a traceback when it collects a failed
   task nobody awaited: after a failed restore, orbax's reads of the other arrays end that way (at a
-  moment that depends on the garbage collector). The failure itself was already reported in one line."""
+  moment that depends on the garbage collector). The failure itself was already reported in one line.
+  A failed save's writes end the same way, as futures with no traceback whose error names the
+  OCDBT database of orbax's temporary step directory."""
   if not re.match(r"\w*(Task|Future) exception was never retrieved", str(record.msg)):  # also _GatheringFuture
     return True
+  exc = record.exc_info[1] if record.exc_info else None
+  if exc is not None and TMP_MARK in str(exc) and "OCDBT" in str(exc):
+    return False
   tb = record.exc_info[2] if record.exc_info else None
   files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(tb)]
   return not any("orbax" in f or "tensorstore" in f for f in files)
