@@ -41,11 +41,13 @@ MESH_AXES = ("stage", "data", "fsdp", "expert", "tensor")
 # [kv_lora, heads], which have no hidden dimension) on their LoRA rank, so that no large parameter is
 # replicated when tensor=1; tensor parallelism on heads, FFN width and vocabulary; experts over
 # `expert`. Stacked layers and norms stay whole, except the pipelined stack, whose slots (parallel/
-# pipeline.py) split over `stage`.
+# pipeline.py) split over `stage`; the weights outside the stack (embedding, head, dense layers, MTP)
+# are sharded over `stage` too (their `embed` takes it last: the stack's slots take it first), so that
+# their float32 weights and moments are not whole on every stage; the pipeline gathers them per step.
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("stage", "data", "fsdp", "expert"),
     "seq": (),
-    "embed": ("fsdp", "expert"),
+    "embed": ("fsdp", "expert", "stage"),
     "vocab": ("tensor",),
     "heads": ("tensor",),
     "mlp": ("tensor",),
@@ -53,8 +55,8 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "expert": ("expert",),
     "layers": (),
     "stage_layers": ("stage",),
-    "q_lora": ("fsdp", "expert"),
-    "kv_lora": ("fsdp", "expert"),
+    "q_lora": ("fsdp", "expert", "stage"),
+    "kv_lora": ("fsdp", "expert", "stage"),
     "norm": (),
     "mtp_concat": (),
 }
