@@ -160,7 +160,9 @@ def test_a_second_run_on_the_same_directory_refuses(tmp_path):
   second = Run(tmp_path / "run", "steps=6", "optimizer.lr=1e-2", name="second").wait()
   first.proc.kill()
   first.wait()
-  assert second.proc.returncode == 2 and time.time() - t0 < 30
+  # (before building anything: the bound leaves room for a loaded 2-core CI host; that nothing was
+  # built shows in the stderr of at most 3 lines below)
+  assert second.proc.returncode == 2 and time.time() - t0 < 90
   line = last_line(second)
   assert f"run_dir {tmp_path / 'run'} is in use by pid {first.proc.pid}" in line and len(second.stderr().splitlines()) \
       <= 3, second.stderr()
@@ -182,7 +184,8 @@ def test_a_save_that_cannot_be_written_fails_fast(tmp_path):
     elapsed = time.time() - t0
   finally:
     subprocess.run(["chattr", "-i", str(run_dir / "checkpoints")], check=True)
-  assert run.proc.returncode == 4 and elapsed < 30, (elapsed, run.stderr()[-2000:])
+  # (no retry loop: it measured 12-47 s on a loaded 2-core host, the whole run with its start and compile)
+  assert run.proc.returncode == 4 and elapsed < 90, (elapsed, run.stderr()[-2000:])
   line = last_line(run)
   assert line.startswith("error: step 4: writing the checkpoint") and f"{run_dir / 'checkpoints' / '2'}" in line
   assert "Traceback" not in run.stderr()
