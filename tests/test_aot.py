@@ -301,8 +301,9 @@ def test_peak_buffers_name_the_arrays_and_the_lines_that_made_them(tmp_path):
   text = live.with_name(live.name.replace("-live-range.txt", ".txt")).read_text()
   rows = hlo_lib.peak_buffers(text, live.read_text(), top=2)
   assert [(r["array"], r["bytes"]) for r in rows] == [("f32[256,256]", 256 * 256 * 4)] * 2, rows
-  made = {r["op"]: r for r in rows}
-  assert set(made) == {"parameter", "fusion"} and f"tests/test_aot.py:{line} (" in made["fusion"]["source"]
+  (param,) = [r for r in rows if r["op"] == "parameter"]
+  (sine,) = [r for r in rows if r is not param]  # a fusion, or the bare sine under XLA:CPU's old emitters
+  assert sine["op"] in ("fusion", "sine") and f"tests/test_aot.py:{line} (" in sine["source"], rows
 
 
 def fake_devices(ids, process=None, slices=None, platform="gpu"):
