@@ -108,7 +108,7 @@ def test_model_code_never_asks_for_the_backend():
 
 def test_every_imported_package_is_declared():
   """Each third-party package the code imports is a dependency in pyproject.toml (the tests' own
-  under the `test` extra)."""
+  under the `test` extra; the tools' optional lm-eval under `eval`)."""
   import importlib.metadata
   import re
   import sys
@@ -118,9 +118,10 @@ def test_every_imported_package_is_declared():
   normal = lambda name: re.split(r"[<>=!~\[ ;]", name, maxsplit=1)[0].lower().replace("_", "-")
   runtime = {normal(d) for d in project["dependencies"]}
   test = runtime | {normal(d) for d in project["optional-dependencies"]["test"]}
+  tools = runtime | {normal(d) for d in project["optional-dependencies"]["eval"]}  # (train.eval --tasks: lm-eval)
   dists = importlib.metadata.packages_distributions()
   missing = []
-  for folder, declared in (("moe", runtime), ("parallel", runtime), ("train", runtime), ("tests", test)):
+  for folder, declared in (("moe", runtime), ("parallel", runtime), ("train", tools), ("tests", test)):
     for path in (ROOT / folder).rglob("*.py"):
       for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
