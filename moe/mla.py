@@ -18,8 +18,9 @@ query and the output, so keys and values are never materialised per head:
 
 which is exactly the full-attention result (q_nope . (c_kv W_UK) = (q_nope W_UK^T) . c_kv).
 
-In training each call also leaves `max_logit` [heads], an nnx.Intermediate: each head's largest
-pre-softmax logit over the batch, which QK-clip reads (train/core/muon.py); unread, XLA drops it.
+With `keep_max_logit` set (the trainer sets it when QK-clip is on) each training call also leaves
+`max_logit` [heads], an nnx.Intermediate: each head's largest pre-softmax logit over the batch, which
+QK-clip reads (train/core/muon.py). Off, a forward leaves the model's state as it found it.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class MLA(nnx.Module):
     self.par = rt.par  # the Pallas kernels run per device, under the mesh
     self.interpret = rt.platform != {"splash": "tpu", "flash": "gpu"}.get(rt.attention)  # else the interpreter
     self.dtype = rt.compute_dtype
+    self.keep_max_logit = False  # QK-clip's statistic: the trainer sets it (model.set_attributes) when it reads it
     d, h = cfg.hidden_size, cfg.num_attention_heads
     if cfg.q_lora_rank is None:
       self.q_proj = Linear(d, h * cfg.qk_head_dim, ("embed", "heads"), cfg, rt, rngs=rngs)
@@ -126,8 +128,8 @@ class MLA(nnx.Module):
       k_nope, v = jnp.split(kv, [nope], axis=-1)
       q = jnp.concatenate([q_nope, q_pe], axis=-1)
       k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe, (b, t, h, cfg.qk_rope_head_dim))], axis=-1)
-      # QK-clip's statistic (train/core/muon.py), an intermediate: computed only when the trainer pops it
-      self.max_logit = nnx.Intermediate(max_logit(q, k, mask.dense, rope.softmax_scale(cfg)))
+      if self.keep_max_logit:  # QK-clip's statistic (train/core/muon.py), an intermediate the trainer pops
+        self.max_logit = nnx.Intermediate(max_logit(q, k, mask.dense, rope.softmax_scale(cfg)))
       if self.attention in PALLAS:
         kernel = functools.partial(PALLAS[self.attention], scale=rope.softmax_scale(cfg), interpret=self.interpret)
         out = per_device(kernel, q, k, v, mask.segment_ids, self.par)

@@ -10,7 +10,7 @@
 `devices(target)` returns jax Device objects that nothing can run on but everything compiles for
 (`jax.experimental.topologies`); `Target.hbm_bytes` is the per-device memory the compiler plans
 against (TPU: as libtpu reports it in its out-of-memory errors). `hardware(family)`: the chip's
-peak FLOP/s, HBM and link bandwidths and price, each with its source, from configs/hardware.yaml
+peak FLOP/s, HBM and link bandwidths and price, each with its source, from configs/hardware/chips.yaml
 (the step-time forecast's table: train/forecast.py).
 """
 
@@ -26,7 +26,7 @@ from parallel.errors import ConfigError
 
 GiB = 1 << 30
 GPU_SPECS = Path(__file__).resolve().parents[1] / "configs" / "gpus"
-HARDWARE = Path(__file__).resolve().parents[1] / "configs" / "hardware.yaml"
+HARDWARE = Path(__file__).resolve().parents[1] / "configs" / "hardware" / "chips.yaml"
 
 # family -> (topology prefix, chip config, devices per chip, 3-D?, HBM per device as libtpu plans it)
 TPU_FAMILIES = {
@@ -153,7 +153,7 @@ _FIGURES = ("peak_bf16", "peak_fp8", "hbm_bytes", "hbm_bw", "fast_bw", "fast_dom
 
 
 def hardware(family: str, path: Path = HARDWARE) -> dict:
-  """The figures of a chip family ("v5p", "h100", ...; configs/hardware.yaml has each one's source)."""
+  """The figures of a chip family ("v5p", "h100", ...; configs/hardware/chips.yaml has each one's source)."""
   import yaml
 
   table = yaml.safe_load(Path(path).read_text())

@@ -61,6 +61,20 @@ def test_forward_shapes_and_load(model_fn):
   assert np.all(np.asarray(out.moe_stats.balance_loss) > 0)
 
 
+def test_a_forward_leaves_the_state_as_it_found_it():
+  """A forward adds no variables (QK-clip's max_logit is kept only when the trainer asks: a model
+  split before a forward must merge with the state split after it)."""
+  graphdef, state = random_state(CFG)
+  model = nnx.merge(graphdef, state)
+  n = len(jax.tree.leaves(nnx.state(model)))
+  model.forward(tokens_of(0))
+  assert len(jax.tree.leaves(nnx.state(model))) == n
+  model.set_attributes(keep_max_logit=True)
+  model.forward(tokens_of(0))
+  kept = nnx.pop(model, nnx.Intermediate)
+  assert len(jax.tree.leaves(kept)) == 3  # the dense layer's MLA, the MoE layers' (stacked), the MTP block's
+
+
 def test_causality(model_fn):
   state, forward = model_fn
   seg = jnp.ones((B, S), jnp.int32)

@@ -46,7 +46,7 @@ per device", and exit code 3 (2: a bad config or target). `--search` compiles me
 remat policies and grad_accum for one target, best first, and prints one JSON line per try and a
 table ranked by the forecast step time (memory second).
 
-forecast (train/forecast.py; configs/hardware.yaml has each chip's figures and their sources):
+forecast (train/forecast.py; configs/hardware/chips.yaml has each chip's figures and their sources):
   costs: per device and step, read from the compiled HLO (not XLA's cost_analysis): flops by kind
     (dots and convolutions, ragged dots at the balanced fill and as their buffers, attention
     kernels, other), hbm_bytes, collective_bytes by kind and link (fast: ICI / NVLink; slow: DCN /
@@ -137,7 +137,7 @@ _UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 def step_forecast(hlo: str, cfg: TrainConfig, par: Parallelism, target: targets_lib.Target, assignment,
                   model_flops: float, price: float | None = None) -> dict:
   """{"costs", "forecast"} of a compiled step (train/forecast.py): per device what it executes, reads
-  and sends, and the step's time on the target's chips (configs/hardware.yaml), priced at `price`
+  and sends, and the step's time on the target's chips (configs/hardware/chips.yaml), priced at `price`
   per chip-hour (default: the table's)."""
   chip = forecast.chip_of(target.family)
   p = forecast.Program(hlo)
@@ -322,7 +322,7 @@ def main(argv=None) -> int:
   p.add_argument("--buffers", type=int, default=0, metavar="N",
                  help="also list the N largest buffers live at the peak: array, bytes, operation, source line")
   p.add_argument("--price", type=float, default=None, metavar="USD",
-                 help="price per chip-hour for the forecast's cost per million tokens (default: configs/hardware.yaml)")
+                 help="price per chip-hour for the forecast's cost per million tokens (default: configs/hardware/chips.yaml)")
   args = p.parse_intermixed_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
   rc = 0

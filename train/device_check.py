@@ -5,7 +5,7 @@ In order, each a subprocess with its own time limit (all together under 8 minute
             compiled for the GPU and run on it, against float64 NumPy (tests/test_fp8_gpu.py runs
             the same in the Pallas interpreter); relative errors, each under 1e-5
   bench     train.bench on configs/bench-gpu.yaml in bf16 and in FP8: step time, tokens/s, MFU
-            against the GPU's published peak (configs/hardware.yaml) and against a matmul peak
+            against the GPU's published peak (configs/hardware/chips.yaml) and against a matmul peak
             measured on the spot
   forecast  train.aot's forecast of the same bf16 step for this GPU (h100x1, h200x1, b200x1), and
             the measured step's error against it

@@ -446,7 +446,7 @@ def report(cost: Cost, chip: Chip, *, tokens: int, model_flops: float, chips: in
 
 # ------------------------------------------------------------------ chips and links
 def chip_of(family: str, path=None) -> Chip:
-  """The per-device figures of a chip family (configs/hardware.yaml: per chip, with sources)."""
+  """The per-device figures of a chip family (configs/hardware/chips.yaml: per chip, with sources)."""
   from parallel import targets
 
   hw = targets.hardware(family, **({"path": path} if path else {}))

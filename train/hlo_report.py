@@ -4,7 +4,7 @@
 
 FILE is the text of an optimised (compiled) module: `compiled.as_text()`, or what
 `XLA_FLAGS=--xla_dump_to=DIR` writes (*after_optimizations.txt; MaxText's train_compile writes the
-same). The target names the chip (configs/hardware.yaml) and the granules behind the slow links:
+same). The target names the chip (configs/hardware/chips.yaml) and the granules behind the slow links:
 replica-group positions in order, hosts of 8 GPUs or slices of the target's devices. One JSON line:
 {"costs", "forecast"} as train.aot prints them (its docstring has the fields); with --tokens (per
 step, all devices) and --model-flops (per step, all devices), tokens/s, TFLOP/s and MFU too. The
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
   p.add_argument("--slices", type=int, default=1, help="TPU slices")
   p.add_argument("--tokens", type=int, default=0, help="tokens per step, all devices")
   p.add_argument("--model-flops", type=float, default=0.0, help="model FLOPs per step, all devices")
-  p.add_argument("--price", type=float, default=None, help="USD per chip-hour (default: configs/hardware.yaml)")
+  p.add_argument("--price", type=float, default=None, help="USD per chip-hour (default: configs/hardware/chips.yaml)")
   p.add_argument("--ragged-fill", type=float, default=1.0, help="share of ragged dots' buffer rows holding tokens")
   args = p.parse_args(argv)
   try:

@@ -70,6 +70,8 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainCo
 
   def loss_fn(params, rest, batch, counts):
     model = nnx.merge(graphdef, params, rest)
+    if qk_clip is not None:
+      model.set_attributes(keep_max_logit=True)  # each MLA module leaves its max_logit (moe/mla.py)
     out = model.forward(batch["tokens"], batch["segment_ids"], batch["positions"])
     loss, parts = loss_lib.objective(out, batch, counts, n_micro, lam, alpha)
     load = out.moe_stats.load if out.moe_stats is not None else jnp.zeros((0, 1))
