@@ -28,6 +28,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -51,11 +52,28 @@ def host_accelerator() -> str | None:
 def select_platform() -> None:
   """Pick JAX's platform once, before anything touches a device: JAX_PLATFORMS if it is set, else
   cpu on a host without an accelerator. (With the tpu extra installed, JAX would otherwise load libtpu
-  on every CPU run, which probes for TPU chips and workers and logs about them.)"""
+  on every CPU run, which probes for TPU chips and workers and logs about them.) With simulated CPU
+  devices, also room in XLA:CPU's thread pool (`cpu_threads`)."""
+  cpu_threads()
   if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
     return
   if host_accelerator() is None:
     jax.config.update("jax_platforms", "cpu")
+
+
+THREADS_PER_SIMULATED_DEVICE = 4
+
+
+def cpu_threads() -> None:
+  """With N > 1 simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N), PJRT_NPROC
+  = 4N unless it is set. XLA:CPU runs every device's program on one pool of max(cores, N) threads, and
+  a collective holds its thread until all its devices have joined. Two collectives that do not depend
+  on each other can start on a device in either order: with N threads, N - 1 devices waiting in one and
+  the last device's thread in the other, no thread is left to start the last device's first one, and
+  XLA aborts after 40 s ("Termination timeout ... only 7 of them arrived"). 4N threads leave room."""
+  m = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+  if m and int(m.group(1)) > 1:
+    os.environ.setdefault("PJRT_NPROC", str(THREADS_PER_SIMULATED_DEVICE * int(m.group(1))))
 
 
 def _env_int(name: str) -> int | None:

@@ -8,8 +8,10 @@ import os
 
 # XLA:CPU's new fusion emitters take twice as long to compile the tiny models as the old ones, and
 # compiling is most of these tests' time (CPU-only flag: the TPU and GPU targets train.aot compiles
-# for are untouched). The subprocess workers get it too (tests.processes.FAST_COMPILE).
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_fusion_emitters=false".strip()
+# for are untouched); so is the second, which gives a collective on a loaded host more than 40 s for
+# its devices to arrive. The subprocess workers get both (tests.processes.FAST_COMPILE).
+os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_fusion_emitters=false"
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=600").strip()
 
 from parallel.distributed import select_platform  # noqa: E402
 

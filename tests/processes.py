@@ -36,9 +36,10 @@ def start_worker(devices: dict[str, int], default: int = 8, xla_flags: str = "")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count="
                              f"{devices.get(mode, default)} {xla_flags}").strip()
-  if mode == "multi":
-    from parallel import distributed
+  from parallel import distributed
 
+  distributed.cpu_threads()  # XLA:CPU's thread pool sized for the simulated devices
+  if mode == "multi":
     distributed.initialize(f"127.0.0.1:{sys.argv[2]}", int(sys.argv[4]), int(sys.argv[3]))
   return mode
 
@@ -50,6 +51,9 @@ def start_worker(devices: dict[str, int], default: int = 8, xla_flags: str = "")
 # targets (train.aot), whose programs these flags would change.
 FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
                 "--xla_cpu_use_fusion_emitters=false")
+# A collective's devices get 600 s, not 40, to arrive: two workers, each with 8 device threads, share
+# the 2-core CI host (the thread pool they run on is parallel.distributed.select_platform's).
+FAST_COMPILE += " --xla_cpu_collective_call_terminate_timeout_seconds=600"
 _cache: list[str] = []
 
 

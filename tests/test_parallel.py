@@ -9,6 +9,7 @@ parameter update; two processes x 4 devices must reproduce the one-process 8-dev
 """
 
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -18,7 +19,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from parallel.errors import ConfigError
-from parallel import expert_parallel, mesh as mesh_lib, sharding
+from parallel import distributed, expert_parallel, mesh as mesh_lib, sharding
 from parallel.mesh import MeshConfig
 from tests.processes import TINY, cpu_env, free_port, last_json, run_together
 
@@ -27,6 +28,22 @@ ROOT = WORKER.parent.parent
 
 
 # ------------------------------------------------------------------ in process (one device)
+def test_simulated_cpu_devices_get_room_in_the_thread_pool(monkeypatch):
+  """8 simulated devices: PJRT_NPROC = 32 (parallel.distributed.cpu_threads: collectives waiting on
+  one device's thread cannot starve it); one device or a PJRT_NPROC already set: left alone."""
+  monkeypatch.delenv("PJRT_NPROC", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=false --xla_force_host_platform_device_count=8")
+  distributed.cpu_threads()
+  assert os.environ["PJRT_NPROC"] == "32"
+  monkeypatch.setenv("PJRT_NPROC", "5")
+  distributed.cpu_threads()
+  assert os.environ["PJRT_NPROC"] == "5"
+  monkeypatch.delenv("PJRT_NPROC")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  distributed.cpu_threads()
+  assert "PJRT_NPROC" not in os.environ
+
+
 def test_axis_sizes_and_errors():
   assert mesh_lib.axis_sizes(MeshConfig(data=-1, fsdp=2, expert=2), 8) == dict(stage=1, data=2, fsdp=2, expert=2,
                                                                                 tensor=1)
