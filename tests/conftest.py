@@ -6,12 +6,10 @@ core waits for the other at the end."""
 
 import os
 
-# XLA:CPU's new fusion emitters take twice as long to compile the tiny models as the old ones, and
-# compiling is most of these tests' time (CPU-only flag: the TPU and GPU targets train.aot compiles
-# for are untouched); so is the second, which gives a collective on a loaded host more than 40 s for
-# its devices to arrive. The subprocess workers get both (tests.processes.FAST_COMPILE).
-os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_fusion_emitters=false"
-                           " --xla_cpu_collective_call_terminate_timeout_seconds=600").strip()
+from tests.processes import FAST_COMPILE  # noqa: E402  (no jax: XLA_FLAGS are read when jax starts)
+
+# XLA:CPU's compile-time flags for these tests (tests.processes.FAST_COMPILE says why).
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 from parallel.distributed import select_platform  # noqa: E402
 

@@ -44,16 +44,17 @@ def start_worker(devices: dict[str, int], default: int = 8, xla_flags: str = "")
   return mode
 
 
-# What the subprocesses share: XLA:CPU's backend optimisations and new fusion emitters off (compiling
-# is most of their time, running the tiny models almost none; results are the same) and one persistent compilation cache for
-# the session, so that a program compiled by one process (the tiny model's init and step, above all)
-# is read by the next. The pytest process itself keeps the defaults: it also compiles for TPU and GPU
-# targets (train.aot), whose programs these flags would change.
+# What every test process shares (the pytest processes too, tests/conftest.py): XLA:CPU's LLVM
+# optimisations and new fusion emitters off. Compiling is most of the tests' time and running the tiny
+# models almost none: a 6-step Muon run compiles in 16 s instead of 88 (same HLO passes, so the same
+# fusions and remat). All three are XLA:CPU flags: train.aot's TPU programs are unchanged (tiny on
+# v5p-8: the same memory, FLOPs and collectives). The fourth gives a collective's devices 600 s, not
+# 40, to arrive: two workers, each with 8 device threads, share the 2-core CI host (the thread pool
+# they run on is parallel.distributed.cpu_threads's). The subprocesses also share one persistent
+# compilation cache for the session, so that a program compiled by one process (the tiny model's init
+# and step, above all) is read by the next.
 FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                "--xla_cpu_use_fusion_emitters=false")
-# A collective's devices get 600 s, not 40, to arrive: two workers, each with 8 device threads, share
-# the 2-core CI host (the thread pool they run on is parallel.distributed.select_platform's).
-FAST_COMPILE += " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+                "--xla_cpu_use_fusion_emitters=false --xla_cpu_collective_call_terminate_timeout_seconds=600")
 _cache: list[str] = []
 
 

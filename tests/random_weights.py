@@ -28,12 +28,9 @@ def random_state(cfg, seed=0, std=0.15, rt=None):
   return graphdef, jax.tree_util.tree_map_with_path(fill, state)
 
 
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
 def initialised(cfg, rt=None, seed=0):
   """Transformer(cfg, rt, rngs=nnx.Rngs(seed)) as built eagerly, but initialised by one jitted program
-  compiled without LLVM's optimisations (op by op, the tiny model's init takes about 15 s)."""
+  (op by op, the tiny model's init takes about 15 s)."""
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rt, rngs=nnx.Rngs(seed))))
-  state = jax.jit(lambda: nnx.state(Transformer(cfg, rt, rngs=nnx.Rngs(seed))), compiler_options=FAST)()
+  state = jax.jit(lambda: nnx.state(Transformer(cfg, rt, rngs=nnx.Rngs(seed))))()
   return nnx.merge(graphdef, state)

@@ -154,7 +154,7 @@ def test_gradients_sorted_match_dense(inputs):
   def loss(fn):
     def f(x, w, gate, up, down):
       return jnp.sum(fn(x, idx, w, gate, up, down) * cot)
-    grad = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4)), compiler_options={"xla_backend_optimization_level": 0})
+    grad = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4)))
     return grad(x, w, gate, up, down)
 
   g_sorted, g_dense = loss(sorted_experts), loss(dense_experts)
@@ -199,7 +199,7 @@ def test_moe_module_is_shared_plus_routed(n_shared, impl):
   graphdef, state = random_moe(cfg, seed=n_shared, impl=impl)
   assert nnx.merge(graphdef, state).experts.impl == {"auto": "blocked"}.get(impl, impl)
 
-  @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+  @jax.jit
   def run(state, x, valid):
     moe = nnx.merge(graphdef, state)
     y, stats = moe(x, valid)

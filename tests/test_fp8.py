@@ -28,7 +28,6 @@ from parallel.expert_parallel import combine
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FAST = {"xla_backend_optimization_level": 0}
 # "xla": real float8 dot_generals (XLA:CPU upcasts them); "kernels": moe/kernels/fp8_pallas.py's
 # Pallas kernels, which on a CPU run in the Pallas interpreter (on a GPU they compile to Triton).
 BACKENDS = ("qdq", "xla", "kernels")
@@ -76,7 +75,7 @@ QDQ = jax.jit(lambda x, tile, pow2: (q := fp8.quantize(x, tile, pow2), fp8.dequa
 def jit_vjp(f, *args, cot=None):
   """(f(*args), VJP of f at args with cotangent `cot`, default ones) in one compiled call."""
 
-  @jax.jit(compiler_options=FAST)
+  @jax.jit
   def run(args, cot):
     y, vjp = jax.vjp(f, *args)
     return y, vjp(jnp.ones_like(y) if cot is None else cot.astype(y.dtype))
@@ -198,8 +197,7 @@ def test_linear_forward_and_gradients_vs_numpy(backend, monkeypatch):
 
 def test_xla_equals_qdq_and_scan_grouping():
   x, w = jnp.asarray(wide((130, 600))), jnp.asarray(wide((600, 200), 1) * 0.05)
-  f = lambda r: jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(fp8.linear(x, w, r) ** 2), (0, 1)),
-                        compiler_options=FAST)(x, w)
+  f = lambda r: jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(fp8.linear(x, w, r) ** 2), (0, 1)))(x, w)
   (lq, gq), (ln, gn) = f(fp8.Recipe("qdq")), f(fp8.Recipe("xla"))
   ls, gs = f(fp8.Recipe("xla", xla_partial_bytes=130 * 256 * 4 * 2))  # groups of 2 of the 5 K-chunks
   for a, b in ((ln, lq), (ls, lq)):
@@ -218,7 +216,7 @@ def test_linear_dtypes_and_batch_axes(backend, monkeypatch):
   assert y.shape == (2, 3, 20) and y.dtype == dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
   xb, wb = jnp.asarray(wide((3, 40, 130))), jnp.asarray(wide((3, 130, 24), 1))
 
-  @jax.jit(compiler_options=FAST)
+  @jax.jit
   def run(x, xb, wb):  # flattened tokens; fp8_matmul with batch axes == each batch alone
     return (fp8.linear(x.reshape(6, 130), w, recipe), fp8.fp8_matmul(xb, wb, recipe),
             jnp.stack([fp8.linear(xb[i], wb[i], recipe) for i in range(3)]))
@@ -291,7 +289,7 @@ def test_fp8_experts_sorted_and_blocked():
   def routed(ffn, x, w, gate, up, down, r):  # each (token, k) a row, then the weighted combine
     return combine(ffn(jnp.repeat(x, k, axis=0), args[1].reshape(-1), gate, up, down, fp8=r), w)
 
-  @jax.jit(compiler_options=FAST)
+  @jax.jit
   def run(x, w, gate, up, down):
     out = {}
     for name, ffn in (("sorted", ragged_ffn), ("blocked", cpu.blocked_ffn)):

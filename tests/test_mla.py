@@ -169,7 +169,7 @@ def test_mla_module_vs_reference():
   x = rng.standard_normal((2, 7, cfg.hidden_size)).astype(np.float32)
   seg = np.array([[1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 1, 1]])
   pos = np.array([[0, 1, 2, 3, 0, 1, 2], [3, 4, 5, 6, 7, 8, 9]])
-  @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+  @jax.jit
   def run(state, x, pos, seg):
     return nnx.merge(graphdef, state)(x, rope.rope_tables(pos, cfg), mla.document_mask(seg))[0]
 
@@ -192,7 +192,7 @@ def test_packed_documents_equal_separate_runs(attention):
   graphdef, state = random_state(CFG, rt=Runtime.resolve(ImplConfig(attention=attention), announce=False))
 
   # LLVM opt level 0: faster XLA:CPU compiles, same HLO.
-  @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+  @jax.jit
   def run(state, tokens, seg, pos):
     out = nnx.merge(graphdef, state).forward(tokens, seg, pos)
     return out.logits, out.mtp_logits[0]

@@ -21,9 +21,6 @@ CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_inter
                   n_group=2, topk_group=1, first_k_dense_replace=1, num_nextn_predict_layers=1,
                   max_position_embeddings=64, initializer_range=0.02)
 B, S = 2, 8
-# LLVM backend opt level 0: halves XLA:CPU compile time on these tiny graphs (HLO passes, and so
-# fusion and remat, are unchanged).
-FAST = {"xla_backend_optimization_level": 0}
 
 
 def abstract_model(cfg, rt=None):
@@ -38,7 +35,7 @@ def model_fn():
   def forward(state, tokens, seg):
     return nnx.merge(graphdef, state).forward(tokens, seg)
 
-  return state, jax.jit(forward, compiler_options=FAST)
+  return state, jax.jit(forward)
 
 
 def tokens_of(seed, shape=(B, S)):
@@ -126,7 +123,7 @@ def test_remat_policies_and_unrolled_layers_same_loss_and_grads():
 
     jaxpr = str(jax.make_jaxpr(value_and_grad)(state))
     assert ("remat" in jaxpr or "checkpoint" in jaxpr) == (policy != "none"), policy
-    loss_value, grads = jax.jit(value_and_grad, compiler_options=FAST)(state)
+    loss_value, grads = jax.jit(value_and_grad)(state)
     results[variant] = (float(loss_value), grads)
   loss0, grads0 = results["none"]
   leaves0 = jax.tree.leaves(grads0)
@@ -168,7 +165,7 @@ def test_parameter_count_matches_analytic(cfg):
 def initialised():
   """The real initialiser, run once (jit: one compile instead of one per parameter shape)."""
   graphdef = nnx.split(abstract_model(CFG))[0]
-  state = jax.jit(lambda: nnx.state(Transformer(CFG, rngs=nnx.Rngs(0))), compiler_options=FAST)()
+  state = jax.jit(lambda: nnx.state(Transformer(CFG, rngs=nnx.Rngs(0))))()
   return nnx.merge(graphdef, state)
 
 

@@ -67,7 +67,7 @@ def random_scores(cfg, t, seed):
 
 
 # One compile per config instead of one per eager op (LLVM opt level 0: faster XLA:CPU compiles).
-select = jax.jit(router.select, static_argnums=2, compiler_options={"xla_backend_optimization_level": 0})
+select = jax.jit(router.select, static_argnums=2)
 
 
 def run_select(scores, bias, cfg):
