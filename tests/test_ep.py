@@ -1,10 +1,11 @@
 """Expert-parallel traffic (parallel/expert_parallel.py, parallel/eplb.py): the two-level dispatch
 (mesh.ep_nodes), the split exchange (mesh.ep_overlap) and redundant experts (mesh.redundant_experts).
 
-In process: the capacities and bounds. On 8 simulated devices (tests/ep_worker.py): every feature, alone
-and together, equal to one device (float32, loss within 1e-6 relative, update within 1e-6 of its norm) on
-expert=8 and data=2 x expert=4 with group-limited routing, across re-placements of the copies and a
-checkpoint restore.
+In process: the capacities and bounds. On 8 simulated devices (tests/ep_worker.py), equal to one device:
+the MoE dispatch alone (outputs and gradients) in six combinations of the features and meshes; whole
+training steps (float32, loss within 1e-6 relative, update within 1e-6 of its norm) with all the
+features together, on expert=8 and data=2 x expert=4 with group-limited routing, across re-placements
+of the copies and a checkpoint restore.
 """
 
 from pathlib import Path

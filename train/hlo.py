@@ -402,11 +402,10 @@ def slow_a2a(hlo: str, devices, groups: str | None = None, top: int = 6) -> dict
 
 def device_assignment(compiled, mesh) -> list:
   """The devices of a compiled SPMD program in the order its replica-group ids count them: the
-  input shardings' device assignment (for a jit over a Mesh, mesh.devices.flat)."""
+  input shardings' mesh, flattened (for a jit over `mesh`, mesh.devices.flat)."""
   for sharding in jax.tree.leaves(compiled.input_shardings):
-    devices = getattr(sharding, "_device_assignment", None)
-    if devices:
-      return list(devices)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return list(sharding.mesh.devices.flat)
   return list(mesh.devices.flat)
 
 
