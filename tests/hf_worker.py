@@ -29,6 +29,7 @@ from moe import hf  # noqa: E402
 from parallel.mesh import MeshConfig, Parallelism  # noqa: E402
 from train import export  # noqa: E402
 from train.core import checkpoint as ckpt_lib  # noqa: E402
+from train.core import model_io  # noqa: E402
 from train.core import loop  # noqa: E402
 from train.core.data import synthetic_batch  # noqa: E402
 
@@ -97,7 +98,7 @@ def single(d) -> dict:
   ckpt_lib.save_state(cfg.run_dir, 1, state, cfg)
   export.export(cfg.run_dir, os.path.join(d, "exported"))
   export.export(cfg.run_dir, os.path.join(d, "exported_fp8"), fp8=True)
-  ours = ckpt_lib.load_model(ckpt_lib.step_dir(cfg.run_dir, 1))
+  ours = model_io.load_model(ckpt_lib.step_dir(cfg.run_dir, 1))
   tokens = np.random.default_rng(2).integers(0, cfg.model.vocab_size, (2, 13)).astype(np.int32)
   np.save(os.path.join(d, "tokens.npy"), tokens)
   np.save(os.path.join(d, "ours.npy"), np.asarray(ours(jnp.asarray(tokens))))

@@ -23,6 +23,7 @@ from flax import nnx  # noqa: E402
 from moe import hf  # noqa: E402
 from parallel import mesh as mesh_lib  # noqa: E402
 from train.core import checkpoint as ckpt_lib  # noqa: E402
+from train.core import model_io  # noqa: E402
 from train.core import loop  # noqa: E402
 from train.core.config import load_train_config  # noqa: E402
 from train.core.data import synthetic_batch  # noqa: E402
@@ -128,7 +129,7 @@ def checkpoint(tmp):
   ref = states["2:circular"]
   for job, st in states.items():
     out["restored"][job]["equal"] = len(st) == len(ref) and all(np.array_equal(st[k], ref[k]) for k in ref)
-  model = ckpt_lib.load_model(ckpt_lib.step_dir(f"{tmp}/run"))  # export / generate / eval read it in layer order
+  model = model_io.load_model(ckpt_lib.step_dir(f"{tmp}/run"))  # export / generate / eval read it in layer order
   loaded = canonical({"params": nnx.split(model, nnx.Param, ...)[1]}, saved_cfg, None)
   out["load_model_equal"] = len(loaded) > 0 and all(np.array_equal(v, ref[k]) for k, v in loaded.items())
   out["load_model_layers"] = int(model.moe_layers.depth)

@@ -18,6 +18,7 @@ from moe.model import Transformer
 from train.core import checkpoint as ckpt_lib
 from train.core import data as data_lib
 from train.core import loop
+from train.core import metrics as metrics_lib
 from train.core import optimizer as optimizer_lib
 from train.core import step as step_lib
 from train.core.config import load_train_config
@@ -217,6 +218,6 @@ def test_config_changes_and_trim_metrics(tmp_path):
   assert ckpt_lib.config_changes(a, b) == ["optimizer.lr 0.002 -> 0.5", "steps 300 -> 20"]
   lines = [{"step": s, "loss": 1.0} for s in (1, 2, 3, 4)] + [{"step": 2, "eval_loss": 1.0}]
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-  assert ckpt_lib.trim_metrics(tmp_path, 2) == 2
+  assert metrics_lib.trim_metrics(tmp_path, 2) == 2
   kept = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in kept] == [1, 2, 2]

@@ -95,7 +95,7 @@ def test_not_a_model_directory(tmp_path, capsys):
 def test_run_dir_checkpoint_equals_its_hf_export(tmp_path, capsys):
   """A checkpoint written by train.checkpoint.save_state reads back as the same model (eval loss
   equal to its to_hf export's), and generate uses the run's tokenizer."""
-  from train.core import checkpoint as ckpt_lib
+  from train.core import checkpoint as ckpt_lib, model_io
   from train.core import optimizer as optimizer_lib
   from train.core.config import load_train_config
 
@@ -119,4 +119,4 @@ def test_run_dir_checkpoint_equals_its_hf_export(tmp_path, capsys):
   assert rc_run == 0, err
   rc_hf, out_hf, _ = run(eval_lib.main, [tmp_path / "hf", *argv], capsys)
   assert rc_hf == 0 and json.loads(out_run)["loss"] == pytest.approx(json.loads(out_hf)["loss"], abs=1e-6)
-  assert ckpt_lib.tokenizer_of(cfg.run_dir) == cfg.tokenizer == "byte"
+  assert model_io.tokenizer_of(cfg.run_dir) == cfg.tokenizer == "byte"

@@ -16,6 +16,7 @@ from moe.model import Transformer
 from train import export
 from train.core import loop
 from train.core import checkpoint as ckpt_lib
+from train.core import model_io
 from train.core import optimizer as optimizer_lib
 from train.core import step as step_lib
 from train.core.config import load_train_config
@@ -105,7 +106,7 @@ def test_from_hf_makes_a_step_0_checkpoint_that_trains(tmp_path):
 
   # the weights are the HF ones, bitwise; the optimiser state is fresh
   ref = nnx.state(hf.from_hf(tmp_path / "hf"), nnx.Variable)
-  got = nnx.state(ckpt_lib.load_model(step0), nnx.Variable)
+  got = nnx.state(model_io.load_model(step0), nnx.Variable)
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with ckpt_lib.Checkpoints(cfg) as ck:

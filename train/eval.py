@@ -46,7 +46,8 @@ from moe import hf
 from parallel.errors import ConfigError, DataError, InputError
 from parallel.mesh import MeshConfig, Parallelism
 from train.core import jsonl
-from train.core.checkpoint import load_any, load_model, step_dir, tokenizer_of
+from train.core.checkpoint import step_dir
+from train.core.model_io import load_any, load_model, tokenizer_of
 from train.core.config import apply_override
 from train.core.data import ByteTokenizer, load_tokenizer
 from train.core.evaluation import EvalSet

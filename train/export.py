@@ -31,7 +31,7 @@ from moe import hf
 from moe.config import load_yaml
 from parallel.errors import ConfigError
 from parallel.mesh import MeshConfig, Parallelism
-from train.core import checkpoint as ckpt_lib
+from train.core import checkpoint as ckpt_lib, model_io
 from train.core import loop
 from train.core.config import TrainConfig, apply_override
 
@@ -48,9 +48,9 @@ def export(run_dir, out, step: int | None = None, dtype: str = "float32", max_sh
     raise ConfigError(f"{out}: exists and is not empty; choose a new --out directory")
   src = ckpt_lib.step_dir(run_dir, step)
   par = Parallelism.from_config(MeshConfig(data=1, fsdp=-1))
-  model = ckpt_lib.load_model(src, dtype, par=par)
+  model = model_io.load_model(src, dtype, par=par)
   if not allow_nonfinite:
-    ckpt_lib.check_finite(model, src, "export an earlier --step, or pass --allow-nonfinite to write them anyway")
+    model_io.check_finite(model, src, "export an earlier --step, or pass --allow-nonfinite to write them anyway")
   hf.to_hf(model, out, max_shard_bytes=max_shard_bytes, fp8=fp8)
   return src
 

@@ -19,7 +19,7 @@ from typing import Sequence
 
 from moe.decode import Generator
 from parallel.errors import ConfigError, InputError
-from train.core.checkpoint import load_any, tokenizer_of
+from train.core.model_io import load_any, tokenizer_of
 from train.core.data import load_tokenizer
 
 

@@ -12,9 +12,7 @@ training continues), holding the items
               (grain.checkpoint.CheckpointSave); absent in checkpoints made from HF weights
   config/     the resolved TrainConfig (JSON, `TrainConfig.to_dict`)
   meta/       {"format", "step", "process_count", "device_count", "mesh", "data_seed", "pipeline_layout"}
-  checksums/  `process_<i>-of-<n>.json` of every process: {array: {"dtype", "shards": {index: CRC-32}}},
-              the CRC-32 of the host bytes of each array shard this process saved (replica 0), its
-              index as "start:stop,..." (`shard_checksums`); written with the step, so committed with it
+  checksums/  a CRC-32 of every array shard saved, per process (train/core/checksums.py)
 
 A restore checks every shard it reads against its checksum (`verify`: a restored shard holding
 saved shards is checked on each of them, so a restore onto fewer devices is checked too; one split
@@ -36,7 +34,7 @@ are read with the shardings of the state `build` made, so a checkpoint saved on 
 count restores onto any other. With pipeline stages the MoE stack (with its optimizer moments and
 router biases) is stored in the pipeline's slot order (parallel/pipeline.py), recorded in meta as
 `pipeline_layout` [stages, repeats]; a checkpoint of another stage count or repeats is read in its own
-order and rearranged on device (`_relayout`). The data iterator:
+order and rearranged on device (`relayout`). The data iterator:
   - same number of processes: every process continues its iterator exactly where it stopped (no
     document repeated or skipped);
   - a different number of processes, or a changed data pipeline (`data`, `tokenizer`, `seq_len`,
@@ -47,49 +45,36 @@ order and rearranged on device (`_relayout`). The data iterator:
 `resume: false` refuses to start when the run directory holds checkpoints.
 
 Preemption (SIGTERM / SIGINT: finish the step, save, exit 0; a second one aborts) is
-train/core/preemption.py; an abort leaves an interrupted save as such a temporary directory.
+train/core/preemption.py; an abort leaves an interrupted save as such a temporary directory. Reading
+a step into a model for the tools is train/core/model_io.py; Orbax's noise when a save or a restore
+fails, train/core/orbax_noise.py.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import dataclasses
 import json
 import logging
-import os
 import re
 import shutil
-import sys
-import traceback
-import warnings
-import zlib
 from pathlib import Path
-from typing import Any
 
 import grain
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moe import hf
-from moe.model import Transformer
-from moe.runtime import Runtime
 from parallel import pipeline
 from parallel.errors import CheckpointError, ConfigError, RunFailed
 from parallel.pipeline import Layout
-from parallel.sharding import state_shardings
-from train.core import jsonl
+from train.core import orbax_noise
+from train.core.checksums import ChecksumSave, any_process, read_checksums, shard_checksums, verify
 from train.core.config import TrainConfig
-from train.core.metrics import trim_metrics  # noqa: F401 - the run's metrics start where its checkpoint does
+from train.core.orbax_noise import TMP_MARK
 
 log = logging.getLogger("train")
 
 FORMAT = "deepseek-jax/train-checkpoint/1"
 ITEMS = ("model", "optimizer", "data", "config", "meta", "checksums")
-TMP_MARK = ".orbax-checkpoint-tmp"
 CORRUPT = ".corrupt"  # a step directory whose bytes failed their checksums, moved aside
 # the keys that define the training data pipeline: an iterator state only fits the pipeline it came from
 DATA_KEYS = ("data", "tokenizer", "seq_len", "batch_size", "seed", "data_workers")
@@ -169,189 +154,6 @@ def _one_line(e: BaseException) -> str:
   return line if len(line) <= 240 else line[:237] + "..."
 
 
-# ---------------------------------------------------------------------- checksums
-def _index(index: tuple, shape: tuple) -> str:
-  """A shard's index (a tuple of slices) as "start:stop,start:stop" ("" for a scalar)."""
-  return ",".join("{}:{}".format(*sl.indices(n)[:2]) for sl, n in zip(index, shape))
-
-
-def _bounds(text: str) -> list[tuple[int, int]]:
-  return [tuple(map(int, part.split(":"))) for part in text.split(",")] if text else []
-
-
-def _name(path) -> str:
-  return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
-def _crc(a) -> str:
-  """CRC-32 of an array's bytes, read in place (about 1 GB/s a core; zlib releases the GIL)."""
-  return f"{zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8)):08x}"
-
-
-def shard_checksums(tree) -> dict:
-  """{array name: {"dtype", "shards": {index: CRC-32 hex}}} of the shards of `tree`'s arrays that this
-  process holds (replica 0 of each: every shard is summed by exactly one process), on a thread per
-  core."""
-  shards = [(_name(path), x, s) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-            if isinstance(x, jax.Array) for s in x.addressable_shards if s.replica_id == 0]
-  with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-    crcs = pool.map(lambda item: _crc(np.asarray(item[2].data)), shards)
-  out = {}
-  for (name, x, s), crc in zip(shards, crcs, strict=True):
-    out.setdefault(name, {"dtype": str(x.dtype), "shards": {}})["shards"][_index(s.index, x.shape)] = crc
-  return out
-
-
-def read_checksums(path: Path) -> dict | None:
-  """The checksums of every process of the checkpoint step directory `path`, merged; None when it
-  has none (written before checksums existed)."""
-  files = sorted((path / "checksums").glob("process_*-of-*.json"))
-  if not files:
-    return None
-  merged = {}
-  for f in files:
-    try:
-      part = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-      return {"": {"dtype": "", "shards": {}, "unreadable": f"{f.name}: {_one_line(e)}"}}
-    for name, entry in part.items():
-      merged.setdefault(name, {"dtype": entry["dtype"], "shards": {}})["shards"].update(entry["shards"])
-  return merged
-
-
-def verify(tree, saved: dict) -> tuple[list[str], int]:
-  """(the shards of `tree` this process restored whose bytes differ from their checksum at save, as
-  "array [index]", how many saved shards it checked). A restored shard is checked on every saved
-  shard it contains; arrays restored in another dtype (a cast on read) cannot be checked."""
-  if "" in saved:
-    return [f"checksums {saved['']['unreadable']}"], 0
-  bad, checked = [], 0
-  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    entry = saved.get(_name(path))
-    if entry is None or not isinstance(x, jax.Array) or entry["dtype"] != str(x.dtype):
-      continue
-    pieces = [(_bounds(k), crc, k) for k, crc in entry["shards"].items()]
-    for shard in (s for s in x.addressable_shards if s.replica_id == 0):  # the others read the same bytes
-      have = _bounds(_index(shard.index, x.shape))
-      host = None
-      for b, crc, k in pieces:
-        if all(h0 <= s0 and s1 <= h1 for (s0, s1), (h0, h1) in zip(b, have)):
-          host = np.asarray(shard.data) if host is None else host
-          part = host[tuple(slice(s0 - h0, s1 - h0) for (s0, s1), (h0, _) in zip(b, have))]
-          checked += 1
-          if _crc(part) != crc:
-            bad.append(f"{_name(path)} [{k}] fails its checksum")
-  return sorted(set(bad)), checked
-
-
-def _any_process(flag: bool) -> bool:
-  """Whether `flag` holds on any process (every process gets the same answer)."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils
-  return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
-
-
-class ChecksumHandler:
-  """Orbax CheckpointHandler writing this process's `shard_checksums` as
-  checksums/process_<i>-of-<n>.json (the pattern of grain's iterator handler: every process writes its
-  own file into the step's temporary directory, committed with the step)."""
-
-  def save(self, directory, item=None, args=None):
-    item = item if item is not None else args.item
-    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    (directory / name).write_text(jsonl.dumps(item))
-
-  def restore(self, directory, item=None, args=None):
-    return read_checksums(Path(directory).parent)
-
-  def structure(self, directory):
-    return None
-
-  def metadata(self, directory):
-    return None
-
-  def finalize(self, directory):
-    pass
-
-  def close(self):
-    pass
-
-  @classmethod
-  def typestr(cls):
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-@ocp.args.register_with_handler(ChecksumHandler, for_save=True)
-@dataclasses.dataclass
-class ChecksumSave(ocp.args.CheckpointArgs):
-  item: Any
-
-
-@ocp.args.register_with_handler(ChecksumHandler, for_restore=True)  # orbax wants both; reads use read_checksums
-@dataclasses.dataclass
-class ChecksumRestore(ocp.args.CheckpointArgs):
-  item: Any = None
-
-
-def _ignore_closed_loop_callbacks():
-  """When a restore or a save fails, the tensorstore reads and writes still in flight finish on (or
-  are dropped with) orbax's asyncio loop, each reporting an unraisable exception or a never-awaited
-  coroutine at exit; drop those so that a bad checkpoint gives one line of error. Installed once."""
-  warnings.filterwarnings("ignore", category=RuntimeWarning, message=r"coroutine .* was never awaited")
-  previous = sys.unraisablehook
-  if getattr(previous, "_drops_closed_loop", False):
-    return
-
-  def hook(unraisable):
-    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
-      return
-    code = getattr(unraisable.object, "cr_code", None)  # a coroutine of orbax abandoned by the failure
-    if code is not None and "orbax" in code.co_filename:
-      return
-    previous(unraisable)
-
-  hook._drops_closed_loop = True
-  sys.unraisablehook = hook
-  logging.getLogger("asyncio").addFilter(_drop_abandoned_orbax_tasks)
-
-
-def _drop_abandoned_orbax_tasks(record: logging.LogRecord) -> bool:
-  """asyncio logs "Task exception was never retrieved" with a traceback when it collects a failed
-  task nobody awaited: after a failed restore, orbax's reads of the other arrays end that way (at a
-  moment that depends on the garbage collector). The failure itself was already reported in one line.
-  A failed save's writes end the same way, as futures with no traceback whose error names the
-  OCDBT database of orbax's temporary step directory."""
-  if not re.match(r"\w*(Task|Future) exception was never retrieved", str(record.msg)):  # also _GatheringFuture
-    return True
-  exc = record.exc_info[1] if record.exc_info else None
-  if exc is not None and TMP_MARK in str(exc) and "OCDBT" in str(exc):
-    return False
-  tb = record.exc_info[2] if record.exc_info else None
-  files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(tb)]
-  return not any("orbax" in f or "tensorstore" in f for f in files)
-
-
-def _quiet_absl():
-  """Orbax and Grain log every save at INFO through absl; keep the training log readable. A save that
-  fails (a full disk) makes orbax's background threads log the same error with a traceback once per
-  thread (78 tracebacks for one failed save): those records are dropped, since `Checkpoints` reports
-  the failure itself in one line; every other orbax error is still logged."""
-  absl = logging.getLogger("absl")
-  absl.setLevel(logging.WARNING)
-  if _drop_orbax_save_failures not in absl.filters:
-    absl.addFilter(_drop_orbax_save_failures)
-
-
-ORBAX_SAVE_FAILURES = re.compile(r"_SignalingThread\.run\(\) raised an exception|Handler Commit operations or the"
-                                 r" Commit callback in background save thread|\[wait_until_finished\] Save Finalize"
-                                 r" thread \(.*\) failed")
-
-
-def _drop_orbax_save_failures(record: logging.LogRecord) -> bool:
-  return not ("orbax" in record.pathname and ORBAX_SAVE_FAILURES.search(str(record.msg)))
-
-
 def _manager(directory: Path, keep_last: int = 0, keep_every: int = 0, read_only: bool = False):
   policies = [ocp.checkpoint_managers.LatestN(keep_last if keep_last > 0 else None)]
   if keep_every > 0:
@@ -419,8 +221,7 @@ class Checkpoints:
   `close()` at the end (waits for the last save to be written)."""
 
   def __init__(self, cfg: TrainConfig):
-    _quiet_absl()
-    _ignore_closed_loop_callbacks()  # a background save that fails leaves tensorstore callbacks on a closed loop
+    orbax_noise.quiet()  # a failed save or restore: the one-line error says it
     self.cfg = cfg
     self.directory = checkpoint_dir(cfg.run_dir)
     _check_directory(self.directory)
@@ -501,8 +302,8 @@ class Checkpoints:
     """(the restored state, the shards that failed their checksums on any process)."""
     path, step = plan["path"], plan["step"]
     src = Layout(self.cfg.model.num_moe_layers, *plan["meta"].get("pipeline_layout", (1, 1)))
-    dst = _layout(self.cfg, par)
-    final, target = target, _relayout_target(target, src, dst)
+    dst = pipeline_layout(self.cfg, par)
+    final, target = target, relayout_target(target, src, dst)
     items = {
         "model": ocp.args.StandardRestore({"params": target["params"], "rest": target["rest"]}),
         "optimizer": ocp.args.StandardRestore({"opt": target["opt"], "step": target["step"],
@@ -510,7 +311,7 @@ class Checkpoints:
     }
     if plan["restore_data"]:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    _ignore_closed_loop_callbacks()
+    orbax_noise.quiet()
     try:
       got = self.mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax/tensorstore raise many kinds; all mean this directory is unusable
@@ -526,7 +327,7 @@ class Checkpoints:
     else:
       saved = read_checksums(path)
       bad, checked = verify({"model": got["model"], "optimizer": got["optimizer"]}, saved) if saved is not None else ([], 0)
-    if _any_process(bool(bad)):
+    if any_process(bool(bad)):
       return None, bad or ["a shard of another process fails its checksum"]
     if saved is None:
       log.info("checkpoint %s has no checksums (written before they existed): restored unchecked", path)
@@ -541,7 +342,7 @@ class Checkpoints:
              f"; config changed: {', '.join(changes)}" if changes else "")
     if src != dst:
       log.info("checkpoint %s: MoE stack rearranged from %s to %s", path, src.describe(), dst.describe())
-    return _relayout({**got["model"], **got["optimizer"]}, src, dst, final), []
+    return relayout({**got["model"], **got["optimizer"]}, src, dst, final), []
 
   def _set_aside(self, step: int) -> None:
     """Move a checkpoint that failed its checksums out of the steps (to <step>.corrupt, or
@@ -574,7 +375,7 @@ class Checkpoints:
     meta = {"format": FORMAT, "step": int(step), "process_count": jax.process_count(),
             "device_count": jax.device_count(), "data_seed": int(self.data_seed),
             "mesh": dict(par.mesh.shape) if par is not None else None,
-            "pipeline_layout": [_layout(self.cfg, par).stages, _layout(self.cfg, par).repeats]}
+            "pipeline_layout": [pipeline_layout(self.cfg, par).stages, pipeline_layout(self.cfg, par).repeats]}
     items = {
         "model": ocp.args.StandardSave({"params": state["params"], "rest": state["rest"]}),
         "optimizer": ocp.args.StandardSave({"opt": state["opt"], "step": state["step"], "guard": state["guard"]}),
@@ -602,7 +403,7 @@ class Checkpoints:
       self._failed(self.saving, e)
 
   def _failed(self, step, e: BaseException):
-    _ignore_closed_loop_callbacks()
+    orbax_noise.quiet()
     good = [s for s in self.steps() if s != step]
     last = f"the last good checkpoint is {self.directory / str(good[-1])}" if good else "no earlier checkpoint"
     after = self.now - step if self.now is not None and step is not None else 0
@@ -637,7 +438,7 @@ class Checkpoints:
     self.close()
 
 
-def _layout(cfg: TrainConfig, par=None) -> Layout:
+def pipeline_layout(cfg: TrainConfig, par=None) -> Layout:
   """The pipeline layout a state built for `par` stores the MoE stack in."""
   return par.layout(cfg.model.num_moe_layers) if par is not None else Layout(cfg.model.num_moe_layers)
 
@@ -646,7 +447,7 @@ def _in_stack(path) -> bool:
   return "moe_layers" in jax.tree_util.keystr(path)
 
 
-def _relayout_target(target, src: Layout, dst: Layout):
+def relayout_target(target, src: Layout, dst: Layout):
   """`target` with the MoE stack's arrays (parameters, moments, router biases) in `src`'s slots,
   their slot dimension unsharded (to be rearranged on device)."""
   if src == dst:
@@ -662,7 +463,7 @@ def _relayout_target(target, src: Layout, dst: Layout):
   return jax.tree_util.tree_map_with_path(leaf, target)
 
 
-def _relayout(state, src: Layout, dst: Layout, target):
+def relayout(state, src: Layout, dst: Layout, target):
   """The restored `state` with the MoE stack moved from `src`'s slots to `dst`'s, laid out as `target`."""
   if src == dst:
     return state
@@ -702,8 +503,7 @@ def restore_model(path, target: dict):
   neither optimiser state nor data."""
   path = Path(path)
   validate_step_dir(path)
-  _quiet_absl()
-  _ignore_closed_loop_callbacks()
+  orbax_noise.quiet()
   options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
   with ocp.CheckpointManager(path.parent.absolute(), options=options) as m:
     try:
@@ -715,79 +515,10 @@ def restore_model(path, target: dict):
     else:
       saved = read_checksums(path)
       bad = verify({"model": got}, saved)[0] if saved is not None else []
-  if _any_process(bool(bad)):
+  if any_process(bool(bad)):
     earlier = [s for s in finished_steps(path.parent) if s < int(path.name)]
     raise CheckpointError(f"{path} is corrupt ({(bad or ['a shard of another process fails its checksum'])[0]}): its"
                           " bytes changed on disk after it was written; " +
                           (f"use an earlier step (--step {earlier[-1]})" if earlier else "restore the files from a copy"))
   return got
 
-
-def load_model(path, dtype: str = "float32", par=None) -> Transformer:
-  """The Transformer of the checkpoint step directory `path`: the float32 master weights cast to
-  `dtype` (parameters and compute; FP8 GEMMs off), on the first local device, or with `par` (a
-  parallel.mesh.Parallelism) sharded over its mesh by the logical-axis rules (exporting a model larger
-  than one device)."""
-  path = Path(path)
-  meta = validate_step_dir(path)
-  cfg = read_config(path)
-  devices = None if par is not None else jax.local_devices()[:1]
-  rt = Runtime.resolve(cfg.impl, dtype=dtype, param_dtype=dtype, devices=devices, par=par, announce=False)
-  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rt, rngs=nnx.Rngs(0))),
-                                     nnx.Param, ...)
-  abstract = {"params": params, "rest": rest}
-  if par is None:
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-  else:
-    shardings = state_shardings(abstract, par.mesh, par.rules)
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-  src = Layout(cfg.model.num_moe_layers, *meta.get("pipeline_layout", (1, 1)))
-  dst = _layout(cfg, par)
-  got = _relayout(restore_model(path, _relayout_target(target, src, dst)), src, dst, target)
-  return nnx.merge(graphdef, got["params"], got["rest"])
-
-
-def load_any(path, dtype: str | None = None) -> Transformer:
-  """A Transformer from an HF folder (config.json present) or a training run directory (its newest
-  checkpoint). `dtype`: compute and parameter dtype (default float32). Weights holding NaN or Inf are
-  a ConfigError: nothing useful can be computed from them."""
-  path = Path(path)
-  if (path / "config.json").is_file():
-    model = hf.from_hf(path, dtype=dtype)
-  else:
-    path = _newest_of_run(path)
-    model = load_model(path, dtype or "float32")
-  check_finite(model, path, "use an earlier checkpoint")
-  return model
-
-
-def check_finite(model, path, fix: str) -> None:
-  """ConfigError naming the first tensor of `model` (read from `path`) that holds NaN or Inf."""
-  bad = [p for p, v in nnx.to_flat_state(nnx.state(model, nnx.Variable)) if not bool(jnp.isfinite(v[...]).all())]
-  if bad:
-    raise ConfigError(f"{path}: the weights hold NaN or Inf ({'/'.join(map(str, bad[0]))}"
-                      f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); {fix}")
-
-
-def _newest_of_run(path: Path) -> Path:
-  """The newest checkpoint of `path`, given where an HF folder or a run directory is expected."""
-  if not path.is_dir():
-    raise ConfigError(f"{path}: no such directory; give an HF folder (with config.json) or a run directory")
-  if not finished_steps(checkpoint_dir(path)):
-    raise ConfigError(f"{path}: neither an HF folder (no config.json) nor a run directory with checkpoints"
-                      f" (nothing in {checkpoint_dir(path)})")
-  return step_dir(path)
-
-
-def tokenizer_of(path, given: str | None = None) -> str:
-  """`given` if set; else the run's `tokenizer` for a run directory, 'byte' for an HF folder."""
-  if given is not None:
-    return given
-  path = Path(path)
-  if path.is_dir() and not (path / "config.json").is_file():
-    return read_config(_newest_of_run(path)).tokenizer
-  return "byte"
-
-
-# ---------------------------------------------------------------------- preemption

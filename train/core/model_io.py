@@ -1,0 +1,86 @@
+"""Models for the tools (export, eval, generate): a checkpoint step read into a Transformer, or an HF
+folder or a run directory, whichever the user gives; and the tokenizer that goes with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe import hf
+from moe.model import Transformer
+from moe.runtime import Runtime
+from parallel.errors import ConfigError
+from parallel.pipeline import Layout
+from parallel.sharding import state_shardings
+from train.core.checkpoint import (checkpoint_dir, finished_steps, pipeline_layout, read_config, relayout,
+                                   relayout_target, restore_model, step_dir, validate_step_dir)
+
+
+def load_model(path, dtype: str = "float32", par=None) -> Transformer:
+  """The Transformer of the checkpoint step directory `path`: the float32 master weights cast to
+  `dtype` (parameters and compute; FP8 GEMMs off), on the first local device, or with `par` (a
+  parallel.mesh.Parallelism) sharded over its mesh by the logical-axis rules (exporting a model larger
+  than one device)."""
+  path = Path(path)
+  meta = validate_step_dir(path)
+  cfg = read_config(path)
+  devices = None if par is not None else jax.local_devices()[:1]
+  rt = Runtime.resolve(cfg.impl, dtype=dtype, param_dtype=dtype, devices=devices, par=par, announce=False)
+  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rt, rngs=nnx.Rngs(0))),
+                                     nnx.Param, ...)
+  abstract = {"params": params, "rest": rest}
+  if par is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+  else:
+    shardings = state_shardings(abstract, par.mesh, par.rules)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+  src = Layout(cfg.model.num_moe_layers, *meta.get("pipeline_layout", (1, 1)))
+  dst = pipeline_layout(cfg, par)
+  got = relayout(restore_model(path, relayout_target(target, src, dst)), src, dst, target)
+  return nnx.merge(graphdef, got["params"], got["rest"])
+
+
+def load_any(path, dtype: str | None = None) -> Transformer:
+  """A Transformer from an HF folder (config.json present) or a training run directory (its newest
+  checkpoint). `dtype`: compute and parameter dtype (default float32). Weights holding NaN or Inf are
+  a ConfigError: nothing useful can be computed from them."""
+  path = Path(path)
+  if (path / "config.json").is_file():
+    model = hf.from_hf(path, dtype=dtype)
+  else:
+    path = _newest_of_run(path)
+    model = load_model(path, dtype or "float32")
+  check_finite(model, path, "use an earlier checkpoint")
+  return model
+
+
+def check_finite(model, path, fix: str) -> None:
+  """ConfigError naming the first tensor of `model` (read from `path`) that holds NaN or Inf."""
+  bad = [p for p, v in nnx.to_flat_state(nnx.state(model, nnx.Variable)) if not bool(jnp.isfinite(v[...]).all())]
+  if bad:
+    raise ConfigError(f"{path}: the weights hold NaN or Inf ({'/'.join(map(str, bad[0]))}"
+                      f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); {fix}")
+
+
+def _newest_of_run(path: Path) -> Path:
+  """The newest checkpoint of `path`, given where an HF folder or a run directory is expected."""
+  if not path.is_dir():
+    raise ConfigError(f"{path}: no such directory; give an HF folder (with config.json) or a run directory")
+  if not finished_steps(checkpoint_dir(path)):
+    raise ConfigError(f"{path}: neither an HF folder (no config.json) nor a run directory with checkpoints"
+                      f" (nothing in {checkpoint_dir(path)})")
+  return step_dir(path)
+
+
+def tokenizer_of(path, given: str | None = None) -> str:
+  """`given` if set; else the run's `tokenizer` for a run directory, 'byte' for an HF folder."""
+  if given is not None:
+    return given
+  path = Path(path)
+  if path.is_dir() and not (path / "config.json").is_file():
+    return read_config(_newest_of_run(path)).tokenizer
+  return "byte"
