@@ -12,8 +12,7 @@ so a token still crosses nodes only to the nodes its experts live on.
             `initial` (before any load is measured: copies on their home ranks, no extra traffic)
   physical  rank r holds S = E_l + r_local slots, ids r*S + j: j < E_l its native expert r*E_l + j,
             j >= E_l its redundant slot r*r_local + (j - E_l). `physical_ids` maps routed (token, k)
-            assignments to physical slots; `logical_of_physical` gives the expert of each physical
-            slot, to build the physical weights by a gather, w[logical_of_physical(...)].
+            assignments to physical slots.
 
 `place` follows EPLB (deepseek-ai/EPLB): replicate greedily (the expert with the largest load per
 copy gets the next copy), then put the replicas, heaviest per-copy load first, on the least loaded
@@ -170,24 +169,13 @@ def replace(old_R, load_E, n_ep: int, r_local: int, n_outer: int = 1):
   return jnp.where(score(new) < score(best), new, best)
 
 
-def _occurrence(flat_N, n_experts: int):
-  """For each assignment, how many earlier assignments (in order) went to the same expert."""
-  n = flat_N.shape[0]
-  order = jnp.argsort(flat_N, stable=True)
-  counts = jnp.bincount(flat_N, length=n_experts)
-  starts = jnp.cumsum(counts) - counts
-  return jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32) - starts[flat_N[order]])
-
-
-def physical_ids(idx_TxK, slots_R, n_experts: int, n_ep: int, exact: bool = False):
+def physical_ids(idx_TxK, slots_R, n_experts: int, n_ep: int):
   """Physical slot [T, K] int32 of each (token, k) assignment of logical expert e = idx[t, k].
 
   Copy c of e, 0 <= c < copies[e], is its native slot for c == 0 and else the (c-1)-th redundant
-  slot holding e (in slot order). c = t mod copies[e], t the token's row (elementwise: shards with
-  the tokens); with `exact`, c = the assignment's occurrence among those of e (token-major, then k)
-  mod copies[e], which splits each expert's assignments within 1 between its copies (a sort over
-  all T*K assignments)."""
-  t, k = idx_TxK.shape
+  slot holding e (in slot order). c = t mod copies[e], t the token's row: elementwise, so it shards
+  with the tokens (splitting each expert's assignments exactly would need a sort over all T*K)."""
+  t = idx_TxK.shape[0]
   n_slots, r_local = slots_R.shape[0], _r_local(slots_R, n_ep)
   e_local = _check(n_experts, n_ep, r_local)
   per_rank = e_local + r_local
@@ -196,23 +184,12 @@ def physical_ids(idx_TxK, slots_R, n_experts: int, n_ep: int, exact: bool = Fals
   if n_slots == 0:
     return native
   copies = copies_of(slots_R, n_experts)
-  if exact:
-    c = _occurrence(idx.reshape(-1), n_experts).reshape(t, k) % copies[idx]
-  else:
-    c = jnp.arange(t, dtype=jnp.int32)[:, None] % copies[idx]
+  c = jnp.arange(t, dtype=jnp.int32)[:, None] % copies[idx]
   order = jnp.argsort(slots_R, stable=True).astype(jnp.int32)  # redundant slots by (expert, slot)
   starts = jnp.cumsum(copies - 1) - (copies - 1)
   s = order[jnp.minimum(starts[idx] + jnp.maximum(c - 1, 0), n_slots - 1)]
   redundant = (s // r_local) * per_rank + e_local + s % r_local
   return jnp.where(c == 0, native, redundant)
-
-
-def logical_of_physical(slots_R, n_experts: int, n_ep: int):
-  """Logical expert [n_ep * (E_l + r_local)] int32 of each physical slot."""
-  r_local = _r_local(slots_R, n_ep)
-  e_local = _check(n_experts, n_ep, r_local)
-  native = jnp.arange(n_experts, dtype=jnp.int32).reshape(n_ep, e_local)
-  return jnp.concatenate([native, slots_R.astype(jnp.int32).reshape(n_ep, r_local)], axis=1).reshape(-1)
 
 
 def rows_per_rank(phys_TxK, n_ep: int, slots_per_rank: int):

@@ -13,7 +13,7 @@ from parallel.errors import ConfigError
 # (E, n_ep, r_local, n_outer): several experts per rank, one per rank, more slots than native experts
 # jitted once per shape (eagerly, every jnp op would compile on its own)
 place = jax.jit(eplb.place, static_argnums=(1, 2, 3))
-physical_ids = jax.jit(eplb.physical_ids, static_argnums=(2, 3, 4))
+physical_ids = jax.jit(eplb.physical_ids, static_argnums=(2, 3))
 
 SETUPS = [(16, 4, 2, 1), (32, 8, 1, 2), (24, 8, 3, 4), (8, 8, 2, 2), (4, 2, 5, 1)]
 
@@ -67,19 +67,24 @@ def ref_place(load, n_ep, r_local, n_outer):
   return slots
 
 
-def ref_physical(idx, slots, n_experts, n_ep, exact=False):
-  """Physical slot of each (token, k): copy c = t (or the occurrence of e) mod copies[e]."""
+def logical_of_physical(slots, n_experts, n_ep):
+  """The logical expert of each physical slot: rank r's native experts, then its redundant slots."""
+  r_local, e_local = len(slots) // n_ep, n_experts // n_ep
+  native = np.arange(n_experts).reshape(n_ep, e_local)
+  return np.concatenate([native, np.asarray(slots).reshape(n_ep, r_local)], axis=1).reshape(-1)
+
+
+def ref_physical(idx, slots, n_experts, n_ep):
+  """Physical slot of each (token, k): copy c = t mod copies[e]."""
   r_local, e_local = len(slots) // n_ep, n_experts // n_ep
   per_rank = e_local + r_local
   holders = collections.defaultdict(list)  # expert -> its redundant slots, in slot order
   for s, e in enumerate(slots):
     holders[e].append(s)
-  seen = collections.Counter()
   out = np.zeros(np.shape(idx), np.int64)
   for t, row in enumerate(np.asarray(idx).tolist()):
     for k, e in enumerate(row):
-      c = (seen[e] if exact else t) % (1 + len(holders[e]))
-      seen[e] += 1
+      c = t % (1 + len(holders[e]))
       if c == 0:
         out[t, k] = (e // e_local) * per_rank + e % e_local
       else:
@@ -190,45 +195,39 @@ def test_bad_shapes():
 
 
 # ------------------------------------------------------------------ physical ids
-@pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("n_experts,n_ep,r_local,n_outer", SETUPS)
-def test_physical_ids(n_experts, n_ep, r_local, n_outer, exact):
+def test_physical_ids(n_experts, n_ep, r_local, n_outer):
   idx = zipf_routing(n_experts, min(3, n_experts), 300, 1, s=1.2)
   slots = place(jnp.asarray(counts(idx, n_experts)), n_ep, r_local, n_outer)
-  phys = physical_ids(jnp.asarray(idx), slots, n_experts, n_ep, exact=exact)
+  phys = physical_ids(jnp.asarray(idx), slots, n_experts, n_ep)
   assert phys.dtype == jnp.int32 and phys.shape == idx.shape
-  logical = eplb.logical_of_physical(slots, n_experts, n_ep)
+  logical = logical_of_physical(slots, n_experts, n_ep)
   assert logical.shape == (n_ep * (n_experts // n_ep + r_local),)
   assert (np.asarray(logical)[np.asarray(phys)] == idx).all()  # every assignment on a copy of its expert
-  np.testing.assert_array_equal(phys, ref_physical(idx, slots.tolist(), n_experts, n_ep, exact))
+  np.testing.assert_array_equal(phys, ref_physical(idx, slots.tolist(), n_experts, n_ep))
   per_slot = collections.Counter(np.asarray(phys).reshape(-1).tolist())
   for e in range(n_experts):
     copies = [per_slot[p] for p in np.flatnonzero(np.asarray(logical) == e)]
     assert sum(copies) == (idx == e).sum()
-    if exact:
-      assert max(copies) - min(copies) <= 1, (e, copies)
 
 
 def test_physical_ids_copy_choice():
   """Hand-checked: expert 3 (native: physical 4 on rank 1) has copies in slots 0 and 1 (physical 2 and
-  5); its tokens are rows 0, 2, 4, 6. By row (t mod 3) they go to copies 0, 2, 1, 0; by occurrence to
-  0, 1, 2, 0. With 2 copies, rows mod 2 send all four to the native copy of 3: only `exact` splits each
-  expert's assignments within 1 whatever their rows."""
+  5); its tokens are rows 0, 2, 4, 6. By row (t mod 3) they go to copies 0, 2, 1, 0. With 2 copies,
+  rows mod 2 send all four to the native copy of 3 (the split follows the rows, not the counts)."""
   idx = jnp.array([[3], [0], [3], [1], [3], [2], [3]], jnp.int32)
   slots = jnp.array([3, 3], jnp.int32)
-  assert eplb.logical_of_physical(slots, 4, 2).tolist() == [0, 1, 3, 2, 3, 3]
+  assert logical_of_physical(slots, 4, 2).tolist() == [0, 1, 3, 2, 3, 3]
   assert physical_ids(idx, slots, 4, 2).reshape(-1).tolist() == [4, 0, 5, 1, 2, 3, 4]
-  assert physical_ids(idx, slots, 4, 2, exact=True).reshape(-1).tolist() == [4, 0, 2, 1, 5, 3, 4]
   two = jnp.array([3, 0], jnp.int32)  # experts 3 and 0 with 2 copies, the second physical 2 and 5
   assert physical_ids(idx, two, 4, 2).reshape(-1).tolist() == [4, 5, 4, 1, 4, 3, 4]
-  assert physical_ids(idx, two, 4, 2, exact=True).reshape(-1).tolist() == [4, 0, 2, 1, 4, 3, 2]
 
 
 def test_no_redundant_slots():
   idx = jnp.array([[0, 5], [7, 2]], jnp.int32)
   none = jnp.zeros((0,), jnp.int32)
   assert physical_ids(idx, none, 8, 4).tolist() == [[0, 5], [7, 2]]
-  assert eplb.logical_of_physical(none, 8, 4).tolist() == list(range(8))
+  assert logical_of_physical(none, 8, 4).tolist() == list(range(8))
 
 
 def test_rank_rows_and_imbalance():
@@ -252,15 +251,12 @@ def test_redundant_experts_balance_skewed_routing(permuted):
   at_home = eplb.rows_per_rank(physical_ids(idx, home, n_experts, n_ep), n_ep, e_local + r_local)
   assert at_home.tolist() == eplb.rows_per_rank(idx, n_ep, e_local).tolist()
   slots = place(jnp.asarray(counts(idx, n_experts)), n_ep, r_local)
-  with_r = {exact: float(eplb.rank_imbalance(eplb.rows_per_rank(
-      physical_ids(idx, slots, n_experts, n_ep, exact=exact), n_ep, e_local + r_local)))
-      for exact in (False, True)}
-  print(f"rank imbalance (max/mean): without {without:.3f}, with {n_ep} redundant: by row "
-        f"{with_r[False]:.3f}, by occurrence {with_r[True]:.3f}")
+  with_r = float(eplb.rank_imbalance(eplb.rows_per_rank(
+      physical_ids(idx, slots, n_experts, n_ep), n_ep, e_local + r_local)))
+  print(f"rank imbalance (max/mean): without {without:.3f}, with {n_ep} redundant {with_r:.3f}")
   assert without > 2.0
-  for value in with_r.values():
-    assert value < 0.6 * without
-    assert value < 1.5
+  assert with_r < 0.6 * without
+  assert with_r < 1.5
 
 
 def test_in_nodes_keeps_copies_inside_their_node():
@@ -331,5 +327,5 @@ def test_usable_empties_slots_made_for_another_mesh():
   idx = jnp.asarray(zipf_routing(8, 2, 64, 0))
   phys = physical_ids(idx, eplb.usable(slots, 8, 4, 2), 8, 4)
   assert 3 * 3 + 2 not in phys.tolist() and (phys == 3 * 3 + 2).sum() == 0  # rank 3's redundant slot
-  logical = np.asarray(eplb.logical_of_physical(slots, 8, 4))
+  logical = logical_of_physical(slots, 8, 4)
   assert (logical[np.asarray(phys)] == np.asarray(idx)).all()

@@ -142,7 +142,7 @@ def run(args) -> int:
 
   if args.nodes:
     out["slow"] = slow_bytes(par, layer, grad, xs, weights, np.asarray(idx), n_ep, args.nodes, e_local, d)
-  rows = lambda phys, per_rank: np.bincount(np.asarray(phys).reshape(-1) // per_rank, minlength=n_ep)
+  rows = lambda phys, per_rank: np.asarray(eplb.rows_per_rank(jnp.asarray(phys), n_ep, per_rank))
   plain = rows(idx, e_local)
   out["rows_per_rank"] = {"without": plain.tolist(), "imbalance_without": round(plain.max() / plain.mean(), 3)}
   if copies is not None:
