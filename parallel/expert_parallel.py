@@ -244,7 +244,7 @@ def _exclusive(c):
   return (jnp.cumsum(c) - c).astype(jnp.int32)
 
 
-def _gather(table, rows, fill):
+def _padded_take(table, rows, fill):
   """table[rows], a row index of len(table) giving `fill`."""
   pad = jnp.full((1, *table.shape[1:]), fill, table.dtype)
   return jnp.concatenate([table, pad])[rows]
@@ -257,7 +257,7 @@ def _send_padded(hop: Hop, dest_N, c: int, payloads):
   received = []
   for table, rows, fill in payloads:
     src = jnp.full((hop.n * c,), table.shape[0], jnp.int32).at[slot].set(rows, mode="drop")
-    received.append(hop.a2a(_gather(table, src, fill)))
+    received.append(hop.a2a(_padded_take(table, src, fill)))
 
   def back(y):
     y_back = hop.a2a(y)
@@ -312,7 +312,7 @@ def _send_ragged(hop: Hop, dest_N, most_sent: int, most_received: int, payloads,
   recv_offsets = _exclusive(recv_sizes)
   there = (input_offsets, send_sizes, hop.a2a(recv_offsets), recv_sizes)  # (where my rows land on each peer)
   back = (recv_offsets, recv_sizes, hop.a2a(input_offsets), send_sizes)
-  received = [_ragged_move(how, _gather(table, rows[order], fill),
+  received = [_ragged_move(how, _padded_take(table, rows[order], fill),
                            jnp.full((most_received, *table.shape[1:]), fill, table.dtype), hop.member, there, back)
               for table, rows, fill in payloads]
 
