@@ -173,6 +173,74 @@ def test_cli_local_tasks(model, forward, tmp_path, capsys, monkeypatch):
   assert text["samples"] == 2
 
 
+def hf_byte_tokenizer():
+  """ByteTokenizer as an HF tokenizer: byte b is id b (GPT-2's byte-to-character map, no merges), <bos> 256
+  prepended when add_special_tokens, <eos> 257, <pad> 258."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+  from transformers import PreTrainedTokenizerFast
+
+  bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+  cs = bs + [256 + n for n in range(256 - len(bs))]
+  bs += [b for b in range(256) if b not in bs]
+  vocab = {chr(c): b for b, c in zip(bs, cs)} | {"<bos>": BOS, "<eos>": EOS, "<pad>": ByteTokenizer.pad_id}
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
+  tok.add_special_tokens(["<bos>", "<eos>", "<pad>"])
+  return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def test_same_as_lm_evals_hf_backend(model, lm, tmp_path, monkeypatch):
+  """JaxLM against lm-eval's own `hf` backend (HFLM, float32 CPU) on the model exported by moe.hf.to_hf and
+  loaded by transformers: per-request loglikelihood (log p and greedy flag) and loglikelihood_rolling
+  within 1e-4, and the same accuracy on tiny_mc through simple_evaluate. HFLM with add_bos_token=True
+  scores the same tokens for loglikelihood; for rolling it also scores a BOS after the prefix BOS, so
+  the rolling comparison uses add_bos_token=False with BOS as the prefix token (and checks the other
+  convention's number too)."""
+  import transformers
+  from lm_eval import evaluator
+  from lm_eval.models.huggingface import HFLM
+
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  hf.to_hf(model, tmp_path / "hf")
+  torch_model, info = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "hf", attn_implementation="eager", dtype="float32", output_loading_info=True)
+  assert not any(info.values()), info  # every weight from the export, none left at random init
+  tokenizer = hf_byte_tokenizer()
+  assert tokenizer("é a")["input_ids"] == [BOS, *"é a".encode()]
+  assert tokenizer("é a", add_special_tokens=False)["input_ids"] == list("é a".encode())
+
+  def hflm(add_bos):
+    return HFLM(pretrained=torch_model.eval(), tokenizer=tokenizer, batch_size=4, max_length=MAX_LEN,
+                add_bos_token=add_bos, prefix_token_id=BOS, device="cpu", dtype="float32")
+
+  ref, ref_rolling = hflm(True), hflm(False)
+  requests = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(PAIRS + [("", " empty context")])]
+  got, want = lm.loglikelihood(requests), ref.loglikelihood(requests)
+  for (g, g_greedy), (w, w_greedy), req in zip(got, want, requests, strict=True):
+    assert g == pytest.approx(w, abs=1e-4), req.args
+    assert g_greedy == w_greedy, req.args
+  assert len({round(w, 3) for w, _ in want}) == len(want)
+
+  texts = ["short text", "é" * 6, "".join(chr(97 + i % 26) for i in range(MAX_LEN + 10)),
+           "".join(chr(65 + i % 26) for i in range(3 * MAX_LEN))]  # one, one, two and four windows
+  rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+  got, want = lm.loglikelihood_rolling(rolling), ref_rolling.loglikelihood_rolling(rolling)
+  assert got == pytest.approx(want, abs=1e-4)
+  # hf with add_bos_token=True scores [BOS] + text after the prefix BOS: a term more, every token after two BOS
+  double_bos = lm.score_tokens([([BOS], [BOS, *texts[0].encode()])])[0][0]
+  assert ref.loglikelihood_rolling(rolling[:1])[0] == pytest.approx(double_bos, abs=1e-4) != got[0]
+
+  (tmp_path / "tasks").mkdir()
+  write_tasks(tmp_path / "tasks")
+  manager = lm_eval_adapter.task_manager(["tiny_mc"], str(tmp_path / "tasks"))
+  ours, _ = lm_eval_adapter.run_tasks(lm, ["tiny_mc"], manager=manager)
+  theirs = evaluator.simple_evaluate(model=ref, tasks=["tiny_mc"], task_manager=manager, bootstrap_iters=0,
+                                     verbosity="WARNING")["results"]["tiny_mc"]
+  assert ours["tiny_mc"]["acc"] == theirs["acc,none"] and ours["tiny_mc"]["samples"] == 5
+
+
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
   rc = eval_lib.main([str(tmp_path), "--tasks", "no_such_task", "--data", "default"])
   assert rc == 2 and capsys.readouterr().err.count("\n") == 1

@@ -13,8 +13,9 @@ whatever mesh the model was built for (its Runtime's Parallelism; a training sta
   it) into batches of `batch_size` rows (rounded up to a multiple of the devices the batch splits
   over, sharded over them) and lengths rounded up to a power of two, so few shapes compile.
 - loglikelihood_rolling: lm-eval's disjoint rolling windows of max_length tokens, conditioned on BOS:
-  the text's tokens are scored, BOS is context only (the `hf` backend with add_bos_token puts BOS in
-  the token list and scores it too, after a second BOS: its sum then has one term more).
+  the text's tokens are scored, BOS is context only, as the `hf` backend with add_bos_token=False and
+  prefix_token_id=BOS (with add_bos_token=True it puts BOS in the token list and scores it too, after a
+  second BOS: a term more, and every token conditioned on two BOS).
 - generate_until: the latent-cache decoder (moe/decode.py); the context left-truncated to
   max_length - max_gen_toks; greedy unless do_sample (then temperature / top_p); a row stops at EOS
   or when its text holds a stop string (cut before it).
