@@ -248,8 +248,9 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
 
 def test_eval_tasks_during_training(tmp_path, monkeypatch):
   """eval_tasks every eval_every steps: logged as eval_<task>/<metric> at exactly those steps (the values'
-  correctness is the adapter's, tested above); train.plot draws them. ~110 CPU-s, most of it compiling
-  the training step."""
+  correctness is the adapter's, tested above), and a run stopped after its step-4 checkpoint and resumed
+  to step 6 keeps the schedule (steps 2, 4, 6: none twice, none skipped); train.plot draws them. ~110
+  CPU-s, most of it compiling the training step."""
   from tests.test_loop import SMALL_MODEL
   from train import plot
   from train.core import loop
@@ -259,14 +260,22 @@ def test_eval_tasks_during_training(tmp_path, monkeypatch):
   (tmp_path / "tasks").mkdir()
   write_tasks(tmp_path / "tasks")
   run_dir = tmp_path / "run"
-  cfg = load_train_config("configs/tiny.yaml", [
-      "steps=4", "log_every=2", "eval_every=2", "eval_steps=1", "batch_size=2", "seq_len=32", f"run_dir={run_dir}",
-      "optimizer.warmup_steps=1", "model.num_nextn_predict_layers=0", "eval_tasks=tiny_mc,tiny_text",
-      "eval_tasks_limit=3", f"eval_tasks_path={tmp_path / 'tasks'}", *SMALL_MODEL])
-  loop.train(cfg, progress=False, peak_flops=1e12)
-  records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-  evals = [r for r in records if "eval_tiny_mc/acc" in r]
-  assert [r["step"] for r in evals] == [2, 4]
+  overrides = ["log_every=2", "eval_every=2", "eval_steps=1", "batch_size=2", "seq_len=32", f"run_dir={run_dir}",
+               "save_every=2", "optimizer.warmup_steps=1", "model.num_nextn_predict_layers=0",
+               "eval_tasks=tiny_mc,tiny_text", "eval_tasks_limit=3", f"eval_tasks_path={tmp_path / 'tasks'}",
+               *SMALL_MODEL]
+
+  def eval_steps():
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "eval_tiny_mc/acc" in r]
+
+  loop.train(load_train_config("configs/tiny.yaml", ["steps=4", *overrides]), progress=False, peak_flops=1e12)
+  assert [r["step"] for r in eval_steps()] == [2, 4]
+  resumed = loop.train(load_train_config("configs/tiny.yaml", ["steps=6", *overrides]), progress=False,
+                       peak_flops=1e12)
+  assert resumed["start_step"] == 4
+  evals = eval_steps()
+  assert [r["step"] for r in evals] == [2, 4, 6]
   for r in evals:
     assert 0 <= r["eval_tiny_mc/acc"] <= 1 and r["eval_tiny_mc/correct_logprob_per_byte"] < 0
     assert r["eval_tiny_text/bits_per_byte"] == pytest.approx(-r["eval_tiny_text/logprob_per_byte"] / math.log(2))
