@@ -198,6 +198,7 @@ def test_same_as_lm_evals_hf_backend(model, lm, tmp_path, monkeypatch):
   scores the same tokens for loglikelihood; for rolling it also scores a BOS after the prefix BOS, so
   the rolling comparison uses add_bos_token=False with BOS as the prefix token (and checks the other
   convention's number too)."""
+  import torch
   import transformers
   from lm_eval import evaluator
   from lm_eval.models.huggingface import HFLM
@@ -216,12 +217,18 @@ def test_same_as_lm_evals_hf_backend(model, lm, tmp_path, monkeypatch):
                 add_bos_token=add_bos, prefix_token_id=BOS, device="cpu", dtype="float32")
 
   ref, ref_rolling = hflm(True), hflm(False)
-  requests = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(PAIRS + [("", " empty context")])]
+  greedy = []  # one-byte continuations that are the model's argmax (so that some greedy flags are true)
+  for ctx in ("The cat", "Question: 2 + 2 =", "abc", "xyz", "Once upon", "0123", "Hello"):
+    with torch.no_grad():
+      nxt = int(torch_model(torch.tensor([[BOS, *ctx.encode()]])).logits[0, -1].argmax())
+    if 33 <= nxt < 127:
+      greedy.append((ctx, chr(nxt)))
+  requests = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(PAIRS + [("", " empty context")] + greedy)]
   got, want = lm.loglikelihood(requests), ref.loglikelihood(requests)
   for (g, g_greedy), (w, w_greedy), req in zip(got, want, requests, strict=True):
     assert g == pytest.approx(w, abs=1e-4), req.args
     assert g_greedy == w_greedy, req.args
-  assert len({round(w, 3) for w, _ in want}) == len(want)
+  assert len({round(w, 3) for w, _ in want}) == len(want) and any(w for _, w in want)
 
   texts = ["short text", "é" * 6, "".join(chr(97 + i % 26) for i in range(MAX_LEN + 10)),
            "".join(chr(65 + i % 26) for i in range(3 * MAX_LEN))]  # one, one, two and four windows
