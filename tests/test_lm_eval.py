@@ -101,7 +101,7 @@ def test_loglikelihood_matches_hand_computation(lm, forward):
 def test_rolling_loglikelihood_matches_hand_computation(lm, forward):
   short, long = "short text", "".join(chr(97 + i % 26) for i in range(MAX_LEN + 10))
   got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate((short, long))])
-  ids_short, ids_long = list(short.encode()), list(long.encode())
+  ids_long = list(long.encode())
   # short: one window [BOS] + text; long: [BOS] + the first MAX_LEN - 1 predict the first MAX_LEN, then
   # the last 10 are predicted from the MAX_LEN tokens before the last one
   first = reference_loglikelihood(forward, [("", short)])[0][0]
@@ -256,8 +256,7 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
 def test_eval_tasks_during_training(tmp_path, monkeypatch):
   """eval_tasks every eval_every steps: logged as eval_<task>/<metric> at exactly those steps (the values'
   correctness is the adapter's, tested above), and a run stopped after its step-4 checkpoint and resumed
-  to step 6 keeps the schedule (steps 2, 4, 6: none twice, none skipped); train.plot draws them. ~110
-  CPU-s, most of it compiling the training step."""
+  to step 6 keeps the schedule (steps 2, 4, 6: none twice, none skipped); train.plot draws them."""
   from tests.test_loop import SMALL_MODEL
   from train import plot
   from train.core import loop
