@@ -354,6 +354,21 @@ def test_replica_groups_and_slow_a2a_of_hand_written_hlo():
   assert not r["upper_bound"]
 
 
+def test_slices_take_the_data_axis():
+  """On 4 slices the data axis spans them: a one-pod layout (data=1, fsdp=-1, as DeepSeek-V3's config)
+  becomes data=4 over the slow links (fsdp shrinks to the rest); data=-1 keeps its size; an explicit
+  mesh.dcn_* is left as given; one slice changes nothing."""
+  v3 = load_train_config(ROOT / "configs/deepseek-v3-671b.yaml")
+  four = targets.parse("v6e-256", 4)
+  got = aot.for_target(v3, four).mesh
+  assert (got.data, got.dcn_data, got.fsdp, got.expert) == (4, 4, -1, 8)
+  flat = load_train_config(ROOT / "configs/tiny.yaml", ["mesh.fsdp=1", "mesh.data=-1"])
+  assert (aot.for_target(flat, four).mesh.data, aot.for_target(flat, four).mesh.dcn_data) == (-1, 4)
+  given = load_train_config(ROOT / "configs/tiny.yaml", ["mesh.data=1", "mesh.fsdp=-1", "mesh.dcn_fsdp=4"])
+  assert aot.for_target(given, four).mesh == given.mesh
+  assert aot.for_target(v3, targets.parse("v6e-256", 1)) is v3
+
+
 def test_slow_a2a_across_tpu_slices(capsys):
   """A real compile for 2 slices of v5p-8: an all_to_all over a mesh axis that crosses the slices
   (it becomes a megascale transfer) against bytes(operand) * m / n from the devices' slice_index; the

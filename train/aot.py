@@ -101,11 +101,16 @@ class DoesNotFit(Exception):
 
 
 def for_target(cfg: TrainConfig, target: targets_lib.Target) -> TrainConfig:
-  """`cfg` on a multi-slice target: without mesh.dcn_* the data axis spans the slices."""
-  if target.slices > 1 and cfg.mesh.dcn_data * cfg.mesh.dcn_fsdp == 1:
-    log.info("%s: %d slices, mesh.dcn_data=%d", target.name, target.slices, target.slices)
-    return cfg.replace(mesh=dataclasses.replace(cfg.mesh, dcn_data=target.slices))
-  return cfg
+  """`cfg` on a multi-slice target: without mesh.dcn_* the data axis spans the slices (data parallel
+  over the slow links, the other axes inside a slice). A config laid out for one pod (mesh.data=1, the
+  large configs' default) gets mesh.data = the slices, the axis that takes the remaining devices
+  (-1) shrinking to match."""
+  n, mesh = target.slices, cfg.mesh
+  if n == 1 or mesh.dcn_data * mesh.dcn_fsdp != 1:
+    return cfg
+  data = n if mesh.data == 1 and -1 in mesh.sizes().values() else mesh.data
+  log.info("%s: %d slices, mesh.dcn_data=%d%s", target.name, n, n, f", mesh.data={data}" if data != mesh.data else "")
+  return cfg.replace(mesh=dataclasses.replace(mesh, data=data, dcn_data=n))
 
 
 def per_device_bytes(tree) -> int:
