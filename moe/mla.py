@@ -8,7 +8,7 @@
 Without a cache (training, evaluation) the keys and values are materialised per head and the core
 runs the implementation the Runtime chose (moe/kernels/attention.py: fused, blocked on CPU, the
 splash kernel on TPU). With context parallelism (`mesh.context` > 1: each sequence's tokens split
-into contiguous slices) the latent [c_kv | RoPE(k_pe)] of the whole sequence is all-gathered
+into slices, on the balanced layout of moe/model.py) the latent [c_kv | RoPE(k_pe)] of the whole sequence is all-gathered
 (`gather_latent`), not the per-head keys and values, which each slice up-projects itself; its queries
 stay local and see their rows of the causal/document mask (fused core). With a `LatentCache`
 (decoding, moe/decode.py) only what MLA needs is cached per token (section 2.1.3): the normalised
@@ -59,14 +59,17 @@ class Mask(NamedTuple):
   segment_ids: jax.Array | None = None
 
 
-def document_mask(segment_ids_BxS) -> Mask:
-  return Mask(attention_mask(segment_ids_BxS), segment_ids_BxS)
+def document_mask(segment_ids_BxS, order_S=None) -> Mask:
+  return Mask(attention_mask(segment_ids_BxS, order_S), segment_ids_BxS)
 
 
-def attention_mask(segment_ids_BxS):
-  """[batch, 1, q, k] bool: causal, and within one document (segment id; 0 = padding)."""
+def attention_mask(segment_ids_BxS, order_S=None):
+  """[batch, 1, q, k] bool: causal, and within one document (segment id; 0 = padding). `order`: each
+  place's index in the original sequence when the tokens are laid out in another order (the balanced
+  context-parallel layout), which causality follows; None: in order."""
   s = segment_ids_BxS.shape[1]
-  causal = jnp.tril(jnp.ones((s, s), bool))
+  index = jnp.arange(s) if order_S is None else jnp.asarray(order_S)
+  causal = index[None, :] <= index[:, None]
   same_doc = segment_ids_BxS[:, :, None] == segment_ids_BxS[:, None, :]
   return (causal[None] & same_doc)[:, None]
 

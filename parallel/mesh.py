@@ -59,7 +59,7 @@ class MeshConfig:
   stage: int = 1  # pipeline stages (parallel/pipeline.py; the `pipeline:` section)
   data: int = -1
   fsdp: int = 1
-  context: int = 1  # each sequence's tokens in `context` contiguous slices (docs/long-context.md)
+  context: int = 1  # each sequence's tokens in `context` slices, balanced layout (docs/long-context.md)
   expert: int = 1
   tensor: int = 1
   dcn_stage: int = 1  # slices (TPU) or processes the stage axis spans; must divide `stage`

@@ -239,3 +239,13 @@ def gather_seq(x: jax.Array, logical_axes: Sequence[str | None], par=None) -> ja
   whole = P(*(None if i == dim else e for i, e in enumerate(spec)))
   gather = lambda v: jax.lax.all_gather(v, spec[dim], axis=dim, tiled=True)
   return jax.shard_map(gather, mesh=mesh, in_specs=P(*spec), out_specs=whole, axis_names=free, check_vma=False)(x)
+
+
+def balanced_order(seq_len: int, slices: int) -> np.ndarray | None:
+  """The balanced (dual-chunk, zigzag) layout of a sequence over `slices` context slices: the tokens
+  cut into 2 x slices chunks, slice i holding chunks i and 2 slices - 1 - i, so that every slice has
+  the same causal attention work. [seq_len] original token index at each place; None for one slice."""
+  if slices == 1:
+    return None
+  chunks = np.arange(seq_len).reshape(2 * slices, seq_len // (2 * slices))
+  return np.concatenate([np.concatenate([chunks[i], chunks[2 * slices - 1 - i]]) for i in range(slices)])

@@ -2,8 +2,8 @@
 training step of the tiny model on 8 simulated devices against the one-device step
 (tests/context_worker.py, one subprocess for every mesh).
 
-The batch packs several documents per row whose edges fall inside and across the context slices, with
-padding; MTP (one token ahead across slice edges), group-limited routing and the sequence-wise balance
+The layers run on the balanced layout (each slice holds chunks i and 2c-1-i). The batch packs
+several documents per row whose edges fall inside and across the context slices, with padding; MTP (one token ahead across slice edges), group-limited routing and the sequence-wise balance
 loss are on. float32: the loss within 1e-6 relative and each updated parameter within 1e-6 of the
 update's L2 norm.
 """
@@ -40,10 +40,28 @@ def test_context_is_a_mesh_axis_that_splits_the_sequence():
   assert tiny("mesh.context=4").mesh.context == 4
 
 
+def test_balanced_layout_and_its_mask():
+  """context=2: chunks (0, 3 | 1, 2) of 2 tokens; the mask of the permuted tokens, causal by their
+  original index, is the in-order mask permuted."""
+  import jax.numpy as jnp
+  import numpy as np
+  from moe import mla
+  from parallel.sharding import balanced_order
+
+  order = balanced_order(8, 2)
+  np.testing.assert_array_equal(order, [0, 1, 6, 7, 2, 3, 4, 5])
+  assert balanced_order(8, 1) is None
+  seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+  want = np.asarray(mla.attention_mask(seg))[:, :, order][:, :, :, order]
+  np.testing.assert_array_equal(np.asarray(mla.attention_mask(seg[:, order], order)), want)
+
+
 def test_config_errors_are_one_line():
-  with pytest.raises(ConfigError, match=r"^seq_len=16 does not split into mesh.context=3 equal slices: 1, 2, 4, 8 or 16"
-                                        r" would$"):
+  with pytest.raises(ConfigError, match=r"^seq_len=16 does not split into 2 x mesh.context=3 equal chunks \(the balanced"
+                                        r" layout\): mesh.context=1, 2, 4 or 8 would$"):
     tiny("mesh.context=3")
+  with pytest.raises(ConfigError, match=r"^seq_len=24 does not split into 2 x mesh.context=8 .*=1, 2, 3, 4, 6 or 12 would$"):
+    tiny("mesh.context=8", "seq_len=24")
   with pytest.raises(ConfigError, match=r"^mesh.context=2 with mesh.stage=2: the pipeline does not split sequences"):
     tiny("mesh.context=2", "mesh.stage=2")
   with pytest.raises(ConfigError, match=r"^mesh.context=0 must be >= 1 or -1$"):
@@ -82,8 +100,10 @@ def test_context_meshes_match_one_device(eight, mesh):
 
 def test_attention_gathers_the_latent_not_the_keys(eight):
   """context=2 (x data=4): the compiled step's float all-gathers of whole sequences are MLA's latent,
-  kv_lora_rank + qk_rope_head_dim = 24 values per token (one per attention layer: dense, MoE, MTP),
-  never the per-head keys [.., 16, 4, 16] or values [.., 16, 4, 8]."""
-  whole_seq = [g for g in eight["c2_gathers"] if g.startswith("f32[") and g.split("[")[1].split(",")[1:2] == ["16"]]
-  assert whole_seq and all(g == "f32[2,16,24]" for g in whole_seq), eight["c2_gathers"]
-  assert not [g for g in eight["c2_gathers"] if g.count(",") == 3], eight["c2_gathers"]
+  kv_lora_rank + qk_rope_head_dim = 24 values per token, one per attention layer (dense, MoE, MTP),
+  and once the hidden state (32), put back in order from the balanced layout before the head; never
+  the per-head keys [.., 16, 4, 16] or values [.., 16, 4, 8]."""
+  gathers = eight["c2_gathers"]
+  whole_seq = sorted(g for g in gathers if g.startswith("f32[") and g.split("[")[1].split(",")[1:2] == ["16"])
+  assert whole_seq == ["f32[2,16,24]"] * 3 + ["f32[2,16,32]"], gathers
+  assert not [g for g in gathers if g.count(",") == 3], gathers

@@ -217,8 +217,10 @@ class TrainConfig:
     require(r <= e, f"mesh.redundant_experts={r} exceeds model.n_routed_experts={e}: EPLB fills at most one extra"
                     f" slot per expert (as many copies per rank as experts per rank); use at most {e}")
     c = self.mesh.context
-    require(c == 1 or self.seq_len % c == 0,
-            f"seq_len={self.seq_len} does not split into mesh.context={c} equal slices: {divisors(self.seq_len)} would")
+    s = self.seq_len
+    require(c == 1 or s % (2 * c) == 0,
+            f"seq_len={s} does not split into 2 x mesh.context={c} equal chunks (the balanced layout):"
+            f" mesh.context={divisors(s // 2) if s % 2 == 0 else 1} would")
     require(c == 1 or self.mesh.stage == 1,
             f"mesh.context={c} with mesh.stage={self.mesh.stage}: the pipeline does not split sequences yet;"
             " set mesh.context=1 or mesh.stage=1")
