@@ -238,6 +238,8 @@ def gather_seq(x: jax.Array, logical_axes: Sequence[str | None], par=None) -> ja
     return x
   whole = P(*(None if i == dim else e for i, e in enumerate(spec)))
   gather = lambda v: jax.lax.all_gather(v, spec[dim], axis=dim, tiled=True)
+  # check_vma off: the gathered array is the same on every slice, which the out_specs say and JAX's
+  # type check cannot infer from all_gather (the gradients match the one-device run: tests/test_context.py)
   return jax.shard_map(gather, mesh=mesh, in_specs=P(*spec), out_specs=whole, axis_names=free, check_vma=False)(x)
 
 
@@ -247,5 +249,8 @@ def balanced_order(seq_len: int, slices: int) -> np.ndarray | None:
   the same causal attention work. [seq_len] original token index at each place; None for one slice."""
   if slices == 1:
     return None
+  if seq_len % (2 * slices):
+    raise ConfigError(f"seq_len={seq_len} does not split into 2 x mesh.context={slices} equal chunks (the balanced"
+                      " layout)")
   chunks = np.arange(seq_len).reshape(2 * slices, seq_len // (2 * slices))
   return np.concatenate([np.concatenate([chunks[i], chunks[2 * slices - 1 - i]]) for i in range(slices)])

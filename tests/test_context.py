@@ -51,6 +51,8 @@ def test_balanced_layout_and_its_mask():
   order = balanced_order(8, 2)
   np.testing.assert_array_equal(order, [0, 1, 6, 7, 2, 3, 4, 5])
   assert balanced_order(8, 1) is None
+  with pytest.raises(ConfigError, match=r"^seq_len=12 does not split into 2 x mesh.context=4 equal chunks"):
+    balanced_order(12, 4)  # (mesh.context=-1: known only when the mesh is built)
   seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
   want = np.asarray(mla.attention_mask(seg))[:, :, order][:, :, :, order]
   np.testing.assert_array_equal(np.asarray(mla.attention_mask(seg[:, order], order)), want)
