@@ -7,7 +7,10 @@
 
 Without a cache (training, evaluation) the keys and values are materialised per head and the core
 runs the implementation the Runtime chose (moe/kernels/attention.py: fused, blocked on CPU, the
-splash kernel on TPU). With a `LatentCache`
+splash kernel on TPU). With context parallelism (`mesh.context` > 1: each sequence's tokens split
+into slices, on the balanced layout of moe/model.py) the latent [c_kv | RoPE(k_pe)] of the whole sequence is all-gathered
+(`gather_latent`), not the per-head keys and values, which each slice up-projects itself; its queries
+stay local and see their rows of the causal/document mask (fused core). With a `LatentCache`
 (decoding, moe/decode.py) only what MLA needs is cached per token (section 2.1.3): the normalised
 latent `c_kv` and the rotated decoupled key `k_pe`; kv_b_proj = [W_UK | W_UV] is absorbed into the
 query and the output, so keys and values are never materialised per head:
@@ -37,6 +40,7 @@ from moe.config import ModelConfig
 from moe.kernels.attention import ATTENTION, PALLAS, per_device
 from moe.layers import Linear, RMSNorm
 from moe.runtime import Runtime
+from parallel.sharding import constrain, gather_seq
 
 
 class LatentCache(NamedTuple):
@@ -55,14 +59,17 @@ class Mask(NamedTuple):
   segment_ids: jax.Array | None = None
 
 
-def document_mask(segment_ids_BxS) -> Mask:
-  return Mask(attention_mask(segment_ids_BxS), segment_ids_BxS)
+def document_mask(segment_ids_BxS, order_S=None) -> Mask:
+  return Mask(attention_mask(segment_ids_BxS, order_S), segment_ids_BxS)
 
 
-def attention_mask(segment_ids_BxS):
-  """[batch, 1, q, k] bool: causal, and within one document (segment id; 0 = padding)."""
+def attention_mask(segment_ids_BxS, order_S=None):
+  """[batch, 1, q, k] bool: causal, and within one document (segment id; 0 = padding). `order`: each
+  place's index in the original sequence when the tokens are laid out in another order (the balanced
+  context-parallel layout), which causality follows; None: in order."""
   s = segment_ids_BxS.shape[1]
-  causal = jnp.tril(jnp.ones((s, s), bool))
+  index = jnp.arange(s) if order_S is None else jnp.asarray(order_S)
+  causal = index[None, :] <= index[:, None]
   same_doc = segment_ids_BxS[:, :, None] == segment_ids_BxS[:, None, :]
   return (causal[None] & same_doc)[:, None]
 
@@ -73,6 +80,7 @@ class MLA(nnx.Module):
     self.cfg = cfg
     self.attention = rt.attention
     self.par = rt.par  # the Pallas kernels run per device, under the mesh
+    self.context = rt.par.context if rt.par is not None else 1  # slices of each sequence (context parallelism)
     self.interpret = rt.platform != {"splash": "tpu", "flash": "gpu"}.get(rt.attention)  # else the interpreter
     self.dtype = rt.compute_dtype
     self.keep_max_logit = False  # QK-clip's statistic: the trainer sets it (model.set_attributes) when it reads it
@@ -124,10 +132,16 @@ class MLA(nnx.Module):
     c_kv, k_pe = self.latent(x_BxTxD)
     k_pe = rope.apply_rope(k_pe[:, :, None, :], cos, sin)  # [B, T, 1, rope]
     if cache is None:
+      if self.context > 1:  # every key on every context slice, from the gathered latent
+        c_kv, k_pe = gather_latent(c_kv, k_pe, self.par)
       kv = self.kv_b_proj(c_kv).reshape(b, t, h, nope + cfg.v_head_dim)
       k_nope, v = jnp.split(kv, [nope], axis=-1)
       q = jnp.concatenate([q_nope, q_pe], axis=-1)
       k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe, (b, t, h, cfg.qk_rope_head_dim))], axis=-1)
+      if self.context > 1:  # local queries against all keys: each slice's rows of the mask
+        q = constrain(q, ("batch", "seq", "heads", None), self.par)
+        k, v = (constrain(a, ("batch", None, "heads", None), self.par) for a in (k, v))
+        mask = mask._replace(dense=constrain(mask.dense, ("batch", None, "seq", None), self.par))
       if self.keep_max_logit:  # QK-clip's statistic (train/core/muon.py), an intermediate the trainer pops
         self.max_logit = nnx.Intermediate(max_logit(q, k, mask.dense, rope.softmax_scale(cfg)))
       if self.attention in PALLAS:
@@ -154,6 +168,17 @@ class MLA(nnx.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     o_lat = jnp.einsum("bhts,bsc->bthc", probs, ckv)
     return jnp.einsum("bthc,chv->bthv", o_lat, w_uv)
+
+
+def gather_latent(c_kv_BxTxC, k_pe_BxTx1xR, par):
+  """Context parallelism's all_gather strategy for MLA: the latent c_kv and the rotated shared key
+  k_pe (kv_lora_rank + qk_rope_head_dim values per token) of the whole sequence, gathered over the
+  axes that split it, in one all-gather; keys and values are up-projected from it on each slice."""
+  c = c_kv_BxTxC.shape[-1]
+  latent = jnp.concatenate([c_kv_BxTxC, k_pe_BxTx1xR[:, :, 0].astype(c_kv_BxTxC.dtype)], axis=-1)
+  latent = gather_seq(latent, ("batch", "seq", None), par)
+  c_kv, k_pe = jnp.split(latent, [c], axis=-1)
+  return c_kv, k_pe[:, :, None, :]
 
 
 def max_logit(q_BxTxHxK, k_BxSxHxK, mask_Bx1xTxS, scale, block: int = 512):

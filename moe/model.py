@@ -24,7 +24,7 @@ from moe.experts import MoEStats
 from moe.layers import Embed, Linear, RMSNorm
 from moe.runtime import Runtime
 from parallel.pipeline import Layout
-from parallel.sharding import constrain
+from parallel.sharding import balanced_order, constrain
 
 
 class ModelOutput(NamedTuple):
@@ -41,14 +41,15 @@ class Context(NamedTuple):
   valid: jax.Array  # [batch, seq] real tokens
 
 
-def context(cfg: ModelConfig, tokens_BxS, segment_ids_BxS=None, positions_BxS=None) -> Context:
-  """Document mask, RoPE tables and padding of a batch (defaults: one document, positions 0..S-1)."""
+def context(cfg: ModelConfig, tokens_BxS, segment_ids_BxS=None, positions_BxS=None, order_S=None) -> Context:
+  """Document mask, RoPE tables and padding of a batch (defaults: one document, positions 0..S-1);
+  `order`: the original index of each place, for tokens laid out in another order (mla.attention_mask)."""
   b, s = tokens_BxS.shape
   if segment_ids_BxS is None:
     segment_ids_BxS = jnp.ones((b, s), jnp.int32)
   if positions_BxS is None:
     positions_BxS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  return Context(positions_BxS, rope.rope_tables(positions_BxS, cfg), mla.document_mask(segment_ids_BxS),
+  return Context(positions_BxS, rope.rope_tables(positions_BxS, cfg), mla.document_mask(segment_ids_BxS, order_S),
                  segment_ids_BxS > 0)
 
 
@@ -90,21 +91,30 @@ class Transformer(nnx.Module):
     device gathers the whole stack); training and evaluation pipeline them (train/core/pipelined.py).
     """
     ctx = self.context(tokens_BxS, segment_ids_BxS, positions_BxS)
-    h, stats = self.bottom(tokens_BxS, ctx)
+    # With context parallelism the layers run on the balanced layout (every context slice the same
+    # causal work): the inputs are permuted once here and the last layer's output put back in order.
+    order = balanced_order(tokens_BxS.shape[1], self.rt.par.context) if self.rt.par is not None else None
+    tokens, inner = tokens_BxS, ctx
+    if order is not None:
+      tokens, seg, pos = (jnp.take(a, order, axis=1) for a in (tokens_BxS, ctx.mask.segment_ids, ctx.positions))
+      inner = self.context(tokens, seg, pos, order)
+    h, stats = self.bottom(tokens, inner)
     if self.moe_layers is not None:
       graphdef, stacked = nnx.split(self.moe_layers.layers)
-      order = self.layout.layer_slot()
-      if not (order == np.arange(len(order))).all() or len(order) != self.layout.slots:
-        stacked = jax.tree.map(lambda x: jnp.take(x, jnp.asarray(order), axis=0), stacked)
-      h, layer_stats, _ = self.moe_layers.apply(graphdef, (stacked,), h, ctx.cos_sin, ctx.mask, ctx.valid)
+      slots = self.layout.layer_slot()
+      if not (slots == np.arange(len(slots))).all() or len(slots) != self.layout.slots:
+        stacked = jax.tree.map(lambda x: jnp.take(x, jnp.asarray(slots), axis=0), stacked)
+      h, layer_stats, _ = self.moe_layers.apply(graphdef, (stacked,), h, inner.cos_sin, inner.mask, inner.valid)
       stats.append(layer_stats)
+    if order is not None:
+      h = constrain(jnp.take(h, np.argsort(order), axis=1), ACT, self.rt.par)
     logits, mtp_logits, mtp_stats = self.top(h, tokens_BxS, ctx, with_mtp)
     stats += mtp_stats
     moe_stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *stats) if stats else None
     return ModelOutput(logits, mtp_logits, moe_stats)
 
-  def context(self, tokens_BxS, segment_ids_BxS=None, positions_BxS=None) -> Context:
-    return context(self.cfg, tokens_BxS, segment_ids_BxS, positions_BxS)
+  def context(self, tokens_BxS, segment_ids_BxS=None, positions_BxS=None, order_S=None) -> Context:
+    return context(self.cfg, tokens_BxS, segment_ids_BxS, positions_BxS, order_S)
 
   def bottom(self, tokens_BxS, ctx: Context):
     """(hidden states after the embedding and the dense layers, [] : no MoE statistics here)."""

@@ -10,7 +10,8 @@ never ask JAX which backend they run on, so compiling for a TPU or GPU target fr
 chosen on CPU (tests, or to compare kernels).
 
   attention  splash (Pallas flash attention; TPU) | flash (Pallas Triton flash attention; GPU) |
-             blocked (moe.kernels.cpu: CPU) | fused (jax.nn.dot_product_attention)
+             blocked (moe.kernels.cpu: CPU) | fused (jax.nn.dot_product_attention; the only one
+             with mesh.context > 1, where each slice's queries see every key)
   experts    ragged_dot (GPU/TPU) | blocked (moe.kernels.cpu: CPU) | dense (reference, E x the work)
   fp8_gemm   kernels (Pallas; GPUs with FP8 tensor cores, interpreter elsewhere) | xla | qdq (CPU, TPU)
              used when the compute is FP8 (`precision: fp8`; moe/kernels/fp8.py)
@@ -96,8 +97,12 @@ class Runtime:
     platform = devices[0].platform
     on_cpu = platform == "cpu"
     attention = impl.attention
+    context = par.context if par is not None else 1
     if attention == "auto":
-      attention = {"cpu": "blocked", "tpu": "splash", "gpu": "flash"}.get(platform, "fused")
+      attention = "fused" if context > 1 else {"cpu": "blocked", "tpu": "splash", "gpu": "flash"}.get(platform, "fused")
+    if context > 1 and attention != "fused":
+      raise ConfigError(f"impl.attention={attention} with mesh.context={context}: context-parallel attention runs"
+                        " the fused core on each slice's queries; set impl.attention=auto or fused")
     experts = impl.experts if impl.experts != "auto" else "blocked" if on_cpu else "ragged_dot"
     recipe = None
     if fp8:

@@ -628,10 +628,12 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
   ep_axes = _axes_of(specs[0][0])
   n_ep = math.prod(shape[a] for a in ep_axes)
 
-  # Token axes: the batch axes, plus the expert axes (each EP rank must hold its own tokens).
+  # Token axes: the batch axes, plus the expert axes (each EP rank must hold its own tokens), then the
+  # axes that split each sequence (context parallelism): [batch * seq] flattened, as the tokens lie.
   t = x_TxD.shape[0]
   batch_axes = [a for a in rules.get("batch", ()) if shape.get(a, 1) > 1 and a not in ep_axes]
-  token_axes = list(batch_axes) + list(ep_axes)
+  seq_axes = [a for a in rules.get("seq", ()) if shape.get(a, 1) > 1 and a not in ep_axes + tuple(batch_axes)]
+  token_axes = list(batch_axes) + list(ep_axes) + seq_axes
   if t % n_ep:
     raise ValueError(f"expert parallelism: {t} tokens do not divide over {'x'.join(ep_axes)}={n_ep}")
   while t % math.prod(shape[a] for a in token_axes):

@@ -1,9 +1,11 @@
-"""The device mesh: five named axes, sized by `MeshConfig` (the `mesh:` section of a training config).
+"""The device mesh: six named axes, sized by `MeshConfig` (the `mesh:` section of a training config).
 
   stage   pipeline stages (parallel/pipeline.py): the MoE layers split into stages; outside the
           pipeline (embedding, dense layers) it carries data like `data`
   data    pure data parallelism: parameters and optimizer state replicated
   fsdp    data parallelism with parameters, gradients and optimizer state sharded (ZeRO-3)
+  context each sequence's tokens split (context parallelism): everything but attention is per token;
+          MLA gathers its compressed latent over it (moe/mla.py); parameters replicated over it
   expert  routed experts split across ranks (expert parallelism); carries data for everything else
   tensor  attention heads and FFN width split (Megatron-style tensor parallelism)
 
@@ -57,6 +59,7 @@ class MeshConfig:
   stage: int = 1  # pipeline stages (parallel/pipeline.py; the `pipeline:` section)
   data: int = -1
   fsdp: int = 1
+  context: int = 1  # each sequence's tokens in `context` slices, balanced layout (docs/long-context.md)
   expert: int = 1
   tensor: int = 1
   dcn_stage: int = 1  # slices (TPU) or processes the stage axis spans; must divide `stage`
@@ -137,7 +140,7 @@ def would_divide(sizes: dict[str, int], n_devices: int) -> str:
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
-  """A Mesh with axes (stage, data, fsdp, expert, tensor), all `AxisType.Auto`.
+  """A Mesh with axes (stage, data, fsdp, context, expert, tensor), all `AxisType.Auto`.
 
   A mesh smaller than the device count (it must divide it) uses the first devices; that is only
   allowed in a single process.
@@ -236,6 +239,11 @@ class Parallelism:
   @property
   def stages(self) -> int:
     return self.mesh.shape.get("stage", 1)
+
+  @property
+  def context(self) -> int:
+    """How many slices each sequence's tokens are split into (context parallelism)."""
+    return self.mesh.shape.get("context", 1)
 
   def layout(self, layers: int) -> Layout:
     """Where the pipelined stack of `layers` layers is stored (parallel/pipeline.py)."""

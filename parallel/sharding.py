@@ -31,7 +31,7 @@ from parallel.errors import ConfigError
 
 log = logging.getLogger("parallel")
 
-MESH_AXES = ("stage", "data", "fsdp", "expert", "tensor")
+MESH_AXES = ("stage", "data", "fsdp", "context", "expert", "tensor")
 
 # logical name -> mesh axes. Batch over every data-like axis (`stage` too: outside the pipeline the
 # stages split the batch; inside it, where `stage` is manual, `constrain` drops it) (experts use `expert` only inside the MoE
@@ -44,9 +44,11 @@ MESH_AXES = ("stage", "data", "fsdp", "expert", "tensor")
 # pipeline.py) split over `stage`; the weights outside the stack (embedding, head, dense layers, MTP)
 # are sharded over `stage` too (their `embed` takes it last: the stack's slots take it first), so that
 # their float32 weights and moments are not whole on every stage; the pipeline gathers them per step.
+# Each sequence's tokens split over `context` (context parallelism: MLA gathers its latent over it,
+# moe/mla.py); no parameter is sharded over `context` (their gradients are summed over it).
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("stage", "data", "fsdp", "expert"),
-    "seq": (),
+    "seq": ("context",),
     "embed": ("fsdp", "expert", "stage"),
     "vocab": ("tensor",),
     "heads": ("tensor",),
@@ -219,3 +221,36 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], par=None) -> jax
     return x
   spec = logical_to_spec(tuple(logical_axes), x.shape, shape, par.rules, "activation")
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def gather_seq(x: jax.Array, logical_axes: Sequence[str | None], par=None) -> jax.Array:
+  """`x` with its "seq" dimension whole on every device: one all-gather over the mesh axes that split
+  it (context parallelism), written out so that exactly this array crosses them (XLA's partitioner
+  could gather a larger one downstream); the identity where nothing splits it. Its transpose, in the
+  backward pass, is a reduce-scatter of the gradient."""
+  if par is None or par.mesh.size == 1:
+    return x
+  mesh, shape, free = context(par)
+  spec = tuple(logical_to_spec(tuple(logical_axes), x.shape, shape, par.rules, "activation"))
+  spec += (None,) * (x.ndim - len(spec))
+  dim = list(logical_axes).index("seq")
+  if spec[dim] is None:
+    return x
+  whole = P(*(None if i == dim else e for i, e in enumerate(spec)))
+  gather = lambda v: jax.lax.all_gather(v, spec[dim], axis=dim, tiled=True)
+  # check_vma off: the gathered array is the same on every slice, which the out_specs say and JAX's
+  # type check cannot infer from all_gather (the gradients match the one-device run: tests/test_context.py)
+  return jax.shard_map(gather, mesh=mesh, in_specs=P(*spec), out_specs=whole, axis_names=free, check_vma=False)(x)
+
+
+def balanced_order(seq_len: int, slices: int) -> np.ndarray | None:
+  """The balanced (dual-chunk, zigzag) layout of a sequence over `slices` context slices: the tokens
+  cut into 2 x slices chunks, slice i holding chunks i and 2 slices - 1 - i, so that every slice has
+  the same causal attention work. [seq_len] original token index at each place; None for one slice."""
+  if slices == 1:
+    return None
+  if seq_len % (2 * slices):
+    raise ConfigError(f"seq_len={seq_len} does not split into 2 x mesh.context={slices} equal chunks (the balanced"
+                      " layout)")
+  chunks = np.arange(seq_len).reshape(2 * slices, seq_len // (2 * slices))
+  return np.concatenate([np.concatenate([chunks[i], chunks[2 * slices - 1 - i]]) for i in range(slices)])

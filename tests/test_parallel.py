@@ -45,11 +45,11 @@ def test_simulated_cpu_devices_get_room_in_the_thread_pool(monkeypatch):
 
 
 def test_axis_sizes_and_errors():
-  assert mesh_lib.axis_sizes(MeshConfig(data=-1, fsdp=2, expert=2), 8) == dict(stage=1, data=2, fsdp=2, expert=2,
-                                                                                tensor=1)
+  assert mesh_lib.axis_sizes(MeshConfig(data=-1, fsdp=2, expert=2), 8) == dict(stage=1, data=2, fsdp=2, context=1,
+                                                                                expert=2, tensor=1)
   assert mesh_lib.axis_sizes(MeshConfig(stage=2, data=-1, expert=2), 8)["data"] == 2
   assert mesh_lib.axis_sizes(MeshConfig(data=2, fsdp=2, expert=2, tensor=1), 8)["data"] == 2
-  with pytest.raises(ConfigError, match=r"mesh stage=1 x data=3 x fsdp=1 x expert=1 x tensor=1 needs 3 devices.*8 devices"):
+  with pytest.raises(ConfigError, match=r"mesh stage=1 x data=3 x fsdp=1 x context=1 x expert=1 x tensor=1 needs 3 devices.*8 devices"):
     mesh_lib.axis_sizes(MeshConfig(data=3), 8)
   with pytest.raises(ConfigError, match=r"fixed axes \(3 devices\) do not divide the 8 devices"):
     mesh_lib.axis_sizes(MeshConfig(data=-1, fsdp=3), 8)

@@ -1,0 +1,74 @@
+"""Subprocess side of tests/test_context.py: context parallelism on 8 simulated CPU devices.
+
+  python tests/context_worker.py single the one-device step, then one step per mesh of MESHES on the
+                                        same packed batch; and the all-gathers of the context=2 step
+
+XLA_FLAGS must be set before jax is imported, hence a separate process. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.processes import start_worker  # noqa: E402
+
+start_worker({})
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from parallel import mesh as mesh_lib  # noqa: E402
+from train.core import loop  # noqa: E402
+from tests.parallel_worker import compare, config, params_of  # noqa: E402
+
+MESHES = {"c2": dict(context=2), "c4": dict(context=4), "c2f2e2": dict(data=1, fsdp=2, context=2, expert=2)}
+
+
+def packed_batch(b=8, s=16, vocab=64, seed=0):
+  """Rows of several documents whose edges fall inside context slices, then padding (segment 0)."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, (b, s + 1), dtype=np.int32)
+  seg, pos = np.zeros((b, s), np.int32), np.zeros((b, s), np.int32)
+  for r in range(b):
+    edges = [0, 3 + r % 4, 9 + r % 3, s - 2 * (r % 2)]  # documents [0, e1), [e1, e2), [e2, e3), then padding
+    for d, (lo, hi) in enumerate(zip(edges, edges[1:]), start=1):
+      seg[r, lo:hi], pos[r, lo:hi] = d, np.arange(hi - lo)
+  return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": seg, "positions": pos,
+          "loss_mask": (seg > 0).astype(np.float32)}
+
+
+def step(cfg, batch, hlo=False):
+  """(metrics, params before, params after, all-gather result shapes of the compiled step or None)."""
+  par = mesh_lib.Parallelism.from_config(cfg.mesh, jax.devices())
+  state, train_step, *_ = loop.build(cfg, par)
+  before = params_of(state)
+  placed = loop.to_device(batch, par)
+  gathers = None
+  if hlo:  # the compiled step, run as it is (one compilation)
+    train_step = train_step.lower(state, placed).compile()
+    gathers = re.findall(r"= (\S+\[[\d,]*\])\S* all-gather(?:-start)?\(", train_step.as_text())
+  state, metrics = train_step(state, placed)
+  return jax.device_get(metrics), before, params_of(state), gathers
+
+
+def main():
+  assert jax.device_count() == 8
+  batch = packed_batch()
+  ref_m, ref_before, ref_after, _ = step(config(dict(data=1)), batch)
+  out = {"ref": {k: float(v) for k, v in ref_m.items() if np.ndim(v) == 0}, "meshes": {}}
+  for name, mesh in MESHES.items():
+    m, before, after, gathers = step(config(mesh), batch, hlo=name == "c2")
+    out["meshes"][name] = compare((ref_before, ref_after, ref_m), before, after, m, None)
+    out["meshes"][name]["update_norm"] = float(np.sqrt(sum(((ref_after[k] - ref_before[k]) ** 2).sum()
+                                                           for k in ref_before)))
+    if gathers is not None:
+      out["c2_gathers"] = gathers
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()

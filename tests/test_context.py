@@ -1,0 +1,111 @@
+"""Context parallelism (mesh.context, issue 25's first slice): config errors in process, and one
+training step of the tiny model on 8 simulated devices against the one-device step
+(tests/context_worker.py, one subprocess for every mesh).
+
+The layers run on the balanced layout (each slice holds chunks i and 2c-1-i). The batch packs
+several documents per row whose edges fall inside and across the context slices, with padding; MTP (one token ahead across slice edges), group-limited routing and the sequence-wise balance
+loss are on. float32: the loss within 1e-6 relative and each updated parameter within 1e-6 of the
+update's L2 norm.
+"""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from moe.runtime import ImplConfig, Runtime
+from parallel import mesh as mesh_lib
+from parallel.errors import ConfigError
+from parallel.mesh import MeshConfig
+from tests.processes import TINY, cpu_env, last_json, run_together
+from train.core.config import load_train_config
+
+WORKER = Path(__file__).with_name("context_worker.py")
+ROOT = WORKER.parent.parent
+
+
+def tiny(*over):
+  return load_train_config(ROOT / "configs/tiny.yaml", TINY + list(over))
+
+
+# ------------------------------------------------------------------ in process (one device)
+def test_context_is_a_mesh_axis_that_splits_the_sequence():
+  assert mesh_lib.axis_sizes(MeshConfig(context=2, fsdp=2), 8) == dict(stage=1, data=2, fsdp=2, context=2,
+                                                                        expert=1, tensor=1)
+  from parallel import sharding
+  spec = sharding.logical_to_spec(("batch", "seq", "embed"), (8, 16, 32), dict(data=2, fsdp=2, context=2))
+  assert tuple(spec) == (("data", "fsdp"), "context")
+  # parameters are not split over it
+  assert sharding.logical_to_spec(("embed", "heads"), (32, 16), dict(context=2)) == sharding.P()
+  assert tiny("mesh.context=4").mesh.context == 4
+
+
+def test_balanced_layout_and_its_mask():
+  """context=2: chunks (0, 3 | 1, 2) of 2 tokens; the mask of the permuted tokens, causal by their
+  original index, is the in-order mask permuted."""
+  import jax.numpy as jnp
+  import numpy as np
+  from moe import mla
+  from parallel.sharding import balanced_order
+
+  order = balanced_order(8, 2)
+  np.testing.assert_array_equal(order, [0, 1, 6, 7, 2, 3, 4, 5])
+  assert balanced_order(8, 1) is None
+  with pytest.raises(ConfigError, match=r"^seq_len=12 does not split into 2 x mesh.context=4 equal chunks"):
+    balanced_order(12, 4)  # (mesh.context=-1: known only when the mesh is built)
+  seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+  want = np.asarray(mla.attention_mask(seg))[:, :, order][:, :, :, order]
+  np.testing.assert_array_equal(np.asarray(mla.attention_mask(seg[:, order], order)), want)
+
+
+def test_config_errors_are_one_line():
+  with pytest.raises(ConfigError, match=r"^seq_len=16 does not split into 2 x mesh.context=3 equal chunks \(the balanced"
+                                        r" layout\): mesh.context=1, 2, 4 or 8 would$"):
+    tiny("mesh.context=3")
+  with pytest.raises(ConfigError, match=r"^seq_len=24 does not split into 2 x mesh.context=8 .*=1, 2, 3, 4, 6 or 12 would$"):
+    tiny("mesh.context=8", "seq_len=24")
+  with pytest.raises(ConfigError, match=r"^mesh.context=2 with mesh.stage=2: the pipeline does not split sequences"):
+    tiny("mesh.context=2", "mesh.stage=2")
+  with pytest.raises(ConfigError, match=r"^mesh.context=0 must be >= 1 or -1$"):
+    MeshConfig(context=0)
+
+
+def test_context_parallel_attention_is_the_fused_core():
+  """With mesh.context > 1 `auto` picks the fused core (each slice's queries against every key); the
+  kernels that assume the whole sequence on a device are refused in one line."""
+  import jax
+  import numpy as np
+
+  two = SimpleNamespace(context=2, mesh=SimpleNamespace(devices=np.asarray(jax.devices())))  # what resolve reads
+  assert Runtime.resolve(ImplConfig(), par=two, announce=False).attention == "fused"
+  with pytest.raises(ConfigError, match=r"^impl.attention=splash with mesh.context=2: .* set impl.attention=auto or"
+                                        r" fused$"):
+    Runtime.resolve(ImplConfig(attention="splash"), par=two, announce=False)
+
+
+# ------------------------------------------------------------------ 8 simulated devices
+@pytest.fixture(scope="module")
+def eight():
+  (out,) = run_together([(WORKER, "single")], cpu_env(), 900)
+  return last_json(out)
+
+
+@pytest.mark.parametrize("mesh", ["c2", "c4", "c2f2e2"])
+def test_context_meshes_match_one_device(eight, mesh):
+  r, ref = eight["meshes"][mesh], eight["ref"]
+  assert r["init_diff"] == 0, mesh
+  for k in ("loss", "lm_loss", "mtp_loss", "balance_loss"):
+    assert r["metrics"][k] == pytest.approx(ref[k], rel=1e-6), (mesh, k)
+  assert r["update_diff"] < 1e-6 * r["update_norm"] and r["update_scale"] > 1e-2, mesh  # max |diff| vs the L2 norm
+  assert r["metrics"]["dropped_tokens"] == 0
+
+
+def test_attention_gathers_the_latent_not_the_keys(eight):
+  """context=2 (x data=4): the compiled step's float all-gathers of whole sequences are MLA's latent,
+  kv_lora_rank + qk_rope_head_dim = 24 values per token, one per attention layer (dense, MoE, MTP),
+  and once the hidden state (32), put back in order from the balanced layout before the head; never
+  the per-head keys [.., 16, 4, 16] or values [.., 16, 4, 8]."""
+  gathers = eight["c2_gathers"]
+  whole_seq = sorted(g for g in gathers if g.startswith("f32[") and g.split("[")[1].split(",")[1:2] == ["16"])
+  assert whole_seq == ["f32[2,16,24]"] * 3 + ["f32[2,16,32]"], gathers
+  assert not [g for g in gathers if g.count(",") == 3], gathers
