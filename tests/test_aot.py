@@ -64,7 +64,7 @@ def test_meshes_split_physical_axes_when_they_must():
   """Defect 2: expert=8 on v5p-128 (4x4x4 chips) is laid out; several slices need a dcn axis."""
   devices = targets.devices(targets.parse("v5p-128"))
   mesh = make_mesh(MeshConfig(data=-1, expert=8), devices)
-  assert dict(mesh.shape) == {"stage": 1, "data": 8, "fsdp": 1, "expert": 8, "tensor": 1}
+  assert dict(mesh.shape) == {"stage": 1, "data": 8, "fsdp": 1, "context": 1, "expert": 8, "tensor": 1}
   assert len({d.id for d in mesh.devices.flat}) == 64
   two = targets.devices(targets.parse("v5p-16", slices=2))
   mesh = make_mesh(MeshConfig(data=-1, fsdp=2, expert=4, dcn_data=2), two)
@@ -160,7 +160,7 @@ def test_compiles_for_v5p_with_data_fsdp_and_expert_axes(tiny_v5p16):
   names the largest buffers at the peak. Without mesh.ep_overlap libtpu runs the all-to-alls
   synchronously (test_ep_overlap_makes_the_all_to_alls_asynchronous_on_tpu)."""
   for r in (tiny_v5p16,):
-    assert r["fits"] and r["devices"] == 8 and r["mesh"] == {"stage": 1, "data": 2, "fsdp": 2, "expert": 2, "tensor": 1}
+    assert r["fits"] and r["devices"] == 8 and r["mesh"] == {"stage": 1, "data": 2, "fsdp": 2, "context": 1, "expert": 2, "tensor": 1}
     assert r["impl"]["ep_transport"] == "ragged" and r["impl"]["experts"] == "ragged_dot"
     assert r["impl"]["attention"] == "splash"
     assert r["collectives"]["ragged-all-to-all"]["count"] > 0 and r["collectives"]["all-gather"]["bytes"] > 0
@@ -214,7 +214,7 @@ def test_compiles_a_pipeline_for_v5p(capsys):
   (r,) = compile_json(capsys, "configs/tiny.yaml", "--target", "v5p-16", "mesh.stage=2", "mesh.data=1", "mesh.fsdp=2",
                       "mesh.expert=2", "model.num_hidden_layers=5", "batch_size=8", "seq_len=256",
                       "pipeline.schedule=1f1b", "pipeline.microbatches=4", "precision=bf16")
-  assert r["fits"] and r["mesh"] == {"stage": 2, "data": 1, "fsdp": 2, "expert": 2, "tensor": 1}
+  assert r["fits"] and r["mesh"] == {"stage": 2, "data": 1, "fsdp": 2, "context": 1, "expert": 2, "tensor": 1}
   assert r["collectives"]["ragged-all-to-all"]["count"] > 0
   for row in r["stage_transfers"]:
     assert row["shape"].startswith("bf16[") and hlo_lib.shape_bytes(row["shape"]) <= 2 * 256 * 128 * 2, row

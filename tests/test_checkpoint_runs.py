@@ -297,7 +297,7 @@ def test_restore_onto_other_meshes(runs):
   out, err = worker.communicate(timeout=900)
   assert worker.returncode == 0, err[-3000:]
   result = json.loads(out.strip().splitlines()[-1])
-  assert result["saved_mesh"] == {"stage": 1, "data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
+  assert result["saved_mesh"] == {"stage": 1, "data": 2, "fsdp": 4, "context": 1, "expert": 1, "tensor": 1}
   for name, devices in (("fsdp8", 8), ("one_device", 1)):
     r = result[name]
     assert r["step"] == 7 and r["devices"] == devices, r
