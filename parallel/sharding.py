@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from parallel.errors import ConfigError
+from parallel.errors import ConfigError, divisors
 
 log = logging.getLogger("parallel")
 
@@ -243,14 +243,20 @@ def gather_seq(x: jax.Array, logical_axes: Sequence[str | None], par=None) -> ja
   return jax.shard_map(gather, mesh=mesh, in_specs=P(*spec), out_specs=whole, axis_names=free, check_vma=False)(x)
 
 
+def check_balanced(seq_len: int, slices: int) -> None:
+  """ConfigError (one line, with the sizes that would do) unless `seq_len` splits into 2 x `slices`
+  equal chunks (the balanced layout); at config time and, for mesh.context=-1, once the mesh is built."""
+  if slices > 1 and seq_len % (2 * slices):
+    raise ConfigError(f"seq_len={seq_len} does not split into 2 x mesh.context={slices} equal chunks (the balanced"
+                      f" layout): mesh.context={divisors(seq_len // 2) if seq_len % 2 == 0 else 1} would")
+
+
 def balanced_order(seq_len: int, slices: int) -> np.ndarray | None:
   """The balanced (dual-chunk, zigzag) layout of a sequence over `slices` context slices: the tokens
   cut into 2 x slices chunks, slice i holding chunks i and 2 slices - 1 - i, so that every slice has
   the same causal attention work. [seq_len] original token index at each place; None for one slice."""
   if slices == 1:
     return None
-  if seq_len % (2 * slices):
-    raise ConfigError(f"seq_len={seq_len} does not split into 2 x mesh.context={slices} equal chunks (the balanced"
-                      " layout)")
+  check_balanced(seq_len, slices)
   chunks = np.arange(seq_len).reshape(2 * slices, seq_len // (2 * slices))
   return np.concatenate([np.concatenate([chunks[i], chunks[2 * slices - 1 - i]]) for i in range(slices)])

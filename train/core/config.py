@@ -27,9 +27,10 @@ import yaml
 
 from moe.config import ModelConfig, load_yaml, model_section
 from moe.runtime import ImplConfig
-from parallel.errors import ConfigError, check_fields, dataclass_of, divisors, matches, reject_unknown, require
+from parallel.errors import ConfigError, check_fields, dataclass_of, matches, reject_unknown, require
 from parallel.mesh import MeshConfig
 from parallel.pipeline import PipelineConfig
+from parallel.sharding import check_balanced
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,10 +218,8 @@ class TrainConfig:
     require(r <= e, f"mesh.redundant_experts={r} exceeds model.n_routed_experts={e}: EPLB fills at most one extra"
                     f" slot per expert (as many copies per rank as experts per rank); use at most {e}")
     c = self.mesh.context
-    s = self.seq_len
-    require(c == 1 or s % (2 * c) == 0,
-            f"seq_len={s} does not split into 2 x mesh.context={c} equal chunks (the balanced layout):"
-            f" mesh.context={divisors(s // 2) if s % 2 == 0 else 1} would")
+    if c > 0:  # (-1: checked once the mesh is built, moe/model.py)
+      check_balanced(self.seq_len, c)
     require(c == 1 or self.mesh.stage == 1,
             f"mesh.context={c} with mesh.stage={self.mesh.stage}: the pipeline does not split sequences yet;"
             " set mesh.context=1 or mesh.stage=1")
