@@ -15,7 +15,8 @@ from typing import Literal
 
 import yaml
 
-from parallel.errors import ConfigError, check_fields, reject_unknown
+from parallel.common.errors import ConfigError
+from parallel.common.typed_config import check_fields, reject_unknown
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,7 @@
   y = shared(x) + sum_k w_k expert_{i_k}(x),   expert(x) = down(silu(x gate) * (x up))
 
 The routed experts run dropless: each (token, k) assignment is one row for the grouped matmul the
-Runtime chose (moe/kernels/experts.py: ragged_dot on GPU/TPU, block-padded batched matmul on CPU).
+Runtime chose (moe/kernels/expert_ffn.py: ragged_dot on GPU/TPU, block-padded batched matmul on CPU).
 With a multi-device mesh the rows first go to the ranks that own their experts
 (parallel.expert_parallel.dispatch_combine, which is handed the grouped matmul as its expert_fn).
 
@@ -22,10 +22,10 @@ from flax import nnx
 
 from moe import router as router_lib
 from moe.config import ModelConfig
-from moe.kernels.experts import EXPERTS
+from moe.kernels.expert_ffn import EXPERTS
 from moe.layers import MLP, param
 from moe.runtime import Runtime
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 from parallel import eplb
 from parallel.expert_parallel import add_copy_grads, dispatch_combine, ep_size, make_copies
 

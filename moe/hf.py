@@ -27,7 +27,7 @@ from moe.config import ModelConfig
 from moe.model import Transformer
 from moe.runtime import Runtime
 from parallel import sharding as sharding_lib
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 from parallel.mesh import Parallelism
 from parallel.pipeline import Layout
 

@@ -50,7 +50,7 @@ import sys
 from pathlib import Path
 
 from moe.config import ModelConfig, load_yaml
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 
 DEFAULT_SEQ_LEN = 4096
 BYTES_PER_VALUE = 2  # bf16 KV cache

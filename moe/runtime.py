@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from moe.kernels import fp8 as fp8_lib
-from parallel.errors import ConfigError, check_fields
+from parallel.common.errors import ConfigError
+from parallel.common.typed_config import check_fields
 
 log = logging.getLogger("moe")
 

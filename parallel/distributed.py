@@ -35,7 +35,7 @@ import threading
 
 import jax
 
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 
 log = logging.getLogger("parallel")
 

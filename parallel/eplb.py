@@ -31,7 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 
 
 def _check(n_experts: int, n_ep: int, r_local: int, n_outer: int = 1) -> int:

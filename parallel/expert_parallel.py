@@ -83,7 +83,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from parallel import eplb, sharding as sharding_lib
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 
 log = logging.getLogger("parallel")
 

@@ -36,7 +36,8 @@ from jax.sharding import AxisType, Mesh
 
 from parallel import expert_parallel, sharding
 from parallel.pipeline import Layout, PipelineConfig
-from parallel.errors import ConfigError, check_fields, divisors, require
+from parallel.common.errors import ConfigError, divisors, require
+from parallel.common.typed_config import check_fields
 
 log = logging.getLogger("parallel")
 

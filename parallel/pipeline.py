@@ -43,7 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from parallel.errors import ConfigError, check_fields, require
+from parallel.common.errors import ConfigError, require
+from parallel.common.typed_config import check_fields
 
 Kind = Literal["gpipe", "circular", "1f1b"]
 AXIS = "stage"

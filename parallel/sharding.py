@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from parallel.errors import ConfigError, divisors
+from parallel.common.errors import ConfigError, divisors
 
 log = logging.getLogger("parallel")
 

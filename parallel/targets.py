@@ -22,7 +22,7 @@ import os
 import re
 from pathlib import Path
 
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 
 GiB = 1 << 30
 GPU_SPECS = Path(__file__).resolve().parents[1] / "configs" / "gpus"

@@ -36,10 +36,10 @@ from moe.model import Transformer  # noqa: E402
 from parallel import mesh as mesh_lib  # noqa: E402
 from parallel import sharding as sharding_lib  # noqa: E402
 from train.core import checkpoint as ckpt_lib  # noqa: E402
-from train.core import data as data_lib  # noqa: E402
+from train.core import input_pipeline as data_lib  # noqa: E402
 from train.core import optimizer as optimizer_lib  # noqa: E402
 from train.core import step as step_lib  # noqa: E402
-from train.core.config import load_train_config  # noqa: E402
+from train.core.train_config import load_train_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model.vocab_size=260", "model.hidden_size=32", "model.intermediate_size=64", "model.moe_intermediate_size=16",

@@ -31,7 +31,7 @@ from train import export  # noqa: E402
 from train.core import checkpoint as ckpt_lib  # noqa: E402
 from train.core import model_io  # noqa: E402
 from train.core import loop  # noqa: E402
-from train.core.data import synthetic_batch  # noqa: E402
+from train.core.input_pipeline import synthetic_batch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = {"f4e2": MeshConfig(data=1, fsdp=4, expert=2), "f2e2t2": MeshConfig(data=1, fsdp=2, expert=2, tensor=2),

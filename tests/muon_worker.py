@@ -23,9 +23,9 @@ from parallel import mesh as mesh_lib  # noqa: E402
 from parallel import sharding as sharding_lib  # noqa: E402
 from parallel.mesh import MeshConfig  # noqa: E402
 from train.core import loop, muon  # noqa: E402
-from train.core.config import OptimizerConfig, TrainConfig, load_train_config  # noqa: E402
+from train.core.train_config import OptimizerConfig, TrainConfig, load_train_config  # noqa: E402
 from train.core.optimizer import make_optimizer  # noqa: E402
-from train.core.data import synthetic_batch  # noqa: E402
+from train.core.input_pipeline import synthetic_batch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # lr 0.01: Muon's update is ~0.2 lr per entry whatever the gradient's size; QK-clip engaged (tau between

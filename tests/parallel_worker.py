@@ -26,14 +26,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from moe.experts import DISPATCH_AXES  # noqa: E402
-from moe.kernels.experts import EXPERTS  # noqa: E402
+from moe.kernels.expert_ffn import EXPERTS  # noqa: E402
 from parallel import expert_parallel  # noqa: E402
 from parallel import mesh as mesh_lib  # noqa: E402
 from parallel import sharding as sharding_lib  # noqa: E402
 from parallel.mesh import MeshConfig  # noqa: E402
 from train.core import loop  # noqa: E402
-from train.core.data import synthetic_batch  # noqa: E402
-from train.core.config import load_train_config  # noqa: E402
+from train.core.input_pipeline import synthetic_batch  # noqa: E402
+from train.core.train_config import load_train_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = {

@@ -25,8 +25,8 @@ from parallel import mesh as mesh_lib  # noqa: E402
 from train.core import checkpoint as ckpt_lib  # noqa: E402
 from train.core import model_io  # noqa: E402
 from train.core import loop  # noqa: E402
-from train.core.config import load_train_config  # noqa: E402
-from train.core.data import synthetic_batch  # noqa: E402
+from train.core.train_config import load_train_config  # noqa: E402
+from train.core.input_pipeline import synthetic_batch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = ["model.num_hidden_layers=10"]  # 9 MoE layers: uneven over 4 stages x 2 repeats

@@ -14,12 +14,12 @@ import pytest
 
 from moe.runtime import ImplConfig, Runtime
 from parallel import targets
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 from parallel.mesh import MeshConfig, Parallelism, make_mesh
 from train import aot
 from train import hlo as hlo_lib
 from train.core import loop
-from train.core.config import load_train_config
+from train.core.train_config import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.vocab_size=512", "model.hidden_size=64", "model.intermediate_size=128",

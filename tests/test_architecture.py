@@ -67,13 +67,20 @@ ALLOWED = {
 
 def test_the_graph_is_read(graph):
   assert len(graph) > 40
-  assert "parallel.errors" in graph["moe.config"] and "moe.model" in graph["train.core.loop"]
+  assert "parallel.common.errors" in graph["moe.config"] and "moe.model" in graph["train.core.loop"]
   assert "moe.hf" in graph["moe"]  # moe.from_hf: imported inside a function, still counted
 
 
 def test_imports_point_down(graph):
   wrong = [(m, d) for m, deps in graph.items() for d in deps if layer(d) not in ALLOWED[layer(m)]]
   assert not wrong, "imports against the layering: " + ", ".join(f"{m} -> {d}" for m, d in wrong)
+
+
+def test_the_common_layer_imports_nothing_of_the_project(graph):
+  """parallel.common (errors, typed-config checks) is what every layer uses, so it uses none of them."""
+  wrong = [(m, d) for m, deps in graph.items() if m.startswith("parallel.common") for d in deps
+           if not d.startswith("parallel.common")]
+  assert not wrong and "parallel.common.errors" in graph["parallel.common.typed_config"]
 
 
 def test_no_import_cycles(graph):

@@ -16,12 +16,12 @@ from flax import nnx
 
 from moe.model import Transformer
 from train.core import checkpoint as ckpt_lib
-from train.core import data as data_lib
+from train.core import input_pipeline as data_lib
 from train.core import loop
 from train.core import metrics as metrics_lib
 from train.core import optimizer as optimizer_lib
 from train.core import step as step_lib
-from train.core.config import load_train_config
+from train.core.train_config import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MODEL = ["model.vocab_size=260", "model.hidden_size=32", "model.intermediate_size=64",

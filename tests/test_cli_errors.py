@@ -20,13 +20,13 @@ import pytest
 
 from moe import params as params_cli
 from moe.config import ModelConfig
-from parallel.errors import ConfigError, DataError
+from parallel.common.errors import ConfigError, DataError
 from parallel.mesh import MeshConfig, axis_sizes
 from tests.processes import cpu_env, free_port
 from train import export as export_cli
 from train import generate as generate_cli
 from train import sweep as sweep_cli
-from train.core import data as data_lib
+from train.core import input_pipeline as data_lib
 from train.core import metrics as metrics_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,7 +211,7 @@ PIPELINED_COMPILE = """
 import sys
 from tests.processes import TINY
 from train.core import loop
-from train.core.config import load_train_config
+from train.core.train_config import load_train_config
 cfg = load_train_config("configs/tiny.yaml", [o for o in TINY if o != "steps=300"] + sys.argv[1:])
 s = loop.setup(cfg)
 s.train_step.lower(s.abstract_state, s.batch_spec(cfg.batch_size, cfg.seq_len)).compile()

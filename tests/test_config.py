@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from moe.config import ModelConfig, RopeScaling
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -15,10 +15,10 @@ import pytest
 
 from moe.runtime import ImplConfig, Runtime
 from parallel import mesh as mesh_lib
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 from parallel.mesh import MeshConfig
 from tests.processes import TINY, cpu_env, last_json, run_together
-from train.core.config import load_train_config
+from train.core.train_config import load_train_config
 
 WORKER = Path(__file__).with_name("context_worker.py")
 ROOT = WORKER.parent.parent

@@ -1,4 +1,4 @@
-"""Tests for train/data.py: packing, splits, sharding, checkpointing, sources, tokenizers, errors."""
+"""Tests for train/core/input_pipeline.py (and the train.data CLI): packing, splits, sharding, checkpointing, sources, tokenizers, errors."""
 
 import itertools
 import json
@@ -10,8 +10,8 @@ import grain
 import numpy as np
 import pytest
 
-from parallel.errors import DataError
-from train.core import data
+from parallel.common.errors import DataError
+from train.core import input_pipeline as data
 
 ROOT = Path(__file__).resolve().parents[1]
 BYTE = data.ByteTokenizer()

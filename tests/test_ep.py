@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from parallel import expert_parallel
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 from parallel.mesh import MeshConfig
 from tests.processes import cpu_env, last_json, run_together
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from parallel import eplb
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 
 # (E, n_ep, r_local, n_outer): several experts per rank, one per rank, more slots than native experts
 # jitted once per shape (eagerly, every jnp op would compile on its own)

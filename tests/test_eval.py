@@ -15,7 +15,7 @@ from moe.config import ModelConfig
 from moe.model import Transformer
 from train import eval as eval_lib
 from train import generate
-from train.core.data import ByteTokenizer
+from train.core.input_pipeline import ByteTokenizer
 
 CFG = ModelConfig(vocab_size=260, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
                   num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
@@ -61,7 +61,7 @@ def test_eval_counts_bytes_without_eos(hf_dir, tmp_path, capsys):
   rc, out, _ = run(eval_lib.main, [hf_dir, "--data", path, "--seq-len", "32", "--batch-size", "2"], capsys)
   assert rc == 0
   r = json.loads(out)
-  from train.core.data import split_indices
+  from train.core.input_pipeline import split_indices
   eval_docs = [docs[i] for i in split_indices(len(docs), "eval")]
   assert r["bytes"] == sum(len(d.encode()) for d in eval_docs)
   assert r["tokens"] == r["bytes"] + len(eval_docs)  # + one EOS target per document
@@ -97,7 +97,7 @@ def test_run_dir_checkpoint_equals_its_hf_export(tmp_path, capsys):
   equal to its to_hf export's), and generate uses the run's tokenizer."""
   from train.core import checkpoint as ckpt_lib, model_io
   from train.core import optimizer as optimizer_lib
-  from train.core.config import load_train_config
+  from train.core.train_config import load_train_config
 
   small = {"vocab_size": 260, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
            "num_hidden_layers": 2, "num_attention_heads": 2, "q_lora_rank": 16, "kv_lora_rank": 16,

@@ -1,4 +1,4 @@
-"""moe.kernels.experts (every grouped-matmul implementation) == the dense reference == a float64 NumPy
+"""moe.kernels.expert_ffn (every grouped-matmul implementation) == the dense reference == a float64 NumPy
 loop; the MoE block."""
 
 import functools
@@ -12,7 +12,7 @@ from flax import nnx
 from moe import experts
 from moe.config import ModelConfig
 from moe.kernels import cpu
-from moe.kernels.experts import dense_ffn, ragged_ffn
+from moe.kernels.expert_ffn import dense_ffn, ragged_ffn
 from moe.runtime import ImplConfig, Runtime
 from parallel.expert_parallel import combine
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from parallel import targets
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 from train import forecast
 from train import hlo as hlo_lib
 from train import hlo_report

@@ -21,7 +21,7 @@ from flax import nnx
 
 from moe.config import ModelConfig
 from moe.kernels import cpu, fp8
-from moe.kernels.experts import ragged_ffn
+from moe.kernels.expert_ffn import ragged_ffn
 from moe.model import Transformer
 from moe.runtime import ImplConfig, Runtime
 from parallel.expert_parallel import combine
@@ -335,9 +335,9 @@ def test_model_uses_fp8_where_the_recipe_says():
 
 
 def test_precision_fp8_maps_to_the_runtime():
-  from parallel.errors import ConfigError
+  from parallel.common.errors import ConfigError
   from train.core import loop
-  from train.core.config import load_train_config
+  from train.core.train_config import load_train_config
 
   cfg = load_train_config(ROOT / "configs/tiny.yaml", ["precision=fp8", "impl.fp8_pow2_scales=true"])
   par = loop.parallelism(cfg)
@@ -409,7 +409,7 @@ def test_every_config_traces_a_fp8_train_step(config):
   V3-671B included (abstractly: jax.eval_shape, nothing allocated)."""
   from train.core import optimizer as optimizer_lib
   from train.core import step as step_lib
-  from train.core.config import load_train_config
+  from train.core.train_config import load_train_config
 
   cfg = load_train_config(ROOT / "configs" / config, ["precision=fp8", "batch_size=1", "seq_len=128", "grad_accum=1"])
   rt = Runtime.resolve(cfg.impl, dtype=cfg.compute_dtype, param_dtype="float32", fp8=cfg.fp8, announce=False)

@@ -16,7 +16,7 @@ import moe
 from moe import hf
 from moe.config import ModelConfig
 from moe.runtime import Runtime
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 from tests.random_weights import initialised
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32.0,

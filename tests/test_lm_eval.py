@@ -23,7 +23,7 @@ from moe.config import ModelConfig  # noqa: E402
 from moe.model import Transformer  # noqa: E402
 from train import eval as eval_lib  # noqa: E402
 from train.core import lm_eval_adapter  # noqa: E402
-from train.core.data import ByteTokenizer  # noqa: E402
+from train.core.input_pipeline import ByteTokenizer  # noqa: E402
 
 MAX_LEN = 64
 CFG = ModelConfig(vocab_size=260, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
@@ -260,7 +260,7 @@ def test_eval_tasks_during_training(tmp_path, monkeypatch):
   from tests.test_loop import SMALL_MODEL
   from train import plot
   from train.core import loop
-  from train.core.config import load_train_config
+  from train.core.train_config import load_train_config
 
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
   (tmp_path / "tasks").mkdir()

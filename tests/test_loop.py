@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from train.core import loop
-from train.core.config import load_train_config
+from train.core.train_config import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MODEL = ["model.vocab_size=260", "model.hidden_size=32", "model.intermediate_size=64",

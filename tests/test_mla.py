@@ -1,6 +1,5 @@
 """moe.mla: the causal/segment mask, attention with narrow values, packed documents end to end."""
 
-import functools
 import math
 
 import jax

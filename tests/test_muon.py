@@ -15,13 +15,13 @@ from moe import mla, rope
 from moe.config import ModelConfig
 from moe.model import Transformer
 from moe.runtime import Runtime
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 from parallel.sharding import DEFAULT_RULES
 from train.core import checkpoint as ckpt_lib
 from train.core import loop, muon
 from train.core import optimizer as optimizer_lib
-from train.core.config import OptimizerConfig, TrainConfig, load_train_config
-from train.core.data import synthetic_batch
+from train.core.train_config import OptimizerConfig, TrainConfig, load_train_config
+from train.core.input_pipeline import synthetic_batch
 from tests.processes import cpu_env, last_json, run_together
 from tests.test_checkpoint import ROOT, SMALL_MODEL, host
 

@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from train.core.config import OptimizerConfig, TrainConfig
+from train.core.train_config import OptimizerConfig, TrainConfig
 from train.core.optimizer import decay_mask, make_optimizer, make_schedule, scale_by_adam
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 from parallel import distributed, expert_parallel, mesh as mesh_lib, sharding
 from parallel.mesh import MeshConfig
 from tests.processes import TINY, cpu_env, free_port, last_json, run_together

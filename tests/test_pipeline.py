@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from parallel import pipeline
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 from parallel.pipeline import Layout, PipelineConfig, make_schedule
 from tests.processes import cpu_env, last_json, run_together
-from train.core.config import load_train_config
+from train.core.train_config import load_train_config
 
 WORKER = Path(__file__).with_name("pipeline_worker.py")
 ROOT = WORKER.parent.parent

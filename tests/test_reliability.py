@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from parallel.errors import ConfigError, DataError, RunFailed
+from parallel.common.errors import ConfigError, DataError, RunFailed
 from tests.random_weights import initialised
 from tests.test_checkpoint_runs import Run, complete_steps
 from train import data as data_cli
@@ -32,12 +32,12 @@ from train import export as export_cli
 from train import plot
 from train.__main__ import main as train_main
 from train.core import checkpoint as ckpt_lib, checksums, model_io
-from train.core import data as data_lib
+from train.core import input_pipeline as data_lib
 from train.core import jsonl
 from train.core import optimizer as optimizer_lib
 from train.core import rundir
 from train.core import step as step_lib
-from train.core.config import load_train_config
+from train.core.train_config import load_train_config
 from train.core.metrics import MetricsLogger
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from moe.config import ModelConfig
 from tests.random_weights import initialised
 from train.core import optimizer as optimizer_lib
 from train.core import step as step_lib
-from train.core.config import LossConfig, OptimizerConfig, TrainConfig
+from train.core.train_config import LossConfig, OptimizerConfig, TrainConfig
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
                   num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,

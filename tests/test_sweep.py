@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 from train import sweep, sweep_report
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from moe.config import ModelConfig
-from parallel.errors import ConfigError
-from train.core.config import OptimizerConfig, TrainConfig, load_train_config
+from parallel.common.errors import ConfigError
+from train.core.train_config import OptimizerConfig, TrainConfig, load_train_config
 
 TINY = "configs/tiny.yaml"
 

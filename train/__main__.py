@@ -8,8 +8,8 @@ import signal
 import sys
 
 from parallel import distributed
-from parallel.errors import InputError, RunFailed
-from train.core import checkpoint, config, loop, preemption
+from parallel.common.errors import InputError, RunFailed
+from train.core import checkpoint, loop, preemption, train_config
 
 
 def main(argv=None) -> int:
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
   try:
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
                            timeout_s=args.init_timeout)
-    cfg = config.load_train_config(args.config, args.overrides)
+    cfg = train_config.load_train_config(args.config, args.overrides)
     peak = None if args.peak_tflops is None else args.peak_tflops * 1e12
     result = loop.train(cfg, peak_flops=peak)
   except InputError as e:

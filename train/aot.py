@@ -79,13 +79,13 @@ import numpy as np
 from moe import params as params_lib
 from parallel import expert_parallel, pipeline
 from parallel import targets as targets_lib
-from parallel.errors import ConfigError, InputError
+from parallel.common.errors import ConfigError, InputError
 from parallel.mesh import Parallelism
 from train import forecast
 from train import hlo as hlo_lib
 from train.core import jsonl
 from train.core import loop
-from train.core.config import TrainConfig, load_train_config
+from train.core.train_config import TrainConfig, load_train_config
 
 log = logging.getLogger("train.aot")
 

@@ -15,11 +15,11 @@ import time
 import jax
 
 from moe import params as params_lib
-from parallel.errors import InputError
+from parallel.common.errors import InputError
 from train.core import jsonl
 from train.core import loop
-from train.core.config import load_train_config
-from train.core.data import synthetic_batch
+from train.core.train_config import load_train_config
+from train.core.input_pipeline import synthetic_batch
 from train.core.metrics import device_memory, measure_peak_flops
 
 

@@ -50,13 +50,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe import router as router_lib
 from moe.experts import DISPATCH_AXES
-from moe.kernels.experts import EXPERTS
+from moe.kernels.expert_ffn import EXPERTS
 from parallel import eplb, expert_parallel
 from train import hlo as hlo_lib
 from train.bench import best_of, one_line_errors
 from train.core import jsonl
 from train.core import loop
-from train.core.config import load_train_config
+from train.core.train_config import load_train_config
 
 
 def routed(cfg, skew: float):

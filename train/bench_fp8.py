@@ -20,10 +20,10 @@ import numpy as np
 from moe.config import ModelConfig
 from moe.kernels import fp8 as fp8_lib
 from moe.runtime import Runtime
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 from train.bench import best_of
 from train.core import jsonl
-from train.core.config import load_train_config
+from train.core.train_config import load_train_config
 
 
 def linear_shapes(m: ModelConfig) -> dict[str, tuple[int, int, int]]:

@@ -16,7 +16,6 @@ seconds. On simulated CPU devices the devices' arrays are host memory too, so pe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -39,7 +38,7 @@ def write_checkpoint(config: str, overrides, out: Path, fp8: bool) -> None:
   from moe import hf
   from moe.model import Transformer
   from moe.runtime import Runtime
-  from train.core.config import load_train_config
+  from train.core.train_config import load_train_config
 
   cfg = load_train_config(config, list(overrides)).model
   model = Transformer(cfg, Runtime.resolve(dtype="bfloat16", param_dtype="bfloat16", announce=False),

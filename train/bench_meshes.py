@@ -30,8 +30,8 @@ from parallel.pipeline import B_COST, F_COST, PipelineConfig
 from train.bench import one_line_errors
 from train.core import jsonl
 from train.core import loop, pipelined
-from train.core.config import load_train_config
-from train.core.data import synthetic_batch
+from train.core.train_config import load_train_config
+from train.core.input_pipeline import synthetic_batch
 
 
 PIPELINE_KEYS = {f.name for f in dataclasses.fields(PipelineConfig)}

@@ -2,7 +2,7 @@
 
   python -m train.data prepare INPUT... --out DIR [--tokenizer byte|PATH]
 
-writes ArrayRecord shards of pre-tokenised documents and metadata.json (train/core/data.py, `prepare`);
+writes ArrayRecord shards of pre-tokenised documents and metadata.json (train/core/input_pipeline.py, `prepare`);
 train on them with `data=DIR`.
 """
 
@@ -12,8 +12,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from parallel.errors import DataError
-from train.core.data import load_tokenizer, prepare
+from parallel.common.errors import DataError
+from train.core.input_pipeline import load_tokenizer, prepare
 
 
 def main(argv: Sequence[str] | None = None) -> int:

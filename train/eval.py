@@ -15,7 +15,7 @@ logprob_per_token / logprob_per_byte (rolling tasks), "samples"}.
 Loss mode (--data):
 
 RUN_DIR: a training run directory (its newest checkpoint, and by default its tokenizer); HF_DIR: a
-folder with config.json + safetensors. Reads the eval split of SPEC (train.core.evaluation.EvalSet: documents packed as in training,
+folder with config.json + safetensors. Reads the eval split of SPEC (train.core.heldout.EvalSet: documents packed as in training,
 [BOS] + text + [EOS], attention within each document) and prints one JSON line:
 
   loss            mean next-token cross-entropy over the real targets (nats per token; EOS targets count)
@@ -43,14 +43,14 @@ import numpy as np
 from flax import nnx
 
 from moe import hf
-from parallel.errors import ConfigError, DataError, InputError
+from parallel.common.errors import ConfigError, DataError, InputError
 from parallel.mesh import MeshConfig, Parallelism
 from train.core import jsonl
 from train.core.checkpoint import step_dir
 from train.core.model_io import load_any, load_model, tokenizer_of
-from train.core.config import apply_override
-from train.core.data import ByteTokenizer, load_tokenizer
-from train.core.evaluation import EvalSet
+from train.core.train_config import apply_override
+from train.core.input_pipeline import ByteTokenizer, load_tokenizer
+from train.core.heldout import EvalSet
 from train.core.step import make_eval_step
 from train.generate import add_model_args
 

@@ -29,11 +29,11 @@ import yaml
 
 from moe import hf
 from moe.config import load_yaml
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 from parallel.mesh import MeshConfig, Parallelism
 from train.core import checkpoint as ckpt_lib, model_io
 from train.core import loop
-from train.core.config import TrainConfig, apply_override
+from train.core.train_config import TrainConfig, apply_override
 
 
 def export(run_dir, out, step: int | None = None, dtype: str = "float32", max_shard_bytes: int = 4 << 30,

@@ -29,11 +29,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from parallel.errors import ConfigError, InputError
-from train.core import data as data_lib
+from parallel.common.errors import ConfigError, InputError
+from train.core import input_pipeline as data_lib
 from train.core import jsonl
 from train.core import loop
-from train.core.config import TrainConfig, load_train_config
+from train.core.train_config import TrainConfig, load_train_config
 
 log = logging.getLogger("train.fp8_check")
 

@@ -18,9 +18,9 @@ import sys
 from typing import Sequence
 
 from moe.decode import Generator
-from parallel.errors import ConfigError, InputError
+from parallel.common.errors import ConfigError, InputError
 from train.core.model_io import load_any, tokenizer_of
-from train.core.data import load_tokenizer
+from train.core.input_pipeline import load_tokenizer
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from parallel import targets as targets_lib
-from parallel.errors import InputError
+from parallel.common.errors import InputError
 from train import forecast
 from train.core import jsonl
 

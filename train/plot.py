@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from parallel.errors import DataError
+from parallel.common.errors import DataError
 
 CV_KEY = "expert_load_cv"  # train/core/step.py
 TASK_CURVES = ("correct_logprob_per_byte", "logprob_per_byte")  # train/core/lm_eval_adapter.py

@@ -64,10 +64,10 @@ import yaml
 
 from moe import params as params_lib
 from moe.config import load_yaml
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 from train.core import jsonl
 from train.core import loop
-from train.core.config import load_train_config
+from train.core.train_config import load_train_config
 from train.core.metrics import measure_peak_flops
 
 log = logging.getLogger("train.sweep")

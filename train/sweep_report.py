@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from scipy import optimize
 
-from parallel.errors import DataError
+from parallel.common.errors import DataError
 from train.core import jsonl
 from train.sweep import MANIFEST, final_eval, final_tasks
 

@@ -64,11 +64,11 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from parallel import pipeline
-from parallel.errors import CheckpointError, ConfigError, RunFailed
+from parallel.common.errors import CheckpointError, ConfigError, RunFailed
 from parallel.pipeline import Layout
 from train.core import orbax_noise
 from train.core.checksums import ChecksumSave, any_process, read_checksums, shard_checksums, verify
-from train.core.config import TrainConfig
+from train.core.train_config import TrainConfig
 from train.core.orbax_noise import TMP_MARK
 
 log = logging.getLogger("train")

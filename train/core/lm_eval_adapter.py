@@ -43,7 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moe.decode import Generator
 from moe.model import Transformer
 from parallel import sharding as sharding_lib
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 from train.core import jsonl
 
 try:

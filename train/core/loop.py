@@ -24,17 +24,17 @@ from moe import params as params_lib
 from moe.model import Transformer
 from moe.runtime import Runtime
 from parallel import sharding as sharding_lib
-from parallel.errors import ConfigError, RunFailed
+from parallel.common.errors import ConfigError, RunFailed
 from parallel.mesh import Parallelism
 from train.core import checkpoint as checkpoint_lib
-from train.core import data as data_lib
+from train.core import input_pipeline as data_lib
 from train.core import optimizer as optimizer_lib
 from train.core import pipelined
 from train.core import preemption
 from train.core import rundir
 from train.core import step as step_lib
-from train.core.config import TrainConfig
-from train.core.evaluation import EvalSet
+from train.core.train_config import TrainConfig
+from train.core.heldout import EvalSet
 from train.core.metrics import MetricsLogger, device_memory, measure_peak_flops
 
 log = logging.getLogger("train")

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parallel.errors import RunFailed
+from parallel.common.errors import RunFailed
 from train.core import jsonl
 
 log = logging.getLogger("train")

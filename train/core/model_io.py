@@ -12,7 +12,7 @@ from flax import nnx
 from moe import hf
 from moe.model import Transformer
 from moe.runtime import Runtime
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 from parallel.pipeline import Layout
 from parallel.sharding import state_shardings
 from train.core.checkpoint import (checkpoint_dir, finished_steps, pipeline_layout, read_config, relayout,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from train.core import muon
-from train.core.config import TrainConfig
+from train.core.train_config import TrainConfig
 
 
 # ------------------------------------------------------------------ schedules
@@ -43,7 +43,7 @@ def warmup_decay(peak, final, warmup, start, length, shape) -> optax.Schedule:
 
 
 def make_schedule(cfg: TrainConfig) -> optax.Schedule:
-  """The schedule `cfg.optimizer.schedule` names (see train.core.config.OptimizerConfig):
+  """The schedule `cfg.optimizer.schedule` names (see train.core.train_config.OptimizerConfig):
   `warmup_constant_cosine` cosine from decay_start over decay_steps; `wsd` the same with 1 - √u;
   `cosine` cosine from the end of warm-up to `cfg.steps`."""
   o = cfg.optimizer

@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moe import model as model_lib
 from parallel import pipeline
 from parallel import sharding as sharding_lib
-from parallel.errors import ConfigError, divisors
+from parallel.common.errors import ConfigError, divisors
 from train.core import loss as loss_lib
 
 STACK = "moe_layers"

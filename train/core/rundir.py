@@ -17,7 +17,7 @@ import os
 import socket
 from pathlib import Path
 
-from parallel.errors import ConfigError
+from parallel.common.errors import ConfigError
 from train.core import jsonl
 
 log = logging.getLogger("train")

@@ -27,7 +27,7 @@ from moe.config import ModelConfig
 from train.core import loss as loss_lib
 from train.core import muon
 from train.core import pipelined
-from train.core.config import TrainConfig
+from train.core.train_config import TrainConfig
 
 
 def split_model(model):

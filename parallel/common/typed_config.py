@@ -1,10 +1,9 @@
-"""The project's error types and the checks that raise them: the bottom of the import graph.
+"""Typed config dataclasses that check themselves: the check every layer's config runs.
 
-Every bad input (a config key, a mesh, a data file, a checkpoint) is one of these errors, with a
-message of one line that names the problem and the fix; the CLIs print it and exit 2. The typed
-config dataclasses of every layer (`parallel.mesh.MeshConfig`, `moe.config.ModelConfig`,
-`moe.runtime.ImplConfig`, `train.core.config.TrainConfig`) check themselves with `check_fields`
-and reject unknown keys with `reject_unknown`, which suggests the key meant.
+The config dataclasses (`parallel.mesh.MeshConfig`, `parallel.pipeline.PipelineConfig`,
+`moe.config.ModelConfig`, `moe.runtime.ImplConfig`, `train.core.train_config.TrainConfig`) type-check
+their fields with `check_fields` and reject unknown keys with `reject_unknown`, which suggests the key
+meant; both raise `ConfigError` with one line.
 """
 
 from __future__ import annotations
@@ -15,37 +14,7 @@ import types
 import typing
 from typing import Literal, Mapping
 
-
-class InputError(ValueError):
-  """A bad input; the message is one line that names it and the fix."""
-
-
-class ConfigError(InputError):
-  """A bad configuration (key, value, mesh, model)."""
-
-
-class DataError(InputError):
-  """Bad data input (a file, a line, a tokenizer)."""
-
-
-class CheckpointError(ConfigError):
-  """A checkpoint that cannot be used (a directory, a format, a model that does not match)."""
-
-
-class RunFailed(Exception):
-  """A run that cannot go on: it diverged, or a checkpoint could not be written. One line naming the
-  step, the cause and the last good checkpoint; the CLIs exit with code 4."""
-
-
-def divisors(n: int) -> str:
-  """The sizes that divide `n`, in words: '1, 2, 4 or 8' (for messages that name what would fit)."""
-  ds = [str(d) for d in range(1, n + 1) if n % d == 0]
-  return ds[0] if len(ds) == 1 else f"{', '.join(ds[:-1])} or {ds[-1]}"
-
-
-def require(ok: bool, message: str) -> None:
-  if not ok:
-    raise ConfigError(message)
+from parallel.common.errors import ConfigError
 
 
 def reject_unknown(keys, cls, where: str, elsewhere: Mapping[str, str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """Held-out evaluation: the eval split's batches, read and packed once, and the next-token loss of a
 model over them. The trainer evaluates every `eval_every` steps with it, `python -m train.eval` once.
 
-With several processes each holds its own share of the eval documents (train.core.data) and every
+With several processes each holds its own share of the eval documents (train.core.input_pipeline) and every
 process must run the same number of steps (each step is one collective program): `run(..., steps=N)`
 runs exactly N, with empty batches (loss_mask 0) once a process's batches run out.
 """
@@ -12,7 +12,7 @@ import itertools
 
 import numpy as np
 
-from train.core import data as data_lib
+from train.core import input_pipeline as data_lib
 
 
 class EvalSet:

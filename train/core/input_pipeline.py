@@ -69,7 +69,7 @@ import numpy as np
 import tqdm
 from absl import flags
 
-from parallel.errors import DataError
+from parallel.common.errors import DataError
 from train.core import jsonl
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")

@@ -27,7 +27,8 @@ import yaml
 
 from moe.config import ModelConfig, load_yaml, model_section
 from moe.runtime import ImplConfig
-from parallel.errors import ConfigError, check_fields, dataclass_of, matches, reject_unknown, require
+from parallel.common.errors import ConfigError, require
+from parallel.common.typed_config import check_fields, dataclass_of, matches, reject_unknown
 from parallel.mesh import MeshConfig
 from parallel.pipeline import PipelineConfig
 from parallel.sharding import check_balanced
@@ -194,7 +195,7 @@ class TrainConfig:
     f = self.spike_skip_factor
     require(f is None or f > 1, f"spike_skip_factor={f} must be > 1 (a multiple of the running mean loss) or null")
     for name in ("save_every", "keep_last", "keep_every", "data_workers"):
-      require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0 (0: see train/core/config.py)")
+      require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0 (0: see train/core/train_config.py)")
     require(self.per_device_batch is None or self.per_device_batch >= 1,
             f"per_device_batch={self.per_device_batch} must be >= 1 or null")
     require(self.per_device_batch is None or self.grad_accum == 1,
