@@ -48,7 +48,7 @@ class ImplConfig:
   `fp8_pow2_scales`: round every FP8 scale up to a power of two. `ep_remat`: whether the backward pass
   of a chunked dropless expert-parallel exchange runs the exchange again (recompute: only one chunk's
   buffers live at a time) or keeps the rows each chunk received and returned (keep: no all-to-all
-  repeated, all chunks' rows held; parallel/expert_parallel.py: in_chunks)."""
+  repeated, all chunks' rows held; parallel/expert_parallel/exchange.py: in_chunks)."""
 
   attention: Literal["auto", "fused", "blocked", "splash", "flash"] = "auto"
   experts: Literal["auto", "ragged_dot", "blocked", "dense"] = "auto"

@@ -17,7 +17,7 @@ expert and tensor axes then stay within a slice or host. Without them `mesh_util
 so that the last axes (expert, tensor) are the closest (splitting physical axes where a size
 needs it, e.g. expert=8 on a 4x4x4 slice). Axes are `AxisType.Auto`: inside `jit`, XLA's
 partitioner derives the collectives for data/fsdp/tensor from the parameter and activation shardings;
-expert parallelism is written by hand with `jax.shard_map` (parallel/expert_parallel.py).
+expert parallelism is written by hand with `jax.shard_map` (parallel/expert_parallel/).
 
 `Parallelism` bundles the mesh with the logical-axis rules (parallel/sharding.py) and the expert-
 parallel transport; it is built once and handed to the model (moe.runtime.Runtime) and the trainer.
@@ -50,7 +50,7 @@ class MeshConfig:
   """Device-mesh axis sizes; -1 (at most one axis) takes the devices the others leave. `rules`
   overrides entries of the logical-axis -> mesh-axes table (parallel/sharding.py), e.g.
   `mesh.rules.embed=[fsdp,expert]`; a value is a mesh axis, a list of them, or null.
-  Expert parallelism (parallel/expert_parallel.py): `ep_transport` auto (padded on CPU, ragged
+  Expert parallelism (parallel/expert_parallel/): `ep_transport` auto (padded on CPU, ragged
   elsewhere), padded (all_to_all of fixed buffers; assignments past the capacity are dropped and
   counted as `dropped_tokens`) or ragged (ragged_all_to_all, dropless); `capacity_factor` sets the
   padded buffers to ceil(factor * tokens * top_k / expert) rows per rank pair (null: dropless).
@@ -70,11 +70,11 @@ class MeshConfig:
   ep_transport: expert_parallel.Transport = "auto"
   capacity_factor: float | None = None
   # Dropless exchanges in this many chunks of each rank's tokens (null: as many as keep a chunk's
-  # worst-case receive buffer within the balanced one of all tokens; parallel/expert_parallel.py).
+  # worst-case receive buffer within the balanced one of all tokens; parallel/expert_parallel/).
   ep_chunks: int | None = None
   # The expert-parallel ranks as this many nodes of neighbouring ranks: > 1 sends a token across
   # nodes once per node holding its experts, then to the experts' ranks inside the node (two-level
-  # dispatch; parallel/expert_parallel.py). null: the nodes the expert axis spans, from the devices
+  # dispatch; parallel/expert_parallel/). null: the nodes the expert axis spans, from the devices
   # (GPU hosts, TPU slices; one on CPU); a number simulates nodes (any split of the expert axis).
   ep_nodes: int | None = None
   # Each MoE layer's tokens in two independent halves, so that one half's all-to-all can run while

@@ -1,4 +1,4 @@
-"""Expert-parallel traffic (parallel/expert_parallel.py, parallel/eplb.py): the two-level dispatch
+"""Expert-parallel traffic (parallel/expert_parallel/, parallel/eplb.py): the two-level dispatch
 (mesh.ep_nodes), the split exchange (mesh.ep_overlap) and redundant experts (mesh.redundant_experts).
 
 In process: the capacities and bounds. On 8 simulated devices (tests/ep_worker.py), equal to one device:

@@ -10,7 +10,7 @@ import pytest
 from parallel import eplb
 from parallel.common.errors import ConfigError
 
-# (E, n_ep, r_local, n_outer): several experts per rank, one per rank, more slots than native experts
+# (E, n_ep, r_local, nodes): several experts per rank, one per rank, more slots than native experts
 # jitted once per shape (eagerly, every jnp op would compile on its own)
 place = jax.jit(eplb.place, static_argnums=(1, 2, 3))
 physical_ids = jax.jit(eplb.physical_ids, static_argnums=(2, 3))
@@ -28,11 +28,11 @@ def ref_greedy(load, n_replicas):
   return copies
 
 
-def ref_replicate(load, n_ep, r_local, n_outer):
-  """The greedy with at most n_in * r_local replicas of the experts of each outer group."""
-  e_local, n_in = len(load) // n_ep, n_ep // n_outer
+def ref_replicate(load, n_ep, r_local, nodes):
+  """The greedy with at most n_in * r_local replicas of the experts of each node."""
+  e_local, n_in = len(load) // n_ep, n_ep // nodes
   group = [e // e_local // n_in for e in range(len(load))]
-  copies, free = [1] * len(load), [n_in * r_local] * n_outer
+  copies, free = [1] * len(load), [n_in * r_local] * nodes
   for _ in range(n_ep * r_local):
     best = None
     for e in range(len(load)):
@@ -43,12 +43,12 @@ def ref_replicate(load, n_ep, r_local, n_outer):
   return copies
 
 
-def ref_place(load, n_ep, r_local, n_outer):
-  """Redundant slots: replicas heaviest first, each to the least loaded free rank of its outer group,
+def ref_place(load, n_ep, r_local, nodes):
+  """Redundant slots: replicas heaviest first, each to the least loaded free rank of its node,
   ranks without a copy of it first, ties to the lowest rank."""
   load = [float(x) for x in load]
-  e_local, n_in = len(load) // n_ep, n_ep // n_outer
-  copies = ref_replicate(load, n_ep, r_local, n_outer)
+  e_local, n_in = len(load) // n_ep, n_ep // nodes
+  copies = ref_replicate(load, n_ep, r_local, nodes)
   per_copy = [load[e] / copies[e] for e in range(len(load))]
   rank_load = [sum(per_copy[r * e_local + j] for j in range(e_local)) for r in range(n_ep)]
   holds = [set(range(r * e_local, (r + 1) * e_local)) for r in range(n_ep)]
@@ -111,29 +111,29 @@ def counts(idx, n_experts):
 @pytest.mark.parametrize("n_experts,n_ep,r_local", [(16, 4, 2), (32, 8, 1), (8, 2, 7)])
 def test_replication_is_eplb_greedy(n_experts, n_ep, r_local, seed):
   load = counts(zipf_routing(n_experts, 2, 256, seed), n_experts)
-  copies = eplb.copies_of(place(jnp.asarray(load), n_ep, r_local), n_experts)
+  copies = eplb.instances_of(place(jnp.asarray(load), n_ep, r_local), n_experts)
   assert copies.tolist() == ref_greedy(load.tolist(), n_ep * r_local)
 
 
-@pytest.mark.parametrize("n_experts,n_ep,r_local,n_outer", [s for s in SETUPS if s[3] > 1])
-def test_replication_respects_outer_groups(n_experts, n_ep, r_local, n_outer):
+@pytest.mark.parametrize("n_experts,n_ep,r_local,nodes", [s for s in SETUPS if s[3] > 1])
+def test_replication_respects_outer_groups(n_experts, n_ep, r_local, nodes):
   load = np.zeros(n_experts, np.float32)
-  load[: n_experts // n_outer] = np.arange(n_experts // n_outer, 0, -1) * 100  # all the load in group 0
-  copies = np.asarray(eplb.copies_of(place(jnp.asarray(load), n_ep, r_local, n_outer), n_experts))
-  assert copies.tolist() == ref_replicate(load.tolist(), n_ep, r_local, n_outer)
-  per_group = (copies - 1).reshape(n_outer, -1).sum(axis=1)
-  assert per_group.tolist() == [n_ep // n_outer * r_local] * n_outer
+  load[: n_experts // nodes] = np.arange(n_experts // nodes, 0, -1) * 100  # all the load in group 0
+  copies = np.asarray(eplb.instances_of(place(jnp.asarray(load), n_ep, r_local, nodes), n_experts))
+  assert copies.tolist() == ref_replicate(load.tolist(), n_ep, r_local, nodes)
+  per_group = (copies - 1).reshape(nodes, -1).sum(axis=1)
+  assert per_group.tolist() == [n_ep // nodes * r_local] * nodes
 
 
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("n_experts,n_ep,r_local,n_outer", SETUPS)
-def test_place_matches_reference(n_experts, n_ep, r_local, n_outer, seed):
+@pytest.mark.parametrize("n_experts,n_ep,r_local,nodes", SETUPS)
+def test_place_matches_reference(n_experts, n_ep, r_local, nodes, seed):
   rng = np.random.default_rng(seed)
   load = (rng.uniform(0, 1000, n_experts) * rng.uniform(0, 1, n_experts) ** 3).astype(np.float32)
   load[rng.integers(n_experts)] = 0
-  slots = place(jnp.asarray(load), n_ep, r_local, n_outer)
+  slots = place(jnp.asarray(load), n_ep, r_local, nodes)
   assert slots.dtype == jnp.int32 and slots.shape == (n_ep * r_local,)
-  assert slots.tolist() == ref_place(load.tolist(), n_ep, r_local, n_outer)
+  assert slots.tolist() == ref_place(load.tolist(), n_ep, r_local, nodes)
 
 
 def test_place_tiny_cases():
@@ -147,26 +147,26 @@ def test_place_tiny_cases():
   assert place(jnp.array([1.0, 2, 3, 4]), 2, 0).shape == (0,)
 
 
-def valid(slots, n_experts, n_ep, r_local, n_outer):
-  e_local, n_in = n_experts // n_ep, n_ep // n_outer
+def valid(slots, n_experts, n_ep, r_local, nodes):
+  e_local, n_in = n_experts // n_ep, n_ep // nodes
   slots = np.asarray(slots)
   assert slots.shape == (n_ep * r_local,) and ((slots >= 0) & (slots < n_experts)).all()
   for s, e in enumerate(slots.tolist()):
-    assert (s // r_local) // n_in == (e // e_local) // n_in, (s, e)  # copy in its home outer group
-  copies = eplb.copies_of(jnp.asarray(slots), n_experts)
+    assert (s // r_local) // n_in == (e // e_local) // n_in, (s, e)  # copy in its home node
+  copies = eplb.instances_of(jnp.asarray(slots), n_experts)
   assert copies.dtype == jnp.int32 and int(copies.sum()) == n_experts + n_ep * r_local
   assert copies.tolist() == [1 + slots.tolist().count(e) for e in range(n_experts)]
 
 
-@pytest.mark.parametrize("n_experts,n_ep,r_local,n_outer", SETUPS)
-def test_placements_are_valid(n_experts, n_ep, r_local, n_outer):
-  valid(eplb.initial(n_ep, r_local, n_experts // n_ep), n_experts, n_ep, r_local, n_outer)
+@pytest.mark.parametrize("n_experts,n_ep,r_local,nodes", SETUPS)
+def test_placements_are_valid(n_experts, n_ep, r_local, nodes):
+  valid(eplb.initial(n_ep, r_local, n_experts // n_ep), n_experts, n_ep, r_local, nodes)
   for seed in range(3):
     load = counts(zipf_routing(n_experts, 2, 200, seed, s=1.5), n_experts)
-    slots = place(jnp.asarray(load), n_ep, r_local, n_outer)
-    valid(slots, n_experts, n_ep, r_local, n_outer)
+    slots = place(jnp.asarray(load), n_ep, r_local, nodes)
+    valid(slots, n_experts, n_ep, r_local, nodes)
     # every slot written: the copies are the replication's (a slot left at 0 would add a copy of 0)
-    assert eplb.copies_of(slots, n_experts).tolist() == ref_replicate(load.tolist(), n_ep, r_local, n_outer)
+    assert eplb.instances_of(slots, n_experts).tolist() == ref_replicate(load.tolist(), n_ep, r_local, nodes)
 
 
 def test_initial_is_home_copies():
@@ -189,16 +189,16 @@ def test_bad_shapes():
   with pytest.raises(ConfigError):
     eplb.place(jnp.ones((10,)), 4, 1)
   with pytest.raises(ConfigError):
-    eplb.place(jnp.ones((16,)), 4, 1, n_outer=3)
+    eplb.place(jnp.ones((16,)), 4, 1, nodes=3)
   with pytest.raises(ConfigError):
     eplb.physical_ids(jnp.zeros((2, 2), jnp.int32), jnp.zeros((5,), jnp.int32), 16, 4)
 
 
 # ------------------------------------------------------------------ physical ids
-@pytest.mark.parametrize("n_experts,n_ep,r_local,n_outer", SETUPS)
-def test_physical_ids(n_experts, n_ep, r_local, n_outer):
+@pytest.mark.parametrize("n_experts,n_ep,r_local,nodes", SETUPS)
+def test_physical_ids(n_experts, n_ep, r_local, nodes):
   idx = zipf_routing(n_experts, min(3, n_experts), 300, 1, s=1.2)
-  slots = place(jnp.asarray(counts(idx, n_experts)), n_ep, r_local, n_outer)
+  slots = place(jnp.asarray(counts(idx, n_experts)), n_ep, r_local, nodes)
   phys = physical_ids(jnp.asarray(idx), slots, n_experts, n_ep)
   assert phys.dtype == jnp.int32 and phys.shape == idx.shape
   logical = logical_of_physical(slots, n_experts, n_ep)
@@ -303,15 +303,15 @@ def test_replace_is_never_worse_than_no_copies(seed):
   the result is at most the old one's and the home copies' (no copies), and below them exactly when
   it is EPLB's new placement."""
   rng = np.random.default_rng(seed)
-  n_experts, n_ep, r_local, n_outer = 16, 4, 2, 2
+  n_experts, n_ep, r_local, nodes = 16, 4, 2, 2
   jitted = jax.jit(eplb.replace, static_argnums=(2, 3, 4))
   score = lambda slots, load: float(eplb.rank_imbalance(eplb.rank_loads(slots, load, n_ep)))
   home = eplb.initial(n_ep, r_local, n_experts // n_ep)
   for s in (0.0, 0.5, 1.5):
     load = jnp.asarray(counts(zipf_routing(n_experts, 2, 512, seed, s=s), n_experts))
-    old = place(jnp.asarray(rng.uniform(0, 10, n_experts), jnp.float32), n_ep, r_local, n_outer)
-    got = jitted(old, load, n_ep, r_local, n_outer)
-    new = place(load, n_ep, r_local, n_outer)
+    old = place(jnp.asarray(rng.uniform(0, 10, n_experts), jnp.float32), n_ep, r_local, nodes)
+    got = jitted(old, load, n_ep, r_local, nodes)
+    new = place(load, n_ep, r_local, nodes)
     assert score(got, load) <= min(score(old, load), score(home, load)) + 1e-6
     assert got.tolist() in (old.tolist(), home.tolist(), new.tolist())
     if got.tolist() == new.tolist() != old.tolist():
@@ -323,7 +323,7 @@ def test_usable_empties_slots_made_for_another_mesh():
   weights were made for the old mesh), and no assignment goes to it."""
   slots = jnp.asarray([3, 0, 7, 1])  # rank 3 (node 1) copies expert 1 (node 0): not usable
   assert eplb.usable(slots, 8, 4, 2).tolist() == [3, 0, 7, 8]
-  assert eplb.copies_of(eplb.usable(slots, 8, 4, 2), 8).tolist() == [2, 1, 1, 2, 1, 1, 1, 2]
+  assert eplb.instances_of(eplb.usable(slots, 8, 4, 2), 8).tolist() == [2, 1, 1, 2, 1, 1, 1, 2]
   idx = jnp.asarray(zipf_routing(8, 2, 64, 0))
   phys = physical_ids(idx, eplb.usable(slots, 8, 4, 2), 8, 4)
   assert 3 * 3 + 2 not in phys.tolist() and (phys == 3 * 3 + 2).sum() == 0  # rank 3's redundant slot

@@ -1,0 +1,114 @@
+"""`dispatch_combine`: the routed experts of one MoE layer on a mesh (the package's entry point)."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from parallel import eplb, sharding as sharding_lib
+from parallel.common.errors import ConfigError
+from parallel.expert_parallel.exchange import exchange, in_chunks, in_halves, local
+from parallel.expert_parallel.plan import Plan, axes_of, dropless_chunks, ranks_per_token
+
+
+def ep_size(par, n_experts: int) -> int:
+  """Expert-parallel ranks the `n_experts` routed experts split over on `par`'s mesh."""
+  if par is None:
+    return 1
+  spec = sharding_lib.logical_to_spec(("expert",), (n_experts,), dict(par.mesh.shape), dict(par.rules), "experts")
+  return math.prod(par.mesh.shape[a] for a in axes_of(spec[0] if len(spec) else None))
+
+
+def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight_axes: Sequence[tuple],
+                     expert_fn: Callable, par=None, routing: tuple[int, int, int] | None = None,
+                     copies: jax.Array | None = None, keep_exchanged: bool = False):
+  """Routed experts of one MoE layer: (y [T, D] = sum_k w[t, k] expert_{idx[t, k]}(x[t]), dropped
+  assignments [] int32).
+
+  weights: the experts' stacked parameters, [E, ...] each, with logical axes `weight_axes` (the first
+  "expert"; a None dimension is gathered whole inside). expert_fn(rows [R, D], local expert [R],
+  *local weights) -> [R, D]: the expert FFN of each row, whose local expert id E_l (the number of
+  local experts) marks an empty row. par: a parallel.mesh.Parallelism, or None (one device).
+  routing: (logical experts, n_group, topk_group) of device-limited routing, which bounds the nodes a
+  token reaches in the two-level dispatch (None: no limit). copies: redundant experts
+  (mesh.redundant_experts), (slots [R], copy weights): the logical expert held by each redundant
+  slot (parallel/eplb.py) and its weights [R, ...] (`make_copies` of `weights`, with their
+  `weight_axes`), R = n_ep * r_l; each assignment goes to one copy of its expert
+  (eplb.physical_ids), and nothing moves the weights here. Ignored without expert parallelism. keep_exchanged:
+  the backward of chunked dropless exchanges keeps their rows rather than exchanging again (in_chunks).
+  """
+  if par is None or par.mesh.size == 1:
+    return local(x_TxD, idx_TxK, w_TxK, *weights, expert_fn=expert_fn)
+  mesh, shape, free = sharding_lib.context(par)  # (inside the pipeline, `stage` is already manual)
+  if math.prod(shape.values()) == 1:
+    return local(x_TxD, idx_TxK, w_TxK, *weights, expert_fn=expert_fn)
+  rules = dict(par.rules)
+
+  def full_spec(wt, axes):
+    spec = tuple(sharding_lib.logical_to_spec(axes, wt.shape, shape, rules, "experts"))
+    return spec + (None,) * (wt.ndim - len(spec))
+
+  specs = [full_spec(wt, a) for wt, a in zip(weights, weight_axes)]
+  ep_axes = axes_of(specs[0][0])
+  n_ep = math.prod(shape[a] for a in ep_axes)
+
+  # Token axes: the batch axes, plus the expert axes (each EP rank must hold its own tokens), then the
+  # axes that split each sequence (context parallelism): [batch * seq] flattened, as the tokens lie.
+  t = x_TxD.shape[0]
+  batch_axes = [a for a in rules.get("batch", ()) if shape.get(a, 1) > 1 and a not in ep_axes]
+  seq_axes = [a for a in rules.get("seq", ()) if shape.get(a, 1) > 1 and a not in ep_axes + tuple(batch_axes)]
+  token_axes = list(batch_axes) + list(ep_axes) + seq_axes
+  if t % n_ep:
+    raise ValueError(f"expert parallelism: {t} tokens do not divide over {'x'.join(ep_axes)}={n_ep}")
+  while t % math.prod(shape[a] for a in token_axes):
+    token_axes.remove(batch_axes.pop())
+  # The experts' other dimensions: sharded over the non-token axes (tensor parallelism), whose
+  # partial outputs are summed.
+  inner = [tuple(tuple(a for a in axes_of(s) if a not in token_axes) for s in spec[1:]) for spec in specs]
+  tp_axes = tuple(dict.fromkeys(a for dims in inner for axes in dims for a in axes))
+  ep = ep_axes if ep_axes else None
+  weight_specs = [P(ep, *(axes or None for axes in dims)) for dims in inner]
+  tok = P(tuple(token_axes) if token_axes else None)
+
+  def local_fn(rows, expert, *ws):
+    y = expert_fn(rows, expert, *ws)
+    return jax.lax.psum(y, tp_axes) if tp_axes else y
+
+  t_local = t // math.prod(shape[a] for a in token_axes)
+  k, e_local = idx_TxK.shape[1], weights[0].shape[0] // n_ep
+  chunks = dropless_chunks(t_local, k, n_ep, e_local, par.ep_chunks) if par.dropless and n_ep > 1 else 1
+  nodes = par.ep_nodes
+  if n_ep % nodes:
+    raise ConfigError(f"mesh.ep_nodes={nodes} does not divide the {n_ep} expert-parallel ranks"
+                      f" ({'x'.join(ep_axes) or 'expert'}={n_ep})")
+  if n_ep == 1:
+    fn = functools.partial(local, expert_fn=local_fn)
+  else:
+    n_experts, n_group, topk_group = routing or (n_ep * e_local, 1, 1)
+    plan = Plan(ep_axes, n_ep, nodes, par.ep_transport, par.capacity_factor,
+                ranks_per_token(n_experts, nodes, k, n_group, topk_group))
+    fn = functools.partial(exchange, expert_fn=local_fn, plan=plan)
+  if par.ep_overlap and n_ep > 1:
+    if t_local % (2 * chunks):
+      raise ConfigError(f"mesh.ep_overlap: the {t_local} tokens of each expert-parallel rank do not split into"
+                        f" {chunks} chunk(s) of two halves")
+    fn = in_halves(fn)
+  fn = in_chunks(fn, chunks, keep_exchanged)
+  slots, copy_weights = (None, ()) if copies is None or n_ep == 1 else copies
+
+  def body(x, idx, w, slots_R, *ws):
+    if slots_R is not None:  # this rank's copies follow its own experts
+      k = len(ws) // 2
+      ws = [jnp.concatenate([a, c.astype(a.dtype)]) for a, c in zip(ws[:k], ws[k:])]
+      idx = eplb.physical_ids(idx, eplb.usable(slots_R, n_ep * e_local, n_ep, nodes), n_ep * e_local, n_ep)
+    y, dropped = fn(x, idx, w, *ws)
+    return y, jax.lax.psum(dropped, tuple(token_axes)) if token_axes else dropped
+
+  return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, P(), *weight_specs, *weight_specs[:len(copy_weights)]),
+                       out_specs=(tok, P()), axis_names=free)(
+      x_TxD, idx_TxK, w_TxK, slots, *weights, *copy_weights)

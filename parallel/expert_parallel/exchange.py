@@ -1,0 +1,135 @@
+"""One MoE layer's exchange on one rank (inside shard_map), in one or two hops.
+
+  1. across nodes (nodes > 1): each token once to every node holding some of its K experts, to the
+     rank with this rank's position there (all-to-all among the ranks of the same position, DeepEP's
+     "rail"), carrying x, all K expert ids and router weights
+  2. inside the node: each (row, k) assignment whose expert is in this node to the rank owning it
+     (all-to-all among the node's ranks; with one node that is every rank, the one-level exchange)
+  3. `expert_fn` over the received rows; with tensor parallelism each rank holds a slice of every
+     expert's width and the partial outputs are summed (psum over `tensor`)
+  4. back inside the node, and the node's weighted sum of its experts' outputs per row
+  5. back across nodes in one trip per (token, node), summed per token; the shared experts are added
+     by the caller (outside shard_map, where XLA shards them like any dense FFN).
+
+Each hop by the padded or the ragged transport (padded.py, ragged.py). Dropless exchanges go in
+chunks, one at a time with their buffers recomputed in the backward pass (`in_chunks`);
+`mesh.ep_overlap`: the tokens of each chunk in two independent halves (`in_halves`), so that one
+half's exchange can run while the other half computes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from parallel.expert_parallel.padded import send_padded
+from parallel.expert_parallel.plan import Plan, capacity, hops, node_capacity
+from parallel.expert_parallel.ragged import send_ragged
+
+EXCHANGED = "ep_exchanged"  # the checkpoint name of the rows an exchange received or returned
+
+
+def combine(y_NxD, w_TxK):
+  """sum_k w[t, k] y[t * K + k]: the weighted sum of each token's expert outputs."""
+  t, k = w_TxK.shape
+  return jnp.einsum("tkd,tk->td", y_NxD.reshape(t, k, -1), w_TxK.astype(y_NxD.dtype))
+
+
+def local(x_TxD, idx_TxK, w_TxK, *weights, expert_fn):
+  """All experts on this rank: every (token, k) assignment is one row."""
+  y = expert_fn(jnp.repeat(x_TxD, idx_TxK.shape[1], axis=0), idx_TxK.reshape(-1), *weights)
+  return combine(y, w_TxK), jnp.zeros((), jnp.int32)
+
+
+def exchange(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, plan: Plan):
+  """The routed experts of this rank's tokens, in one or two hops (module docstring)."""
+  t, k = idx_TxK.shape
+  e_local = weights[0].shape[0]
+  n_in = plan.n_ep // plan.nodes
+  per_node = e_local * n_in
+  padded, cf = plan.transport == "padded", plan.capacity_factor
+  emulate = plan.transport == "ragged_emulated"
+  rank = jax.lax.axis_index(plan.axes)
+  node = rank // n_in
+  outer, inner = hops(plan, rank)
+  dropped = jnp.zeros((), jnp.int32)
+
+  # 1. Across nodes: each token once to every node holding some of its experts (to the rank with this
+  #    rank's position there), carrying all K expert ids and router weights.
+  if plan.nodes == 1:
+    x_R, idx_R, w_R = x_TxD, idx_TxK, w_TxK
+  else:
+    hits_TxG = (idx_TxK[:, :, None] // per_node == jnp.arange(plan.nodes)).sum(1)
+    dest_N = jnp.where(hits_TxG > 0, jnp.arange(plan.nodes), plan.nodes).reshape(-1)
+    tok_N = jnp.arange(t * plan.nodes, dtype=jnp.int32) // plan.nodes
+    payloads = [(x_TxD, tok_N, 0), (idx_TxK, tok_N, plan.n_ep * e_local), (w_TxK, tok_N, 0)]
+    if padded:
+      c = node_capacity(t, plan.nodes_per_token, plan.nodes, cf)
+      (x_R, idx_R, w_R), back_outer, lost = send_padded(outer, dest_N, c, payloads)
+    else:
+      most_sent = t * plan.nodes_per_token
+      (x_R, idx_R, w_R), back_outer, lost = send_ragged(outer, dest_N, most_sent, plan.nodes * t, payloads, emulate)
+    dropped += (hits_TxG.reshape(-1) * lost).sum().astype(jnp.int32)
+    x_R, idx_R, w_R = (checkpoint_name(a, EXCHANGED) for a in (x_R, idx_R, w_R))
+
+  # 2. Inside the node: each (row, k) assignment to the rank owning its expert; the expert FFN there.
+  rows = x_R.shape[0]
+  mine_RxK = idx_R // per_node == node
+  dest_N = jnp.where(mine_RxK, idx_R // e_local % n_in, n_in).reshape(-1)
+  expert_N = jnp.where(mine_RxK, idx_R % e_local, e_local).reshape(-1)
+  row_N = jnp.arange(rows * k, dtype=jnp.int32) // k
+  if n_in == 1:
+    y_N = expert_fn(x_R[row_N], expert_N, *weights)
+  else:
+    payloads = [(x_R, row_N, 0), (expert_N, jnp.arange(rows * k, dtype=jnp.int32), e_local)]
+    if padded:
+      c = capacity(t, k, n_in, e_local, cf, rows)
+      (rx, ex), back_inner, lost = send_padded(inner, dest_N, c, payloads)
+    else:
+      (rx, ex), back_inner, lost = send_ragged(inner, dest_N, rows * min(k, per_node),
+                                                n_in * rows * min(k, e_local), payloads, emulate)
+    dropped += lost.sum().astype(jnp.int32)
+    rx, ex = checkpoint_name(rx, EXCHANGED), checkpoint_name(ex, EXCHANGED)
+    y_N = checkpoint_name(back_inner(expert_fn(rx, ex, *weights)), EXCHANGED)
+
+  # 3. Back: the node's weighted sum of its experts' outputs per row, one trip per node to the token.
+  y_R = combine(y_N, jnp.where(mine_RxK, w_R, 0))
+  if plan.nodes == 1:
+    return y_R, dropped
+  return back_outer(y_R).reshape(t, plan.nodes, -1).sum(1), dropped
+
+
+def in_halves(fn):
+  """`fn` over the two halves of the tokens as independent computations (mesh.ep_overlap), so that
+  the compiler can run one half's exchange while the other half's experts compute."""
+
+  def run(x, idx, w, *weights):
+    h = x.shape[0] // 2
+    y0, dropped0 = fn(x[:h], idx[:h], w[:h], *weights)
+    y1, dropped1 = fn(x[h:], idx[h:], w[h:], *weights)
+    return jnp.concatenate([y0, y1]), dropped0 + dropped1
+
+  return run
+
+
+def in_chunks(fn, chunks: int, keep: bool = False):
+  """`fn(x, idx, w, *weights) -> (y, dropped)` over `chunks` consecutive slices of the tokens, one
+  after the other (lax.scan), each under jax.checkpoint: its expert FFN is recomputed in the backward
+  pass, and its exchange too, so that only one chunk's buffers are ever live; with `keep`
+  (impl.ep_remat=keep) the rows each chunk received and got back (named EXCHANGED) are saved
+  instead, and the backward repeats no all-to-all."""
+  if chunks == 1:
+    return fn
+  policy = jax.checkpoint_policies.save_only_these_names(EXCHANGED) if keep else None
+
+  def run(x, idx, w, *weights):
+    split = lambda a: a.reshape(chunks, a.shape[0] // chunks, *a.shape[1:])
+
+    def step(_, c):
+      return None, fn(*c, *weights)
+
+    _, (ys, dropped) = jax.lax.scan(jax.checkpoint(step, policy=policy), None, (split(x), split(idx), split(w)))
+    return ys.reshape(x.shape[0], -1), dropped.sum()
+
+  return run

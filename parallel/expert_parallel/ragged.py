@@ -1,0 +1,101 @@
+"""The ragged transport (`mesh.ep_transport: ragged`): `jax.lax.ragged_all_to_all`, dropless.
+
+It sends exactly the rows each rank needs; the send and receive buffers are sized for the worst case
+the routing allows. A row the send buffer cannot hold (a bound that is wrong: a bug) is counted in
+`dropped` like a padded drop, and the trainer stops at a dropless step that dropped anything. For
+GPU/TPU. XLA:CPU does not implement ragged-all-to-all, so on CPU `ragged` runs the same code with the
+collective emulated by all_gather (`ragged_emulated`; tests use it to check the offsets arithmetic);
+the real collective is only exercised on GPU/TPU. Its gradient is the same exchange the other way
+(`_ragged_move`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from parallel.expert_parallel.plan import Hop, exclusive, padded_take
+
+
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                               axis_name, axis_index_groups=None, member=None):
+  """jax.lax.ragged_all_to_all (one slice per peer) built from all_gather, for backends without it
+  (`member`: this rank's position in its group of `axis_index_groups`). Moves n times the data; for
+  tests and CPU only."""
+  del recv_sizes  # implied by the senders' send_sizes
+  gather = functools.partial(jax.lax.all_gather, axis_name=axis_name, axis_index_groups=axis_index_groups)
+  n = send_sizes.shape[0]
+  me = jax.lax.axis_index(axis_name) if member is None else member
+  ops = gather(operand)  # [n, M, D]
+  in_off, sizes, out_off = (gather(a) for a in (input_offsets, send_sizes, output_offsets))
+  rows = jnp.arange(operand.shape[0])
+  result = output
+  for s in range(n):
+    start, size, dst = in_off[s, me], sizes[s, me], out_off[s, me]
+    target = jnp.where((rows >= start) & (rows < start + size), dst + rows - start, output.shape[0])
+    result = result.at[target].set(ops[s], mode="drop")
+  return result
+
+
+def how_of(hop: Hop, emulate: bool):
+  """The static description of `hop` that ragged_a2a takes: (axes, groups as tuples, emulated?)."""
+  return hop.axes, tuple(map(tuple, hop.groups)) if hop.groups is not None else None, emulate
+
+
+def ragged_a2a(how, x, out, member, offsets):
+  """ragged_all_to_all of `x` into `out` (`how`: axes, groups, emulated?; `member`: this rank's place
+  in its group, for the emulation)."""
+  axes, groups, emulate = how
+  groups = [list(g) for g in groups] if groups is not None else None
+  if emulate:
+    return emulated_ragged_all_to_all(x, out, *offsets, axis_name=axes, axis_index_groups=groups, member=member)
+  return jax.lax.ragged_all_to_all(x, out, *offsets, axis_name=axes, axis_index_groups=groups)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ragged_move(how, x, out, member, there, back):
+  """ragged_a2a(x, out, there), whose gradient is the same exchange the other way, ragged_a2a(dy, 0, back)
+  (jax's own transpose of ragged_all_to_all drops axis_index_groups)."""
+  return ragged_a2a(how, x, out, member, there)
+
+
+def _ragged_move_fwd(how, x, out, member, there, back):
+  return ragged_a2a(how, x, out, member, there), (jnp.zeros_like(x), member, back)
+
+
+def _ragged_move_bwd(how, res, dy):
+  zeros, member, back = res
+  return ragged_a2a(how, dy, zeros, member, back), None, None, None, None
+
+
+_ragged_move.defvjp(_ragged_move_fwd, _ragged_move_bwd)
+
+
+def send_ragged(hop: Hop, dest_N, most_sent: int, most_received: int, payloads, emulate: bool):
+  """Rows to ranks `dest_N` (hop.n: not sent) by ragged all-to-all, exactly the rows each rank needs,
+  in buffers of `most_sent` rows sent and `most_received` received. Returns as send_padded: a row
+  the send buffer cannot hold (its bound too small: a bug, which the trainer stops on) is not sent
+  and comes back as 0, and is reported lost, never silently."""
+  n = hop.n
+  how = how_of(hop, emulate)
+  by_dest = jnp.argsort(dest_N, stable=True)  # by destination; the rows not sent last
+  order = by_dest[:most_sent]
+  send_sizes = jnp.bincount(dest_N, length=n + 1)[:n].astype(jnp.int32)
+  send_sizes = jnp.minimum(send_sizes, jnp.maximum(most_sent - exclusive(send_sizes), 0))  # what fits
+  lost = jnp.zeros(dest_N.shape, bool).at[by_dest].set(jnp.arange(dest_N.shape[0]) >= most_sent) & (dest_N < n)
+  input_offsets = exclusive(send_sizes)
+  recv_sizes = hop.a2a(send_sizes)  # [n]: rows from each peer, packed back to back by peer
+  recv_offsets = exclusive(recv_sizes)
+  there = (input_offsets, send_sizes, hop.a2a(recv_offsets), recv_sizes)  # (where my rows land on each peer)
+  back = (recv_offsets, recv_sizes, hop.a2a(input_offsets), send_sizes)
+  received = [_ragged_move(how, padded_take(table, rows[order], fill),
+                           jnp.full((most_received, *table.shape[1:]), fill, table.dtype), hop.member, there, back)
+              for table, rows, fill in payloads]
+
+  def back_to_senders(y):
+    y_sorted = _ragged_move(how, y, jnp.zeros((most_sent, *y.shape[1:]), y.dtype), hop.member, back, there)
+    return jnp.zeros((dest_N.shape[0], *y.shape[1:]), y.dtype).at[order].set(y_sorted)
+
+  return received, back_to_senders, lost
