@@ -177,3 +177,29 @@ def test_cli_unknown_key(tmp_path, capsys):
   assert params.main([str(bad)]) == 2
   err = capsys.readouterr().err
   assert len(err.strip().splitlines()) == 1 and "hiden_size" in err
+
+
+def test_moonlight_published_counts():
+  """Moonlight's report counts parameters without the embedding and the output head (its table: 15.29B
+  total, 2.24B activated); moe.params counts the head in both."""
+  cfg = load("moonlight-16b-a3b")
+  c = params.count(cfg, 4096)
+  embeddings = cfg.vocab_size * cfg.hidden_size
+  assert round((c["total_params"] - 2 * embeddings) / 1e9, 2) == 15.29
+  assert round((c["active_params"] - embeddings) / 1e9, 2) == 2.24
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3-671b", "moonlight-16b-a3b", "kimi-k2"])
+def test_total_matches_transformers(name):
+  """The count equals transformers' DeepseekV3ForCausalLM built from the config's `to_hf_dict` on the
+  meta device (no memory): its parameters plus the routers' correction biases, which it keeps as
+  buffers. (transformers builds no MTP layers: the count without them.)"""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  cfg = load(name)
+  hf = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type")}
+  with torch.device("meta"):
+    model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**hf))
+  total = sum(p.numel() for p in model.parameters())
+  total += sum(b.numel() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+  assert total == params.count(cfg, 4096)["total_params"]
