@@ -153,7 +153,7 @@ class ModelConfig:
 
   @classmethod
   def from_yaml(cls, path: str | Path) -> ModelConfig:
-    return cls.from_dict(model_section(load_yaml(path), path), where=f"{path}: model")
+    return cls.from_dict(model_section(load_config(path), path), where=f"{path}: model")
 
   @classmethod
   def from_hf_json(cls, path: str | Path) -> ModelConfig:
@@ -278,6 +278,30 @@ def load_yaml(path: str | Path, what: str = "config file") -> dict:
   if not isinstance(data, dict):
     raise ConfigError(f"{path}: expected a mapping at the top level")
   return data
+
+
+def load_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+  """A config file's mapping (load_yaml), with `base: OTHER.yaml` (relative to the file) resolved: the
+  file's keys over its base's, mappings merged key by key (a long-context stage is its pre-training
+  config plus what changes)."""
+  path = Path(path)
+  data = load_yaml(path)
+  base = data.pop("base", None)
+  if base is None:
+    return data
+  if not isinstance(base, str):
+    raise ConfigError(f"{path}: base must be the path of another config file, got {base!r}")
+  base_path = (path.parent / base).resolve()
+  if base_path in _seen or base_path == path.resolve():
+    raise ConfigError(f"{path}: base {base} leads back to itself")
+  return _merged(load_config(base_path, (*_seen, path.resolve())), data)
+
+
+def _merged(base: dict, over: dict) -> dict:
+  out = dict(base)
+  for k, v in over.items():
+    out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
 
 
 def model_section(data: dict, path) -> dict:

@@ -49,7 +49,7 @@ import json
 import sys
 from pathlib import Path
 
-from moe.config import ModelConfig, load_yaml
+from moe.config import ModelConfig, load_config
 from parallel.common.errors import ConfigError
 
 DEFAULT_SEQ_LEN = 4096
@@ -216,7 +216,7 @@ def config_seq_len(path: str | Path) -> int:
   """The YAML's top-level `seq_len`, else DEFAULT_SEQ_LEN (also for an HF config.json)."""
   if Path(path).suffix not in (".yaml", ".yml"):
     return DEFAULT_SEQ_LEN
-  seq_len = load_yaml(path).get("seq_len", DEFAULT_SEQ_LEN)
+  seq_len = load_config(path).get("seq_len", DEFAULT_SEQ_LEN)
   if not isinstance(seq_len, int) or isinstance(seq_len, bool):
     raise ConfigError(f"{path}: seq_len: expected an integer, got {seq_len!r}")
   return seq_len

@@ -89,3 +89,39 @@ def test_nothing_to_train_leaves_the_run_as_it_was(run):
   result = loop.train(cfg.replace(steps=4), progress=False, peak_flops=1e12)
   assert result["first_loss"] is None and result["last_step"] == 6
   assert (run_dir / "config.yaml").read_text() == before
+
+
+def _stage(run_dir, tmp_path, *more):
+  """A long-context stage of the `run` fixture's model: twice its seq_len, with YaRN, from its weights."""
+  return load_train_config(ROOT / "configs/tiny.yaml", [
+      "steps=2", "batch_size=2", "seq_len=128", f"run_dir={tmp_path / 'stage'}", f"init_from={run_dir}",
+      "model.rope_scaling.factor=2.0", "model.rope_scaling.original_max_position_embeddings=64",
+      "model.max_position_embeddings=128", *SMALL_MODEL, *more])
+
+
+def test_a_long_context_stage_starts_from_a_runs_weights(run, tmp_path):
+  """init_from=RUN_DIR (the long-context stages): the run's newest checkpoint's weights, bitwise, at
+  another seq_len and with YaRN added, a fresh optimizer and step 0; a model whose weights have other
+  shapes is one line naming what changed."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from parallel.common.errors import ConfigError
+  from train.core import model_io
+  from train.core.checkpoint import step_dir
+
+  run_dir, _, _ = run
+  built = loop.build(_stage(run_dir, tmp_path), init_from=str(run_dir))
+  saved = model_io.load_model(step_dir(run_dir))  # the fixture's last checkpoint (step 6), float32
+  _, want, _ = nnx.split(saved, nnx.Param, ...)
+  got, want = jax.tree.leaves(built.state["params"]), jax.tree.leaves(want)
+  assert len(got) == len(want) > 10
+  assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, want))
+  assert int(built.state["step"]) == 0
+  assert all(not np.asarray(m).any() for m in jax.tree.leaves(built.state["opt"]) if np.ndim(m) > 0)
+
+  with pytest.raises(ConfigError, match=r"do not fit this model \(model.intermediate_size 64 -> 128"):
+    loop.build(_stage(run_dir, tmp_path, "model.intermediate_size=128"), init_from=str(run_dir))
+  with pytest.raises(ConfigError, match="no such directory"):
+    loop.build(_stage(run_dir, tmp_path), init_from=str(tmp_path / "nowhere"))

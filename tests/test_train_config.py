@@ -29,10 +29,44 @@ def test_tiny_loads_with_training_values():
   assert c.mesh.data == -1 and c.profile_steps is None
 
 
-@pytest.mark.parametrize("name", ["bench-cpu", "deepseek-v3-671b", "deepseek-v2-lite", "deepseek-v2-236b"])
+@pytest.mark.parametrize("name", ["bench-cpu", "deepseek-v3-671b", "deepseek-v2-lite", "deepseek-v2-236b",
+                                  "deepseek-v3-671b-32k", "deepseek-v3-671b-128k", "deepseek-v2-lite-32k",
+                                  "moonlight-16b-a3b", "kimi-k2"])
 def test_every_config_loads(name):
   c = load_train_config(f"configs/{name}.yaml")
   assert c.run_dir == f"runs/{name}"
+
+
+def test_long_context_stages_are_the_reports():
+  """V3 report section 4.3: 1,000 steps each at 32K (1,920 sequences) and 128K (480), lr 7.3e-6,
+  YaRN scale 40, alpha 1, beta 32; the architecture is the pre-training one (the `base:` file)."""
+  v3 = load_train_config("configs/deepseek-v3-671b.yaml")
+  for name, seq_len, batch in (("32k", 32768, 1920), ("128k", 131072, 480)):
+    c = load_train_config(f"configs/deepseek-v3-671b-{name}.yaml")
+    assert (c.seq_len, c.batch_size, c.steps) == (seq_len, batch, 1000)
+    assert c.model == v3.model and c.per_device_batch == 1 and c.precision == "bf16"
+    rope = c.model.rope_scaling
+    assert (rope.factor, rope.beta_slow, rope.beta_fast, rope.original_max_position_embeddings) == (40, 1, 32, 4096)
+    lrs = {c.optimizer.lr, c.optimizer.final_lr}
+    assert lrs == {7.3e-6} and c.optimizer.warmup_steps == 0 and c.optimizer.decay_steps == 0
+    assert seq_len % (2 * c.mesh.context) == 0
+
+
+def test_base_config_is_merged_under_the_file(tmp_path):
+  """`base:` names another config file (relative to this one): its keys, with this file's over them,
+  mappings merged key by key."""
+  _write(tmp_path, MODEL + "steps: 700\nseq_len: 64\noptimizer:\n  lr: 1.0e-3\n  b2: 0.9\n", "a.yaml")
+  c = load_train_config(_write(tmp_path, "base: a.yaml\nseq_len: 32\noptimizer:\n  lr: 2.0e-3\n"))
+  assert (c.steps, c.seq_len, c.optimizer.lr, c.optimizer.b2) == (700, 32, 2e-3, 0.9)
+  assert c.model == ModelConfig.load(TINY) and c.run_dir == "runs/run"
+
+
+@pytest.mark.parametrize("text, want", [("base: run.yaml\n", "leads back to itself"),
+                                        ("base: nothere.yaml\n", "nothere.yaml: no such config file"),
+                                        ("base: [a]\n", "base must be the path of another config file")])
+def test_bad_base_is_one_line(tmp_path, text, want):
+  with pytest.raises(ConfigError, match=want):
+    load_train_config(_write(tmp_path, text))
 
 
 def test_defaults_follow_v3():

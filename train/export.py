@@ -28,7 +28,7 @@ from typing import Sequence
 import yaml
 
 from moe import hf
-from moe.config import load_yaml
+from moe.config import load_config
 from parallel.common.errors import ConfigError
 from parallel.mesh import MeshConfig, Parallelism
 from train.core import checkpoint as ckpt_lib, model_io
@@ -58,7 +58,7 @@ def export(run_dir, out, step: int | None = None, dtype: str = "float32", max_sh
 def train_config_for_hf(model_cfg, run_dir, config: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
   """TrainConfig with `model_cfg` as its model: the training keys of `config` (a YAML file) and
   `overrides`; run_dir set."""
-  raw = load_yaml(config) if config else {}
+  raw = load_config(config) if config else {}
   raw["model"] = dataclasses.asdict(model_cfg)
   for item in overrides:
     if item.split("=", 1)[0].startswith("model."):

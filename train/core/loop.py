@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -28,6 +29,7 @@ from parallel.common.errors import ConfigError, RunFailed
 from parallel.mesh import Parallelism
 from train.core import checkpoint as checkpoint_lib
 from train.core import input_pipeline as data_lib
+from train.core import model_io
 from train.core import optimizer as optimizer_lib
 from train.core import pipelined
 from train.core import preemption
@@ -151,8 +153,10 @@ def build(cfg: TrainConfig, par: Parallelism | None = None, rt: Runtime | None =
   optimizer. Feed the steps `to_device(batch, par)`."""
   s = setup(cfg, par, rt)
   layout = jax.tree.map(lambda a: a.sharding, s.abstract_state)
-  if init_from is not None:
+  if init_from is not None and (Path(init_from) / "config.json").is_file():
     state = state_from_hf(cfg, s, init_from, layout)
+  elif init_from is not None:
+    state = state_from_run(cfg, s, init_from, layout)
   else:  # one program, also on one device (op by op, the tiny model's init took 18 s on a CPU core)
     state = jax.jit(s.init, out_shardings=layout)()
   return Built(state, s.train_step, s.eval_step, s.rt, s.shardings)
@@ -169,6 +173,20 @@ def state_from_hf(cfg: TrainConfig, s: Setup, path: str, layout) -> dict:
   model = hf.from_hf(path, rt=s.rt, par=s.par)
   log.info("init_from %s: %.2f GB read by this process", path, model.loaded_bytes / 1e9)
   _, params, rest = step_lib.split_model(model)
+  return with_fresh_optimizer(s, params, rest, layout)
+
+
+def state_from_run(cfg: TrainConfig, s: Setup, path: str, layout) -> dict:
+  """The training state with the weights of another run's checkpoint (`path`: its run directory, for the
+  newest, or one step directory), a fresh optimizer state and step 0: a long-context stage started from
+  pre-training, at another seq_len and with YaRN (model_io.weights_from_run says what may differ)."""
+  target = {k: s.abstract_state[k] for k in ("params", "rest")}
+  got = model_io.weights_from_run(path, target, cfg.model, checkpoint_lib.pipeline_layout(cfg, s.par))
+  return with_fresh_optimizer(s, got["params"], got["rest"], layout)
+
+
+def with_fresh_optimizer(s: Setup, params, rest, layout) -> dict:
+  """{params, rest} with a freshly initialised optimizer state, step 0 and spike guard."""
   fresh = jax.jit(lambda p: {"opt": s.tx.init(p), "step": jnp.zeros((), jnp.int32),
                              "guard": {"loss_mean": jnp.zeros((), jnp.float32), "accepted": jnp.zeros((), jnp.int32)}},
                   out_shardings={k: layout[k] for k in ("opt", "step", "guard")})(params)

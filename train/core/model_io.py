@@ -3,6 +3,8 @@ folder or a run directory, whichever the user gives; and the tokenizer that goes
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 
 import jax
@@ -10,13 +12,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe import hf
+from moe.config import ModelConfig
 from moe.model import Transformer
 from moe.runtime import Runtime
 from parallel.common.errors import ConfigError
 from parallel.pipeline import Layout
 from parallel.sharding import state_shardings
-from train.core.checkpoint import (checkpoint_dir, finished_steps, pipeline_layout, read_config, relayout,
-                                   relayout_target, restore_model, step_dir, validate_step_dir)
+from train.core.checkpoint import (checkpoint_dir, config_changes, finished_steps, pipeline_layout, read_config,
+                                   relayout, relayout_target, restore_model, step_dir, validate_step_dir)
+
+log = logging.getLogger("train")
 
 
 def load_model(path, dtype: str = "float32", par=None) -> Transformer:
@@ -42,6 +47,29 @@ def load_model(path, dtype: str = "float32", par=None) -> Transformer:
   dst = pipeline_layout(cfg, par)
   got = relayout(restore_model(path, relayout_target(target, src, dst)), src, dst, target)
   return nnx.merge(graphdef, got["params"], got["rest"])
+
+
+def weights_from_run(path, target: dict, model: ModelConfig, dst: Layout) -> dict:
+  """{"params", "rest"} of another training run, for a new run that starts from its weights (a long-context
+  stage after pre-training: another seq_len, YaRN added), read into `target` (ShapeDtypeStructs with
+  the new run's shardings, its MoE stack in `dst`'s layout). `path`: a run directory (its newest
+  checkpoint) or one checkpoint step directory. The two `model:` sections may differ only where no
+  weight's shape does (rope_scaling, max_position_embeddings, rope_theta, ...); what differs is logged."""
+  path = Path(path)
+  step = step_dir(path) if finished_steps(checkpoint_dir(path)) else path
+  if not step.is_dir():
+    raise ConfigError(f"init_from={path}: no such directory; give an HF folder, a run directory or a checkpoint step")
+  meta = validate_step_dir(step)
+  old = read_config(step).model
+  changes = config_changes(dataclasses.asdict(old), dataclasses.asdict(model), "model.")
+  src = Layout(old.num_moe_layers, *meta.get("pipeline_layout", (1, 1)))
+  try:
+    got = restore_model(step, relayout_target(target, src, dst))
+  except ConfigError as e:
+    raise ConfigError(f"init_from={step}: its weights do not fit this model ({'; '.join(changes[:3]) or e})") from None
+  log.info("init_from %s: weights of step %s%s", step, step.name,
+           f" (model changed: {', '.join(changes)})" if changes else "")
+  return relayout(got, src, dst, target)
 
 
 def load_any(path, dtype: str | None = None) -> Transformer:

@@ -25,7 +25,7 @@ from typing import Literal
 
 import yaml
 
-from moe.config import ModelConfig, load_yaml, model_section
+from moe.config import ModelConfig, load_config, model_section
 from moe.runtime import ImplConfig
 from parallel.common.errors import ConfigError, require
 from parallel.common.typed_config import check_fields, dataclass_of, matches, reject_unknown
@@ -136,9 +136,11 @@ class TrainConfig:
   per_device_batch: int | None = None
   data: str = "default"
   tokenizer: str = "byte"  # "byte" or a path to a tokenizer
-  # An HF folder (DeepSeek's release: config.json + safetensors, bf16 or FP8) whose weights a fresh run
-  # starts from, read straight into their shardings; the optimizer starts fresh. Its config.json must
-  # describe the `model:` section. Ignored when the run resumes from its own checkpoint.
+  # Weights a fresh run starts from, read straight into their shardings; the optimizer starts fresh:
+  # an HF folder (DeepSeek's release: config.json + safetensors, bf16 or FP8) whose config.json must
+  # describe the `model:` section, or another run (its run directory, for its newest checkpoint, or a
+  # step directory) whose weights have this model's shapes (a long-context stage: another seq_len,
+  # YaRN). Ignored when the run resumes from its own checkpoint.
   init_from: str | None = None
   # Processes that tokenise and pack the training data (Grain mp_prefetch); 0: in the training process,
   # overlapping with the asynchronously dispatched step. The batch order depends on this number.
@@ -297,7 +299,7 @@ _ELSEWHERE = _key_places()
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
   """Read `path`, apply `key=value` overrides in order, default `run_dir` to runs/<stem>."""
-  raw = load_yaml(path)
+  raw = load_config(path)
   model_section(raw, path)
   for item in overrides:
     apply_override(raw, item)
