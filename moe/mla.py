@@ -37,6 +37,7 @@ from flax import nnx
 
 from moe import rope
 from moe.config import ModelConfig
+from moe.kernels import latent_attention
 from moe.kernels.attention import ATTENTION, PALLAS, per_device
 from moe.layers import Linear, RMSNorm
 from moe.runtime import Runtime
@@ -57,10 +58,12 @@ class Mask(NamedTuple):
 
   dense: jax.Array
   segment_ids: jax.Array | None = None
+  order: jax.Array | None = None  # each place's index in the original sequence (None: in order)
 
 
 def document_mask(segment_ids_BxS, order_S=None) -> Mask:
-  return Mask(attention_mask(segment_ids_BxS, order_S), segment_ids_BxS)
+  return Mask(attention_mask(segment_ids_BxS, order_S), segment_ids_BxS,
+              None if order_S is None else jnp.asarray(order_S))
 
 
 def attention_mask(segment_ids_BxS, order_S=None):
@@ -131,7 +134,9 @@ class MLA(nnx.Module):
     q_pe = rope.apply_rope(q_pe, cos, sin)
     c_kv, k_pe = self.latent(x_BxTxD)
     k_pe = rope.apply_rope(k_pe[:, :, None, :], cos, sin)  # [B, T, 1, rope]
-    if cache is None:
+    if cache is None and self.attention == "latent":  # context parallelism: key blocks of the gathered latent
+      out = self._over_latent_blocks(jnp.concatenate([q_nope, q_pe], axis=-1), c_kv, k_pe, mask)
+    elif cache is None:
       if self.context > 1:  # every key on every context slice, from the gathered latent
         c_kv, k_pe = gather_latent(c_kv, k_pe, self.par)
       kv = self.kv_b_proj(c_kv).reshape(b, t, h, nope + cfg.v_head_dim)
@@ -153,6 +158,20 @@ class MLA(nnx.Module):
       cache = _write(cache, c_kv, k_pe[:, :, 0], slots_BxT)
       out = self._absorbed(q_nope, q_pe, cache, mask.dense)
     return self.o_proj(out.reshape(b, t, h * cfg.v_head_dim)), cache
+
+  def _over_latent_blocks(self, q_BxTxHxK, c_kv_BxTxC, k_pe_BxTx1xR, mask: Mask):
+    """Each context slice's queries against every key, block by block from the gathered latent
+    (moe.kernels.latent_attention); [B, T, H, v_head_dim]."""
+    cfg = self.cfg
+    c_kv, k_pe = gather_latent(c_kv_BxTxC, k_pe_BxTx1xR, self.par)
+    q = constrain(q_BxTxHxK, ("batch", "seq", "heads", None), self.par)
+    w = self.kv_b_proj.kernel[...].astype(self.dtype).reshape(cfg.kv_lora_rank, cfg.num_attention_heads, -1)
+    index = jnp.arange(q.shape[1]) if mask.order is None else mask.order
+    args = (q, c_kv.astype(self.dtype), k_pe[:, :, 0].astype(self.dtype), w, index, index, mask.segment_ids,
+            mask.segment_ids, rope.softmax_scale(cfg))
+    if self.keep_max_logit:  # QK-clip's statistic (train/core/muon.py), an intermediate the trainer pops
+      self.max_logit = nnx.Intermediate(latent_attention.max_logit(*args))
+    return latent_attention.attention(*args)
 
   def _absorbed(self, q_nope_BxTxHxN, q_pe_BxTxHxR, cache: LatentCache, mask_Bx1xTxL):
     """softmax over the cached tokens in the latent space; [B, T, H, v_head_dim]."""

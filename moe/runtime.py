@@ -10,8 +10,9 @@ never ask JAX which backend they run on, so compiling for a TPU or GPU target fr
 chosen on CPU (tests, or to compare kernels).
 
   attention  splash (Pallas flash attention; TPU) | flash (Pallas Triton flash attention; GPU) |
-             blocked (moe.kernels.cpu: CPU) | fused (jax.nn.dot_product_attention; the only one
-             with mesh.context > 1, where each slice's queries see every key)
+             blocked (moe.kernels.cpu: CPU) | fused (jax.nn.dot_product_attention) | latent (MLA over
+             key blocks of the gathered latent, moe.kernels.latent_attention: the choice with
+             mesh.context > 1, where each slice's queries see every key; fused also runs there)
   experts    ragged_dot (GPU/TPU) | blocked (moe.kernels.cpu: CPU) | dense (reference, E x the work)
   fp8_gemm   kernels (Pallas; GPUs with FP8 tensor cores, interpreter elsewhere) | xla | qdq (CPU, TPU)
              used when the compute is FP8 (`precision: fp8`; moe/kernels/fp8.py)
@@ -50,7 +51,7 @@ class ImplConfig:
   buffers live at a time) or keeps the rows each chunk received and returned (keep: no all-to-all
   repeated, all chunks' rows held; parallel/expert_parallel/exchange.py: in_chunks)."""
 
-  attention: Literal["auto", "fused", "blocked", "splash", "flash"] = "auto"
+  attention: Literal["auto", "fused", "blocked", "splash", "flash", "latent"] = "auto"
   experts: Literal["auto", "ragged_dot", "blocked", "dense"] = "auto"
   fp8_gemm: fp8_lib.GemmChoice = "auto"
   fp8_pow2_scales: bool = False
@@ -100,10 +101,12 @@ class Runtime:
     attention = impl.attention
     context = par.context if par is not None else 1
     if attention == "auto":
-      attention = "fused" if context > 1 else {"cpu": "blocked", "tpu": "splash", "gpu": "flash"}.get(platform, "fused")
-    if context > 1 and attention != "fused":
+      attention = "latent" if context > 1 else {"cpu": "blocked", "tpu": "splash", "gpu": "flash"}.get(platform, "fused")
+    if context > 1 and attention not in ("latent", "fused"):
       raise ConfigError(f"impl.attention={attention} with mesh.context={context}: context-parallel attention runs"
-                        " the fused core on each slice's queries; set impl.attention=auto or fused")
+                        " each slice's queries against the gathered latent; set impl.attention=auto, latent or fused")
+    if context == 1 and attention == "latent":
+      raise ConfigError("impl.attention=latent is context-parallel attention: it needs mesh.context > 1 (use auto)")
     experts = impl.experts if impl.experts != "auto" else "blocked" if on_cpu else "ragged_dot"
     recipe = None
     if fp8:

@@ -70,17 +70,21 @@ def test_config_errors_are_one_line():
     MeshConfig(context=0)
 
 
-def test_context_parallel_attention_is_the_fused_core():
-  """With mesh.context > 1 `auto` picks the fused core (each slice's queries against every key); the
-  kernels that assume the whole sequence on a device are refused in one line."""
+def test_context_parallel_attention_is_the_latent_block_core():
+  """With mesh.context > 1 `auto` picks the latent-block core (each slice's queries against key blocks
+  of the gathered latent), `fused` also runs there; the kernels that assume the whole sequence on a
+  device are refused in one line, and the latent core without context too."""
   import jax
   import numpy as np
 
   two = SimpleNamespace(context=2, mesh=SimpleNamespace(devices=np.asarray(jax.devices())))  # what resolve reads
-  assert Runtime.resolve(ImplConfig(), par=two, announce=False).attention == "fused"
-  with pytest.raises(ConfigError, match=r"^impl.attention=splash with mesh.context=2: .* set impl.attention=auto or"
-                                        r" fused$"):
+  assert Runtime.resolve(ImplConfig(), par=two, announce=False).attention == "latent"
+  assert Runtime.resolve(ImplConfig(attention="fused"), par=two, announce=False).attention == "fused"
+  with pytest.raises(ConfigError, match=r"^impl.attention=splash with mesh.context=2: .* set impl.attention=auto,"
+                                        r" latent or fused$"):
     Runtime.resolve(ImplConfig(attention="splash"), par=two, announce=False)
+  with pytest.raises(ConfigError, match=r"^impl.attention=latent is context-parallel attention: it needs"):
+    Runtime.resolve(ImplConfig(attention="latent"), announce=False)
 
 
 # ------------------------------------------------------------------ 8 simulated devices

@@ -1,0 +1,151 @@
+"""MLA attention over key blocks of the compressed latent, for long sequences (context parallelism).
+
+softmax(q k^T scale + mask) v where each block of keys is up-projected from the latent on the fly
+(k_nope, v = c_kv W_kv_b; k = [k_nope, k_pe]) and folded into a running softmax (flash attention's
+recurrence, in jnp): neither the per-head keys and values of the whole sequence nor the [q, k]
+scores are ever made whole, only one block's. The backward pass is written out (a custom VJP, as
+flash attention's): it recomputes each block from the latent and the saved log-sum-exp, so that its
+memory is one block's too, and returns the gradients of the queries, the latent, the rotary key and
+W_kv_b.
+
+The mask is made per block from each token's place in the original sequence and its document
+(segment id): causal within one document, as `moe.mla.attention_mask`, for any layout of the tokens
+(the balanced context-parallel one included). Under a mesh the queries stay sharded as they come
+(over `context`) and the latent is whole (gathered): XLA splits every block's work over the
+queries. Every block is computed on every slice, masked or not.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32  # logits, softmax statistics and gradients: float32 (float64 with float64 inputs: tests)
+
+
+def _acc(dtype):
+  return jnp.promote_types(dtype, F32)
+
+
+def attention(q_BxTxHxK, c_kv_BxSxC, k_pe_BxSxR, w_kvb_CxHxNV, q_index_T, k_index_S, q_seg_BxT, k_seg_BxS,
+              scale: float, block: int = 512):
+  """[B, T, H, v_head_dim]. q: [nope | rope] per head (rope = k_pe's last dimension); w_kvb: kv_b_proj's
+  kernel as [C, H, nope + v]; q_index / k_index: each token's place in the original sequence."""
+  s = c_kv_BxSxC.shape[1]
+  block = next(b for b in range(min(block, s), 0, -1) if s % b == 0)
+  nope = q_BxTxHxK.shape[-1] - k_pe_BxSxR.shape[-1]
+  return _attention(q_BxTxHxK, c_kv_BxSxC, k_pe_BxSxR, w_kvb_CxHxNV, q_index_T, k_index_S, q_seg_BxT, k_seg_BxS,
+                    scale, block, nope)
+
+
+def max_logit(q_BxTxHxK, c_kv_BxSxC, k_pe_BxSxR, w_kvb_CxHxNV, q_index_T, k_index_S, q_seg_BxT, k_seg_BxS,
+              scale: float, block: int = 512):
+  """[heads] float32: each head's largest scaled logit a query sees (QK-clip's statistic), block by
+  block as `attention`, without a gradient."""
+  s = c_kv_BxSxC.shape[1]
+  block = next(b for b in range(min(block, s), 0, -1) if s % b == 0)
+  nope = q_BxTxHxK.shape[-1] - k_pe_BxSxR.shape[-1]
+  q, w = jax.lax.stop_gradient(q_BxTxHxK), jax.lax.stop_gradient(w_kvb_CxHxNV)
+
+  def step(best, blk):
+    c_blk, pe_blk, idx_blk, seg_blk = blk
+    k, _ = _keys(c_blk, pe_blk, w, nope)
+    return jnp.maximum(best, _logits(q, k, q_index_T, idx_blk, q_seg_BxT, seg_blk, scale).max(axis=(0, 2, 3))), None
+
+  blocks = tuple(_blocks(jax.lax.stop_gradient(x), block) for x in (c_kv_BxSxC, k_pe_BxSxR)) + (
+      _blocks(k_index_S, block), _blocks(k_seg_BxS, block))
+  acc = _acc(q.dtype)
+  best, _ = jax.lax.scan(step, jnp.full((q.shape[2],), jnp.finfo(acc).min, acc), blocks)
+  return best.astype(F32)
+
+
+def _blocks(x, block):
+  """[B, S, ...] -> [S / block, B, block, ...]: the scan's leading axis (S: axis 1; k_index: axis 0)."""
+  if x.ndim == 1:
+    return x.reshape(-1, block)
+  b, s = x.shape[:2]
+  return jnp.moveaxis(x.reshape(b, s // block, block, *x.shape[2:]), 1, 0)
+
+
+def _keys(c_kv_BxKxC, k_pe_BxKxR, w_kvb, nope):
+  """One block's keys [B, K, H, nope + rope] and values [B, K, H, v] from its latent."""
+  kv = jnp.einsum("bkc,chd->bkhd", c_kv_BxKxC, w_kvb)
+  k_pe = jnp.broadcast_to(k_pe_BxKxR[:, :, None, :], (*kv.shape[:3], k_pe_BxKxR.shape[-1]))
+  return jnp.concatenate([kv[..., :nope], k_pe.astype(kv.dtype)], axis=-1), kv[..., nope:]
+
+
+def _logits(q, k, q_index, k_index, q_seg, k_seg, scale):
+  """[B, H, T, K] float32 scaled logits, the dtype's lowest where the mask hides the key."""
+  acc = _acc(q.dtype)
+  visible = (k_index[None, :] <= q_index[:, None])[None] & (q_seg[:, :, None] == k_seg[:, None, :])
+  s = jnp.einsum("bthd,bkhd->bhtk", q, k, preferred_element_type=acc) * scale
+  return jnp.where(visible[:, None], s, jnp.finfo(acc).min)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _attention(q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, scale, block, nope):
+  return _forward(q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, scale, block, nope)[0]
+
+
+def _forward(q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, scale, block, nope):
+  """(out [B, T, H, v], log-sum-exp [B, H, T]) by the running softmax over key blocks."""
+  b, t, h, _ = q.shape
+  dv, acc_t = w_kvb.shape[-1] - nope, _acc(q.dtype)
+
+  def step(carry, blk):
+    m, l, acc = carry  # running max [B, H, T], sum of exp [B, H, T], weighted values [B, H, T, v] (float32)
+    c_blk, pe_blk, idx_blk, seg_blk = blk
+    k, v = _keys(c_blk, pe_blk, w_kvb, nope)
+    s = _logits(q, k, q_index, idx_blk, q_seg, seg_blk, scale)
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.exp(s - m_new[..., None])
+    corr = jnp.exp(m - m_new)
+    acc = acc * corr[..., None] + jnp.einsum("bhtk,bkhd->bhtd", p.astype(v.dtype), v, preferred_element_type=acc_t)
+    return (m_new, l * corr + p.sum(-1), acc), None
+
+  init = (jnp.full((b, h, t), jnp.finfo(acc_t).min, acc_t), jnp.zeros((b, h, t), acc_t), jnp.zeros((b, h, t, dv), acc_t))
+  blocks = (_blocks(c_kv, block), _blocks(k_pe, block), _blocks(k_index, block), _blocks(k_seg, block))
+  (m, l, acc), _ = jax.lax.scan(step, init, blocks)
+  out = (acc / l[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)  # [B, T, H, v]
+  return out, m + jnp.log(l)
+
+
+def _attention_fwd(q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, scale, block, nope):
+  out, lse = _forward(q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, scale, block, nope)
+  return out, (q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, out, lse)
+
+
+def _attention_bwd(scale, block, nope, res, d_out):
+  """Flash attention's backward, block by block: P = exp(S - lse), dV = P^T dO, dS = P (dP - rowsum(dO O)),
+  dQ += dS K, dK = dS^T Q; the block's dK_nope and dV go back through the up-projection to the latent
+  and W_kv_b, its dK_pe summed over the heads."""
+  q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, out, lse = res
+  f = _acc(q.dtype)
+  d_out32 = d_out.astype(f)
+  delta = jnp.einsum("bthd,bthd->bht", d_out32, out.astype(f))  # rowsum(dO O)
+
+  def step(carry, blk):
+    dq, dw = carry
+    c_blk, pe_blk, idx_blk, seg_blk = blk
+    k, v = _keys(c_blk, pe_blk, w_kvb, nope)
+    p = jnp.exp(_logits(q, k, q_index, idx_blk, q_seg, seg_blk, scale) - lse[..., None])  # [B, H, T, K]
+    dv = jnp.einsum("bhtk,bthd->bkhd", p, d_out32)
+    dp = jnp.einsum("bthd,bkhd->bhtk", d_out32, v.astype(f))
+    ds = p * (dp - delta[..., None]) * scale
+    dq = dq + jnp.einsum("bhtk,bkhd->bthd", ds, k.astype(f))
+    dk = jnp.einsum("bhtk,bthd->bkhd", ds, q.astype(f))
+    d_kv = jnp.concatenate([dk[..., :nope], dv], axis=-1)  # [B, K, H, nope + v]
+    d_c = jnp.einsum("bkhd,chd->bkc", d_kv, w_kvb.astype(f))
+    dw = dw + jnp.einsum("bkc,bkhd->chd", c_blk.astype(f), d_kv)
+    return (dq, dw), (d_c, dk[..., nope:].sum(2))
+
+  blocks = (_blocks(c_kv, block), _blocks(k_pe, block), _blocks(k_index, block), _blocks(k_seg, block))
+  (dq, dw), (d_c, d_pe) = jax.lax.scan(step, (jnp.zeros(q.shape, f), jnp.zeros(w_kvb.shape, f)), blocks)
+  unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])
+  return (dq.astype(q.dtype), unblock(d_c).astype(c_kv.dtype), unblock(d_pe).astype(k_pe.dtype),
+          dw.astype(w_kvb.dtype), None, None, None, None)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
