@@ -45,11 +45,13 @@ MESH_AXES = ("stage", "data", "fsdp", "context", "expert", "tensor")
 # are sharded over `stage` too (their `embed` takes it last: the stack's slots take it first), so that
 # their float32 weights and moments are not whole on every stage; the pipeline gathers them per step.
 # Each sequence's tokens split over `context` (context parallelism: MLA gathers its latent over it,
-# moe/mla.py); no parameter is sharded over `context` (their gradients are summed over it).
+# moe/mla.py), and the parameters' hidden and LoRA dimensions over it after fsdp (ZeRO-3 over fsdp x
+# context, as MaxText does: a long-context run's weights and moments are not whole on every slice
+# of a sequence).
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("stage", "data", "fsdp", "expert"),
     "seq": ("context",),
-    "embed": ("fsdp", "expert", "stage"),
+    "embed": ("fsdp", "context", "expert", "stage"),
     "vocab": ("tensor",),
     "heads": ("tensor",),
     "mlp": ("tensor",),
@@ -57,8 +59,8 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "expert": ("expert",),
     "layers": (),
     "stage_layers": ("stage",),
-    "q_lora": ("fsdp", "expert", "stage"),
-    "kv_lora": ("fsdp", "expert", "stage"),
+    "q_lora": ("fsdp", "context", "expert", "stage"),
+    "kv_lora": ("fsdp", "context", "expert", "stage"),
     "norm": (),
     "mtp_concat": (),
 }

@@ -35,8 +35,9 @@ def test_context_is_a_mesh_axis_that_splits_the_sequence():
   from parallel import sharding
   spec = sharding.logical_to_spec(("batch", "seq", "embed"), (8, 16, 32), dict(data=2, fsdp=2, context=2))
   assert tuple(spec) == (("data", "fsdp"), "context")
-  # parameters are not split over it
-  assert sharding.logical_to_spec(("embed", "heads"), (32, 16), dict(context=2)) == sharding.P()
+  # parameters' hidden dimension is split over it after fsdp (ZeRO-3 over fsdp x context)
+  assert sharding.logical_to_spec(("embed", "heads"), (32, 16), dict(context=2)) == sharding.P("context")
+  assert sharding.logical_to_spec(("embed", "heads"), (32, 16), dict(fsdp=2, context=2)) == sharding.P(("fsdp", "context"))
   assert tiny("mesh.context=4").mesh.context == 4
 
 
@@ -105,11 +106,13 @@ def test_context_meshes_match_one_device(eight, mesh):
 
 
 def test_attention_gathers_the_latent_not_the_keys(eight):
-  """context=2 (x data=4): the compiled step's float all-gathers of whole sequences are MLA's latent,
-  kv_lora_rank + qk_rope_head_dim = 24 values per token, one per attention layer (dense, MoE, MTP),
-  and once the hidden state (32), put back in order from the balanced layout before the head; never
-  the per-head keys [.., 16, 4, 16] or values [.., 16, 4, 8]."""
+  """context=2 (x data=4, 2 sequences per data shard): the compiled step's float all-gathers of whole
+  sequences ([2, 16, ...]) are MLA's latent, kv_lora_rank + qk_rope_head_dim = 24 values per token,
+  twice per attention layer (dense, MoE, MTP: the latent core's forward and its backward each take
+  the whole latent), and once the hidden state (32), put back in order from the balanced layout
+  before the head; never the per-head keys [.., 16, 4, 16] or values [.., 16, 4, 8]. (The other
+  gathers are weights: their hidden dimension is sharded over fsdp x context.)"""
   gathers = eight["c2_gathers"]
-  whole_seq = sorted(g for g in gathers if g.startswith("f32[") and g.split("[")[1].split(",")[1:2] == ["16"])
-  assert whole_seq == ["f32[2,16,24]"] * 3 + ["f32[2,16,32]"], gathers
+  whole_seq = sorted(g for g in gathers if g.startswith("f32[2,16,"))
+  assert whole_seq == ["f32[2,16,24]"] * 6 + ["f32[2,16,32]"], gathers
   assert not [g for g in gathers if g.count(",") == 3], gathers
