@@ -231,8 +231,8 @@ def _link_bytes(p: Program, kind: str, ins, granule) -> tuple[float, float, int]
   operands = hlo_parse.operands(ins.rest)
   sizes = [hlo_parse.shape_bytes(p.shape(o)) for o in operands]
   if kind == "send":  # a TPU cross-slice transfer: its buffer, over the DCN
-    array = re.search(r"[a-z][a-z0-9]*\[[0-9,]*\]", ins.shape)
-    return 0.0, float(hlo_parse.shape_bytes(array.group(0)) if array else 0), 2
+    array = hlo_parse.first_array(ins.shape)
+    return 0.0, float(hlo_parse.shape_bytes(array) if array else 0), 2
   if kind == "collective-permute":
     pairs = [tuple(map(int, x)) for x in re.findall(r"\{(\d+),(\d+)\}", (re.search(
         r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", ins.rest) or re.match("()", "")).group(1))]

@@ -17,8 +17,7 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragg
                "collective-permute")
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-ARRAY = re.compile(r"[a-z][a-z0-9]*\[[0-9,]*\]")  # one array of a shape, without its layout: "bf16[8,32]"
-_DTYPE_DIMS = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")  # an array of a shape without its layout: (dtype, dims)
 COMPUTATION = re.compile(r"(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
 CALLS = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)"
                    r"|\b(?:branch_computations|called_computations)=\{([^}]*)\}")
@@ -35,18 +34,18 @@ def dtype_bytes(dtype: str) -> int:
 def shape_bytes(shape: str) -> int:
   """Bytes of the arrays in an HLO shape ("f32[8,32]{1,0}", "(bf16[4], s32[])"; token[] is 0)."""
   return sum(math.prod(int(d) for d in dims.split(",") if d) * dtype_bytes(dtype)
-             for dtype, dims in _DTYPE_DIMS.findall(shape))
+             for dtype, dims in _ARRAY.findall(shape))
 
 
 def dims(shape: str) -> list[int]:
   """The dimensions of an array shape ("bf16[8,32]{1,0}" -> [8, 32]); of a tuple, its first array."""
-  m = _DTYPE_DIMS.search(shape)
+  m = _ARRAY.search(shape)
   return [int(d) for d in m.group(2).split(",") if d] if m else []
 
 
 def first_array(shape: str) -> str | None:
   """The first array of a shape without its layout ("(bf16[4]{0}, u32[])" -> "bf16[4]"), or None."""
-  m = ARRAY.search(shape)
+  m = _ARRAY.search(shape)
   return m.group(0) if m else None
 
 
