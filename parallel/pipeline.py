@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Literal
+from typing import Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -345,6 +345,262 @@ class _Residuals:
     return jax.tree.unflatten(self.treedef, [next(kept) if w is None else known[w[0]][w[1]] for w in self.where])
 
 
+_TABLES = ("act_in", "cot_in", "fwd", "f_mb", "f_rep", "f_slot", "f_cot", "bwd", "b_mb", "b_rep", "b_slot", "b_cot")
+
+
+class _Plan(NamedTuple):
+  """What every tick of a run reads, fixed before tracing."""
+  sched: Schedule
+  size: int  # layers per chunk
+  tables: dict  # the schedule's tables [ticks, stages]
+  any_f: jax.Array  # [ticks] some stage runs a forward
+  any_b: jax.Array  # [ticks] some stage runs a backward
+  first_f: jax.Array  # [ticks] the micro-batch entering the first stage (first_fn's forward), else -1
+  first_b: jax.Array  # [ticks] the micro-batch leaving the first stage (first_fn's backward), else -1
+  last_f: jax.Array  # [ticks] the micro-batch leaving the last stage (last_fn), else -1
+  fwd_perm: list  # the ppermute pairs of activations (a ring when chunks repeat)
+  bwd_perm: list  # and of cotangents
+  rows: int  # rows per micro-batch
+  parts: int  # blocks of rows first_fn and last_fn run on (the stages, where they divide the rows, else 1)
+  wide: bool  # collectives of activations in float32 (XLA:CPU)
+  train: bool
+
+
+def _plan(sched: Schedule, mesh, per_chunk: int, rows: int, train: bool) -> _Plan:
+  n, reps = sched.stages, sched.repeats
+  tables = {k: jnp.asarray(getattr(sched, k)) for k in _TABLES}
+  any_f = jnp.asarray(sched.fwd.max(axis=1) > 0)
+  any_b = jnp.asarray(sched.bwd.max(axis=1) > 0)
+  first_f = jnp.asarray(np.where((sched.fwd[:, 0] == 1) & (sched.f_rep[:, 0] == 0), sched.f_mb[:, 0], -1))
+  first_b = jnp.asarray(np.where((sched.bwd[:, 0] == 1) & (sched.b_rep[:, 0] == 0), sched.b_mb[:, 0], -1))
+  last_f = jnp.asarray(np.where((sched.fwd[:, n - 1] == 1) & (sched.f_rep[:, n - 1] == reps - 1),
+                                sched.f_mb[:, n - 1], -1))
+  ring = reps > 1
+  fwd_perm = [(i, i + 1) for i in range(n - 1)] + ([(n - 1, 0)] if ring else [])
+  bwd_perm = [(i + 1, i) for i in range(n - 1)] + ([(0, n - 1)] if ring else [])
+  wide = mesh.devices.flat[0].platform == "cpu"  # the target's, not the host's (train.aot compiles for pods)
+  return _Plan(sched, per_chunk, tables, any_f, any_b, first_f, first_b, last_f, fwd_perm, bwd_perm, rows,
+               n if rows % n == 0 else 1, wide, train)
+
+
+class _Stage(NamedTuple):
+  """One stage's part of a run, inside the shard_map over `stage`: the plan, the stage's index, the
+  functions it runs and their arguments, the splitters of their residuals; from `_shapes` on, the
+  zero activation [rows, ...] and the shape of a chunk's loss term."""
+  plan: _Plan
+  s: jax.Array
+  first_fn: Callable
+  stage_fn: Callable
+  last_fn: Callable
+  stack_params: object
+  stack_consts: object
+  post_params: object
+  post_consts: object
+  mb_inputs: object
+  chunk_res: _Residuals
+  first_res: _Residuals
+  zero_act: jax.Array | None = None
+  term_shape: jax.ShapeDtypeStruct | None = None
+
+
+def _row(st: _Stage, tab: str, t):
+  """This stage's entry of table `tab` at tick t."""
+  return jax.lax.dynamic_index_in_dim(st.plan.tables[tab][t], st.s, 0, keepdims=False)
+
+
+def _block(st: _Stage, tree):
+  """This stage's block of a micro-batch's rows (all of them when parts is 1)."""
+  rows, parts = st.plan.rows, st.plan.parts
+  return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, (st.s if parts > 1 else 0) * (
+      rows // parts), rows // parts, 0), tree)
+
+
+def _mask(on, tree):
+  return jax.tree.map(lambda x: jnp.where(on, x, jnp.zeros_like(x)), tree)
+
+
+def _gather(x, parts: int):
+  """The stages' blocks [rows / parts, ...] of x joined into all rows, on every stage."""
+  with jax.named_scope(TRANSFER):
+    return jax.lax.all_gather(x, AXIS, axis=0, tiled=True) if parts > 1 else x
+
+
+def _one_stage(tree, keep, parts: int):
+  """A result every stage computed on its block, or, when all rows ran on every stage, only `keep`'s."""
+  return tree if parts > 1 else _mask(keep, tree)
+
+
+def _chunk_forward(st: _Stage, p, c, x, mb):
+  """(y, term, stats, the residuals to keep) of one chunk."""
+  f = lambda p, x: (lambda y, term, stats: ((y, term), stats))(*st.stage_fn(p, c, x, mb))
+  if not st.plan.train:
+    (y, term), stats = f(p, x)
+    return y, term, stats, []
+  (y, term), pullback, stats = jax.vjp(f, p, x, has_aux=True)
+  return y, term, stats, st.chunk_res.split(pullback, p, c, x, mb)
+
+
+def _first_forward(st: _Stage, mb):
+  """first_fn on this stage's block of a micro-batch, and the residuals to keep."""
+  if not st.plan.train:
+    return st.first_fn(st.post_params, st.post_consts, mb), []
+  x, pullback = jax.vjp(lambda q: st.first_fn(q, st.post_consts, mb), st.post_params)
+  return x, st.first_res.split(pullback, st.post_params, st.post_consts, mb)
+
+
+def _shapes(st: _Stage):
+  """(the stage with its zero activation and term shape, first_fn's residuals, a chunk's residuals,
+  its stats and last_fn's aux: shapes, from tracing each once)."""
+  plan, mb0 = st.plan, _take(st.mb_inputs, 0)
+  act_shape, first_kept = jax.eval_shape(functools.partial(_first_forward, st), _block(st, mb0))
+  act_shape = jax.ShapeDtypeStruct((plan.rows,) + act_shape.shape[1:], act_shape.dtype)
+  zero_act = jnp.zeros(act_shape.shape, act_shape.dtype)
+  _, term_shape, stats_shape, chunk_kept = jax.eval_shape(
+      functools.partial(_chunk_forward, st), _chunk(st.stack_params, 0, plan.size),
+      _chunk(st.stack_consts, 0, plan.size), zero_act, mb0)
+  aux_shape = jax.eval_shape(st.last_fn, st.post_params, st.post_consts, _block(st, zero_act), _block(st, mb0),
+                             plan.parts)[1]
+  return st._replace(zero_act=zero_act, term_shape=term_shape), first_kept, chunk_kept, stats_shape, aux_shape
+
+
+def _init_carry(st: _Stage, first_kept, chunk_kept, stats_shape, aux_shape) -> dict:
+  """The scan's carry before the first tick: empty stashes, zero gradients, stats, aux and loss."""
+  zero_act, sched = st.zero_act, st.plan.sched
+  slots = lambda shapes: [jnp.zeros((sched.stash,) + x.shape, x.dtype) for x in shapes]
+  return {
+      "stash": jnp.zeros((sched.stash,) + zero_act.shape, zero_act.dtype),
+      "kept": slots(chunk_kept), "first_kept": slots(first_kept),
+      "cots": jnp.zeros((sched.cots,) + zero_act.shape, zero_act.dtype),
+      "recv_act": zero_act, "recv_cot": zero_act, "send_cot": zero_act,
+      "g_stack": _zeros(st.stack_params), "g_post": _zeros(st.post_params),
+      "stats": jax.tree.map(lambda x: jnp.zeros((sched.repeats * st.plan.size,) + x.shape[1:], x.dtype), stats_shape),
+      "aux": _zeros(aux_shape), "loss": jnp.zeros((), jnp.float32),
+  }
+
+
+def _unchanged(carry, *_):
+  return dict(carry)
+
+
+def _first(st: _Stage, carry, t):
+  """first_fn of the micro-batch entering the first stage: its output into the stash slot there,
+  every stage's residuals (of its block) into the same slot of its own stash."""
+  carry = dict(carry)
+  x, kept = _first_forward(st, _block(st, _take(st.mb_inputs, st.plan.first_f[t])))
+  slot = st.plan.tables["f_slot"][t, 0]
+  carry["first_kept"] = [_put(buf, k, slot, True) for buf, k in zip(carry["first_kept"], kept)]
+  carry["stash"] = _put(carry["stash"], _gather(x, st.plan.parts), slot, st.s == 0)
+  return carry
+
+
+def _last(st: _Stage, t, carry, y):
+  """last_fn on the last stage's output (and its pullback): the loss, aux and post grads, and the
+  cotangent for y into the last stage's cotangent slot."""
+  plan, s = st.plan, st.s
+  carry = dict(carry)
+  y = _from_stage(y, plan.sched.stages - 1, s, plan.parts, plan.wide)  # this stage's block of the last stage's y
+  mb = _block(st, _take(st.mb_inputs, plan.last_f[t]))
+  f = lambda q, y: st.last_fn(q, st.post_consts, y, mb, plan.parts)
+  keep = s == plan.sched.stages - 1
+  if plan.train:
+    loss, pullback, aux = jax.vjp(f, st.post_params, y, has_aux=True)
+    gq, gy = pullback(jnp.ones_like(loss))
+    carry["cots"] = _put(carry["cots"], _gather(gy, plan.parts), _row(st, "f_cot", t), keep)
+    carry["g_post"] = jax.tree.map(jnp.add, carry["g_post"], _one_stage(gq, keep, plan.parts))
+  else:
+    loss, aux = f(st.post_params, y)
+  carry["loss"] = carry["loss"] + jnp.where(keep | (plan.parts > 1), loss, 0.0).astype(jnp.float32)
+  carry["aux"] = jax.tree.map(jnp.add, carry["aux"], _one_stage(aux, keep, plan.parts))
+  return carry
+
+
+def _forward(st: _Stage, carry, t):
+  """The forward slot of a tick: first_fn where a micro-batch enters, this stage's chunk (masked out
+  where it has none), last_fn where one leaves; (carry, the activation to send on)."""
+  plan = st.plan
+  with jax.named_scope("pipeline_first"):
+    carry = jax.lax.cond(plan.first_f[t] >= 0, functools.partial(_first, st), _unchanged, carry, t)
+  on, m, r = _row(st, "fwd", t) == 1, jnp.maximum(_row(st, "f_mb", t), 0), jnp.maximum(_row(st, "f_rep", t), 0)
+  slot = _row(st, "f_slot", t)
+  x = _take(carry["stash"], jnp.maximum(slot, 0))
+  p, c = _chunk(st.stack_params, r, plan.size), _chunk(st.stack_consts, r, plan.size)
+  y, term, stats, kept = _chunk_forward(st, p, c, x, _take(st.mb_inputs, m))
+  carry["kept"] = [_put(buf, k, slot, on) for buf, k in zip(carry["kept"], kept)]
+  carry["stats"] = _add_chunk(carry["stats"], _mask(on, stats), r, plan.size)
+  carry["loss"] = carry["loss"] + jnp.where(on, term, 0.0).astype(jnp.float32)
+  with jax.named_scope("pipeline_last"):
+    carry = jax.lax.cond(plan.last_f[t] >= 0, functools.partial(_last, st, t), _unchanged, carry, y)
+  return carry, jnp.where(on, y.astype(st.zero_act.dtype), st.zero_act)
+
+
+def _no_forward(st: _Stage, carry, t):
+  return dict(carry), st.zero_act
+
+
+def _first_backward(st: _Stage, gx, kept, t):
+  """first_fn's gradients for the micro-batch leaving the first stage (its cotangent gx there)."""
+  plan = st.plan
+  gx = _from_stage(gx, 0, st.s, plan.parts, plan.wide)  # this stage's block of the first stage's gx
+  mb = _block(st, _take(st.mb_inputs, plan.first_b[t]))
+  (gq,) = st.first_res.join(kept, st.post_params, st.post_consts, mb)(gx.astype(st.zero_act.dtype))
+  return _one_stage(gq, st.s == 0, plan.parts)
+
+
+def _no_first_backward(st: _Stage, gx, kept, t):
+  return _zeros(st.post_params)
+
+
+def _backward(st: _Stage, carry, t):
+  """The backward slot of a tick: this stage's chunk's pullback (masked out where it has none), and
+  first_fn's where a micro-batch leaves the first stage; the cotangent to send back in the carry."""
+  plan, s, zero_act = st.plan, st.s, st.zero_act
+  carry = dict(carry)
+  on, m, r = _row(st, "bwd", t) == 1, jnp.maximum(_row(st, "b_mb", t), 0), jnp.maximum(_row(st, "b_rep", t), 0)
+  slot = jnp.maximum(_row(st, "b_slot", t), 0)
+  p, c, mb = _chunk(st.stack_params, r, plan.size), _chunk(st.stack_consts, r, plan.size), _take(st.mb_inputs, m)
+  pullback = st.chunk_res.join(_take(carry["kept"], slot), p, c, _take(carry["stash"], slot), mb)
+  cot = _take(carry["cots"], jnp.maximum(_row(st, "b_cot", t), 0))
+  gp, gx = pullback((cot, jnp.ones(st.term_shape.shape, st.term_shape.dtype)))
+  first_kept = _take(carry["first_kept"], jnp.maximum(plan.tables["b_slot"][t, 0], 0))
+  with jax.named_scope("pipeline_first_backward"):
+    g_first = jax.lax.cond(plan.first_b[t] >= 0, functools.partial(_first_backward, st),
+                           functools.partial(_no_first_backward, st), gx, first_kept, t)
+  carry["g_stack"] = _add_chunk(carry["g_stack"], _mask(on, gp), r, plan.size)
+  carry["g_post"] = jax.tree.map(jnp.add, carry["g_post"], g_first)
+  carry["send_cot"] = jnp.where(on & ((r > 0) | (s > 0)), gx.astype(zero_act.dtype), zero_act)
+  return carry
+
+
+def _tick(st: _Stage, carry, t):
+  """One tick: the arrivals into their slots, the forward slot, the backward slot, and the sends."""
+  plan = st.plan
+  a, k = _row(st, "act_in", t), _row(st, "cot_in", t)  # arrivals from the previous tick's ppermute
+  carry["stash"] = _put(carry["stash"], carry["recv_act"], a, a >= 0)
+  carry["cots"] = _put(carry["cots"], carry["recv_cot"], k, k >= 0)
+  with jax.named_scope("pipeline_forward"):  # (the scopes name the slots in the compiled HLO: SCOPES)
+    carry, send_act = jax.lax.cond(plan.any_f[t], functools.partial(_forward, st), functools.partial(_no_forward, st),
+                                   carry, t)
+  carry["send_cot"] = st.zero_act
+  if plan.train:
+    with jax.named_scope("pipeline_backward"):
+      carry = jax.lax.cond(plan.any_b[t], functools.partial(_backward, st), _unchanged, carry, t)
+  with jax.named_scope(TRANSFER):
+    carry["recv_act"] = jax.lax.ppermute(send_act, AXIS, plan.fwd_perm)
+    carry["recv_cot"] = jax.lax.ppermute(carry["send_cot"], AXIS, plan.bwd_perm)
+  return carry, None
+
+
+def _body(plan: _Plan, first_fn, stage_fn, last_fn, stack_params, stack_consts, post_params, post_consts, mb_inputs):
+  """`run` on one stage (the shard_map's body): a scan over the ticks, then the sums over stages."""
+  st = _Stage(plan, jax.lax.axis_index(AXIS), first_fn, stage_fn, last_fn, stack_params, stack_consts, post_params,
+              post_consts, mb_inputs, _Residuals(), _Residuals())
+  st, first_kept, chunk_kept, stats_shape, aux_shape = _shapes(st)
+  carry = _init_carry(st, first_kept, chunk_kept, stats_shape, aux_shape)
+  carry, _ = jax.lax.scan(functools.partial(_tick, st), carry, jnp.arange(plan.sched.ticks))
+  psum = lambda tree: jax.tree.map(lambda x: jax.lax.psum(x, AXIS), tree)
+  return psum(carry["loss"]), carry["g_stack"], psum(carry["g_post"]), carry["stats"], psum(carry["aux"])
+
+
 def run(sched: Schedule, mesh, per_chunk: int, first_fn: Callable, stage_fn: Callable, last_fn: Callable,
         stack_params, stack_consts, post_params, post_consts, mb_inputs, train: bool = True):
   """Run the pipeline's forwards and backwards: (loss, stack grads, post grads, stack stats, last_fn's
@@ -372,161 +628,11 @@ def run(sched: Schedule, mesh, per_chunk: int, first_fn: Callable, stage_fn: Cal
   So a micro-batch's activations exist only while it is in flight, and the first stage holds no
   whole-batch buffer.
   """
-  n, reps, size = sched.stages, sched.repeats, per_chunk
-  tables = {k: jnp.asarray(getattr(sched, k)) for k in
-            ("act_in", "cot_in", "fwd", "f_mb", "f_rep", "f_slot", "f_cot", "bwd", "b_mb", "b_rep", "b_slot",
-             "b_cot")}
-  any_f = jnp.asarray(sched.fwd.max(axis=1) > 0)
-  any_b = jnp.asarray(sched.bwd.max(axis=1) > 0)
-  first_f = jnp.asarray(np.where((sched.fwd[:, 0] == 1) & (sched.f_rep[:, 0] == 0), sched.f_mb[:, 0], -1))
-  first_b = jnp.asarray(np.where((sched.bwd[:, 0] == 1) & (sched.b_rep[:, 0] == 0), sched.b_mb[:, 0], -1))
-  last_f = jnp.asarray(np.where((sched.fwd[:, n - 1] == 1) & (sched.f_rep[:, n - 1] == reps - 1),
-                                sched.f_mb[:, n - 1], -1))
-  ring = reps > 1
-  fwd_perm = [(i, i + 1) for i in range(n - 1)] + ([(n - 1, 0)] if ring else [])
-  bwd_perm = [(i + 1, i) for i in range(n - 1)] + ([(0, n - 1)] if ring else [])
-  rows = jax.tree.leaves(mb_inputs)[0].shape[1]
-  parts = n if rows % n == 0 else 1
-  wide = mesh.devices.flat[0].platform == "cpu"  # the target's, not the host's (train.aot compiles for pods)
-
-  def body(stack_params, stack_consts, post_params, post_consts, mb_inputs):
-    s = jax.lax.axis_index(AXIS)
-    row = lambda tab, t: jax.lax.dynamic_index_in_dim(tables[tab][t], s, 0, keepdims=False)
-    block = lambda tree: jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, (s if parts > 1 else 0) * (
-        rows // parts), rows // parts, 0), tree)
-    mask = lambda on, tree: jax.tree.map(lambda x: jnp.where(on, x, jnp.zeros_like(x)), tree)
-    def gather(x):
-      with jax.named_scope(TRANSFER):
-        return jax.lax.all_gather(x, AXIS, axis=0, tiled=True) if parts > 1 else x
-    one_stage = lambda tree, keep: tree if parts > 1 else mask(keep, tree)  # (all rows ran on every stage)
-    chunk_res, first_res = _Residuals(), _Residuals()
-
-    def chunk_forward(p, c, x, mb):
-      """(y, term, stats, the residuals to keep) of one chunk."""
-      f = lambda p, x: (lambda y, term, stats: ((y, term), stats))(*stage_fn(p, c, x, mb))
-      if not train:
-        (y, term), stats = f(p, x)
-        return y, term, stats, []
-      (y, term), pullback, stats = jax.vjp(f, p, x, has_aux=True)
-      return y, term, stats, chunk_res.split(pullback, p, c, x, mb)
-
-    def first_forward(mb):
-      """first_fn on this stage's block of a micro-batch, and the residuals to keep."""
-      if not train:
-        return first_fn(post_params, post_consts, mb), []
-      x, pullback = jax.vjp(lambda q: first_fn(q, post_consts, mb), post_params)
-      return x, first_res.split(pullback, post_params, post_consts, mb)
-
-    mb0 = _take(mb_inputs, 0)
-    act_shape, first_kept = jax.eval_shape(first_forward, block(mb0))
-    act_shape = jax.ShapeDtypeStruct((rows,) + act_shape.shape[1:], act_shape.dtype)
-    zero_act = jnp.zeros(act_shape.shape, act_shape.dtype)
-    _, term_shape, stats_shape, chunk_kept = jax.eval_shape(
-        chunk_forward, _chunk(stack_params, 0, size), _chunk(stack_consts, 0, size), zero_act, mb0)
-    aux_shape = jax.eval_shape(last_fn, post_params, post_consts, block(zero_act), block(mb0), parts)[1]
-    slots = lambda shapes: [jnp.zeros((sched.stash,) + x.shape, x.dtype) for x in shapes]
-
-    def first(carry, t):
-      """first_fn of the micro-batch entering the first stage: its output into the stash slot there,
-      every stage's residuals (of its block) into the same slot of its own stash."""
-      carry = dict(carry)
-      x, kept = first_forward(block(_take(mb_inputs, first_f[t])))
-      slot = tables["f_slot"][t, 0]
-      carry["first_kept"] = [_put(buf, k, slot, True) for buf, k in zip(carry["first_kept"], kept)]
-      carry["stash"] = _put(carry["stash"], gather(x), slot, s == 0)
-      return carry
-
-    def last(carry, y, t):
-      """last_fn on the last stage's output (and its pullback): the loss, aux and post grads, and the
-      cotangent for y into the last stage's cotangent slot."""
-      carry = dict(carry)
-      y = _from_stage(y, n - 1, s, parts, wide)  # this stage's block of the last stage's y
-      mb = block(_take(mb_inputs, last_f[t]))
-      f = lambda q, y: last_fn(q, post_consts, y, mb, parts)
-      keep = s == n - 1
-      if train:
-        loss, pullback, aux = jax.vjp(f, post_params, y, has_aux=True)
-        gq, gy = pullback(jnp.ones_like(loss))
-        carry["cots"] = _put(carry["cots"], gather(gy), row("f_cot", t), keep)
-        carry["g_post"] = jax.tree.map(jnp.add, carry["g_post"], one_stage(gq, keep))
-      else:
-        loss, aux = f(post_params, y)
-      carry["loss"] = carry["loss"] + jnp.where(keep | (parts > 1), loss, 0.0).astype(jnp.float32)
-      carry["aux"] = jax.tree.map(jnp.add, carry["aux"], one_stage(aux, keep))
-      return carry
-
-    def forward(carry, t):
-      with jax.named_scope("pipeline_first"):
-        carry = jax.lax.cond(first_f[t] >= 0, first, lambda carry, t: dict(carry), carry, t)
-      on, m, r = row("fwd", t) == 1, jnp.maximum(row("f_mb", t), 0), jnp.maximum(row("f_rep", t), 0)
-      slot = row("f_slot", t)
-      x = _take(carry["stash"], jnp.maximum(slot, 0))
-      y, term, stats, kept = chunk_forward(_chunk(stack_params, r, size), _chunk(stack_consts, r, size), x,
-                                           _take(mb_inputs, m))
-      carry["kept"] = [_put(buf, k, slot, on) for buf, k in zip(carry["kept"], kept)]
-      carry["stats"] = _add_chunk(carry["stats"], mask(on, stats), r, size)
-      carry["loss"] = carry["loss"] + jnp.where(on, term, 0.0).astype(jnp.float32)
-      with jax.named_scope("pipeline_last"):
-        carry = jax.lax.cond(last_f[t] >= 0, lambda carry, y: last(carry, y, t), lambda carry, y: dict(carry),
-                             carry, y)
-      return carry, jnp.where(on, y.astype(zero_act.dtype), zero_act)
-
-    def first_backward(gx, kept, t):
-      """first_fn's gradients for the micro-batch leaving the first stage (its cotangent gx there)."""
-      gx = _from_stage(gx, 0, s, parts, wide)  # this stage's block of the first stage's gx
-      mb = block(_take(mb_inputs, first_b[t]))
-      (gq,) = first_res.join(kept, post_params, post_consts, mb)(gx.astype(act_shape.dtype))
-      return one_stage(gq, s == 0)
-
-    def backward(carry, t):
-      carry = dict(carry)
-      on, m, r = row("bwd", t) == 1, jnp.maximum(row("b_mb", t), 0), jnp.maximum(row("b_rep", t), 0)
-      slot = jnp.maximum(row("b_slot", t), 0)
-      p, c, mb = _chunk(stack_params, r, size), _chunk(stack_consts, r, size), _take(mb_inputs, m)
-      pullback = chunk_res.join(_take(carry["kept"], slot), p, c, _take(carry["stash"], slot), mb)
-      cot = _take(carry["cots"], jnp.maximum(row("b_cot", t), 0))
-      gp, gx = pullback((cot, jnp.ones(term_shape.shape, term_shape.dtype)))
-      first_kept = _take(carry["first_kept"], jnp.maximum(tables["b_slot"][t, 0], 0))
-      with jax.named_scope("pipeline_first_backward"):
-        g_first = jax.lax.cond(first_b[t] >= 0, first_backward, lambda gx, kept, t: _zeros(post_params),
-                               gx, first_kept, t)
-      carry["g_stack"] = _add_chunk(carry["g_stack"], mask(on, gp), r, size)
-      carry["g_post"] = jax.tree.map(jnp.add, carry["g_post"], g_first)
-      carry["send_cot"] = jnp.where(on & ((r > 0) | (s > 0)), gx.astype(zero_act.dtype), zero_act)
-      return carry
-
-    def tick(carry, t):
-      a, k = row("act_in", t), row("cot_in", t)  # arrivals from the previous tick's ppermute
-      carry["stash"] = _put(carry["stash"], carry["recv_act"], a, a >= 0)
-      carry["cots"] = _put(carry["cots"], carry["recv_cot"], k, k >= 0)
-      with jax.named_scope("pipeline_forward"):  # (the scopes name the slots in the compiled HLO: SCOPES)
-        carry, send_act = jax.lax.cond(any_f[t], forward, lambda carry, t: (dict(carry), zero_act), carry, t)
-      carry["send_cot"] = zero_act
-      if train:
-        with jax.named_scope("pipeline_backward"):
-          carry = jax.lax.cond(any_b[t], backward, lambda carry, t: dict(carry), carry, t)
-      with jax.named_scope(TRANSFER):
-        carry["recv_act"] = jax.lax.ppermute(send_act, AXIS, fwd_perm)
-        carry["recv_cot"] = jax.lax.ppermute(carry["send_cot"], AXIS, bwd_perm)
-      return carry, None
-
-    carry = {
-        "stash": jnp.zeros((sched.stash,) + zero_act.shape, zero_act.dtype),
-        "kept": slots(chunk_kept), "first_kept": slots(first_kept),
-        "cots": jnp.zeros((sched.cots,) + zero_act.shape, zero_act.dtype),
-        "recv_act": zero_act, "recv_cot": zero_act, "send_cot": zero_act,
-        "g_stack": _zeros(stack_params), "g_post": _zeros(post_params),
-        "stats": jax.tree.map(lambda x: jnp.zeros((reps * size,) + x.shape[1:], x.dtype), stats_shape),
-        "aux": _zeros(aux_shape), "loss": jnp.zeros((), jnp.float32),
-    }
-    carry, _ = jax.lax.scan(tick, carry, jnp.arange(sched.ticks))
-    psum = lambda tree: jax.tree.map(lambda x: jax.lax.psum(x, AXIS), tree)
-    return psum(carry["loss"]), carry["g_stack"], psum(carry["g_post"]), carry["stats"], psum(carry["aux"])
-
+  plan = _plan(sched, mesh, per_chunk, jax.tree.leaves(mb_inputs)[0].shape[1], train)
   staged = lambda tree: jax.tree.map(lambda _: P(AXIS), tree)
   whole = lambda tree: jax.tree.map(lambda _: P(), tree)
   return jax.shard_map(
-      body, mesh=mesh, axis_names={AXIS}, check_vma=False,
+      functools.partial(_body, plan, first_fn, stage_fn, last_fn), mesh=mesh, axis_names={AXIS}, check_vma=False,
       in_specs=(staged(stack_params), staged(stack_consts), whole(post_params), whole(post_consts),
                 whole(mb_inputs)),
       out_specs=(P(), staged(stack_params), whole(post_params), P(AXIS), P()),

@@ -18,6 +18,7 @@ from parallel.common.errors import ConfigError
 from parallel.mesh import MeshConfig, Parallelism, make_mesh
 from train import aot
 from train import hlo as hlo_lib
+from train import hlo_links, hlo_parse
 from train.core import loop
 from train.core.train_config import load_train_config
 
@@ -167,7 +168,7 @@ def test_compiles_for_v5p_with_data_fsdp_and_expert_axes(tiny_v5p16):
     top = r["peak_buffers"]
     assert len(top) == 4 and [b["bytes"] for b in top] == sorted((b["bytes"] for b in top), reverse=True)
     for b in top:  # each as large as its array (TPU tiles may pad it), and smaller than the peak
-      assert hlo_lib.shape_bytes(b["array"]) <= b["bytes"] < r["per_device_GiB"]["peak"] * 2**30, b
+      assert hlo_parse.shape_bytes(b["array"]) <= b["bytes"] < r["per_device_GiB"]["peak"] * 2**30, b
     assert any(b["source"].startswith(("moe/", "parallel/", "train/")) for b in top), top
     assert r["async_a2a"]["async"] == 0 < r["async_a2a"]["sync"]  # libtpu's default (see mesh.ep_overlap)
     slow = r["slow_a2a"]  # one slice: nothing crosses the data-centre network
@@ -217,7 +218,7 @@ def test_compiles_a_pipeline_for_v5p(capsys):
   assert r["fits"] and r["mesh"] == {"stage": 2, "data": 1, "fsdp": 2, "context": 1, "expert": 2, "tensor": 1}
   assert r["collectives"]["ragged-all-to-all"]["count"] > 0
   for row in r["stage_transfers"]:
-    assert row["shape"].startswith("bf16[") and hlo_lib.shape_bytes(row["shape"]) <= 2 * 256 * 128 * 2, row
+    assert row["shape"].startswith("bf16[") and hlo_parse.shape_bytes(row["shape"]) <= 2 * 256 * 128 * 2, row
   kinds = {row["kind"] for row in r["stage_transfers"]}
   assert {"collective-permute", "all-gather", "reduce-scatter"} <= kinds <= {
       "collective-permute", "all-gather", "reduce-scatter", "all-reduce"}, kinds
@@ -315,15 +316,15 @@ def fake_devices(ids, process=None, slices=None, platform="gpu"):
 def test_replica_groups_and_slow_a2a_of_hand_written_hlo():
   """Replica groups, explicit and iota (a reshape of iota(N), optionally transposed), and the bytes a
   device sends to other hosts: a group of n with m members elsewhere sends bytes(operand) * m / n."""
-  assert hlo_lib.replica_groups("{{0,1,2,3},{4,5,6,7}}", 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
-  assert hlo_lib.replica_groups("{}", 4) == [[0, 1, 2, 3]]
-  assert hlo_lib.replica_groups("[2,4]<=[8]", 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
-  assert hlo_lib.replica_groups("[4,2]<=[2,4]T(1,0)", 8) == [[0, 4], [1, 5], [2, 6], [3, 7]]
-  assert hlo_lib.replica_groups("[2,4]<=[4,2]T(1,0)", 8) == [[0, 2, 4, 6], [1, 3, 5, 7]]
-  assert hlo_lib.replica_groups("[2,4]<=[2,2,2]T(2,1,0)", 8) == [[0, 4, 2, 6], [1, 5, 3, 7]]
+  assert hlo_parse.replica_groups("{{0,1,2,3},{4,5,6,7}}", 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert hlo_parse.replica_groups("{}", 4) == [[0, 1, 2, 3]]
+  assert hlo_parse.replica_groups("[2,4]<=[8]", 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert hlo_parse.replica_groups("[4,2]<=[2,4]T(1,0)", 8) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+  assert hlo_parse.replica_groups("[2,4]<=[4,2]T(1,0)", 8) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+  assert hlo_parse.replica_groups("[2,4]<=[2,2,2]T(2,1,0)", 8) == [[0, 4, 2, 6], [1, 5, 3, 7]]
   # Positions 0..7 are devices 0,4,1,5,2,6,3,7; hosts of 4 devices: positions alternate host 0, 1.
   devices = fake_devices([0, 4, 1, 5, 2, 6, 3, 7], process=lambda i: i // 4)
-  r = hlo_lib.slow_a2a(SNIPPET, devices)
+  r = hlo_links.slow_a2a(SNIPPET, devices)
   rows = {row["name"]: row for row in r["per_instruction"]}
   # the async pair (f32[16,4], 256 bytes) in groups {0,1,2,3}: hosts 0,1,0,1, so m=2 of n=4: 128 bytes
   assert rows["s"] == {"kind": "all-to-all", "name": "s", "operand_bytes": 256, "group": 4, "remote": 2,
@@ -339,17 +340,17 @@ def test_replica_groups_and_slow_a2a_of_hand_written_hlo():
   assert r["per_step"] == {"bytes_per_device": 128 + 5 * 512, "balanced_bytes_per_device": 128 + 5 * 128,
                            "total_bytes": 8 * (128 + 5 * 512), "trip_counts_known": True}
   # a loop without a known trip count (XLA:TPU records none) counts once, and says so
-  r = hlo_lib.slow_a2a(SNIPPET.replace(', backend_config={"known_trip_count":{"n":"5"}}', ""), devices)
+  r = hlo_links.slow_a2a(SNIPPET.replace(', backend_config={"known_trip_count":{"n":"5"}}', ""), devices)
   assert r["per_step"]["bytes_per_device"] == 640 and not r["per_step"]["trip_counts_known"]
   # one host: nothing is slow
-  assert hlo_lib.slow_a2a(SNIPPET, fake_devices(range(8)))["bytes_per_device"] == 0
+  assert hlo_links.slow_a2a(SNIPPET, fake_devices(range(8)))["bytes_per_device"] == 0
   # TPU multi-slice: a collective crossing slices is a megascale send, its groups as device ids
   send = ('  %send = (f32[4,8]{1,0:T(4,128)}, u32[], token[]) send(%x, %after-all), channel_id=2,'
           ' is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_host_transfer_rendezvous='
           '"all_to_all.9_0",_xla_megascale_target={{100000,200000,100001,200001}},_xla_megascale_transfer_type='
           '"ALL_TO_ALL"}\n')
   tpu = fake_devices([100000, 100001, 200000, 200001], slices=lambda i: i // 100000 - 1, platform="tpu")
-  r = hlo_lib.slow_a2a("HloModule m, num_partitions=2\n" + send, tpu)
+  r = hlo_links.slow_a2a("HloModule m, num_partitions=2\n" + send, tpu)
   assert (r["groups"], r["granules"], r["count"], r["bytes_per_device"], r["total_bytes"]) == ("slices", 2, 1, 64, 256)
   assert not r["upper_bound"]
 
@@ -384,8 +385,8 @@ def test_slow_a2a_across_tpu_slices(capsys):
   f = jax.jit(jax.shard_map(lambda x: jax.lax.all_to_all(x, "a", 0, 0, tiled=True), mesh=mesh, in_specs=spec,
                             out_specs=spec))
   compiled = f.lower(jax.ShapeDtypeStruct((8 * 16, 64), jnp.float32, sharding=NamedSharding(mesh, spec))).compile()
-  assert [d.id for d in hlo_lib.device_assignment(compiled, mesh)] == [d.id for d in order]
-  r = hlo_lib.slow_a2a(compiled.as_text(), hlo_lib.device_assignment(compiled, mesh))
+  assert [d.id for d in hlo_links.device_assignment(compiled, mesh)] == [d.id for d in order]
+  r = hlo_links.slow_a2a(compiled.as_text(), hlo_links.device_assignment(compiled, mesh))
   operand = 16 * 64 * 4  # each device's [16, 64] float32 block
   slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
   sent = [operand * sum(o != s for o in column) / 4 for column in slices.T for s in column]

@@ -1,4 +1,4 @@
-"""train/forecast.py and train/hlo.py's loop reader on hand-written HLO: trip counts from a loop's
+"""train/forecast.py and train/hlo_loops.py's loop reader on hand-written HLO: trip counts from a loop's
 condition, FLOPs, HBM bytes, collective bytes per link for a made-up device assignment, async
 overlap, and the forecast of a program whose time is counted by hand on a made-up chip."""
 
@@ -10,6 +10,7 @@ from parallel import targets
 from parallel.common.errors import ConfigError
 from train import forecast
 from train import hlo as hlo_lib
+from train import hlo_loops, hlo_parse
 from train import hlo_report
 
 # A scan the way XLA:TPU compiles it: no known_trip_count; the condition compares element 0 of the
@@ -47,33 +48,33 @@ ENTRY %main (x: bf16[64,32]) -> bf16[64,32] {
 
 def test_trip_count_from_the_condition():
   body_flops = 2 * 64 * 32 * 32
-  assert hlo_lib.trip_counts(LOOP) == {"body": 3}
+  assert hlo_loops.trip_counts(LOOP) == {"body": 3}
   assert hlo_lib.matmul_flops(LOOP) == {"dot": 3 * body_flops, "ragged_dot": 0, "convolution": 0, "gemm": 0,
                                         "total": 3 * body_flops, "trip_counts_known": True}
   # written the other way round (7 > i), and counting to 7 inclusive (i <= 7: 1, 3, 5, 7)
   flipped = LOOP.replace("compare(%i.1, %limit), direction=LT", "compare(%limit, %i.1), direction=GT")
-  assert hlo_lib.trip_counts(flipped) == {"body": 3}
-  assert hlo_lib.trip_counts(LOOP.replace("direction=LT", "direction=LE")) == {"body": 4}
+  assert hlo_loops.trip_counts(flipped) == {"body": 3}
+  assert hlo_loops.trip_counts(LOOP.replace("direction=LT", "direction=LE")) == {"body": 4}
   # XLA:GPU's fused compare: the constant and the counter enter a fusion as its parameters
   fused = LOOP.replace("  ROOT %lt = pred[] compare(%i.1, %limit), direction=LT\n",
                        "  ROOT %lt = pred[] fusion(%i.1, %limit), kind=kLoop, calls=%fused_lt\n").replace(
       "%cond (p.1", "%fused_lt (a: s32[], b: s32[]) -> pred[] {\n  %a = s32[] parameter(0)\n  %b = s32[] parameter(1)\n"
       "  ROOT %c = pred[] compare(%a, %b), direction=LT\n}\n\n%cond (p.1")
-  assert hlo_lib.trip_counts(fused) == {"body": 3}
+  assert hlo_loops.trip_counts(fused) == {"body": 3}
   # a known_trip_count wins; a condition it cannot read leaves the loop unknown (counted once)
-  assert hlo_lib.trip_counts(LOOP.replace("body=%body", 'body=%body, backend_config={"known_trip_count":{"n":"9"}}')) \
-      == {"body": 9}
+  known = LOOP.replace("body=%body", 'body=%body, backend_config={"known_trip_count":{"n":"9"}}')
+  assert hlo_loops.trip_counts(known) == {"body": 9}
   unknown = LOOP.replace("%limit = s32[] constant(7)", "%limit = s32[] get-tuple-element(%p.1), index=0")
-  assert hlo_lib.trip_counts(unknown) == {} and not hlo_lib.matmul_flops(unknown)["trip_counts_known"]
+  assert hlo_loops.trip_counts(unknown) == {} and not hlo_lib.matmul_flops(unknown)["trip_counts_known"]
 
 
 def test_mesh_replica_groups():
   """libtpu's replica groups name a mesh's axes: iota(8) as [4, 2], grouped along the named axes."""
-  assert hlo_lib.replica_groups("mesh['axis_0'=4,'axis_1'=2] {'axis_0'}", 8) == [[0, 2, 4, 6], [1, 3, 5, 7]]
-  assert hlo_lib.replica_groups("mesh['axis_0'=4,'axis_1'=2] {'axis_1'}", 8) == [[0, 1], [2, 3], [4, 5], [6, 7]]
-  assert hlo_lib.replica_groups("mesh['axis_0'=4,'axis_1'=2] {'axis_0','axis_1'}", 8) == [list(range(8))]
+  assert hlo_parse.replica_groups("mesh['axis_0'=4,'axis_1'=2] {'axis_0'}", 8) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+  assert hlo_parse.replica_groups("mesh['axis_0'=4,'axis_1'=2] {'axis_1'}", 8) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+  assert hlo_parse.replica_groups("mesh['axis_0'=4,'axis_1'=2] {'axis_0','axis_1'}", 8) == [list(range(8))]
   line = "x, replica_groups=mesh['axis_0'=4,'axis_1'=1] {'axis_0'}, dimensions={1}"
-  assert hlo_lib._GROUPS.search(line).group(1) == "mesh['axis_0'=4,'axis_1'=1] {'axis_0'}"
+  assert hlo_parse.GROUPS.search(line).group(1) == "mesh['axis_0'=4,'axis_1'=1] {'axis_0'}"
 
 
 # Collectives of 8 devices whose granules (hosts, say) are pairs: position i is on host i // 2.

@@ -83,6 +83,7 @@ from parallel.common.errors import ConfigError, InputError
 from parallel.mesh import Parallelism
 from train import forecast
 from train import hlo as hlo_lib
+from train import hlo_links
 from train.core import jsonl
 from train.core import loop
 from train.core.train_config import TrainConfig, load_train_config
@@ -199,7 +200,7 @@ def compile_for(cfg: TrainConfig, target: targets_lib.Target, buffers: int = 0, 
   hlo = compiled.as_text()
   flops = params_lib.count(cfg.model, cfg.seq_len)["flops_per_token"] * cfg.batch_size * cfg.seq_len
   rt = s.rt
-  assignment = hlo_lib.device_assignment(compiled, par.mesh)
+  assignment = hlo_links.device_assignment(compiled, par.mesh)
   predicted = step_forecast(hlo, cfg, par, target, assignment, flops, price)
   return {
       "target": target.name, "slices": target.slices, "chips": target.chips * target.slices, "devices": n,
@@ -216,7 +217,7 @@ def compile_for(cfg: TrainConfig, target: targets_lib.Target, buffers: int = 0, 
       "headroom": round(1 - peak / target.hbm_bytes, 3), "fits": peak <= target.hbm_bytes,
       "model_flops_per_step": flops, "model_flops_per_device": flops / n,
       "collectives": hlo_lib.collectives(hlo),
-      "slow_a2a": hlo_lib.slow_a2a(hlo, assignment,
+      "slow_a2a": hlo_links.slow_a2a(hlo, assignment,
                                    "slices" if target.platform == "tpu" else "hosts"),
       "async_a2a": hlo_lib.async_all_to_alls(hlo),
       **predicted,

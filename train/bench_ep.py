@@ -16,7 +16,7 @@ popularity, the experts' ranks in a random order). Prints one JSON line:
                              ranks): bytes each rank sends to other nodes per MoE layer, forward +
                              backward, for this dispatch and for the one-level one (ep_nodes=1):
                              `buffers` from the compiled all-to-alls of the padded transport (their
-                             operand sizes, train/hlo.py; the capacity factor of the config, 1.25
+                             operand sizes, train/hlo_parse.py; the capacity factor of the config, 1.25
                              if it has none), `rows` what a ragged (exact) exchange sends for this
                              routing (the most any rank sends); and the ratios one-level / this
   rows_per_rank              (token, expert) rows each rank computes, and their max / mean
@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import re
 import sys
 
 import jax
@@ -52,7 +51,7 @@ from moe import router as router_lib
 from moe.experts import DISPATCH_AXES
 from moe.kernels.expert_ffn import EXPERTS
 from parallel import eplb, expert_parallel
-from train import hlo as hlo_lib
+from train import hlo_links, hlo_parse
 from train.bench import best_of, one_line_errors
 from train.core import jsonl
 from train.core import loop
@@ -160,8 +159,8 @@ STORED_AXES = (("expert", "embed", "moe_mlp"), ("expert", "embed", "moe_mlp"), (
 def a2a_bytes(hlo: str) -> int:
   """Bytes of the results of the all-to-alls in compiled HLO text, every element of a tuple-shaped
   one (XLA:CPU splits an all-to-all into an array per peer); each instruction once (no loops)."""
-  shapes = re.findall(r"=\s*(\(.*?\)|\S+)\s+(?:ragged-)?all-to-all\(", hlo)
-  return sum(hlo_lib.shape_bytes(a) for shape in shapes for a in re.findall(r"[a-z][a-z0-9]*\[[0-9,]*\]", shape))
+  return sum(hlo_parse.shape_bytes(ins.shape) for ins in hlo_parse.parse(hlo).instrs.values()
+             if ins.op in ("all-to-all", "ragged-all-to-all"))
 
 
 def traffic(par, layer, grad, xs, weights, copies, made, grad_accum: int) -> dict:
@@ -188,7 +187,7 @@ def slow_bytes(par, layer, grad, xs, weights, idx, n_ep, nodes, e_local, d) -> d
   out = {"nodes": nodes}
   for name, p in (("this", padded), ("one_level", dataclasses.replace(padded, ep_nodes=1))):
     compiled = grad(layer(p)).lower(xs, *weights).compile()
-    slow = hlo_lib.slow_a2a(compiled.as_text(), hlo_lib.device_assignment(compiled, par.mesh), node)
+    slow = hlo_links.slow_a2a(compiled.as_text(), hlo_links.device_assignment(compiled, par.mesh), node)
     two = p.ep_nodes > 1
     out[name] = {"buffers": slow["bytes_per_device"],
                  "rows": 4 * slow_rows(idx, n_ep, nodes, e_local, two) * d * xs.dtype.itemsize}  # there and back, fwd + bwd

@@ -9,7 +9,7 @@ and how long that takes on a chip (parallel/targets.py: CHIPS, each figure with 
 
 How it counts (one device; SPMD programs run the same on all):
 - The program runs from its entry computation; a while loop runs its body its trip count times
-  (train/hlo.py: trip_counts, from known_trip_count or the loop's condition), a conditional its
+  (train/hlo_loops.py: trip_counts, from known_trip_count or the loop's condition), a conditional its
   costliest branch, a call its callee. Fusions, reducers and sorting comparators are parts of one
   kernel, not programs of their own.
 - FLOPs: dots and convolutions from their shapes (inside fusions too), ragged dots (XLA's, and
@@ -41,6 +41,7 @@ import math
 import re
 
 from train import hlo as hlo_lib
+from train import hlo_loops, hlo_parse
 
 COLLECTIVE_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "ragged-all-to-all",
                     "collective-permute", "send", "recv")
@@ -78,7 +79,7 @@ def _arrays(shape: str, on_chip: bool = True):
     if not on_chip and layout and re.search(r"S\([1-9]\d*\)", layout):
       continue
     n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-    yield dtype, n, n * hlo_lib._BYTES.get(dtype, 0 if dtype == "token" else 4)
+    yield dtype, n, n * hlo_parse.dtype_bytes(dtype)
 
 
 def _hbm(shape: str) -> int:
@@ -95,27 +96,17 @@ class Program:
   loop trip counts, the module's partition count."""
 
   def __init__(self, hlo: str):
-    self.comps: dict[str, list] = {}
-    self.instrs: dict[str, hlo_lib._Instruction] = {}
-    self.entry = ""
-    for computation, entry, ins in hlo_lib._walk(hlo):
-      self.entry = entry
-      if computation:
-        self.comps.setdefault(computation, []).append(ins)
-      self.instrs[ins.name] = ins
+    m = hlo_parse.parse(hlo)
+    self.comps, self.instrs, self.entry, self.size = m.comps, m.instrs, m.entry, m.size
     self.shapes = {name: ins.shape for name, ins in self.instrs.items()}
-    self.trips = hlo_lib.trip_counts(hlo)
-    parts = re.search(r"num_partitions=(\d+)", hlo)
-    replicas = re.search(r"replica_count=(\d+)", hlo)
-    self.size = (int(parts.group(1)) if parts else 1) * (int(replicas.group(1)) if replicas else 1)
+    self.trips = hlo_loops.trip_counts(hlo)
 
   def shape(self, name: str) -> str:
     ins = self.instrs.get(name)
     return ins.shape if ins is not None else ""
 
   def called(self, ins, key: str = "calls") -> str | None:
-    m = re.search(rf"\b{key}=%?([\w.\-]+)", ins.rest)
-    return m.group(1) if m else None
+    return hlo_parse.called(ins.rest, key)
 
 
 # ------------------------------------------------------------------ one kernel
@@ -125,15 +116,15 @@ def _flops(p: Program, ins) -> tuple[collections.Counter, bool]:
   todo = [ins]
   while todo:
     i = todo.pop()
-    kind, f = hlo_lib._instruction_flops(i.shape, i.op, i.rest, p.shapes)
+    kind, f = hlo_lib.instruction_flops(i.shape, i.op, i.rest, p.shapes)
     if f:
       out["convolution" if kind == "convolution" else kind] += f
-      fp8 = fp8 or any(p.shape(o).startswith("f8") for o in hlo_lib._operands(i.rest)[:2])
+      fp8 = fp8 or any(p.shape(o).startswith("f8") for o in hlo_parse.operands(i.rest)[:2])
     elif i.op == "custom-call":
       kind, f = _custom_call_flops(p, i)
       out[kind] += f
     elif i.op in _ELEMENTWISE:
-      operand = hlo_lib._operands(i.rest)[:1]
+      operand = hlo_parse.operands(i.rest)[:1]
       out["other"] += _elements(p.shape(operand[0]) if i.op.startswith("reduce") and operand else i.shape)
     if i.op == "fusion":
       todo += p.comps.get(p.called(i) or "", [])
@@ -165,10 +156,10 @@ def _custom_call_flops(p: Program, ins) -> tuple[str, int]:
   """("ragged_dot" | "attention" | "gemm" | "custom_call", FLOPs) of a custom call, from its shapes."""
   target = re.search(r'custom_call_target="([^"]*)"', ins.rest)
   target = target.group(1) if target else ""
-  if any(target == t for t in hlo_lib._GEMM_TARGETS):
-    return hlo_lib._instruction_flops(ins.shape, ins.op, ins.rest, p.shapes)
+  if any(target == t for t in hlo_lib.GEMM_TARGETS):
+    return hlo_lib.instruction_flops(ins.shape, ins.op, ins.rest, p.shapes)
   if ins.name.startswith("ragged-dot") and not ins.name.startswith("ragged-dot-metadata"):
-    out = hlo_lib._dims(ins.shape)
+    out = hlo_parse.dims(ins.shape)
     lhs = next((d for d in _constraints(ins.rest) if len(d) == 2 and out and d[0] == out[0]), None)
     if len(out) == 2 and lhs:  # [rows, N] from [rows, K] x [groups, K, N]
       return "ragged_dot", 2 * out[0] * out[1] * lhs[1]
@@ -191,9 +182,9 @@ def _kernel_bytes(p: Program, ins) -> int:
     return 0
   if ins.op == "custom-call" and re.search(r'custom_call_target="(' + "|".join(_FREE_TARGETS) + ')"', ins.rest):
     return 0
-  operands = hlo_lib._operands(ins.rest)
+  operands = hlo_parse.operands(ins.rest)
   if ins.op == "copy-start":  # (destination, source, context): a copy between memory spaces
-    return _hbm(p.shape(operands[0])) + _hbm(hlo_lib._tuple_elements(ins.shape)[0]) if operands else 0
+    return _hbm(p.shape(operands[0])) + _hbm(hlo_parse.tuple_elements(ins.shape)[0]) if operands else 0
   if ins.op.endswith("-start"):  # the result holds the operands again
     return sum(_hbm(p.shape(o)) for o in operands)
   if ins.op == "dynamic-slice":
@@ -207,14 +198,14 @@ def _kernel_bytes(p: Program, ins) -> int:
     params = {int(re.match(r"\s*(\d+)", i.rest).group(1)): i.name for i in fused if i.op == "parameter"}
     users = collections.defaultdict(list)
     for i in fused:
-      for k, o in enumerate(hlo_lib._operands(i.rest)):
+      for k, o in enumerate(hlo_parse.operands(i.rest)):
         users[o].append((i, k))
     for k, name in params.items():
       use = users.get(name, [])
       if k < len(reads) and use and all(u.op in ("dynamic-slice", "gather", "slice") and j == 0 for u, j in use):
         reads[k] = min(reads[k], sum(_hbm(u.shape) for u, _ in use))
       if k < len(reads) and use and all(u.op == "dynamic-update-slice" and j == 0 for u, j in use):
-        update = sum(_hbm(p.shape(hlo_lib._operands(u.rest)[1])) for u, _ in use)
+        update = sum(_hbm(p.shape(hlo_parse.operands(u.rest)[1])) for u, _ in use)
         reads[k], write = 0, min(write, update)  # in place: the update is written, the rest stays
   return sum(reads) + write
 
@@ -237,21 +228,20 @@ def _collective(p: Program, ins) -> tuple[str, object] | None:
 def _link_bytes(p: Program, kind: str, ins, granule) -> tuple[float, float, int]:
   """(fast bytes, slow bytes, group size) one device puts on the links for a collective (the worst
   device's, where groups differ); `granule`: replica-group position -> its GPU host or TPU slice."""
-  operands = hlo_lib._operands(ins.rest)
-  sizes = [hlo_lib.shape_bytes(p.shape(o)) for o in operands]
+  operands = hlo_parse.operands(ins.rest)
+  sizes = [hlo_parse.shape_bytes(p.shape(o)) for o in operands]
   if kind == "send":  # a TPU cross-slice transfer: its buffer, over the DCN
-    array = re.search(r"[a-z][a-z0-9]*\[[0-9,]*\]", ins.shape)
-    return 0.0, float(hlo_lib.shape_bytes(array.group(0)) if array else 0), 2
+    array = hlo_parse.first_array(ins.shape)
+    return 0.0, float(hlo_parse.shape_bytes(array) if array else 0), 2
   if kind == "collective-permute":
     pairs = [tuple(map(int, x)) for x in re.findall(r"\{(\d+),(\d+)\}", (re.search(
         r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", ins.rest) or re.match("()", "")).group(1))]
     data = float(sizes[0]) if sizes else 0.0
     slow = any(granule(a) != granule(b) for a, b in pairs)
     return (0.0, data, 2) if slow else (data, 0.0, 2)
-  g = hlo_lib._GROUPS.search(ins.rest)
-  groups = hlo_lib.replica_groups(g.group(1) if g else "{}", p.size)
-  result = hlo_lib.shape_bytes(ins.shape if not ins.shape.startswith("(") or kind == "all-to-all"
-                               else hlo_lib._tuple_elements(ins.shape)[-1])
+  groups = hlo_parse.groups_of(ins.rest, p.size)
+  result = hlo_parse.shape_bytes(ins.shape if not ins.shape.startswith("(") or kind == "all-to-all"
+                               else hlo_parse.tuple_elements(ins.shape)[-1])
   data = {"all-gather": result, "reduce-scatter": sum(sizes), "all-reduce": 2 * sum(sizes),
           "all-to-all": sum(sizes), "ragged-all-to-all": sizes[0] if sizes else 0}[kind]
   fast = slow = 0.0
@@ -297,10 +287,10 @@ def ragged_rows(hlo: str) -> int:
   """The most rows any ragged dot of the program holds (its buffer: dropless exchanges size it for
   the worst case, and the Mosaic kernels skip the rows no group holds)."""
   rows = 0
-  for _, _, ins in hlo_lib._walk(hlo):
+  for ins in hlo_parse.parse(hlo).instrs.values():
     if ins.op == "ragged-dot" or (ins.op == "custom-call" and ins.name.startswith("ragged-dot-")
                                   and not ins.name.startswith("ragged-dot-metadata")):
-      dims = hlo_lib._dims(ins.shape)
+      dims = hlo_parse.dims(ins.shape)
       rows = max(rows, dims[0] if len(dims) == 2 else 0)
   return rows
 
@@ -370,7 +360,7 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
           out.exposed += comm
           out.time += comm
       elif ins.op.endswith("-done") or ins.op.endswith("-update"):
-        for o in hlo_lib._operands(ins.rest):
+        for o in hlo_parse.operands(ins.rest):
           if o in pending:
             kind, comm, between = pending.pop(o)
             if ins.op.endswith("-update"):
