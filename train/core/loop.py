@@ -23,6 +23,7 @@ from moe import hf
 from moe import params as params_lib
 from moe.model import Transformer
 from moe.runtime import Runtime
+from parallel import pipeline
 from parallel import sharding as sharding_lib
 from parallel.common.errors import ConfigError, RunFailed
 from parallel.mesh import Parallelism
@@ -68,16 +69,22 @@ def parallelism(cfg: TrainConfig, devices=None) -> Parallelism:
   log.info("parallel: %s", par.describe())
   if par.stages == 1 and cfg.pipeline != type(cfg.pipeline)():
     log.warning("pipeline: %s has no effect without stages (set mesh.stage)", cfg.pipeline)
-  if par.stages > 1:
-    cfg = on_mesh(cfg, par)
-    rows = cfg.batch_size // cfg.grad_accum
-    sched = pipelined.schedule(par, rows)
-    log.info("%s; MoE %s", sched.describe(), par.layout(cfg.model.num_moe_layers).describe())
-    if (rows // sched.microbatches) % par.stages:
-      log.warning("pipeline: micro-batches of %d sequences do not split over the %d stages, so every stage runs the"
-                  " embedding, dense layers and head on all of them (%dx their work): make batch_size / grad_accum /"
-                  " pipeline.microbatches a multiple of mesh.stage", rows // sched.microbatches, par.stages, par.stages)
   return par
+
+
+def pipeline_schedule(cfg: TrainConfig, par: Parallelism) -> pipeline.Schedule | None:
+  """The training step's pipeline schedule on `par`'s stages (None without): each grad-accumulation
+  micro-batch, batch_size / grad_accum sequences (`cfg` on the mesh), per pipeline run; logged."""
+  if par.stages == 1:
+    return None
+  rows = cfg.batch_size // cfg.grad_accum
+  sched = pipelined.schedule(par, rows)
+  log.info("%s; MoE %s", sched.describe(), par.layout(cfg.model.num_moe_layers).describe())
+  if (rows // sched.microbatches) % par.stages:
+    log.warning("pipeline: micro-batches of %d sequences do not split over the %d stages, so every stage runs the"
+                " embedding, dense layers and head on all of them (%dx their work): make batch_size / grad_accum /"
+                " pipeline.microbatches a multiple of mesh.stage", rows // sched.microbatches, par.stages, par.stages)
+  return sched
 
 
 def runtime(cfg: TrainConfig, par: Parallelism) -> Runtime:
@@ -97,6 +104,7 @@ class Setup(NamedTuple):
   shardings: object  # the state's NamedShardings (None on one device)
   train_step: object  # jitted (state, batch) -> (state, metrics)
   eval_step: object  # jitted (state, batch) -> (summed NLL, target count)
+  pipe_schedule: pipeline.Schedule | None  # the training step's (None without stages)
 
   def batch_spec(self, batch_size: int, seq_len: int) -> dict:
     """ShapeDtypeStructs of a global training batch, sharded as `to_device` places it."""
@@ -132,8 +140,10 @@ def setup(cfg: TrainConfig, par: Parallelism | None = None, rt: Runtime | None =
   else:
     layout = shardings = sharding_lib.state_shardings(abstract, par.mesh, par.rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, layout)
-  train_step = step_lib.make_train_step(graphdef, cfg.model, tx, schedule, cfg, shardings, par)
-  return Setup(par, rt, tx, init, abstract, shardings, train_step, step_lib.make_eval_step(graphdef, par))
+  pipe_schedule = pipeline_schedule(cfg, par)
+  train_step = step_lib.make_train_step(graphdef, cfg.model, tx, schedule, cfg, shardings, par, pipe_schedule)
+  return Setup(par, rt, tx, init, abstract, shardings, train_step, step_lib.make_eval_step(graphdef, par),
+               pipe_schedule)
 
 
 class Built(NamedTuple):
@@ -142,6 +152,8 @@ class Built(NamedTuple):
   eval_step: object  # jitted (state, batch) -> (summed NLL, target count)
   rt: Runtime
   shardings: object  # the state's NamedShardings (None on one device)
+  par: Parallelism
+  pipe_schedule: pipeline.Schedule | None  # the training step's (None without stages)
 
 
 def build(cfg: TrainConfig, par: Parallelism | None = None, rt: Runtime | None = None,
@@ -155,7 +167,7 @@ def build(cfg: TrainConfig, par: Parallelism | None = None, rt: Runtime | None =
     state = state_from_hf(cfg, s, init_from, layout)
   else:  # one program, also on one device (op by op, the tiny model's init took 18 s on a CPU core)
     state = jax.jit(s.init, out_shardings=layout)()
-  return Built(state, s.train_step, s.eval_step, s.rt, s.shardings)
+  return Built(state, s.train_step, s.eval_step, s.rt, s.shardings, s.par, s.pipe_schedule)
 
 
 def state_from_hf(cfg: TrainConfig, s: Setup, path: str, layout) -> dict:
