@@ -125,6 +125,7 @@ def setup(cfg: TrainConfig, par: Parallelism | None = None, rt: Runtime | None =
   """
   par = parallelism(cfg) if par is None else par
   cfg = on_mesh(cfg, par)
+  pipe_schedule = pipeline_schedule(cfg, par)  # (a schedule that does not fit is an error before any tracing)
   rt = runtime(cfg, par) if rt is None else rt
   schedule = optimizer_lib.make_schedule(cfg)
   tx = optimizer_lib.make_optimizer(cfg, schedule, par)
@@ -141,7 +142,6 @@ def setup(cfg: TrainConfig, par: Parallelism | None = None, rt: Runtime | None =
   else:
     layout = shardings = sharding_lib.state_shardings(abstract, par.mesh, par.rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, layout)
-  pipe_schedule = pipeline_schedule(cfg, par)
   train_step = step_lib.make_train_step(graphdef, cfg.model, tx, schedule, cfg, shardings, par, pipe_schedule)
   return Setup(par, rt, tx, init, abstract, shardings, train_step, step_lib.make_eval_step(graphdef, par),
                pipe_schedule)
