@@ -28,7 +28,7 @@ from moe.model import Transformer
 from moe.runtime import Runtime
 from parallel import sharding as sharding_lib
 from parallel.common.errors import ConfigError
-from parallel.mesh import Parallelism
+from parallel.mesh import MeshConfig, Parallelism
 from parallel.pipeline import Layout
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ def from_hf(path: str | Path, dtype=None, *, mesh=None, rt: Runtime | None = Non
   path = Path(path)
   cfg = config_of(path)
   if par is None and mesh is not None:
-    par = Parallelism(mesh)
+    par = Parallelism.on(mesh, MeshConfig(ep_transport="padded", ep_nodes=1))
   if rt is None:
     name = dtype_name(dtype or "float32")
     rt = Runtime.resolve(dtype=name, param_dtype=name, par=par, announce=False)

@@ -19,8 +19,9 @@ needs it, e.g. expert=8 on a 4x4x4 slice). Axes are `AxisType.Auto`: inside `jit
 partitioner derives the collectives for data/fsdp/tensor from the parameter and activation shardings;
 expert parallelism is written by hand with `jax.shard_map` (parallel/expert_parallel/).
 
-`Parallelism` bundles the mesh with the logical-axis rules (parallel/sharding.py) and the expert-
-parallel transport; it is built once and handed to the model (moe.runtime.Runtime) and the trainer.
+`Parallelism` bundles the `MeshConfig` with what is resolved for the devices: the mesh, the logical-axis
+rules (parallel/sharding.py), the expert-parallel transport and nodes; it is built once and handed to
+the model (moe.runtime.Runtime) and the trainer.
 """
 
 from __future__ import annotations
@@ -207,30 +208,58 @@ def hybrid_devices(sizes: dict[str, int], dcn: dict[str, int], devices):
 class Parallelism:
   """What the model and the trainer need to know about parallelism, built once from the config.
 
-  `rules`: logical axis -> mesh axes, as (name, axes) pairs (parallel.sharding.resolve_rules).
-  `ep_transport`: resolved for the mesh's devices, "padded", "ragged" or "ragged_emulated".
+  `cfg`: the `mesh:` section it was built from; the settings that need no devices are read from it
+  (`capacity_factor`, `ep_chunks`, `ep_overlap`, `redundant_experts`, `redundant_every`). Resolved for
+  the mesh's devices: `rules`, logical axis -> mesh axes as (name, axes) pairs
+  (parallel.sharding.resolve_rules); `ep_transport`, "padded", "ragged" or "ragged_emulated";
+  `ep_nodes`, the nodes of expert-parallel ranks of the two-level dispatch (1: one level), and
+  `ep_nodes_are`, what they are: "hosts", "slices" (from the devices) or "mesh.ep_nodes".
   """
 
   mesh: Mesh
-  rules: tuple[tuple[str, tuple[str, ...]], ...] = tuple(sharding.DEFAULT_RULES.items())
-  ep_transport: str = "padded"
-  capacity_factor: float | None = None  # padded transport; None: dropless
-  ep_chunks: int | None = None  # dropless exchanges: token chunks (None: expert_parallel.dropless_chunks)
-  ep_nodes: int = 1  # two-level dispatch over this many nodes of expert-parallel ranks (1: one level)
-  ep_nodes_are: str = "one node"  # what the nodes are: "hosts", "slices" (from the devices) or "mesh.ep_nodes"
-  ep_overlap: bool = False  # each MoE layer's exchange in two independent halves
-  redundant_experts: int = 0  # extra expert slots (copies of the hottest experts), over all EP ranks
-  redundant_every: int = 100  # steps between re-placements of the copies
-  pipeline: PipelineConfig = PipelineConfig()  # used when the mesh has stages
+  cfg: MeshConfig = dataclasses.field(hash=False)  # (its rules are a dict; hashed through the resolved fields)
+  rules: tuple[tuple[str, tuple[str, ...]], ...]
+  ep_transport: str
+  ep_nodes: int
+  ep_nodes_are: str
+  pipeline: PipelineConfig  # used when the mesh has stages
 
   @classmethod
   def from_config(cls, mesh_cfg: MeshConfig, devices=None, pipeline: PipelineConfig = PipelineConfig()) -> Parallelism:
-    mesh = make_mesh(mesh_cfg, devices)
+    return cls.on(make_mesh(mesh_cfg, devices), mesh_cfg, pipeline)
+
+  @classmethod
+  def on(cls, mesh: Mesh, mesh_cfg: MeshConfig, pipeline: PipelineConfig = PipelineConfig()) -> Parallelism:
+    """`mesh_cfg`'s settings resolved on an existing `mesh` (whose axis sizes are used, not mesh_cfg's)."""
     rules = tuple(sharding.resolve_rules(mesh_cfg.rules).items())
     transport = expert_parallel.resolve_transport(mesh_cfg.ep_transport, mesh)
     nodes, are = (mesh_cfg.ep_nodes, "mesh.ep_nodes") if mesh_cfg.ep_nodes is not None else expert_nodes(mesh)
-    return cls(mesh, rules, transport, mesh_cfg.capacity_factor, mesh_cfg.ep_chunks, nodes, are,
-               mesh_cfg.ep_overlap, mesh_cfg.redundant_experts, mesh_cfg.redundant_every, pipeline)
+    return cls(mesh, mesh_cfg, rules, transport, nodes, are, pipeline)
+
+  @property
+  def capacity_factor(self) -> float | None:
+    """Padded transport: the buffers' size per balanced share (None: dropless)."""
+    return self.cfg.capacity_factor
+
+  @property
+  def ep_chunks(self) -> int | None:
+    """Dropless exchanges: token chunks (None: expert_parallel.dropless_chunks)."""
+    return self.cfg.ep_chunks
+
+  @property
+  def ep_overlap(self) -> bool:
+    """Each MoE layer's exchange in two independent halves."""
+    return self.cfg.ep_overlap
+
+  @property
+  def redundant_experts(self) -> int:
+    """Extra expert slots (copies of the hottest experts), over all expert-parallel ranks."""
+    return self.cfg.redundant_experts
+
+  @property
+  def redundant_every(self) -> int:
+    """Steps between re-placements of the copies."""
+    return self.cfg.redundant_every
 
   @property
   def dropless(self) -> bool:

@@ -163,11 +163,11 @@ def dispatch():
   sizes = {"expert8": dict(data=1, expert=8), "d2e4": dict(data=2, expert=4), "f2e2t2": dict(data=1, fsdp=2, expert=2, tensor=2)}
   for mesh, nodes, transport, redundant, overlap in [
       ("expert8", 2, "padded", False, True), ("expert8", 8, "padded", True, False),
-      ("expert8", 4, "ragged_emulated", True, True), ("d2e4", 4, "ragged_emulated", False, False),
+      ("expert8", 4, "ragged", True, True), ("d2e4", 4, "ragged", False, False),
       ("d2e4", 2, "padded", True, False), ("f2e2t2", 2, "padded", True, True)]:
     n_ep = sizes[mesh]["expert"]
-    par = mesh_lib.Parallelism(mesh_lib.make_mesh(mesh_lib.MeshConfig(**sizes[mesh])), ep_transport=transport,
-                               ep_nodes=nodes, ep_overlap=overlap)
+    par = mesh_lib.Parallelism.from_config(mesh_lib.MeshConfig(**sizes[mesh], ep_transport=transport, ep_nodes=nodes,
+                                                                ep_overlap=overlap))
     slots = eplb.place(load, n_ep, 1, nodes) if redundant else None
     fn = layer(par, slots)
     make = jax.jit(lambda *ws: tuple(expert_parallel.make_copies(ws, STORED_AXES, slots, par)))
@@ -175,7 +175,7 @@ def dispatch():
     copy_w = make(*rest[1:]) if redundant else ()
     y, dropped = jax.jit(fn)(x, *rest, *copy_w)
     g = jax.jit(jax.grad(loss(fn), argnums=tuple(range(5 + len(copy_w)))))(x, *rest, *copy_w)
-    name = f"{mesh}/nodes{nodes}/{transport}/{'copies' if redundant else 'plain'}{'/overlap' if overlap else ''}"
+    name = f"{mesh}/nodes{nodes}/{par.ep_transport}/{'copies' if redundant else 'plain'}{'/overlap' if overlap else ''}"
     if redundant:
       g = g[:2] + tuple(add(g[2:5], g[5:]))
     out[name] = {"y": float(jnp.abs(y - want).max() / jnp.abs(want).max()), "dropped": int(dropped),
@@ -228,9 +228,9 @@ def routing_matrix():
   logits = rng.standard_normal((t, e)).astype(np.float32) * 2
   gate, up = ((rng.standard_normal((e, d, f)) * 0.3).astype(np.float32) for _ in range(2))
   down = (rng.standard_normal((e, f, d)) * 0.3).astype(np.float32)
-  pars = {(nodes, transport, cf): mesh_lib.Parallelism(mesh_lib.make_mesh(mesh_lib.MeshConfig(data=1, expert=8)),
-                                                       ep_transport=transport, ep_nodes=nodes, capacity_factor=cf)
-          for nodes in (1, 2, 4) for transport, cf in (("padded", None), ("padded", 1.0), ("ragged_emulated", None))}
+  pars = {(nodes, transport, cf): mesh_lib.Parallelism.from_config(mesh_lib.MeshConfig(
+              data=1, expert=8, ep_transport=transport, ep_nodes=nodes, capacity_factor=cf))
+          for nodes in (1, 2, 4) for transport, cf in (("padded", None), ("padded", 1.0), ("ragged", None))}
   compiled = {}
 
   def run(par, routing, idx, w):  # one program per plan (the routing enters only as the nodes a token reaches)
@@ -252,11 +252,11 @@ def routing_matrix():
       routing = router_lib.reach(cfg)
       for (nodes, transport, cf), par in pars.items():
         y, dropped = run(par, routing, idx, w)
-        out[f"{method}/{grouping}/nodes{nodes}/{transport}{'_cf1' if cf else ''}"] = {
+        out[f"{method}/{grouping}/nodes{nodes}/{par.ep_transport}{'_cf1' if cf else ''}"] = {
             "err": float(np.abs(y - parts.sum(1)).max() / np.abs(parts.sum(1)).max()), "dropped": dropped,
             "missing": missing_assignments(y, parts), "nodes_reached": int(max(len(set(r)) for r in idx // (e // nodes)))}
       if method == "greedy" and grouping == "groups6":  # claim V3-style limits the router does not keep
-        y, dropped = run(pars[2, "ragged_emulated", None], (e, n_group, 1), idx, w)
+        y, dropped = run(pars[2, "ragged", None], (e, n_group, 1), idx, w)
         out["wrong_bound"] = {"dropped": dropped, "missing": missing_assignments(y, parts)}
   return out
 

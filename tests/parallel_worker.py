@@ -147,13 +147,13 @@ def ep_unit(meshes=("d2f2e2", "f2e2t2")):
   want_g = jax.grad(loss(single), argnums=(0, 1, 2, 3))(x, gate, up, down)
   out = {}
   for mesh in meshes:
-    for transport in ("padded", "ragged_emulated"):
+    for transport in ("padded", "ragged"):
       for impl in ("ragged_dot", "blocked"):
-        par = mesh_lib.Parallelism(mesh_lib.make_mesh(MeshConfig(**MESHES[mesh])), ep_transport=transport)
+        par = mesh_lib.Parallelism.from_config(MeshConfig(**MESHES[mesh], ep_transport=transport))
         fn = layer(par, impl)
         y, dropped = jax.jit(fn)(x, idx, w, gate, up, down)
         g = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2, 3)))(x, gate, up, down)
-        out[f"{mesh}/{transport}/{impl}"] = {
+        out[f"{mesh}/{par.ep_transport}/{impl}"] = {
             "y": float(jnp.abs(y - want).max()), "grad": max(float(jnp.abs(a - b).max()) for a, b in zip(g, want_g)),
             "dropped": int(dropped)}
   return out
@@ -175,8 +175,8 @@ def capacity_drops(capacity_factor=0.5):
         dest = idx[tok, j] // e_local
         keep[tok, j] = sent[dest] < c
         sent[dest] += 1
-  par = mesh_lib.Parallelism(mesh_lib.make_mesh(MeshConfig(**MESHES["expert8"])), ep_transport="padded",
-                             capacity_factor=capacity_factor)
+  par = mesh_lib.Parallelism.from_config(MeshConfig(**MESHES["expert8"], ep_transport="padded",
+                                                    capacity_factor=capacity_factor))
   y, dropped = jax.jit(layer(par, "blocked"))(x, idx, w, gate, up, down)
   want = layer(None, "ragged_dot")(x, idx, np.where(keep, w, 0.0), gate, up, down)[0]
   full = layer(None, "ragged_dot")(x, idx, w, gate, up, down)[0]

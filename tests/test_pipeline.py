@@ -140,7 +140,7 @@ def test_config_errors():
     from train.core import pipelined
 
     cfg = load_train_config(ROOT / "configs/tiny.yaml", ["pipeline.microbatches=3"])
-    pipelined.schedule(mesh_lib.Parallelism(mesh_lib.make_mesh(cfg.mesh), pipeline=cfg.pipeline), 8)
+    pipelined.schedule(mesh_lib.Parallelism.from_config(cfg.mesh, pipeline=cfg.pipeline), 8)
 
 
 # ------------------------------------------------------------------ executed FLOPs (in process)

@@ -156,6 +156,13 @@ def run(args) -> int:
 STORED_AXES = (("expert", "embed", "moe_mlp"), ("expert", "embed", "moe_mlp"), ("expert", "moe_mlp", "embed"))
 
 
+def padded_of(par):
+  """`par` with the padded transport (capacity factor 1.25 unless it has one): the exchange whose
+  buffers, and so bytes, are fixed by the shapes."""
+  return dataclasses.replace(par, ep_transport="padded",
+                             cfg=dataclasses.replace(par.cfg, capacity_factor=par.capacity_factor or 1.25))
+
+
 def a2a_bytes(hlo: str) -> int:
   """Bytes of the results of the all-to-alls in compiled HLO text, every element of a tuple-shaped
   one (XLA:CPU splits an all-to-all into an array per peer); each instruction once (no loops)."""
@@ -166,7 +173,7 @@ def a2a_bytes(hlo: str) -> int:
 def traffic(par, layer, grad, xs, weights, copies, made, grad_accum: int) -> dict:
   """All-to-all bytes per device per MoE layer: the dispatch's per micro-batch (forward + backward,
   the copies' weights given), and the copies' per optimizer step (made once, their gradients home)."""
-  padded = dataclasses.replace(par, ep_transport="padded", capacity_factor=par.capacity_factor or 1.25)
+  padded = padded_of(par)
   hlo = grad(layer(padded, copies), 3 + len(made)).lower(xs, *weights, *made).compile().as_text()
   out = {"dispatch": a2a_bytes(hlo)}
   if copies is not None:
@@ -183,7 +190,7 @@ def slow_bytes(par, layer, grad, xs, weights, idx, n_ep, nodes, e_local, d) -> d
   """Bytes per rank to other nodes, per MoE layer forward + backward, this dispatch vs one level."""
   axis = par.mesh.axis_names.index("expert")
   node = {dev.id: pos[axis] // (n_ep // nodes) for pos, dev in np.ndenumerate(par.mesh.devices)}
-  padded = dataclasses.replace(par, ep_transport="padded", capacity_factor=par.capacity_factor or 1.25)
+  padded = padded_of(par)
   out = {"nodes": nodes}
   for name, p in (("this", padded), ("one_level", dataclasses.replace(padded, ep_nodes=1))):
     compiled = grad(layer(p)).lower(xs, *weights).compile()

@@ -29,7 +29,7 @@ import jax
 from parallel.pipeline import B_COST, F_COST, PipelineConfig
 from train.bench import one_line_errors
 from train.core import jsonl
-from train.core import loop, pipelined
+from train.core import loop
 from train.core.train_config import load_train_config
 from train.core.input_pipeline import synthetic_batch
 
@@ -55,7 +55,8 @@ def run(args) -> int:
     over = [f"{'pipeline' if k in PIPELINE_KEYS else 'mesh'}.{k}={v}" for k, v in keys.items()]
     cfg = load_train_config(args.config, list(args.set) + over)
     par = loop.parallelism(cfg)
-    state, step, *_ = loop.build(cfg, par)
+    built = loop.build(cfg, par)
+    state, step = built.state, built.train_step
     batch = loop.to_device(synthetic_batch(cfg.batch_size, cfg.seq_len, cfg.model.vocab_size, cfg.seed), par)
     t = time.perf_counter()
     state, metrics = step(state, batch)  # compile
@@ -63,9 +64,8 @@ def run(args) -> int:
     compile_s = time.perf_counter() - t
     state, metrics = step(state, batch)  # warm-up
     jax.block_until_ready(metrics)
-    sched = pipelined.schedule(par, cfg.batch_size // cfg.grad_accum) if par.stages > 1 else None
     runs.append({"mesh": spec, "state": state, "step": step, "batch": batch, "times": [], "compile_s": compile_s,
-                 "dropped_tokens": int(metrics.get("dropped_tokens", 0)), "sched": sched})
+                 "dropped_tokens": int(metrics.get("dropped_tokens", 0)), "sched": built.pipe_schedule})
   for _ in range(args.rounds):
     for r in runs:
       t = time.perf_counter()

@@ -45,7 +45,7 @@ def train_losses(cfg: TrainConfig, log_every: int = 0, evaluate: bool = True) ->
   batches = iter(data_lib.make_dataset(cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                                        split="train", tokenizer=tokenizer,
                                        max_seq_len=cfg.model.max_position_embeddings))
-  state, train_step, eval_step, rt, _ = loop.build(cfg)
+  state, train_step, eval_step, rt, *_ = loop.build(cfg)
   metrics, t0 = [], time.perf_counter()
   for step in range(cfg.steps):
     state, m = train_step(state, loop.to_device(next(batches)))

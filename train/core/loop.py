@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ from moe import hf
 from moe import params as params_lib
 from moe.model import Transformer
 from moe.runtime import Runtime
+from parallel import pipeline
 from parallel import sharding as sharding_lib
 from parallel.common.errors import ConfigError, RunFailed
 from parallel.mesh import Parallelism
@@ -70,16 +71,22 @@ def parallelism(cfg: TrainConfig, devices=None) -> Parallelism:
   log.info("parallel: %s", par.describe())
   if par.stages == 1 and cfg.pipeline != type(cfg.pipeline)():
     log.warning("pipeline: %s has no effect without stages (set mesh.stage)", cfg.pipeline)
-  if par.stages > 1:
-    cfg = on_mesh(cfg, par)
-    rows = cfg.batch_size // cfg.grad_accum
-    sched = pipelined.schedule(par, rows)
-    log.info("%s; MoE %s", sched.describe(), par.layout(cfg.model.num_moe_layers).describe())
-    if (rows // sched.microbatches) % par.stages:
-      log.warning("pipeline: micro-batches of %d sequences do not split over the %d stages, so every stage runs the"
-                  " embedding, dense layers and head on all of them (%dx their work): make batch_size / grad_accum /"
-                  " pipeline.microbatches a multiple of mesh.stage", rows // sched.microbatches, par.stages, par.stages)
   return par
+
+
+def pipeline_schedule(cfg: TrainConfig, par: Parallelism) -> pipeline.Schedule | None:
+  """The training step's pipeline schedule on `par`'s stages (None without): each grad-accumulation
+  micro-batch, batch_size / grad_accum sequences (`cfg` on the mesh), per pipeline run; logged."""
+  if par.stages == 1:
+    return None
+  rows = cfg.batch_size // cfg.grad_accum
+  sched = pipelined.schedule(par, rows)
+  log.info("%s; MoE %s", sched.describe(), par.layout(cfg.model.num_moe_layers).describe())
+  if (rows // sched.microbatches) % par.stages:
+    log.warning("pipeline: micro-batches of %d sequences do not split over the %d stages, so every stage runs the"
+                " embedding, dense layers and head on all of them (%dx their work): make batch_size / grad_accum /"
+                " pipeline.microbatches a multiple of mesh.stage", rows // sched.microbatches, par.stages, par.stages)
+  return sched
 
 
 def runtime(cfg: TrainConfig, par: Parallelism) -> Runtime:
@@ -99,6 +106,7 @@ class Setup(NamedTuple):
   shardings: object  # the state's NamedShardings (None on one device)
   train_step: object  # jitted (state, batch) -> (state, metrics)
   eval_step: object  # jitted (state, batch) -> (summed NLL, target count)
+  pipe_schedule: pipeline.Schedule | None  # the training step's (None without stages)
 
   def batch_spec(self, batch_size: int, seq_len: int) -> dict:
     """ShapeDtypeStructs of a global training batch, sharded as `to_device` places it."""
@@ -118,6 +126,7 @@ def setup(cfg: TrainConfig, par: Parallelism | None = None, rt: Runtime | None =
   """
   par = parallelism(cfg) if par is None else par
   cfg = on_mesh(cfg, par)
+  pipe_schedule = pipeline_schedule(cfg, par)  # (a schedule that does not fit is an error before any tracing)
   rt = runtime(cfg, par) if rt is None else rt
   schedule = optimizer_lib.make_schedule(cfg)
   tx = optimizer_lib.make_optimizer(cfg, schedule, par)
@@ -134,8 +143,9 @@ def setup(cfg: TrainConfig, par: Parallelism | None = None, rt: Runtime | None =
   else:
     layout = shardings = sharding_lib.state_shardings(abstract, par.mesh, par.rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, layout)
-  train_step = step_lib.make_train_step(graphdef, cfg.model, tx, schedule, cfg, shardings, par)
-  return Setup(par, rt, tx, init, abstract, shardings, train_step, step_lib.make_eval_step(graphdef, par))
+  train_step = step_lib.make_train_step(graphdef, cfg.model, tx, schedule, cfg, shardings, par, pipe_schedule)
+  return Setup(par, rt, tx, init, abstract, shardings, train_step, step_lib.make_eval_step(graphdef, par),
+               pipe_schedule)
 
 
 class Built(NamedTuple):
@@ -144,13 +154,15 @@ class Built(NamedTuple):
   eval_step: object  # jitted (state, batch) -> (summed NLL, target count)
   rt: Runtime
   shardings: object  # the state's NamedShardings (None on one device)
+  par: Parallelism
+  pipe_schedule: pipeline.Schedule | None  # the training step's (None without stages)
 
 
 def build(cfg: TrainConfig, par: Parallelism | None = None, rt: Runtime | None = None,
           init_from: str | None = None) -> Built:
   """A freshly initialised state, laid out on the mesh, and the jitted steps (see `setup`); with
-  `init_from`, the weights of that HF folder (read straight into their shardings) and a fresh
-  optimizer. Feed the steps `to_device(batch, par)`."""
+  `init_from`, the weights of that HF folder or of that run's checkpoint (read straight into their
+  shardings) and a fresh optimizer. Feed the steps `to_device(batch, par)`."""
   s = setup(cfg, par, rt)
   layout = jax.tree.map(lambda a: a.sharding, s.abstract_state)
   if init_from is not None and (Path(init_from) / "config.json").is_file():
@@ -159,7 +171,7 @@ def build(cfg: TrainConfig, par: Parallelism | None = None, rt: Runtime | None =
     state = state_from_run(cfg, s, init_from, layout)
   else:  # one program, also on one device (op by op, the tiny model's init took 18 s on a CPU core)
     state = jax.jit(s.init, out_shardings=layout)()
-  return Built(state, s.train_step, s.eval_step, s.rt, s.shardings)
+  return Built(state, s.train_step, s.eval_step, s.rt, s.shardings, s.par, s.pipe_schedule)
 
 
 def state_from_hf(cfg: TrainConfig, s: Setup, path: str, layout) -> dict:
@@ -295,17 +307,16 @@ def _train(cfg: TrainConfig, stop, progress: bool, peak_flops: float | None) -> 
         tasks = TrainingTasks(cfg, tokenizer)
       par = parallelism(cfg)
       cfg = on_mesh(cfg, par)
-      state, train_step, eval_step, rt, _ = build(cfg, par, init_from=cfg.init_from if plan is None else None)
+      built = build(cfg, par, init_from=cfg.init_from if plan is None else None)
       start = 0
       if plan is not None:
-        state, start = ckpt.restore(plan, state, batches, par), plan["step"]
+        built, start = built._replace(state=ckpt.restore(plan, built.state, batches, par)), plan["step"]
     except BaseException:
       ckpt.close()
       raise
     if jax.process_index() == 0:  # the configuration is accepted
       write_atomically(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return _loop(cfg, run_dir, ckpt, stop, state, start, batches, evals, train_step, eval_step, rt, par, progress,
-                 peak_flops, tasks)
+    return _loop(cfg, Run(run_dir, ckpt, stop, batches, evals, tasks), built, start, progress, peak_flops)
 
 
 def write_atomically(path, text: str) -> None:
@@ -315,75 +326,128 @@ def write_atomically(path, text: str) -> None:
   tmp.replace(path)
 
 
-def _loop(cfg, run_dir, ckpt, stop, state, start, batches, evals, train_step, eval_step, rt, par, progress,
-          peak_flops, tasks=None) -> dict:
+class Run(NamedTuple):
+  """What the loop runs with besides the built state and steps, all opened before the first step."""
+
+  dir: Path  # the run directory
+  ckpt: checkpoint_lib.Checkpoints
+  stop: preemption.StopSignal
+  batches: Iterator[dict]  # this process's rows of the training batches
+  evals: EvalSet | None  # the held-out batches (None without eval_every)
+  tasks: object  # the lm-eval tasks of each evaluation (train.core.lm_eval_adapter.TrainingTasks), or None
+
+
+@dataclasses.dataclass
+class Interval:
+  """The loop's state since the last log record: the steps' metrics (device arrays until the host
+  sync at a log or a save; the first `checked` of them passed the guard) and the `timed` steps since
+  `t0` that the throughput counts (not the first step's compilation, nor saves or evaluations)."""
+
+  t0: float = dataclasses.field(default_factory=time.perf_counter)
+  pending: list = dataclasses.field(default_factory=list)
+  timed: int = 0
+  checked: int = 0
+
+  def restart_clock(self, timed: int = 0) -> None:
+    self.t0, self.timed = time.perf_counter(), timed
+
+
+NOT_LOGGED = ("tokens", "skipped", "nonfinite", "lost")  # the guard's inputs (train/core/step.py)
+
+
+def logged(m: dict) -> dict:
+  """A step's metrics as metrics.jsonl has them: the guard's inputs left out, whether it was skipped."""
+  return {**{k: v for k, v in m.items() if k not in NOT_LOGGED}, "skipped_steps": int(m["skipped"])}
+
+
+def interval_record(got: list[dict], pipe_schedule: pipeline.Schedule | None) -> dict:
+  """The log record of an interval's synced metrics: the last step's, with the interval's mean loss
+  and skipped steps; with stages the schedule and its predicted idle share (parallel/pipeline.py)."""
+  record = {**logged(got[-1]), "loss": float(np.mean([m["loss"] for m in got])),
+            "skipped_steps": int(sum(m["skipped"] for m in got))}
+  if pipe_schedule is not None:
+    record["pipeline_schedule"] = pipe_schedule.kind
+    record["pipeline_bubble"] = pipe_schedule.bubble()
+  return record
+
+
+def check_interval(guard: Guard, logger: MetricsLogger, step: int, got: list[dict], checked: int) -> None:
+  """The guard's check of the interval's synced metrics `got` (its last step `step`) past the first
+  `checked`, so that nothing non-finite is saved; when it stops the run, every step of the interval is
+  logged first, one record each (the steps that led to the stop are the ones a user needs)."""
+  first = step + 2 - len(got)
+  try:
+    guard.check(first + checked, got[checked:])
+  except RunFailed:
+    for i, m in enumerate(got):
+      logger.log(first + i, logged(m))
+    raise
+
+
+def log_first_step(metrics, t0: float) -> None:
+  """Waits for the first step's metrics; logs its time since `t0` (compilation included) and the
+  device memory after it."""
+  jax.block_until_ready(metrics)
+  log.info("first step (compilation included): %.1f s", time.perf_counter() - t0)
+  if (memory := device_memory()) is not None:
+    log.info("device memory after the first step: peak %s GiB in use of %s GiB", memory["peak_GiB"],
+             memory.get("limit_GiB", "?"))
+
+
+def _loop(cfg: TrainConfig, run: Run, built: Built, start: int, progress: bool, peak_flops: float | None) -> dict:
   counts = params_lib.count(cfg.model, cfg.seq_len)
   log.info("model: %.2fM params (%.2fM active), %s compute on %d %s device(s)", counts["total_params"] / 1e6,
-           counts["active_params"] / 1e6, rt.dtype, jax.device_count(), rt.platform)
-  peak = measure_peak_flops(rt.compute_dtype) if peak_flops is None else peak_flops
+           counts["active_params"] / 1e6, built.rt.dtype, jax.device_count(), built.rt.platform)
+  peak = measure_peak_flops(built.rt.compute_dtype) if peak_flops is None else peak_flops
   tokens_per_step = cfg.batch_size * cfg.seq_len
-  guard = Guard(cfg, ckpt)
-  sched = pipelined.schedule(par, cfg.batch_size // cfg.grad_accum) if par.stages > 1 else None
+  guard = Guard(cfg, run.ckpt)
+  state, par = built.state, built.par
   first = last = None
   stopped = False
-  with ckpt, MetricsLogger(run_dir, cfg.steps, progress=progress, start_step=start,
-                           is_main=jax.process_index() == 0) as logger:
-    t0, pending, timed, checked = time.perf_counter(), [], 0, 0
+  with run.ckpt, MetricsLogger(run.dir, cfg.steps, progress=progress, start_step=start,
+                               is_main=jax.process_index() == 0) as logger:
+    interval = Interval()
     for step in range(start, cfg.steps):
       if cfg.profile_steps and step == cfg.profile_steps[0]:
-        jax.profiler.start_trace(str(run_dir / "profile"))
-      state, metrics = train_step(state, to_device(next(batches), par, cfg.batch_size))
+        jax.profiler.start_trace(str(run.dir / "profile"))
+      state, metrics = built.train_step(state, to_device(next(run.batches), par, cfg.batch_size))
       if cfg.profile_steps and step + 1 == cfg.profile_steps[1]:
         jax.block_until_ready(metrics)
         jax.profiler.stop_trace()
-      pending.append(metrics)
+      interval.pending.append(metrics)
       if step == start:  # keep compilation out of tokens/s
-        jax.block_until_ready(metrics)
-        log.info("first step (compilation included): %.1f s", time.perf_counter() - t0)
-        if (memory := device_memory()) is not None:
-          log.info("device memory after the first step: peak %s GiB in use of %s GiB", memory["peak_GiB"],
-                   memory.get("limit_GiB", "?"))
-        t0, timed = time.perf_counter(), -1
-        stop.start()  # from now on a signal stops after the step in progress, with a checkpoint
-      timed += 1
-      stopped = stop.requested(step + 1)
+        log_first_step(metrics, interval.t0)
+        interval.restart_clock(timed=-1)
+        run.stop.start()  # from now on a signal stops after the step in progress, with a checkpoint
+      interval.timed += 1
+      stopped = run.stop.requested(step + 1)
       last_step = step + 1 == cfg.steps
-      saving = stopped or last_step or ckpt.due(step + 1)
-      if (step + 1) % cfg.log_every == 0 or last_step or stopped or saving:
-        got = jax.device_get(pending)  # the one host sync per log interval (and before a save)
-        try:
-          guard.check(step + 2 - len(got) + checked, got[checked:])  # nothing non-finite is saved
-        except RunFailed:  # the steps that led to the stop are the ones a user needs: one record each
-          for i, m in enumerate(got):
-            logger.log(step + 2 - len(got) + i, {**{k: v for k, v in m.items() if k not in ("tokens", "skipped",
-                                                    "nonfinite", "lost")}, "skipped_steps": int(m["skipped"])})
-          raise
-        checked = len(got)
-        if (step + 1) % cfg.log_every == 0 or last_step or stopped:
-          record = {k: v for k, v in got[-1].items() if k not in ("tokens", "skipped", "nonfinite", "lost")}
-          record["loss"] = float(np.mean([m["loss"] for m in got]))
-          record["skipped_steps"] = int(sum(m["skipped"] for m in got))
-          if par.stages > 1:  # the schedule and its predicted idle share (parallel/pipeline.py)
-            record["pipeline_schedule"] = sched.kind
-            record["pipeline_bubble"] = sched.bubble()
-          if timed > 0:  # the interval of the first step (compilation) has no throughput
-            record["tokens_per_s"] = tokens_per_step * timed / (time.perf_counter() - t0)
+      log_due = (step + 1) % cfg.log_every == 0 or last_step or stopped
+      saving = stopped or last_step or run.ckpt.due(step + 1)
+      if log_due or saving:
+        got = jax.device_get(interval.pending)  # the one host sync per log interval (and before a save)
+        check_interval(guard, logger, step, got, interval.checked)
+        interval.checked = len(got)
+        if log_due:
+          record = interval_record(got, built.pipe_schedule)
+          if interval.timed > 0:  # the interval of the first step (compilation) has no throughput
+            record["tokens_per_s"] = tokens_per_step * interval.timed / (time.perf_counter() - interval.t0)
             record["mfu"] = record["tokens_per_s"] * counts["flops_per_token"] / peak
           logger.log(step + 1, record)
           first = record["loss"] if first is None else first
           last = record["loss"]
-          t0, pending, timed, checked = time.perf_counter(), [], 0, 0
+          interval = Interval()
       # the final checkpoint before the final evaluation: a late failure never costs trained steps
-      if ckpt.save(step + 1, state, batches, force=stopped or last_step, par=par):
-        t0, timed = time.perf_counter(), 0
+      if run.ckpt.save(step + 1, state, run.batches, force=stopped or last_step, par=par):
+        interval.restart_clock()
       if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last_step):
-        logger.write_eval(step + 1, {"loss": evaluate(eval_step, state, cfg, evals, par),
-                                     **(tasks.run(state, rt) if tasks else {})})
-        t0, timed = time.perf_counter(), 0
+        logger.write_eval(step + 1, {"loss": evaluate(built.eval_step, state, cfg, run.evals, par),
+                                     **(run.tasks.run(state, built.rt) if run.tasks else {})})
+        interval.restart_clock()
       if stopped:
-        log.info("%s: stopped after step %d; the checkpoint is being written", stop.received, step + 1)
+        log.info("%s: stopped after step %d; the checkpoint is being written", run.stop.received, step + 1)
         break
     if (memory := device_memory()) is not None:
       log.info("device memory: peak %s GiB in use of %s GiB", memory["peak_GiB"], memory.get("limit_GiB", "?"))
-  return {"first_loss": first, "last_loss": last, "steps": cfg.steps, "run_dir": str(run_dir), "start_step": start,
-          "stopped_by": stop.received if stopped else None, "last_step": step + 1}
+  return {"first_loss": first, "last_loss": last, "steps": cfg.steps, "run_dir": str(run.dir), "start_step": start,
+          "stopped_by": run.stop.received if stopped else None, "last_step": step + 1}

@@ -24,6 +24,7 @@ from flax import nnx
 
 from moe import experts as experts_lib
 from moe.config import ModelConfig
+from parallel import pipeline
 from train.core import loss as loss_lib
 from train.core import muon
 from train.core import pipelined
@@ -53,102 +54,45 @@ def load_stats(load_LxE):
           "expert_load_cv": load_LxE.std(-1) / mean}
 
 
-def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainConfig, state_shardings=None,
-                    par=None):
+def make_train_step(graphdef, model_cfg: ModelConfig, tx, lr_schedule, cfg: TrainConfig, state_shardings=None,
+                    par=None, pipe_schedule: pipeline.Schedule | None = None):
   """The jitted step(state, batch) -> (state, metrics) of the model `graphdef` with architecture
   `model_cfg` (the one it was built with). `state_shardings` (parallel.sharding.state_shardings of
   the state) pins the new state to the layout of the old, and the metrics are then replicated; None
-  lets XLA choose (single device). With `par` (parallel.mesh.Parallelism) of more than one stage the
-  MoE layers run through the pipeline (train/core/pipelined.py)."""
+  lets XLA choose (single device). `par`: the parallel.mesh.Parallelism; with `pipe_schedule` (the
+  pipeline schedule, train.core.loop.pipeline_schedule, given when `par` has stages) the MoE layers
+  run through the pipeline (train/core/pipelined.py)."""
   depth = model_cfg.num_nextn_predict_layers
-  n_micro = cfg.grad_accum
-  lam, alpha = cfg.loss.mtp_lambda, cfg.loss.balance_alpha
   bias_stop = int(round(cfg.steps * (1 - cfg.loss.bias_update_stop_fraction)))
-  spike_factor = cfg.spike_skip_factor
   dropless = par is not None and par.dropless
   qk_clip = cfg.optimizer.qk_clip  # QK-clip's threshold (train/core/muon.py), or None
-
-  def loss_fn(params, rest, batch, counts):
-    model = nnx.merge(graphdef, params, rest)
-    if qk_clip is not None:
-      model.set_attributes(keep_max_logit=True)  # each MLA module leaves its max_logit (moe/mla.py)
-    out = model.forward(batch["tokens"], batch["segment_ids"], batch["positions"])
-    loss, parts = loss_lib.objective(out, batch, counts, n_micro, lam, alpha)
-    load = out.moe_stats.load if out.moe_stats is not None else jnp.zeros((0, 1))
-    dropped = out.moe_stats.dropped.sum() if out.moe_stats is not None else jnp.zeros((), jnp.int32)
-    max_logits = nnx.pop(model, nnx.Intermediate) if qk_clip is not None else None  # per MLA module
-    return loss, (parts, load, dropped, max_logits)
-
-  staged = par is not None and par.stages > 1
-  if not staged:
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  else:
-    sched = pipelined.schedule(par, cfg.batch_size // n_micro)
-    layout = par.layout(model_cfg.num_moe_layers)
-    # the metrics' rows: the MoE layers in layer order (padding slots left out), then the MTP blocks
-    metric_rows = np.concatenate([layout.layer_slot(), layout.slots + np.arange(depth)])
-
-    def grad_fn(params, rest, batch, counts):  # the pipeline's forwards and backwards, not autodiff
-      pipe = pipelined.Pipelined(graphdef, params, rest, par, sched, lam, alpha)
-      loss, parts, load, dropped, grads = pipe.run(params, rest, batch, counts, n_micro)
-      return (loss, (parts, load, dropped, None)), grads
+  staged = pipe_schedule is not None
+  grad_fn = pipeline_grad(graphdef, cfg, par, pipe_schedule) if staged else model_grad(graphdef, cfg)
+  rows = metric_rows(par.layout(model_cfg.num_moe_layers), depth) if staged else None
 
   def step(state, batch):
-    params, rest = state["params"], state["rest"]
+    params, rest, guard = state["params"], state["rest"], state["guard"]
     counts = loss_lib.token_counts(batch, depth)
-    # Redundant experts' copies (moe/experts.py) are differentiated like parameters (as float32, so
-    # that their gradients accumulate in float32) and their gradients summed into their experts' below.
-    copy_weights, fixed = experts_lib.split_copies(rest)
-    wrt, fixed = (nnx.merge_state(params, jax.tree.map(lambda w: w.astype(jnp.float32), copy_weights)), fixed) \
-        if copy_weights else (params, rest)
-    if n_micro == 1:
-      (loss, (parts, load, dropped, max_logits)), grads = grad_fn(wrt, fixed, batch, counts)
-    else:
-      micro = jax.tree.map(lambda x: x.reshape(n_micro, -1, *x.shape[1:]), batch)
-
-      def accumulate(carry, mb):  # sums, but the max logits' max
-        (c_loss, (*c_aux, c_max)), c_grads = carry
-        (loss, (*aux, max_logits)), grads = grad_fn(wrt, fixed, mb, counts)
-        summed = jax.tree.map(jnp.add, ((c_loss, c_aux), c_grads), ((loss, aux), grads))
-        return ((summed[0][0], (*summed[0][1], jax.tree.map(jnp.maximum, c_max, max_logits))), summed[1]), None
-
-      shapes = jax.eval_shape(grad_fn, wrt, fixed, jax.tree.map(lambda x: x[0], micro), counts)
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-      ((loss, (parts, load, dropped, max_logits)), grads), _ = jax.lax.scan(accumulate, zeros, micro)
+    copy_weights, wrt, fixed = differentiated(params, rest)
+    (loss, (parts, load, dropped, max_logits)), grads = accumulated(grad_fn, wrt, fixed, batch, counts, cfg.grad_accum)
     if copy_weights:  # once per step, however many micro-batches
-      grads_model = nnx.merge(graphdef, grads, fixed)
-      for experts in experts_lib.copy_experts(grads_model):
-        experts.add_copy_grads()
-      grads = split_model(grads_model)[1]
+      grads = with_copy_grads(graphdef, grads, fixed)
 
-    metric_load = load[metric_rows] if staged else load
+    metric_load = load[rows] if staged else load
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     lost = dropped > 0 if dropless else jnp.zeros((), bool)  # a dropless exchange that dropped: never applied
-    guard = state["guard"]
-    skip = ~finite | lost
-    if spike_factor is not None:
-      mean = guard["loss_mean"] / (1 - LOSS_DECAY ** guard["accepted"].astype(jnp.float32))
-      skip = skip | ((guard["accepted"] >= SPIKE_WARMUP) & (loss > spike_factor * mean))
+    skip = skipped(loss, finite, lost, guard, cfg.spike_skip_factor)
     updates, opt = tx.update(grads, state["opt"], params)
     new_params = optax.apply_updates(params, updates)
     if qk_clip is not None:
       new_params = muon.qk_clip(new_params, max_logits, qk_clip, model_cfg)
     gamma = jnp.where(state["step"] < bias_stop, cfg.loss.bias_update_gamma, 0.0)
-    old_rest = jax.tree.leaves(rest)  # (the bias update below writes into the merged model's variables)
-    model = nnx.merge(graphdef, new_params, rest)
-    model.update_router_biases(load, gamma)
-    model.replace_expert_copies(load, state["step"] + 1)
-    for experts in experts_lib.copy_experts(model):  # the copies equal their experts' new weights
-      experts.make_copies()
-    _, _, new_rest = split_model(model)
-    rest = jax.tree.unflatten(jax.tree.structure(new_rest), old_rest)
+    new_rest, rest = router_update(graphdef, new_params, rest, load, gamma, state["step"])
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(skip, o, n), new, old)
-    guard = {"loss_mean": jnp.where(skip, guard["loss_mean"], LOSS_DECAY * guard["loss_mean"]
-                                    + (1 - LOSS_DECAY) * jnp.where(finite, loss, 0.0)),
-             "accepted": guard["accepted"] + (~skip).astype(jnp.int32)}
+    guard = next_guard(guard, loss, finite, skip)
 
-    metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+    metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "lr": lr_schedule(state["step"]),
                "tokens": counts["lm"], "nonfinite": (~finite).astype(jnp.int32), "skipped": skip.astype(jnp.int32),
                "lost": jnp.where(lost, dropped, 0),
                **(load_stats(metric_load) if load.shape[0] else {})}
@@ -165,6 +109,113 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, schedule, cfg: TrainCo
   replicated = jax.sharding.NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, jax.sharding.PartitionSpec())
   return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, replicated),
                  compiler_options=par.compiler_options() if par is not None else None)
+
+
+def model_grad(graphdef, cfg: TrainConfig):
+  """(params, rest, batch, counts) -> ((loss, (parts, load, dropped, max_logits)), grads) of one
+  micro-batch of the model `graphdef`, by autodiff; max_logits: with QK-clip each MLA module's
+  largest attention logit (moe/mla.py), else None."""
+  n_micro, lam, alpha = cfg.grad_accum, cfg.loss.mtp_lambda, cfg.loss.balance_alpha
+  qk_clip = cfg.optimizer.qk_clip
+
+  def loss_fn(params, rest, batch, counts):
+    model = nnx.merge(graphdef, params, rest)
+    if qk_clip is not None:
+      model.set_attributes(keep_max_logit=True)  # each MLA module leaves its max_logit (moe/mla.py)
+    out = model.forward(batch["tokens"], batch["segment_ids"], batch["positions"])
+    loss, parts = loss_lib.objective(out, batch, counts, n_micro, lam, alpha)
+    load = out.moe_stats.load if out.moe_stats is not None else jnp.zeros((0, 1))
+    dropped = out.moe_stats.dropped.sum() if out.moe_stats is not None else jnp.zeros((), jnp.int32)
+    max_logits = nnx.pop(model, nnx.Intermediate) if qk_clip is not None else None  # per MLA module
+    return loss, (parts, load, dropped, max_logits)
+
+  return jax.value_and_grad(loss_fn, has_aux=True)
+
+
+def pipeline_grad(graphdef, cfg: TrainConfig, par, pipe_schedule: pipeline.Schedule):
+  """`model_grad` through the pipeline's forwards and backwards (train/core/pipelined.py), not
+  autodiff; no max logits."""
+
+  def grad_fn(params, rest, batch, counts):
+    pipe = pipelined.Pipelined(graphdef, params, rest, par, pipe_schedule, cfg.loss.mtp_lambda, cfg.loss.balance_alpha)
+    loss, parts, load, dropped, grads = pipe.run(params, rest, batch, counts, cfg.grad_accum)
+    return (loss, (parts, load, dropped, None)), grads
+
+  return grad_fn
+
+
+def metric_rows(layout: pipeline.Layout, depth: int):
+  """The rows of the pipelined stack's load the metrics read: the MoE layers in layer order (padding
+  slots left out), then the `depth` MTP blocks."""
+  return np.concatenate([layout.layer_slot(), layout.slots + np.arange(depth)])
+
+
+def differentiated(params, rest):
+  """(copy weights, what is differentiated, what is not). Redundant experts' copies (moe/experts.py)
+  are differentiated like parameters (as float32, so that their gradients accumulate in float32), and
+  their gradients summed into their experts' (`with_copy_grads`)."""
+  copy_weights, fixed = experts_lib.split_copies(rest)
+  if not copy_weights:
+    return copy_weights, params, rest
+  return copy_weights, nnx.merge_state(params, jax.tree.map(lambda w: w.astype(jnp.float32), copy_weights)), fixed
+
+
+def accumulated(grad_fn, wrt, fixed, batch, counts, n_micro: int):
+  """`grad_fn` of the whole batch: over its `n_micro` micro-batches in a scan, everything summed but
+  the max logits, of which the max."""
+  if n_micro == 1:
+    return grad_fn(wrt, fixed, batch, counts)
+  micro = jax.tree.map(lambda x: x.reshape(n_micro, -1, *x.shape[1:]), batch)
+
+  def accumulate(carry, mb):
+    (c_loss, (*c_aux, c_max)), c_grads = carry
+    (loss, (*aux, max_logits)), grads = grad_fn(wrt, fixed, mb, counts)
+    summed = jax.tree.map(jnp.add, ((c_loss, c_aux), c_grads), ((loss, aux), grads))
+    return ((summed[0][0], (*summed[0][1], jax.tree.map(jnp.maximum, c_max, max_logits))), summed[1]), None
+
+  shapes = jax.eval_shape(grad_fn, wrt, fixed, jax.tree.map(lambda x: x[0], micro), counts)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  return jax.lax.scan(accumulate, zeros, micro)[0]
+
+
+def with_copy_grads(graphdef, grads, fixed):
+  """The parameters' gradients, each expert's with its redundant copies' summed in."""
+  grads_model = nnx.merge(graphdef, grads, fixed)
+  for experts in experts_lib.copy_experts(grads_model):
+    experts.add_copy_grads()
+  return split_model(grads_model)[1]
+
+
+def skipped(loss, finite, lost, guard, spike_factor: float | None):
+  """Whether the update is skipped: the loss or the gradient norm not finite (`finite` false), a
+  dropless exchange that dropped (`lost`), or with `spike_factor` k the loss above k x its running
+  mean (`guard`), from the SPIKE_WARMUP-th accepted step."""
+  skip = ~finite | lost
+  if spike_factor is not None:
+    mean = guard["loss_mean"] / (1 - LOSS_DECAY ** guard["accepted"].astype(jnp.float32))
+    skip = skip | ((guard["accepted"] >= SPIKE_WARMUP) & (loss > spike_factor * mean))
+  return skip
+
+
+def next_guard(guard, loss, finite, skip):
+  """The spike guard after the step: the exponential mean of the accepted losses, and their count."""
+  return {"loss_mean": jnp.where(skip, guard["loss_mean"], LOSS_DECAY * guard["loss_mean"]
+                                 + (1 - LOSS_DECAY) * jnp.where(finite, loss, 0.0)),
+          "accepted": guard["accepted"] + (~skip).astype(jnp.int32)}
+
+
+def router_update(graphdef, params, rest, load, gamma, step):
+  """(the new `rest`, `rest` in its tree structure): the router biases moved by `gamma` against the
+  measured `load` with the new `params`, the redundant experts re-placed (as of the step after `step`,
+  this one) and their copies made from their experts' new weights (moe/experts.py)."""
+  old_rest = jax.tree.leaves(rest)  # (the bias update below writes into the merged model's variables)
+  model = nnx.merge(graphdef, params, rest)
+  model.update_router_biases(load, gamma)
+  model.replace_expert_copies(load, step + 1)
+  for experts in experts_lib.copy_experts(model):  # the copies equal their experts' new weights
+    experts.make_copies()
+  _, _, new_rest = split_model(model)
+  return new_rest, jax.tree.unflatten(jax.tree.structure(new_rest), old_rest)
 
 
 def make_eval_step(graphdef, par=None):
