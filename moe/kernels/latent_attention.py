@@ -49,32 +49,22 @@ def max_logit(q_BxTxHxK, c_kv_BxSxC, k_pe_BxSxR, w_kvb_CxHxNV, q_index_T, k_inde
   nope = q_BxTxHxK.shape[-1] - k_pe_BxSxR.shape[-1]
   q, w = jax.lax.stop_gradient(q_BxTxHxK), jax.lax.stop_gradient(w_kvb_CxHxNV)
 
-  def step(carry, blk):
-    j, best = carry
-    c_blk, pe_blk = blk
-    idx_blk, seg_blk = _mask_inputs(k_index_S, k_seg_BxS, j, block)
+  def step(best, blk):
+    c_blk, pe_blk, idx_blk, seg_blk = blk
     k, _ = _keys(c_blk, pe_blk, w, nope)
-    logits = _logits(q, k, q_index_T, idx_blk, q_seg_BxT, seg_blk, scale)
-    return (j + 1, jnp.maximum(best, logits.max(axis=(0, 2, 3)))), None
+    return jnp.maximum(best, _logits(q, k, q_index_T, idx_blk, q_seg_BxT, seg_blk, scale).max(axis=(0, 2, 3))), None
 
-  blocks = tuple(_blocks(jax.lax.stop_gradient(x), block) for x in (c_kv_BxSxC, k_pe_BxSxR))
+  blocks = tuple(_blocks(jax.lax.stop_gradient(x), block) for x in (c_kv_BxSxC, k_pe_BxSxR)) + (
+      _blocks(k_index_S, block), _blocks(k_seg_BxS, block))
   acc = _acc(q.dtype)
-  init = (jnp.zeros((), jnp.int32), jnp.full((q.shape[2],), jnp.finfo(acc).min, acc))
-  (_, best), _ = jax.lax.scan(step, init, blocks)
+  best, _ = jax.lax.scan(step, jnp.full((q.shape[2],), jnp.finfo(acc).min, acc), blocks)
   return best.astype(F32)
 
 
-def _mask_inputs(k_index_S, k_seg_BxS, j, block: int):
-  """Block j's key places and documents, sliced inside the loop from the loop's own counter (given as
-  scanned inputs, the TPU compiler built every block's [B, H, T, K] mask before the loop: 17 GB for V3
-  at 32K)."""
-  start = j * block
-  return (jax.lax.dynamic_slice_in_dim(k_index_S, start, block),
-          jax.lax.dynamic_slice_in_dim(k_seg_BxS, start, block, axis=1))
-
-
 def _blocks(x, block):
-  """[B, S, ...] -> [S / block, B, block, ...]: the scan's leading axis."""
+  """[B, S, ...] -> [S / block, B, block, ...]: the scan's leading axis (S: axis 1; k_index: axis 0)."""
+  if x.ndim == 1:
+    return x.reshape(-1, block)
   b, s = x.shape[:2]
   return jnp.moveaxis(x.reshape(b, s // block, block, *x.shape[2:]), 1, 0)
 
@@ -87,11 +77,14 @@ def _keys(c_kv_BxKxC, k_pe_BxKxR, w_kvb, nope):
 
 
 def _logits(q, k, q_index, k_index, q_seg, k_seg, scale):
-  """[B, H, T, K] float32 scaled logits, the dtype's lowest where the mask hides the key."""
+  """[B, H, T, K] float32 scaled logits, the dtype's lowest where the mask hides the key (an additive
+  [B, 1, T, K] bias, not a mask broadcast over the heads: compiled for TPU, the broadcast boolean of
+  every block was kept, 16 GiB per chip for V3 at 32K)."""
   acc = _acc(q.dtype)
   visible = (k_index[None, :] <= q_index[:, None])[None] & (q_seg[:, :, None] == k_seg[:, None, :])
+  hidden = jnp.where(visible, jnp.zeros((), acc), jnp.finfo(acc).min)[:, None]
   s = jnp.einsum("bthd,bkhd->bhtk", q, k, preferred_element_type=acc) * scale
-  return jnp.where(visible[:, None], s, jnp.finfo(acc).min)
+  return jnp.maximum(s + hidden, jnp.finfo(acc).min)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
@@ -105,20 +98,19 @@ def _forward(q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, scale, block,
   dv, acc_t = w_kvb.shape[-1] - nope, _acc(q.dtype)
 
   def step(carry, blk):
-    j, m, l, acc = carry  # block, running max [B, H, T], sum of exp [B, H, T], weighted values [B, H, T, v]
-    c_blk, pe_blk = blk
-    idx_blk, seg_blk = _mask_inputs(k_index, k_seg, j, block)
+    m, l, acc = carry  # running max [B, H, T], sum of exp [B, H, T], weighted values [B, H, T, v] (float32)
+    c_blk, pe_blk, idx_blk, seg_blk = blk
     k, v = _keys(c_blk, pe_blk, w_kvb, nope)
     s = _logits(q, k, q_index, idx_blk, q_seg, seg_blk, scale)
     m_new = jnp.maximum(m, s.max(-1))
     p = jnp.exp(s - m_new[..., None])
     corr = jnp.exp(m - m_new)
     acc = acc * corr[..., None] + jnp.einsum("bhtk,bkhd->bhtd", p.astype(v.dtype), v, preferred_element_type=acc_t)
-    return (j + 1, m_new, l * corr + p.sum(-1), acc), None
+    return (m_new, l * corr + p.sum(-1), acc), None
 
-  init = (jnp.zeros((), jnp.int32), jnp.full((b, h, t), jnp.finfo(acc_t).min, acc_t), jnp.zeros((b, h, t), acc_t),
-          jnp.zeros((b, h, t, dv), acc_t))
-  (_, m, l, acc), _ = jax.lax.scan(step, init, (_blocks(c_kv, block), _blocks(k_pe, block)))
+  init = (jnp.full((b, h, t), jnp.finfo(acc_t).min, acc_t), jnp.zeros((b, h, t), acc_t), jnp.zeros((b, h, t, dv), acc_t))
+  blocks = (_blocks(c_kv, block), _blocks(k_pe, block), _blocks(k_index, block), _blocks(k_seg, block))
+  (m, l, acc), _ = jax.lax.scan(step, init, blocks)
   out = (acc / l[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)  # [B, T, H, v]
   return out, m + jnp.log(l)
 
@@ -138,9 +130,8 @@ def _attention_bwd(scale, block, nope, res, d_out):
   delta = jnp.einsum("bthd,bthd->bht", d_out32, out.astype(f))  # rowsum(dO O)
 
   def step(carry, blk):
-    j, dq, dw = carry
-    c_blk, pe_blk = blk
-    idx_blk, seg_blk = _mask_inputs(k_index, k_seg, j, block)
+    dq, dw = carry
+    c_blk, pe_blk, idx_blk, seg_blk = blk
     k, v = _keys(c_blk, pe_blk, w_kvb, nope)
     p = jnp.exp(_logits(q, k, q_index, idx_blk, q_seg, seg_blk, scale) - lse[..., None])  # [B, H, T, K]
     dv = jnp.einsum("bhtk,bthd->bkhd", p, d_out32)
@@ -151,10 +142,10 @@ def _attention_bwd(scale, block, nope, res, d_out):
     d_kv = jnp.concatenate([dk[..., :nope], dv], axis=-1)  # [B, K, H, nope + v]
     d_c = jnp.einsum("bkhd,chd->bkc", d_kv, w_kvb.astype(f))
     dw = dw + jnp.einsum("bkc,bkhd->chd", c_blk.astype(f), d_kv)
-    return (j + 1, dq, dw), (d_c, dk[..., nope:].sum(2))
+    return (dq, dw), (d_c, dk[..., nope:].sum(2))
 
-  init = (jnp.zeros((), jnp.int32), jnp.zeros(q.shape, f), jnp.zeros(w_kvb.shape, f))
-  (_, dq, dw), (d_c, d_pe) = jax.lax.scan(step, init, (_blocks(c_kv, block), _blocks(k_pe, block)))
+  blocks = (_blocks(c_kv, block), _blocks(k_pe, block), _blocks(k_index, block), _blocks(k_seg, block))
+  (dq, dw), (d_c, d_pe) = jax.lax.scan(step, (jnp.zeros(q.shape, f), jnp.zeros(w_kvb.shape, f)), blocks)
   unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])
   return (dq.astype(q.dtype), unblock(d_c).astype(c_kv.dtype), unblock(d_pe).astype(k_pe.dtype),
           dw.astype(w_kvb.dtype), None, None, None, None)
