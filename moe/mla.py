@@ -8,9 +8,10 @@
 Without a cache (training, evaluation) the keys and values are materialised per head and the core
 runs the implementation the Runtime chose (moe/kernels/attention.py: fused, blocked on CPU, the
 splash kernel on TPU). With context parallelism (`mesh.context` > 1: each sequence's tokens split
-into slices, on the balanced layout of moe/model.py) the latent [c_kv | RoPE(k_pe)] of the whole sequence is all-gathered
-(`gather_latent`), not the per-head keys and values, which each slice up-projects itself; its queries
-stay local and see their rows of the causal/document mask (fused core). With a `LatentCache`
+into slices, on the balanced layout of moe/model.py) the latent [c_kv | RoPE(k_pe)] of the whole
+sequence is all-gathered (`gather_latent`), not the per-head keys and values, which each slice
+up-projects itself; its queries stay local and see their rows of the causal/document mask (the
+latent-block core, moe/kernels/latent_attention.py, or the fused one). With a `LatentCache`
 (decoding, moe/decode.py) only what MLA needs is cached per token (section 2.1.3): the normalised
 latent `c_kv` and the rotated decoupled key `k_pe`; kv_b_proj = [W_UK | W_UV] is absorbed into the
 query and the output, so keys and values are never materialised per head:

@@ -101,7 +101,8 @@ class Runtime:
     attention = impl.attention
     context = par.context if par is not None else 1
     if attention == "auto":
-      attention = "latent" if context > 1 else {"cpu": "blocked", "tpu": "splash", "gpu": "flash"}.get(platform, "fused")
+      by_platform = {"cpu": "blocked", "tpu": "splash", "gpu": "flash"}.get(platform, "fused")
+      attention = "latent" if context > 1 else by_platform
     if context > 1 and attention not in ("latent", "fused"):
       raise ConfigError(f"impl.attention={attention} with mesh.context={context}: context-parallel attention runs"
                         " each slice's queries against the gathered latent; set impl.attention=auto, latent or fused")

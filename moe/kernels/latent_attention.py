@@ -33,9 +33,7 @@ def attention(q_BxTxHxK, c_kv_BxSxC, k_pe_BxSxR, w_kvb_CxHxNV, q_index_T, k_inde
               scale: float, block: int = 512):
   """[B, T, H, v_head_dim]. q: [nope | rope] per head (rope = k_pe's last dimension); w_kvb: kv_b_proj's
   kernel as [C, H, nope + v]; q_index / k_index: each token's place in the original sequence."""
-  s = c_kv_BxSxC.shape[1]
-  block = next(b for b in range(min(block, s), 0, -1) if s % b == 0)
-  nope = q_BxTxHxK.shape[-1] - k_pe_BxSxR.shape[-1]
+  block, nope = _sizes(q_BxTxHxK, c_kv_BxSxC, k_pe_BxSxR, block)
   return _attention(q_BxTxHxK, c_kv_BxSxC, k_pe_BxSxR, w_kvb_CxHxNV, q_index_T, k_index_S, q_seg_BxT, k_seg_BxS,
                     scale, block, nope)
 
@@ -44,9 +42,7 @@ def max_logit(q_BxTxHxK, c_kv_BxSxC, k_pe_BxSxR, w_kvb_CxHxNV, q_index_T, k_inde
               scale: float, block: int = 512):
   """[heads] float32: each head's largest scaled logit a query sees (QK-clip's statistic), block by
   block as `attention`, without a gradient."""
-  s = c_kv_BxSxC.shape[1]
-  block = next(b for b in range(min(block, s), 0, -1) if s % b == 0)
-  nope = q_BxTxHxK.shape[-1] - k_pe_BxSxR.shape[-1]
+  block, nope = _sizes(q_BxTxHxK, c_kv_BxSxC, k_pe_BxSxR, block)
   q, w = jax.lax.stop_gradient(q_BxTxHxK), jax.lax.stop_gradient(w_kvb_CxHxNV)
 
   def step(best, blk):
@@ -54,11 +50,22 @@ def max_logit(q_BxTxHxK, c_kv_BxSxC, k_pe_BxSxR, w_kvb_CxHxNV, q_index_T, k_inde
     k, _ = _keys(c_blk, pe_blk, w, nope)
     return jnp.maximum(best, _logits(q, k, q_index_T, idx_blk, q_seg_BxT, seg_blk, scale).max(axis=(0, 2, 3))), None
 
-  blocks = tuple(_blocks(jax.lax.stop_gradient(x), block) for x in (c_kv_BxSxC, k_pe_BxSxR)) + (
-      _blocks(k_index_S, block), _blocks(k_seg_BxS, block))
+  blocks = _key_blocks(jax.lax.stop_gradient(c_kv_BxSxC), jax.lax.stop_gradient(k_pe_BxSxR), k_index_S, k_seg_BxS,
+                      block)
   acc = _acc(q.dtype)
   best, _ = jax.lax.scan(step, jnp.full((q.shape[2],), jnp.finfo(acc).min, acc), blocks)
   return best.astype(F32)
+
+
+def _sizes(q_BxTxHxK, c_kv_BxSxC, k_pe_BxSxR, block: int) -> tuple[int, int]:
+  """(keys per block: the largest divisor of the sequence up to `block`, the queries' non-rotary width)."""
+  s = c_kv_BxSxC.shape[1]
+  return next(b for b in range(min(block, s), 0, -1) if s % b == 0), q_BxTxHxK.shape[-1] - k_pe_BxSxR.shape[-1]
+
+
+def _key_blocks(c_kv_BxSxC, k_pe_BxSxR, k_index_S, k_seg_BxS, block: int):
+  """What each step of a scan over key blocks reads: the block's latent, rotary key, places, documents."""
+  return tuple(_blocks(x, block) for x in (c_kv_BxSxC, k_pe_BxSxR, k_index_S, k_seg_BxS))
 
 
 def _blocks(x, block):
@@ -108,9 +115,9 @@ def _forward(q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, scale, block,
     acc = acc * corr[..., None] + jnp.einsum("bhtk,bkhd->bhtd", p.astype(v.dtype), v, preferred_element_type=acc_t)
     return (m_new, l * corr + p.sum(-1), acc), None
 
-  init = (jnp.full((b, h, t), jnp.finfo(acc_t).min, acc_t), jnp.zeros((b, h, t), acc_t), jnp.zeros((b, h, t, dv), acc_t))
-  blocks = (_blocks(c_kv, block), _blocks(k_pe, block), _blocks(k_index, block), _blocks(k_seg, block))
-  (m, l, acc), _ = jax.lax.scan(step, init, blocks)
+  init = (jnp.full((b, h, t), jnp.finfo(acc_t).min, acc_t), jnp.zeros((b, h, t), acc_t),
+          jnp.zeros((b, h, t, dv), acc_t))
+  (m, l, acc), _ = jax.lax.scan(step, init, _key_blocks(c_kv, k_pe, k_index, k_seg, block))
   out = (acc / l[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)  # [B, T, H, v]
   return out, m + jnp.log(l)
 
@@ -144,8 +151,8 @@ def _attention_bwd(scale, block, nope, res, d_out):
     dw = dw + jnp.einsum("bkc,bkhd->chd", c_blk.astype(f), d_kv)
     return (dq, dw), (d_c, dk[..., nope:].sum(2))
 
-  blocks = (_blocks(c_kv, block), _blocks(k_pe, block), _blocks(k_index, block), _blocks(k_seg, block))
-  (dq, dw), (d_c, d_pe) = jax.lax.scan(step, (jnp.zeros(q.shape, f), jnp.zeros(w_kvb.shape, f)), blocks)
+  (dq, dw), (d_c, d_pe) = jax.lax.scan(step, (jnp.zeros(q.shape, f), jnp.zeros(w_kvb.shape, f)),
+                                       _key_blocks(c_kv, k_pe, k_index, k_seg, block))
   unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])
   return (dq.astype(q.dtype), unblock(d_c).astype(c_kv.dtype), unblock(d_pe).astype(k_pe.dtype),
           dw.astype(w_kvb.dtype), None, None, None, None)

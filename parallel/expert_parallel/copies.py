@@ -28,13 +28,15 @@ from parallel.expert_parallel.ragged import how_of, ragged_a2a
 COPIES = "expert_copies"  # the jax.named_scope of the copies' moves, by which the HLO readers find them
 
 
-def _node_slots(slots_R, plan: Plan, rank, e_local: int):
-  """(home member [n_in, r_l], local index there [n_in, r_l]) of the expert each redundant slot of each
-  rank of this rank's node holds (a placement valid here: eplb.in_nodes)."""
+def _node_slots(slots_R, plan: Plan, e_local: int):
+  """(the hop inside this rank's node, home member [n_in, r_l], local index there [n_in, r_l]) of the
+  expert each redundant slot of each rank of the node holds (a placement valid here: eplb.in_nodes)."""
+  rank = jax.lax.axis_index(plan.axes)
+  _, inner = hops(plan, rank)
   n_in = plan.n_ep // plan.nodes
   r_l = slots_R.shape[0] // plan.n_ep
   held = jax.lax.dynamic_index_in_dim(slots_R.reshape(plan.nodes, n_in, r_l), rank // n_in, keepdims=False)
-  return held // e_local % n_in, held % e_local
+  return inner, held // e_local % n_in, held % e_local
 
 
 def _rows(ws):
@@ -72,11 +74,8 @@ def _make_copies(ws, slots_R, plan: Plan):
   its node, in one collective: `ragged` transports send exactly the slots each rank holds (r_l
   experts received per rank), the padded one r_l slots to every rank of the node, filled where the
   sender is the home."""
-  n_in = plan.n_ep // plan.nodes
-  r_l, e_local = slots_R.shape[0] // plan.n_ep, ws[0].shape[0]
-  rank = jax.lax.axis_index(plan.axes)
-  _, inner = hops(plan, rank)
-  home, local = _node_slots(slots_R, plan, rank, e_local)
+  inner, home, local = _node_slots(slots_R, plan, ws[0].shape[0])
+  n_in, r_l = home.shape
   if n_in == 1:
     return [w[local[0]] for w in ws]
   me = inner.member
@@ -88,7 +87,7 @@ def _make_copies(ws, slots_R, plan: Plan):
   order = jnp.argsort(~mine, stable=True)  # mine first, by (member, slot)
   how = how_of(inner, plan.transport == "ragged_emulated")
   got = ragged_a2a(how, rows[local.reshape(-1)[order]], jnp.zeros((r_l, rows.shape[1]), rows.dtype), me,
-                _copy_offsets(home, me, to_homes=False))  # [my slots by (home, slot)]
+                   _copy_offsets(home, me, to_homes=False))  # [my slots by (home, slot)]
   arrival = jnp.argsort(jnp.argsort(home[me], stable=True))
   return _unrows(got[arrival], ws)
 
@@ -96,11 +95,9 @@ def _make_copies(ws, slots_R, plan: Plan):
 def _add_copy_grads(gs, cgs, slots_R, plan: Plan):
   """`gs` ([E_l, ...], this rank's experts' gradients) plus the gradients of their copies, `cgs`
   ([r_l, ...] on each rank), each sent once to its expert's home rank (the reverse of _make_copies)."""
-  n_in = plan.n_ep // plan.nodes
-  r_l, e_local = slots_R.shape[0] // plan.n_ep, gs[0].shape[0]
-  rank = jax.lax.axis_index(plan.axes)
-  _, inner = hops(plan, rank)
-  home, local = _node_slots(slots_R, plan, rank, e_local)
+  e_local = gs[0].shape[0]
+  inner, home, local = _node_slots(slots_R, plan, e_local)
+  n_in, r_l = home.shape
   if n_in == 1:
     return [g.at[local[0]].add(cg.astype(g.dtype)) for g, cg in zip(gs, cgs)]
   me = inner.member
@@ -114,7 +111,7 @@ def _add_copy_grads(gs, cgs, slots_R, plan: Plan):
     how = how_of(inner, plan.transport == "ragged_emulated")
     out = jnp.zeros((n_in * r_l, rows.shape[1]), rows.dtype)
     arrived = ragged_a2a(how, rows[jnp.argsort(home[me], stable=True)], out, me,
-                      _copy_offsets(home, me, to_homes=True))  # the slots homed here, by (member, slot)
+                         _copy_offsets(home, me, to_homes=True))  # the slots homed here, by (member, slot)
     got = arrived[jnp.cumsum(mine) - mine]
   return [g.at[to].add(d.astype(g.dtype), mode="drop") for g, d in zip(gs, _unrows(got, gs))]
 

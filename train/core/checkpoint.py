@@ -301,7 +301,7 @@ class Checkpoints:
   def _restore_checked(self, plan: dict, target, data_iter, par):
     """(the restored state, the shards that failed their checksums on any process)."""
     path, step = plan["path"], plan["step"]
-    src = Layout(self.cfg.model.num_moe_layers, *plan["meta"].get("pipeline_layout", (1, 1)))
+    src = saved_layout(plan["meta"], self.cfg.model.num_moe_layers)
     dst = pipeline_layout(self.cfg, par)
     final, target = target, relayout_target(target, src, dst)
     items = {
@@ -441,6 +441,11 @@ class Checkpoints:
 def pipeline_layout(cfg: TrainConfig, par=None) -> Layout:
   """The pipeline layout a state built for `par` stores the MoE stack in."""
   return par.layout(cfg.model.num_moe_layers) if par is not None else Layout(cfg.model.num_moe_layers)
+
+
+def saved_layout(meta: dict, moe_layers: int) -> Layout:
+  """The pipeline layout a checkpoint (its `meta`) stores the MoE stack of `moe_layers` layers in."""
+  return Layout(moe_layers, *meta.get("pipeline_layout", (1, 1)))
 
 
 def _in_stack(path) -> bool:

@@ -19,7 +19,8 @@ from parallel.common.errors import ConfigError
 from parallel.pipeline import Layout
 from parallel.sharding import state_shardings
 from train.core.checkpoint import (checkpoint_dir, config_changes, finished_steps, pipeline_layout, read_config,
-                                   relayout, relayout_target, restore_model, step_dir, validate_step_dir)
+                                   relayout, relayout_target, restore_model, saved_layout, step_dir,
+                                   validate_step_dir)
 
 log = logging.getLogger("train")
 
@@ -43,10 +44,14 @@ def load_model(path, dtype: str = "float32", par=None) -> Transformer:
   else:
     shardings = state_shardings(abstract, par.mesh, par.rules)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-  src = Layout(cfg.model.num_moe_layers, *meta.get("pipeline_layout", (1, 1)))
-  dst = pipeline_layout(cfg, par)
-  got = relayout(restore_model(path, relayout_target(target, src, dst)), src, dst, target)
+  got = _read_weights(path, saved_layout(meta, cfg.model.num_moe_layers), target, pipeline_layout(cfg, par))
   return nnx.merge(graphdef, got["params"], got["rest"])
+
+
+def _read_weights(step: Path, src: Layout, target: dict, dst: Layout) -> dict:
+  """{"params", "rest"} of the checkpoint `step` read into `target`, its MoE stack moved from the layout
+  it was saved in (`src`) to `dst`."""
+  return relayout(restore_model(step, relayout_target(target, src, dst)), src, dst, target)
 
 
 def weights_from_run(path, target: dict, model: ModelConfig, dst: Layout) -> dict:
@@ -62,14 +67,13 @@ def weights_from_run(path, target: dict, model: ModelConfig, dst: Layout) -> dic
   meta = validate_step_dir(step)
   old = read_config(step).model
   changes = config_changes(dataclasses.asdict(old), dataclasses.asdict(model), "model.")
-  src = Layout(old.num_moe_layers, *meta.get("pipeline_layout", (1, 1)))
   try:
-    got = restore_model(step, relayout_target(target, src, dst))
+    got = _read_weights(step, saved_layout(meta, old.num_moe_layers), target, dst)
   except ConfigError as e:
     raise ConfigError(f"init_from={step}: its weights do not fit this model ({'; '.join(changes[:3]) or e})") from None
   log.info("init_from %s: weights of step %s%s", step, step.name,
            f" (model changed: {', '.join(changes)})" if changes else "")
-  return relayout(got, src, dst, target)
+  return got
 
 
 def load_any(path, dtype: str | None = None) -> Transformer:
