@@ -13,7 +13,6 @@ weights: `fp8_ragged_dot` in `ragged_ffn`; `fp8_matmul` over the 128-row blocks 
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -22,7 +21,6 @@ from flax import nnx
 
 from moe import router as router_lib
 from moe.config import ModelConfig
-from moe.kernels.expert_ffn import EXPERTS
 from moe.layers import MLP, param
 from moe.runtime import Runtime
 from parallel.common.errors import ConfigError
@@ -72,6 +70,7 @@ class RoutedExperts(nnx.Module):
     self.dtype = rt.compute_dtype
     self.fp8 = rt.fp8
     self.impl = rt.experts
+    self.expert_fn = rt.expert_fn()
     self.par = rt.par
     self.keep_exchanged = rt.ep_remat == "keep"
     self.gate_proj = param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg, rt)
@@ -133,11 +132,10 @@ class RoutedExperts(nnx.Module):
   def __call__(self, x_TxD, idx_TxK, w_TxK):
     """(sum_k w[t, k] expert_{idx[t, k]}(x[t]) [T, D], assignments dropped by expert parallelism)."""
     weights = self._weights()
-    expert_fn = functools.partial(EXPERTS[self.impl], fp8=self.fp8)
     copies = None
     if hasattr(self, "copies"):  # (cast: the training step differentiates float32 views of them)
       copies = (self.copies[...], tuple(getattr(self, n)[...].astype(w.dtype) for n, w in zip(COPY_NAMES, weights)))
-    return dispatch_combine(x_TxD.astype(self.dtype), idx_TxK, w_TxK, weights, DISPATCH_AXES, expert_fn, self.par,
+    return dispatch_combine(x_TxD.astype(self.dtype), idx_TxK, w_TxK, weights, DISPATCH_AXES, self.expert_fn, self.par,
                             self.routing, copies, self.keep_exchanged)
 
 

@@ -13,7 +13,8 @@ chosen on CPU (tests, or to compare kernels).
              blocked (moe.kernels.cpu: CPU) | fused (jax.nn.dot_product_attention) | latent (MLA over
              key blocks of the gathered latent, moe.kernels.latent_attention: the choice with
              mesh.context > 1, where each slice's queries see every key; fused also runs there)
-  experts    ragged_dot (GPU/TPU) | blocked (moe.kernels.cpu: CPU) | dense (reference, E x the work)
+  experts    megablox (Pallas grouped matmul; TPU, interpreter elsewhere) | ragged_dot (GPU; TPU with
+             precision=fp8) | blocked (moe.kernels.cpu: CPU) | dense (reference, E x the work)
   fp8_gemm   kernels (Pallas; GPUs with FP8 tensor cores, interpreter elsewhere) | xla | qdq (CPU, TPU)
              used when the compute is FP8 (`precision: fp8`; moe/kernels/fp8.py)
   ep transport  parallel.expert_parallel.resolve_transport (the mesh's `ep_transport`)
@@ -22,6 +23,7 @@ chosen on CPU (tests, or to compare kernels).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Literal
 
@@ -29,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from moe.kernels import fp8 as fp8_lib
+from moe.kernels.expert_ffn import EXPERTS
 from parallel.common.errors import ConfigError
 from parallel.common.typed_config import check_fields
 
@@ -52,7 +55,7 @@ class ImplConfig:
   repeated, all chunks' rows held; parallel/expert_parallel/exchange.py: in_chunks)."""
 
   attention: Literal["auto", "fused", "blocked", "splash", "flash", "latent"] = "auto"
-  experts: Literal["auto", "ragged_dot", "blocked", "dense"] = "auto"
+  experts: Literal["auto", "megablox", "ragged_dot", "blocked", "dense"] = "auto"
   fp8_gemm: fp8_lib.GemmChoice = "auto"
   fp8_pow2_scales: bool = False
   remat_policy: RematPolicy = "none"
@@ -108,18 +111,26 @@ class Runtime:
                         " each slice's queries against the gathered latent; set impl.attention=auto, latent or fused")
     if context == 1 and attention == "latent":
       raise ConfigError("impl.attention=latent is context-parallel attention: it needs mesh.context > 1 (use auto)")
-    experts = impl.experts if impl.experts != "auto" else "blocked" if on_cpu else "ragged_dot"
+    experts = impl.experts
+    if experts == "auto":
+      experts = "blocked" if on_cpu else "megablox" if platform == "tpu" and not fp8 else "ragged_dot"
     recipe = None
     if fp8:
-      if experts == "dense":
-        raise ConfigError("impl.experts=dense is the float reference and has no FP8 path: use auto, ragged_dot or"
-                          " blocked with precision=fp8")
+      if experts in ("dense", "megablox"):
+        raise ConfigError(f"impl.experts={experts} has no FP8 path: use auto, ragged_dot or blocked with precision=fp8")
       recipe = fp8_lib.resolve_recipe(impl.fp8_gemm, devices, impl.fp8_pow2_scales)
     rt = cls(dtype, param_dtype or dtype, attention, experts, recipe, impl.remat_policy, impl.scan_layers, par,
              platform, impl.ep_remat)
     if announce:
       log.info("impl: %s", rt.describe())
     return rt
+
+  def expert_fn(self):
+    """The routed experts' grouped matmul, expert_fn(rows, expert ids, gate, up, down)
+    (moe.kernels.expert_ffn), its FP8 recipe and, for a Pallas kernel off its hardware, the
+    interpreter bound."""
+    fn = functools.partial(EXPERTS[self.experts], fp8=self.fp8)
+    return functools.partial(fn, interpret=self.platform != "tpu") if self.experts == "megablox" else fn
 
   def describe(self) -> str:
     target = self.par.describe() if self.par is not None else f"1 {self.platform} device"

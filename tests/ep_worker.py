@@ -21,6 +21,7 @@ Prints one JSON line. The compiled steps go to the test session's persistent com
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -147,9 +148,9 @@ def dispatch():
   args = routed()
   idx = jnp.asarray(args[1])
 
-  def layer(par, copies=None):
+  def layer(par, copies=None, kernel=EXPERTS["blocked"]):
     return lambda x, w, g, u, d, *cw: expert_parallel.dispatch_combine(
-        x, idx, w, (g, u, d), DISPATCH_AXES, EXPERTS["blocked"], par, (16, 4, 2),
+        x, idx, w, (g, u, d), DISPATCH_AXES, kernel, par, (16, 4, 2),
         None if copies is None else (copies, cw))
 
   def loss(fn):
@@ -161,21 +162,24 @@ def dispatch():
   load = jnp.bincount(idx.ravel(), length=16).astype(jnp.float32)
   out = {}
   sizes = {"expert8": dict(data=1, expert=8), "d2e4": dict(data=2, expert=4), "f2e2t2": dict(data=1, fsdp=2, expert=2, tensor=2)}
-  for mesh, nodes, transport, redundant, overlap in [
-      ("expert8", 2, "padded", False, True), ("expert8", 8, "padded", True, False),
-      ("expert8", 4, "ragged", True, True), ("d2e4", 4, "ragged", False, False),
-      ("d2e4", 2, "padded", True, False), ("f2e2t2", 2, "padded", True, True)]:
+  megablox = functools.partial(EXPERTS["megablox"], interpret=True)  # TPU's kernel, in the Pallas interpreter
+  for mesh, nodes, transport, redundant, overlap, kernel in [
+      ("expert8", 2, "padded", False, True, None), ("expert8", 8, "padded", True, False, None),
+      ("expert8", 4, "ragged", True, True, None), ("d2e4", 4, "ragged", False, False, None),
+      ("d2e4", 2, "padded", True, False, None), ("f2e2t2", 2, "padded", True, True, None),
+      ("f2e2t2", 2, "ragged", True, False, megablox)]:
     n_ep = sizes[mesh]["expert"]
     par = mesh_lib.Parallelism.from_config(mesh_lib.MeshConfig(**sizes[mesh], ep_transport=transport, ep_nodes=nodes,
                                                                 ep_overlap=overlap))
     slots = eplb.place(load, n_ep, 1, nodes) if redundant else None
-    fn = layer(par, slots)
+    fn = layer(par, slots, kernel or EXPERTS["blocked"])
     make = jax.jit(lambda *ws: tuple(expert_parallel.make_copies(ws, STORED_AXES, slots, par)))
     add = jax.jit(lambda gs, cgs: expert_parallel.add_copy_grads(gs, cgs, STORED_AXES, slots, par))
     copy_w = make(*rest[1:]) if redundant else ()
     y, dropped = jax.jit(fn)(x, *rest, *copy_w)
     g = jax.jit(jax.grad(loss(fn), argnums=tuple(range(5 + len(copy_w)))))(x, *rest, *copy_w)
-    name = f"{mesh}/nodes{nodes}/{par.ep_transport}/{'copies' if redundant else 'plain'}{'/overlap' if overlap else ''}"
+    name = f"{mesh}/nodes{nodes}/{par.ep_transport}/{'copies' if redundant else 'plain'}{'/overlap' if overlap else ''}" \
+        + ("/megablox" if kernel else "")
     if redundant:
       g = g[:2] + tuple(add(g[2:5], g[5:]))
     out[name] = {"y": float(jnp.abs(y - want).max() / jnp.abs(want).max()), "dropped": int(dropped),

@@ -49,7 +49,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe import router as router_lib
 from moe.experts import DISPATCH_AXES
-from moe.kernels.expert_ffn import EXPERTS
 from parallel import eplb, expert_parallel
 from train import hlo_links, hlo_parse
 from train.bench import best_of, one_line_errors
@@ -107,7 +106,7 @@ def run(args) -> int:
   e, k = m.n_routed_experts, m.num_experts_per_tok
   n_ep = expert_parallel.ep_size(par, e)
   e_local = e // n_ep
-  expert_fn = functools.partial(EXPERTS[rt.experts], fp8=rt.fp8)
+  expert_fn = rt.expert_fn()
   load = jnp.bincount(idx.reshape(-1), length=e).astype(jnp.float32)
   r_local = par.redundant_experts // n_ep
   copies = eplb.replace(eplb.initial(n_ep, r_local, e_local), load, n_ep, r_local, par.ep_nodes) \

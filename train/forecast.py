@@ -152,21 +152,35 @@ def _float_operands(rest: str) -> list[list[int]]:
           if dtype.startswith(("f", "bf"))]
 
 
+def _grouped_matmul(ins) -> tuple[int, int] | None:
+  """(buffer rows, FLOPs over all of them) of a grouped-matmul kernel, from its shapes: libtpu's Mosaic
+  "ragged-dot-*" kernels and megablox's gmm / tgmm (impl.experts=megablox): [rows, N] from [rows, K] x
+  [groups, K, N], or a weight gradient [groups, K, N] from [rows, K]^T (tgmm: [K, rows]) x [rows, N].
+  None for any other instruction."""
+  name = ins.name
+  ragged = name.startswith("ragged-dot") and not name.startswith("ragged-dot-metadata")
+  megablox = re.fullmatch(r"t?gmm(\.\d+)?", name) and 'custom_call_target="tpu_custom_call"' in ins.rest
+  if ins.op != "custom-call" or not (ragged or megablox):
+    return None
+  out, arrays = hlo_parse.dims(ins.shape), [d for d in _constraints(ins.rest) if len(d) == 2]
+  if len(out) == 2:
+    lhs = next((d for d in arrays if d[0] == out[0]), None)
+    return (out[0], 2 * out[0] * out[1] * lhs[1]) if lhs else (0, 0)
+  if len(out) == 3 and len(arrays) >= 2:
+    rows = arrays[-1][0]  # the [rows, N] cotangent
+    return rows, 2 * rows * out[1] * out[2]
+  return 0, 0
+
+
 def _custom_call_flops(p: Program, ins) -> tuple[str, int]:
   """("ragged_dot" | "attention" | "gemm" | "custom_call", FLOPs) of a custom call, from its shapes."""
   target = re.search(r'custom_call_target="([^"]*)"', ins.rest)
   target = target.group(1) if target else ""
   if any(target == t for t in hlo_lib.GEMM_TARGETS):
     return hlo_lib.instruction_flops(ins.shape, ins.op, ins.rest, p.shapes)
-  if ins.name.startswith("ragged-dot") and not ins.name.startswith("ragged-dot-metadata"):
-    out = hlo_parse.dims(ins.shape)
-    lhs = next((d for d in _constraints(ins.rest) if len(d) == 2 and out and d[0] == out[0]), None)
-    if len(out) == 2 and lhs:  # [rows, N] from [rows, K] x [groups, K, N]
-      return "ragged_dot", 2 * out[0] * out[1] * lhs[1]
-    arrays = [d for d in _constraints(ins.rest) if len(d) == 2]
-    if len(out) == 3 and len(arrays) >= 2:  # [groups, K, N] from [rows, K]^T x [rows, N]
-      return "ragged_dot", 2 * arrays[-2][0] * out[1] * out[2]
-    return "custom_call", 0
+  grouped = _grouped_matmul(ins)
+  if grouped is not None:
+    return ("ragged_dot", grouped[1]) if grouped[1] else ("custom_call", 0)
   if ins.name.startswith("splash_mha"):
     qkv = [d for d in _float_operands(ins.rest) if len(d) >= 3][:3]  # q, k, v: [(batch,) heads, seq, dim]
     if len(qkv) == 3:
@@ -284,14 +298,15 @@ class Cost:
 
 
 def ragged_rows(hlo: str) -> int:
-  """The most rows any ragged dot of the program holds (its buffer: dropless exchanges size it for
-  the worst case, and the Mosaic kernels skip the rows no group holds)."""
+  """The most rows any grouped matmul of the program holds (its buffer: dropless exchanges size it for
+  the worst case, and the grouped kernels skip the rows no group holds)."""
   rows = 0
   for ins in hlo_parse.parse(hlo).instrs.values():
-    if ins.op == "ragged-dot" or (ins.op == "custom-call" and ins.name.startswith("ragged-dot-")
-                                  and not ins.name.startswith("ragged-dot-metadata")):
+    if ins.op == "ragged-dot":
       dims = hlo_parse.dims(ins.shape)
       rows = max(rows, dims[0] if len(dims) == 2 else 0)
+    else:
+      rows = max(rows, (_grouped_matmul(ins) or (0, 0))[0])
   return rows
 
 

@@ -3,7 +3,13 @@
 One function per implementation; `impl.experts` picks one when the model is built (moe/runtime.py).
 
   ragged_dot  rows sorted by expert, `jax.lax.ragged_dot` (FP8: moe.kernels.fp8.fp8_ragged_dot):
-              GPU/TPU, dropless, no padding
+              the GPU choice, dropless, no padding
+  megablox    rows sorted by expert, the Pallas TPU grouped matmul (megablox's gmm, whose backward is
+              gmm for the rows and tgmm for the weights): the TPU choice. libtpu compiles ragged_dot's
+              weight gradient to a dense matmul per local expert over every row of the buffer (local
+              experts x buffer rows / routed rows times the work: 256x for V3 with expert=8); tgmm
+              visits only the tiles that hold a group's rows. Elsewhere it runs in the Pallas
+              interpreter (tests).
   blocked     moe.kernels.cpu.blocked_ffn: block-padded batched matmul (the CPU choice; XLA:CPU
               lowers ragged_dot densely)
   dense       every expert on every row, the one-hot selection after: the reference (E times the work)
@@ -21,19 +27,53 @@ from moe.kernels import cpu
 from moe.kernels import fp8 as fp8_lib
 
 
+def _sorted_ffn(x_NxD, expert_N, gate_ExDxF, up_ExDxF, down_ExFxD, grouped_matmul, rows_multiple=1):
+  """Rows sorted by expert (the empty ones last, past every group; then zero rows up to a multiple of
+  `rows_multiple`), the FFN's three grouped matmuls grouped_matmul(rows, [E, K, N], sizes [E]),
+  unsorted."""
+  e, n = gate_ExDxF.shape[0], x_NxD.shape[0]
+  order = jnp.argsort(expert_N, stable=True)
+  sizes = jnp.bincount(expert_N, length=e + 1)[:e].astype(jnp.int32)
+  x_sorted = jnp.pad(x_NxD[order], ((0, -n % rows_multiple), (0, 0)))
+  h = jax.nn.silu(grouped_matmul(x_sorted, gate_ExDxF, sizes)) * grouped_matmul(x_sorted, up_ExDxF, sizes)
+  y_sorted = grouped_matmul(h, down_ExFxD, sizes)[:n]
+  return jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+
+
 def ragged_ffn(x_NxD, expert_N, gate_ExDxF, up_ExDxF, down_ExFxD, fp8=None):
-  """Rows sorted by expert (the empty ones last, past every group), three ragged_dots, unsorted."""
+  """Three ragged_dots over the rows sorted by expert."""
   if fp8 is None:
     ragged_dot = jax.lax.ragged_dot
   else:
     ragged_dot = lambda a, b, sizes: fp8_lib.fp8_ragged_dot(a, b, sizes, fp8)
-  e = gate_ExDxF.shape[0]
-  order = jnp.argsort(expert_N, stable=True)
-  sizes = jnp.bincount(expert_N, length=e + 1)[:e].astype(jnp.int32)
-  x_sorted = x_NxD[order]
-  h = jax.nn.silu(ragged_dot(x_sorted, gate_ExDxF, sizes)) * ragged_dot(x_sorted, up_ExDxF, sizes)
-  y_sorted = ragged_dot(h, down_ExFxD, sizes)
-  return jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+  return _sorted_ffn(x_NxD, expert_N, gate_ExDxF, up_ExDxF, down_ExFxD, ragged_dot)
+
+
+def _tile(size: int, largest: int) -> int:
+  """A TPU block for a dimension: the largest multiple of 128 up to `largest` that divides it, else the
+  whole dimension (Mosaic's blocks are multiples of 128 lanes or the whole array)."""
+  return next((t for t in (1024, 512, 256, 128) if t <= largest and size % t == 0), size)
+
+
+def megablox_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
+  """(rows, contraction, output) tiles for megablox: MaxText's defaults (512, 1024, 1024) where they
+  divide. Called by the kernel for each of its problems (the backward's gmm and tgmm swap k and n)."""
+  return _tile(m, 512), _tile(k, 1024), _tile(n, 1024)
+
+
+def megablox_ffn(x_NxD, expert_N, gate_ExDxF, up_ExDxF, down_ExFxD, fp8=None, interpret: bool = False):
+  """Three megablox grouped matmuls over the rows sorted by expert (zero rows up to a multiple of 512,
+  or 128 for fewer: past every group, so no tile computes them), in the rows' dtype."""
+  from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
+
+  if fp8 is not None:
+    raise ValueError("impl.experts=megablox has no FP8 path: precision=fp8 takes ragged_dot (auto)")
+  multiple = 512 if x_NxD.shape[0] > 512 else 128
+
+  def gmm(a_MxK, w_ExKxN, sizes):
+    return megablox.gmm(a_MxK, w_ExKxN, sizes, a_MxK.dtype, megablox_tiling, None, None, False, interpret)
+
+  return _sorted_ffn(x_NxD, expert_N, gate_ExDxF, up_ExDxF, down_ExFxD, gmm, rows_multiple=multiple)
 
 
 def dense_ffn(x_NxD, expert_N, gate_ExDxF, up_ExDxF, down_ExFxD, fp8=None):
@@ -46,4 +86,4 @@ def dense_ffn(x_NxD, expert_N, gate_ExDxF, up_ExDxF, down_ExFxD, fp8=None):
   return jnp.einsum("ned,ne->nd", y, jax.nn.one_hot(expert_N, e, dtype=y.dtype))
 
 
-EXPERTS = {"ragged_dot": ragged_ffn, "blocked": cpu.blocked_ffn, "dense": dense_ffn}
+EXPERTS = {"ragged_dot": ragged_ffn, "megablox": megablox_ffn, "blocked": cpu.blocked_ffn, "dense": dense_ffn}
