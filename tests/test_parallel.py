@@ -99,13 +99,15 @@ def test_constrain_and_dispatch_without_mesh():
   assert int(dropped) == 0
 
 
-def test_embedding_lookup_keeps_the_table_sharded():
-  """parallel/lookup.py on v5p-16 (8 chips, compile-only) with fsdp=4 x tensor=2: the compiled lookup
-  and its gradient all-gather only the token ids (int32), never the table, and the gradient comes out
-  sharded like the table ([V/2, D/4] per device). Its values: the 8-device training steps below."""
+@pytest.mark.parametrize("mesh", [dict(fsdp=4, tensor=2), dict(fsdp=2, context=2, tensor=2)])
+def test_embedding_lookup_keeps_the_table_sharded(mesh):
+  """parallel/lookup.py on v5p-16 (8 chips, compile-only) with fsdp=4 x tensor=2, and with `context`
+  (which shards the table's columns and the ids' sequence): the compiled lookup and its gradient
+  all-gather only the token ids (int32), never the table, and the gradient comes out sharded like the
+  table ([V/2, D/4] per device). Its values: the 8-device training steps below and test_context's."""
   from parallel import lookup, targets
 
-  par = mesh_lib.Parallelism.from_config(MeshConfig(fsdp=4, tensor=2), targets.devices(targets.parse("v5p-16")))
+  par = mesh_lib.Parallelism.from_config(MeshConfig(**mesh), targets.devices(targets.parse("v5p-16")))
   v, d = 1024, 256
   table = jax.ShapeDtypeStruct((v, d), jnp.float32, sharding=jax.sharding.NamedSharding(
       par.mesh, sharding.logical_to_spec(("vocab", "embed"), (v, d), dict(par.mesh.shape), par.rules)))
