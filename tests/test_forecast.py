@@ -146,6 +146,10 @@ def test_forecast_of_a_hand_computable_program():
   assert s["hbm_bytes"] == dot_bytes + add_bytes and s["collective_bytes"]["all-reduce"]["fast"] == ring
   assert c.time == pytest.approx((dot_bytes + add_bytes) / 1e9 + ring / 1e9)
   assert c.exposed == pytest.approx(ring / 1e9)
+  # where the time goes: the fused matmul (memory-bound), the add, then the all-reduce
+  assert [(r["what"], r["source"], r["s"]) for r in s["top"]] == [
+      ("hbm", "fusion", pytest.approx(dot_bytes / 1e9, rel=1e-3)), ("hbm", "add", pytest.approx(add_bytes / 1e9, rel=1e-3)),
+      ("all-reduce", "all-reduce", pytest.approx(ring / 1e9, rel=1e-3))]
   # asynchronous, with the matmul scheduled between its start and done: hidden under it
   overlapped = MATMUL.replace(
       "  %sum = bf16[128,512]{1,0} all-reduce(%g), channel_id=1, replica_groups={{0,1,2,3}}, to_apply=%add\n"

@@ -100,6 +100,11 @@ class Program:
     self.comps, self.instrs, self.entry, self.size = m.comps, m.instrs, m.entry, m.size
     self.shapes = {name: ins.shape for name, ins in self.instrs.items()}
     self.trips = hlo_loops.trip_counts(hlo)
+    self._stack = hlo_lib.frames(hlo)
+
+  def source(self, ins) -> str:
+    """The project source line that made an instruction (train/hlo.py: source_line), else its JAX op."""
+    return hlo_lib.source_line(ins.rest, self._stack) or hlo_parse.op_name(ins.rest) or ins.op
 
   def shape(self, name: str) -> str:
     ins = self.instrs.get(name)
@@ -283,6 +288,7 @@ class Cost:
   links: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (kind, fast|slow) -> bytes
   counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (kind, sync|async) -> n
   overlap: list = dataclasses.field(default_factory=list)  # async: (kind, comm s, compute between s, times)
+  where: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (what, source) -> s
   known: bool = True
 
   def add(self, other: "Cost", times: float = 1) -> None:
@@ -291,7 +297,8 @@ class Cost:
     self.exposed += other.exposed * times
     self.hbm += other.hbm * times
     self.known = self.known and other.known
-    for mine, theirs in ((self.flops, other.flops), (self.links, other.links), (self.counts, other.counts)):
+    for mine, theirs in ((self.flops, other.flops), (self.links, other.links), (self.counts, other.counts),
+                         (self.where, other.where)):
       for k, v in theirs.items():
         mine[k] += v * times
     self.overlap += [(k, c, b, t * times) for k, c, b, t in other.overlap]
@@ -370,33 +377,40 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         asynchronous = (ins.op.endswith("-start") or ins.op == "async-start") and '"is_sync":true' not in ins.rest
         out.counts[(kind, "async" if asynchronous else "sync")] += 1
         if asynchronous:
-          pending[ins.name] = [kind, comm, 0.0]
+          pending[ins.name] = [kind, comm, 0.0, p.source(ins)]
         else:
           out.exposed += comm
           out.time += comm
+          out.where[(kind, p.source(ins))] += comm
       elif ins.op.endswith("-done") or ins.op.endswith("-update"):
         for o in hlo_parse.operands(ins.rest):
           if o in pending:
-            kind, comm, between = pending.pop(o)
+            kind, comm, between, source = pending.pop(o)
             if ins.op.endswith("-update"):
-              pending[ins.name] = [kind, comm, between]
+              pending[ins.name] = [kind, comm, between, source]
               break
             wait = max(0.0, comm - between)
             out.overlap.append((kind, comm, between, 1))
             out.exposed += wait
             out.time += wait
+            out.where[(kind, source)] += wait
             break
       else:
         t, flops, hbm = kernel_time(ins)
         out.flops.update(flops)
         out.hbm += hbm
         out.compute += t
+        if t:
+          matmul = sum(v for k, v in flops.items() if k not in ("other", "ragged_dot_buffer"))
+          bound = "matmul" if matmul / (chip.peak_bf16 or 1) >= hbm / chip.hbm_bw else "hbm"
+          out.where[(bound, p.source(ins))] += t
       out.time += t
       for entry in pending.values():
         entry[2] += t
-    for kind, comm, between in pending.values():  # a start without its done in this computation
+    for kind, comm, between, source in pending.values():  # a start without its done in this computation
       out.exposed += comm
       out.time += comm
+      out.where[(kind, source)] += comm
     memo[c] = out
     return out
 
@@ -422,7 +436,16 @@ def summary(cost: Cost) -> dict:
   return {"flops": {**matmul, "matmul": sum(matmul.values()), **buffer, "other": int(cost.flops.get("other", 0))},
           "hbm_bytes": round(cost.hbm), "collective_bytes": links,
           "async": {k: {"count": round(v[0]), "comm_s": v[1], "hidden_s": v[2]} for k, v in sorted(overlap.items())},
-          "trip_counts_known": cost.known}
+          "trip_counts_known": cost.known, "top": top(cost)}
+
+
+def top(cost: Cost, n: int = 12) -> list[dict]:
+  """Where the step's time goes: the `n` costliest (what, source) pairs, what being "matmul" or "hbm"
+  for a kernel (whichever bounds it) or a collective's kind (its exposed time), source the project line
+  that made it; seconds and share of the step."""
+  rows = sorted(cost.where.items(), key=lambda kv: -kv[1])[:n]
+  return [{"what": what, "source": source, "s": float(f"{t:.4g}"), "share": round(t / cost.time, 3) if cost.time else 0}
+          for (what, source), t in rows]
 
 
 def report(cost: Cost, chip: Chip, *, tokens: int, model_flops: float, chips: int, devices: int,

@@ -217,7 +217,7 @@ def scoped_collectives(hlo: str, scope: str) -> list[dict]:
 _LIVE = re.compile(r"\s+([\w.\-]+)\{([0-9,]*)\}: (\d+) bytes")
 
 
-def _frames(hlo: str):
+def frames(hlo: str):
   """stack_frame_id -> [(file, function, line)] innermost first, from the module's frame tables."""
   tables = {}
   for section in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
@@ -261,7 +261,7 @@ def _callers(m: hlo_parse.Module) -> dict[str, str]:
   return out
 
 
-def _source(line: str, stack, project) -> str:
+def source_line(line: str, stack, project=("moe/", "parallel/", "train/")) -> str:
   """The source line that made an instruction: its source_file metadata, else the innermost frame of
   its stack in the project (`project` path parts), "path:line (function)"."""
   source = re.search(r'source_file="([^"]*)" source_line=(\d+)', line)
@@ -282,7 +282,7 @@ def peak_buffers(hlo: str, live_ranges: str, top: int = 10, project=("moe/", "pa
   (peak)"), each with its bytes, array, the instruction and opcode that made it, the JAX op and the
   innermost source line in the project (`project` path parts) that made it."""
   m = hlo_parse.parse(hlo)
-  caller, stack = _callers(m), _frames(hlo)
+  caller, stack = _callers(m), frames(hlo)
   rows = []
   for size, name, index in _live_at_peak(live_ranges)[:top]:
     ins = m.instrs.get(name)
@@ -295,5 +295,5 @@ def peak_buffers(hlo: str, live_ranges: str, top: int = 10, project=("moe/", "pa
       shape = elements[i] if i < len(elements) else shape
     rows.append({"bytes": size, "array": hlo_parse.first_array(shape) or shape,
                  "instruction": name + (f"{{{index}}}" if index else ""), "op": op,
-                 "jax_op": hlo_parse.op_name(line) or "", "source": _source(line, stack, project)})
+                 "jax_op": hlo_parse.op_name(line) or "", "source": source_line(line, stack, project)})
   return rows
