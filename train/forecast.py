@@ -16,13 +16,16 @@ How it counts (one device; SPMD programs run the same on all):
   libtpu's Mosaic kernels "ragged-dot-*": 2 x rows x K x N), cuBLAS GEMM custom calls, the splash
   attention kernels (causal: half the blocks; forward 2 matmuls, dq 3, dkv 4, from q, k, v's
   shapes), and "other": one FLOP per element each elementwise or reduce operation makes.
-- HBM bytes: each kernel's operands and results (a fusion's, not its insides), less what lives
+- HBM bytes: each kernel's operands and results (a fusion's, not its insides; a grouped matmul's row
+  arrays at the fill of its buffer, train.aot's `ragged_fill`), less what lives
   on chip (TPU: arrays in memory space S(1), VMEM), a fusion's operand that only feeds dynamic
   slices or gathers counting the slices, an in-place dynamic-update-slice its update.
 - Collectives: bytes each device puts on a link (ring algorithms): all-gather (n-1)/n x result,
   reduce-scatter (n-1)/n x operand, all-reduce 2(n-1)/n x operand, all-to-all (n-1)/n x operand
-  (the part to members behind the slow link on it), ragged all-to-all as all-to-all of its input
-  buffer (an upper figure: the buffer is sized for the worst case), collective-permute its
+  (the part to members behind the slow link on it), ragged all-to-all as all-to-all of the smaller
+  of its input and output buffers (an upper figure: a device sends no more than its input holds, and
+  receives, as much as it sends under balanced routing, no more than its output holds; the dropless
+  exchange sizes the receiving side for the worst case, n_ep x the balanced rows), collective-permute its
   operand, send (a TPU cross-slice transfer) its buffer. A group that spans granules (GPU hosts, TPU
   slices) runs at the slow link's rate (its ring crosses it), all-to-alls split by members.
 - Time: each kernel max(matmul FLOPs / peak, HBM bytes / HBM bandwidth) (f8 operands at the fp8
@@ -177,6 +180,16 @@ def _grouped_matmul(ins) -> tuple[int, int] | None:
   return 0, 0
 
 
+def _grouped_bytes(p: Program, ins, fill: float) -> float:
+  """HBM bytes of a grouped-matmul kernel: its row arrays (the [rows, K] operands, and a [rows, N]
+  result) at `fill`, as it visits only the tiles of rows some group holds, and its weight arrays (the
+  [groups, K, N] operand or result) whole, read once."""
+  arrays = [hlo_parse.first_array(p.shape(o)) for o in hlo_parse.operands(ins.rest)] + [hlo_parse.first_array(ins.shape)]
+  rows = sum(hlo_parse.shape_bytes(a) for a in arrays if a and len(hlo_parse.dims(a)) == 2)
+  weights = sum(hlo_parse.shape_bytes(a) for a in arrays if a and len(hlo_parse.dims(a)) == 3)
+  return rows * fill + weights
+
+
 def _custom_call_flops(p: Program, ins) -> tuple[str, int]:
   """("ragged_dot" | "attention" | "gemm" | "custom_call", FLOPs) of a custom call, from its shapes."""
   target = re.search(r'custom_call_target="([^"]*)"', ins.rest)
@@ -262,7 +275,7 @@ def _link_bytes(p: Program, kind: str, ins, granule) -> tuple[float, float, int]
   result = hlo_parse.shape_bytes(ins.shape if not ins.shape.startswith("(") or kind == "all-to-all"
                                else hlo_parse.tuple_elements(ins.shape)[-1])
   data = {"all-gather": result, "reduce-scatter": sum(sizes), "all-reduce": 2 * sum(sizes),
-          "all-to-all": sum(sizes), "ragged-all-to-all": sizes[0] if sizes else 0}[kind]
+          "all-to-all": sum(sizes), "ragged-all-to-all": min(sizes[:2]) if sizes else 0}[kind]
   fast = slow = 0.0
   n = max(map(len, groups), default=1)
   for group in groups:
@@ -332,7 +345,7 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
       flops["ragged_dot_buffer"] = flops["ragged_dot"]
       flops["ragged_dot"] = flops["ragged_dot"] * ragged_fill
     matmul = sum(v for k, v in flops.items() if k not in ("other", "ragged_dot_buffer"))
-    hbm = _kernel_bytes(p, ins)
+    hbm = _grouped_bytes(p, ins, ragged_fill) if _grouped_matmul(ins) else _kernel_bytes(p, ins)
     return max(matmul / (chip.peak_fp8 if fp8 else chip.peak_bf16), hbm / chip.hbm_bw), flops, hbm
 
   def run(c: str, seen=()) -> Cost:

@@ -27,17 +27,30 @@ from moe.kernels import cpu
 from moe.kernels import fp8 as fp8_lib
 
 
+@jax.custom_vjp
+def _permute(x_NxD, perm_N, inverse_N):
+  """x[perm] for a permutation perm of the rows (inverse = argsort(perm)); its gradient is the inverse
+  permutation, a gather too, not the scatter-add JAX writes for a gather's transpose (over a dropless
+  exchange's worst-case buffer, V3's largest memory-bound kernels)."""
+  return x_NxD[perm_N]
+
+
+_permute.defvjp(lambda x, perm, inverse: (x[perm], (perm, inverse)),
+                lambda res, ct: (ct[res[1]], None, None))
+
+
 def _sorted_ffn(x_NxD, expert_N, gate_ExDxF, up_ExDxF, down_ExFxD, grouped_matmul, rows_multiple=1):
   """Rows sorted by expert (the empty ones last, past every group; then zero rows up to a multiple of
   `rows_multiple`), the FFN's three grouped matmuls grouped_matmul(rows, [E, K, N], sizes [E]),
   unsorted."""
   e, n = gate_ExDxF.shape[0], x_NxD.shape[0]
   order = jnp.argsort(expert_N, stable=True)
+  inverse = jnp.argsort(order)
   sizes = jnp.bincount(expert_N, length=e + 1)[:e].astype(jnp.int32)
-  x_sorted = jnp.pad(x_NxD[order], ((0, -n % rows_multiple), (0, 0)))
+  x_sorted = jnp.pad(_permute(x_NxD, order, inverse), ((0, -n % rows_multiple), (0, 0)))
   h = jax.nn.silu(grouped_matmul(x_sorted, gate_ExDxF, sizes)) * grouped_matmul(x_sorted, up_ExDxF, sizes)
   y_sorted = grouped_matmul(h, down_ExFxD, sizes)[:n]
-  return jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+  return _permute(y_sorted, inverse, order)
 
 
 def ragged_ffn(x_NxD, expert_N, gate_ExDxF, up_ExDxF, down_ExFxD, fp8=None):
