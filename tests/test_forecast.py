@@ -269,3 +269,32 @@ def test_device_check_without_a_gpu(capsys, monkeypatch):
   assert device_check.missing([("x", ["-m", "train.nothing", "configs/none.yaml"], 1)]) == [
       "module train.nothing", "configs/none.yaml"]
   assert device_check.target_of("NVIDIA H100 80GB HBM3") == "h100x1" and device_check.target_of("Tesla T4") is None
+
+
+# megablox's gmm (a Pallas TPU kernel: [rows, K] x [groups, K, N] -> [rows, N]) on a worst-case buffer of 512
+# rows, and the ragged all-to-all that sends its rows back into a 2048-row buffer.
+GROUPED = """HloModule m, is_scheduled=true, num_partitions=4
+
+ENTRY %main (x: bf16[512,128], w: bf16[4,128,256], sizes: s32[4], buf: bf16[2048,256], off: s64[4]) -> bf16[2048,256] {
+  %x = bf16[512,128]{1,0} parameter(0)
+  %w = bf16[4,128,256]{2,1,0} parameter(1)
+  %sizes = s32[4]{0} parameter(2)
+  %buf = bf16[2048,256]{1,0} parameter(3)
+  %off = s64[4]{0} parameter(4)
+  %gmm.3 = bf16[512,256]{1,0} custom-call(%sizes, %x, %w), custom_call_target="tpu_custom_call", operand_layout_constraints={s32[4]{0}, bf16[512,128]{1,0}, bf16[4,128,256]{2,1,0}}
+  ROOT %back = bf16[2048,256]{1,0} ragged-all-to-all(%gmm.3, %buf, %off, %off, %off, %off), replica_groups={{0,1,2,3}}
+}
+"""
+
+
+def test_grouped_matmul_and_ragged_exchange_count_what_they_touch():
+  """A grouped matmul counts its FLOPs and its row arrays at the buffer's fill (the kernel visits only the
+  tiles of routed rows) and its weights whole; a ragged all-to-all counts the smaller of its buffers."""
+  chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e9, 1e8)
+  c = forecast.costs(GROUPED, chip, ragged_fill=0.25)
+  s = forecast.summary(c)
+  assert s["flops"]["ragged_dot"] == 0.25 * 2 * 512 * 128 * 256
+  assert s["flops"]["ragged_dot_buffer"] == 2 * 512 * 128 * 256
+  assert s["hbm_bytes"] == 0.25 * 2 * (512 * 128 + 512 * 256) + 2 * 4 * 128 * 256
+  assert s["collective_bytes"]["ragged-all-to-all"]["fast"] == 2 * 512 * 256 * 3 / 4  # the 512-row input, not 2048
+  assert forecast.ragged_rows(GROUPED) == 512
