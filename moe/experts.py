@@ -102,15 +102,14 @@ class RoutedExperts(nnx.Module):
   def replace_copies(self, load_E, step):
     """After `step` steps: every `redundant_every`-th, the copies re-placed for the loads `load_E`
     ([E], or [L, E] for a stack of layers), keeping the old placement where the new one would not
-    lower the max/mean rank load (eplb.replace); in every step made valid for this mesh (a placement
-    restored from another one: eplb.in_nodes). Call `make_copies` after it."""
+    lower the max/mean rank load (eplb.replace). A placement is valid for this mesh by construction,
+    or made so where it was restored (`valid_placements`). Call `make_copies` after it."""
     n_ep, r_local, nodes, every = self.placement
-    e = load_E.shape[-1]
-    per_layer = lambda fn: (lambda *a: jax.vmap(fn)(*a)) if load_E.ndim == 2 else fn
-    replace = per_layer(lambda old, load: eplb.replace(old, load, n_ep, r_local, nodes))
-    valid = per_layer(lambda old: eplb.in_nodes(old, e, n_ep, nodes))
+    replace = lambda old, load: eplb.replace(old, load, n_ep, r_local, nodes)
+    if load_E.ndim == 2:
+      replace = jax.vmap(replace)
     old = self.copies[...]
-    self.copies[...] = jax.lax.cond(step % every == 0, lambda: replace(old, load_E), lambda: valid(old))
+    self.copies[...] = jax.lax.cond(step % every == 0, lambda: replace(old, load_E), lambda: old)
 
   def make_copies(self):
     """The copies' weights from the experts' current ones and placement: per layer one exchange inside
@@ -137,6 +136,18 @@ class RoutedExperts(nnx.Module):
       copies = (self.copies[...], tuple(getattr(self, n)[...].astype(w.dtype) for n, w in zip(COPY_NAMES, weights)))
     return dispatch_combine(x_TxD.astype(self.dtype), idx_TxK, w_TxK, weights, DISPATCH_AXES, self.expert_fn, self.par,
                             self.routing, copies, self.keep_exchanged)
+
+
+def valid_placements(rest, n_experts: int, n_ep: int, nodes: int):
+  """`rest` (a model's non-parameter state) with each redundant-expert placement (`copies`, [R] or [L, R])
+  made valid for a mesh of `n_ep` expert-parallel ranks in `nodes` nodes: a placement restored from a
+  checkpoint of another mesh (another mesh.expert or ep_nodes) has each slot whose copy was made for
+  an expert of another node marked empty (eplb.usable: nothing is routed there) until the next
+  re-placement. Called where placements are restored (resume, init_from, the tools), so that no
+  forward checks them."""
+  fix = jax.jit(jnp.vectorize(lambda s: eplb.usable(s, n_experts, n_ep, nodes), signature="(r)->(r)"))
+  holds_copies = lambda path: any(getattr(k, "key", None) == "copies" for k in path)
+  return jax.tree_util.tree_map_with_path(lambda path, leaf: fix(leaf) if holds_copies(path) else leaf, rest)
 
 
 def split_copies(rest):

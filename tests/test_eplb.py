@@ -329,3 +329,17 @@ def test_usable_empties_slots_made_for_another_mesh():
   assert 3 * 3 + 2 not in phys.tolist() and (phys == 3 * 3 + 2).sum() == 0  # rank 3's redundant slot
   logical = logical_of_physical(slots, 8, 4)
   assert (logical[np.asarray(phys)] == np.asarray(idx)).all()
+
+
+def test_restored_placements_are_made_valid_once():
+  """Where a checkpoint is restored (resume, init_from, the tools: train/core/model_io.valid_copies),
+  each layer's placement in the model's state gets usable's empty slots; nothing else changes, and the
+  forward (parallel/expert_parallel/dispatch.py) uses the placement as it is."""
+  from moe.experts import valid_placements
+
+  stacked = jnp.asarray([[3, 0, 7, 1], [3, 0, 7, 6]])  # two layers: the first restored from another mesh
+  rest = {"layers": {"experts": {"copies": stacked, "bias": jnp.ones(8)}}, "mtp": {"experts": {"copies": stacked[1]}}}
+  got = valid_placements(rest, 8, 4, 2)
+  assert got["layers"]["experts"]["copies"].tolist() == [[3, 0, 7, 8], [3, 0, 7, 6]]
+  assert got["mtp"]["experts"]["copies"].tolist() == [3, 0, 7, 6]
+  assert got["layers"]["experts"]["bias"].tolist() == [1.0] * 8

@@ -105,7 +105,7 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
     if slots_R is not None:  # this rank's copies follow its own experts
       k = len(ws) // 2
       ws = [jnp.concatenate([a, c.astype(a.dtype)]) for a, c in zip(ws[:k], ws[k:])]
-      idx = eplb.physical_ids(idx, eplb.usable(slots_R, n_ep * e_local, n_ep, nodes), n_ep * e_local, n_ep)
+      idx = eplb.physical_ids(idx, slots_R, n_ep * e_local, n_ep)
     y, dropped = fn(x, idx, w, *ws)
     return y, jax.lax.psum(dropped, tuple(token_axes)) if token_axes else dropped
 

@@ -193,7 +193,7 @@ def state_from_run(cfg: TrainConfig, s: Setup, path: str, layout) -> dict:
   newest, or one step directory), a fresh optimizer state and step 0: a long-context stage started from
   pre-training, at another seq_len and with YaRN (model_io.weights_from_run says what may differ)."""
   target = {k: s.abstract_state[k] for k in ("params", "rest")}
-  got = model_io.weights_from_run(path, target, cfg.model, checkpoint_lib.pipeline_layout(cfg, s.par))
+  got = model_io.weights_from_run(path, target, cfg.model, checkpoint_lib.pipeline_layout(cfg, s.par), s.par)
   return with_fresh_optimizer(s, got["params"], got["rest"], layout)
 
 
@@ -310,7 +310,9 @@ def _train(cfg: TrainConfig, stop, progress: bool, peak_flops: float | None) -> 
       built = build(cfg, par, init_from=cfg.init_from if plan is None else None)
       start = 0
       if plan is not None:
-        built, start = built._replace(state=ckpt.restore(plan, built.state, batches, par)), plan["step"]
+        state = ckpt.restore(plan, built.state, batches, par)
+        state["rest"] = model_io.valid_copies(state["rest"], cfg.model, par)  # (restored from another mesh?)
+        built, start = built._replace(state=state), plan["step"]
     except BaseException:
       ckpt.close()
       raise

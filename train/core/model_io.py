@@ -13,9 +13,11 @@ from flax import nnx
 
 from moe import hf
 from moe.config import ModelConfig
+from moe.experts import valid_placements
 from moe.model import Transformer
 from moe.runtime import Runtime
 from parallel.common.errors import ConfigError
+from parallel.expert_parallel import ep_size
 from parallel.pipeline import Layout
 from parallel.sharding import state_shardings
 from train.core.checkpoint import (checkpoint_dir, config_changes, finished_steps, pipeline_layout, read_config,
@@ -44,17 +46,28 @@ def load_model(path, dtype: str = "float32", par=None) -> Transformer:
   else:
     shardings = state_shardings(abstract, par.mesh, par.rules)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-  got = _read_weights(path, saved_layout(meta, cfg.model.num_moe_layers), target, pipeline_layout(cfg, par))
+  got = _read_weights(path, saved_layout(meta, cfg.model.num_moe_layers), target, pipeline_layout(cfg, par), cfg.model,
+                      par)
   return nnx.merge(graphdef, got["params"], got["rest"])
 
 
-def _read_weights(step: Path, src: Layout, target: dict, dst: Layout) -> dict:
+def valid_copies(rest, model: ModelConfig, par):
+  """`rest` with its redundant experts' placements valid on `par`'s mesh, as restored from a checkpoint
+  (moe.experts.valid_placements)."""
+  if par is None or not par.redundant_experts:
+    return rest
+  e = model.n_routed_experts
+  return valid_placements(rest, e, ep_size(par, e), par.ep_nodes)
+
+
+def _read_weights(step: Path, src: Layout, target: dict, dst: Layout, model: ModelConfig, par) -> dict:
   """{"params", "rest"} of the checkpoint `step` read into `target`, its MoE stack moved from the layout
-  it was saved in (`src`) to `dst`."""
-  return relayout(restore_model(step, relayout_target(target, src, dst)), src, dst, target)
+  it was saved in (`src`) to `dst`, its redundant experts placed for `par`'s mesh."""
+  got = relayout(restore_model(step, relayout_target(target, src, dst)), src, dst, target)
+  return {**got, "rest": valid_copies(got["rest"], model, par)}
 
 
-def weights_from_run(path, target: dict, model: ModelConfig, dst: Layout) -> dict:
+def weights_from_run(path, target: dict, model: ModelConfig, dst: Layout, par=None) -> dict:
   """{"params", "rest"} of another training run, for a new run that starts from its weights (a long-context
   stage after pre-training: another seq_len, YaRN added), read into `target` (ShapeDtypeStructs with
   the new run's shardings, its MoE stack in `dst`'s layout). `path`: a run directory (its newest
@@ -68,7 +81,7 @@ def weights_from_run(path, target: dict, model: ModelConfig, dst: Layout) -> dic
   old = read_config(step).model
   changes = config_changes(dataclasses.asdict(old), dataclasses.asdict(model), "model.")
   try:
-    got = _read_weights(step, saved_layout(meta, old.num_moe_layers), target, dst)
+    got = _read_weights(step, saved_layout(meta, old.num_moe_layers), target, dst, model, par)
   except ConfigError as e:
     raise ConfigError(f"init_from={step}: its weights do not fit this model ({'; '.join(changes[:3]) or e})") from None
   log.info("init_from %s: weights of step %s%s", step, step.name,
