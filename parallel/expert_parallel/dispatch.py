@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+import logging
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,8 @@ from parallel.common.errors import ConfigError
 from parallel.expert_parallel.exchange import exchange, in_chunks, in_halves, local
 from parallel.expert_parallel.plan import Plan, axes_of, dropless_chunks, ranks_per_token
 
+log = logging.getLogger("train")
+
 
 def ep_size(par, n_experts: int) -> int:
   """Expert-parallel ranks the `n_experts` routed experts split over on `par`'s mesh."""
@@ -22,6 +25,82 @@ def ep_size(par, n_experts: int) -> int:
     return 1
   spec = sharding_lib.logical_to_spec(("expert",), (n_experts,), dict(par.mesh.shape), dict(par.rules), "experts")
   return math.prod(par.mesh.shape[a] for a in axes_of(spec[0] if len(spec) else None))
+
+
+class Layout(NamedTuple):
+  """What `dispatch_combine` decides for one shape of MoE layer on a mesh: made once per run (cached
+  by `layout`) and logged when first made."""
+
+  mesh: object  # the mesh to shard_map over (abstract inside the pipeline)
+  free: frozenset  # its automatic axes, made manual by the shard_map
+  weight_specs: tuple  # each weight's spec inside: expert axes first, then tensor-parallel dims
+  tok: P  # the tokens' spec: batch, expert and context axes
+  token_axes: tuple[str, ...]
+  tp_axes: tuple[str, ...]  # the experts' partial outputs summed over these (tensor parallelism)
+  plan: Plan | None  # the exchange (None: one expert-parallel rank)
+  chunks: int  # consecutive slices of the tokens through the dropless exchange
+
+  def describe(self) -> str:
+    if self.plan is None:
+      return f"experts on one rank per token group ({'x'.join(self.token_axes)})"
+    p = self.plan
+    how = "dropless" if p.capacity_factor is None else f"capacity factor {p.capacity_factor}"
+    return (f"expert-parallel exchange over {'x'.join(p.axes)}={p.n_ep} ({p.transport}, {how},"
+            f" {p.nodes} node(s), at most {p.nodes_per_token} a token), in {self.chunks} chunk(s);"
+            f" tokens over {'x'.join(self.token_axes)}" + (f", tensor-parallel over {'x'.join(self.tp_axes)}"
+                                                          if self.tp_axes else ""))
+
+
+@functools.lru_cache(maxsize=None)
+def layout(par, mesh, shape_items: tuple, free: frozenset, t: int, k: int, weight_shapes: tuple, weight_axes: tuple,
+           routing: tuple | None) -> Layout:
+  """The Layout for `t` tokens of top-`k` and the experts' weights (shapes, logical axes) on `par`'s
+  mesh as seen here (`sharding_lib.context`: `mesh`, its axis sizes, its automatic axes)."""
+  shape, rules = dict(shape_items), dict(par.rules)
+
+  def full_spec(wshape, axes):
+    spec = tuple(sharding_lib.logical_to_spec(axes, wshape, shape, rules, "experts"))
+    return spec + (None,) * (len(wshape) - len(spec))
+
+  specs = [full_spec(ws, a) for ws, a in zip(weight_shapes, weight_axes)]
+  ep_axes = axes_of(specs[0][0])
+  n_ep = math.prod(shape[a] for a in ep_axes)
+
+  # Token axes: the batch axes, plus the expert axes (each EP rank must hold its own tokens), then the
+  # axes that split each sequence (context parallelism): [batch * seq] flattened, as the tokens lie.
+  batch_axes = [a for a in rules.get("batch", ()) if shape.get(a, 1) > 1 and a not in ep_axes]
+  seq_axes = [a for a in rules.get("seq", ()) if shape.get(a, 1) > 1 and a not in ep_axes + tuple(batch_axes)]
+  token_axes = list(batch_axes) + list(ep_axes) + seq_axes
+  if t % n_ep:
+    raise ValueError(f"expert parallelism: {t} tokens do not divide over {'x'.join(ep_axes)}={n_ep}")
+  while t % math.prod(shape[a] for a in token_axes):
+    token_axes.remove(batch_axes.pop())
+  # The experts' other dimensions: sharded over the non-token axes (tensor parallelism), whose
+  # partial outputs are summed.
+  inner = [tuple(tuple(a for a in axes_of(s) if a not in token_axes) for s in spec[1:]) for spec in specs]
+  tp_axes = tuple(dict.fromkeys(a for dims in inner for axes in dims for a in axes))
+  ep = ep_axes if ep_axes else None
+  weight_specs = tuple(P(ep, *(axes or None for axes in dims)) for dims in inner)
+  tok = P(tuple(token_axes) if token_axes else None)
+
+  t_local = t // math.prod(shape[a] for a in token_axes)
+  e_local = weight_shapes[0][0] // n_ep
+  chunks = dropless_chunks(t_local, k, n_ep, e_local, par.ep_chunks) if par.dropless and n_ep > 1 else 1
+  nodes = par.ep_nodes
+  if n_ep % nodes:
+    raise ConfigError(f"mesh.ep_nodes={nodes} does not divide the {n_ep} expert-parallel ranks"
+                      f" ({'x'.join(ep_axes) or 'expert'}={n_ep})")
+  plan = None
+  if n_ep > 1:
+    n_experts, n_group, topk_group = routing or (n_ep * e_local, 1, 1)
+    plan = Plan(ep_axes, n_ep, nodes, par.ep_transport, par.capacity_factor,
+                ranks_per_token(n_experts, nodes, k, n_group, topk_group))
+  if par.ep_overlap and n_ep > 1 and t_local % (2 * chunks):
+    raise ConfigError(f"mesh.ep_overlap: the {t_local} tokens of each expert-parallel rank do not split into"
+                      f" {chunks} chunk(s) of two halves")
+  out = Layout(mesh, free, weight_specs, tok, tuple(token_axes), tp_axes, plan, chunks)
+  log.info("MoE layer of %d tokens: %s", t, out.describe())
+  return out
 
 
 def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight_axes: Sequence[tuple],
@@ -47,57 +126,22 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
   mesh, shape, free = sharding_lib.context(par)  # (inside the pipeline, `stage` is already manual)
   if math.prod(shape.values()) == 1:
     return local(x_TxD, idx_TxK, w_TxK, *weights, expert_fn=expert_fn)
-  rules = dict(par.rules)
-
-  def full_spec(wt, axes):
-    spec = tuple(sharding_lib.logical_to_spec(axes, wt.shape, shape, rules, "experts"))
-    return spec + (None,) * (wt.ndim - len(spec))
-
-  specs = [full_spec(wt, a) for wt, a in zip(weights, weight_axes)]
-  ep_axes = axes_of(specs[0][0])
-  n_ep = math.prod(shape[a] for a in ep_axes)
-
-  # Token axes: the batch axes, plus the expert axes (each EP rank must hold its own tokens), then the
-  # axes that split each sequence (context parallelism): [batch * seq] flattened, as the tokens lie.
-  t = x_TxD.shape[0]
-  batch_axes = [a for a in rules.get("batch", ()) if shape.get(a, 1) > 1 and a not in ep_axes]
-  seq_axes = [a for a in rules.get("seq", ()) if shape.get(a, 1) > 1 and a not in ep_axes + tuple(batch_axes)]
-  token_axes = list(batch_axes) + list(ep_axes) + seq_axes
-  if t % n_ep:
-    raise ValueError(f"expert parallelism: {t} tokens do not divide over {'x'.join(ep_axes)}={n_ep}")
-  while t % math.prod(shape[a] for a in token_axes):
-    token_axes.remove(batch_axes.pop())
-  # The experts' other dimensions: sharded over the non-token axes (tensor parallelism), whose
-  # partial outputs are summed.
-  inner = [tuple(tuple(a for a in axes_of(s) if a not in token_axes) for s in spec[1:]) for spec in specs]
-  tp_axes = tuple(dict.fromkeys(a for dims in inner for axes in dims for a in axes))
-  ep = ep_axes if ep_axes else None
-  weight_specs = [P(ep, *(axes or None for axes in dims)) for dims in inner]
-  tok = P(tuple(token_axes) if token_axes else None)
+  lay = layout(par, mesh, tuple(shape.items()), free, x_TxD.shape[0], idx_TxK.shape[1],
+               tuple(w.shape for w in weights), tuple(weight_axes), routing)
 
   def local_fn(rows, expert, *ws):
     y = expert_fn(rows, expert, *ws)
-    return jax.lax.psum(y, tp_axes) if tp_axes else y
+    return jax.lax.psum(y, lay.tp_axes) if lay.tp_axes else y
 
-  t_local = t // math.prod(shape[a] for a in token_axes)
-  k, e_local = idx_TxK.shape[1], weights[0].shape[0] // n_ep
-  chunks = dropless_chunks(t_local, k, n_ep, e_local, par.ep_chunks) if par.dropless and n_ep > 1 else 1
-  nodes = par.ep_nodes
-  if n_ep % nodes:
-    raise ConfigError(f"mesh.ep_nodes={nodes} does not divide the {n_ep} expert-parallel ranks"
-                      f" ({'x'.join(ep_axes) or 'expert'}={n_ep})")
-  if n_ep == 1:
+  if lay.plan is None:
     fn = functools.partial(local, expert_fn=local_fn)
   else:
-    n_experts, n_group, topk_group = routing or (n_ep * e_local, 1, 1)
-    plan = Plan(ep_axes, n_ep, nodes, par.ep_transport, par.capacity_factor,
-                ranks_per_token(n_experts, nodes, k, n_group, topk_group))
-    fn = functools.partial(exchange, expert_fn=local_fn, plan=plan)
-  if par.ep_overlap and n_ep > 1:
-    if t_local % (2 * chunks):
-      raise ConfigError(f"mesh.ep_overlap: the {t_local} tokens of each expert-parallel rank do not split into"
-                        f" {chunks} chunk(s) of two halves")
+    fn = functools.partial(exchange, expert_fn=local_fn, plan=lay.plan)
+  if par.ep_overlap and lay.plan is not None:
     fn = in_halves(fn)
+  chunks, token_axes, weight_specs, tok = lay.chunks, lay.token_axes, lay.weight_specs, lay.tok
+  n_ep = lay.plan.n_ep if lay.plan is not None else 1
+  e_local = weights[0].shape[0] // n_ep
   fn = in_chunks(fn, chunks, keep_exchanged)
   slots, copy_weights = (None, ()) if copies is None or n_ep == 1 else copies
 
