@@ -3,7 +3,8 @@
   y = shared(x) + sum_k w_k expert_{i_k}(x),   expert(x) = down(silu(x gate) * (x up))
 
 The routed experts run dropless: each (token, k) assignment is one row for the grouped matmul the
-Runtime chose (moe/kernels/expert_ffn.py: ragged_dot on GPU/TPU, block-padded batched matmul on CPU).
+Runtime chose (moe/kernels/expert_ffn.py: megablox on TPU, ragged_dot on GPU, block-padded batched matmul on
+CPU).
 With a multi-device mesh the rows first go to the ranks that own their experts
 (parallel.expert_parallel.dispatch_combine, which is handed the grouped matmul as its expert_fn).
 
