@@ -348,8 +348,10 @@ def test_precision_fp8_maps_to_the_runtime():
   assert "quantise->dequantise" in rt.fp8.describe()  # CPU: the emulated path, said so
   for choice, want in (("xla", fp8.Recipe("xla")), ("kernels", fp8.Recipe("kernels", interpret=True))):
     assert Runtime.resolve(ImplConfig(fp8_gemm=choice), fp8=True, announce=False).fp8 == want
-  with pytest.raises(ConfigError, match="dense is the float reference"):
+  with pytest.raises(ConfigError, match="impl.experts=dense has no FP8 path"):
     Runtime.resolve(ImplConfig(experts="dense"), fp8=True, announce=False)
+  with pytest.raises(ConfigError, match="impl.experts=megablox has no FP8 path"):
+    Runtime.resolve(ImplConfig(experts="megablox"), fp8=True, announce=False)
 
 
 TINY_OVERRIDES = [

@@ -320,10 +320,9 @@ class Checkpoints:
       if changes:
         raise CheckpointError(f"{path}: written for another model ({'; '.join(changes[:3])}): undo the change or"
                               f" pick another run_dir ({_one_line(e)})") from None
-      if _corruption(e) is None:
-        raise CheckpointError(f"{path}: cannot restore: {_one_line(e)}; delete this step directory to resume from an"
-                              " earlier one, or pick another run_dir") from None
-      got, bad = None, [_corruption(e)]  # compressed bytes that no longer decompress
+      # Compressed bytes that no longer decompress, or (where the changed bytes fall on the array store's
+      # index rather than on a chunk) files that no longer read: either way this step's files changed.
+      got, bad = None, [_corruption(e) or f"unreadable: {_one_line(e)}"]
     else:
       saved = read_checksums(path)
       bad, checked = verify({"model": got["model"], "optimizer": got["optimizer"]}, saved) if saved is not None else ([], 0)
