@@ -339,14 +339,16 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
   p = hlo if isinstance(hlo, Program) else Program(hlo)
   memo: dict[str, Cost] = {}
 
-  def kernel_time(ins) -> tuple[float, collections.Counter, float]:
+  def kernel_time(ins) -> tuple[float, collections.Counter, float, str]:
+    """(seconds, FLOPs by kind, HBM bytes, what bounds it: "matmul" or "hbm") of one kernel."""
     flops, fp8 = _flops(p, ins)
     if flops.get("ragged_dot"):
       flops["ragged_dot_buffer"] = flops["ragged_dot"]
       flops["ragged_dot"] = flops["ragged_dot"] * ragged_fill
     matmul = sum(v for k, v in flops.items() if k not in ("other", "ragged_dot_buffer"))
     hbm = _grouped_bytes(p, ins, ragged_fill) if _grouped_matmul(ins) else _kernel_bytes(p, ins)
-    return max(matmul / (chip.peak_fp8 if fp8 else chip.peak_bf16), hbm / chip.hbm_bw), flops, hbm
+    compute, memory = matmul / (chip.peak_fp8 if fp8 else chip.peak_bf16), hbm / chip.hbm_bw
+    return max(compute, memory), flops, hbm, "matmul" if compute >= memory else "hbm"
 
   def run(c: str, seen=()) -> Cost:
     if c in memo:
@@ -409,13 +411,11 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
             out.where[(kind, source)] += wait
             break
       else:
-        t, flops, hbm = kernel_time(ins)
+        t, flops, hbm, bound = kernel_time(ins)
         out.flops.update(flops)
         out.hbm += hbm
         out.compute += t
         if t:
-          matmul = sum(v for k, v in flops.items() if k not in ("other", "ragged_dot_buffer"))
-          bound = "matmul" if matmul / (chip.peak_bf16 or 1) >= hbm / chip.hbm_bw else "hbm"
           out.where[(bound, p.source(ins))] += t
       out.time += t
       for entry in pending.values():
