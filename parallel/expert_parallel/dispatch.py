@@ -39,6 +39,8 @@ class Layout(NamedTuple):
   tp_axes: tuple[str, ...]  # the experts' partial outputs summed over these (tensor parallelism)
   plan: Plan | None  # the exchange (None: one expert-parallel rank)
   chunks: int  # consecutive slices of the tokens through the dropless exchange
+  n_ep: int  # expert-parallel ranks
+  e_local: int  # experts each rank holds
 
   def describe(self) -> str:
     if self.plan is None:
@@ -98,7 +100,7 @@ def layout(par, mesh, shape_items: tuple, free: frozenset, t: int, k: int, weigh
   if par.ep_overlap and n_ep > 1 and t_local % (2 * chunks):
     raise ConfigError(f"mesh.ep_overlap: the {t_local} tokens of each expert-parallel rank do not split into"
                       f" {chunks} chunk(s) of two halves")
-  out = Layout(mesh, free, weight_specs, tok, tuple(token_axes), tp_axes, plan, chunks)
+  out = Layout(mesh, free, weight_specs, tok, tuple(token_axes), tp_axes, plan, chunks, n_ep, e_local)
   log.info("MoE layer of %d tokens: %s", t, out.describe())
   return out
 
@@ -140,8 +142,7 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
   if par.ep_overlap and lay.plan is not None:
     fn = in_halves(fn)
   chunks, token_axes, weight_specs, tok = lay.chunks, lay.token_axes, lay.weight_specs, lay.tok
-  n_ep = lay.plan.n_ep if lay.plan is not None else 1
-  e_local = weights[0].shape[0] // n_ep
+  n_ep, e_local = lay.n_ep, lay.e_local
   fn = in_chunks(fn, chunks, keep_exchanged)
   slots, copy_weights = (None, ()) if copies is None or n_ep == 1 else copies
 
