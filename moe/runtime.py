@@ -13,8 +13,9 @@ chosen on CPU (tests, or to compare kernels).
              blocked (moe.kernels.cpu: CPU) | fused (jax.nn.dot_product_attention) | latent (MLA over
              key blocks of the gathered latent, moe.kernels.latent_attention: the choice with
              mesh.context > 1, where each slice's queries see every key; fused also runs there)
-  experts    megablox (Pallas grouped matmul; TPU, interpreter elsewhere) | ragged_dot (GPU; TPU with
-             precision=fp8) | blocked (moe.kernels.cpu: CPU) | dense (reference, E x the work)
+  experts    megablox (Pallas grouped matmul; TPU, interpreter elsewhere) | triton (Pallas Triton grouped
+             matmul; GPU, interpreter elsewhere) | ragged_dot (precision=fp8 on GPU and TPU) | blocked
+             (moe.kernels.cpu: CPU) | dense (reference, E x the work)
   fp8_gemm   kernels (Pallas; GPUs with FP8 tensor cores, interpreter elsewhere) | xla | qdq (CPU, TPU)
              used when the compute is FP8 (`precision: fp8`; moe/kernels/fp8.py)
   ep transport  parallel.expert_parallel.resolve_transport (the mesh's `ep_transport`)
@@ -55,7 +56,7 @@ class ImplConfig:
   repeated, all chunks' rows held; parallel/expert_parallel/exchange.py: in_chunks)."""
 
   attention: Literal["auto", "fused", "blocked", "splash", "flash", "latent"] = "auto"
-  experts: Literal["auto", "megablox", "ragged_dot", "blocked", "dense"] = "auto"
+  experts: Literal["auto", "megablox", "triton", "ragged_dot", "blocked", "dense"] = "auto"
   fp8_gemm: fp8_lib.GemmChoice = "auto"
   fp8_pow2_scales: bool = False
   remat_policy: RematPolicy = "none"
@@ -113,10 +114,11 @@ class Runtime:
       raise ConfigError("impl.attention=latent is context-parallel attention: it needs mesh.context > 1 (use auto)")
     experts = impl.experts
     if experts == "auto":
-      experts = "blocked" if on_cpu else "megablox" if platform == "tpu" and not fp8 else "ragged_dot"
+      experts = ("blocked" if on_cpu else "ragged_dot" if fp8 else
+                 {"tpu": "megablox", "gpu": "triton"}.get(platform, "ragged_dot"))
     recipe = None
     if fp8:
-      if experts in ("dense", "megablox"):
+      if experts in ("dense", "megablox", "triton"):
         raise ConfigError(f"impl.experts={experts} has no FP8 path: use auto, ragged_dot or blocked with precision=fp8")
       recipe = fp8_lib.resolve_recipe(impl.fp8_gemm, devices, impl.fp8_pow2_scales)
     rt = cls(dtype, param_dtype or dtype, attention, experts, recipe, impl.remat_policy, impl.scan_layers, par,
@@ -130,7 +132,8 @@ class Runtime:
     (moe.kernels.expert_ffn), its FP8 recipe and, for a Pallas kernel off its hardware, the
     interpreter bound."""
     fn = functools.partial(EXPERTS[self.experts], fp8=self.fp8)
-    return functools.partial(fn, interpret=self.platform != "tpu") if self.experts == "megablox" else fn
+    home = {"megablox": "tpu", "triton": "gpu"}.get(self.experts)  # a Pallas kernel's hardware
+    return functools.partial(fn, interpret=self.platform != home) if home else fn
 
   def describe(self) -> str:
     target = self.par.describe() if self.par is not None else f"1 {self.platform} device"

@@ -162,24 +162,25 @@ def dispatch():
   load = jnp.bincount(idx.ravel(), length=16).astype(jnp.float32)
   out = {}
   sizes = {"expert8": dict(data=1, expert=8), "d2e4": dict(data=2, expert=4), "f2e2t2": dict(data=1, fsdp=2, expert=2, tensor=2)}
-  megablox = functools.partial(EXPERTS["megablox"], interpret=True)  # TPU's kernel, in the Pallas interpreter
+  # TPU's and GPU's grouped-matmul kernels, in the Pallas interpreter
+  kernels = {k: functools.partial(EXPERTS[k], interpret=True) for k in ("megablox", "triton")}
   for mesh, nodes, transport, redundant, overlap, kernel in [
       ("expert8", 2, "padded", False, True, None), ("expert8", 8, "padded", True, False, None),
       ("expert8", 4, "ragged", True, True, None), ("d2e4", 4, "ragged", False, False, None),
       ("d2e4", 2, "padded", True, False, None), ("f2e2t2", 2, "padded", True, True, None),
-      ("f2e2t2", 2, "ragged", True, False, megablox)]:
+      ("f2e2t2", 2, "ragged", True, False, "megablox"), ("d2e4", 2, "ragged", True, False, "triton")]:
     n_ep = sizes[mesh]["expert"]
     par = mesh_lib.Parallelism.from_config(mesh_lib.MeshConfig(**sizes[mesh], ep_transport=transport, ep_nodes=nodes,
                                                                 ep_overlap=overlap))
     slots = eplb.place(load, n_ep, 1, nodes) if redundant else None
-    fn = layer(par, slots, kernel or EXPERTS["blocked"])
+    fn = layer(par, slots, kernels[kernel] if kernel else EXPERTS["blocked"])
     make = jax.jit(lambda *ws: tuple(expert_parallel.make_copies(ws, STORED_AXES, slots, par)))
     add = jax.jit(lambda gs, cgs: expert_parallel.add_copy_grads(gs, cgs, STORED_AXES, slots, par))
     copy_w = make(*rest[1:]) if redundant else ()
     y, dropped = jax.jit(fn)(x, *rest, *copy_w)
     g = jax.jit(jax.grad(loss(fn), argnums=tuple(range(5 + len(copy_w)))))(x, *rest, *copy_w)
     name = f"{mesh}/nodes{nodes}/{par.ep_transport}/{'copies' if redundant else 'plain'}{'/overlap' if overlap else ''}" \
-        + ("/megablox" if kernel else "")
+        + (f"/{kernel}" if kernel else "")
     if redundant:
       g = g[:2] + tuple(add(g[2:5], g[5:]))
     out[name] = {"y": float(jnp.abs(y - want).max() / jnp.abs(want).max()), "dropped": int(dropped),

@@ -259,11 +259,40 @@ def test_bad_target_and_search(capsys):
 
 @pytest.mark.cuda
 def test_compiles_for_h100(capsys):
-  """needs `pip install -e ".[cuda]"` (5 GB): the step compiled for 8 x H100 by XLA's GPU compiler."""
+  """needs `pip install -e ".[cuda]"` (5 GB): the step compiled for 8 x H100 by XLA's GPU compiler. The
+  experts run the Triton grouped matmul (XLA:GPU would expand a ragged_dot into a dense matmul over
+  every local expert): the forecast reads its FLOPs, the routed work at the buffer's fill."""
   (r,) = compile_json(capsys, "configs/tiny.yaml", "--target", "h100x8", "mesh.data=2", "mesh.fsdp=2", "mesh.expert=2",
                       "precision=bf16")
-  assert r["fits"] and r["impl"]["ep_transport"] == "ragged" and r["impl"]["attention"] == "fused"
+  assert r["fits"] and r["impl"]["ep_transport"] == "ragged" and r["impl"]["attention"] == "flash"
+  assert r["impl"]["experts"] == "triton" and r["costs"]["flops"]["ragged_dot"] > 0
   assert (r["slow_a2a"]["groups"], r["slow_a2a"]["granules"], r["slow_a2a"]["bytes_per_device"]) == ("hosts", 1, 0)
+
+
+@pytest.mark.cuda
+def test_experts_on_gpu_run_only_their_rows():
+  """needs the cuda extra: one expert FFN of 1024 rows over 8 experts, compiled for an H100. XLA:GPU
+  turns `ragged_dot` into a dense matmul of every row with every expert's weights (8x the work);
+  impl.experts=triton's kernels (moe/kernels/grouped_pallas.py) do each row's expert only."""
+  import functools
+
+  import jax.numpy as jnp
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  from moe.kernels.expert_ffn import ragged_ffn, triton_ffn
+  from train import forecast
+
+  rows, d, f, e = 1024, 256, 512, 8
+  mesh = Mesh(targets.devices(targets.parse("h100x8"))[:1], ("x",))
+  arg = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P()))
+  args = (arg((rows, d)), arg((rows,), jnp.int32), arg((e, d, f)), arg((e, d, f)), arg((e, f, d)))
+  chip = forecast.Chip("made-up", 1e15, 1e15, 1e12, 1e12, 1e11)
+  routed = 3 * 2 * rows * d * f  # gate, up and down, each row through its own expert
+  hlo = {name: jax.jit(fn).lower(*args).compile().as_text()
+         for name, fn in (("ragged_dot", ragged_ffn), ("triton", functools.partial(triton_ffn, interpret=False)))}
+  assert hlo_lib.matmul_flops(hlo["ragged_dot"])["total"] == e * routed
+  flops = forecast.summary(forecast.costs(hlo["triton"], chip))["flops"]
+  assert hlo_lib.matmul_flops(hlo["triton"])["total"] == 0 and flops["ragged_dot"] == routed
 
 
 # ------------------------------------------------------------------ all-to-all over the slow network
@@ -310,6 +339,30 @@ def test_peak_buffers_name_the_arrays_and_the_lines_that_made_them(tmp_path):
   (param,) = [r for r in rows if r["op"] == "parameter"]
   (sine,) = [r for r in rows if r is not param]  # a fusion, or the bare sine under XLA:CPU's old emitters
   assert sine["op"] in ("fusion", "sine") and f"tests/test_aot.py:{line} (" in sine["source"], rows
+
+
+def test_peak_buffers_count_a_shared_buffer_once():
+  """XLA's live-range dump lists values: a loop's carry and the fusion that updates it in place are two
+  values of one buffer. With the buffer-assignment dump (hand-written here) they are one row, named by
+  the fusion that wrote it, with one alias; the parameter in its own allocation stays a row."""
+  text = """HloModule m
+
+ENTRY %main (x: f32[64,64], y: f32[64,64]) -> f32[64,64] {
+  %x = f32[64,64]{1,0} parameter(0)
+  %y = f32[64,64]{1,0} parameter(1)
+  %w = (s32[], f32[64,64]{1,0}) while(%t), condition=%c, body=%b
+  ROOT %upd = f32[64,64]{1,0} fusion(%x, %y), kind=kLoop, calls=%f
+}
+"""
+  live = "Live ranges at 7 (peak):\n  w{1}: 16384 bytes\n  upd{}: 16384 bytes\n  y{}: 16384 bytes\n"
+  assignment = ("allocation 0: size 16384, parameter 1, shape |f32[64,64]| at ShapeIndex {}:\n"
+                " value: <1 y @0> (size=16384,offset=0): f32[64,64]{1,0}\n"
+                "allocation 1: size 16384, preallocated-temp:\n"
+                " value: <2 w{1} (phi) @0> (size=16384,offset=0): f32[64,64]{1,0}\n"
+                " value: <3 upd @0> (size=16384,offset=0): f32[64,64]{1,0}\n")
+  assert len(hlo_lib.peak_buffers(text, live)) == 3  # the values, without the assignment
+  rows = hlo_lib.peak_buffers(text, live, assignment=assignment)
+  assert [(r["instruction"], r["op"], r["aliases"]) for r in rows] == [("upd", "fusion", 1), ("y", "parameter", 0)]
 
 
 def fake_devices(ids, process=None, slices=None, platform="gpu"):

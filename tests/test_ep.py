@@ -74,9 +74,10 @@ def eight():
 def test_dispatch_matches_one_device(eight):
   """The MoE dispatch alone: 2, 4 or 8 (one per rank) nodes, both transports, with copies (made by
   make_copies, their gradients summed in by add_copy_grads) and the split exchange, with tensor
-  parallelism too; one with TPU's grouped-matmul kernel (megablox, in the Pallas interpreter) as the
-  experts' GEMM."""
-  assert len(eight["dispatch"]) == 7 and [n for n in eight["dispatch"] if n.endswith("/megablox")]
+  parallelism too; two with TPU's and GPU's grouped-matmul kernels (megablox, triton: in the Pallas
+  interpreter) as the experts' GEMM."""
+  kernels = [n.rsplit("/", 1)[1] for n in eight["dispatch"] if n.endswith(("/megablox", "/triton"))]
+  assert len(eight["dispatch"]) == 8 and kernels == ["megablox", "triton"]
   for name, r in eight["dispatch"].items():
     assert r["y"] < 1e-6 and r["grad"] < 1e-6 and r["dropped"] == 0, name
 

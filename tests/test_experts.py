@@ -12,7 +12,7 @@ from flax import nnx
 from moe import experts
 from moe.config import ModelConfig
 from moe.kernels import cpu
-from moe.kernels.expert_ffn import dense_ffn, megablox_ffn, ragged_ffn
+from moe.kernels.expert_ffn import dense_ffn, megablox_ffn, ragged_ffn, triton_ffn
 from moe.runtime import ImplConfig, Runtime
 from parallel.expert_parallel import combine
 
@@ -44,6 +44,7 @@ def routed(ffn, x, idx, w, gate, up, down, **kw):
 
 sorted_experts = functools.partial(routed, ragged_ffn)
 megablox_experts = functools.partial(routed, megablox_ffn, interpret=True)  # TPU's kernel, interpreted
+triton_experts = functools.partial(routed, triton_ffn, interpret=True)  # GPU's kernel, interpreted
 dense_experts = functools.partial(routed, dense_ffn)
 
 
@@ -65,7 +66,8 @@ def inputs():
   return x, idx, w, gate, up, down
 
 
-@pytest.mark.parametrize("sorted_experts", [sorted_experts, megablox_experts], ids=["ragged_dot", "megablox"])
+@pytest.mark.parametrize("sorted_experts", [sorted_experts, megablox_experts, triton_experts],
+                         ids=["ragged_dot", "megablox", "triton"])
 def test_sorted_equals_dense_equals_reference(inputs, sorted_experts):
   want = ref_experts(*inputs)
   args = [jnp.asarray(a) for a in inputs]
@@ -77,7 +79,8 @@ def test_sorted_equals_dense_equals_reference(inputs, sorted_experts):
   np.testing.assert_allclose(y_sorted, y_dense, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("sorted_experts", [sorted_experts, megablox_experts], ids=["ragged_dot", "megablox"])
+@pytest.mark.parametrize("sorted_experts", [sorted_experts, megablox_experts, triton_experts],
+                         ids=["ragged_dot", "megablox", "triton"])
 def test_sorted_experts_unbalanced_and_single_expert(sorted_experts):
   """Every token on the same two experts (the other six empty), and K = 1."""
   rng = np.random.default_rng(1)
@@ -150,7 +153,8 @@ def test_blocked_experts_empty_assignments(inputs):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("sorted_experts", [sorted_experts, megablox_experts], ids=["ragged_dot", "megablox"])
+@pytest.mark.parametrize("sorted_experts", [sorted_experts, megablox_experts, triton_experts],
+                         ids=["ragged_dot", "megablox", "triton"])
 def test_gradients_sorted_match_dense(inputs, sorted_experts):
   x, idx, w, gate, up, down = (jnp.asarray(a) for a in inputs)
   cot = jnp.asarray(np.random.default_rng(2).standard_normal((T, D)), jnp.float32)
@@ -196,7 +200,8 @@ def random_moe(cfg, seed, impl="auto"):
   return graphdef, state
 
 
-@pytest.mark.parametrize("n_shared, impl", [(1, "auto"), (0, "auto"), (1, "ragged_dot"), (1, "megablox"), (1, "dense")])
+@pytest.mark.parametrize("n_shared, impl", [(1, "auto"), (0, "auto"), (1, "ragged_dot"), (1, "megablox"), (1, "triton"),
+                                            (1, "dense")])
 def test_moe_module_is_shared_plus_routed(n_shared, impl):
   """The block with each grouped-matmul implementation `impl.experts` chooses (auto: blocked on CPU)."""
   cfg = CFG.replace(n_shared_experts=n_shared)

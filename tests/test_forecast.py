@@ -287,14 +287,26 @@ ENTRY %main (x: bf16[512,128], w: bf16[4,128,256], sizes: s32[4], buf: bf16[2048
 """
 
 
-def test_grouped_matmul_and_ragged_exchange_count_what_they_touch():
+# The same with the Triton grouped matmul of impl.experts=triton (moe/kernels/grouped_pallas.py, on GPUs): its
+# work items (four s32 arrays) come first, and only its op_name says what the kernel is.
+GROUPED_TRITON = GROUPED.replace("%sizes = s32[4]{0} parameter(2)", "%sizes = s32[8]{0} parameter(2)").replace(
+    '%gmm.3 = bf16[512,256]{1,0} custom-call(%sizes, %x, %w), custom_call_target="tpu_custom_call", '
+    'operand_layout_constraints={s32[4]{0}, ',
+    '%gmm.3 = bf16[512,256]{1,0} custom-call(%sizes, %sizes, %sizes, %sizes, %x, %w), '
+    'custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(step)/jit(gmm)/grouped_gmm/pallas_call"}, '
+    'operand_layout_constraints={s32[8]{0}, s32[8]{0}, s32[8]{0}, s32[8]{0}, ').replace("sizes: s32[4]", "sizes: s32[8]")
+
+
+@pytest.mark.parametrize("text", [GROUPED, GROUPED_TRITON], ids=["megablox", "triton"])
+def test_grouped_matmul_and_ragged_exchange_count_what_they_touch(text):
   """A grouped matmul counts its FLOPs and its row arrays at the buffer's fill (the kernel visits only the
   tiles of routed rows) and its weights whole; a ragged all-to-all counts the smaller of its buffers."""
   chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e9, 1e8)
-  c = forecast.costs(GROUPED, chip, ragged_fill=0.25)
+  assert text.count("grouped_gmm") == int(text is GROUPED_TRITON)
+  c = forecast.costs(text, chip, ragged_fill=0.25)
   s = forecast.summary(c)
   assert s["flops"]["ragged_dot"] == 0.25 * 2 * 512 * 128 * 256
   assert s["flops"]["ragged_dot_buffer"] == 2 * 512 * 128 * 256
   assert s["hbm_bytes"] == 0.25 * 2 * (512 * 128 + 512 * 256) + 2 * 4 * 128 * 256
   assert s["collective_bytes"]["ragged-all-to-all"]["fast"] == 2 * 512 * 256 * 3 / 4  # the 512-row input, not 2048
-  assert forecast.ragged_rows(GROUPED) == 512
+  assert forecast.ragged_rows(text) == 512

@@ -350,8 +350,9 @@ def test_precision_fp8_maps_to_the_runtime():
     assert Runtime.resolve(ImplConfig(fp8_gemm=choice), fp8=True, announce=False).fp8 == want
   with pytest.raises(ConfigError, match="impl.experts=dense has no FP8 path"):
     Runtime.resolve(ImplConfig(experts="dense"), fp8=True, announce=False)
-  with pytest.raises(ConfigError, match="impl.experts=megablox has no FP8 path"):
-    Runtime.resolve(ImplConfig(experts="megablox"), fp8=True, announce=False)
+  for kernel in ("megablox", "triton"):
+    with pytest.raises(ConfigError, match=f"impl.experts={kernel} has no FP8 path"):
+      Runtime.resolve(ImplConfig(experts=kernel), fp8=True, announce=False)
 
 
 TINY_OVERRIDES = [

@@ -13,6 +13,7 @@ import pytest
 
 from moe.kernels import fp8
 from moe.kernels import fp8_pallas as fp8_gpu
+from moe.kernels import grouped_pallas
 from moe.runtime import Runtime
 from tests.test_fp8 import np_quant, rel, wide
 
@@ -33,7 +34,7 @@ def test_blockscaled_matmul_vs_numpy():
 def test_work_items_cover_every_tile_and_group_once():
   sizes = jnp.asarray([100, 0, 156, 44, 0, 300], jnp.int32)
   m_tiles = 5  # 600 rows
-  g, t, lo, hi = (np.asarray(v) for v in fp8_gpu._work_items(sizes, m_tiles))
+  g, t, lo, hi = (np.asarray(v) for v in grouped_pallas.work_items(sizes, m_tiles))
   ends = np.cumsum(np.asarray(sizes))
   starts = ends - np.asarray(sizes)
   want = {(e, tile) for e in range(6) for tile in range(m_tiles)

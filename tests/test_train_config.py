@@ -113,7 +113,7 @@ def test_override_creates_missing_section(tmp_path):
         (["data_workers=-1"], r"^data_workers=-1 must be >= 0"),
         (["impl.scan_layers=maybe"], r"^impl.scan_layers: expected a boolean"),
         (["impl.attention=xformers"], r"^impl.attention: expected one of 'auto', 'fused', 'blocked', 'splash', 'flash', 'latent'"),
-        (["impl.experts=sparse"], r"^impl.experts: expected one of 'auto', 'megablox', 'ragged_dot', 'blocked', 'dense'"),
+        (["impl.experts=sparse"], r"^impl.experts: expected one of 'auto', 'megablox', 'triton', 'ragged_dot', 'blocked', 'dense'"),
         (["mesh.ep_transport=nccl"], r"^mesh.ep_transport: expected one of 'auto', 'padded', 'ragged'"),
         (["mesh.rules.embed=model"], r"mesh.rules.embed: 'model' is not a mesh axis"),
         # a key at the wrong level names where it lives

@@ -37,9 +37,11 @@ no accelerator present. One JSON line per target:
     first_fn's blocks all-gathered, the last stage's output scattered, and their cotangents), all in
     the compute dtype on TPU and GPU,
   peak_buffers (with --buffers N): the N largest buffers live at the peak, from the compiler's
-    live-range dump: bytes, array, the HLO instruction and opcode, the JAX operation and the innermost
-    source line in moe/, parallel/ or train/ that made it (a target it does not fit: the compiler's
-    own list of its largest allocations, on stderr after the one line).
+    live-range and buffer-assignment dumps: bytes, array, the HLO instruction and opcode that wrote it,
+    `aliases` (the other values sharing it: a loop's carry updated in place), the JAX operation and
+    the innermost source line in moe/, parallel/ or train/ that made it. A target it does not fit
+    prints them on stderr after the one line (libtpu, which stops compiling: its own list of its
+    largest allocations).
 
 A target the state does not fit is one line, "does not fit on v5p-1024: needs 97.5 GiB of 95.7 GiB
 per device", and exit code 3 (2: a bad config or target). `--search` compiles mesh factorisations,
@@ -195,7 +197,8 @@ def compile_for(cfg: TrainConfig, target: targets_lib.Target, buffers: int = 0, 
   peak = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
           - mem.alias_size_in_bytes)
   if peak > target.hbm_bytes:  # XLA:GPU compiles what does not fit and says so only in a warning
-    raise DoesNotFit(target.name, peak, target.hbm_bytes, "")
+    report = "\n".join(_buffer_line(i, b) for i, b in enumerate(_peak_buffers(dump, buffers), 1)) if dump else ""
+    raise DoesNotFit(target.name, peak, target.hbm_bytes, "", report)
   n = par.mesh.size
   hlo = compiled.as_text()
   flops = params_lib.count(cfg.model, cfg.seq_len)["flops_per_token"] * cfg.batch_size * cfg.seq_len
@@ -237,6 +240,12 @@ def _allocations(report: str, top: int) -> str:
   return "\n".join(e.rstrip() for e in entries[:top + 1])
 
 
+def _buffer_line(i: int, b: dict) -> str:
+  """One of `peak_buffers` as a line of a step that does not fit."""
+  aliases = f" (+{b['aliases']} alias{'es' * (b['aliases'] > 1)})" if b["aliases"] else ""
+  return f"{i}. {b['bytes'] / GiB:.2f} GiB {b['array']} {b['op']}{aliases} {b['jax_op']} {b['source']}".rstrip()
+
+
 def _peak_buffers(dump: tempfile.TemporaryDirectory, top: int) -> list[dict]:
   """The `top` largest buffers live at the step's peak, from the compiler's dumps in `dump`."""
   with dump:
@@ -246,7 +255,9 @@ def _peak_buffers(dump: tempfile.TemporaryDirectory, top: int) -> list[dict]:
       return []
     live = ranges[-1]
     text = live.with_name(live.name.replace("-live-range.txt", ".txt"))
-    return hlo_lib.peak_buffers(text.read_text() if text.exists() else "", live.read_text(), top)
+    assignment = live.with_name(live.name.replace("-live-range.txt", "-buffer-assignment.txt"))
+    return hlo_lib.peak_buffers(text.read_text() if text.exists() else "", live.read_text(), top,
+                                assignment=assignment.read_text() if assignment.exists() else "")
 
 
 def stage_transfers(hlo: str) -> list[dict]:

@@ -162,13 +162,16 @@ def _float_operands(rest: str) -> list[list[int]]:
 
 def _grouped_matmul(ins) -> tuple[int, int] | None:
   """(buffer rows, FLOPs over all of them) of a grouped-matmul kernel, from its shapes: libtpu's Mosaic
-  "ragged-dot-*" kernels and megablox's gmm / tgmm (impl.experts=megablox): [rows, N] from [rows, K] x
-  [groups, K, N], or a weight gradient [groups, K, N] from [rows, K]^T (tgmm: [K, rows]) x [rows, N].
-  None for any other instruction."""
+  "ragged-dot-*" kernels, megablox's gmm / tgmm (impl.experts=megablox) and the Triton grouped_gmm /
+  grouped_tgmm (impl.experts=triton, moe/kernels/grouped_pallas.py): [rows, N] from [rows, K] x
+  [groups, K, N] (or its transpose), or a weight gradient [groups, K, N] from [rows, K]^T (tgmm:
+  [K, rows]) x [rows, N]. None for any other instruction."""
   name = ins.name
   ragged = name.startswith("ragged-dot") and not name.startswith("ragged-dot-metadata")
   megablox = re.fullmatch(r"t?gmm(\.\d+)?", name) and 'custom_call_target="tpu_custom_call"' in ins.rest
-  if ins.op != "custom-call" or not (ragged or megablox):
+  triton = ('custom_call_target="__gpu$xla.gpu.triton"' in ins.rest
+            and re.search(r'op_name="[^"]*/grouped_t?gmm/pallas_call"', ins.rest))
+  if ins.op != "custom-call" or not (ragged or megablox or triton):
     return None
   out, arrays = hlo_parse.dims(ins.shape), [d for d in _constraints(ins.rest) if len(d) == 2]
   if len(out) == 2:

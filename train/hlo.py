@@ -277,14 +277,24 @@ def source_line(line: str, stack, project=("moe/", "parallel/", "train/")) -> st
   return f"{path[cut + 1:] if cut >= 0 else path}:{mine[0][2]} ({mine[0][1]})"
 
 
-def peak_buffers(hlo: str, live_ranges: str, top: int = 10, project=("moe/", "parallel/", "train/")) -> list[dict]:
+def peak_buffers(hlo: str, live_ranges: str, top: int = 10, project=("moe/", "parallel/", "train/"),
+                 assignment: str = "") -> list[dict]:
   """The `top` largest buffers live at the program's peak (XLA's live-range dump, "Live ranges at N
   (peak)"), each with its bytes, array, the instruction and opcode that made it, the JAX op and the
-  innermost source line in the project (`project` path parts) that made it."""
+  innermost source line in the project (`project` path parts) that made it. The dump lists values, and
+  values that share a buffer (a loop's carry and the in-place update that writes it) each; with XLA's
+  buffer-assignment dump (`assignment`) each buffer is one row, named by the instruction that wrote
+  it rather than the loop or parameter it passes through, and `aliases` counts the others."""
   m = hlo_parse.parse(hlo)
   caller, stack = _callers(m), frames(hlo)
+  place = _placements(assignment)
+  groups: dict = {}
+  for size, name, index in _live_at_peak(live_ranges):
+    groups.setdefault(place.get((name, index), (name, index)), []).append((size, name, index))
+  opcode = lambda name: m.instrs[name].op if name in m.instrs else "?"
   rows = []
-  for size, name, index in _live_at_peak(live_ranges)[:top]:
+  for values in sorted(groups.values(), key=lambda v: -v[0][0])[:top]:
+    size, name, index = min(values, key=lambda v: (opcode(v[1]) in _PASS_THROUGH, values.index(v)))
     ins = m.instrs.get(name)
     shape, op, line = (ins.shape, ins.op, ins.rest) if ins is not None else ("?", "?", "")
     if op == "parameter" and m.home.get(name) in caller:  # a loop's carry: where the loop (a scan) was made
@@ -295,5 +305,22 @@ def peak_buffers(hlo: str, live_ranges: str, top: int = 10, project=("moe/", "pa
       shape = elements[i] if i < len(elements) else shape
     rows.append({"bytes": size, "array": hlo_parse.first_array(shape) or shape,
                  "instruction": name + (f"{{{index}}}" if index else ""), "op": op,
-                 "jax_op": hlo_parse.op_name(line) or "", "source": source_line(line, stack, project)})
+                 "jax_op": hlo_parse.op_name(line) or "", "source": source_line(line, stack, project),
+                 "aliases": len(values) - 1})
   return rows
+
+
+# opcodes that pass a buffer on rather than write it: the value a peak row is named by is another's
+_PASS_THROUGH = {"parameter", "while", "conditional", "get-tuple-element", "tuple", "bitcast", "call"}
+_VALUE = re.compile(r"value: <\d+ ([\w.\-]+)(?:\{([0-9,]*)\})?(?: \(phi\))? @\d+> \(size=\d+,offset=(\d+)\)")
+
+
+def _placements(assignment: str) -> dict:
+  """(instruction, tuple index) -> (allocation, offset), from XLA's buffer-assignment dump."""
+  out, allocation = {}, None
+  for line in assignment.splitlines():
+    if line.startswith("allocation "):
+      allocation = line.split(":")[0]
+    elif (v := _VALUE.search(line)) and allocation is not None:
+      out.setdefault((v.group(1), v.group(2) or ""), (allocation, int(v.group(3))))
+  return out

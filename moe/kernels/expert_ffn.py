@@ -2,8 +2,12 @@
 [N, D] with expert ids [N] (an id equal to the number of experts E marks an empty row: output 0).
 One function per implementation; `impl.experts` picks one when the model is built (moe/runtime.py).
 
-  ragged_dot  rows sorted by expert, `jax.lax.ragged_dot` (FP8: moe.kernels.fp8.fp8_ragged_dot):
-              the GPU choice, dropless, no padding
+  ragged_dot  rows sorted by expert, `jax.lax.ragged_dot` (FP8: moe.kernels.fp8.fp8_ragged_dot, the
+              FP8 choice). XLA:GPU rewrites a bf16 ragged_dot into a dense matmul over a [rows,
+              experts, K] masked copy (local experts times the work), and libtpu its weight gradient
+  triton      rows sorted by expert, the Pallas (Triton) grouped matmul of moe/kernels/grouped_pallas.py
+              (gmm, and for its gradients gmm against w^T and tgmm): the GPU choice. Elsewhere it runs
+              in the Pallas interpreter (tests).
   megablox    rows sorted by expert, the Pallas TPU grouped matmul (megablox's gmm, whose backward is
               gmm for the rows and tgmm for the weights): the TPU choice. libtpu compiles ragged_dot's
               weight gradient to a dense matmul per local expert over every row of the buffer (local
@@ -89,6 +93,17 @@ def megablox_ffn(x_NxD, expert_N, gate_ExDxF, up_ExDxF, down_ExFxD, fp8=None, in
   return _sorted_ffn(x_NxD, expert_N, gate_ExDxF, up_ExDxF, down_ExFxD, gmm, rows_multiple=multiple)
 
 
+def triton_ffn(x_NxD, expert_N, gate_ExDxF, up_ExDxF, down_ExFxD, fp8=None, interpret: bool = False):
+  """Three Pallas (Triton) grouped matmuls over the rows sorted by expert (zero rows up to a multiple of
+  the kernels' 128-row tile, past every group), in the rows' dtype."""
+  from moe.kernels import grouped_pallas
+
+  if fp8 is not None:
+    raise ValueError("impl.experts=triton has no FP8 path: precision=fp8 takes ragged_dot (auto)")
+  gmm = lambda a_MxK, w_ExKxN, sizes: grouped_pallas.grouped_matmul(a_MxK, w_ExKxN, sizes, interpret)
+  return _sorted_ffn(x_NxD, expert_N, gate_ExDxF, up_ExDxF, down_ExFxD, gmm, rows_multiple=grouped_pallas.TILE)
+
+
 def dense_ffn(x_NxD, expert_N, gate_ExDxF, up_ExDxF, down_ExFxD, fp8=None):
   """Reference: every expert on every row, then each row's own (none for an empty row)."""
   if fp8 is not None:
@@ -99,4 +114,4 @@ def dense_ffn(x_NxD, expert_N, gate_ExDxF, up_ExDxF, down_ExFxD, fp8=None):
   return jnp.einsum("ned,ne->nd", y, jax.nn.one_hot(expert_N, e, dtype=y.dtype))
 
 
-EXPERTS = {"ragged_dot": ragged_ffn, "megablox": megablox_ffn, "blocked": cpu.blocked_ffn, "dense": dense_ffn}
+EXPERTS = {"ragged_dot": ragged_ffn, "megablox": megablox_ffn, "triton": triton_ffn, "blocked": cpu.blocked_ffn, "dense": dense_ffn}

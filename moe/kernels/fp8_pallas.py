@@ -29,6 +29,7 @@ from jax.interpreters import mlir
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from moe.kernels.grouped_pallas import bounds, pad_to, work_items
 from moe.kernels.quant import E4M3, E4M3_MAX, TILE, tile_scale  # TILE: the K step and the grouped row tile
 
 log = logging.getLogger(__name__)
@@ -87,15 +88,6 @@ def fp8_dot(a, b, contract: tuple[int] = (1,)):
   return _fp8_dot_impl(a, b, contract=contract)
 
 
-def _pad_to(x, axis: int, multiple: int):
-  pad = -x.shape[axis] % multiple
-  if not pad:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths)
-
-
 # --------------------------------------------------------------------------- dense
 def _blockscaled_kernel(a_ref, b_ref, sa_ref, sb_ref, o_ref):
   # a_ref [BM, K] e4m3, b_ref [K, BN] e4m3, sa_ref [BM, K/128], sb_ref [K/128, BN], o_ref [BM, BN]
@@ -114,8 +106,8 @@ def blockscaled_matmul(a, b, sa, sb, interpret: bool = False):
   m, n, kt = a.shape[0], b.shape[1], sa.shape[1]
   assert a.shape[1] == b.shape[0] == kt * TILE and sb.shape == (kt, n), (a.shape, b.shape, sa.shape, sb.shape)
   bm = TILE
-  a, sa = _pad_to(a, 0, bm), _pad_to(sa, 0, bm)
-  b, sb = _pad_to(b, 1, BLOCK_N), _pad_to(sb, 1, BLOCK_N)
+  a, sa = pad_to(a, 0, bm), pad_to(sa, 0, bm)
+  b, sb = pad_to(b, 1, BLOCK_N), pad_to(sb, 1, BLOCK_N)
   mp, np_, kp = a.shape[0], b.shape[1], a.shape[1]
   y = pl.pallas_call(
       _blockscaled_kernel,
@@ -130,27 +122,6 @@ def blockscaled_matmul(a, b, sa, sb, interpret: bool = False):
 
 
 # --------------------------------------------------------------------------- grouped (experts)
-def _bounds(group_sizes):
-  ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-  return ends - group_sizes.astype(jnp.int32), ends  # [E] first row, [E] one past the last row
-
-
-def _work_items(group_sizes, m_tiles: int):
-  """(group, row tile, first row, end row) per program of `grouped_matmul`: every (tile, group) pair
-  that shares a row; at most m_tiles + E - 1 of them, padded to m_tiles + E with empty items."""
-  e = group_sizes.shape[0]
-  starts, ends = _bounds(group_sizes)
-  first = starts // TILE
-  count = jnp.where(group_sizes > 0, (ends - 1) // TILE - first + 1, 0)
-  count_end = jnp.cumsum(count)
-  w = jnp.arange(m_tiles + e)
-  g = jnp.minimum(jnp.searchsorted(count_end, w, side="right"), e - 1)
-  valid = w < count_end[-1]
-  tile = jnp.where(valid, first[g] + w - (count_end - count)[g], 0)
-  return (g.astype(jnp.int32), tile.astype(jnp.int32), jnp.where(valid, starts[g], 0).astype(jnp.int32),
-          jnp.where(valid, ends[g], 0).astype(jnp.int32))
-
-
 def _grouped_kernel(g_ref, t_ref, lo_ref, hi_ref, x_ref, sx_ref, w_ref, sw_ref, o_ref):
   # x_ref [Mp, K] e4m3, sx_ref [Mp, K/128], w_ref [E, K, N] e4m3, sw_ref [E, K/128, N/128], o_ref [Mp, N]
   item, j = pl.program_id(0), pl.program_id(1)
@@ -176,9 +147,9 @@ def grouped_matmul(x, sx, w, sw, group_sizes, interpret: bool = False):
   (128x128 blocks; N a multiple of 128). Rows past sum(group_sizes) come out 0, as ragged_dot's."""
   m, n, e = x.shape[0], w.shape[2], w.shape[0]
   assert n % BLOCK_N == 0 and sw.shape == (e, sx.shape[1], n // TILE), (w.shape, sw.shape, sx.shape)
-  x, sx = _pad_to(x, 0, TILE), _pad_to(sx, 0, TILE)
+  x, sx = pad_to(x, 0, TILE), pad_to(sx, 0, TILE)
   mp = x.shape[0]
-  items = _work_items(group_sizes, mp // TILE)
+  items = work_items(group_sizes, mp // TILE)
   full = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)  # the kernel indexes the refs itself
   args = (*items, x, sx.astype(jnp.float32), w, sw.astype(jnp.float32))
   y = pl.pallas_call(
@@ -222,9 +193,9 @@ def grouped_wgrad(x, dy, group_sizes, pow2: bool = False, interpret: bool = Fals
   """float32 [E, D, F]: dW[g] = x_g^T @ dy_g over the rows of group g, x [M, D] and dy [M, F]
   quantised per 128-row tile x 1 column *within one group* (`moe.kernels.fp8.token_tile_segments`)."""
   e, d, f = group_sizes.shape[0], x.shape[1], dy.shape[1]
-  x = _pad_to(_pad_to(x, 0, TILE), 1, TILE)
-  dy = _pad_to(_pad_to(dy, 0, TILE), 1, BLOCK_N)
-  starts, ends = _bounds(group_sizes)
+  x = pad_to(pad_to(x, 0, TILE), 1, TILE)
+  dy = pad_to(pad_to(dy, 0, TILE), 1, BLOCK_N)
+  starts, ends = bounds(group_sizes)
   full = lambda a: pl.BlockSpec(a.shape, lambda g, i, j: (0,) * a.ndim)
   args = (starts, ends, x, dy)
   out = pl.pallas_call(
