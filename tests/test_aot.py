@@ -215,12 +215,16 @@ def test_compiles_a_pipeline_for_v5p(capsys):
   128] per collective (XLA splits them over the stage's fsdp x expert devices): per tick the
   activation and a cotangent (collective-permute), per micro-batch first_fn's blocks (all-gather),
   the last stage's output into the stages' blocks (reduce-scatter) and the cotangents back. Before:
-  float32 psums of whole activations, a workaround for XLA:CPU, on every platform."""
+  float32 psums of whole activations, a workaround for XLA:CPU, on every platform. The forecast
+  counts the experts' kernels at the fill of one micro-batch's exchange: 2 rows x 256 tokens over the
+  stage's 4 devices, 128 a device, top-2, in 2 chunks against buffers of 2 ranks x 64 x 2 rows (before:
+  at the whole batch's tokens a device, 256, the buffers counted full)."""
   (r,) = compile_json(capsys, "configs/tiny.yaml", "--target", "v5p-16", "mesh.stage=2", "mesh.data=1", "mesh.fsdp=2",
                       "mesh.expert=2", "model.num_hidden_layers=5", "batch_size=8", "seq_len=256",
                       "pipeline.schedule=1f1b", "pipeline.microbatches=4", "precision=bf16")
   assert r["fits"] and r["mesh"] == {"stage": 2, "data": 1, "fsdp": 2, "context": 1, "expert": 2, "tensor": 1}
   assert r["collectives"]["ragged-all-to-all"]["count"] > 0
+  assert r["forecast"]["ragged_fill"] == 128 * 2 / 2 / (2 * 64 * 2) == 0.5
   for row in r["stage_transfers"]:
     assert row["shape"].startswith("bf16[") and hlo_parse.shape_bytes(row["shape"]) <= 2 * 256 * 128 * 2, row
   kinds = {row["kind"] for row in r["stage_transfers"]}

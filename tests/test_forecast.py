@@ -171,6 +171,67 @@ def test_forecast_of_a_hand_computable_program():
   assert r["usd_per_million_tokens"] == pytest.approx(3.6 * 4 * c.time / 3600 / 1e-3, rel=1e-3)
 
 
+# libtpu's async collective fusion (xla_tpu_enable_async_collective_fusion): an all-gather of a [64, 128]
+# shard over 4 devices starts in one fusion, rides in the compute fusion of a matmul (the dot of
+# MATMUL), and ends in another; all three hold the same all-gather (channel 7).
+FUSED_ALL_GATHER = """HloModule m, is_scheduled=true, num_partitions=4
+
+%start_comp (a0: bf16[64,128]) -> (bf16[64,128], bf16[256,128], u32[]) {
+  %a0 = bf16[64,128]{1,0} parameter(0)
+  %all-gather.1 = bf16[256,128]{1,0} all-gather(%a0), channel_id=7, replica_groups={{0,1,2,3}}, dimensions={0}
+  ROOT %custom-call.1 = (bf16[64,128]{1,0}, bf16[256,128]{1,0}, u32[]{:S(2)}) custom-call(%a0, %all-gather.1), custom_call_target="CollectiveStep"
+}
+
+%async_collective_fusion.2 (s0: bf16[64,128], s1: bf16[256,128], x: bf16[128,256], w: bf16[256,512]) -> (bf16[128,512], bf16[64,128], bf16[256,128]) {
+  %s0 = bf16[64,128]{1,0} parameter(0)
+  %s1 = bf16[256,128]{1,0} parameter(1)
+  %x = bf16[128,256]{1,0} parameter(2)
+  %w = bf16[256,512]{1,0} parameter(3)
+  %dot.1 = bf16[128,512]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %all-gather.2 = bf16[256,128]{1,0} all-gather(%s0), channel_id=7, replica_groups={{0,1,2,3}}, dimensions={0}
+  ROOT %t = (bf16[128,512]{1,0}, bf16[64,128]{1,0}, bf16[256,128]{1,0}) tuple(%dot.1, %s0, %all-gather.2)
+}
+
+%done_comp (d0: bf16[64,128], d1: bf16[256,128]) -> bf16[256,128] {
+  %d0 = bf16[64,128]{1,0} parameter(0)
+  %d1 = bf16[256,128]{1,0} parameter(1)
+  %all-gather.3 = bf16[256,128]{1,0} all-gather(%d0), channel_id=7, replica_groups={{0,1,2,3}}, dimensions={0}
+  ROOT %custom-call.3 = bf16[256,128]{1,0} custom-call(%all-gather.3, %d1), custom_call_target="CollectiveStep"
+}
+
+ENTRY %main (a: bf16[64,128], x: bf16[128,256], w: bf16[256,512]) -> (bf16[256,128], bf16[128,512]) {
+  %a = bf16[64,128]{1,0} parameter(0)
+  %x = bf16[128,256]{1,0} parameter(1)
+  %w = bf16[256,512]{1,0} parameter(2)
+  %async-collective-start.1 = (bf16[64,128]{1,0}, bf16[256,128]{1,0}, u32[]{:S(2)}) fusion(%a), kind=kCustom, calls=%start_comp
+  %g0 = bf16[64,128]{1,0} get-tuple-element(%async-collective-start.1), index=0
+  %g1 = bf16[256,128]{1,0} get-tuple-element(%async-collective-start.1), index=1
+  %fusion.2 = (bf16[128,512]{1,0}, bf16[64,128]{1,0}, bf16[256,128]{1,0}) fusion(%g0, %g1, %x, %w), kind=kCustom, calls=%async_collective_fusion.2
+  %y = bf16[128,512]{1,0} get-tuple-element(%fusion.2), index=0
+  %h0 = bf16[64,128]{1,0} get-tuple-element(%fusion.2), index=1
+  %h1 = bf16[256,128]{1,0} get-tuple-element(%fusion.2), index=2
+  %async-collective-done.1 = bf16[256,128]{1,0} fusion(%h0, %h1), kind=kCustom, calls=%done_comp
+  ROOT %out = (bf16[256,128]{1,0}, bf16[128,512]{1,0}) tuple(%async-collective-done.1, %y)
+}
+"""
+
+
+def test_fused_async_collective_counts_once_and_hides_under_its_compute():
+  """The all-gather is one asynchronous collective (its start and done paired by channel), its bytes
+  counted once; the fusion that carries its step is the matmul it is: its FLOPs, and the bytes of x, w
+  and the product, not the all-gather's buffers passing through; the all-gather hides under it."""
+  chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e9, 1e8)
+  dot_bytes = 2 * (128 * 256 + 256 * 512 + 128 * 512)  # 458.8 us at 1 GB/s
+  ring = 2 * 256 * 128 * 3 / 4  # a device receives 3/4 of the gathered [256, 128]: 49.2 us
+  c = forecast.costs(FUSED_ALL_GATHER, chip)
+  s = forecast.summary(c)
+  assert s["flops"]["dot"] == 2 * 128 * 256 * 512 and s["hbm_bytes"] == dot_bytes
+  assert s["collective_bytes"]["all-gather"] == {"fast": ring, "slow": 0, "async": 1}
+  assert s["async"]["all-gather"] == {"count": 1, "comm_s": pytest.approx(ring / 1e9), "hidden_s": pytest.approx(ring / 1e9)}
+  assert c.exposed == 0 and c.time == pytest.approx(dot_bytes / 1e9)
+  assert hlo_lib.collectives(FUSED_ALL_GATHER) == {"all-gather": {"count": 1, "bytes": 2 * 256 * 128}}
+
+
 def test_hbm_bytes_of_slices_updates_and_on_chip_arrays():
   """A fusion that reads one row of a stacked [10, 256] weight reads that row; an in-place update
   writes its update; an operand in TPU memory space S(1) (VMEM) costs no HBM traffic."""

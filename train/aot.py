@@ -151,6 +151,8 @@ def step_forecast(hlo: str, cfg: TrainConfig, par: Parallelism, target: targets_
   p = forecast.Program(hlo)
   rows, _ = loop.batch_devices(par)
   tokens_per_device = cfg.batch_size * cfg.seq_len / max(cfg.grad_accum, 1) / max(rows, 1)
+  if par.stages > 1:  # a pipelined MoE layer takes one of M micro-batches at a time, on its stage's devices
+    tokens_per_device *= par.stages / (cfg.pipeline.microbatches or par.stages)
   n_ep, k = par.mesh.shape.get("expert", 1), cfg.model.num_experts_per_tok
   chunks = 1
   if par.dropless and n_ep > 1:

@@ -113,6 +113,13 @@ class Program:
     ins = self.instrs.get(name)
     return ins.shape if ins is not None else ""
 
+  def collective_in(self, ins):
+    """The collective inside a fusion (libtpu's async collective fusion: the start, the compute
+    fusions that carry its steps, and the done each hold it), else None."""
+    if ins.op != "fusion":
+      return None
+    return next((i for i in self.comps.get(self.called(ins) or "", []) if i.op in COLLECTIVE_KINDS[:6]), None)
+
   def called(self, ins, key: str = "calls") -> str | None:
     return hlo_parse.called(ins.rest, key)
 
@@ -228,6 +235,12 @@ def _kernel_bytes(p: Program, ins) -> int:
     return 2 * _hbm(p.shape(operands[1])) if len(operands) > 1 else 0
   reads = [_hbm(p.shape(o)) for o in operands]
   write = _hbm(ins.shape)
+  if (inner := p.collective_in(ins)) is not None:  # a step of an async collective: its buffers are the collective's
+    chain = {hlo_parse.first_array(p.shape(o)) for o in hlo_parse.operands(inner.rest)} | {
+        hlo_parse.first_array(inner.shape)}
+    reads = [0 if hlo_parse.first_array(p.shape(o)) in chain else r for o, r in zip(operands, reads)]
+    elements = hlo_parse.tuple_elements(ins.shape) if ins.shape.startswith("(") else [ins.shape]
+    write = sum(_hbm(e) for e in elements if hlo_parse.first_array(e) not in chain)
   fused = p.comps.get(p.called(ins) or "", []) if ins.op == "fusion" else []
   if fused:
     params = {int(re.match(r"\s*(\d+)", i.rest).group(1)): i.name for i in fused if i.op == "parameter"}
@@ -257,7 +270,24 @@ def _collective(p: Program, ins) -> tuple[str, object] | None:
     for inner in p.comps.get(p.called(ins) or "", []):
       if inner.op in COLLECTIVE_KINDS[:6]:
         return inner.op, inner
+  if ins.name.startswith(_FUSED_START) and (inner := p.collective_in(ins)) is not None:
+    return inner.op, inner
   return None
+
+
+# libtpu's async collective fusion (xla_tpu_enable_async_collective_fusion): a collective starts in a
+# fusion named async-collective-start.N, its steps ride in compute fusions (async_collective_fusion.N,
+# counted as the compute they are) and it ends in async-collective-done.N; all hold the same collective
+# (one channel_id), by which the done finds its start.
+_FUSED_START, _FUSED_DONE = "async-collective-start", "async-collective-done"
+
+
+def _chain(p: Program, ins) -> str:
+  """The key pairing an async collective's start with its done: the name, or for libtpu's fused form
+  the collective's channel."""
+  inner = p.collective_in(ins)
+  channel = re.search(r"channel_id=(\d+)", inner.rest) if inner is not None else None
+  return f"channel {channel.group(1)}" if channel else ins.name
 
 
 def _link_bytes(p: Program, kind: str, ins, granule) -> tuple[float, float, int]:
@@ -392,16 +422,17 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         out.links[(kind, "slow")] += slow
         comm = max(fast / chip.fast_bw, slow / chip.slow_bw) if kind in ("all-to-all", "ragged-all-to-all") else (
             fast / chip.fast_bw + slow / chip.slow_bw)
-        asynchronous = (ins.op.endswith("-start") or ins.op == "async-start") and '"is_sync":true' not in ins.rest
+        asynchronous = (ins.op.endswith("-start") or ins.op == "async-start" or ins.name.startswith(_FUSED_START)) \
+            and '"is_sync":true' not in ins.rest
         out.counts[(kind, "async" if asynchronous else "sync")] += 1
         if asynchronous:
-          pending[ins.name] = [kind, comm, 0.0, p.source(ins)]
+          pending[_chain(p, ins)] = [kind, comm, 0.0, p.source(carrier)]
         else:
           out.exposed += comm
           out.time += comm
           out.where[(kind, p.source(ins))] += comm
-      elif ins.op.endswith("-done") or ins.op.endswith("-update"):
-        for o in hlo_parse.operands(ins.rest):
+      elif ins.op.endswith("-done") or ins.op.endswith("-update") or ins.name.startswith(_FUSED_DONE):
+        for o in [_chain(p, ins)] if ins.op == "fusion" else hlo_parse.operands(ins.rest):
           if o in pending:
             kind, comm, between, source = pending.pop(o)
             if ins.op.endswith("-update"):

@@ -26,10 +26,13 @@ from train.hlo_parse import dims, operands
 
 def collectives(hlo: str) -> dict:
   """{kind: {"count", "bytes"}} of the collectives in compiled HLO text (async pairs counted once)."""
-  out = {}
-  for ins in hlo_parse.parse(hlo).instrs.values():
+  out, m = {}, hlo_parse.parse(hlo)
+  steps = {hlo_parse.called(i.rest) for i in m.instrs.values()  # libtpu's async collective fusion: the
+           if i.op == "fusion" and (i.name.startswith("async-collective-done")  # done and the compute fusions
+                                    or (hlo_parse.called(i.rest) or "").startswith("async_collective_fusion"))}
+  for ins in m.instrs.values():
     kind = hlo_parse.collective_kind(ins.op)
-    if kind:
+    if kind and m.home[ins.name] not in steps:  # (that carry its steps hold its start's collective again)
       entry = out.setdefault(kind, {"count": 0, "bytes": 0})
       entry["count"] += 1
       entry["bytes"] += hlo_parse.shape_bytes(ins.shape)
