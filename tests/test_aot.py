@@ -274,6 +274,22 @@ def test_compiles_for_h100(capsys):
 
 
 @pytest.mark.cuda
+def test_pipeline_executes_the_bubble_and_the_padding_and_nothing_more(capsys):
+  """needs the cuda extra (two compiles of about a minute): DeepSeek-V2-Lite on 64 H100s, 1F1B over 4
+  stages with 16 micro-batches of 16 sequences against the same 256 sequences on fsdp=64, remat full.
+  Per GPU the pipelined step executes the unpipelined step's matmul FLOPs times its lockstep ticks
+  over M (every stage runs every tick, the bubble masked) times its slots over its layers (26 MoE
+  layers in 4 chunks of 7): each forward once (docs/pods.md, the same for V3 on 512 H100s)."""
+  common = ("configs/deepseek-v2-lite.yaml", "--target", "h100x64", "mesh.data=1", "precision=bf16",
+            "impl.remat_policy=full", "batch_size=256", "per_device_batch=4")
+  (piped,) = compile_json(capsys, *common, "mesh.stage=4", "mesh.fsdp=16", "pipeline.schedule=1f1b",
+                          "pipeline.microbatches=16")
+  (plain,) = compile_json(capsys, *common, "mesh.fsdp=64")
+  ratio = piped["costs"]["flops"]["matmul"] / plain["costs"]["flops"]["matmul"]
+  assert ratio == pytest.approx((16 + 2 * 3) / 16 * 28 / 26, rel=0.015)
+
+
+@pytest.mark.cuda
 def test_experts_on_gpu_run_only_their_rows():
   """needs the cuda extra: one expert FFN of 1024 rows over 8 experts, compiled for an H100. XLA:GPU
   turns `ragged_dot` into a dense matmul of every row with every expert's weights (8x the work);
