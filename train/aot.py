@@ -277,8 +277,8 @@ def _gib(b: float) -> float:
 def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list[list[str]]:
   """Override sets to try, most promising first: expert x fsdp (x tensor) factorisations of the
   devices (of each pipeline stage's, with mesh.stage given), then remat policies (the chunked
-  expert-parallel exchange's rows kept before recomputed, in 2 chunks before the default) and
-  grad_accum."""
+  expert-parallel exchange's rows kept before recomputed, in 2 chunks before the default, on TPU the
+  weights' all-gathers fused into the compute before not) and grad_accum."""
   n = target.devices // max(cfg.mesh.stage, 1)
   e = cfg.model.n_routed_experts
   meshes = []
@@ -295,8 +295,10 @@ def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list
       for m in meshes:
         for ep in ("keep", "recompute"):  # (the chunked exchange's rows kept when they fit: no all-to-all again)
           for chunks in (2, None):  # (fewer chunks: the expert weights read, their gradients summed, fewer times)
-            out.append(m + [f"impl.remat_policy={remat}", f"impl.ep_remat={ep}"] + (
-                [f"mesh.ep_chunks={chunks}"] if chunks else []) + ([f"grad_accum={accum}"] if accum else []))
+            for gather in (True, False) if target.platform == "tpu" else (False,):  # (all-gathers under compute)
+              out.append(m + [f"impl.remat_policy={remat}", f"impl.ep_remat={ep}"] + (
+                  [f"mesh.ep_chunks={chunks}"] if chunks else []) + (["mesh.gather_overlap=true"] if gather else []) + (
+                  [f"grad_accum={accum}"] if accum else []))
   return out[:tries]
 
 
