@@ -213,8 +213,8 @@ class Parallelism:
   """What the model and the trainer need to know about parallelism, built once from the config.
 
   `cfg`: the `mesh:` section it was built from; the settings that need no devices are read from it
-  (`capacity_factor`, `ep_chunks`, `ep_overlap`, `gather_overlap`, `redundant_experts`, `redundant_every`). Resolved for
-  the mesh's devices: `rules`, logical axis -> mesh axes as (name, axes) pairs
+  (`capacity_factor`, `ep_chunks`, `ep_overlap`, `gather_overlap`, `redundant_experts`,
+  `redundant_every`). Resolved for the mesh's devices: `rules`, logical axis -> mesh axes as (name, axes) pairs
   (parallel.sharding.resolve_rules); `ep_transport`, "padded", "ragged" or "ragged_emulated";
   `ep_nodes`, the nodes of expert-parallel ranks of the two-level dispatch (1: one level), and
   `ep_nodes_are`, what they are: "hosts", "slices" (from the devices) or "mesh.ep_nodes".
@@ -298,9 +298,10 @@ class Parallelism:
     if self.ep_overlap:
       out.update(xla_tpu_enable_async_all_to_all=True, xla_tpu_enable_async_ragged_all_to_all=True)
     if self.cfg.gather_overlap:
-      out.update(xla_tpu_enable_async_collective_fusion=True, xla_tpu_enable_async_collective_fusion_fuse_all_gather=True,
-                 xla_tpu_enable_async_collective_fusion_multiple_steps=True, xla_tpu_overlap_compute_collective_tc=True,
-                 xla_enable_async_all_gather=True)
+      out.update(xla_tpu_enable_async_collective_fusion=True,
+                 xla_tpu_enable_async_collective_fusion_fuse_all_gather=True,
+                 xla_tpu_enable_async_collective_fusion_multiple_steps=True,
+                 xla_tpu_overlap_compute_collective_tc=True, xla_enable_async_all_gather=True)
     return out
 
   def describe(self) -> str:

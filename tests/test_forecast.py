@@ -227,7 +227,8 @@ def test_fused_async_collective_counts_once_and_hides_under_its_compute():
   s = forecast.summary(c)
   assert s["flops"]["dot"] == 2 * 128 * 256 * 512 and s["hbm_bytes"] == dot_bytes
   assert s["collective_bytes"]["all-gather"] == {"fast": ring, "slow": 0, "async": 1}
-  assert s["async"]["all-gather"] == {"count": 1, "comm_s": pytest.approx(ring / 1e9), "hidden_s": pytest.approx(ring / 1e9)}
+  assert s["async"]["all-gather"] == {"count": 1, "comm_s": pytest.approx(ring / 1e9),
+                                      "hidden_s": pytest.approx(ring / 1e9)}
   assert c.exposed == 0 and c.time == pytest.approx(dot_bytes / 1e9)
   assert hlo_lib.collectives(FUSED_ALL_GATHER) == {"all-gather": {"count": 1, "bytes": 2 * 256 * 128}}
 

@@ -114,4 +114,5 @@ def dense_ffn(x_NxD, expert_N, gate_ExDxF, up_ExDxF, down_ExFxD, fp8=None):
   return jnp.einsum("ned,ne->nd", y, jax.nn.one_hot(expert_N, e, dtype=y.dtype))
 
 
-EXPERTS = {"ragged_dot": ragged_ffn, "megablox": megablox_ffn, "triton": triton_ffn, "blocked": cpu.blocked_ffn, "dense": dense_ffn}
+EXPERTS = {"ragged_dot": ragged_ffn, "megablox": megablox_ffn, "triton": triton_ffn, "blocked": cpu.blocked_ffn,
+           "dense": dense_ffn}

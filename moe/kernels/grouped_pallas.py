@@ -2,8 +2,9 @@
 
 XLA:GPU rewrites `jax.lax.ragged_dot` into a dense matmul: the rows [M, K] are masked into a
 [M, E, K] copy, one per group, and multiplied by all E groups' weights at once (E times the FLOPs,
-and for DeepSeek-V3 with 16 local experts a 14 GiB buffer per exchange chunk; measured in the compiled
-program, tests/test_aot.py::test_experts_on_gpu_run_only_their_rows). These kernels visit only the tiles that hold a group's rows:
+and for DeepSeek-V3 with 16 local experts a 14 GiB buffer per exchange chunk; measured in the
+compiled program, tests/test_aot.py::test_experts_on_gpu_run_only_their_rows). These kernels visit
+only the tiles that hold a group's rows:
 
   gmm   y [M, N] = x [M, K] @ w[g] (or w[g]^T) for the rows of group g: one program per
         (128-row tile, group) pair that shares a row (at most M/128 + E of them) and 128 columns,
