@@ -7,6 +7,7 @@ no ragged all-to-all on large v5e slices (4); the ragged transport's receive buf
 """
 
 import json
+import math
 from pathlib import Path
 
 import jax
@@ -247,6 +248,37 @@ def test_out_of_memory_is_one_line_and_exit_3(capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == aot.EXIT_DOES_NOT_FIT == 3
   assert len(err) == 1 and "does not fit on v5e-1: needs" in err[0] and "of 15.8 GiB per device" in err[0], err
+
+
+def test_reports_what_the_context_axis_costs(capsys):
+  """mesh.context=2 (x data=4) on v5p-16, tiny.yaml (4 layers + MTP, latent attention): train.aot says
+  what a device sends over the context axis and the attention kernels' FLOPs. The latent gathers are
+  among the top senders, at least the forward's: 5 attention layers x the half of a [2 rows, 256
+  tokens, 32 + 16] float32 latent a device receives."""
+  (r,) = compile_json(capsys, "configs/tiny.yaml", "--target", "v5p-16", "mesh.data=4", "mesh.context=2",
+                      "batch_size=8", "seq_len=256")
+  c = r["context"]
+  assert c["size"] == 2 and c["bytes_per_layer"] * 4 == c["bytes_per_device"] and c["attention_flops_per_device"] > 0
+  gathers = sum(t["bytes"] for t in c["top"] if "gather_seq" in t["source"] or t["source"].startswith("moe/mla.py"))
+  assert gathers >= 5 * 2 * 256 * 48 * 4 / 2 and sum(t["bytes"] for t in c["top"]) <= c["bytes_per_device"]
+  (plain,) = compile_json(capsys, "configs/tiny.yaml", "--target", "v5p-16", *SMALL[:-2], "batch_size=8")
+  assert "context" not in plain
+
+
+def test_search_splits_long_sequences_over_context():
+  """--search tries context sizes when seq_len is long: V3 at 32,768 tokens on v5p-512 (256 chips)
+  splits each sequence over 8, 4, 2 or 1 devices (at least 4,096 tokens a slice), the rest over fsdp x
+  expert; a 4,096-token config keeps the mesh's context (no mesh.context override)."""
+  cfg = load_train_config(ROOT / "configs/deepseek-v3-671b-32k.yaml")
+  tries = aot.candidates(cfg, targets.parse("v5p-512"), 10_000)
+  contexts = {int(o.split("=")[1]) for t in tries for o in t if o.startswith("mesh.context=")}
+  assert contexts == {8, 4, 2, 1} and all(any(o.startswith("mesh.context=") for o in t) for t in tries)
+  for t in tries:
+    sizes = {o.split("=")[0]: int(o.split("=")[1]) for o in t if o.split("=")[0] in (
+        "mesh.fsdp", "mesh.expert", "mesh.tensor", "mesh.context")}
+    assert math.prod(sizes.values()) == 256, t
+  short = aot.candidates(load_train_config(ROOT / "configs/deepseek-v3-671b.yaml"), targets.parse("v5p-512"), 10_000)
+  assert not any(o.startswith("mesh.context") for t in short for o in t)
 
 
 def test_bad_target_and_search(capsys):

@@ -166,7 +166,27 @@ def step_forecast(hlo: str, cfg: TrainConfig, par: Parallelism, target: targets_
                         devices=par.mesh.size, price=price)
   return {"costs": forecast.summary(cost),
           "forecast": {**out, "chip": target.family, "ragged_fill": round(fill, 4), "price_per_chip_hour": price,
-                       "error": forecast.ERROR}}
+                       "error": forecast.ERROR},
+          **({"context": context_costs(p, cost, par, assignment, chip, fill, cfg.model.num_hidden_layers)}
+             if par.mesh.shape.get("context", 1) > 1 else {})}
+
+
+def context_costs(p: forecast.Program, cost: forecast.Cost, par: Parallelism, assignment, chip, fill: float,
+                  layers: int) -> dict:
+  """What the context axis costs a device per step: the bytes it sends in collectives among devices that
+  differ only in their context position (with the default rules that includes the weights' ZeRO
+  gathers over context where fsdp is 1; not the gradients' sums over data x context), per step and per
+  layer, the sources that send most of them, and the attention kernels' FLOPs (moe/kernels/*attention*)."""
+  axis = list(par.mesh.axis_names).index("context")
+  others = {d.id: idx[:axis] + idx[axis + 1:] for idx, d in np.ndenumerate(par.mesh.devices)}
+  granule = lambda i: others[assignment[i].id] if i < len(assignment) else ()
+  where = forecast.costs(p, chip, granule, fill).links_where  # "fast": inside one granule, along context only
+  along = collections.Counter({source: v for (link, source), v in where.items() if link == "fast" and v})
+  attention = sum(v for source, v in cost.matmul_where.items() if "attention" in source.split(":")[0])
+  return {"size": par.mesh.shape["context"], "bytes_per_device": sum(along.values()),
+          "bytes_per_layer": sum(along.values()) / layers,
+          "top": [{"source": s, "bytes": v} for s, v in along.most_common(5)],
+          "attention_flops_per_device": attention}
 
 
 def compile_for(cfg: TrainConfig, target: targets_lib.Target, buffers: int = 0, price: float | None = None) -> dict:
@@ -274,19 +294,24 @@ def _gib(b: float) -> float:
 
 
 # ------------------------------------------------------------------ search
+LONG = 4096  # tokens a sequence (or a context slice of one) holds before --search splits it over `context`
+
 def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list[list[str]]:
-  """Override sets to try, most promising first: expert x fsdp (x tensor) factorisations of the
-  devices (of each pipeline stage's, with mesh.stage given), then remat policies (the chunked
+  """Override sets to try, most promising first: expert x fsdp (x tensor, x context when seq_len is
+  over LONG tokens) factorisations of the devices (of each pipeline stage's, with mesh.stage given), then remat policies (the chunked
   expert-parallel exchange's rows kept before recomputed, in 2 chunks before the default, on TPU the
   weights' all-gathers fused into the compute before not) and grad_accum."""
   n = target.devices // max(cfg.mesh.stage, 1)
   e = cfg.model.n_routed_experts
+  long = cfg.seq_len > LONG  # each sequence over `context` devices too, at least LONG tokens a slice
+  contexts = [c for c in (32, 16, 8, 4, 2, 1) if cfg.seq_len % c == 0 and cfg.seq_len // c >= LONG] if long else [1]
   meshes = []
   for tensor in (1, 2, 4):
     for expert in sorted({x for x in (1, 2, 4, 8, 16, 32, 64) if x <= e and e % x == 0}, reverse=True):
-      if n % (expert * tensor) == 0:
-        meshes.append(["mesh.data=1", f"mesh.fsdp={n // (expert * tensor)}", f"mesh.expert={expert}",
-                       f"mesh.tensor={tensor}"])
+      for context in contexts:
+        if n % (expert * tensor * context) == 0:
+          meshes.append(["mesh.data=1", f"mesh.fsdp={n // (expert * tensor * context)}", f"mesh.expert={expert}",
+                         f"mesh.tensor={tensor}"] + ([f"mesh.context={context}"] if long else []))
   out = []
   for remat in ("none", "save_dots_no_batch", "full"):
     for accum in (1, 2, 4) if cfg.per_device_batch is None else (None,):  # (per_device_batch: grad_accum follows)

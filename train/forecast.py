@@ -335,6 +335,8 @@ class Cost:
   counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (kind, sync|async) -> n
   overlap: list = dataclasses.field(default_factory=list)  # async: (kind, comm s, compute between s, times)
   where: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (what, source) -> s
+  matmul_where: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # source -> FLOPs
+  links_where: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (link, source) -> bytes
   known: bool = True
 
   def add(self, other: "Cost", times: float = 1) -> None:
@@ -344,7 +346,8 @@ class Cost:
     self.hbm += other.hbm * times
     self.known = self.known and other.known
     for mine, theirs in ((self.flops, other.flops), (self.links, other.links), (self.counts, other.counts),
-                         (self.where, other.where)):
+                         (self.where, other.where), (self.matmul_where, other.matmul_where),
+                         (self.links_where, other.links_where)):
       for k, v in theirs.items():
         mine[k] += v * times
     self.overlap += [(k, c, b, t * times) for k, c, b, t in other.overlap]
@@ -420,6 +423,8 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         fast, slow, _ = _link_bytes(p, kind, carrier, granule)
         out.links[(kind, "fast")] += fast
         out.links[(kind, "slow")] += slow
+        out.links_where[("fast", p.source(carrier))] += fast
+        out.links_where[("slow", p.source(carrier))] += slow
         comm = max(fast / chip.fast_bw, slow / chip.slow_bw) if kind in ("all-to-all", "ragged-all-to-all") else (
             fast / chip.fast_bw + slow / chip.slow_bw)
         asynchronous = (ins.op.endswith("-start") or ins.op == "async-start" or ins.name.startswith(_FUSED_START)) \
@@ -451,6 +456,8 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         out.compute += t
         if t:
           out.where[(bound, p.source(ins))] += t
+        if matmul := sum(v for k, v in flops.items() if k not in ("other", "ragged_dot_buffer")):
+          out.matmul_where[p.source(ins)] += matmul
       out.time += t
       for entry in pending.values():
         entry[2] += t

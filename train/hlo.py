@@ -294,14 +294,23 @@ def peak_buffers(hlo: str, live_ranges: str, top: int = 10, project=("moe/", "pa
   groups: dict = {}
   for size, name, index in _live_at_peak(live_ranges):
     groups.setdefault(place.get((name, index), (name, index)), []).append((size, name, index))
-  opcode = lambda name: m.instrs[name].op if name in m.instrs else "?"
-  rows = []
-  for values in sorted(groups.values(), key=lambda v: -v[0][0])[:top]:
-    size, name, index = min(values, key=lambda v: (opcode(v[1]) in _PASS_THROUGH, values.index(v)))
+  def passes(name):  # a value that passes a buffer on (or only allocates it: libtpu's AllocateBuffer)
     ins = m.instrs.get(name)
-    shape, op, line = (ins.shape, ins.op, ins.rest) if ins is not None else ("?", "?", "")
-    if op == "parameter" and m.home.get(name) in caller:  # a loop's carry: where the loop (a scan) was made
-      line = caller[m.home[name]] if "stack_frame_id" not in line else line
+    return ins is None or ins.op in _PASS_THROUGH or 'custom_call_target="AllocateBuffer"' in ins.rest
+
+  def line_of(name):
+    ins = m.instrs.get(name)
+    line = ins.rest if ins is not None else ""
+    if ins is not None and ins.op == "parameter" and m.home.get(name) in caller:  # a loop's carry: where the
+      line = caller[m.home[name]] if "stack_frame_id" not in line else line  # loop (a scan) was made
+    return line
+
+  rows = []
+  for values in sorted(groups.values(), key=lambda v: -v[0][0])[:top]:  # named by a writer, else one with a source
+    size, name, index = min(values, key=lambda v: (passes(v[1]), not source_line(line_of(v[1]), stack, project),
+                                                   values.index(v)))
+    ins = m.instrs.get(name)
+    shape, op, line = (ins.shape, ins.op, line_of(name)) if ins is not None else ("?", "?", "")
     if index and shape.startswith("("):
       elements = hlo_parse.tuple_elements(shape)
       i = int(index.split(",")[0])
@@ -313,7 +322,7 @@ def peak_buffers(hlo: str, live_ranges: str, top: int = 10, project=("moe/", "pa
   return rows
 
 
-# opcodes that pass a buffer on rather than write it: the value a peak row is named by is another's
+# opcodes that pass a buffer on rather than write it: a peak row is named by another of its values
 _PASS_THROUGH = {"parameter", "while", "conditional", "get-tuple-element", "tuple", "bitcast", "call"}
 _VALUE = re.compile(r"value: <\d+ ([\w.\-]+)(?:\{([0-9,]*)\})?(?: \(phi\))? @\d+> \(size=\d+,offset=(\d+)\)")
 
