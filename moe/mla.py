@@ -172,7 +172,7 @@ class MLA(nnx.Module):
             mask.segment_ids, rope.softmax_scale(cfg))
     if self.keep_max_logit:  # QK-clip's statistic (train/core/muon.py), an intermediate the trainer pops
       self.max_logit = nnx.Intermediate(latent_attention.max_logit(*args))
-    return latent_attention.attention(*args)
+    return latent_attention.attention(*args, groups=self.par.context if self.par is not None else 1)
 
   def _absorbed(self, q_nope_BxTxHxN, q_pe_BxTxHxR, cache: LatentCache, mask_Bx1xTxL):
     """softmax over the cached tokens in the latent space; [B, T, H, v_head_dim]."""

@@ -35,9 +35,11 @@ def case(seed, layout):
   return arrays, order, seg
 
 
-@pytest.mark.parametrize("layout", ["in_order", "balanced"])
+@pytest.mark.parametrize("layout, groups", [("in_order", 1), ("balanced", 1), ("balanced", 3)])
 @pytest.mark.parametrize("block", [4, 8, 24])
-def test_matches_the_dense_formula_in_float64(layout, block):
+def test_matches_the_dense_formula_in_float64(layout, groups, block):
+  """`groups`: the backward keeps the sums over each group of queries (a context slice's) apart until
+  the end; the gradients are the same."""
   with jax.enable_x64(True):
     (q, c_kv, k_pe, w), order, seg = case(0, layout)
     idx, seg = jnp.asarray(order), jnp.asarray(seg)
@@ -49,7 +51,7 @@ def test_matches_the_dense_formula_in_float64(layout, block):
 
     cot = jnp.asarray(np.random.default_rng(1).standard_normal(want.shape))
     loss = lambda f: lambda *a: (f(*a, idx, idx, seg, seg, scale) * cot).sum()
-    blocked = lambda *a: latent_attention.attention(*a, block=block)
+    blocked = lambda *a: latent_attention.attention(*a, block=block, groups=groups)
     g_got = jax.grad(loss(blocked), argnums=(0, 1, 2, 3))(*args)
     g_want = jax.grad(loss(dense), argnums=(0, 1, 2, 3))(*args)
     for name, a, b in zip(("q", "c_kv", "k_pe", "w_kv_b"), g_got, g_want):

@@ -30,12 +30,13 @@ def _acc(dtype):
 
 
 def attention(q_BxTxHxK, c_kv_BxSxC, k_pe_BxSxR, w_kvb_CxHxNV, q_index_T, k_index_S, q_seg_BxT, k_seg_BxS,
-              scale: float, block: int = 512):
+              scale: float, block: int = 512, groups: int = 1):
   """[B, T, H, v_head_dim]. q: [nope | rope] per head (rope = k_pe's last dimension); w_kvb: kv_b_proj's
-  kernel as [C, H, nope + v]; q_index / k_index: each token's place in the original sequence."""
+  kernel as [C, H, nope + v]; q_index / k_index: each token's place in the original sequence; `groups`:
+  the contiguous query slices (the context axis) whose gradient sums the backward keeps apart."""
   block, nope = _sizes(q_BxTxHxK, c_kv_BxSxC, k_pe_BxSxR, block)
   return _attention(q_BxTxHxK, c_kv_BxSxC, k_pe_BxSxR, w_kvb_CxHxNV, q_index_T, k_index_S, q_seg_BxT, k_seg_BxS,
-                    scale, block, nope)
+                    scale, block, nope, groups)
 
 
 def max_logit(q_BxTxHxK, c_kv_BxSxC, k_pe_BxSxR, w_kvb_CxHxNV, q_index_T, k_index_S, q_seg_BxT, k_seg_BxS,
@@ -94,8 +95,8 @@ def _logits(q, k, q_index, k_index, q_seg, k_seg, scale):
   return jnp.maximum(s + hidden, jnp.finfo(acc).min)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
-def _attention(q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, scale, block, nope):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def _attention(q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, scale, block, nope, groups):
   return _forward(q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, scale, block, nope)[0]
 
 
@@ -122,40 +123,54 @@ def _forward(q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, scale, block,
   return out, m + jnp.log(l)
 
 
-def _attention_fwd(q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, scale, block, nope):
+def _attention_fwd(q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, scale, block, nope, groups):
   out, lse = _forward(q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, scale, block, nope)
   return out, (q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, out, lse)
 
 
-def _attention_bwd(scale, block, nope, res, d_out):
+def _attention_bwd(scale, block, nope, groups, res, d_out):
   """Flash attention's backward, block by block: P = exp(S - lse), dV = P^T dO, dS = P (dP - rowsum(dO O)),
   dQ += dS K, dK = dS^T Q; the block's dK_nope and dV go back through the up-projection to the latent
-  and W_kv_b, its dK_pe summed over the heads."""
+  and W_kv_b, its dK_pe summed over the heads. The queries in `groups` contiguous groups (the context
+  slices): the sums over queries (the latent's, the rotary key's and W_kv_b's gradients) are kept per
+  group through the blocks and summed once at the end, so that a slice's partial sums cross the
+  context axis once per layer, not once per key block (XLA's partitioner put an all-reduce of
+  W_kv_b's gradient in every block: 1.3 TB per layer and step for V3 at 128K on 32 slices)."""
   q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, out, lse = res
   f = _acc(q.dtype)
+  b, t, h, _ = q.shape
+  split = lambda x, axis: x.reshape(*x.shape[:axis], groups, t // groups, *x.shape[axis + 1:])
   d_out32 = d_out.astype(f)
   delta = jnp.einsum("bthd,bthd->bht", d_out32, out.astype(f))  # rowsum(dO O)
+  q_g, d_out_g, delta_g, lse_g = split(q, 1), split(d_out32, 1), split(delta, 2), split(lse, 2)
+  index_g, seg_g = split(q_index, 0), split(q_seg, 1)
 
-  def step(carry, blk):
-    dq, dw = carry
-    c_blk, pe_blk, idx_blk, seg_blk = blk
-    k, v = _keys(c_blk, pe_blk, w_kvb, nope)
-    p = jnp.exp(_logits(q, k, q_index, idx_blk, q_seg, seg_blk, scale) - lse[..., None])  # [B, H, T, K]
+  def one_group(q, d_out32, delta, lse, q_index, q_seg, k, v, c_blk, idx_blk, seg_blk):
+    p = jnp.exp(_logits(q, k, q_index, idx_blk, q_seg, seg_blk, scale) - lse[..., None])  # [B, H, T/G, K]
     dv = jnp.einsum("bhtk,bthd->bkhd", p, d_out32)
     dp = jnp.einsum("bthd,bkhd->bhtk", d_out32, v.astype(f))
     ds = p * (dp - delta[..., None]) * scale
-    dq = dq + jnp.einsum("bhtk,bkhd->bthd", ds, k.astype(f))
+    dq = jnp.einsum("bhtk,bkhd->bthd", ds, k.astype(f))
     dk = jnp.einsum("bhtk,bthd->bkhd", ds, q.astype(f))
     d_kv = jnp.concatenate([dk[..., :nope], dv], axis=-1)  # [B, K, H, nope + v]
-    d_c = jnp.einsum("bkhd,chd->bkc", d_kv, w_kvb.astype(f))
-    dw = dw + jnp.einsum("bkc,bkhd->chd", c_blk.astype(f), d_kv)
-    return (dq, dw), (d_c, dk[..., nope:].sum(2))
+    return dq, jnp.einsum("bkc,bkhd->chd", c_blk.astype(f), d_kv), jnp.einsum(
+        "bkhd,chd->bkc", d_kv, w_kvb.astype(f)), dk[..., nope:].sum(2)
 
-  (dq, dw), (d_c, d_pe) = jax.lax.scan(step, (jnp.zeros(q.shape, f), jnp.zeros(w_kvb.shape, f)),
-                                       _key_blocks(c_kv, k_pe, k_index, k_seg, block))
-  unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])
-  return (dq.astype(q.dtype), unblock(d_c).astype(c_kv.dtype), unblock(d_pe).astype(k_pe.dtype),
-          dw.astype(w_kvb.dtype), None, None, None, None)
+  per_group = jax.vmap(one_group, in_axes=(1, 1, 2, 2, 0, 1) + (None,) * 5, out_axes=(1, 0, 0, 0))
+
+  def step(carry, blk):
+    dq, dw = carry  # [B, G, T/G, H, K], [G, C, H, nope + v]: per group
+    c_blk, pe_blk, idx_blk, seg_blk = blk
+    k, v = _keys(c_blk, pe_blk, w_kvb, nope)
+    dq_b, dw_b, d_c, d_pe = per_group(q_g, d_out_g, delta_g, lse_g, index_g, seg_g, k, v, c_blk, idx_blk, seg_blk)
+    return (dq + dq_b, dw + dw_b), (d_c, d_pe)
+
+  init = (jnp.zeros(q_g.shape, f), jnp.zeros((groups, *w_kvb.shape), f))
+  (dq, dw), (d_c, d_pe) = jax.lax.scan(step, init, _key_blocks(c_kv, k_pe, k_index, k_seg, block))
+  unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])  # [blocks, B, K, ..] -> [B, S, ..]
+  d_c, d_pe = unblock(d_c.sum(1)), unblock(d_pe.sum(1))  # (the groups' sums: once)
+  return (dq.reshape(q.shape).astype(q.dtype), d_c.astype(c_kv.dtype), d_pe.astype(k_pe.dtype),
+          dw.sum(0).astype(w_kvb.dtype), None, None, None, None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
