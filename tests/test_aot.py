@@ -307,6 +307,20 @@ def test_compiles_for_h100(capsys):
 
 
 @pytest.mark.cuda
+def test_a_gpu_step_that_does_not_fit_lists_its_largest_buffers(capsys):
+  """needs the cuda extra: XLA:GPU compiles a step that does not fit (it only warns), so train.aot
+  compares the peak with the HBM itself, says so in one line and, with --buffers, lists the largest
+  buffers at the peak: here the float32 embedding table of a 4M-token vocabulary."""
+  rc = aot.main(["configs/tiny.yaml", "--target", "h100x1", "model.vocab_size=4000000", "model.hidden_size=2048",
+                 "model.num_hidden_layers=1", "model.first_k_dense_replace=1", "model.num_nextn_predict_layers=0",
+                 "batch_size=1", "seq_len=64", "--buffers", "3"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == aot.EXIT_DOES_NOT_FIT and "does not fit on h100x1: needs" in err[0], err
+  assert [line.split(".")[0] for line in err[1:4]] == ["1", "2", "3"], err
+  assert any("[4000000,2048]" in line for line in err[1:4]), err
+
+
+@pytest.mark.cuda
 def test_pipeline_executes_the_bubble_and_the_padding_and_nothing_more(capsys):
   """needs the cuda extra (two compiles of about a minute): DeepSeek-V2-Lite on 64 H100s, 1F1B over 4
   stages with 16 micro-batches of 16 sequences against the same 256 sequences on fsdp=64, remat full.
