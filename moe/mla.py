@@ -167,6 +167,7 @@ class MLA(nnx.Module):
     c_kv, k_pe = gather_latent(c_kv_BxTxC, k_pe_BxTx1xR, self.par)
     q = constrain(q_BxTxHxK, ("batch", "seq", "heads", None), self.par)
     w = self.kv_b_proj.kernel[...].astype(self.dtype).reshape(cfg.kv_lora_rank, cfg.num_attention_heads, -1)
+    w = constrain(w, (None, None, None), self.par)  # whole once per layer: left sharded, XLA re-gathered it per key block
     index = jnp.arange(q.shape[1]) if mask.order is None else mask.order
     args = (q, c_kv.astype(self.dtype), k_pe[:, :, 0].astype(self.dtype), w, index, index, mask.segment_ids,
             mask.segment_ids, rope.softmax_scale(cfg))

@@ -133,9 +133,10 @@ def _attention_bwd(scale, block, nope, groups, res, d_out):
   dQ += dS K, dK = dS^T Q; the block's dK_nope and dV go back through the up-projection to the latent
   and W_kv_b, its dK_pe summed over the heads. The queries in `groups` contiguous groups (the context
   slices): the sums over queries (the latent's, the rotary key's and W_kv_b's gradients) are kept per
-  group through the blocks and summed once at the end, so that a slice's partial sums cross the
-  context axis once per layer, not once per key block (XLA's partitioner put an all-reduce of
-  W_kv_b's gradient in every block: 1.3 TB per layer and step for V3 at 128K on 32 slices)."""
+  group, and W_kv_b's per row too (the rows split over the data axes), through the blocks and summed
+  once at the end, so that partial sums cross the devices once per layer, not once per key block
+  (XLA's partitioner put an all-reduce of W_kv_b's gradient in every block: 1.3 TB per layer and step
+  for V3 at 128K on 32 slices)."""
   q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, out, lse = res
   f = _acc(q.dtype)
   b, t, h, _ = q.shape
@@ -153,24 +154,24 @@ def _attention_bwd(scale, block, nope, groups, res, d_out):
     dq = jnp.einsum("bhtk,bkhd->bthd", ds, k.astype(f))
     dk = jnp.einsum("bhtk,bthd->bkhd", ds, q.astype(f))
     d_kv = jnp.concatenate([dk[..., :nope], dv], axis=-1)  # [B, K, H, nope + v]
-    return dq, jnp.einsum("bkc,bkhd->chd", c_blk.astype(f), d_kv), jnp.einsum(
+    return dq, jnp.einsum("bkc,bkhd->bchd", c_blk.astype(f), d_kv), jnp.einsum(
         "bkhd,chd->bkc", d_kv, w_kvb.astype(f)), dk[..., nope:].sum(2)
 
   per_group = jax.vmap(one_group, in_axes=(1, 1, 2, 2, 0, 1) + (None,) * 5, out_axes=(1, 0, 0, 0))
 
   def step(carry, blk):
-    dq, dw = carry  # [B, G, T/G, H, K], [G, C, H, nope + v]: per group
+    dq, dw = carry  # [B, G, T/G, H, K], [G, B, C, H, nope + v]: per group and row
     c_blk, pe_blk, idx_blk, seg_blk = blk
     k, v = _keys(c_blk, pe_blk, w_kvb, nope)
     dq_b, dw_b, d_c, d_pe = per_group(q_g, d_out_g, delta_g, lse_g, index_g, seg_g, k, v, c_blk, idx_blk, seg_blk)
     return (dq + dq_b, dw + dw_b), (d_c, d_pe)
 
-  init = (jnp.zeros(q_g.shape, f), jnp.zeros((groups, *w_kvb.shape), f))
+  init = (jnp.zeros(q_g.shape, f), jnp.zeros((groups, b, *w_kvb.shape), f))
   (dq, dw), (d_c, d_pe) = jax.lax.scan(step, init, _key_blocks(c_kv, k_pe, k_index, k_seg, block))
   unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])  # [blocks, B, K, ..] -> [B, S, ..]
   d_c, d_pe = unblock(d_c.sum(1)), unblock(d_pe.sum(1))  # (the groups' sums: once)
   return (dq.reshape(q.shape).astype(q.dtype), d_c.astype(c_kv.dtype), d_pe.astype(k_pe.dtype),
-          dw.sum(0).astype(w_kvb.dtype), None, None, None, None)
+          dw.sum((0, 1)).astype(w_kvb.dtype), None, None, None, None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
