@@ -298,9 +298,10 @@ LONG = 4096  # tokens a sequence (or a context slice of one) holds before --sear
 
 def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list[list[str]]:
   """Override sets to try, most promising first: expert x fsdp (x tensor, x context when seq_len is
-  over LONG tokens) factorisations of the devices (of each pipeline stage's, with mesh.stage given), then remat policies (the chunked
-  expert-parallel exchange's rows kept before recomputed, in 2 chunks before the default, on TPU the
-  weights' all-gathers fused into the compute before not) and grad_accum."""
+  over LONG tokens) factorisations of the devices (of each pipeline stage's, with mesh.stage given),
+  then remat policies (the chunked expert-parallel exchange's rows kept before recomputed, in 2 chunks
+  before the default, on TPU the weights' all-gathers fused into the compute before not) and
+  grad_accum."""
   n = target.devices // max(cfg.mesh.stage, 1)
   e = cfg.model.n_routed_experts
   long = cfg.seq_len > LONG  # each sequence over `context` devices too, at least LONG tokens a slice

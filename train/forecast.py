@@ -270,20 +270,14 @@ def _collective(p: Program, ins) -> tuple[str, object] | None:
     for inner in p.comps.get(p.called(ins) or "", []):
       if inner.op in COLLECTIVE_KINDS[:6]:
         return inner.op, inner
-  if ins.name.startswith(_FUSED_START) and (inner := p.collective_in(ins)) is not None:
+  if ins.name.startswith(hlo_parse.FUSED_START) and (inner := p.collective_in(ins)) is not None:
     return inner.op, inner
   return None
 
 
-# libtpu's async collective fusion (xla_tpu_enable_async_collective_fusion): a collective starts in a
-# fusion named async-collective-start.N, its steps ride in compute fusions (async_collective_fusion.N,
-# counted as the compute they are) and it ends in async-collective-done.N; all hold the same collective
-# (one channel_id), by which the done finds its start.
-_FUSED_START, _FUSED_DONE = "async-collective-start", "async-collective-done"
-
-
 def _chain(p: Program, ins) -> str:
   """The key pairing an async collective's start with its done: the name, or for libtpu's fused form
+  (hlo_parse.FUSED_START ... FUSED_DONE; the steps between are counted as the compute fusions they are)
   the collective's channel."""
   inner = p.collective_in(ins)
   channel = re.search(r"channel_id=(\d+)", inner.rest) if inner is not None else None
@@ -427,8 +421,8 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         out.links_where[("slow", p.source(carrier))] += slow
         comm = max(fast / chip.fast_bw, slow / chip.slow_bw) if kind in ("all-to-all", "ragged-all-to-all") else (
             fast / chip.fast_bw + slow / chip.slow_bw)
-        asynchronous = (ins.op.endswith("-start") or ins.op == "async-start" or ins.name.startswith(_FUSED_START)) \
-            and '"is_sync":true' not in ins.rest
+        started = ins.op.endswith("-start") or ins.op == "async-start" or ins.name.startswith(hlo_parse.FUSED_START)
+        asynchronous = started and '"is_sync":true' not in ins.rest
         out.counts[(kind, "async" if asynchronous else "sync")] += 1
         if asynchronous:
           pending[_chain(p, ins)] = [kind, comm, 0.0, p.source(carrier)]
@@ -436,7 +430,7 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
           out.exposed += comm
           out.time += comm
           out.where[(kind, p.source(ins))] += comm
-      elif ins.op.endswith("-done") or ins.op.endswith("-update") or ins.name.startswith(_FUSED_DONE):
+      elif ins.op.endswith(("-done", "-update")) or ins.name.startswith(hlo_parse.FUSED_DONE):
         for o in [_chain(p, ins)] if ins.op == "fusion" else hlo_parse.operands(ins.rest):
           if o in pending:
             kind, comm, between, source = pending.pop(o)

@@ -27,9 +27,9 @@ from train.hlo_parse import dims, operands
 def collectives(hlo: str) -> dict:
   """{kind: {"count", "bytes"}} of the collectives in compiled HLO text (async pairs counted once)."""
   out, m = {}, hlo_parse.parse(hlo)
-  steps = {hlo_parse.called(i.rest) for i in m.instrs.values()  # libtpu's async collective fusion: the
-           if i.op == "fusion" and (i.name.startswith("async-collective-done")  # done and the compute fusions
-                                    or (hlo_parse.called(i.rest) or "").startswith("async_collective_fusion"))}
+  called = {i.name: hlo_parse.called(i.rest) or "" for i in m.instrs.values() if i.op == "fusion"}
+  steps = {c for name, c in called.items()  # libtpu's async collective fusion: the done and the compute
+           if name.startswith(hlo_parse.FUSED_DONE) or c.startswith(hlo_parse.FUSED_STEP)}  # fusions
   for ins in m.instrs.values():
     kind = hlo_parse.collective_kind(ins.op)
     if kind and m.home[ins.name] not in steps:  # (that carry its steps hold its start's collective again)

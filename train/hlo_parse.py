@@ -145,6 +145,13 @@ def in_scope(rest: str, scope: str) -> bool:
   return name is not None and f"/{scope}/" in f"/{name}/"
 
 
+# libtpu's async collective fusion (xla_tpu_enable_async_collective_fusion): a collective starts in a
+# fusion named async-collective-start.N, its steps ride in compute fusions calling async_collective_fusion.N,
+# and it ends in async-collective-done.N; all three hold the same collective (one channel_id).
+FUSED_START, FUSED_STEP, FUSED_DONE = ("async-collective-start", "async_collective_fusion",
+                                       "async-collective-done")
+
+
 def collective_kind(op: str) -> str | None:
   """The collective an opcode is or starts ("all-gather-start" -> "all-gather"), or None."""
   base = op.removesuffix("-start")

@@ -29,7 +29,7 @@ from jax.interpreters import mlir
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from moe.kernels.grouped_pallas import bounds, pad_to, work_items
+from moe.kernels.grouped_pallas import bounds, pad_to, rows_call
 from moe.kernels.quant import E4M3, E4M3_MAX, TILE, tile_scale  # TILE: the K step and the grouped row tile
 
 log = logging.getLogger(__name__)
@@ -148,20 +148,9 @@ def grouped_matmul(x, sx, w, sw, group_sizes, interpret: bool = False):
   m, n, e = x.shape[0], w.shape[2], w.shape[0]
   assert n % BLOCK_N == 0 and sw.shape == (e, sx.shape[1], n // TILE), (w.shape, sw.shape, sx.shape)
   x, sx = pad_to(x, 0, TILE), pad_to(sx, 0, TILE)
-  mp = x.shape[0]
-  items = work_items(group_sizes, mp // TILE)
-  full = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)  # the kernel indexes the refs itself
-  args = (*items, x, sx.astype(jnp.float32), w, sw.astype(jnp.float32))
-  y = pl.pallas_call(
-      _grouped_kernel,
-      grid=(items[0].shape[0], n // BLOCK_N),
-      in_specs=[full(a) for a in args],
-      out_specs=pl.BlockSpec((mp, n), lambda i, j: (0, 0)),
-      out_shape=jax.ShapeDtypeStruct((mp, n), jnp.float32),
-      compiler_params=PARAMS, interpret=interpret, name="fp8_grouped_matmul",
-  )(*args)
-  valid = jnp.arange(mp) < group_sizes.sum()
-  return jnp.where(valid[:m, None], y[:m], 0.0)
+  y = rows_call(_grouped_kernel, group_sizes, (x, sx.astype(jnp.float32), w, sw.astype(jnp.float32)), x.shape[0],
+                n, jnp.float32, "fp8_grouped_matmul", interpret, block_n=BLOCK_N, params=PARAMS)
+  return y[:m]
 
 
 def _quantize_columns(v, pow2: bool):

@@ -64,6 +64,25 @@ def work_items(group_sizes, m_tiles: int):
           jnp.where(valid, ends[g], 0).astype(jnp.int32))
 
 
+def rows_call(kernel, group_sizes, operands, mp: int, np_: int, dtype, name: str, interpret: bool,
+              block_n: int = BLOCK_N, params=PARAMS):
+  """[mp, np_] from `kernel(work items..., operands..., out)`: one program per work item (a 128-row tile
+  and a group sharing a row; `work_items`) and `block_n` output columns, each ref whole (the kernel
+  indexes them itself); rows past every group come out 0 (no program stores them)."""
+  items = work_items(group_sizes, mp // TILE)
+  args = (*items, *operands)
+  full = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)
+  y = pl.pallas_call(
+      kernel,
+      grid=(items[0].shape[0], np_ // block_n),
+      in_specs=[full(a) for a in args],
+      out_specs=pl.BlockSpec((mp, np_), lambda i, j: (0, 0)),
+      out_shape=jax.ShapeDtypeStruct((mp, np_), dtype),
+      compiler_params=params, interpret=interpret, name=name,
+  )(*args)
+  return jnp.where((jnp.arange(mp) < group_sizes.sum())[:, None], y, jnp.zeros((), dtype))
+
+
 def _precision(dtype):
   return lax.Precision.HIGHEST if dtype == jnp.float32 else None  # float32: no TF32 (the tests' exactness)
 
@@ -95,19 +114,9 @@ def gmm(x, w, group_sizes, transpose_w: bool = False, interpret: bool = False):
   w = pad_to(pad_to(w, 2 if transpose_w else 1, BLOCK_K), 1 if transpose_w else 2, BLOCK_N)
   w = w.astype(x.dtype)
   mp, np_ = x.shape[0], w.shape[1] if transpose_w else w.shape[2]
-  items = work_items(group_sizes, mp // TILE)
-  full = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)  # the kernel indexes the refs itself
-  args = (*items, x, w)
-  y = pl.pallas_call(
-      functools.partial(_gmm_kernel, transpose_w=transpose_w),
-      grid=(items[0].shape[0], np_ // BLOCK_N),
-      in_specs=[full(a) for a in args],
-      out_specs=pl.BlockSpec((mp, np_), lambda i, j: (0, 0)),
-      out_shape=jax.ShapeDtypeStruct((mp, np_), x.dtype),
-      compiler_params=PARAMS, interpret=interpret, name="grouped_gmm",
-  )(*args)
-  valid = jnp.arange(mp) < group_sizes.sum()
-  return jnp.where(valid[:m, None], y[:m, :n], 0)
+  y = rows_call(functools.partial(_gmm_kernel, transpose_w=transpose_w), group_sizes, (x, w), mp, np_, x.dtype,
+                "grouped_gmm", interpret)
+  return y[:m, :n]
 
 
 def _tgmm_kernel(lo_ref, hi_ref, x_ref, dy_ref, o_ref):
