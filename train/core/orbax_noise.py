@@ -4,8 +4,9 @@ the report. `quiet()` (idempotent) is called where orbax is used (train/core/che
   - absl logs every save at INFO (level WARNING for the `absl` logger), and a failed save once per
     background thread with a traceback (78 for one full disk): those three messages from orbax's files;
   - a failed restore or save leaves tensorstore callbacks on orbax's closed asyncio loop ("Event loop
-    is closed", reported as unraisable) and orbax coroutines abandoned with it: dropped from
-    `sys.unraisablehook` by that message or by the coroutine's file (orbax);
+    is closed", reported as unraisable) and orbax coroutines abandoned with it ("coroutine
+    '_read_array_index_and_device_put' was never awaited", a RuntimeWarning, or unraisable if it
+    comes at shutdown): dropped by that message or by the coroutine's file (orbax);
   - asyncio logs "Task exception was never retrieved" for orbax's abandoned reads (a traceback through
     orbax or tensorstore) and writes (an OCDBT error naming orbax's temporary step directory).
 
@@ -19,6 +20,7 @@ import logging
 import re
 import sys
 import traceback
+import warnings
 
 TMP_MARK = ".orbax-checkpoint-tmp"  # orbax writes a step into <step>.orbax-checkpoint-tmp-<time>
 
@@ -39,14 +41,27 @@ def _ignore_closed_loop_callbacks():
   def hook(unraisable):
     if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
       return
-    code = getattr(unraisable.object, "cr_code", None)  # a coroutine of orbax abandoned by the failure
-    if code is not None and "orbax" in code.co_filename:
-      return
-    previous(unraisable)
+    if not _of_orbax(unraisable.object):
+      previous(unraisable)
 
   hook._drops_closed_loop = True
   sys.unraisablehook = hook
+  # CPython reports a coroutine collected unawaited through this function of `warnings`, looked up at
+  # each report; only if that fails (at shutdown) does it go to sys.unraisablehook
+  warn_unawaited = warnings._warn_unawaited_coroutine
+
+  def warn_unless_orbax(coro):
+    if not _of_orbax(coro):
+      warn_unawaited(coro)
+
+  warnings._warn_unawaited_coroutine = warn_unless_orbax
   logging.getLogger("asyncio").addFilter(_drop_abandoned_orbax_tasks)
+
+
+def _of_orbax(obj) -> bool:
+  """A coroutine of orbax's, abandoned by a failed restore or save."""
+  code = getattr(obj, "cr_code", None)
+  return code is not None and "orbax" in code.co_filename
 
 
 def _drop_abandoned_orbax_tasks(record: logging.LogRecord) -> bool:
