@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from moe import mla
 from moe.config import ModelConfig
@@ -25,8 +26,14 @@ from parallel.sharding import constrain
 
 ACT = ("batch", "seq", "embed")  # hidden states between layers (logical axes; see parallel/sharding.py)
 
+LAYER_INPUT = "layer_input"  # each layer's input, as the remat policies name it
 REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole layer
+    "full": None,  # save nothing: recompute the whole layer (the scan keeps each layer's input)
+    # as full, with the layer inputs in host memory (each layer's sent there in the forward, fetched
+    # back in the backward): one [batch, seq, hidden] per layer off the device
+    "full_offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT], offload_src="device",
+        offload_dst="pinned_host"),
     "save_dots": jax.checkpoint_policies.dots_saveable,
     "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
@@ -98,6 +105,7 @@ class LayerStack(nnx.Module):
 
     def body(carry, xs):  # one layer: a slice of every stacked variable (and of the cache)
       x, cache = carry
+      x = checkpoint_name(x, LAYER_INPUT)
       i, layer_state, on = xs
       layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
       layer = nnx.merge(graphdef, *layer_state)

@@ -39,17 +39,18 @@ from parallel.common.typed_config import check_fields
 log = logging.getLogger("moe")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch"]
+RematPolicy = Literal["none", "full", "full_offload", "save_dots", "save_dots_no_batch"]
 
 
 @dataclasses.dataclass(frozen=True)
 class ImplConfig:
   """Implementation choices (`auto`: from the target devices) and speed settings.
 
-  `remat_policy`: what the backward pass recomputes per layer (none | full | save_dots |
-  save_dots_no_batch). `scan_layers`: True runs each layer stack as one lax.scan (compile time
-  independent of depth); False runs the same stacked parameters as an unrolled loop, which XLA
-  schedules across layers (bench-cpu: 9% faster steps, docs/perf.md; compile time grows with depth).
+  `remat_policy`: what the backward pass recomputes per layer (none | full | full_offload |
+  save_dots | save_dots_no_batch; full_offload: as full, the layer inputs kept in host memory).
+  `scan_layers`: True runs each layer stack as one lax.scan (compile time independent of depth);
+  False runs the same stacked parameters as an unrolled loop, which XLA schedules across layers
+  (bench-cpu: 9% faster steps, docs/perf.md; compile time grows with depth).
   `fp8_pow2_scales`: round every FP8 scale up to a power of two. `ep_remat`: whether the backward pass
   of a chunked dropless expert-parallel exchange runs the exchange again (recompute: only one chunk's
   buffers live at a time) or keeps the rows each chunk received and returned (keep: no all-to-all

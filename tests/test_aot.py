@@ -548,3 +548,21 @@ def test_ep_overlap_makes_the_all_to_alls_asynchronous_on_tpu(capsys):
   a2a = split["async_a2a"]  # (without ep_overlap: all synchronous, test_compiles_for_v5p_with_...)
   assert a2a["async"] > a2a["sync"] and a2a["overlapped"] >= 0.8 * a2a["async"]
   assert split["collectives"]["ragged-all-to-all"]["count"] > 0
+
+
+def test_full_offload_keeps_the_layer_inputs_in_host_memory():
+  """impl.remat_policy=full_offload compiled for v5p-8 (4 chips, fsdp=4, one 2048-token sequence each):
+  the inputs the full policy keeps for the 4 layers, [1, 2048, 128] float32 = 1 MiB a layer, are in
+  host memory (hand-counted; libtpu holds one layer's more there, 5 MiB in all), and the stack of the 3
+  MoE layers' inputs, on the device at the full policy's peak, is not on it at full_offload's."""
+  overrides = ["mesh.data=1", "mesh.fsdp=4", "batch_size=4", "seq_len=2048", "model.max_position_embeddings=4096",
+               "model.num_nextn_predict_layers=0"]
+  cfg = load_train_config(ROOT / "configs/tiny.yaml", overrides + ["impl.remat_policy=full_offload"])
+  s = loop.setup(cfg, Parallelism.from_config(cfg.mesh, targets.devices(targets.parse("v5p-8"))))
+  host = s.train_step.lower(s.abstract_state, s.batch_spec(4, 2048)).compile().memory_analysis().host_temp_size_in_bytes
+  inputs = 4 * 1 * 2048 * 128 * 4
+  assert inputs <= host <= inputs * 5 // 4, host
+  stack = "f32[3,1,2048,128]"
+  peak = {p: [b["array"] for b in aot.compile_for(load_train_config(ROOT / "configs/tiny.yaml", overrides + [
+      f"impl.remat_policy={p}"]), targets.parse("v5p-8"), buffers=40)["peak_buffers"]] for p in ("full", "full_offload")}
+  assert stack in peak["full"] and stack not in peak["full_offload"], peak

@@ -110,7 +110,7 @@ def test_remat_policies_and_unrolled_layers_same_loss_and_grads():
     return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], -1)) + 0.1 * out.moe_stats.balance_loss.sum()
 
   results = {}
-  for variant in ("none", "full", "save_dots", "unrolled"):  # unrolled: scan_layers=False, no remat
+  for variant in ("none", "full", "full_offload", "save_dots", "unrolled"):  # unrolled: scan_layers=False, no remat
     policy = "none" if variant == "unrolled" else variant
     impl = ImplConfig(remat_policy=policy, scan_layers=variant != "unrolled")
     g = nnx.split(abstract_model(CFG, Runtime.resolve(impl, announce=False)))[0]
@@ -129,7 +129,7 @@ def test_remat_policies_and_unrolled_layers_same_loss_and_grads():
   leaves0 = jax.tree.leaves(grads0)
   assert np.isfinite(loss0)
   assert len(leaves0) == len(jax.tree.leaves(nnx.filter_state(state, nnx.Param)))
-  for policy in ("full", "save_dots", "unrolled"):
+  for policy in ("full", "full_offload", "save_dots", "unrolled"):
     loss_value, grads = results[policy]
     assert loss_value == pytest.approx(loss0, rel=1e-6)
     assert jax.tree.structure(grads) == jax.tree.structure(grads0)

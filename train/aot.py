@@ -11,6 +11,7 @@ no accelerator present. One JSON line per target:
   chips, devices, mesh, impl (attention, experts, ep_transport, fp8), compile_s,
   per_device bytes from the compiler: arguments (split into params, optimizer, batch), temporaries,
   output, aliased (the donated state), peak = arguments + temporaries + output - aliased,
+  host_temporaries (in host memory: the layer inputs of impl.remat_policy=full_offload; not in the peak),
   hbm (per device, as the compiler plans it), headroom, fits,
   model FLOPs per step and per device (analytic, moe.params: the compiler's cost analysis is absent
   on GPU and over-counts ragged_dot's weight gradient on TPU),
@@ -237,7 +238,8 @@ def compile_for(cfg: TrainConfig, target: targets_lib.Target, buffers: int = 0, 
       "compile_s": round(compile_s, 1),
       "per_device_GiB": {"arguments": _gib(mem.argument_size_in_bytes), **{k: _gib(v) for k, v in parts.items()},
                          "temporaries": _gib(mem.temp_size_in_bytes), "output": _gib(mem.output_size_in_bytes),
-                         "aliased": _gib(mem.alias_size_in_bytes), "peak": _gib(peak)},
+                         "aliased": _gib(mem.alias_size_in_bytes), "peak": _gib(peak),
+                         "host_temporaries": _gib(mem.host_temp_size_in_bytes)},
       "hbm_GiB": _gib(target.hbm_bytes), "headroom_GiB": _gib(target.hbm_bytes - peak),
       "headroom": round(1 - peak / target.hbm_bytes, 3), "fits": peak <= target.hbm_bytes,
       "model_flops_per_step": flops, "model_flops_per_device": flops / n,
@@ -314,7 +316,7 @@ def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list
           meshes.append(["mesh.data=1", f"mesh.fsdp={n // (expert * tensor * context)}", f"mesh.expert={expert}",
                          f"mesh.tensor={tensor}"] + ([f"mesh.context={context}"] if long else []))
   out = []
-  for remat in ("none", "save_dots_no_batch", "full"):
+  for remat in ("none", "save_dots_no_batch", "full", "full_offload"):
     for accum in (1, 2, 4) if cfg.per_device_batch is None else (None,):  # (per_device_batch: grad_accum follows)
       if accum is not None and cfg.batch_size % accum:
         continue

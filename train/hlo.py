@@ -287,13 +287,17 @@ def peak_buffers(hlo: str, live_ranges: str, top: int = 10, project=("moe/", "pa
   innermost source line in the project (`project` path parts) that made it. The dump lists values, and
   values that share a buffer (a loop's carry and the in-place update that writes it) each; with XLA's
   buffer-assignment dump (`assignment`) each buffer is one row, named by the instruction that wrote
-  it rather than the loop or parameter it passes through, and `aliases` counts the others."""
+  it rather than the loop or parameter it passes through, and `aliases` counts the others. Buffers in
+  host memory (memory space 5: what impl.remat_policy=full_offload keeps there) are not the device's
+  and are left out."""
   m = hlo_parse.parse(hlo)
   caller, stack = _callers(m), frames(hlo)
   place = _placements(assignment)
   groups: dict = {}
   for size, name, index in _live_at_peak(live_ranges):
-    groups.setdefault(place.get((name, index), (name, index)), []).append((size, name, index))
+    where = place.get((name, index), (name, index, 0))
+    if where[2] != HOST_MEMORY_SPACE:
+      groups.setdefault(where[:2], []).append((size, name, index))
   def passes(name):  # a value that passes a buffer on (or only allocates it: libtpu's AllocateBuffer)
     ins = m.instrs.get(name)
     return ins is None or ins.op in _PASS_THROUGH or 'custom_call_target="AllocateBuffer"' in ins.rest
@@ -324,15 +328,16 @@ def peak_buffers(hlo: str, live_ranges: str, top: int = 10, project=("moe/", "pa
 
 # opcodes that pass a buffer on rather than write it: a peak row is named by another of its values
 _PASS_THROUGH = {"parameter", "while", "conditional", "get-tuple-element", "tuple", "bitcast", "call"}
-_VALUE = re.compile(r"value: <\d+ ([\w.\-]+)(?:\{([0-9,]*)\})?(?: \(phi\))? @\d+> \(size=\d+,offset=(\d+)\)")
+_VALUE = re.compile(r"value: <\d+ ([\w.\-]+)(?:\{([0-9,]*)\})?(?: \(phi\))? @(\d+)> \(size=\d+,offset=(\d+)\)")
+HOST_MEMORY_SPACE = 5  # XLA's memory space ("@5", layouts' "S(5)") for host memory, on TPU and GPU
 
 
 def _placements(assignment: str) -> dict:
-  """(instruction, tuple index) -> (allocation, offset), from XLA's buffer-assignment dump."""
+  """(instruction, tuple index) -> (allocation, offset, memory space), from XLA's buffer-assignment dump."""
   out, allocation = {}, None
   for line in assignment.splitlines():
     if line.startswith("allocation "):
       allocation = line.split(":")[0]
     elif (v := _VALUE.search(line)) and allocation is not None:
-      out.setdefault((v.group(1), v.group(2) or ""), (allocation, int(v.group(3))))
+      out.setdefault((v.group(1), v.group(2) or ""), (allocation, int(v.group(4)), int(v.group(3))))
   return out
