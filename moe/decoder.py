@@ -71,6 +71,7 @@ class LayerStack(nnx.Module):
     from its own index's key, so the weights do not depend on the layout (nor on the mesh)."""
     self.remat_policy = rt.remat_policy
     self.unroll = not rt.scan_layers
+    self.grad_acc = nnx.data(None)  # the gradient so far of the stack's Params (leaves): see `accumulating`
 
     @nnx.split_rngs(splits=n)
     @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -103,6 +104,15 @@ class LayerStack(nnx.Module):
     leave as nnx.Intermediate (MLA's `max_logit`, for QK-clip) is stacked into `self.layers`, [layers, ...],
     outside the pipeline (`active_L` None)."""
 
+    if self.grad_acc is not None:
+      if cache is not None or active_L is not None or len(states) != 1 or self.remat_policy not in ACCUMULATING:
+        raise ValueError("gradients accumulate in the layer scan only in training, unpipelined, with remat"
+                         f" {' or '.join(ACCUMULATING)}")
+      x, stats, sown = accumulating(graphdef, states[0], self.grad_acc, x_BxSxD, (cos_sin, mask, valid_BxS),
+                                    offload=self.remat_policy == "full_offload")
+      nnx.update(self.layers, sown)
+      return x, stats, None
+
     def body(carry, xs):  # one layer: a slice of every stacked variable (and of the cache)
       x, cache = carry
       x = checkpoint_name(x, LAYER_INPUT)
@@ -127,3 +137,70 @@ class LayerStack(nnx.Module):
     if active_L is None:  # sown into the stack, [layers, ...] (the pipeline's stages drop theirs)
       nnx.update(self.layers, sown)
     return x, stats, cache
+
+
+ACCUMULATING = ("full", "full_offload")  # the remat policies `accumulating` implements
+
+
+def accumulating(graphdef, stacked, acc, x_BxSxD, consts, offload: bool = False):
+  """The layers of `stacked` (as LayerStack.apply, remat full), whose parameters' gradient is returned
+  already summed into `acc` (their gradient so far in a gradient accumulation, a State like their
+  Params): the backward pass runs layer by layer in a scan that carries `acc` and adds each layer's
+  weight gradient into its slice in place, as Megatron adds into its main_grad buffer. Autodiff of
+  the plain scan would return the micro-batch's gradient as a new buffer of the stack's size, to be
+  added to `acc` after: one float32 copy of the stack's parameters more at the backward's peak.
+  Each layer's input is kept (`offload`: in host memory, as remat full_offload), and the layer
+  recomputed in the backward (remat full). `acc`: the leaves of that State, in its order."""
+  params, other = nnx.split_state(stacked, nnx.Param, ...)
+  leaves, tree = jax.tree.flatten(params)
+  if [a.shape for a in acc] != [p.shape for p in leaves]:
+    raise ValueError("the gradient accumulator does not match the stack's parameters")
+  acc = jax.tree.unflatten(tree, acc)
+
+  def one(p_i, o_i, x):  # (output, statistics, what the layer sowed) of one layer
+    layer = nnx.merge(graphdef, p_i, o_i)
+    y, stats, _ = layer(x, *consts)
+    return y, stats, nnx.pop(layer, nnx.Intermediate)
+
+  def forward(p, x):
+    def body(x, xs):
+      y, stats, sown = one(*xs, x)
+      return y, (jax.device_put(x, jax.memory.Space.Host) if offload else x, stats, sown)
+    y, (inputs, stats, sown) = jax.lax.scan(body, x, (p, other))
+    return (y, stats, sown), inputs
+
+  @jax.custom_vjp
+  def run(p, acc, x):
+    return forward(p, x)[0]
+
+  def fwd(p, acc, x):
+    out, inputs = forward(p, x)
+    return out, (p, acc, inputs)
+
+  def bwd(res, cts):
+    p, acc, inputs = res
+    dy, dstats, _ = cts
+    n = inputs.shape[0]
+    floating = [jnp.issubdtype(c.dtype, jnp.inexact) for c in jax.tree.leaves(dstats)]
+
+    def body(carry, xs):
+      dx, acc = carry
+      i, x_i, dstats_i = xs
+      x_i = jax.device_put(x_i, jax.memory.Space.Device) if offload else x_i
+      p_i, o_i = (jax.tree.map(lambda a: a[i], t) for t in (p, other))
+
+      def differentiable(p_i, x):  # the layer's output and its statistics' floating-point leaves
+        y, stats, _ = one(p_i, o_i, x)
+        return y, [v for v, f in zip(jax.tree.leaves(stats), floating) if f]
+
+      _, pullback = jax.vjp(differentiable, p_i, x_i)
+      dp_i, dx = pullback((dx, dstats_i))
+      acc = jax.tree.map(lambda a, g: jax.lax.dynamic_update_index_in_dim(a, a[i] + g.astype(a.dtype), i, 0), acc, dp_i)
+      return (dx, acc), None
+
+    dstats = [v for v, f in zip(jax.tree.leaves(dstats), floating) if f]  # (integer leaves: no cotangent)
+    (dx, acc), _ = jax.lax.scan(body, (dy, acc), (jnp.arange(n), inputs, dstats), reverse=True)
+    return acc, jax.tree.map(jnp.zeros_like, acc), dx
+
+  run.defvjp(fwd, bwd)
+  return run(params, jax.lax.stop_gradient(acc), x_BxSxD)

@@ -21,6 +21,7 @@ from train import aot
 from train import hlo as hlo_lib
 from train import hlo_links, hlo_parse
 from train.core import loop
+from train.core import step as step_lib
 from train.core.train_config import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -566,3 +567,22 @@ def test_full_offload_keeps_the_layer_inputs_in_host_memory():
   peak = {p: [b["array"] for b in aot.compile_for(load_train_config(ROOT / "configs/tiny.yaml", overrides + [
       f"impl.remat_policy={p}"]), targets.parse("v5p-8"), buffers=40)["peak_buffers"]] for p in ("full", "full_offload")}
   assert stack in peak["full"] and stack not in peak["full_offload"], peak
+
+
+def test_accumulated_gradients_need_no_second_copy_of_the_stacks(monkeypatch):
+  """grad_accum=2 with remat full, compiled for v5p-8 (fsdp=4; experts made large so that weights
+  dominate): the layer stacks add their gradient into the accumulator in their backward scans
+  (moe/decoder.py: accumulating), so the step's temporaries are smaller than with the micro-batch's
+  gradient returned whole and added after, by at least the stacks' float32 parameters per device."""
+  cfg = load_train_config(ROOT / "configs/tiny.yaml", [
+      "mesh.data=1", "mesh.fsdp=4", "batch_size=8", "grad_accum=2", "seq_len=64", "model.moe_intermediate_size=1024",
+      "model.num_nextn_predict_layers=0", "impl.remat_policy=full"])
+  temps = {}
+  for in_stacks in (True, False):
+    if not in_stacks:  # the micro-batch's whole gradient, added after
+      plain = step_lib.accumulated
+      monkeypatch.setattr(step_lib, "accumulated", lambda *a: plain(*a[:6], False))
+    s = loop.setup(cfg, Parallelism.from_config(cfg.mesh, targets.devices(targets.parse("v5p-8"))))
+    temps[in_stacks] = s.train_step.lower(s.abstract_state, s.batch_spec(8, 64)).compile().memory_analysis().temp_size_in_bytes
+  stacks = aot.per_device_bytes([s.abstract_state["params"][k] for k in ("dense_layers", "moe_layers")])
+  assert stacks > 8e6 and temps[False] - temps[True] >= stacks, (temps, stacks)

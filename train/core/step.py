@@ -11,7 +11,10 @@ accepted losses, decay 0.99, from the 20th accepted step). The metrics say so (`
 `skipped`); the training loop stops or carries on (`on_nonfinite`). A non-finite value therefore
 never reaches the weights, and no checkpoint can hold one.
 Gradient accumulation runs `grad_accum` micro-batches in a scan; the loss is normalised by the
-whole batch's token counts, so it equals the single-batch loss exactly.
+whole batch's token counts, so it equals the single-batch loss exactly. With remat full (or
+full_offload), unpipelined and without redundant experts, the layer stacks' gradients are added into
+the accumulator inside their backward scans (moe/decoder.py: accumulating), not returned whole and
+added after.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from moe import decoder
 from moe import experts as experts_lib
 from moe.config import ModelConfig
 from parallel import pipeline
@@ -68,13 +72,15 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, lr_schedule, cfg: Trai
   qk_clip = cfg.optimizer.qk_clip  # QK-clip's threshold (train/core/muon.py), or None
   staged = pipe_schedule is not None
   grad_fn = pipeline_grad(graphdef, cfg, par, pipe_schedule) if staged else model_grad(graphdef, cfg)
+  in_stacks = not staged and cfg.grad_accum > 1 and cfg.impl.remat_policy in decoder.ACCUMULATING
   rows = metric_rows(par.layout(model_cfg.num_moe_layers), depth) if staged else None
 
   def step(state, batch):
     params, rest, guard = state["params"], state["rest"], state["guard"]
     counts = loss_lib.token_counts(batch, depth)
     copy_weights, wrt, fixed = differentiated(params, rest)
-    (loss, (parts, load, dropped, max_logits)), grads = accumulated(grad_fn, wrt, fixed, batch, counts, cfg.grad_accum)
+    (loss, (parts, load, dropped, max_logits)), grads = accumulated(grad_fn, wrt, fixed, batch, counts, cfg.grad_accum,
+                                                                    in_stacks and not copy_weights)
     if copy_weights:  # once per step, however many micro-batches
       grads = with_copy_grads(graphdef, grads, fixed)
 
@@ -118,8 +124,13 @@ def model_grad(graphdef, cfg: TrainConfig):
   n_micro, lam, alpha = cfg.grad_accum, cfg.loss.mtp_lambda, cfg.loss.balance_alpha
   qk_clip = cfg.optimizer.qk_clip
 
-  def loss_fn(params, rest, batch, counts):
+  def loss_fn(params, rest, batch, counts, acc=None):
+    """`acc`: the gradient so far, into which the layer stacks add theirs (see `accumulated`)."""
     model = nnx.merge(graphdef, params, rest)
+    if acc is not None:
+      for name in STACKS:
+        if getattr(model, name) is not None:
+          getattr(model, name).grad_acc = nnx.data(jax.tree.leaves(acc[name]["layers"]))
     if qk_clip is not None:
       model.set_attributes(keep_max_logit=True)  # each MLA module leaves its max_logit (moe/mla.py)
     out = model.forward(batch["tokens"], batch["segment_ids"], batch["positions"])
@@ -160,18 +171,28 @@ def differentiated(params, rest):
   return copy_weights, nnx.merge_state(params, jax.tree.map(lambda w: w.astype(jnp.float32), copy_weights)), fixed
 
 
-def accumulated(grad_fn, wrt, fixed, batch, counts, n_micro: int):
+STACKS = ("dense_layers", "moe_layers")  # the model's layer stacks (moe/model.py)
+
+
+def in_a_stack(path) -> bool:
+  return getattr(path[0], "key", None) in STACKS
+
+
+def accumulated(grad_fn, wrt, fixed, batch, counts, n_micro: int, in_stacks: bool = False):
   """`grad_fn` of the whole batch: over its `n_micro` micro-batches in a scan, everything summed but
-  the max logits, of which the max."""
+  the max logits, of which the max. `in_stacks`: `grad_fn` (model_grad's) is given the gradient so
+  far and returns the layer stacks' already summed into it."""
   if n_micro == 1:
     return grad_fn(wrt, fixed, batch, counts)
   micro = jax.tree.map(lambda x: x.reshape(n_micro, -1, *x.shape[1:]), batch)
 
   def accumulate(carry, mb):
     (c_loss, (*c_aux, c_max)), c_grads = carry
-    (loss, (*aux, max_logits)), grads = grad_fn(wrt, fixed, mb, counts)
-    summed = jax.tree.map(jnp.add, ((c_loss, c_aux), c_grads), ((loss, aux), grads))
-    return ((summed[0][0], (*summed[0][1], jax.tree.map(jnp.maximum, c_max, max_logits))), summed[1]), None
+    (loss, (*aux, max_logits)), grads = grad_fn(wrt, fixed, mb, counts, *((c_grads,) if in_stacks else ()))
+    summed = jax.tree.map(jnp.add, (c_loss, c_aux), (loss, aux))
+    grads = jax.tree_util.tree_map_with_path(lambda path, c, g: g if in_stacks and in_a_stack(path) else c + g,
+                                             c_grads, grads)
+    return ((summed[0], (*summed[1], jax.tree.map(jnp.maximum, c_max, max_logits))), grads), None
 
   shapes = jax.eval_shape(grad_fn, wrt, fixed, jax.tree.map(lambda x: x[0], micro), counts)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
