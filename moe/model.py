@@ -10,7 +10,7 @@ it is built with, resolved once; by default for float32 on this process's device
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +27,22 @@ from parallel.pipeline import Layout
 from parallel.sharding import balanced_order, constrain
 
 
+LOSS_CHUNK = 1024  # tokens of a sequence whose logits a deferred head computes at a time
+
+
+class HeadInput(NamedTuple):
+  """Logits not yet computed (Transformer.defer_head): the normalised hidden states the output head
+  takes and the head, for a loss that computes them a sequence chunk at a time
+  (train/core/loss.py: token_nll); `chunks`: how many (1 where the sequence is split over devices)."""
+
+  h_BxSxD: jax.Array
+  head: Callable  # h -> float32 logits
+  chunks: int
+
+
 class ModelOutput(NamedTuple):
-  logits: jax.Array  # [batch, seq, vocab] float32
-  mtp_logits: tuple  # D x [batch, seq, vocab] float32; depth k predicts t_{i+k+1}
+  logits: jax.Array | HeadInput  # [batch, seq, vocab] float32
+  mtp_logits: tuple  # D x [batch, seq, vocab] float32 (or HeadInput); depth k predicts t_{i+k+1}
   moe_stats: MoEStats | None  # stacked over MoE layers, main layers first then MTP blocks
 
 
@@ -68,6 +81,7 @@ class Transformer(nnx.Module):
     self.lm_head = None if cfg.tie_word_embeddings else Linear(
         cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg, rt, rngs=rngs, fp8=False)  # head: never FP8
     self.mtp = nnx.List([mtp.MTPModule(cfg, rt, rngs=rngs) for _ in range(cfg.num_nextn_predict_layers)])
+    self.defer_head = False  # the trainer sets it: forward returns HeadInputs, not logits
 
   def stacks(self) -> list[LayerStack]:
     """The layer stacks in order (dense, then MoE), those present."""
@@ -123,9 +137,20 @@ class Transformer(nnx.Module):
       h, _, _ = self.dense_layers(h, ctx.cos_sin, ctx.mask, ctx.valid)
     return h, []
 
+  def head_of(self, h_normed_BxSxD):
+    """The logits, or with `defer_head` what computes them (HeadInput): a chunk of LOSS_CHUNK tokens
+    of each sequence at a time, whole where the sequence is split over `context` devices."""
+    if not self.defer_head:
+      return self.head(h_normed_BxSxD)
+    s = h_normed_BxSxD.shape[1]
+    context = self.rt.par.context if self.rt.par is not None else 1
+    chunks = s // LOSS_CHUNK if context == 1 and s % LOSS_CHUNK == 0 else 1
+    return HeadInput(h_normed_BxSxD, self.head, max(chunks, 1))
+
   def top(self, h_BxSxD, tokens_BxS, ctx: Context, with_mtp=True):
-    """(logits, MTP logits, [MTP blocks' statistics stacked [1, ...] each]) from the last MoE layer's output."""
-    logits = self.head(self.norm(h_BxSxD))
+    """(logits, MTP logits, [MTP blocks' statistics stacked [1, ...] each]) from the last MoE layer's
+    output (as HeadInputs with `defer_head`)."""
+    logits = self.head_of(self.norm(h_BxSxD))
     mtp_logits, stats = [], []
     if with_mtp:
       h = h_BxSxD
@@ -133,7 +158,7 @@ class Transformer(nnx.Module):
         emb_next = self.embed(mtp.roll_left(tokens_BxS, k))
         cos_sin_k = rope.rope_tables(mtp.roll_left(ctx.positions, k), self.cfg)
         h, h_normed, block_stats = module(h, emb_next, cos_sin_k, ctx.mask, ctx.valid)
-        mtp_logits.append(self.head(h_normed))
+        mtp_logits.append(self.head_of(h_normed))
         stats.append(jax.tree.map(lambda x: x[None], block_stats))
     return logits, tuple(mtp_logits), stats
 

@@ -14,9 +14,11 @@ import pytest
 from flax import nnx
 
 from moe import decoder
+from moe import model as model_lib
 from moe.config import ModelConfig
 from moe.runtime import ImplConfig, Runtime
 from tests.random_weights import initialised
+from train.core import loss as loss_lib
 from train.core import optimizer as optimizer_lib
 from train.core import step as step_lib
 from train.core.train_config import LossConfig, OptimizerConfig, TrainConfig
@@ -166,6 +168,26 @@ def test_layer_stacks_add_their_gradient_into_the_accumulator(setups, batch, mon
     assert np.abs(b - a).max() <= 1e-6 * np.abs(a).max() + 1e-12, name
   for a, b in zip(jax.tree.leaves(as_np(ref_state["params"])), jax.tree.leaves(as_np(state["params"]))):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-3 * PEAK)
+
+
+def test_the_loss_computes_the_logits_a_chunk_at_a_time(setups, batch, monkeypatch):
+  """The trainer's loss runs the output head on 4-token chunks of each sequence (moe/model.py
+  LOSS_CHUNK, 4 chunks of the 16 tokens here; main and MTP heads), recomputed in the backward: the
+  same loss, gradients and update as the head on the whole sequence, within float32 rounding."""
+  calls = []
+  monkeypatch.setattr(model_lib, "LOSS_CHUNK", 4)
+  monkeypatch.setattr(loss_lib, "_chunked_nll", lambda d, t, f=loss_lib._chunked_nll: calls.append(d.chunks) or f(d, t))
+  chunked = Setup(train_cfg(2))
+  state, metrics = chunked.step(chunked.fresh_state(), batch)
+  assert calls == [4, 4] * 2  # main and MTP, in each of the 2 micro-batches
+  monkeypatch.undo()
+  whole = Setup(train_cfg(2))
+  ref_state, ref_metrics = whole.step(whole.fresh_state(), batch)
+  for k in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
+    np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-6, err_msg=k)
+  got, want = as_np(state["opt"][0]), as_np(ref_state["opt"][0])
+  for name, a, b in zip(path_names(want), jax.tree.leaves(want), jax.tree.leaves(got)):
+    assert np.abs(b - a).max() <= 1e-6 * np.abs(a).max() + 1e-12, name
 
 
 def expert_load(setup, state, batch):

@@ -14,15 +14,37 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moe.model import HeadInput
 from moe.mtp import roll_left
 
 
 def token_nll(logits_BxSxV, targets_BxS):
-  """-log p(target) per token, float32."""
+  """-log p(target) per token, float32. `logits` may be a moe.model.HeadInput: then the output head
+  runs on one sequence chunk at a time and again in the backward, so that one chunk's logits (and
+  their gradient) are held, not the whole sequence's ([batch, seq, vocab] float32: 2 GiB for V3's
+  vocabulary and one 4096-token sequence)."""
+  if isinstance(logits_BxSxV, HeadInput):
+    return _chunked_nll(logits_BxSxV, targets_BxS)
   logits = logits_BxSxV.astype(jnp.float32)
   logz = jax.nn.logsumexp(logits, axis=-1)
   picked = jnp.take_along_axis(logits, targets_BxS[..., None], axis=-1)[..., 0]
   return logz - picked
+
+
+def _chunked_nll(deferred: HeadInput, targets_BxS):
+  h, n = deferred.h_BxSxD, deferred.chunks
+  if n == 1:
+    return token_nll(deferred.head(h), targets_BxS)
+  b, s, d = h.shape
+  h_NxBxCxD = h.reshape(b, n, s // n, d).swapaxes(0, 1)
+  t_NxBxC = targets_BxS.reshape(b, n, s // n).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def chunk(_, xs):
+    return None, token_nll(deferred.head(xs[0]), xs[1])
+
+  _, nll_NxBxC = jax.lax.scan(chunk, None, (h_NxBxCxD, t_NxBxC))
+  return nll_NxBxC.swapaxes(0, 1).reshape(b, s)
 
 
 def mtp_targets(batch, k: int):

@@ -127,6 +127,7 @@ def model_grad(graphdef, cfg: TrainConfig):
   def loss_fn(params, rest, batch, counts, acc=None):
     """`acc`: the gradient so far, into which the layer stacks add theirs (see `accumulated`)."""
     model = nnx.merge(graphdef, params, rest)
+    model.defer_head = True  # the loss computes the logits a sequence chunk at a time (train/core/loss.py)
     if acc is not None:
       for name in STACKS:
         if getattr(model, name) is not None:
