@@ -27,6 +27,7 @@ from parallel.pipeline import Layout
 from parallel.sharding import balanced_order, constrain
 
 
+STACKS = ("dense_layers", "moe_layers")  # the Transformer's layer stacks, in order
 LOSS_CHUNK = 1024  # tokens of a sequence whose logits a deferred head computes at a time
 
 
@@ -85,7 +86,7 @@ class Transformer(nnx.Module):
 
   def stacks(self) -> list[LayerStack]:
     """The layer stacks in order (dense, then MoE), those present."""
-    return [s for s in (self.dense_layers, self.moe_layers) if s is not None]
+    return [s for s in (getattr(self, name) for name in STACKS) if s is not None]
 
   def head(self, h_BxSxD):
     """Output head on normalised hidden states -> float32 logits."""
@@ -145,7 +146,7 @@ class Transformer(nnx.Module):
     s = h_normed_BxSxD.shape[1]
     context = self.rt.par.context if self.rt.par is not None else 1
     chunks = s // LOSS_CHUNK if context == 1 and s % LOSS_CHUNK == 0 else 1
-    return HeadInput(h_normed_BxSxD, self.head, max(chunks, 1))
+    return HeadInput(h_normed_BxSxD, self.head, chunks)
 
   def top(self, h_BxSxD, tokens_BxS, ctx: Context, with_mtp=True):
     """(logits, MTP logits, [MTP blocks' statistics stacked [1, ...] each]) from the last MoE layer's

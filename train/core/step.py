@@ -28,6 +28,7 @@ from flax import nnx
 from moe import decoder
 from moe import experts as experts_lib
 from moe.config import ModelConfig
+from moe.model import STACKS
 from parallel import pipeline
 from train.core import loss as loss_lib
 from train.core import muon
@@ -170,9 +171,6 @@ def differentiated(params, rest):
   if not copy_weights:
     return copy_weights, params, rest
   return copy_weights, nnx.merge_state(params, jax.tree.map(lambda w: w.astype(jnp.float32), copy_weights)), fixed
-
-
-STACKS = ("dense_layers", "moe_layers")  # the model's layer stacks (moe/model.py)
 
 
 def in_a_stack(path) -> bool:
