@@ -94,7 +94,7 @@ class LayerStack(nnx.Module):
     """(output, MoE statistics stacked over the layers, cache): `cache` is the layers' LatentCache
     stacked [layers, ...], carried through the scan so that each layer updates its slice in place."""
     graphdef, stacked = nnx.split(self.layers)
-    return self.apply(graphdef, (stacked,), x_BxSxD, cos_sin, mask, valid_BxS, cache=cache, slots_BxS=slots_BxS)
+    return self.apply(graphdef, (stacked,), x_BxSxD, cos_sin, mask, valid_BxS, cache=cache, slots_BxS=slots_BxS)[:3]
 
   def apply(self, graphdef, states: tuple, x_BxSxD, cos_sin, mask, valid_BxS, active_L=None, cache=None,
             slots_BxS=None):
@@ -102,8 +102,9 @@ class LayerStack(nnx.Module):
     or a slice of them: one pipeline chunk) in order; a layer whose `active_L` entry is False
     (padding) passes x through with zero statistics (it is computed and dropped: a stage cannot branch
     on its own data around collectives that the other stages' devices do not reach). What the layers
-    leave as nnx.Intermediate (MLA's `max_logit`, for QK-clip) is stacked into `self.layers`, [layers, ...],
-    outside the pipeline (`active_L` None)."""
+    leave as nnx.Intermediate (MLA's `max_logit`, for QK-clip) is stacked [layers, ...] (-inf in
+    padding layers) and returned, and stored into `self.layers` outside the pipeline (`active_L` None).
+    Returns (output, statistics, cache, what the layers sowed)."""
 
     if self.grad_acc is not None:
       if cache is not None or active_L is not None or len(states) != 1 or self.remat_policy not in ACCUMULATING:
@@ -112,7 +113,7 @@ class LayerStack(nnx.Module):
       x, stats, sown = accumulating(graphdef, states[0], self.grad_acc, x_BxSxD, (cos_sin, mask, valid_BxS),
                                     offload=self.remat_policy == "full_offload", par=self.par)
       nnx.update(self.layers, sown)
-      return x, stats, None
+      return x, stats, None, sown
 
     def body(carry, xs):  # one layer: a slice of every stacked variable (and of the cache)
       x, cache = carry
@@ -125,6 +126,7 @@ class LayerStack(nnx.Module):
       if on is not None:  # (computed and dropped, not skipped: every device must reach the layer's collectives)
         y = jnp.where(on, y, x)
         stats = jax.tree.map(lambda v: jnp.where(on, v, jnp.zeros_like(v)), stats)
+        sown = jax.tree.map(lambda v: jnp.where(on, v, -jnp.inf), sown)
       x = y
       if cache is not None:
         cache = jax.tree.map(lambda c, u: jax.lax.dynamic_update_index_in_dim(c, u, i, 0), cache, layer_cache)
@@ -135,9 +137,9 @@ class LayerStack(nnx.Module):
     n = jax.tree.leaves(states)[0].shape[0]
     (x, cache), (stats, sown) = jax.lax.scan(body, (x_BxSxD, cache), (jnp.arange(n), states, active_L),
                                              unroll=self.unroll)
-    if active_L is None:  # sown into the stack, [layers, ...] (the pipeline's stages drop theirs)
+    if active_L is None:  # sown into the stack, [layers, ...] (the pipeline's stages return theirs)
       nnx.update(self.layers, sown)
-    return x, stats, cache
+    return x, stats, cache, sown
 
 
 ACCUMULATING = ("full", "full_offload")  # the remat policies `accumulating` implements

@@ -119,7 +119,7 @@ class Transformer(nnx.Module):
       slots = self.layout.layer_slot()
       if not (slots == np.arange(len(slots))).all() or len(slots) != self.layout.slots:
         stacked = jax.tree.map(lambda x: jnp.take(x, jnp.asarray(slots), axis=0), stacked)
-      h, layer_stats, _ = self.moe_layers.apply(graphdef, (stacked,), h, inner.cos_sin, inner.mask, inner.valid)
+      h, layer_stats, *_ = self.moe_layers.apply(graphdef, (stacked,), h, inner.cos_sin, inner.mask, inner.valid)
       stats.append(layer_stats)
     if order is not None:
       h = constrain(jnp.take(h, np.argsort(order), axis=1), ACT, self.rt.par)

@@ -301,10 +301,10 @@ def _chunk(tree, r, size):
   return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, r * size, size, 0), tree)
 
 
-def _add_chunk(acc, upd, r, size):
+def _add_chunk(acc, upd, r, size, op=jnp.add):
   def one(a, u):
     cur = jax.lax.dynamic_slice_in_dim(a, r * size, size, 0)
-    return jax.lax.dynamic_update_slice_in_dim(a, cur + u.astype(a.dtype), r * size, 0)
+    return jax.lax.dynamic_update_slice_in_dim(a, op(cur, u.astype(a.dtype)), r * size, 0)
   return jax.tree.map(one, acc, upd)
 
 
@@ -320,6 +320,11 @@ def _from_stage(x, source, s, parts: int, wide: bool):
 
 def _zeros(tree):
   return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
+
+
+def _lowest(tree):
+  """-inf like `tree`: where a maximum (the peaks) starts, and what a masked-out one is."""
+  return jax.tree.map(lambda x: jnp.full(x.shape, -jnp.inf, x.dtype), tree)
 
 
 class _Residuals:
@@ -431,50 +436,55 @@ def _one_stage(tree, keep, parts: int):
 
 
 def _chunk_forward(st: _Stage, p, c, x, mb):
-  """(y, term, stats, the residuals to keep) of one chunk."""
-  f = lambda p, x: (lambda y, term, stats: ((y, term), stats))(*st.stage_fn(p, c, x, mb))
+  """(y, term, stats, peaks, the residuals to keep) of one chunk."""
+  f = lambda p, x: (lambda y, term, stats, peaks: ((y, term), (stats, peaks)))(*st.stage_fn(p, c, x, mb))
   if not st.plan.train:
-    (y, term), stats = f(p, x)
-    return y, term, stats, []
-  (y, term), pullback, stats = jax.vjp(f, p, x, has_aux=True)
-  return y, term, stats, st.chunk_res.split(pullback, p, c, x, mb)
+    (y, term), (stats, peaks) = f(p, x)
+    return y, term, stats, peaks, []
+  (y, term), pullback, (stats, peaks) = jax.vjp(f, p, x, has_aux=True)
+  return y, term, stats, peaks, st.chunk_res.split(pullback, p, c, x, mb)
 
 
 def _first_forward(st: _Stage, mb):
-  """first_fn on this stage's block of a micro-batch, and the residuals to keep."""
+  """first_fn on this stage's block of a micro-batch: (x, peaks, the residuals to keep)."""
   if not st.plan.train:
-    return st.first_fn(st.post_params, st.post_consts, mb), []
-  x, pullback = jax.vjp(lambda q: st.first_fn(q, st.post_consts, mb), st.post_params)
-  return x, st.first_res.split(pullback, st.post_params, st.post_consts, mb)
+    return *st.first_fn(st.post_params, st.post_consts, mb), []
+  x, pullback, peaks = jax.vjp(lambda q: st.first_fn(q, st.post_consts, mb), st.post_params, has_aux=True)
+  return x, peaks, st.first_res.split(pullback, st.post_params, st.post_consts, mb)
 
 
 def _shapes(st: _Stage):
   """(the stage with its zero activation and term shape, first_fn's residuals, a chunk's residuals,
-  its stats and last_fn's aux: shapes, from tracing each once)."""
+  and the shapes of a chunk's stats, last_fn's aux and the peaks {first, stack, last}: from tracing
+  each once)."""
   plan, mb0 = st.plan, _take(st.mb_inputs, 0)
-  act_shape, first_kept = jax.eval_shape(functools.partial(_first_forward, st), _block(st, mb0))
+  act_shape, first_peaks, first_kept = jax.eval_shape(functools.partial(_first_forward, st), _block(st, mb0))
   act_shape = jax.ShapeDtypeStruct((plan.rows,) + act_shape.shape[1:], act_shape.dtype)
   zero_act = jnp.zeros(act_shape.shape, act_shape.dtype)
-  _, term_shape, stats_shape, chunk_kept = jax.eval_shape(
+  _, term_shape, stats_shape, chunk_peaks, chunk_kept = jax.eval_shape(
       functools.partial(_chunk_forward, st), _chunk(st.stack_params, 0, plan.size),
       _chunk(st.stack_consts, 0, plan.size), zero_act, mb0)
-  aux_shape = jax.eval_shape(st.last_fn, st.post_params, st.post_consts, _block(st, zero_act), _block(st, mb0),
-                             plan.parts)[1]
-  return st._replace(zero_act=zero_act, term_shape=term_shape), first_kept, chunk_kept, stats_shape, aux_shape
+  _, aux_shape, last_peaks = jax.eval_shape(st.last_fn, st.post_params, st.post_consts, _block(st, zero_act),
+                                            _block(st, mb0), plan.parts)
+  peaks = {"first": first_peaks, "stack": chunk_peaks, "last": last_peaks}
+  return st._replace(zero_act=zero_act, term_shape=term_shape), first_kept, chunk_kept, stats_shape, aux_shape, peaks
 
 
-def _init_carry(st: _Stage, first_kept, chunk_kept, stats_shape, aux_shape) -> dict:
-  """The scan's carry before the first tick: empty stashes, zero gradients, stats, aux and loss."""
+def _init_carry(st: _Stage, first_kept, chunk_kept, stats_shape, aux_shape, peaks) -> dict:
+  """The scan's carry before the first tick: empty stashes, zero gradients, stats, aux and loss,
+  peaks at -inf."""
   zero_act, sched = st.zero_act, st.plan.sched
   slots = lambda shapes: [jnp.zeros((sched.stash,) + x.shape, x.dtype) for x in shapes]
+  per_slot = lambda x: jax.ShapeDtypeStruct((sched.repeats * st.plan.size,) + x.shape[1:], x.dtype)
   return {
       "stash": jnp.zeros((sched.stash,) + zero_act.shape, zero_act.dtype),
       "kept": slots(chunk_kept), "first_kept": slots(first_kept),
       "cots": jnp.zeros((sched.cots,) + zero_act.shape, zero_act.dtype),
       "recv_act": zero_act, "recv_cot": zero_act, "send_cot": zero_act,
       "g_stack": _zeros(st.stack_params), "g_post": _zeros(st.post_params),
-      "stats": jax.tree.map(lambda x: jnp.zeros((sched.repeats * st.plan.size,) + x.shape[1:], x.dtype), stats_shape),
+      "stats": _zeros(jax.tree.map(per_slot, stats_shape)),
       "aux": _zeros(aux_shape), "loss": jnp.zeros((), jnp.float32),
+      "peaks": _lowest({**peaks, "stack": jax.tree.map(per_slot, peaks["stack"])}),
   }
 
 
@@ -486,7 +496,8 @@ def _first(st: _Stage, carry, t):
   """first_fn of the micro-batch entering the first stage: its output into the stash slot there,
   every stage's residuals (of its block) into the same slot of its own stash."""
   carry = dict(carry)
-  x, kept = _first_forward(st, _block(st, _take(st.mb_inputs, st.plan.first_f[t])))
+  x, peaks, kept = _first_forward(st, _block(st, _take(st.mb_inputs, st.plan.first_f[t])))
+  carry["peaks"] = {**carry["peaks"], "first": jax.tree.map(jnp.maximum, carry["peaks"]["first"], peaks)}
   slot = st.plan.tables["f_slot"][t, 0]
   carry["first_kept"] = [_put(buf, k, slot, True) for buf, k in zip(carry["first_kept"], kept)]
   carry["stash"] = _put(carry["stash"], _gather(x, st.plan.parts), slot, st.s == 0)
@@ -500,15 +511,17 @@ def _last(st: _Stage, t, carry, y):
   carry = dict(carry)
   y = _from_stage(y, plan.sched.stages - 1, s, plan.parts, plan.wide)  # this stage's block of the last stage's y
   mb = _block(st, _take(st.mb_inputs, plan.last_f[t]))
-  f = lambda q, y: st.last_fn(q, st.post_consts, y, mb, plan.parts)
+  f = lambda q, y: (lambda loss, aux, peaks: (loss, (aux, peaks)))(*st.last_fn(q, st.post_consts, y, mb, plan.parts))
   keep = s == plan.sched.stages - 1
   if plan.train:
-    loss, pullback, aux = jax.vjp(f, st.post_params, y, has_aux=True)
+    loss, pullback, (aux, peaks) = jax.vjp(f, st.post_params, y, has_aux=True)
     gq, gy = pullback(jnp.ones_like(loss))
     carry["cots"] = _put(carry["cots"], _gather(gy, plan.parts), _row(st, "f_cot", t), keep)
     carry["g_post"] = jax.tree.map(jnp.add, carry["g_post"], _one_stage(gq, keep, plan.parts))
   else:
-    loss, aux = f(st.post_params, y)
+    loss, (aux, peaks) = f(st.post_params, y)
+  # (every stage ran last_fn on the last stage's output: its block, or all rows)
+  carry["peaks"] = {**carry["peaks"], "last": jax.tree.map(jnp.maximum, carry["peaks"]["last"], peaks)}
   carry["loss"] = carry["loss"] + jnp.where(keep | (plan.parts > 1), loss, 0.0).astype(jnp.float32)
   carry["aux"] = jax.tree.map(jnp.add, carry["aux"], _one_stage(aux, keep, plan.parts))
   return carry
@@ -524,9 +537,11 @@ def _forward(st: _Stage, carry, t):
   slot = _row(st, "f_slot", t)
   x = _take(carry["stash"], jnp.maximum(slot, 0))
   p, c = _chunk(st.stack_params, r, plan.size), _chunk(st.stack_consts, r, plan.size)
-  y, term, stats, kept = _chunk_forward(st, p, c, x, _take(st.mb_inputs, m))
+  y, term, stats, peaks, kept = _chunk_forward(st, p, c, x, _take(st.mb_inputs, m))
   carry["kept"] = [_put(buf, k, slot, on) for buf, k in zip(carry["kept"], kept)]
   carry["stats"] = _add_chunk(carry["stats"], _mask(on, stats), r, plan.size)
+  peaks = jax.tree.map(lambda x: jnp.where(on, x, -jnp.inf), peaks)
+  carry["peaks"] = {**carry["peaks"], "stack": _add_chunk(carry["peaks"]["stack"], peaks, r, plan.size, jnp.maximum)}
   carry["loss"] = carry["loss"] + jnp.where(on, term, 0.0).astype(jnp.float32)
   with jax.named_scope("pipeline_last"):
     carry = jax.lax.cond(plan.last_f[t] >= 0, functools.partial(_last, st, t), _unchanged, carry, y)
@@ -594,25 +609,31 @@ def _body(plan: _Plan, first_fn, stage_fn, last_fn, stack_params, stack_consts, 
   """`run` on one stage (the shard_map's body): a scan over the ticks, then the sums over stages."""
   st = _Stage(plan, jax.lax.axis_index(AXIS), first_fn, stage_fn, last_fn, stack_params, stack_consts, post_params,
               post_consts, mb_inputs, _Residuals(), _Residuals())
-  st, first_kept, chunk_kept, stats_shape, aux_shape = _shapes(st)
-  carry = _init_carry(st, first_kept, chunk_kept, stats_shape, aux_shape)
+  st, *shapes = _shapes(st)
+  carry = _init_carry(st, *shapes)
   carry, _ = jax.lax.scan(functools.partial(_tick, st), carry, jnp.arange(plan.sched.ticks))
   psum = lambda tree: jax.tree.map(lambda x: jax.lax.psum(x, AXIS), tree)
-  return psum(carry["loss"]), carry["g_stack"], psum(carry["g_post"]), carry["stats"], psum(carry["aux"])
+  pmax = lambda tree: jax.tree.map(lambda x: jax.lax.pmax(x, AXIS), tree)
+  peaks = carry["peaks"]
+  return (psum(carry["loss"]), carry["g_stack"], psum(carry["g_post"]), carry["stats"], psum(carry["aux"]),
+          {"first": pmax(peaks["first"]), "stack": peaks["stack"], "last": pmax(peaks["last"])})
 
 
 def run(sched: Schedule, mesh, per_chunk: int, first_fn: Callable, stage_fn: Callable, last_fn: Callable,
         stack_params, stack_consts, post_params, post_consts, mb_inputs, train: bool = True):
   """Run the pipeline's forwards and backwards: (loss, stack grads, post grads, stack stats, last_fn's
-  aux summed over micro-batches). `train=False` runs the forwards only (evaluation; grads zero).
+  aux summed over micro-batches, peaks). `train=False` runs the forwards only (evaluation; grads zero).
+  Peaks (QK-clip's max logits) are maxima over micro-batches: {"first": first_fn's, "stack": the
+  chunks' [slots, ...] (-inf in slots never run), "last": last_fn's}; each function returns a pytree of
+  them (empty when it has none), not differentiated.
 
-  first_fn(post params, post consts, mb) -> x: what comes before the first chunk (the embedding and
-    dense layers), on a block of a micro-batch's rows.
-  stage_fn(chunk params, chunk consts, x, mb) -> (y, term, stats): one chunk of `per_chunk` layers;
-    `term` is added to the loss (differentiated), `stats` a pytree with a leading [per_chunk] axis
-    (not differentiated), summed over micro-batches.
-  last_fn(post params, post consts, y, mb, blocks) -> (loss, aux): after the last chunk, on one of
-    `blocks` equal row blocks of the micro-batch; `aux` summed.
+  first_fn(post params, post consts, mb) -> (x, peaks): what comes before the first chunk (the
+    embedding and dense layers), on a block of a micro-batch's rows.
+  stage_fn(chunk params, chunk consts, x, mb) -> (y, term, stats, peaks): one chunk of `per_chunk`
+    layers; `term` is added to the loss (differentiated), `stats` and `peaks` pytrees with a leading
+    [per_chunk] axis (not differentiated), stats summed over micro-batches.
+  last_fn(post params, post consts, y, mb, blocks) -> (loss, aux, peaks): after the last chunk, on one
+    of `blocks` equal row blocks of the micro-batch; `aux` summed.
   stack_params / stack_consts: leading [slots] axis, sharded over `stage` (slot order of `Layout`).
   post_params / post_consts: whole on every stage (their gradients, from first_fn and last_fn, come
   back summed). mb_inputs: a pytree of [M, rows, ...] arrays (tokens, masks).
@@ -635,5 +656,6 @@ def run(sched: Schedule, mesh, per_chunk: int, first_fn: Callable, stage_fn: Cal
       functools.partial(_body, plan, first_fn, stage_fn, last_fn), mesh=mesh, axis_names={AXIS}, check_vma=False,
       in_specs=(staged(stack_params), staged(stack_consts), whole(post_params), whole(post_consts),
                 whole(mb_inputs)),
-      out_specs=(P(), staged(stack_params), whole(post_params), P(AXIS), P()),
+      out_specs=(P(), staged(stack_params), whole(post_params), P(AXIS), P(),
+                 {"first": P(), "stack": P(AXIS), "last": P()}),
   )(stack_params, stack_consts, post_params, post_consts, mb_inputs)

@@ -1,7 +1,8 @@
 """Subprocess side of tests/test_muon.py's mesh test: one Muon + QK-clip step of the TINY model on 8
-simulated devices (fsdp 2 x expert 2 x tensor 2) and on one; prints one JSON line with the parameter
-updates' difference and size (largest entry, norm over all parameters) and the max logits. XLA_FLAGS must be set before jax is
-imported, hence a separate process:  python tests/muon_worker.py single"""
+simulated devices (fsdp 2 x expert 2 x tensor 2; and through a 2-stage 1F1B pipeline, stage 2 x fsdp
+2 x expert 2, 4 layers: 3 MoE layers in 4 slots) and on one; prints one JSON line with the parameter
+updates' difference and size (largest entry, norm over all parameters) and the max logits. XLA_FLAGS
+must be set before jax is imported, hence a separate process:  python tests/muon_worker.py single"""
 
 from __future__ import annotations
 
@@ -33,14 +34,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MUON = ["optimizer.name=muon", "optimizer.lr=0.01", "optimizer.qk_clip_threshold=0.03"]
 
 
-def update(mesh: dict, devices, batch):
+PIPELINE = ["model.num_hidden_layers=4", "pipeline.schedule=1f1b", "pipeline.microbatches=4"]
+
+
+def update(mesh: dict, devices, batch, extra=()):
+  """(the parameters' update, whether each is Muon's, the max logits, the loss) of one step; a
+  pipelined stack's slots in layer order."""
   cfg = load_train_config(os.path.join(ROOT, "configs/tiny.yaml"),
-                          TINY + MUON + [f"mesh.{k}={v}" for k, v in mesh.items()])
+                          TINY + MUON + list(extra) + [f"mesh.{k}={v}" for k, v in mesh.items()])
   par = mesh_lib.Parallelism.from_config(cfg.mesh, devices)
   state, train_step, *_ = loop.build(cfg, par)
-  before = [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+  order = par.layout(cfg.model.num_moe_layers).layer_slot()
+  leaves = lambda tree: [np.asarray(x)[order] if "moe_layers" in jax.tree_util.keystr(p) else np.asarray(x)
+                         for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+  before = leaves(state["params"])
   state, m = train_step(state, loop.to_device(batch, par))
-  after = [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+  after = leaves(state["params"])
   muon_leaves = [x == "muon" for x in jax.tree.leaves(muon.labels(state["params"]))]
   return [a - b for a, b in zip(after, before)], muon_leaves, np.asarray(m["max_logit"]), float(m["loss"])
 
@@ -79,14 +88,21 @@ def main():
   got, _, logit, loss = update(mesh, jax.devices(), batch)
   alone_ref = optimizer_alone(None)
   alone = optimizer_alone(mesh_lib.Parallelism.from_config(MeshConfig(**mesh), jax.devices()))
-  pick = lambda xs, want: [x for x, m in zip(xs, is_muon) if m == want]
-  diff = [a - b for a, b in zip(got, ref)]
+  pick = lambda xs, want, is_muon: [x for x, m in zip(xs, is_muon) if m == want]
+
+  def against(ref, is_muon, ref_logit, ref_loss, got, logit, loss):
+    diff = [a - b for a, b in zip(got, ref, strict=True)]
+    return {"update_scale": max(float(np.abs(a).max()) for a in ref),
+            "muon_diff_norm": norm(pick(diff, True, is_muon)), "muon_norm": norm(pick(ref, True, is_muon)),
+            "adamw_diff_norm": norm(pick(diff, False, is_muon)), "adamw_norm": norm(pick(ref, False, is_muon)),
+            "logit_diff": float(np.abs(logit - ref_logit).max()), "max_logit": ref_logit.tolist(),
+            "loss": [ref_loss, loss]}
+
+  pipe_ref = update(dict(data=1), jax.devices()[:1], batch, PIPELINE)
+  pipe = update(dict(data=1, stage=2, fsdp=2, expert=2), jax.devices(), batch, PIPELINE)
   print(json.dumps({"alone_diff_norm": norm([a - b for a, b in zip(alone, alone_ref)]), "alone_norm": norm(alone_ref),
-                    "update_scale": max(float(np.abs(a).max()) for a in ref),
-                    "muon_diff_norm": norm(pick(diff, True)), "muon_norm": norm(pick(ref, True)),
-                    "adamw_diff_norm": norm(pick(diff, False)), "adamw_norm": norm(pick(ref, False)),
-                    "logit_diff": float(np.abs(logit - ref_logit).max()), "max_logit": ref_logit.tolist(),
-                    "loss": [ref_loss, loss]}))
+                    **against(ref, is_muon, ref_logit, ref_loss, got, logit, loss),
+                    "pipeline": against(*pipe_ref, *[pipe[i] for i in (0, 2, 3)])}))
 
 
 if __name__ == "__main__":

@@ -173,7 +173,7 @@ def test_each_forward_runs_once(remat="full"):
   def piped(params, rest, batch):
     pipe = pipelined.Pipelined(graphdef, params, rest, par, sched, lam, alpha)
     pipe.layout = Layout(cfg.model.num_moe_layers, 1, 2)  # (the stack's slots in circular order)
-    loss, _, _, _, grads = pipe.run(params, rest, batch, loss_lib.token_counts(batch, depth), 1)
+    loss, _, _, _, grads, _ = pipe.run(params, rest, batch, loss_lib.token_counts(batch, depth), 1)
     return loss, grads
 
   def plain(params, rest, batch):

@@ -65,8 +65,10 @@ class Pipelined:
   """The objective of the model `graphdef` (built with a stage > 1 Runtime) through `sched`."""
 
   def __init__(self, graphdef, params, rest, par, sched: pipeline.Schedule, mtp_lambda: float,
-               balance_alpha: float, with_mtp: bool = True):
+               balance_alpha: float, with_mtp: bool = True, max_logits: bool = False):
     model = nnx.merge(graphdef, params, rest)
+    if max_logits:  # each MLA module leaves its max_logit (moe/mla.py), for QK-clip
+      model.set_attributes(keep_max_logit=True)
     self.cfg, self.layout, self.apply = model.cfg, model.layout, model.moe_layers.apply
     self.layer_graph = nnx.split(model.moe_layers.layers, nnx.Param, ...)[0]
     model.moe_layers = None
@@ -77,13 +79,14 @@ class Pipelined:
   def _functions(self, n_total: int):
     def first_fn(q, qc, mb):
       model = nnx.merge(self.other_graph, q, qc["rest"])
-      return model.bottom(mb["tokens"], model.context(mb["tokens"], mb["segment_ids"], mb["positions"]))[0]
+      h = model.bottom(mb["tokens"], model.context(mb["tokens"], mb["segment_ids"], mb["positions"]))[0]
+      return h, nnx.pop(model, nnx.Intermediate)  # (the dense layers' max logits, with QK-clip)
 
     def stage_fn(p, c, x, mb):
       ctx = model_lib.context(self.cfg, mb["tokens"], mb["segment_ids"], mb["positions"])
-      h, stats, _ = self.apply(self.layer_graph, (p, c["rest"]), x, ctx.cos_sin, ctx.mask, ctx.valid,
-                               active_L=c["active"])
-      return h, self.alpha * stats.balance_loss.sum() / n_total, stats
+      h, stats, _, sown = self.apply(self.layer_graph, (p, c["rest"]), x, ctx.cos_sin, ctx.mask, ctx.valid,
+                                     active_L=c["active"])
+      return h, self.alpha * stats.balance_loss.sum() / n_total, stats, sown
 
     def last_fn(q, qc, y, mb, blocks):  # on one of `blocks` row blocks of a micro-batch
       model = nnx.merge(self.other_graph, q, qc["rest"])
@@ -94,7 +97,7 @@ class Pipelined:
       loss, parts = loss_lib.objective(out, mb, qc["counts"], n_total * blocks, self.lam, self.alpha)
       if stats is not None:  # (a balance loss is a mean over a block's sequences)
         stats = stats._replace(balance_loss=stats.balance_loss / blocks)
-      return loss, {"parts": parts, "stats": stats}
+      return loss, {"parts": parts, "stats": stats}, nnx.pop(model, nnx.Intermediate)  # (MTP's max logits)
 
     return first_fn, stage_fn, last_fn
 
@@ -114,7 +117,9 @@ class Pipelined:
     return jax.tree.map(split, batch)
 
   def run(self, params, rest, batch, counts, n_micro: int, train: bool = True):
-    """(loss, parts, load [slots + MTP blocks, E] in the stack's slot order, dropped, grads or None)."""
+    """(loss, parts, load [slots + MTP blocks, E] in the stack's slot order, dropped, grads or None,
+    max logits): the max logits as model_grad's (train/core/step.py), the stack's [slots, heads] in
+    slot order, -inf in padding slots (empty without `max_logits`)."""
     p_other, p_stack = _split(params)
     r_other, r_stack = _split(rest)
     m = self.sched.microbatches
@@ -123,7 +128,7 @@ class Pipelined:
     mb = self._micro_batches(batch, m)
     first_fn, stage_fn, last_fn = self._functions(n_total)
     consts = {"rest": r_stack, "active": jnp.asarray(self.layout.slot_layer() >= 0)}
-    loss, g_stack, g_other, stats, aux = pipeline.run(
+    loss, g_stack, g_other, stats, aux, peaks = pipeline.run(
         self.sched, self.par.mesh, self.layout.per_chunk, first_fn, stage_fn, last_fn, p_stack, consts, p_other,
         {"rest": r_other, "counts": counts}, mb, train=train)
     parts, extra = dict(aux["parts"]), aux["stats"]
@@ -131,4 +136,16 @@ class Pipelined:
     parts["balance_loss"] = sum(s.balance_loss.sum() for s in both) / n_total
     load = jnp.concatenate([s.load for s in both])
     dropped = sum(s.dropped.sum() for s in both)
-    return loss, parts, load, dropped, _join(params, g_other, g_stack) if train else None
+    max_logits = nnx.State({**peaks["first"], **peaks["last"]})
+    if len(peaks["stack"]):
+      max_logits[STACK] = nnx.State({"layers": peaks["stack"]})
+    return loss, parts, load, dropped, _join(params, g_other, g_stack) if train else None, max_logits
+
+
+def in_layer_order(max_logits, layout: pipeline.Layout):
+  """`max_logits` of `Pipelined.run` with the stack's rows in layer order (padding slots dropped)."""
+  if STACK not in max_logits:
+    return max_logits
+  out = nnx.State(dict(max_logits))
+  out[STACK] = jax.tree.map(lambda v: v[layout.layer_slot()], max_logits[STACK])
+  return out

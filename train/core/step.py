@@ -59,6 +59,9 @@ def load_stats(load_LxE):
           "expert_load_cv": load_LxE.std(-1) / mean}
 
 
+OPTIMIZER = "optimizer"  # the named scope of the optimizer's update
+
+
 def make_train_step(graphdef, model_cfg: ModelConfig, tx, lr_schedule, cfg: TrainConfig, state_shardings=None,
                     par=None, pipe_schedule: pipeline.Schedule | None = None):
   """The jitted step(state, batch) -> (state, metrics) of the model `graphdef` with architecture
@@ -90,13 +93,15 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, lr_schedule, cfg: Trai
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     lost = dropped > 0 if dropless else jnp.zeros((), bool)  # a dropless exchange that dropped: never applied
     skip = skipped(loss, finite, lost, guard, cfg.spike_skip_factor)
-    updates, opt = tx.update(grads, state["opt"], params)
-    new_params = optax.apply_updates(params, updates)
-    if qk_clip is not None:
-      new_params = muon.qk_clip(new_params, max_logits, qk_clip, model_cfg)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(skip, o, n), new, old)
+    with jax.named_scope(OPTIMIZER):  # (its share of the step: train/forecast.py PARTS)
+      updates, opt = tx.update(grads, state["opt"], params)
+      new_params = optax.apply_updates(params, updates)
+      if qk_clip is not None:
+        new_params = muon.qk_clip(new_params, max_logits, qk_clip, model_cfg)
+      new_params, opt = keep(new_params, params), keep(opt, state["opt"])
     gamma = jnp.where(state["step"] < bias_stop, cfg.loss.bias_update_gamma, 0.0)
     new_rest, rest = router_update(graphdef, new_params, rest, load, gamma, state["step"])
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(skip, o, n), new, old)
     guard = next_guard(guard, loss, finite, skip)
 
     metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "lr": lr_schedule(state["step"]),
@@ -104,10 +109,11 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, lr_schedule, cfg: Trai
                "lost": jnp.where(lost, dropped, 0),
                **(load_stats(metric_load) if load.shape[0] else {})}
     if qk_clip is not None:  # each MLA layer's largest attention logit in the step, before the clip
-      metrics["max_logit"] = muon.layer_max_logits(max_logits)
+      in_order = pipelined.in_layer_order(max_logits, par.layout(model_cfg.num_moe_layers)) if staged else max_logits
+      metrics["max_logit"] = muon.layer_max_logits(in_order)
     if load.shape[0]:  # (token, expert) assignments dropped by expert-parallel capacity (0: dropless)
       metrics["dropped_tokens"] = dropped
-    new_state = {"params": keep(new_params, params), "rest": keep(new_rest, rest), "opt": keep(opt, state["opt"]),
+    new_state = {"params": new_params, "rest": keep(new_rest, rest), "opt": opt,
                  "step": state["step"] + 1, "guard": guard}
     return new_state, metrics
 
@@ -147,12 +153,14 @@ def model_grad(graphdef, cfg: TrainConfig):
 
 def pipeline_grad(graphdef, cfg: TrainConfig, par, pipe_schedule: pipeline.Schedule):
   """`model_grad` through the pipeline's forwards and backwards (train/core/pipelined.py), not
-  autodiff; no max logits."""
+  autodiff; the max logits (with QK-clip) have the MoE stack's rows in slot order, as its parameters."""
+  qk_clip = cfg.optimizer.qk_clip is not None
 
   def grad_fn(params, rest, batch, counts):
-    pipe = pipelined.Pipelined(graphdef, params, rest, par, pipe_schedule, cfg.loss.mtp_lambda, cfg.loss.balance_alpha)
-    loss, parts, load, dropped, grads = pipe.run(params, rest, batch, counts, cfg.grad_accum)
-    return (loss, (parts, load, dropped, None)), grads
+    pipe = pipelined.Pipelined(graphdef, params, rest, par, pipe_schedule, cfg.loss.mtp_lambda, cfg.loss.balance_alpha,
+                               max_logits=qk_clip)
+    loss, parts, load, dropped, grads, max_logits = pipe.run(params, rest, batch, counts, cfg.grad_accum)
+    return (loss, (parts, load, dropped, max_logits if qk_clip else None)), grads
 
   return grad_fn
 
@@ -248,7 +256,7 @@ def make_eval_step(graphdef, par=None):
       sched = pipelined.schedule(par, batch["tokens"].shape[0], kind="gpipe")
       pipe = pipelined.Pipelined(graphdef, state["params"], state["rest"], par, sched, 0.0, 0.0, with_mtp=False)
       counts = {"lm": jnp.ones((), jnp.float32), "mtp": jnp.ones((0,), jnp.float32)}
-      _, parts, _, _, _ = pipe.run(state["params"], state["rest"], batch, counts, 1, train=False)
+      _, parts, *_ = pipe.run(state["params"], state["rest"], batch, counts, 1, train=False)
       return parts["lm_loss"], mask.sum()
     model = nnx.merge(graphdef, state["params"], state["rest"])
     logits = model(batch["tokens"], batch["segment_ids"], batch["positions"])

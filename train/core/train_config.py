@@ -227,9 +227,6 @@ class TrainConfig:
             f"mesh.context={c} with mesh.stage={self.mesh.stage}: the pipeline does not split sequences yet;"
             " set mesh.context=1 or mesh.stage=1")
     opt = self.optimizer
-    require(opt.qk_clip is None or self.mesh.stage == 1,
-            f"optimizer.qk_clip_threshold={opt.qk_clip_threshold} with mesh.stage={self.mesh.stage}: the pipeline does"
-            " not collect the attention logits QK-clip needs; set optimizer.qk_clip_threshold=null or mesh.stage=1")
     if opt.schedule == "cosine":
       require(opt.warmup_steps <= self.steps, f"optimizer.warmup_steps={opt.warmup_steps} exceeds steps={self.steps}")
     else:
