@@ -171,6 +171,23 @@ def test_forecast_of_a_hand_computable_program():
   assert r["usd_per_million_tokens"] == pytest.approx(3.6 * 4 * c.time / 3600 / 1e-3, rel=1e-3)
 
 
+def test_the_optimizers_share_is_what_its_named_scope_made():
+  """train/core/step.py runs the optimizer's update under jax.named_scope("optimizer"): the forecast
+  reports the time, matmul FLOPs and collective bytes of the instructions made there (the add and the
+  all-reduce of MATMUL here, by hand), and nothing of the others."""
+  chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e9, 1e8)
+  scoped = MATMUL.replace("to_apply=%add\n", 'to_apply=%add, metadata={op_name="jit(step)/optimizer/psum"}\n').replace(
+      "add(%y, %sum)\n", 'add(%y, %sum), metadata={op_name="jit(step)/optimizer/add"}\n')
+  s = forecast.summary(forecast.costs(scoped, chip))
+  add_s, ring = 3 * 2 * 128 * 512 / 1e9, 2 * (2 * 128 * 512) * 3 / 4
+  assert s["optimizer"]["s"] == pytest.approx(add_s + ring / 1e9, rel=1e-3)
+  assert s["optimizer"]["collective_bytes"] == {"fast": ring, "slow": 0} and s["optimizer"]["matmul_flops"] == 0
+  step_s = add_s + ring / 1e9 + 2 * (128 * 256 + 256 * 512 + 128 * 512) / 1e9
+  assert s["optimizer"]["share"] == pytest.approx((add_s + ring / 1e9) / step_s, abs=1e-4)
+  plain = forecast.summary(forecast.costs(MATMUL, chip))["optimizer"]
+  assert plain == {"s": 0.0, "share": 0.0, "matmul_flops": 0, "collective_bytes": {"fast": 0, "slow": 0}}
+
+
 # libtpu's async collective fusion (xla_tpu_enable_async_collective_fusion): an all-gather of a [64, 128]
 # shard over 4 devices starts in one fusion, rides in the compute fusion of a matmul (the dot of
 # MATMUL), and ends in another; all three hold the same all-gather (channel 7).

@@ -331,6 +331,9 @@ class Cost:
   where: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (what, source) -> s
   matmul_where: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # source -> FLOPs
   links_where: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (link, source) -> bytes
+  # (part, measure) -> value for the instructions made under a named scope of PARTS: measures "s"
+  # (kernel time and exposed communication), "matmul" (FLOPs), "fast" and "slow" (collective bytes)
+  parts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   known: bool = True
 
   def add(self, other: "Cost", times: float = 1) -> None:
@@ -341,10 +344,19 @@ class Cost:
     self.known = self.known and other.known
     for mine, theirs in ((self.flops, other.flops), (self.links, other.links), (self.counts, other.counts),
                          (self.where, other.where), (self.matmul_where, other.matmul_where),
-                         (self.links_where, other.links_where)):
+                         (self.links_where, other.links_where), (self.parts, other.parts)):
       for k, v in theirs.items():
         mine[k] += v * times
     self.overlap += [(k, c, b, t * times) for k, c, b, t in other.overlap]
+
+
+# named scopes whose share of the step is reported: the optimizer's update (train/core/step.py), its
+# Newton-Schulz (train/core/muon.py), the redundant experts' moves (parallel/expert_parallel/copies.py)
+PARTS = ("optimizer", "muon", "expert_copies")
+
+
+def _part(ins) -> str | None:
+  return next((part for part in PARTS if hlo_parse.in_scope(ins.rest, part)), None)
 
 
 def ragged_rows(hlo: str) -> int:
@@ -419,29 +431,37 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         out.links[(kind, "slow")] += slow
         out.links_where[("fast", p.source(carrier))] += fast
         out.links_where[("slow", p.source(carrier))] += slow
+        part = _part(carrier)
+        if part:
+          out.parts[(part, "fast")] += fast
+          out.parts[(part, "slow")] += slow
         comm = max(fast / chip.fast_bw, slow / chip.slow_bw) if kind in ("all-to-all", "ragged-all-to-all") else (
             fast / chip.fast_bw + slow / chip.slow_bw)
         started = ins.op.endswith("-start") or ins.op == "async-start" or ins.name.startswith(hlo_parse.FUSED_START)
         asynchronous = started and '"is_sync":true' not in ins.rest
         out.counts[(kind, "async" if asynchronous else "sync")] += 1
         if asynchronous:
-          pending[_chain(p, ins)] = [kind, comm, 0.0, p.source(carrier)]
+          pending[_chain(p, ins)] = [kind, comm, 0.0, p.source(carrier), part]
         else:
           out.exposed += comm
           out.time += comm
           out.where[(kind, p.source(ins))] += comm
+          if part:
+            out.parts[(part, "s")] += comm
       elif ins.op.endswith(("-done", "-update")) or ins.name.startswith(hlo_parse.FUSED_DONE):
         for o in [_chain(p, ins)] if ins.op == "fusion" else hlo_parse.operands(ins.rest):
           if o in pending:
-            kind, comm, between, source = pending.pop(o)
+            kind, comm, between, source, part = pending.pop(o)
             if ins.op.endswith("-update"):
-              pending[ins.name] = [kind, comm, between, source]
+              pending[ins.name] = [kind, comm, between, source, part]
               break
             wait = max(0.0, comm - between)
             out.overlap.append((kind, comm, between, 1))
             out.exposed += wait
             out.time += wait
             out.where[(kind, source)] += wait
+            if part:
+              out.parts[(part, "s")] += wait
             break
       else:
         t, flops, hbm, bound = kernel_time(ins)
@@ -450,15 +470,21 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         out.compute += t
         if t:
           out.where[(bound, p.source(ins))] += t
-        if matmul := sum(v for k, v in flops.items() if k not in ("other", "ragged_dot_buffer")):
+        matmul = sum(v for k, v in flops.items() if k not in ("other", "ragged_dot_buffer"))
+        if matmul:
           out.matmul_where[p.source(ins)] += matmul
+        if (t or matmul) and (part := _part(ins)):
+          out.parts[(part, "s")] += t
+          out.parts[(part, "matmul")] += matmul
       out.time += t
       for entry in pending.values():
         entry[2] += t
-    for kind, comm, between, source in pending.values():  # a start without its done in this computation
+    for kind, comm, between, source, part in pending.values():  # a start without its done in this computation
       out.exposed += comm
       out.time += comm
       out.where[(kind, source)] += comm
+      if part:
+        out.parts[(part, "s")] += comm
     memo[c] = out
     return out
 
@@ -484,7 +510,19 @@ def summary(cost: Cost) -> dict:
   return {"flops": {**matmul, "matmul": sum(matmul.values()), **buffer, "other": int(cost.flops.get("other", 0))},
           "hbm_bytes": round(cost.hbm), "collective_bytes": links,
           "async": {k: {"count": round(v[0]), "comm_s": v[1], "hidden_s": v[2]} for k, v in sorted(overlap.items())},
-          "trip_counts_known": cost.known, "top": top(cost)}
+          "trip_counts_known": cost.known, "top": top(cost), **parts(cost)}
+
+
+def parts(cost: Cost) -> dict:
+  """Each part of PARTS (the optimizer's update): its seconds (kernels and exposed communication),
+  share of the step, matmul FLOPs and collective bytes per link."""
+  out = {}
+  for part in PARTS:
+    s = cost.parts[(part, "s")]
+    out[part] = {"s": float(f"{s:.4g}"), "share": round(s / cost.time, 4) if cost.time else 0.0,
+                 "matmul_flops": int(cost.parts[(part, "matmul")]),
+                 "collective_bytes": {link: round(cost.parts[(part, link)]) for link in ("fast", "slow")}}
+  return out
 
 
 def top(cost: Cost, n: int = 12) -> list[dict]:
