@@ -275,6 +275,40 @@ def test_training_steps_and_checkpoint_round_trip(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+def newton_schulz_flops(params, steps=5) -> int:
+  """Matmul FLOPs of Muon's orthogonalisations, by hand: per matrix [m, n] (m <= n, as optax transposes
+  it), each iteration A = XX^T (2m^2n), A^2 (2m^3) and (bA + cA^2)X (2m^2n)."""
+  total = 0
+  for v in jax.tree.leaves(params, is_leaf=muon.is_variable):
+    d = muon.dims_of(tuple(v.get_metadata()["axes"]))
+    if d is None:
+      continue
+    shape = v.get_value().shape
+    r, o = shape[d.reduction_axis], shape[d.output_axis]
+    m, n = min(r, o), max(r, o)
+    total += int(np.prod(shape)) // (r * o) * steps * (4 * m * m * n + 2 * m ** 3)
+  return total
+
+
+@pytest.mark.parametrize("name", ["muon", "adamw"])
+def test_the_optimizers_share_of_the_compiled_step(name):
+  """train.aot's forecast reads the optimizer's part of the compiled step by its named scope
+  (train/forecast.py PARTS): with Muon its matmul FLOPs are exactly the Newton-Schulz FLOPs counted by
+  hand, with AdamW none; both take a share of the step's time, the rest being the model's."""
+  from train import forecast
+
+  cfg = load_train_config(ROOT / "configs/tiny.yaml", [f"optimizer.name={name}", "optimizer.qk_clip_threshold=null"])
+  par = loop.parallelism(cfg)
+  state, step, *_ = loop.build(cfg, par)
+  batch = loop.to_device(synthetic_batch(cfg.batch_size, cfg.seq_len, cfg.model.vocab_size, 0), par)
+  cost = forecast.summary(forecast.costs(step.lower(state, batch).compile().as_text(), forecast.chip_of("v5p")))
+  opt = cost["optimizer"]
+  assert opt["matmul_flops"] == (newton_schulz_flops(state["params"]) if name == "muon" else 0)
+  assert cost["muon"]["matmul_flops"] == opt["matmul_flops"]
+  assert 0 < opt["share"] < 0.9 and opt["matmul_flops"] < cost["flops"]["matmul"]
+  assert opt["collective_bytes"] == {"fast": 0, "slow": 0}  # one device
+
+
 def test_muon_step_on_eight_devices_matches_one():
   """tests/muon_worker.py: Muon + QK-clip on fsdp 2 x expert 2 x tensor 2 against one device. The
   optimizer alone, from the same gradients, differs by 3.4e-6 of the update's norm under the tests'

@@ -104,6 +104,7 @@ class Program:
     self.shapes = {name: ins.shape for name, ins in self.instrs.items()}
     self.trips = hlo_loops.trip_counts(hlo)
     self._stack = hlo_lib.frames(hlo)
+    self.parts: dict[str, tuple] = {}  # instruction -> the parts of PARTS it belongs to (_parts)
 
   def source(self, ins) -> str:
     """The project source line that made an instruction (train/hlo.py: source_line), else its JAX op."""
@@ -355,8 +356,20 @@ class Cost:
 PARTS = ("optimizer", "muon", "expert_copies")
 
 
-def _part(ins) -> str | None:
-  return next((part for part in PARTS if hlo_parse.in_scope(ins.rest, part)), None)
+def _parts(p: "Program", ins, depth: int = 8) -> tuple[str, ...]:
+  """The parts of PARTS an instruction belongs to (nested scopes: each of them). One that XLA made
+  without metadata (a rewritten dot, a copy) belongs to the parts its operands share."""
+  if ins.name in p.parts:
+    return p.parts[ins.name]
+  if hlo_parse.op_name(ins.rest) is not None:
+    out = tuple(part for part in PARTS if hlo_parse.in_scope(ins.rest, part))
+  elif depth == 0:
+    return ()
+  else:
+    found = [set(_parts(p, p.instrs[o], depth - 1)) for o in hlo_parse.operands(ins.rest) if o in p.instrs]
+    out = tuple(sorted(set.intersection(*found))) if found else ()
+  p.parts[ins.name] = out
+  return out
 
 
 def ragged_rows(hlo: str) -> int:
@@ -431,8 +444,8 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         out.links[(kind, "slow")] += slow
         out.links_where[("fast", p.source(carrier))] += fast
         out.links_where[("slow", p.source(carrier))] += slow
-        part = _part(carrier)
-        if part:
+        parts = _parts(p, carrier)
+        for part in parts:
           out.parts[(part, "fast")] += fast
           out.parts[(part, "slow")] += slow
         comm = max(fast / chip.fast_bw, slow / chip.slow_bw) if kind in ("all-to-all", "ragged-all-to-all") else (
@@ -441,26 +454,26 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         asynchronous = started and '"is_sync":true' not in ins.rest
         out.counts[(kind, "async" if asynchronous else "sync")] += 1
         if asynchronous:
-          pending[_chain(p, ins)] = [kind, comm, 0.0, p.source(carrier), part]
+          pending[_chain(p, ins)] = [kind, comm, 0.0, p.source(carrier), parts]
         else:
           out.exposed += comm
           out.time += comm
           out.where[(kind, p.source(ins))] += comm
-          if part:
+          for part in parts:
             out.parts[(part, "s")] += comm
       elif ins.op.endswith(("-done", "-update")) or ins.name.startswith(hlo_parse.FUSED_DONE):
         for o in [_chain(p, ins)] if ins.op == "fusion" else hlo_parse.operands(ins.rest):
           if o in pending:
-            kind, comm, between, source, part = pending.pop(o)
+            kind, comm, between, source, parts = pending.pop(o)
             if ins.op.endswith("-update"):
-              pending[ins.name] = [kind, comm, between, source, part]
+              pending[ins.name] = [kind, comm, between, source, parts]
               break
             wait = max(0.0, comm - between)
             out.overlap.append((kind, comm, between, 1))
             out.exposed += wait
             out.time += wait
             out.where[(kind, source)] += wait
-            if part:
+            for part in parts:
               out.parts[(part, "s")] += wait
             break
       else:
@@ -473,17 +486,17 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         matmul = sum(v for k, v in flops.items() if k not in ("other", "ragged_dot_buffer"))
         if matmul:
           out.matmul_where[p.source(ins)] += matmul
-        if (t or matmul) and (part := _part(ins)):
+        for part in _parts(p, ins) if t or matmul else ():
           out.parts[(part, "s")] += t
           out.parts[(part, "matmul")] += matmul
       out.time += t
       for entry in pending.values():
         entry[2] += t
-    for kind, comm, between, source, part in pending.values():  # a start without its done in this computation
+    for kind, comm, between, source, parts in pending.values():  # a start without its done in this computation
       out.exposed += comm
       out.time += comm
       out.where[(kind, source)] += comm
-      if part:
+      for part in parts:
         out.parts[(part, "s")] += comm
     memo[c] = out
     return out
