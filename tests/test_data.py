@@ -349,3 +349,34 @@ def test_prepare_command_reports_one_line_error(tmp_path):
   last = result.stderr.strip().splitlines()[-1]
   assert last == f'error: {tmp_path}/c.jsonl:1: no "text" field; each line must be an object like {{"text": "..."}}'
   assert not list((tmp_path / "out").glob("shard-*"))  # no partial shards left behind
+
+
+# ------------------------------------------------------------------ a cloze task from the held-out split
+def test_cloze_task_is_the_held_out_text_and_what_is_committed(tmp_path):
+  """train.data cloze (train/core/cloze.py): every question's context, a space (lm-eval's target
+  delimiter) and correct choice are consecutive held-out text that the training split does not hold
+  (help topics repeat paragraphs across documents), the distractors are other held-out words, the
+  answers spread over the positions; the same corpus and seed write the same file, which is the
+  one configs/scaling/tasks holds (the sweep's task)."""
+  from train import data as data_cli
+  from train.core import cloze
+
+  root = Path(__file__).resolve().parents[1]
+  assert data_cli.main(["cloze", "default", "--out", str(tmp_path)]) == 0
+  written = (tmp_path / "heldout_cloze.jsonl").read_text()
+  assert written == (root / "configs/scaling/tasks/heldout_cloze.jsonl").read_text()
+  held, train_text = cloze.split_text("default", "eval"), cloze.split_text("default", "train")
+  docs = list(data.iter_texts("default"))
+  assert train_text == "\n\n".join(docs[i] for i in data.split_indices(len(docs), "train"))
+  qs = [json.loads(line) for line in written.splitlines()]
+  assert len(qs) == 200
+  for q in qs:
+    assert len(q["choices"]) == 4 and len(set(q["choices"])) == 4
+    passage = q["context"] + " " + q["choices"][q["answer"]]
+    assert passage in held and passage not in train_text
+    assert all(c in held and c == c.strip() and c for c in q["choices"])
+  assert sorted(set(q["answer"] for q in qs)) == [0, 1, 2, 3]
+  yaml_text = (tmp_path / "heldout_cloze.yaml").read_text()
+  assert "task: heldout_cloze" in yaml_text and str(tmp_path / "heldout_cloze.jsonl") in yaml_text
+  with pytest.raises(DataError, match="too short"):
+    cloze.questions("a b c " * 50, n=200)

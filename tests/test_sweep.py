@@ -70,6 +70,37 @@ def test_grid_expansion_and_non_cosine_schedule(tmp_path):
   assert all(r.overrides["optimizer.decay_steps"] == 40 - r.overrides.get("optimizer.warmup_steps", 20) for r in runs)
 
 
+def test_seeds_repeat_every_run(tmp_path):
+  runs = sweep.expand(sweep.load_sweep(write_spec(tmp_path, budgets=[3e11], sizes=[16, 32], seeds=[0, 3])))
+  assert [r.name for r in runs] == ["C3e11_d16_s0", "C3e11_d16_s3", "C3e11_d32_s0", "C3e11_d32_s3"]
+  assert [(r.seed, r.overrides["seed"]) for r in runs] == [(0, 0), (3, 3)] * 2
+  assert runs[0].steps == runs[1].steps and runs[0].overrides["run_dir"].endswith("C3e11_d16_s0")
+  for bad in ([], [1, 1], ["a"], 2):
+    with pytest.raises(ConfigError, match="seeds"):
+      sweep.load_sweep(write_spec(tmp_path, seeds=bad))
+  spec = yaml.safe_load(CPU_SWEEP.read_text())
+  with pytest.raises(ConfigError, match="not both"):
+    sweep.load_sweep(write_spec(tmp_path, seeds=[0, 1], overrides={**spec["overrides"], "seed": 2}))
+
+
+def test_seeds_are_averaged_with_their_spread():
+  """sweep_report.merge_seeds: a point's finished seeds averaged (loss and task metrics), their sample
+  standard deviation kept, and the noise the mean of those over points; by hand."""
+  key = "cloze/correct_logprob_per_byte"
+  row = lambda name, seed, loss, task: {"name": f"{name}_s{seed}", "seed": seed, "budget": 1.0, "flops": 1.0,
+                                        "eval_loss": loss, "tasks": {} if task is None else {key: task}}
+  rows = [row("a", 0, 2.0, -1.0), row("a", 1, 2.2, -1.4), row("b", 0, 1.0, -0.5), row("b", 1, 1.1, -0.6),
+          row("b", 2, 1.2, -0.7), row("c", 0, None, None), {"name": "plain", "seed": None, "eval_loss": 3.0, "tasks": {}}]
+  merged, noise = sweep_report.merge_seeds(rows)
+  by = {r["name"]: r for r in merged}
+  assert set(by) == {"a", "b", "c", "plain"} and by["c"]["eval_loss"] is None and by["plain"]["eval_loss"] == 3.0
+  assert by["a"]["eval_loss"] == pytest.approx(2.1) and by["a"]["tasks"][key] == pytest.approx(-1.2)
+  assert by["a"]["sd"]["eval_loss"] == pytest.approx(0.2 / math.sqrt(2)) and by["b"]["sd"][key] == pytest.approx(0.1)
+  assert by["b"]["seeds"] == [0, 1, 2]
+  assert noise["eval_loss"] == pytest.approx((0.2 / math.sqrt(2) + 0.1) / 2)
+  assert noise[key] == pytest.approx((0.4 / math.sqrt(2) + 0.1) / 2)
+
+
 def test_bad_sweep_files(tmp_path):
   with pytest.raises(ConfigError, match="either"):
     sweep.load_sweep(write_spec(tmp_path, grid={"seed": [0, 1]}))

@@ -15,6 +15,8 @@ that `python -m train.sweep_report out_dir` reads. Format:
                                  #   {name: s1, overrides: {model.hidden_size: 48, ...}} for any model
   warmup_fraction: 0.1           # optimizer.warmup_steps = ceil(fraction * steps) (default 0.1)
   min_steps: 10                  # a run shorter than this is skipped, with a warning (default 10)
+  seeds: [0, 1]                  # optional: every run once per seed (`seed=`), named RUN_sSEED; the
+                                 #   report averages them and states their spread
   # (b) or a grid: the cartesian product of override values (steps etc. from base/overrides)
   grid:
     optimizer.lr: [1e-3, 3e-3]
@@ -74,7 +76,7 @@ log = logging.getLogger("train.sweep")
 
 MANIFEST = "sweep.json"
 DONE = "done"
-SWEEP_KEYS = {"base", "out_dir", "overrides", "budgets", "sizes", "grid", "warmup_fraction", "min_steps"}
+SWEEP_KEYS = {"base", "out_dir", "overrides", "budgets", "sizes", "grid", "warmup_fraction", "min_steps", "seeds"}
 
 
 def size_overrides(d: int) -> dict:
@@ -115,6 +117,7 @@ class Run:
   total_params: int = 0
   active_params: int = 0
   flops_per_token: int = 0
+  seed: int | None = None  # with `seeds:` (the report averages a point's seeds)
 
   def override_list(self) -> list[str]:
     return [f"{k}={_scalar(v)}" for k, v in self.overrides.items()]
@@ -144,6 +147,12 @@ def load_sweep(path: str | Path) -> dict:
   if not isinstance(spec["overrides"], dict):
     raise ConfigError(f"{path}: `overrides` must be a mapping of dotted keys")
   spec["budgets"] = [float(b) for b in spec.get("budgets") or []]
+  seeds = spec.get("seeds")
+  if seeds is not None and (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+                            or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+    raise ConfigError(f"{path}: `seeds` must be a list of distinct integers, got {seeds!r}")
+  if seeds is not None and "seed" in spec["overrides"]:
+    raise ConfigError(f"{path}: give the seed in `seeds` or in `overrides`, not both")
   return spec
 
 
@@ -180,6 +189,9 @@ def expand(spec: dict) -> list[Run]:
     for budget in spec["budgets"]:
       for size_name, size in _size_entries(spec["sizes"]):
         runs.append(Run(f"{_budget_name(budget)}_{size_name}", {**fixed, **size}, budget=budget, size=size_name))
+  if spec.get("seeds"):
+    runs = [dataclasses.replace(r, name=f"{r.name}_s{seed}", overrides={**r.overrides, "seed": seed}, seed=seed)
+            for r in runs for seed in spec["seeds"]]
   frac, min_steps = float(spec.get("warmup_fraction", 0.1)), int(spec.get("min_steps", 10))
   kept = []
   for run in runs:

@@ -22,6 +22,9 @@ Fits (numpy / scipy), written to SWEEP_DIR/fit.json:
   `.../logprob_per_byte`: log-probabilities, so -value is a loss in nats per byte) the value of each
   budget's best run (lowest eval loss; for a grid, the loss frontier's runs), and -value = a C^-b fitted
   like L(C) (>= 2 points); accuracies are listed beside them, not fitted.
+- Seeds (a sweep with `seeds:`): a point's runs (RUN_sSEED) are averaged into one row before any fit
+  (eval loss and task metrics: the mean over its finished seeds), and `noise` gives their spread: per
+  metric, the mean over points of the seeds' sample standard deviation.
 
 Plots in SWEEP_DIR: isoflop.png (loss vs N per budget, the parabolas and their minima), frontier.png
 (every run's loss vs C, the frontier and its fit), optimal.png (N_opt and D_opt vs C with their fits;
@@ -204,6 +207,7 @@ def load_rows(sweep_dir: str | Path) -> list[dict]:
       run_dir = Path(run["overrides"].get("run_dir", run_dir))
     row = {k: run[k] for k in ("name", "budget", "size", "steps", "tokens", "flops", "total_params",
                                "active_params", "flops_per_token")}
+    row["seed"] = run.get("seed")
     row["eval_loss"] = final_eval(run_dir, run["steps"])
     row["tasks"] = final_tasks(run_dir, run["steps"])
     rows.append(row)
@@ -302,11 +306,41 @@ def plot(sweep_dir: Path, rows: list[dict], fit: dict) -> list[Path]:
   return paths
 
 
+def merge_seeds(rows: list[dict]) -> tuple[list[dict], dict]:
+  """(one row per point, its seeds averaged; the noise: {metric: mean over points of the seeds' sample
+  standard deviation}). Rows without a seed pass through."""
+  groups: dict[str, list[dict]] = {}
+  for r in rows:
+    key = r["name"].removesuffix(f"_s{r['seed']}") if r.get("seed") is not None else r["name"]
+    groups.setdefault(key, []).append(r)
+  out, spreads = [], {}
+  for key, group in groups.items():
+    done = [r for r in group if r["eval_loss"] is not None]
+    if group[0].get("seed") is None or not done:
+      out.extend(group if group[0].get("seed") is None else [{**group[0], "name": key, "seeds": []}])
+      continue
+    row = {**done[0], "name": key, "seeds": [r["seed"] for r in done]}
+    metrics = {"eval_loss": [r["eval_loss"] for r in done]}
+    for k in sorted({k for r in done for k in r["tasks"]}):
+      values = [r["tasks"][k] for r in done if isinstance(r["tasks"].get(k), (int, float))]
+      if len(values) == len(done):
+        metrics[k] = values
+    row["eval_loss"] = float(np.mean(metrics["eval_loss"]))
+    row["tasks"] = {k: float(np.mean(v)) for k, v in metrics.items() if k != "eval_loss"}
+    row["sd"] = {k: float(np.std(v, ddof=1)) for k, v in metrics.items() if len(v) > 1}
+    for k, sd in row["sd"].items():
+      spreads.setdefault(k, []).append(sd)
+    out.append(row)
+  return out, {k: float(np.mean(v)) for k, v in spreads.items()}
+
+
 def report(sweep_dir: str | Path, params_key: str = "active_params", plots: bool = True) -> dict:
   sweep_dir = Path(sweep_dir)
-  rows = load_rows(sweep_dir)
+  rows, noise = merge_seeds(load_rows(sweep_dir))
   fit = fit_sweep(rows, params_key)
   fit["runs"] = rows
+  if noise:
+    fit["noise"] = noise
   (sweep_dir / "fit.json").write_text(jsonl.dumps(fit, indent=1) + "\n")
   if plots:
     fit["plots"] = [str(p) for p in plot(sweep_dir, rows, fit)]
@@ -334,6 +368,8 @@ def summary(fit: dict) -> str:
     values = ", ".join(f"{v:.4g}" for _, v, _ in entry["points"])
     law = f"; -value = {entry['fit']['a']:.4g} C^-{entry['fit']['b']:.4f}" if entry["fit"] else ""
     lines.append(f"{key}: {values} (best run per budget){law}")
+  for key, sd in fit.get("noise", {}).items():
+    lines.append(f"seed-to-seed sd of {key}: {sd:.4g} (mean over points)")
   return "\n".join(lines)
 
 
