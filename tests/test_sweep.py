@@ -256,3 +256,21 @@ def test_subprocess_mode_launches_train_and_marks_done(tmp_path, monkeypatch):
   assert calls == [[sys.executable, "-m", "train", base, *run.override_list()]]
   assert json.loads((Path(run.overrides["run_dir"]) / sweep.DONE).read_text())["eval_loss"] == 2.5
   assert sweep.main([str(path), "--subprocess"]) == 0 and len(calls) == 1  # finished: not launched again
+
+
+def test_docs_task_law_is_the_committed_fit():
+  """docs/scaling.md's downstream law, noise and table are docs/scaling_tasks_fit.json's (the report
+  of configs/scaling/cpu-isoflop-tasks.yaml's sweep), rounded as printed."""
+  fit = json.loads((ROOT / "docs/scaling_tasks_fit.json").read_text())
+  text = (ROOT / "docs/scaling.md").read_text()
+  law = fit["tasks"]["heldout_cloze/correct_logprob_per_byte"]["fit"]
+  assert f"**{law['a']:.0f} C^-{law['b']:.3f}**" in text and f"rmse {law['rmse_log']:.3f}" in text
+  assert f"L(C) = {fit['loss_vs_compute']['a']:.0f} C^-{fit['loss_vs_compute']['b']:.3f}" in text
+  assert f"({fit['noise']['heldout_cloze/correct_logprob_per_byte']:.3f} on average" in text
+  rows = {r["name"]: r for r in fit["runs"]}
+  for c, name in (("3e11", "C3e11_d16"), ("7e11", "C7e11_d32"), ("1.5e12", "C1.5e12_d48")):
+    r, key = rows[name], "heldout_cloze/correct_logprob_per_byte"
+    line = (f"| {c} | {name.split('_')[1]} | {r['eval_loss']:.3f} ({r['sd']['eval_loss']:.3f}) | "
+            f"{r['tasks'][key]:.3f} ({r['sd'][key]:.3f}) | {r['tasks']['heldout_cloze/acc']:.3f}"
+            f" ({r['sd']['heldout_cloze/acc']:.3f}) |")
+    assert line in text, line

@@ -296,7 +296,9 @@ def plot(sweep_dir: Path, rows: list[dict], fit: dict) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for key, entry in fitted.items():
       c = np.array([p[0] for p in entry["points"]])
-      line, = ax.plot(c, [-p[1] for p in entry["points"]], "o", label=key)
+      sd = {r["name"]: r.get("sd", {}).get(key, 0.0) for r in rows}  # (seeds: their spread as error bars)
+      line = ax.errorbar(c, [-p[1] for p in entry["points"]], yerr=[sd.get(p[2], 0.0) for p in entry["points"]],
+                         fmt="o", capsize=3, label=key).lines[0]
       grid = np.geomspace(c.min(), c.max(), 50)
       ax.plot(grid, entry["fit"]["a"] * grid ** -entry["fit"]["b"], color=line.get_color(), lw=1,
               label=f"{entry['fit']['a']:.3g} C^-{entry['fit']['b']:.3f}")
@@ -321,7 +323,7 @@ def merge_seeds(rows: list[dict]) -> tuple[list[dict], dict]:
       continue
     row = {**done[0], "name": key, "seeds": [r["seed"] for r in done]}
     metrics = {"eval_loss": [r["eval_loss"] for r in done]}
-    for k in sorted({k for r in done for k in r["tasks"]}):
+    for k in sorted({k for r in done for k in r["tasks"] if not k.endswith("_stderr")}):
       values = [r["tasks"][k] for r in done if isinstance(r["tasks"].get(k), (int, float))]
       if len(values) == len(done):
         metrics[k] = values
