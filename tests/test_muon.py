@@ -148,13 +148,9 @@ def test_newton_schulz_layout_moves_the_matrix_axes_to_the_batch_axes():
   # attention [layers, embed, heads] stored (None, (fsdp, expert), tensor): 16 layers take all three
   assert muon.ns_spec(("layers", "embed", "heads"), (16, 32, 64), mesh, DEFAULT_RULES) == \
       P(("fsdp", "expert", "tensor"), None, None)
-  assert muon.ns_layout(("layers", "embed", "heads"), (16, 32, 64), mesh, DEFAULT_RULES)[1] == 16
-  # 3 layers: fsdp (2) fits within them, padded to 4 (two layers' matrices a device); expert and
-  # tensor leave the matrices (replicated): an uneven split makes XLA reshard through all-reduces
-  assert muon.ns_layout(("layers", "embed", "mlp"), (3, 32, 64), mesh, DEFAULT_RULES) == (P("fsdp", None, None), 4)
-  # V3's o_proj stack on v5p-512 (fsdp 32 x expert 8): 58 layers -> 64 over fsdp
-  v5p = {"stage": 1, "data": 1, "fsdp": 32, "expert": 8, "tensor": 1}
-  assert muon.ns_layout(("layers", "heads", "embed"), (58, 16384, 7168), v5p, DEFAULT_RULES) == (P("fsdp", None, None), 64)
+  # 3 layers divide by none: over the 16 devices unevenly (one layer's matrices on each of 3)
+  assert muon.ns_spec(("layers", "embed", "mlp"), (3, 32, 64), mesh, DEFAULT_RULES) == \
+      P(("fsdp", "expert", "tensor"), None, None)
 
 
 # ------------------------------------------------------------------ QK-clip
@@ -324,8 +320,6 @@ def test_muon_step_on_eight_devices_matches_one():
   norm, max logits within 1e-8."""
   r = last_json(run_together([(WORKER, "single")], cpu_env(), 1200)[0])
   assert r["alone_diff_norm"] < 1e-5 * r["alone_norm"], r
-  # the 3-layer stack orthogonalised padded to 4 layers (muon.ns_layout), its momentum kept as 3
-  assert r["state_shapes"][0] == r["state_shapes"][1] and [3, 32, 64] in r["state_shapes"][0], r["state_shapes"]
   assert r["adamw_diff_norm"] < 3e-6 * r["adamw_norm"], r
   assert r["muon_diff_norm"] < 1e-5 * r["muon_norm"], r
   assert r["update_scale"] > 1e-3, r

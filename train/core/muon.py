@@ -51,7 +51,6 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers
-from optax.contrib._muon import MuonState
 from optax.contrib._muon import scale_by_shape  # optax.contrib.muon's consistent-RMS scaling
 
 from moe.config import ModelConfig
@@ -153,13 +152,10 @@ def lead_order(axes, shape) -> tuple[int, ...]:
   return (lead,) + tuple(i for i in range(len(axes)) if i != lead)
 
 
-def batch_first(inner: optax.GradientTransformation, par=None) -> optax.GradientTransformation:
+def batch_first(inner: optax.GradientTransformation) -> optax.GradientTransformation:
   """`inner` on the parameters (and updates) with their dimensions in `lead_order`, their axes
-  metadata permuted alike (so that its state is laid out by the same rules), and their leading
-  dimension padded with zeros to `ns_layout`'s rows on `par`'s mesh (its momentum too, for the update:
-  the state keeps the parameters' shapes, so checkpoints do not depend on the mesh); the updates it
-  returns back in the parameters' shape and order."""
-  mesh_shape = dict(par.mesh.shape) if par is not None and par.mesh.size > 1 else None
+  metadata permuted alike (so that its state is laid out by the same rules); the updates it returns
+  back in the parameters' order."""
 
   def permute(v):
     x = v.get_value()
@@ -168,83 +164,50 @@ def batch_first(inner: optax.GradientTransformation, par=None) -> optax.Gradient
     order = lead_order(_axes(v), x.shape)
     return v.replace(jnp.transpose(x, order), axes=tuple(_axes(v)[i] for i in order))
 
-  def pad(v):
-    x = v.get_value()
-    if mesh_shape is None or not hasattr(x, "ndim") or x.ndim <= 2:
-      return v
-    rows = ns_layout(_axes(v), x.shape, mesh_shape, par.rules)[1]
-    return v if rows == x.shape[0] else v.replace(jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1)))
-
-  def unpad(v, like):
-    x = v.get_value()
-    if not hasattr(x, "ndim"):
-      return v
-    return v.replace(x[:like.get_value().shape[0]])
-
   def unpermute(u, like):
     x = u.get_value()
     if not hasattr(x, "ndim"):
       return like
     order = lead_order(_axes(like), like.get_value().shape)
-    return like.replace(jnp.transpose(x[:like.get_value().shape[order[0]]], np.argsort(order)))
+    return like.replace(jnp.transpose(x, np.argsort(order)))
 
-  def each(fn, *trees):
-    return jax.tree.map(fn, *trees, is_leaf=is_variable)
-
-  def momentum(state, fn):  # (Muon's momentum, shaped like the parameters, in optax's MuonState)
-    return tuple(s._replace(mu=fn(s.mu)) if isinstance(s, MuonState) else s for s in state)
+  def each(fn, tree):
+    return jax.tree.map(fn, tree, is_leaf=is_variable)
 
   def init(params):
     return inner.init(each(permute, params))
 
   def update(updates, state, params=None):
-    mine = each(permute, updates)
-    state = momentum(state, lambda mu: each(pad, mu))
-    out, state = inner.update(each(pad, mine), state, None if params is None else each(pad, each(permute, params)))
-    state = momentum(state, lambda mu: each(unpad, mu, mine))
+    out, state = inner.update(each(permute, updates), state, None if params is None else each(permute, params))
     leaves, treedef = jax.tree.flatten(updates, is_leaf=is_variable)
-    out = jax.tree.leaves(out, is_leaf=is_variable)
-    return jax.tree.unflatten(treedef, [unpermute(u, like) for u, like in zip(out, leaves, strict=True)]), state
+    mine = jax.tree.leaves(out, is_leaf=is_variable)
+    return jax.tree.unflatten(treedef, [unpermute(u, like) for u, like in zip(mine, leaves, strict=True)]), state
 
   return optax.GradientTransformation(init, update)
 
 
-def ns_layout(axes, shape, mesh_shape, rules) -> tuple[P, int]:
-  """(spec, rows): the layout in which to orthogonalise the update of a stacked parameter named `axes`
-  of `shape`, in `lead_order` (its longest batch dimension first), and the rows its first dimension is
-  padded to. Every mesh axis of its own layout (parallel/sharding.py) moves to that first dimension
-  where they divide it, so that the matrices are whole on every device, the Newton-Schulz iterations
-  need no collective, and optax's merge of the batch dimensions keeps the sharding. With one batch
-  dimension the axes go there while their product stays within its length, which is padded to a
-  multiple of that product, and the rest leave the matrices (replicated): V3's 58 layers -> 64 over
-  fsdp=32, two layers' matrices on each device. (An uneven split instead made XLA reshard through
-  [29, 7168, 16384] float32 all-reduces: 13.6 GB each, 0.6 TB a step per chip.) With more, an axis
-  that does not divide stays where it was."""
+def ns_spec(axes, shape, mesh_shape, rules) -> P:
+  """The layout in which to orthogonalise the update of a stacked parameter named `axes` of `shape`,
+  in `lead_order` (its longest batch dimension first): every mesh axis of its own layout (parallel/
+  sharding.py) moved to that first dimension where they divide it, so that the matrices are whole on
+  every device, the Newton-Schulz iterations need no collective, and optax's merge of the batch
+  dimensions keeps the sharding. With one batch dimension an axis that does not divide goes there
+  unevenly (XLA pads: 58 layers over 256 devices, one layer's matrices on each of 58); with more, it
+  stays where it was."""
   spec = list(logical_to_spec(axes, shape, mesh_shape, rules)) + [None] * len(shape)
   spec = [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in spec[:len(shape)]]
   n_batch = sum(MUON_AXES[a] == BATCH for a in axes)
-  rows = shape[0]
   if n_batch:
-    unit = lambda: math.prod(mesh_shape[b] for b in spec[0])
     for i in range(1, len(shape)):
       for a in spec[i]:
-        fits = rows % (unit() * mesh_shape[a]) == 0 if n_batch > 1 else unit() * mesh_shape[a] <= rows
-        if fits:
+        if shape[0] % (math.prod(mesh_shape[b] for b in spec[0]) * mesh_shape[a]) == 0 or n_batch == 1:
           spec[0] += (a,)
-        if fits or n_batch == 1:
           spec[i] = tuple(b for b in spec[i] if b != a)
-    if n_batch == 1:
-      rows = -(-rows // unit()) * unit()
-  return P(*[None if not e else e[0] if len(e) == 1 else e for e in spec]), rows
-
-
-def ns_spec(axes, shape, mesh_shape, rules) -> P:
-  """`ns_layout`'s spec."""
-  return ns_layout(axes, shape, mesh_shape, rules)[0]
+  return P(*[None if not e else e[0] if len(e) == 1 else e for e in spec])
 
 
 def reshard_for_ns(par) -> optax.GradientTransformation:
-  """Stateless: every stacked Muon update (in `lead_order`, padded by `batch_first`) laid out by `ns_spec` (`par`:
+  """Stateless: every stacked Muon update (in `lead_order`) laid out by `ns_spec` (`par`:
   parallel.mesh.Parallelism; None or one device: the identity). XLA moves each update with all-to-alls
   over the axes that move, and back when the update meets its parameter."""
 
@@ -267,7 +230,7 @@ def reshard_for_ns(par) -> optax.GradientTransformation:
 def make_muon(o, schedule: optax.Schedule, adamw: optax.GradientTransformation, par=None):
   """Muon for the matrices, `adamw` (unclipped, with its own learning rate and decay) for the rest;
   `o` the OptimizerConfig. Clip the gradients before."""
-  muon = batch_first(par=par, inner=optax.chain(
+  muon = batch_first(optax.chain(
       reshard_for_ns(par),
       optax.contrib.scale_by_muon(beta=o.muon_beta, mu_dtype=jnp.dtype(o.moment_dtype),
                                   weight_dimension_numbers=dimension_numbers),
