@@ -12,12 +12,13 @@ in a random order. A passage whose context and answer also occur in the training
 from __future__ import annotations
 
 import itertools
-import json
+
 from pathlib import Path
 
 import numpy as np
 
 from parallel.common.errors import DataError
+from train.core import jsonl
 from train.core.input_pipeline import iter_texts, split_by_position, split_indices
 
 YAML = """# lm-eval task (train/core/cloze.py): {n} questions from the held-out split of `{data}`, seed {seed}
@@ -84,10 +85,10 @@ def write_task(data: str, out: str | Path, n: int = 200, seed: int = 0, name: st
   """Write OUT/NAME.yaml and OUT/NAME.jsonl; returns the YAML's path."""
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  jsonl = out / f"{name}.jsonl"
-  with open(jsonl, "w") as f:
+  data_file = out / f"{name}.jsonl"
+  with open(data_file, "w") as f:
     for q in questions(split_text(data, "eval"), n, seed, exclude=split_text(data, "train")):
-      f.write(json.dumps(q) + "\n")
+      f.write(jsonl.dumps(q) + "\n")
   yaml = out / f"{name}.yaml"
-  yaml.write_text(YAML.format(n=n, data=data, seed=seed, name=name, jsonl=jsonl.as_posix()))
+  yaml.write_text(YAML.format(n=n, data=data, seed=seed, name=name, jsonl=data_file.as_posix()))
   return yaml
