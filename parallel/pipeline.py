@@ -420,8 +420,8 @@ def _block(st: _Stage, tree):
       rows // parts), rows // parts, 0), tree)
 
 
-def _mask(on, tree):
-  return jax.tree.map(lambda x: jnp.where(on, x, jnp.zeros_like(x)), tree)
+def _mask(on, tree, fill=0.0):
+  return jax.tree.map(lambda x: jnp.where(on, x, jnp.full_like(x, fill)), tree)
 
 
 def _gather(x, parts: int):
@@ -540,8 +540,8 @@ def _forward(st: _Stage, carry, t):
   y, term, stats, peaks, kept = _chunk_forward(st, p, c, x, _take(st.mb_inputs, m))
   carry["kept"] = [_put(buf, k, slot, on) for buf, k in zip(carry["kept"], kept)]
   carry["stats"] = _add_chunk(carry["stats"], _mask(on, stats), r, plan.size)
-  peaks = jax.tree.map(lambda x: jnp.where(on, x, -jnp.inf), peaks)
-  carry["peaks"] = {**carry["peaks"], "stack": _add_chunk(carry["peaks"]["stack"], peaks, r, plan.size, jnp.maximum)}
+  carry["peaks"] = {**carry["peaks"], "stack": _add_chunk(carry["peaks"]["stack"], _mask(on, peaks, -jnp.inf), r,
+                                                          plan.size, jnp.maximum)}
   carry["loss"] = carry["loss"] + jnp.where(on, term, 0.0).astype(jnp.float32)
   with jax.named_scope("pipeline_last"):
     carry = jax.lax.cond(plan.last_f[t] >= 0, functools.partial(_last, st, t), _unchanged, carry, y)

@@ -365,7 +365,8 @@ def test_cloze_task_is_the_held_out_text_and_what_is_committed(tmp_path):
   assert data_cli.main(["cloze", "default", "--out", str(tmp_path)]) == 0
   written = (tmp_path / "heldout_cloze.jsonl").read_text()
   assert written == (root / "configs/scaling/tasks/heldout_cloze.jsonl").read_text()
-  held, train_text = cloze.split_text("default", "eval"), cloze.split_text("default", "train")
+  texts = cloze.split_texts("default")
+  held, train_text = texts["eval"], texts["train"]
   docs = list(data.iter_texts("default"))
   assert train_text == "\n\n".join(docs[i] for i in data.split_indices(len(docs), "train"))
   qs = [json.loads(line) for line in written.splitlines()]

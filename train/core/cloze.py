@@ -19,7 +19,7 @@ import numpy as np
 
 from parallel.common.errors import DataError
 from train.core import jsonl
-from train.core.input_pipeline import iter_texts, split_by_position, split_indices
+from train.core.input_pipeline import iter_texts, split_documents
 
 YAML = """# lm-eval task (train/core/cloze.py): {n} questions from the held-out split of `{data}`, seed {seed}
 task: {name}
@@ -35,12 +35,12 @@ metric_list: [{{metric: acc, aggregation: mean, higher_is_better: true}}]
 """
 
 
-def split_text(data: str, split: str) -> str:
-  """The `split` ('train' or 'eval') documents of `data` as training splits them, one text."""
+def split_texts(data: str) -> dict[str, str]:
+  """{'train': ..., 'eval': ...}: the documents of `data` in each split as training splits them, one
+  text each."""
   docs = list(iter_texts(data))
-  if len(docs) == 1:
-    return split_by_position(docs[0], split)
-  return "\n\n".join(docs[i] for i in split_indices(len(docs), split))
+  return {split: "\n\n".join(d[i] for i in idx) for split in ("train", "eval")
+          for d, idx in [split_documents(docs, split)]}
 
 
 def _word_starts(text: str) -> np.ndarray:
@@ -87,7 +87,8 @@ def write_task(data: str, out: str | Path, n: int = 200, seed: int = 0, name: st
   out.mkdir(parents=True, exist_ok=True)
   data_file = out / f"{name}.jsonl"
   with open(data_file, "w") as f:
-    for q in questions(split_text(data, "eval"), n, seed, exclude=split_text(data, "train")):
+    texts = split_texts(data)
+    for q in questions(texts["eval"], n, seed, exclude=texts["train"]):
       f.write(jsonl.dumps(q) + "\n")
   yaml = out / f"{name}.yaml"
   yaml.write_text(YAML.format(n=n, data=data, seed=seed, name=name, jsonl=data_file.as_posix()))

@@ -342,6 +342,14 @@ def split_indices(num_documents: int, split: str) -> np.ndarray:
   raise DataError(f"unknown split {split!r}; use 'train' or 'eval'")
 
 
+def split_documents(documents, split: str):
+  """(documents, indices of `split`'s among them): one large document is a corpus too, whose end is
+  held out (`split_by_position`); more are split whole (`split_indices`)."""
+  if len(documents) == 1:
+    return [split_by_position(documents[0], split)], np.arange(1)
+  return documents, split_indices(len(documents), split)
+
+
 def split_by_position(document, split: str):
   """The `split` part of a corpus of one document (text or token ids): eval is its last EVAL_FRACTION
   (at least one character or token), train the rest."""
@@ -430,11 +438,7 @@ def make_dataset(
   `max_seq_len` is the model's limit (max_position_embeddings).
   """
   _check_sizes(seq_len, batch_size, seed, max_seq_len, process_index, process_count)
-  documents = load_documents(data, tokenizer)
-  if len(documents) == 1:  # one large document is a corpus too: hold out its end
-    documents, indices = [split_by_position(documents[0], split)], np.arange(1)
-  else:
-    indices = split_indices(len(documents), split)
+  documents, indices = split_documents(load_documents(data, tokenizer), split)
   indices = indices[process_index::process_count]
   if not len(indices) and split == "train":
     raise DataError(
