@@ -24,7 +24,7 @@ def write_spec(tmp_path, **changes) -> Path:
   spec["out_dir"] = str(tmp_path / "sweep")
   spec.update(changes)
   path = tmp_path / "sweep.yaml"
-  path.write_text(yaml.safe_dump(spec))
+  path.write_text(yaml.safe_dump(spec, sort_keys=False))
   return path
 
 
@@ -70,6 +70,20 @@ def test_grid_expansion_and_non_cosine_schedule(tmp_path):
   assert all(r.overrides["optimizer.decay_steps"] == 40 - r.overrides.get("optimizer.warmup_steps", 20) for r in runs)
 
 
+def test_isoflop_sweep_per_grid_point(tmp_path):
+  """budgets + sizes + grid: an isoFLOP family per grid point; a mapping value sets its keys together."""
+  grid = {"optimizer": [{"name": "adamw", "lr": 3e-3}, {"name": "muon", "lr": 6e-3}]}
+  runs = sweep.expand(sweep.load_sweep(write_spec(tmp_path, budgets=[3e11], sizes=[16, 32], grid=grid)))
+  assert [r.name for r in runs] == ["optimizer=adamw-0.003_C3e11_d16", "optimizer=adamw-0.003_C3e11_d32",
+                                    "optimizer=muon-0.006_C3e11_d16", "optimizer=muon-0.006_C3e11_d32"]
+  assert [r.point for r in runs] == [{"optimizer.name": "adamw", "optimizer.lr": 3e-3}] * 2 + [
+      {"optimizer.name": "muon", "optimizer.lr": 6e-3}] * 2
+  assert all(r.overrides["optimizer.name"] == r.point["optimizer.name"] and r.overrides["optimizer.lr"] == r.point[
+      "optimizer.lr"] for r in runs)
+  assert [r.steps for r in runs[:2]] == [r.steps for r in runs[2:]] and runs[0].size == "d16"
+  assert all(r.point is None for r in sweep.expand(sweep.load_sweep(write_spec(tmp_path))))
+
+
 def test_seeds_repeat_every_run(tmp_path):
   runs = sweep.expand(sweep.load_sweep(write_spec(tmp_path, budgets=[3e11], sizes=[16, 32], seeds=[0, 3])))
   assert [r.name for r in runs] == ["C3e11_d16_s0", "C3e11_d16_s3", "C3e11_d32_s0", "C3e11_d32_s3"]
@@ -102,8 +116,10 @@ def test_seeds_are_averaged_with_their_spread():
 
 
 def test_bad_sweep_files(tmp_path):
-  with pytest.raises(ConfigError, match="either"):
-    sweep.load_sweep(write_spec(tmp_path, grid={"seed": [0, 1]}))
+  with pytest.raises(ConfigError, match="or both"):
+    sweep.load_sweep(write_spec(tmp_path, sizes=None))
+  with pytest.raises(ConfigError, match="grid: expected"):
+    sweep.expand(sweep.load_sweep(write_spec(tmp_path, grid={"seed": 1})))
   with pytest.raises(ConfigError, match="unknown key"):
     sweep.load_sweep(write_spec(tmp_path, budget=[1]))
   with pytest.raises(ConfigError, match="unknown key"):  # a bad override names itself
@@ -190,24 +206,56 @@ def test_isoflop_without_minimum_falls_back_to_best_run():
   assert fit["n_opt_fit"] is None and [f["from"] for f in fit["frontier"]] == ["best run"] * 2
 
 
+def test_compute_multiplier_between_families():
+  """Family B is family A with every run's compute divided by k (same sizes, same losses): B reaches each
+  loss with k x less compute, so its multiplier over A is k at every loss; and C(L) by hand."""
+  at = sweep_report.compute_multiplier({"a": 2.0, "b": 0.5}, {"a": 1.0, "b": 0.5}, [1.0])[0]
+  assert (at["flops_ref"], at["flops"], at["multiplier"]) == (4.0, 1.0, 4.0)  # (2/1)^2 and (1/1)^2
+  k, rows = 1.8, chinchilla_rows(noise=0.002, seed=2)
+  a = [dict(r, point={"optimizer.name": "adamw"}) for r in rows]
+  b = [dict(r, name="b" + r["name"], budget=r["budget"] / k, flops=r["flops"] / k, tokens=r["tokens"] / k,
+            point={"optimizer.name": "muon"}) for r in rows]
+  fit = sweep_report.fit_families(a + b)
+  assert [f["label"] for f in fit["families"]] == ["optimizer.name=adamw", "optimizer.name=muon"]
+  law_a, law_b = (f["fit"]["loss_vs_compute"] for f in fit["families"])
+  assert law_b["b"] == pytest.approx(law_a["b"], rel=1e-4)
+  (m,) = fit["multiplier"]
+  assert m["family"] == "optimizer.name=muon" and len(m["at"]) == 5 and not any(x["extrapolated"] for x in m["at"])
+  assert m["geomean"] == pytest.approx(k, rel=1e-3) and all(x["multiplier"] == pytest.approx(k, rel=1e-3) for x in m["at"])
+  assert "compute multiplier of optimizer.name=muon over optimizer.name=adamw at equal loss: 1.8" in sweep_report.summary(fit)
+
+
+def test_steps_to_reach_interpolates_between_evals():
+  curve = [[100, 2.6], [200, 2.0], [300, 1.9]]
+  assert sweep_report.steps_to_reach(curve, 2.1) == pytest.approx(100 + 0.5 / 0.6 * 100)
+  assert sweep_report.steps_to_reach(curve, 3.0) == 100.0 and sweep_report.steps_to_reach(curve, 1.0) is None
+
+
 # ------------------------------------------------------------------ a fake sweep directory
-def test_report_on_fake_sweep_dir(tmp_path, capsys):
-  rows = chinchilla_rows(noise=0.002, seed=1)
-  sweep_dir = tmp_path / "fake"
-  manifest = {"base": "configs/tiny.yaml", "overrides": {}, "budgets": sorted({r["budget"] for r in rows}), "runs": []}
+def write_fake_sweep(sweep_dir: Path, rows: list[dict], steps: int = 100, unfinished=()) -> Path:
+  """A sweep directory as train.sweep leaves it: the manifest and each run's metrics.jsonl (the eval records
+  of row["curve"], else one at steps // 2 and the final one)."""
+  manifest = {"base": "configs/tiny.yaml", "overrides": {}, "budgets": sorted({r["budget"] for r in rows
+                                                                               if r.get("budget")}), "runs": []}
   for i, r in enumerate(rows):
     run_dir = sweep_dir / r["name"]
     run_dir.mkdir(parents=True)
-    steps = 100
-    records = [{"step": 50, "loss": 9.0}, {"step": 50, "eval_loss": 9.0}, {"step": steps, "loss": r["eval_loss"]}]
-    if i != 3:  # run 3 is unfinished: no final eval record
-      records.append({"step": steps, "elapsed_s": 1.0, "eval_loss": r["eval_loss"]})
+    curve = r.get("curve") or [[steps // 2, 9.0], [steps, r["eval_loss"]]]
+    records = [{"step": steps // 2, "loss": 9.0}, {"step": steps, "loss": 9.0}]
+    records += [{"step": s, "elapsed_s": 1.0, "eval_loss": v} for s, v in curve if i not in unfinished or s < steps]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in records))
     manifest["runs"].append({"name": r["name"], "overrides": {"run_dir": "elsewhere/" + r["name"]},
-                             "budget": r["budget"], "size": None, "steps": steps, "tokens": r["tokens"],
+                             "budget": r.get("budget"), "size": None, "steps": steps, "tokens": r["tokens"],
                              "flops": r["flops"], "total_params": 2 * r["active_params"],
-                             "active_params": r["active_params"], "flops_per_token": r["flops_per_token"]})
+                             "active_params": r["active_params"], "flops_per_token": r["flops_per_token"],
+                             "seed": r.get("seed"), "point": r.get("point")})
   (sweep_dir / sweep.MANIFEST).write_text(json.dumps(manifest))
+  return sweep_dir
+
+
+def test_report_on_fake_sweep_dir(tmp_path, capsys):
+  rows = chinchilla_rows(noise=0.002, seed=1)
+  sweep_dir = write_fake_sweep(tmp_path / "fake", rows, unfinished={3})  # run 3: no final eval record
   assert sweep_report.main([str(sweep_dir)]) == 0
   out = capsys.readouterr().out
   assert "N_opt =" in out and "L(C) =" in out
@@ -217,6 +265,47 @@ def test_report_on_fake_sweep_dir(tmp_path, capsys):
   for name in ("isoflop.png", "frontier.png", "optimal.png"):
     assert (sweep_dir / name).stat().st_size > 1000
   assert sweep_report.main([str(tmp_path / "missing")]) == 2
+
+
+def test_report_on_fake_families(tmp_path, capsys):
+  """An isoFLOP sweep with an optimizer grid is fitted per family; plots per family and families.png."""
+  rows = chinchilla_rows(noise=0.002, seed=3)
+  rows = [dict(r, name=f"{o}_{r['name']}", point={"optimizer.name": o},
+               **({"eval_loss": r["eval_loss"] * 0.95} if o == "muon" else {})) for o in ("adamw", "muon") for r in rows]
+  sweep_dir = write_fake_sweep(tmp_path / "fam", rows)
+  assert sweep_report.main([str(sweep_dir)]) == 0
+  out = capsys.readouterr().out
+  assert "[optimizer.name=adamw]" in out and "[optimizer.name=muon]" in out and "compute multiplier of" in out
+  fit = json.loads((sweep_dir / "fit.json").read_text())
+  assert [len(f["fit"]["isoflop"]) for f in fit["families"]] == [5, 5] and fit["multiplier"][0]["geomean"] > 1
+  for name in ("isoflop_0.png", "frontier_1.png", "families.png"):
+    assert (sweep_dir / name).stat().st_size > 1000
+
+
+def test_compare_finds_each_optimizers_best_point_and_its_steps(tmp_path, capsys):
+  """--compare optimizer.name on a grid (optimizer x lr x 2 seeds) with eval curves made by hand: the tuned
+  lr per optimizer by the seeds' mean final loss, and where each mean curve reaches AdamW's, by hand."""
+  curves = {("adamw", 1e-3): [[3.0, 2.6, 2.4], [3.0, 2.6, 2.4]], ("adamw", 2e-3): [[2.9, 2.5, 2.2], [2.9, 2.5, 2.0]],
+            ("muon", 1e-3): [[2.5, 1.9, 1.9], [2.7, 2.05, 1.9]], ("muon", 2e-3): [[2.8, 2.4, 2.3], [2.8, 2.4, 2.3]]}
+  base = {"budget": None, "flops": 1e12, "tokens": 1e6, "active_params": 1e5, "flops_per_token": 1e6}
+  rows = [dict(base, name=f"name={o}_lr={lr}_s{s}", seed=s, point={"optimizer.name": o, "optimizer.lr": lr},
+               eval_loss=c[s][-1], curve=[[100 * (i + 1), v] for i, v in enumerate(c[s])])
+          for (o, lr), c in curves.items() for s in (0, 1)]
+  sweep_dir = write_fake_sweep(tmp_path / "grid", rows, steps=300)
+  assert sweep_report.main([str(sweep_dir), "--compare", "optimizer.name"]) == 0
+  out = capsys.readouterr().out
+  cmp = json.loads((sweep_dir / "fit.json").read_text())["compare"]
+  adamw, muon = cmp["values"]
+  assert cmp["target_loss"] == pytest.approx(2.1) and adamw["best_point"] == {"optimizer.lr": 2e-3}
+  assert muon["best_point"] == {"optimizer.lr": 1e-3} and muon["final_loss"] == pytest.approx(1.9)
+  assert adamw["steps_to_match"] == pytest.approx(300) and adamw["step_ratio"] == pytest.approx(1.0)
+  mean = [2.6, (1.9 + 2.05) / 2]  # muon's mean curve at 100 and 200 steps
+  assert muon["steps_to_match"] == pytest.approx(100 + (mean[0] - 2.1) / (mean[0] - mean[1]) * 100)
+  assert muon["step_ratio"] == pytest.approx(muon["steps_to_match"] / 300)
+  assert muon["seed_steps_to_match"] == {"0": pytest.approx(100 + 0.4 / 0.6 * 100), "1": pytest.approx(100 + 0.6 / 0.65 * 100)}
+  assert "muon: best optimizer.lr=0.001, final 1.9000 +- 0.0000" in out and (sweep_dir / "compare.png").stat().st_size > 1000
+  assert sweep_report.main([str(sweep_dir), "--compare", "optimizer.b1"]) == 2
+  assert "--compare optimizer.b1" in capsys.readouterr().err
 
 
 def test_real_micro_sweep_runs_resumes_and_reports(tmp_path):

@@ -21,6 +21,10 @@ that `python -m train.sweep_report out_dir` reads. Format:
   grid:
     optimizer.lr: [1e-3, 3e-3]
     model.hidden_size: [32, 64]
+  # (c) or both: an isoFLOP sweep per grid point (a family; the report fits each and compares them);
+  #     a mapping sets several keys together, e.g. each optimizer with its own learning rate:
+  grid:
+    optimizer: [{name: adamw, lr: 3e-3}, {name: muon, lr: 6e-3}]   # runs optimizer=adamw-0.003_C3e12_d32
 
 Steps of an isoFLOP run: steps = round(budget / (flops_per_token * batch_size * seq_len)), with
 flops_per_token from moe.params (6 x active matmul params + attention core, MTP included), so a run
@@ -118,6 +122,7 @@ class Run:
   active_params: int = 0
   flops_per_token: int = 0
   seed: int | None = None  # with `seeds:` (the report averages a point's seeds)
+  point: dict | None = None  # the grid's values for this run (an isoFLOP sweep with a grid: its family)
 
   def override_list(self) -> list[str]:
     return [f"{k}={_scalar(v)}" for k, v in self.overrides.items()]
@@ -138,9 +143,9 @@ def load_sweep(path: str | Path) -> dict:
   for key in ("base", "out_dir"):
     if not isinstance(spec.get(key), str):
       raise ConfigError(f"{path}: `{key}` must be a path")
-  if ("sizes" in spec) == ("grid" in spec):
-    raise ConfigError(f"{path}: give either `budgets` + `sizes` (isoFLOP) or `grid`")
-  if "sizes" in spec and not spec.get("budgets"):
+  if not spec.get("sizes") and "grid" not in spec:
+    raise ConfigError(f"{path}: give `budgets` + `sizes` (isoFLOP), `grid`, or both (an isoFLOP sweep per grid point)")
+  if spec.get("sizes") and not spec.get("budgets"):
     raise ConfigError(f"{path}: `sizes` needs `budgets` (training FLOPs per run)")
   spec.setdefault("overrides", {})
   spec["overrides"] = spec["overrides"] or {}
@@ -168,6 +173,25 @@ def _size_entries(sizes) -> list[tuple[str, dict]]:
   return out
 
 
+def _grid_points(grid) -> list[tuple[str, dict]]:
+  """(name, dotted overrides) for each point of the grid's cartesian product; a value that is a mapping
+  sets several keys under its key together (`optimizer: [{name: muon, lr: 4e-3}]`)."""
+  if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
+    raise ConfigError("grid: expected a mapping of dotted keys to non-empty lists of values")
+  points = []
+  for values in itertools.product(*grid.values()):
+    point, parts = {}, []
+    for key, value in zip(grid, values):
+      if isinstance(value, dict):
+        point.update({f"{key}.{k}": v for k, v in value.items()})
+        parts.append(f"{key.split('.')[-1]}=" + "-".join(_scalar(v) for v in value.values()))
+      else:
+        point[key] = value
+        parts.append(f"{key.split('.')[-1]}={_scalar(value)}")
+    points.append(("_".join(parts).replace("/", "-"), point))
+  return points
+
+
 def _budget_name(b: float) -> str:
   mantissa, exp = f"{b:.2e}".split("e")
   return f"C{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
@@ -177,18 +201,15 @@ def expand(spec: dict) -> list[Run]:
   """The sweep's runs, with steps and counts resolved (configs validated; nothing trained)."""
   base, out_dir, fixed = spec["base"], Path(spec["out_dir"]), dict(spec["overrides"])
   runs = []
-  if "grid" in spec:
-    grid = spec["grid"]
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-      raise ConfigError("grid: expected a mapping of dotted keys to non-empty lists of values")
-    for values in itertools.product(*grid.values()):
-      point = dict(zip(grid, values))
-      name = "_".join(f"{k.split('.')[-1]}={_scalar(v)}" for k, v in point.items()).replace("/", "-")
-      runs.append(Run(name, {**fixed, **point}))
-  else:
+  points = _grid_points(spec["grid"]) if "grid" in spec else [(None, None)]
+  for point_name, point in points:
+    if not spec.get("sizes"):
+      runs.append(Run(point_name, {**fixed, **point}, point=point))
+      continue
     for budget in spec["budgets"]:
       for size_name, size in _size_entries(spec["sizes"]):
-        runs.append(Run(f"{_budget_name(budget)}_{size_name}", {**fixed, **size}, budget=budget, size=size_name))
+        name = "_".join(x for x in (point_name, _budget_name(budget), size_name) if x)
+        runs.append(Run(name, {**fixed, **(point or {}), **size}, budget=budget, size=size_name, point=point))
   if spec.get("seeds"):
     runs = [dataclasses.replace(r, name=f"{r.name}_s{seed}", overrides={**r.overrides, "seed": seed}, seed=seed)
             for r in runs for seed in spec["seeds"]]
@@ -235,20 +256,23 @@ def write_manifest(spec: dict, runs: list[Run]) -> Path:
   return path
 
 
-def final_eval(run_dir: Path, steps: int) -> float | None:
-  """The eval loss logged at step == steps in run_dir/metrics.jsonl, else None."""
+def eval_curve(run_dir: Path) -> list[list]:
+  """[[step, eval loss], ...] logged in run_dir/metrics.jsonl, by step (a resumed run's later record wins)."""
   path = Path(run_dir) / "metrics.jsonl"
-  if not path.is_file():
-    return None
-  loss = None
-  for line in path.read_text().splitlines():
+  curve = {}
+  for line in path.read_text().splitlines() if path.is_file() else []:
     try:
       r = json.loads(line)
     except json.JSONDecodeError:
       continue
-    if "eval_loss" in r and r.get("step") == steps:
-      loss = r["eval_loss"]
-  return loss
+    if "eval_loss" in r and isinstance(r.get("step"), int):
+      curve[r["step"]] = r["eval_loss"]
+  return [[step, curve[step]] for step in sorted(curve)]
+
+
+def final_eval(run_dir: Path, steps: int) -> float | None:
+  """The eval loss logged at step == steps in run_dir/metrics.jsonl, else None."""
+  return dict(map(tuple, eval_curve(run_dir))).get(steps)
 
 
 def final_tasks(run_dir: Path, steps: int) -> dict:

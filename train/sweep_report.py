@@ -1,4 +1,5 @@
-"""Fit scaling laws to a finished sweep: `python -m train.sweep_report SWEEP_DIR [--params active|total]`.
+"""Fit scaling laws to a finished sweep: `python -m train.sweep_report SWEEP_DIR [--params active|total]
+[--compare KEY]`.
 
 Reads SWEEP_DIR/sweep.json (written by train.sweep) and each run's metrics.jsonl: the eval loss logged at
 the run's last step (runs without it are unfinished and left out), its parameter count N (active
@@ -25,10 +26,20 @@ Fits (numpy / scipy), written to SWEEP_DIR/fit.json:
 - Seeds (a sweep with `seeds:`): a point's runs (RUN_sSEED) are averaged into one row before any fit
   (eval loss and task metrics: the mean over its finished seeds), and `noise` gives their spread: per
   metric, the mean over points of the seeds' sample standard deviation.
+- Families (an isoFLOP sweep with a `grid`, e.g. one per optimizer): each grid point's runs are fitted
+  alone as above (fit.json `families`), and each family's compute multiplier over the first at equal
+  loss: C_first(L) / C_family(L) from their L(C) = a C^-b, at the first family's frontier losses
+  (`extrapolated` where that loss lies outside the family's own frontier), and their geometric mean.
+- `--compare KEY` (a grid sweep, e.g. optimizer x learning rate x seeds with eval_every set): for each
+  value of grid key KEY, its best point over the other grid keys (lowest final eval loss, seeds
+  averaged: a tuned learning rate), and the step at which that point's eval curve (the seeds' mean,
+  linear between evaluations) first reaches the first value's best final loss, as a ratio of the first
+  value's steps; per seed too (fit.json `compare`, compare.png).
 
 Plots in SWEEP_DIR: isoflop.png (loss vs N per budget, the parabolas and their minima), frontier.png
 (every run's loss vs C, the frontier and its fit), optimal.png (N_opt and D_opt vs C with their fits;
-hollow markers: extrapolated, not fitted), tasks.png (the task metrics' points and fits vs C, when any).
+hollow markers: extrapolated, not fitted), tasks.png (the task metrics' points and fits vs C, when any);
+with families the same per family (isoflop_0.png, ...) and families.png (every family's frontier and L(C)).
 """
 
 from __future__ import annotations
@@ -44,7 +55,7 @@ from scipy import optimize
 
 from parallel.common.errors import DataError
 from train.core import jsonl
-from train.sweep import MANIFEST, final_eval, final_tasks
+from train.sweep import MANIFEST, eval_curve, final_eval, final_tasks
 
 CONTINUOUS = ("correct_logprob_per_byte", "logprob_per_byte")  # train/core/lm_eval_adapter.py
 
@@ -138,9 +149,10 @@ def fit_sweep(rows: list[dict], params_key: str = "active_params") -> dict:
       frontier.append({"flops": b, "loss": best["eval_loss"], "from": "best run"})
     isoflop.append(entry)
   if not budgets:  # a grid sweep: the lower envelope of loss vs FLOPs
-    running = math.inf
-    for r in sorted(rows, key=lambda r: r["flops"]):
-      if r["eval_loss"] < running:
+    running, last = math.inf, None
+    for r in sorted(rows, key=lambda r: (r["flops"], r["eval_loss"])):  # at equal FLOPs the lowest loss only
+      if r["eval_loss"] < running and r["flops"] != last:
+        last = r["flops"]
         running = r["eval_loss"]
         frontier.append({"flops": r["flops"], "loss": r["eval_loss"], "from": r["name"]})
   out = {"params_key": params_key, "n_runs": len(rows), "budgets": budgets, "isoflop": isoflop,
@@ -207,25 +219,36 @@ def load_rows(sweep_dir: str | Path) -> list[dict]:
       run_dir = Path(run["overrides"].get("run_dir", run_dir))
     row = {k: run[k] for k in ("name", "budget", "size", "steps", "tokens", "flops", "total_params",
                                "active_params", "flops_per_token")}
-    row["seed"] = run.get("seed")
+    row["seed"], row["point"] = run.get("seed"), run.get("point")
+    row["curve"] = eval_curve(run_dir)
     row["eval_loss"] = final_eval(run_dir, run["steps"])
     row["tasks"] = final_tasks(run_dir, run["steps"])
     rows.append(row)
   return rows
 
 
-def plot(sweep_dir: Path, rows: list[dict], fit: dict) -> list[Path]:
+def _pyplot():
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  return plt
 
-  def save(fig, ax, path: Path) -> Path:
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+
+def _save(fig, axes, path: Path) -> Path:
+  for ax in np.atleast_1d(axes):
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  _pyplot().close(fig)
+  return path
+
+
+def plot(sweep_dir: Path, rows: list[dict], fit: dict, tag: str = "", title: str = "") -> list[Path]:
+  plt = _pyplot()
+  save = lambda fig, ax, path: _save(fig, ax, path.with_name(path.stem + tag + path.suffix))
+  prefix = f"{title}: " if title else ""
 
   key = fit["params_key"]
   done = [r for r in rows if r["eval_loss"] is not None]
@@ -247,7 +270,7 @@ def plot(sweep_dir: Path, rows: list[dict], fit: dict) -> list[Path]:
   ax.set_xscale("log")
   ax.set_xlabel(label_n)
   ax.set_ylabel("final eval loss (nats/token)")
-  ax.set_title("isoFLOP curves (star: parabola minimum; hollow: extrapolated)")
+  ax.set_title(prefix + "isoFLOP curves (star: parabola minimum; hollow: extrapolated)", fontsize=10)
   paths.append(save(fig, ax, sweep_dir / "isoflop.png"))
 
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -269,7 +292,7 @@ def plot(sweep_dir: Path, rows: list[dict], fit: dict) -> list[Path]:
   ax.set_yscale("log")
   ax.set_xlabel("training FLOPs C")
   ax.set_ylabel("final eval loss (nats/token)")
-  ax.set_title("loss vs compute")
+  ax.set_title(prefix + "loss vs compute")
   paths.append(save(fig, ax, sweep_dir / "frontier.png"))
 
   opt = [e for e in fit["isoflop"] if e.get("n_opt")]
@@ -289,7 +312,7 @@ def plot(sweep_dir: Path, rows: list[dict], fit: dict) -> list[Path]:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training FLOPs C")
-    ax.set_title("compute-optimal parameters and tokens (hollow: extrapolated)")
+    ax.set_title(prefix + "compute-optimal parameters and tokens (hollow: extrapolated)", fontsize=10)
     paths.append(save(fig, ax, sweep_dir / "optimal.png"))
   fitted = {k: v for k, v in fit.get("tasks", {}).items() if v["fit"] is not None}
   if fitted:
@@ -303,7 +326,7 @@ def plot(sweep_dir: Path, rows: list[dict], fit: dict) -> list[Path]:
       ax.plot(grid, entry["fit"]["a"] * grid ** -entry["fit"]["b"], color=line.get_color(), lw=1,
               label=f"{entry['fit']['a']:.3g} C^-{entry['fit']['b']:.3f}")
     ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="-log-probability per byte (nats)",
-           title="downstream tasks vs compute")
+           title=prefix + "downstream tasks vs compute")
     paths.append(save(fig, ax, sweep_dir / "tasks.png"))
   return paths
 
@@ -328,6 +351,12 @@ def merge_seeds(rows: list[dict]) -> tuple[list[dict], dict]:
       if len(values) == len(done):
         metrics[k] = values
     row["eval_loss"] = float(np.mean(metrics["eval_loss"]))
+    row["seed_curves"] = {r["seed"]: r.get("curve", []) for r in done}
+    steps = [[s for s, _ in c] for c in row["seed_curves"].values()]
+    if all(st == steps[0] for st in steps) and steps[0]:  # the mean curve where every seed evaluated alike
+      losses = np.array([[v for _, v in c] for c in row["seed_curves"].values()])
+      row["curve"] = [[s, float(v)] for s, v in zip(steps[0], losses.mean(0))]
+      row["curve_sd"] = [float(v) for v in (losses.std(0, ddof=1) if len(done) > 1 else 0 * losses[0])]
     row["tasks"] = {k: float(np.mean(v)) for k, v in metrics.items() if k != "eval_loss"}
     row["sd"] = {k: float(np.std(v, ddof=1)) for k, v in metrics.items() if len(v) > 1}
     for k, sd in row["sd"].items():
@@ -336,20 +365,204 @@ def merge_seeds(rows: list[dict]) -> tuple[list[dict], dict]:
   return out, {k: float(np.mean(v)) for k, v in spreads.items()}
 
 
-def report(sweep_dir: str | Path, params_key: str = "active_params", plots: bool = True) -> dict:
+# ------------------------------------------------------------------ families and comparisons
+def _label(point: dict | None) -> str:
+  return ", ".join(f"{k}={v}" for k, v in (point or {}).items()) or "all"
+
+
+def _family_key(row: dict) -> str:
+  return json.dumps(row.get("point"), sort_keys=True)
+
+
+def compute_multiplier(ref: dict, other: dict, losses) -> list[dict]:
+  """The compute multiplier of `other` over `ref` at equal loss from their laws L = a C^-b: at each loss L,
+  C_ref(L) / C_other(L) with C(L) = (a / L)^(1/b) (> 1: `other` reaches L with less compute)."""
+  flops = lambda law, loss: (law["a"] / loss) ** (1 / law["b"])
+  return [{"loss": float(x), "flops_ref": flops(ref, x), "flops": flops(other, x),
+           "multiplier": flops(ref, x) / flops(other, x)} for x in losses]
+
+
+def fit_families(rows: list[dict], params_key: str = "active_params") -> dict:
+  """An isoFLOP sweep with a grid: each grid point's runs (a family) fitted alone (fit_sweep), and each
+  family's compute multiplier over the first family at the first's frontier losses (`extrapolated` where
+  a loss lies outside the other family's frontier; the geometric mean is over the others, or all)."""
+  groups: dict[str, list[dict]] = {}
+  for r in rows:
+    groups.setdefault(_family_key(r), []).append(r)
+  families = []
+  for group in groups.values():
+    try:
+      fit = fit_sweep(group, params_key)
+    except DataError:
+      fit = None  # nothing finished in this family yet
+    families.append({"label": _label(group[0].get("point")), "point": group[0].get("point"), "fit": fit})
+  ref, multipliers = families[0], []
+  for fam in families[1:]:
+    entry = {"family": fam["label"], "vs": ref["label"], "at": [], "geomean": None}
+    laws = [f["fit"] and f["fit"]["loss_vs_compute"] for f in (ref, fam)]
+    if all(laws):
+      own = [f["loss"] for f in fam["fit"]["frontier"]]
+      entry["at"] = compute_multiplier(*laws, [f["loss"] for f in ref["fit"]["frontier"]])
+      for a in entry["at"]:
+        a["extrapolated"] = not min(own) <= a["loss"] <= max(own)
+      inside = [a["multiplier"] for a in entry["at"] if not a["extrapolated"]] or [a["multiplier"] for a in entry["at"]]
+      entry["geomean"] = float(np.exp(np.mean(np.log(inside))))
+    multipliers.append(entry)
+  return {"params_key": params_key, "n_runs": sum(f["fit"]["n_runs"] for f in families if f["fit"]),
+          "families": families, "multiplier": multipliers}
+
+
+def steps_to_reach(curve: list, target: float) -> float | None:
+  """The first step at which `curve` ([[step, loss], ...]) is at or below `target`, linear between
+  evaluations; None if it never is."""
+  for i, (step, loss) in enumerate(curve):
+    if loss <= target:
+      if i == 0:
+        return float(step)
+      s0, l0 = curve[i - 1]
+      return float(s0 + (l0 - target) / (l0 - loss) * (step - s0))
+  return None
+
+
+def compare(rows: list[dict], key: str) -> dict:
+  """A grid sweep's points grouped by the value of grid key `key` (e.g. optimizer.name): for each value its
+  best point over the grid's other keys (lowest final eval loss, seeds averaged: e.g. its tuned learning
+  rate) and the steps its eval curve (the seeds' mean) takes to reach the first value's best final loss,
+  with their ratio to the first value's steps; per seed as well."""
+  groups: dict[str, list[dict]] = {}
+  for r in rows:
+    if key not in (r.get("point") or {}):
+      raise DataError(f"--compare {key}: run {r['name']} has no grid value for {key}"
+                      f" (its grid: {sorted(r.get('point') or {})})")
+    groups.setdefault(json.dumps(r["point"][key]), []).append(r)
+  entries = []
+  for value, group in groups.items():
+    entry = {"value": json.loads(value), "points": [
+        {"name": r["name"], "point": {k: v for k, v in r["point"].items() if k != key}, "eval_loss": r["eval_loss"],
+         "sd": r.get("sd", {}).get("eval_loss")} for r in group]}
+    done = [r for r in group if r["eval_loss"] is not None]
+    if done:
+      best = min(done, key=lambda r: r["eval_loss"])
+      entry.update(best=best["name"], best_point=entry["points"][group.index(best)]["point"],
+                   final_loss=best["eval_loss"], sd=best.get("sd", {}).get("eval_loss"), steps=best["steps"],
+                   seeds=best.get("seeds"), curve=best["curve"], curve_sd=best.get("curve_sd"),
+                   seed_curves=best.get("seed_curves", {}))
+    entries.append(entry)
+  ref = entries[0]
+  if "final_loss" not in ref:
+    raise DataError(f"--compare {key}: no finished run for {key}={ref['value']} (the reference)")
+  for e in entries:
+    if "final_loss" not in e:
+      continue
+    e["steps_to_match"] = steps_to_reach(e["curve"], ref["final_loss"])
+    e["step_ratio"] = e["steps_to_match"] / ref["steps"] if e["steps_to_match"] is not None else None
+    e["seed_steps_to_match"] = {seed: steps_to_reach(c, ref["final_loss"]) for seed, c in e.pop("seed_curves").items()}
+  return {"key": key, "reference": ref["value"], "target_loss": ref["final_loss"], "values": entries}
+
+
+def report(sweep_dir: str | Path, params_key: str = "active_params", plots: bool = True,
+           compare_key: str | None = None) -> dict:
   sweep_dir = Path(sweep_dir)
   rows, noise = merge_seeds(load_rows(sweep_dir))
-  fit = fit_sweep(rows, params_key)
+  if len({_family_key(r) for r in rows if r.get("budget") is not None}) > 1:
+    fit = fit_families(rows, params_key)
+  else:
+    fit = fit_sweep(rows, params_key)
+  if compare_key:
+    fit["compare"] = compare(rows, compare_key)
   fit["runs"] = rows
   if noise:
     fit["noise"] = noise
   (sweep_dir / "fit.json").write_text(jsonl.dumps(fit, indent=1) + "\n")
   if plots:
-    fit["plots"] = [str(p) for p in plot(sweep_dir, rows, fit)]
+    fit["plots"] = [str(p) for p in plot_all(sweep_dir, rows, fit)]
   return fit
 
 
+def plot_all(sweep_dir: Path, rows: list[dict], fit: dict) -> list[Path]:
+  """plot() for a sweep, or for each family (files tagged _<family number>) plus families.png; compare.png."""
+  if "families" not in fit:
+    paths = plot(sweep_dir, rows, fit)
+  else:
+    paths = []
+    for i, fam in enumerate(fit["families"]):
+      if fam["fit"]:
+        group = [r for r in rows if _family_key(r) == json.dumps(fam["point"], sort_keys=True)]
+        paths += plot(sweep_dir, group, fam["fit"], tag=f"_{i}", title=fam["label"])
+    paths.append(plot_families(sweep_dir, rows, fit))
+  if "compare" in fit:
+    paths.append(plot_compare(sweep_dir, fit["compare"]))
+  return paths
+
+
+def plot_families(sweep_dir: Path, rows: list[dict], fit: dict) -> Path:
+  """families.png: every family's runs and frontier vs compute with its L(C), the multipliers in the title."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6.6, 4.6))
+  for i, fam in enumerate(fit["families"]):
+    done = [r for r in rows if _family_key(r) == json.dumps(fam["point"], sort_keys=True) and r["eval_loss"] is not None]
+    ax.scatter([r["flops"] for r in done], [r["eval_loss"] for r in done], color=f"C{i}", s=12, alpha=0.5)
+    if not fam["fit"]:
+      continue
+    fr = fam["fit"]["frontier"]
+    ax.scatter([f["flops"] for f in fr], [f["loss"] for f in fr], color=f"C{i}", marker="*", s=150, edgecolor="k",
+               zorder=3, label=f"{fam['label']} (frontier)")
+    law = fam["fit"]["loss_vs_compute"]
+    if law:
+      grid = np.geomspace(min(f["flops"] for f in fr) / 1.5, max(f["flops"] for f in fr) * 1.5, 50)
+      ax.plot(grid, law["a"] * grid ** -law["b"], color=f"C{i}", lw=1, label=f"L = {law['a']:.3g} C^-{law['b']:.3f}")
+  mult = "; ".join(f"{m['family']}: x{m['geomean']:.2f}" for m in fit["multiplier"] if m["geomean"])
+  ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="final eval loss (nats/token)")
+  ax.set_title("loss vs compute per family" + (f"\ncompute multiplier at equal loss vs {fit['families'][0]['label']}: "
+                                               f"{mult}" if mult else ""), fontsize=9)
+  return _save(fig, ax, sweep_dir / "families.png")
+
+
+def plot_compare(sweep_dir: Path, cmp: dict) -> Path:
+  """compare.png: final eval loss over each value's points (the tuning curve), and each value's best point's
+  eval curve (seeds' mean, +-sd) with the reference's final loss and where each reaches it."""
+  plt = _pyplot()
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+  for i, e in enumerate(cmp["values"]):
+    pts = [q for q in e["points"] if q["eval_loss"] is not None]
+    xs = [next(iter(q["point"].values()), j) if len(q["point"]) == 1 else j for j, q in enumerate(pts)]
+    left.errorbar(xs, [q["eval_loss"] for q in pts], yerr=[q["sd"] or 0 for q in pts], fmt="o-", capsize=3,
+                  color=f"C{i}", label=f"{cmp['key']}={e['value']}")
+    if "curve" not in e:
+      continue
+    steps, loss = np.array([c[0] for c in e["curve"]]), np.array([c[1] for c in e["curve"]])
+    sd = np.array(e["curve_sd"] or np.zeros_like(loss))
+    right.plot(steps, loss, color=f"C{i}", label=f"{e['value']} ({_label(e['best_point'])})")
+    right.fill_between(steps, loss - sd, loss + sd, color=f"C{i}", alpha=0.2)
+    if e.get("steps_to_match") is not None:
+      right.axvline(e["steps_to_match"], color=f"C{i}", ls=":", lw=1)
+  first = cmp["values"][0]["points"][0]["point"]
+  if len(first) == 1 and all(isinstance(v, (int, float)) for v in first.values()):
+    left.set_xscale("log")
+    left.set_xlabel(next(iter(first)))
+  else:
+    left.set_xlabel("grid point")
+  left.set(ylabel="final eval loss (seeds' mean +- sd)", title="tuning")
+  right.axhline(cmp["target_loss"], color="k", ls="--", lw=1, label=f"{cmp['reference']}'s final loss")
+  ratios = ", ".join(f"{e['value']}: {e['step_ratio']:.2f}x" for e in cmp["values"] if e.get("step_ratio"))
+  right.set(xlabel="step", ylabel="eval loss", ylim=(cmp["target_loss"] * 0.9, cmp["target_loss"] * 1.4),
+            title=f"best points; steps to the reference's final loss: {ratios}")
+  right.title.set_fontsize(9)
+  return _save(fig, (left, right), sweep_dir / "compare.png")
+
+
 def summary(fit: dict) -> str:
+  if "families" in fit:
+    lines = [f"{fit['n_runs']} finished runs in {len(fit['families'])} families; N = {fit['params_key']}"]
+    for fam in fit["families"]:
+      lines.append(f"[{fam['label']}]")
+      lines += ["  " + x for x in (summary(fam["fit"]).splitlines() if fam["fit"] else ["no finished runs"])]
+    for m in fit["multiplier"]:
+      at = ", ".join(f"{a['multiplier']:.3g} at L={a['loss']:.4g}{' (extrapolated)' if a['extrapolated'] else ''}"
+                     for a in m["at"])
+      lines.append(f"compute multiplier of {m['family']} over {m['vs']} at equal loss: "
+                   + (f"{m['geomean']:.3g} (geometric mean; {at})" if m["geomean"] else "needs L(C) for both"))
+    return "\n".join(lines + _compare_lines(fit))
   lines = [f"{fit['n_runs']} finished runs; N = {fit['params_key']}"]
   for e in fit["isoflop"]:
     if e.get("n_opt"):
@@ -372,17 +585,37 @@ def summary(fit: dict) -> str:
     lines.append(f"{key}: {values} (best run per budget){law}")
   for key, sd in fit.get("noise", {}).items():
     lines.append(f"seed-to-seed sd of {key}: {sd:.4g} (mean over points)")
-  return "\n".join(lines)
+  return "\n".join(lines + _compare_lines(fit))
+
+
+def _compare_lines(fit: dict) -> list[str]:
+  if "compare" not in fit:
+    return []
+  cmp = fit["compare"]
+  lines = [f"compare {cmp['key']}: target = {cmp['reference']}'s best final eval loss {cmp['target_loss']:.4f}"]
+  for e in cmp["values"]:
+    if "final_loss" not in e:
+      lines.append(f"  {e['value']}: no finished run")
+      continue
+    sd = f" +- {e['sd']:.4f}" if e.get("sd") is not None else ""
+    reach = (f"reaches the target at step {e['steps_to_match']:.0f} = {e['step_ratio']:.3f}x of {e['steps']}"
+             if e["steps_to_match"] is not None else "never reaches the target")
+    seeds = ", ".join(f"s{k}: {v:.0f}" if v is not None else f"s{k}: never" for k, v in e["seed_steps_to_match"].items())
+    lines.append(f"  {e['value']}: best {_label(e['best_point'])}, final {e['final_loss']:.4f}{sd}; {reach}"
+                 + (f" (per seed: {seeds})" if seeds else ""))
+  return lines
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m train.sweep_report", description="Fit scaling laws to a sweep directory.")
   p.add_argument("sweep_dir", help="the sweep's out_dir (holds sweep.json)")
   p.add_argument("--params", choices=["active", "total"], default="active", help="parameter count N (default: active)")
+  p.add_argument("--compare", metavar="KEY", help="a grid key (e.g. optimizer.name): each value's best point over"
+                 " the other keys and the steps it takes to reach the first value's final loss")
   p.add_argument("--no-plots", action="store_true")
   args = p.parse_args(argv)
   try:
-    fit = report(args.sweep_dir, f"{args.params}_params", plots=not args.no_plots)
+    fit = report(args.sweep_dir, f"{args.params}_params", plots=not args.no_plots, compare_key=args.compare)
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
