@@ -363,3 +363,28 @@ def test_docs_task_law_is_the_committed_fit():
             f"{r['tasks'][key]:.3f} ({r['sd'][key]:.3f}) | {r['tasks']['heldout_cloze/acc']:.3f}"
             f" ({r['sd']['heldout_cloze/acc']:.3f}) |")
     assert line in text, line
+
+
+def test_docs_optimizer_comparison_is_the_committed_fit():
+  """docs/scaling.md's AdamW-against-Muon numbers are the committed reports' (configs/scaling/
+  tiny-optimizers.yaml --compare, cpu-isoflop-optimizers.yaml families), rounded as printed, and the
+  goal it states (Muon at AdamW's step-300 loss in at most 0.75x the steps, every seed) holds in them."""
+  text = (ROOT / "docs/scaling.md").read_text()
+  cmp = json.loads((ROOT / "docs/scaling_optimizers_fit.json").read_text())["compare"]
+  adamw, muon = cmp["values"]
+  assert (adamw["value"], muon["value"]) == ("adamw", "muon") and adamw["seeds"] == muon["seeds"] == [0, 1, 2]
+  for e, lr in ((adamw, "2e-3"), (muon, "8e-3")):
+    assert e["best_point"]["optimizer.lr"] == float(lr)
+    assert f"| {lr} | {e['final_loss']:.3f} ({e['sd']:.3f}) |" in text
+  assert muon["step_ratio"] <= 0.75 and all(s is not None and s <= 0.75 * 300 for s in muon["seed_steps_to_match"].values())
+  seeds = ", ".join(f"{s:.0f}" for s in muon["seed_steps_to_match"].values())
+  assert f"**{muon['steps_to_match']:.0f} = {muon['step_ratio']:.3f}x** (per seed: {seeds})" in text
+  fam = json.loads((ROOT / "docs/scaling_optimizer_families_fit.json").read_text())
+  for f, name in zip(fam["families"], ("AdamW", "Muon")):
+    law = f["fit"]["loss_vs_compute"]
+    assert f"{name} **L(C) = {law['a']:.0f} C^-{law['b']:.3f}**" in text.replace("\n", " ")
+  (m,) = fam["multiplier"]
+  assert f"is **{m['geomean']:.2f}**" in text.replace("\n", " ")
+  for a in m["at"]:
+    assert f"{a['multiplier']:.2f} at L = {a['loss']:.3f}" in text.replace("\n", " ")
+  assert f"{fam['noise']['eval_loss']:.3f} on average" in text

@@ -357,6 +357,8 @@ def merge_seeds(rows: list[dict]) -> tuple[list[dict], dict]:
       losses = np.array([[v for _, v in c] for c in row["seed_curves"].values()])
       row["curve"] = [[s, float(v)] for s, v in zip(steps[0], losses.mean(0))]
       row["curve_sd"] = [float(v) for v in (losses.std(0, ddof=1) if len(done) > 1 else 0 * losses[0])]
+    else:  # seeds evaluated at different steps: no mean curve (not one seed's in its place)
+      row["curve"], row["curve_sd"] = [], None
     row["tasks"] = {k: float(np.mean(v)) for k, v in metrics.items() if k != "eval_loss"}
     row["sd"] = {k: float(np.std(v, ddof=1)) for k, v in metrics.items() if len(v) > 1}
     for k, sd in row["sd"].items():
