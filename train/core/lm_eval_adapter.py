@@ -12,6 +12,11 @@ whatever mesh the model was built for (its Runtime's Parallelism; a training sta
   Requests run longest first, right-padded (padding is its own segment 0: no real token attends to
   it) into batches of `batch_size` rows (rounded up to a multiple of the devices the batch splits
   over, sharded over them) and lengths rounded up to a power of two, so few shapes compile.
+  On one device, requests that share their prefix (the input up to the token that predicts the first
+  continuation token: the choices of a multiple-choice question) run it once instead: the prefixes
+  into moe/decode.py's latent KV cache, each request's remaining tokens on a copy of its prefix's
+  cache (`share_prefixes`, on by default; the same numbers within float32 rounding, about 2x faster
+  on 4-choice questions: docs/perf.md, train/bench_eval.py).
 - loglikelihood_rolling: lm-eval's disjoint rolling windows of max_length tokens, conditioned on BOS:
   the text's tokens are scored, BOS is context only, as the `hf` backend with add_bos_token=False and
   prefix_token_id=BOS (with add_bos_token=True it puts BOS in the token list and scores it too, after a
@@ -40,6 +45,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from moe import decode
 from moe.decode import Generator
 from moe.model import Transformer
 from parallel import sharding as sharding_lib
@@ -70,6 +76,44 @@ def bucket(n: int, cap: int) -> int:
   return min(cap, max(16, 1 << (n - 1).bit_length()))
 
 
+def fine_bucket(n: int, cap: int) -> int:
+  """n rounded up to a multiple of an eighth of the next power of two (at least 8): four lengths per
+  octave (65..128 -> 80, 96, 112, 128), at most 25% padding; at most `cap`."""
+  step = max(8, (1 << max(n - 1, 0).bit_length()) // 8)
+  return min(cap, -(-max(n, 1) // step) * step)
+
+
+SCORE_BYTES = 1 << 30  # the shared-prefix path's largest attention-score array (absorbed MLA: [B, H, T, L] f32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _prefill(graphdef, state, tokens_PxT, lengths_P, max_len):
+  """The shared prefixes of one chunk into a latent cache of `max_len` slots: (log-softmax at each
+  row's last token [P, V], the cache)."""
+  model = nnx.merge(graphdef, state)
+  cache = decode.init_cache(model, tokens_PxT.shape[0], max_len)
+  logits, cache = decode.extend(model, cache, tokens_PxT, lengths_P, last_only=True)
+  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), cache
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _continue(graphdef, state, last_logp_PxV, cache, rows_B, first_B, tokens_BxT, n_new_B, targets_BxT):
+  """B requests, each continuing prefix `rows[b]` of a chunk's cache: (log p(first continuation token)
+  [B], its greedy flag [B], log p(targets) [B, T], greedy flags [B, T]) where the T tokens (the rest of
+  the continuation but its last, right-padded to T; n_new real) are run on a copy of the prefix's cache."""
+  model = nnx.merge(graphdef, state)
+  last = last_logp_PxV[rows_B]
+  first = (jnp.take_along_axis(last, first_B[:, None], axis=-1)[:, 0], jnp.argmax(last, axis=-1) == first_B)
+  if tokens_BxT.shape[1] == 0:  # one-token continuations only
+    return first + (jnp.zeros((len(rows_B), 0), jnp.float32), jnp.zeros((len(rows_B), 0), bool))
+  rows = decode.KVCache(tuple(decode.LatentCache(c.c_kv[:, rows_B], c.k_pe[:, rows_B]) for c in cache.stacks),
+                        cache.lengths[rows_B])
+  logits, _ = decode.extend(model, rows, tokens_BxT, n_new_B)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return first + (jnp.take_along_axis(logp, targets_BxT[..., None], axis=-1)[..., 0],
+                  jnp.argmax(logits, axis=-1) == targets_BxT)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _score(graphdef, state, tokens_BxS, segment_ids_BxS, targets_BxS):
   """(log p(target) [B, S], target == argmax [B, S]) of one right-padded batch, replicated (every
@@ -86,12 +130,14 @@ class JaxLM(TemplateLM):
   """An lm-eval LM on a moe.model.Transformer (see the module docstring)."""
 
   def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None,
-               max_gen_toks: int = 256):
+               max_gen_toks: int = 256, share_prefixes: bool = True):
     require_lm_eval()
     super().__init__()
     self.tokenizer, self.cfg, self.par = tokenizer, model.cfg, model.rt.par
     self.max_length = max_length or model.cfg.max_position_embeddings
     self.max_gen_toks = max_gen_toks
+    self.share_prefixes = share_prefixes
+    self._widths: dict[int, set[int]] = {}  # the shared-prefix path's compiled prefix widths, per continuation length
     rows = batch_rows(self.par)
     self.batch_size = -(-batch_size // rows) * rows
     self._generator = None
@@ -139,14 +185,29 @@ class JaxLM(TemplateLM):
     return out
 
   def score_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-    """(sum of log p(continuation), all greedy) per (context ids, continuation ids), left-truncated."""
+    """(sum of log p(continuation), all greedy) per (context ids, continuation ids), left-truncated.
+    Requests whose input up to their first scored token (the prefix) another request shares run
+    through the shared-prefix path on one device (`_score_shared`), the others padded (`_score_padded`)."""
     rows = []
     for ctx, cont in pairs:
       whole = (list(ctx) + list(cont))[-(self.max_length + 1):]
       self._check_ids(whole)
       rows.append((whole[:-1], whole[1:], min(len(cont), len(whole) - 1)))
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     out: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
+    groups: dict[tuple, list[int]] = {}
+    if self.share_prefixes and self.par is None:
+      for i, (inp, _, n) in enumerate(rows):
+        if n > 0:
+          groups.setdefault(tuple(inp[:len(inp) - n + 1]), []).append(i)
+    shared = {p: idx for p, idx in groups.items() if len(idx) > 1}
+    done = self._score_shared(rows, shared, out)
+    self._score_padded(rows, [i for i in range(len(rows)) if i not in done], out)
+    return out
+
+  def _score_padded(self, rows, which: list[int], out: list) -> None:
+    """Each request its own right-padded row, longest first, `batch_size` rows and a power-of-two length
+    per batch (the training forward pass, on the mesh if any)."""
+    order = sorted(which, key=lambda i: -len(rows[i][0]))
     for start in range(0, len(order), self.batch_size):
       chunk = order[start:start + self.batch_size]
       length = bucket(max(len(rows[i][0]) for i in chunk), self.max_length)
@@ -161,7 +222,54 @@ class JaxLM(TemplateLM):
         n_inp, n_cont = len(rows[i][0]), rows[i][2]
         part = slice(n_inp - n_cont, n_inp)
         out[i] = (float(logp[r, part].astype(np.float64).sum()), bool(greedy[r, part].all()))
-    return out
+
+  def _score_shared(self, rows, groups: dict[tuple, list[int]], out: list) -> set[int]:
+    """Requests that share their prefix (the input up to and including the token that predicts the first
+    continuation token: e.g. the choices of one multiple-choice question) run it once. `batch_size`
+    prefixes at a time (longest first; padded to a width compiled before if that pads the longest by at
+    most 25%, else to its fine_bucket: few compiles, little padding) go into moe/decode.py's latent KV
+    cache, and each request runs only the rest of its continuation (the chunk's longest rounded up to a
+    power of two, at least 8) on a copy of its prefix's cache, `batch_size` rows per call. A chunk whose
+    attention scores would pass SCORE_BYTES is left to the padded path. Returns the requests scored."""
+    prefixes = sorted(groups, key=lambda p: -len(p))
+    done: set[int] = set()
+    for start in range(0, len(prefixes), self.batch_size):
+      chunk = prefixes[start:start + self.batch_size]
+      need = len(chunk[0])
+      rest = max(rows[i][2] for p in chunk for i in groups[p]) - 1
+      t = min(self.max_length, max(8, 1 << (rest - 1).bit_length())) if rest else 0
+      compiled = [w for w in self._widths.get(t, ()) if need <= w <= need * 5 // 4]
+      width = min(compiled) if compiled else fine_bucket(need, self.max_length)
+      if self.batch_size * self.cfg.num_attention_heads * width * (width + t) * 4 > SCORE_BYTES:
+        continue
+      self._widths.setdefault(t, set()).add(width)
+      reqs = sorted(((r, i) for r, p in enumerate(chunk) for i in groups[p]), key=lambda ri: -rows[ri[1]][2])
+      tokens = np.zeros((self.batch_size, width), np.int32)
+      lengths = np.ones(self.batch_size, np.int32)
+      for r, p in enumerate(chunk):
+        tokens[r, :len(p)], lengths[r] = p, len(p)
+      last_logp, cache = _prefill(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(lengths), width + t)
+      pending = []
+      for s0 in range(0, len(reqs), self.batch_size):
+        batch = reqs[s0:s0 + self.batch_size]
+        arrays = {k: np.zeros((self.batch_size, t), np.int32) for k in ("tokens", "targets")}
+        rows_b, first, n_new = (np.zeros(self.batch_size, np.int32) for _ in range(3))
+        for b, (r, i) in enumerate(batch):
+          inp, tgt, n = rows[i]
+          p = len(inp) - n  # the first scored position: the prefix's last token
+          rows_b[b], first[b], n_new[b] = r, tgt[p], n - 1
+          arrays["tokens"][b, :n - 1], arrays["targets"][b, :n - 1] = inp[p + 1:], tgt[p + 1:]
+        pending.append((batch, _continue(self.graphdef, self.state, last_logp, cache, jnp.asarray(rows_b),
+                                         jnp.asarray(first), jnp.asarray(arrays["tokens"]), jnp.asarray(n_new),
+                                         jnp.asarray(arrays["targets"]))))
+      for batch, got in pending:  # fetched after the chunk's calls are all dispatched
+        first_lp, first_greedy, logp, greedy = jax.device_get(got)
+        for b, (_, i) in enumerate(batch):
+          m = rows[i][2] - 1
+          out[i] = (float(first_lp[b].astype(np.float64) + logp[b, :m].astype(np.float64).sum()),
+                    bool(first_greedy[b] and greedy[b, :m].all()))
+          done.add(i)
+    return done
 
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
     got = self.score_tokens([(ctx, cont) for _, ctx, cont in requests])
@@ -322,21 +430,29 @@ def task_manager(tasks: list[str], include_path: str | None = None):
   return manager
 
 
+def simple_evaluate(lm, tasks: list[str], *, manager, num_fewshot: int | None = None,
+                    limit: int | float | None = None, seed: int = 0) -> dict:
+  """lm-eval's simple_evaluate on any lm-eval LM (JaxLM, or lm-eval's `hf` backend in train.bench_eval)
+  with the arguments run_tasks uses: samples logged, every seed `seed`, 100 bootstrap iterations."""
+  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+  from lm_eval import evaluator
+
+  return evaluator.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                   task_manager=manager, log_samples=True, random_seed=seed,
+                                   numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                                   bootstrap_iters=100, verbosity="WARNING")
+
+
 def run_tasks(lm: JaxLM, tasks: list[str], *, num_fewshot: int | None = None, limit: int | float | None = None,
               include_path: str | None = None, manager=None, seed: int = 0) -> tuple[dict, str]:
   """({task: {metric: value}}, lm-eval's table) for `tasks` on `lm` (`manager`: a task_manager to
   reuse). Metric names drop lm-eval's ',none' filter suffix (other filters keep theirs as
   'metric/filter'); non-finite values become None."""
-  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-  from lm_eval import evaluator
   from lm_eval.utils import make_table
 
   manager = manager or task_manager(tasks, include_path)
   lm.continuation_tokens.clear()
-  results = evaluator.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=manager, log_samples=True, random_seed=seed,
-                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                                      bootstrap_iters=100, verbosity="WARNING")
+  results = simple_evaluate(lm, tasks, num_fewshot=num_fewshot, limit=limit, manager=manager, seed=seed)
   table = make_table(results)
   out = {}
   for task, metrics in results["results"].items():
