@@ -125,7 +125,8 @@ def test_every_imported_package_is_declared():
   normal = lambda name: re.split(r"[<>=!~\[ ;]", name, maxsplit=1)[0].lower().replace("_", "-")
   runtime = {normal(d) for d in project["dependencies"]}
   test = runtime | {normal(d) for d in project["optional-dependencies"]["test"]}
-  tools = runtime | {normal(d) for d in project["optional-dependencies"]["eval"]}  # (train.eval --tasks: lm-eval)
+  tools = runtime | {normal(d) for extra in ("eval", "bench-eval")  # (train.eval --tasks, train.bench_eval)
+                     for d in project["optional-dependencies"][extra]}
   dists = importlib.metadata.packages_distributions()
   missing = []
   for folder, declared in (("moe", runtime), ("parallel", runtime), ("train", tools), ("tests", test)):

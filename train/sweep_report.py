@@ -373,7 +373,7 @@ def _label(point: dict | None) -> str:
 
 
 def _family_key(row: dict) -> str:
-  return json.dumps(row.get("point"), sort_keys=True)
+  return repr(sorted((row.get("point") or {}).items()))
 
 
 def compute_multiplier(ref: dict, other: dict, losses) -> list[dict]:
@@ -436,10 +436,10 @@ def compare(rows: list[dict], key: str) -> dict:
     if key not in (r.get("point") or {}):
       raise DataError(f"--compare {key}: run {r['name']} has no grid value for {key}"
                       f" (its grid: {sorted(r.get('point') or {})})")
-    groups.setdefault(json.dumps(r["point"][key]), []).append(r)
+    groups.setdefault(repr(r["point"][key]), []).append(r)
   entries = []
-  for value, group in groups.items():
-    entry = {"value": json.loads(value), "points": [
+  for group in groups.values():
+    entry = {"value": group[0]["point"][key], "points": [
         {"name": r["name"], "point": {k: v for k, v in r["point"].items() if k != key}, "eval_loss": r["eval_loss"],
          "sd": r.get("sd", {}).get("eval_loss")} for r in group]}
     done = [r for r in group if r["eval_loss"] is not None]
@@ -489,7 +489,7 @@ def plot_all(sweep_dir: Path, rows: list[dict], fit: dict) -> list[Path]:
     paths = []
     for i, fam in enumerate(fit["families"]):
       if fam["fit"]:
-        group = [r for r in rows if _family_key(r) == json.dumps(fam["point"], sort_keys=True)]
+        group = [r for r in rows if _family_key(r) == _family_key(fam)]
         paths += plot(sweep_dir, group, fam["fit"], tag=f"_{i}", title=fam["label"])
     paths.append(plot_families(sweep_dir, rows, fit))
   if "compare" in fit:
@@ -502,7 +502,7 @@ def plot_families(sweep_dir: Path, rows: list[dict], fit: dict) -> Path:
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6.6, 4.6))
   for i, fam in enumerate(fit["families"]):
-    done = [r for r in rows if _family_key(r) == json.dumps(fam["point"], sort_keys=True) and r["eval_loss"] is not None]
+    done = [r for r in rows if _family_key(r) == _family_key(fam) and r["eval_loss"] is not None]
     ax.scatter([r["flops"] for r in done], [r["eval_loss"] for r in done], color=f"C{i}", s=12, alpha=0.5)
     if not fam["fit"]:
       continue
