@@ -174,21 +174,11 @@ def test_cli_local_tasks(model, forward, tmp_path, capsys, monkeypatch):
 
 
 def hf_byte_tokenizer():
-  """ByteTokenizer as an HF tokenizer: byte b is id b (GPT-2's byte-to-character map, no merges), <bos> 256
-  prepended when add_special_tokens, <eos> 257, <pad> 258."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-  from transformers import PreTrainedTokenizerFast
+  """ByteTokenizer as an HF tokenizer (train.bench_eval.hf_tokenizer: byte b is id b, <bos> 256 prepended
+  when add_special_tokens, <eos> 257, <pad> 258; it checks itself against ours on a sample)."""
+  from train import bench_eval
 
-  bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-  cs = bs + [256 + n for n in range(256 - len(bs))]
-  bs += [b for b in range(256) if b not in bs]
-  vocab = {chr(c): b for b, c in zip(bs, cs)} | {"<bos>": BOS, "<eos>": EOS, "<pad>": ByteTokenizer.pad_id}
-  tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-  tok.decoder = decoders.ByteLevel()
-  tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
-  tok.add_special_tokens(["<bos>", "<eos>", "<pad>"])
-  return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+  return bench_eval.hf_tokenizer(ByteTokenizer())
 
 
 def test_same_as_lm_evals_hf_backend(model, lm, tmp_path, monkeypatch):

@@ -145,7 +145,7 @@ def run(source: str = "configs/tiny.yaml", n: int = 1000, repeats: int = 3, batc
     import transformers
     from lm_eval.models.huggingface import HFLM
   except ImportError:
-    raise ConfigError("the hf side needs torch and transformers: pip install -e '.[test]'") from None
+    raise ConfigError("the hf side needs torch and transformers: pip install -e '.[bench-eval]'") from None
 
   with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
     work = Path(workdir) if workdir is not None else Path(tmp)
