@@ -54,14 +54,14 @@ def update(mesh: dict, devices, batch, extra=()):
   return [a - b for a, b in zip(after, before)], muon_leaves, np.asarray(m["max_logit"]), float(m["loss"])
 
 
-def optimizer_alone(par):
+def optimizer_alone(par, dtype=jnp.float32):
   """Two Muon updates of hand-made stacked parameters (layers x experts, layers, one matrix, a norm
-  scale) laid out on `par`'s mesh (None: one device), from the same gradients."""
+  scale) in `dtype`, laid out on `par`'s mesh (None: one device), from the same gradients."""
   rng = np.random.default_rng(0)
   shapes = {"experts": ((2, 8, 32, 16), ("stage_layers", "expert", "embed", "moe_mlp")),
             "attention": ((3, 32, 64), ("layers", "embed", "heads")), "matrix": ((32, 48), ("embed", "mlp")),
             "scale": ((32,), ("norm",))}
-  make = lambda: nnx.State({k: nnx.Param(jnp.asarray(rng.standard_normal(s), jnp.float32), axes=a)
+  make = lambda: nnx.State({k: nnx.Param(jnp.asarray(rng.standard_normal(s), dtype), axes=a)
                             for k, (s, a) in shapes.items()})
   params, grads = make(), [make(), make()]
   cfg = TrainConfig(optimizer=OptimizerConfig(name="muon", moment_dtype="float32"))
@@ -98,9 +98,17 @@ def main():
             "logit_diff": float(np.abs(logit - ref_logit).max()), "max_logit": ref_logit.tolist(),
             "loss": [ref_loss, loss]}
 
+  # the same in float64 (Newton-Schulz then runs in float64; the momentum is still stored in float32,
+  # alike on both sides): what is left is the layout's arithmetic, not float32's reduction order
+  jax.config.update("jax_enable_x64", True)
+  alone64 = [optimizer_alone(p, jnp.float64) for p in (None, mesh_lib.Parallelism.from_config(MeshConfig(**mesh),
+                                                                                              jax.devices()))]
+  jax.config.update("jax_enable_x64", False)
   pipe_ref = update(dict(data=1), jax.devices()[:1], batch, PIPELINE)
   pipe = update(dict(data=1, stage=2, fsdp=2, expert=2), jax.devices(), batch, PIPELINE)
   print(json.dumps({"alone_diff_norm": norm([a - b for a, b in zip(alone, alone_ref)]), "alone_norm": norm(alone_ref),
+                    "alone64_diff_norm": norm([a - b for a, b in zip(*alone64)]), "alone64_norm": norm(alone64[0]),
+                    "alone64_dtypes": sorted({str(x.dtype) for x in alone64[1]}),
                     **against(ref, is_muon, ref_logit, ref_loss, got, logit, loss),
                     "pipeline": against(*pipe_ref, *[pipe[i] for i in (0, 2, 3)])}))
 

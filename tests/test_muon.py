@@ -313,13 +313,15 @@ def test_muon_step_on_eight_devices_matches_one():
   """tests/muon_worker.py: Muon + QK-clip on fsdp 2 x expert 2 x tensor 2 against one device. The
   optimizer alone, from the same gradients, differs by 3.4e-6 of the update's norm under the tests'
   XLA flags (7.7e-7 with XLA's defaults): float32 matmuls in another order, amplified by Newton-Schulz
-  (not the issue's 1e-6). The whole step: the gradients (the AdamW part, linear in them with eps 1)
+  (not the issue's 1e-6); in float64 (Newton-Schulz in float64, the momentum still stored in float32)
+  by 6.6e-15, so the sharded layout computes the one-device function, asserted at the issue's 1e-6. The whole step: the gradients (the AdamW part, linear in them with eps 1)
   differ by 1.1e-6 of their norm, the Muon part by 3.7e-6. Through a 2-stage 1F1B pipeline (stage 2 x
   fsdp 2 x expert 2) against the same 4-layer model on one device: QK-clip from the max logits the
   pipeline collects (its dense layer's, each MoE slot's, MTP's): measured 3.2e-6 of the update's
   norm, max logits within 1e-8."""
   r = last_json(run_together([(WORKER, "single")], cpu_env(), 1200)[0])
   assert r["alone_diff_norm"] < 1e-5 * r["alone_norm"], r
+  assert r["alone64_dtypes"] == ["float64"] and r["alone64_diff_norm"] < 1e-6 * r["alone64_norm"], r
   assert r["adamw_diff_norm"] < 3e-6 * r["adamw_norm"], r
   assert r["muon_diff_norm"] < 1e-5 * r["muon_norm"], r
   assert r["update_scale"] > 1e-3, r
