@@ -24,7 +24,7 @@ from moe.experts import MoEStats
 from moe.layers import Embed, Linear, RMSNorm
 from moe.runtime import Runtime
 from parallel.pipeline import Layout
-from parallel.sharding import balanced_order, constrain
+from parallel.sharding import balanced_order, constrain, gather_to
 
 
 STACKS = ("dense_layers", "moe_layers")  # the Transformer's layer stacks, in order
@@ -80,7 +80,7 @@ class Transformer(nnx.Module):
                                  layout=self.layout) if cfg.num_moe_layers else None
     self.norm = RMSNorm(cfg.hidden_size, cfg, rt, rngs=rngs)
     self.lm_head = None if cfg.tie_word_embeddings else Linear(
-        cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg, rt, rngs=rngs, fp8=False)  # head: never FP8
+        cfg.hidden_size, cfg.vocab_size, ("head_embed", "head_vocab"), cfg, rt, rngs=rngs, fp8=False)  # never FP8
     self.mtp = nnx.List([mtp.MTPModule(cfg, rt, rngs=rngs) for _ in range(cfg.num_nextn_predict_layers)])
     self.defer_head = False  # the trainer sets it: forward returns HeadInputs, not logits
 
@@ -90,8 +90,10 @@ class Transformer(nnx.Module):
 
   def head(self, h_BxSxD):
     """Output head on normalised hidden states -> float32 logits."""
+    # the head's rows (with vocabulary parallelism: gathered over fsdp), its gradient reduce-scattered back
+    h_BxSxD = gather_to(h_BxSxD, ACT, ("head_batch", "seq", None), self.rt.par)
     logits = self.embed.attend(h_BxSxD) if self.lm_head is None else self.lm_head(h_BxSxD)
-    return constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"), self.rt.par)
+    return constrain(logits.astype(jnp.float32), ("head_batch", "seq", "head_vocab"), self.rt.par)
 
   def __call__(self, tokens_BxS, segment_ids_BxS=None, positions_BxS=None):
     """logits [batch, seq, vocab] float32 (the MTP modules are not run)."""

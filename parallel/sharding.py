@@ -65,6 +65,15 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "mtp_concat": (),
 }
 
+# The output head's dimensions: by default those of the rest of the model (batch, embed, vocab above).
+# With vocabulary parallelism (`mesh.vocab_parallel`) the head's vocabulary splits over fsdp as well as
+# tensor and its tokens are gathered over fsdp instead: each device computes every fsdp peer's tokens'
+# logits for its slice of the vocabulary, so that the head's weight is never gathered and its
+# gradient never summed whole (Megatron's vocab-parallel cross-entropy, over the fsdp axis). The
+# batch then takes fsdp as its minor axis: each device's rows of the head are its fsdp peers' rows
+# side by side, one all-gather (with fsdp first they would interleave, and XLA re-lays them out whole).
+HEAD_OF = {"head_batch": "batch", "head_embed": "embed", "head_vocab": "vocab"}
+
 
 def _as_axes(value, where: str) -> tuple[str, ...]:
   if value is None:
@@ -80,13 +89,23 @@ def _as_axes(value, where: str) -> tuple[str, ...]:
   return axes
 
 
-def resolve_rules(overrides: Mapping | None = None) -> dict[str, tuple[str, ...]]:
-  """DEFAULT_RULES with `overrides` (name -> axis, list of axes, or null) applied."""
+def resolve_rules(overrides: Mapping | None = None, vocab_parallel: bool = False) -> dict[str, tuple[str, ...]]:
+  """DEFAULT_RULES with `overrides` (name -> axis, list of axes, or null) applied; the head's rules
+  (HEAD_OF) follow their model-wide names unless overridden, moved to vocabulary parallelism over
+  fsdp with `vocab_parallel`."""
   if overrides is not None and not isinstance(overrides, Mapping):
     raise ConfigError(f"mesh.rules={overrides!r} must be a mapping")
   rules = dict(DEFAULT_RULES)
-  for name, value in (overrides or {}).items():
-    rules[str(name)] = _as_axes(value, f"mesh.rules.{name}")
+  given = {str(name): _as_axes(value, f"mesh.rules.{name}") for name, value in (overrides or {}).items()}
+  rules.update(given)
+  for head, name in HEAD_OF.items():
+    rules[head] = given.get(head, rules[name])
+  if vocab_parallel:  # fsdp last among the batch's axes, so that gathering over it is one all-gather
+    if "fsdp" in rules["batch"]:
+      rules["batch"] = tuple(a for a in rules["batch"] if a != "fsdp") + ("fsdp",)
+    rules["head_batch"] = tuple(a for a in rules["head_batch"] if a != "fsdp")
+    rules["head_embed"] = tuple(a for a in rules["head_embed"] if a != "fsdp")
+    rules["head_vocab"] = tuple(a for a in rules["head_vocab"] if a != "fsdp") + ("fsdp",)
   return rules
 
 
@@ -243,6 +262,36 @@ def gather_seq(x: jax.Array, logical_axes: Sequence[str | None], par=None) -> ja
   # check_vma off: the gathered array is the same on every slice, which the out_specs say and JAX's
   # type check cannot infer from all_gather (the gradients match the one-device run: tests/test_context.py)
   return jax.shard_map(gather, mesh=mesh, in_specs=P(*spec), out_specs=whole, axis_names=free, check_vma=False)(x)
+
+
+def gather_to(x: jax.Array, logical_axes: Sequence[str | None], target_axes: Sequence[str | None], par=None) -> jax.Array:
+  """`x`, laid out by `logical_axes`, re-laid out by `target_axes` where each dimension's target mesh
+  axes are a leading part of its current ones (e.g. "batch" -> "head_batch" with vocabulary
+  parallelism: the rows of its fsdp peers side by side): one all-gather over the axes dropped, written
+  out (XLA's partitioner re-lays such an array out whole on a mesh across slices); its transpose is a
+  reduce-scatter. The identity where the layouts agree."""
+  if par is None or par.mesh.size == 1:
+    return x
+  mesh, shape, free = context(par)
+  spec_of = lambda axes: [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in
+                          tuple(logical_to_spec(tuple(axes), x.shape, shape, par.rules, "activation"))
+                          + (None,) * x.ndim][:x.ndim]
+  have, want = spec_of(logical_axes), spec_of(target_axes)
+  if have == want:
+    return x
+  entry = lambda axes: None if not axes else axes[0] if len(axes) == 1 else axes
+
+  def gather(v):
+    for dim, (h, w) in enumerate(zip(have, want)):
+      if h != w:
+        if h[:len(w)] != w:
+          raise ValueError(f"gather_to: dim {dim} goes from {h} to {w}, not a leading part of it")
+        v = jax.lax.all_gather(v, h[len(w):], axis=dim, tiled=True)
+    return v
+
+  # check_vma off: the gathered rows are the same on the devices gathered over (as in gather_seq)
+  return jax.shard_map(gather, mesh=mesh, in_specs=P(*map(entry, have)), out_specs=P(*map(entry, want)),
+                       axis_names=free, check_vma=False)(x)
 
 
 def check_balanced(seq_len: int, slices: int) -> None:

@@ -8,9 +8,11 @@ all-to-all, and the ragged transport with its CPU stand-in) must reproduce the o
 parameter update; two processes x 4 devices must reproduce the one-process 8-device losses.
 """
 
+import dataclasses
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,8 @@ from parallel.common.errors import ConfigError
 from parallel import distributed, expert_parallel, mesh as mesh_lib, sharding
 from parallel.mesh import MeshConfig
 from tests.processes import TINY, cpu_env, free_port, last_json, run_together
+from train.core import loop
+from train.core.train_config import load_train_config
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 ROOT = WORKER.parent.parent
@@ -82,6 +86,30 @@ def test_logical_to_spec():
     sharding.resolve_rules({"embed": "model"})
   with pytest.raises(ConfigError, match="no sharding rule"):
     spec(("nonsense",), (4,))
+
+
+def test_vocab_parallel_moves_the_heads_vocabulary_to_fsdp():
+  """The head's rules follow batch / embed / vocab (overrides too); with mesh.vocab_parallel its
+  vocabulary takes fsdp after tensor and its tokens and hidden dimension leave fsdp."""
+  shape = dict(data=2, fsdp=2, expert=2, tensor=2)
+  spec = lambda axes, dims, rules: sharding.logical_to_spec(axes, dims, shape, rules)
+  plain = sharding.resolve_rules()
+  assert spec(("head_embed", "head_vocab"), (32, 64), plain) == spec(("embed", "vocab"), (32, 64), plain) == \
+      P(("fsdp", "expert"), "tensor")
+  assert sharding.resolve_rules({"batch": "data"})["head_batch"] == ("data",)
+  vp = sharding.resolve_rules(None, vocab_parallel=True)
+  assert spec(("head_embed", "head_vocab"), (32, 64), vp) == P("expert", ("tensor", "fsdp"))
+  assert spec(("head_batch", "seq", "head_vocab"), (8, 16, 64), vp) == P(("data", "expert"), None, ("tensor", "fsdp"))
+  # the batch takes fsdp last, so that the head's rows are one all-gather of its fsdp peers' rows
+  assert spec(("batch", "seq", "embed"), (8, 16, 32), vp) == P(("data", "expert", "fsdp"))
+  assert spec(("layers", "embed", "mlp"), (3, 32, 64), vp) == P(None, ("fsdp", "expert"), "tensor")  # weights as before
+  # a vocabulary the head's axes do not divide would leave the fsdp peers computing the same logits
+  par = SimpleNamespace(cfg=MeshConfig(fsdp=2, tensor=2, vocab_parallel=True), rules=tuple(vp.items()),
+                        mesh=SimpleNamespace(shape=shape))
+  cfg = load_train_config(ROOT / "configs/tiny.yaml", ["model.vocab_size=66"])
+  with pytest.raises(ConfigError, match=r"vocab_size=66 does not divide by tensor x fsdp = 4; .* pad the vocabulary to 68"):
+    loop.check_vocab_parallel(cfg, par)
+  loop.check_vocab_parallel(cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=64)), par)
 
 
 def test_constrain_and_dispatch_without_mesh():
@@ -252,12 +280,14 @@ def test_gradients_accumulated_in_the_layer_stacks_on_every_mesh(eight):
   """grad_accum=2 with remat full / full_offload: each micro-batch's gradient is added into the
   accumulator inside the layer stacks' backward scans (both stacks: moe/decoder.py accumulating),
   and the loss head runs 4 tokens at a time (4 chunks of the 16; whole under context), on
-  d2f2e2 (padded all-to-all), f2e2t2 (ragged transport, tensor axis, layer inputs in host memory)
-  and fsdp=2 x context=2 x expert=2: the one-device autodiff step (remat none, whole head) within
+  d2f2e2 (padded all-to-all), f2e2t2 (ragged transport, tensor axis, layer inputs in host memory;
+  and with the head's vocabulary over tensor x fsdp, mesh.vocab_parallel) and fsdp=2 x context=2 x
+  expert=2: the one-device autodiff step (remat none, whole head) within
   check_mesh's float32 bounds (measured: loss 2e-7 relative, update 1.9e-8). FP8 on d2f2e2 (whole
   head) against the same mesh under autodiff: measured 1.2e-10."""
   acc = eight["accumulate"]
-  want_chunks = {"d2f2e2": [4] * 4, "f2e2t2_ragged_offload": [4] * 4, "f2c2e2": [1] * 4}  # main, MTP x 2
+  want_chunks = {"d2f2e2": [4] * 4, "f2e2t2_ragged_offload": [4] * 4, "f2c2e2": [1] * 4,  # main, MTP x 2
+                 "f2e2t2_vocab_parallel": [4] * 4}
   for name, chunks in want_chunks.items():
     check_mesh(name, acc[name], acc["ref"])
     assert acc[name]["accumulating"] == 2 and acc[name]["chunks"] == chunks, name

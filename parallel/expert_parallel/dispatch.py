@@ -68,11 +68,13 @@ def layout(par, mesh, shape_items: tuple, free: frozenset, t: int, k: int, weigh
   ep_axes = axes_of(specs[0][0])
   n_ep = math.prod(shape[a] for a in ep_axes)
 
-  # Token axes: the batch axes, plus the expert axes (each EP rank must hold its own tokens), then the
-  # axes that split each sequence (context parallelism): [batch * seq] flattened, as the tokens lie.
+  # Token axes: the batch axes in the batch's order, plus the expert axes (each EP rank must hold its own
+  # tokens), then the axes that split each sequence (context parallelism): [batch * seq] flattened, as
+  # the tokens lie.
   batch_axes = [a for a in rules.get("batch", ()) if shape.get(a, 1) > 1 and a not in ep_axes]
   seq_axes = [a for a in rules.get("seq", ()) if shape.get(a, 1) > 1 and a not in ep_axes + tuple(batch_axes)]
-  token_axes = list(batch_axes) + list(ep_axes) + seq_axes
+  in_batch = [a for a in rules.get("batch", ()) if a in batch_axes or a in ep_axes]
+  token_axes = in_batch + [a for a in ep_axes if a not in in_batch] + seq_axes
   if t % n_ep:
     raise ValueError(f"expert parallelism: {t} tokens do not divide over {'x'.join(ep_axes)}={n_ep}")
   while t % math.prod(shape[a] for a in token_axes):

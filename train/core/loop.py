@@ -49,9 +49,23 @@ def batch_devices(par: Parallelism) -> tuple[int, str]:
   return math.prod(par.mesh.shape[a] for a in axes), " x ".join(axes) or "no axis"
 
 
+def check_vocab_parallel(cfg: TrainConfig, par: Parallelism) -> None:
+  """With `mesh.vocab_parallel` the head's tokens are gathered over fsdp: a vocabulary the head's
+  axes do not divide would leave every fsdp device computing the same logits, so it is an error."""
+  if not par.cfg.vocab_parallel:
+    return
+  axes = [a for a in dict(par.rules)["head_vocab"] if par.mesh.shape.get(a, 1) > 1]
+  n, v = math.prod(par.mesh.shape[a] for a in axes), cfg.model.vocab_size
+  if v % n:
+    raise ConfigError(f"mesh.vocab_parallel: model.vocab_size={v} does not divide by {' x '.join(axes)} = {n};"
+                      f" set mesh.vocab_parallel=false, or pad the vocabulary to {-(-v // n) * n}")
+
+
 def on_mesh(cfg: TrainConfig, par: Parallelism) -> TrainConfig:
   """`cfg` with grad_accum resolved from `per_device_batch` for `par`'s mesh (unchanged without it):
-  batch_size = grad_accum x per_device_batch x the devices the batch splits over."""
+  batch_size = grad_accum x per_device_batch x the devices the batch splits over. Checks that the
+  mesh's output head divides the vocabulary (check_vocab_parallel)."""
+  check_vocab_parallel(cfg, par)
   if cfg.per_device_batch is None:
     return cfg
   n, axes = batch_devices(par)

@@ -66,7 +66,7 @@ MUON_AXES: dict[str | None, str] = {
     "layers": BATCH, "stage_layers": BATCH, "expert": BATCH,
     "embed": MATRIX, "mlp": MATRIX, "moe_mlp": MATRIX, "heads": MATRIX, "q_lora": MATRIX, "kv_lora": MATRIX,
     "mtp_concat": MATRIX, None: MATRIX,
-    "vocab": ADAMW, "norm": ADAMW,
+    "vocab": ADAMW, "head_embed": ADAMW, "head_vocab": ADAMW, "norm": ADAMW,
 }
 
 
