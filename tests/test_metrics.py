@@ -3,6 +3,7 @@
 import json
 import re
 import struct
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -143,6 +144,25 @@ def test_plot_writes_png(tmp_path, capsys):
   assert capsys.readouterr().out.strip() == str(png)
   data = png.read_bytes()
   assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # two panels with lines
+
+
+def _png_width(path) -> int:
+  return int.from_bytes(Path(path).read_bytes()[16:20], "big")  # the IHDR chunk's width
+
+
+def test_plot_draws_the_max_logit_per_layer(tmp_path):
+  """A run with QK-clip logs `max_logit` (one value per MLA layer): train.plot adds a panel of them
+  beside the loss and the expert-load CV (the figure is 6 inches a panel + 0.5, at 110 dpi)."""
+  _log_run(tmp_path / "plain", steps=50)
+  with MetricsLogger(tmp_path / "clip", 50, progress=False) as log:
+    for step in range(10, 51, 10):
+      log.log(step, {"loss": 5.0 - step / 10, "expert_load_cv": [0.5 / step, 0.2 / step],
+                     "max_logit": [30.0 + step, 80.0 + step / 5, float("nan")]})
+  assert plot.main([str(tmp_path / "plain")]) == 0 and plot.main([str(tmp_path / "clip")]) == 0
+  assert _png_width(tmp_path / "plain" / "loss.png") == round((6 * 2 + 0.5) * 110)
+  assert _png_width(tmp_path / "clip" / "loss.png") == round((6 * 3 + 0.5) * 110)
+  records = plot.read_metrics(tmp_path / "clip")
+  assert plot.series(records, plot.LOGIT_KEY)[1][0] == [40.0, 82.0, None]  # a non-finite value: a gap
 
 
 def test_plot_without_expert_stats(tmp_path):

@@ -3,7 +3,8 @@
 Reads RUN_DIR/metrics.jsonl (train.core.metrics) and draws the training objective, the training
 next-token loss (`lm_loss`, comparable with eval) and the eval loss vs step and, when the run
 logged `expert_load_cv` (one value per MoE layer), the expert-load coefficient of variation
-std(load)/mean(load) per layer vs step, and when the run evaluated lm-eval tasks (`eval_tasks`), each
+std(load)/mean(load) per layer vs step, when it logged `max_logit` (QK-clip: each MLA layer's largest
+attention logit in the step, before the clip) those per layer, and when the run evaluated lm-eval tasks (`eval_tasks`), each
 task's continuous metric (the correct answer's log-probability per byte, or the text's for rolling
 tasks) with its accuracy on a second axis. Saves RUN_DIR/loss.png unless --out says otherwise.
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from parallel.common.errors import DataError
 
 CV_KEY = "expert_load_cv"  # train/core/step.py
+LOGIT_KEY = "max_logit"  # train/core/step.py, with optimizer.qk_clip_threshold
 TASK_CURVES = ("correct_logprob_per_byte", "logprob_per_byte")  # train/core/lm_eval_adapter.py
 TASK_SCORES = ("acc", "exact_match")
 
@@ -75,9 +77,10 @@ def draw(records: list[dict], out: Path, title: str) -> Path:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  cv_steps, cv = series(records, CV_KEY)
+  per_layer = [(key, *series(records, key)) for key in (CV_KEY, LOGIT_KEY)]
+  per_layer = [(key, steps, vectors) for key, steps, vectors in per_layer if vectors]
   task_curves, task_scores = task_keys(records, TASK_CURVES), task_keys(records, TASK_SCORES)
-  panels = 1 + bool(cv) + bool(task_curves or task_scores)
+  panels = 1 + len(per_layer) + bool(task_curves or task_scores)
   fig, axes = plt.subplots(1, panels, figsize=(6 * panels + 0.5, 4.5), squeeze=False)
   ax = axes[0, 0]
   curves = (("loss", "train objective", dict(lw=1, alpha=0.5)), ("lm_loss", "train next-token", dict(lw=1.2)),
@@ -89,12 +92,14 @@ def draw(records: list[dict], out: Path, title: str) -> Path:
   ax.set(xlabel="step", ylabel="loss", title=title)
   ax.grid(alpha=0.3)
   ax.legend()
-  if cv:
-    ax = axes[0, 1]
-    for layer in range(max(map(len, cv))):
-      rows = [(s, v[layer]) for s, v in zip(cv_steps, cv) if layer < len(v)]
-      ax.plot([s for s, _ in rows], [v for _, v in rows], lw=1, label=f"MoE layer {layer}")
-    ax.set(xlabel="step", ylabel="std(load) / mean(load)", title="expert load CV")
+  labels = {CV_KEY: ("MoE layer", "std(load) / mean(load)", "expert load CV"),
+            LOGIT_KEY: ("MLA layer", "max attention logit", "max logit per layer (QK-clip)")}
+  for i, (key, steps, vectors) in enumerate(per_layer, start=1):
+    ax, (name, ylabel, panel_title) = axes[0, i], labels[key]
+    for layer in range(max(map(len, vectors))):
+      rows = [(s, v[layer]) for s, v in zip(steps, vectors) if layer < len(v) and v[layer] is not None]
+      ax.plot([s for s, _ in rows], [v for _, v in rows], lw=1, label=f"{name} {layer}")
+    ax.set(xlabel="step", ylabel=ylabel, title=panel_title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
   if task_curves or task_scores:
