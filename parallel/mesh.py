@@ -87,7 +87,8 @@ class MeshConfig:
   gather_overlap: bool = False
   # The output head's vocabulary split over fsdp (and tensor), its tokens gathered over fsdp for it:
   # the head's weight is not gathered nor its gradient summed whole (parallel/sharding.py HEAD_OF).
-  # Pays when a device's tokens x fsdp < vocabulary (V3 on 4 x v6e-256: 1.73 GiB less twice).
+  # Pays when a device's tokens x fsdp < vocabulary and the head is at the peak (a V3-sized head on
+  # 4 x v6e-256: 11.38 -> 7.79 GiB per chip; V3 itself peaks elsewhere there; docs/pods.md).
   vocab_parallel: bool = False
   # Extra expert slots, spread evenly over the expert-parallel ranks, holding copies of the most
   # loaded experts (re-chosen from the measured loads every `redundant_every` steps; moe/experts.py).
