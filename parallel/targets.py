@@ -148,8 +148,8 @@ def devices(target: Target) -> list:
   return found
 
 
-_FIGURES = ("peak_bf16", "peak_fp8", "hbm_bytes", "hbm_bw", "fast_bw", "fast_domain", "slow_bw", "devices_per_chip",
-            "price")
+_FIGURES = ("peak_bf16", "peak_fp8", "hbm_bytes", "hbm_bw", "fast_bw", "fast_domain", "slow_bw", "host_bw",
+            "devices_per_chip", "price")
 
 
 def hardware(family: str, path: Path = HARDWARE) -> dict:

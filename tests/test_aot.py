@@ -354,7 +354,7 @@ def test_experts_on_gpu_run_only_their_rows():
   mesh = Mesh(targets.devices(targets.parse("h100x8"))[:1], ("x",))
   arg = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P()))
   args = (arg((rows, d)), arg((rows,), jnp.int32), arg((e, d, f)), arg((e, d, f)), arg((e, f, d)))
-  chip = forecast.Chip("made-up", 1e15, 1e15, 1e12, 1e12, 1e11)
+  chip = forecast.Chip("made-up", 1e15, 1e15, 1e12, 1e12, 1e11, 1e9)
   routed = 3 * 2 * rows * d * f  # gate, up and down, each row through its own expert
   hlo = {name: jax.jit(fn).lower(*args).compile().as_text()
          for name, fn in (("ragged_dot", ragged_ffn), ("triton", functools.partial(triton_ffn, interpret=False)))}
@@ -564,9 +564,15 @@ def test_full_offload_keeps_the_layer_inputs_in_host_memory():
   inputs = 4 * 1 * 2048 * 128 * 4
   assert inputs <= host <= inputs * 5 // 4, host
   stack = "f32[3,1,2048,128]"
-  peak = {p: [b["array"] for b in aot.compile_for(load_train_config(ROOT / "configs/tiny.yaml", overrides + [
-      f"impl.remat_policy={p}"]), targets.parse("v5p-8"), buffers=40)["peak_buffers"]] for p in ("full", "full_offload")}
+  out = {p: aot.compile_for(load_train_config(ROOT / "configs/tiny.yaml", overrides + [f"impl.remat_policy={p}"]),
+                            targets.parse("v5p-8"), buffers=40) for p in ("full", "full_offload")}
+  peak = {p: [b["array"] for b in o["peak_buffers"]] for p, o in out.items()}
   assert stack in peak["full"] and stack not in peak["full_offload"], peak
+  # the forecast moves them over PCIe: out in the forward, back in the backward, the layers' inputs each
+  # way (what the compiler holds in host memory); none with the full policy
+  moved = out["full_offload"]["costs"]["host_transfers"]
+  assert inputs <= moved["to-host"]["bytes"] == moved["from-host"]["bytes"] <= host, moved
+  assert not out["full"]["costs"]["host_transfers"]
 
 
 def test_accumulated_gradients_need_no_second_copy_of_the_stacks(monkeypatch):

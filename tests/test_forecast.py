@@ -96,7 +96,7 @@ ENTRY %main (a: f32[2,4], b: bf16[16], c: f32[8], d: f32[4,4]) -> f32[8,4] {
 
 
 def test_collective_bytes_per_link_by_hand():
-  chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e9, 1e8)
+  chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e9, 1e8, 1e9)
   s = forecast.summary(forecast.costs(COLLECTIVES, chip, granule=lambda i: i // 2))["collective_bytes"]
   # all-gather: result f32[8,4] = 128 bytes, a device receives (n-1)/n of it = 96; {0,1,2,3} spans hosts 0, 1
   assert s["all-gather"] == {"fast": 0, "slow": 96, "sync": 1}
@@ -134,8 +134,49 @@ ENTRY %main (x: bf16[128,256], w: bf16[256,512], g: bf16[128,512]) -> bf16[128,5
 """
 
 
+# impl.remat_policy=full_offload's copies: 1 MiB to host memory while the matmul above runs, and back
+# with nothing between its start and done.
+HOST = """HloModule m, is_scheduled=true, num_partitions=1
+
+%fused_dot (p0: bf16[128,256], p1: bf16[256,512]) -> bf16[128,512] {
+  %p0 = bf16[128,256]{1,0} parameter(0)
+  %p1 = bf16[256,512]{1,0} parameter(1)
+  ROOT %dot.1 = bf16[128,512]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (x: bf16[128,256], w: bf16[256,512], a: f32[256,1024]) -> (bf16[128,512], f32[256,1024]) {
+  %x = bf16[128,256]{1,0} parameter(0)
+  %w = bf16[256,512]{1,0} parameter(1)
+  %a = f32[256,1024]{1,0} parameter(2)
+  %out = (f32[256,1024]{1,0:S(5)}, f32[256,1024]{1,0}, u32[]{:S(2)}) copy-start(%a)
+  %y = bf16[128,512]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused_dot
+  %off = f32[256,1024]{1,0:S(5)} copy-done(%out)
+  %in = (f32[256,1024]{1,0}, f32[256,1024]{1,0:S(5)}, u32[]{:S(2)}) copy-start(%off)
+  %back = f32[256,1024]{1,0} copy-done(%in)
+  ROOT %t = (bf16[128,512]{1,0}, f32[256,1024]{1,0}) tuple(%y, %back)
+}
+"""
+
+
+def test_host_transfers_by_hand():
+  """A chip of 1 GB/s HBM and 1 GB/s to its host: the matmul is memory-bound (458,752 bytes, 458.8 us);
+  the 1 MiB copy out runs under it and waits 1048.6 - 458.8 us, the copy back waits all its 1048.6 us:
+  the step is exactly the two copies."""
+  chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e12, 1e12, 1e9)
+  cost = forecast.costs(HOST, chip)
+  s = forecast.summary(cost)
+  mib = 256 * 1024 * 4
+  assert s["host_transfers"] == {"to-host": {"bytes": mib, "count": 1}, "from-host": {"bytes": mib, "count": 1}}
+  assert not s["collective_bytes"]
+  dot = 2 * (128 * 256 + 256 * 512 + 128 * 512) / 1e9
+  assert cost.compute == pytest.approx(dot)
+  assert cost.exposed == pytest.approx(2 * mib / 1e9 - dot)
+  assert cost.time == pytest.approx(2 * mib / 1e9)
+  assert s["async"]["to-host"] == {"count": 1, "comm_s": pytest.approx(mib / 1e9), "hidden_s": pytest.approx(dot)}
+
+
 def test_forecast_of_a_hand_computable_program():
-  chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e9, 1e8)
+  chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e9, 1e8, 1e9)
   dot_flops = 2 * 128 * 256 * 512  # 33.6 us at 1 TFLOP/s
   dot_bytes = 2 * (128 * 256 + 256 * 512 + 128 * 512)  # 458,752 bytes: 458.8 us at 1 GB/s (memory-bound)
   add_bytes = 3 * 2 * 128 * 512  # two operands and the result: 393.2 us
@@ -163,7 +204,7 @@ def test_forecast_of_a_hand_computable_program():
   assert s["async"]["all-reduce"] == {"count": 1, "comm_s": pytest.approx(ring / 1e9),
                                       "hidden_s": pytest.approx(ring / 1e9)}
   # with a fast HBM the matmul is compute-bound and hides only part of the all-reduce
-  fast = forecast.Chip("made-up", 1e12, 2e12, 1e15, 1e9, 1e8)
+  fast = forecast.Chip("made-up", 1e12, 2e12, 1e15, 1e9, 1e8, 1e9)
   c = forecast.costs(overlapped, fast)
   assert c.exposed == pytest.approx(ring / 1e9 - dot_flops / 1e12)
   r = forecast.report(c, fast, tokens=1000, model_flops=4 * dot_flops, chips=4, devices=4, price=3.6)
@@ -175,7 +216,7 @@ def test_the_optimizers_share_is_what_its_named_scope_made():
   """train/core/step.py runs the optimizer's update under jax.named_scope("optimizer"): the forecast
   reports the time, matmul FLOPs and collective bytes of the instructions made there (the add and the
   all-reduce of MATMUL here, by hand), and nothing of the others."""
-  chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e9, 1e8)
+  chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e9, 1e8, 1e9)
   scoped = MATMUL.replace("to_apply=%add\n", 'to_apply=%add, metadata={op_name="jit(step)/optimizer/psum"}\n').replace(
       "add(%y, %sum)\n", 'add(%y, %sum), metadata={op_name="jit(step)/optimizer/add"}\n')
   s = forecast.summary(forecast.costs(scoped, chip))
@@ -237,7 +278,7 @@ def test_fused_async_collective_counts_once_and_hides_under_its_compute():
   """The all-gather is one asynchronous collective (its start and done paired by channel), its bytes
   counted once; the fusion that carries its step is the matmul it is: its FLOPs, and the bytes of x, w
   and the product, not the all-gather's buffers passing through; the all-gather hides under it."""
-  chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e9, 1e8)
+  chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e9, 1e8, 1e9)
   dot_bytes = 2 * (128 * 256 + 256 * 512 + 128 * 512)  # 458.8 us at 1 GB/s
   ring = 2 * 256 * 128 * 3 / 4  # a device receives 3/4 of the gathered [256, 128]: 49.2 us
   c = forecast.costs(FUSED_ALL_GATHER, chip)
@@ -278,7 +319,7 @@ ENTRY %main (w: f32[10,256], i: s32[], v: f32[1,256]) -> f32[10,256] {
   ROOT %new = f32[10,256]{1,0} fusion(%w, %v, %i), kind=kLoop, calls=%put_row
 }
 """
-  s = forecast.summary(forecast.costs(text, forecast.Chip("x", 1e12, 1e12, 1e9, 1e9, 1e9)))
+  s = forecast.summary(forecast.costs(text, forecast.Chip("x", 1e12, 1e12, 1e9, 1e9, 1e9, 1e9)))
   row = 256 * 4
   # the slice: reads a row (and the s32 index), writes a row; the update: reads v from VMEM (0), the
   # index, writes a row in place
@@ -290,9 +331,10 @@ def test_hardware_table_has_a_source_for_every_figure():
   for family in ("v4", "v5e", "v5p", "v6e", "tpu7x", "h100", "h200", "b200", "gb200"):
     hw = targets.hardware(family)
     assert hw["peak_fp8"] >= hw["peak_bf16"] > 1e14 and hw["hbm_bw"] > 5e11 and hw["fast_bw"] > hw["slow_bw"] > 1e9
+    assert hw["hbm_bw"] > hw["host_bw"] > 1e10
     lines = text.split(f"\n{family}:\n", 1)[1].splitlines()
     rows = lines[:next((i for i, line in enumerate(lines) if not line.startswith("  ")), len(lines))]
-    assert len(rows) == 9, (family, rows)
+    assert len(rows) == 10, (family, rows)
     assert all("#" in line for line in rows if not line.strip().startswith(("fast_domain", "devices_per_chip"))), family
   assert targets.hardware("v5p")["peak_bf16"] == 459e12 and targets.hardware("tpu7x")["devices_per_chip"] == 2
   assert forecast.chip_of("tpu7x").peak_bf16 == 2307e12 / 2  # two devices per chip
@@ -380,7 +422,7 @@ GROUPED_TRITON = GROUPED.replace("%sizes = s32[4]{0} parameter(2)", "%sizes = s3
 def test_grouped_matmul_and_ragged_exchange_count_what_they_touch(text):
   """A grouped matmul counts its FLOPs and its row arrays at the buffer's fill (the kernel visits only the
   tiles of routed rows) and its weights whole; a ragged all-to-all counts the smaller of its buffers."""
-  chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e9, 1e8)
+  chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e9, 1e8, 1e9)
   assert text.count("grouped_gmm") == int(text is GROUPED_TRITON)
   c = forecast.costs(text, chip, ragged_fill=0.25)
   s = forecast.summary(c)

@@ -53,11 +53,12 @@ forecast (train/forecast.py; configs/hardware/chips.yaml has each chip's figures
   costs: per device and step, read from the compiled HLO (not XLA's cost_analysis): flops by kind
     (dots and convolutions, ragged dots at the balanced fill and as their buffers, attention
     kernels, other), hbm_bytes, collective_bytes by kind and link (fast: ICI / NVLink; slow: DCN /
-    the network) with sync and async counts, async (per kind: count, comm_s, hidden_s under the
-    compute scheduled between start and done); loops times their trip counts (XLA:TPU records
-    none: read from each loop's condition);
-  forecast: step_s (each kernel max(FLOPs / peak, bytes / HBM bandwidth), each collective bytes /
-    link bandwidth less what the schedule overlaps), compute_s, exposed_comm_s and its share,
+    the network) with sync and async counts, host_transfers (to-host and from-host bytes over PCIe:
+    impl.remat_policy=full_offload's layer inputs), async (per kind, host transfers too: count,
+    comm_s, hidden_s under the compute scheduled between start and done); loops times their trip
+    counts (XLA:TPU records none: read from each loop's condition);
+  forecast: step_s (each kernel max(FLOPs / peak, bytes / HBM bandwidth), each collective and host
+    transfer bytes / link bandwidth less what the schedule overlaps), compute_s, exposed_comm_s and its share,
     tokens_per_s_per_chip, model_tflops_per_chip, mfu (model FLOPs, moe.params, against the bf16
     peak), executed_over_model_flops (recompute, masked and padded work), usd_per_million_tokens at
     --price per chip-hour (default the table's), ragged_fill, and the forecast's measured error.

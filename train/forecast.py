@@ -28,10 +28,13 @@ How it counts (one device; SPMD programs run the same on all):
   exchange sizes the receiving side for the worst case, n_ep x the balanced rows), collective-permute its
   operand, send (a TPU cross-slice transfer) its buffer. A group that spans granules (GPU hosts, TPU
   slices) runs at the slow link's rate (its ring crosses it), all-to-alls split by members.
+- Host transfers: a copy, a slice read or an update written between device and host memory (memory
+  space 5: impl.remat_policy=full_offload's layer inputs) moves its bytes over the host link (PCIe;
+  GB200's NVLink-C2C) at `host_bw`, asynchronously from its start to its done.
 - Time: each kernel max(matmul FLOPs / peak, HBM bytes / HBM bandwidth) (f8 operands at the fp8
   peak, everything else at bf16's: f32 dots on TPU run one bf16 pass by default); each collective
-  bytes / link bandwidth; a synchronous one adds all of it, an asynchronous one what the kernels
-  scheduled between its start and done do not cover. No latency per kernel or per message, no
+  and host transfer bytes / link bandwidth; a synchronous one adds all of it, an asynchronous one
+  what the kernels scheduled between its start and done do not cover. No latency per kernel or per message, no
   contention between overlapping transfers: a forecast of the ideal schedule, so a lower bound
   on the step time; the measured error of it is in docs/pods.md.
 """
@@ -72,6 +75,7 @@ class Chip:
   hbm_bw: float  # bytes/s per device
   fast_bw: float  # bytes/s a device puts on the fast link for one collective (ICI ring, NVLink)
   slow_bw: float  # bytes/s per device across granules (DCN, the network)
+  host_bw: float  # bytes/s one way between a device and host memory (PCIe, NVLink-C2C)
 
 
 # ------------------------------------------------------------------ shapes
@@ -259,6 +263,26 @@ def _kernel_bytes(p: Program, ins) -> int:
   return sum(reads) + write
 
 
+_HOST_MOVES = ("copy-start", "dynamic-slice-start", "dynamic-update-slice-start")
+
+
+def _host_move(p: Program, ins) -> tuple[str, int] | None:
+  """("to-host" | "from-host", bytes) of an asynchronous move between device and host memory (memory
+  space 5: impl.remat_policy=full_offload's layer inputs): a copy, a slice read out of a host buffer,
+  or an update written into one; else None."""
+  operands = hlo_parse.operands(ins.rest)
+  if ins.op not in _HOST_MOVES or not operands:
+    return None
+  if ins.op == "dynamic-update-slice-start":  # into operand 0, the update operand 1
+    dst, src = p.shape(operands[0]), p.shape(operands[1]) if len(operands) > 1 else ""
+  else:  # result (destination | (operands), result, context)
+    dst, src = hlo_parse.tuple_elements(ins.shape)[0 if ins.op == "copy-start" else 1], p.shape(operands[0])
+  host = lambda shape: re.search(rf"S\({hlo_lib.HOST_MEMORY_SPACE}\)", shape) is not None
+  if not src or host(dst) == host(src):
+    return None
+  return ("to-host" if host(dst) else "from-host"), min(hlo_parse.shape_bytes(dst), hlo_parse.shape_bytes(src))
+
+
 # ------------------------------------------------------------------ collectives
 def _collective(p: Program, ins) -> tuple[str, object] | None:
   """(kind, the instruction carrying the groups) of a collective or the start of one, else None."""
@@ -437,6 +461,11 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         t = inner.time
         out.add(inner)
         out.time -= t
+      elif (moved := _host_move(p, ins)) is not None:  # to or from host memory, asynchronous: over PCIe
+        kind, nbytes = moved
+        out.links[(kind, "host")] += nbytes
+        out.counts[(kind, "async")] += 1
+        pending[ins.name] = [kind, nbytes / chip.host_bw, 0.0, p.source(ins), _parts(p, ins)]
       elif (found := _collective(p, ins)) is not None:
         kind, carrier = found
         fast, slow, _ = _link_bytes(p, kind, carrier, granule)
@@ -508,10 +537,15 @@ def summary(cost: Cost) -> dict:
   """The per-device counts of a Cost as JSON: FLOPs by kind, HBM bytes, collective bytes by kind and
   link, sync/async counts and the overlap of the asynchronous ones."""
   links = {}
+  host = {}  # impl.remat_policy=full_offload's copies to and from host memory
   for (kind, link), v in sorted(cost.links.items()):
-    links.setdefault(kind, {"fast": 0, "slow": 0})[link] = round(v)
+    if link == "host":
+      host[kind] = {"bytes": round(v), "count": round(cost.counts[(kind, "async")])}
+    else:
+      links.setdefault(kind, {"fast": 0, "slow": 0})[link] = round(v)
   for (kind, mode), v in cost.counts.items():
-    links.setdefault(kind, {"fast": 0, "slow": 0})[mode] = round(v)
+    if kind not in host:
+      links.setdefault(kind, {"fast": 0, "slow": 0})[mode] = round(v)
   overlap = collections.defaultdict(lambda: [0.0, 0.0, 0.0])
   for kind, comm, between, times in cost.overlap:
     o = overlap[kind]
@@ -521,7 +555,7 @@ def summary(cost: Cost) -> dict:
   matmul = {k: int(v) for k, v in sorted(cost.flops.items()) if k not in ("other", "ragged_dot_buffer") and v}
   buffer = {"ragged_dot_buffer": int(cost.flops["ragged_dot_buffer"])} if cost.flops.get("ragged_dot_buffer") else {}
   return {"flops": {**matmul, "matmul": sum(matmul.values()), **buffer, "other": int(cost.flops.get("other", 0))},
-          "hbm_bytes": round(cost.hbm), "collective_bytes": links,
+          "hbm_bytes": round(cost.hbm), "collective_bytes": links, "host_transfers": host,
           "async": {k: {"count": round(v[0]), "comm_s": v[1], "hidden_s": v[2]} for k, v in sorted(overlap.items())},
           "trip_counts_known": cost.known, "top": top(cost), **parts(cost)}
 
@@ -578,7 +612,8 @@ def chip_of(family: str, path=None) -> Chip:
 
   hw = targets.hardware(family, **({"path": path} if path else {}))
   n = hw["devices_per_chip"]
-  return Chip(family, hw["peak_bf16"] / n, hw["peak_fp8"] / n, hw["hbm_bw"] / n, hw["fast_bw"] / n, hw["slow_bw"] / n)
+  return Chip(family, hw["peak_bf16"] / n, hw["peak_fp8"] / n, hw["hbm_bw"] / n, hw["fast_bw"] / n, hw["slow_bw"] / n,
+              hw["host_bw"] / n)
 
 
 def granules(devices, size: int, platform: str):
