@@ -110,6 +110,8 @@ ACCUMULATE = {
     "f2e2t2_ragged_offload": (MESHES["f2e2t2"], ["impl.remat_policy=full_offload", "mesh.ep_transport=ragged"]),
     "f2c2e2": (dict(data=1, fsdp=2, context=2, expert=2), ["impl.remat_policy=full"]),
     "f2e2t2_vocab_parallel": (MESHES["f2e2t2"], ["impl.remat_policy=full", "mesh.vocab_parallel=true"]),
+    "f2c2e2_vocab_parallel": (dict(data=1, fsdp=2, context=2, expert=2), ["impl.remat_policy=full",
+                                                                           "mesh.vocab_parallel=true"]),
 }
 
 

@@ -282,12 +282,12 @@ def test_gradients_accumulated_in_the_layer_stacks_on_every_mesh(eight):
   and the loss head runs 4 tokens at a time (4 chunks of the 16; whole under context), on
   d2f2e2 (padded all-to-all), f2e2t2 (ragged transport, tensor axis, layer inputs in host memory;
   and with the head's vocabulary over tensor x fsdp, mesh.vocab_parallel) and fsdp=2 x context=2 x
-  expert=2: the one-device autodiff step (remat none, whole head) within
+  expert=2 (also with mesh.vocab_parallel): the one-device autodiff step (remat none, whole head) within
   check_mesh's float32 bounds (measured: loss 2e-7 relative, update 1.9e-8). FP8 on d2f2e2 (whole
   head) against the same mesh under autodiff: measured 1.2e-10."""
   acc = eight["accumulate"]
   want_chunks = {"d2f2e2": [4] * 4, "f2e2t2_ragged_offload": [4] * 4, "f2c2e2": [1] * 4,  # main, MTP x 2
-                 "f2e2t2_vocab_parallel": [4] * 4}
+                 "f2e2t2_vocab_parallel": [4] * 4, "f2c2e2_vocab_parallel": [1] * 4}
   for name, chunks in want_chunks.items():
     check_mesh(name, acc[name], acc["ref"])
     assert acc[name]["accumulating"] == 2 and acc[name]["chunks"] == chunks, name

@@ -197,13 +197,14 @@ def test_each_forward_runs_once(remat="full"):
 # ------------------------------------------------------------------ 8 simulated devices
 # A covering design rather than every combination (each job is a compile of half a minute): every
 # schedule on 2 and on 4 stages, and each of the data, fsdp and expert axes with every schedule;
-# grad_accum through 1F1B; FP8 through 1F1B and on data=8 alone. Each worker's first job uses the
+# grad_accum through 1F1B; FP8 through 1F1B and on data=8 alone; the head's vocabulary over fsdp
+# (mesh.vocab_parallel) in the last stage of the circular schedule. Each worker's first job uses the
 # one-device reference the other worker needs last (the session's compilation cache holds it by then).
 JOBS = [
     ["2:gpipe:mesh.data=2,mesh.expert=2", "4:circular:mesh.data=2,pipeline.microbatches=4",
      "2:1f1b:mesh.data=2,mesh.fsdp=2,pipeline.microbatches=4,grad_accum=2",
      "2:1f1b:precision=fp8,pipeline.microbatches=4,mesh.expert=2"],
-    ["1:gpipe:precision=fp8", "4:gpipe:mesh.fsdp=2", "2:circular:mesh.fsdp=2,mesh.expert=2",
+    ["1:gpipe:precision=fp8", "4:gpipe:mesh.fsdp=2", "2:circular:mesh.fsdp=2,mesh.expert=2,mesh.vocab_parallel=true",
      "4:1f1b:mesh.expert=2,pipeline.microbatches=8"],
 ]
 
@@ -215,7 +216,8 @@ def test_jobs_cover_every_schedule_with_every_axis():
     covered.add((schedule, f"stage={stages}"))
     covered.update((schedule, e.split("=")[0]) for e in extra.split(",") if e.startswith("mesh."))
   assert covered == {(s, a) for s in ("gpipe", "circular", "1f1b")
-                     for a in ("stage=2", "stage=4", "mesh.data", "mesh.fsdp", "mesh.expert")}
+                     for a in ("stage=2", "stage=4", "mesh.data", "mesh.fsdp", "mesh.expert")} | {
+                         ("circular", "mesh.vocab_parallel")}
 
 
 @pytest.fixture(scope="module")
