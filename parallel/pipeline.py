@@ -57,11 +57,17 @@ F_COST, B_COST = 1, 2  # a backward runs the pullback of its F tick's forward (p
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
   """`pipeline:` section. `microbatches` M splits each (grad-accumulation) micro-batch into M for the
-  pipeline (null: as many as stages); `repeats` R: chunks per stage (circular only)."""
+  pipeline (null: as many as stages); `repeats` R: chunks per stage (circular only); `gather_once`:
+  a stage's weights gathered over fsdp once per run and held whole over fsdp through the schedule
+  (FSDP's reshard_after_forward=False), instead of gathered again in every tick's forward and
+  backward: the memory of the stage's float32 weights whole over fsdp for 1/T of their gathers. Their
+  gradients are still reduce-scattered in each backward (XLA sums a tick's partial gradient at once:
+  holding it whole over fsdp made that an all-reduce per tick)."""
 
   schedule: Kind = "gpipe"
   microbatches: int | None = None
   repeats: int = 1
+  gather_once: bool = False
 
   def __post_init__(self):
     check_fields(self, "pipeline.")

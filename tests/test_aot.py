@@ -280,6 +280,13 @@ def test_search_splits_long_sequences_over_context():
     assert math.prod(sizes.values()) == 256, t
   short = aot.candidates(load_train_config(ROOT / "configs/deepseek-v3-671b.yaml"), targets.parse("v5p-512"), 10_000)
   assert not any(o.startswith("mesh.context") for t in short for o in t)
+  # with stages (and fsdp), a stage's weights gathered once per step is tried first, then in every tick
+  staged = aot.candidates(load_train_config(ROOT / "configs/deepseek-v3-671b.yaml", ["mesh.stage=4"]),
+                          targets.parse("v5p-512"), 10_000)
+  once = [t for t in staged if "pipeline.gather_once=true" in t]
+  assert once and not any("pipeline.gather_once=true" in t for t in short)
+  assert all("mesh.fsdp=1" not in t and [o for o in t if o != "pipeline.gather_once=true"] in staged for t in once)
+  assert all(staged.index(t) < staged.index([o for o in t if o != "pipeline.gather_once=true"]) for t in once)
 
 
 def test_bad_target_and_search(capsys):

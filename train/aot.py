@@ -303,8 +303,8 @@ def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list
   """Override sets to try, most promising first: expert x fsdp (x tensor, x context when seq_len is
   over LONG tokens) factorisations of the devices (of each pipeline stage's, with mesh.stage given),
   then remat policies (the chunked expert-parallel exchange's rows kept before recomputed, in 2 chunks
-  before the default, on TPU the weights' all-gathers fused into the compute before not) and
-  grad_accum."""
+  before the default, on TPU the weights' all-gathers fused into the compute before not, with stages
+  a stage's weights gathered once per step before in every tick) and grad_accum."""
   n = target.devices // max(cfg.mesh.stage, 1)
   e = cfg.model.n_routed_experts
   long = cfg.seq_len > LONG  # each sequence over `context` devices too, at least LONG tokens a slice
@@ -325,9 +325,11 @@ def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list
         for ep in ("keep", "recompute"):  # (the chunked exchange's rows kept when they fit: no all-to-all again)
           for chunks in (2, None):  # (fewer chunks: the expert weights read, their gradients summed, fewer times)
             for gather in (True, False) if target.platform == "tpu" else (False,):  # (all-gathers under compute)
-              out.append(m + [f"impl.remat_policy={remat}", f"impl.ep_remat={ep}"] + (
-                  [f"mesh.ep_chunks={chunks}"] if chunks else []) + (["mesh.gather_overlap=true"] if gather else []) + (
-                  [f"grad_accum={accum}"] if accum else []))
+              staged = cfg.mesh.stage > 1 and "mesh.fsdp=1" not in m  # (a stage's weights gathered once)
+              for once in (True, False) if staged else (False,):
+                out.append(m + [f"impl.remat_policy={remat}", f"impl.ep_remat={ep}"] + (
+                    [f"mesh.ep_chunks={chunks}"] if chunks else []) + (["mesh.gather_overlap=true"] if gather else []) + (
+                    ["pipeline.gather_once=true"] if once else []) + ([f"grad_accum={accum}"] if accum else []))
   return out[:tries]
 
 

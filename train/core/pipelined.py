@@ -51,6 +51,24 @@ def _join(like, other, stack):
   return jax.tree_util.tree_map_with_path(lambda p, _: leaves[key(p)], like)
 
 
+def _key(path) -> tuple:
+  return tuple(str(getattr(k, "key", k)) for k in path)
+
+
+def _without_fsdp(stack, par) -> dict:
+  """{path: NamedSharding} of the stack's parameters laid out as the rules say but whole over fsdp
+  (pipeline.gather_once)."""
+  rules = tuple((k, tuple(a for a in v if a != "fsdp")) for k, v in par.rules)
+  shardings = sharding_lib.state_shardings(stack, par.mesh, rules)
+  leaves = jax.tree_util.tree_leaves_with_path(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+  return {_key(p): s for p, s in leaves}
+
+
+def _constrain(stack, shardings: dict):
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: jax.lax.with_sharding_constraint(x, shardings[_key(p)]), stack)
+
+
 def schedule(par, rows: int, kind: str | None = None) -> pipeline.Schedule:
   """The schedule of `par.pipeline` for `rows` sequences per pipeline run (one grad-accumulation
   micro-batch); `kind` overrides the schedule (evaluation runs forwards only: gpipe)."""
@@ -71,6 +89,8 @@ class Pipelined:
       model.set_attributes(keep_max_logit=True)
     self.cfg, self.layout, self.apply = model.cfg, model.layout, model.moe_layers.apply
     self.layer_graph = nnx.split(model.moe_layers.layers, nnx.Param, ...)[0]
+    self.gathered = _without_fsdp(nnx.state(model.moe_layers.layers, nnx.Param), par) if (
+        par.pipeline.gather_once) else None
     model.moe_layers = None
     self.other_graph = nnx.split(model, nnx.Param, ...)[0]
     self.par, self.sched = par, sched
@@ -128,6 +148,8 @@ class Pipelined:
     mb = self._micro_batches(batch, m)
     first_fn, stage_fn, last_fn = self._functions(n_total)
     consts = {"rest": r_stack, "active": jnp.asarray(self.layout.slot_layer() >= 0)}
+    if self.gathered is not None:  # pipeline.gather_once: one all-gather here, not one per tick
+      p_stack = _constrain(p_stack, self.gathered)
     loss, g_stack, g_other, stats, aux, peaks = pipeline.run(
         self.sched, self.par.mesh, self.layout.per_chunk, first_fn, stage_fn, last_fn, p_stack, consts, p_other,
         {"rest": r_other, "counts": counts}, mb, train=train)
