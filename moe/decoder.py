@@ -166,10 +166,13 @@ def accumulating(graphdef, stacked, acc, x_BxSxD, consts, offload: bool = False,
   acc = pinned(acc)
 
   def one(p_i, o_i, x):  # (output, statistics, what the layer sowed) of one layer
-    # the barrier keeps each layer's sliced weights a value of its own iteration, which XLA does not
-    # fuse or move across layers: V3 on 4 x v6e-256 needs 26.02 GiB per chip with it, 29.54 without
-    # (docs/pods.md; the twelve largest buffers are the same, the saving is among the smaller ones)
-    p_i = jax.lax.optimization_barrier(p_i)
+    # With the layer inputs offloaded, a barrier keeps each layer's sliced weights a value of its own
+    # iteration, which XLA does not fuse or move across layers: V3 on 4 x v6e-256 (full_offload) needs
+    # 26.02 GiB per chip with it, 29.54 without. With remat full it moved the Muon step's
+    # Newton-Schulz collectives so that V3 with Muon on v5p-512 needed 92.63 GiB instead of 81.24
+    # (AdamW there: 64.45 with, 64.96 without): measured, not derived (docs/pods.md).
+    if offload:
+      p_i = jax.lax.optimization_barrier(p_i)
     layer = nnx.merge(graphdef, p_i, o_i)
     y, stats, _ = layer(x, *consts)
     return y, stats, nnx.pop(layer, nnx.Intermediate)
