@@ -16,6 +16,7 @@ from moe.config import ModelConfig
 from moe.kernels import fp8 as fp8_lib
 from moe.runtime import Runtime
 from parallel import lookup
+from parallel import sharding
 
 
 def param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, rt: Runtime, init="normal") -> nnx.Param:
@@ -55,11 +56,15 @@ class Linear(nnx.Module):
                fp8: bool = True):
     self.dtype = rt.compute_dtype
     self.fp8 = rt.fp8 if fp8 else None
+    self.par = rt.par
     self.kernel = param(rngs, (d_in, d_out), axes, cfg, rt)
 
   def __call__(self, x):
     if self.fp8 is not None:
-      return fp8_lib.linear(x.astype(self.dtype), self.kernel[...], self.fp8)
+      fp8 = lambda x, w: fp8_lib.linear(x, w, self.fp8)
+      if self.fp8.gemm == "kernels":  # Pallas custom calls, which XLA does not partition: per device's rows
+        return sharding.per_row_block(fp8, x.astype(self.dtype), self.kernel[...], self.par)
+      return fp8(x.astype(self.dtype), self.kernel[...])
     return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
 

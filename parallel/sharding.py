@@ -244,6 +244,21 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], par=None) -> jax
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def per_row_block(fn, x: jax.Array, w: jax.Array, par=None) -> jax.Array:
+  """fn(x, w) on each device's block of x's rows, with w whole on every device (gathered where it is
+  sharded; its gradient summed back), the result's rows where x's are: for a kernel XLA cannot
+  partition (a Pallas custom call would otherwise get every device's whole batch). x's leading
+  dimensions are tokens, [batch, seq, ...] or [tokens, ...], split as the batch (and seq) rules say."""
+  if par is None or par.mesh.size == 1:
+    return fn(x, w)
+  mesh, shape, free = context(par)
+  if math.prod(shape.values()) == 1:
+    return fn(x, w)
+  names = ("batch", "seq") if x.ndim >= 3 else ("batch",)
+  spec = logical_to_spec(names + (None,) * (x.ndim - len(names)), x.shape, shape, par.rules, "activation")
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec, P()), out_specs=spec, axis_names=free, check_vma=False)(x, w)
+
+
 def gather_seq(x: jax.Array, logical_axes: Sequence[str | None], par=None) -> jax.Array:
   """`x` with its "seq" dimension whole on every device: one all-gather over the mesh axes that split
   it (context parallelism), written out so that exactly this array crosses them (XLA's partitioner

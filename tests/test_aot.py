@@ -370,6 +370,19 @@ def test_experts_on_gpu_run_only_their_rows():
   assert hlo_lib.matmul_flops(hlo["triton"])["total"] == 0 and flops["ragged_dot"] == routed
 
 
+def test_fp8_kernels_on_a_gpu_mesh_run_on_each_devices_rows():
+  """needs the cuda extra: the tiny step in FP8 with the Pallas kernels (impl.fp8_gemm=kernels),
+  compiled for h100x8 (fsdp=8, 8 x 128 tokens). XLA does not partition a custom call: the linears'
+  FP8 GEMM got all 1,024 rows on every GPU (V3 on h100x1024 needed 1190.1 GiB per GPU so); run
+  per device (parallel.sharding.per_row_block) each GEMM has its GPU's 128 rows."""
+  cfg = load_train_config(ROOT / "configs/tiny.yaml", [*SMALL, "mesh.data=1", "mesh.fsdp=8", "mesh.expert=1",
+                                                       "precision=fp8", "impl.fp8_gemm=kernels"])
+  m = hlo_parse.parse(_compiled(cfg, targets.parse("h100x8")).as_text())
+  rows = [hlo_parse.dims(hlo_parse.first_array(i.shape))[0] for i in m.instrs.values()
+          if i.op == "custom-call" and "blockscaled_matmul" in i.rest]
+  assert rows and max(rows) == 8 * 128 // 8, sorted(set(rows))
+
+
 # ------------------------------------------------------------------ all-to-all over the slow network
 SNIPPET = """HloModule jit_step, is_scheduled=true, num_partitions=8
 

@@ -175,6 +175,33 @@ def test_host_transfers_by_hand():
   assert s["async"]["to-host"] == {"count": 1, "comm_s": pytest.approx(mib / 1e9), "hidden_s": pytest.approx(dot)}
 
 
+# The FP8 Pallas kernels (moe/kernels/fp8_pallas.py) as the compiled GPU program holds them: a linear's
+# blockscaled GEMM [256, 512] @ [512, 384] and an expert Fprop of 256 rows x [512 -> 384].
+FP8 = """HloModule m, is_scheduled=true, num_partitions=1
+
+ENTRY %main (qa: f8e4m3fn[256,512], qb: f8e4m3fn[512,384], sa: f32[256,4], sb: f32[4,3], w: f8e4m3fn[8,512,384]) -> (f32[256,384], f32[256,384]) {
+  %qa = f8e4m3fn[256,512]{1,0} parameter(0)
+  %qb = f8e4m3fn[512,384]{1,0} parameter(1)
+  %sa = f32[256,4]{1,0} parameter(2)
+  %sb = f32[4,3]{1,0} parameter(3)
+  %w = f8e4m3fn[8,512,384]{2,1,0} parameter(4)
+  %lin = f32[256,384]{1,0} custom-call(%qa, %qb, %sa, %sb), custom_call_target="__gpu$xla.gpu.triton", operand_layout_constraints={f8e4m3fn[256,512]{1,0}, f8e4m3fn[512,384]{1,0}, f32[256,4]{1,0}, f32[4,3]{1,0}}, metadata={op_name="jit(step)/jit(blockscaled_matmul)/fp8_blockscaled_matmul/pallas_call"}
+  %grp = f32[256,384]{1,0} custom-call(%qa, %sa, %w, %sb), custom_call_target="__gpu$xla.gpu.triton", operand_layout_constraints={f8e4m3fn[256,512]{1,0}, f32[256,4]{1,0}, f8e4m3fn[8,512,384]{2,1,0}, f32[4,3]{1,0}}, metadata={op_name="jit(step)/fp8_grouped_matmul/pallas_call"}
+  ROOT %t = (f32[256,384]{1,0}, f32[256,384]{1,0}) tuple(%lin, %grp)
+}
+"""
+
+
+def test_fp8_pallas_kernels_counted_at_the_fp8_peak():
+  """Each kernel 2 x 256 x 512 x 384 FLOPs, on a chip of 1 TFLOP/s bf16 and 2 fp8 with HBM fast
+  enough not to bound them: each takes its FLOPs / 2e12."""
+  chip = forecast.Chip("made-up", 1e12, 2e12, 1e15, 1e12, 1e12, 1e12)
+  cost = forecast.costs(FP8, chip)
+  each = 2 * 256 * 512 * 384
+  assert cost.flops["gemm"] == each and cost.flops["ragged_dot"] == each
+  assert cost.compute == pytest.approx(2 * each / 2e12)
+
+
 def test_forecast_of_a_hand_computable_program():
   chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e9, 1e8, 1e9)
   dot_flops = 2 * 128 * 256 * 512  # 33.6 us at 1 TFLOP/s

@@ -13,7 +13,8 @@ How it counts (one device; SPMD programs run the same on all):
   costliest branch, a call its callee. Fusions, reducers and sorting comparators are parts of one
   kernel, not programs of their own.
 - FLOPs: dots and convolutions from their shapes (inside fusions too), ragged dots (XLA's, and
-  libtpu's Mosaic kernels "ragged-dot-*": 2 x rows x K x N), cuBLAS GEMM custom calls, the splash
+  libtpu's Mosaic kernels "ragged-dot-*": 2 x rows x K x N; the grouped Pallas kernels, FP8 ones at
+  the FP8 peak), cuBLAS GEMM custom calls, the FP8 Pallas GEMM of the linears, the splash
   attention kernels (causal: half the blocks; forward 2 matmuls, dq 3, dkv 4, from q, k, v's
   shapes), and "other": one FLOP per element each elementwise or reduce operation makes.
 - HBM bytes: each kernel's operands and results (a fusion's, not its insides; a grouped matmul's row
@@ -143,6 +144,7 @@ def _flops(p: Program, ins) -> tuple[collections.Counter, bool]:
     elif i.op == "custom-call":
       kind, f = _custom_call_flops(p, i)
       out[kind] += f
+      fp8 = fp8 or (f > 0 and re.search(r'op_name="[^"]*/fp8_[a-z_]*/pallas_call"', i.rest) is not None)
     elif i.op in _ELEMENTWISE:
       operand = hlo_parse.operands(i.rest)[:1]
       out["other"] += _elements(p.shape(operand[0]) if i.op.startswith("reduce") and operand else i.shape)
@@ -182,7 +184,7 @@ def _grouped_matmul(ins) -> tuple[int, int] | None:
   ragged = name.startswith("ragged-dot") and not name.startswith("ragged-dot-metadata")
   megablox = re.fullmatch(r"t?gmm(\.\d+)?", name) and 'custom_call_target="tpu_custom_call"' in ins.rest
   triton = ('custom_call_target="__gpu$xla.gpu.triton"' in ins.rest
-            and re.search(r'op_name="[^"]*/grouped_t?gmm/pallas_call"', ins.rest))
+            and re.search(r'op_name="[^"]*/(grouped_t?gmm|fp8_grouped_matmul|fp8_grouped_wgrad)/pallas_call"', ins.rest))
   if ins.op != "custom-call" or not (ragged or megablox or triton):
     return None
   out, arrays = hlo_parse.dims(ins.shape), [d for d in _constraints(ins.rest) if len(d) == 2]
@@ -214,6 +216,10 @@ def _custom_call_flops(p: Program, ins) -> tuple[str, int]:
   grouped = _grouped_matmul(ins)
   if grouped is not None:
     return ("ragged_dot", grouped[1]) if grouped[1] else ("custom_call", 0)
+  if re.search(r'op_name="[^"]*/fp8_blockscaled_matmul/pallas_call"', ins.rest):  # a [M, K] @ b [K, N]
+    out, arrays = hlo_parse.dims(ins.shape), _constraints(ins.rest)
+    if len(out) == 2 and arrays and arrays[0][:1] == out[:1]:
+      return "gemm", 2 * out[0] * out[1] * arrays[0][1]
   if ins.name.startswith("splash_mha"):
     qkv = [d for d in _float_operands(ins.rest) if len(d) >= 3][:3]  # q, k, v: [(batch,) heads, seq, dim]
     if len(qkv) == 3:
