@@ -370,6 +370,7 @@ def test_experts_on_gpu_run_only_their_rows():
   assert hlo_lib.matmul_flops(hlo["triton"])["total"] == 0 and flops["ragged_dot"] == routed
 
 
+@pytest.mark.cuda
 def test_fp8_kernels_on_a_gpu_mesh_run_on_each_devices_rows():
   """needs the cuda extra: the tiny step in FP8 with the Pallas kernels (impl.fp8_gemm=kernels),
   compiled for h100x8 (fsdp=8, 8 x 128 tokens). XLA does not partition a custom call: the linears'
