@@ -43,16 +43,16 @@ def _split(tree):
   return nnx.State({k: v for k, v in tree.items() if k != STACK}), stack
 
 
+def _key(path) -> tuple:
+  """A pytree path as plain strings, the same for a State of arrays and one of Variables."""
+  return tuple(str(getattr(k, "key", k)) for k in path)
+
+
 def _join(like, other, stack):
   """The tree of `like` (the params) from the parts `_split` made of such a tree."""
-  key = lambda path: tuple(str(getattr(k, "key", k)) for k in path)
-  leaves = {key(p): x for p, x in jax.tree_util.tree_leaves_with_path(other)}
-  leaves.update({(STACK, "layers") + key(p): x for p, x in jax.tree_util.tree_leaves_with_path(stack)})
-  return jax.tree_util.tree_map_with_path(lambda p, _: leaves[key(p)], like)
-
-
-def _key(path) -> tuple:
-  return tuple(str(getattr(k, "key", k)) for k in path)
+  leaves = {_key(p): x for p, x in jax.tree_util.tree_leaves_with_path(other)}
+  leaves.update({(STACK, "layers") + _key(p): x for p, x in jax.tree_util.tree_leaves_with_path(stack)})
+  return jax.tree_util.tree_map_with_path(lambda p, _: leaves[_key(p)], like)
 
 
 def _without_fsdp(stack, par) -> dict:
