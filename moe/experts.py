@@ -8,8 +8,8 @@ CPU).
 With a multi-device mesh the rows first go to the ranks that own their experts
 (parallel.expert_parallel.dispatch_combine, which is handed the grouped matmul as its expert_fn).
 
-FP8 (`precision: fp8`, moe/kernels/fp8.py): the same paths with FP8 GEMMs, given the float32 master
-weights: `fp8_ragged_dot` in `ragged_ffn`; `fp8_matmul` over the 128-row blocks in `blocked_ffn`.
+FP8 (`precision: fp8`, moe/kernels/fp8.py): the same paths with FP8 GEMMs, given the weights' compute-
+dtype copies: `fp8_ragged_dot` in `ragged_ffn`; `fp8_matmul` over the 128-row blocks in `blocked_ffn`.
 """
 
 from __future__ import annotations
@@ -90,12 +90,9 @@ class RoutedExperts(nnx.Module):
       self.placement = (n_ep, r // n_ep, rt.par.ep_nodes, rt.par.redundant_every)  # static
 
   def _weights(self):
-    """The experts' weights as the expert FFN takes them: in the compute dtype (FP8: the float32
-    master weights, whose gradients are float32)."""
-    return tuple(p[...].astype(self._copy_dtype()) for p in (self.gate_proj, self.up_proj, self.down_proj))
-
-  def _copy_dtype(self):
-    return self.gate_proj[...].dtype if self.fp8 is not None else self.dtype
+    """The experts' weights as the expert FFN takes them: in the compute dtype (with FP8 too: each
+    GEMM quantises the bf16 copy, so that FSDP gathers bf16 and not the float32 master weights)."""
+    return tuple(p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj))
 
   def _axes(self):
     return tuple(v.get_metadata()["axes"] for v in (self.gate_proj, self.up_proj, self.down_proj))
@@ -124,7 +121,7 @@ class RoutedExperts(nnx.Module):
     the model's graph): the copies' gradients summed into their experts' (one exchange per layer),
     sent in the copies' dtype."""
     grads = add_copy_grads([self.gate_proj[...], self.up_proj[...], self.down_proj[...]],
-                           [getattr(self, name)[...].astype(self._copy_dtype()) for name in COPY_NAMES],
+                           [getattr(self, name)[...].astype(self.dtype) for name in COPY_NAMES],
                            self._axes(), self.copies[...], self.par)
     for v, g in zip((self.gate_proj, self.up_proj, self.down_proj), grads):
       v[...] = g

@@ -48,8 +48,10 @@ class Linear(nnx.Module):
   """y = x @ kernel, kernel [in, out]; the one matmul every projection goes through.
 
   With FP8 (`rt.fp8`) the GEMMs are FP8 (`moe.kernels.fp8.linear`: a custom_vjp with E4M3 forward,
-  input- and weight-gradient GEMMs; the master kernel goes in unrounded, so its gradient stays
-  float32). `fp8=False` keeps a layer in the compute dtype (the output head and the MTP projection).
+  input- and weight-gradient GEMMs, each accumulating in float32). Like the bf16 matmul it takes the
+  kernel's compute-dtype copy, so that FSDP gathers bf16 rather than the float32 master kernel, and
+  the weight gradient comes back in it (summed over the devices in it, then added to the float32
+  master's). `fp8=False` keeps a layer in the compute dtype (the output head and the MTP projection).
   """
 
   def __init__(self, d_in: int, d_out: int, axes, cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs,
@@ -57,15 +59,17 @@ class Linear(nnx.Module):
     self.dtype = rt.compute_dtype
     self.fp8 = rt.fp8 if fp8 else None
     self.par = rt.par
+    self.axes = tuple(axes)  # (the kernel's own: its metadata gains "layers" in a stack)
     self.kernel = param(rngs, (d_in, d_out), axes, cfg, rt)
 
   def __call__(self, x):
+    x, w = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
     if self.fp8 is not None:
       fp8 = lambda x, w: fp8_lib.linear(x, w, self.fp8)
       if self.fp8.gemm == "kernels":  # Pallas custom calls, which XLA does not partition: per device's rows
-        return sharding.per_row_block(fp8, x.astype(self.dtype), self.kernel[...], self.par)
-      return fp8(x.astype(self.dtype), self.kernel[...])
-    return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        return sharding.per_row_block(fp8, x, w, self.par, self.axes)
+      return fp8(x, w)
+    return jnp.dot(x, w)
 
 
 class Embed(nnx.Module):

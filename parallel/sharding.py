@@ -244,11 +244,14 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], par=None) -> jax
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def per_row_block(fn, x: jax.Array, w: jax.Array, par=None) -> jax.Array:
-  """fn(x, w) on each device's block of x's rows, with w whole on every device (gathered where it is
-  sharded; its gradient summed back), the result's rows where x's are: for a kernel XLA cannot
-  partition (a Pallas custom call would otherwise get every device's whole batch). x's leading
-  dimensions are tokens, [batch, seq, ...] or [tokens, ...], split as the batch (and seq) rules say."""
+def per_row_block(fn, x: jax.Array, w: jax.Array, par=None, w_axes: Sequence[str | None] | None = None) -> jax.Array:
+  """fn(x, w) on each device's block of x's rows, with w whole on every device, the result's rows
+  where x's are: for a kernel XLA cannot partition (a Pallas custom call would otherwise get every
+  device's whole batch). x's leading dimensions are tokens, [batch, seq, ...] or [tokens, ...], split
+  as the batch (and seq) rules say. `w_axes`, w's logical axes: where the mesh axes that split w also
+  split the rows (ZeRO-3 over fsdp), w comes in as its shard and is all-gathered here, so that its
+  gradient leaves as a reduce-scatter (XLA, gathering it outside, summed the whole gradient on every
+  device: an all-reduce of twice the bytes); other axes splitting it are gathered by XLA before."""
   if par is None or par.mesh.size == 1:
     return fn(x, w)
   mesh, shape, free = context(par)
@@ -256,7 +259,19 @@ def per_row_block(fn, x: jax.Array, w: jax.Array, par=None) -> jax.Array:
     return fn(x, w)
   names = ("batch", "seq") if x.ndim >= 3 else ("batch",)
   spec = logical_to_spec(names + (None,) * (x.ndim - len(names)), x.shape, shape, par.rules, "activation")
-  return jax.shard_map(fn, mesh=mesh, in_specs=(spec, P()), out_specs=spec, axis_names=free, check_vma=False)(x, w)
+  rows = {a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
+  w_spec = P() if w_axes is None else logical_to_spec(tuple(w_axes), w.shape, shape, par.rules, "parameter")
+  inside = [e if e is not None and set((e,) if isinstance(e, str) else e) <= rows else None for e in w_spec]
+  inside += [None] * (w.ndim - len(inside))
+
+  def run(x, w):
+    for dim, axes in enumerate(inside):
+      if axes is not None:
+        w = jax.lax.all_gather(w, axes, axis=dim, tiled=True)
+    return fn(x, w)
+
+  return jax.shard_map(run, mesh=mesh, in_specs=(spec, P(*inside)), out_specs=spec, axis_names=free,
+                       check_vma=False)(x, w)
 
 
 def gather_seq(x: jax.Array, logical_axes: Sequence[str | None], par=None) -> jax.Array:

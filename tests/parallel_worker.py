@@ -118,24 +118,33 @@ ACCUMULATE = {
 def fp8_rows():
   """The linears' FP8 GEMM with the Pallas kernels (in the interpreter) run per device's rows
   (parallel.sharding.per_row_block, as moe.layers.Linear runs them on a mesh) against the same GEMM
-  on all rows at once: relative differences of y, dx and dW. 128 rows a device, so each device's
-  rows are whole 128-token Wgrad tiles, the same tiles as on one device."""
+  on all rows at once: relative differences of y, dx and dW, and the collectives of the per-device
+  step. 128 rows a device, so each device's rows are whole 128-token Wgrad tiles, the same tiles as
+  on one device; the weight [256, 384] ("embed", "mlp") split over fsdp x expert as the rules say."""
+  from jax.sharding import NamedSharding
+
   from moe.kernels import fp8 as fp8_lib
+  from train import hlo_parse
 
   par = mesh_lib.Parallelism.from_config(MeshConfig(data=2, fsdp=2, expert=2), jax.devices())
   recipe = fp8_lib.Recipe(gemm="kernels", interpret=True)
   x = jax.random.normal(jax.random.key(0), (8, 128, 256), jnp.float32)
+  axes = ("embed", "mlp")
   w = jax.random.normal(jax.random.key(1), (256, 384), jnp.float32) * 0.05
+  w = jax.device_put(w, NamedSharding(par.mesh, sharding_lib.logical_to_spec(axes, w.shape, dict(par.mesh.shape))))
   t = jax.random.normal(jax.random.key(2), (8, 128, 384), jnp.float32)
   gemm = lambda x, w: fp8_lib.linear(x, w, recipe)
-  run = {"whole": gemm, "per_device": lambda x, w: sharding_lib.per_row_block(gemm, x, w, par)}
+  run = {"whole": gemm, "per_device": lambda x, w: sharding_lib.per_row_block(gemm, x, w, par, axes)}
   out = {}
   for name, fn in run.items():
     f = jax.jit(lambda x, w, fn=fn: jax.value_and_grad(lambda x, w: jnp.sum(fn(x, w) * t), argnums=(0, 1))(x, w))
     (_, (dx, dw)), y = f(x, w), jax.jit(fn)(x, w)
     out[name] = (np.asarray(y), np.asarray(dx), np.asarray(dw))
+  hlo = f.lower(x, w).compile().as_text()
+  shapes = lambda op: sorted({i.shape for i in hlo_parse.parse(hlo).instrs.values() if i.op == op})
   rel = lambda a, b: float(np.abs(a - b).max() / np.abs(a).max())
-  return {k: rel(a, b) for k, a, b in zip(("y", "dx", "dw"), out["whole"], out["per_device"])}
+  return {**{k: rel(a, b) for k, a, b in zip(("y", "dx", "dw"), out["whole"], out["per_device"])},
+          **{op: shapes(op) for op in ("reduce-scatter", "all-reduce")}}
 
 
 def accumulate(meshes, extra=(), ref_mesh=dict(data=1), chunk=4):

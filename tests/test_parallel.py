@@ -300,9 +300,13 @@ def test_fp8_kernels_per_devices_rows_equal_one_device(eight):
   """On a mesh the linears' FP8 Pallas GEMM runs on each device's rows (XLA does not partition a
   custom call; tests/test_aot.py has the compiled GPU program): on data=2 x fsdp=2 x expert=2 with
   128 rows a device (whole Wgrad tiles) y and dx equal one device's bitwise, and dW, summed over the
-  devices in float32, within 1e-6 of its largest entry (measured 1.1e-7)."""
+  devices in float32, within 1e-6 of its largest entry (measured 1.1e-7). The weight [256, 384] comes
+  in as its fsdp x expert shard [64, 384] and its gradient leaves reduce-scattered to that shard (then
+  summed over data); no device sums the whole [256, 384] gradient (it did before: an all-reduce)."""
   d = eight["fp8_rows"]
   assert d["y"] == 0 and d["dx"] == 0 and d["dw"] < 1e-6, d
+  assert any(s.startswith("f32[64,384]") for s in d["reduce-scatter"]), d
+  assert not any(s.startswith("f32[256,384]") for s in d["all-reduce"]), d
 
 
 def test_expert_parallel_dispatch_on_every_mesh(eight):
