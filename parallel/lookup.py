@@ -26,18 +26,14 @@ from jax.sharding import PartitionSpec as P
 from parallel import sharding as sharding_lib
 
 
-def _axes(entry) -> tuple[str, ...]:
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def _plan(table_shape, ids_shape, shape: dict, rules: dict):
   """(vocab axes, column axes, batch axes, sequence axes of the ids) if the sharded lookup applies, else
   None: each of the table's column axes must split the ids too (then each device's tokens come back
   whole)."""
   t_spec = tuple(sharding_lib.logical_to_spec(("vocab", "embed"), table_shape, shape, rules, "embedding"))
-  vocab, cols = (_axes(e) for e in t_spec + (None,) * (2 - len(t_spec)))
+  vocab, cols = (sharding_lib.axes_of(e) for e in t_spec + (None,) * (2 - len(t_spec)))
   ids_spec = tuple(sharding_lib.logical_to_spec(("batch", "seq"), ids_shape, shape, rules, "activation"))
-  batch, seq = (_axes(e) for e in ids_spec + (None,) * (2 - len(ids_spec)))
+  batch, seq = (sharding_lib.axes_of(e) for e in ids_spec + (None,) * (2 - len(ids_spec)))
   if not cols or not set(cols) <= set(batch) | set(seq):
     return None
   return vocab, cols, batch, seq
@@ -45,11 +41,11 @@ def _plan(table_shape, ids_shape, shape: dict, rules: dict):
 
 def take_rows(table_VxD: jax.Array, ids_BxS: jax.Array, par, dtype) -> jax.Array:
   """table[ids] as `dtype`, [B, S, D], sharded like the ids; the table stays sharded."""
-  if par is None or par.mesh.size == 1:
+  if (where := sharding_lib.splitting(par)) is None:
     return jnp.take(table_VxD, ids_BxS, axis=0).astype(dtype)
-  mesh, shape, free = sharding_lib.context(par)
+  mesh, shape, free = where
   plan = _plan(table_VxD.shape, ids_BxS.shape, shape, dict(par.rules))
-  if math.prod(shape.values()) == 1 or plan is None:  # whole rows, gathered by XLA
+  if plan is None:  # whole rows, gathered by XLA
     table = sharding_lib.constrain(table_VxD, ("vocab", None), par)
     return jnp.take(table, ids_BxS, axis=0).astype(dtype)
   vocab, cols, batch, seq = plan

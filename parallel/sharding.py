@@ -232,14 +232,26 @@ def context(par):
   return abstract, {a: 1 if a in manual else n for a, n in par.mesh.shape.items()}, free
 
 
+def axes_of(entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names), as a tuple."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def splitting(par):
+  """context(par), or None where nothing can split an array: no mesh, one device, or every automatic
+  axis of size 1 (the helpers below are then the identity)."""
+  if par is None or par.mesh.size == 1:
+    return None
+  mesh, shape, free = context(par)
+  return None if math.prod(shape.values()) == 1 else (mesh, shape, free)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None], par=None) -> jax.Array:
   """Sharding constraint on an activation by logical axis names, on the mesh of `par` (a
   parallel.mesh.Parallelism); a no-op without one or on a single device."""
-  if par is None or par.mesh.size == 1:
+  if (where := splitting(par)) is None:
     return x
-  mesh, shape, _ = context(par)
-  if math.prod(shape.values()) == 1:
-    return x
+  mesh, shape, _ = where
   spec = logical_to_spec(tuple(logical_axes), x.shape, shape, par.rules, "activation")
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
@@ -252,16 +264,14 @@ def per_row_block(fn, x: jax.Array, w: jax.Array, par=None, w_axes: Sequence[str
   split the rows (ZeRO-3 over fsdp), w comes in as its shard and is all-gathered here, so that its
   gradient leaves as a reduce-scatter (XLA, gathering it outside, summed the whole gradient on every
   device: an all-reduce of twice the bytes); other axes splitting it are gathered by XLA before."""
-  if par is None or par.mesh.size == 1:
+  if (where := splitting(par)) is None:
     return fn(x, w)
-  mesh, shape, free = context(par)
-  if math.prod(shape.values()) == 1:
-    return fn(x, w)
+  mesh, shape, free = where
   names = ("batch", "seq") if x.ndim >= 3 else ("batch",)
   spec = logical_to_spec(names + (None,) * (x.ndim - len(names)), x.shape, shape, par.rules, "activation")
-  rows = {a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
+  rows = {a for e in spec for a in axes_of(e)}
   w_spec = P() if w_axes is None else logical_to_spec(tuple(w_axes), w.shape, shape, par.rules, "parameter")
-  inside = [e if e is not None and set((e,) if isinstance(e, str) else e) <= rows else None for e in w_spec]
+  inside = [e if axes_of(e) and set(axes_of(e)) <= rows else None for e in w_spec]
   inside += [None] * (w.ndim - len(inside))
 
   def run(x, w):
@@ -279,9 +289,9 @@ def gather_seq(x: jax.Array, logical_axes: Sequence[str | None], par=None) -> ja
   it (context parallelism), written out so that exactly this array crosses them (XLA's partitioner
   could gather a larger one downstream); the identity where nothing splits it. Its transpose, in the
   backward pass, is a reduce-scatter of the gradient."""
-  if par is None or par.mesh.size == 1:
+  if (where := splitting(par)) is None:
     return x
-  mesh, shape, free = context(par)
+  mesh, shape, free = where
   spec = tuple(logical_to_spec(tuple(logical_axes), x.shape, shape, par.rules, "activation"))
   spec += (None,) * (x.ndim - len(spec))
   dim = list(logical_axes).index("seq")
@@ -300,10 +310,10 @@ def gather_to(x: jax.Array, logical_axes: Sequence[str | None], target_axes: Seq
   parallelism: the rows of its fsdp peers side by side): one all-gather over the axes dropped, written
   out (XLA's partitioner re-lays such an array out whole on a mesh across slices); its transpose is a
   reduce-scatter. The identity where the layouts agree."""
-  if par is None or par.mesh.size == 1:
+  if (where := splitting(par)) is None:
     return x
-  mesh, shape, free = context(par)
-  spec_of = lambda axes: [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in
+  mesh, shape, free = where
+  spec_of = lambda axes: [axes_of(e) for e in
                           tuple(logical_to_spec(tuple(axes), x.shape, shape, par.rules, "activation"))
                           + (None,) * x.ndim][:x.ndim]
   have, want = spec_of(logical_axes), spec_of(target_axes)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from parallel import sharding as sharding_lib
-from parallel.expert_parallel.plan import Plan, axes_of, exclusive, hops, ragged_unsupported
+from parallel.expert_parallel.plan import Plan, exclusive, hops, ragged_unsupported
 from parallel.expert_parallel.ragged import how_of, ragged_a2a
 
 
@@ -126,7 +126,7 @@ def _stored(fn, arrays, axes, slots, par, n_out: int):
   for x, ax in zip(arrays, axes):
     spec = tuple(sharding_lib.logical_to_spec(ax, x.shape, shape, dict(par.rules), "experts"))
     specs.append(P(*spec, *(None,) * (x.ndim - len(spec))))
-  ep_axes = axes_of(specs[0][lead])
+  ep_axes = sharding_lib.axes_of(specs[0][lead])
   plan = Plan(ep_axes, math.prod(shape[a] for a in ep_axes), par.ep_nodes, copies_transport(par), None, 1)
 
   def body(s, *xs):

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from parallel import eplb, sharding as sharding_lib
 from parallel.common.errors import ConfigError
 from parallel.expert_parallel.exchange import exchange, in_chunks, in_halves, local
-from parallel.expert_parallel.plan import Plan, axes_of, dropless_chunks, ranks_per_token
+from parallel.expert_parallel.plan import Plan, dropless_chunks, ranks_per_token
 
 log = logging.getLogger("train")
 
@@ -24,7 +24,7 @@ def ep_size(par, n_experts: int) -> int:
   if par is None:
     return 1
   spec = sharding_lib.logical_to_spec(("expert",), (n_experts,), dict(par.mesh.shape), dict(par.rules), "experts")
-  return math.prod(par.mesh.shape[a] for a in axes_of(spec[0] if len(spec) else None))
+  return math.prod(par.mesh.shape[a] for a in sharding_lib.axes_of(spec[0] if len(spec) else None))
 
 
 class Layout(NamedTuple):
@@ -65,7 +65,7 @@ def layout(par, mesh, shape_items: tuple, free: frozenset, t: int, k: int, weigh
     return spec + (None,) * (len(wshape) - len(spec))
 
   specs = [full_spec(ws, a) for ws, a in zip(weight_shapes, weight_axes)]
-  ep_axes = axes_of(specs[0][0])
+  ep_axes = sharding_lib.axes_of(specs[0][0])
   n_ep = math.prod(shape[a] for a in ep_axes)
 
   # Token axes: the batch axes in the batch's order, plus the expert axes (each EP rank must hold its own
@@ -81,7 +81,7 @@ def layout(par, mesh, shape_items: tuple, free: frozenset, t: int, k: int, weigh
     token_axes.remove(batch_axes.pop())
   # The experts' other dimensions: sharded over the non-token axes (tensor parallelism), whose
   # partial outputs are summed.
-  inner = [tuple(tuple(a for a in axes_of(s) if a not in token_axes) for s in spec[1:]) for spec in specs]
+  inner = [tuple(tuple(a for a in sharding_lib.axes_of(s) if a not in token_axes) for s in spec[1:]) for spec in specs]
   tp_axes = tuple(dict.fromkeys(a for dims in inner for axes in dims for a in axes))
   ep = ep_axes if ep_axes else None
   weight_specs = tuple(P(ep, *(axes or None for axes in dims)) for dims in inner)
@@ -125,11 +125,9 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
   (eplb.physical_ids), and nothing moves the weights here. Ignored without expert parallelism. keep_exchanged:
   the backward of chunked dropless exchanges keeps their rows rather than exchanging again (in_chunks).
   """
-  if par is None or par.mesh.size == 1:
+  if (where := sharding_lib.splitting(par)) is None:
     return local(x_TxD, idx_TxK, w_TxK, *weights, expert_fn=expert_fn)
-  mesh, shape, free = sharding_lib.context(par)  # (inside the pipeline, `stage` is already manual)
-  if math.prod(shape.values()) == 1:
-    return local(x_TxD, idx_TxK, w_TxK, *weights, expert_fn=expert_fn)
+  mesh, shape, free = where  # (inside the pipeline, `stage` is already manual)
   lay = layout(par, mesh, tuple(shape.items()), free, x_TxD.shape[0], idx_TxK.shape[1],
                tuple(w.shape for w in weights), tuple(weight_axes), routing)
 

@@ -159,10 +159,3 @@ def padded_take(table, rows, fill):
   """table[rows], a row index of len(table) giving `fill`."""
   pad = jnp.full((1, *table.shape[1:]), fill, table.dtype)
   return jnp.concatenate([table, pad])[rows]
-
-
-def axes_of(entry) -> tuple[str, ...]:
-  """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names), as a tuple."""
-  if entry is None:
-    return ()
-  return (entry,) if isinstance(entry, str) else tuple(entry)
