@@ -297,8 +297,8 @@ def _collective(p: Program, ins) -> tuple[str, object] | None:
     return op, ins
   if ins.op == "send" and "_xla_megascale_target" in ins.rest:
     return "send", ins
-  if ins.op == "async-start":
-    for inner in p.comps.get(p.called(ins) or "", []):
+  if ins.op in ("async-start", "call-start"):  # (call-start: libtpu's offload to the SparseCores, tpu7x)
+    for inner in p.comps.get(p.called(ins, "calls" if ins.op == "async-start" else "to_apply") or "", []):
       if inner.op in COLLECTIVE_KINDS[:6]:
         return inner.op, inner
   if ins.name.startswith(hlo_parse.FUSED_START) and (inner := p.collective_in(ins)) is not None:
