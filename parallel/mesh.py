@@ -81,9 +81,10 @@ class MeshConfig:
   # Each MoE layer's tokens in two independent halves, so that one half's all-to-all can run while
   # the other half's experts compute.
   ep_overlap: bool = False
-  # TPU: the weights' all-gathers (FSDP, expert) in steps inside the compute fusions around them
-  # (libtpu's async collective fusion, MaxText's CF_FOR_ALL_GATHER flags), not before them. V3 on
-  # v5p-1024: 11.15 -> 10.35 s a step forecast, 50.3 -> 53.6 GiB per chip (docs/pods.md).
+  # TPU v5e only: the weights' all-gathers (FSDP, expert) in steps inside the compute fusions around
+  # them (libtpu's async collective fusion, MaxText's CF_FOR_ALL_GATHER flags), not before them.
+  # Refused on other TPUs as libtpu 0.0.50 refuses it (check_gather_overlap); on v5p libtpu 0.0.42
+  # compiled it (V3 on v5p-1024: 11.15 -> 10.35 s a step forecast; docs/pods.md).
   gather_overlap: bool = False
   # The output head's vocabulary split over fsdp (and tensor), its tokens gathered over fsdp for it:
   # the head's weight is not gathered nor its gradient summed whole (parallel/sharding.py HEAD_OF).
@@ -241,6 +242,7 @@ class Parallelism:
   def on(cls, mesh: Mesh, mesh_cfg: MeshConfig, pipeline: PipelineConfig = PipelineConfig()) -> Parallelism:
     """`mesh_cfg`'s settings resolved on an existing `mesh` (whose axis sizes are used, not mesh_cfg's)."""
     rules = tuple(sharding.resolve_rules(mesh_cfg.rules, mesh_cfg.vocab_parallel).items())
+    check_gather_overlap(mesh_cfg.gather_overlap, mesh.devices.flat[0])
     transport = expert_parallel.resolve_transport(mesh_cfg.ep_transport, mesh)
     nodes, are = (mesh_cfg.ep_nodes, "mesh.ep_nodes") if mesh_cfg.ep_nodes is not None else expert_nodes(mesh)
     return cls(mesh, mesh_cfg, rules, transport, nodes, are, pipeline)
@@ -314,6 +316,18 @@ class Parallelism:
     nodes = f", {self.ep_nodes} expert-parallel nodes ({self.ep_nodes_are})" if self.ep_nodes > 1 else ""
     return (f"mesh {sizes} on {self.mesh.size} {self.platform} device(s), expert-parallel transport"
             f" {self.ep_transport}{nodes}")
+
+
+def check_gather_overlap(on: bool, device) -> None:
+  """mesh.gather_overlap=true only on TPU v5e: libtpu 0.0.42 (jax 0.10.2) compiled its continuation
+  fusion of all-gathers for any TPU, but 0.0.50 (jax 0.12) refuses it on every TPU but v5e ("not
+  supported/recommended ... might lead to ... incorrect results, hang, SDC"), and so does this
+  project whatever libtpu is installed. (On v5e libtpu already makes the all-gathers asynchronous.)"""
+  kind = getattr(device, "device_kind", device.platform)
+  if on and kind != "TPU v5 lite":
+    raise ConfigError(f"mesh.gather_overlap=true: libtpu supports its continuation fusion of all-gathers on TPU v5e"
+                      f" only, not on {kind} (libtpu 0.0.50 refuses it there, warning of incorrect results, hangs"
+                      f" and silent data corruption); set mesh.gather_overlap=false")
 
 
 def node_of(devices) -> tuple[str, Callable]:

@@ -324,7 +324,7 @@ def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list
       for m in meshes:
         for ep in ("keep", "recompute"):  # (the chunked exchange's rows kept when they fit: no all-to-all again)
           for chunks in (2, None):  # (fewer chunks: the expert weights read, their gradients summed, fewer times)
-            for gather in (True, False) if target.platform == "tpu" else (False,):  # (all-gathers under compute)
+            for gather in (True, False) if target.family == "v5e" else (False,):  # (all-gathers under compute)
               staged = cfg.mesh.stage > 1 and "mesh.fsdp=1" not in m  # (a stage's weights gathered once)
               for once in (True, False) if staged else (False,):
                 out.append(m + [f"impl.remat_policy={remat}", f"impl.ep_remat={ep}"] + (
