@@ -61,6 +61,9 @@ def test_trip_count_from_the_condition():
       "%cond (p.1", "%fused_lt (a: s32[], b: s32[]) -> pred[] {\n  %a = s32[] parameter(0)\n  %b = s32[] parameter(1)\n"
       "  ROOT %c = pred[] compare(%a, %b), direction=LT\n}\n\n%cond (p.1")
   assert hlo_loops.trip_counts(fused) == {"body": 3}
+  # libtpu 0.0.50's shorthand for a tuple's element, `%p.1#0` (MaxText's compiled step reads so)
+  shorthand = LOOP.replace("compare(%i.1, %limit)", "compare(%p.1#0, %limit)")
+  assert "%p.1#0" in shorthand and hlo_loops.trip_counts(shorthand) == {"body": 3}
   # a known_trip_count wins; a condition it cannot read leaves the loop unknown (counted once)
   known = LOOP.replace("body=%body", 'body=%body, backend_config={"known_trip_count":{"n":"9"}}')
   assert hlo_loops.trip_counts(known) == {"body": 9}

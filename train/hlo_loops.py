@@ -31,12 +31,32 @@ def call_edges(computation: str, rest: str, trips: dict | None = None) -> list[t
   return out
 
 
+_ELEMENT = re.compile(r"%?([\w.\-]+)#(\d+)")  # libtpu 0.0.50 writes element k of a tuple as `%name#k`
+
+
+def _elements(rest: str) -> list[str]:
+  """The operands of an instruction, each `name` or `name#k` (operands() drops the `#k`)."""
+  args = rest[:rest.index(")")] if ")" in rest else rest
+  return [m.group(0).lstrip("%") for m in re.finditer(r"%?[\w.\-]+(?:#\d+)?", args)]
+
+
 def _value(name: str, instrs: dict, fusion_operands=None):
   """What an instruction amounts to for a loop counter: ("const", int), ("index", i) for element i of
-  the loop's tuple parameter, or None; through copies, bitcasts, converts and a fusion's parameters."""
+  the loop's tuple parameter, or None; through copies, bitcasts, converts and a fusion's parameters.
+  `name#k` is element k of `name` (libtpu 0.0.50's shorthand for a get-tuple-element)."""
   seen = set()
-  while name in instrs and name not in seen:
+  while name not in seen:
     seen.add(name)
+    if (element := _ELEMENT.fullmatch(name)) is not None:
+      base, k = instrs.get(element.group(1)), int(element.group(2))
+      if base is not None and base.op == "parameter" and fusion_operands is None:
+        return ("index", k)
+      if base is not None and base.op == "tuple" and k < len(operands(base.rest)):
+        name = operands(base.rest)[k]
+        continue
+      return None
+    if name not in instrs:
+      return None
     ins = instrs[name]
     if ins.op == "constant":
       m = re.match(r"\s*(-?\d+)\)", ins.rest)
@@ -72,7 +92,7 @@ def _counter_bound(compare: Instruction, instrs: dict, inside) -> tuple[int, int
   """(the counter's index in the loop's tuple, its limit, direction) of `counter DIR constant` (or
   `constant DIR counter`, flipped), else None."""
   direction = re.search(r"direction=([A-Z]+)", compare.rest)
-  sides = [_value(o, instrs, inside) for o in operands(compare.rest)[:2]]
+  sides = [_value(o, instrs, inside) for o in _elements(compare.rest)[:2]]
   if not direction or len(sides) != 2 or None in sides:
     return None
   d = direction.group(1)
