@@ -31,13 +31,7 @@ def call_edges(computation: str, rest: str, trips: dict | None = None) -> list[t
   return out
 
 
-_ELEMENT = re.compile(r"%?([\w.\-]+)#(\d+)")  # libtpu 0.0.50 writes element k of a tuple as `%name#k`
-
-
-def _elements(rest: str) -> list[str]:
-  """The operands of an instruction, each `name` or `name#k` (operands() drops the `#k`)."""
-  args = rest[:rest.index(")")] if ")" in rest else rest
-  return [m.group(0).lstrip("%") for m in re.finditer(r"%?[\w.\-]+(?:#\d+)?", args)]
+_ELEMENT = re.compile(r"([\w.\-]+)#(\d+)")  # libtpu 0.0.50 writes element k of a tuple as `%name#k`
 
 
 def _value(name: str, instrs: dict, fusion_operands=None):
@@ -51,8 +45,8 @@ def _value(name: str, instrs: dict, fusion_operands=None):
       base, k = instrs.get(element.group(1)), int(element.group(2))
       if base is not None and base.op == "parameter" and fusion_operands is None:
         return ("index", k)
-      if base is not None and base.op == "tuple" and k < len(operands(base.rest)):
-        name = operands(base.rest)[k]
+      if base is not None and base.op == "tuple" and k < len(operands(base.rest, True)):
+        name = operands(base.rest, True)[k]
         continue
       return None
     if name not in instrs:
@@ -71,7 +65,7 @@ def _value(name: str, instrs: dict, fusion_operands=None):
       continue
     if ins.op not in _PEEL:
       return None
-    name = (operands(ins.rest) or [""])[0]
+    name = (operands(ins.rest, True) or [""])[0]
   return None
 
 
@@ -84,7 +78,7 @@ def _compare_of(cond: list[Instruction], comps: dict) -> tuple[Instruction | Non
       callee = hlo_parse.called(ins.rest)
       found = [i for i in comps.get(callee, []) if i.op == "compare"] if callee else []
       if found:
-        return found[-1], operands(ins.rest)
+        return found[-1], operands(ins.rest, True)
   return None, None
 
 
@@ -92,7 +86,7 @@ def _counter_bound(compare: Instruction, instrs: dict, inside) -> tuple[int, int
   """(the counter's index in the loop's tuple, its limit, direction) of `counter DIR constant` (or
   `constant DIR counter`, flipped), else None."""
   direction = re.search(r"direction=([A-Z]+)", compare.rest)
-  sides = [_value(o, instrs, inside) for o in _elements(compare.rest)[:2]]
+  sides = [_value(o, instrs, inside) for o in operands(compare.rest, True)[:2]]
   if not direction or len(sides) != 2 or None in sides:
     return None
   d = direction.group(1)
@@ -111,7 +105,7 @@ def _step(i: int, instrs: dict, body: list[Instruction]) -> int:
   update = instrs.get(operands(root.rest)[i])
   if update is None or update.op != "add":
     return 1
-  values = [_value(o, instrs) for o in operands(update.rest)]
+  values = [_value(o, instrs) for o in operands(update.rest, True)]
   return next((v[1] for v in values if v and v[0] == "const"), 1) or 1
 
 
@@ -151,7 +145,7 @@ def trip_counts(hlo: str) -> dict[str, int]:
       out[body] = int(known.group(1))
     elif cond:
       operand = m.instrs.get((operands(ins.rest) or [""])[0])
-      init = operands(operand.rest) if operand is not None and operand.op == "tuple" else []
+      init = operands(operand.rest, True) if operand is not None and operand.op == "tuple" else []
       n = _trips_from_condition(m.comps.get(cond, []), m.instrs, m.comps, init, m.comps.get(body, []))
       if n is not None:
         out[body] = n

@@ -108,15 +108,17 @@ def instruction(line: str) -> Instruction | None:
   return Instruction(head.group(1), shape, op.group(1), op.group(2)) if op else None
 
 
-def operands(rest: str) -> list[str]:
-  """Operand names of an instruction, from the text after its opening parenthesis."""
+def operands(rest: str, elements: bool = False) -> list[str]:
+  """Operand names of an instruction, from the text after its opening parenthesis. `elements`: keep
+  libtpu 0.0.50's `#k` of an operand that is element k of a tuple (`%param#0`), else dropped."""
   depth, end = 1, len(rest)
   for i, ch in enumerate(rest):
     depth += {"(": 1, ")": -1}.get(ch, 0)
     if depth == 0:
       end = i
       break
-  return re.findall(r"%([\w.\-]+)", rest[:end]) or [w.split()[-1] for w in rest[:end].split(",") if w.strip()]
+  named = re.findall(r"%([\w.\-]+(?:#\d+)?)" if elements else r"%([\w.\-]+)", rest[:end])
+  return named or [w.split()[-1] for w in rest[:end].split(",") if w.strip()]
 
 
 def called(rest: str, key: str = "calls") -> str | None:
