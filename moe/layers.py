@@ -59,7 +59,6 @@ class Linear(nnx.Module):
     self.dtype = rt.compute_dtype
     self.fp8 = rt.fp8 if fp8 else None
     self.par = rt.par
-    self.axes = tuple(axes)  # (the kernel's own: its metadata gains "layers" in a stack)
     self.kernel = param(rngs, (d_in, d_out), axes, cfg, rt)
 
   def __call__(self, x):
@@ -67,7 +66,8 @@ class Linear(nnx.Module):
     if self.fp8 is not None:
       fp8 = lambda x, w: fp8_lib.linear(x, w, self.fp8)
       if self.fp8.gemm == "kernels":  # Pallas custom calls, which XLA does not partition: per device's rows
-        return sharding.per_row_block(fp8, x, w, self.par, self.axes)
+        axes = self.kernel.get_metadata()["axes"][-2:]  # (a stacked layer's also name "layers" first)
+        return sharding.per_row_block(fp8, x, w, self.par, axes)
       return fp8(x, w)
     return jnp.dot(x, w)
 
