@@ -10,6 +10,7 @@ unrolls the loop); `impl.remat_policy` picks what the backward pass recomputes p
 
 from __future__ import annotations
 
+import contextlib
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -145,6 +146,25 @@ class LayerStack(nnx.Module):
 ACCUMULATING = ("full", "full_offload")  # the remat policies `accumulating` implements
 
 
+@contextlib.contextmanager
+def _own_source_lines():
+  """Operations traced inside take their source lines from Python's stack. JAX traces a custom_vjp's
+  backward under the traceback of the call to the custom_vjp function, so every operation of
+  `accumulating`'s backward (the recomputed layers, their gradients) would name that one call as its
+  source in the compiled program, where `train.aot`'s forecast says what costs the time."""
+  from jax._src import source_info_util as info  # (no public API clears it)
+  context = getattr(info, "_source_info_context", None)
+  if context is None or not hasattr(info, "SourceInfo"):
+    yield
+    return
+  before = context.context
+  context.context = info.SourceInfo(None, before.name_stack)
+  try:
+    yield
+  finally:
+    context.context = before
+
+
 def accumulating(graphdef, stacked, acc, x_BxSxD, consts, offload: bool = False, par=None):
   """The layers of `stacked` (as LayerStack.apply, remat full), whose parameters' gradient is returned
   already summed into `acc` (their gradient so far in a gradient accumulation, a State like their
@@ -193,6 +213,10 @@ def accumulating(graphdef, stacked, acc, x_BxSxD, consts, offload: bool = False,
     return out, (p, acc, inputs)
 
   def bwd(res, cts):
+    with _own_source_lines():
+      return _bwd(res, cts)
+
+  def _bwd(res, cts):
     p, acc, inputs = res
     dy, dstats, _ = cts
     n = inputs.shape[0]

@@ -6,6 +6,7 @@ from the host (1); meshes that split physical axes (2); MLA's up-projections sha
 no ragged all-to-all on large v5e slices (4); the ragged transport's receive buffers (5).
 """
 
+import collections
 import json
 import math
 from pathlib import Path
@@ -17,7 +18,7 @@ from moe.runtime import ImplConfig, Runtime
 from parallel import targets
 from parallel.common.errors import ConfigError
 from parallel.mesh import MeshConfig, Parallelism, make_mesh
-from train import aot
+from train import aot, forecast
 from train import hlo as hlo_lib
 from train import hlo_links, hlo_parse
 from train.core import loop
@@ -619,7 +620,9 @@ def test_accumulated_gradients_need_no_second_copy_of_the_stacks(monkeypatch):
   """grad_accum=2 with remat full, compiled for v5p-8 (fsdp=4; experts made large so that weights
   dominate): the layer stacks add their gradient into the accumulator in their backward scans
   (moe/decoder.py: accumulating), so the step's temporaries are smaller than with the micro-batch's
-  gradient returned whole and added after, by at least the stacks' float32 parameters per device."""
+  gradient returned whole and added after, by at least the stacks' float32 parameters per device. The
+  forecast names the lines that made the backward's operations: JAX traces a custom_vjp's backward
+  under its call's traceback, which named `accumulating`'s one call the source of half this step."""
   cfg = load_train_config(ROOT / "configs/tiny.yaml", [
       "mesh.data=1", "mesh.fsdp=4", "batch_size=8", "grad_accum=2", "seq_len=64", "model.moe_intermediate_size=1024",
       "model.num_nextn_predict_layers=0", "impl.remat_policy=full"])
@@ -629,7 +632,14 @@ def test_accumulated_gradients_need_no_second_copy_of_the_stacks(monkeypatch):
       plain = step_lib.accumulated
       monkeypatch.setattr(step_lib, "accumulated", lambda *a: plain(*a[:6], False))
     s = loop.setup(cfg, Parallelism.from_config(cfg.mesh, targets.devices(targets.parse("v5p-8"))))
-    temps[in_stacks] = s.train_step.lower(s.abstract_state, s.batch_spec(8, 64)).compile().memory_analysis().temp_size_in_bytes
+    compiled = s.train_step.lower(s.abstract_state, s.batch_spec(8, 64)).compile()
+    temps[in_stacks] = compiled.memory_analysis().temp_size_in_bytes
+    if in_stacks:
+      cost = forecast.costs(compiled.as_text(), forecast.chip_of("v5p"))
+      named = collections.Counter()
+      for (_, source), t in cost.where.items():
+        named[source.split(" ")[-1]] += t / cost.time
+      assert named["(accumulating)"] < 0.01 and named["(accumulating.<locals>._bwd.<locals>.body.<locals>.<lambda>)"] > 0.01, named
   stacks = aot.per_device_bytes([s.abstract_state["params"][k] for k in ("dense_layers", "moe_layers")])
   assert stacks > 8e6 and temps[False] - temps[True] >= stacks, (temps, stacks)
 
