@@ -46,14 +46,19 @@ _permute.defvjp(lambda x, perm, inverse: (x[perm], (perm, inverse)),
 def _sorted_ffn(x_NxD, expert_N, gate_ExDxF, up_ExDxF, down_ExFxD, grouped_matmul, rows_multiple=1):
   """Rows sorted by expert (the empty ones last, past every group; then zero rows up to a multiple of
   `rows_multiple`), the FFN's three grouped matmuls grouped_matmul(rows, [E, K, N], sizes [E]),
-  unsorted."""
+  unsorted. The Pallas kernels (megablox, triton) leave the rows past every group unwritten, in their
+  outputs and in their gradients' (whatever memory held: NaN in the interpreter), so the rows are
+  masked on the way in (its gradient: the rows' cotangent) and out: an empty row gives 0, and its
+  gradient adds nothing to the row it was copied from (exchange.py multiplies an empty row's output by
+  a zero weight, and adds its gradient into the token's)."""
   e, n = gate_ExDxF.shape[0], x_NxD.shape[0]
   order = jnp.argsort(expert_N, stable=True)
   inverse = jnp.argsort(order)
   sizes = jnp.bincount(expert_N, length=e + 1)[:e].astype(jnp.int32)
-  x_sorted = jnp.pad(_permute(x_NxD, order, inverse), ((0, -n % rows_multiple), (0, 0)))
+  grouped = (jnp.arange(n) < sizes.sum())[:, None]  # the sorted rows some group holds
+  x_sorted = jnp.pad(jnp.where(grouped, _permute(x_NxD, order, inverse), 0), ((0, -n % rows_multiple), (0, 0)))
   h = jax.nn.silu(grouped_matmul(x_sorted, gate_ExDxF, sizes)) * grouped_matmul(x_sorted, up_ExDxF, sizes)
-  y_sorted = grouped_matmul(h, down_ExFxD, sizes)[:n]
+  y_sorted = jnp.where(grouped, grouped_matmul(h, down_ExFxD, sizes)[:n], 0)
   return _permute(y_sorted, inverse, order)
 
 
