@@ -73,6 +73,10 @@ class MeshConfig:
   # Dropless exchanges in this many chunks of each rank's tokens (null: as many as keep a chunk's
   # worst-case receive buffer within the balanced one of all tokens; parallel/expert_parallel/).
   ep_chunks: int | None = None
+  # The one-level ragged exchange's fast path: all of a rank's tokens at once, in receive buffers of
+  # this many times the balanced receive, taken in a layer where no rank would receive more; the
+  # chunked worst-case exchange otherwise (both dropless). null: always the chunks.
+  ep_fast_path: float | None = None
   # The expert-parallel ranks as this many nodes of neighbouring ranks: > 1 sends a token across
   # nodes once per node holding its experts, then to the experts' ranks inside the node (two-level
   # dispatch; parallel/expert_parallel/). null: the nodes the expert axis spans, from the devices
@@ -106,6 +110,8 @@ class MeshConfig:
     sharding.resolve_rules(self.rules)  # a bad entry is a one-line error here, not at build time
     cf = self.capacity_factor
     require(cf is None or cf > 0, f"mesh.capacity_factor={cf} must be > 0 or null (dropless)")
+    require(self.ep_fast_path is None or self.ep_fast_path >= 1,
+            f"mesh.ep_fast_path={self.ep_fast_path} must be >= 1 (times the balanced receive) or null")
     require(self.ep_chunks is None or self.ep_chunks >= 1, f"mesh.ep_chunks={self.ep_chunks} must be >= 1 or null")
     require(self.ep_nodes is None or self.ep_nodes >= 1, f"mesh.ep_nodes={self.ep_nodes} must be >= 1 or null")
     require(self.ep_nodes is None or self.expert == -1 or self.expert % self.ep_nodes == 0,
@@ -219,7 +225,7 @@ class Parallelism:
   """What the model and the trainer need to know about parallelism, built once from the config.
 
   `cfg`: the `mesh:` section it was built from; the settings that need no devices are read from it
-  (`capacity_factor`, `ep_chunks`, `ep_overlap`, `gather_overlap`, `redundant_experts`,
+  (`capacity_factor`, `ep_chunks`, `ep_fast_path`, `ep_overlap`, `gather_overlap`, `redundant_experts`,
   `redundant_every`). Resolved for the mesh's devices: `rules`, logical axis -> mesh axes as (name, axes) pairs
   (parallel.sharding.resolve_rules); `ep_transport`, "padded", "ragged" or "ragged_emulated";
   `ep_nodes`, the nodes of expert-parallel ranks of the two-level dispatch (1: one level), and
@@ -256,6 +262,11 @@ class Parallelism:
   def ep_chunks(self) -> int | None:
     """Dropless exchanges: token chunks (None: expert_parallel.dropless_chunks)."""
     return self.cfg.ep_chunks
+
+  @property
+  def ep_fast_path(self) -> float | None:
+    """Dropless ragged exchanges: the fast path's receive buffer per balanced receive (None: none)."""
+    return self.cfg.ep_fast_path
 
   @property
   def ep_overlap(self) -> bool:

@@ -141,6 +141,13 @@ def routed(t=64, e=16, k=4, d=16, f=8, n_group=4, topk_group=2, seed=0):
 STORED_AXES = (("expert", "embed", "moe_mlp"), ("expert", "embed", "moe_mlp"), ("expert", "moe_mlp", "embed"))
 
 
+def rel_err(got, want) -> float:
+  """max |got - want| / max |want| in numpy, NaN (any NaN in `got`) as infinity. (XLA:CPU's max
+  reduction gave -inf for an output holding NaNs, which passed `err < 1e-6`.)"""
+  err = float(np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)).max() / np.abs(np.asarray(want)).max())
+  return err if np.isfinite(err) else float("inf")
+
+
 def dispatch():
   """The dispatch alone vs one device. With copies as the training step runs them: their weights made
   by make_copies, the dispatch differentiated with respect to them too, and their gradients added
@@ -164,14 +171,18 @@ def dispatch():
   sizes = {"expert8": dict(data=1, expert=8), "d2e4": dict(data=2, expert=4), "f2e2t2": dict(data=1, fsdp=2, expert=2, tensor=2)}
   # TPU's and GPU's grouped-matmul kernels, in the Pallas interpreter
   kernels = {k: functools.partial(EXPERTS[k], interpret=True) for k in ("megablox", "triton")}
-  for mesh, nodes, transport, redundant, overlap, kernel in [
-      ("expert8", 2, "padded", False, True, None), ("expert8", 8, "padded", True, False, None),
-      ("expert8", 4, "ragged", True, True, None), ("d2e4", 4, "ragged", False, False, None),
-      ("d2e4", 2, "padded", True, False, None), ("f2e2t2", 2, "padded", True, True, None),
-      ("f2e2t2", 2, "ragged", True, False, "megablox"), ("d2e4", 2, "ragged", True, False, "triton")]:
+  for mesh, nodes, transport, redundant, overlap, kernel, fast in [
+      ("expert8", 2, "padded", False, True, None, None), ("expert8", 8, "padded", True, False, None, None),
+      ("expert8", 4, "ragged", True, True, None, None), ("d2e4", 4, "ragged", False, False, None, None),
+      ("d2e4", 2, "padded", True, False, None, None), ("f2e2t2", 2, "padded", True, True, None, None),
+      ("f2e2t2", 2, "ragged", True, False, "megablox", None), ("d2e4", 2, "ragged", True, False, "triton", None),
+      # the one-level ragged exchange's fast path (mesh.ep_fast_path): buffers too small for this
+      # routing (the chunked exchange runs), large enough, in halves, with TPU's kernel, with copies
+      ("expert8", 1, "ragged", False, False, None, 1.0), ("expert8", 1, "ragged", False, True, None, 8.0),
+      ("d2e4", 1, "ragged", False, False, "megablox", 1.5), ("expert8", 1, "ragged", True, False, None, 3.0)]:
     n_ep = sizes[mesh]["expert"]
     par = mesh_lib.Parallelism.from_config(mesh_lib.MeshConfig(**sizes[mesh], ep_transport=transport, ep_nodes=nodes,
-                                                                ep_overlap=overlap))
+                                                                ep_overlap=overlap, ep_fast_path=fast))
     slots = eplb.place(load, n_ep, 1, nodes) if redundant else None
     fn = layer(par, slots, kernels[kernel] if kernel else EXPERTS["blocked"])
     make = jax.jit(lambda *ws: tuple(expert_parallel.make_copies(ws, STORED_AXES, slots, par)))
@@ -180,11 +191,16 @@ def dispatch():
     y, dropped = jax.jit(fn)(x, *rest, *copy_w)
     g = jax.jit(jax.grad(loss(fn), argnums=tuple(range(5 + len(copy_w)))))(x, *rest, *copy_w)
     name = f"{mesh}/nodes{nodes}/{par.ep_transport}/{'copies' if redundant else 'plain'}{'/overlap' if overlap else ''}" \
-        + (f"/{kernel}" if kernel else "")
+        + (f"/fast{fast}" if fast else "") + (f"/{kernel}" if kernel else "")
     if redundant:
       g = g[:2] + tuple(add(g[2:5], g[5:]))
-    out[name] = {"y": float(jnp.abs(y - want).max() / jnp.abs(want).max()), "dropped": int(dropped),
-                 "grad": max(float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(g, want_g))}
+    out[name] = {"y": rel_err(y, want), "dropped": int(dropped), "grad": max(map(rel_err, g, want_g))}
+    if fast and not redundant:  # whether the fast path ran: the most rows a rank of a group receives
+      groups = sizes[mesh].get("data", 1) * sizes[mesh].get("fsdp", 1)
+      e_local = 16 // n_ep
+      most = max(np.bincount(np.asarray(part).ravel() // e_local, minlength=n_ep).max() for part in np.split(np.asarray(idx), groups))
+      t_local = len(idx) // (groups * n_ep)
+      out[name]["fast"] = bool(most <= expert_parallel.fast_rows(t_local, idx.shape[1], n_ep, e_local, fast))
     if redundant and transport == "padded":  # the copies' all-to-all bytes per device, from the HLO
       hlo = [f.lower(*a).compile().as_text() for f, a in ((make, rest[1:]), (add, (g[2:5], copy_w)))]
       out[name]["copy_bytes"] = [a2a_bytes(h) for h in hlo]

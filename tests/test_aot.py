@@ -147,6 +147,23 @@ def test_kept_exchange_rows_are_not_exchanged_again():
   assert counts == {"keep": 3 + 2, "recompute": 3 + 2 + 3}, counts
 
 
+def test_fast_path_is_forecast_as_one_pass_with_its_fallback_reported():
+  """mesh.ep_fast_path=2 (expert=4 on v5p-8, ragged): the step holds a conditional between the fast
+  path (all tokens at once, buffers of twice the balanced receive) and the chunked exchange; the
+  forecast costs the fast path, under the plain chunked step's, and reports what the fallback would
+  add (`fallback_s`)."""
+  target = targets.parse("v5p-8")
+  out = {}
+  for fast in ("null", "2.0"):
+    cfg = load_train_config(ROOT / "configs/tiny.yaml", [*SMALL, "mesh.data=1", "mesh.expert=4", f"mesh.ep_fast_path={fast}",
+                                                          "model.num_nextn_predict_layers=0"])
+    text = _compiled(cfg, target).as_text()
+    out[fast] = (forecast.costs(text, forecast.chip_of("v5p")), text.count(" conditional("))
+  (plain, n_plain), (fast, n_fast) = out["null"], out["2.0"]
+  assert n_fast > n_plain and plain.fallback == 0 < fast.fallback, (n_plain, n_fast, plain.fallback)
+  assert fast.time < plain.time < fast.time + fast.fallback, (fast.time, plain.time, fast.fallback)
+
+
 V5P16 = ["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2", "batch_size=8", "seq_len=256"]
 
 
@@ -298,7 +315,7 @@ def test_bad_target_and_search(capsys):
   rows = [json.loads(line) for line in out[:2]]
   assert [r["overrides"][:4] for r in rows] == [["mesh.data=1", "mesh.fsdp=1", "mesh.expert=4", "mesh.tensor=1"]] * 2
   assert [r["overrides"][5:] for r in rows] == [
-      ["impl.ep_remat=keep", "mesh.ep_chunks=2", "grad_accum=1"], ["impl.ep_remat=keep", "grad_accum=1"]]
+      ["impl.ep_remat=keep", "mesh.ep_fast_path=2.0", "grad_accum=1"], ["impl.ep_remat=keep", "mesh.ep_chunks=2", "grad_accum=1"]]
   assert out[2].startswith("fits") and all(r["fits"] for r in rows) and len(out) == 5
 
 

@@ -75,9 +75,15 @@ def test_dispatch_matches_one_device(eight):
   """The MoE dispatch alone: 2, 4 or 8 (one per rank) nodes, both transports, with copies (made by
   make_copies, their gradients summed in by add_copy_grads) and the split exchange, with tensor
   parallelism too; two with TPU's and GPU's grouped-matmul kernels (megablox, triton: in the Pallas
-  interpreter) as the experts' GEMM."""
+  interpreter) as the experts' GEMM. The ragged exchange's fast path (mesh.ep_fast_path) as exact, with
+  buffers of 1x the balanced receive (this routing overflows them: the chunked exchange runs), 8x (it
+  runs, in halves), 1.5x (it runs, megablox's kernel) and 3x with copies."""
   kernels = [n.rsplit("/", 1)[1] for n in eight["dispatch"] if n.endswith(("/megablox", "/triton"))]
-  assert len(eight["dispatch"]) == 8 and kernels == ["megablox", "triton"]
+  assert len(eight["dispatch"]) == 12 and kernels == ["megablox", "triton", "megablox"]
+  fast = {n: r["fast"] for n, r in eight["dispatch"].items() if "fast" in r}
+  assert fast == {"expert8/nodes1/ragged_emulated/plain/fast1.0": False,
+                  "expert8/nodes1/ragged_emulated/plain/overlap/fast8.0": True,
+                  "d2e4/nodes1/ragged_emulated/plain/fast1.5/megablox": True}, fast
   for name, r in eight["dispatch"].items():
     assert r["y"] < 1e-6 and r["grad"] < 1e-6 and r["dropped"] == 0, name
 

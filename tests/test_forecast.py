@@ -490,3 +490,39 @@ def test_grouped_matmul_and_ragged_exchange_count_what_they_touch(text):
   assert s["hbm_bytes"] == 0.25 * 2 * (512 * 128 + 512 * 256) + 2 * 4 * 128 * 256
   assert s["collective_bytes"]["ragged-all-to-all"]["fast"] == 2 * 512 * 256 * 3 / 4  # the 512-row input, not 2048
   assert forecast.ragged_rows(text) == 512
+
+
+# A conditional between a fast path (one add, made under the exchange's named scope) and a fallback
+# (two adds): the dropless exchange's two branches (parallel/expert_parallel/exchange.py).
+BRANCHES = """HloModule m, is_scheduled=true, num_partitions=1
+
+%fast (a: bf16[128,512]) -> bf16[128,512] {
+  %a = bf16[128,512]{1,0} parameter(0)
+  ROOT %f = bf16[128,512]{1,0} add(%a, %a), metadata={op_name="jit(step)/cond/branch_1_fun/ep_fast_path/add"}
+}
+
+%slow (b: bf16[128,512]) -> bf16[128,512] {
+  %b = bf16[128,512]{1,0} parameter(0)
+  %s1 = bf16[128,512]{1,0} add(%b, %b), metadata={op_name="jit(step)/cond/branch_0_fun/add"}
+  ROOT %s2 = bf16[128,512]{1,0} add(%s1, %b), metadata={op_name="jit(step)/cond/branch_0_fun/add"}
+}
+
+ENTRY %main (p: pred[], x: bf16[128,512]) -> bf16[128,512] {
+  %p = pred[] parameter(0)
+  %x = bf16[128,512]{1,0} parameter(1)
+  ROOT %c = bf16[128,512]{1,0} conditional(%p, %x, %x), true_computation=%fast, false_computation=%slow
+}
+"""
+
+
+def test_conditional_costs_its_fast_path_and_reports_the_fallback():
+  """A conditional costs the branch made under a named scope of forecast.LIKELY (the dropless
+  exchange's fast path), and `fallback_s` is what its costliest branch would add; with no marked
+  branch, the costliest, and no fallback."""
+  chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e9, 1e8, 1e9)
+  add_s = 3 * 2 * 128 * 512 / 1e9  # two operands and the result
+  c = forecast.costs(BRANCHES, chip)
+  assert c.time == pytest.approx(add_s) and c.fallback == pytest.approx(add_s)
+  assert forecast.summary(c)["fallback_s"] == pytest.approx(add_s, rel=1e-3)
+  c = forecast.costs(BRANCHES.replace("/ep_fast_path/", "/"), chip)
+  assert c.time == pytest.approx(2 * add_s) and c.fallback == 0

@@ -156,18 +156,24 @@ def step_forecast(hlo: str, cfg: TrainConfig, par: Parallelism, target: targets_
   if par.stages > 1:  # a pipelined MoE layer takes one of M micro-batches at a time, on its stage's devices
     tokens_per_device *= par.stages / (cfg.pipeline.microbatches or par.stages)
   n_ep, k = par.mesh.shape.get("expert", 1), cfg.model.num_experts_per_tok
-  chunks = 1
+  e_local = max(1, cfg.model.n_routed_experts // n_ep)
+  chunks, likely = 1, None
   if par.dropless and n_ep > 1:
-    chunks = expert_parallel.dropless_chunks(int(tokens_per_device), k, n_ep,
-                                             max(1, cfg.model.n_routed_experts // n_ep), par.ep_chunks)
+    chunks = expert_parallel.dropless_chunks(int(tokens_per_device), k, n_ep, e_local, par.ep_chunks)
   fill = forecast.expected_ragged_fill(hlo, tokens_per_device, k, chunks)
-  cost = forecast.costs(p, chip, forecast.granules(assignment, p.size, target.platform), fill)
+  if par.dropless and n_ep > 1 and par.ep_fast_path and par.ep_nodes == 1 and par.ep_transport != "padded":
+    # the fast path's buffers hold all the tokens' rows, the chunks' (the fallback) a chunk's worst case
+    fill = min(1.0, k / (n_ep * min(k, e_local)))
+    likely = min(1.0, tokens_per_device * k / expert_parallel.fast_rows(
+        int(tokens_per_device), k, n_ep, e_local, par.ep_fast_path))
+  cost = forecast.costs(p, chip, forecast.granules(assignment, p.size, target.platform), fill, likely)
   chips = target.chips * target.slices
   price = price if price is not None else targets_lib.hardware(target.family)["price"]
   out = forecast.report(cost, chip, tokens=cfg.batch_size * cfg.seq_len, model_flops=model_flops, chips=chips,
                         devices=par.mesh.size, price=price)
   return {"costs": forecast.summary(cost),
-          "forecast": {**out, "chip": target.family, "ragged_fill": round(fill, 4), "price_per_chip_hour": price,
+          "forecast": {**out, "chip": target.family, "ragged_fill": round(fill, 4),
+                       **({"fast_path_fill": round(likely, 4)} if likely is not None else {}), "price_per_chip_hour": price,
                        "error": forecast.ERROR},
           **({"context": context_costs(p, cost, par, assignment, chip, fill, cfg.model.num_hidden_layers)}
              if par.mesh.shape.get("context", 1) > 1 else {})}
@@ -302,9 +308,10 @@ LONG = 4096  # tokens a sequence (or a context slice of one) holds before --sear
 def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list[list[str]]:
   """Override sets to try, most promising first: expert x fsdp (x tensor, x context when seq_len is
   over LONG tokens) factorisations of the devices (of each pipeline stage's, with mesh.stage given),
-  then remat policies (the chunked expert-parallel exchange's rows kept before recomputed, in 2 chunks
-  before the default, on TPU the weights' all-gathers fused into the compute before not, with stages
-  a stage's weights gathered once per step before in every tick) and grad_accum."""
+  then remat policies (the chunked expert-parallel exchange's rows kept before recomputed, its fast
+  path (mesh.ep_fast_path=2) before 2 chunks before the default, on v5e the weights' all-gathers
+  fused into the compute before not, with stages a stage's weights gathered once per step before in
+  every tick) and grad_accum."""
   n = target.devices // max(cfg.mesh.stage, 1)
   e = cfg.model.n_routed_experts
   long = cfg.seq_len > LONG  # each sequence over `context` devices too, at least LONG tokens a slice
@@ -323,12 +330,14 @@ def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list
         continue
       for m in meshes:
         for ep in ("keep", "recompute"):  # (the chunked exchange's rows kept when they fit: no all-to-all again)
-          for chunks in (2, None):  # (fewer chunks: the expert weights read, their gradients summed, fewer times)
+          for chunks in ("fast", 2, None):  # (the fast path, all tokens at once; fewer chunks: the expert
+            # weights read, their gradients summed, fewer times)
             for gather in (True, False) if target.family == "v5e" else (False,):  # (all-gathers under compute)
               staged = cfg.mesh.stage > 1 and "mesh.fsdp=1" not in m  # (a stage's weights gathered once)
               for once in (True, False) if staged else (False,):
                 out.append(m + [f"impl.remat_policy={remat}", f"impl.ep_remat={ep}"] + (
-                    [f"mesh.ep_chunks={chunks}"] if chunks else []) + (["mesh.gather_overlap=true"] if gather else []) + (
+                    ["mesh.ep_fast_path=2.0"] if chunks == "fast" else [f"mesh.ep_chunks={chunks}"] if chunks else []) + (
+                    ["mesh.gather_overlap=true"] if gather else []) + (
                     ["pipeline.gather_once=true"] if once else []) + ([f"grad_accum={accum}"] if accum else []))
   return out[:tries]
 

@@ -10,7 +10,9 @@ and how long that takes on a chip (parallel/targets.py: CHIPS, each figure with 
 How it counts (one device; SPMD programs run the same on all):
 - The program runs from its entry computation; a while loop runs its body its trip count times
   (train/hlo_loops.py: trip_counts, from known_trip_count or the loop's condition), a conditional its
-  costliest branch, a call its callee. Fusions, reducers and sorting comparators are parts of one
+  expected branch (one made under a named scope of LIKELY: the dropless exchange's fast path) or else
+  its costliest, a call its callee; `fallback_s` is what the step would add were every conditional
+  to take its costliest branch instead. Fusions, reducers and sorting comparators are parts of one
   kernel, not programs of their own.
 - FLOPs: dots and convolutions from their shapes (inside fusions too), ragged dots (XLA's, and
   libtpu's Mosaic kernels "ragged-dot-*": 2 x rows x K x N; the grouped Pallas kernels, FP8 ones at
@@ -47,8 +49,14 @@ import dataclasses
 import math
 import re
 
+from parallel.expert_parallel.exchange import FAST_PATH
 from train import hlo as hlo_lib
 from train import hlo_loops, hlo_parse
+
+# Named scopes that mark the branch of a conditional the program is expected to take: the dropless
+# exchange's fast path (parallel/expert_parallel/exchange.py: with_fast_path), taken unless some rank
+# would receive more rows than its buffers hold.
+LIKELY = (FAST_PATH,)
 
 COLLECTIVE_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "ragged-all-to-all",
                     "collective-permute", "send", "recv")
@@ -366,9 +374,11 @@ class Cost:
   # (kernel time and exposed communication), "matmul" (FLOPs), "fast" and "slow" (collective bytes)
   parts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   known: bool = True
+  fallback: float = 0.0  # seconds the step adds if every conditional takes its costliest branch
 
   def add(self, other: "Cost", times: float = 1) -> None:
     self.time += other.time * times
+    self.fallback += other.fallback * times
     self.compute += other.compute * times
     self.exposed += other.exposed * times
     self.hbm += other.hbm * times
@@ -402,6 +412,18 @@ def _parts(p: "Program", ins, depth: int = 8) -> tuple[str, ...]:
   return out
 
 
+def _likely(p: "Program", comp: str, depth: int = 3) -> bool:
+  """Whether computation `comp` (a conditional's branch) holds an instruction made under a named
+  scope of LIKELY, itself or in the computations it calls."""
+  for ins in p.comps.get(comp, []):
+    if any(hlo_parse.in_scope(ins.rest, scope) for scope in LIKELY):
+      return True
+    inner = [hlo_parse.called(ins.rest, k) for k in ("calls", "to_apply", "body")] + hlo_parse.branches(ins.rest)
+    if depth and any(_likely(p, c, depth - 1) for c in inner if c):
+      return True
+  return False
+
+
 def ragged_rows(hlo: str) -> int:
   """The most rows any grouped matmul of the program holds (its buffer: dropless exchanges size it for
   the worst case, and the grouped kernels skip the rows no group holds)."""
@@ -415,16 +437,19 @@ def ragged_rows(hlo: str) -> int:
   return rows
 
 
-def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: float = 1.0) -> Cost:
+def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: float = 1.0,
+          likely_fill: float | None = None) -> Cost:
   """Cost of one execution of the program's entry computation on one device (module docstring).
   `granule(position)`: the host (GPU) or slice (TPU) of a replica-group position; all one by default.
   `ragged_fill`: the share of a ragged dot's rows that hold tokens (1: the buffers full, an upper
   figure; train.aot passes the balanced share); Cost.flops counts "ragged_dot" with it and
-  "ragged_dot_buffer" without."""
+  "ragged_dot_buffer" without; `likely_fill` (default ragged_fill) the share inside the expected
+  branch of a conditional (the dropless exchange's fast path, whose buffers are smaller than the
+  chunked exchange's worst case)."""
   p = hlo if isinstance(hlo, Program) else Program(hlo)
   memo: dict[str, Cost] = {}
 
-  def kernel_time(ins) -> tuple[float, collections.Counter, float, str]:
+  def kernel_time(ins, ragged_fill: float) -> tuple[float, collections.Counter, float, str]:
     """(seconds, FLOPs by kind, HBM bytes, what bounds it: "matmul" or "hbm") of one kernel."""
     flops, fp8 = _flops(p, ins)
     if flops.get("ragged_dot"):
@@ -435,9 +460,9 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
     compute, memory = matmul / (chip.peak_fp8 if fp8 else chip.peak_bf16), hbm / chip.hbm_bw
     return max(compute, memory), flops, hbm, "matmul" if compute >= memory else "hbm"
 
-  def run(c: str, seen=()) -> Cost:
-    if c in memo:
-      return memo[c]
+  def run(c: str, seen=(), fill: float = ragged_fill) -> Cost:
+    if (c, fill) in memo:
+      return memo[c, fill]
     out = Cost()
     pending: dict[str, list] = {}  # start (or an async-update carrying it) -> [kind, comm s, compute s]
     for ins in p.comps.get(c, []) if c not in seen else []:
@@ -447,23 +472,25 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         n = p.trips.get(body)
         out.known = out.known and n is not None
         inner = Cost()
-        inner.add(run(body, seen + (c,)))
-        inner.add(run(cond, seen + (c,)))
+        inner.add(run(body, seen + (c,), fill))
+        inner.add(run(cond, seen + (c,), fill))
         t = inner.time * (n or 1)
         out.add(inner, n or 1)
         out.time -= t  # (added below)
       elif ins.op == "conditional":
-        many = re.search(r"branch_computations=\{([^}]*)\}", ins.rest)
-        names = re.findall(r"%?([\w.\-]+)", many.group(1)) if many else re.findall(
-            r"(?:true|false)_computation=%?([\w.\-]+)", ins.rest)
-        branches = [run(b, seen + (c,)) for b in names]
+        names = hlo_parse.branches(ins.rest)
+        likely = [_likely(p, b) for b in names]
+        branches = [run(b, seen + (c,), likely_fill if here and likely_fill is not None else fill)
+                    for b, here in zip(names, likely)]
         if branches:
-          top = max(branches, key=lambda b: b.time)
+          costliest = max(branches, key=lambda b: b.time)
+          top = next((b for b, here in zip(branches, likely) if here), costliest)
           t = top.time
           out.add(top)
           out.time -= t
+          out.fallback += costliest.time - top.time
       elif ins.op == "call":
-        inner = run(p.called(ins, "to_apply") or "", seen + (c,))
+        inner = run(p.called(ins, "to_apply") or "", seen + (c,), fill)
         t = inner.time
         out.add(inner)
         out.time -= t
@@ -512,7 +539,7 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
               out.parts[(part, "s")] += wait
             break
       else:
-        t, flops, hbm, bound = kernel_time(ins)
+        t, flops, hbm, bound = kernel_time(ins, fill)
         out.flops.update(flops)
         out.hbm += hbm
         out.compute += t
@@ -533,7 +560,7 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
       out.where[(kind, source)] += comm
       for part in parts:
         out.parts[(part, "s")] += comm
-    memo[c] = out
+    memo[c, fill] = out
     return out
 
   return run(p.entry)
@@ -563,7 +590,8 @@ def summary(cost: Cost) -> dict:
   return {"flops": {**matmul, "matmul": sum(matmul.values()), **buffer, "other": int(cost.flops.get("other", 0))},
           "hbm_bytes": round(cost.hbm), "collective_bytes": links, "host_transfers": host,
           "async": {k: {"count": round(v[0]), "comm_s": v[1], "hidden_s": v[2]} for k, v in sorted(overlap.items())},
-          "trip_counts_known": cost.known, "top": top(cost), **parts(cost)}
+          "trip_counts_known": cost.known, "fallback_s": float(f"{cost.fallback:.4g}"), "top": top(cost),
+          **parts(cost)}
 
 
 def parts(cost: Cost) -> dict:

@@ -13,8 +13,8 @@ from jax.sharding import PartitionSpec as P
 
 from parallel import eplb, sharding as sharding_lib
 from parallel.common.errors import ConfigError
-from parallel.expert_parallel.exchange import exchange, in_chunks, in_halves, local
-from parallel.expert_parallel.plan import Plan, dropless_chunks, ranks_per_token
+from parallel.expert_parallel.exchange import exchange, in_chunks, in_halves, local, with_fast_path
+from parallel.expert_parallel.plan import Plan, dropless_chunks, fast_rows, ranks_per_token
 
 log = logging.getLogger("train")
 
@@ -41,14 +41,17 @@ class Layout(NamedTuple):
   chunks: int  # consecutive slices of the tokens through the dropless exchange
   n_ep: int  # expert-parallel ranks
   e_local: int  # experts each rank holds
+  fast: Plan | None = None  # the fast path's exchange, all tokens at once (mesh.ep_fast_path; None: none)
 
   def describe(self) -> str:
     if self.plan is None:
       return f"experts on one rank per token group ({'x'.join(self.token_axes)})"
     p = self.plan
     how = "dropless" if p.capacity_factor is None else f"capacity factor {p.capacity_factor}"
+    fast = (f"all tokens at once in buffers of {self.fast.receive_rows} rows when they hold every rank's, else "
+            if self.fast is not None else "")
     return (f"expert-parallel exchange over {'x'.join(p.axes)}={p.n_ep} ({p.transport}, {how},"
-            f" {p.nodes} node(s), at most {p.nodes_per_token} a token), in {self.chunks} chunk(s);"
+            f" {p.nodes} node(s), at most {p.nodes_per_token} a token), {fast}in {self.chunks} chunk(s);"
             f" tokens over {'x'.join(self.token_axes)}" + (f", tensor-parallel over {'x'.join(self.tp_axes)}"
                                                           if self.tp_axes else ""))
 
@@ -102,7 +105,10 @@ def layout(par, mesh, shape_items: tuple, free: frozenset, t: int, k: int, weigh
   if par.ep_overlap and n_ep > 1 and t_local % (2 * chunks):
     raise ConfigError(f"mesh.ep_overlap: the {t_local} tokens of each expert-parallel rank do not split into"
                       f" {chunks} chunk(s) of two halves")
-  out = Layout(mesh, free, weight_specs, tok, tuple(token_axes), tp_axes, plan, chunks, n_ep, e_local)
+  fast = None
+  if plan is not None and par.ep_fast_path and par.dropless and plan.nodes == 1 and plan.transport != "padded":
+    fast = plan._replace(receive_rows=fast_rows(t_local, k, n_ep, e_local, par.ep_fast_path))
+  out = Layout(mesh, free, weight_specs, tok, tuple(token_axes), tp_axes, plan, chunks, n_ep, e_local, fast)
   log.info("MoE layer of %d tokens: %s", t, out.describe())
   return out
 
@@ -144,6 +150,9 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
   chunks, token_axes, weight_specs, tok = lay.chunks, lay.token_axes, lay.weight_specs, lay.tok
   n_ep, e_local = lay.n_ep, lay.e_local
   fn = in_chunks(fn, chunks, keep_exchanged)
+  if lay.fast is not None:
+    fast = functools.partial(exchange, expert_fn=local_fn, plan=lay.fast)
+    fn = with_fast_path(in_halves(fast) if par.ep_overlap else fast, fn, lay.fast, tuple(token_axes))
   slots, copy_weights = (None, ()) if copies is None or n_ep == 1 else copies
 
   def body(x, idx, w, slots_R, *ws):

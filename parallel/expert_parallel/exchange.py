@@ -28,6 +28,7 @@ from parallel.expert_parallel.plan import Plan, capacity, hops, node_capacity
 from parallel.expert_parallel.ragged import send_ragged
 
 EXCHANGED = "ep_exchanged"  # the checkpoint name of the rows an exchange received or returned
+FAST_PATH = "ep_fast_path"  # the named scope of the fast path's operations (the forecast counts that branch)
 
 
 def combine(y_NxD, w_TxK):
@@ -87,8 +88,9 @@ def exchange(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, plan: Plan):
       c = capacity(t, k, n_in, e_local, cf, rows)
       (rx, ex), back_inner, lost = send_padded(inner, dest_N, c, payloads)
     else:
-      (rx, ex), back_inner, lost = send_ragged(inner, dest_N, rows * min(k, per_node),
-                                                n_in * rows * min(k, e_local), payloads, emulate)
+      most_received = plan.receive_rows or n_in * rows * min(k, e_local)
+      (rx, ex), back_inner, lost = send_ragged(inner, dest_N, rows * min(k, per_node), most_received, payloads,
+                                                emulate)
     dropped += lost.sum().astype(jnp.int32)
     rx, ex = checkpoint_name(rx, EXCHANGED), checkpoint_name(ex, EXCHANGED)
     y_N = checkpoint_name(back_inner(expert_fn(rx, ex, *weights)), EXCHANGED)
@@ -98,6 +100,27 @@ def exchange(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, plan: Plan):
   if plan.nodes == 1:
     return y_R, dropped
   return back_outer(y_R).reshape(t, plan.nodes, -1).sum(1), dropped
+
+
+def with_fast_path(fast, slow, plan: Plan, token_axes: tuple[str, ...]):
+  """`fast(x, idx, w, *weights)` (the one-level ragged exchange of all the tokens at once, in buffers of
+  `plan.receive_rows` rows a rank) when no rank would receive more this layer, else `slow` (the chunked
+  exchange sized for the worst case): both dropless, equal up to rounding. One decision for the whole
+  mesh, a pmax over the token axes, so that every device runs the same branch's collectives. The fast
+  path reads the local experts' weights and writes their gradient once, not once per chunk, and its
+  buffers hold few rows no token fills."""
+  def run(x, idx, w, *weights):
+    e_local = weights[0].shape[0]
+    sent = jnp.bincount((idx // e_local).reshape(-1), length=plan.n_ep)  # my assignments to each rank
+    most = jax.lax.pmax(jax.lax.psum(sent, plan.axes).max(), token_axes)  # the most any rank receives
+
+    def fast_path(*args):
+      with jax.named_scope(FAST_PATH):
+        return fast(*args)
+
+    return jax.lax.cond(most <= plan.receive_rows, fast_path, slow, x, idx, w, *weights)
+
+  return run
 
 
 def in_halves(fn):

@@ -17,7 +17,12 @@ The layer passes what its router really enforces (`moe.router.reach`: no limit u
 routing or one group, so a token may reach every node).
 
 Dropless exchanges size their receive buffers for the worst case, every rank's tokens choosing
-this rank's experts; the tokens then go in chunks (`dropless_chunks`, `mesh.ep_chunks`).
+this rank's experts; the tokens then go in chunks (`dropless_chunks`, `mesh.ep_chunks`). Every chunk
+reads the local experts' weights and adds into their gradients again, and every full-buffer operation
+(the buffers' zeros, the sort by expert and back) pays for the rows no token fills, 7/8 of them for V3
+on 8 ranks. The ragged one-level exchange first tries a fast path (`mesh.ep_fast_path`, exchange.py:
+`with_fast_path`): all tokens at once in buffers of a few times the balanced receive, taken when no rank
+would receive more, the chunked worst case otherwise.
 """
 
 from __future__ import annotations
@@ -100,6 +105,12 @@ def dropless_chunks(t: int, k: int, n_ep: int, e_local: int, given: int | None =
   return next(c for c in range(max(1, want), t + 1) if t % c == 0)
 
 
+def fast_rows(t: int, k: int, n_ep: int, e_local: int, factor: float) -> int:
+  """Receive-buffer rows of the dropless exchange's fast path (`mesh.ep_fast_path`): `factor` times a
+  rank's balanced receive of its `t` tokens' assignments, at most the worst case."""
+  return min(n_ep * t * min(k, e_local), math.ceil(factor * t * k))
+
+
 def capacity(t: int, k: int, n_ep: int, e_local: int, capacity_factor: float | None, rows: int | None = None) -> int:
   """Assignments per (source, destination) rank pair of the padded transport, for `t` tokens per rank
   whose assignments come from `rows` rows (default t; more in the two-level dispatch's second hop)."""
@@ -126,6 +137,7 @@ class Plan(NamedTuple):
   transport: str  # padded | ragged | ragged_emulated
   capacity_factor: float | None  # padded; None: dropless
   nodes_per_token: int  # the most nodes one token's experts live on (device-limited routing)
+  receive_rows: int | None = None  # ragged, one level: the receive buffer's rows (None: the worst case)
 
 
 class Hop(NamedTuple):
