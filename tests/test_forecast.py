@@ -526,3 +526,43 @@ def test_conditional_costs_its_fast_path_and_reports_the_fallback():
   assert forecast.summary(c)["fallback_s"] == pytest.approx(add_s, rel=1e-3)
   c = forecast.costs(BRANCHES.replace("/ep_fast_path/", "/"), chip)
   assert c.time == pytest.approx(2 * add_s) and c.fallback == 0
+
+
+# libtpu's reduce-scatter (the FSDP gradient's, as it compiles jax.grad of a matmul with a sharded
+# weight): a fusion calling %all-reduce-scatter, an all-reduce of the whole [512, 1024] array and this
+# device's dynamic slice of it.
+REDUCE_SCATTER = """HloModule m, is_scheduled=true, num_partitions=4
+
+%add.1.clone (x.5: bf16[], y.3: bf16[]) -> bf16[] {
+  %y.3 = bf16[] parameter(1)
+  %x.5 = bf16[] parameter(0)
+  ROOT %add.3 = bf16[] add(%x.5, %y.3)
+}
+
+%all-reduce-scatter (input: bf16[512,1024]) -> bf16[128,1024] {
+  %input = bf16[512,1024]{1,0:T(8,128)(2,1)} parameter(0)
+  %all-reduce.2 = bf16[512,1024]{1,0:T(8,128)(2,1)} all-reduce(%input), channel_id=4, replica_groups={{0,1,2,3}}, use_global_device_ids=true, to_apply=%add.1.clone
+  %partition-id.2 = u32[] partition-id()
+  %constant.14 = u32[] constant(128)
+  %multiply.2 = u32[]{:T(128)} multiply(%partition-id.2, %constant.14)
+  %constant.15 = u32[] constant(0)
+  ROOT %dynamic-slice.3 = bf16[128,1024]{1,0:T(8,128)(2,1)} dynamic-slice(%all-reduce.2, %multiply.2, %constant.15), dynamic_slice_sizes={128,1024}
+}
+
+ENTRY %main (g: bf16[512,1024]) -> bf16[128,1024] {
+  %g = bf16[512,1024]{1,0:T(8,128)(2,1)} parameter(0)
+  ROOT %fusion = bf16[128,1024]{1,0:T(8,128)(2,1)} fusion(%g), kind=kCustom, calls=%all-reduce-scatter, metadata={op_name="jit(step)/transpose(jvp())/dot_general"}
+}
+"""
+
+
+def test_libtpu_reduce_scatter_fusion_is_a_reduce_scatter():
+  """libtpu compiles a reduce-scatter (every FSDP weight gradient's) as a fusion holding an all-reduce of
+  the whole array and a dynamic slice: the forecast counts it as the reduce-scatter it is, (n-1)/n of
+  the array over the links, synchronous, not as a kernel that only reads and writes memory."""
+  chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e9, 1e8, 1e9)
+  c = forecast.costs(REDUCE_SCATTER, chip)
+  s = forecast.summary(c)
+  ring = 512 * 1024 * 2 * 3 / 4
+  assert s["collective_bytes"] == {"reduce-scatter": {"fast": ring, "slow": 0, "sync": 1}}, s["collective_bytes"]
+  assert c.exposed == pytest.approx(ring / 1e9) and c.time == pytest.approx(ring / 1e9) and s["hbm_bytes"] == 0

@@ -298,6 +298,11 @@ def _host_move(p: Program, ins) -> tuple[str, int] | None:
 
 
 # ------------------------------------------------------------------ collectives
+# libtpu's reduce-scatter: a fusion calling a computation named all-reduce-scatter, an all-reduce of the
+# whole array then this device's dynamic slice of it (its emitter "SingleInputAllReduceScatterFusion").
+REDUCE_SCATTER_FUSION = "all-reduce-scatter"
+
+
 def _collective(p: Program, ins) -> tuple[str, object] | None:
   """(kind, the instruction carrying the groups) of a collective or the start of one, else None."""
   op = ins.op.removesuffix("-start")
@@ -311,6 +316,8 @@ def _collective(p: Program, ins) -> tuple[str, object] | None:
         return inner.op, inner
   if ins.name.startswith(hlo_parse.FUSED_START) and (inner := p.collective_in(ins)) is not None:
     return inner.op, inner
+  if (p.called(ins) or "").startswith(REDUCE_SCATTER_FUSION) and (inner := p.collective_in(ins)) is not None:
+    return "reduce-scatter", inner  # (its all-reduce's operand is the whole array: a reduce-scatter's)
   return None
 
 
