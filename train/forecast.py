@@ -24,7 +24,7 @@ How it counts (one device; SPMD programs run the same on all):
   on chip (TPU: arrays in memory space S(1), VMEM), a fusion's operand that only feeds dynamic
   slices or gathers counting the slices, an in-place dynamic-update-slice its update.
 - Collectives: bytes each device puts on a link (ring algorithms): all-gather (n-1)/n x result,
-  reduce-scatter (n-1)/n x operand, all-reduce 2(n-1)/n x operand, all-to-all (n-1)/n x operand
+  reduce-scatter (n-1)/n x operand (libtpu's: a fusion of an all-reduce and a dynamic slice), all-reduce 2(n-1)/n x operand, all-to-all (n-1)/n x operand
   (the part to members behind the slow link on it), ragged all-to-all as all-to-all of the smaller
   of its input and output buffers (an upper figure: a device sends no more than its input holds, and
   receives, as much as it sends under balanced routing, no more than its output holds; the dropless
