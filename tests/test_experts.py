@@ -94,31 +94,6 @@ def test_sorted_experts_unbalanced_and_single_expert(sorted_experts):
     np.testing.assert_allclose(np.asarray(got), ref_experts(x, idx, w, gate, up, down), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("ffn", [ragged_ffn, functools.partial(megablox_ffn, interpret=True),
-                                 functools.partial(triton_ffn, interpret=True)], ids=["ragged_dot", "megablox", "triton"])
-def test_empty_rows_give_zero_and_take_no_gradient(ffn):
-  """Rows whose expert id is E (a dropless exchange's empty buffer rows: most of them) give exactly 0
-  and pass no gradient, as the expert_fn contract says; the Pallas kernels leave such rows unwritten
-  (NaN in the interpreter), which the two-level dispatch multiplied by a zero weight (NaN)."""
-  rng = np.random.default_rng(4)
-  rows = jnp.asarray(rng.standard_normal((40, D)), jnp.float32)
-  expert = jnp.asarray(np.where(rng.uniform(size=40) < 0.6, E, rng.integers(0, E, 40)), jnp.int32)
-  gate, up = (jnp.asarray(rng.standard_normal((E, D, F)) * 0.3, jnp.float32) for _ in range(2))
-  down = jnp.asarray(rng.standard_normal((E, F, D)) * 0.3, jnp.float32)
-  empty = np.asarray(expert) == E
-  cot = jnp.asarray(rng.standard_normal((40, D)), jnp.float32)
-  for fn in (ffn, dense_ffn):
-    y, pull = jax.vjp(lambda r, g, u, d: fn(r, expert, g, u, d), rows, gate, up, down)
-    grads = pull(cot)
-    assert np.isfinite(np.asarray(y)).all() and all(np.isfinite(np.asarray(g)).all() for g in grads)
-    assert np.all(np.asarray(y)[empty] == 0) and np.all(np.asarray(grads[0])[empty] == 0)
-    if fn is dense_ffn:
-      np.testing.assert_allclose(np.asarray(got_y), np.asarray(y), rtol=1e-5, atol=1e-6)
-      for a, b in zip(got_grads, grads):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    got_y, got_grads = y, grads
-
-
 @pytest.mark.parametrize("block", [4, 5, 128])
 def test_blocked_experts_equals_reference(inputs, block):
   """The CPU path (block-padded batched matmul): same result for any block size."""

@@ -1,5 +1,10 @@
 """The routed experts' grouped matmul: each row's expert FFN, down(silu(x gate) * (x up)), for rows
-[N, D] with expert ids [N] (an id equal to the number of experts E marks an empty row: output 0).
+[N, D] with expert ids [N]. An id equal to the number of experts E marks an empty row, whose output
+and gradient are undefined: the Pallas kernels (megablox, triton) leave the rows past every group
+unwritten, in their outputs and their gradients' (NaN in the interpreter, whatever memory held on a
+chip), and masking them would cost a pass over a dropless exchange's mostly empty buffers. Callers
+use only the real rows' outputs (parallel/expert_parallel/exchange.py masks the one place that
+multiplies every row by its weight).
 One function per implementation; `impl.experts` picks one when the model is built (moe/runtime.py).
 
   ragged_dot  rows sorted by expert, `jax.lax.ragged_dot` (FP8: moe.kernels.fp8.fp8_ragged_dot, the
@@ -32,39 +37,29 @@ from moe.kernels import fp8 as fp8_lib
 
 
 @jax.custom_vjp
-def _take_rows(x_NxD, rows_M, back_N):
-  """out[i] = x[rows[i]], 0 where rows[i] is out of range, for rows that take each row of x at most
-  once; its gradient is the same kind of gather, dx[j] = dout[back[j]] (back: the position that took
-  row j, out of range for none), not the scatter-add JAX writes for a gather's transpose (over a
-  dropless exchange's worst-case buffer, V3's largest memory-bound kernels). The range check is part
-  of the gather: no pass over the rows of its own."""
-  return x_NxD.at[rows_M].get(mode="fill", fill_value=0)
+def _permute(x_NxD, perm_N, inverse_N):
+  """x[perm] for a permutation perm of the rows (inverse = argsort(perm)); its gradient is the inverse
+  permutation, a gather too, not the scatter-add JAX writes for a gather's transpose (over a dropless
+  exchange's worst-case buffer, V3's largest memory-bound kernels)."""
+  return x_NxD[perm_N]
 
 
-_take_rows.defvjp(lambda x, rows, back: (_take_rows(x, rows, back), (rows, back)),
-                  lambda res, ct: (ct.at[res[1]].get(mode="fill", fill_value=0), None, None))
+_permute.defvjp(lambda x, perm, inverse: (x[perm], (perm, inverse)),
+                lambda res, ct: (ct[res[1]], None, None))
 
 
 def _sorted_ffn(x_NxD, expert_N, gate_ExDxF, up_ExDxF, down_ExFxD, grouped_matmul, rows_multiple=1):
   """Rows sorted by expert (the empty ones last, past every group; then zero rows up to a multiple of
   `rows_multiple`), the FFN's three grouped matmuls grouped_matmul(rows, [E, K, N], sizes [E]),
-  unsorted. The Pallas kernels (megablox, triton) leave the rows past every group unwritten, in their
-  outputs and in their gradients' (whatever memory held: NaN in the interpreter), so the sorts take
-  zeros for those rows, both ways: an empty row gives 0, and its gradient adds nothing to the row it
-  was copied from (exchange.py multiplies an empty row's output by a zero weight, and adds its
-  gradient into the token's)."""
+  unsorted."""
   e, n = gate_ExDxF.shape[0], x_NxD.shape[0]
-  m = n + -n % rows_multiple  # rows of the sorted buffer
   order = jnp.argsort(expert_N, stable=True)
   inverse = jnp.argsort(order)
   sizes = jnp.bincount(expert_N, length=e + 1)[:e].astype(jnp.int32)
-  grouped = sizes.sum()  # the sorted rows some group holds come first
-  position = jnp.arange(m)
-  sorted_rows = jnp.where(position < grouped, jnp.pad(order, (0, m - n)), n)  # out of range: a zero row
-  unsorted_rows = jnp.where(inverse < grouped, inverse, m)
-  x_sorted = _take_rows(x_NxD, sorted_rows, unsorted_rows)
+  x_sorted = jnp.pad(_permute(x_NxD, order, inverse), ((0, -n % rows_multiple), (0, 0)))
   h = jax.nn.silu(grouped_matmul(x_sorted, gate_ExDxF, sizes)) * grouped_matmul(x_sorted, up_ExDxF, sizes)
-  return _take_rows(grouped_matmul(h, down_ExFxD, sizes), unsorted_rows, sorted_rows)
+  y_sorted = grouped_matmul(h, down_ExFxD, sizes)[:n]
+  return _permute(y_sorted, inverse, order)
 
 
 def ragged_ffn(x_NxD, expert_N, gate_ExDxF, up_ExDxF, down_ExFxD, fp8=None):

@@ -122,7 +122,7 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
   weights: the experts' stacked parameters, [E, ...] each, with logical axes `weight_axes` (the first
   "expert"; a None dimension is gathered whole inside). expert_fn(rows [R, D], local expert [R],
   *local weights) -> [R, D]: the expert FFN of each row, whose local expert id E_l (the number of
-  local experts) marks an empty row. par: a parallel.mesh.Parallelism, or None (one device).
+  local experts) marks an empty row (its output and gradient undefined: never used). par: a parallel.mesh.Parallelism, or None (one device).
   routing: (logical experts, n_group, topk_group) of device-limited routing, which bounds the nodes a
   token reaches in the two-level dispatch (None: no limit). copies: redundant experts
   (mesh.redundant_experts), (slots [R], copy weights): the logical expert held by each redundant

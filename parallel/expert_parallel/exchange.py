@@ -80,8 +80,9 @@ def exchange(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, plan: Plan):
   dest_N = jnp.where(mine_RxK, idx_R // e_local % n_in, n_in).reshape(-1)
   expert_N = jnp.where(mine_RxK, idx_R % e_local, e_local).reshape(-1)
   row_N = jnp.arange(rows * k, dtype=jnp.int32) // k
-  if n_in == 1:
-    y_N = expert_fn(x_R[row_N], expert_N, *weights)
+  if n_in == 1:  # (an empty row's output and gradient are undefined, moe/kernels/expert_ffn.py: masked both ways)
+    x_N = jnp.where(mine_RxK.reshape(-1, 1), x_R[row_N], 0)
+    y_N = jnp.where(mine_RxK.reshape(-1, 1), expert_fn(x_N, expert_N, *weights), 0)
   else:
     payloads = [(x_R, row_N, 0), (expert_N, jnp.arange(rows * k, dtype=jnp.int32), e_local)]
     if padded:
