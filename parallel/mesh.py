@@ -251,6 +251,9 @@ class Parallelism:
     check_gather_overlap(mesh_cfg.gather_overlap, mesh.devices.flat[0])
     transport = expert_parallel.resolve_transport(mesh_cfg.ep_transport, mesh)
     nodes, are = (mesh_cfg.ep_nodes, "mesh.ep_nodes") if mesh_cfg.ep_nodes is not None else expert_nodes(mesh)
+    if mesh_cfg.ep_fast_path and (nodes > 1 or transport == "padded"):
+      log.warning("mesh.ep_fast_path=%s has no effect: the fast path is the one-level ragged exchange's (here %s,"
+                  " %d expert-parallel node(s))", mesh_cfg.ep_fast_path, transport, nodes)
     return cls(mesh, mesh_cfg, rules, transport, nodes, are, pipeline)
 
   @property
@@ -265,8 +268,9 @@ class Parallelism:
 
   @property
   def ep_fast_path(self) -> float | None:
-    """Dropless ragged exchanges: the fast path's receive buffer per balanced receive (None: none)."""
-    return self.cfg.ep_fast_path
+    """The fast path's receive buffer per balanced receive where it applies, the one-level ragged
+    exchange (None: none)."""
+    return self.cfg.ep_fast_path if self.ep_nodes == 1 and self.ep_transport != "padded" else None
 
   @property
   def ep_overlap(self) -> bool:

@@ -160,12 +160,13 @@ def step_forecast(hlo: str, cfg: TrainConfig, par: Parallelism, target: targets_
   chunks, likely = 1, None
   if par.dropless and n_ep > 1:
     chunks = expert_parallel.dropless_chunks(int(tokens_per_device), k, n_ep, e_local, par.ep_chunks)
-  fill = forecast.expected_ragged_fill(hlo, tokens_per_device, k, chunks)
-  if par.dropless and n_ep > 1 and par.ep_fast_path and par.ep_nodes == 1 and par.ep_transport != "padded":
+  if n_ep > 1 and par.ep_fast_path:
     # the fast path's buffers hold all the tokens' rows, the chunks' (the fallback) a chunk's worst case
     fill = min(1.0, k / (n_ep * min(k, e_local)))
     likely = min(1.0, tokens_per_device * k / expert_parallel.fast_rows(
         int(tokens_per_device), k, n_ep, e_local, par.ep_fast_path))
+  else:
+    fill = forecast.expected_ragged_fill(hlo, tokens_per_device, k, chunks)
   cost = forecast.costs(p, chip, forecast.granules(assignment, p.size, target.platform), fill, likely)
   chips = target.chips * target.slices
   price = price if price is not None else targets_lib.hardware(target.family)["price"]

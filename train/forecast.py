@@ -425,8 +425,7 @@ def _likely(p: "Program", comp: str, depth: int = 3) -> bool:
   for ins in p.comps.get(comp, []):
     if any(hlo_parse.in_scope(ins.rest, scope) for scope in LIKELY):
       return True
-    inner = [hlo_parse.called(ins.rest, k) for k in ("calls", "to_apply", "body")] + hlo_parse.branches(ins.rest)
-    if depth and any(_likely(p, c, depth - 1) for c in inner if c):
+    if depth and any(_likely(p, callee, depth - 1) for _, callee, _ in hlo_loops.call_edges(comp, ins.rest)):
       return True
   return False
 

@@ -106,7 +106,7 @@ def layout(par, mesh, shape_items: tuple, free: frozenset, t: int, k: int, weigh
     raise ConfigError(f"mesh.ep_overlap: the {t_local} tokens of each expert-parallel rank do not split into"
                       f" {chunks} chunk(s) of two halves")
   fast = None
-  if plan is not None and par.ep_fast_path and par.dropless and plan.nodes == 1 and plan.transport != "padded":
+  if plan is not None and par.ep_fast_path:
     fast = plan._replace(receive_rows=fast_rows(t_local, k, n_ep, e_local, par.ep_fast_path))
   out = Layout(mesh, free, weight_specs, tok, tuple(token_axes), tp_axes, plan, chunks, n_ep, e_local, fast)
   log.info("MoE layer of %d tokens: %s", t, out.describe())
