@@ -287,7 +287,8 @@ def test_reports_what_the_context_axis_costs(capsys):
 def test_search_splits_long_sequences_over_context():
   """--search tries context sizes when seq_len is long: V3 at 32,768 tokens on v5p-512 (256 chips)
   splits each sequence over 8, 4, 2 or 1 devices (at least 4,096 tokens a slice), the rest over fsdp x
-  expert; a 4,096-token config keeps the mesh's context (no mesh.context override)."""
+  expert; a 4,096-token config keeps the mesh's context (no mesh.context override), and its
+  per_device_batch=1 is tried doubled first."""
   cfg = load_train_config(ROOT / "configs/deepseek-v3-671b-32k.yaml")
   tries = aot.candidates(cfg, targets.parse("v5p-512"), 10_000)
   contexts = {int(o.split("=")[1]) for t in tries for o in t if o.startswith("mesh.context=")}
@@ -298,6 +299,9 @@ def test_search_splits_long_sequences_over_context():
     assert math.prod(sizes.values()) == 256, t
   short = aot.candidates(load_train_config(ROOT / "configs/deepseek-v3-671b.yaml"), targets.parse("v5p-512"), 10_000)
   assert not any(o.startswith("mesh.context") for t in short for o in t)
+  # per_device_batch=1 (grad_accum follows): micro-batches of 2 sequences a device tried before 1
+  two = [t for t in short if t[-1] == "per_device_batch=2"]
+  assert two and all(short.index(t) < short.index(t[:-1] + ["per_device_batch=1"]) for t in two)
   # with stages (and fsdp), a stage's weights gathered once per step is tried first, then in every tick
   staged = aot.candidates(load_train_config(ROOT / "configs/deepseek-v3-671b.yaml", ["mesh.stage=4"]),
                           targets.parse("v5p-512"), 10_000)

@@ -312,7 +312,7 @@ def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list
   then remat policies (the chunked expert-parallel exchange's rows kept before recomputed, its fast
   path (mesh.ep_fast_path=2) before 2 chunks before the default, on v5e the weights' all-gathers
   fused into the compute before not, with stages a stage's weights gathered once per step before in
-  every tick) and grad_accum."""
+  every tick) and the micro-batch (grad_accum, or per_device_batch)."""
   n = target.devices // max(cfg.mesh.stage, 1)
   e = cfg.model.n_routed_experts
   long = cfg.seq_len > LONG  # each sequence over `context` devices too, at least LONG tokens a slice
@@ -326,9 +326,11 @@ def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list
                          f"mesh.tensor={tensor}"] + ([f"mesh.context={context}"] if long else []))
   out = []
   for remat in ("none", "save_dots_no_batch", "full", "full_offload"):
-    for accum in (1, 2, 4) if cfg.per_device_batch is None else (None,):  # (per_device_batch: grad_accum follows)
-      if accum is not None and cfg.batch_size % accum:
-        continue
+    # micro-batches: grad_accum, or with per_device_batch (grad_accum follows) twice as many sequences a
+    # device before as many, so that the weights are gathered and their gradients reduced half as often
+    micro = [f"grad_accum={a}" for a in (1, 2, 4) if cfg.batch_size % a == 0] if cfg.per_device_batch is None else [
+        f"per_device_batch={2 * cfg.per_device_batch}", f"per_device_batch={cfg.per_device_batch}"]
+    for accum in micro:
       for m in meshes:
         for ep in ("keep", "recompute"):  # (the chunked exchange's rows kept when they fit: no all-to-all again)
           for chunks in ("fast", 2, None):  # (the fast path, all tokens at once; fewer chunks: the expert
@@ -339,7 +341,7 @@ def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list
                 out.append(m + [f"impl.remat_policy={remat}", f"impl.ep_remat={ep}"] + (
                     ["mesh.ep_fast_path=2.0"] if chunks == "fast" else [f"mesh.ep_chunks={chunks}"] if chunks else []) + (
                     ["mesh.gather_overlap=true"] if gather else []) + (
-                    ["pipeline.gather_once=true"] if once else []) + ([f"grad_accum={accum}"] if accum else []))
+                    ["pipeline.gather_once=true"] if once else []) + [accum])
   return out[:tries]
 
 
