@@ -39,6 +39,7 @@ class MoEStats(NamedTuple):
   load: jax.Array  # [E] tokens routed to each expert (padding excluded)
   balance_loss: jax.Array  # [] V3 sequence-wise balance loss, before alpha
   dropped: jax.Array  # [] (token, expert) assignments dropped by expert-parallel capacity (int32)
+  fallbacks: jax.Array  # [] 1 where the dropless exchange's fast path fell back to its chunks (int32)
 
 
 class ExpertCopies(nnx.Variable):
@@ -127,7 +128,8 @@ class RoutedExperts(nnx.Module):
       v[...] = g
 
   def __call__(self, x_TxD, idx_TxK, w_TxK):
-    """(sum_k w[t, k] expert_{idx[t, k]}(x[t]) [T, D], assignments dropped by expert parallelism)."""
+    """(sum_k w[t, k] expert_{idx[t, k]}(x[t]) [T, D], assignments dropped by expert parallelism,
+    1 where the exchange's fast path fell back)."""
     weights = self._weights()
     copies = None
     if hasattr(self, "copies"):  # (cast: the training step differentiates float32 views of them)
@@ -172,7 +174,7 @@ class MoE(nnx.Module):
     b, s, d = x_BxSxD.shape
     w, idx, scores = self.gate(x_BxSxD)
     idx_TxK = idx.reshape(b * s, -1)
-    y, dropped = self.experts(x_BxSxD.reshape(b * s, d), idx_TxK, w.reshape(b * s, -1))
+    y, dropped, fallbacks = self.experts(x_BxSxD.reshape(b * s, d), idx_TxK, w.reshape(b * s, -1))
     y = y.reshape(b, s, d).astype(x_BxSxD.dtype)
     if self.cfg.n_shared_experts:
       y = y + self.shared_experts(x_BxSxD)
@@ -180,5 +182,6 @@ class MoE(nnx.Module):
         load=router_lib.expert_load(idx_TxK, valid_BxS.reshape(-1).astype(jnp.float32), self.cfg.n_routed_experts),
         balance_loss=router_lib.sequence_balance_loss(scores, idx, valid_BxS, self.cfg),
         dropped=dropped,
+        fallbacks=fallbacks,
     )
     return y, stats

@@ -188,13 +188,14 @@ def dispatch():
     make = jax.jit(lambda *ws: tuple(expert_parallel.make_copies(ws, STORED_AXES, slots, par)))
     add = jax.jit(lambda gs, cgs: expert_parallel.add_copy_grads(gs, cgs, STORED_AXES, slots, par))
     copy_w = make(*rest[1:]) if redundant else ()
-    y, dropped = jax.jit(fn)(x, *rest, *copy_w)
+    y, dropped, fallbacks = jax.jit(fn)(x, *rest, *copy_w)
     g = jax.jit(jax.grad(loss(fn), argnums=tuple(range(5 + len(copy_w)))))(x, *rest, *copy_w)
     name = f"{mesh}/nodes{nodes}/{par.ep_transport}/{'copies' if redundant else 'plain'}{'/overlap' if overlap else ''}" \
         + (f"/fast{fast}" if fast else "") + (f"/{kernel}" if kernel else "")
     if redundant:
       g = g[:2] + tuple(add(g[2:5], g[5:]))
-    out[name] = {"y": rel_err(y, want), "dropped": int(dropped), "grad": max(map(rel_err, g, want_g))}
+    out[name] = {"y": rel_err(y, want), "dropped": int(dropped), "grad": max(map(rel_err, g, want_g)),
+                 "fallbacks": int(fallbacks)}
     if fast and not redundant:  # whether the fast path ran: the most rows a rank of a group receives
       groups = sizes[mesh].get("data", 1) * sizes[mesh].get("fsdp", 1)
       e_local = 16 // n_ep
@@ -259,7 +260,7 @@ def routing_matrix():
     if key not in compiled:
       compiled[key] = jax.jit(lambda x, idx, w, *ws: expert_parallel.dispatch_combine(
           x, idx, w, ws, DISPATCH_AXES, EXPERTS["blocked"], par, routing))
-    y, dropped = compiled[key](x, idx, w, gate, up, down)
+    y, dropped, _ = compiled[key](x, idx, w, gate, up, down)
     return np.asarray(y, np.float64), int(dropped)
 
   out = {}

@@ -224,7 +224,7 @@ def ep_unit(meshes=("d2f2e2", "f2e2t2")):
       for impl in ("ragged_dot", "blocked"):
         par = mesh_lib.Parallelism.from_config(MeshConfig(**MESHES[mesh], ep_transport=transport))
         fn = layer(par, impl)
-        y, dropped = jax.jit(fn)(x, idx, w, gate, up, down)
+        y, dropped, _ = jax.jit(fn)(x, idx, w, gate, up, down)
         g = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2, 3)))(x, gate, up, down)
         out[f"{mesh}/{par.ep_transport}/{impl}"] = {
             "y": abs_err(y, want), "grad": max(map(abs_err, g, want_g)),
@@ -257,7 +257,7 @@ def capacity_drops(capacity_factor=0.5):
         sent[dest] += 1
   par = mesh_lib.Parallelism.from_config(MeshConfig(**MESHES["expert8"], ep_transport="padded",
                                                     capacity_factor=capacity_factor))
-  y, dropped = jax.jit(layer(par, "blocked"))(x, idx, w, gate, up, down)
+  y, dropped, _ = jax.jit(layer(par, "blocked"))(x, idx, w, gate, up, down)
   want = layer(None, "ragged_dot")(x, idx, np.where(keep, w, 0.0), gate, up, down)[0]
   full = layer(None, "ragged_dot")(x, idx, w, gate, up, down)[0]
   slot, kept = expert_parallel.padded_slots(jnp.asarray(idx[:t_local].reshape(-1) // e_local), n_ep, c)

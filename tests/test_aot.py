@@ -151,14 +151,17 @@ def test_fast_path_is_forecast_as_one_pass_with_its_fallback_reported():
   """mesh.ep_fast_path=2 (expert=4 on v5p-8, ragged): the step holds a conditional between the fast
   path (all tokens at once, buffers of twice the balanced receive) and the chunked exchange; the
   forecast costs the fast path, under the plain chunked step's, and reports what the fallback would
-  add (`fallback_s`)."""
+  add (`fallback_s`). The step's metrics count the layers that fell back (`ep_fallbacks`, each layer's
+  count tested in tests/test_ep.py)."""
   target = targets.parse("v5p-8")
   out = {}
   for fast in ("null", "2.0"):
     cfg = load_train_config(ROOT / "configs/tiny.yaml", [*SMALL, "mesh.data=1", "mesh.expert=4", f"mesh.ep_fast_path={fast}",
                                                           "model.num_nextn_predict_layers=0"])
-    text = _compiled(cfg, target).as_text()
+    compiled = _compiled(cfg, target)
+    text, metrics = compiled.as_text(), compiled.out_info[1]
     out[fast] = (forecast.costs(text, forecast.chip_of("v5p")), text.count(" conditional("))
+    assert ("ep_fallbacks" in metrics) == (fast != "null"), sorted(metrics)  # the layers that fell back, logged
   (plain, n_plain), (fast, n_fast) = out["null"], out["2.0"]
   assert n_fast > n_plain and plain.fallback == 0 < fast.fallback, (n_plain, n_fast, plain.fallback)
   assert fast.time < plain.time < fast.time + fast.fallback, (fast.time, plain.time, fast.fallback)

@@ -77,7 +77,8 @@ def test_dispatch_matches_one_device(eight):
   parallelism too; two with TPU's and GPU's grouped-matmul kernels (megablox, triton: in the Pallas
   interpreter) as the experts' GEMM. The ragged exchange's fast path (mesh.ep_fast_path) as exact, with
   buffers of 1x the balanced receive (this routing overflows them: the chunked exchange runs), 8x (it
-  runs, in halves), 1.5x (it runs, megablox's kernel) and 3x with copies."""
+  runs, in halves), 1.5x (it runs, megablox's kernel) and 3x with copies; each reports whether it fell
+  back."""
   kernels = [n.rsplit("/", 1)[1] for n in eight["dispatch"] if n.endswith(("/megablox", "/triton"))]
   assert len(eight["dispatch"]) == 12 and kernels == ["megablox", "triton", "megablox"]
   fast = {n: r["fast"] for n, r in eight["dispatch"].items() if "fast" in r}
@@ -86,6 +87,11 @@ def test_dispatch_matches_one_device(eight):
                   "d2e4/nodes1/ragged_emulated/plain/fast1.5/megablox": True}, fast
   for name, r in eight["dispatch"].items():
     assert r["y"] < 1e-6 and r["grad"] < 1e-6 and r["dropped"] == 0, name
+    # the layer says when its fast path fell back (what the step logs as ep_fallbacks), and only then
+    if "fast" in r:
+      assert r["fallbacks"] == (0 if r["fast"] else 1), (name, r)
+    elif "/fast" not in name:
+      assert r["fallbacks"] == 0, (name, r)
 
 
 def test_copies_move_once_per_step(eight):

@@ -118,7 +118,7 @@ def test_constrain_and_dispatch_without_mesh():
   x = jnp.ones((4, 8, 16))
   assert sharding.constrain(x, ("batch", "seq", "embed")) is x
   rows = []
-  y, dropped = expert_parallel.dispatch_combine(
+  y, dropped, _ = expert_parallel.dispatch_combine(
       jnp.arange(6.0).reshape(3, 2), jnp.asarray([[1, 0], [0, 1], [1, 1]]), jnp.asarray([[1.0, 2.0]] * 3),
       (jnp.zeros((2, 2, 1)),), (("expert", None, None),), lambda r, e, _: rows.append(e) or r * (e[:, None] + 1))
   np.testing.assert_array_equal(np.asarray(rows[0]), [1, 0, 0, 1, 1, 1])

@@ -117,7 +117,8 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
                      expert_fn: Callable, par=None, routing: tuple[int, int, int] | None = None,
                      copies: jax.Array | None = None, keep_exchanged: bool = False):
   """Routed experts of one MoE layer: (y [T, D] = sum_k w[t, k] expert_{idx[t, k]}(x[t]), dropped
-  assignments [] int32).
+  assignments [] int32, fallbacks [] int32: 1 where the dropless exchange's fast path (mesh.ep_fast_path)
+  could not hold the layer's tokens and the chunks ran, else 0).
 
   weights: the experts' stacked parameters, [E, ...] each, with logical axes `weight_axes` (the first
   "expert"; a None dimension is gathered whole inside). expert_fn(rows [R, D], local expert [R],
@@ -132,7 +133,7 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
   the backward of chunked dropless exchanges keeps their rows rather than exchanging again (in_chunks).
   """
   if (where := sharding_lib.splitting(par)) is None:
-    return local(x_TxD, idx_TxK, w_TxK, *weights, expert_fn=expert_fn)
+    return *local(x_TxD, idx_TxK, w_TxK, *weights, expert_fn=expert_fn), jnp.zeros((), jnp.int32)
   mesh, shape, free = where  # (inside the pipeline, `stage` is already manual)
   lay = layout(par, mesh, tuple(shape.items()), free, x_TxD.shape[0], idx_TxK.shape[1],
                tuple(w.shape for w in weights), tuple(weight_axes), routing)
@@ -150,7 +151,10 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
   chunks, token_axes, weight_specs, tok = lay.chunks, lay.token_axes, lay.weight_specs, lay.tok
   n_ep, e_local = lay.n_ep, lay.e_local
   fn = in_chunks(fn, chunks, keep_exchanged)
-  if lay.fast is not None:
+  if lay.fast is None:
+    chunked = fn
+    fn = lambda *args: (*chunked(*args), jnp.zeros((), jnp.int32))  # (no fast path: nothing falls back)
+  else:
     fast = functools.partial(exchange, expert_fn=local_fn, plan=lay.fast)
     fn = with_fast_path(in_halves(fast) if par.ep_overlap else fast, fn, lay.fast, tuple(token_axes))
   slots, copy_weights = (None, ()) if copies is None or n_ep == 1 else copies
@@ -160,12 +164,12 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
       k = len(ws) // 2
       ws = [jnp.concatenate([a, c.astype(a.dtype)]) for a, c in zip(ws[:k], ws[k:])]
       idx = eplb.physical_ids(idx, slots_R, n_ep * e_local, n_ep)
-    y, dropped = fn(x, idx, w, *ws)
-    return y, jax.lax.psum(dropped, tuple(token_axes)) if token_axes else dropped
+    y, dropped, fallbacks = fn(x, idx, w, *ws)  # (fallbacks: the same on every device, a pmax decided it)
+    return y, jax.lax.psum(dropped, tuple(token_axes)) if token_axes else dropped, fallbacks
 
   # check_vma off: a Pallas kernel (impl.experts=megablox) declares its outputs without the axes they
   # vary over, which JAX's check refuses inside shard_map; the exchange's gradients are checked against
   # one device by the expert-parallel tests.
   return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, P(), *weight_specs, *weight_specs[:len(copy_weights)]),
-                       out_specs=(tok, P()), axis_names=free, check_vma=False)(
+                       out_specs=(tok, P(), P()), axis_names=free, check_vma=False)(
       x_TxD, idx_TxK, w_TxK, slots, *weights, *copy_weights)

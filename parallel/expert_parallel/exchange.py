@@ -109,7 +109,7 @@ def with_fast_path(fast, slow, plan: Plan, token_axes: tuple[str, ...]):
   exchange sized for the worst case): both dropless, equal up to rounding. One decision for the whole
   mesh, a pmax over the token axes, so that every device runs the same branch's collectives. The fast
   path reads the local experts' weights and writes their gradient once, not once per chunk, and its
-  buffers hold few rows no token fills."""
+  buffers hold few rows no token fills. Returns (y, dropped, 1 where the chunks ran else 0)."""
   def run(x, idx, w, *weights):
     e_local = weights[0].shape[0]
     sent = jnp.bincount((idx // e_local).reshape(-1), length=plan.n_ep)  # my assignments to each rank
@@ -119,7 +119,8 @@ def with_fast_path(fast, slow, plan: Plan, token_axes: tuple[str, ...]):
       with jax.named_scope(FAST_PATH):
         return fast(*args)
 
-    return jax.lax.cond(most <= plan.receive_rows, fast_path, slow, x, idx, w, *weights)
+    fits = most <= plan.receive_rows
+    return *jax.lax.cond(fits, fast_path, slow, x, idx, w, *weights), (~fits).astype(jnp.int32)
 
   return run
 

@@ -137,8 +137,8 @@ class Pipelined:
     return jax.tree.map(split, batch)
 
   def run(self, params, rest, batch, counts, n_micro: int, train: bool = True):
-    """(loss, parts, load [slots + MTP blocks, E] in the stack's slot order, dropped, grads or None,
-    max logits): the max logits as model_grad's (train/core/step.py), the stack's [slots, heads] in
+    """(loss, parts, load [slots + MTP blocks, E] in the stack's slot order, exchanged (as model_grad's),
+    grads or None, max logits): the max logits as model_grad's (train/core/step.py), the stack's [slots, heads] in
     slot order, -inf in padding slots (empty without `max_logits`)."""
     p_other, p_stack = _split(params)
     r_other, r_stack = _split(rest)
@@ -157,11 +157,11 @@ class Pipelined:
     both = [stats] if extra is None else [stats, extra]
     parts["balance_loss"] = sum(s.balance_loss.sum() for s in both) / n_total
     load = jnp.concatenate([s.load for s in both])
-    dropped = sum(s.dropped.sum() for s in both)
+    exchanged = {k: sum(getattr(s, k).sum() for s in both) for k in ("dropped", "fallbacks")}
     max_logits = nnx.State({**peaks["first"], **peaks["last"]})
     if len(peaks["stack"]):
       max_logits[STACK] = nnx.State({"layers": peaks["stack"]})
-    return loss, parts, load, dropped, _join(params, g_other, g_stack) if train else None, max_logits
+    return loss, parts, load, exchanged, _join(params, g_other, g_stack) if train else None, max_logits
 
 
 def in_layer_order(max_logits, layout: pipeline.Layout):

@@ -73,6 +73,7 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, lr_schedule, cfg: Trai
   depth = model_cfg.num_nextn_predict_layers
   bias_stop = int(round(cfg.steps * (1 - cfg.loss.bias_update_stop_fraction)))
   dropless = par is not None and par.dropless
+  fast_path = par is not None and par.ep_fast_path is not None
   qk_clip = cfg.optimizer.qk_clip  # QK-clip's threshold (train/core/muon.py), or None
   staged = pipe_schedule is not None
   grad_fn = pipeline_grad(graphdef, cfg, par, pipe_schedule) if staged else model_grad(graphdef, cfg)
@@ -83,12 +84,13 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, lr_schedule, cfg: Trai
     params, rest, guard = state["params"], state["rest"], state["guard"]
     counts = loss_lib.token_counts(batch, depth)
     copy_weights, wrt, fixed = differentiated(params, rest)
-    (loss, (parts, load, dropped, max_logits)), grads = accumulated(grad_fn, wrt, fixed, batch, counts, cfg.grad_accum,
+    (loss, (parts, load, exchanged, max_logits)), grads = accumulated(grad_fn, wrt, fixed, batch, counts, cfg.grad_accum,
                                                                     in_stacks and not copy_weights)
     if copy_weights:  # once per step, however many micro-batches
       grads = with_copy_grads(graphdef, grads, fixed)
 
     metric_load = load[rows] if staged else load
+    dropped = exchanged["dropped"]
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     lost = dropped > 0 if dropless else jnp.zeros((), bool)  # a dropless exchange that dropped: never applied
@@ -113,6 +115,8 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, lr_schedule, cfg: Trai
       metrics["max_logit"] = muon.layer_max_logits(in_order)
     if load.shape[0]:  # (token, expert) assignments dropped by expert-parallel capacity (0: dropless)
       metrics["dropped_tokens"] = dropped
+    if fast_path:  # MoE layers (of all micro-batches) whose exchange fell back from the fast path to its chunks
+      metrics["ep_fallbacks"] = exchanged["fallbacks"]
     new_state = {"params": new_params, "rest": keep(new_rest, rest), "opt": opt,
                  "step": state["step"] + 1, "guard": guard}
     return new_state, metrics
@@ -125,9 +129,10 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, lr_schedule, cfg: Trai
 
 
 def model_grad(graphdef, cfg: TrainConfig):
-  """(params, rest, batch, counts) -> ((loss, (parts, load, dropped, max_logits)), grads) of one
-  micro-batch of the model `graphdef`, by autodiff; max_logits: with QK-clip each MLA module's
-  largest attention logit (moe/mla.py), else None."""
+  """(params, rest, batch, counts) -> ((loss, (parts, load, exchanged, max_logits)), grads) of one
+  micro-batch of the model `graphdef`, by autodiff; exchanged: {"dropped": assignments dropped by
+  expert-parallel capacity, "fallbacks": MoE layers whose exchange fell back from its fast path};
+  max_logits: with QK-clip each MLA module's largest attention logit (moe/mla.py), else None."""
   n_micro, lam, alpha = cfg.grad_accum, cfg.loss.mtp_lambda, cfg.loss.balance_alpha
   qk_clip = cfg.optimizer.qk_clip
 
@@ -144,9 +149,11 @@ def model_grad(graphdef, cfg: TrainConfig):
     out = model.forward(batch["tokens"], batch["segment_ids"], batch["positions"])
     loss, parts = loss_lib.objective(out, batch, counts, n_micro, lam, alpha)
     load = out.moe_stats.load if out.moe_stats is not None else jnp.zeros((0, 1))
-    dropped = out.moe_stats.dropped.sum() if out.moe_stats is not None else jnp.zeros((), jnp.int32)
+    stats = out.moe_stats
+    exchanged = {k: getattr(stats, k).sum() if stats is not None else jnp.zeros((), jnp.int32)
+                 for k in ("dropped", "fallbacks")}
     max_logits = nnx.pop(model, nnx.Intermediate) if qk_clip is not None else None  # per MLA module
-    return loss, (parts, load, dropped, max_logits)
+    return loss, (parts, load, exchanged, max_logits)
 
   return jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -159,8 +166,8 @@ def pipeline_grad(graphdef, cfg: TrainConfig, par, pipe_schedule: pipeline.Sched
   def grad_fn(params, rest, batch, counts):
     pipe = pipelined.Pipelined(graphdef, params, rest, par, pipe_schedule, cfg.loss.mtp_lambda, cfg.loss.balance_alpha,
                                max_logits=qk_clip)
-    loss, parts, load, dropped, grads, max_logits = pipe.run(params, rest, batch, counts, cfg.grad_accum)
-    return (loss, (parts, load, dropped, max_logits if qk_clip else None)), grads
+    loss, parts, load, exchanged, grads, max_logits = pipe.run(params, rest, batch, counts, cfg.grad_accum)
+    return (loss, (parts, load, exchanged, max_logits if qk_clip else None)), grads
 
   return grad_fn
 
