@@ -42,6 +42,12 @@ class MoEStats(NamedTuple):
   fallbacks: jax.Array  # [] 1 where the dropless exchange's fast path fell back to its chunks (int32)
 
 
+def exchange_counts(stats) -> dict:
+  """What the expert-parallel exchanges of MoEStats `stats` (of layer stacks) report, summed: dropped
+  assignments and layers whose fast path fell back, int32 scalars (0 without MoE layers)."""
+  return {k: sum((getattr(s, k).sum() for s in stats), jnp.zeros((), jnp.int32)) for k in ("dropped", "fallbacks")}
+
+
 class ExpertCopies(nnx.Variable):
   """The logical expert held by each redundant expert slot (mesh.redundant_experts): re-placed from
   the measured loads every mesh.redundant_every steps (parallel/eplb.py), never by gradients."""

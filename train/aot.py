@@ -330,7 +330,7 @@ def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list
     # device before as many, so that the weights are gathered and their gradients reduced half as often
     micro = [f"grad_accum={a}" for a in (1, 2, 4) if cfg.batch_size % a == 0] if cfg.per_device_batch is None else [
         f"per_device_batch={2 * cfg.per_device_batch}", f"per_device_batch={cfg.per_device_batch}"]
-    for accum in micro:
+    for batching in micro:
       for m in meshes:
         for ep in ("keep", "recompute"):  # (the chunked exchange's rows kept when they fit: no all-to-all again)
           for chunks in ("fast", 2, None):  # (the fast path, all tokens at once; fewer chunks: the expert
@@ -341,7 +341,7 @@ def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list
                 out.append(m + [f"impl.remat_policy={remat}", f"impl.ep_remat={ep}"] + (
                     ["mesh.ep_fast_path=2.0"] if chunks == "fast" else [f"mesh.ep_chunks={chunks}"] if chunks else []) + (
                     ["mesh.gather_overlap=true"] if gather else []) + (
-                    ["pipeline.gather_once=true"] if once else []) + [accum])
+                    ["pipeline.gather_once=true"] if once else []) + [batching])
   return out[:tries]
 
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from moe import experts as experts_lib
 from moe import model as model_lib
 from parallel import pipeline
 from parallel import sharding as sharding_lib
@@ -157,7 +158,7 @@ class Pipelined:
     both = [stats] if extra is None else [stats, extra]
     parts["balance_loss"] = sum(s.balance_loss.sum() for s in both) / n_total
     load = jnp.concatenate([s.load for s in both])
-    exchanged = {k: sum(getattr(s, k).sum() for s in both) for k in ("dropped", "fallbacks")}
+    exchanged = experts_lib.exchange_counts(both)
     max_logits = nnx.State({**peaks["first"], **peaks["last"]})
     if len(peaks["stack"]):
       max_logits[STACK] = nnx.State({"layers": peaks["stack"]})

@@ -149,9 +149,7 @@ def model_grad(graphdef, cfg: TrainConfig):
     out = model.forward(batch["tokens"], batch["segment_ids"], batch["positions"])
     loss, parts = loss_lib.objective(out, batch, counts, n_micro, lam, alpha)
     load = out.moe_stats.load if out.moe_stats is not None else jnp.zeros((0, 1))
-    stats = out.moe_stats
-    exchanged = {k: getattr(stats, k).sum() if stats is not None else jnp.zeros((), jnp.int32)
-                 for k in ("dropped", "fallbacks")}
+    exchanged = experts_lib.exchange_counts([] if out.moe_stats is None else [out.moe_stats])
     max_logits = nnx.pop(model, nnx.Intermediate) if qk_clip is not None else None  # per MLA module
     return loss, (parts, load, exchanged, max_logits)
 
