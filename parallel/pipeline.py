@@ -641,7 +641,7 @@ def run(sched: Schedule, mesh, per_chunk: int, first_fn: Callable, stage_fn: Cal
   last_fn(post params, post consts, y, mb, blocks) -> (loss, aux, peaks): after the last chunk, on one
     of `blocks` equal row blocks of the micro-batch; `aux` summed.
   stack_params / stack_consts: leading [slots] axis, sharded over `stage` (slot order of `Layout`).
-  post_params / post_consts: whole on every stage (their gradients, from first_fn and last_fn, come
+  post_params / post_consts: whole over `stage` inside (their gradients, from first_fn and last_fn, come
   back summed). mb_inputs: a pytree of [M, rows, ...] arrays (tokens, masks).
 
   Control flow is the same on every device: XLA needs every device to reach the same collectives

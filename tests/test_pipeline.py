@@ -230,6 +230,31 @@ def test_gather_once_gathers_a_stages_weights_once_per_step():
   assert gathered[False] - gathered[True] >= (ticks - 1) * size, gathered
 
 
+def test_outer_weights_are_sharded_over_the_stages_too():
+  """The weights outside the pipelined stack (embedding, head, dense layers, MTP) are not whole on
+  every stage: with stage=2 x fsdp=2 x expert=2 a device holds half of what it holds of them on
+  data=2 x fsdp=2 x expert=2 (the same 8 v5p chips; only the vectors that no rule splits, norms and
+  biases, stay whole: under 1% here). The stack itself is split over
+  the stages by its slots (parallel/pipeline.py); this is the rest."""
+  from parallel import targets
+  from parallel.mesh import Parallelism
+  from train import aot
+  from train.core import loop
+
+  target = targets.parse("v5p-16")
+  over = ["model.num_hidden_layers=5",
+          "batch_size=8", "mesh.fsdp=2", "mesh.expert=2", "pipeline.microbatches=4"]
+  held = {}
+  for axis in ("data", "stage"):
+    cfg = aot.for_target(load_train_config(ROOT / "configs/tiny.yaml", [*over, "mesh.data=1", f"mesh.{axis}=2"]), target)
+    par = Parallelism.from_config(cfg.mesh, targets.devices(target), cfg.pipeline)
+    params = loop.setup(loop.on_mesh(cfg, par), par).abstract_state["params"]
+    outer = {k: v for k, v in params.items() if k != "moe_layers"}
+    held[axis] = aot.per_device_bytes(outer)
+    assert {"embed", "lm_head", "dense_layers", "mtp"} <= set(outer), sorted(outer)
+  assert held["stage"] == pytest.approx(held["data"] / 2, rel=0.01), held
+
+
 # ------------------------------------------------------------------ 8 simulated devices
 # A covering design rather than every combination (each job is a compile of half a minute): every
 # schedule on 2 and on 4 stages, and each of the data, fsdp and expert axes with every schedule;

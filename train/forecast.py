@@ -399,8 +399,9 @@ class Cost:
 
 
 # named scopes whose share of the step is reported: the optimizer's update (train/core/step.py), its
-# Newton-Schulz (train/core/muon.py), the redundant experts' moves (parallel/expert_parallel/copies.py)
-PARTS = ("optimizer", "muon", "expert_copies")
+# Newton-Schulz (train/core/muon.py), the redundant experts' moves (parallel/expert_parallel/copies.py),
+# the pipeline executor's own transfers over `stage` (parallel/pipeline.py: TRANSFER)
+PARTS = ("optimizer", "muon", "expert_copies", "stage_transfer")
 
 
 def _parts(p: "Program", ins, depth: int = 8) -> tuple[str, ...]:

@@ -12,7 +12,7 @@ Where each part runs (parallel/pipeline.py has the mechanics):
                                         (DeepSeek put the embedding on the first and the head + MTP on the
                                         last stage; splitting them over all stages keeps them off the
                                         critical stage and keeps the control flow the same everywhere)
-The non-pipelined weights are whole on every stage (sharded over the other axes as usual).
+The non-pipelined weights are sharded over `stage` too (parallel/sharding.py) and gathered for the step.
 
 `Pipelined.run` gives what `jax.value_and_grad` of the unpipelined objective gives (train/core/
 step.py). Micro-batch m's loss is its share of the whole batch's (token sums over the whole batch's
