@@ -199,9 +199,12 @@ def dispatch():
     if fast and not redundant:  # whether the fast path ran: the most rows a rank of a group receives
       groups = sizes[mesh].get("data", 1) * sizes[mesh].get("fsdp", 1)
       e_local = 16 // n_ep
-      most = max(np.bincount(np.asarray(part).ravel() // e_local, minlength=n_ep).max() for part in np.split(np.asarray(idx), groups))
       t_local = len(idx) // (groups * n_ep)
-      out[name]["fast"] = bool(most <= expert_parallel.fast_rows(t_local, idx.shape[1], n_ep, e_local, fast))
+      halves = 2 if overlap else 1  # (with ep_overlap each half of a rank's tokens is exchanged on its own)
+      ranks = np.asarray(idx).reshape(groups, n_ep, halves, t_local // halves, -1)
+      most = max(np.bincount(ranks[g, :, h].ravel() // e_local, minlength=n_ep).max()
+                 for g in range(groups) for h in range(halves))
+      out[name]["fast"] = bool(most <= expert_parallel.fast_rows(t_local // halves, idx.shape[1], n_ep, e_local, fast))
     if redundant and transport == "padded":  # the copies' all-to-all bytes per device, from the HLO
       hlo = [f.lower(*a).compile().as_text() for f, a in ((make, rest[1:]), (add, (g[2:5], copy_w)))]
       out[name]["copy_bytes"] = [a2a_bytes(h) for h in hlo]

@@ -152,19 +152,25 @@ def test_fast_path_is_forecast_as_one_pass_with_its_fallback_reported():
   path (all tokens at once, buffers of twice the balanced receive) and the chunked exchange; the
   forecast costs the fast path, under the plain chunked step's, and reports what the fallback would
   add (`fallback_s`). The step's metrics count the layers that fell back (`ep_fallbacks`, each layer's
-  count tested in tests/test_ep.py)."""
+  count tested in tests/test_ep.py). With mesh.ep_overlap the two halves of the tokens go through
+  the fast path one after the other, each in buffers for half of them: the grouped matmuls' buffer
+  FLOPs are the same as in one pass (they were twice as many when each half had the whole buffers)."""
   target = targets.parse("v5p-8")
   out = {}
-  for fast in ("null", "2.0"):
-    cfg = load_train_config(ROOT / "configs/tiny.yaml", [*SMALL, "mesh.data=1", "mesh.expert=4", f"mesh.ep_fast_path={fast}",
+  for fast in ("null", "2.0", "2.0 overlap"):
+    cfg = load_train_config(ROOT / "configs/tiny.yaml", [*SMALL, "mesh.data=1", "mesh.expert=4",
+                                                          f"mesh.ep_fast_path={fast.split()[0]}",
+                                                          f"mesh.ep_overlap={'overlap' in fast}",
                                                           "model.num_nextn_predict_layers=0"])
     compiled = _compiled(cfg, target)
     text, metrics = compiled.as_text(), compiled.out_info[1]
     out[fast] = (forecast.costs(text, forecast.chip_of("v5p")), text.count(" conditional("))
     assert ("ep_fallbacks" in metrics) == (fast != "null"), sorted(metrics)  # the layers that fell back, logged
-  (plain, n_plain), (fast, n_fast) = out["null"], out["2.0"]
+  (plain, n_plain), (fast, n_fast), (halves, _) = out["null"], out["2.0"], out["2.0 overlap"]
   assert n_fast > n_plain and plain.fallback == 0 < fast.fallback, (n_plain, n_fast, plain.fallback)
   assert fast.time < plain.time < fast.time + fast.fallback, (fast.time, plain.time, fast.fallback)
+  assert halves.flops["ragged_dot_buffer"] == pytest.approx(fast.flops["ragged_dot_buffer"], rel=0.01), (
+      halves.flops["ragged_dot_buffer"], fast.flops["ragged_dot_buffer"])
 
 
 V5P16 = ["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2", "batch_size=8", "seq_len=256"]

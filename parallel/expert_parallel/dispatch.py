@@ -107,7 +107,9 @@ def layout(par, mesh, shape_items: tuple, free: frozenset, t: int, k: int, weigh
                       f" {chunks} chunk(s) of two halves")
   fast = None
   if plan is not None and par.ep_fast_path:
-    fast = plan._replace(receive_rows=fast_rows(t_local, k, n_ep, e_local, par.ep_fast_path))
+    # (with mesh.ep_overlap each half of the tokens is exchanged on its own, in buffers for half of them)
+    halves = 2 if par.ep_overlap else 1
+    fast = plan._replace(receive_rows=fast_rows(t_local // halves, k, n_ep, e_local, par.ep_fast_path))
   out = Layout(mesh, free, weight_specs, tok, tuple(token_axes), tp_axes, plan, chunks, n_ep, e_local, fast)
   log.info("MoE layer of %d tokens: %s", t, out.describe())
   return out
@@ -156,7 +158,8 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
     fn = lambda *args: (*chunked(*args), jnp.zeros((), jnp.int32))  # (no fast path: nothing falls back)
   else:
     fast = functools.partial(exchange, expert_fn=local_fn, plan=lay.fast)
-    fn = with_fast_path(in_halves(fast) if par.ep_overlap else fast, fn, lay.fast, tuple(token_axes))
+    fn = with_fast_path(in_halves(fast) if par.ep_overlap else fast, fn, lay.fast, tuple(token_axes),
+                        parts=2 if par.ep_overlap else 1)
   slots, copy_weights = (None, ()) if copies is None or n_ep == 1 else copies
 
   def body(x, idx, w, slots_R, *ws):

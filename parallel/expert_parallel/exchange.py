@@ -103,16 +103,19 @@ def exchange(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, plan: Plan):
   return back_outer(y_R).reshape(t, plan.nodes, -1).sum(1), dropped
 
 
-def with_fast_path(fast, slow, plan: Plan, token_axes: tuple[str, ...]):
+def with_fast_path(fast, slow, plan: Plan, token_axes: tuple[str, ...], parts: int = 1):
   """`fast(x, idx, w, *weights)` (the one-level ragged exchange of all the tokens at once, in buffers of
   `plan.receive_rows` rows a rank) when no rank would receive more this layer, else `slow` (the chunked
   exchange sized for the worst case): both dropless, equal up to rounding. One decision for the whole
   mesh, a pmax over the token axes, so that every device runs the same branch's collectives. The fast
   path reads the local experts' weights and writes their gradient once, not once per chunk, and its
-  buffers hold few rows no token fills. Returns (y, dropped, 1 where the chunks ran else 0)."""
+  buffers hold few rows no token fills. `parts`: `fast` exchanges that many consecutive slices of the
+  tokens one after another (in_halves), each in buffers of `plan.receive_rows`. Returns (y, dropped,
+  1 where the chunks ran else 0)."""
   def run(x, idx, w, *weights):
     e_local = weights[0].shape[0]
-    sent = jnp.bincount((idx // e_local).reshape(-1), length=plan.n_ep)  # my assignments to each rank
+    to_rank = (idx // e_local).reshape(parts, -1)
+    sent = jax.vmap(lambda r: jnp.bincount(r, length=plan.n_ep))(to_rank)  # [parts, ranks]: my assignments
     most = jax.lax.pmax(jax.lax.psum(sent, plan.axes).max(), token_axes)  # the most any rank receives
 
     def fast_path(*args):
