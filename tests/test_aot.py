@@ -328,7 +328,8 @@ def test_bad_target_and_search(capsys):
   rows = [json.loads(line) for line in out[:2]]
   assert [r["overrides"][:4] for r in rows] == [["mesh.data=1", "mesh.fsdp=1", "mesh.expert=4", "mesh.tensor=1"]] * 2
   assert [r["overrides"][5:] for r in rows] == [
-      ["impl.ep_remat=keep", "mesh.ep_fast_path=2.0", "grad_accum=1"], ["impl.ep_remat=keep", "mesh.ep_chunks=2", "grad_accum=1"]]
+      ["impl.ep_remat=keep", "mesh.ep_fast_path=2.0", "mesh.ep_overlap=true", "grad_accum=1"],
+      ["impl.ep_remat=keep", "mesh.ep_fast_path=2.0", "grad_accum=1"]]
   assert out[2].startswith("fits") and all(r["fits"] for r in rows) and len(out) == 5
 
 

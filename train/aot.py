@@ -310,7 +310,8 @@ def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list
   """Override sets to try, most promising first: expert x fsdp (x tensor, x context when seq_len is
   over LONG tokens) factorisations of the devices (of each pipeline stage's, with mesh.stage given),
   then remat policies (the chunked expert-parallel exchange's rows kept before recomputed, its fast
-  path (mesh.ep_fast_path=2) before 2 chunks before the default, on v5e the weights' all-gathers
+  path (mesh.ep_fast_path=2) in overlapping halves (mesh.ep_overlap) before in one pass before 2 chunks
+  before the default, on v5e the weights' all-gathers
   fused into the compute before not, with stages a stage's weights gathered once per step before in
   every tick) and the micro-batch (grad_accum, or per_device_batch)."""
   n = target.devices // max(cfg.mesh.stage, 1)
@@ -333,13 +334,15 @@ def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list
     for batching in micro:
       for m in meshes:
         for ep in ("keep", "recompute"):  # (the chunked exchange's rows kept when they fit: no all-to-all again)
-          for chunks in ("fast", 2, None):  # (the fast path, all tokens at once; fewer chunks: the expert
-            # weights read, their gradients summed, fewer times)
+          for chunks in ("halves", "fast", 2, None):  # (the fast path, all tokens at once, in two halves whose
+            # exchanges overlap the other's experts (mesh.ep_overlap) before in one; fewer chunks: the
+            # expert weights read, their gradients summed, fewer times)
             for gather in (True, False) if target.family == "v5e" else (False,):  # (all-gathers under compute)
               staged = cfg.mesh.stage > 1 and "mesh.fsdp=1" not in m  # (a stage's weights gathered once)
               for once in (True, False) if staged else (False,):
                 out.append(m + [f"impl.remat_policy={remat}", f"impl.ep_remat={ep}"] + (
-                    ["mesh.ep_fast_path=2.0"] if chunks == "fast" else [f"mesh.ep_chunks={chunks}"] if chunks else []) + (
+                    ["mesh.ep_fast_path=2.0"] if chunks == "fast" else ["mesh.ep_fast_path=2.0", "mesh.ep_overlap=true"]
+                    if chunks == "halves" else [f"mesh.ep_chunks={chunks}"] if chunks else []) + (
                     ["mesh.gather_overlap=true"] if gather else []) + (
                     ["pipeline.gather_once=true"] if once else []) + [batching])
   return out[:tries]
