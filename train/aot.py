@@ -88,6 +88,7 @@ from parallel.mesh import Parallelism
 from train import forecast
 from train import hlo as hlo_lib
 from train import hlo_links
+from train import hlo_parse
 from train.core import jsonl
 from train.core import loop
 from train.core.train_config import TrainConfig, load_train_config
@@ -257,7 +258,7 @@ def compile_for(cfg: TrainConfig, target: targets_lib.Target, buffers: int = 0, 
       "async_a2a": hlo_lib.async_all_to_alls(hlo),
       **predicted,
       "largest_replicated": largest_replicated(state, n),
-      **({"stage_transfers": stage_transfers(hlo)} if par.stages > 1 else {}),
+      **({"stage_transfers": stage_transfers(hlo, par.stages)} if par.stages > 1 else {}),
       **({"peak_buffers": _peak_buffers(dump, buffers)} if dump else {}),
   }
 
@@ -292,11 +293,16 @@ def _peak_buffers(dump: tempfile.TemporaryDirectory, top: int) -> list[dict]:
                                 assignment=assignment.read_text() if assignment.exists() else "")
 
 
-def stage_transfers(hlo: str) -> list[dict]:
-  """The pipeline executor's own collectives over `stage` (parallel/pipeline.py: TRANSFER), one row
-  per kind and array: {kind, shape, count} (instructions; XLA may peel a loop's first collective)."""
-  rows = collections.Counter((r["kind"], r["shape"]) for r in hlo_lib.scoped_collectives(hlo, pipeline.TRANSFER))
-  return [{"kind": k, "shape": shape, "count": c} for (k, shape), c in sorted(rows.items())]
+def stage_transfers(hlo: str, stages: int) -> list[dict]:
+  """The collectives of the pipeline executor's transfers (parallel/pipeline.py: TRANSFER), one row per
+  kind, array and whether it crosses `stage` (`over_stage`; the others are XLA's re-layouts inside a
+  stage around them): {kind, shape, over_stage, count} (instructions; XLA may peel a loop's first
+  collective). `stage` is the mesh's first axis, so a device's stage is its position // (devices /
+  stages)."""
+  per = hlo_parse.program_size(hlo) // stages
+  rows = collections.Counter((r["kind"], r["shape"], any(len({d // per for d in g}) > 1 for g in r["groups"]))
+                             for r in hlo_lib.scoped_collectives(hlo, pipeline.TRANSFER) if r["groups"])
+  return [{"kind": k, "shape": shape, "over_stage": over, "count": c} for (k, shape, over), c in sorted(rows.items())]
 
 
 def _gib(b: float) -> float:

@@ -201,9 +201,11 @@ def matmul_flops(hlo: str, scopes: tuple[str, ...] = ()) -> dict:
 
 
 def scoped_collectives(hlo: str, scope: str) -> list[dict]:
-  """[{kind, shape, bytes, times}] of the collectives whose op_name metadata has the path segment
+  """[{kind, shape, bytes, times, groups}] of the collectives whose op_name metadata has the path segment
   `scope` (a collective-permute's bytes: its array's, once); `times`: executions per run of the entry
-  computation, a conditional's branches each counted as taken (an upper bound)."""
+  computation, a conditional's branches each counted as taken (an upper bound); `groups`: the device
+  positions that exchange data (a collective-permute's source-target pairs; "done" halves of async
+  pairs: none)."""
   m = hlo_parse.parse(hlo)
   times = hlo_loops.executions(hlo_loops.module_calls(hlo), m.entry)
   rows = []
@@ -211,8 +213,11 @@ def scoped_collectives(hlo: str, scope: str) -> list[dict]:
     kind = hlo_parse.collective_kind(ins.op)
     if kind and hlo_parse.in_scope(ins.rest, scope):
       array = hlo_parse.first_array(ins.shape)
+      pairs = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", ins.rest)
+      groups = ([list(map(int, x)) for x in re.findall(r"\{(\d+),(\d+)\}", pairs.group(1))] if pairs
+                else hlo_parse.groups_of(ins.rest, m.size) if "replica_groups" in ins.rest else [])
       rows.append({"kind": kind, "shape": array, "bytes": hlo_parse.shape_bytes(array),
-                   "times": times.get(m.home[ins.name], (1, True))[0]})
+                   "times": times.get(m.home[ins.name], (1, True))[0], "groups": groups})
   return rows
 
 
