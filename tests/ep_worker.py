@@ -256,6 +256,11 @@ def routing_matrix():
   pars = {(nodes, transport, cf): mesh_lib.Parallelism.from_config(mesh_lib.MeshConfig(
               data=1, expert=8, ep_transport=transport, ep_nodes=nodes, capacity_factor=cf))
           for nodes in (1, 2, 4) for transport, cf in (("padded", None), ("padded", 1.0), ("ragged", None))}
+  # the one-level ragged exchange's fast path (mesh.ep_fast_path), in one pass and in halves: buffers of
+  # 1.5x the balanced receive, which some of these routings overflow (then the 2 chunks run)
+  pars.update({(1, "ragged", f"fast{halves}"): mesh_lib.Parallelism.from_config(mesh_lib.MeshConfig(
+      data=1, expert=8, ep_transport="ragged", ep_nodes=1, ep_fast_path=1.5, ep_overlap=halves == 2, ep_chunks=2))
+      for halves in (1, 2)})
   compiled = {}
 
   def run(par, routing, idx, w):  # one program per plan (the routing enters only as the nodes a token reaches)
@@ -263,8 +268,8 @@ def routing_matrix():
     if key not in compiled:
       compiled[key] = jax.jit(lambda x, idx, w, *ws: expert_parallel.dispatch_combine(
           x, idx, w, ws, DISPATCH_AXES, EXPERTS["blocked"], par, routing))
-    y, dropped, _ = compiled[key](x, idx, w, gate, up, down)
-    return np.asarray(y, np.float64), int(dropped)
+    y, dropped, fallbacks = compiled[key](x, idx, w, gate, up, down)
+    return np.asarray(y, np.float64), int(dropped), int(fallbacks)
 
   out = {}
   for method, scoring in METHODS.items():
@@ -276,12 +281,20 @@ def routing_matrix():
       parts = reference_contributions(x, idx, w, gate, up, down)
       routing = router_lib.reach(cfg)
       for (nodes, transport, cf), par in pars.items():
-        y, dropped = run(par, routing, idx, w)
-        out[f"{method}/{grouping}/nodes{nodes}/{par.ep_transport}{'_cf1' if cf else ''}"] = {
+        y, dropped, fallbacks = run(par, routing, idx, w)
+        suffix = f"_{cf}" if isinstance(cf, str) else "_cf1" if cf else ""
+        out[f"{method}/{grouping}/nodes{nodes}/{par.ep_transport}{suffix}"] = {
             "err": float(np.abs(y - parts.sum(1)).max() / np.abs(parts.sum(1)).max()), "dropped": dropped,
-            "missing": missing_assignments(y, parts), "nodes_reached": int(max(len(set(r)) for r in idx // (e // nodes)))}
+            "missing": missing_assignments(y, parts), "nodes_reached": int(max(len(set(r)) for r in idx // (e // nodes))),
+            "fallbacks": fallbacks}
+        if isinstance(cf, str):  # whether the fast path fits, from the routing: the most any rank receives
+          halves = int(cf[-1])  # of a slice of each rank's tokens (8 ranks, t / 8 tokens each, e / 8 experts)
+          per_slice = idx.reshape(8, halves, t // 8 // halves, k)
+          most = max(np.bincount(per_slice[:, h].ravel() // (e // 8), minlength=8).max() for h in range(halves))
+          out[f"{method}/{grouping}/nodes{nodes}/{par.ep_transport}{suffix}"]["fits"] = bool(
+              most <= expert_parallel.fast_rows(t // 8 // halves, k, 8, e // 8, 1.5))
       if method == "greedy" and grouping == "groups6":  # claim V3-style limits the router does not keep
-        y, dropped = run(pars[2, "ragged", None], (e, n_group, 1), idx, w)
+        y, dropped, _ = run(pars[2, "ragged", None], (e, n_group, 1), idx, w)
         out["wrong_bound"] = {"dropped": dropped, "missing": missing_assignments(y, parts)}
   return out
 

@@ -108,17 +108,22 @@ def test_copies_move_once_per_step(eight):
 def test_every_routing_method_is_exact_or_reports_exactly_what_it_drops(eight):
   """noaux_tc, greedy and group_limited_greedy, ungrouped and with groups nesting in the nodes,
   containing them or crossing them, x ep_nodes 1/2/4 x padded (dropless and capacity factor 1) and
-  ragged: the output equals the float64 reference, or the (token, expert) contributions it lacks
+  ragged, and the one-level ragged exchange's fast path in one pass and in halves (each falling back
+  exactly when the routing overflows its buffers, as counted from the routing): the output equals the float64 reference, or the (token, expert) contributions it lacks
   (identified per token from the reference's parts) are exactly the drops it reports. Dropless
   transports drop nothing, also under greedy routing, whose tokens reach every node."""
   routing = eight["routing"]
-  assert len(routing) == 3 * 4 * 3 * 3 + 1
+  assert len(routing) == 3 * 4 * (3 * 3 + 2) + 1
   for name, r in routing.items():
     if name == "wrong_bound":
       continue
     assert (r["dropped"] == 0 and r["err"] < 1e-5) or r["missing"] == r["dropped"] > 0, (name, r)
     if not name.endswith("_cf1"):
       assert r["dropped"] == 0, (name, r)
+    if "_fast" in name:  # the fast path (in one pass, in halves): it falls back exactly when it must
+      assert r["fallbacks"] == (0 if r["fits"] else 1), (name, r)
+  fast = [r["fits"] for n, r in routing.items() if "_fast" in n]
+  assert len(fast) == 24 and any(fast) and not all(fast), fast  # (both branches exercised)
   assert all(routing[f"greedy/groups6/nodes{n}/ragged_emulated"]["nodes_reached"] == n for n in (2, 4))
   assert sum(r["dropped"] for n, r in routing.items() if n.endswith("_cf1")) > 0  # the accounting was exercised
   # a bound the router does not keep (group limits claimed for greedy routing, as before issue 22):
