@@ -3,7 +3,8 @@
   python tests/checkpoint_worker.py meshes RUN_DIR
       8 simulated CPU devices: saves a state (random values in every parameter, router bias and
       AdamW leaf, step 7) sharded as data=2 x fsdp=4, with a data iterator 3 batches in; restores it
-      on fsdp=8 and on one device, each with the shardings of the new mesh
+      on fsdp=8, on one device and with each sequence over context=4 (x data=2, x fsdp=2), each with
+      the shardings of the new mesh
   python tests/checkpoint_worker.py multi PORT ID N RUN_DIR save|restore
       process ID of N (4 devices each) on one data=2 x fsdp=4 mesh: `save` writes that state with
       every process's iterator (process ID reads its own share of the documents) and the batches
@@ -169,7 +170,8 @@ def main():
   expected = save_at_7(save_cfg, state, par)
   result = {"saved_mesh": ckpt_lib.validate_step_dir(ckpt_lib.checkpoint_dir(run_dir) / "7")["mesh"]}
 
-  for name, mesh in (("fsdp8", dict(data=1, fsdp=8)), ("one_device", dict(data=1))):
+  for name, mesh in (("fsdp8", dict(data=1, fsdp=8)), ("one_device", dict(data=1)),
+                     ("context4", dict(data=2, context=4)), ("fsdp2_context4", dict(data=1, fsdp=2, context=4))):
     cfg = config(run_dir, mesh)
     target, par = target_for(cfg, abstract)
     plan, got, it2 = resume(cfg, target, par)

@@ -28,10 +28,13 @@ from tests.parallel_worker import compare, config, params_of  # noqa: E402
 # (mesh, overrides): `auto` attention is the latent-block core under context; c4 runs the fused core.
 # c2, whose compiled all-gathers test_context reads, keeps the parameters whole over `context` (the
 # default shards them over it, and on these tiny shapes XLA then gathers small activations instead
-# of the smaller weights, which would hide what attention gathers); c2f2e2 runs the default rules.
+# of the smaller weights, which would hide what attention gathers); c2f2e2 runs the default rules, and
+# so do the latent core on context=4 and 8 (2 tokens a slice) and context with tensor parallelism.
 WHOLE_OVER_CONTEXT = [f"mesh.rules.{name}=[fsdp, expert, stage]" for name in ("embed", "q_lora", "kv_lora")]
 MESHES = {"c2": (dict(context=2), WHOLE_OVER_CONTEXT), "c4": (dict(context=4), ["impl.attention=fused"]),
-          "c2f2e2": (dict(data=1, fsdp=2, context=2, expert=2), [])}
+          "c2f2e2": (dict(data=1, fsdp=2, context=2, expert=2), []),
+          "c4_latent": (dict(data=2, context=4), []), "c8": (dict(data=1, context=8), []),
+          "c2f2t2": (dict(data=1, fsdp=2, context=2, tensor=2), [])}
 
 
 def packed_batch(b=8, s=16, vocab=64, seed=0):

@@ -298,12 +298,14 @@ def test_restore_onto_other_meshes(runs):
   assert worker.returncode == 0, err[-3000:]
   result = json.loads(out.strip().splitlines()[-1])
   assert result["saved_mesh"] == {"stage": 1, "data": 2, "fsdp": 4, "context": 1, "expert": 1, "tensor": 1}
-  for name, devices in (("fsdp8", 8), ("one_device", 1)):
+  for name, devices in (("fsdp8", 8), ("one_device", 1), ("context4", 8), ("fsdp2_context4", 8)):
     r = result[name]
     assert r["step"] == 7 and r["devices"] == devices, r
     assert r["equal"], f"{name}: restored arrays differ from the saved ones"
     assert r["shards_ok"] and r["data_continues"], r
   assert result["fsdp8"]["n_sharded"] > result["fsdp8"]["n_arrays"] // 3  # really laid out over fsdp=8
+  # (with context the weights are ZeRO-sharded over fsdp x context: a checkpoint moves between context sizes)
+  assert result["fsdp2_context4"]["n_sharded"] > result["fsdp2_context4"]["n_arrays"] // 3
 
 
 def workers(base: Path, *args_per_process) -> list[dict]:

@@ -95,7 +95,7 @@ def eight():
   return last_json(out)
 
 
-@pytest.mark.parametrize("mesh", ["c2", "c4", "c2f2e2"])
+@pytest.mark.parametrize("mesh", ["c2", "c4", "c2f2e2", "c4_latent", "c8", "c2f2t2"])
 def test_context_meshes_match_one_device(eight, mesh):
   r, ref = eight["meshes"][mesh], eight["ref"]
   assert r["init_diff"] == 0, mesh
