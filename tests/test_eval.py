@@ -24,16 +24,19 @@ CFG = ModelConfig(vocab_size=260, hidden_size=32, intermediate_size=48, moe_inte
                   initializer_range=0.02)
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("tiny_hf")
+def write_hf(path, cfg=CFG):
   # random weights without running the initialiser (eval_shape + NumPy: no init compile)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(CFG, rngs=nnx.Rngs(0))))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   rng = np.random.default_rng(0)
   state = jax.tree_util.tree_map_with_path(
       lambda p, x: jnp.asarray((1.0 if "scale" in str(p) else 0.0) + 0.02 * rng.standard_normal(x.shape), x.dtype), state)
   hf.to_hf(nnx.merge(graphdef, state), path)
   return path
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  return write_hf(tmp_path_factory.mktemp("tiny_hf"))
 
 
 def run(main, argv, capsys):
@@ -120,3 +123,42 @@ def test_run_dir_checkpoint_equals_its_hf_export(tmp_path, capsys):
   rc_hf, out_hf, _ = run(eval_lib.main, [tmp_path / "hf", *argv], capsys)
   assert rc_hf == 0 and json.loads(out_run)["loss"] == pytest.approx(json.loads(out_hf)["loss"], abs=1e-6)
   assert model_io.tokenizer_of(cfg.run_dir) == cfg.tokenizer == "byte"
+
+
+def test_passkey_samples_and_scores(tmp_path, capsys):
+  """--task passkey: each sample is [BOS] intro, fillers with the needle after `depth` of them, the
+  question, then the key, within --seq-len tokens; its score (one padded batch) equals an unpadded
+  forward of that sample alone, computed here from the logits: the key's summed log-probability and
+  whether each key token is the argmax. The CLI prints one JSON line with the summary by depth."""
+  from train.core import passkey
+
+  tok = ByteTokenizer()
+  L = 512  # (with the byte tokenizer the intro, needle, question and key take 250 tokens, a filler 90)
+  hf_dir = write_hf(tmp_path / "hf", CFG.replace(max_position_embeddings=L))
+  prompt, key = passkey.sample(tok, L, 0.5, 12345)
+  assert key == list(b" 12345") and prompt[0] == tok.bos_id and len(prompt) + len(key) <= L
+  text = bytes(prompt[1:]).decode()
+  fill = passkey.FILLER
+  n = (L - 1 - len(passkey.INTRO) - len(passkey.needle(12345)) - len(passkey.QUESTION) - 6) // len(fill)
+  assert text == passkey.INTRO + fill * round(n / 2) + passkey.needle(12345) + fill * (n - round(n / 2)) + passkey.QUESTION
+  assert n >= 2 and passkey.sample(tok, L, 0.0, 7)[0][1 + len(passkey.INTRO):][:20] == list(passkey.needle(7).encode())[:20]
+
+  model = hf.from_hf(hf_dir)
+  rows = [passkey.sample(tok, L, d, k) for d, k in ((0.0, 11111), (1.0, 98765), (0.5, 55555))]
+  got = passkey.score(model, rows, L, batch_size=2)
+  for (p, k), (lp, greedy) in zip(rows, got):
+    whole = np.asarray(p + k)
+    logits = np.asarray(model(jnp.asarray(whole[None, :-1]), jnp.ones((1, len(whole) - 1), jnp.int32)), np.float64)[0]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    at = np.arange(len(p) - 1, len(whole) - 1)
+    assert lp == pytest.approx(logp[at, whole[at + 1]].sum(), abs=1e-4)
+    assert greedy == bool((logits[at].argmax(-1) == whole[at + 1]).all())
+
+  rc, out, err = run(eval_lib.main, [hf_dir, "--task", "passkey", "--seq-len", L, "--samples", 2, "--batch-size", 4], capsys)
+  assert rc == 0, err
+  r = json.loads(out.strip().splitlines()[-1])
+  assert r["task"] == "passkey" and r["samples"] == 10 and set(r["by_depth"]) == {"0", "0.25", "0.5", "0.75", "1"}
+  assert 0 <= r["accuracy"] <= 1 and r["key_logprob_per_token"] < 0
+  assert np.mean([d["key_logprob_per_token"] for d in r["by_depth"].values()]) == pytest.approx(r["key_logprob_per_token"])
+  rc, out, err = run(eval_lib.main, [hf_dir, "--task", "passkey", "--seq-len", 200], capsys)
+  assert rc == 2 and "too short for a passkey sample" in err and len(err.strip().splitlines()) == 1

@@ -4,6 +4,11 @@
       [--batch-size B] [--max-batches M] [--dtype D]
   python -m train.eval (RUN_DIR | HF_DIR) --tasks T1,T2 [--num-fewshot K] [--limit N]
       [--include-path TASK_DIR] [--batch-size B] [--max-length L] [mesh.fsdp=8 ...]
+  python -m train.eval (RUN_DIR | HF_DIR) --task passkey --seq-len L [--samples N] [--batch-size B]
+
+Passkey mode (--task passkey; train/core/passkey.py): synthetic passkey retrieval at L tokens, a
+random key hidden at depths 0, 0.25, ..., 1 of the filler; one JSON line with the accuracy (the key
+is the greedy continuation) and the key's mean log-probability per token, over all and by depth.
 
 Task mode (--tasks; the `eval` extra installs lm-eval) runs lm-eval's tasks in this process on the
 JAX model (train/core/lm_eval_adapter.py), on one device, or with mesh.* keys on the mesh they
@@ -45,7 +50,7 @@ from flax import nnx
 from moe import hf
 from parallel.common.errors import ConfigError, DataError, InputError
 from parallel.mesh import MeshConfig, Parallelism
-from train.core import jsonl
+from train.core import jsonl, passkey
 from train.core.checkpoint import step_dir
 from train.core.model_io import load_any, load_model, tokenizer_of
 from train.core.train_config import apply_override
@@ -144,11 +149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--include-path", default=None, help="task mode: a folder of local task YAML files")
   parser.add_argument("--max-length", type=int, default=None,
                       help="task mode: context window in tokens (default: max_position_embeddings)")
+  parser.add_argument("--task", choices=["passkey"], default=None, help="a built-in task: passkey retrieval at --seq-len")
+  parser.add_argument("--samples", type=int, default=10, help="passkey: samples per depth")
   parser.add_argument("overrides", nargs="*", metavar="mesh.KEY=VALUE", help="task mode: the mesh, as in training")
   args = parser.parse_intermixed_args(argv)  # mesh keys before or after the options
   try:
-    if (args.data is None) == (args.tasks is None):
-      raise ConfigError("give --data SPEC (held-out loss) or --tasks T1,T2 (lm-eval tasks), one of them")
+    if sum(x is not None for x in (args.data, args.tasks, args.task)) != 1:
+      raise ConfigError("give --data SPEC (held-out loss), --tasks T1,T2 (lm-eval tasks) or --task passkey, one of them")
     if args.tasks is not None:
       return run_task_mode(args, args.overrides)
     if args.overrides:
@@ -156,7 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokenizer = load_tokenizer(tokenizer_of(args.model, args.tokenizer))
     model = load_any(args.model, args.dtype)
     seq_len = args.seq_len or min(512, model.cfg.max_position_embeddings)
-    result = evaluate(model, args.data, tokenizer, seq_len, args.batch_size, args.max_batches)
+    if args.task == "passkey":
+      if args.samples < 1:
+        raise ConfigError(f"--samples {args.samples}: must be at least 1")
+      result = passkey.evaluate(model, tokenizer, seq_len, args.samples, batch_size=args.batch_size)
+    else:
+      result = evaluate(model, args.data, tokenizer, seq_len, args.batch_size, args.max_batches)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
