@@ -41,9 +41,13 @@ def test_every_config_loads(path):
 
 
 def test_v3_yaml_values():
+  """The pre-training config has plain RoPE at 4K; the released YaRN comes with the 32K stage."""
   cfg = ModelConfig.load(ROOT / "configs" / "deepseek-v3-671b.yaml")
-  assert cfg.rope_scaling == RopeScaling(factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
-                                         beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
+  assert cfg.rope_scaling is None and cfg.max_position_embeddings == 4096
+  long = ModelConfig.load(ROOT / "configs" / "deepseek-v3-671b-32k.yaml")
+  assert long.rope_scaling == RopeScaling(factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
+                                          beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
+  assert long.max_position_embeddings == 163840 and long.replace(rope_scaling=None, max_position_embeddings=4096) == cfg
   assert (cfg.topk_method, cfg.scoring_func, cfg.n_group, cfg.topk_group) == ("noaux_tc", "sigmoid", 8, 4)
   assert cfg.qk_head_dim == 192
 

@@ -39,12 +39,14 @@ def test_every_config_loads(name):
 
 def test_long_context_stages_are_the_reports():
   """V3 report section 4.3: 1,000 steps each at 32K (1,920 sequences) and 128K (480), lr 7.3e-6,
-  YaRN scale 40, alpha 1, beta 32; the architecture is the pre-training one (the `base:` file)."""
+  YaRN scale 40, alpha 1, beta 32 (added: pre-training has plain RoPE); the architecture otherwise the
+  pre-training one (the `base:` file)."""
   v3 = load_train_config("configs/deepseek-v3-671b.yaml")
   for name, seq_len, batch in (("32k", 32768, 1920), ("128k", 131072, 480)):
     c = load_train_config(f"configs/deepseek-v3-671b-{name}.yaml")
     assert (c.seq_len, c.batch_size, c.steps) == (seq_len, batch, 1000)
-    assert c.model == v3.model and c.per_device_batch == 1 and c.precision == "bf16"
+    assert v3.model.rope_scaling is None and c.per_device_batch == 1 and c.precision == "bf16"
+    assert c.model.replace(rope_scaling=None, max_position_embeddings=4096) == v3.model
     rope = c.model.rope_scaling
     assert (rope.factor, rope.beta_slow, rope.beta_fast, rope.original_max_position_embeddings) == (40, 1, 32, 4096)
     lrs = {c.optimizer.lr, c.optimizer.final_lr}
