@@ -42,6 +42,11 @@ def test_bench_ep_counts_every_assignment():
   assert sum(rows["without"]) == sum(rows["with"]) == 16 * 32 * 2  # every (token, expert) assignment, once
   assert rows["imbalance_without"] >= 1 and len(rows["copies"]) == 8
   assert all(r[k] > 0 for k in ("single_fwd", "single_fwd_bwd", "layer_fwd", "layer_fwd_bwd"))
+  # every collective by kind and link: one node of 8 ranks, so nothing slow; each rank sends 7/8 of the
+  # copies' all-to-all results (the rest stays on the rank)
+  b = r["bytes"]
+  assert b["copies_links"]["all-to-all"] == {"fast": b["copies"] * 7 / 8, "slow": 0}, b
+  assert b["dispatch_links"]["all-to-all"]["fast"] > 0 and all(v["slow"] == 0 for v in b["dispatch_links"].values())
 
 
 def test_bench_meshes_predicts_a_pipeline():

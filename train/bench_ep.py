@@ -31,7 +31,10 @@ popularity, the experts' ranks in a random order). Prints one JSON line:
                              mesh.redundant_experts `copies`, once per optimizer step: making the
                              copies from the experts (parallel.expert_parallel.make_copies) and
                              sending their gradients home (add_copy_grads); `per_step` the ratio
-                             copies / (dispatch x grad_accum)
+                             copies / (dispatch x grad_accum); `dispatch_links` and
+                             `copies_links`: every collective's bytes (all-gathers, reduce-scatters,
+                             all-reduces too) by kind and link, `fast` inside an expert-parallel node
+                             and `slow` between nodes, as train.aot counts them (ring shares)
 Timings and bytes take the copies' weights as given (state made once per step, as in training).
 """
 
@@ -50,7 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moe import router as router_lib
 from moe.experts import DISPATCH_AXES
 from parallel import eplb, expert_parallel
-from train import hlo_links, hlo_parse
+from train import forecast, hlo_links, hlo_parse
 from train.bench import best_of, one_line_errors
 from train.core import jsonl
 from train.core import loop
@@ -169,17 +172,36 @@ def a2a_bytes(hlo: str) -> int:
              if ins.op in ("all-to-all", "ragged-all-to-all"))
 
 
+def links(compiled, par) -> dict:
+  """Every collective's bytes one device puts on the links per run of `compiled`, by kind and link
+  (train/forecast.py's count: ring shares, loops' trip counts): `fast` inside an expert-parallel node
+  (mesh.ep_nodes, neighbouring ranks of the expert axis), `slow` between nodes."""
+  axis = par.mesh.axis_names.index("expert")
+  per_node = max(par.mesh.shape["expert"] // max(par.ep_nodes, 1), 1)
+  node = {dev.id: pos[axis] // per_node for pos, dev in np.ndenumerate(par.mesh.devices)}
+  devices = hlo_links.device_assignment(compiled, par.mesh)
+  granule = lambda i: node[devices[i].id] if i < len(devices) else 0
+  cost = forecast.costs(compiled.as_text(), forecast.chip_of("h100"), granule)  # (bytes: any chip)
+  out: dict = {}
+  for (kind, link), b in sorted(cost.links.items()):
+    if b:
+      out.setdefault(kind, {"fast": 0, "slow": 0})[link] = int(b)
+  return out
+
+
 def traffic(par, layer, grad, xs, weights, copies, made, grad_accum: int) -> dict:
   """All-to-all bytes per device per MoE layer: the dispatch's per micro-batch (forward + backward,
-  the copies' weights given), and the copies' per optimizer step (made once, their gradients home)."""
+  the copies' weights given), and the copies' per optimizer step (made once, their gradients home);
+  and every collective's bytes by kind and link for each (`dispatch_links`, `copies_links`)."""
   padded = padded_of(par)
-  hlo = grad(layer(padded, copies), 3 + len(made)).lower(xs, *weights, *made).compile().as_text()
-  out = {"dispatch": a2a_bytes(hlo)}
+  compiled = grad(layer(padded, copies), 3 + len(made)).lower(xs, *weights, *made).compile()
+  out = {"dispatch": a2a_bytes(compiled.as_text()), "dispatch_links": links(compiled, par)}
   if copies is not None:
     def step_copies(ws, cgs):
       return (expert_parallel.make_copies(ws, STORED_AXES, copies, padded),
               expert_parallel.add_copy_grads(ws, cgs, STORED_AXES, copies, padded))
-    out["copies"] = a2a_bytes(jax.jit(step_copies).lower(list(weights), list(made)).compile().as_text())
+    compiled = jax.jit(step_copies).lower(list(weights), list(made)).compile()
+    out["copies"], out["copies_links"] = a2a_bytes(compiled.as_text()), links(compiled, par)
     out["grad_accum"] = grad_accum
     out["per_step"] = round(out["copies"] / (out["dispatch"] * grad_accum), 4)
   return out
