@@ -148,6 +148,18 @@ def rel_err(got, want) -> float:
   return err if np.isfinite(err) else float("inf")
 
 
+def fast_path_fits(idx, groups: int, n_ep: int, e_local: int, halves: int, factor: float) -> bool:
+  """Whether the fast path (mesh.ep_fast_path=factor) holds this routing [tokens, k], counted here in
+  NumPy: the tokens are `groups` expert-parallel groups of n_ep ranks, each rank's tokens consecutive
+  and exchanged in `halves` consecutive slices (mesh.ep_overlap: 2); no rank may receive more than
+  fast_rows of a slice's tokens from a slice."""
+  t_local = len(idx) // (groups * n_ep)
+  slices = idx.reshape(groups, n_ep, halves, t_local // halves, -1)
+  most = max(np.bincount(slices[g, :, h].ravel() // e_local, minlength=n_ep).max()
+             for g in range(groups) for h in range(halves))
+  return bool(most <= expert_parallel.fast_rows(t_local // halves, idx.shape[1], n_ep, e_local, factor))
+
+
 def dispatch():
   """The dispatch alone vs one device. With copies as the training step runs them: their weights made
   by make_copies, the dispatch differentiated with respect to them too, and their gradients added
@@ -199,12 +211,7 @@ def dispatch():
     if fast and not redundant:  # whether the fast path ran: the most rows a rank of a group receives
       groups = sizes[mesh].get("data", 1) * sizes[mesh].get("fsdp", 1)
       e_local = 16 // n_ep
-      t_local = len(idx) // (groups * n_ep)
-      halves = 2 if overlap else 1  # (with ep_overlap each half of a rank's tokens is exchanged on its own)
-      ranks = np.asarray(idx).reshape(groups, n_ep, halves, t_local // halves, -1)
-      most = max(np.bincount(ranks[g, :, h].ravel() // e_local, minlength=n_ep).max()
-                 for g in range(groups) for h in range(halves))
-      out[name]["fast"] = bool(most <= expert_parallel.fast_rows(t_local // halves, idx.shape[1], n_ep, e_local, fast))
+      out[name]["fast"] = fast_path_fits(np.asarray(idx), groups, n_ep, e_local, 2 if overlap else 1, fast)
     if redundant and transport == "padded":  # the copies' all-to-all bytes per device, from the HLO
       hlo = [f.lower(*a).compile().as_text() for f, a in ((make, rest[1:]), (add, (g[2:5], copy_w)))]
       out[name]["copy_bytes"] = [a2a_bytes(h) for h in hlo]
@@ -287,12 +294,9 @@ def routing_matrix():
             "err": float(np.abs(y - parts.sum(1)).max() / np.abs(parts.sum(1)).max()), "dropped": dropped,
             "missing": missing_assignments(y, parts), "nodes_reached": int(max(len(set(r)) for r in idx // (e // nodes))),
             "fallbacks": fallbacks}
-        if isinstance(cf, str):  # whether the fast path fits, from the routing: the most any rank receives
-          halves = int(cf[-1])  # of a slice of each rank's tokens (8 ranks, t / 8 tokens each, e / 8 experts)
-          per_slice = idx.reshape(8, halves, t // 8 // halves, k)
-          most = max(np.bincount(per_slice[:, h].ravel() // (e // 8), minlength=8).max() for h in range(halves))
-          out[f"{method}/{grouping}/nodes{nodes}/{par.ep_transport}{suffix}"]["fits"] = bool(
-              most <= expert_parallel.fast_rows(t // 8 // halves, k, 8, e // 8, 1.5))
+        if isinstance(cf, str):  # whether the fast path fits (one group of 8 ranks, e / 8 experts each)
+          out[f"{method}/{grouping}/nodes{nodes}/{par.ep_transport}{suffix}"]["fits"] = fast_path_fits(
+              idx, 1, 8, e // 8, int(cf[-1]), 1.5)
       if method == "greedy" and grouping == "groups6":  # claim V3-style limits the router does not keep
         y, dropped, _ = run(pars[2, "ragged", None], (e, n_group, 1), idx, w)
         out["wrong_bound"] = {"dropped": dropped, "missing": missing_assignments(y, parts)}

@@ -311,6 +311,10 @@ def _gib(b: float) -> float:
 
 # ------------------------------------------------------------------ search
 LONG = 4096  # tokens a sequence (or a context slice of one) holds before --search splits it over `context`
+# the dropless exchange, most promising first: the fast path (all tokens at once) in two halves whose
+# exchanges overlap the other half's experts, then in one pass; fewer chunks (the expert weights read,
+# their gradients summed, fewer times); the default
+EXCHANGES = (["mesh.ep_fast_path=2.0", "mesh.ep_overlap=true"], ["mesh.ep_fast_path=2.0"], ["mesh.ep_chunks=2"], [])
 
 def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list[list[str]]:
   """Override sets to try, most promising first: expert x fsdp (x tensor, x context when seq_len is
@@ -340,15 +344,11 @@ def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list
     for batching in micro:
       for m in meshes:
         for ep in ("keep", "recompute"):  # (the chunked exchange's rows kept when they fit: no all-to-all again)
-          for chunks in ("halves", "fast", 2, None):  # (the fast path, all tokens at once, in two halves whose
-            # exchanges overlap the other's experts (mesh.ep_overlap) before in one; fewer chunks: the
-            # expert weights read, their gradients summed, fewer times)
+          for exchange in EXCHANGES:
             for gather in (True, False) if target.family == "v5e" else (False,):  # (all-gathers under compute)
               staged = cfg.mesh.stage > 1 and "mesh.fsdp=1" not in m  # (a stage's weights gathered once)
               for once in (True, False) if staged else (False,):
-                out.append(m + [f"impl.remat_policy={remat}", f"impl.ep_remat={ep}"] + (
-                    ["mesh.ep_fast_path=2.0"] if chunks == "fast" else ["mesh.ep_fast_path=2.0", "mesh.ep_overlap=true"]
-                    if chunks == "halves" else [f"mesh.ep_chunks={chunks}"] if chunks else []) + (
+                out.append(m + [f"impl.remat_policy={remat}", f"impl.ep_remat={ep}"] + exchange + (
                     ["mesh.gather_overlap=true"] if gather else []) + (
                     ["pipeline.gather_once=true"] if once else []) + [batching])
   return out[:tries]

@@ -172,13 +172,19 @@ def a2a_bytes(hlo: str) -> int:
              if ins.op in ("all-to-all", "ragged-all-to-all"))
 
 
+def node_of(par, ranks: int, nodes: int) -> dict:
+  """device id -> its node: the `ranks` expert-parallel ranks (along the expert axis) as `nodes`
+  blocks of neighbouring ranks."""
+  axis = par.mesh.axis_names.index("expert")
+  per_node = max(ranks // max(nodes, 1), 1)
+  return {dev.id: pos[axis] // per_node for pos, dev in np.ndenumerate(par.mesh.devices)}
+
+
 def links(compiled, par) -> dict:
   """Every collective's bytes one device puts on the links per run of `compiled`, by kind and link
   (train/forecast.py's count: ring shares, loops' trip counts): `fast` inside an expert-parallel node
   (mesh.ep_nodes, neighbouring ranks of the expert axis), `slow` between nodes."""
-  axis = par.mesh.axis_names.index("expert")
-  per_node = max(par.mesh.shape["expert"] // max(par.ep_nodes, 1), 1)
-  node = {dev.id: pos[axis] // per_node for pos, dev in np.ndenumerate(par.mesh.devices)}
+  node = node_of(par, par.mesh.shape["expert"], par.ep_nodes)
   devices = hlo_links.device_assignment(compiled, par.mesh)
   granule = lambda i: node[devices[i].id] if i < len(devices) else 0
   cost = forecast.costs(compiled.as_text(), forecast.chip_of("h100"), granule)  # (bytes: any chip)
@@ -209,8 +215,7 @@ def traffic(par, layer, grad, xs, weights, copies, made, grad_accum: int) -> dic
 
 def slow_bytes(par, layer, grad, xs, weights, idx, n_ep, nodes, e_local, d) -> dict:
   """Bytes per rank to other nodes, per MoE layer forward + backward, this dispatch vs one level."""
-  axis = par.mesh.axis_names.index("expert")
-  node = {dev.id: pos[axis] // (n_ep // nodes) for pos, dev in np.ndenumerate(par.mesh.devices)}
+  node = node_of(par, n_ep, nodes)
   padded = padded_of(par)
   out = {"nodes": nodes}
   for name, p in (("this", padded), ("one_level", dataclasses.replace(padded, ep_nodes=1))):

@@ -339,8 +339,7 @@ def _link_bytes(p: Program, kind: str, ins, granule) -> tuple[float, float, int]
     array = hlo_parse.first_array(ins.shape)
     return 0.0, float(hlo_parse.shape_bytes(array) if array else 0), 2
   if kind == "collective-permute":
-    pairs = [tuple(map(int, x)) for x in re.findall(r"\{(\d+),(\d+)\}", (re.search(
-        r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", ins.rest) or re.match("()", "")).group(1))]
+    pairs = hlo_parse.pairs_of(ins.rest)
     data = float(sizes[0]) if sizes else 0.0
     slow = any(granule(a) != granule(b) for a, b in pairs)
     return (0.0, data, 2) if slow else (data, 0.0, 2)

@@ -213,9 +213,9 @@ def scoped_collectives(hlo: str, scope: str) -> list[dict]:
     kind = hlo_parse.collective_kind(ins.op)
     if kind and hlo_parse.in_scope(ins.rest, scope):
       array = hlo_parse.first_array(ins.shape)
-      pairs = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", ins.rest)
-      groups = ([list(map(int, x)) for x in re.findall(r"\{(\d+),(\d+)\}", pairs.group(1))] if pairs
-                else hlo_parse.groups_of(ins.rest, m.size) if "replica_groups" in ins.rest else [])
+      pairs = hlo_parse.pairs_of(ins.rest)
+      groups = [list(g) for g in pairs] if pairs else hlo_parse.groups_of(ins.rest, m.size) if (
+          "replica_groups" in ins.rest) else []
       rows.append({"kind": kind, "shape": array, "bytes": hlo_parse.shape_bytes(array),
                    "times": times.get(m.home[ins.name], (1, True))[0], "groups": groups})
   return rows

@@ -201,6 +201,15 @@ def groups_of(rest: str, n: int) -> list[list[int]]:
   return replica_groups(g.group(1) if g else "{}", n)
 
 
+PAIRS = re.compile(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
+
+
+def pairs_of(rest: str) -> list[tuple[int, int]]:
+  """The (source, target) positions of a collective-permute (none for another instruction)."""
+  m = PAIRS.search(rest)
+  return [tuple(map(int, x)) for x in re.findall(r"\{(\d+),(\d+)\}", m.group(1))] if m else []
+
+
 # ------------------------------------------------------------------ the module
 def walk(hlo: str):
   """(computation, entry computation so far, Instruction) for each instruction of HLO text (a line

@@ -115,7 +115,7 @@ def _continue(graphdef, state, last_logp_PxV, cache, rows_B, first_B, tokens_BxT
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _score(graphdef, state, tokens_BxS, segment_ids_BxS, targets_BxS):
+def score_batch(graphdef, state, tokens_BxS, segment_ids_BxS, targets_BxS):
   """(log p(target) [B, S], target == argmax [B, S]) of one right-padded batch, replicated (every
   process reads them whole)."""
   model = nnx.merge(graphdef, state)
@@ -217,7 +217,7 @@ class JaxLM(TemplateLM):
         arrays["tokens"][r, :len(inp)], arrays["targets"][r, :len(inp)] = inp, tgt
         arrays["segments"][r, :len(inp)] = 1
       a = self._place(arrays)
-      logp, greedy = jax.device_get(_score(self.graphdef, self.state, a["tokens"], a["segments"], a["targets"]))
+      logp, greedy = jax.device_get(score_batch(self.graphdef, self.state, a["tokens"], a["segments"], a["targets"]))
       for r, i in enumerate(chunk):
         n_inp, n_cont = len(rows[i][0]), rows[i][2]
         part = slice(n_inp - n_cont, n_inp)

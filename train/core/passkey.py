@@ -11,14 +11,13 @@ continuous metric that ranks small models where accuracy is all zeros.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from parallel.common.errors import ConfigError
+from train.core.lm_eval_adapter import score_batch  # (the batch scorer lm-eval's requests use too)
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.")
@@ -46,14 +45,6 @@ def sample(tokenizer, seq_len: int, depth: float, key: int) -> tuple[list[int], 
   return prompt, answer
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _score(graphdef, state, tokens_BxS, segment_ids_BxS, targets_BxS):
-  """(log p(target) [B, S], target == argmax [B, S])."""
-  logits = nnx.merge(graphdef, state)(tokens_BxS, segment_ids_BxS).astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return jnp.take_along_axis(logp, targets_BxS[..., None], axis=-1)[..., 0], jnp.argmax(logits, -1) == targets_BxS
-
-
 def score(model, rows: list[tuple[list[int], list[int]]], seq_len: int, batch_size: int) -> list[tuple[float, bool]]:
   """(sum of log p(key), every key token the argmax) per (prompt, key), in right-padded batches."""
   graphdef, state = nnx.split(model)
@@ -67,8 +58,8 @@ def score(model, rows: list[tuple[list[int], list[int]]], seq_len: int, batch_si
       n = len(whole) - 1
       tokens[r, :n], targets[r, :n], seg[r, :n] = whole[:-1], whole[1:], 1
       scored[r, len(prompt) - 1:n] = True
-    logp, greedy = (np.asarray(a) for a in _score(graphdef, state, jnp.asarray(tokens), jnp.asarray(seg),
-                                                     jnp.asarray(targets)))
+    logp, greedy = jax.device_get(score_batch(graphdef, state, jnp.asarray(tokens), jnp.asarray(seg),
+                                              jnp.asarray(targets)))
     for r in range(len(chunk)):
       m = scored[r]
       out.append((float(logp[r][m].sum()), bool(greedy[r][m].all())))
