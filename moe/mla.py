@@ -38,7 +38,7 @@ from flax import nnx
 
 from moe import rope
 from moe.config import ModelConfig
-from moe.kernels import latent_attention
+from moe.kernels import latent_attention, ring_attention
 from moe.kernels.attention import ATTENTION, PALLAS, per_device
 from moe.layers import Linear, RMSNorm
 from moe.runtime import Runtime
@@ -135,7 +135,7 @@ class MLA(nnx.Module):
     q_pe = rope.apply_rope(q_pe, cos, sin)
     c_kv, k_pe = self.latent(x_BxTxD)
     k_pe = rope.apply_rope(k_pe[:, :, None, :], cos, sin)  # [B, T, 1, rope]
-    if cache is None and self.attention == "latent":  # context parallelism: key blocks of the gathered latent
+    if cache is None and self.attention in ("latent", "ring"):  # context parallelism: the latent's key blocks
       out = self._over_latent_blocks(jnp.concatenate([q_nope, q_pe], axis=-1), c_kv, k_pe, mask)
     elif cache is None:
       if self.context > 1:  # every key on every context slice, from the gathered latent
@@ -162,8 +162,11 @@ class MLA(nnx.Module):
 
   def _over_latent_blocks(self, q_BxTxHxK, c_kv_BxTxC, k_pe_BxTx1xR, mask: Mask):
     """Each context slice's queries against every key, block by block from the gathered latent
-    (moe.kernels.latent_attention); [B, T, H, v_head_dim]."""
+    (moe.kernels.latent_attention), or from each slice's latent passed around the context axis
+    (`ring`: moe.kernels.ring_attention); [B, T, H, v_head_dim]."""
     cfg = self.cfg
+    if self.attention == "ring":
+      return self._ring(q_BxTxHxK, c_kv_BxTxC, k_pe_BxTx1xR, mask)
     c_kv, k_pe = gather_latent(c_kv_BxTxC, k_pe_BxTx1xR, self.par)
     q = constrain(q_BxTxHxK, ("batch", "seq", "heads", None), self.par)
     w = self.kv_b_proj.kernel[...].astype(self.dtype).reshape(cfg.kv_lora_rank, cfg.num_attention_heads, -1)
@@ -174,6 +177,18 @@ class MLA(nnx.Module):
     if self.keep_max_logit:  # QK-clip's statistic (train/core/muon.py), an intermediate the trainer pops
       self.max_logit = nnx.Intermediate(latent_attention.max_logit(*args))
     return latent_attention.attention(*args, groups=self.par.context if self.par is not None else 1)
+
+  def _ring(self, q_BxTxHxK, c_kv_BxTxC, k_pe_BxTx1xR, mask: Mask):
+    cfg = self.cfg
+    w = self.kv_b_proj.kernel[...].astype(self.dtype).reshape(cfg.kv_lora_rank, cfg.num_attention_heads, -1)
+    index = jnp.arange(q_BxTxHxK.shape[1]) if mask.order is None else mask.order
+    out = ring_attention.attention(q_BxTxHxK, c_kv_BxTxC.astype(self.dtype), k_pe_BxTx1xR[:, :, 0].astype(self.dtype), w,
+                                   index, mask.segment_ids, rope.softmax_scale(cfg), self.par,
+                                   with_max_logit=self.keep_max_logit, balanced=mask.order is not None)
+    if self.keep_max_logit:  # QK-clip's statistic (train/core/muon.py), an intermediate the trainer pops
+      out, best = out
+      self.max_logit = nnx.Intermediate(best)
+    return out
 
   def _absorbed(self, q_nope_BxTxHxN, q_pe_BxTxHxR, cache: LatentCache, mask_Bx1xTxL):
     """softmax over the cached tokens in the latent space; [B, T, H, v_head_dim]."""

@@ -12,7 +12,9 @@ chosen on CPU (tests, or to compare kernels).
   attention  splash (Pallas flash attention; TPU) | flash (Pallas Triton flash attention; GPU) |
              blocked (moe.kernels.cpu: CPU) | fused (jax.nn.dot_product_attention) | latent (MLA over
              key blocks of the gathered latent, moe.kernels.latent_attention: the choice with
-             mesh.context > 1, where each slice's queries see every key; fused also runs there)
+             mesh.context > 1, where each slice's queries see every key; fused also runs there) |
+             ring (mesh.context_attention: ring; moe.kernels.ring_attention: the latent passed around
+             the context axis, only the causally visible tiles computed)
   experts    megablox (Pallas grouped matmul; TPU, interpreter elsewhere) | triton (Pallas Triton grouped
              matmul; GPU, interpreter elsewhere) | ragged_dot (precision=fp8 on GPU and TPU) | blocked
              (moe.kernels.cpu: CPU) | dense (reference, E x the work)
@@ -105,10 +107,16 @@ class Runtime:
     on_cpu = platform == "cpu"
     attention = impl.attention
     context = par.context if par is not None else 1
+    ring = context > 1 and par.context_attention == "ring"
+    if ring and attention not in ("auto", "latent"):
+      raise ConfigError(f"impl.attention={attention} with mesh.context_attention=ring: the ring runs the latent-block"
+                        " core on each slice's tiles; set impl.attention=auto")
     if attention == "auto":
       by_platform = {"cpu": "blocked", "tpu": "splash", "gpu": "flash"}.get(platform, "fused")
       attention = "latent" if context > 1 else by_platform
-    if context > 1 and attention not in ("latent", "fused"):
+    if ring:
+      attention = "ring"
+    elif context > 1 and attention not in ("latent", "fused"):
       raise ConfigError(f"impl.attention={attention} with mesh.context={context}: context-parallel attention runs"
                         " each slice's queries against the gathered latent; set impl.attention=auto, latent or fused")
     if context == 1 and attention == "latent":

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Callable
+from typing import Callable, Literal
 
 import jax
 import numpy as np
@@ -62,6 +62,10 @@ class MeshConfig:
   data: int = -1
   fsdp: int = 1
   context: int = 1  # each sequence's tokens in `context` slices, balanced layout (docs/long-context.md)
+  # How attention sees the other slices' tokens: all_gather (the whole sequence's latent gathered once
+  # a layer) or ring (each slice's latent block passed around the context axis, only the causally
+  # visible tiles computed: half the attention work, no slice holding the whole sequence's latent).
+  context_attention: Literal["all_gather", "ring"] = "all_gather"
   expert: int = 1
   tensor: int = 1
   dcn_stage: int = 1  # slices (TPU) or processes the stage axis spans; must divide `stage`
@@ -300,6 +304,11 @@ class Parallelism:
   def context(self) -> int:
     """How many slices each sequence's tokens are split into (context parallelism)."""
     return self.mesh.shape.get("context", 1)
+
+  @property
+  def context_attention(self) -> str:
+    """all_gather or ring (mesh.context_attention); only with context > 1."""
+    return self.cfg.context_attention
 
   def layout(self, layers: int) -> Layout:
     """Where the pipelined stack of `layers` layers is stored (parallel/pipeline.py)."""

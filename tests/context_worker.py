@@ -2,6 +2,10 @@
 
   python tests/context_worker.py single the one-device step, then one step per mesh of MESHES on the
                                         same packed batch; and the all-gathers of the context=2 step
+  python tests/context_worker.py ring   the ring core (moe/kernels/ring_attention.py) on context = 2, 3
+                                        and 4 against the dense formula in float64 (outputs, gradients,
+                                        max logit), and the dot FLOPs of its compiled forward and
+                                        gradient per device beside the all_gather core's
 
 XLA_FLAGS must be set before jax is imported, hence a separate process. Prints one JSON line.
 """
@@ -34,7 +38,10 @@ WHOLE_OVER_CONTEXT = [f"mesh.rules.{name}=[fsdp, expert, stage]" for name in ("e
 MESHES = {"c2": (dict(context=2), WHOLE_OVER_CONTEXT), "c4": (dict(context=4), ["impl.attention=fused"]),
           "c2f2e2": (dict(data=1, fsdp=2, context=2, expert=2), []),
           "c4_latent": (dict(data=2, context=4), []), "c8": (dict(data=1, context=8), []),
-          "c2f2t2": (dict(data=1, fsdp=2, context=2, tensor=2), [])}
+          "c2f2t2": (dict(data=1, fsdp=2, context=2, tensor=2), []),
+          "c4_ring": (dict(data=2, context=4, context_attention="ring"), []),
+          "c8_ring": (dict(data=1, context=8, context_attention="ring"), []),
+          "c2f2t2_ring": (dict(data=1, fsdp=2, context=2, tensor=2, context_attention="ring"), [])}
 
 
 def packed_batch(b=8, s=16, vocab=64, seed=0):
@@ -64,7 +71,69 @@ def step(cfg, batch, hlo=False):
   return jax.device_get(metrics), before, params_of(state), gathers
 
 
+def ring_core():
+  """{"exact": {context: max abs differences vs float64's dense formula}, "flops": {core: {fwd, grad}}}."""
+  from types import SimpleNamespace
+
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from moe import mla
+  from moe.kernels import latent_attention, ring_attention
+  from parallel import sharding
+  from tests.test_latent_attention import C, H, NOPE, ROPE, V, dense
+  from train import forecast
+
+  def on(c, data):
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:c * data]).reshape(1, data, 1, c, 1, 1), sharding.MESH_AXES)
+    return SimpleNamespace(mesh=mesh, rules=sharding.resolve_rules(), context=c)
+
+  exact = {}
+  with jax.enable_x64(True):
+    for c, data in ((2, 1), (3, 2), (4, 2)):
+      par, b, s = on(c, data), 2, 24
+      rng = np.random.default_rng(c)
+      seg = np.zeros((b, s), np.int32)
+      seg[0] = np.repeat([1, 2, 3], [7, 9, 8])  # three documents, edges inside and across the chunks
+      seg[1, :17] = np.repeat([1, 2], [5, 12])  # two, then padding
+      order = sharding.balanced_order(s, c)
+      idx, seg = jnp.asarray(order), jnp.asarray(seg[:, order])
+      args = [jnp.asarray(rng.standard_normal(x)) for x in ((b, s, H, NOPE + ROPE), (b, s, C), (b, s, ROPE), (C, H, NOPE + V))]
+      cot = jnp.asarray(rng.standard_normal((b, s, H, V)))
+      ring = lambda *a: ring_attention.attention(*a, idx, seg, 0.3, par, block=2)
+      want = lambda *a: dense(*a, idx, idx, seg, seg, 0.3)
+      grad = lambda f: jax.jit(jax.grad(lambda *a: (f(*a) * cot).sum(), argnums=(0, 1, 2, 3)))
+      diffs = {"out": float(jnp.abs(jax.jit(ring)(*args) - want(*args)).max())}
+      for name, g, w in zip(("q", "c_kv", "k_pe", "w_kv_b"), grad(ring)(*args), grad(want)(*args)):
+        diffs[name] = float(jnp.abs(g - w).max())
+      _, best = jax.jit(lambda *a: ring_attention.attention(*a, idx, seg, 0.3, par, block=2, with_max_logit=True))(*args)
+      diffs["max_logit"] = float(jnp.abs(best - latent_attention.max_logit(*args, idx, idx, seg, seg, 0.3)).max())
+      exact[c] = diffs
+
+  c, b, s = 4, 2, 64  # FLOPs: context 4 x data 2, 8 tokens a chunk, key blocks of 8
+  par = on(c, 2)
+  order, seg = jnp.asarray(sharding.balanced_order(s, c)), jnp.ones((b, s), jnp.int32)
+  struct = lambda shape, spec: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(par.mesh, spec))
+  rows = P("data", "context")
+  shapes = (struct((b, s, H, NOPE + ROPE), rows), struct((b, s, C), rows), struct((b, s, ROPE), rows),
+            struct((C, H, NOPE + V), P()))
+
+  def gathered(q, c_kv, k_pe, w):
+    c_kv, k_pe = mla.gather_latent(c_kv, k_pe[:, :, None], par)
+    return latent_attention.attention(q, c_kv, k_pe[:, :, 0], w, order, order, seg, seg, 0.3, block=8, groups=c)
+
+  cores = {"ring": lambda *a: ring_attention.attention(*a, order, seg, 0.3, par, block=8), "all_gather": gathered}
+  flops = {}
+  for name, f in cores.items():
+    fns = {"fwd": f, "grad": jax.grad(lambda *a, f=f: f(*a).sum(), argnums=(0, 1, 2, 3))}
+    flops[name] = {k: forecast.costs(jax.jit(g).lower(*shapes).compile().as_text(), forecast.chip_of("v5p")).flops["dot"]
+                   for k, g in fns.items()}
+  print(json.dumps({"exact": exact, "flops": flops}))
+
+
 def main():
+  if sys.argv[1] == "ring":
+    return ring_core()
   assert jax.device_count() == 8
   batch = packed_batch()
   ref_m, ref_before, ref_after, _ = step(config(dict(data=1)), batch)

@@ -78,7 +78,8 @@ def test_context_parallel_attention_is_the_latent_block_core():
   import jax
   import numpy as np
 
-  two = SimpleNamespace(context=2, mesh=SimpleNamespace(devices=np.asarray(jax.devices())))  # what resolve reads
+  two = SimpleNamespace(context=2, mesh=SimpleNamespace(devices=np.asarray(jax.devices())),
+                        context_attention="all_gather")  # what resolve reads
   assert Runtime.resolve(ImplConfig(), par=two, announce=False).attention == "latent"
   assert Runtime.resolve(ImplConfig(attention="fused"), par=two, announce=False).attention == "fused"
   with pytest.raises(ConfigError, match=r"^impl.attention=splash with mesh.context=2: .* set impl.attention=auto,"
@@ -86,6 +87,42 @@ def test_context_parallel_attention_is_the_latent_block_core():
     Runtime.resolve(ImplConfig(attention="splash"), par=two, announce=False)
   with pytest.raises(ConfigError, match=r"^impl.attention=latent is context-parallel attention: it needs"):
     Runtime.resolve(ImplConfig(attention="latent"), announce=False)
+  ring = SimpleNamespace(**{**vars(two), "context_attention": "ring"})
+  assert Runtime.resolve(ImplConfig(), par=ring, announce=False).attention == "ring"
+  with pytest.raises(ConfigError, match=r"^impl.attention=fused with mesh.context_attention=ring: .* set"
+                                        r" impl.attention=auto$"):
+    Runtime.resolve(ImplConfig(attention="fused"), par=ring, announce=False)
+  with pytest.raises(ConfigError, match=r"^mesh.context_attention: expected one of 'all_gather', 'ring', got str 'rings'"):
+    tiny("mesh.context=2", "mesh.context_attention=rings")
+
+
+@pytest.mark.parametrize("c", [1, 2, 3, 4, 8])
+def test_ring_tiles_cover_every_visible_pair_once_and_balance_the_work(c):
+  """moe.kernels.ring_attention.tiles on the balanced layout, 5 tokens a chunk: every causally visible
+  (query, key) pair lies in exactly one computed tile, each slice computes 2c + 1 tiles, and each
+  slice's visible pairs (its useful work) are the same (the causal mask: no balance within 5% needed,
+  they are equal)."""
+  import numpy as np
+  from moe.kernels.ring_attention import tiles
+  from parallel.sharding import balanced_order
+
+  chunk = 5
+  order = np.arange(2 * chunk) if c == 1 else balanced_order(2 * c * chunk, c)
+  places = order.reshape(c, 2, chunk)  # [slice, its chunk, token]: original index
+  covered = np.zeros((2 * c * chunk,) * 2, int)
+  useful = []
+  for i in range(c):
+    pairs = 0
+    for j in range(c):
+      for x, y in tiles(i, j):
+        q, k = places[i, x][:, None], places[j, y][None, :]
+        covered[q, k] += 1
+        pairs += int((k <= q).sum())
+    assert sum(len(tiles(i, j)) for j in range(c)) == 2 * c + 1
+    useful.append(pairs)
+  visible = np.tril(np.ones_like(covered, bool))
+  assert (covered[visible] == 1).all()  # every visible pair once (hidden pairs may be in a tile: masked)
+  assert len(set(useful)) == 1 and sum(useful) == visible.sum()
 
 
 # ------------------------------------------------------------------ 8 simulated devices
@@ -95,7 +132,47 @@ def eight():
   return last_json(out)
 
 
-@pytest.mark.parametrize("mesh", ["c2", "c4", "c2f2e2", "c4_latent", "c8", "c2f2t2"])
+@pytest.fixture(scope="module")
+def ring():
+  (out,) = run_together([(WORKER, "ring")], cpu_env(), 900)
+  return last_json(out)
+
+
+def test_ring_core_is_exact(ring):
+  """The ring core on context 2, 3 and 4 (x data 1, 2, 2), packed documents and padding, float64: the
+  output, the gradients of q, c_kv, k_pe and W_kv_b, and QK-clip's max logit equal the dense
+  formula's."""
+  assert set(ring["exact"]) == {"2", "3", "4"}
+  for c, diffs in ring["exact"].items():
+    for name, d in diffs.items():
+      assert d < 1e-12 if name in ("out", "max_logit") else d < 1e-10, (c, name, d)
+
+
+def test_ring_computes_the_visible_tiles_only(ring):
+  """Dot FLOPs per device in the compiled programs (context 4 x data 2: each device one sequence, 2 x 8
+  of its 64 tokens, key blocks of 8), against a count from the shapes. A latent-core call on T queries
+  and K keys costs, forward, K up-projections 2 K C H (nope + v) and the pairs' 2 T K H (nope + rope + v);
+  its backward 3 up-projection-sized matmuls (keys again, W_kv_b's and c_kv's gradients) and 2 T K H
+  (3 (nope + rope) + 2 v). all_gather: one call, the slice's 16 queries against all 64 keys: exactly
+  that. ring: 2c + 1 = 9 calls of 8 x 8: exactly that less the up-projections XLA shares between tiles
+  of the same key chunk (at most all of them), about half the all_gather core's."""
+  from tests.test_latent_attention import C, H, NOPE, ROPE, V
+
+  up = lambda k: 2 * k * C * H * (NOPE + V)
+  pairs = lambda t, k, width: 2 * t * k * H * width
+  fwd = lambda t, k: up(k) + pairs(t, k, NOPE + ROPE + V)
+  grad = lambda t, k: fwd(t, k) + 3 * up(k) + pairs(t, k, 3 * (NOPE + ROPE) + 2 * V)
+  c, chunk = 4, 8
+  assert ring["flops"]["all_gather"] == {"fwd": fwd(2 * chunk, 64), "grad": grad(2 * chunk, 64)}
+  tiles = 2 * c + 1
+  for mode, count, ups in (("fwd", fwd, 1), ("grad", grad, 4)):
+    got = ring["flops"]["ring"][mode]
+    assert tiles * (count(chunk, chunk) - ups * up(chunk)) <= got <= tiles * count(chunk, chunk), (mode, got)
+    assert got < 0.75 * ring["flops"]["all_gather"][mode]
+
+
+@pytest.mark.parametrize("mesh", ["c2", "c4", "c2f2e2", "c4_latent", "c8", "c2f2t2", "c4_ring", "c8_ring",
+                                  "c2f2t2_ring"])
 def test_context_meshes_match_one_device(eight, mesh):
   r, ref = eight["meshes"][mesh], eight["ref"]
   assert r["init_diff"] == 0, mesh

@@ -34,6 +34,15 @@ def attention(q_BxTxHxK, c_kv_BxSxC, k_pe_BxSxR, w_kvb_CxHxNV, q_index_T, k_inde
   """[B, T, H, v_head_dim]. q: [nope | rope] per head (rope = k_pe's last dimension); w_kvb: kv_b_proj's
   kernel as [C, H, nope + v]; q_index / k_index: each token's place in the original sequence; `groups`:
   the contiguous query slices (the context axis) whose gradient sums the backward keeps apart."""
+  return attention_lse(q_BxTxHxK, c_kv_BxSxC, k_pe_BxSxR, w_kvb_CxHxNV, q_index_T, k_index_S, q_seg_BxT, k_seg_BxS,
+                       scale, block, groups)[0]
+
+
+def attention_lse(q_BxTxHxK, c_kv_BxSxC, k_pe_BxSxR, w_kvb_CxHxNV, q_index_T, k_index_S, q_seg_BxT, k_seg_BxS,
+                  scale: float, block: int = 512, groups: int = 1):
+  """(`attention`'s output [B, T, H, v], its log-sum-exp [B, H, T] float32), both differentiable: what
+  ring attention (moe/kernels/ring_attention.py) folds the blocks of other slices with. A query that
+  sees no key here has a log-sum-exp near the dtype's lowest, so that folding weighs it 0."""
   block, nope = _sizes(q_BxTxHxK, c_kv_BxSxC, k_pe_BxSxR, block)
   return _attention(q_BxTxHxK, c_kv_BxSxC, k_pe_BxSxR, w_kvb_CxHxNV, q_index_T, k_index_S, q_seg_BxT, k_seg_BxS,
                     scale, block, nope, groups)
@@ -97,7 +106,7 @@ def _logits(q, k, q_index, k_index, q_seg, k_seg, scale):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
 def _attention(q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, scale, block, nope, groups):
-  return _forward(q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, scale, block, nope)[0]
+  return _forward(q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, scale, block, nope)
 
 
 def _forward(q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, scale, block, nope):
@@ -125,11 +134,12 @@ def _forward(q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, scale, block,
 
 def _attention_fwd(q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, scale, block, nope, groups):
   out, lse = _forward(q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, scale, block, nope)
-  return out, (q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, out, lse)
+  return (out, lse), (q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, out, lse)
 
 
-def _attention_bwd(scale, block, nope, groups, res, d_out):
-  """Flash attention's backward, block by block: P = exp(S - lse), dV = P^T dO, dS = P (dP - rowsum(dO O)),
+def _attention_bwd(scale, block, nope, groups, res, cotangents):
+  """Flash attention's backward, block by block: P = exp(S - lse), dV = P^T dO, dS = P (dP - rowsum(dO O)
+  + dlse) (the log-sum-exp's own cotangent: d lse / dS = P),
   dQ += dS K, dK = dS^T Q; the block's dK_nope and dV go back through the up-projection to the latent
   and W_kv_b, its dK_pe summed over the heads. The queries in `groups` contiguous groups (the context
   slices): the sums over queries (the latent's, the rotary key's and W_kv_b's gradients) are kept per
@@ -138,11 +148,12 @@ def _attention_bwd(scale, block, nope, groups, res, d_out):
   (XLA's partitioner put an all-reduce of W_kv_b's gradient in every block: 1.3 TB per layer and step
   for V3 at 128K on 32 slices)."""
   q, c_kv, k_pe, w_kvb, q_index, k_index, q_seg, k_seg, out, lse = res
+  d_out, d_lse = cotangents
   f = _acc(q.dtype)
   b, t, h, _ = q.shape
   split = lambda x, axis: x.reshape(*x.shape[:axis], groups, t // groups, *x.shape[axis + 1:])
   d_out32 = d_out.astype(f)
-  delta = jnp.einsum("bthd,bthd->bht", d_out32, out.astype(f))  # rowsum(dO O)
+  delta = jnp.einsum("bthd,bthd->bht", d_out32, out.astype(f)) - d_lse.astype(f)  # rowsum(dO O) - dlse
   q_g, d_out_g, delta_g, lse_g = split(q, 1), split(d_out32, 1), split(delta, 2), split(lse, 2)
   index_g, seg_g = split(q_index, 0), split(q_seg, 1)
 
