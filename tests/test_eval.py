@@ -162,3 +162,44 @@ def test_passkey_samples_and_scores(tmp_path, capsys):
   assert np.mean([d["key_logprob_per_token"] for d in r["by_depth"].values()]) == pytest.approx(r["key_logprob_per_token"])
   rc, out, err = run(eval_lib.main, [hf_dir, "--task", "passkey", "--seq-len", 200], capsys)
   assert rc == 2 and "too short for a passkey sample" in err and len(err.strip().splitlines()) == 1
+
+
+def test_loss_by_position(hf_dir, tmp_path, capsys):
+  """--by-position W: the held-out loss by the position of the predicting token in its document, in
+  buckets of W, against a count made here from the model's logits (NumPy log-softmax) on the same
+  batches; the buckets' tokens add up to the whole and their token-weighted mean is the loss. train.plot
+  draws the buckets of several eval lines."""
+  from train import plot
+  from train.core.heldout import EvalSet
+
+  rc, out, _ = run(eval_lib.main, [hf_dir, "--data", "default", "--seq-len", "32", "--batch-size", "2",
+                                   "--max-batches", "3", "--by-position", "12"], capsys)
+  assert rc == 0
+  r = json.loads(out)
+  buckets = r["by_position"]
+  assert [(b["from"], b["to"]) for b in buckets] == [(0, 12), (12, 24), (24, 36)]
+  assert sum(b["tokens"] for b in buckets) == r["tokens"]
+  assert sum(b["loss"] * b["tokens"] for b in buckets) / r["tokens"] == pytest.approx(r["loss"], rel=1e-5)
+
+  model = hf.from_hf(hf_dir)
+  nats, count = np.zeros(3), np.zeros(3)
+  for batch in EvalSet("default", ByteTokenizer(), seq_len=32, batch_size=2, max_batches=3).batches:
+    logits = np.asarray(model(jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"]),
+                              jnp.asarray(batch["positions"])), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    real = batch["loss_mask"] > 0
+    np.add.at(nats, batch["positions"][real] // 12, nll[real])
+    np.add.at(count, batch["positions"][real] // 12, 1)
+  assert [b["tokens"] for b in buckets] == count.tolist()
+  np.testing.assert_allclose([b["loss"] for b in buckets], nats / count, rtol=1e-5)
+
+  (tmp_path / "a.json").write_text(out)
+  png = tmp_path / "by_position.png"
+  assert plot.main(["--by-position", f"run a={tmp_path / 'a.json'}", f"run b={tmp_path / 'a.json'}", "--out", str(png)]) == 0
+  assert png.stat().st_size > 0
+  assert plot.main(["--by-position", f"b={tmp_path / 'missing.json'}", "--out", str(png)]) == 2
+  assert capsys.readouterr().err.strip().endswith("missing.json: no such file")
+  rc, _, err = run(eval_lib.main, [hf_dir, "--data", "default", "--by-position", "0"], capsys)
+  assert rc == 2 and err.strip() == "error: --by-position 0: must be at least 1"

@@ -1,7 +1,7 @@
 """Held-out loss, perplexity and bits per byte of a model; or lm-evaluation-harness tasks.
 
   python -m train.eval (RUN_DIR | HF_DIR) --data SPEC [--tokenizer byte|PATH] [--seq-len N]
-      [--batch-size B] [--max-batches M] [--dtype D]
+      [--batch-size B] [--max-batches M] [--dtype D] [--by-position W]
   python -m train.eval (RUN_DIR | HF_DIR) --tasks T1,T2 [--num-fewshot K] [--limit N]
       [--include-path TASK_DIR] [--batch-size B] [--max-length L] [mesh.fsdp=8 ...]
   python -m train.eval (RUN_DIR | HF_DIR) --task passkey --seq-len L [--samples N] [--batch-size B]
@@ -27,6 +27,8 @@ folder with config.json + safetensors. Reads the eval split of SPEC (train.core.
   perplexity      exp(loss)
   bits_per_byte   total nats / ln 2 / total UTF-8 bytes of the evaluated targets
   tokens, bytes, batches
+  by_position     (--by-position W) the loss of the targets by their predicting token's position in
+                  its document, in buckets of W: [{from, to, loss, tokens}] (long-context checks)
 
 Bytes: with the byte tokenizer, the number of targets that are bytes (ids < 256: every target but
 EOS); with an HF tokenizer, for each document chunk of a row, len(decode(its targets without
@@ -38,11 +40,13 @@ loss / ln 2 when no EOS is among the targets.
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -50,7 +54,7 @@ from flax import nnx
 from moe import hf
 from parallel.common.errors import ConfigError, DataError, InputError
 from parallel.mesh import MeshConfig, Parallelism
-from train.core import jsonl, passkey
+from train.core import jsonl, loss as loss_lib, passkey
 from train.core.checkpoint import step_dir
 from train.core.model_io import load_any, load_model, tokenizer_of
 from train.core.train_config import apply_override
@@ -74,7 +78,8 @@ def target_bytes(batch: dict, tokenizer) -> int:
   return total
 
 
-def evaluate(model, data: str, tokenizer, seq_len: int, batch_size: int, max_batches: int | None = None) -> dict:
+def evaluate(model, data: str, tokenizer, seq_len: int, batch_size: int, max_batches: int | None = None,
+             by_position: int | None = None) -> dict:
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   evals = EvalSet(data, tokenizer, seq_len=seq_len, batch_size=batch_size,
                   max_seq_len=model.cfg.max_position_embeddings, max_batches=max_batches)
@@ -88,9 +93,34 @@ def evaluate(model, data: str, tokenizer, seq_len: int, batch_size: int, max_bat
     raise DataError(f"{data}: the eval split gave no targets")
   nbytes = sum(target_bytes(b, tokenizer) for b in evals.batches)
   loss, total_nats = got["loss"], got["nats"]
-  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-          "bits_per_byte": total_nats / math.log(2) / nbytes if nbytes else float("nan"),
-          "tokens": int(got["tokens"]), "bytes": nbytes, "batches": got["batches"]}
+  out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+         "bits_per_byte": total_nats / math.log(2) / nbytes if nbytes else float("nan"),
+         "tokens": int(got["tokens"]), "bytes": nbytes, "batches": got["batches"]}
+  if by_position:
+    out["by_position"] = loss_by_position(graphdef, params, rest, evals.batches, by_position)
+  return out
+
+
+def loss_by_position(graphdef, params, rest, batches, width: int) -> list[dict]:
+  """The loss of the targets by the position of the token that predicts them in its document (0: the
+  first), in buckets of `width` positions: [{"from", "to", "loss", "tokens"}], empty buckets left out."""
+
+  @jax.jit
+  def nll(batch):
+    model = nnx.merge(graphdef, params, rest)
+    return loss_lib.token_nll(model(batch["tokens"], batch["segment_ids"], batch["positions"]), batch["targets"])
+
+  nats, count = collections.Counter(), collections.Counter()
+  for batch in batches:
+    per_token = np.asarray(nll({k: jnp.asarray(v) for k, v in batch.items()}))
+    real = batch["loss_mask"] > 0
+    bucket = batch["positions"] // width
+    np.add.at(nats_arr := np.zeros(bucket.max() + 1), bucket[real], per_token[real])
+    for b, n in zip(*np.unique(bucket[real], return_counts=True)):
+      nats[int(b)] += float(nats_arr[b])
+      count[int(b)] += int(n)
+  return [{"from": b * width, "to": (b + 1) * width, "loss": nats[b] / count[b], "tokens": count[b]}
+          for b in sorted(count)]
 
 
 def mesh_of(overrides: Sequence[str]) -> Parallelism | None:
@@ -143,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--seq-len", type=int, default=None, help="default: min(512, max_position_embeddings)")
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--max-batches", type=int, default=None, help="default: the whole eval split")
+  parser.add_argument("--by-position", type=int, default=None, metavar="W",
+                      help="also the loss by position in the document, in buckets of W positions")
   parser.add_argument("--tasks", default=None, help="lm-eval task names, comma-separated (task mode)")
   parser.add_argument("--num-fewshot", type=int, default=None, help="task mode: few-shot examples (default: the task's)")
   parser.add_argument("--limit", type=float, default=None, help="task mode: documents per task (< 1: a fraction)")
@@ -168,7 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"--samples {args.samples}: must be at least 1")
       result = passkey.evaluate(model, tokenizer, seq_len, args.samples, batch_size=args.batch_size)
     else:
-      result = evaluate(model, args.data, tokenizer, seq_len, args.batch_size, args.max_batches)
+      if args.by_position is not None and args.by_position < 1:
+        raise ConfigError(f"--by-position {args.by_position}: must be at least 1")
+      result = evaluate(model, args.data, tokenizer, seq_len, args.batch_size, args.max_batches, args.by_position)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

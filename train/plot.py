@@ -1,4 +1,5 @@
-"""Plot a run: `python -m train.plot RUN_DIR [--out PNG]`.
+"""Plot a run: `python -m train.plot RUN_DIR [--out PNG]`; or held-out loss by position:
+`python -m train.plot --by-position LABEL=EVAL.json [LABEL=EVAL.json ...] --out PNG`.
 
 Reads RUN_DIR/metrics.jsonl (train.core.metrics) and draws the training objective, the training
 next-token loss (`lm_loss`, comparable with eval) and the eval loss vs step and, when the run
@@ -7,6 +8,10 @@ std(load)/mean(load) per layer vs step, when it logged `max_logit` (QK-clip: eac
 attention logit in the step, before the clip) those per layer, and when the run evaluated lm-eval tasks (`eval_tasks`), each
 task's continuous metric (the correct answer's log-probability per byte, or the text's for rolling
 tasks) with its accuracy on a second axis. Saves RUN_DIR/loss.png unless --out says otherwise.
+
+--by-position draws the `by_position` buckets of `python -m train.eval ... --by-position W` JSON
+lines (one curve per LABEL=FILE), the loss against the position in the document: what a
+long-context extension changes (docs/long-context.md).
 
 A metrics.jsonl whose steps start again (written before the trainer moved the records no checkpoint
 covers to metrics.dropped.jsonl, or joined by hand) is drawn as its latest history only, with a
@@ -122,11 +127,60 @@ def draw(records: list[dict], out: Path, title: str) -> Path:
   return out
 
 
+def read_by_position(specs: list[str]) -> dict[str, list[dict]]:
+  """{label: by_position buckets} of LABEL=FILE specs (train.eval's JSON line, its last line)."""
+  curves = {}
+  for spec in specs:
+    label, sep, path = spec.partition("=")
+    if not sep:
+      raise DataError(f"--by-position {spec!r}: expected LABEL=EVAL.json")
+    if not Path(path).is_file():
+      raise DataError(f"{path}: no such file")
+    lines = Path(path).read_text().strip().splitlines()
+    record = json.loads(lines[-1]) if lines else {}
+    if "by_position" not in record:
+      raise DataError(f"{path}: no by_position in its last line; run python -m train.eval ... --by-position W")
+    curves[label] = record["by_position"]
+  return curves
+
+
+def draw_by_position(curves: dict[str, list[dict]], out: Path) -> Path:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for label, buckets in curves.items():
+    ax.plot([(b["from"] + b["to"]) / 2 for b in buckets], [b["loss"] for b in buckets], marker="o", lw=1.2, label=label)
+  ax.set(xlabel="position in the document", ylabel="held-out loss (nats per token)", title="loss by position")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+  return out
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m train.plot", description=__doc__.splitlines()[0])
-  parser.add_argument("run_dir", type=Path)
+  parser.add_argument("run_dir", type=Path, nargs="?")
   parser.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/loss.png)")
+  parser.add_argument("--by-position", nargs="+", metavar="LABEL=EVAL.json", help="loss by position curves")
   args = parser.parse_args(argv)
+  if args.by_position:
+    if args.out is None or args.run_dir is not None:
+      print("error: --by-position draws eval files: give --out PNG and no RUN_DIR", file=sys.stderr)
+      return 2
+    try:
+      print(draw_by_position(read_by_position(args.by_position), args.out))
+    except DataError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    return 0
+  if args.run_dir is None:
+    print("error: give RUN_DIR (or --by-position LABEL=EVAL.json ... --out PNG)", file=sys.stderr)
+    return 2
   try:
     records = read_metrics(args.run_dir)
   except DataError as e:
