@@ -303,12 +303,21 @@ def test_reports_what_the_context_axis_costs(capsys):
 def test_search_splits_long_sequences_over_context():
   """--search tries context sizes when seq_len is long: V3 at 32,768 tokens on v5p-512 (256 chips)
   splits each sequence over 8, 4, 2 or 1 devices (at least 4,096 tokens a slice), the rest over fsdp x
-  expert; a 4,096-token config keeps the mesh's context (no mesh.context override), and its
+  expert, with ring attention tried before the gathered latent; a 4,096-token config keeps the mesh's context (no mesh.context override), and its
   per_device_batch=1 is tried doubled first."""
   cfg = load_train_config(ROOT / "configs/deepseek-v3-671b-32k.yaml")
   tries = aot.candidates(cfg, targets.parse("v5p-512"), 10_000)
   contexts = {int(o.split("=")[1]) for t in tries for o in t if o.startswith("mesh.context=")}
   assert contexts == {8, 4, 2, 1} and all(any(o.startswith("mesh.context=") for o in t) for t in tries)
+  for t in tries:  # each context size over 1 with the ring, then the gathered latent; context=1 with neither
+    ring = t.index("mesh.context_attention=ring") if "mesh.context_attention=ring" in t else None
+    if "mesh.context=1" in t:
+      assert not any(o.startswith("mesh.context_attention") for o in t), t
+    elif ring is not None:
+      gathered = t[:ring] + ["mesh.context_attention=all_gather"] + t[ring + 1:]
+      assert tries.index(t) < tries.index(gathered), t
+    else:
+      assert "mesh.context_attention=all_gather" in t, t
   for t in tries:
     sizes = {o.split("=")[0]: int(o.split("=")[1]) for o in t if o.split("=")[0] in (
         "mesh.fsdp", "mesh.expert", "mesh.tensor", "mesh.context")}

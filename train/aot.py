@@ -318,7 +318,7 @@ EXCHANGES = (["mesh.ep_fast_path=2.0", "mesh.ep_overlap=true"], ["mesh.ep_fast_p
 
 def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list[list[str]]:
   """Override sets to try, most promising first: expert x fsdp (x tensor, x context when seq_len is
-  over LONG tokens) factorisations of the devices (of each pipeline stage's, with mesh.stage given),
+  over LONG tokens, ring attention before all_gather) factorisations of the devices (of each pipeline stage's, with mesh.stage given),
   then remat policies (the chunked expert-parallel exchange's rows kept before recomputed, its fast
   path (mesh.ep_fast_path=2) in overlapping halves (mesh.ep_overlap) before in one pass before 2 chunks
   before the default, on v5e the weights' all-gathers
@@ -333,8 +333,10 @@ def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list
     for expert in sorted({x for x in (1, 2, 4, 8, 16, 32, 64) if x <= e and e % x == 0}, reverse=True):
       for context in contexts:
         if n % (expert * tensor * context) == 0:
-          meshes.append(["mesh.data=1", f"mesh.fsdp={n // (expert * tensor * context)}", f"mesh.expert={expert}",
-                         f"mesh.tensor={tensor}"] + ([f"mesh.context={context}"] if long else []))
+          mesh = ["mesh.data=1", f"mesh.fsdp={n // (expert * tensor * context)}", f"mesh.expert={expert}",
+                  f"mesh.tensor={tensor}"] + ([f"mesh.context={context}"] if long else [])
+          # over context: the ring (the visible tiles only) before the gathered latent
+          meshes += [mesh + [f"mesh.context_attention={a}"] for a in ("ring", "all_gather")] if context > 1 else [mesh]
   out = []
   for remat in ("none", "save_dots_no_batch", "full", "full_offload"):
     # micro-batches: grad_accum, or with per_device_batch (grad_accum follows) twice as many sequences a
