@@ -45,6 +45,10 @@ class ModelOutput(NamedTuple):
   logits: jax.Array | HeadInput  # [batch, seq, vocab] float32
   mtp_logits: tuple  # D x [batch, seq, vocab] float32 (or HeadInput); depth k predicts t_{i+k+1}
   moe_stats: MoEStats | None  # stacked over MoE layers, main layers first then MTP blocks
+  # [seq] the original index of each place of the logits (context parallelism's balanced layout, kept
+  # through the head with `forward(..., keep_layout=True)`: the loss lays its targets out the same
+  # way); None: in order
+  order: jax.Array | None = None
 
 
 class Context(NamedTuple):
@@ -102,8 +106,14 @@ class Transformer(nnx.Module):
     """logits [batch, seq, vocab] float32 (the MTP modules are not run)."""
     return self.forward(tokens_BxS, segment_ids_BxS, positions_BxS, with_mtp=False).logits
 
-  def forward(self, tokens_BxS, segment_ids_BxS=None, positions_BxS=None, with_mtp=True) -> ModelOutput:
+  def forward(self, tokens_BxS, segment_ids_BxS=None, positions_BxS=None, with_mtp=True,
+              keep_layout=False) -> ModelOutput:
     """Main logits, MTP logits and MoE statistics.
+
+    keep_layout: with context parallelism, the head and the MTP modules run on the balanced layout
+    too and the logits come out in it (`order` says where each place's token is in the sequence),
+    for a per-token loss that lays its targets out the same way (train/core/loss.py): the hidden
+    state is then never put back in order (an all-gather of it per step); else the logits are in order.
 
     segment_ids: document id of each token within its row (0 = padding); attention stays within a
     document. positions: position within the document (RoPE). Defaults: one document, 0..S-1.
@@ -112,7 +122,8 @@ class Transformer(nnx.Module):
     """
     ctx = self.context(tokens_BxS, segment_ids_BxS, positions_BxS)
     # With context parallelism the layers run on the balanced layout (every context slice the same
-    # causal work): the inputs are permuted once here and the last layer's output put back in order.
+    # causal work): the inputs are permuted once here and, unless `keep_layout`, the last layer's output
+    # put back in order.
     order = balanced_order(tokens_BxS.shape[1], self.rt.par.context) if self.rt.par is not None else None
     tokens, inner = tokens_BxS, ctx
     if order is not None:
@@ -126,12 +137,15 @@ class Transformer(nnx.Module):
         stacked = jax.tree.map(lambda x: jnp.take(x, jnp.asarray(slots), axis=0), stacked)
       h, layer_stats, *_ = self.moe_layers.apply(graphdef, (stacked,), h, inner.cos_sin, inner.mask, inner.valid)
       stats.append(layer_stats)
-    if order is not None:
-      h = constrain(jnp.take(h, np.argsort(order), axis=1), ACT, self.rt.par)
-    logits, mtp_logits, mtp_stats = self.top(h, tokens_BxS, ctx, with_mtp)
+    if order is not None and keep_layout:
+      logits, mtp_logits, mtp_stats = self.top(h, tokens_BxS, ctx, with_mtp, inner, order)
+    else:
+      if order is not None:
+        h = constrain(jnp.take(h, np.argsort(order), axis=1), ACT, self.rt.par)
+      logits, mtp_logits, mtp_stats = self.top(h, tokens_BxS, ctx, with_mtp)
     stats += mtp_stats
     moe_stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *stats) if stats else None
-    return ModelOutput(logits, mtp_logits, moe_stats)
+    return ModelOutput(logits, mtp_logits, moe_stats, None if order is None or not keep_layout else jnp.asarray(order))
 
   def context(self, tokens_BxS, segment_ids_BxS=None, positions_BxS=None, order_S=None) -> Context:
     return context(self.cfg, tokens_BxS, segment_ids_BxS, positions_BxS, order_S)
@@ -153,17 +167,20 @@ class Transformer(nnx.Module):
     chunks = s // LOSS_CHUNK if context == 1 and s % LOSS_CHUNK == 0 else 1
     return HeadInput(h_normed_BxSxD, self.head, chunks)
 
-  def top(self, h_BxSxD, tokens_BxS, ctx: Context, with_mtp=True):
+  def top(self, h_BxSxD, tokens_BxS, ctx: Context, with_mtp=True, inner: Context | None = None, order=None):
     """(logits, MTP logits, [MTP blocks' statistics stacked [1, ...] each]) from the last MoE layer's
-    output (as HeadInputs with `defer_head`)."""
+    output (as HeadInputs with `defer_head`). `inner` and `order`: h is on that layout (the balanced
+    one; `ctx` and the tokens in order), so are the logits."""
     logits = self.head_of(self.norm(h_BxSxD))
     mtp_logits, stats = [], []
     if with_mtp:
       h = h_BxSxD
+      here = ctx if inner is None else inner
+      lay = (lambda x: x) if order is None else (lambda x: jnp.take(x, order, axis=1))  # in order -> h's layout
       for k, module in enumerate(self.mtp, start=1):
-        emb_next = self.embed(mtp.roll_left(tokens_BxS, k))
-        cos_sin_k = rope.rope_tables(mtp.roll_left(ctx.positions, k), self.cfg)
-        h, h_normed, block_stats = module(h, emb_next, cos_sin_k, ctx.mask, ctx.valid)
+        emb_next = self.embed(lay(mtp.roll_left(tokens_BxS, k)))
+        cos_sin_k = rope.rope_tables(lay(mtp.roll_left(ctx.positions, k)), self.cfg)
+        h, h_normed, block_stats = module(h, emb_next, cos_sin_k, here.mask, here.valid)
         mtp_logits.append(self.head_of(h_normed))
         stats.append(jax.tree.map(lambda x: x[None], block_stats))
     return logits, tuple(mtp_logits), stats

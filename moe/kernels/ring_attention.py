@@ -127,13 +127,15 @@ def _ring(q, c_kv, k_pe, w_kvb, index, seg, *, n, scale, block, with_max_logit, 
   for x, y in tiles(0, 0) if balanced else ALL:
     stats = fold(stats, kv, jnp.int32(x), jnp.int32(y))
 
-  # Each step's tiles recomputed in the backward from the carry (the stats and the block in hand): kept,
-  # the folds' float32 residuals of every step were 33 GiB per chip for V3 at 128K on 32 slices.
-  @jax.checkpoint
+  # Each step's tiles recomputed in the backward from the softmax state and the block in hand (kept, the
+  # folds' float32 residuals of every step were 33 GiB per chip for V3 at 128K on 32 slices); the
+  # transfer is outside the checkpoint, so that the recompute does not send the block again.
+  recomputed = jax.checkpoint(off_diagonal)
+
   def step(carry, s):
     stats, cur = carry
     nxt = send(cur)  # the next block, in flight during this one
-    return (off_diagonal(stats, cur, s), nxt), None
+    return (recomputed(stats, cur, s), nxt), None
 
   if n > 2:
     (stats, nxt), _ = jax.lax.scan(step, (stats, nxt), jnp.arange(1, n - 1))

@@ -64,9 +64,11 @@ def token_counts(batch, depth: int):
 
 
 def objective(out, batch, counts, n_micro: int, mtp_lambda: float, balance_alpha: float):
-  """(L for this micro-batch's share, parts): token sums / whole-batch counts, balance / n_micro."""
-  mask = batch["loss_mask"].astype(jnp.float32)
-  lm = (token_nll(out.logits, batch["targets"]) * mask).sum() / jnp.maximum(counts["lm"], 1.0)
+  """(L for this micro-batch's share, parts): token sums / whole-batch counts, balance / n_micro. The
+  targets laid out as the logits are (`out.order`: context parallelism's balanced layout)."""
+  lay = (lambda x: x) if out.order is None else (lambda x: jnp.take(x, out.order, axis=1))
+  mask = lay(batch["loss_mask"]).astype(jnp.float32)
+  lm = (token_nll(out.logits, lay(batch["targets"])) * mask).sum() / jnp.maximum(counts["lm"], 1.0)
   balance = out.moe_stats.balance_loss.sum() / n_micro if out.moe_stats is not None else jnp.zeros(())
   parts = {"lm_loss": lm, "balance_loss": balance}
   loss = lm + balance_alpha * balance
@@ -74,7 +76,7 @@ def objective(out, batch, counts, n_micro: int, mtp_lambda: float, balance_alpha
     per_depth = []
     for k, logits in enumerate(out.mtp_logits, start=1):
       targets, m = mtp_targets(batch, k)
-      per_depth.append((token_nll(logits, targets) * m).sum() / jnp.maximum(counts["mtp"][k - 1], 1.0))
+      per_depth.append((token_nll(logits, lay(targets)) * lay(m)).sum() / jnp.maximum(counts["mtp"][k - 1], 1.0))
     parts["mtp_loss"] = jnp.stack(per_depth).mean()
     loss = loss + mtp_lambda * parts["mtp_loss"]
   return loss, parts

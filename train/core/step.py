@@ -146,7 +146,7 @@ def model_grad(graphdef, cfg: TrainConfig):
           getattr(model, name).grad_acc = nnx.data(jax.tree.leaves(acc[name]["layers"]))
     if qk_clip is not None:
       model.set_attributes(keep_max_logit=True)  # each MLA module leaves its max_logit (moe/mla.py)
-    out = model.forward(batch["tokens"], batch["segment_ids"], batch["positions"])
+    out = model.forward(batch["tokens"], batch["segment_ids"], batch["positions"], keep_layout=True)
     loss, parts = loss_lib.objective(out, batch, counts, n_micro, lam, alpha)
     load = out.moe_stats.load if out.moe_stats is not None else jnp.zeros((0, 1))
     exchanged = experts_lib.exchange_counts([] if out.moe_stats is None else [out.moe_stats])
