@@ -21,6 +21,7 @@ class FakeOut(NamedTuple):
   logits: jax.Array
   mtp_logits: tuple
   moe_stats: FakeStats | None
+  order: jax.Array | None = None
 
 
 # Row 0: two documents in a row, then one padding position. Row 1: a document (the tail of a split
@@ -150,3 +151,20 @@ def test_micro_batches_sum_to_full_batch(case):
   for k, v in full_parts.items():
     np.testing.assert_allclose(parts_sum[k], float(v), rtol=1e-6, err_msg=k)
   np.testing.assert_allclose(float(full_loss), expected(batch, full_out)[0], rtol=1e-6)
+
+
+def test_objective_on_a_permuted_layout(case):
+  """Logits on another layout of the sequence (context parallelism's balanced one: `order` [S], each
+  place's original index): the objective lays the targets and masks out the same way, so it equals
+  the in-order objective, MTP depths included."""
+  batch, out = case
+  order = np.random.default_rng(7).permutation(S)
+  laid = out._replace(logits=out.logits[:, order], mtp_logits=tuple(x[:, order] for x in out.mtp_logits),
+                      order=jnp.asarray(order))
+  counts = loss_lib.token_counts(batch, 2)
+  want, want_parts = loss_lib.objective(out, batch, counts, 1, LAM, ALPHA)
+  got, got_parts = loss_lib.objective(laid, batch, counts, 1, LAM, ALPHA)
+  assert float(got) == pytest.approx(float(want), rel=1e-6)
+  for k in want_parts:
+    assert float(got_parts[k]) == pytest.approx(float(want_parts[k]), rel=1e-6), k
+  assert float(want) == pytest.approx(expected(batch, out)[0], rel=1e-5)
