@@ -24,7 +24,7 @@ from moe.experts import MoEStats
 from moe.layers import Embed, Linear, RMSNorm
 from moe.runtime import Runtime
 from parallel.pipeline import Layout
-from parallel.sharding import balanced_order, constrain, gather_to
+from parallel.sharding import balanced_order, constrain, gather_to, take_seq
 
 
 STACKS = ("dense_layers", "moe_layers")  # the Transformer's layer stacks, in order
@@ -45,7 +45,7 @@ class ModelOutput(NamedTuple):
   logits: jax.Array | HeadInput  # [batch, seq, vocab] float32
   mtp_logits: tuple  # D x [batch, seq, vocab] float32 (or HeadInput); depth k predicts t_{i+k+1}
   moe_stats: MoEStats | None  # stacked over MoE layers, main layers first then MTP blocks
-  # [seq] the original index of each place of the logits (context parallelism's balanced layout, kept
+  # [seq] NumPy: the original index of each place of the logits (context parallelism's balanced layout, kept
   # through the head with `forward(..., keep_layout=True)`: the loss lays its targets out the same
   # way); None: in order
   order: jax.Array | None = None
@@ -120,15 +120,10 @@ class Transformer(nnx.Module):
     With a pipelined layout the MoE layers run here unpipelined, in layer order (a reference: every
     device gathers the whole stack); training and evaluation pipeline them (train/core/pipelined.py).
     """
-    ctx = self.context(tokens_BxS, segment_ids_BxS, positions_BxS)
     # With context parallelism the layers run on the balanced layout (every context slice the same
     # causal work): the inputs are permuted once here and, unless `keep_layout`, the last layer's output
     # put back in order.
-    order = balanced_order(tokens_BxS.shape[1], self.rt.par.context) if self.rt.par is not None else None
-    tokens, inner = tokens_BxS, ctx
-    if order is not None:
-      tokens, seg, pos = (jnp.take(a, order, axis=1) for a in (tokens_BxS, ctx.mask.segment_ids, ctx.positions))
-      inner = self.context(tokens, seg, pos, order)
+    ctx, tokens, inner, order = self.laid_out(tokens_BxS, segment_ids_BxS, positions_BxS)
     h, stats = self.bottom(tokens, inner)
     if self.moe_layers is not None:
       graphdef, stacked = nnx.split(self.moe_layers.layers)
@@ -141,14 +136,24 @@ class Transformer(nnx.Module):
       logits, mtp_logits, mtp_stats = self.top(h, tokens_BxS, ctx, with_mtp, inner, order)
     else:
       if order is not None:
-        h = constrain(jnp.take(h, np.argsort(order), axis=1), ACT, self.rt.par)
+        h = constrain(take_seq(h, np.argsort(order)), ACT, self.rt.par)
       logits, mtp_logits, mtp_stats = self.top(h, tokens_BxS, ctx, with_mtp)
     stats += mtp_stats
     moe_stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *stats) if stats else None
-    return ModelOutput(logits, mtp_logits, moe_stats, None if order is None or not keep_layout else jnp.asarray(order))
+    return ModelOutput(logits, mtp_logits, moe_stats, order if keep_layout else None)
 
   def context(self, tokens_BxS, segment_ids_BxS=None, positions_BxS=None, order_S=None) -> Context:
     return context(self.cfg, tokens_BxS, segment_ids_BxS, positions_BxS, order_S)
+
+  def laid_out(self, tokens_BxS, segment_ids_BxS=None, positions_BxS=None):
+    """(Context in order, the tokens and Context on the layers' layout, its order): with context
+    parallelism the balanced layout (parallel.sharding.balanced_order), else the order itself (None)."""
+    ctx = self.context(tokens_BxS, segment_ids_BxS, positions_BxS)
+    order = balanced_order(tokens_BxS.shape[1], self.rt.par.context) if self.rt.par is not None else None
+    if order is None:
+      return ctx, tokens_BxS, ctx, None
+    tokens, seg, pos = (take_seq(a, order) for a in (tokens_BxS, ctx.mask.segment_ids, ctx.positions))
+    return ctx, tokens, self.context(tokens, seg, pos, order), order
 
   def bottom(self, tokens_BxS, ctx: Context):
     """(hidden states after the embedding and the dense layers, [] : no MoE statistics here)."""
@@ -176,7 +181,7 @@ class Transformer(nnx.Module):
     if with_mtp:
       h = h_BxSxD
       here = ctx if inner is None else inner
-      lay = (lambda x: x) if order is None else (lambda x: jnp.take(x, order, axis=1))  # in order -> h's layout
+      lay = lambda x: take_seq(x, order)  # in order -> h's layout
       for k, module in enumerate(self.mtp, start=1):
         emb_next = self.embed(lay(mtp.roll_left(tokens_BxS, k)))
         cos_sin_k = rope.rope_tables(lay(mtp.roll_left(ctx.positions, k)), self.cfg)

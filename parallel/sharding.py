@@ -23,6 +23,7 @@ import math
 from typing import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -340,6 +341,20 @@ def check_balanced(seq_len: int, slices: int) -> None:
   if slices > 1 and seq_len % (2 * slices):
     raise ConfigError(f"seq_len={seq_len} does not split into 2 x mesh.context={slices} equal chunks (the balanced"
                       f" layout): mesh.context={divisors(seq_len // 2) if seq_len % 2 == 0 else 1} would")
+
+
+def take_seq(x, order: np.ndarray | None, axis: int = 1):
+  """x[..., order, ...] along `axis` for a static `order` (NumPy), written as slices of its runs of
+  consecutive indices put side by side (the balanced layout's 2 x slices chunks), not a gather: XLA's
+  partitioner handles slices of a dimension split over `context` inside the pipeline's manual `stage`,
+  where it failed a check on the gather (stage x context x data on CPU). None: x itself."""
+  if order is None:
+    return x
+  order = np.asarray(order)
+  cuts = np.flatnonzero(np.diff(order) != 1) + 1
+  runs = np.split(order, cuts)
+  index = lambda run: (slice(None),) * (axis % x.ndim) + (slice(int(run[0]), int(run[-1]) + 1),)
+  return x[index(runs[0])] if len(runs) == 1 else jnp.concatenate([x[index(r)] for r in runs], axis=axis)
 
 
 def balanced_order(seq_len: int, slices: int) -> np.ndarray | None:

@@ -41,7 +41,12 @@ MESHES = {"c2": (dict(context=2), WHOLE_OVER_CONTEXT), "c4": (dict(context=4), [
           "c2f2t2": (dict(data=1, fsdp=2, context=2, tensor=2), []),
           "c4_ring": (dict(data=2, context=4, context_attention="ring"), []),
           "c8_ring": (dict(data=1, context=8, context_attention="ring"), []),
-          "c2f2t2_ring": (dict(data=1, fsdp=2, context=2, tensor=2, context_attention="ring"), [])}
+          "c2f2t2_ring": (dict(data=1, fsdp=2, context=2, tensor=2, context_attention="ring"), []),
+          "c2f2e2_ring": (dict(data=1, fsdp=2, context=2, expert=2, context_attention="ring"), []),
+          # the pipeline (1F1B, 4 micro-batches) with each sequence over context: 4 MoE layers on 2 stages
+          "s2c2": (dict(stage=2, data=2, context=2), ["model.num_hidden_layers=5", "pipeline.microbatches=4"]),
+          "s2c2_ring": (dict(stage=2, data=2, context=2, context_attention="ring"),
+                        ["model.num_hidden_layers=5", "pipeline.microbatches=4"])}
 
 
 def packed_batch(b=8, s=16, vocab=64, seed=0):
@@ -136,11 +141,16 @@ def main():
     return ring_core()
   assert jax.device_count() == 8
   batch = packed_batch()
-  ref_m, ref_before, ref_after, _ = step(config(dict(data=1)), batch)
-  out = {"ref": {k: float(v) for k, v in ref_m.items() if np.ndim(v) == 0}, "meshes": {}}
+  refs = {}  # the one-device step of each model (the pipelined meshes' has more layers)
+  out = {"meshes": {}}
   for name, (mesh, extra) in MESHES.items():
+    model = tuple(o for o in extra if o.startswith("model."))
+    if model not in refs:
+      refs[model] = step(config(dict(data=1), model), batch)[:3]
+    ref_m, ref_before, ref_after = refs[model]
     m, before, after, gathers = step(config(mesh, extra), batch, hlo=name == "c2")
     out["meshes"][name] = compare((ref_before, ref_after, ref_m), before, after, m, None)
+    out["meshes"][name]["ref"] = {k: float(v) for k, v in ref_m.items() if np.ndim(v) == 0}
     out["meshes"][name]["update_norm"] = float(np.sqrt(sum(((ref_after[k] - ref_before[k]) ** 2).sum()
                                                            for k in ref_before)))
     if gathers is not None:

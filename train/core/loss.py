@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from moe.model import HeadInput
 from moe.mtp import roll_left
+from parallel.sharding import take_seq
 
 
 def token_nll(logits_BxSxV, targets_BxS):
@@ -66,7 +67,7 @@ def token_counts(batch, depth: int):
 def objective(out, batch, counts, n_micro: int, mtp_lambda: float, balance_alpha: float):
   """(L for this micro-batch's share, parts): token sums / whole-batch counts, balance / n_micro. The
   targets laid out as the logits are (`out.order`: context parallelism's balanced layout)."""
-  lay = (lambda x: x) if out.order is None else (lambda x: jnp.take(x, out.order, axis=1))
+  lay = lambda x: take_seq(x, out.order)
   mask = lay(batch["loss_mask"]).astype(jnp.float32)
   lm = (token_nll(out.logits, lay(batch["targets"])) * mask).sum() / jnp.maximum(counts["lm"], 1.0)
   balance = out.moe_stats.balance_loss.sum() / n_micro if out.moe_stats is not None else jnp.zeros(())

@@ -98,23 +98,28 @@ class Pipelined:
     self.lam, self.alpha, self.with_mtp = mtp_lambda, balance_alpha, with_mtp
 
   def _functions(self, n_total: int):
+    # With context parallelism everything runs on the balanced layout (moe/model.py: laid_out), the
+    # loss's targets laid out as the logits are.
     def first_fn(q, qc, mb):
       model = nnx.merge(self.other_graph, q, qc["rest"])
-      h = model.bottom(mb["tokens"], model.context(mb["tokens"], mb["segment_ids"], mb["positions"]))[0]
+      _, tokens, inner, _ = model.laid_out(mb["tokens"], mb["segment_ids"], mb["positions"])
+      h = model.bottom(tokens, inner)[0]
       return h, nnx.pop(model, nnx.Intermediate)  # (the dense layers' max logits, with QK-clip)
 
     def stage_fn(p, c, x, mb):
-      ctx = model_lib.context(self.cfg, mb["tokens"], mb["segment_ids"], mb["positions"])
+      order = sharding_lib.balanced_order(mb["tokens"].shape[1], self.par.context)
+      lay = lambda a: sharding_lib.take_seq(a, order)
+      ctx = model_lib.context(self.cfg, lay(mb["tokens"]), lay(mb["segment_ids"]), lay(mb["positions"]), order)
       h, stats, _, sown = self.apply(self.layer_graph, (p, c["rest"]), x, ctx.cos_sin, ctx.mask, ctx.valid,
                                      active_L=c["active"])
       return h, self.alpha * stats.balance_loss.sum() / n_total, stats, sown
 
     def last_fn(q, qc, y, mb, blocks):  # on one of `blocks` row blocks of a micro-batch
       model = nnx.merge(self.other_graph, q, qc["rest"])
-      ctx = model.context(mb["tokens"], mb["segment_ids"], mb["positions"])
-      logits, mtp_logits, mtp_stats = model.top(y, mb["tokens"], ctx, self.with_mtp)
+      ctx, _, inner, order = model.laid_out(mb["tokens"], mb["segment_ids"], mb["positions"])
+      logits, mtp_logits, mtp_stats = model.top(y, mb["tokens"], ctx, self.with_mtp, inner, order)
       stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *mtp_stats) if mtp_stats else None
-      out = model_lib.ModelOutput(logits, mtp_logits, stats)
+      out = model_lib.ModelOutput(logits, mtp_logits, stats, order)
       loss, parts = loss_lib.objective(out, mb, qc["counts"], n_total * blocks, self.lam, self.alpha)
       if stats is not None:  # (a balance loss is a mean over a block's sequences)
         stats = stats._replace(balance_loss=stats.balance_loss / blocks)

@@ -223,9 +223,6 @@ class TrainConfig:
     c = self.mesh.context
     if c > 0:  # (-1: checked once the mesh is built, moe/model.py)
       check_balanced(self.seq_len, c)
-    require(c == 1 or self.mesh.stage == 1,
-            f"mesh.context={c} with mesh.stage={self.mesh.stage}: the pipeline does not split sequences yet;"
-            " set mesh.context=1 or mesh.stage=1")
     opt = self.optimizer
     if opt.schedule == "cosine":
       require(opt.warmup_steps <= self.steps, f"optimizer.warmup_steps={opt.warmup_steps} exceeds steps={self.steps}")
