@@ -45,10 +45,10 @@ class ModelOutput(NamedTuple):
   logits: jax.Array | HeadInput  # [batch, seq, vocab] float32
   mtp_logits: tuple  # D x [batch, seq, vocab] float32 (or HeadInput); depth k predicts t_{i+k+1}
   moe_stats: MoEStats | None  # stacked over MoE layers, main layers first then MTP blocks
-  # [seq] NumPy: the original index of each place of the logits (context parallelism's balanced layout, kept
+  # [seq] the original index of each place of the logits (context parallelism's balanced layout, kept
   # through the head with `forward(..., keep_layout=True)`: the loss lays its targets out the same
   # way); None: in order
-  order: jax.Array | None = None
+  order: np.ndarray | None = None
 
 
 class Context(NamedTuple):

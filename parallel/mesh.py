@@ -258,6 +258,9 @@ class Parallelism:
     if mesh_cfg.ep_fast_path and (nodes > 1 or transport == "padded"):
       log.warning("mesh.ep_fast_path=%s has no effect: the fast path is the one-level ragged exchange's (here %s,"
                   " %d expert-parallel node(s))", mesh_cfg.ep_fast_path, transport, nodes)
+    if mesh_cfg.context_attention != "all_gather" and mesh.shape.get("context", 1) == 1:
+      log.warning("mesh.context_attention=%s has no effect: each sequence is whole on a device (mesh.context=1)",
+                  mesh_cfg.context_attention)
     return cls(mesh, mesh_cfg, rules, transport, nodes, are, pipeline)
 
   @property

@@ -94,6 +94,14 @@ def test_context_parallel_attention_is_the_latent_block_core():
     tiny("mesh.context=2", "mesh.context_attention=rings")
 
 
+def test_ring_without_context_says_it_has_no_effect(caplog):
+  import jax
+
+  with caplog.at_level("WARNING", logger="parallel"):
+    mesh_lib.Parallelism.from_config(MeshConfig(data=1, context_attention="ring"), jax.devices()[:1])
+  assert "mesh.context_attention=ring has no effect: each sequence is whole on a device (mesh.context=1)" in caplog.text
+
+
 @pytest.mark.parametrize("c", [1, 2, 3, 4, 8])
 def test_ring_tiles_cover_every_visible_pair_once_and_balance_the_work(c):
   """moe.kernels.ring_attention.tiles on the balanced layout, 5 tokens a chunk: every causally visible
