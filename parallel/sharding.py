@@ -344,13 +344,17 @@ def check_balanced(seq_len: int, slices: int) -> None:
 
 
 def take_seq(x, order: np.ndarray | None, axis: int = 1):
-  """x[..., order, ...] along `axis` for a static `order` (NumPy), written as slices of its runs of
-  consecutive indices put side by side (the balanced layout's 2 x slices chunks), not a gather: XLA's
-  partitioner handles slices of a dimension split over `context` inside the pipeline's manual `stage`,
-  where it failed a check on the gather (stage x context x data on CPU). None: x itself."""
+  """x[..., order, ...] along `axis` for a static `order` (NumPy); None: x itself. A gather, except
+  inside a shard_map manual over some axes (the pipeline's `stage`), where it is written as slices of
+  the order's runs of consecutive indices put side by side (the balanced layout's 2 x slices chunks):
+  there XLA's partitioner failed a check on the gather (stage x context x data, on CPU), and outside
+  libtpu failed on the slices ("Assigned barrier is not acceptable for opcode: ragged-all-to-all",
+  V3 at 32K on v5p-512)."""
   if order is None:
     return x
   order = np.asarray(order)
+  if jax.sharding.get_abstract_mesh().empty or not jax.sharding.get_abstract_mesh().manual_axes:
+    return jnp.take(x, order, axis=axis)
   cuts = np.flatnonzero(np.diff(order) != 1) + 1
   runs = np.split(order, cuts)
   index = lambda run: (slice(None),) * (axis % x.ndim) + (slice(int(run[0]), int(run[-1]) + 1),)

@@ -45,7 +45,9 @@ no accelerator present. One JSON line per target:
     largest allocations).
 
 A target the state does not fit is one line, "does not fit on v5p-1024: needs 97.5 GiB of 95.7 GiB
-per device", and exit code 3 (2: a bad config or target). `--search` compiles mesh factorisations,
+per device", and exit code 3 (2: a bad config or target); a compiler error other than memory (an
+internal one of libtpu's) is one line too, "the compiler for v5p-512 failed on this layout: ...", exit
+code 4, and a row of --search. `--search` compiles mesh factorisations,
 remat policies and grad_accum for one target, best first, and prints one JSON line per try and a
 table ranked by the forecast step time (memory second).
 
@@ -97,6 +99,7 @@ log = logging.getLogger("train.aot")
 
 GiB = 1 << 30
 EXIT_DOES_NOT_FIT = 3
+EXIT_COMPILER_FAILED = 4
 
 
 class DoesNotFit(Exception):
@@ -104,6 +107,14 @@ class DoesNotFit(Exception):
     self.target, self.needed, self.hbm, self.detail, self.report = target, needed, hbm, detail, report
     need = f"needs {needed / GiB:.1f} GiB of {hbm / GiB:.1f} GiB per device" if needed else detail
     super().__init__(f"does not fit on {target}: {need}")
+
+
+class CompilerFailed(Exception):
+  """The target's compiler refused the program for another reason than memory (an internal error of
+  libtpu's or XLA's): one line, the layout's row in --search, and the other targets still tried."""
+
+  def __init__(self, target: str, text: str):
+    super().__init__(f"the compiler for {target} failed on this layout: {text.strip().splitlines()[-1][:300]}")
 
 
 def for_target(cfg: TrainConfig, target: targets_lib.Target) -> TrainConfig:
@@ -213,10 +224,10 @@ def compile_for(cfg: TrainConfig, target: targets_lib.Target, buffers: int = 0, 
   options = {"xla_dump_to": dump.name, "xla_dump_hlo_as_text": True} if dump else None
   try:
     compiled = s.train_step.lower(s.abstract_state, batch).compile(options)
-  except Exception as e:  # noqa: BLE001 - the compiler's out-of-memory error, anything else re-raised
+  except jax.errors.JaxRuntimeError as e:  # the compiler's out-of-memory error, or another of its errors
     text = str(e)
     if "Ran out of memory" not in text and "exceeds available HBM" not in text:
-      raise
+      raise CompilerFailed(target.name, text) from None
     m = _OOM.search(text)
     needed = float(m.group(1)) * _UNIT[m.group(2)] if m else None
     hbm = float(m.group(3)) * _UNIT[m.group(4)] if m else target.hbm_bytes
@@ -367,7 +378,7 @@ def search(cfg_path: str, overrides: list[str], target: targets_lib.Target, trie
              "exposed_comm_share": r["forecast"]["exposed_comm_share"], "compile_s": r["compile_s"]}
     except DoesNotFit as e:
       row = {"overrides": extra, "fits": False, "peak_GiB": _gib(e.needed) if e.needed else None, "why": str(e)}
-    except InputError as e:
+    except (InputError, CompilerFailed) as e:
       row = {"overrides": extra, "fits": False, "peak_GiB": None, "why": str(e)}
     print(jsonl.dumps(row), flush=True)
     rows.append(row)
@@ -419,6 +430,9 @@ def main(argv=None) -> int:
         if args.buffers and e.report:  # the compiler's own list of its largest allocations
           print(_allocations(e.report, args.buffers), file=sys.stderr, flush=True)
         rc = EXIT_DOES_NOT_FIT
+      except CompilerFailed as e:
+        print(f"{args.config}: {e}", file=sys.stderr, flush=True)
+        rc = rc or EXIT_COMPILER_FAILED
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
