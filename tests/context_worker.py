@@ -39,6 +39,7 @@ MESHES = {"c2": (dict(context=2), WHOLE_OVER_CONTEXT), "c4": (dict(context=4), [
           "c2f2e2": (dict(data=1, fsdp=2, context=2, expert=2), []),
           "c4_latent": (dict(data=2, context=4), []), "c8": (dict(data=1, context=8), []),
           "c2f2t2": (dict(data=1, fsdp=2, context=2, tensor=2), []),
+          "c2_ring": (dict(context=2, context_attention="ring"), []),
           "c4_ring": (dict(data=2, context=4, context_attention="ring"), []),
           "c8_ring": (dict(data=1, context=8, context_attention="ring"), []),
           "c2f2t2_ring": (dict(data=1, fsdp=2, context=2, tensor=2, context_attention="ring"), []),

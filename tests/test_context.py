@@ -181,7 +181,7 @@ def test_ring_computes_the_visible_tiles_only(ring):
     assert got < 0.75 * ring["flops"]["all_gather"][mode]
 
 
-@pytest.mark.parametrize("mesh", ["c2", "c4", "c2f2e2", "c4_latent", "c8", "c2f2t2", "c4_ring", "c8_ring",
+@pytest.mark.parametrize("mesh", ["c2", "c4", "c2f2e2", "c4_latent", "c8", "c2f2t2", "c2_ring", "c4_ring", "c8_ring",
                                   "c2f2t2_ring", "c2f2e2_ring", "s2c2", "s2c2_ring"])
 def test_context_meshes_match_one_device(eight, mesh):
   r = eight["meshes"][mesh]
