@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from moe.kernels import latent_attention
 from parallel import sharding as sharding_lib
+from parallel.common.errors import ConfigError
 
 
 def attention(q_BxTxHxK, c_kv_BxTxC, k_pe_BxTxR, w_kvb_CxHxNV, index_T, seg_BxT, scale: float, par,
@@ -53,7 +54,8 @@ def attention(q_BxTxHxK, c_kv_BxTxC, k_pe_BxTxR, w_kvb_CxHxNV, index_T, seg_BxT,
   lat_spec = spec(("batch", "seq", None), c_kv_BxTxC)[:3]
   axis = q_spec[1]
   if axis != "context" or lat_spec[1] != "context":
-    raise ValueError(f"ring attention: the sequence must split over `context` alone, not {axis!r}")
+    raise ConfigError(f"mesh.context_attention=ring: the sequence must split over `context` alone (mesh.rules.seq),"
+                      f" not {axis!r}")
   n = shape["context"]
   w_spec = P(None, q_spec[2], None)
   row_axes = sharding_lib.axes_of(q_spec[0]) + ("context",)
