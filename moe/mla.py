@@ -165,36 +165,35 @@ class MLA(nnx.Module):
     (moe.kernels.latent_attention), or from each slice's latent passed around the context axis
     (`ring`: moe.kernels.ring_attention); [B, T, H, v_head_dim]."""
     cfg = self.cfg
+    w = self._w_kvb()
+    index = jnp.arange(q_BxTxHxK.shape[1]) if mask.order is None else mask.order
     if self.attention == "ring":
-      return self._ring(q_BxTxHxK, c_kv_BxTxC, k_pe_BxTx1xR, mask)
+      out = ring_attention.attention(q_BxTxHxK, c_kv_BxTxC.astype(self.dtype), k_pe_BxTx1xR[:, :, 0].astype(self.dtype),
+                                     w, index, mask.segment_ids, rope.softmax_scale(cfg), self.par,
+                                     with_max_logit=self.keep_max_logit, balanced=mask.order is not None)
+      if self.keep_max_logit:  # QK-clip's statistic (train/core/muon.py), an intermediate the trainer pops
+        out, best = out
+        self.max_logit = nnx.Intermediate(best)
+      return out
     c_kv, k_pe = gather_latent(c_kv_BxTxC, k_pe_BxTx1xR, self.par)
     q = constrain(q_BxTxHxK, ("batch", "seq", "heads", None), self.par)
-    w = self.kv_b_proj.kernel[...].astype(self.dtype).reshape(cfg.kv_lora_rank, cfg.num_attention_heads, -1)
     w = constrain(w, (None, None, None), self.par)  # whole once per layer: left sharded, XLA re-gathered it per key block
-    index = jnp.arange(q.shape[1]) if mask.order is None else mask.order
     args = (q, c_kv.astype(self.dtype), k_pe[:, :, 0].astype(self.dtype), w, index, index, mask.segment_ids,
             mask.segment_ids, rope.softmax_scale(cfg))
     if self.keep_max_logit:  # QK-clip's statistic (train/core/muon.py), an intermediate the trainer pops
       self.max_logit = nnx.Intermediate(latent_attention.max_logit(*args))
     return latent_attention.attention(*args, groups=self.par.context if self.par is not None else 1)
 
-  def _ring(self, q_BxTxHxK, c_kv_BxTxC, k_pe_BxTx1xR, mask: Mask):
+  def _w_kvb(self):
+    """kv_b_proj's kernel in the compute dtype as [kv_lora_rank, heads, nope + v]."""
     cfg = self.cfg
-    w = self.kv_b_proj.kernel[...].astype(self.dtype).reshape(cfg.kv_lora_rank, cfg.num_attention_heads, -1)
-    index = jnp.arange(q_BxTxHxK.shape[1]) if mask.order is None else mask.order
-    out = ring_attention.attention(q_BxTxHxK, c_kv_BxTxC.astype(self.dtype), k_pe_BxTx1xR[:, :, 0].astype(self.dtype), w,
-                                   index, mask.segment_ids, rope.softmax_scale(cfg), self.par,
-                                   with_max_logit=self.keep_max_logit, balanced=mask.order is not None)
-    if self.keep_max_logit:  # QK-clip's statistic (train/core/muon.py), an intermediate the trainer pops
-      out, best = out
-      self.max_logit = nnx.Intermediate(best)
-    return out
+    return self.kv_b_proj.kernel[...].astype(self.dtype).reshape(cfg.kv_lora_rank, cfg.num_attention_heads, -1)
 
   def _absorbed(self, q_nope_BxTxHxN, q_pe_BxTxHxR, cache: LatentCache, mask_Bx1xTxL):
     """softmax over the cached tokens in the latent space; [B, T, H, v_head_dim]."""
     cfg, dtype = self.cfg, self.dtype
-    h, nope, c = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
-    w_kvb = self.kv_b_proj.kernel[...].astype(dtype).reshape(c, h, nope + cfg.v_head_dim)
+    nope = cfg.qk_nope_head_dim
+    w_kvb = self._w_kvb()
     w_uk, w_uv = w_kvb[..., :nope], w_kvb[..., nope:]  # [C, H, nope], [C, H, v]
     q_lat = jnp.einsum("bthn,chn->bthc", q_nope_BxTxHxN.astype(dtype), w_uk)
     ckv, kpe = cache.c_kv.astype(dtype), cache.k_pe.astype(dtype)

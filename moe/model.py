@@ -71,6 +71,18 @@ def context(cfg: ModelConfig, tokens_BxS, segment_ids_BxS=None, positions_BxS=No
                  segment_ids_BxS > 0)
 
 
+def laid_out(cfg: ModelConfig, par, tokens_BxS, segment_ids_BxS=None, positions_BxS=None):
+  """(Context in order, the tokens and Context on the layers' layout, its order): with context
+  parallelism (`par`, a parallel.mesh.Parallelism) the balanced layout (parallel.sharding.balanced_order),
+  else the order itself (None)."""
+  ctx = context(cfg, tokens_BxS, segment_ids_BxS, positions_BxS)
+  order = balanced_order(tokens_BxS.shape[1], par.context) if par is not None else None
+  if order is None:
+    return ctx, tokens_BxS, ctx, None
+  tokens, seg, pos = (take_seq(a, order) for a in (tokens_BxS, ctx.mask.segment_ids, ctx.positions))
+  return ctx, tokens, context(cfg, tokens, seg, pos, order), order
+
+
 class Transformer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rt: Runtime | None = None, *, rngs: nnx.Rngs):
@@ -146,14 +158,7 @@ class Transformer(nnx.Module):
     return context(self.cfg, tokens_BxS, segment_ids_BxS, positions_BxS, order_S)
 
   def laid_out(self, tokens_BxS, segment_ids_BxS=None, positions_BxS=None):
-    """(Context in order, the tokens and Context on the layers' layout, its order): with context
-    parallelism the balanced layout (parallel.sharding.balanced_order), else the order itself (None)."""
-    ctx = self.context(tokens_BxS, segment_ids_BxS, positions_BxS)
-    order = balanced_order(tokens_BxS.shape[1], self.rt.par.context) if self.rt.par is not None else None
-    if order is None:
-      return ctx, tokens_BxS, ctx, None
-    tokens, seg, pos = (take_seq(a, order) for a in (tokens_BxS, ctx.mask.segment_ids, ctx.positions))
-    return ctx, tokens, self.context(tokens, seg, pos, order), order
+    return laid_out(self.cfg, self.rt.par, tokens_BxS, segment_ids_BxS, positions_BxS)
 
   def bottom(self, tokens_BxS, ctx: Context):
     """(hidden states after the embedding and the dense layers, [] : no MoE statistics here)."""

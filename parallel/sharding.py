@@ -353,7 +353,8 @@ def take_seq(x, order: np.ndarray | None, axis: int = 1):
   if order is None:
     return x
   order = np.asarray(order)
-  if jax.sharding.get_abstract_mesh().empty or not jax.sharding.get_abstract_mesh().manual_axes:
+  abstract = jax.sharding.get_abstract_mesh()
+  if abstract.empty or not abstract.manual_axes:
     return jnp.take(x, order, axis=axis)
   cuts = np.flatnonzero(np.diff(order) != 1) + 1
   runs = np.split(order, cuts)

@@ -21,7 +21,7 @@ class FakeOut(NamedTuple):
   logits: jax.Array
   mtp_logits: tuple
   moe_stats: FakeStats | None
-  order: jax.Array | None = None
+  order: np.ndarray | None = None
 
 
 # Row 0: two documents in a row, then one padding position. Row 1: a document (the tail of a split

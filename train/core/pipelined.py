@@ -107,9 +107,7 @@ class Pipelined:
       return h, nnx.pop(model, nnx.Intermediate)  # (the dense layers' max logits, with QK-clip)
 
     def stage_fn(p, c, x, mb):
-      order = sharding_lib.balanced_order(mb["tokens"].shape[1], self.par.context)
-      lay = lambda a: sharding_lib.take_seq(a, order)
-      ctx = model_lib.context(self.cfg, lay(mb["tokens"]), lay(mb["segment_ids"]), lay(mb["positions"]), order)
+      _, _, ctx, _ = model_lib.laid_out(self.cfg, self.par, mb["tokens"], mb["segment_ids"], mb["positions"])
       h, stats, _, sown = self.apply(self.layer_graph, (p, c["rest"]), x, ctx.cos_sin, ctx.mask, ctx.valid,
                                      active_L=c["active"])
       return h, self.alpha * stats.balance_loss.sum() / n_total, stats, sown
