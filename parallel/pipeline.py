@@ -187,6 +187,17 @@ class Schedule:
     forward then, and its backward slot when any has a backward (the others' results masked)."""
     return int(self.stages * ((self.fwd.max(axis=1) > 0) * F_COST + (self.bwd.max(axis=1) > 0) * B_COST).sum())
 
+  def taken(self) -> dict:
+    """{scope of SCOPES: the share of its enclosing code's executions in which that conditional of
+    `run` does its work}: the forward and backward slots of the ticks (taken when any stage has one),
+    first_fn and last_fn of a forward slot, first_fn's backward of a backward slot. What a reader of
+    the compiled program (train/forecast.py) needs to count a conditional as often as it runs."""
+    f_ticks, b_ticks = int((self.fwd.max(axis=1) > 0).sum()), int((self.bwd.max(axis=1) > 0).sum())
+    m = self.microbatches
+    return {"pipeline_forward": f_ticks / self.ticks, "pipeline_backward": b_ticks / self.ticks,
+            "pipeline_first": m / max(f_ticks, 1), "pipeline_last": m / max(f_ticks, 1),
+            "pipeline_first_backward": m / max(b_ticks, 1)}
+
   def bubble(self) -> float:
     """The share of the executed chunk work that is masked out: the pipeline bubble."""
     return 1 - self.work() / self.executed()
@@ -397,7 +408,7 @@ def _plan(sched: Schedule, mesh, per_chunk: int, rows: int, train: bool) -> _Pla
 class _Stage(NamedTuple):
   """One stage's part of a run, inside the shard_map over `stage`: the plan, the stage's index, the
   functions it runs and their arguments, the splitters of their residuals; from `_shapes` on, the
-  zero activation [rows, ...] and the shape of a chunk's loss term."""
+  zero activation [rows, ...], the shape of a chunk's loss term and of one stash slot of residuals."""
   plan: _Plan
   s: jax.Array
   first_fn: Callable
@@ -412,6 +423,8 @@ class _Stage(NamedTuple):
   first_res: _Residuals
   zero_act: jax.Array | None = None
   term_shape: jax.ShapeDtypeStruct | None = None
+  first_slot: list | None = None  # the shapes of first_fn's residuals of one micro-batch (one stash slot)
+  chunk_slot: list | None = None  # and of a chunk's
 
 
 def _row(st: _Stage, tab: str, t):
@@ -473,7 +486,8 @@ def _shapes(st: _Stage):
   _, aux_shape, last_peaks = jax.eval_shape(st.last_fn, st.post_params, st.post_consts, _block(st, zero_act),
                                             _block(st, mb0), plan.parts)
   peaks = {"first": first_peaks, "stack": chunk_peaks, "last": last_peaks}
-  return st._replace(zero_act=zero_act, term_shape=term_shape), first_kept, chunk_kept, stats_shape, aux_shape, peaks
+  st = st._replace(zero_act=zero_act, term_shape=term_shape, first_slot=first_kept, chunk_slot=chunk_kept)
+  return st, first_kept, chunk_kept, stats_shape, aux_shape, peaks
 
 
 def _init_carry(st: _Stage, first_kept, chunk_kept, stats_shape, aux_shape, peaks) -> dict:
@@ -499,20 +513,21 @@ def _unchanged(carry, *_):
 
 
 def _first(st: _Stage, carry, t):
-  """first_fn of the micro-batch entering the first stage: its output into the stash slot there,
-  every stage's residuals (of its block) into the same slot of its own stash."""
+  """first_fn of the micro-batch entering the first stage: (carry, its output gathered [rows, ...],
+  this stage's residuals of its block), the last two for the stash slot of the micro-batch."""
   carry = dict(carry)
   x, peaks, kept = _first_forward(st, _block(st, _take(st.mb_inputs, st.plan.first_f[t])))
   carry["peaks"] = {**carry["peaks"], "first": jax.tree.map(jnp.maximum, carry["peaks"]["first"], peaks)}
-  slot = st.plan.tables["f_slot"][t, 0]
-  carry["first_kept"] = [_put(buf, k, slot, True) for buf, k in zip(carry["first_kept"], kept)]
-  carry["stash"] = _put(carry["stash"], _gather(x, st.plan.parts), slot, st.s == 0)
-  return carry
+  return carry, _gather(x, st.plan.parts).astype(st.zero_act.dtype), kept
+
+
+def _no_first(st: _Stage, carry, t):
+  return dict(carry), st.zero_act, _zeros(st.first_slot)
 
 
 def _last(st: _Stage, t, carry, y):
-  """last_fn on the last stage's output (and its pullback): the loss, aux and post grads, and the
-  cotangent for y into the last stage's cotangent slot."""
+  """last_fn on the last stage's output (and its pullback): (carry with the loss, aux and post grads,
+  the cotangent for y gathered [rows, ...], for the last stage's cotangent slot)."""
   plan, s = st.plan, st.s
   carry = dict(carry)
   y = _from_stage(y, plan.sched.stages - 1, s, plan.parts, plan.wide)  # this stage's block of the last stage's y
@@ -522,40 +537,48 @@ def _last(st: _Stage, t, carry, y):
   if plan.train:
     loss, pullback, (aux, peaks) = jax.vjp(f, st.post_params, y, has_aux=True)
     gq, gy = pullback(jnp.ones_like(loss))
-    carry["cots"] = _put(carry["cots"], _gather(gy, plan.parts), _row(st, "f_cot", t), keep)
+    gy = _gather(gy, plan.parts).astype(st.zero_act.dtype)
     carry["g_post"] = jax.tree.map(jnp.add, carry["g_post"], _one_stage(gq, keep, plan.parts))
   else:
     loss, (aux, peaks) = f(st.post_params, y)
+    gy = st.zero_act
   # (every stage ran last_fn on the last stage's output: its block, or all rows)
   carry["peaks"] = {**carry["peaks"], "last": jax.tree.map(jnp.maximum, carry["peaks"]["last"], peaks)}
   carry["loss"] = carry["loss"] + jnp.where(keep | (plan.parts > 1), loss, 0.0).astype(jnp.float32)
   carry["aux"] = jax.tree.map(jnp.add, carry["aux"], _one_stage(aux, keep, plan.parts))
-  return carry
+  return carry, gy
 
 
-def _forward(st: _Stage, carry, t):
-  """The forward slot of a tick: first_fn where a micro-batch enters, this stage's chunk (masked out
-  where it has none), last_fn where one leaves; (carry, the activation to send on)."""
+def _no_last(st: _Stage, t, carry, y):
+  return dict(carry), st.zero_act
+
+
+def _forward(st: _Stage, carry, x, t):
+  """The forward slot of a tick: first_fn where a micro-batch enters, this stage's chunk on its input
+  x from the stash (masked out where it has none), last_fn where one leaves. Returns (carry, the
+  activation to send on, what goes into the stashes: first_fn's output and residuals, the chunk's
+  residuals, last_fn's cotangent; `_tick` writes them, outside the conditionals)."""
   plan = st.plan
   with jax.named_scope("pipeline_first"):
-    carry = jax.lax.cond(plan.first_f[t] >= 0, functools.partial(_first, st), _unchanged, carry, t)
+    entering = plan.first_f[t] >= 0
+    carry, first_x, first_kept = jax.lax.cond(entering, functools.partial(_first, st),
+                                              functools.partial(_no_first, st), carry, t)
+  x = jnp.where(entering & (st.s == 0), first_x, x)  # (the first chunk's input, on the first stage)
   on, m, r = _row(st, "fwd", t) == 1, jnp.maximum(_row(st, "f_mb", t), 0), jnp.maximum(_row(st, "f_rep", t), 0)
-  slot = _row(st, "f_slot", t)
-  x = _take(carry["stash"], jnp.maximum(slot, 0))
   p, c = _chunk(st.stack_params, r, plan.size), _chunk(st.stack_consts, r, plan.size)
   y, term, stats, peaks, kept = _chunk_forward(st, p, c, x, _take(st.mb_inputs, m))
-  carry["kept"] = [_put(buf, k, slot, on) for buf, k in zip(carry["kept"], kept)]
   carry["stats"] = _add_chunk(carry["stats"], _mask(on, stats), r, plan.size)
   carry["peaks"] = {**carry["peaks"], "stack": _add_chunk(carry["peaks"]["stack"], _mask(on, peaks, -jnp.inf), r,
                                                           plan.size, jnp.maximum)}
   carry["loss"] = carry["loss"] + jnp.where(on, term, 0.0).astype(jnp.float32)
   with jax.named_scope("pipeline_last"):
-    carry = jax.lax.cond(plan.last_f[t] >= 0, functools.partial(_last, st, t), _unchanged, carry, y)
-  return carry, jnp.where(on, y.astype(st.zero_act.dtype), st.zero_act)
+    carry, gy = jax.lax.cond(plan.last_f[t] >= 0, functools.partial(_last, st, t), functools.partial(_no_last, st, t),
+                             carry, y)
+  return carry, jnp.where(on, y.astype(st.zero_act.dtype), st.zero_act), (first_x, first_kept, kept, gy)
 
 
-def _no_forward(st: _Stage, carry, t):
-  return dict(carry), st.zero_act
+def _no_forward(st: _Stage, carry, x, t):
+  return dict(carry), st.zero_act, (st.zero_act, _zeros(st.first_slot), _zeros(st.chunk_slot), st.zero_act)
 
 
 def _first_backward(st: _Stage, gx, kept, t):
@@ -571,18 +594,17 @@ def _no_first_backward(st: _Stage, gx, kept, t):
   return _zeros(st.post_params)
 
 
-def _backward(st: _Stage, carry, t):
+def _backward(st: _Stage, carry, held, t):
   """The backward slot of a tick: this stage's chunk's pullback (masked out where it has none), and
-  first_fn's where a micro-batch leaves the first stage; the cotangent to send back in the carry."""
+  first_fn's where a micro-batch leaves the first stage; the cotangent to send back in the carry.
+  `held`: the stash slots it reads (the chunk's input, residuals and cotangent, first_fn's residuals)."""
   plan, s, zero_act = st.plan, st.s, st.zero_act
   carry = dict(carry)
+  x, kept, cot, first_kept = held
   on, m, r = _row(st, "bwd", t) == 1, jnp.maximum(_row(st, "b_mb", t), 0), jnp.maximum(_row(st, "b_rep", t), 0)
-  slot = jnp.maximum(_row(st, "b_slot", t), 0)
   p, c, mb = _chunk(st.stack_params, r, plan.size), _chunk(st.stack_consts, r, plan.size), _take(st.mb_inputs, m)
-  pullback = st.chunk_res.join(_take(carry["kept"], slot), p, c, _take(carry["stash"], slot), mb)
-  cot = _take(carry["cots"], jnp.maximum(_row(st, "b_cot", t), 0))
+  pullback = st.chunk_res.join(kept, p, c, x, mb)
   gp, gx = pullback((cot, jnp.ones(st.term_shape.shape, st.term_shape.dtype)))
-  first_kept = _take(carry["first_kept"], jnp.maximum(plan.tables["b_slot"][t, 0], 0))
   with jax.named_scope("pipeline_first_backward"):
     g_first = jax.lax.cond(plan.first_b[t] >= 0, functools.partial(_first_backward, st),
                            functools.partial(_no_first_backward, st), gx, first_kept, t)
@@ -592,19 +614,39 @@ def _backward(st: _Stage, carry, t):
   return carry
 
 
+_HELD = ("stash", "kept", "first_kept", "cots")  # the stashes: read and written by _tick, not in the slots
+
+
 def _tick(st: _Stage, carry, t):
-  """One tick: the arrivals into their slots, the forward slot, the backward slot, and the sends."""
-  plan = st.plan
+  """One tick: the arrivals into their slots, the forward slot, the backward slot, and the sends.
+  The stashes never pass through the slots' conditionals: a slot gets the slices it reads and returns
+  the ones to write, and the tick writes them in place (written inside, XLA kept a second copy of the
+  whole stash: 6.8 GiB a GPU for V3 on 16 stages)."""
+  plan, s = st.plan, st.s
   a, k = _row(st, "act_in", t), _row(st, "cot_in", t)  # arrivals from the previous tick's ppermute
   carry["stash"] = _put(carry["stash"], carry["recv_act"], a, a >= 0)
   carry["cots"] = _put(carry["cots"], carry["recv_cot"], k, k >= 0)
+  held = {name: carry.pop(name) for name in _HELD}
+  f_slot, first_slot = _row(st, "f_slot", t), plan.tables["f_slot"][t, 0]
   with jax.named_scope("pipeline_forward"):  # (the scopes name the slots in the compiled HLO: SCOPES)
-    carry, send_act = jax.lax.cond(plan.any_f[t], functools.partial(_forward, st), functools.partial(_no_forward, st),
-                                   carry, t)
+    carry, send_act, (first_x, first_kept, kept, gy) = jax.lax.cond(
+        plan.any_f[t], functools.partial(_forward, st), functools.partial(_no_forward, st), carry,
+        _take(held["stash"], jnp.maximum(f_slot, 0)), t)
+  entering = plan.first_f[t] >= 0
+  held["stash"] = _put(held["stash"], first_x, first_slot, entering & (s == 0))
+  held["first_kept"] = [_put(buf, x, first_slot, entering) for buf, x in zip(held["first_kept"], first_kept)]
+  held["kept"] = [_put(buf, x, f_slot, _row(st, "fwd", t) == 1) for buf, x in zip(held["kept"], kept)]
+  if plan.train:
+    held["cots"] = _put(held["cots"], gy, _row(st, "f_cot", t), (plan.last_f[t] >= 0) & (s == plan.sched.stages - 1))
   carry["send_cot"] = st.zero_act
   if plan.train:
+    b_slot = jnp.maximum(_row(st, "b_slot", t), 0)
+    reads = (_take(held["stash"], b_slot), _take(held["kept"], b_slot),
+             _take(held["cots"], jnp.maximum(_row(st, "b_cot", t), 0)),
+             _take(held["first_kept"], jnp.maximum(plan.tables["b_slot"][t, 0], 0)))
     with jax.named_scope("pipeline_backward"):
-      carry = jax.lax.cond(plan.any_b[t], functools.partial(_backward, st), _unchanged, carry, t)
+      carry = jax.lax.cond(plan.any_b[t], functools.partial(_backward, st), _unchanged, carry, reads, t)
+  carry.update(held)
   with jax.named_scope(TRANSFER):
     carry["recv_act"] = jax.lax.ppermute(send_act, AXIS, plan.fwd_perm)
     carry["recv_cot"] = jax.lax.ppermute(carry["send_cot"], AXIS, plan.bwd_perm)

@@ -268,6 +268,25 @@ def test_compiles_a_pipeline_for_v5p(capsys):
   assert over == [("all-gather", act, 2), ("collective-permute", act // 4, 2), ("reduce-scatter", act // 2, 2)], over
 
 
+def test_forecast_counts_the_pipeline_slots_the_schedule_runs(capsys):
+  """tiny.yaml on v5p-16, 1F1B over 2 stages x fsdp=2 x expert=2 and 4 micro-batches of 8 sequences,
+  against the same batch unpipelined (fsdp=4 x expert=2). The 4 MoE layers are the pipelined chunks;
+  the dense layer and MTP (attention, and MTP's experts) run in first_fn and last_fn once per
+  micro-batch. The schedule's 6 ticks run a forward slot in 5 and a backward slot in 5, and the
+  forecast counts the chunks 5 times for 4 micro-batches, the rest once: per device the pipelined
+  step's attention FLOPs are (4 x 5/4 + 2) / 6 = 7/6 of the plain step's and its experts'
+  (4 x 5/4 + 1) / 5 = 6/5 (before: every slot of every tick, the chunks and first_fn and last_fn
+  alike, 6/4 for both)."""
+  common = ("configs/tiny.yaml", "--target", "v5p-16", "mesh.data=1", "mesh.expert=2", "model.num_hidden_layers=5",
+            "batch_size=32", "seq_len=256", "precision=bf16")
+  (piped,) = compile_json(capsys, *common, "mesh.stage=2", "mesh.fsdp=2", "pipeline.schedule=1f1b",
+                          "pipeline.microbatches=4")
+  (plain,) = compile_json(capsys, *common, "mesh.fsdp=4")
+  f, g = piped["costs"]["flops"], plain["costs"]["flops"]
+  assert f["attention"] / g["attention"] == pytest.approx(7 / 6, rel=0.01)
+  assert f["ragged_dot"] / g["ragged_dot"] == pytest.approx(6 / 5, rel=0.01)
+
+
 def test_compiles_for_a_large_v5e_slice_with_the_padded_transport(capsys):
   (r,) = compile_json(capsys, "configs/tiny.yaml", "--target", "v5e-64", "mesh.data=8", "mesh.expert=8", *SMALL[:-2],
                       "batch_size=64", "seq_len=128")
@@ -379,12 +398,13 @@ def test_a_gpu_step_that_does_not_fit_lists_its_largest_buffers(capsys):
 def test_pipeline_executes_the_bubble_and_the_padding_and_nothing_more(capsys):
   """needs the cuda extra (two compiles of about 20 s): DeepSeek-V2-Lite's MoE layers on 64 H100s, 1F1B
   over 4 stages with 16 micro-batches of 16 sequences against the same 256 sequences on fsdp=64, remat
-  full. Per GPU the pipelined step executes the unpipelined step's matmul FLOPs times its lockstep
-  ticks over M (every stage runs every tick, the bubble masked) times its slots over its layers (27 MoE
-  layers in 4 chunks of 7): each forward once. The parts outside the pipeline, which run once per
-  micro-batch on every stage's block of rows (the dense first layer, the head), are made negligible
-  here (no dense layer, a 1,024-token vocabulary): with V2-Lite's 102,400 tokens the ratio is 1.392
-  against the formula's 1.426, as docs/pods.md's table shows for both models."""
+  full. Per GPU the pipelined step executes the unpipelined step's matmul FLOPs times the ticks
+  that run a forward (or a backward) slot over M, 16 + 3 of 16 + 2 x 3 (every stage runs them, its
+  bubble masked), times its slots over its layers (27 MoE layers in 4 chunks of 7): each forward once.
+  The parts outside the pipeline, which run once per micro-batch on every stage's block of rows (the
+  dense first layer, the head), are made negligible here (no dense layer, a 1,024-token vocabulary),
+  as docs/pods.md's table shows for both models. (Counting every slot of every tick, the forecast said
+  (16 + 6) / 16 x 28 / 27.)"""
   common = ("configs/deepseek-v2-lite.yaml", "--target", "h100x64", "mesh.data=1", "precision=bf16",
             "impl.remat_policy=full", "batch_size=256", "per_device_batch=4", "model.first_k_dense_replace=0",
             "model.vocab_size=1024")
@@ -392,7 +412,7 @@ def test_pipeline_executes_the_bubble_and_the_padding_and_nothing_more(capsys):
                           "pipeline.microbatches=16")
   (plain,) = compile_json(capsys, *common, "mesh.fsdp=64")
   ratio = piped["costs"]["flops"]["matmul"] / plain["costs"]["flops"]["matmul"]
-  assert ratio == pytest.approx((16 + 2 * 3) / 16 * 28 / 27, rel=0.002)
+  assert ratio == pytest.approx((16 + 3) / 16 * 28 / 27, rel=0.002)
 
 
 @pytest.mark.cuda

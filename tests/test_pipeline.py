@@ -87,6 +87,21 @@ def test_schedules_replay(kind, n, m, r):
     assert s.stash == m * r
 
 
+def test_slots_taken_as_often_as_the_schedule_runs_them():
+  """Schedule.taken, what the forecast weighs the executor's conditionals by, counted by hand. 1F1B
+  over 4 stages and 8 micro-batches takes 8 + 2 x 3 = 14 ticks: forwards in ticks 0-10 (the last
+  micro-batch reaches the last stage in tick 7 + 3), backwards in 3-13; each slot runs first_fn,
+  last_fn or first_fn's backward for 8 micro-batches of its 11 ticks. Circular over 2 stages x 2
+  repeats, 4 micro-batches: 4 x 2 + 1 = 9 forward ticks of 17 (the backwards the same 9 ticks
+  mirrored), micro-batches enter the first stage (repeat 0) in 4 of the 9."""
+  assert make_schedule("1f1b", 4, 8).taken() == {
+      "pipeline_forward": 11 / 14, "pipeline_backward": 11 / 14, "pipeline_first": 8 / 11, "pipeline_last": 8 / 11,
+      "pipeline_first_backward": 8 / 11}
+  circular = make_schedule("circular", 2, 4, 2)
+  assert circular.ticks == 17 and circular.taken()["pipeline_forward"] == 9 / 17
+  assert circular.taken()["pipeline_first"] == 4 / 9
+
+
 def test_1f1b_memory_does_not_grow_with_microbatches():
   """GPipe holds M micro-batches' inputs per stage; this 1F1B at most 2N - 1 (the first stage:
   2(N-1-s)+1 on stage s), whatever M."""

@@ -58,7 +58,8 @@ forecast (train/forecast.py; configs/hardware/chips.yaml has each chip's figures
     the network) with sync and async counts, host_transfers (to-host and from-host bytes over PCIe:
     impl.remat_policy=full_offload's layer inputs), async (per kind, host transfers too: count,
     comm_s, hidden_s under the compute scheduled between start and done); loops times their trip
-    counts (XLA:TPU records none: read from each loop's condition);
+    counts (XLA:TPU records none: read from each loop's condition); a pipeline's forward and backward
+    slots, first_fn and last_fn as often as its schedule runs them (parallel/pipeline.py: Schedule.taken);
   forecast: step_s (each kernel max(FLOPs / peak, bytes / HBM bandwidth), each collective and host
     transfer bytes / link bandwidth less what the schedule overlaps), compute_s, exposed_comm_s and its share,
     tokens_per_s_per_chip, model_tflops_per_chip, mfu (model FLOPs, moe.params, against the bf16
@@ -92,7 +93,7 @@ from train import hlo as hlo_lib
 from train import hlo_links
 from train import hlo_parse
 from train.core import jsonl
-from train.core import loop
+from train.core import loop, pipelined
 from train.core.train_config import TrainConfig, load_train_config
 
 log = logging.getLogger("train.aot")
@@ -179,7 +180,9 @@ def step_forecast(hlo: str, cfg: TrainConfig, par: Parallelism, target: targets_
         int(tokens_per_device), k, n_ep, e_local, par.ep_fast_path))
   else:
     fill = forecast.expected_ragged_fill(hlo, tokens_per_device, k, chunks)
-  cost = forecast.costs(p, chip, forecast.granules(assignment, p.size, target.platform), fill, likely)
+  # a pipeline's slots cost what they do as often as the schedule runs them (its bubble ticks skip them)
+  taken = pipelined.schedule(par, cfg.batch_size // cfg.grad_accum).taken() if par.stages > 1 else None
+  cost = forecast.costs(p, chip, forecast.granules(assignment, p.size, target.platform), fill, likely, taken)
   chips = target.chips * target.slices
   price = price if price is not None else targets_lib.hardware(target.family)["price"]
   out = forecast.report(cost, chip, tokens=cfg.batch_size * cfg.seq_len, model_flops=model_flops, chips=chips,

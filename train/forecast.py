@@ -10,8 +10,9 @@ and how long that takes on a chip (parallel/targets.py: CHIPS, each figure with 
 How it counts (one device; SPMD programs run the same on all):
 - The program runs from its entry computation; a while loop runs its body its trip count times
   (train/hlo_loops.py: trip_counts, from known_trip_count or the loop's condition), a conditional its
-  expected branch (one made under a named scope of LIKELY: the dropless exchange's fast path) or else
-  its costliest, a call its callee; `fallback_s` is what the step would add were every conditional
+  expected branch (one made under a named scope of LIKELY: the dropless exchange's fast path), or its
+  costliest as often as the caller says it runs (`taken`: a pipeline's slots, skipped in its bubble
+  ticks), or else its costliest, a call its callee; `fallback_s` is what the step would add were every conditional
   to take its costliest branch instead. Fusions, reducers and sorting comparators are parts of one
   kernel, not programs of their own.
 - FLOPs: dots and convolutions from their shapes (inside fusions too), ragged dots (XLA's, and
@@ -443,15 +444,24 @@ def ragged_rows(hlo: str) -> int:
   return rows
 
 
+def _share(rest: str, taken: dict) -> float | None:
+  """The share of executions in which a conditional takes its costliest branch, from `taken` {named
+  scope: share} by the innermost of its scopes listed there; None where none is."""
+  name = hlo_parse.op_name(rest) or ""
+  return next((taken[s] for s in reversed(name.split("/")) if s in taken), None)
+
+
 def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: float = 1.0,
-          likely_fill: float | None = None) -> Cost:
+          likely_fill: float | None = None, taken: dict | None = None) -> Cost:
   """Cost of one execution of the program's entry computation on one device (module docstring).
   `granule(position)`: the host (GPU) or slice (TPU) of a replica-group position; all one by default.
   `ragged_fill`: the share of a ragged dot's rows that hold tokens (1: the buffers full, an upper
   figure; train.aot passes the balanced share); Cost.flops counts "ragged_dot" with it and
   "ragged_dot_buffer" without; `likely_fill` (default ragged_fill) the share inside the expected
   branch of a conditional (the dropless exchange's fast path, whose buffers are smaller than the
-  chunked exchange's worst case)."""
+  chunked exchange's worst case). `taken` {named scope: share}: a conditional made under one of these
+  scopes costs its costliest branch that share of its executions and its cheapest the rest (the
+  pipeline's slots: parallel/pipeline.py Schedule.taken), instead of its costliest every time."""
   p = hlo if isinstance(hlo, Program) else Program(hlo)
   memo: dict[str, Cost] = {}
 
@@ -488,7 +498,14 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         likely = [_likely(p, b) for b in names]
         branches = [run(b, seen + (c,), likely_fill if here and likely_fill is not None else fill)
                     for b, here in zip(names, likely)]
-        if branches:
+        share = _share(ins.rest, taken or {})
+        if branches and share is not None:
+          costliest, cheapest = max(branches, key=lambda b: b.time), min(branches, key=lambda b: b.time)
+          t = share * costliest.time + (1 - share) * cheapest.time
+          out.add(costliest, share)
+          out.add(cheapest, 1 - share)
+          out.time -= t
+        elif branches:
           costliest = max(branches, key=lambda b: b.time)
           top = next((b for b, here in zip(branches, likely) if here), costliest)
           t = top.time
