@@ -304,6 +304,13 @@ def test_out_of_memory_is_one_line_and_exit_3(capsys):
   assert len(err) == 1 and "does not fit on v5e-1: needs" in err[0] and "of 15.8 GiB per device" in err[0], err
 
 
+def test_a_near_miss_says_by_how_much():
+  """A step just over the HBM (XLA:GPU rematerialises up to the limit) is not 'needs 79.1 of 79.1'."""
+  assert str(aot.DoesNotFit("h100x512", 79.14 * aot.GiB, 79.11 * aot.GiB, "")) == (
+      "does not fit on h100x512: needs 79.14 GiB of 79.11 GiB per device")
+  assert str(aot.DoesNotFit("v5p-1024", 97.5 * aot.GiB, 95.74 * aot.GiB, "")).endswith("needs 97.5 GiB of 95.7 GiB per device")
+
+
 def test_reports_what_the_context_axis_costs(capsys):
   """mesh.context=2 (x data=4) on v5p-16, tiny.yaml (4 layers + MTP, latent attention): train.aot says
   what a device sends over the context axis and the attention kernels' FLOPs. The latent gathers are

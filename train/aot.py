@@ -106,7 +106,8 @@ EXIT_COMPILER_FAILED = 4
 class DoesNotFit(Exception):
   def __init__(self, target: str, needed: float | None, hbm: float, detail: str, report: str = ""):
     self.target, self.needed, self.hbm, self.detail, self.report = target, needed, hbm, detail, report
-    need = f"needs {needed / GiB:.1f} GiB of {hbm / GiB:.1f} GiB per device" if needed else detail
+    digits = 1 if needed is None or f"{needed / GiB:.1f}" != f"{hbm / GiB:.1f}" else 2  # (79.14 of 79.11)
+    need = f"needs {needed / GiB:.{digits}f} GiB of {hbm / GiB:.{digits}f} GiB per device" if needed else detail
     super().__init__(f"does not fit on {target}: {need}")
 
 
