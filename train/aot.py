@@ -329,14 +329,16 @@ LONG = 4096  # tokens a sequence (or a context slice of one) holds before --sear
 # the dropless exchange, most promising first: the fast path (all tokens at once) in two halves whose
 # exchanges overlap the other half's experts, then in one pass; fewer chunks (the expert weights read,
 # their gradients summed, fewer times); the default
-EXCHANGES = (["mesh.ep_fast_path=2.0", "mesh.ep_overlap=true"], ["mesh.ep_fast_path=2.0"], ["mesh.ep_chunks=2"], [])
+# the fast path's buffers at 2x the balanced receive, then 1.5x (cheaper, more layers falling back: fallback_s)
+EXCHANGES = (["mesh.ep_fast_path=2.0", "mesh.ep_overlap=true"], ["mesh.ep_fast_path=2.0"],
+             ["mesh.ep_fast_path=1.5", "mesh.ep_overlap=true"], ["mesh.ep_chunks=2"], [])
 
 def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list[list[str]]:
   """Override sets to try, most promising first: expert x fsdp (x tensor, x context when seq_len is
   over LONG tokens, ring attention before all_gather) factorisations of the devices (of each pipeline stage's, with mesh.stage given),
   then remat policies (the chunked expert-parallel exchange's rows kept before recomputed, its fast
-  path (mesh.ep_fast_path=2) in overlapping halves (mesh.ep_overlap) before in one pass before 2 chunks
-  before the default, on v5e the weights' all-gathers
+  path (mesh.ep_fast_path=2) in overlapping halves (mesh.ep_overlap) before in one pass before halves
+  in 1.5x buffers before 2 chunks before the default, on v5e the weights' all-gathers
   fused into the compute before not, with stages a stage's weights gathered once per step before in
   every tick) and the micro-batch (grad_accum, or per_device_batch)."""
   n = target.devices // max(cfg.mesh.stage, 1)
@@ -356,8 +358,10 @@ def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list
   for remat in ("none", "save_dots_no_batch", "full", "full_offload"):
     # micro-batches: grad_accum, or with per_device_batch (grad_accum follows) twice as many sequences a
     # device before as many, so that the weights are gathered and their gradients reduced half as often
+    # (three times as many with the layer inputs in host memory, which is what makes room for them)
+    more = (3, 2, 1) if remat == "full_offload" else (2, 1)
     micro = [f"grad_accum={a}" for a in (1, 2, 4) if cfg.batch_size % a == 0] if cfg.per_device_batch is None else [
-        f"per_device_batch={2 * cfg.per_device_batch}", f"per_device_batch={cfg.per_device_batch}"]
+        f"per_device_batch={k * cfg.per_device_batch}" for k in more]
     for batching in micro:
       for m in meshes:
         for ep in ("keep", "recompute"):  # (the chunked exchange's rows kept when they fit: no all-to-all again)
