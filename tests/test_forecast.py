@@ -569,7 +569,8 @@ def test_libtpu_reduce_scatter_fusion_is_a_reduce_scatter():
 
 
 # A pipeline's tick loop (3 trips) whose forward slot is a conditional made under the named scope
-# pipeline_forward, holding a dot and a nested conditional (pipeline_first) holding another.
+# pipeline_forward, holding a dot, a nested conditional made under pipeline_first holding another, and
+# a conditional of the slot's own code (no listed scope of its own) holding a third.
 PIPELINE_TICKS = LOOP.replace("""  %y = bf16[64,32]{1,0} dot(%x.2, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
 """, """  %on.2 = pred[] constant(true)
   %y = bf16[64,32]{1,0} conditional(%on.2, %x.2, %x.2), true_computation=%forward, false_computation=%noop, metadata={op_name="jit(step)/shard_map/pipeline_forward/cond"}
@@ -586,21 +587,24 @@ PIPELINE_TICKS = LOOP.replace("""  %y = bf16[64,32]{1,0} dot(%x.2, %w), lhs_cont
 %forward (f: bf16[64,32]) -> bf16[64,32] {
   %f = bf16[64,32]{1,0} parameter(0)
   %on = pred[] constant(true)
-  %g = bf16[64,32]{1,0} conditional(%on, %f, %f), true_computation=%first, false_computation=%noop, metadata={op_name="jit(step)/shard_map/pipeline_forward/pipeline_first/cond"}
+  %g = bf16[64,32]{1,0} conditional(%on, %f, %f), true_computation=%first, false_computation=%noop, metadata={op_name="jit(step)/shard_map/pipeline_forward/cond/branch_1_fun/pipeline_first/cond"}
+  %h = bf16[64,32]{1,0} conditional(%on, %g, %g), true_computation=%first, false_computation=%noop, metadata={op_name="jit(step)/shard_map/pipeline_forward/cond/branch_1_fun/cond"}
   %w2 = bf16[32,32]{1,0} constant({...})
-  ROOT %d2 = bf16[64,32]{1,0} dot(%g, %w2), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %d2 = bf16[64,32]{1,0} dot(%h, %w2), lhs_contracting_dims={1}, rhs_contracting_dims={0}
 }
 
 %body (p.2""")
 
 
 def test_pipeline_slots_cost_what_the_schedule_runs():
-  """`taken`: a conditional counts its costliest branch the share of its executions the schedule says,
-  by its innermost listed scope. 3 ticks, the forward slot in 2 of them, first_fn in 1 of those 2:
-  2 forward dots and 1 first_fn dot (without `taken`: every branch every tick, 6 dots)."""
+  """`taken`: a conditional made in a listed scope counts its costliest branch the share of its
+  executions the schedule says; one inside such a branch with no listed scope of its own, its
+  costliest every time. 3 ticks, the forward slot in 2 of them, first_fn in 1 of those 2: 2 forward
+  dots, 2 of the slot's own conditional and 1 of first_fn (without `taken`: every branch every tick,
+  9 dots)."""
   chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e9, 1e8, 1e9)
   dot = 2 * 64 * 32 * 32
-  assert forecast.costs(PIPELINE_TICKS, chip).flops["dot"] == 6 * dot
+  assert forecast.costs(PIPELINE_TICKS, chip).flops["dot"] == 9 * dot
   c = forecast.costs(PIPELINE_TICKS, chip, taken={"pipeline_forward": 2 / 3, "pipeline_first": 1 / 2})
-  assert c.flops["dot"] == pytest.approx(3 * dot)
+  assert c.flops["dot"] == pytest.approx(5 * dot)
   assert c.time < forecast.costs(PIPELINE_TICKS, chip).time

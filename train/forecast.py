@@ -446,9 +446,10 @@ def ragged_rows(hlo: str) -> int:
 
 def _share(rest: str, taken: dict) -> float | None:
   """The share of executions in which a conditional takes its costliest branch, from `taken` {named
-  scope: share} by the innermost of its scopes listed there; None where none is."""
-  name = hlo_parse.op_name(rest) or ""
-  return next((taken[s] for s in reversed(name.split("/")) if s in taken), None)
+  scope: share} by the scope it was made in (".../pipeline_forward/cond"); None for any other, such as
+  a conditional inside one of those branches (".../pipeline_forward/cond/branch_1_fun/.../cond")."""
+  parts = (hlo_parse.op_name(rest) or "").split("/")
+  return taken.get(parts[-2]) if len(parts) > 1 else None
 
 
 def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: float = 1.0,
