@@ -178,6 +178,16 @@ class Schedule:
   def ticks(self) -> int:
     return self.fwd.shape[0]
 
+  @property
+  def any_f(self) -> np.ndarray:
+    """[ticks] whether some stage has a forward: the ticks whose forward slot `run` runs."""
+    return self.fwd.max(axis=1) > 0
+
+  @property
+  def any_b(self) -> np.ndarray:
+    """[ticks] whether some stage has a backward: the ticks whose backward slot `run` runs."""
+    return self.bwd.max(axis=1) > 0
+
   def work(self) -> int:
     """The chunk work the schedule does, a forward costing 1 and a backward 2."""
     return int((self.fwd * F_COST + self.bwd * B_COST).sum())
@@ -185,14 +195,14 @@ class Schedule:
   def executed(self) -> int:
     """The chunk work `run` executes: every stage runs a tick's forward slot when any stage has a
     forward then, and its backward slot when any has a backward (the others' results masked)."""
-    return int(self.stages * ((self.fwd.max(axis=1) > 0) * F_COST + (self.bwd.max(axis=1) > 0) * B_COST).sum())
+    return int(self.stages * (self.any_f * F_COST + self.any_b * B_COST).sum())
 
   def taken(self) -> dict:
     """{scope of SCOPES: the share of its enclosing code's executions in which that conditional of
     `run` does its work}: the forward and backward slots of the ticks (taken when any stage has one),
     first_fn and last_fn of a forward slot, first_fn's backward of a backward slot. What a reader of
     the compiled program (train/forecast.py) needs to count a conditional as often as it runs."""
-    f_ticks, b_ticks = int((self.fwd.max(axis=1) > 0).sum()), int((self.bwd.max(axis=1) > 0).sum())
+    f_ticks, b_ticks = int(self.any_f.sum()), int(self.any_b.sum())
     m = self.microbatches
     return {"pipeline_forward": f_ticks / self.ticks, "pipeline_backward": b_ticks / self.ticks,
             "pipeline_first": m / max(f_ticks, 1), "pipeline_last": m / max(f_ticks, 1),
@@ -219,7 +229,7 @@ class Schedule:
     chunk_b = slot.get("pipeline_backward", 0) - first_b
     ends = self.microbatches * (first + last + first_b)
     work = [int(self.fwd[:, s].sum() * chunk_f + self.bwd[:, s].sum() * chunk_b + ends) for s in range(self.stages)]
-    executed = (self.fwd.max(axis=1).sum() * chunk_f + self.bwd.max(axis=1).sum() * chunk_b + ends)
+    executed = self.any_f.sum() * chunk_f + self.any_b.sum() * chunk_b + ends
     return {"work": work, "executed": int(executed)}
 
   def describe(self) -> str:
@@ -391,8 +401,7 @@ class _Plan(NamedTuple):
 def _plan(sched: Schedule, mesh, per_chunk: int, rows: int, train: bool) -> _Plan:
   n, reps = sched.stages, sched.repeats
   tables = {k: jnp.asarray(getattr(sched, k)) for k in _TABLES}
-  any_f = jnp.asarray(sched.fwd.max(axis=1) > 0)
-  any_b = jnp.asarray(sched.bwd.max(axis=1) > 0)
+  any_f, any_b = jnp.asarray(sched.any_f), jnp.asarray(sched.any_b)
   first_f = jnp.asarray(np.where((sched.fwd[:, 0] == 1) & (sched.f_rep[:, 0] == 0), sched.f_mb[:, 0], -1))
   first_b = jnp.asarray(np.where((sched.bwd[:, 0] == 1) & (sched.b_rep[:, 0] == 0), sched.b_mb[:, 0], -1))
   last_f = jnp.asarray(np.where((sched.fwd[:, n - 1] == 1) & (sched.f_rep[:, n - 1] == reps - 1),

@@ -93,7 +93,7 @@ from train import hlo as hlo_lib
 from train import hlo_links
 from train import hlo_parse
 from train.core import jsonl
-from train.core import loop, pipelined
+from train.core import loop
 from train.core.train_config import TrainConfig, load_train_config
 
 log = logging.getLogger("train.aot")
@@ -159,10 +159,10 @@ _UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def step_forecast(hlo: str, cfg: TrainConfig, par: Parallelism, target: targets_lib.Target, assignment,
-                  model_flops: float, price: float | None = None) -> dict:
+                  model_flops: float, price: float | None = None, sched: pipeline.Schedule | None = None) -> dict:
   """{"costs", "forecast"} of a compiled step (train/forecast.py): per device what it executes, reads
   and sends, and the step's time on the target's chips (configs/hardware/chips.yaml), priced at `price`
-  per chip-hour (default: the table's)."""
+  per chip-hour (default: the table's); `sched`: the step's pipeline schedule, if it has one."""
   chip = forecast.chip_of(target.family)
   p = forecast.Program(hlo)
   rows, _ = loop.batch_devices(par)
@@ -182,8 +182,8 @@ def step_forecast(hlo: str, cfg: TrainConfig, par: Parallelism, target: targets_
   else:
     fill = forecast.expected_ragged_fill(hlo, tokens_per_device, k, chunks)
   # a pipeline's slots cost what they do as often as the schedule runs them (its bubble ticks skip them)
-  taken = pipelined.schedule(par, cfg.batch_size // cfg.grad_accum).taken() if par.stages > 1 else None
-  cost = forecast.costs(p, chip, forecast.granules(assignment, p.size, target.platform), fill, likely, taken)
+  cost = forecast.costs(p, chip, forecast.granules(assignment, p.size, target.platform), fill, likely,
+                        sched.taken() if sched is not None else None)
   chips = target.chips * target.slices
   price = price if price is not None else targets_lib.hardware(target.family)["price"]
   out = forecast.report(cost, chip, tokens=cfg.batch_size * cfg.seq_len, model_flops=model_flops, chips=chips,
@@ -251,7 +251,7 @@ def compile_for(cfg: TrainConfig, target: targets_lib.Target, buffers: int = 0, 
   flops = params_lib.count(cfg.model, cfg.seq_len)["flops_per_token"] * cfg.batch_size * cfg.seq_len
   rt = s.rt
   assignment = hlo_links.device_assignment(compiled, par.mesh)
-  predicted = step_forecast(hlo, cfg, par, target, assignment, flops, price)
+  predicted = step_forecast(hlo, cfg, par, target, assignment, flops, price, s.pipe_schedule)
   return {
       "target": target.name, "slices": target.slices, "chips": target.chips * target.slices, "devices": n,
       "mesh": dict(par.mesh.shape),
