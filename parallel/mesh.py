@@ -77,9 +77,10 @@ class MeshConfig:
   # Dropless exchanges in this many chunks of each rank's tokens (null: as many as keep a chunk's
   # worst-case receive buffer within the balanced one of all tokens; parallel/expert_parallel/).
   ep_chunks: int | None = None
-  # The one-level ragged exchange's fast path: all of a rank's tokens at once, in receive buffers of
-  # this many times the balanced receive, taken in a layer where no rank would receive more; the
-  # chunked worst-case exchange otherwise (both dropless). null: always the chunks.
+  # The ragged exchange's fast path: all of a rank's tokens at once, in buffers of this many times
+  # the balanced receive (in two levels, also of the rows received across nodes and sent inside one),
+  # taken in a layer where no rank would need more; the chunked worst-case exchange otherwise (both
+  # dropless). null: always the chunks.
   ep_fast_path: float | None = None
   # The expert-parallel ranks as this many nodes of neighbouring ranks: > 1 sends a token across
   # nodes once per node holding its experts, then to the experts' ranks inside the node (two-level
@@ -255,9 +256,9 @@ class Parallelism:
     check_gather_overlap(mesh_cfg.gather_overlap, mesh.devices.flat[0])
     transport = expert_parallel.resolve_transport(mesh_cfg.ep_transport, mesh)
     nodes, are = (mesh_cfg.ep_nodes, "mesh.ep_nodes") if mesh_cfg.ep_nodes is not None else expert_nodes(mesh)
-    if mesh_cfg.ep_fast_path and (nodes > 1 or transport == "padded"):
-      log.warning("mesh.ep_fast_path=%s has no effect: the fast path is the one-level ragged exchange's (here %s,"
-                  " %d expert-parallel node(s))", mesh_cfg.ep_fast_path, transport, nodes)
+    if mesh_cfg.ep_fast_path and transport == "padded":
+      log.warning("mesh.ep_fast_path=%s has no effect: the fast path is the ragged exchange's (here padded)",
+                  mesh_cfg.ep_fast_path)
     if mesh_cfg.context_attention != "all_gather" and mesh.shape.get("context", 1) == 1:
       log.warning("mesh.context_attention=%s has no effect: each sequence is whole on a device (mesh.context=1)",
                   mesh_cfg.context_attention)
@@ -275,9 +276,8 @@ class Parallelism:
 
   @property
   def ep_fast_path(self) -> float | None:
-    """The fast path's receive buffer per balanced receive where it applies, the one-level ragged
-    exchange (None: none)."""
-    return self.cfg.ep_fast_path if self.ep_nodes == 1 and self.ep_transport != "padded" else None
+    """The fast path's buffers per balanced share where it applies, the ragged exchange (None: none)."""
+    return self.cfg.ep_fast_path if self.ep_transport != "padded" else None
 
   @property
   def ep_overlap(self) -> bool:

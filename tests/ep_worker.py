@@ -148,16 +148,35 @@ def rel_err(got, want) -> float:
   return err if np.isfinite(err) else float("inf")
 
 
-def fast_path_fits(idx, groups: int, n_ep: int, e_local: int, halves: int, factor: float) -> bool:
+def fast_path_fits(idx, groups: int, n_ep: int, e_local: int, halves: int, factor: float, nodes: int = 1,
+                   nodes_per_token: int = 0) -> bool:
   """Whether the fast path (mesh.ep_fast_path=factor) holds this routing [tokens, k], counted here in
-  NumPy: the tokens are `groups` expert-parallel groups of n_ep ranks, each rank's tokens consecutive
-  and exchanged in `halves` consecutive slices (mesh.ep_overlap: 2); no rank may receive more than
-  fast_rows of a slice's tokens from a slice."""
-  t_local = len(idx) // (groups * n_ep)
-  slices = idx.reshape(groups, n_ep, halves, t_local // halves, -1)
-  most = max(np.bincount(slices[g, :, h].ravel() // e_local, minlength=n_ep).max()
-             for g in range(groups) for h in range(halves))
-  return bool(most <= expert_parallel.fast_rows(t_local // halves, idx.shape[1], n_ep, e_local, factor))
+  NumPy: the tokens are `groups` expert-parallel groups of n_ep ranks in `nodes` nodes, each rank's
+  tokens consecutive and exchanged in `halves` consecutive slices (mesh.ep_overlap: 2). No rank may
+  receive more assignments for its experts than the fast path's receive buffer; in two levels no rank
+  may receive more token rows across nodes (a token once to each node holding some of its experts, to
+  the rank in the sender's position there) nor pass on more assignments inside its node (those of its
+  received rows whose experts are in its node) than those buffers hold."""
+  t_local, k = len(idx) // (groups * n_ep), idx.shape[1]
+  n_in = n_ep // nodes
+  plan = expert_parallel.fast_plan(expert_parallel.Plan(("expert",), n_ep, nodes, "ragged", None, nodes_per_token),
+                                   t_local // halves, k, e_local, factor)
+  slices = idx.reshape(groups, n_ep, halves, t_local // halves, k)
+  for g in range(groups):
+    for h in range(halves):
+      receive, across, inside = np.zeros(n_ep, int), np.zeros(n_ep, int), np.zeros(n_ep, int)
+      for rank in range(n_ep):
+        for token in slices[g, rank, h]:
+          for e in token:
+            receive[e // e_local] += 1
+          for node in set(token // (e_local * n_in)):
+            rail = node * n_in + rank % n_in  # the rank in this rank's position in that node
+            across[rail] += 1
+            inside[rail] += int((token // (e_local * n_in) == node).sum())
+      if receive.max() > plan.receive_rows or nodes > 1 and (across.max() > plan.across_rows
+                                                              or inside.max() > plan.inside_rows):
+        return False
+  return True
 
 
 def dispatch():
@@ -191,7 +210,10 @@ def dispatch():
       # the one-level ragged exchange's fast path (mesh.ep_fast_path): buffers too small for this
       # routing (the chunked exchange runs), large enough, in halves, with TPU's kernel, with copies
       ("expert8", 1, "ragged", False, False, None, 1.0), ("expert8", 1, "ragged", False, True, None, 8.0),
-      ("d2e4", 1, "ragged", False, False, "megablox", 1.5), ("expert8", 1, "ragged", True, False, None, 3.0)]:
+      ("d2e4", 1, "ragged", False, False, "megablox", 1.5), ("expert8", 1, "ragged", True, False, None, 3.0),
+      # and the two-level one's: buffers too small (the chunks run), large enough in halves, with copies
+      ("expert8", 2, "ragged", False, False, None, 1.0), ("expert8", 4, "ragged", False, True, None, 8.0),
+      ("d2e4", 2, "ragged", True, False, None, 4.0)]:
     n_ep = sizes[mesh]["expert"]
     par = mesh_lib.Parallelism.from_config(mesh_lib.MeshConfig(**sizes[mesh], ep_transport=transport, ep_nodes=nodes,
                                                                 ep_overlap=overlap, ep_fast_path=fast))
@@ -211,7 +233,8 @@ def dispatch():
     if fast and not redundant:  # whether the fast path ran: the most rows a rank of a group receives
       groups = sizes[mesh].get("data", 1) * sizes[mesh].get("fsdp", 1)
       e_local = 16 // n_ep
-      out[name]["fast"] = fast_path_fits(np.asarray(idx), groups, n_ep, e_local, 2 if overlap else 1, fast)
+      out[name]["fast"] = fast_path_fits(np.asarray(idx), groups, n_ep, e_local, 2 if overlap else 1, fast, nodes,
+                                         expert_parallel.ranks_per_token(16, nodes, 4, 4, 2))
     if redundant and transport == "padded":  # the copies' all-to-all bytes per device, from the HLO
       hlo = [f.lower(*a).compile().as_text() for f, a in ((make, rest[1:]), (add, (g[2:5], copy_w)))]
       out[name]["copy_bytes"] = [a2a_bytes(h) for h in hlo]
@@ -263,11 +286,11 @@ def routing_matrix():
   pars = {(nodes, transport, cf): mesh_lib.Parallelism.from_config(mesh_lib.MeshConfig(
               data=1, expert=8, ep_transport=transport, ep_nodes=nodes, capacity_factor=cf))
           for nodes in (1, 2, 4) for transport, cf in (("padded", None), ("padded", 1.0), ("ragged", None))}
-  # the one-level ragged exchange's fast path (mesh.ep_fast_path), in one pass and in halves: buffers of
-  # 1.5x the balanced receive, which some of these routings overflow (then the 2 chunks run)
-  pars.update({(1, "ragged", f"fast{halves}"): mesh_lib.Parallelism.from_config(mesh_lib.MeshConfig(
-      data=1, expert=8, ep_transport="ragged", ep_nodes=1, ep_fast_path=1.5, ep_overlap=halves == 2, ep_chunks=2))
-      for halves in (1, 2)})
+  # the ragged exchange's fast path (mesh.ep_fast_path), one level and two, in one pass and in halves:
+  # buffers of 1.5x the balanced share, which some of these routings overflow (then the 2 chunks run)
+  pars.update({(nodes, "ragged", f"fast{halves}"): mesh_lib.Parallelism.from_config(mesh_lib.MeshConfig(
+      data=1, expert=8, ep_transport="ragged", ep_nodes=nodes, ep_fast_path=1.5, ep_overlap=halves == 2, ep_chunks=2))
+      for nodes in (1, 2, 4) for halves in (1, 2)})
   compiled = {}
 
   def run(par, routing, idx, w):  # one program per plan (the routing enters only as the nodes a token reaches)
@@ -296,7 +319,7 @@ def routing_matrix():
             "fallbacks": fallbacks}
         if isinstance(cf, str):  # whether the fast path fits (one group of 8 ranks, e / 8 experts each)
           out[f"{method}/{grouping}/nodes{nodes}/{par.ep_transport}{suffix}"]["fits"] = fast_path_fits(
-              idx, 1, 8, e // 8, int(cf[-1]), 1.5)
+              idx, 1, 8, e // 8, int(cf[-1]), 1.5, nodes, expert_parallel.ranks_per_token(e, nodes, k, *routing[1:]))
       if method == "greedy" and grouping == "groups6":  # claim V3-style limits the router does not keep
         y, dropped, _ = run(pars[2, "ragged", None], (e, n_group, 1), idx, w)
         out["wrong_bound"] = {"dropped": dropped, "missing": missing_assignments(y, parts)}

@@ -9,13 +9,14 @@ no ragged all-to-all on large v5e slices (4); the ragged transport's receive buf
 import collections
 import json
 import math
+import re
 from pathlib import Path
 
 import jax
 import pytest
 
 from moe.runtime import ImplConfig, Runtime
-from parallel import targets
+from parallel import expert_parallel, targets
 from parallel.common.errors import ConfigError
 from parallel.mesh import MeshConfig, Parallelism, make_mesh
 from train import aot, forecast
@@ -171,6 +172,31 @@ def test_fast_path_is_forecast_as_one_pass_with_its_fallback_reported():
   assert fast.time < plain.time < fast.time + fast.fallback, (fast.time, plain.time, fast.fallback)
   assert halves.flops["ragged_dot_buffer"] == pytest.approx(fast.flops["ragged_dot_buffer"], rel=0.01), (
       halves.flops["ragged_dot_buffer"], fast.flops["ragged_dot_buffer"])
+
+
+def test_two_level_fast_path_returns_rows_not_assignments():
+  """The two-level exchange's fast path (mesh.ep_nodes=2 on expert=4, v5p-8, ragged; 4 experts a token,
+  no group limit, so a token reaches both nodes): the step branches between it and the chunks, its
+  forecast is under the chunked step's, and no array of token rows in it is larger than its buffers
+  (fast_plan: 512 rows received across nodes, 1024 assignments sent inside a node and received; 256
+  tokens a device). The rows come back summed as they arrive: the return trip once made an array of
+  one row per (received row, expert), 512 x 4 = 2048 rows, twice the largest buffer."""
+  target = targets.parse("v5p-8")
+  out = {}
+  for fast in ("null", "1.0"):
+    cfg = load_train_config(ROOT / "configs/tiny.yaml", [
+        *SMALL, "mesh.data=1", "mesh.expert=4", "mesh.ep_nodes=2", "mesh.ep_transport=ragged",
+        f"mesh.ep_fast_path={fast}", "model.num_experts_per_tok=4", "model.n_group=1", "model.topk_group=1",
+        "model.num_nextn_predict_layers=0"])
+    text = _compiled(cfg, target).as_text()
+    out[fast] = (forecast.costs(text, forecast.chip_of("v5p")), text.count(" conditional("), text)
+  (plain, n_plain, _), (fast, n_fast, text) = out["null"], out["1.0"]
+  assert n_fast > n_plain and fast.fallback > 0 and fast.time < plain.time, (n_plain, n_fast, fast.time, plain.time)
+  plan = expert_parallel.fast_plan(expert_parallel.Plan(("expert",), 4, 2, "ragged", None, 2), 256, 4, 2, 1.0)
+  assert plan.bounds() == (512, 1024, 1024)
+  rows = [int(m.group(1)) for line in text.splitlines() if "ep_fast_path" in line
+          for m in re.finditer(r"(?:bf16|f32)\[(\d+),64\]", line.split(" metadata=")[0])]
+  assert rows and max(rows) == max(plan.bounds()), sorted(set(rows))
 
 
 V5P16 = ["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2", "batch_size=8", "seq_len=256"]

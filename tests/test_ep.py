@@ -75,16 +75,18 @@ def test_dispatch_matches_one_device(eight):
   """The MoE dispatch alone: 2, 4 or 8 (one per rank) nodes, both transports, with copies (made by
   make_copies, their gradients summed in by add_copy_grads) and the split exchange, with tensor
   parallelism too; two with TPU's and GPU's grouped-matmul kernels (megablox, triton: in the Pallas
-  interpreter) as the experts' GEMM. The ragged exchange's fast path (mesh.ep_fast_path) as exact, with
-  buffers of 1x the balanced receive (this routing overflows them: the chunked exchange runs), 8x (it
-  runs, in halves), 1.5x (it runs, megablox's kernel) and 3x with copies; each reports whether it fell
-  back."""
+  interpreter) as the experts' GEMM. The ragged exchange's fast path (mesh.ep_fast_path) as exact, one
+  level: with buffers of 1x the balanced receive (this routing overflows them: the chunked exchange
+  runs), 8x (it runs, in halves), 1.5x (it runs, megablox's kernel) and 3x with copies; two levels (2
+  and 4 nodes): 1x (the chunks run), 8x in halves, 4x with copies; each reports whether it fell back."""
   kernels = [n.rsplit("/", 1)[1] for n in eight["dispatch"] if n.endswith(("/megablox", "/triton"))]
-  assert len(eight["dispatch"]) == 12 and kernels == ["megablox", "triton", "megablox"]
+  assert len(eight["dispatch"]) == 15 and kernels == ["megablox", "triton", "megablox"]
   fast = {n: r["fast"] for n, r in eight["dispatch"].items() if "fast" in r}
   assert fast == {"expert8/nodes1/ragged_emulated/plain/fast1.0": False,
                   "expert8/nodes1/ragged_emulated/plain/overlap/fast8.0": True,
-                  "d2e4/nodes1/ragged_emulated/plain/fast1.5/megablox": True}, fast
+                  "d2e4/nodes1/ragged_emulated/plain/fast1.5/megablox": True,
+                  "expert8/nodes2/ragged_emulated/plain/fast1.0": False,
+                  "expert8/nodes4/ragged_emulated/plain/overlap/fast8.0": True}, fast
   for name, r in eight["dispatch"].items():
     assert r["y"] < 1e-6 and r["grad"] < 1e-6 and r["dropped"] == 0, name
     # the layer says when its fast path fell back (what the step logs as ep_fallbacks), and only then
@@ -108,12 +110,13 @@ def test_copies_move_once_per_step(eight):
 def test_every_routing_method_is_exact_or_reports_exactly_what_it_drops(eight):
   """noaux_tc, greedy and group_limited_greedy, ungrouped and with groups nesting in the nodes,
   containing them or crossing them, x ep_nodes 1/2/4 x padded (dropless and capacity factor 1) and
-  ragged, and the one-level ragged exchange's fast path in one pass and in halves (each falling back
-  exactly when the routing overflows its buffers, as counted from the routing): the output equals the float64 reference, or the (token, expert) contributions it lacks
+  ragged, and the ragged exchange's fast path (one level and two) in one pass and in halves (each
+  falling back exactly when the routing overflows one of its buffers, as counted in NumPy from the
+  routing): the output equals the float64 reference, or the (token, expert) contributions it lacks
   (identified per token from the reference's parts) are exactly the drops it reports. Dropless
   transports drop nothing, also under greedy routing, whose tokens reach every node."""
   routing = eight["routing"]
-  assert len(routing) == 3 * 4 * (3 * 3 + 2) + 1
+  assert len(routing) == 3 * 4 * (3 * 3 + 3 * 2) + 1
   for name, r in routing.items():
     if name == "wrong_bound":
       continue
@@ -123,7 +126,9 @@ def test_every_routing_method_is_exact_or_reports_exactly_what_it_drops(eight):
     if "_fast" in name:  # the fast path (in one pass, in halves): it falls back exactly when it must
       assert r["fallbacks"] == (0 if r["fits"] else 1), (name, r)
   fast = [r["fits"] for n, r in routing.items() if "_fast" in n]
-  assert len(fast) == 24 and any(fast) and not all(fast), fast  # (both branches exercised)
+  assert len(fast) == 72 and any(fast) and not all(fast), fast  # (both branches exercised)
+  two = [r["fits"] for n, r in routing.items() if "_fast" in n and "/nodes1/" not in n]
+  assert any(two) and not all(two), two  # (in two levels too)
   assert all(routing[f"greedy/groups6/nodes{n}/ragged_emulated"]["nodes_reached"] == n for n in (2, 4))
   assert sum(r["dropped"] for n, r in routing.items() if n.endswith("_cf1")) > 0  # the accounting was exercised
   # a bound the router does not keep (group limits claimed for greedy routing, as before issue 22):

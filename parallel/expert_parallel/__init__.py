@@ -24,10 +24,10 @@ One file per idea, each readable alone:
 
 from parallel.expert_parallel.copies import add_copy_grads, make_copies
 from parallel.expert_parallel.dispatch import dispatch_combine, ep_size
-from parallel.expert_parallel.exchange import combine
 from parallel.expert_parallel.padded import padded_slots
-from parallel.expert_parallel.plan import (Transport, capacity, dropless_chunks, fast_rows, node_capacity,
-                                           ranks_per_token, resolve_transport)
+from parallel.expert_parallel.plan import (Plan, Transport, capacity, combine, dropless_chunks, fast_plan, fast_rows,
+                                           node_capacity, ranks_per_token, resolve_transport)
 
-__all__ = ["Transport", "add_copy_grads", "capacity", "combine", "dispatch_combine", "dropless_chunks", "ep_size",
-           "fast_rows", "make_copies", "node_capacity", "padded_slots", "ranks_per_token", "resolve_transport"]
+__all__ = ["Plan", "Transport", "add_copy_grads", "capacity", "combine", "dispatch_combine", "dropless_chunks",
+           "ep_size", "fast_plan", "fast_rows", "make_copies", "node_capacity", "padded_slots", "ranks_per_token",
+           "resolve_transport"]

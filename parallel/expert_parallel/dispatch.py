@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from parallel import eplb, sharding as sharding_lib
 from parallel.common.errors import ConfigError
 from parallel.expert_parallel.exchange import exchange, in_chunks, in_halves, local, with_fast_path
-from parallel.expert_parallel.plan import Plan, dropless_chunks, fast_rows, ranks_per_token
+from parallel.expert_parallel.plan import Plan, dropless_chunks, fast_plan, ranks_per_token
 
 log = logging.getLogger("train")
 
@@ -48,8 +48,10 @@ class Layout(NamedTuple):
       return f"experts on one rank per token group ({'x'.join(self.token_axes)})"
     p = self.plan
     how = "dropless" if p.capacity_factor is None else f"capacity factor {p.capacity_factor}"
-    fast = (f"all tokens at once in buffers of {self.fast.receive_rows} rows when they hold every rank's, else "
-            if self.fast is not None else "")
+    fast = "" if self.fast is None else (
+        f"all tokens at once in buffers of {self.fast.receive_rows} rows" + (
+            f" ({self.fast.across_rows} across nodes, {self.fast.inside_rows} sent inside)" if p.nodes > 1 else "")
+        + " when they hold every rank's, else ")
     return (f"expert-parallel exchange over {'x'.join(p.axes)}={p.n_ep} ({p.transport}, {how},"
             f" {p.nodes} node(s), at most {p.nodes_per_token} a token), {fast}in {self.chunks} chunk(s);"
             f" tokens over {'x'.join(self.token_axes)}" + (f", tensor-parallel over {'x'.join(self.tp_axes)}"
@@ -109,7 +111,7 @@ def layout(par, mesh, shape_items: tuple, free: frozenset, t: int, k: int, weigh
   if plan is not None and par.ep_fast_path:
     # (with mesh.ep_overlap each half of the tokens is exchanged on its own, in buffers for half of them)
     halves = 2 if par.ep_overlap else 1
-    fast = plan._replace(receive_rows=fast_rows(t_local // halves, k, n_ep, e_local, par.ep_fast_path))
+    fast = fast_plan(plan, t_local // halves, k, e_local, par.ep_fast_path)
   out = Layout(mesh, free, weight_specs, tok, tuple(token_axes), tp_axes, plan, chunks, n_ep, e_local, fast)
   log.info("MoE layer of %d tokens: %s", t, out.describe())
   return out

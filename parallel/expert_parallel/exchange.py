@@ -8,8 +8,9 @@
   3. `expert_fn` over the received rows; with tensor parallelism each rank holds a slice of every
      expert's width and the partial outputs are summed (psum over `tensor`)
   4. back inside the node, and the node's weighted sum of its experts' outputs per row
-  5. back across nodes in one trip per (token, node), summed per token; the shared experts are added
-     by the caller (outside shard_map, where XLA shards them like any dense FFN).
+  5. back across nodes in one trip per (token, node), summed per token (the ragged transport adds
+     returned rows into their sums as they arrive, never making a row per assignment); the shared
+     experts are added by the caller (outside shard_map, where XLA shards them like any dense FFN).
 
 Each hop by the padded or the ragged transport (padded.py, ragged.py). Dropless exchanges go in
 chunks, one at a time with their buffers recomputed in the backward pass (`in_chunks`);
@@ -24,17 +25,10 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from parallel.expert_parallel.padded import send_padded
-from parallel.expert_parallel.plan import Plan, capacity, hops, node_capacity
+from parallel.expert_parallel.plan import EXCHANGED, Plan, capacity, combine, hops, node_capacity
 from parallel.expert_parallel.ragged import send_ragged
 
-EXCHANGED = "ep_exchanged"  # the checkpoint name of the rows an exchange received or returned
 FAST_PATH = "ep_fast_path"  # the named scope of the fast path's operations (the forecast counts that branch)
-
-
-def combine(y_NxD, w_TxK):
-  """sum_k w[t, k] y[t * K + k]: the weighted sum of each token's expert outputs."""
-  t, k = w_TxK.shape
-  return jnp.einsum("tkd,tk->td", y_NxD.reshape(t, k, -1), w_TxK.astype(y_NxD.dtype))
 
 
 def local(x_TxD, idx_TxK, w_TxK, *weights, expert_fn):
@@ -70,7 +64,8 @@ def exchange(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, plan: Plan):
       (x_R, idx_R, w_R), back_outer, lost = send_padded(outer, dest_N, c, payloads)
     else:
       most_sent = t * plan.nodes_per_token
-      (x_R, idx_R, w_R), back_outer, lost = send_ragged(outer, dest_N, most_sent, plan.nodes * t, payloads, emulate)
+      (x_R, idx_R, w_R), back_outer, lost = send_ragged(outer, dest_N, most_sent, plan.across_rows or plan.nodes * t,
+                                                         payloads, emulate)
     dropped += (hits_TxG.reshape(-1) * lost).sum().astype(jnp.int32)
     x_R, idx_R, w_R = (checkpoint_name(a, EXCHANGED) for a in (x_R, idx_R, w_R))
 
@@ -83,46 +78,65 @@ def exchange(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, plan: Plan):
   if n_in == 1:  # (an empty row's output and gradient are undefined, moe/kernels/expert_ffn.py: masked both ways)
     x_N = jnp.where(mine_RxK.reshape(-1, 1), x_R[row_N], 0)
     y_N = jnp.where(mine_RxK.reshape(-1, 1), expert_fn(x_N, expert_N, *weights), 0)
+    y_R = combine(y_N, jnp.where(mine_RxK, w_R, 0))  # 3. the node's weighted sum per row
   else:
     payloads = [(x_R, row_N, 0), (expert_N, jnp.arange(rows * k, dtype=jnp.int32), e_local)]
     if padded:
       c = capacity(t, k, n_in, e_local, cf, rows)
       (rx, ex), back_inner, lost = send_padded(inner, dest_N, c, payloads)
     else:
+      most_sent = plan.inside_rows or rows * min(k, per_node)
       most_received = plan.receive_rows or n_in * rows * min(k, e_local)
-      (rx, ex), back_inner, lost = send_ragged(inner, dest_N, rows * min(k, per_node), most_received, payloads,
-                                                emulate)
+      (rx, ex), back_inner, lost = send_ragged(inner, dest_N, most_sent, most_received, payloads, emulate)
     dropped += lost.sum().astype(jnp.int32)
     rx, ex = checkpoint_name(rx, EXCHANGED), checkpoint_name(ex, EXCHANGED)
-    y_N = checkpoint_name(back_inner(expert_fn(rx, ex, *weights)), EXCHANGED)
-
-  # 3. Back: the node's weighted sum of its experts' outputs per row, one trip per node to the token.
-  y_R = combine(y_N, jnp.where(mine_RxK, w_R, 0))
+    # 3. Back: the node's weighted sum of its experts' outputs per row (the ragged transport sums the
+    #    rows as they come back, never making a row per assignment)
+    y_R = back_inner(expert_fn(rx, ex, *weights), k, jnp.where(mine_RxK, w_R, 0).reshape(-1))
   if plan.nodes == 1:
     return y_R, dropped
-  return back_outer(y_R).reshape(t, plan.nodes, -1).sum(1), dropped
+  return back_outer(y_R, plan.nodes), dropped  # one trip per node to the token, summed there
+
+
+def loads(plan: Plan, idx_TxK, e_local: int):
+  """[len(plan.bounds())]: the most rows any rank of the expert-parallel group must hold in each of the
+  fast path's buffers for these tokens (each rank's `idx_TxK`, its tokens' experts): the assignments it
+  receives for its experts and, in two levels, first the token rows it receives across nodes (one a
+  token and node its experts are in, from the rank with its position in the token's node) and the
+  assignments among those it sends inside its node. Counted here for every rank, summed over the group."""
+  n_in = plan.n_ep // plan.nodes
+  receive = jnp.bincount((idx_TxK // e_local).reshape(-1), length=plan.n_ep)
+  if plan.nodes == 1:
+    counts = receive[None]
+  else:
+    node_TxK = idx_TxK // (e_local * n_in)
+    hits_G = (node_TxK[:, :, None] == jnp.arange(plan.nodes)).any(1).sum(0)  # tokens with experts in each node
+    rail_G = jnp.arange(plan.nodes) * n_in + jax.lax.axis_index(plan.axes) % n_in  # my position in each node
+    across = jnp.zeros(plan.n_ep, jnp.int32).at[rail_G].add(hits_G.astype(jnp.int32))
+    inside = jnp.zeros(plan.n_ep, jnp.int32).at[rail_G].add(jnp.bincount(node_TxK.reshape(-1), length=plan.nodes))
+    counts = jnp.stack([across, inside, receive.astype(jnp.int32)])
+  return jax.lax.psum(counts, plan.axes).max(1)
 
 
 def with_fast_path(fast, slow, plan: Plan, token_axes: tuple[str, ...], parts: int = 1):
-  """`fast(x, idx, w, *weights)` (the one-level ragged exchange of all the tokens at once, in buffers of
-  `plan.receive_rows` rows a rank) when no rank would receive more this layer, else `slow` (the chunked
-  exchange sized for the worst case): both dropless, equal up to rounding. One decision for the whole
-  mesh, a pmax over the token axes, so that every device runs the same branch's collectives. The fast
-  path reads the local experts' weights and writes their gradient once, not once per chunk, and its
-  buffers hold few rows no token fills. `parts`: `fast` exchanges that many consecutive slices of the
-  tokens one after another (in_halves), each in buffers of `plan.receive_rows`. Returns (y, dropped,
-  1 where the chunks ran else 0)."""
+  """`fast(x, idx, w, *weights)` (the ragged exchange of all the tokens at once, in the buffers of
+  `plan.bounds()`) when no rank would need more this layer, else `slow` (the chunked exchange sized for
+  the worst case): both dropless, equal up to rounding. One decision for the whole mesh, a pmax over
+  the token axes, so that every device runs the same branch's collectives. The fast path reads the
+  local experts' weights and writes their gradient once, not once per chunk, and its buffers hold few
+  rows no token fills. `parts`: `fast` exchanges that many consecutive slices of the tokens one after
+  another (in_halves), each in buffers of `plan.bounds()`. Returns (y, dropped, 1 where the chunks ran
+  else 0)."""
   def run(x, idx, w, *weights):
     e_local = weights[0].shape[0]
-    to_rank = (idx // e_local).reshape(parts, -1)
-    sent = jax.vmap(lambda r: jnp.bincount(r, length=plan.n_ep))(to_rank)  # [parts, ranks]: my assignments
-    most = jax.lax.pmax(jax.lax.psum(sent, plan.axes).max(), token_axes)  # the most any rank receives
+    split = idx.reshape(parts, -1, idx.shape[1])
+    most = jax.lax.pmax(jax.vmap(lambda i: loads(plan, i, e_local))(split).max(0), token_axes)
 
     def fast_path(*args):
       with jax.named_scope(FAST_PATH):
         return fast(*args)
 
-    fits = most <= plan.receive_rows
+    fits = (most <= jnp.asarray(plan.bounds())).all()
     return *jax.lax.cond(fits, fast_path, slow, x, idx, w, *weights), (~fits).astype(jnp.int32)
 
   return run

@@ -14,8 +14,9 @@ Works on every backend.
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from parallel.expert_parallel.plan import Hop, padded_take
+from parallel.expert_parallel.plan import EXCHANGED, Hop, combine, padded_take
 
 
 def padded_slots(dest_N, n_ep: int, c: int):
@@ -33,15 +34,18 @@ def padded_slots(dest_N, n_ep: int, c: int):
 
 def send_padded(hop: Hop, dest_N, c: int, payloads):
   """Rows to ranks `dest_N` (hop.n: not sent) in fixed [n * C] buffers: (received [n * C, ...] per
-  payload (table, row of each of the N rows, fill), back(y [n * C, D]) -> [N, D], rows dropped)."""
+  payload (table, row of each of the N rows, fill), back, rows dropped). back(y [n * C, D], m=1, w=None)
+  -> [N / m, D]: each row's result back where it came from, summed over each m consecutive rows (times
+  w [N], if given)."""
   slot, keep = padded_slots(dest_N, hop.n, c)
   received = []
   for table, rows, fill in payloads:
     src = jnp.full((hop.n * c,), table.shape[0], jnp.int32).at[slot].set(rows, mode="drop")
     received.append(hop.a2a(padded_take(table, src, fill)))
 
-  def back(y):
+  def back(y, m=1, w=None):
     y_back = hop.a2a(y)
-    return jnp.where(keep[:, None], y_back[jnp.minimum(slot, hop.n * c - 1)], 0)
+    y_N = checkpoint_name(jnp.where(keep[:, None], y_back[jnp.minimum(slot, hop.n * c - 1)], 0), EXCHANGED)
+    return combine(y_N, w.reshape(-1, m)) if w is not None else y_N.reshape(-1, m, y_N.shape[-1]).sum(1)
 
   return received, back, (dest_N < hop.n) & ~keep

@@ -20,9 +20,10 @@ Dropless exchanges size their receive buffers for the worst case, every rank's t
 this rank's experts; the tokens then go in chunks (`dropless_chunks`, `mesh.ep_chunks`). Every chunk
 reads the local experts' weights and adds into their gradients again, and every full-buffer operation
 (the buffers' zeros, the sort by expert and back) pays for the rows no token fills, 7/8 of them for V3
-on 8 ranks. The ragged one-level exchange first tries a fast path (`mesh.ep_fast_path`, exchange.py:
-`with_fast_path`): all tokens at once in buffers of a few times the balanced receive, taken when no rank
-would receive more, the chunked worst case otherwise.
+on 8 ranks. The ragged exchange first tries a fast path (`mesh.ep_fast_path`, exchange.py:
+`with_fast_path`): all tokens at once in buffers of a few times the balanced receive (`fast_plan`; in two
+levels also of the token rows a rank receives across nodes and of the assignments it passes on inside
+its node), taken when no rank would need more, the chunked worst case otherwise.
 """
 
 from __future__ import annotations
@@ -111,6 +112,20 @@ def fast_rows(t: int, k: int, n_ep: int, e_local: int, factor: float) -> int:
   return min(n_ep * t * min(k, e_local), math.ceil(factor * t * k))
 
 
+def fast_plan(plan: Plan, t: int, k: int, e_local: int, factor: float) -> Plan:
+  """`plan` with the fast path's buffers for `t` tokens a rank (`mesh.ep_fast_path`=`factor`): `factor`
+  times a rank's balanced share, at most the worst case. Balanced, a rank receives t * K assignments for
+  its experts; in two levels it also receives t * nodes_per_token token rows across nodes (each token
+  goes to at most that many nodes) and passes t * K assignments of them on inside its node."""
+  receive = fast_rows(t, k, plan.n_ep, e_local, factor)
+  if plan.nodes == 1:
+    return plan._replace(receive_rows=receive)
+  n_in = plan.n_ep // plan.nodes
+  across = min(plan.nodes * t, math.ceil(factor * t * plan.nodes_per_token))
+  inside = min(across * min(k, e_local * n_in), math.ceil(factor * t * k))
+  return plan._replace(receive_rows=min(receive, n_in * inside), across_rows=across, inside_rows=inside)
+
+
 def capacity(t: int, k: int, n_ep: int, e_local: int, capacity_factor: float | None, rows: int | None = None) -> int:
   """Assignments per (source, destination) rank pair of the padded transport, for `t` tokens per rank
   whose assignments come from `rows` rows (default t; more in the two-level dispatch's second hop)."""
@@ -137,7 +152,16 @@ class Plan(NamedTuple):
   transport: str  # padded | ragged | ragged_emulated
   capacity_factor: float | None  # padded; None: dropless
   nodes_per_token: int  # the most nodes one token's experts live on (device-limited routing)
-  receive_rows: int | None = None  # ragged, one level: the receive buffer's rows (None: the worst case)
+  # the ragged fast path's buffers (fast_plan; None: the worst case): the rows a rank receives (its
+  # experts' rows) and, in two levels, the token rows it receives across nodes and the assignments
+  # among those it sends inside its node
+  receive_rows: int | None = None
+  across_rows: int | None = None
+  inside_rows: int | None = None
+
+  def bounds(self) -> tuple[int, ...]:
+    """The fast path's buffers, in the order exchange.loads counts what they must hold."""
+    return (self.receive_rows,) if self.nodes == 1 else (self.across_rows, self.inside_rows, self.receive_rows)
 
 
 class Hop(NamedTuple):
@@ -161,6 +185,15 @@ def hops(plan, rank) -> tuple[Hop, Hop]:
   inner = Hop(plan.axes, n_in, [[g * n_in + i for i in range(n_in)] for g in range(plan.nodes)]
               if plan.nodes > 1 else None, rank % n_in)
   return outer, inner
+
+
+EXCHANGED = "ep_exchanged"  # the checkpoint name of the rows an exchange received or returned
+
+
+def combine(y_NxD, w_TxK):
+  """sum_k w[t, k] y[t * K + k]: the weighted sum of each token's expert outputs."""
+  t, k = w_TxK.shape
+  return jnp.einsum("tkd,tk->td", y_NxD.reshape(t, k, -1), w_TxK.astype(y_NxD.dtype))
 
 
 def exclusive(c):

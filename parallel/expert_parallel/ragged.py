@@ -15,8 +15,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from parallel.expert_parallel.plan import Hop, exclusive, padded_take
+from parallel.expert_parallel.plan import EXCHANGED, Hop, exclusive, padded_take
 
 
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
@@ -77,7 +78,8 @@ def send_ragged(hop: Hop, dest_N, most_sent: int, most_received: int, payloads, 
   """Rows to ranks `dest_N` (hop.n: not sent) by ragged all-to-all, exactly the rows each rank needs,
   in buffers of `most_sent` rows sent and `most_received` received. Returns as send_padded: a row
   the send buffer cannot hold (its bound too small: a bug, which the trainer stops on) is not sent
-  and comes back as 0, and is reported lost, never silently."""
+  and comes back as 0, and is reported lost, never silently. Summed over m rows, the returned rows
+  are added (in float32) into their sums as they come back: the work is the rows sent, not N."""
   n = hop.n
   how = how_of(hop, emulate)
   by_dest = jnp.argsort(dest_N, stable=True)  # by destination; the rows not sent last
@@ -94,8 +96,12 @@ def send_ragged(hop: Hop, dest_N, most_sent: int, most_received: int, payloads, 
                            jnp.full((most_received, *table.shape[1:]), fill, table.dtype), hop.member, there, back)
               for table, rows, fill in payloads]
 
-  def back_to_senders(y):
-    y_sorted = _ragged_move(how, y, jnp.zeros((most_sent, *y.shape[1:]), y.dtype), hop.member, back, there)
-    return jnp.zeros((dest_N.shape[0], *y.shape[1:]), y.dtype).at[order].set(y_sorted)
+  def back_to_senders(y, m=1, w=None):
+    y_sorted = checkpoint_name(_ragged_move(how, y, jnp.zeros((most_sent, *y.shape[1:]), y.dtype), hop.member,
+                                            back, there), EXCHANGED)  # (rows not sent come back as 0)
+    if m == 1 and w is None:
+      return jnp.zeros((dest_N.shape[0], *y.shape[1:]), y.dtype).at[order].set(y_sorted)
+    part = y_sorted.astype(jnp.float32) * (w[order].astype(jnp.float32)[:, None] if w is not None else 1)
+    return jnp.zeros((dest_N.shape[0] // m, *y.shape[1:]), jnp.float32).at[order // m].add(part).astype(y.dtype)
 
   return received, back_to_senders, lost
