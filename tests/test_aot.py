@@ -410,11 +410,15 @@ def test_bad_target_and_search(capsys):
 def test_compiles_for_h100(capsys):
   """needs `pip install -e ".[cuda]"` (5 GB): the step compiled for 8 x H100 by XLA's GPU compiler. The
   experts run the Triton grouped matmul (XLA:GPU would expand a ragged_dot into a dense matmul over
-  every local expert): the forecast reads its FLOPs, the routed work at the buffer's fill."""
+  every local expert): the forecast reads its FLOPs, the routed work at the buffer's fill. XLA's
+  latency-hiding scheduler is on (Parallelism.compiler_options): without it XLA:GPU left the
+  all-to-alls and the ZeRO all-gathers synchronous, nothing computing under them."""
   (r,) = compile_json(capsys, "configs/tiny.yaml", "--target", "h100x8", "mesh.data=2", "mesh.fsdp=2", "mesh.expert=2",
                       "precision=bf16")
   assert r["fits"] and r["impl"]["ep_transport"] == "ragged" and r["impl"]["attention"] == "flash"
   assert r["impl"]["experts"] == "triton" and r["costs"]["flops"]["ragged_dot"] > 0
+  counts = {k: v for k, v in r["costs"]["collective_bytes"].items() if k in ("ragged-all-to-all", "all-gather")}
+  assert all(v.get("async", 0) > v.get("sync", 0) for v in counts.values()), counts
   assert (r["slow_a2a"]["groups"], r["slow_a2a"]["granules"], r["slow_a2a"]["bytes_per_device"]) == ("hosts", 1, 0)
 
 
