@@ -101,14 +101,23 @@ ENTRY %main (a: f32[2,4], b: bf16[16], c: f32[8], d: f32[4,4]) -> f32[8,4] {
 def test_collective_bytes_per_link_by_hand():
   chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e9, 1e8, 1e9)
   s = forecast.summary(forecast.costs(COLLECTIVES, chip, granule=lambda i: i // 2))["collective_bytes"]
-  # all-gather: result f32[8,4] = 128 bytes, a device receives (n-1)/n of it = 96; {0,1,2,3} spans hosts 0, 1
-  assert s["all-gather"] == {"fast": 0, "slow": 96, "sync": 1}
+  # all-gather: result f32[8,4] = 128 bytes, a device receives (n-1)/n of it = 96; {0,1,2,3} spans hosts 0, 1,
+  # two members on each: the other host's two shards (64 bytes) come over the two members' slow links, 32
+  # each, then the host's other member's two shards (its own and the one it fetched) over the fast link
+  assert s["all-gather"] == {"fast": 64, "slow": 32, "sync": 1}
   # all-reduce of 32 bytes in pairs {0,1},{2,3},... each on one host: 2 x 32 x 1/2 over the fast link
   assert s["all-reduce"] == {"fast": 32, "slow": 0, "sync": 1}
   # all-to-all of 32 bytes in groups of 4 on two hosts: 1/4 to the host's other member, 2/4 to the other host
   assert s["all-to-all"] == {"fast": 8, "slow": 16, "sync": 1}
-  # reduce-scatter of 64 bytes along 'y' (4 positions: 0-3, two hosts): 3/4 of it, over the slow link
-  assert s["reduce-scatter"] == {"fast": 0, "slow": 48, "sync": 1}
+  # reduce-scatter of 64 bytes along 'y' (4 positions: 0-3, two hosts of two): as the all-gather, the other
+  # host's half shared by two slow links (16 bytes each), half of it inside the host
+  assert s["reduce-scatter"] == {"fast": 32, "slow": 16, "sync": 1}
+  # one member per host (a device's group {0, 2, 4, 6}): all of (n-1)/n over its own slow link
+  rail = COLLECTIVES.replace("replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}\n  %ar",
+                             "replica_groups={{0,2,4,6},{1,3,5,7}}, dimensions={0}\n  %ar")
+  assert rail != COLLECTIVES
+  apart = forecast.summary(forecast.costs(rail, chip, granule=lambda i: i // 2))["collective_bytes"]
+  assert apart["all-gather"] == {"fast": 0, "slow": 96, "sync": 1}
   # collective-permute 0->1 (one host), 1->2 (two): the 64-byte array over the slow link
   assert s["collective-permute"] == {"fast": 0, "slow": 64, "sync": 1}
   # all on one host: nothing slow

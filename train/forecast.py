@@ -31,7 +31,11 @@ How it counts (one device; SPMD programs run the same on all):
   receives, as much as it sends under balanced routing, no more than its output holds; the dropless
   exchange sizes the receiving side for the worst case, n_ep x the balanced rows), collective-permute its
   operand, send (a TPU cross-slice transfer) its buffer. A group that spans granules (GPU hosts, TPU
-  slices) runs at the slow link's rate (its ring crosses it), all-to-alls split by members.
+  slices) with c of its n members on a device's granule moves (n - c) / n of the data across
+  granules, shared by those c devices' slow links (NCCL's rings, one per rail, and XLA's cross-slice
+  decomposition: (n - c) / (n c) of it on each), and (c - 1) / c of it inside the granule, the two one
+  after the other; all-to-alls split by members: a member's rows to another granule cross its own
+  slow link.
 - Host transfers: a copy, a slice read or an update written between device and host memory (memory
   space 5: impl.remat_policy=full_offload's layer inputs) moves its bytes over the host link (PCIe;
   GB200's NVLink-C2C) at `host_bw`, asynchronously from its start to its done.
@@ -353,12 +357,12 @@ def _link_bytes(p: Program, kind: str, ins, granule) -> tuple[float, float, int]
   n = max(map(len, groups), default=1)
   for group in groups:
     at = collections.Counter(granule(i) for i in group)
-    m = max(len(group) - at[granule(i)] for i in group)
-    share = data * (len(group) - 1) / max(len(group), 1)
+    c = min(at[granule(i)] for i in group)  # the fewest members any device has on its granule
     if kind in ("all-to-all", "ragged-all-to-all"):
+      m = len(group) - c  # the most members behind a device's slow link
       f, s = data * (len(group) - 1 - m) / len(group), data * m / len(group)
-    else:
-      f, s = (0.0, share) if m else (share, 0.0)
+    else:  # across granules on c slow links, then inside the granule
+      f, s = data * (c - 1) / c, data * (len(group) - c) / (len(group) * c)
     fast, slow = max(fast, f), max(slow, s)
   return fast, slow, n
 
