@@ -118,6 +118,10 @@ def test_collective_bytes_per_link_by_hand():
   assert rail != COLLECTIVES
   apart = forecast.summary(forecast.costs(rail, chip, granule=lambda i: i // 2))["collective_bytes"]
   assert apart["all-gather"] == {"fast": 0, "slow": 96, "sync": 1}
+  # split=False (train.aot's context report: what moves among one granule's devices only): a group that
+  # spans hosts is all slow
+  flat = forecast.summary(forecast.costs(COLLECTIVES, chip, granule=lambda i: i // 2, split=False))["collective_bytes"]
+  assert flat["all-gather"] == {"fast": 0, "slow": 96, "sync": 1} and flat["all-reduce"] == s["all-reduce"]
   # collective-permute 0->1 (one host), 1->2 (two): the 64-byte array over the slow link
   assert s["collective-permute"] == {"fast": 0, "slow": 64, "sync": 1}
   # all on one host: nothing slow

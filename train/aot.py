@@ -205,7 +205,7 @@ def context_costs(p: forecast.Program, cost: forecast.Cost, par: Parallelism, as
   axis = list(par.mesh.axis_names).index("context")
   others = {d.id: idx[:axis] + idx[axis + 1:] for idx, d in np.ndenumerate(par.mesh.devices)}
   granule = lambda i: others[assignment[i].id] if i < len(assignment) else ()
-  where = forecast.costs(p, chip, granule, fill).links_where  # "fast": inside one granule, along context only
+  where = forecast.costs(p, chip, granule, fill, split=False).links_where  # "fast": among one granule's devices only
   along = collections.Counter({source: v for (link, source), v in where.items() if link == "fast" and v})
   attention = sum(v for source, v in cost.matmul_where.items() if "attention" in source.split(":")[0])
   return {"size": par.mesh.shape["context"], "bytes_per_device": sum(along.values()),

@@ -335,9 +335,11 @@ def _chain(p: Program, ins) -> str:
   return f"channel {channel.group(1)}" if channel else ins.name
 
 
-def _link_bytes(p: Program, kind: str, ins, granule) -> tuple[float, float, int]:
+def _link_bytes(p: Program, kind: str, ins, granule, split: bool = True) -> tuple[float, float, int]:
   """(fast bytes, slow bytes, group size) one device puts on the links for a collective (the worst
-  device's, where groups differ); `granule`: replica-group position -> its GPU host or TPU slice."""
+  device's, where groups differ); `granule`: replica-group position -> its GPU host or TPU slice.
+  `split` False: a group that spans granules puts all of its bytes on the slow links (what moves
+  only among the members of one granule counts as fast)."""
   operands = hlo_parse.operands(ins.rest)
   sizes = [hlo_parse.shape_bytes(p.shape(o)) for o in operands]
   if kind == "send":  # a TPU cross-slice transfer: its buffer, over the DCN
@@ -361,6 +363,9 @@ def _link_bytes(p: Program, kind: str, ins, granule) -> tuple[float, float, int]
     if kind in ("all-to-all", "ragged-all-to-all"):
       m = len(group) - c  # the most members behind a device's slow link
       f, s = data * (len(group) - 1 - m) / len(group), data * m / len(group)
+    elif not split:
+      share = data * (len(group) - 1) / len(group)
+      f, s = (share, 0.0) if c == len(group) else (0.0, share)
     else:  # across granules on c slow links, then inside the granule
       f, s = data * (c - 1) / c, data * (len(group) - c) / (len(group) * c)
     fast, slow = max(fast, f), max(slow, s)
@@ -457,7 +462,7 @@ def _share(rest: str, taken: dict) -> float | None:
 
 
 def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: float = 1.0,
-          likely_fill: float | None = None, taken: dict | None = None) -> Cost:
+          likely_fill: float | None = None, taken: dict | None = None, split: bool = True) -> Cost:
   """Cost of one execution of the program's entry computation on one device (module docstring).
   `granule(position)`: the host (GPU) or slice (TPU) of a replica-group position; all one by default.
   `ragged_fill`: the share of a ragged dot's rows that hold tokens (1: the buffers full, an upper
@@ -466,7 +471,8 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
   branch of a conditional (the dropless exchange's fast path, whose buffers are smaller than the
   chunked exchange's worst case). `taken` {named scope: share}: a conditional made under one of these
   scopes costs its costliest branch that share of its executions and its cheapest the rest (the
-  pipeline's slots: parallel/pipeline.py Schedule.taken), instead of its costliest every time."""
+  pipeline's slots: parallel/pipeline.py Schedule.taken), instead of its costliest every time.
+  `split` (_link_bytes): a collective across granules moves its bytes partly inside them."""
   p = hlo if isinstance(hlo, Program) else Program(hlo)
   memo: dict[str, Cost] = {}
 
@@ -529,7 +535,7 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         pending[ins.name] = [kind, nbytes / chip.host_bw, 0.0, p.source(ins), _parts(p, ins)]
       elif (found := _collective(p, ins)) is not None:
         kind, carrier = found
-        fast, slow, _ = _link_bytes(p, kind, carrier, granule)
+        fast, slow, _ = _link_bytes(p, kind, carrier, granule, split)
         out.links[(kind, "fast")] += fast
         out.links[(kind, "slow")] += slow
         out.links_where[("fast", p.source(carrier))] += fast
