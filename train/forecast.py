@@ -23,7 +23,8 @@ How it counts (one device; SPMD programs run the same on all):
 - HBM bytes: each kernel's operands and results (a fusion's, not its insides; a grouped matmul's row
   arrays at the fill of its buffer, train.aot's `ragged_fill`), less what lives
   on chip (TPU: arrays in memory space S(1), VMEM), a fusion's operand that only feeds dynamic
-  slices or gathers counting the slices, an in-place dynamic-update-slice its update.
+  slices or gathers counting the slices, an in-place dynamic-update-slice its update (through any
+  bitcasts: XLA:GPU relabels the layer stack's gradient accumulator so before updating it).
 - Collectives: bytes each device puts on a link (ring algorithms): all-gather (n-1)/n x result,
   reduce-scatter (n-1)/n x operand (libtpu's: a fusion of an all-reduce and a dynamic slice), all-reduce 2(n-1)/n x operand, all-to-all (n-1)/n x operand
   (the part to members behind the slow link on it), ragged all-to-all as all-to-all of the smaller
@@ -272,8 +273,15 @@ def _kernel_bytes(p: Program, ins) -> int:
     for i in fused:
       for k, o in enumerate(hlo_parse.operands(i.rest)):
         users[o].append((i, k))
+
+    def through_bitcasts(name, depth=4):  # (user, operand index), looking through bitcasts (free: the same bytes)
+      out = []
+      for u, j in users.get(name, []):
+        out += through_bitcasts(u.name, depth - 1) if u.op == "bitcast" and depth else [(u, j)]
+      return out
+
     for k, name in params.items():
-      use = users.get(name, [])
+      use = through_bitcasts(name)
       if k < len(reads) and use and all(u.op in ("dynamic-slice", "gather", "slice") and j == 0 for u, j in use):
         reads[k] = min(reads[k], sum(_hbm(u.shape) for u, _ in use))
       if k < len(reads) and use and all(u.op == "dynamic-update-slice" and j == 0 for u, j in use):
