@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from parallel.expert_parallel.plan import EXCHANGED, Hop, exclusive, padded_take
+from parallel.expert_parallel.plan import EXCHANGED, Hop, combine, exclusive, padded_take
 
 
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
@@ -78,8 +78,9 @@ def send_ragged(hop: Hop, dest_N, most_sent: int, most_received: int, payloads, 
   """Rows to ranks `dest_N` (hop.n: not sent) by ragged all-to-all, exactly the rows each rank needs,
   in buffers of `most_sent` rows sent and `most_received` received. Returns as send_padded: a row
   the send buffer cannot hold (its bound too small: a bug, which the trainer stops on) is not sent
-  and comes back as 0, and is reported lost, never silently. Summed over m rows, the returned rows
-  are added (in float32) into their sums as they come back: the work is the rows sent, not N."""
+  and comes back as 0, and is reported lost, never silently. Summed over m rows: where fewer rows
+  were sent than N (the two-level dispatch's), the returned rows are added (in float32) into their
+  sums as they come back, so the work is the rows sent, not N."""
   n = hop.n
   how = how_of(hop, emulate)
   by_dest = jnp.argsort(dest_N, stable=True)  # by destination; the rows not sent last
@@ -99,8 +100,11 @@ def send_ragged(hop: Hop, dest_N, most_sent: int, most_received: int, payloads, 
   def back_to_senders(y, m=1, w=None):
     y_sorted = checkpoint_name(_ragged_move(how, y, jnp.zeros((most_sent, *y.shape[1:]), y.dtype), hop.member,
                                             back, there), EXCHANGED)  # (rows not sent come back as 0)
-    if m == 1 and w is None:
-      return jnp.zeros((dest_N.shape[0], *y.shape[1:]), y.dtype).at[order].set(y_sorted)
+    if most_sent >= dest_N.shape[0] or m == 1 and w is None:  # (a row each, no more than were sent)
+      y_N = jnp.zeros((dest_N.shape[0], *y.shape[1:]), y.dtype).at[order].set(y_sorted)
+      if m == 1 and w is None:
+        return y_N
+      return combine(y_N, w.reshape(-1, m)) if w is not None else y_N.reshape(-1, m, y_N.shape[-1]).sum(1)
     part = y_sorted.astype(jnp.float32) * (w[order].astype(jnp.float32)[:, None] if w is not None else 1)
     return jnp.zeros((dest_N.shape[0] // m, *y.shape[1:]), jnp.float32).at[order // m].add(part).astype(y.dtype)
 
