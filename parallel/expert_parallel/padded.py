@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from parallel.expert_parallel.plan import EXCHANGED, Hop, combine, padded_take
+from parallel.expert_parallel.plan import EXCHANGED, Hop, group_sum, padded_take
 
 
 def padded_slots(dest_N, n_ep: int, c: int):
@@ -46,6 +46,6 @@ def send_padded(hop: Hop, dest_N, c: int, payloads):
   def back(y, m=1, w=None):
     y_back = hop.a2a(y)
     y_N = checkpoint_name(jnp.where(keep[:, None], y_back[jnp.minimum(slot, hop.n * c - 1)], 0), EXCHANGED)
-    return combine(y_N, w.reshape(-1, m)) if w is not None else y_N.reshape(-1, m, y_N.shape[-1]).sum(1)
+    return group_sum(y_N, m, w)
 
   return received, back, (dest_N < hop.n) & ~keep

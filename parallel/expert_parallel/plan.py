@@ -196,6 +196,15 @@ def combine(y_NxD, w_TxK):
   return jnp.einsum("tkd,tk->td", y_NxD.reshape(t, k, -1), w_TxK.astype(y_NxD.dtype))
 
 
+def group_sum(y_NxD, m: int, w_N=None):
+  """[N / m, D]: the sum of each m consecutive rows (times w_N [N], if given), as a transport's return
+  trip gives each row (m = K: a row's assignments) or token (m = nodes: its trips across nodes) its
+  results."""
+  if w_N is not None:
+    return combine(y_NxD, w_N.reshape(-1, m))
+  return y_NxD.reshape(-1, m, y_NxD.shape[-1]).sum(1)
+
+
 def exclusive(c):
   return (jnp.cumsum(c) - c).astype(jnp.int32)
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from parallel.expert_parallel.plan import EXCHANGED, Hop, combine, exclusive, padded_take
+from parallel.expert_parallel.plan import EXCHANGED, Hop, exclusive, group_sum, padded_take
 
 
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
@@ -101,10 +101,7 @@ def send_ragged(hop: Hop, dest_N, most_sent: int, most_received: int, payloads, 
     y_sorted = checkpoint_name(_ragged_move(how, y, jnp.zeros((most_sent, *y.shape[1:]), y.dtype), hop.member,
                                             back, there), EXCHANGED)  # (rows not sent come back as 0)
     if most_sent >= dest_N.shape[0] or m == 1 and w is None:  # (a row each, no more than were sent)
-      y_N = jnp.zeros((dest_N.shape[0], *y.shape[1:]), y.dtype).at[order].set(y_sorted)
-      if m == 1 and w is None:
-        return y_N
-      return combine(y_N, w.reshape(-1, m)) if w is not None else y_N.reshape(-1, m, y_N.shape[-1]).sum(1)
+      return group_sum(jnp.zeros((dest_N.shape[0], *y.shape[1:]), y.dtype).at[order].set(y_sorted), m, w)
     part = y_sorted.astype(jnp.float32) * (w[order].astype(jnp.float32)[:, None] if w is not None else 1)
     return jnp.zeros((dest_N.shape[0] // m, *y.shape[1:]), jnp.float32).at[order // m].add(part).astype(y.dtype)
 
