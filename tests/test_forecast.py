@@ -267,6 +267,17 @@ def test_forecast_of_a_hand_computable_program():
   r = forecast.report(c, fast, tokens=1000, model_flops=4 * dot_flops, chips=4, devices=4, price=3.6)
   assert r["mfu"] == pytest.approx(dot_flops / c.time / 1e12, abs=1e-3)
   assert r["usd_per_million_tokens"] == pytest.approx(3.6 * 4 * c.time / 3600 / 1e-3, rel=1e-3)
+  # two all-reduces in flight together share the link: the second is done one ring after the first
+  both = overlapped.replace("  %y = bf16[128,512]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused_dot\n",
+                            "  %s2 = bf16[128,512]{1,0} all-reduce-start(%g), channel_id=2, replica_groups={{0,1,2,3}},"
+                            " to_apply=%add\n  %y = bf16[128,512]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused_dot\n"
+                            ).replace("  %sum = bf16[128,512]{1,0} all-reduce-done(%s)\n",
+                                      "  %sum = bf16[128,512]{1,0} all-reduce-done(%s)\n"
+                                      "  %sum2 = bf16[128,512]{1,0} all-reduce-done(%s2)\n")
+  assert both.count("all-reduce-done") == 2
+  c = forecast.costs(both, fast)
+  assert c.exposed == pytest.approx(2 * ring / 1e9 - dot_flops / 1e12)
+  assert forecast.summary(c)["async"]["all-reduce"]["hidden_s"] == pytest.approx(dot_flops / 1e12)
 
 
 def test_the_optimizers_share_is_what_its_named_scope_made():
@@ -513,21 +524,26 @@ def test_grouped_matmul_and_ragged_exchange_count_what_they_touch(text):
   assert s["hbm_bytes"] == 0.25 * 2 * (512 * 128 + 512 * 256) + 2 * 4 * 128 * 256
   assert s["collective_bytes"]["ragged-all-to-all"]["fast"] == 2 * 512 * 256 * 3 / 4  # the 512-row input, not 2048
   assert forecast.ragged_rows(text) == 512
+  # made under the fast path's named scope (buffers for the balanced share), at its fill instead
+  fast = text.replace('custom_call_target="tpu_custom_call"', 'custom_call_target="tpu_custom_call", metadata='
+                      '{op_name="jit(step)/ep_fast_path/gmm"}').replace('op_name="jit(step)/', 'op_name="jit(step)/ep_fast_path/')
+  s = forecast.summary(forecast.costs(fast, chip, ragged_fill=0.25, likely_fill=0.5))
+  assert s["flops"]["ragged_dot"] == 0.5 * 2 * 512 * 128 * 256
 
 
-# A conditional between a fast path (one add, made under the exchange's named scope) and a fallback
-# (two adds): the dropless exchange's two branches (parallel/expert_parallel/exchange.py).
+# A conditional between the fast path's result (one add) and a fallback made under the exchange's
+# named scope (two adds): the dropless exchange's two branches (parallel/expert_parallel/exchange.py).
 BRANCHES = """HloModule m, is_scheduled=true, num_partitions=1
 
 %fast (a: bf16[128,512]) -> bf16[128,512] {
   %a = bf16[128,512]{1,0} parameter(0)
-  ROOT %f = bf16[128,512]{1,0} add(%a, %a), metadata={op_name="jit(step)/cond/branch_1_fun/ep_fast_path/add"}
+  ROOT %f = bf16[128,512]{1,0} add(%a, %a), metadata={op_name="jit(step)/cond/branch_1_fun/add"}
 }
 
 %slow (b: bf16[128,512]) -> bf16[128,512] {
   %b = bf16[128,512]{1,0} parameter(0)
-  %s1 = bf16[128,512]{1,0} add(%b, %b), metadata={op_name="jit(step)/cond/branch_0_fun/add"}
-  ROOT %s2 = bf16[128,512]{1,0} add(%s1, %b), metadata={op_name="jit(step)/cond/branch_0_fun/add"}
+  %s1 = bf16[128,512]{1,0} add(%b, %b), metadata={op_name="jit(step)/cond/branch_0_fun/ep_fallback/add"}
+  ROOT %s2 = bf16[128,512]{1,0} add(%s1, %b), metadata={op_name="jit(step)/cond/branch_0_fun/ep_fallback/add"}
 }
 
 ENTRY %main (p: pred[], x: bf16[128,512]) -> bf16[128,512] {
@@ -538,16 +554,16 @@ ENTRY %main (p: pred[], x: bf16[128,512]) -> bf16[128,512] {
 """
 
 
-def test_conditional_costs_its_fast_path_and_reports_the_fallback():
-  """A conditional costs the branch made under a named scope of forecast.LIKELY (the dropless
-  exchange's fast path), and `fallback_s` is what its costliest branch would add; with no marked
-  branch, the costliest, and no fallback."""
+def test_conditional_costs_the_branch_it_is_expected_to_take_and_reports_the_fallback():
+  """A conditional costs its branch not made under a named scope of forecast.UNLIKELY (the dropless
+  exchange's chunks, run where the fast path does not fit), and `fallback_s` is what its costliest
+  branch would add; with no marked branch, the costliest, and no fallback."""
   chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e9, 1e8, 1e9)
   add_s = 3 * 2 * 128 * 512 / 1e9  # two operands and the result
   c = forecast.costs(BRANCHES, chip)
   assert c.time == pytest.approx(add_s) and c.fallback == pytest.approx(add_s)
   assert forecast.summary(c)["fallback_s"] == pytest.approx(add_s, rel=1e-3)
-  c = forecast.costs(BRANCHES.replace("/ep_fast_path/", "/"), chip)
+  c = forecast.costs(BRANCHES.replace("/ep_fallback/", "/"), chip)
   assert c.time == pytest.approx(2 * add_s) and c.fallback == 0
 
 

@@ -10,7 +10,8 @@ and how long that takes on a chip (parallel/targets.py: CHIPS, each figure with 
 How it counts (one device; SPMD programs run the same on all):
 - The program runs from its entry computation; a while loop runs its body its trip count times
   (train/hlo_loops.py: trip_counts, from known_trip_count or the loop's condition), a conditional its
-  expected branch (one made under a named scope of LIKELY: the dropless exchange's fast path), or its
+  expected branch (the one not made under a named scope of UNLIKELY: the dropless exchange's chunks,
+  which run only where its fast path does not fit), or its
   costliest as often as the caller says it runs (`taken`: a pipeline's slots, skipped in its bubble
   ticks), or else its costliest, a call its callee; `fallback_s` is what the step would add were every conditional
   to take its costliest branch instead. Fusions, reducers and sorting comparators are parts of one
@@ -42,10 +43,11 @@ How it counts (one device; SPMD programs run the same on all):
   GB200's NVLink-C2C) at `host_bw`, asynchronously from its start to its done.
 - Time: each kernel max(matmul FLOPs / peak, HBM bytes / HBM bandwidth) (f8 operands at the fp8
   peak, everything else at bf16's: f32 dots on TPU run one bf16 pass by default); each collective
-  and host transfer bytes / link bandwidth; a synchronous one adds all of it, an asynchronous one
-  what the kernels scheduled between its start and done do not cover. No latency per kernel or per message, no
-  contention between overlapping transfers: a forecast of the ideal schedule, so a lower bound
-  on the step time; the measured error of it is in docs/pods.md.
+  and host transfer bytes / link bandwidth, each link (fast, slow, host) carrying one transfer at a
+  time in the order they start (collectives in flight together share it); a synchronous one waits
+  for all of it, an asynchronous one's done for what the time since its start has not covered. No
+  latency per kernel or per message: a forecast of the ideal schedule, so a lower bound on the step
+  time; the measured error of it is in docs/pods.md.
 """
 
 from __future__ import annotations
@@ -55,14 +57,17 @@ import dataclasses
 import math
 import re
 
-from parallel.expert_parallel.exchange import FAST_PATH
+from parallel.expert_parallel.exchange import FALLBACK, FAST_PATH
 from train import hlo as hlo_lib
 from train import hlo_loops, hlo_parse
 
-# Named scopes that mark the branch of a conditional the program is expected to take: the dropless
-# exchange's fast path (parallel/expert_parallel/exchange.py: with_fast_path), taken unless some rank
-# would receive more rows than its buffers hold.
-LIKELY = (FAST_PATH,)
+# Named scopes of the branch of a conditional the program is not expected to take: the dropless
+# exchange's chunks (parallel/expert_parallel/exchange.py: with_fast_path), which run only where some
+# rank would receive more rows than the fast path's buffers hold; the conditional costs its other branch.
+UNLIKELY = (FALLBACK,)
+# Named scopes of operations whose grouped matmuls fill their buffers at `likely_fill` (the fast path's
+# buffers are sized for the balanced share, not the worst case).
+SIZED = (FAST_PATH,)
 
 COLLECTIVE_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "ragged-all-to-all",
                     "collective-permute", "send", "recv")
@@ -437,13 +442,13 @@ def _parts(p: "Program", ins, depth: int = 8) -> tuple[str, ...]:
   return out
 
 
-def _likely(p: "Program", comp: str, depth: int = 3) -> bool:
+def _unlikely(p: "Program", comp: str, depth: int = 3) -> bool:
   """Whether computation `comp` (a conditional's branch) holds an instruction made under a named
-  scope of LIKELY, itself or in the computations it calls."""
+  scope of UNLIKELY, itself or in the computations it calls."""
   for ins in p.comps.get(comp, []):
-    if any(hlo_parse.in_scope(ins.rest, scope) for scope in LIKELY):
+    if any(hlo_parse.in_scope(ins.rest, scope) for scope in UNLIKELY):
       return True
-    if depth and any(_likely(p, callee, depth - 1) for _, callee, _ in hlo_loops.call_edges(comp, ins.rest)):
+    if depth and any(_unlikely(p, callee, depth - 1) for _, callee, _ in hlo_loops.call_edges(comp, ins.rest)):
       return True
   return False
 
@@ -475,31 +480,45 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
   `granule(position)`: the host (GPU) or slice (TPU) of a replica-group position; all one by default.
   `ragged_fill`: the share of a ragged dot's rows that hold tokens (1: the buffers full, an upper
   figure; train.aot passes the balanced share); Cost.flops counts "ragged_dot" with it and
-  "ragged_dot_buffer" without; `likely_fill` (default ragged_fill) the share inside the expected
-  branch of a conditional (the dropless exchange's fast path, whose buffers are smaller than the
-  chunked exchange's worst case). `taken` {named scope: share}: a conditional made under one of these
+  "ragged_dot_buffer" without; `likely_fill` (default ragged_fill) the share in operations made under a
+  named scope of SIZED (the dropless exchange's fast path, whose buffers are smaller than the chunked
+  exchange's worst case). `taken` {named scope: share}: a conditional made under one of these
   scopes costs its costliest branch that share of its executions and its cheapest the rest (the
   pipeline's slots: parallel/pipeline.py Schedule.taken), instead of its costliest every time.
   `split` (_link_bytes): a collective across granules moves its bytes partly inside them."""
   p = hlo if isinstance(hlo, Program) else Program(hlo)
   memo: dict[str, Cost] = {}
 
-  def kernel_time(ins, ragged_fill: float) -> tuple[float, collections.Counter, float, str]:
+  def kernel_time(ins) -> tuple[float, collections.Counter, float, str]:
     """(seconds, FLOPs by kind, HBM bytes, what bounds it: "matmul" or "hbm") of one kernel."""
+    sized = likely_fill is not None and any(hlo_parse.in_scope(ins.rest, scope) for scope in SIZED)
+    fill = likely_fill if sized else ragged_fill
     flops, fp8 = _flops(p, ins)
     if flops.get("ragged_dot"):
       flops["ragged_dot_buffer"] = flops["ragged_dot"]
-      flops["ragged_dot"] = flops["ragged_dot"] * ragged_fill
+      flops["ragged_dot"] = flops["ragged_dot"] * fill
     matmul = sum(v for k, v in flops.items() if k not in ("other", "ragged_dot_buffer"))
-    hbm = _grouped_bytes(p, ins, ragged_fill) if _grouped_matmul(ins) else _kernel_bytes(p, ins)
+    hbm = _grouped_bytes(p, ins, fill) if _grouped_matmul(ins) else _kernel_bytes(p, ins)
     compute, memory = matmul / (chip.peak_fp8 if fp8 else chip.peak_bf16), hbm / chip.hbm_bw
     return max(compute, memory), flops, hbm, "matmul" if compute >= memory else "hbm"
 
-  def run(c: str, seen=(), fill: float = ragged_fill) -> Cost:
-    if (c, fill) in memo:
-      return memo[c, fill]
-    out = Cost()
-    pending: dict[str, list] = {}  # start (or an async-update carrying it) -> [kind, comm s, compute s]
+  def run(c: str, seen=()) -> Cost:
+    if c in memo:
+      return memo[c]
+    out = Cost()  # (out.time: the clock, seconds into this computation)
+    pending: dict[str, list] = {}  # start (or an async-update carrying it) -> [kind, comm s, finish s, ...]
+    free = collections.Counter()  # link (fast, slow, host) -> when it is next idle
+
+    def occupy(busy: dict, together: bool) -> float:
+      """When a transfer that keeps each link of `busy` {link: s} that long, starting now, is done: a
+      link carries one transfer at a time, in the order they start (overlapping collectives share it),
+      the links `together` or one after the other."""
+      at = end = out.time
+      for link, s in busy.items():
+        if s:
+          free[link] = max(out.time if together else at, free[link]) + s
+          at = end = max(end, free[link])
+      return end
     for ins in p.comps.get(c, []) if c not in seen else []:
       t = 0.0
       if ins.op == "while":
@@ -507,16 +526,15 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         n = p.trips.get(body)
         out.known = out.known and n is not None
         inner = Cost()
-        inner.add(run(body, seen + (c,), fill))
-        inner.add(run(cond, seen + (c,), fill))
+        inner.add(run(body, seen + (c,)))
+        inner.add(run(cond, seen + (c,)))
         t = inner.time * (n or 1)
         out.add(inner, n or 1)
         out.time -= t  # (added below)
       elif ins.op == "conditional":
         names = hlo_parse.branches(ins.rest)
-        likely = [_likely(p, b) for b in names]
-        branches = [run(b, seen + (c,), likely_fill if here and likely_fill is not None else fill)
-                    for b, here in zip(names, likely)]
+        likely = [not _unlikely(p, b) for b in names]
+        branches = [run(b, seen + (c,)) for b in names]
         share = _share(ins.rest, taken or {})
         if branches and share is not None:
           costliest, cheapest = max(branches, key=lambda b: b.time), min(branches, key=lambda b: b.time)
@@ -526,13 +544,13 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
           out.time -= t
         elif branches:
           costliest = max(branches, key=lambda b: b.time)
-          top = next((b for b, here in zip(branches, likely) if here), costliest)
+          top = max((b for b, here in zip(branches, likely) if here), key=lambda b: b.time, default=costliest)
           t = top.time
           out.add(top)
           out.time -= t
           out.fallback += costliest.time - top.time
       elif ins.op == "call":
-        inner = run(p.called(ins, "to_apply") or "", seen + (c,), fill)
+        inner = run(p.called(ins, "to_apply") or "", seen + (c,))
         t = inner.time
         out.add(inner)
         out.time -= t
@@ -540,7 +558,8 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         kind, nbytes = moved
         out.links[(kind, "host")] += nbytes
         out.counts[(kind, "async")] += 1
-        pending[ins.name] = [kind, nbytes / chip.host_bw, 0.0, p.source(ins), _parts(p, ins)]
+        comm = nbytes / chip.host_bw
+        pending[ins.name] = [kind, comm, occupy({"host": comm}, False), p.source(ins), _parts(p, ins)]
       elif (found := _collective(p, ins)) is not None:
         kind, carrier = found
         fast, slow, _ = _link_bytes(p, kind, carrier, granule, split)
@@ -552,28 +571,31 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         for part in parts:
           out.parts[(part, "fast")] += fast
           out.parts[(part, "slow")] += slow
-        comm = max(fast / chip.fast_bw, slow / chip.slow_bw) if kind in ("all-to-all", "ragged-all-to-all") else (
-            fast / chip.fast_bw + slow / chip.slow_bw)
+        together = kind in ("all-to-all", "ragged-all-to-all")  # (each member's rows over both links at once)
+        busy = {"fast": fast / chip.fast_bw, "slow": slow / chip.slow_bw}
+        comm = max(busy.values()) if together else sum(busy.values())
+        finish = occupy(busy, together)
         started = ins.op.endswith("-start") or ins.op == "async-start" or ins.name.startswith(hlo_parse.FUSED_START)
         asynchronous = started and '"is_sync":true' not in ins.rest
         out.counts[(kind, "async" if asynchronous else "sync")] += 1
         if asynchronous:
-          pending[_chain(p, ins)] = [kind, comm, 0.0, p.source(carrier), parts]
+          pending[_chain(p, ins)] = [kind, comm, finish, p.source(carrier), parts]
         else:
-          out.exposed += comm
-          out.time += comm
-          out.where[(kind, p.source(ins))] += comm
+          wait = finish - out.time
+          out.exposed += wait
+          out.time += wait
+          out.where[(kind, p.source(ins))] += wait
           for part in parts:
-            out.parts[(part, "s")] += comm
+            out.parts[(part, "s")] += wait
       elif ins.op.endswith(("-done", "-update")) or ins.name.startswith(hlo_parse.FUSED_DONE):
         for o in [_chain(p, ins)] if ins.op == "fusion" else hlo_parse.operands(ins.rest):
           if o in pending:
-            kind, comm, between, source, parts = pending.pop(o)
+            kind, comm, finish, source, parts = pending.pop(o)
             if ins.op.endswith("-update"):
-              pending[ins.name] = [kind, comm, between, source, parts]
+              pending[ins.name] = [kind, comm, finish, source, parts]
               break
-            wait = max(0.0, comm - between)
-            out.overlap.append((kind, comm, between, 1))
+            wait = max(0.0, finish - out.time)
+            out.overlap.append((kind, comm, max(0.0, comm - wait), 1))
             out.exposed += wait
             out.time += wait
             out.where[(kind, source)] += wait
@@ -581,7 +603,7 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
               out.parts[(part, "s")] += wait
             break
       else:
-        t, flops, hbm, bound = kernel_time(ins, fill)
+        t, flops, hbm, bound = kernel_time(ins)
         out.flops.update(flops)
         out.hbm += hbm
         out.compute += t
@@ -594,15 +616,14 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
           out.parts[(part, "s")] += t
           out.parts[(part, "matmul")] += matmul
       out.time += t
-      for entry in pending.values():
-        entry[2] += t
-    for kind, comm, between, source, parts in pending.values():  # a start without its done in this computation
-      out.exposed += comm
-      out.time += comm
-      out.where[(kind, source)] += comm
+    for kind, comm, finish, source, parts in pending.values():  # a start without its done in this computation
+      wait = max(0.0, finish - out.time)
+      out.exposed += wait
+      out.time += wait
+      out.where[(kind, source)] += wait
       for part in parts:
-        out.parts[(part, "s")] += comm
-    memo[c, fill] = out
+        out.parts[(part, "s")] += wait
+    memo[c] = out
     return out
 
   return run(p.entry)

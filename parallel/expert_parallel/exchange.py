@@ -28,7 +28,8 @@ from parallel.expert_parallel.padded import send_padded
 from parallel.expert_parallel.plan import EXCHANGED, Plan, capacity, combine, hops, node_capacity
 from parallel.expert_parallel.ragged import send_ragged
 
-FAST_PATH = "ep_fast_path"  # the named scope of the fast path's operations (the forecast counts that branch)
+FAST_PATH = "ep_fast_path"  # the named scope of the fast path's operations (the forecast counts them)
+FALLBACK = "ep_fallback"  # and of the chunked exchange it falls back to (a branch the forecast does not count)
 
 
 def local(x_TxD, idx_TxK, w_TxK, *weights, expert_fn):
@@ -125,19 +126,26 @@ def with_fast_path(fast, slow, plan: Plan, token_axes: tuple[str, ...], parts: i
   the token axes, so that every device runs the same branch's collectives. The fast path reads the
   local experts' weights and writes their gradient once, not once per chunk, and its buffers hold few
   rows no token fills. `parts`: `fast` exchanges that many consecutive slices of the tokens one after
-  another (in_halves), each in buffers of `plan.bounds()`. Returns (y, dropped, 1 where the chunks ran
-  else 0)."""
+  another (in_halves), each in buffers of `plan.bounds()`.
+
+  The fast path runs outside any conditional, so that the compiler can schedule its all-to-alls under
+  the layer's other work (the shared experts, the other half of the batch: mesh.batch_overlap); a
+  collective inside a conditional's branch can only overlap that branch. Where it does not fit it
+  sends nothing (every assignment to no expert) and a conditional runs the chunks instead (named
+  FALLBACK; the forecast counts the fast path). Returns (y, dropped, 1 where the chunks ran else 0)."""
   def run(x, idx, w, *weights):
     e_local = weights[0].shape[0]
     split = idx.reshape(parts, -1, idx.shape[1])
     most = jax.lax.pmax(jax.vmap(lambda i: loads(plan, i, e_local))(split).max(0), token_axes)
-
-    def fast_path(*args):
-      with jax.named_scope(FAST_PATH):
-        return fast(*args)
-
     fits = (most <= jnp.asarray(plan.bounds())).all()
-    return *jax.lax.cond(fits, fast_path, slow, x, idx, w, *weights), (~fits).astype(jnp.int32)
+    with jax.named_scope(FAST_PATH):
+      y, dropped = fast(x, jnp.where(fits, idx, plan.n_ep * e_local), w, *weights)  # (n_ep * e_local: no expert)
+
+    def fallback(*args):
+      with jax.named_scope(FALLBACK):
+        return slow(*args)
+
+    return *jax.lax.cond(fits, lambda *_: (y, dropped), fallback, x, idx, w, *weights), (~fits).astype(jnp.int32)
 
   return run
 
