@@ -57,11 +57,12 @@ forecast (train/forecast.py; configs/hardware/chips.yaml has each chip's figures
     kernels, other), hbm_bytes, collective_bytes by kind and link (fast: ICI / NVLink; slow: DCN /
     the network) with sync and async counts, host_transfers (to-host and from-host bytes over PCIe:
     impl.remat_policy=full_offload's layer inputs), async (per kind, host transfers too: count,
-    comm_s, hidden_s under the compute scheduled between start and done); loops times their trip
+    comm_s, hidden_s: not waited for at its done, each link carrying one transfer at a time); loops times their trip
     counts (XLA:TPU records none: read from each loop's condition); a pipeline's forward and backward
     slots, first_fn and last_fn as often as its schedule runs them (parallel/pipeline.py: Schedule.taken);
   forecast: step_s (each kernel max(FLOPs / peak, bytes / HBM bandwidth), each collective and host
-    transfer bytes / link bandwidth less what the schedule overlaps), compute_s, exposed_comm_s and its share,
+    transfer bytes / link bandwidth, each link shared by the transfers in flight, less what the
+    schedule overlaps), compute_s, exposed_comm_s and its share,
     tokens_per_s_per_chip, model_tflops_per_chip, mfu (model FLOPs, moe.params, against the bf16
     peak), executed_over_model_flops (recompute, masked and padded work), usd_per_million_tokens at
     --price per chip-hour (default the table's), ragged_fill, and the forecast's measured error.

@@ -395,7 +395,7 @@ class Cost:
   hbm: float = 0.0
   links: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (kind, fast|slow) -> bytes
   counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (kind, sync|async) -> n
-  overlap: list = dataclasses.field(default_factory=list)  # async: (kind, comm s, compute between s, times)
+  overlap: list = dataclasses.field(default_factory=list)  # async: (kind, comm s, of it hidden s, times)
   where: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (what, source) -> s
   matmul_where: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # source -> FLOPs
   links_where: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (link, source) -> bytes
