@@ -329,9 +329,10 @@ class Parallelism:
     places each asynchronous collective's start early enough for compute to run under it (without it
     XLA:GPU 0.10.2 left most collectives synchronous: V3 on h100x256, 345.7 -> 309.9 s a step
     forecast, docs/pods.md), with up to GPU_COLLECTIVES_IN_FLIGHT collectives in flight at once (it
-    allows one by default, and then a layer's all-to-alls wait behind its weights' all-gathers). TPU: mesh.ep_overlap: asynchronous all-to-alls, which libtpu otherwise
-    runs synchronously, so that one half's exchange can run under the other half's compute;
-    mesh.gather_overlap: all-gathers fused, in steps, into the compute around them."""
+    allows one by default, and then a layer's all-to-alls wait behind its weights' all-gathers).
+    TPU: mesh.ep_overlap: asynchronous all-to-alls, which libtpu otherwise runs synchronously, so
+    that one half's exchange can run under the other half's compute; mesh.gather_overlap:
+    all-gathers fused, in steps, into the compute around them."""
     if self.platform == "gpu":
       return {"xla_gpu_enable_latency_hiding_scheduler": True,
               "xla_gpu_experimental_parallel_collective_overlap_limit": GPU_COLLECTIVES_IN_FLIGHT}

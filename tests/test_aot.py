@@ -429,9 +429,8 @@ def _most_in_flight(text: str) -> int:
   for comp in hlo_parse.parse(text).comps.values():
     pending = set()
     for ins in comp:
-      collective = ins.op.endswith("-start") and ins.op[:-6] in forecast.COLLECTIVE_KINDS or ins.op == "async-start" and any(
-          ins.name.startswith(kind) for kind in forecast.COLLECTIVE_KINDS)  # (XLA:GPU wraps all-to-alls so)
-      if collective:
+      wrapped = ins.op == "async-start" and ins.name.startswith(forecast.COLLECTIVE_KINDS)  # (XLA:GPU's all-to-alls)
+      if ins.op.endswith("-start") and ins.op[:-6] in forecast.COLLECTIVE_KINDS or wrapped:
         pending.add(ins.name)
       elif ins.op.endswith("-done"):
         pending -= set(hlo_parse.operands(ins.rest))
