@@ -425,12 +425,11 @@ def test_compiles_for_h100(capsys):
 def _most_in_flight(text: str) -> int:
   """The most asynchronous collectives of one computation of a scheduled program between their start
   and their done at once."""
-  most = 0
-  for comp in hlo_parse.parse(text).comps.values():
+  p, most = forecast.Program(text), 0
+  for comp in p.comps.values():
     pending = set()
     for ins in comp:
-      wrapped = ins.op == "async-start" and ins.name.startswith(forecast.COLLECTIVE_KINDS)  # (XLA:GPU's all-to-alls)
-      if ins.op.endswith("-start") and ins.op[:-6] in forecast.COLLECTIVE_KINDS or wrapped:
+      if ins.op.endswith("-start") and forecast._collective(p, ins) is not None:  # (as the forecast reads them)
         pending.add(ins.name)
       elif ins.op.endswith("-done"):
         pending -= set(hlo_parse.operands(ins.rest))
