@@ -155,7 +155,9 @@ def test_fast_path_is_forecast_as_one_pass_with_its_fallback_reported():
   add (`fallback_s`). The step's metrics count the layers that fell back (`ep_fallbacks`, each layer's
   count tested in tests/test_ep.py). With mesh.ep_overlap the two halves of the tokens go through
   the fast path one after the other, each in buffers for half of them: the grouped matmuls' buffer
-  FLOPs are the same as in one pass (they were twice as many when each half had the whole buffers)."""
+  FLOPs are the same as in one pass (they were twice as many when each half had the whole buffers).
+  The fast path's ragged all-to-alls sit outside the conditional that runs the chunks (inside a
+  branch they could overlap nothing but that branch)."""
   target = targets.parse("v5p-8")
   out = {}
   for fast in ("null", "2.0", "2.0 overlap"):
@@ -167,6 +169,11 @@ def test_fast_path_is_forecast_as_one_pass_with_its_fallback_reported():
     text, metrics = compiled.as_text(), compiled.out_info[1]
     out[fast] = (forecast.costs(text, forecast.chip_of("v5p")), text.count(" conditional("))
     assert ("ep_fallbacks" in metrics) == (fast != "null"), sorted(metrics)  # the layers that fell back, logged
+    if fast == "2.0":  # the fast path's all-to-alls outside the fallback's conditional: no branch holds them
+      fast_a2a = [line for line in text.splitlines() if "ragged-all-to-all" in line.split(" metadata=")[0]
+                  and "/ep_fast_path/" in line]
+      assert fast_a2a and not any("branch_" in line.split("op_name=")[1].split("/ep_fast_path/")[0]
+                                  for line in fast_a2a), fast_a2a[:2]
   (plain, n_plain), (fast, n_fast), (halves, _) = out["null"], out["2.0"], out["2.0 overlap"]
   assert n_fast > n_plain and plain.fallback == 0 < fast.fallback, (n_plain, n_fast, plain.fallback)
   assert fast.time < plain.time < fast.time + fast.fallback, (fast.time, plain.time, fast.fallback)
