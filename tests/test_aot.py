@@ -463,7 +463,7 @@ def test_ragged_all_to_alls_fill_buffers_of_their_own():
   """ragged_all_to_all writes into its output buffer in place. Filled with jnp.full / jnp.zeros, the
   buffers of equal shape (the two halves' exchanges, the backward's) were merged by XLA into one fill
   and copied once for each collective: reading and writing each buffer where filling it only writes (V3
-  on h100x256: 7 copies of 1 GiB in each layer's backward; 210.7 -> 199.9 s forecast without them).
+  on h100x256: 7 copies of 1 GiB in each layer's backward; 210.7 -> 198.1 s forecast without them).
   Compiled for v5p-8 (expert=4, halves, fast path): 22 of the 58 ragged all-to-alls wrote into a
   copy; now none (parallel/expert_parallel/ragged.py: fresh)."""
   cfg = load_train_config(ROOT / "configs/tiny.yaml", ["mesh.data=1", "mesh.expert=4", "precision=bf16",

@@ -61,7 +61,7 @@ def fresh(shape, fill, dtype, key):
   buffer in place; XLA merges identical fills into one and then copies it for each collective, which
   reads and writes the buffer where filling it only writes (V3 on h100x256: 7 copies of 1 GiB in
   each layer's backward)."""
-  fill, _ = jax.lax.optimization_barrier((jnp.asarray(fill, dtype), key))
+  fill, _ = jax.lax.optimization_barrier((jnp.asarray(fill, dtype), key))  # (distinct keys: distinct buffers)
   return jnp.broadcast_to(fill, shape)
 
 
@@ -105,11 +105,11 @@ def send_ragged(hop: Hop, dest_N, most_sent: int, most_received: int, payloads, 
   there = (input_offsets, send_sizes, hop.a2a(recv_offsets), recv_sizes)  # (where my rows land on each peer)
   back = (recv_offsets, recv_sizes, hop.a2a(input_offsets), send_sizes)
   received = [_ragged_move(how, padded_take(table, rows[order], fill),
-                           fresh((most_received, *table.shape[1:]), fill, table.dtype, there[0]), hop.member, there, back)
+                           fresh((most_received, *table.shape[1:]), fill, table.dtype, there[2]), hop.member, there, back)
               for table, rows, fill in payloads]
 
   def back_to_senders(y, m=1, w=None):
-    y_sorted = checkpoint_name(_ragged_move(how, y, fresh((most_sent, *y.shape[1:]), 0, y.dtype, back[0]), hop.member,
+    y_sorted = checkpoint_name(_ragged_move(how, y, fresh((most_sent, *y.shape[1:]), 0, y.dtype, back[2]), hop.member,
                                             back, there), EXCHANGED)  # (rows not sent come back as 0)
     if most_sent >= dest_N.shape[0] or m == 1 and w is None:  # (a row each, no more than were sent)
       return group_sum(jnp.zeros((dest_N.shape[0], *y.shape[1:]), y.dtype).at[order].set(y_sorted), m, w)
