@@ -45,8 +45,10 @@ log = logging.getLogger("parallel")
 AXES = sharding.MESH_AXES
 DCN_AXES = ("stage", "data", "fsdp")  # may span slices / hosts (mesh.dcn_stage, mesh.dcn_data, mesh.dcn_fsdp)
 # Asynchronous collectives XLA:GPU's scheduler may keep in flight at once (its default, 1, serialises
-# them): V3 on h100x256 forecast 236.8 s a step with 1, 222.7 with 2, 220.5 with 4 (docs/pods.md).
-GPU_COLLECTIVES_IN_FLIGHT = 4
+# them): V3 on h100x256 forecast 236.8 s a step with 1, 222.7 with 2, 220.5 with 4; with the experts'
+# weights gathered in bf16 and the all-to-alls in buffers of their own, 199.5 with 2, 198.1 with 4,
+# 195.1 with 8, 195.2 with 16 (docs/pods.md).
+GPU_COLLECTIVES_IN_FLIGHT = 8
 
 
 @dataclasses.dataclass(frozen=True)
