@@ -104,6 +104,8 @@ def send_ragged(hop: Hop, dest_N, most_sent: int, most_received: int, payloads, 
   recv_offsets = exclusive(recv_sizes)
   there = (input_offsets, send_sizes, hop.a2a(recv_offsets), recv_sizes)  # (where my rows land on each peer)
   back = (recv_offsets, recv_sizes, hop.a2a(input_offsets), send_sizes)
+  # (the fills are keyed apart from the gradients' fills of the same shapes, which _ragged_move_bwd keys
+  # on back[0] / there[0]: equal shapes and keys would be merged into one buffer again)
   received = [_ragged_move(how, padded_take(table, rows[order], fill),
                            fresh((most_received, *table.shape[1:]), fill, table.dtype, there[2]), hop.member, there, back)
               for table, rows, fill in payloads]
