@@ -558,8 +558,9 @@ def test_experts_on_gpu_run_only_their_rows():
 def test_fp8_gathers_the_bf16_copies_of_the_weights():
   """FSDP in FP8 gathers what the FP8 GEMMs quantise, the weights' bf16 copies, as bf16 training
   gathers them: the tiny step on v5p-16 (fsdp=4 x expert=2) gathers no float32 array, and its
-  all-gathers' bytes are within 10% of the bf16 step's (measured 558,080 B against 524,288: the
-  few the FP8 Wgrad's layout adds). Before, it gathered the float32 master weights: V3 on h100x1024
+  all-gathers' bytes are within 10% of the bf16 step's (measured 508,928 B against 475,136: the
+  few the FP8 Wgrad's layout adds; 558,080 against 524,288 while the experts' weights were gathered
+  again for the backward, moe/experts.py). Before, it gathered the float32 master weights: V3 on h100x1024
   moved 6.71 TB per GPU and step instead of 3.62 (docs/fp8.md)."""
   gathered = {}
   for precision in ("bf16", "fp8"):
