@@ -82,6 +82,7 @@ class RoutedExperts(nnx.Module):
     self.expert_fn = rt.expert_fn()
     self.par = rt.par
     self.keep_exchanged = rt.ep_remat == "keep"
+    self.gathered = False  # set by a pipeline that hands each stage its weights gathered and cast (gather_once)
     self.gate_proj = param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg, rt)
     self.up_proj = param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg, rt)
     self.down_proj = param(rngs, (e, f, d), ("expert", "moe_mlp", "embed"), cfg, rt)
@@ -103,9 +104,8 @@ class RoutedExperts(nnx.Module):
     the float32 master weights: left to itself, XLA gathered the float32 weights and cast them after
     (V3 on h100x256: 1.2 of the 1.5 TB a GPU sends over the hosts' network in all-gathers a step)."""
     ws = [p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
-    where = splitting(self.par)
-    if where is None or "stage" not in where[2] and self.par.pipeline.gather_once:
-      return tuple(ws)  # (in a pipeline stage with pipeline.gather_once they come gathered for the step)
+    if self.gathered or splitting(self.par) is None:
+      return tuple(ws)
     # (a stack of layers' weights, [layers, experts, ...], may or may not name its leading axis)
     return tuple(constrain(w, ((None,) * w.ndim + tuple(axes))[-w.ndim:], self.par) for w, axes in zip(ws, self._axes()))
 

@@ -60,7 +60,8 @@ class PipelineConfig:
   pipeline (null: as many as stages); `repeats` R: chunks per stage (circular only); `gather_once`:
   a stage's weights gathered over fsdp once per run and held whole over fsdp through the schedule
   (FSDP's reshard_after_forward=False), instead of gathered again in every tick's forward and
-  backward: the memory of the stage's float32 weights whole over fsdp for 1/T of their gathers. Their
+  backward: the memory of the stage's weights whole over fsdp (the routed experts' as the bf16 copies
+  their GEMMs take) for 1/T of their gathers. Their
   gradients are still reduce-scattered in each backward (XLA sums a tick's partial gradient at once:
   holding it whole over fsdp made that an all-reduce per tick)."""
 
@@ -345,8 +346,11 @@ def _from_stage(x, source, s, parts: int, wide: bool):
   return y.astype(x.dtype)
 
 
-def _zeros(tree):
-  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
+def _zeros(tree, at_least=None):
+  """Zeros like `tree`; `at_least`: floats in at least that dtype (a stack handed over in bf16 has its
+  gradients summed over the ticks in float32)."""
+  dtype = lambda x: jnp.promote_types(x.dtype, at_least) if at_least and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, dtype(x)), tree)
 
 
 def _lowest(tree):
@@ -510,7 +514,7 @@ def _init_carry(st: _Stage, first_kept, chunk_kept, stats_shape, aux_shape, peak
       "kept": slots(chunk_kept), "first_kept": slots(first_kept),
       "cots": jnp.zeros((sched.cots,) + zero_act.shape, zero_act.dtype),
       "recv_act": zero_act, "recv_cot": zero_act, "send_cot": zero_act,
-      "g_stack": _zeros(st.stack_params), "g_post": _zeros(st.post_params),
+      "g_stack": _zeros(st.stack_params, jnp.float32), "g_post": _zeros(st.post_params, jnp.float32),
       "stats": _zeros(jax.tree.map(per_slot, stats_shape)),
       "aux": _zeros(aux_shape), "loss": jnp.zeros((), jnp.float32),
       "peaks": _lowest({**peaks, "stack": jax.tree.map(per_slot, peaks["stack"])}),

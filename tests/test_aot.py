@@ -495,6 +495,25 @@ def test_gpu_fsdp_gathers_the_experts_weights_in_bf16():
 
 
 @pytest.mark.cuda
+def test_gpu_gather_once_gathers_the_experts_bf16_copies():
+  """needs the cuda extra: pipeline.gather_once hands each stage its matrices (the experts' weights, the
+  projections' kernels) cast to bf16 where their fsdp shard lies, then gathered (train/core/pipelined.py:
+  _compute_copies). Left to itself XLA:GPU gathered the float32 stack once and cast it in every tick (the
+  tiny bf16 step on h100x8, stage=2 x fsdp=2 x expert=2: 914,480 bytes a GPU gathered once for the
+  stack's 907,776 float32 ones; 521,264 with the experts' cast, 461,872 with the kernels' too; XLA:TPU
+  gathered bf16 already). V3's layers made small on 16 H100s, 2 stages x fsdp=2 x expert=4; this fails
+  (f32[64,1024,512] all-gathers) with the cast left out."""
+  cfg = load_train_config(ROOT / "configs/deepseek-v3-671b.yaml", [
+      "mesh.data=1", "mesh.stage=2", "mesh.fsdp=2", "mesh.expert=4", "pipeline.gather_once=true", "batch_size=16",
+      "seq_len=512", "model.num_hidden_layers=5", "model.num_nextn_predict_layers=0", "model.hidden_size=1024",
+      "model.moe_intermediate_size=512", "model.intermediate_size=1024"])
+  text = _compiled(cfg, targets.parse("h100x16")).as_text()
+  results = [m.group(1) for m in re.finditer(r"= (.*?) all-gather(?:-start)?\(", text)]  # (start: (operand, result))
+  gathered = collections.Counter(t for r in results for t in re.findall(r"(\w+)\[64,(?:1024,512|512,1024)\]", r))
+  assert gathered["bf16"] > 0 and gathered["f32"] == 0, gathered
+
+
+@pytest.mark.cuda
 def test_a_gpu_step_that_does_not_fit_lists_its_largest_buffers(capsys):
   """needs the cuda extra: XLA:GPU compiles a step that does not fit (it only warns), so train.aot
   compares the peak with the HBM itself, says so in one line and, with --buffers, lists the largest

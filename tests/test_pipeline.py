@@ -210,13 +210,14 @@ def test_each_forward_runs_once(remat="full"):
 
 
 def test_gather_once_gathers_a_stages_weights_once_per_step():
-  """pipeline.gather_once, compiled for v5p-16 (stage=2 x fsdp=2 x expert=2, 1F1B over 4 micro-batches):
-  the stage's MoE weights are gathered over fsdp once per step, not in each of the T = 10 ticks whose
-  forward or backward slot runs. With fsdp=2 one gather of them brings in S, their float32 bytes per
-  device (hand-countable from the parameters' shapes and specs: 907,776): the gather made once is S
-  (within 2%); in every tick the layers gather their bf16 copies, S / 2 (moe/experts.py: cast where
-  the shard lies), so the step's all-gather bytes fall by at least (T / 2 - 1) x S (measured: 16.4 ->
-  12.1 MB; 21.0 -> 12.0 when the ticks gathered float32)."""
+  """pipeline.gather_once, compiled for v5p-16 (stage=2 x fsdp=2 x expert=2, 1F1B over 4 micro-batches,
+  in float32 as tiny.yaml computes): the stage's MoE weights are gathered over fsdp once per step, not
+  in each of the T = 10 ticks whose forward or backward slot runs. With fsdp=2 one gather of them
+  brings in S, their float32 bytes per device (hand-countable from the parameters' shapes and specs:
+  907,776): the gather made once is S (within 2%), and the step's all-gather bytes fall by at least
+  (T / 2 - 1) x S (measured: 16.4 -> 12.1 MB; 21.0 -> 12.0 before the experts' weights were laid out
+  once for the exchange's forward and backward). In bf16 the experts' copies are gathered, S / 2 of
+  them: XLA:TPU did so already, XLA:GPU gathered float32 (tests/test_aot.py, cuda)."""
   from parallel import targets
   from parallel.mesh import Parallelism
   from train import aot, forecast

@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe import experts as experts_lib
+from moe import layers as layers_lib
 from moe import model as model_lib
 from parallel import pipeline
 from parallel import sharding as sharding_lib
@@ -45,8 +46,10 @@ def _split(tree):
 
 
 def _key(path) -> tuple:
-  """A pytree path as plain strings, the same for a State of arrays and one of Variables."""
-  return tuple(str(getattr(k, "key", k)) for k in path)
+  """A pytree path as plain strings, the same for a State of arrays and one of Variables (whose leaves'
+  paths end in ".value"), and for a module's path plus its attribute's name."""
+  key = tuple(str(getattr(k, "key", k)) for k in path)
+  return key[:-1] if key[-1:] == (".value",) else key
 
 
 def _join(like, other, stack):
@@ -56,18 +59,37 @@ def _join(like, other, stack):
   return jax.tree_util.tree_map_with_path(lambda p, _: leaves[_key(p)], like)
 
 
-def _without_fsdp(stack, par) -> dict:
-  """{path: NamedSharding} of the stack's parameters laid out as the rules say but whole over fsdp
-  (pipeline.gather_once)."""
-  rules = tuple((k, tuple(a for a in v if a != "fsdp")) for k, v in par.rules)
-  shardings = sharding_lib.state_shardings(stack, par.mesh, rules)
+def _shardings(state, par, drop: str | None = None) -> dict:
+  """{path: NamedSharding} of the parameters in `state` laid out as the rules say, whole over the mesh
+  axis `drop` (fsdp: pipeline.gather_once)."""
+  rules = tuple((k, tuple(a for a in v if a != drop)) for k, v in par.rules)
+  shardings = sharding_lib.state_shardings(state, par.mesh, rules)
   leaves = jax.tree_util.tree_leaves_with_path(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
   return {_key(p): s for p, s in leaves}
 
 
-def _constrain(stack, shardings: dict):
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: jax.lax.with_sharding_constraint(x, shardings[_key(p)]), stack)
+def _compute_dtypes(module) -> dict:
+  """{path: dtype} of the module's matrices that are only ever used cast to the compute dtype: the routed
+  experts' weights (moe/experts.py) and the projections' kernels (moe/layers.py: Linear), so that their
+  cast copies are what the pipeline gathers (the router's kernel stays float32, the embedding table too:
+  its gradient is a scatter-add, kept in float32)."""
+  names = lambda m: ("gate_proj", "up_proj", "down_proj") if isinstance(m, experts_lib.RoutedExperts) else (
+      ("kernel",) if isinstance(m, layers_lib.Linear) else ())
+  return {_key(path) + (name,): m.dtype for path, m in nnx.iter_modules(module) for name in names(m)}
+
+
+def _compute_copies(tree, own: dict, dtypes: dict):
+  """`tree` with its leaves in `dtypes` cast, each where its shard lies (`own`), so that what is gathered
+  from them is the cast copy: cast in one go, XLA:GPU gathered the float32 weights and cast them after.
+  Their gradients come back in the cast dtype, summed in float32 (parallel/pipeline.py)."""
+  def one(p, x):
+    k = _key(p)
+    return jax.lax.with_sharding_constraint(x.astype(dtypes[k]), own[k]) if k in dtypes else x
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _constrain(tree, shardings: dict):
+  return jax.tree_util.tree_map_with_path(lambda p, x: jax.lax.with_sharding_constraint(x, shardings[_key(p)]), tree)
 
 
 def schedule(par, rows: int, kind: str | None = None) -> pipeline.Schedule:
@@ -89,10 +111,18 @@ class Pipelined:
     if max_logits:  # each MLA module leaves its max_logit (moe/mla.py), for QK-clip
       model.set_attributes(keep_max_logit=True)
     self.cfg, self.layout, self.apply = model.cfg, model.layout, model.moe_layers.apply
-    self.layer_graph = nnx.split(model.moe_layers.layers, nnx.Param, ...)[0]
-    self.gathered = _without_fsdp(nnx.state(model.moe_layers.layers, nnx.Param), par) if (
-        par.pipeline.gather_once) else None
+    layers = model.moe_layers.layers
+    self.gathered = None
+    if par.pipeline.gather_once:  # the stage's weights come whole over fsdp, its matrices as their bf16 copies
+      state = nnx.state(layers, nnx.Param)
+      self.gathered = (_shardings(state, par), _compute_dtypes(layers), _shardings(state, par, "fsdp"))
+      for _, m in nnx.iter_modules(layers):
+        if isinstance(m, experts_lib.RoutedExperts):
+          m.gathered = True
+    self.layer_graph = nnx.split(layers, nnx.Param, ...)[0]
     model.moe_layers = None
+    # the weights outside the stack come whole over `stage`, their matrices as their bf16 copies
+    self.other_copies = (_shardings(nnx.state(model, nnx.Param), par), _compute_dtypes(model))
     self.other_graph = nnx.split(model, nnx.Param, ...)[0]
     self.par, self.sched = par, sched
     self.lam, self.alpha, self.with_mtp = mtp_lambda, balance_alpha, with_mtp
@@ -144,7 +174,7 @@ class Pipelined:
     """(loss, parts, load [slots + MTP blocks, E] in the stack's slot order, exchanged (as model_grad's),
     grads or None, max logits): the max logits as model_grad's (train/core/step.py), the stack's [slots, heads] in
     slot order, -inf in padding slots (empty without `max_logits`)."""
-    p_other, p_stack = _split(params)
+    p_other, p_master = _split(params)
     r_other, r_stack = _split(rest)
     m = self.sched.microbatches
     n_total = n_micro * m
@@ -152,11 +182,14 @@ class Pipelined:
     mb = self._micro_batches(batch, m)
     first_fn, stage_fn, last_fn = self._functions(n_total)
     consts = {"rest": r_stack, "active": jnp.asarray(self.layout.slot_layer() >= 0)}
+    p_stack = p_master
     if self.gathered is not None:  # pipeline.gather_once: one all-gather here, not one per tick
-      p_stack = _constrain(p_stack, self.gathered)
+      p_stack = _constrain(_compute_copies(p_master, *self.gathered[:2]), self.gathered[2])
     loss, g_stack, g_other, stats, aux, peaks = pipeline.run(
-        self.sched, self.par.mesh, self.layout.per_chunk, first_fn, stage_fn, last_fn, p_stack, consts, p_other,
-        {"rest": r_other, "counts": counts}, mb, train=train)
+        self.sched, self.par.mesh, self.layout.per_chunk, first_fn, stage_fn, last_fn, p_stack, consts,
+        _compute_copies(p_other, *self.other_copies), {"rest": r_other, "counts": counts}, mb, train=train)
+    like = lambda g, p: g.astype(p.dtype)  # (summed in float32)
+    g_stack, g_other = jax.tree.map(like, g_stack, p_master), jax.tree.map(like, g_other, p_other)
     parts, extra = dict(aux["parts"]), aux["stats"]
     both = [stats] if extra is None else [stats, extra]
     parts["balance_loss"] = sum(s.balance_loss.sum() for s in both) / n_total
