@@ -60,8 +60,8 @@ class PipelineConfig:
   pipeline (null: as many as stages); `repeats` R: chunks per stage (circular only); `gather_once`:
   a stage's weights gathered over fsdp once per run and held whole over fsdp through the schedule
   (FSDP's reshard_after_forward=False), instead of gathered again in every tick's forward and
-  backward: the memory of the stage's weights whole over fsdp (the routed experts' as the bf16 copies
-  their GEMMs take) for 1/T of their gathers. Their
+  backward: the memory of the stage's weights whole over fsdp (its matrices as the bf16 copies the
+  layers compute with) for 1/T of their gathers. Their
   gradients are still reduce-scattered in each backward (XLA sums a tick's partial gradient at once:
   holding it whole over fsdp made that an all-reduce per tick)."""
 
