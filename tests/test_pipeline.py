@@ -275,14 +275,16 @@ def test_outer_weights_are_sharded_over_the_stages_too():
 # ------------------------------------------------------------------ 8 simulated devices
 # A covering design rather than every combination (each job is a compile of half a minute): every
 # schedule on 2 and on 4 stages, and each of the data, fsdp and expert axes with every schedule;
-# grad_accum through 1F1B; FP8 through 1F1B and on data=8 alone; the head's vocabulary over fsdp
+# grad_accum through 1F1B; FP8 through 1F1B (once with the stage's bf16 weight copies gathered once,
+# pipeline.gather_once) and on data=8 alone; the head's vocabulary over fsdp
 # (mesh.vocab_parallel) in the last stage of the circular schedule; a stage's weights gathered once per
 # step (pipeline.gather_once) on 4 stages. Each worker's first job uses the one-device reference the
 # other worker needs last (the session's compilation cache holds it by then).
 JOBS = [
     ["2:gpipe:mesh.data=2,mesh.expert=2", "4:circular:mesh.data=2,pipeline.microbatches=4",
      "2:1f1b:mesh.data=2,mesh.fsdp=2,pipeline.microbatches=4,grad_accum=2",
-     "2:1f1b:precision=fp8,pipeline.microbatches=4,mesh.expert=2"],
+     "2:1f1b:precision=fp8,pipeline.microbatches=4,mesh.expert=2",
+     "2:1f1b:precision=fp8,pipeline.microbatches=4,mesh.fsdp=2,pipeline.gather_once=true"],
     ["1:gpipe:precision=fp8", "4:gpipe:mesh.fsdp=2,pipeline.gather_once=true",
      "2:circular:mesh.fsdp=2,mesh.expert=2,mesh.vocab_parallel=true", "4:1f1b:mesh.expert=2,pipeline.microbatches=8"],
 ]
