@@ -502,7 +502,8 @@ def test_gpu_gather_once_gathers_the_experts_bf16_copies():
   tiny bf16 step on h100x8, stage=2 x fsdp=2 x expert=2: 914,480 bytes a GPU gathered once for the
   stack's 907,776 float32 ones; 521,264 with the experts' cast, 461,872 with the kernels' too; XLA:TPU
   gathered bf16 already). V3's layers made small on 16 H100s, 2 stages x fsdp=2 x expert=4; this fails
-  (f32[64,1024,512] all-gathers) with the cast left out, and with the kernels' left out (f32[3,192,24576] ones, the dense layers' q_b among them)."""
+  with the experts' cast left out (f32[64,1024,512] all-gathers), and with the kernels' left out
+  (f32[3,192,24576] ones, the dense layers' q_b, among others)."""
   cfg = load_train_config(ROOT / "configs/deepseek-v3-671b.yaml", [
       "mesh.data=1", "mesh.stage=2", "mesh.fsdp=2", "mesh.expert=4", "pipeline.gather_once=true", "batch_size=16",
       "seq_len=512", "model.num_hidden_layers=5", "model.num_nextn_predict_layers=0", "model.hidden_size=1024",
