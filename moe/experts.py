@@ -27,7 +27,7 @@ from moe.runtime import Runtime
 from parallel.common.errors import ConfigError
 from parallel import eplb
 from parallel.expert_parallel import add_copy_grads, dispatch_combine, ep_size, make_copies
-from parallel.sharding import constrain, splitting
+from parallel.sharding import constrain
 
 # Logical axes of the stacked expert weights as they enter the expert-parallel dispatch: the hidden
 # dimension is gathered whole there (FSDP), the FFN width stays split over `tensor`.
@@ -104,7 +104,7 @@ class RoutedExperts(nnx.Module):
     the float32 master weights: left to itself, XLA gathered the float32 weights and cast them after
     (V3 on h100x256: 1.2 of the 1.5 TB a GPU sends over the hosts' network in all-gathers a step)."""
     ws = [p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
-    if self.gathered or splitting(self.par) is None:
+    if self.gathered:
       return tuple(ws)
     # (a stack of layers' weights, [layers, experts, ...], may or may not name its leading axis)
     return tuple(constrain(w, ((None,) * w.ndim + tuple(axes))[-w.ndim:], self.par) for w, axes in zip(ws, self._axes()))

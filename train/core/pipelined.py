@@ -112,10 +112,10 @@ class Pipelined:
       model.set_attributes(keep_max_logit=True)
     self.cfg, self.layout, self.apply = model.cfg, model.layout, model.moe_layers.apply
     layers = model.moe_layers.layers
-    self.gathered = None
+    self.stack_copies, self.gathered = None, None
     if par.pipeline.gather_once:  # the stage's weights come whole over fsdp, its matrices as their bf16 copies
       state = nnx.state(layers, nnx.Param)
-      self.gathered = (_shardings(state, par), _compute_dtypes(layers), _shardings(state, par, "fsdp"))
+      self.stack_copies, self.gathered = (_shardings(state, par), _compute_dtypes(layers)), _shardings(state, par, "fsdp")
       for _, m in nnx.iter_modules(layers):
         if isinstance(m, experts_lib.RoutedExperts):
           m.gathered = True
@@ -184,7 +184,7 @@ class Pipelined:
     consts = {"rest": r_stack, "active": jnp.asarray(self.layout.slot_layer() >= 0)}
     p_stack = p_master
     if self.gathered is not None:  # pipeline.gather_once: one all-gather here, not one per tick
-      p_stack = _constrain(_compute_copies(p_master, *self.gathered[:2]), self.gathered[2])
+      p_stack = _constrain(_compute_copies(p_master, *self.stack_copies), self.gathered)
     loss, g_stack, g_other, stats, aux, peaks = pipeline.run(
         self.sched, self.par.mesh, self.layout.per_chunk, first_fn, stage_fn, last_fn, p_stack, consts,
         _compute_copies(p_other, *self.other_copies), {"rest": r_other, "counts": counts}, mb, train=train)
