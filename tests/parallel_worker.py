@@ -112,6 +112,11 @@ ACCUMULATE = {
     "f2e2t2_vocab_parallel": (MESHES["f2e2t2"], ["impl.remat_policy=full", "mesh.vocab_parallel=true"]),
     "f2c2e2_vocab_parallel": (dict(data=1, fsdp=2, context=2, expert=2), ["impl.remat_policy=full",
                                                                            "mesh.vocab_parallel=true"]),
+    # micro-batch 2's forward beside micro-batch 1's backward (train/core/overlapped.py), the dropless
+    # two-level exchange with its fast path and halves; and under context parallelism
+    "f2e2t2_fb_overlap": (MESHES["f2e2t2"], ["impl.remat_policy=full", "impl.fb_overlap=true", "mesh.ep_transport=ragged",
+                                             "mesh.ep_nodes=2", "mesh.ep_fast_path=1.5", "mesh.ep_overlap=true"]),
+    "f2c2e2_fb_overlap": (dict(data=1, fsdp=2, context=2, expert=2), ["impl.remat_policy=full", "impl.fb_overlap=true"]),
 }
 
 

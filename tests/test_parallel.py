@@ -282,7 +282,9 @@ def test_gradients_accumulated_in_the_layer_stacks_on_every_mesh(eight):
   and the loss head runs 4 tokens at a time (4 chunks of the 16; whole under context), on
   d2f2e2 (padded all-to-all), f2e2t2 (ragged transport, tensor axis, layer inputs in host memory;
   and with the head's vocabulary over tensor x fsdp, mesh.vocab_parallel) and fsdp=2 x context=2 x
-  expert=2 (also with mesh.vocab_parallel): the one-device autodiff step (remat none, whole head) within
+  expert=2 (also with mesh.vocab_parallel), and with impl.fb_overlap (the second micro-batch's forward
+  beside the first one's backward; the two-level ragged exchange with its fast path and halves, and
+  under context): the one-device autodiff step (remat none, whole head) within
   check_mesh's float32 bounds (measured: loss 2e-7 relative, update 1.9e-8). FP8 on d2f2e2 (whole
   head) against the same mesh under autodiff: measured 1.2e-10."""
   acc = eight["accumulate"]
@@ -291,6 +293,10 @@ def test_gradients_accumulated_in_the_layer_stacks_on_every_mesh(eight):
   for name, chunks in want_chunks.items():
     check_mesh(name, acc[name], acc["ref"])
     assert acc[name]["accumulating"] == 2 and acc[name]["chunks"] == chunks, name
+  # impl.fb_overlap (train/core/overlapped.py): the MoE stack's backward its own, the dense stack's by autodiff
+  for name, chunks in {"f2e2t2_fb_overlap": [4] * 4, "f2c2e2_fb_overlap": [1] * 4}.items():
+    check_mesh(name, acc[name], acc["ref"])
+    assert acc[name]["accumulating"] == 0 and acc[name]["chunks"] == chunks, name
   fp8 = eight["accumulate_fp8"]
   check_mesh("fp8", fp8["d2f2e2"], fp8["ref"])
   assert fp8["d2f2e2"]["accumulating"] == 2 and fp8["d2f2e2"]["update_diff"] < 1e-8

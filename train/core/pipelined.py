@@ -38,7 +38,7 @@ from train.core import loss as loss_lib
 STACK = "moe_layers"
 
 
-def _split(tree):
+def split_stack(tree):
   """(tree without the MoE stack, the stack's `layers` state; empty when it has none, e.g. the rest of
   a model without router biases)."""
   stack = tree[STACK]["layers"] if STACK in tree else nnx.State({})
@@ -52,8 +52,8 @@ def _key(path) -> tuple:
   return key[:-1] if key[-1:] == (".value",) else key
 
 
-def _join(like, other, stack):
-  """The tree of `like` (the params) from the parts `_split` made of such a tree."""
+def join_stack(like, other, stack):
+  """The tree of `like` (the params) from the parts `split_stack` made of such a tree."""
   leaves = {_key(p): x for p, x in jax.tree_util.tree_leaves_with_path(other)}
   leaves.update({(STACK, "layers") + _key(p): x for p, x in jax.tree_util.tree_leaves_with_path(stack)})
   return jax.tree_util.tree_map_with_path(lambda p, _: leaves[_key(p)], like)
@@ -102,6 +102,38 @@ def schedule(par, rows: int, kind: str | None = None) -> pipeline.Schedule:
   return pipeline.make_schedule(kind or par.pipeline.schedule, par.stages, m, par.pipeline.repeats)
 
 
+def outer_functions(other_graph, mtp_lambda: float, balance_alpha: float, with_mtp: bool, n_total: int,
+                    defer_head: bool = False):
+  """(first_fn, last_fn): the model around its MoE stack (`other_graph`: the model without it, split
+  into Params and the rest) on one micro-batch `mb` of `n_total` (the whole batch's loss is their sum).
+  first_fn(q, qc, mb) -> (the MoE stack's input, what the dense layers sowed): embedding and dense
+  layers; last_fn(q, qc, y, mb, blocks) -> (loss, {"parts", "stats": the MTP blocks' MoEStats}, what
+  the MTP sowed) on one of `blocks` row blocks of the micro-batch: norm, head, MTP and the objective
+  (without the stack's balance loss, which its caller adds); `defer_head`: the loss computes the
+  logits a sequence chunk at a time (moe/model.py: Transformer.defer_head). `qc`: {"rest": the rest of the model,
+  "counts": the whole batch's token counts}. With context parallelism everything runs on the balanced
+  layout (moe/model.py: laid_out), the loss's targets laid out as the logits are."""
+  def first_fn(q, qc, mb):
+    model = nnx.merge(other_graph, q, qc["rest"])
+    _, tokens, inner, _ = model.laid_out(mb["tokens"], mb["segment_ids"], mb["positions"])
+    h = model.bottom(tokens, inner)[0]
+    return h, nnx.pop(model, nnx.Intermediate)  # (the dense layers' max logits, with QK-clip)
+
+  def last_fn(q, qc, y, mb, blocks=1):
+    model = nnx.merge(other_graph, q, qc["rest"])
+    model.defer_head = defer_head
+    ctx, _, inner, order = model.laid_out(mb["tokens"], mb["segment_ids"], mb["positions"])
+    logits, mtp_logits, mtp_stats = model.top(y, mb["tokens"], ctx, with_mtp, inner, order)
+    stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *mtp_stats) if mtp_stats else None
+    out = model_lib.ModelOutput(logits, mtp_logits, stats, order)
+    loss, parts = loss_lib.objective(out, mb, qc["counts"], n_total * blocks, mtp_lambda, balance_alpha)
+    if stats is not None:  # (a balance loss is a mean over a block's sequences)
+      stats = stats._replace(balance_loss=stats.balance_loss / blocks)
+    return loss, {"parts": parts, "stats": stats}, nnx.pop(model, nnx.Intermediate)  # (MTP's max logits)
+
+  return first_fn, last_fn
+
+
 class Pipelined:
   """The objective of the model `graphdef` (built with a stage > 1 Runtime) through `sched`."""
 
@@ -128,30 +160,13 @@ class Pipelined:
     self.lam, self.alpha, self.with_mtp = mtp_lambda, balance_alpha, with_mtp
 
   def _functions(self, n_total: int):
-    # With context parallelism everything runs on the balanced layout (moe/model.py: laid_out), the
-    # loss's targets laid out as the logits are.
-    def first_fn(q, qc, mb):
-      model = nnx.merge(self.other_graph, q, qc["rest"])
-      _, tokens, inner, _ = model.laid_out(mb["tokens"], mb["segment_ids"], mb["positions"])
-      h = model.bottom(tokens, inner)[0]
-      return h, nnx.pop(model, nnx.Intermediate)  # (the dense layers' max logits, with QK-clip)
+    first_fn, last_fn = outer_functions(self.other_graph, self.lam, self.alpha, self.with_mtp, n_total)
 
     def stage_fn(p, c, x, mb):
       _, _, ctx, _ = model_lib.laid_out(self.cfg, self.par, mb["tokens"], mb["segment_ids"], mb["positions"])
       h, stats, _, sown = self.apply(self.layer_graph, (p, c["rest"]), x, ctx.cos_sin, ctx.mask, ctx.valid,
                                      active_L=c["active"])
       return h, self.alpha * stats.balance_loss.sum() / n_total, stats, sown
-
-    def last_fn(q, qc, y, mb, blocks):  # on one of `blocks` row blocks of a micro-batch
-      model = nnx.merge(self.other_graph, q, qc["rest"])
-      ctx, _, inner, order = model.laid_out(mb["tokens"], mb["segment_ids"], mb["positions"])
-      logits, mtp_logits, mtp_stats = model.top(y, mb["tokens"], ctx, self.with_mtp, inner, order)
-      stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *mtp_stats) if mtp_stats else None
-      out = model_lib.ModelOutput(logits, mtp_logits, stats, order)
-      loss, parts = loss_lib.objective(out, mb, qc["counts"], n_total * blocks, self.lam, self.alpha)
-      if stats is not None:  # (a balance loss is a mean over a block's sequences)
-        stats = stats._replace(balance_loss=stats.balance_loss / blocks)
-      return loss, {"parts": parts, "stats": stats}, nnx.pop(model, nnx.Intermediate)  # (MTP's max logits)
 
     return first_fn, stage_fn, last_fn
 
@@ -174,8 +189,8 @@ class Pipelined:
     """(loss, parts, load [slots + MTP blocks, E] in the stack's slot order, exchanged (as model_grad's),
     grads or None, max logits): the max logits as model_grad's (train/core/step.py), the stack's [slots, heads] in
     slot order, -inf in padding slots (empty without `max_logits`)."""
-    p_other, p_master = _split(params)
-    r_other, r_stack = _split(rest)
+    p_other, p_master = split_stack(params)
+    r_other, r_stack = split_stack(rest)
     m = self.sched.microbatches
     n_total = n_micro * m
 
@@ -198,7 +213,7 @@ class Pipelined:
     max_logits = nnx.State({**peaks["first"], **peaks["last"]})
     if len(peaks["stack"]):
       max_logits[STACK] = nnx.State({"layers": peaks["stack"]})
-    return loss, parts, load, exchanged, _join(params, g_other, g_stack) if train else None, max_logits
+    return loss, parts, load, exchanged, join_stack(params, g_other, g_stack) if train else None, max_logits
 
 
 def in_layer_order(max_logits, layout: pipeline.Layout):

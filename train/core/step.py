@@ -32,6 +32,7 @@ from moe.model import STACKS
 from parallel import pipeline
 from train.core import loss as loss_lib
 from train.core import muon
+from train.core import overlapped
 from train.core import pipelined
 from train.core.train_config import TrainConfig
 
@@ -77,6 +78,9 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, lr_schedule, cfg: Trai
   qk_clip = cfg.optimizer.qk_clip  # QK-clip's threshold (train/core/muon.py), or None
   staged = pipe_schedule is not None
   grad_fn = pipeline_grad(graphdef, cfg, par, pipe_schedule) if staged else model_grad(graphdef, cfg)
+  if cfg.impl.fb_overlap:  # the whole batch's gradient, micro-batch m's forward beside m-1's backward
+    overlapped.check(cfg, par)
+    grad_fn = overlapped.grad_fn(graphdef, cfg, par)
   in_stacks = not staged and cfg.grad_accum > 1 and cfg.impl.remat_policy in decoder.ACCUMULATING
   rows = metric_rows(par.layout(model_cfg.num_moe_layers), depth) if staged else None
 
@@ -84,8 +88,11 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, lr_schedule, cfg: Trai
     params, rest, guard = state["params"], state["rest"], state["guard"]
     counts = loss_lib.token_counts(batch, depth)
     copy_weights, wrt, fixed = differentiated(params, rest)
-    (loss, (parts, load, exchanged, max_logits)), grads = accumulated(grad_fn, wrt, fixed, batch, counts, cfg.grad_accum,
-                                                                    in_stacks and not copy_weights)
+    if cfg.impl.fb_overlap:
+      (loss, (parts, load, exchanged, max_logits)), grads = grad_fn(wrt, fixed, batch, counts)
+    else:
+      (loss, (parts, load, exchanged, max_logits)), grads = accumulated(grad_fn, wrt, fixed, batch, counts,
+                                                                      cfg.grad_accum, in_stacks and not copy_weights)
     if copy_weights:  # once per step, however many micro-batches
       grads = with_copy_grads(graphdef, grads, fixed)
 
