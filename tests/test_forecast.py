@@ -205,6 +205,62 @@ def test_host_transfers_by_hand():
   assert s["async"]["to-host"] == {"count": 1, "comm_s": pytest.approx(mib / 1e9), "hidden_s": pytest.approx(dot)}
 
 
+# The same moves as XLA:GPU writes them into and out of a host buffer of layer inputs (remat full_offload's
+# stack, impl.fb_overlap's): fusion-starts of computations holding one dynamic-update-slice / dynamic-slice
+# (the read's result copied, as XLA:GPU writes remat full_offload's).
+HOST_GPU = """HloModule m, is_scheduled=true, num_partitions=1
+
+%fused_dot (p0: bf16[128,256], p1: bf16[256,512]) -> bf16[128,512] {
+  %p0 = bf16[128,256]{1,0} parameter(0)
+  %p1 = bf16[256,512]{1,0} parameter(1)
+  ROOT %dot.1 = bf16[128,512]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%wrapped_dynamic-update-slice_computation (q0: f32[4,256,1024], q1: f32[1,256,1024], q2: s32[]) -> f32[4,256,1024] {
+  %q0 = f32[4,256,1024]{2,1,0:S(5)} parameter(0)
+  %q1 = f32[1,256,1024]{2,1,0} parameter(1)
+  %q2 = s32[] parameter(2)
+  %z = s32[] constant(0)
+  ROOT %dus = f32[4,256,1024]{2,1,0:S(5)} dynamic-update-slice(%q0, %q1, %q2, %z, %z)
+}
+
+%wrapped_dynamic-slice_computation (r0: f32[4,256,1024], r1: s32[]) -> f32[1,256,1024] {
+  %r0 = f32[4,256,1024]{2,1,0:S(5)} parameter(0)
+  %r1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  %ds = f32[1,256,1024]{2,1,0} dynamic-slice(%r0, %r1, %z, %z), dynamic_slice_sizes={1,256,1024}
+  ROOT %c = f32[1,256,1024]{2,1,0} copy(%ds)
+}
+
+ENTRY %main (x: bf16[128,256], w: bf16[256,512], a: f32[1,256,1024], buf: f32[4,256,1024], i: s32[]) -> (bf16[128,512], f32[1,256,1024]) {
+  %x = bf16[128,256]{1,0} parameter(0)
+  %w = bf16[256,512]{1,0} parameter(1)
+  %a = f32[1,256,1024]{2,1,0} parameter(2)
+  %buf = f32[4,256,1024]{2,1,0:S(5)} parameter(3)
+  %i = s32[] parameter(4)
+  %out = ((f32[4,256,1024]{2,1,0:S(5)}, f32[1,256,1024]{2,1,0}, s32[]), f32[4,256,1024]{2,1,0:S(5)}, u32[]) fusion-start(%buf, %a, %i), kind=kLoop, calls=%wrapped_dynamic-update-slice_computation
+  %y = bf16[128,512]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused_dot
+  %off = f32[4,256,1024]{2,1,0:S(5)} fusion-done(%out)
+  %in = ((f32[4,256,1024]{2,1,0:S(5)}, s32[]), f32[1,256,1024]{2,1,0}, u32[]) fusion-start(%off, %i), kind=kLoop, calls=%wrapped_dynamic-slice_computation
+  %back = f32[1,256,1024]{2,1,0} fusion-done(%in)
+  ROOT %t = (bf16[128,512]{1,0}, f32[1,256,1024]{2,1,0}) tuple(%y, %back)
+}
+"""
+
+
+def test_host_transfers_as_the_gpu_program_writes_them():
+  """HOST's two moves as XLA:GPU writes them (a layer input's slice into a host buffer and back, each a
+  fusion-start of a wrapped dynamic-update-slice / dynamic-slice): the same bytes, times and exposure
+  (they were read as kernels, their PCIe time not counted: V3's full_offload step on h100x256)."""
+  chip = forecast.Chip("made-up", 1e12, 2e12, 1e9, 1e12, 1e12, 1e9)
+  cost, want = forecast.costs(HOST_GPU, chip), forecast.costs(HOST, chip)
+  s = forecast.summary(cost)
+  mib = 256 * 1024 * 4
+  assert s["host_transfers"] == {"to-host": {"bytes": mib, "count": 1}, "from-host": {"bytes": mib, "count": 1}}
+  assert cost.compute == pytest.approx(want.compute)
+  assert cost.exposed == pytest.approx(want.exposed) and cost.time == pytest.approx(want.time)
+
+
 # The FP8 Pallas kernels (moe/kernels/fp8_pallas.py) as the compiled GPU program holds them: a linear's
 # blockscaled GEMM [256, 512] @ [512, 384] and an expert Fprop of 256 rows x [512 -> 384].
 FP8 = """HloModule m, is_scheduled=true, num_partitions=1

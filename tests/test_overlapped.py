@@ -33,17 +33,18 @@ def cfg(n_micro, **impl):
   return dataclasses.replace(train_cfg(1), model=MODEL, batch_size=ROWS, grad_accum=n_micro, impl=ImplConfig(**impl))
 
 
-@pytest.mark.parametrize("n_micro", [2, 3])
-def test_forward_beside_backward_gives_the_accumulated_step(n_micro):
+@pytest.mark.parametrize("n_micro, policy", [(2, "full"), (3, "full"), (3, "full_offload")])
+def test_forward_beside_backward_gives_the_accumulated_step(n_micro, policy):
   """2 and 3 micro-batches (the last backward reads the layer inputs from either end of the shared
-  buffer) through 3 MoE layers: loss, its parts, the expert loads, the gradients and the update equal
-  the plain accumulation's (remat full, autodiff) within float32 rounding (measured: metrics equal,
-  gradients 1e-7 of their largest entry; reading the buffer's slots in one order for every micro-batch
-  made them 0.98 apart)."""
+  buffer; with full_offload the buffer in host memory) through 3 MoE layers: loss, its parts, the
+  expert loads, the gradients and the update equal the plain accumulation's (the same remat policy,
+  moe/decoder.py: accumulating) within float32 rounding (measured: metrics equal, gradients 1e-7 of
+  their largest entry; reading the buffer's slots in one order for every micro-batch made them 0.98
+  apart)."""
   b = batch()
   runs = {}
   for on in (False, True):
-    s = Setup(cfg(n_micro, remat_policy="full", fb_overlap=on))
+    s = Setup(cfg(n_micro, remat_policy=policy, fb_overlap=on))
     state, metrics = s.step(s.fresh_state(), b)
     runs[on] = as_np(state["opt"][0]), as_np(state["params"]), jax.device_get(metrics)
   (g0, p0, m0), (g1, p1, m1) = runs[False], runs[True]
@@ -58,7 +59,7 @@ def test_forward_beside_backward_gives_the_accumulated_step(n_micro):
 
 @pytest.mark.parametrize("change, expect", [
     (dict(grad_accum=1), "needs grad_accum >= 2"),
-    (dict(impl=ImplConfig(remat_policy="none", fb_overlap=True)), "needs impl.remat_policy=full (has none)"),
+    (dict(impl=ImplConfig(remat_policy="none", fb_overlap=True)), "needs impl.remat_policy=full or full_offload (has none)"),
     (dict(optimizer=dataclasses.replace(train_cfg(1).optimizer, name="muon", qk_clip_threshold=100.0)),
      "runs without QK-clip"),
 ])

@@ -296,6 +296,13 @@ def _kernel_bytes(p: Program, ins) -> int:
 
 
 _HOST_MOVES = ("copy-start", "dynamic-slice-start", "dynamic-update-slice-start")
+# XLA:GPU writes a slice read out of a host buffer, or written into one, as a fusion-start of a computation
+# holding that slice (wrapped_dynamic-slice_computation, its result sometimes copied): the same move
+
+
+def _wrapped_move(p: Program, comp: str | None) -> str | None:
+  ops = {i.op for i in p.comps.get(comp or "", [])}
+  return next((f"{op}-start" for op in ("dynamic-update-slice", "dynamic-slice") if op in ops), None)
 
 
 def _host_move(p: Program, ins) -> tuple[str, int] | None:
@@ -303,12 +310,13 @@ def _host_move(p: Program, ins) -> tuple[str, int] | None:
   space 5: impl.remat_policy=full_offload's layer inputs): a copy, a slice read out of a host buffer,
   or an update written into one; else None."""
   operands = hlo_parse.operands(ins.rest)
-  if ins.op not in _HOST_MOVES or not operands:
+  op = (_wrapped_move(p, p.called(ins)) or ins.op) if ins.op == "fusion-start" else ins.op
+  if op not in _HOST_MOVES or not operands:
     return None
-  if ins.op == "dynamic-update-slice-start":  # into operand 0, the update operand 1
+  if op == "dynamic-update-slice-start":  # into operand 0, the update operand 1
     dst, src = p.shape(operands[0]), p.shape(operands[1]) if len(operands) > 1 else ""
   else:  # result (destination | (operands), result, context)
-    dst, src = hlo_parse.tuple_elements(ins.shape)[0 if ins.op == "copy-start" else 1], p.shape(operands[0])
+    dst, src = hlo_parse.tuple_elements(ins.shape)[0 if op == "copy-start" else 1], p.shape(operands[0])
   host = lambda shape: re.search(rf"S\({hlo_lib.HOST_MEMORY_SPACE}\)", shape) is not None
   if not src or host(dst) == host(src):
     return None

@@ -40,8 +40,8 @@ def check(cfg, par) -> None:
   """One clear line where `impl.fb_overlap` cannot run this step (`cfg` with grad_accum resolved)."""
   problems = [(cfg.grad_accum < 2, f"needs grad_accum >= 2 micro-batches (has {cfg.grad_accum}): a larger batch or"
                " a smaller per_device_batch"),
-              (cfg.impl.remat_policy != "full", f"needs impl.remat_policy=full (has {cfg.impl.remat_policy}): it keeps"
-               " each MoE layer's input on the device and recomputes the layer"),
+              (cfg.impl.remat_policy not in ("full", "full_offload"), "needs impl.remat_policy=full or full_offload"
+               f" (has {cfg.impl.remat_policy}): it keeps each MoE layer's input and recomputes the layer"),
               (par is not None and par.stages > 1, "runs without pipeline stages (mesh.stage=1): a pipeline's"
                " 1F1B ticks already pair micro-batches"),
               (par is not None and par.redundant_experts > 0, "runs without redundant experts (mesh.redundant_experts=0)"),
@@ -72,6 +72,9 @@ def grad_fn(graphdef, cfg, par):
     qc = {"rest": r_other, "counts": counts}
     n = cfg.model.num_moe_layers
     d_balance = jnp.float32(alpha / n_micro)  # d loss / d (a layer's balance loss)
+    offload = cfg.impl.remat_policy == "full_offload"  # the layer inputs' buffer in host memory
+    to_host = lambda x: jax.device_put(x, jax.memory.Space.Host) if offload else x
+    to_device = lambda x: jax.device_put(x, jax.memory.Space.Device) if offload else x
 
     def pinned(acc):  # the accumulator in its parameters' layout (moe/decoder.py: accumulating)
       leaves, tree = jax.tree.flatten(acc)
@@ -108,10 +111,10 @@ def grad_fn(graphdef, cfg, par):
           j = n - 1 - k
           # the slot read out before it is written (else XLA copied the whole buffer to keep the read)
           x_j, buf = jax.lax.optimization_barrier((buf[slot], buf))
-          dp, dx = layer_backward(j, x_j, dx, bwd)
+          dp, dx = layer_backward(j, to_device(x_j), dx, bwd)
           acc = add_at(acc, j, dp)
         if fwd is not None:
-          buf = jax.lax.dynamic_update_index_in_dim(buf, x, slot, 0)
+          buf = jax.lax.dynamic_update_index_in_dim(buf, to_host(x), slot, 0)
           x, stats = layer(k, x, fwd)
         return (x, dx, buf, acc), stats
       return jax.lax.scan(body, (x, dx, buf, acc), jnp.arange(n))
@@ -141,7 +144,7 @@ def grad_fn(graphdef, cfg, par):
     # F(0)
     mb0 = at(0)
     x0 = first_fn(q, qc, mb0)[0]
-    buf = jnp.zeros((n, *x0.shape), x0.dtype)
+    buf = to_host(jnp.zeros((n, *x0.shape), x0.dtype))
     (h, _, buf, acc), stats = loop(x0, None, buf, acc, False, ctx_of(mb0), None)
     loss, aux, g_other, dh = top(h, mb0)
     totals = outcome(loss, aux, stats)
