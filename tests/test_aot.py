@@ -391,11 +391,16 @@ def test_search_splits_long_sequences_over_context():
   assert three and all("impl.remat_policy=full_offload" in t for t in three)
   assert ["mesh.data=1", "mesh.fsdp=4", "mesh.expert=64", "mesh.tensor=1", "impl.remat_policy=full_offload",
           "impl.ep_remat=recompute", "mesh.ep_fast_path=1.5", "mesh.ep_overlap=true", "per_device_batch=3"] in short
+  # with the layers recomputed and no stages, each layout also with impl.fb_overlap, right after it without
+  fb = [t for t in short if "impl.fb_overlap=true" in t]
+  assert fb and all(any(f"impl.remat_policy={r}" in t for r in ("full", "full_offload")) for t in fb)
+  assert all(short[short.index(t) - 1] == [o for o in t if o != "impl.fb_overlap=true"] for t in fb)
   # with stages (and fsdp), a stage's weights gathered once per step is tried first, then in every tick
   staged = aot.candidates(load_train_config(ROOT / "configs/deepseek-v3-671b.yaml", ["mesh.stage=4"]),
                           targets.parse("v5p-512"), 10_000)
   once = [t for t in staged if "pipeline.gather_once=true" in t]
   assert once and not any("pipeline.gather_once=true" in t for t in short)
+  assert not any("impl.fb_overlap=true" in t for t in staged)
   assert all("mesh.fsdp=1" not in t and [o for o in t if o != "pipeline.gather_once=true"] in staged for t in once)
   assert all(staged.index(t) < staged.index([o for o in t if o != "pipeline.gather_once=true"]) for t in once)
 

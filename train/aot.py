@@ -341,7 +341,8 @@ def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list
   path (mesh.ep_fast_path=2) in overlapping halves (mesh.ep_overlap) before in one pass before halves
   in 1.5x buffers before 2 chunks before the default, on v5e the weights' all-gathers
   fused into the compute before not, with stages a stage's weights gathered once per step before in
-  every tick) and the micro-batch (grad_accum, or per_device_batch)."""
+  every tick, with remat full or full_offload and no stages each also with impl.fb_overlap, after
+  it without) and the micro-batch (grad_accum, or per_device_batch)."""
   n = target.devices // max(cfg.mesh.stage, 1)
   e = cfg.model.n_routed_experts
   long = cfg.seq_len > LONG  # each sequence over `context` devices too, at least LONG tokens a slice
@@ -369,10 +370,14 @@ def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list
           for exchange in EXCHANGES:
             for gather in (True, False) if target.family == "v5e" else (False,):  # (all-gathers under compute)
               staged = cfg.mesh.stage > 1 and "mesh.fsdp=1" not in m  # (a stage's weights gathered once)
+              # unpipelined with the layers recomputed: then with one micro-batch's forward beside the
+              # previous one's backward (impl.fb_overlap)
+              overlap = (False, True) if cfg.mesh.stage <= 1 and remat in ("full", "full_offload") else (False,)
               for once in (True, False) if staged else (False,):
-                out.append(m + [f"impl.remat_policy={remat}", f"impl.ep_remat={ep}"] + exchange + (
-                    ["mesh.gather_overlap=true"] if gather else []) + (
-                    ["pipeline.gather_once=true"] if once else []) + [batching])
+                for fb in overlap:
+                  out.append(m + [f"impl.remat_policy={remat}", f"impl.ep_remat={ep}"] + exchange + (
+                      ["mesh.gather_overlap=true"] if gather else []) + (
+                      ["pipeline.gather_once=true"] if once else []) + (["impl.fb_overlap=true"] if fb else []) + [batching])
   return out[:tries]
 
 
