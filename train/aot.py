@@ -332,7 +332,7 @@ LONG = 4096  # tokens a sequence (or a context slice of one) holds before --sear
 # their gradients summed, fewer times); the default
 # the fast path's buffers at 2x the balanced receive, then 1.5x (cheaper, more layers falling back: fallback_s)
 EXCHANGES = (["mesh.ep_fast_path=2.0", "mesh.ep_overlap=true"], ["mesh.ep_fast_path=2.0"],
-             ["mesh.ep_fast_path=1.5", "mesh.ep_overlap=true"], ["mesh.ep_chunks=2"], [])
+             ["mesh.ep_fast_path=1.5", "mesh.ep_overlap=true"], ["mesh.ep_fast_path=1.5"], ["mesh.ep_chunks=2"], [])
 
 def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list[list[str]]:
   """Override sets to try, most promising first: expert x fsdp (x tensor, x context when seq_len is
