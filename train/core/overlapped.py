@@ -8,7 +8,7 @@ nothing of each other's: the step's M = grad_accum micro-batches run as
   F(0);  F(m) beside B(m-1) for m = 1 .. M-1;  B(M-1)
 
 where F is the MoE stack's forward and B its backward, each layer recomputed from its kept input
-(remat full), and "beside" is one loop over the L layers whose iteration k runs layer k's forward
+(remat full or full_offload), and "beside" is one loop over the L layers whose iteration k runs layer k's forward
 of micro-batch m and layer L-1-k's backward of m-1: two independent chains in one loop body, so the
 compiler's scheduler runs each one's all-to-alls and weight gathers under the other's compute.
 Around the stack: the embedding and dense layers (`first_fn`) run before micro-batch m's loop and
@@ -17,7 +17,8 @@ micro-batch); the norm, head, MTP and loss (`last_fn`) run with their gradient a
 forward ends. The stack's gradient is summed into its accumulator layer by layer (as moe/decoder.py:
 accumulating).
 
-The layer inputs live on the device in one [L, ...] buffer the two micro-batches share: iteration k
+The layer inputs live in one [L, ...] buffer the two micro-batches share (on the device; in host
+memory with remat full_offload, each slice moved over PCIe as the plain step's are): iteration k
 reads the input of m-1's layer L-1-k from the slot where it writes the input of m's layer k, slot k
 for even m and L-1-k for odd m. The result equals autodiff of the plain accumulation
 (tests/test_overlapped.py).
