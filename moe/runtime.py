@@ -65,8 +65,9 @@ class ImplConfig:
   remat_policy: RematPolicy = "none"
   ep_remat: Literal["recompute", "keep"] = "recompute"
   scan_layers: bool = True
-  # The unpipelined step's grad_accum micro-batches with micro-batch m's forward beside m-1's backward,
-  # layer by layer, so that each one's all-to-alls run under the other's compute (train/core/overlapped.py).
+  # The unpipelined step's grad_accum (>= 2) micro-batches with micro-batch m's forward beside m-1's
+  # backward, layer by layer, so that each one's all-to-alls run under the other's compute (remat full or
+  # full_offload; train/core/overlapped.py).
   fb_overlap: bool = False
 
   def __post_init__(self):

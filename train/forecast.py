@@ -296,11 +296,12 @@ def _kernel_bytes(p: Program, ins) -> int:
 
 
 _HOST_MOVES = ("copy-start", "dynamic-slice-start", "dynamic-update-slice-start")
-# XLA:GPU writes a slice read out of a host buffer, or written into one, as a fusion-start of a computation
-# holding that slice (wrapped_dynamic-slice_computation, its result sometimes copied): the same move
 
 
 def _wrapped_move(p: Program, comp: str | None) -> str | None:
+  """The move a fusion-start of `comp` makes: XLA:GPU writes a slice read out of a host buffer, or
+  written into one, as a fusion-start of a computation holding that slice
+  (wrapped_dynamic-slice_computation, its result sometimes copied); None for any other computation."""
   ops = {i.op for i in p.comps.get(comp or "", [])}
   return next((f"{op}-start" for op in ("dynamic-update-slice", "dynamic-slice") if op in ops), None)
 

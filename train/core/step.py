@@ -77,10 +77,11 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, lr_schedule, cfg: Trai
   fast_path = par is not None and par.ep_fast_path is not None
   qk_clip = cfg.optimizer.qk_clip  # QK-clip's threshold (train/core/muon.py), or None
   staged = pipe_schedule is not None
-  grad_fn = pipeline_grad(graphdef, cfg, par, pipe_schedule) if staged else model_grad(graphdef, cfg)
   if cfg.impl.fb_overlap:  # the whole batch's gradient, micro-batch m's forward beside m-1's backward
     overlapped.check(cfg, par)
     grad_fn = overlapped.grad_fn(graphdef, cfg, par)
+  else:
+    grad_fn = pipeline_grad(graphdef, cfg, par, pipe_schedule) if staged else model_grad(graphdef, cfg)
   in_stacks = not staged and cfg.grad_accum > 1 and cfg.impl.remat_policy in decoder.ACCUMULATING
   rows = metric_rows(par.layout(model_cfg.num_moe_layers), depth) if staged else None
 
