@@ -165,6 +165,19 @@ def _own_source_lines():
     context.context = before
 
 
+def laid_out_as(params, par):
+  """tree -> tree laid out as the stacked parameters `params` (a State of Variables) say (`par`'s
+  rules), for a tree of their shapes: a gradient accumulator (why: `accumulating`)."""
+  axes = [v.get_metadata()["axes"] for v in jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, nnx.Variable))]
+  return lambda tree: jax.tree.unflatten(jax.tree.structure(tree),
+                                         [constrain(a, ax, par) for a, ax in zip(jax.tree.leaves(tree), axes)])
+
+
+def add_layer(acc, i, grads_i):
+  """`acc` (stacked [layers, ...]) with layer i's gradient added into its slice in place."""
+  return jax.tree.map(lambda a, g: jax.lax.dynamic_update_index_in_dim(a, a[i] + g.astype(a.dtype), i, 0), acc, grads_i)
+
+
 def accumulating(graphdef, stacked, acc, x_BxSxD, consts, offload: bool = False, par=None):
   """The layers of `stacked` (as LayerStack.apply, remat full), whose parameters' gradient is returned
   already summed into `acc` (their gradient so far in a gradient accumulation, a State like their
@@ -181,9 +194,8 @@ def accumulating(graphdef, stacked, acc, x_BxSxD, consts, offload: bool = False,
   leaves, tree = jax.tree.flatten(params)
   if [a.shape for a in acc] != [p.shape for p in leaves]:
     raise ValueError("the gradient accumulator does not match the stack's parameters")
-  axes = [v.get_metadata()["axes"] for v in jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, nnx.Variable))]
-  pinned = lambda acc: jax.tree.unflatten(tree, [constrain(a, ax, par) for a, ax in zip(jax.tree.leaves(acc), axes)])
-  acc = pinned(acc)
+  pinned = laid_out_as(params, par)
+  acc = pinned(jax.tree.unflatten(tree, acc))
 
   def one(p_i, o_i, x):  # (output, statistics, what the layer sowed) of one layer
     # With the layer inputs offloaded, a barrier keeps each layer's sliced weights a value of its own
@@ -234,8 +246,7 @@ def accumulating(graphdef, stacked, acc, x_BxSxD, consts, offload: bool = False,
 
       _, pullback = jax.vjp(differentiable, p_i, x_i)
       dp_i, dx = pullback((dx, dstats_i))
-      acc = jax.tree.map(lambda a, g: jax.lax.dynamic_update_index_in_dim(a, a[i] + g.astype(a.dtype), i, 0), acc, dp_i)
-      return (dx, pinned(acc)), None
+      return (dx, pinned(add_layer(acc, i, dp_i))), None
 
     dstats = [v for v, f in zip(jax.tree.leaves(dstats), floating) if f]  # (integer leaves: no cotangent)
     (dx, acc), _ = jax.lax.scan(body, (dy, pinned(acc)), (jnp.arange(n), inputs, dstats), reverse=True)

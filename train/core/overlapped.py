@@ -30,10 +30,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe import decoder
 from moe import experts as experts_lib
 from moe import model as model_lib
 from parallel.common.errors import ConfigError
-from parallel.sharding import constrain
 from train.core import pipelined
 
 
@@ -62,8 +62,7 @@ def grad_fn(graphdef, cfg, par):
     model = nnx.merge(graphdef, params, rest)
     layers = model.moe_layers.layers
     layer_graph = nnx.split(layers, nnx.Param, ...)[0]
-    axes = [v.get_metadata()["axes"] for v in jax.tree.leaves(nnx.state(layers, nnx.Param),
-                                                              is_leaf=lambda v: isinstance(v, nnx.Variable))]
+    pinned = decoder.laid_out_as(nnx.state(layers, nnx.Param), par)  # the accumulator's layout
     model.moe_layers = None
     other_graph = nnx.split(model, nnx.Param, ...)[0]
     first_fn, last_fn = pipelined.outer_functions(other_graph, cfg.loss.mtp_lambda, alpha, True, n_micro,
@@ -77,29 +76,22 @@ def grad_fn(graphdef, cfg, par):
     to_host = lambda x: jax.device_put(x, jax.memory.Space.Host) if offload else x
     to_device = lambda x: jax.device_put(x, jax.memory.Space.Device) if offload else x
 
-    def pinned(acc):  # the accumulator in its parameters' layout (moe/decoder.py: accumulating)
-      leaves, tree = jax.tree.flatten(acc)
-      return jax.tree.unflatten(tree, [constrain(a, ax, par) for a, ax in zip(leaves, axes)])
-
     def ctx_of(mb):
       _, _, ctx, _ = model_lib.laid_out(cfg.model, par, mb["tokens"], mb["segment_ids"], mb["positions"])
       return ctx.cos_sin, ctx.mask, ctx.valid
 
-    def layer(i, x, consts):  # (output, MoEStats) of layer i
-      p_i, o_i = (jax.tree.map(lambda a: a[i], t) for t in (p, o))
-      y, stats, _ = nnx.merge(layer_graph, p_i, o_i)(x, *consts)
+    index = lambda t, i: jax.tree.map(lambda a: a[i], t)  # entry i of every leaf (a layer, a micro-batch)
+
+    def layer(i, x, consts, p_i=None):  # (output, MoEStats) of layer i (with p_i: its parameters)
+      y, stats, _ = nnx.merge(layer_graph, index(p, i) if p_i is None else p_i, index(o, i))(x, *consts)
       return y, stats
 
     def layer_backward(i, x, dy, consts):  # (d params of layer i, dx): the layer recomputed from its input
       def differentiable(p_i, x):
-        y, stats, _ = nnx.merge(layer_graph, p_i, jax.tree.map(lambda a: a[i], o))(x, *consts)
+        y, stats = layer(i, x, consts, p_i)
         return y, stats.balance_loss
-      _, pullback = jax.vjp(differentiable, jax.tree.map(lambda a: a[i], p), x)
+      _, pullback = jax.vjp(differentiable, index(p, i), x)
       return pullback((dy, d_balance))
-
-    def add_at(acc, i, dp):
-      return pinned(jax.tree.map(lambda a, g: jax.lax.dynamic_update_index_in_dim(a, a[i] + g.astype(a.dtype), i, 0),
-                                 acc, dp))
 
     def loop(x, dx, buf, acc, odd, fwd, bwd):
       """The stack's loop: with `fwd` (micro-batch m's layer constants: cos_sin, mask, valid) m's forward
@@ -113,7 +105,7 @@ def grad_fn(graphdef, cfg, par):
           # the slot read out before it is written (else XLA copied the whole buffer to keep the read)
           x_j, buf = jax.lax.optimization_barrier((buf[slot], buf))
           dp, dx = layer_backward(j, to_device(x_j), dx, bwd)
-          acc = add_at(acc, j, dp)
+          acc = pinned(decoder.add_layer(acc, j, dp))
         if fwd is not None:
           buf = jax.lax.dynamic_update_index_in_dim(buf, to_host(x), slot, 0)
           x, stats = layer(k, x, fwd)
@@ -138,12 +130,10 @@ def grad_fn(graphdef, cfg, par):
       return loss + d_balance * stats.balance_loss.sum(), parts, load, experts_lib.exchange_counts(both)
 
     micro = jax.tree.map(lambda x: x.reshape(n_micro, -1, *x.shape[1:]), batch)
-    at = lambda m: jax.tree.map(lambda x: x[m], micro)
-    zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), t)
-    acc = pinned(zeros(p))
+    acc = pinned(jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), p))
 
     # F(0)
-    mb0 = at(0)
+    mb0 = index(micro, 0)
     x0 = first_fn(q, qc, mb0)[0]
     buf = to_host(jnp.zeros((n, *x0.shape), x0.dtype))
     (h, _, buf, acc), stats = loop(x0, None, buf, acc, False, ctx_of(mb0), None)
@@ -167,7 +157,7 @@ def grad_fn(graphdef, cfg, par):
     (buf, acc, g_other, dh, totals), _ = jax.lax.scan(step, carry, (jnp.arange(1, n_micro), rest_mbs, prev_mbs))
 
     # B(M-1)
-    last = at(n_micro - 1)
+    last = index(micro, n_micro - 1)
     (_, dx, _, acc), _ = loop(dh, dh, buf, acc, n_micro % 2 == 1, None, ctx_of(last))  # (slots as for an m = M)
     g_other = jax.tree.map(jnp.add, g_other, first_backward(last, dx))
 
