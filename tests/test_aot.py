@@ -854,6 +854,79 @@ def test_accumulated_gradients_need_no_second_copy_of_the_stacks(monkeypatch):
   assert stacks > 8e6 and temps[False] - temps[True] >= stacks, (temps, stacks)
 
 
+FB_OVERLAP = [*SMALL, "mesh.data=1", "mesh.expert=4", "grad_accum=2", "model.num_hidden_layers=3", "precision=bf16",
+              "model.num_nextn_predict_layers=0", "mesh.ep_fast_path=1.5", "impl.remat_policy=full", "impl.fb_overlap=true"]
+
+
+def _pass_of(op_name: str) -> str:
+  """Which of fb_overlap's two chains an instruction's op_name puts it in: "forward" (micro-batch m's,
+  traced plainly) or "backward" (m-1's, recomputed and transposed under jax.vjp: jvp() / transpose)."""
+  return "backward" if "jvp(" in op_name else "forward"
+
+
+def test_fb_overlap_runs_both_passes_exchanges_in_one_loop():
+  """impl.fb_overlap compiled for v5p-8 (expert=4, ragged, 2 micro-batches, 2 MoE layers): one loop
+  body holds micro-batch m's forward exchange (rows, expert ids, results back), m-1's exchange run
+  again in its recomputed layer and that exchange's transposes, so the scheduler can run each pass's
+  all-to-alls beside the other's work; the plain accumulation's loops hold one pass each (its forward
+  and backward are both traced under jvp, hence the count of loops, not the names)."""
+  bodies = {}
+  for fb in (True, False):
+    text = _compiled(load_train_config(ROOT / "configs/tiny.yaml", [*FB_OVERLAP, f"impl.fb_overlap={fb}"]),
+                     targets.parse("v5p-8")).as_text()
+    kinds = collections.defaultdict(collections.Counter)
+    for comp, instrs in hlo_parse.parse(text).comps.items():
+      for ins in instrs:
+        name = re.search(r'op_name="([^"]*)"', ins.rest)
+        if ins.op.startswith("ragged-all-to-all") and not ins.op.endswith("-done") and "/ep_fast_path/" in name.group(1):
+          kinds[comp]["transposed" if "transpose(" in name.group(1) else "recomputed" if "jvp(" in name.group(1)
+                      else "forward"] += 1
+    bodies[fb] = [dict(k) for k in kinds.values()]
+  assert {"forward": 3, "recomputed": 3, "transposed": 2} in bodies[True], bodies[True]
+  assert all(len(k) == 1 for k in bodies[False]), bodies[False]  # (each loop one pass of the plain step)
+
+
+@pytest.mark.cuda
+def test_gpu_fb_overlap_hides_each_pass_exchanges_under_the_other():
+  """needs the cuda extra: impl.fb_overlap compiled for h100x8 (fsdp=2 x expert=4, the tiny model in
+  bf16, 2 micro-batches): in the loop that runs micro-batch m's forward beside m-1's backward, every
+  asynchronous ragged all-to-all of the forward has backward kernels scheduled between its start and
+  done, and some of the backward's have forward kernels (each pass's exchange under the other's
+  compute, which is what the overlap is for; a start's pass is read from the instructions that made its
+  rows, XLA:GPU's starts carrying no op_name). And no copy of the layer inputs' whole buffer: the
+  backward's read of its slot, kept alive past the forward's write into that slot, made XLA copy the
+  [L, ...] buffer twice an iteration (V3 on h100x256: 15 s a step); with the read's optimization
+  barrier taken out of train/core/overlapped.py this fails (2 copies of bf16[2,1,128,64])."""
+  cfg = load_train_config(ROOT / "configs/tiny.yaml", [*FB_OVERLAP, "mesh.fsdp=2", "batch_size=16"])
+  text = _compiled(cfg, targets.parse("h100x8")).as_text()
+  comps = hlo_parse.parse(text).comps
+  fused = []
+  for instrs in comps.values():
+    by_name = {ins.name: ins for ins in instrs}
+
+    def pass_of(ins, depth=0):  # the pass of the first instruction up its operands that names one
+      name = re.search(r'op_name="([^"]*)"', ins.rest)
+      if name or depth > 30:
+        return _pass_of(name.group(1)) if name else None
+      return next(filter(None, (pass_of(by_name[o], depth + 1) for o in hlo_parse.operands(ins.rest) if o in by_name)),
+                  None)
+
+    for k, start in enumerate(instrs):
+      if start.op == "ragged-all-to-all-start":
+        done = next(j for j in range(k + 1, len(instrs)) if start.name in hlo_parse.operands(instrs[j].rest))
+        under = collections.Counter(pass_of(ins) for ins in instrs[k + 1:done] if ins.op in ("fusion", "custom-call"))
+        fused.append((id(instrs), pass_of(start), under))
+  loops = collections.defaultdict(set)
+  for loop, own, _ in fused:
+    loops[loop].add(own)
+  (body,) = [loop for loop, passes in loops.items() if passes == {"forward", "backward"}]
+  mine = [(own, under) for loop, own, under in fused if loop == body]
+  assert all(under["backward"] > 0 for own, under in mine if own == "forward"), mine
+  assert any(under["forward"] > 0 for own, under in mine if own == "backward"), mine
+  buffer = re.compile(r"= bf16\[2,1,128,64\]\S* copy\(")  # [MoE layers, rows, sequence, hidden] a GPU
+  assert re.search(r"= bf16\[2,1,128,64\]\S* dynamic-update-slice\(", text) and not buffer.search(text)
+
+
 def _compiled(cfg, target):
   """`cfg`'s training step compiled for `target` as train.aot compiles it."""
   cfg = aot.for_target(cfg, target)
