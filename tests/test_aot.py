@@ -917,10 +917,10 @@ def test_gpu_fb_overlap_hides_each_pass_exchanges_under_the_other():
         under = collections.Counter(pass_of(ins) for ins in instrs[k + 1:done] if ins.op in ("fusion", "custom-call"))
         fused.append((id(instrs), pass_of(start), under))
   loops = collections.defaultdict(set)
-  for loop, own, _ in fused:
-    loops[loop].add(own)
-  (body,) = [loop for loop, passes in loops.items() if passes == {"forward", "backward"}]
-  mine = [(own, under) for loop, own, under in fused if loop == body]
+  for comp, own, _ in fused:
+    loops[comp].add(own)
+  (body,) = [comp for comp, passes in loops.items() if passes == {"forward", "backward"}]
+  mine = [(own, under) for comp, own, under in fused if comp == body]
   assert all(under["backward"] > 0 for own, under in mine if own == "forward"), mine
   assert any(under["forward"] > 0 for own, under in mine if own == "backward"), mine
   buffer = re.compile(r"= bf16\[2,1,128,64\]\S* copy\(")  # [MoE layers, rows, sequence, hidden] a GPU
