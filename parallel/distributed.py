@@ -49,12 +49,23 @@ def host_accelerator() -> str | None:
   return None
 
 
+# The share of a GPU's memory this project's processes let JAX's allocator take (XLA_CLIENT_MEM_FRACTION,
+# set by select_platform unless the user set it): JAX's own default is 75%, which would leave a step that
+# train.aot found to fit short of memory; the rest is for CUDA, cuBLAS and NCCL's buffers (NVIDIA's
+# JAX-Toolbox sets 0.8-0.9). train.aot checks a GPU step against this share (parallel/targets.py).
+GPU_MEMORY_FRACTION = 0.9
+_FRACTION_VARIABLES = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR")
+
+
 def select_platform() -> None:
   """Pick JAX's platform once, before anything touches a device: JAX_PLATFORMS if it is set, else
   cpu on a host without an accelerator. (With the tpu extra installed, JAX would otherwise load libtpu
   on every CPU run, which probes for TPU chips and workers and logs about them.) With simulated CPU
-  devices, also room in XLA:CPU's thread pool (`cpu_threads`)."""
+  devices, also room in XLA:CPU's thread pool (`cpu_threads`); on a GPU host, JAX's allocator given
+  GPU_MEMORY_FRACTION of the memory unless the user chose a fraction or an allocator."""
   cpu_threads()
+  if host_accelerator() == "gpu" and not any(os.environ.get(v) for v in _FRACTION_VARIABLES):
+    os.environ["XLA_CLIENT_MEM_FRACTION"] = str(GPU_MEMORY_FRACTION)
   if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
     return
   if host_accelerator() is None:

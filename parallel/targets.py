@@ -8,8 +8,9 @@
         `pip install -e ".[cuda]"`).
 
 `devices(target)` returns jax Device objects that nothing can run on but everything compiles for
-(`jax.experimental.topologies`); `Target.hbm_bytes` is the per-device memory the compiler plans
-against (TPU: as libtpu reports it in its out-of-memory errors). `hardware(family)`: the chip's
+(`jax.experimental.topologies`); `Target.hbm_bytes` is the per-device memory a step may take (TPU:
+what libtpu plans against, as it reports it in its out-of-memory errors; GPU: the trainer's JAX
+allocator's share, parallel/distributed.py GPU_MEMORY_FRACTION, of the device description's memory). `hardware(family)`: the chip's
 peak FLOP/s, HBM and link bandwidths and price, each with its source, from configs/hardware/chips.yaml
 (the step-time forecast's table: train/forecast.py).
 """
@@ -23,6 +24,7 @@ import re
 from pathlib import Path
 
 from parallel.common.errors import ConfigError
+from parallel.distributed import GPU_MEMORY_FRACTION
 
 GiB = 1 << 30
 GPU_SPECS = Path(__file__).resolve().parents[1] / "configs" / "gpus"
@@ -107,7 +109,7 @@ def parse(name: str, slices: int = 1) -> Target:
       raise ConfigError("--slices is for TPU pods; a GPU target counts all its GPUs (h100x256)")
     spec = GPU_SPECS / f"{gpu}.txtpb"
     memory = re.search(r"device_memory_size:\s*(\d+)", spec.read_text())
-    return Target(name, "gpu", n, n, float(memory.group(1)), str(spec))
+    return Target(name, "gpu", n, n, float(memory.group(1)) * GPU_MEMORY_FRACTION, str(spec))
   raise ConfigError(f"unknown target {name!r}: a Cloud TPU name (v4-8, v5p-128, v5e-16, v5litepod-64, v6e-8,"
                     " tpu7x-8) or a GPU cluster (h100x8, h200x16, b200x64)")
 

@@ -11,6 +11,7 @@ parameter update; two processes x 4 devices must reproduce the one-process 8-dev
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -46,6 +47,31 @@ def test_simulated_cpu_devices_get_room_in_the_thread_pool(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
   distributed.cpu_threads()
   assert "PJRT_NPROC" not in os.environ
+
+
+def test_gpu_hosts_give_jax_the_memory_train_aot_checks_against(monkeypatch):
+  """On a GPU host JAX's allocator gets GPU_MEMORY_FRACTION (0.9) of each GPU's memory, not JAX's
+  default 75% (V3's layouts on h100x256 peak at 59-79 GiB a GPU, which train.aot found to fit in the
+  79.1 GiB the device description gives), and train.aot checks a GPU step against that share; a
+  fraction or an allocator the user chose is left alone (jax refuses both fraction variables at once)."""
+  from parallel import targets
+  variables = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR")
+  for v in variables:
+    monkeypatch.delenv(v, raising=False)
+  monkeypatch.setattr(distributed, "host_accelerator", lambda: None)
+  distributed.select_platform()
+  assert not any(v in os.environ for v in variables)
+  monkeypatch.setattr(distributed, "host_accelerator", lambda: "gpu")
+  distributed.select_platform()
+  assert os.environ["XLA_CLIENT_MEM_FRACTION"] == "0.9" == str(distributed.GPU_MEMORY_FRACTION)
+  for v, value in (("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5"), ("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")):
+    monkeypatch.delenv("XLA_CLIENT_MEM_FRACTION", raising=False)
+    monkeypatch.setenv(v, value)
+    distributed.select_platform()
+    assert "XLA_CLIENT_MEM_FRACTION" not in os.environ and os.environ[v] == value
+    monkeypatch.delenv(v)
+  described = int(re.search(r"device_memory_size:\s*(\d+)", (targets.GPU_SPECS / "h100.txtpb").read_text()).group(1))
+  assert targets.parse("h100x8").hbm_bytes == 0.9 * described and targets.parse("v5p-8").hbm_bytes == 95.74 * 2**30
 
 
 def test_axis_sizes_and_errors():

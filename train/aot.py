@@ -88,6 +88,7 @@ from moe import params as params_lib
 from parallel import expert_parallel, pipeline
 from parallel import targets as targets_lib
 from parallel.common.errors import ConfigError, InputError
+from parallel.distributed import GPU_MEMORY_FRACTION
 from parallel.mesh import Parallelism
 from train import forecast
 from train import hlo as hlo_lib
@@ -105,10 +106,11 @@ EXIT_COMPILER_FAILED = 4
 
 
 class DoesNotFit(Exception):
-  def __init__(self, target: str, needed: float | None, hbm: float, detail: str, report: str = ""):
+  def __init__(self, target: str, needed: float | None, hbm: float, detail: str, report: str = "",
+               per: str = "per device"):
     self.target, self.needed, self.hbm, self.detail, self.report = target, needed, hbm, detail, report
     digits = 1 if needed is None or f"{needed / GiB:.1f}" != f"{hbm / GiB:.1f}" else 2  # (79.14 of 79.11)
-    need = f"needs {needed / GiB:.{digits}f} GiB of {hbm / GiB:.{digits}f} GiB per device" if needed else detail
+    need = f"needs {needed / GiB:.{digits}f} GiB of {hbm / GiB:.{digits}f} GiB {per}" if needed else detail
     super().__init__(f"does not fit on {target}: {need}")
 
 
@@ -246,7 +248,8 @@ def compile_for(cfg: TrainConfig, target: targets_lib.Target, buffers: int = 0, 
           - mem.alias_size_in_bytes)
   if peak > target.hbm_bytes:  # XLA:GPU compiles what does not fit and says so only in a warning
     report = "\n".join(_buffer_line(i, b) for i, b in enumerate(_peak_buffers(dump, buffers), 1)) if dump else ""
-    raise DoesNotFit(target.name, peak, target.hbm_bytes, "", report)
+    raise DoesNotFit(target.name, peak, target.hbm_bytes, "", report,
+                     f"per GPU (the {GPU_MEMORY_FRACTION:.0%} of its memory the trainer lets JAX allocate)")
   n = par.mesh.size
   hlo = compiled.as_text()
   flops = params_lib.count(cfg.model, cfg.seq_len)["flops_per_token"] * cfg.batch_size * cfg.seq_len
