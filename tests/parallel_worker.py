@@ -118,6 +118,9 @@ ACCUMULATE = {
                                              "mesh.ep_nodes=2", "mesh.ep_fast_path=1.5", "mesh.ep_overlap=true"]),
     "f2c2e2_fb_overlap": (dict(data=1, fsdp=2, context=2, expert=2), ["impl.remat_policy=full", "impl.fb_overlap=true"]),
 }
+# fb_overlap where the exchange drops: the padded transport at capacity factor 0.5 with greedy routing,
+# against the same mesh under autodiff (the recomputed layer must drop what its forward dropped)
+DROPPING = {"d2f2e2_fb_overlap_dropping": (MESHES["d2f2e2"], ["impl.remat_policy=full", "impl.fb_overlap=true"])}
 
 
 def fp8_rows():
@@ -152,7 +155,7 @@ def fp8_rows():
           **{op: shapes(op) for op in ("reduce-scatter", "all-reduce")}}
 
 
-def accumulate(meshes, extra=(), ref_mesh=dict(data=1), chunk=4):
+def accumulate(meshes, extra=(), ref_mesh=dict(data=1), chunk=4, table=ACCUMULATE):
   """Per mesh of ACCUMULATE (with `extra` overrides) one step vs the step of the same 2 micro-batches
   under autodiff (remat none, the head on whole sequences) on `ref_mesh`, and how often the
   accumulating layer scan and the chunked loss (`chunk`-token chunks) were traced."""
@@ -168,7 +171,7 @@ def accumulate(meshes, extra=(), ref_mesh=dict(data=1), chunk=4):
   model_lib.LOSS_CHUNK = chunk
   try:
     for name in meshes:
-      mesh, over = ACCUMULATE[name]
+      mesh, over = table[name]
       traced.update(accumulating=0, chunks=[])
       m, before, after, _ = one_step(config(mesh, [*extra, *over]), batch)
       out[name] = {**compare((ref_before, ref_after, ref_m), before, after, m, None),
@@ -316,6 +319,9 @@ def main():
       # The head is never FP8 and whole here: chunks change its gradient by float32 ulps, which the
       # layers' FP8 roundings then amplify (measured 0.4% of the update)
       result[job] = accumulate(["d2f2e2"], ["precision=fp8"], MESHES["d2f2e2"], chunk=1024)
+    elif job == "accumulate_dropping":
+      result[job] = accumulate(DROPPING, ["mesh.capacity_factor=0.5", "model.topk_method=greedy"], MESHES["d2f2e2"],
+                               table=DROPPING)
     elif job == "fp8_rows":
       result[job] = fp8_rows()
     elif job == "small_capacity":

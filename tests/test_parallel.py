@@ -223,7 +223,8 @@ def eight():
   steps), f2e2t2, data=8, fsdp=8, expert=8 (padded transport), expert=8 with the ragged transport, a
   small capacity factor, the MoE dispatch alone on every mesh, and 2 micro-batches accumulated in
   the layer stacks' backward (float32 and FP8), the FP8 kernels per device's rows."""
-  jobs = [("three", "f2e2t2", "data8", "ragged", "capacity", "ep_unit", "accumulate_fp8", "fp8_rows"),
+  jobs = [("three", "f2e2t2", "data8", "ragged", "capacity", "ep_unit", "accumulate_fp8", "fp8_rows",
+           "accumulate_dropping"),
           ("fsdp8", "expert8", "small_capacity", "ep_unit_all", "accumulate")]
   a, b = (last_json(out) for out in run_together([(WORKER, "single", *j) for j in jobs], cpu_env(), 900))
   assert a["ref"] == b["ref"]
@@ -312,7 +313,8 @@ def test_gradients_accumulated_in_the_layer_stacks_on_every_mesh(eight):
   beside the first one's backward; the two-level ragged exchange with its fast path and halves, and
   under context): the one-device autodiff step (remat none, whole head) within
   check_mesh's float32 bounds (measured: loss 2e-7 relative, update 1.9e-8). FP8 on d2f2e2 (whole
-  head) against the same mesh under autodiff: measured 1.2e-10."""
+  head) against the same mesh under autodiff: measured 1.2e-10. impl.fb_overlap where the padded exchange
+  drops (capacity factor 0.5, greedy routing) against d2f2e2 under autodiff: the same drops."""
   acc = eight["accumulate"]
   want_chunks = {"d2f2e2": [4] * 4, "f2e2t2_ragged_offload": [4] * 4, "f2c2e2": [1] * 4,  # main, MTP x 2
                  "f2e2t2_vocab_parallel": [4] * 4, "f2c2e2_vocab_parallel": [1] * 4}
@@ -326,6 +328,12 @@ def test_gradients_accumulated_in_the_layer_stacks_on_every_mesh(eight):
   fp8 = eight["accumulate_fp8"]
   check_mesh("fp8", fp8["d2f2e2"], fp8["ref"])
   assert fp8["d2f2e2"]["accumulating"] == 2 and fp8["d2f2e2"]["update_diff"] < 1e-8
+  # fb_overlap where the padded exchange drops (capacity factor 0.5, greedy routing): the plain step's
+  # drops, loss and update on the same mesh (the recomputed layers drop what their forwards dropped)
+  drop = eight["accumulate_dropping"]
+  r, ref = drop["d2f2e2_fb_overlap_dropping"], drop["ref"]
+  assert r["metrics"]["dropped_tokens"] == ref["dropped_tokens"] > 0, (r["metrics"], ref)
+  assert r["metrics"]["loss"] == pytest.approx(ref["loss"], rel=5e-7) and r["update_diff"] < 2e-7, r
 
 
 def test_fp8_kernels_per_devices_rows_equal_one_device(eight):
