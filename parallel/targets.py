@@ -10,9 +10,9 @@
 `devices(target)` returns jax Device objects that nothing can run on but everything compiles for
 (`jax.experimental.topologies`); `Target.hbm_bytes` is the per-device memory a step may take (TPU:
 what libtpu plans against, as it reports it in its out-of-memory errors; GPU: the trainer's JAX
-allocator's share, parallel/distributed.py GPU_MEMORY_FRACTION, of the device description's memory). `hardware(family)`: the chip's
-peak FLOP/s, HBM and link bandwidths and price, each with its source, from configs/hardware/chips.yaml
-(the step-time forecast's table: train/forecast.py).
+allocator's share, parallel/distributed.py GPU_MEMORY_FRACTION, of the device description's memory).
+`hardware(family)`: the chip's peak FLOP/s, HBM and link bandwidths and price, each with its source,
+from configs/hardware/chips.yaml (the step-time forecast's table: train/forecast.py).
 """
 
 from __future__ import annotations

@@ -248,8 +248,9 @@ def compile_for(cfg: TrainConfig, target: targets_lib.Target, buffers: int = 0, 
           - mem.alias_size_in_bytes)
   if peak > target.hbm_bytes:  # XLA:GPU compiles what does not fit and says so only in a warning
     report = "\n".join(_buffer_line(i, b) for i, b in enumerate(_peak_buffers(dump, buffers), 1)) if dump else ""
-    raise DoesNotFit(target.name, peak, target.hbm_bytes, "", report,
-                     f"per GPU (the {GPU_MEMORY_FRACTION:.0%} of its memory the trainer lets JAX allocate)")
+    per = (f"per GPU (the {GPU_MEMORY_FRACTION:.0%} of its memory the trainer lets JAX allocate)"
+           if target.platform == "gpu" else "per device")
+    raise DoesNotFit(target.name, peak, target.hbm_bytes, "", report, per)
   n = par.mesh.size
   hlo = compiled.as_text()
   flops = params_lib.count(cfg.model, cfg.seq_len)["flops_per_token"] * cfg.batch_size * cfg.seq_len
