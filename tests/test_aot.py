@@ -859,12 +859,6 @@ FB_OVERLAP = [*SMALL, "mesh.data=1", "mesh.expert=4", "grad_accum=2", "model.num
               "model.num_nextn_predict_layers=0", "mesh.ep_fast_path=1.5", "impl.remat_policy=full", "impl.fb_overlap=true"]
 
 
-def _pass_of(op_name: str) -> str:
-  """Which of fb_overlap's two chains an instruction's op_name puts it in: "forward" (micro-batch m's,
-  traced plainly) or "backward" (m-1's, recomputed and transposed under jax.vjp: jvp() / transpose)."""
-  return "backward" if "jvp(" in op_name else "forward"
-
-
 def test_fb_overlap_runs_both_passes_exchanges_in_one_loop():
   """impl.fb_overlap compiled for v5p-8 (expert=4, ragged, 2 micro-batches, 2 MoE layers): one loop
   body holds micro-batch m's forward exchange (rows, expert ids, results back), m-1's exchange run
@@ -900,15 +894,14 @@ def test_gpu_fb_overlap_hides_each_pass_exchanges_under_the_other():
   barrier taken out of train/core/overlapped.py this fails (2 copies of bf16[2,1,128,64])."""
   cfg = load_train_config(ROOT / "configs/tiny.yaml", [*FB_OVERLAP, "mesh.fsdp=2", "batch_size=16"])
   text = _compiled(cfg, targets.parse("h100x8")).as_text()
-  comps = hlo_parse.parse(text).comps
-  fused = []
-  for instrs in comps.values():
+  exchanges = []  # (computation, the start's pass, the passes of the kernels between its start and done)
+  for comp, instrs in hlo_parse.parse(text).comps.items():
     by_name = {ins.name: ins for ins in instrs}
 
-    def pass_of(ins, depth=0):  # the pass of the first instruction up its operands that names one
-      name = re.search(r'op_name="([^"]*)"', ins.rest)
+    def pass_of(ins, depth=0):  # m-1's backward (under jax.vjp: jvp(), transpose) or m's forward
+      name = re.search(r'op_name="([^"]*)"', ins.rest)  # (else the first operand up the chain that is named)
       if name or depth > 30:
-        return _pass_of(name.group(1)) if name else None
+        return ("backward" if "jvp(" in name.group(1) else "forward") if name else None
       return next(filter(None, (pass_of(by_name[o], depth + 1) for o in hlo_parse.operands(ins.rest) if o in by_name)),
                   None)
 
@@ -916,12 +909,12 @@ def test_gpu_fb_overlap_hides_each_pass_exchanges_under_the_other():
       if start.op == "ragged-all-to-all-start":
         done = next(j for j in range(k + 1, len(instrs)) if start.name in hlo_parse.operands(instrs[j].rest))
         under = collections.Counter(pass_of(ins) for ins in instrs[k + 1:done] if ins.op in ("fusion", "custom-call"))
-        fused.append((id(instrs), pass_of(start), under))
-  loops = collections.defaultdict(set)
-  for comp, own, _ in fused:
-    loops[comp].add(own)
-  (body,) = [comp for comp, passes in loops.items() if passes == {"forward", "backward"}]
-  mine = [(own, under) for comp, own, under in fused if comp == body]
+        exchanges.append((comp, pass_of(start), under))
+  passes = collections.defaultdict(set)
+  for comp, own, _ in exchanges:
+    passes[comp].add(own)
+  (body,) = [comp for comp, both in passes.items() if both == {"forward", "backward"}]
+  mine = [(own, under) for comp, own, under in exchanges if comp == body]
   assert all(under["backward"] > 0 for own, under in mine if own == "forward"), mine
   assert any(under["forward"] > 0 for own, under in mine if own == "backward"), mine
   buffer = re.compile(r"= bf16\[2,1,128,64\]\S* copy\(")  # [MoE layers, rows, sequence, hidden] a GPU
