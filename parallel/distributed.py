@@ -50,9 +50,9 @@ def host_accelerator() -> str | None:
 
 
 # The share of a GPU's memory this project's processes let JAX's allocator take (XLA_CLIENT_MEM_FRACTION,
-# set by select_platform unless the user set it): JAX's own default is 75%, which would leave a step that
-# train.aot found to fit short of memory; the rest is for CUDA, cuBLAS and NCCL's buffers (NVIDIA's
-# JAX-Toolbox sets 0.8-0.9). train.aot checks a GPU step against this share (parallel/targets.py).
+# set by select_platform unless the user set it): JAX preallocates 75% by default, which could leave a
+# step that train.aot found to fit short of memory; the rest is for CUDA, cuBLAS and NCCL's buffers
+# (NVIDIA's JAX-Toolbox sets 0.8-0.9). train.aot checks a GPU step against this share (parallel/targets.py).
 GPU_MEMORY_FRACTION = 0.9
 _FRACTION_VARIABLES = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR")
 
