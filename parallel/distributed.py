@@ -64,11 +64,12 @@ def select_platform() -> None:
   devices, also room in XLA:CPU's thread pool (`cpu_threads`); on a GPU host, JAX's allocator given
   GPU_MEMORY_FRACTION of the memory unless the user chose a fraction or an allocator."""
   cpu_threads()
-  if host_accelerator() == "gpu" and not any(os.environ.get(v) for v in _FRACTION_VARIABLES):
+  accelerator = host_accelerator()
+  if accelerator == "gpu" and not any(os.environ.get(v) for v in _FRACTION_VARIABLES):
     os.environ["XLA_CLIENT_MEM_FRACTION"] = str(GPU_MEMORY_FRACTION)
   if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
     return
-  if host_accelerator() is None:
+  if accelerator is None:
     jax.config.update("jax_platforms", "cpu")
 
 

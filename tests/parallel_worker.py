@@ -6,7 +6,9 @@
                                                     ep_unit[_all] (the MoE dispatch alone), capacity
                                                     (which assignments the padded transport drops),
                                                     accumulate / accumulate_fp8 (2 micro-batches added
-                                                    up in the layer stacks' backward, chunked loss)
+                                                    up in the layer stacks' backward, chunked loss),
+                                                    accumulate_dropping (fb_overlap where the exchange
+                                                    drops), fp8_rows
   python tests/parallel_worker.py multi PORT ID N   process ID of N (4 devices each): 3 steps, losses
 
 XLA_FLAGS must be set before jax is imported, hence a separate process. Prints one JSON line.
@@ -156,7 +158,7 @@ def fp8_rows():
 
 
 def accumulate(meshes, extra=(), ref_mesh=dict(data=1), chunk=4, table=ACCUMULATE):
-  """Per mesh of ACCUMULATE (with `extra` overrides) one step vs the step of the same 2 micro-batches
+  """Per mesh of `table` (ACCUMULATE; with `extra` overrides) one step vs the step of the same 2 micro-batches
   under autodiff (remat none, the head on whole sequences) on `ref_mesh`, and how often the
   accumulating layer scan and the chunked loss (`chunk`-token chunks) were traced."""
   from moe import decoder, model as model_lib
