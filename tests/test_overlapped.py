@@ -29,22 +29,29 @@ def batch():
           "positions": jnp.asarray(pos), "loss_mask": jnp.asarray((seg > 0).astype(np.float32))}
 
 
-def cfg(n_micro, **impl):
-  return dataclasses.replace(train_cfg(1), model=MODEL, batch_size=ROWS, grad_accum=n_micro, impl=ImplConfig(**impl))
+def cfg(n_micro, model=MODEL, **impl):
+  return dataclasses.replace(train_cfg(1), model=model, batch_size=ROWS, grad_accum=n_micro, impl=ImplConfig(**impl))
 
 
-@pytest.mark.parametrize("n_micro, policy", [(2, "full"), (3, "full"), (3, "full_offload")])
-def test_forward_beside_backward_gives_the_accumulated_step(n_micro, policy):
+# V2's routing: softmax scores, the top experts within the best topk_group groups by their largest score
+GROUP_LIMITED = dataclasses.replace(MODEL, topk_method="group_limited_greedy", scoring_func="softmax")
+
+
+@pytest.mark.parametrize("n_micro, policy, model", [(2, "full", MODEL), (3, "full", MODEL),
+                                                    (3, "full_offload", MODEL), (2, "full", GROUP_LIMITED)],
+                         ids=["2-full", "3-full", "3-full_offload", "2-full-group_limited_greedy"])
+def test_forward_beside_backward_gives_the_accumulated_step(n_micro, policy, model):
   """2 and 3 micro-batches (the last backward reads the layer inputs from either end of the shared
-  buffer; with full_offload the buffer in host memory) through 3 MoE layers: loss, its parts, the
-  expert loads, the gradients and the update equal the plain accumulation's (the same remat policy,
-  moe/decoder.py: accumulating) within float32 rounding (measured: metrics equal, gradients 1e-7 of
-  their largest entry; reading the buffer's slots in one order for every micro-batch made them 0.98
-  apart)."""
+  buffer; with full_offload the buffer in host memory) through 3 MoE layers, with V3's routing
+  (noaux_tc) and V2's (group_limited_greedy): loss, its parts, the expert loads, the gradients and the
+  update equal the plain accumulation's (the same remat policy, moe/decoder.py: accumulating) within
+  float32 rounding (measured: metrics equal, gradients 1e-7 of their largest entry; reading the
+  buffer's slots in one order for every micro-batch made them 0.98 apart). (greedy routing, with
+  dropping: tests/test_parallel.py, accumulate_dropping.)"""
   b = batch()
   runs = {}
   for on in (False, True):
-    s = Setup(cfg(n_micro, remat_policy=policy, fb_overlap=on))
+    s = Setup(cfg(n_micro, model, remat_policy=policy, fb_overlap=on))
     state, metrics = s.step(s.fresh_state(), b)
     runs[on] = as_np(state["opt"][0]), as_np(state["params"]), jax.device_get(metrics)
   (g0, p0, m0), (g1, p1, m1) = runs[False], runs[True]
