@@ -239,6 +239,19 @@ def _custom_call_flops(p: Program, ins) -> tuple[str, int]:
     out, arrays = hlo_parse.dims(ins.shape), _constraints(ins.rest)
     if len(out) == 2 and arrays and arrays[0][:1] == out[:1]:
       return "gemm", 2 * out[0] * out[1] * arrays[0][1]
+  if (mla := re.search(r'op_name="[^"]*/mla_flash_(fwd|dkdv|dq)_qk(\d+)_v(\d+)/pallas_call"', ins.rest)) is not None:
+    q = next((d for d in _float_operands(ins.rest) if len(d) == 4), None)  # q's first part: [batch, seq, heads, w]
+    if q is not None:  # (moe/kernels/mla_flash.py: the widths it computes at are in its name)
+      (b, s, h, _), qk, v = q, int(mla.group(2)), int(mla.group(3))
+      macs = {"fwd": qk + v, "dkdv": 2 * qk + 2 * v, "dq": 2 * qk + v}[mla.group(1)]
+      return "attention", b * h * s * s * macs  # 2 FLOPs per MAC x causal half
+  if (gpu := re.search(r'op_name="[^"]*/(mha_forward|mha_backward)/pallas_call"', ins.rest)) is not None:
+    qkv = [d for d in _float_operands(ins.rest) if len(d) == 4][:3]  # q, k, v: [batch, seq, heads, dim]
+    if len(qkv) == 3:
+      (b, sq, h, d), (_, skv, _, _) = qkv[:2]
+      width = 1 << max(d - 1, 0).bit_length()  # the kernel computes at the head size padded to a power of two
+      matmuls = 2 if gpu.group(1) == "mha_forward" else 7  # QK, PV; backward: dk/dv loop 4, dq loop 3
+      return "attention", b * h * sq * skv * matmuls * width  # 2 FLOPs per MAC x causal half
   if ins.name.startswith("splash_mha"):
     qkv = [d for d in _float_operands(ins.rest) if len(d) >= 3][:3]  # q, k, v: [(batch,) heads, seq, dim]
     if len(qkv) == 3:
