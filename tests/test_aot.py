@@ -424,10 +424,16 @@ def test_compiles_for_h100(capsys):
   experts run the Triton grouped matmul (XLA:GPU would expand a ragged_dot into a dense matmul over
   every local expert): the forecast reads its FLOPs, the routed work at the buffer's fill. XLA's
   latency-hiding scheduler is on (Parallelism.compiler_options): without it XLA:GPU left the
-  all-to-alls and the ZeRO all-gathers synchronous, nothing computing under them."""
+  all-to-alls and the ZeRO all-gathers synchronous, nothing computing under them. The flash-attention
+  kernels (moe/kernels/mla_flash.py) counted by hand: 5 blocks (4 layers, MTP) of one 256-token row a
+  GPU and 4 heads, causal (half the S x S pairs), at the widths they compute (q/k's 48 as 32 + 16,
+  v's 32): forward QK and PV, dk/dv's loop 4 matmuls, dq's 3 (the forecast counted the attention
+  kernels as no FLOPs before 2026-12-05, and JAX's kernel, used until then, computed all three at 64)."""
   (r,) = compile_json(capsys, "configs/tiny.yaml", "--target", "h100x8", "mesh.data=2", "mesh.fsdp=2", "mesh.expert=2",
                       "precision=bf16")
   assert r["fits"] and r["impl"]["ep_transport"] == "ragged" and r["impl"]["attention"] == "flash"
+  qk, v = 48, 32
+  assert r["costs"]["flops"]["attention"] == 5 * 4 * 256 * 256 * ((qk + v) + (2 * qk + 2 * v) + (2 * qk + v))
   assert r["impl"]["experts"] == "triton" and r["costs"]["flops"]["ragged_dot"] > 0
   counts = {k: v for k, v in r["costs"]["collective_bytes"].items() if k in ("ragged-all-to-all", "all-gather")}
   assert all(v.get("async", 0) > v.get("sync", 0) for v in counts.values()), counts

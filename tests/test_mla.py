@@ -67,6 +67,43 @@ def test_attention_narrow_values_vs_reference(dv, fn):
   np.testing.assert_allclose(out, ref_attend(q, k, v, ref_mask(seg)[:, None], scale), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dk, dv", [(48, 32), (12, 24), (80, 16)])
+def test_mla_flash_kernel_and_its_gradients_vs_reference(dk, dv):
+  """moe/kernels/mla_flash.py in the Pallas interpreter: q/k's head size as its power-of-two parts
+  (48 = 32 + 16; 12 padded to 16; 80 = 64 + 16), v's likewise, 3 blocks of 16 positions (the causal
+  loops' bounds: the forward and dq over the key blocks at or before a query block, dk/dv over the
+  query blocks at or after a key block), packed documents and padding: the output and the gradients of
+  q, k and v against autodiff of the float32 reference on the dense mask."""
+  from moe.kernels import mla_flash
+  rng = np.random.default_rng(4)
+  b, s, h, scale = 2, 48, 2, 0.3
+  q, k = (jnp.asarray(rng.standard_normal((b, s, h, dk)), jnp.float32) for _ in range(2))
+  v, do = (jnp.asarray(rng.standard_normal((b, s, h, dv)), jnp.float32) for _ in range(2))
+  seg = np.ones((b, s), np.int32)
+  seg[0, 20:], seg[0, 35:], seg[1, 40:] = 2, 3, 0  # documents across block edges, padding
+  mask = jnp.asarray(ref_mask(seg)[:, None])
+
+  def reference(q, k, v):
+    logits = jnp.where(mask, jnp.einsum("bqhd,bkhd->bhqk", q, k, precision="highest") * scale, -jnp.inf)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v, precision="highest")
+
+  kernel = lambda q, k, v: mla_flash.attention(q, k, v, jnp.asarray(seg), scale, 16, True)
+  got, pull = jax.vjp(kernel, q, k, v)
+  want, pull_ref = jax.vjp(reference, q, k, v)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  for name, g, w in zip("qkv", pull(do), pull_ref(do)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4, err_msg=name)
+  assert mla_flash.parts(192) == (128, 64) and mla_flash.parts(128) == (128,) and mla_flash.parts(12) == (16,)
+
+
+def test_device_checks_mla_flash_against_float64():
+  """train.device_check's attention check (V3's head sizes in bf16, its float64 NumPy backward written
+  out) in the Pallas interpreter: within its bound, and the bound not loose (measured 3.4e-3 here)."""
+  from train import device_check
+  err = device_check.attention_error(interpret=True)
+  assert err < device_check.BOUNDS["attention"] / 4, err
+
+
 @pytest.mark.parametrize("block", [3, 7, 128])
 def test_causal_block_attention_vs_reference(block):
   """The CPU attention (query blocks reading only earlier keys) at several block sizes."""

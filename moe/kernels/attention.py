@@ -4,8 +4,8 @@ implementation; `impl.attention` picks one when the model is built (moe/runtime.
   fused    `jax.nn.dot_product_attention` (XLA's attention; cuDNN's flash attention only takes head
            sizes up to 128, and MLA's queries and keys have 192, so XLA materialises the scores). It
            needs one head size for q, k and v; MLA's values are narrower, so v is zero-padded.
-  flash    the Pallas (Triton) flash-attention kernel for GPUs (head sizes padded to a power of two
-           inside it): the GPU choice.
+  flash    the Pallas (Triton) flash-attention kernel for MLA (moe/kernels/mla_flash.py: each head
+           size computed as its power-of-two parts, V3's 192 as 128 + 64): the GPU choice.
   blocked  moe.kernels.cpu.causal_block_attention: query blocks that skip the masked upper blocks
            (the CPU choice).
   splash   the Pallas TPU splash-attention kernel (flash attention: neither the forward nor the
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moe.kernels import cpu
+from moe.kernels import cpu, mla_flash
 from parallel import sharding as sharding_lib
 
 
@@ -56,20 +56,13 @@ def splash_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, segment_ids_BxS, scale: fl
 
 def flash_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, segment_ids_BxS, scale: float, interpret: bool = False,
                     block: int | None = None):
-  """Causal attention within documents with the Pallas (Triton) flash-attention kernel for GPUs; v is
-  zero-padded to the key head size (the kernel takes one head size, padded to a power of two). Blocks
-  of 128 rows, 64 for heads wider than 128 (MLA's 192, padded to 256), within Hopper's shared memory."""
-  from jax.experimental.pallas.ops.gpu import attention as gpu_attention
-
-  s0, dv, dk = q_BxSxHxK.shape[1], v_BxSxHxV.shape[-1], k_BxSxHxK.shape[-1]
-  block = block or (128 if dk <= 128 else 64)
-  if dv < dk:
-    v_BxSxHxV = jnp.pad(v_BxSxHxV, ((0, 0), (0, 0), (0, 0), (0, dk - dv)))
+  """Causal attention within documents with the Pallas (Triton) MLA flash-attention kernel for GPUs
+  (moe/kernels/mla_flash.py: q/k's head size as its power-of-two parts, v's at its own). Blocks of
+  128 rows, 64 for heads wider than 128 (MLA's 192), within Hopper's shared memory."""
+  s0 = q_BxSxHxK.shape[1]
+  block = block or (128 if q_BxSxHxK.shape[-1] <= 128 else 64)
   q, k, v, seg = _pad_seq((q_BxSxHxK, k_BxSxHxK, v_BxSxHxV), segment_ids_BxS, block)
-  sizes = gpu_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=block, block_kv_dkv=block,
-                                   block_q_dq=block, block_kv_dq=block)
-  out = gpu_attention.mha(q, k, v, seg, sm_scale=scale, causal=True, block_sizes=sizes, interpret=interpret)
-  return out[:, :s0, :, :dv]
+  return mla_flash.attention(q, k, v, seg, scale, block, interpret)[:, :s0]
 
 
 def _pad_seq(qkv, segment_ids_BxS, multiple: int):
