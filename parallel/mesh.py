@@ -49,6 +49,13 @@ DCN_AXES = ("stage", "data", "fsdp")  # may span slices / hosts (mesh.dcn_stage,
 # weights gathered in bf16 and the all-to-alls in buffers of their own, 199.5 with 2, 198.1 with 4,
 # 195.1 with 8, 195.2 with 16 (docs/pods.md).
 GPU_COLLECTIVES_IN_FLIGHT = 8
+# XLA:GPU's memory budget for its rematerialization and scheduling, in percent of the device's memory
+# (its default: 95), where the step keeps its layer inputs in host memory (remat full_offload): XLA's
+# rematerialization counts that host buffer as device memory (V3 on h100x256 at 3 sequences a GPU: 72.33
+# GiB by its count against 61.26 compiled, the 10.2 GiB of layer inputs apart) and recomputed matmuls to
+# fit a peak the step never has (1.569x the model's FLOPs executed, 213.8 s a step forecast; with 110:
+# 1.449x, 205.7 s, 65.51 GiB; fb_overlap 207.5 -> 200.4 s). train.aot checks the compiled peak.
+GPU_OFFLOAD_MEMORY_SLOP = 110
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,18 +333,21 @@ class Parallelism:
   def platform(self) -> str:
     return self.mesh.devices.flat[0].platform
 
-  def compiler_options(self) -> dict:
+  def compiler_options(self, host_offload: bool = False) -> dict:
     """XLA options for the programs that run on this mesh. GPU: XLA's latency-hiding scheduler, which
     places each asynchronous collective's start early enough for compute to run under it (without it
     XLA:GPU 0.10.2 left most collectives synchronous: V3 on h100x256, 345.7 -> 309.9 s a step
     forecast, docs/pods.md), with up to GPU_COLLECTIVES_IN_FLIGHT collectives in flight at once (it
-    allows one by default, and then a layer's all-to-alls wait behind its weights' all-gathers).
+    allows one by default, and then a layer's all-to-alls wait behind its weights' all-gathers), and
+    with `host_offload` (a step keeping its layer inputs in host memory) the memory budget
+    GPU_OFFLOAD_MEMORY_SLOP.
     TPU: mesh.ep_overlap: asynchronous all-to-alls, which libtpu otherwise runs synchronously, so
     that one half's exchange can run under the other half's compute; mesh.gather_overlap:
     all-gathers fused, in steps, into the compute around them."""
     if self.platform == "gpu":
       return {"xla_gpu_enable_latency_hiding_scheduler": True,
-              "xla_gpu_experimental_parallel_collective_overlap_limit": GPU_COLLECTIVES_IN_FLIGHT}
+              "xla_gpu_experimental_parallel_collective_overlap_limit": GPU_COLLECTIVES_IN_FLIGHT,
+              **({"xla_gpu_memory_limit_slop_factor": GPU_OFFLOAD_MEMORY_SLOP} if host_offload else {})}
     if self.platform != "tpu":
       return {}
     out = {}

@@ -133,7 +133,8 @@ def make_train_step(graphdef, model_cfg: ModelConfig, tx, lr_schedule, cfg: Trai
     return jax.jit(step, donate_argnums=0)
   replicated = jax.sharding.NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, jax.sharding.PartitionSpec())
   return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, replicated),
-                 compiler_options=par.compiler_options() if par is not None else None)
+                 compiler_options=par.compiler_options(host_offload=cfg.impl.remat_policy == "full_offload")
+                 if par is not None else None)
 
 
 def model_grad(graphdef, cfg: TrainConfig):
