@@ -145,12 +145,12 @@ def _dq_kernel(*refs, nq, nv, scale, block_q, block_k):
     r[...] = d.astype(r.dtype)
 
 
-def _call(kernel, name, grid_blocks, inputs, in_blocks, outputs, out_blocks, interpret, warps):
-  """pallas_call over the grid (sequence blocks, batch, heads): `in_blocks` / `out_blocks` per array,
-  "block" (a block of the sequence, the program's), "whole" (the whole sequence) for [B, S, H, w]
-  arrays, "rows_block" / "rows_whole" for [B, H, S] rows and "seg" for the [B, S] segment ids."""
+def _call(kernel, name, block, inputs, in_blocks, outputs, out_blocks, interpret, warps):
+  """pallas_call over the grid (sequence blocks of `block` positions, batch, heads): `in_blocks` /
+  `out_blocks` per array, "block" (the program's block of the sequence), "whole" (the whole sequence)
+  for [B, S, H, w] arrays, "rows_block" / "rows_whole" for [B, H, S] rows and "seg" for the [B, S]
+  segment ids."""
   def spec(kind, a):
-    block = grid_blocks
     return {"block": lambda: pl.BlockSpec((None, block, None, a.shape[-1]), lambda i, b, h: (b, i, h, 0)),
             "whole": lambda: pl.BlockSpec((None, a.shape[1], None, a.shape[-1]), lambda i, b, h: (b, 0, h, 0)),
             "rows_block": lambda: pl.BlockSpec((None, None, block), lambda i, b, h: (b, h, i)),
@@ -158,7 +158,7 @@ def _call(kernel, name, grid_blocks, inputs, in_blocks, outputs, out_blocks, int
             "seg": lambda: pl.BlockSpec((None, a.shape[1]), lambda i, b, h: (b, 0))}[kind]()
 
   batch, seq, heads = inputs[0].shape[:3]
-  return pl.pallas_call(kernel, grid=(seq // grid_blocks, batch, heads),
+  return pl.pallas_call(kernel, grid=(seq // block, batch, heads),
                         in_specs=[spec(k, a) for k, a in zip(in_blocks, inputs)],
                         out_specs=[spec(k, a) for k, a in zip(out_blocks, outputs)], out_shape=outputs,
                         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=2), interpret=interpret,
