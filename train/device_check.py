@@ -60,6 +60,7 @@ def attention_error(interpret: bool = False) -> float:
   import jax.numpy as jnp
   import numpy as np
 
+  from moe import mla
   from moe.kernels import mla_flash
 
   r = np.random.default_rng(1)
@@ -70,7 +71,7 @@ def attention_error(interpret: bool = False) -> float:
   out, pull = jax.vjp(lambda q, k, v: mla_flash.attention(q, k, v, jnp.asarray(seg), scale, 64, interpret), q, k, v)
   got = [out, *pull(do)]
   q, k, v, do = (np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v, do))
-  visible = (np.arange(s)[None, :] <= np.arange(s)[:, None]) & (seg[:, :, None] == seg[:, None, :])[:, None]
+  visible = np.asarray(mla.attention_mask(jnp.asarray(seg)))  # [B, 1, q, k]
   logits = np.where(visible, np.einsum("bqhd,bkhd->bhqk", q, k) * scale, -np.inf)
   p = np.exp(logits - logits.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)

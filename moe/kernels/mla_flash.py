@@ -86,11 +86,17 @@ def _forward_kernel(*refs, nq, nv, scale, block_q, block_k):
   lse_ref[...] = m + jnp.log2(l)
 
 
-def _dkdv_kernel(*refs, nq, nv, scale, block_q, block_k):
-  q_refs, k_refs, v_refs = refs[:nq], refs[nq:2 * nq], refs[2 * nq:2 * nq + nv]
+def _backward_refs(refs, nq, nv):
+  """A backward kernel's refs, as `_bwd` passes them: (q parts, k parts, v parts, segment ids, do
+  parts, lse, delta, the outputs)."""
   i = 2 * nq + nv
-  seg_ref, do_refs, lse_ref, delta_ref = refs[i], refs[i + 1:i + 1 + nv], refs[i + 1 + nv], refs[i + 2 + nv]
-  dk_refs, dv_refs = refs[i + 3 + nv:i + 3 + nv + nq], refs[i + 3 + nv + nq:]
+  return (refs[:nq], refs[nq:2 * nq], refs[2 * nq:i], refs[i], refs[i + 1:i + 1 + nv], refs[i + 1 + nv],
+          refs[i + 2 + nv], refs[i + 3 + nv:])
+
+
+def _dkdv_kernel(*refs, nq, nv, scale, block_q, block_k):
+  q_refs, k_refs, v_refs, seg_ref, do_refs, lse_ref, delta_ref, outs = _backward_refs(refs, nq, nv)
+  dk_refs, dv_refs = outs[:nq], outs[nq:]
   start_k = pl.program_id(0)
   span_k = start_k * block_k + jnp.arange(block_k)
   ks, vs = [r[...] for r in k_refs], [r[...] for r in v_refs]
@@ -119,10 +125,7 @@ def _dkdv_kernel(*refs, nq, nv, scale, block_q, block_k):
 
 
 def _dq_kernel(*refs, nq, nv, scale, block_q, block_k):
-  q_refs, k_refs, v_refs = refs[:nq], refs[nq:2 * nq], refs[2 * nq:2 * nq + nv]
-  i = 2 * nq + nv
-  seg_ref, do_refs, lse_ref, delta_ref = refs[i], refs[i + 1:i + 1 + nv], refs[i + 1 + nv], refs[i + 2 + nv]
-  dq_refs = refs[i + 3 + nv:]
+  q_refs, k_refs, v_refs, seg_ref, do_refs, lse_ref, delta_ref, dq_refs = _backward_refs(refs, nq, nv)
   start_q = pl.program_id(0)
   span_q = start_q * block_q + jnp.arange(block_q)
   qs, dos = [r[...] for r in q_refs], [r[...] for r in do_refs]
@@ -165,11 +168,15 @@ def _call(kernel, name, block, inputs, in_blocks, outputs, out_blocks, interpret
                         name=name)(*inputs)
 
 
+def _warps(qk) -> int:
+  return 4 if sum(qk) <= 64 else 8
+
+
 def _forward(q, k, v, seg, scale, block, interpret):
   qk, vw = parts(q.shape[-1]), parts(v.shape[-1])
   qs, ks, vs = _split(q, qk), _split(k, qk), _split(v, vw)
   b, s, h, _ = q.shape
-  warps = 4 if sum(qk) <= 64 else 8
+  warps = _warps(qk)
   kernel = functools.partial(_forward_kernel, nq=len(qk), nv=len(vw), scale=scale, block_q=block, block_k=block)
   outs = _call(kernel, _name("fwd", qk, vw), block, [*qs, *ks, *vs, seg],
                ["block"] * len(qk) + ["whole"] * (len(qk) + len(vw)) + ["seg"],
@@ -195,7 +202,7 @@ def _bwd(scale, block, interpret, res, do):
   qk, vw = parts(q.shape[-1]), parts(v.shape[-1])
   qs, ks, vs, dos = _split(q, qk), _split(k, qk), _split(v, vw), _split(do.astype(q.dtype), vw)
   delta = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32))
-  warps = 4 if sum(qk) <= 64 else 8
+  warps = _warps(qk)
   nq, nv = len(qk), len(vw)
   args = dict(nq=nq, nv=nv, scale=scale, block_q=block, block_k=block)
   inputs = [*qs, *ks, *vs, seg, *dos, lse, delta]
