@@ -9,7 +9,9 @@ only the tiles that hold a group's rows:
   gmm   y [M, N] = x [M, K] @ w[g] (or w[g]^T) for the rows of group g: one program per
         (128-row tile, group) pair that shares a row (at most M/128 + E of them) and 128 columns,
         looping over K; a tile that two groups share is computed once per group, each storing its
-        own rows. Rows past every group come out 0, as ragged_dot's.
+        own rows. Rows past every group are left unwritten (undefined; ragged_dot's are 0): zeroing
+        them would be a pass over the whole buffer, and the experts' callers never read them
+        (moe/kernels/expert_ffn.py).
   tgmm  dw [E, K, N] = x_g^T @ dy_g: one program per (group, 128 x 128 output block), looping over
         the group's row tiles only.
 
@@ -65,10 +67,11 @@ def work_items(group_sizes, m_tiles: int):
 
 
 def rows_call(kernel, group_sizes, operands, mp: int, np_: int, dtype, name: str, interpret: bool,
-              block_n: int = BLOCK_N, params=PARAMS):
+              block_n: int = BLOCK_N, params=PARAMS, zero_rest: bool = True):
   """[mp, np_] from `kernel(work items..., operands..., out)`: one program per work item (a 128-row tile
   and a group sharing a row; `work_items`) and `block_n` output columns, each ref whole (the kernel
-  indexes them itself); rows past every group come out 0 (no program stores them)."""
+  indexes them itself). No program stores the rows past every group: `zero_rest` sets them to 0 (a
+  pass over the whole output), else they are left undefined."""
   items = work_items(group_sizes, mp // TILE)
   args = (*items, *operands)
   full = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)
@@ -80,7 +83,7 @@ def rows_call(kernel, group_sizes, operands, mp: int, np_: int, dtype, name: str
       out_shape=jax.ShapeDtypeStruct((mp, np_), dtype),
       compiler_params=params, interpret=interpret, name=name,
   )(*args)
-  return jnp.where((jnp.arange(mp) < group_sizes.sum())[:, None], y, jnp.zeros((), dtype))
+  return jnp.where((jnp.arange(mp) < group_sizes.sum())[:, None], y, jnp.zeros((), dtype)) if zero_rest else y
 
 
 def _precision(dtype):
@@ -115,7 +118,7 @@ def gmm(x, w, group_sizes, transpose_w: bool = False, interpret: bool = False):
   w = w.astype(x.dtype)
   mp, np_ = x.shape[0], w.shape[1] if transpose_w else w.shape[2]
   y = rows_call(functools.partial(_gmm_kernel, transpose_w=transpose_w), group_sizes, (x, w), mp, np_, x.dtype,
-                "grouped_gmm", interpret)
+                "grouped_gmm", interpret, zero_rest=False)
   return y[:m, :n]
 
 
