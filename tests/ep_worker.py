@@ -230,6 +230,8 @@ def dispatch():
       g = g[:2] + tuple(add(g[2:5], g[5:]))
     out[name] = {"y": rel_err(y, want), "dropped": int(dropped), "grad": max(map(rel_err, g, want_g)),
                  "fallbacks": int(fallbacks)}
+    if kernel:  # the sorting kernels: how often the program sorts rows by expert (expert_ffn._permute)
+      out[name]["permutes"] = str(jax.make_jaxpr(fn)(x, *rest, *copy_w)).count("name=_permute")
     if fast and not redundant:  # whether the fast path ran: the most rows a rank of a group receives
       groups = sizes[mesh].get("data", 1) * sizes[mesh].get("fsdp", 1)
       e_local = 16 // n_ep

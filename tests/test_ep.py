@@ -78,9 +78,18 @@ def test_dispatch_matches_one_device(eight):
   interpreter) as the experts' GEMM. The ragged exchange's fast path (mesh.ep_fast_path) as exact, one
   level: with buffers of 1x the balanced receive (this routing overflows them: the chunked exchange
   runs), 8x (it runs, in halves), 1.5x (it runs, megablox's kernel) and 3x with copies; two levels (2
-  and 4 nodes): 1x (the chunks run), 8x in halves, 4x with copies; each reports whether it fell back."""
+  and 4 nodes): 1x (the chunks run), 8x in halves, 4x with copies; each reports whether it fell back.
+  The ragged exchange's rows arrive sorted by expert (its (sender, expert) slices placed where the
+  kernels read them), which the sorting kernels' cases check, the blocked one's too (its expert ids
+  made from the slices' sizes)."""
   kernels = [n.rsplit("/", 1)[1] for n in eight["dispatch"] if n.endswith(("/megablox", "/triton"))]
   assert len(eight["dispatch"]) == 15 and kernels == ["megablox", "triton", "megablox"]
+  # the ragged exchange inside a node hands the kernels their rows sorted by expert, where they land:
+  # no sort of the rows, forward or backward (with one rank a node, f2e2t2's two nodes, nothing is
+  # exchanged inside the node and the kernel sorts the rows itself)
+  permutes = {n: r["permutes"] for n, r in eight["dispatch"].items() if "permutes" in r}
+  assert permutes == {"f2e2t2/nodes2/ragged_emulated/copies/megablox": 2, "d2e4/nodes2/ragged_emulated/copies/triton": 0,
+                      "d2e4/nodes1/ragged_emulated/plain/fast1.5/megablox": 0}, permutes
   fast = {n: r["fast"] for n, r in eight["dispatch"].items() if "fast" in r}
   assert fast == {"expert8/nodes1/ragged_emulated/plain/fast1.0": False,
                   "expert8/nodes1/ragged_emulated/plain/overlap/fast8.0": True,

@@ -94,6 +94,48 @@ def test_sorted_experts_unbalanced_and_single_expert(sorted_experts):
     np.testing.assert_allclose(np.asarray(got), ref_experts(x, idx, w, gate, up, down), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("f", [F, 128], ids=["two_matmuls", "gate_up_as_one"])
+@pytest.mark.parametrize("ffn", [ragged_ffn, functools.partial(megablox_ffn, interpret=True),
+                                 functools.partial(triton_ffn, interpret=True)], ids=["ragged_dot", "megablox", "triton"])
+def test_rows_that_come_sorted_are_used_where_they_lie(inputs, ffn, f):
+  """`group_sizes`: rows already sorted by expert (the ragged exchange's receive buffer: each expert's
+  rows from the first row, an empty expert among them, empty rows after) give the reference's outputs
+  and gradients on the real rows, with no sort in the program; the empty rows' outputs are never read
+  (the kernels leave them undefined: NaN in the interpreter). At F = 128 gate and up run as one
+  grouped matmul (_grouped_ffn), at F = 8 as two."""
+  x, idx = jnp.asarray(inputs[0]), jnp.asarray(inputs[1])
+  rng = np.random.default_rng(4)
+  gate, up = (jnp.asarray(rng.standard_normal((E, D, f)) * 0.3, jnp.float32) for _ in range(2))
+  down = jnp.asarray(rng.standard_normal((E, f, D)) * 0.3, jnp.float32)
+  expert_N = idx.reshape(-1)
+  order = np.argsort(np.asarray(expert_N), kind="stable")
+  rows = jnp.concatenate([jnp.repeat(x, K, axis=0)[order], jnp.zeros((13, D))])  # 13 empty rows after
+  ids = jnp.concatenate([expert_N[order], jnp.full((13,), E, jnp.int32)])
+  sizes = jnp.bincount(expert_N, length=E).astype(jnp.int32)
+  n = T * K
+  cot = jnp.asarray(rng.standard_normal((n, D)), jnp.float32)
+
+  def loss(fn):
+    return lambda r, g, u, d: jnp.sum(fn(r, ids, g, u, d)[:n] * cot)
+
+  given = functools.partial(ffn, group_sizes=sizes)
+  jaxpr = str(jax.make_jaxpr(loss(given))(rows, gate, up, down))
+  assert "name=_permute" not in jaxpr
+  assert "name=_permute" in str(jax.make_jaxpr(loss(ffn))(rows, gate, up, down))  # (the check can fail)
+  assert ("concatenate[dimension=2]" in jaxpr) == (f == 128)  # (gate and up as one [E, D, 2F])
+  np.testing.assert_allclose(np.asarray(given(rows, ids, gate, up, down)[:n]),
+                             np.asarray(dense_ffn(rows, ids, gate, up, down)[:n]), rtol=1e-5, atol=1e-5)
+  got = jax.grad(loss(given), argnums=(0, 1, 2, 3))(rows, gate, up, down)
+  want = jax.grad(loss(dense_ffn), argnums=(0, 1, 2, 3))(rows, gate, up, down)
+  for name, a, b in zip(("rows", "gate", "up", "down"), got, want):
+    a, b = np.asarray(a), np.asarray(b)
+    if name == "rows":
+      a, b = a[:n], b[:n]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+    assert np.abs(b).max() > 1e-3, name
+  assert np.all(np.asarray(got[1])[EMPTY] == 0)  # the expert without rows: no gradient
+
+
 @pytest.mark.parametrize("block", [4, 5, 128])
 def test_blocked_experts_equals_reference(inputs, block):
   """The CPU path (block-padded batched matmul): same result for any block size."""

@@ -127,7 +127,7 @@ def _slots(expert_N, e: int, block: int, cap_blocks: int | None):
 
 
 def blocked_ffn(x_NxD, expert_N, gate_ExDxF, up_ExDxF, down_ExFxD, fp8=None, block: int = 128,
-                tiers=CAPACITY_TIERS):
+                tiers=CAPACITY_TIERS, group_sizes=None):
   """Each row's expert FFN, down(silu(x gate) * (x up)), as a batched matmul over expert-sorted,
   block-padded rows. expert == E (the number of experts) marks an empty row: output 0, no room
   taken. `fp8`: a moe.kernels.fp8.Recipe to run the batched GEMMs in FP8 (a block holds one
@@ -139,7 +139,7 @@ def blocked_ffn(x_NxD, expert_N, gate_ExDxF, up_ExDxF, down_ExFxD, fp8=None, blo
   padded to whole blocks, each block's weights picked by a one-hot matmul. The layout is chosen at
   run time (lax.switch) and no row is ever dropped. The backward pass recomputes the forward inside
   the chosen branch (custom_vjp): differentiating the switch directly would make every branch write
-  the residuals of all the others.
+  the residuals of all the others. `group_sizes` unused (it sorts the rows itself into blocks).
   """
   return _blocked(block, fp8, tuple(tiers), expert_N, x_NxD, gate_ExDxF, up_ExDxF, down_ExFxD)
 

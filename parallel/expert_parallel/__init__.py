@@ -2,8 +2,9 @@
 
 `dispatch_combine(x, idx, w, weights, weight_axes, expert_fn, par)` runs the routed experts of one
 MoE layer; the layer (moe/experts.py) gives it the routing and the local expert computation
-`expert_fn(rows [R, D], local expert [R], *local weights) -> [R, D]` (a row whose local expert is
-E_l, the number of local experts, is empty). Without a multi-device mesh it calls `expert_fn` on
+`expert_fn(rows [R, D], local expert [R], *local weights, group_sizes=None) -> [R, D]` (a row whose
+local expert is E_l, the number of local experts, is empty; `group_sizes`: the rows come sorted by
+expert, the ragged exchange's). Without a multi-device mesh it calls `expert_fn` on
 the T*K (token, expert) rows directly; otherwise inside `jax.shard_map` over the whole mesh:
 
   tokens  [T, D] split over the batch axes (data x fsdp x expert); routing was done outside, per token

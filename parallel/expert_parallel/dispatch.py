@@ -126,8 +126,10 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
 
   weights: the experts' stacked parameters, [E, ...] each, with logical axes `weight_axes` (the first
   "expert"; a None dimension is gathered whole inside). expert_fn(rows [R, D], local expert [R],
-  *local weights) -> [R, D]: the expert FFN of each row, whose local expert id E_l (the number of
-  local experts) marks an empty row (its output and gradient undefined: never used). par: a parallel.mesh.Parallelism, or None (one device).
+  *local weights, group_sizes=None) -> [R, D]: the expert FFN of each row, whose local expert id E_l
+  (the number of local experts) marks an empty row (its output and gradient undefined: never used);
+  `group_sizes` [E_l], where given: the rows are already sorted by expert, that many of each from the
+  first row (the ragged exchange's), so that a kernel that sorts them need not. par: a parallel.mesh.Parallelism, or None (one device).
   routing: (logical experts, n_group, topk_group) of device-limited routing, which bounds the nodes a
   token reaches in the two-level dispatch (None: no limit). copies: redundant experts
   (mesh.redundant_experts), (slots [R], copy weights): the logical expert held by each redundant
@@ -142,8 +144,8 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
   lay = layout(par, mesh, tuple(shape.items()), free, x_TxD.shape[0], idx_TxK.shape[1],
                tuple(w.shape for w in weights), tuple(weight_axes), routing)
 
-  def local_fn(rows, expert, *ws):
-    y = expert_fn(rows, expert, *ws)
+  def local_fn(rows, expert, *ws, **sorted_rows):
+    y = expert_fn(rows, expert, *ws, **sorted_rows)
     return jax.lax.psum(y, lay.tp_axes) if lay.tp_axes else y
 
   if lay.plan is None:

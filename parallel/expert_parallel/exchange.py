@@ -5,8 +5,10 @@
      "rail"), carrying x, all K expert ids and router weights
   2. inside the node: each (row, k) assignment whose expert is in this node to the rank owning it
      (all-to-all among the node's ranks; with one node that is every rank, the one-level exchange)
-  3. `expert_fn` over the received rows; with tensor parallelism each rank holds a slice of every
-     expert's width and the partial outputs are summed (psum over `tensor`)
+  3. `expert_fn` over the received rows (the ragged transport places each (sender, expert) slice
+     so that the rows arrive sorted by expert: the grouped matmul reads them with no sort); with
+     tensor parallelism each rank holds a slice of every expert's width and the partial outputs are
+     summed (psum over `tensor`)
   4. back inside the node, and the node's weighted sum of its experts' outputs per row
   5. back across nodes in one trip per (token, node), summed per token (the ragged transport adds
      returned rows into their sums as they arrive, never making a row per assignment); the shared
@@ -65,8 +67,8 @@ def exchange(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, plan: Plan):
       (x_R, idx_R, w_R), back_outer, lost = send_padded(outer, dest_N, c, payloads)
     else:
       most_sent = t * plan.nodes_per_token
-      (x_R, idx_R, w_R), back_outer, lost = send_ragged(outer, dest_N, most_sent, plan.across_rows or plan.nodes * t,
-                                                         payloads, emulate)
+      (x_R, idx_R, w_R), back_outer, lost, _ = send_ragged(outer, dest_N, most_sent,
+                                                            plan.across_rows or plan.nodes * t, payloads, emulate)
     dropped += (hits_TxG.reshape(-1) * lost).sum().astype(jnp.int32)
     x_R, idx_R, w_R = (checkpoint_name(a, EXCHANGED) for a in (x_R, idx_R, w_R))
 
@@ -81,22 +83,32 @@ def exchange(x_TxD, idx_TxK, w_TxK, *weights, expert_fn, plan: Plan):
     y_N = jnp.where(mine_RxK.reshape(-1, 1), expert_fn(x_N, expert_N, *weights), 0)
     y_R = combine(y_N, jnp.where(mine_RxK, w_R, 0))  # 3. the node's weighted sum per row
   else:
-    payloads = [(x_R, row_N, 0), (expert_N, jnp.arange(rows * k, dtype=jnp.int32), e_local)]
     if padded:
       c = capacity(t, k, n_in, e_local, cf, rows)
+      payloads = [(x_R, row_N, 0), (expert_N, jnp.arange(rows * k, dtype=jnp.int32), e_local)]
       (rx, ex), back_inner, lost = send_padded(inner, dest_N, c, payloads)
-    else:
+      rx, ex = checkpoint_name(rx, EXCHANGED), checkpoint_name(ex, EXCHANGED)
+      y = expert_fn(rx, ex, *weights)
+    else:  # the rows arrive sorted by local expert: the grouped matmul reads them where they land
       most_sent = plan.inside_rows or rows * min(k, per_node)
       most_received = plan.receive_rows or n_in * rows * min(k, e_local)
-      (rx, ex), back_inner, lost = send_ragged(inner, dest_N, most_sent, most_received, payloads, emulate)
+      (rx,), back_inner, lost, sizes = send_ragged(inner, dest_N, most_sent, most_received, [(x_R, row_N, 0)],
+                                                    emulate, expert_N, e_local)
+      rx, sizes = checkpoint_name(rx, EXCHANGED), checkpoint_name(sizes, EXCHANGED)
+      y = expert_fn(rx, group_ids(sizes, most_received), *weights, group_sizes=sizes)
     dropped += lost.sum().astype(jnp.int32)
-    rx, ex = checkpoint_name(rx, EXCHANGED), checkpoint_name(ex, EXCHANGED)
     # 3. Back: the node's weighted sum of its experts' outputs per row (the ragged transport sums the
     #    rows as they come back, never making a row per assignment)
-    y_R = back_inner(expert_fn(rx, ex, *weights), k, jnp.where(mine_RxK, w_R, 0).reshape(-1))
+    y_R = back_inner(y, k, jnp.where(mine_RxK, w_R, 0).reshape(-1))
   if plan.nodes == 1:
     return y_R, dropped
   return back_outer(y_R, plan.nodes), dropped  # one trip per node to the token, summed there
+
+
+def group_ids(sizes_G, rows: int):
+  """[rows]: the group of each row of a buffer holding sizes_G[g] rows of each group g one after
+  another from its first row; len(sizes_G) for the rows after them (empty)."""
+  return (jnp.arange(rows, dtype=jnp.int32)[:, None] >= jnp.cumsum(sizes_G)[None]).sum(1).astype(jnp.int32)
 
 
 def loads(plan: Plan, idx_TxK, e_local: int):

@@ -22,22 +22,22 @@ from parallel.expert_parallel.plan import EXCHANGED, Hop, exclusive, group_sum, 
 
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
                                axis_name, axis_index_groups=None, member=None):
-  """jax.lax.ragged_all_to_all (one slice per peer) built from all_gather, for backends without it
-  (`member`: this rank's position in its group of `axis_index_groups`). Moves n times the data; for
-  tests and CPU only."""
+  """jax.lax.ragged_all_to_all (one or more slices per peer) built from all_gather, for backends
+  without it (`member`: this rank's position in its group of `axis_index_groups`). Moves n times the
+  data; for tests and CPU only."""
   del recv_sizes  # implied by the senders' send_sizes
   gather = functools.partial(jax.lax.all_gather, axis_name=axis_name, axis_index_groups=axis_index_groups)
-  n = send_sizes.shape[0]
   me = jax.lax.axis_index(axis_name) if member is None else member
   ops = gather(operand)  # [n, M, D]
-  in_off, sizes, out_off = (gather(a) for a in (input_offsets, send_sizes, output_offsets))
-  rows = jnp.arange(operand.shape[0])
-  result = output
-  for s in range(n):
-    start, size, dst = in_off[s, me], sizes[s, me], out_off[s, me]
-    target = jnp.where((rows >= start) & (rows < start + size), dst + rows - start, output.shape[0])
-    result = result.at[target].set(ops[s], mode="drop")
-  return result
+  n = ops.shape[0]
+  per_peer = send_sizes.shape[0] // n
+  in_off, sizes, out_off = (gather(a) for a in (input_offsets, send_sizes, output_offsets))  # [n, n * per_peer]
+  mine = lambda a: jax.lax.dynamic_slice_in_dim(a, me * per_peer, per_peer, axis=1)[:, None]  # [n, 1, per_peer]
+  start, size, dst = mine(in_off), mine(sizes), mine(out_off)  # the senders' slices for me
+  rows = jnp.arange(operand.shape[0])[None, :, None]
+  inside = (rows >= start) & (rows < start + size)  # [n, M, per_peer]: row of sender, in its slice j
+  target = jnp.where(inside.any(2), (inside * (dst + rows - start)).sum(2), output.shape[0])  # [n, M]
+  return output.at[target.reshape(-1)].set(ops.reshape(-1, *ops.shape[2:]), mode="drop")
 
 
 def how_of(hop: Hop, emulate: bool):
@@ -85,23 +85,33 @@ def _ragged_move_bwd(how, res, dy):
 _ragged_move.defvjp(_ragged_move_fwd, _ragged_move_bwd)
 
 
-def send_ragged(hop: Hop, dest_N, most_sent: int, most_received: int, payloads, emulate: bool):
+def send_ragged(hop: Hop, dest_N, most_sent: int, most_received: int, payloads, emulate: bool, group_N=None,
+                groups: int = 1):
   """Rows to ranks `dest_N` (hop.n: not sent) by ragged all-to-all, exactly the rows each rank needs,
-  in buffers of `most_sent` rows sent and `most_received` received. Returns as send_padded: a row
-  the send buffer cannot hold (its bound too small: a bug, which the trainer stops on) is not sent
-  and comes back as 0, and is reported lost, never silently. Summed over m rows: where fewer rows
-  were sent than N (the two-level dispatch's), the returned rows are added (in float32) into their
-  sums as they come back, so the work is the rows sent, not N."""
-  n = hop.n
+  in buffers of `most_sent` rows sent and `most_received` received. Returns as send_padded, and the
+  rows received in each group [groups]: a row the send buffer cannot hold (its bound too small: a bug,
+  which the trainer stops on) is not sent and comes back as 0, and is reported lost, never silently.
+  Summed over m rows: where fewer rows were sent than N (the two-level dispatch's), the returned rows
+  are added (in float32) into their sums as they come back, so the work is the rows sent, not N.
+
+  `groups` > 1 (`group_N` [N]: each row's group at its destination, < groups, e.g. its local expert
+  there): the rows arrive grouped, each group's rows contiguous (by sender within it) and the groups
+  one after another from the buffer's first row, so that a grouped matmul reads the buffer as it is,
+  with no sort. Each sender sends a slice per (peer, group), which the collective places directly."""
+  n, g = hop.n, groups
   how = how_of(hop, emulate)
-  by_dest = jnp.argsort(dest_N, stable=True)  # by destination; the rows not sent last
-  order = by_dest[:most_sent]
-  send_sizes = jnp.bincount(dest_N, length=n + 1)[:n].astype(jnp.int32)
+  key_N = dest_N if g == 1 else jnp.where(dest_N < n, dest_N * g + group_N, n * g)  # (peer, group); n * g: not sent
+  by_key = jnp.argsort(key_N, stable=True)  # by destination and group; the rows not sent last
+  order = by_key[:most_sent]
+  send_sizes = jnp.bincount(key_N, length=n * g + 1)[:n * g].astype(jnp.int32)
   send_sizes = jnp.minimum(send_sizes, jnp.maximum(most_sent - exclusive(send_sizes), 0))  # what fits
-  lost = jnp.zeros(dest_N.shape, bool).at[by_dest].set(jnp.arange(dest_N.shape[0]) >= most_sent) & (dest_N < n)
+  lost = jnp.zeros(dest_N.shape, bool).at[by_key].set(jnp.arange(dest_N.shape[0]) >= most_sent) & (dest_N < n)
   input_offsets = exclusive(send_sizes)
-  recv_sizes = hop.a2a(send_sizes)  # [n]: rows from each peer, packed back to back by peer
-  recv_offsets = exclusive(recv_sizes)
+  recv_sizes = hop.a2a(send_sizes)  # [n * g]: rows from each (peer, group)
+  received_SxG = recv_sizes.reshape(n, g)
+  # each group's rows from the buffer's start, by sender within the group
+  recv_offsets = (exclusive(received_SxG.sum(0))[None] + jnp.cumsum(received_SxG, 0) - received_SxG).reshape(-1)
+  recv_offsets = recv_offsets.astype(jnp.int32)
   there = (input_offsets, send_sizes, hop.a2a(recv_offsets), recv_sizes)  # (where my rows land on each peer)
   back = (recv_offsets, recv_sizes, hop.a2a(input_offsets), send_sizes)
   # (the fills are keyed apart from the gradients' fills of the same shapes, which _ragged_move_bwd keys
@@ -118,4 +128,4 @@ def send_ragged(hop: Hop, dest_N, most_sent: int, most_received: int, payloads, 
     part = y_sorted.astype(jnp.float32) * (w[order].astype(jnp.float32)[:, None] if w is not None else 1)
     return jnp.zeros((dest_N.shape[0] // m, *y.shape[1:]), jnp.float32).at[order // m].add(part).astype(y.dtype)
 
-  return received, back_to_senders, lost
+  return received, back_to_senders, lost, received_SxG.sum(0)
