@@ -88,7 +88,8 @@ def test_dispatch_matches_one_device(eight):
   # no sort of the rows, forward or backward (with one rank a node, f2e2t2's two nodes, nothing is
   # exchanged inside the node and the kernel sorts the rows itself)
   permutes = {n: r["permutes"] for n, r in eight["dispatch"].items() if "permutes" in r}
-  assert permutes == {"f2e2t2/nodes2/ragged_emulated/copies/megablox": 2, "d2e4/nodes2/ragged_emulated/copies/triton": 0,
+  assert permutes == {"f2e2t2/nodes2/ragged_emulated/copies/megablox": 2,
+                      "d2e4/nodes2/ragged_emulated/copies/triton": 0,
                       "d2e4/nodes1/ragged_emulated/plain/fast1.5/megablox": 0}, permutes
   fast = {n: r["fast"] for n, r in eight["dispatch"].items() if "fast" in r}
   assert fast == {"expert8/nodes1/ragged_emulated/plain/fast1.0": False,

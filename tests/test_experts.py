@@ -96,7 +96,8 @@ def test_sorted_experts_unbalanced_and_single_expert(sorted_experts):
 
 @pytest.mark.parametrize("f", [F, 128], ids=["two_matmuls", "gate_up_as_one"])
 @pytest.mark.parametrize("ffn", [ragged_ffn, functools.partial(megablox_ffn, interpret=True),
-                                 functools.partial(triton_ffn, interpret=True)], ids=["ragged_dot", "megablox", "triton"])
+                                 functools.partial(triton_ffn, interpret=True)],
+                         ids=["ragged_dot", "megablox", "triton"])
 def test_rows_that_come_sorted_are_used_where_they_lie(inputs, ffn, f):
   """`group_sizes`: rows already sorted by expert (the ragged exchange's receive buffer: each expert's
   rows from the first row, an empty expert among them, empty rows after) give the reference's outputs

@@ -129,7 +129,8 @@ def dispatch_combine(x_TxD, idx_TxK, w_TxK, weights: Sequence[jax.Array], weight
   *local weights, group_sizes=None) -> [R, D]: the expert FFN of each row, whose local expert id E_l
   (the number of local experts) marks an empty row (its output and gradient undefined: never used);
   `group_sizes` [E_l], where given: the rows are already sorted by expert, that many of each from the
-  first row (the ragged exchange's), so that a kernel that sorts them need not. par: a parallel.mesh.Parallelism, or None (one device).
+  first row (the ragged exchange's), so that a kernel that sorts them need not. par: a
+  parallel.mesh.Parallelism, or None (one device).
   routing: (logical experts, n_group, topk_group) of device-limited routing, which bounds the nodes a
   token reaches in the two-level dispatch (None: no limit). copies: redundant experts
   (mesh.redundant_experts), (slots [R], copy weights): the logical expert held by each redundant

@@ -111,7 +111,6 @@ def send_ragged(hop: Hop, dest_N, most_sent: int, most_received: int, payloads, 
   received_SxG = recv_sizes.reshape(n, g)
   # each group's rows from the buffer's start, by sender within the group
   recv_offsets = (exclusive(received_SxG.sum(0))[None] + jnp.cumsum(received_SxG, 0) - received_SxG).reshape(-1)
-  recv_offsets = recv_offsets.astype(jnp.int32)
   there = (input_offsets, send_sizes, hop.a2a(recv_offsets), recv_sizes)  # (where my rows land on each peer)
   back = (recv_offsets, recv_sizes, hop.a2a(input_offsets), send_sizes)
   # (the fills are keyed apart from the gradients' fills of the same shapes, which _ragged_move_bwd keys
