@@ -392,6 +392,97 @@ def test_forecast_of_a_hand_computable_program():
   assert forecast.summary(c)["async"]["all-reduce"]["hidden_s"] == pytest.approx(dot_flops / 1e12)
 
 
+# MATMUL's matmul and all-reduce in a loop of 3 trips, the all-reduce awaited before the matmul runs
+# (nothing between its start and done), though the two do not depend on each other.
+LOOPED = """HloModule m, is_scheduled=true, num_partitions=4
+
+%fused_dot (p0: bf16[128,256], p1: bf16[256,512]) -> bf16[128,512] {
+  %p0 = bf16[128,256]{1,0} parameter(0)
+  %p1 = bf16[256,512]{1,0} parameter(1)
+  ROOT %dot.1 = bf16[128,512]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%cond (c: (s32[], bf16[128,256], bf16[256,512], bf16[128,512])) -> pred[] {
+  %c = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}, bf16[128,512]{1,0}) parameter(0)
+  %limit = s32[] constant(3)
+  %i.1 = s32[] get-tuple-element(%c), index=0
+  ROOT %lt = pred[] compare(%i.1, %limit), direction=LT
+}
+
+%body (b: (s32[], bf16[128,256], bf16[256,512], bf16[128,512])) -> (s32[], bf16[128,256], bf16[256,512], bf16[128,512]) {
+  %b = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}, bf16[128,512]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%b), index=0
+  %x = bf16[128,256]{1,0} get-tuple-element(%b), index=1
+  %w = bf16[256,512]{1,0} get-tuple-element(%b), index=2
+  %g = bf16[128,512]{1,0} get-tuple-element(%b), index=3
+  %s = bf16[128,512]{1,0} all-reduce-start(%g), channel_id=1, replica_groups={{0,1,2,3}}, to_apply=%add
+  %sum = bf16[128,512]{1,0} all-reduce-done(%s)
+  %y = bf16[128,512]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused_dot
+  %z = bf16[128,512]{1,0} add(%y, %sum)
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}, bf16[128,512]{1,0}) tuple(%next, %x, %w, %z)
+}
+
+ENTRY %main (x: bf16[128,256], w: bf16[256,512], g: bf16[128,512]) -> bf16[128,512] {
+  %x.0 = bf16[128,256]{1,0} parameter(0)
+  %w.0 = bf16[256,512]{1,0} parameter(1)
+  %g.0 = bf16[128,512]{1,0} parameter(2)
+  %zero = s32[] constant(0)
+  %i.0 = s32[] copy(%zero)
+  %init = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}, bf16[128,512]{1,0}) tuple(%i.0, %x.0, %w.0, %g.0)
+  %loop = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}, bf16[128,512]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %out = bf16[128,512]{1,0} get-tuple-element(%loop), index=3
+}
+"""
+
+
+def test_a_loop_is_reported_against_what_bounds_it():
+  """An iteration's forecast time against its floors: compute (the matmul, 33.6 us at 1 TFLOP/s), the
+  link's busy time (the all-reduce's ring, 196.6 us at 1 GB/s) and the longest chain of dependencies
+  (the two are independent: the ring, then the add of its sum, 0.4 ns more, which makes the chain the
+  largest floor). Awaited before the matmul runs, the iteration takes both one after the other and the
+  order costs the matmul's time; with the matmul between the all-reduce's start and done it costs
+  nothing."""
+  fast = forecast.Chip("made-up", 1e12, 2e12, 1e15, 1e9, 1e8, 1e9)
+  dot, ring = 2 * 128 * 256 * 512 / 1e12, 2 * (2 * 128 * 512) * 3 / 4 / 1e9
+  assert hlo_loops.trip_counts(LOOPED) == {"body": 3}
+  (serial,) = forecast.summary(forecast.costs(LOOPED, fast))["loops"]
+  assert serial == {"body": "body", "source": "while", "trips": 3, "runs": 1, "iteration_s": pytest.approx(ring + dot, rel=1e-3),
+                    "floors_s": {"compute": pytest.approx(dot, rel=1e-3), "fast link": pytest.approx(ring, rel=1e-3),
+                                 "dependencies": pytest.approx(ring, rel=1e-3)},
+                    "bound": "dependencies", "beyond_bound_s": pytest.approx(dot, rel=1e-2), "share": 1.0}
+  moved = LOOPED.replace("  %sum = bf16[128,512]{1,0} all-reduce-done(%s)\n", "").replace(
+      "  %z = bf16", "  %sum = bf16[128,512]{1,0} all-reduce-done(%s)\n  %z = bf16")
+  (overlapped,) = forecast.summary(forecast.costs(moved, fast))["loops"]
+  assert overlapped["iteration_s"] == pytest.approx(ring, rel=1e-3) and overlapped["bound"] == "dependencies"
+  assert overlapped["beyond_bound_s"] == pytest.approx(0, abs=1e-3 * ring)
+  # in a loop of 2 trips around it, the inner loop runs twice; the outer one's chain of dependencies
+  # counts the inner loop at its floor (3 rings), not at its forecast
+  outer = moved.replace("ENTRY %main", "%outer_cond (oc: (s32[], bf16[128,256], bf16[256,512], bf16[128,512])) -> pred[] {\n"
+                        "  %oc = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}, bf16[128,512]{1,0}) parameter(0)\n"
+                        "  %olimit = s32[] constant(2)\n  %oi = s32[] get-tuple-element(%oc), index=0\n"
+                        "  ROOT %olt = pred[] compare(%oi, %olimit), direction=LT\n}\n\n"
+                        "%outer (ob: (s32[], bf16[128,256], bf16[256,512], bf16[128,512])) -> "
+                        "(s32[], bf16[128,256], bf16[256,512], bf16[128,512]) {\n"
+                        "  %ob = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}, bf16[128,512]{1,0}) parameter(0)\n"
+                        "  %oi.1 = s32[] get-tuple-element(%ob), index=0\n  %oz = s32[] constant(0)\n"
+                        "  %ox = bf16[128,256]{1,0} get-tuple-element(%ob), index=1\n"
+                        "  %ow = bf16[256,512]{1,0} get-tuple-element(%ob), index=2\n"
+                        "  %og = bf16[128,512]{1,0} get-tuple-element(%ob), index=3\n"
+                        "  %oinit = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}, bf16[128,512]{1,0}) tuple(%oz, %ox, %ow, %og)\n"
+                        "  %inner = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}, bf16[128,512]{1,0}) while(%oinit), "
+                        "condition=%cond, body=%body\n  %oone = s32[] constant(1)\n  %onext = s32[] add(%oi.1, %oone)\n"
+                        "  %oy = bf16[128,512]{1,0} get-tuple-element(%inner), index=3\n"
+                        "  ROOT %ot = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}, bf16[128,512]{1,0}) tuple(%onext, %ox, %ow, %oy)\n"
+                        "}\n\nENTRY %main").replace("condition=%cond, body=%body\n  ROOT %out",
+                                                     "condition=%outer_cond, body=%outer\n  ROOT %out")
+  assert hlo_loops.trip_counts(outer) == {"body": 3, "outer": 2}
+  rows = {r["body"]: r for r in forecast.summary(forecast.costs(outer, fast))["loops"]}
+  assert rows["body"]["runs"] == 2 and rows["body"]["iteration_s"] == pytest.approx(ring, rel=1e-3)
+  assert rows["outer"]["floors_s"]["dependencies"] == pytest.approx(3 * ring, rel=1e-3)
+
+
 def test_the_optimizers_share_is_what_its_named_scope_made():
   """train/core/step.py runs the optimizer's update under jax.named_scope("optimizer"): the forecast
   reports the time, matmul FLOPs and collective bytes of the instructions made there (the add and the

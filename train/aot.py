@@ -60,6 +60,9 @@ forecast (train/forecast.py; configs/hardware/chips.yaml has each chip's figures
     comm_s, hidden_s: not waited for at its done, each link carrying one transfer at a time); loops times their trip
     counts (XLA:TPU records none: read from each loop's condition); a pipeline's forward and backward
     slots, first_fn and last_fn as often as its schedule runs them (parallel/pipeline.py: Schedule.taken);
+    top (where the step's time goes, by source line); loops (the three loops that take most of the
+    step: one iteration's time against its floors, compute, each link's busy time and its longest
+    chain of dependencies, the bound and what the compiled order costs beyond it);
   forecast: step_s (each kernel max(FLOPs / peak, bytes / HBM bandwidth), each collective and host
     transfer bytes / link bandwidth, each link shared by the transfers in flight, less what the
     schedule overlaps), compute_s, exposed_comm_s and its share,

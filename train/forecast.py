@@ -48,6 +48,10 @@ How it counts (one device; SPMD programs run the same on all):
   for all of it, an asynchronous one's done for what the time since its start has not covered. No
   latency per kernel or per message: a forecast of the ideal schedule, so a lower bound on the step
   time; the measured error of it is in docs/pods.md.
+- Loops (`summary`'s "loops"): for the loops that take most of the step, one iteration's time against
+  what bounds it from below: its compute, each link's busy time, and its longest chain of dependencies
+  (kernels and transfers at these rates, nothing shared); what the iteration takes beyond the largest
+  of these is lost to the order the compiler put its work in.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ import collections
 import dataclasses
 import math
 import re
+from typing import NamedTuple
 
 from parallel.expert_parallel.exchange import FALLBACK, FAST_PATH
 from train import hlo as hlo_lib
@@ -426,6 +431,9 @@ class Cost:
   parts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   known: bool = True
   fallback: float = 0.0  # seconds the step adds if every conditional takes its costliest branch
+  busy: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # link -> s carrying
+  path: float = 0.0  # the longest chain of dependencies through this computation (not added up by `add`)
+  loops: list = dataclasses.field(default_factory=list)  # Loop per while loop run, with its times
 
   def add(self, other: "Cost", times: float = 1) -> None:
     self.time += other.time * times
@@ -436,10 +444,26 @@ class Cost:
     self.known = self.known and other.known
     for mine, theirs in ((self.flops, other.flops), (self.links, other.links), (self.counts, other.counts),
                          (self.where, other.where), (self.matmul_where, other.matmul_where),
-                         (self.links_where, other.links_where), (self.parts, other.parts)):
+                         (self.links_where, other.links_where), (self.parts, other.parts),
+                         (self.busy, other.busy)):
       for k, v in theirs.items():
         mine[k] += v * times
     self.overlap += [(k, c, b, t * times) for k, c, b, t in other.overlap]
+    self.loops += [loop._replace(runs=loop.runs * times) for loop in other.loops]
+
+
+class Loop(NamedTuple):
+  """One while loop: its body, the source line that made it, trips, and per iteration its forecast
+  time, compute, each link's busy seconds and its longest chain of dependencies; `runs`: how often the
+  loop itself runs."""
+  body: str
+  source: str
+  trips: int
+  iteration: float
+  compute: float
+  busy: dict
+  path: float
+  runs: float = 1
 
 
 # named scopes whose share of the step is reported: the optimizer's update (train/core/step.py), its
@@ -530,6 +554,7 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
     out = Cost()  # (out.time: the clock, seconds into this computation)
     pending: dict[str, list] = {}  # start (or an async-update carrying it) -> [kind, comm s, finish s, ...]
     free = collections.Counter()  # link (fast, slow, host) -> when it is next idle
+    ready: dict[str, float] = {}  # instruction -> when its result is ready along its dependencies alone
 
     def occupy(busy: dict, together: bool) -> float:
       """When a transfer that keeps each link of `busy` {link: s} that long, starting now, is done: a
@@ -537,12 +562,14 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
       the links `together` or one after the other."""
       at = end = out.time
       for link, s in busy.items():
+        out.busy[link] += s
         if s:
           free[link] = max(out.time if together else at, free[link]) + s
           at = end = max(end, free[link])
       return end
     for ins in p.comps.get(c, []) if c not in seen else []:
       t = 0.0
+      after = max((ready.get(o, 0.0) for o in hlo_parse.operands(ins.rest)), default=0.0)
       if ins.op == "while":
         body, cond = p.called(ins, "body"), p.called(ins, "condition")
         n = p.trips.get(body)
@@ -552,6 +579,10 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         inner.add(run(cond, seen + (c,)))
         t = inner.time * (n or 1)
         out.add(inner, n or 1)
+        loop = Loop(body, p.source(ins), n or 1, inner.time, inner.compute, dict(inner.busy),
+                    memo[body].path if body in memo else 0.0)
+        out.loops.append(loop)
+        after += (n or 1) * max(loop.compute, loop.path, *loop.busy.values())  # (at its floor: nothing shared)
         out.time -= t  # (added below)
       elif ins.op == "conditional":
         names = hlo_parse.branches(ins.rest)
@@ -576,12 +607,14 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         t = inner.time
         out.add(inner)
         out.time -= t
+        after += inner.path
       elif (moved := _host_move(p, ins)) is not None:  # to or from host memory, asynchronous: over PCIe
         kind, nbytes = moved
         out.links[(kind, "host")] += nbytes
         out.counts[(kind, "async")] += 1
         comm = nbytes / chip.host_bw
         pending[ins.name] = [kind, comm, occupy({"host": comm}, False), p.source(ins), _parts(p, ins)]
+        after += comm
       elif (found := _collective(p, ins)) is not None:
         kind, carrier = found
         fast, slow, _ = _link_bytes(p, kind, carrier, granule, split)
@@ -597,6 +630,7 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         busy = {"fast": fast / chip.fast_bw, "slow": slow / chip.slow_bw}
         comm = max(busy.values()) if together else sum(busy.values())
         finish = occupy(busy, together)
+        after += comm
         started = ins.op.endswith("-start") or ins.op == "async-start" or ins.name.startswith(hlo_parse.FUSED_START)
         asynchronous = started and '"is_sync":true' not in ins.rest
         out.counts[(kind, "async" if asynchronous else "sync")] += 1
@@ -631,6 +665,7 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         out.compute += t
         if t:
           out.where[(bound, p.source(ins))] += t
+        after += t
         matmul = sum(v for k, v in flops.items() if k not in ("other", "ragged_dot_buffer"))
         if matmul:
           out.matmul_where[p.source(ins)] += matmul
@@ -638,6 +673,8 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
           out.parts[(part, "s")] += t
           out.parts[(part, "matmul")] += matmul
       out.time += t
+      ready[ins.name] = after + t if ins.op == "conditional" else after
+    out.path = max(ready.values(), default=0.0)
     for kind, comm, finish, source, parts in pending.values():  # a start without its done in this computation
       wait = max(0.0, finish - out.time)
       out.exposed += wait
@@ -676,7 +713,30 @@ def summary(cost: Cost) -> dict:
           "hbm_bytes": round(cost.hbm), "collective_bytes": links, "host_transfers": host,
           "async": {k: {"count": round(v[0]), "comm_s": v[1], "hidden_s": v[2]} for k, v in sorted(overlap.items())},
           "trip_counts_known": cost.known, "fallback_s": float(f"{cost.fallback:.4g}"), "top": top(cost),
-          **parts(cost)}
+          "loops": loops(cost), **parts(cost)}
+
+
+def loops(cost: Cost, n: int = 3) -> list[dict]:
+  """The `n` loops that take most of the step, each with one iteration's forecast time against what
+  bounds it from below (its compute, each link's busy time, its longest chain of dependencies):
+  `bound` names the largest, `beyond_bound_s` is what the order of its work costs beyond it."""
+  runs, first = collections.Counter(), {}
+  for loop in cost.loops:
+    runs[loop.body] += loop.runs
+    first.setdefault(loop.body, loop)
+  out = []
+  for body in sorted(first, key=lambda b: -first[b].iteration * first[b].trips * runs[b])[:n]:
+    loop = first[body]
+    floors = {"compute": loop.compute, **{f"{link} link": s for link, s in sorted(loop.busy.items()) if s},
+              "dependencies": loop.path}
+    bound = max(floors, key=floors.get)
+    total = loop.iteration * loop.trips * runs[body]
+    out.append({"body": body, "source": loop.source, "trips": loop.trips, "runs": float(f"{runs[body]:.4g}"),
+                "iteration_s": float(f"{loop.iteration:.4g}"),
+                "floors_s": {k: float(f"{v:.4g}") for k, v in floors.items()}, "bound": bound,
+                "beyond_bound_s": float(f"{loop.iteration - floors[bound]:.4g}"),
+                "share": round(total / cost.time, 3) if cost.time else 0.0})
+  return out
 
 
 def parts(cost: Cost) -> dict:
