@@ -732,6 +732,11 @@ def test_grouped_matmul_and_ragged_exchange_count_what_they_touch(text):
                       '{op_name="jit(step)/ep_fast_path/gmm"}').replace('op_name="jit(step)/', 'op_name="jit(step)/ep_fast_path/')
   s = forecast.summary(forecast.costs(fast, chip, ragged_fill=0.25, likely_fill=0.5))
   assert s["flops"]["ragged_dot"] == 0.5 * 2 * 512 * 128 * 256
+  # train.hlo_report reads the same program at the same fills as train.aot does (--fast-path-fill)
+  target = targets.parse("v5p-8")
+  r = hlo_report.hlo_report(fast, target, ragged_fill=0.25, fast_path_fill=0.5)
+  assert r["costs"]["flops"]["ragged_dot"] == 0.5 * 2 * 512 * 128 * 256 and r["forecast"]["fast_path_fill"] == 0.5
+  assert hlo_report.hlo_report(fast, target, ragged_fill=0.25)["costs"]["flops"]["ragged_dot"] == 0.25 * 2 * 512 * 128 * 256
 
 
 # A conditional between the fast path's result (one add) and a fallback made under the exchange's

@@ -8,7 +8,10 @@ same). The target names the chip (configs/hardware/chips.yaml) and the granules 
 replica-group positions in order, hosts of 8 GPUs or slices of the target's devices. One JSON line:
 {"costs", "forecast"} as train.aot prints them (its docstring has the fields); with --tokens (per
 step, all devices) and --model-flops (per step, all devices), tokens/s, TFLOP/s and MFU too. The
-ragged dots' buffers count full (ragged_fill 1: an upper figure) unless --ragged-fill says otherwise.
+ragged dots' buffers count full (ragged_fill 1: an upper figure) unless --ragged-fill says otherwise;
+this project's dropless fast path (operations under the `ep_fast_path` scope) at --fast-path-fill
+(default the ragged fill): with train.aot's `ragged_fill` and `fast_path_fill` for the same program,
+the same forecast as train.aot's.
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ from train.core import jsonl
 
 
 def hlo_report(text: str, target: targets_lib.Target, tokens: int = 0, model_flops: float = 0.0,
-               price: float | None = None, ragged_fill: float = 1.0) -> dict:
+               price: float | None = None, ragged_fill: float = 1.0, fast_path_fill: float | None = None) -> dict:
   chip = forecast.chip_of(target.family)
   hw = targets_lib.hardware(target.family)
   p = forecast.Program(text)
   per_granule = target.devices_per_slice if target.platform == "tpu" else targets_lib.GPUS_PER_HOST
-  cost = forecast.costs(p, chip, lambda i: i // per_granule, ragged_fill)
+  cost = forecast.costs(p, chip, lambda i: i // per_granule, ragged_fill, fast_path_fill)
   devices = max(p.size, 1)
   chips = max(1, devices // hw["devices_per_chip"])
   price = price if price is not None else hw["price"]
@@ -37,6 +40,7 @@ def hlo_report(text: str, target: targets_lib.Target, tokens: int = 0, model_flo
                         price=price)
   return {"costs": forecast.summary(cost),
           "forecast": {**out, "chip": target.family, "devices": devices, "ragged_fill": ragged_fill,
+                       **({"fast_path_fill": fast_path_fill} if fast_path_fill is not None else {}),
                        "price_per_chip_hour": price, "error": forecast.ERROR}}
 
 
@@ -50,6 +54,8 @@ def main(argv=None) -> int:
   p.add_argument("--model-flops", type=float, default=0.0, help="model FLOPs per step, all devices")
   p.add_argument("--price", type=float, default=None, help="USD per chip-hour (default: configs/hardware/chips.yaml)")
   p.add_argument("--ragged-fill", type=float, default=1.0, help="share of ragged dots' buffer rows holding tokens")
+  p.add_argument("--fast-path-fill", type=float, default=None,
+                 help="the same share in the dropless fast path's buffers (default: --ragged-fill)")
   args = p.parse_args(argv)
   try:
     target = targets_lib.parse(args.target, args.slices)
@@ -60,7 +66,8 @@ def main(argv=None) -> int:
     if "HloModule" not in text[:10000]:
       raise InputError(f"{args.file}: not HLO text (no HloModule line); pass compiled.as_text() or an"
                        " *after_optimizations.txt dump")
-    print(jsonl.dumps(hlo_report(text, target, args.tokens, args.model_flops, args.price, args.ragged_fill)))
+    print(jsonl.dumps(hlo_report(text, target, args.tokens, args.model_flops, args.price, args.ragged_fill,
+                                 args.fast_path_fill)))
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
