@@ -10,8 +10,8 @@ replica-group positions in order, hosts of 8 GPUs or slices of the target's devi
 step, all devices) and --model-flops (per step, all devices), tokens/s, TFLOP/s and MFU too. The
 ragged dots' buffers count full (ragged_fill 1: an upper figure) unless --ragged-fill says otherwise;
 this project's dropless fast path (operations under the `ep_fast_path` scope) at --fast-path-fill
-(default the ragged fill): with train.aot's `ragged_fill` and `fast_path_fill` for the same program,
-the same forecast as train.aot's.
+(default the ragged fill): given train.aot's `ragged_fill` and `fast_path_fill` for the same program,
+it reads the matmuls at train.aot's fills.
 """
 
 from __future__ import annotations
