@@ -465,6 +465,11 @@ class Loop(NamedTuple):
   path: float
   runs: float = 1
 
+  def floors(self) -> dict:
+    """What bounds one iteration from below: its compute, each link's busy time, its longest chain."""
+    return {"compute": self.compute, **{f"{link} link": s for link, s in sorted(self.busy.items()) if s},
+            "dependencies": self.path}
+
 
 # named scopes whose share of the step is reported: the optimizer's update (train/core/step.py), its
 # Newton-Schulz (train/core/muon.py), the redundant experts' moves (parallel/expert_parallel/copies.py),
@@ -569,20 +574,20 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
       return end
     for ins in p.comps.get(c, []) if c not in seen else []:
       t = 0.0
-      after = max((ready.get(o, 0.0) for o in hlo_parse.operands(ins.rest)), default=0.0)
+      operands = hlo_parse.operands(ins.rest)
+      after = max((ready.get(o, 0.0) for o in operands), default=0.0)  # (transfers add theirs, loops their floor)
       if ins.op == "while":
         body, cond = p.called(ins, "body"), p.called(ins, "condition")
         n = p.trips.get(body)
         out.known = out.known and n is not None
-        inner = Cost()
-        inner.add(run(body, seen + (c,)))
+        inner, each = Cost(), run(body, seen + (c,))
+        inner.add(each)
         inner.add(run(cond, seen + (c,)))
         t = inner.time * (n or 1)
         out.add(inner, n or 1)
-        loop = Loop(body, p.source(ins), n or 1, inner.time, inner.compute, dict(inner.busy),
-                    memo[body].path if body in memo else 0.0)
+        loop = Loop(body, p.source(ins), n or 1, inner.time, inner.compute, dict(inner.busy), each.path)
         out.loops.append(loop)
-        after += (n or 1) * max(loop.compute, loop.path, *loop.busy.values())  # (at its floor: nothing shared)
+        after += (n or 1) * max(loop.floors().values())  # (the loop at its floor: nothing shared)
         out.time -= t  # (added below)
       elif ins.op == "conditional":
         names = hlo_parse.branches(ins.rest)
@@ -607,7 +612,7 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         t = inner.time
         out.add(inner)
         out.time -= t
-        after += inner.path
+        after += inner.path  # (the callee at its floor)
       elif (moved := _host_move(p, ins)) is not None:  # to or from host memory, asynchronous: over PCIe
         kind, nbytes = moved
         out.links[(kind, "host")] += nbytes
@@ -644,7 +649,7 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
           for part in parts:
             out.parts[(part, "s")] += wait
       elif ins.op.endswith(("-done", "-update")) or ins.name.startswith(hlo_parse.FUSED_DONE):
-        for o in [_chain(p, ins)] if ins.op == "fusion" else hlo_parse.operands(ins.rest):
+        for o in [_chain(p, ins)] if ins.op == "fusion" else operands:
           if o in pending:
             kind, comm, finish, source, parts = pending.pop(o)
             if ins.op.endswith("-update"):
@@ -665,7 +670,6 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
         out.compute += t
         if t:
           out.where[(bound, p.source(ins))] += t
-        after += t
         matmul = sum(v for k, v in flops.items() if k not in ("other", "ragged_dot_buffer"))
         if matmul:
           out.matmul_where[p.source(ins)] += matmul
@@ -673,7 +677,7 @@ def costs(hlo: "str | Program", chip: Chip, granule=lambda i: 0, ragged_fill: fl
           out.parts[(part, "s")] += t
           out.parts[(part, "matmul")] += matmul
       out.time += t
-      ready[ins.name] = after + t if ins.op == "conditional" else after
+      ready[ins.name] = after if ins.op in ("while", "call") else after + t  # (kernels, the expected branch)
     out.path = max(ready.values(), default=0.0)
     for kind, comm, finish, source, parts in pending.values():  # a start without its done in this computation
       wait = max(0.0, finish - out.time)
@@ -727,8 +731,7 @@ def loops(cost: Cost, n: int = 3) -> list[dict]:
   out = []
   for body in sorted(first, key=lambda b: -first[b].iteration * first[b].trips * runs[b])[:n]:
     loop = first[body]
-    floors = {"compute": loop.compute, **{f"{link} link": s for link, s in sorted(loop.busy.items()) if s},
-              "dependencies": loop.path}
+    floors = loop.floors()
     bound = max(floors, key=floors.get)
     total = loop.iteration * loop.trips * runs[body]
     out.append({"body": body, "source": loop.source, "trips": loop.trips, "runs": float(f"{runs[body]:.4g}"),
