@@ -91,3 +91,40 @@ def test_second_signal_aborts_while_the_main_thread_waits_in_c(inherited):
   assert "SIGINT: finishing the current step" in out.stderr and "Traceback" not in out.stderr  # said at once
   assert lines[-1] == "error: aborted by a second SIGINT; resume from step 7", lines
   assert time.perf_counter() - t0 < 60
+
+
+CHATTY = """
+import logging, os, signal, sys, time
+from train.core import preemption
+
+exit_now = os._exit
+os._exit = lambda code: (time.sleep(0.3), exit_now(code))  # the moment between the last line and the end, widened
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+log = logging.getLogger("train")
+with preemption.StopSignal(started=False, hint=lambda: "resume from step 0"):
+  print("ready", flush=True)
+  i = 0
+  while True:  # the main thread setting up, logging as it goes (the CLI's "impl:" line once came last)
+    log.info("setting up %d", i)
+    i += 1
+"""
+
+
+def test_the_line_a_stop_ends_with_is_the_last_line():
+  """A signal before the first step ends the process from the watcher thread while the main thread may
+  be logging: nothing the process writes may come after the one line it ends with (CI once saw the
+  CLI's next log line after it)."""
+  proc = subprocess.Popen([sys.executable, "-c", CHATTY], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  try:
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+  finally:
+    proc.kill()
+  assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+  lines = err.strip().splitlines()
+  assert lines[-1] == ("error: stopped by SIGTERM before the first step finished (setting up or compiling):"
+                       " nothing to save; resume from step 0"), lines[-3:]
+  assert sum(line.startswith("error:") for line in lines) == 1 and "setting up 0" in lines

@@ -48,6 +48,21 @@ def abort_line(what: str, hint: str) -> str:
   return f"error: aborted by {what}; {hint}"
 
 
+def _last_word() -> int:
+  """Keep the process's other threads from writing to stderr after the line it ends with (the main
+  thread may be logging as it sets up): hold every logging handler's lock (a record being written
+  finishes first; none starts after), then point file descriptor 2 at /dev/null for anything else
+  (print, C++ logs). Returns a descriptor of the real stderr for the last line."""
+  loggers = [logging.root, *(x for x in logging.Logger.manager.loggerDict.values() if isinstance(x, logging.Logger))]
+  for handler in {h for lg in loggers for h in lg.handlers}:
+    if handler.lock is not None:
+      handler.lock.acquire(timeout=1.0)  # never released: the process ends (a stuck stream: go on after 1 s)
+  stderr = os.dup(2)
+  null = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(null, 2)
+  return stderr
+
+
 class StopSignal:
   """While active (a `with` block in the main thread of a single-process run), SIGTERM and SIGINT
   request a clean stop: `requested(step)` turns true and `received` names the signal; after a second
@@ -108,12 +123,13 @@ class StopSignal:
           self._end(abort_line(f"a second {name}", ""), signum)
 
   def _end(self, line: str, signum: int) -> None:
-    """Write `line` + the resume hint to stderr and end the process with 128 + signum."""
+    """Write `line` + the resume hint to stderr as its last line and end the process with 128 + signum."""
     try:
       hint = self.hint()
     except Exception:  # noqa: BLE001 - the abort must happen whatever the hint does
       hint = "see the run's checkpoints"
-    os.write(2, (line + hint + "\n").encode())
+    stderr = _last_word()
+    os.write(stderr, (line + hint + "\n").encode())
     os._exit(128 + signum)
 
   def start(self) -> None:
