@@ -107,6 +107,12 @@ class MeshConfig:
   # Refused on other TPUs as libtpu 0.0.50 refuses it (check_gather_overlap); on v5p libtpu 0.0.42
   # compiled it (V3 on v5p-1024: 11.15 -> 10.35 s a step forecast; docs/pods.md).
   gather_overlap: bool = False
+  # GPU only: XLA's scheduler starts each collective as soon as its operands are ready, not where its
+  # latency estimate says the collective is hidden (xla_gpu_experimental_collective_start_as_early_as_
+  # possible). Depends on the layout, as a single collective stream runs transfers in the order they
+  # start: V3 on h100x256 with fb_overlap, 3 sequences a GPU 203.8 -> 186.4 s a step forecast, 2 in
+  # FP8 194.2 -> 217.6 s (docs/pods.md); `train.aot --search` tries both on GPUs.
+  early_collectives: bool = False
   # The output head's vocabulary split over fsdp (and tensor), its tokens gathered over fsdp for it:
   # the head's weight is not gathered nor its gradient summed whole (parallel/sharding.py HEAD_OF).
   # Pays when a device's tokens x fsdp < vocabulary and the head is at the peak (a V3-sized head on
@@ -271,6 +277,9 @@ class Parallelism:
     if mesh_cfg.ep_fast_path and transport == "padded":
       log.warning("mesh.ep_fast_path=%s has no effect: the fast path is the ragged exchange's (here padded)",
                   mesh_cfg.ep_fast_path)
+    if mesh_cfg.early_collectives and mesh.devices.flat[0].platform != "gpu":
+      log.warning("mesh.early_collectives=true has no effect: it sets XLA:GPU's scheduler (here %s)",
+                  mesh.devices.flat[0].platform)
     if mesh_cfg.context_attention != "all_gather" and mesh.shape.get("context", 1) == 1:
       log.warning("mesh.context_attention=%s has no effect: each sequence is whole on a device (mesh.context=1)",
                   mesh_cfg.context_attention)
@@ -340,14 +349,17 @@ class Parallelism:
     forecast, docs/pods.md), with up to GPU_COLLECTIVES_IN_FLIGHT collectives in flight at once (it
     allows one by default, and then a layer's all-to-alls wait behind its weights' all-gathers), and
     with `host_offload` (a step keeping its layer inputs in host memory) the memory budget
-    GPU_OFFLOAD_MEMORY_SLOP.
+    GPU_OFFLOAD_MEMORY_SLOP, and with mesh.early_collectives each collective started as soon as its
+    operands are ready.
     TPU: mesh.ep_overlap: asynchronous all-to-alls, which libtpu otherwise runs synchronously, so
     that one half's exchange can run under the other half's compute; mesh.gather_overlap:
     all-gathers fused, in steps, into the compute around them."""
     if self.platform == "gpu":
       return {"xla_gpu_enable_latency_hiding_scheduler": True,
               "xla_gpu_experimental_parallel_collective_overlap_limit": GPU_COLLECTIVES_IN_FLIGHT,
-              **({"xla_gpu_memory_limit_slop_factor": GPU_OFFLOAD_MEMORY_SLOP} if host_offload else {})}
+              **({"xla_gpu_memory_limit_slop_factor": GPU_OFFLOAD_MEMORY_SLOP} if host_offload else {}),
+              **({"xla_gpu_experimental_collective_start_as_early_as_possible": True}
+                 if self.cfg.early_collectives else {})}
     if self.platform != "tpu":
       return {}
     out = {}

@@ -349,7 +349,8 @@ def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list
   in 1.5x buffers before 2 chunks before the default, on v5e the weights' all-gathers
   fused into the compute before not, with stages a stage's weights gathered once per step before in
   every tick, with remat full or full_offload and no stages each also with impl.fb_overlap, after
-  it without) and the micro-batch (grad_accum, or per_device_batch)."""
+  it without, on GPUs each also with mesh.early_collectives, after it without) and the micro-batch
+  (grad_accum, or per_device_batch)."""
   n = target.devices // max(cfg.mesh.stage, 1)
   e = cfg.model.n_routed_experts
   long = cfg.seq_len > LONG  # each sequence over `context` devices too, at least LONG tokens a slice
@@ -382,9 +383,11 @@ def candidates(cfg: TrainConfig, target: targets_lib.Target, tries: int) -> list
               overlap = (False, True) if cfg.mesh.stage <= 1 and remat in ("full", "full_offload") else (False,)
               for once in (True, False) if staged else (False,):
                 for fb in overlap:
-                  out.append(m + [f"impl.remat_policy={remat}", f"impl.ep_remat={ep}"] + exchange + (
-                      ["mesh.gather_overlap=true"] if gather else []) + (
-                      ["pipeline.gather_once=true"] if once else []) + (["impl.fb_overlap=true"] if fb else []) + [batching])
+                  for early in (False, True) if target.platform == "gpu" else (False,):  # (XLA:GPU's starts)
+                    out.append(m + [f"impl.remat_policy={remat}", f"impl.ep_remat={ep}"] + exchange + (
+                        ["mesh.gather_overlap=true"] if gather else []) + (
+                        ["pipeline.gather_once=true"] if once else []) + (["impl.fb_overlap=true"] if fb else []) + (
+                        ["mesh.early_collectives=true"] if early else []) + [batching])
   return out[:tries]
 
 
