@@ -440,19 +440,24 @@ def test_compiles_for_h100(capsys):
   assert (r["slow_a2a"]["groups"], r["slow_a2a"]["granules"], r["slow_a2a"]["bytes_per_device"]) == ("hosts", 1, 0)
 
 
-def _most_in_flight(text: str) -> int:
-  """The most asynchronous collectives of one computation of a scheduled program between their start
-  and their done at once."""
-  p, most = forecast.Program(text), 0
+def _collective_windows(text: str) -> list[list[tuple[int, int]]]:
+  """Each computation's asynchronous collectives (as the forecast reads them) of a scheduled program, as
+  (position of the start, position of the done) in the computation; a start without its done to the end."""
+  p, out = forecast.Program(text), []
   for comp in p.comps.values():
-    pending = set()
-    for ins in comp:
-      if ins.op.endswith("-start") and forecast._collective(p, ins) is not None:  # (as the forecast reads them)
-        pending.add(ins.name)
+    started, windows = {}, []
+    for i, ins in enumerate(comp):
+      if ins.op.endswith("-start") and forecast._collective(p, ins) is not None:
+        started[ins.name] = i
       elif ins.op.endswith("-done"):
-        pending -= set(hlo_parse.operands(ins.rest))
-      most = max(most, len(pending))
-  return most
+        windows += [(started.pop(o), i) for o in hlo_parse.operands(ins.rest) if o in started]
+    out.append(windows + [(i, len(comp)) for i in started.values()])
+  return out
+
+
+def _most_in_flight(text: str) -> int:
+  """The most asynchronous collectives of one computation between their start and their done at once."""
+  return max((sum(s <= i < d for s, d in w) for w in _collective_windows(text) for i, _ in w), default=0)
 
 
 @pytest.mark.cuda
@@ -471,17 +476,8 @@ def test_gpu_scheduler_keeps_several_collectives_in_flight(monkeypatch):
 
 
 def _collective_spans(text: str) -> int:
-  """Instructions scheduled between each asynchronous collective's start and its done, summed over the
-  program's computations."""
-  p, total = forecast.Program(text), 0
-  for comp in p.comps.values():
-    started = {}
-    for i, ins in enumerate(comp):
-      if ins.op.endswith("-start") and forecast._collective(p, ins) is not None:
-        started[ins.name] = i
-      elif ins.op.endswith("-done"):
-        total += sum(i - started.pop(o) - 1 for o in hlo_parse.operands(ins.rest) if o in started)
-  return total
+  """Instructions scheduled between each asynchronous collective's start and its done, summed."""
+  return sum(d - s - 1 for w in _collective_windows(text) for s, d in w)
 
 
 @pytest.mark.cuda
