@@ -90,6 +90,12 @@ def _precision(dtype):
   return lax.Precision.HIGHEST if dtype == jnp.float32 else None  # float32: no TF32 (the tests' exactness)
 
 
+def _dot(a, b, a_contract: int, b_contract: int, precision):
+  """[.., ..] float32: a 2-D product contracting a's and b's given axes (what pl.dot did; removed in jax 0.12)."""
+  return lax.dot_general(a, b, (((a_contract,), (b_contract,)), ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32)
+
+
 def _gmm_kernel(g_ref, t_ref, lo_ref, hi_ref, x_ref, w_ref, o_ref, *, transpose_w: bool):
   # x_ref [Mp, Kp], w_ref [E, Kp, Np] (transpose_w: [E, Np, Kp]), o_ref [Mp, Np]; program (item, column block)
   item, j = pl.program_id(0), pl.program_id(1)
@@ -100,7 +106,7 @@ def _gmm_kernel(g_ref, t_ref, lo_ref, hi_ref, x_ref, w_ref, o_ref, *, transpose_
   def step(k, acc):
     ks = pl.ds(k * BLOCK_K, BLOCK_K)
     w = w_ref[g, cols, ks] if transpose_w else w_ref[g, ks, cols]
-    return acc + pl.dot(x_ref[rows, ks], w, trans_b=transpose_w, precision=precision)
+    return acc + _dot(x_ref[rows, ks], w, 1, 1 if transpose_w else 0, precision)
 
   acc = lax.fori_loop(0, x_ref.shape[1] // BLOCK_K, step, jnp.zeros((TILE, BLOCK_N), jnp.float32))
   r = t * TILE + lax.broadcasted_iota(jnp.int32, (TILE, 1), 0)
@@ -134,7 +140,7 @@ def _tgmm_kernel(lo_ref, hi_ref, x_ref, dy_ref, o_ref):
     inside = (r >= lo) & (r < hi)
     x = jnp.where(inside, x_ref[pl.ds(t * TILE, TILE), kcols], 0)
     dy = jnp.where(inside, dy_ref[pl.ds(t * TILE, TILE), ncols], 0)
-    return acc + pl.dot(x, dy, trans_a=True, precision=precision)
+    return acc + _dot(x, dy, 0, 0, precision)
 
   acc = lax.fori_loop(lo // TILE, (hi + TILE - 1) // TILE, step, jnp.zeros((TILE, BLOCK_N), jnp.float32))
   o_ref[g, kcols, ncols] = acc
