@@ -181,6 +181,22 @@ def test_fast_path_is_forecast_as_one_pass_with_its_fallback_reported():
       halves.flops["ragged_dot_buffer"], fast.flops["ragged_dot_buffer"])
 
 
+def test_group_limited_routing_stays_with_each_devices_tokens():
+  """The group limit (tiny.yaml: 2 groups, 1 kept a token) on v5p-8 with the tokens over 4 devices: no
+  instruction of the compiled step holds the whole batch's group scores or kept groups. lax.top_k over
+  the groups and the scatter that marked the kept ones had XLA gather them to every device: here the
+  kept groups of all 1,024 tokens (s32[1024,1]); V3 on 256 H100s sorted all 3.1M tokens' group scores
+  on every GPU after a 200 MB all-gather, in each MoE layer's forward and recompute."""
+  cfg = load_train_config(ROOT / "configs/tiny.yaml", [*SMALL, "mesh.data=1", "mesh.expert=4",
+                                                        "model.num_nextn_predict_layers=0"])
+  text = _compiled(cfg, targets.parse("v5p-8")).as_text()
+  t, m = cfg.batch_size * cfg.seq_len, cfg.model
+  assert t == 1024 and (m.n_group, m.topk_group) == (2, 1)
+  whole = re.compile(rf"\[{t},(?:{m.n_group}|{m.topk_group})\]")
+  held = [line.strip()[:160] for line in text.splitlines() if whole.search(line.split(" metadata=")[0])]
+  assert not held, held[:3]
+
+
 def test_two_level_fast_path_returns_rows_not_assignments():
   """The two-level exchange's fast path (mesh.ep_nodes=2 on expert=4, v5p-8, ragged; 4 experts a token,
   no group limit, so a token reaches both nodes): the step branches between it and the chunks, its

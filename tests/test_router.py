@@ -102,6 +102,26 @@ def test_select_group_limit_respected():
   assert np.any(plain != idx)
 
 
+def test_group_limit_with_ties_keeps_what_top_k_keeps():
+  """Group scores with many exact ties (small integers): the groups kept and the top-2 sums (computed
+  without lax.top_k, which XLA's partitioner gathers to every device) equal lax.top_k's, ties to the
+  lower index, and the whole selection equals the float64 reference's stable ordering."""
+  r = np.random.default_rng(5)
+  x = jnp.asarray(r.integers(0, 4, (500, 8, 6)).astype(np.float32))
+  np.testing.assert_array_equal(router.top2_sum(x), jax.lax.top_k(x, 2)[0].sum(-1))
+  scores = x.max(-1)
+  for k in (1, 3, 4, 8):
+    want = np.zeros(scores.shape, bool)
+    np.put_along_axis(want, np.asarray(jax.lax.top_k(scores, k)[1]), True, axis=-1)
+    np.testing.assert_array_equal(router.top_mask(scores, k), want)
+  cfg = V3_LIKE.replace(n_routed_experts=32, n_group=8, topk_group=3)
+  tied = r.integers(1, 4, (200, 32)) / 4.0  # sigmoid scores need not be distinct
+  idx, w = run_select(tied, None, cfg)
+  want_idx, want_w = ref_route(tied, None, cfg)
+  np.testing.assert_array_equal(idx, want_idx)
+  np.testing.assert_allclose(w, want_w, rtol=2e-6)
+
+
 def test_noaux_tc_group_score_is_sum_of_top2_not_max():
   """Group 0 holds the single best expert but group 1 has the better top-2 sum."""
   cfg = BASE.replace(n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2, topk_method="noaux_tc")
