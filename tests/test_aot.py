@@ -944,11 +944,17 @@ def test_fb_overlap_runs_both_passes_exchanges_in_one_loop():
   body holds micro-batch m's forward exchange (rows there, results back), m-1's exchange run
   again in its recomputed layer and that exchange's transposes, so the scheduler can run each pass's
   all-to-alls beside the other's work; the plain accumulation's loops hold one pass each (its forward
-  and backward are both traced under jvp, hence the count of loops, not the names)."""
+  and backward are both traced under jvp, hence the count of loops, not the names). In both, the split
+  into micro-batches moves no token between devices (train/core/loss.py: micro_batches; micro-batches
+  of contiguous rows had XLA gather and permute the batch's int32 [rows, 128] arrays over the mesh)."""
   bodies = {}
   for fb in (True, False):
     text = _compiled(load_train_config(ROOT / "configs/tiny.yaml", [*FB_OVERLAP, f"impl.fb_overlap={fb}"]),
                      targets.parse("v5p-8")).as_text()
+    moved = [line.strip()[:120] for line in text.splitlines()
+             if re.search(r"(all-gather|collective-permute|all-to-all)(-start)?\(", head := line.split(" metadata=")[0])
+             and re.search(r"s32\[[0-9,]*,128\]", head)]
+    assert not moved, moved[:3]
     kinds = collections.defaultdict(collections.Counter)
     for comp, instrs in hlo_parse.parse(text).comps.items():
       for ins in instrs:

@@ -64,6 +64,14 @@ def token_counts(batch, depth: int):
   return counts
 
 
+def micro_batches(batch, n_micro: int):
+  """The batch as [n_micro, rows / n_micro, ...], micro-batch m of rows m, m + n_micro, m + 2 n_micro, ...:
+  the mesh splits the batch's rows in contiguous blocks of per_device_batch x grad_accum, so each
+  device's block gives every micro-batch its own rows and the split moves nothing between devices
+  (micro-batches of contiguous rows had XLA reshuffle the whole batch over the mesh each step)."""
+  return jax.tree.map(lambda x: x.reshape(-1, n_micro, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
 def objective(out, batch, counts, n_micro: int, mtp_lambda: float, balance_alpha: float):
   """(L for this micro-batch's share, parts): token sums / whole-batch counts, balance / n_micro. The
   targets laid out as the logits are (`out.order`: context parallelism's balanced layout)."""

@@ -34,6 +34,7 @@ from moe import decoder
 from moe import experts as experts_lib
 from moe import model as model_lib
 from parallel.common.errors import ConfigError
+from train.core import loss as loss_lib
 from train.core import pipelined
 
 
@@ -129,7 +130,7 @@ def grad_fn(graphdef, cfg, par):
       load = jnp.concatenate([s.load for s in both])
       return loss + d_balance * stats.balance_loss.sum(), parts, load, experts_lib.exchange_counts(both)
 
-    micro = jax.tree.map(lambda x: x.reshape(n_micro, -1, *x.shape[1:]), batch)
+    micro = loss_lib.micro_batches(batch, n_micro)
     acc = pinned(jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), p))
 
     # F(0)

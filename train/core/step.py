@@ -205,7 +205,7 @@ def accumulated(grad_fn, wrt, fixed, batch, counts, n_micro: int, in_stacks: boo
   far and returns the layer stacks' already summed into it."""
   if n_micro == 1:
     return grad_fn(wrt, fixed, batch, counts)
-  micro = jax.tree.map(lambda x: x.reshape(n_micro, -1, *x.shape[1:]), batch)
+  micro = loss_lib.micro_batches(batch, n_micro)
 
   def accumulate(carry, mb):
     (c_loss, (*c_aux, c_max)), c_grads = carry
