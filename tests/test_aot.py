@@ -947,21 +947,20 @@ def test_fb_overlap_runs_both_passes_exchanges_in_one_loop():
   and backward are both traced under jvp, hence the count of loops, not the names). In both, the split
   into micro-batches moves no token between devices (train/core/loss.py: micro_batches; micro-batches
   of contiguous rows had XLA gather and permute the batch's int32 [rows, 128] arrays over the mesh)."""
-  bodies = {}
+  bodies, transfers = {}, ("all-gather", "collective-permute", "all-to-all", "ragged-all-to-all")
   for fb in (True, False):
     text = _compiled(load_train_config(ROOT / "configs/tiny.yaml", [*FB_OVERLAP, f"impl.fb_overlap={fb}"]),
                      targets.parse("v5p-8")).as_text()
-    moved = [line.strip()[:120] for line in text.splitlines()
-             if re.search(r"(all-gather|collective-permute|all-to-all)(-start)?\(", head := line.split(" metadata=")[0])
-             and re.search(r"s32\[[0-9,]*,128\]", head)]
-    assert not moved, moved[:3]
-    kinds = collections.defaultdict(collections.Counter)
+    kinds, moved = collections.defaultdict(collections.Counter), []
     for comp, instrs in hlo_parse.parse(text).comps.items():
       for ins in instrs:
+        if ins.op.removesuffix("-start") in transfers and re.search(r"s32\[[0-9,]*,128\]", ins.shape):
+          moved.append(f"{ins.name} = {ins.shape} {ins.op}")  # the batch's token arrays sent between devices
         name = re.search(r'op_name="([^"]*)"', ins.rest)
         if ins.op.startswith("ragged-all-to-all") and not ins.op.endswith("-done") and "/ep_fast_path/" in name.group(1):
           kinds[comp]["transposed" if "transpose(" in name.group(1) else "recomputed" if "jvp(" in name.group(1)
                       else "forward"] += 1
+    assert not moved, moved[:3]
     bodies[fb] = [dict(k) for k in kinds.values()]
   assert {"forward": 2, "recomputed": 2, "transposed": 2} in bodies[True], bodies[True]
   assert all(len(k) == 1 for k in bodies[False]), bodies[False]  # (each loop one pass of the plain step)
