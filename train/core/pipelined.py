@@ -174,7 +174,9 @@ class Pipelined:
     """[rows, ...] -> [m, rows / m, ...], each micro-batch's rows over the batch axes but `stage` (every
     stage reads whole micro-batches). Reshaping rows sharded over stage x data instead left XLA's
     partitioner to rematerialise every input array ("Involuntary full rematerialization", logged
-    once per array)."""
+    once per array). Contiguous rows, unlike loss.micro_batches: with every stage reading whole
+    micro-batches, the strided split compiled to more token-array collectives (13 against 9 on a tiny
+    stage=2 x data=2 step on v5p-8)."""
     rules = tuple((k, tuple(a for a in v if a != pipeline.AXIS)) if k == "batch" else (k, v)
                   for k, v in self.par.rules)
 
