@@ -103,10 +103,11 @@ os._exit = lambda code: (time.sleep(0.3), exit_now(code))  # the moment between 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 log = logging.getLogger("train")
 with preemption.StopSignal(started=False, hint=lambda: "resume from step 0"):
-  print("ready", flush=True)
   i = 0
   while True:  # the main thread setting up, logging as it goes (the CLI's "impl:" line once came last)
     log.info("setting up %d", i)
+    if i == 0:
+      print("ready", flush=True)  # after the first line is written, so the test can look for it
     i += 1
 """
 
