@@ -29,6 +29,7 @@ from parallel.sharding import balanced_order, constrain, gather_to, take_seq
 
 STACKS = ("dense_layers", "moe_layers")  # the Transformer's layer stacks, in order
 LOSS_CHUNK = 1024  # tokens of a sequence whose logits a deferred head computes at a time
+HEAD_ROWS = ("head_batch", "seq", "head_embed")  # the hidden states' layout where the head takes them
 
 
 class HeadInput(NamedTuple):
@@ -36,9 +37,12 @@ class HeadInput(NamedTuple):
   takes and the head, for a loss that computes them a sequence chunk at a time
   (train/core/loss.py: token_nll); `chunks`: how many (1 where the sequence is split over devices)."""
 
-  h_BxSxD: jax.Array
+  h_BxSxD: jax.Array  # laid out as HEAD_ROWS says
   head: Callable  # h -> float32 logits
   chunks: int
+  weight: jax.Array  # [hidden, vocab] in the compute dtype: what `head` multiplies h by
+  weight_axes: tuple  # its logical axes
+  par: object  # parallel.mesh.Parallelism or None
 
 
 class ModelOutput(NamedTuple):
@@ -110,9 +114,18 @@ class Transformer(nnx.Module):
     # the hidden dimension as the head's weight holds it (None gathered it whole: a block of rows too few
     # to split over fsdp has it split there, and each fsdp device then computed every logit, V2-Lite's
     # pipelined step 1.31x the matmul FLOPs)
-    h_BxSxD = gather_to(h_BxSxD, ACT, ("head_batch", "seq", "head_embed"), self.rt.par)
+    return self._head_rows(gather_to(h_BxSxD, ACT, HEAD_ROWS, self.rt.par))
+
+  def _head_rows(self, h_BxSxD):
     logits = self.embed.attend(h_BxSxD) if self.lm_head is None else self.lm_head(h_BxSxD)
     return constrain(logits.astype(jnp.float32), ("head_batch", "seq", "head_vocab"), self.rt.par)
+
+  def head_weight(self) -> tuple[jax.Array, tuple]:
+    """(the head's [hidden, vocab] weight in the compute dtype, its logical axes): what `head` multiplies by."""
+    if self.lm_head is None:
+      table = self.embed.embedding
+      return table[...].T.astype(self.embed.dtype), tuple(reversed(table.get_metadata()["axes"]))
+    return self.lm_head.kernel[...].astype(self.lm_head.dtype), self.lm_head.kernel.get_metadata()["axes"]
 
   def __call__(self, tokens_BxS, segment_ids_BxS=None, positions_BxS=None):
     """logits [batch, seq, vocab] float32 (the MTP modules are not run)."""
@@ -175,7 +188,8 @@ class Transformer(nnx.Module):
     s = h_normed_BxSxD.shape[1]
     context = self.rt.par.context if self.rt.par is not None else 1
     chunks = s // LOSS_CHUNK if context == 1 and s % LOSS_CHUNK == 0 else 1
-    return HeadInput(h_normed_BxSxD, self.head, chunks)
+    h = gather_to(h_normed_BxSxD, ACT, HEAD_ROWS, self.rt.par)
+    return HeadInput(h, self._head_rows, chunks, *self.head_weight(), self.rt.par)
 
   def top(self, h_BxSxD, tokens_BxS, ctx: Context, with_mtp=True, inner: Context | None = None, order=None):
     """(logits, MTP logits, [MTP blocks' statistics stacked [1, ...] each]) from the last MoE layer's

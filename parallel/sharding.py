@@ -285,6 +285,40 @@ def per_row_block(fn, x: jax.Array, w: jax.Array, par=None, w_axes: Sequence[str
                        check_vma=False)(x, w)
 
 
+def tokens_with_weight(fn, x: jax.Array, t: jax.Array, w: jax.Array, par, x_axes: Sequence[str | None],
+                       w_axes: Sequence[str | None]):
+  """fn(x, t, w, split) on each device's tokens of x [..., features] and t [...] (laid out by `x_axes`),
+  w [features, out] laid out by `w_axes`: the mesh axes that split both w's features and the tokens
+  are all-gathered here once, so that however many times fn uses w (a loss over chunks of sequences),
+  its gradient leaves as one reduce-scatter after fn is done (left to XLA inside a loop, w is gathered
+  and its whole gradient summed at every chunk); `out` stays split as it is, over the mesh axes
+  `split` that fn reduces over (a vocabulary-parallel loss); other axes splitting w are gathered by
+  XLA before. fn(x, t, w, ()) without a mesh; None where a mesh axis splits x's features, or both its
+  tokens and w's `out` (the caller's own path then)."""
+  if (where := splitting(par)) is None:
+    return fn(x, t, w, ())
+  mesh, shape, free = where
+  x_spec = (tuple(logical_to_spec(tuple(x_axes), x.shape, shape, par.rules, "activation")) + (None,) * x.ndim)[:x.ndim]
+  if x_spec[-1] is not None:
+    return None
+  tokens = {a for e in x_spec for a in axes_of(e)}
+  w_in, w_out = (tuple(logical_to_spec(tuple(w_axes), w.shape, shape, par.rules, "parameter")) + (None,) * 2)[:2]
+  inside = tuple(a for a in axes_of(w_in) if a in tokens)
+  split = axes_of(w_out)
+  if tokens & set(split):
+    return None
+
+  def run(x, t, w):
+    if inside:
+      w = jax.lax.all_gather(w, inside, axis=0, tiled=True)
+    return fn(x, t, w, split)
+
+  entry = lambda axes: None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+  t_spec = P(*x_spec[:-1])
+  return jax.shard_map(run, mesh=mesh, in_specs=(P(*x_spec), t_spec, P(entry(inside), w_out)), out_specs=t_spec,
+                       axis_names=free)(x, t, w)
+
+
 def gather_seq(x: jax.Array, logical_axes: Sequence[str | None], par=None) -> jax.Array:
   """`x` with its "seq" dimension whole on every device: one all-gather over the mesh axes that split
   it (context parallelism), written out so that exactly this array crosses them (XLA's partitioner

@@ -176,10 +176,11 @@ def test_the_loss_computes_the_logits_a_chunk_at_a_time(setups, batch, monkeypat
   same loss, gradients and update as the head on the whole sequence, within float32 rounding."""
   calls = []
   monkeypatch.setattr(model_lib, "LOSS_CHUNK", 4)
-  monkeypatch.setattr(loss_lib, "_chunked_nll", lambda d, t, f=loss_lib._chunked_nll: calls.append(d.chunks) or f(d, t))
+  monkeypatch.setattr(loss_lib, "token_nlls", lambda ds, ts, f=loss_lib.token_nlls: calls.append([d.chunks for d in ds])
+                      or f(ds, ts))
   chunked = Setup(train_cfg(2))
   state, metrics = chunked.step(chunked.fresh_state(), batch)
-  assert calls == [4, 4] * 2  # main and MTP, in each of the 2 micro-batches
+  assert calls == [[4, 4]] * 2  # main and MTP together, in each of the 2 micro-batches
   monkeypatch.undo()
   whole = Setup(train_cfg(2))
   ref_state, ref_metrics = whole.step(whole.fresh_state(), batch)

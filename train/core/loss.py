@@ -14,9 +14,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moe.model import HeadInput
+from moe.model import HEAD_ROWS, HeadInput
 from moe.mtp import roll_left
-from parallel.sharding import take_seq
+from parallel.sharding import take_seq, tokens_with_weight
 
 
 def token_nll(logits_BxSxV, targets_BxS):
@@ -25,27 +25,62 @@ def token_nll(logits_BxSxV, targets_BxS):
   their gradient) are held, not the whole sequence's ([batch, seq, vocab] float32: 2 GiB for V3's
   vocabulary and one 4096-token sequence)."""
   if isinstance(logits_BxSxV, HeadInput):
-    return _chunked_nll(logits_BxSxV, targets_BxS)
+    return token_nlls([logits_BxSxV], [targets_BxS])[0]
+  return _nll(logits_BxSxV, targets_BxS, ())
+
+
+def token_nlls(logits: list, targets: list) -> list:
+  """token_nll of each pair; HeadInputs of one head (the main and MTP heads) in one pass over their
+  chunks, on each device's tokens with the head's weight gathered once for all of them
+  (parallel.sharding.tokens_with_weight: its gradient reduce-scattered once, not at every chunk and
+  head; each head's whole gradient held until then). Where the hidden dimension is split over
+  devices, XLA's partitioning of each chunk."""
+  first = logits[0]
+  if not all(isinstance(x, HeadInput) and x.chunks == first.chunks for x in logits):
+    return [token_nll(x, t) for x, t in zip(logits, targets)]
+  if first.chunks == 1:
+    return [_nll(x.head(x.h_BxSxD), t, ()) for x, t in zip(logits, targets)]
+  h_HxBxSxD, t_HxBxS = jnp.stack([x.h_BxSxD for x in logits]), jnp.stack(targets)
+  dot = lambda x, w: jnp.dot(x.astype(w.dtype), w)
+  nll = tokens_with_weight(_by_chunks(first.chunks, dot), h_HxBxSxD, t_HxBxS, first.weight, first.par,
+                           (None, *HEAD_ROWS), first.weight_axes)
+  if nll is None:
+    nll = jnp.stack([_by_chunks(x.chunks, lambda h, _, x=x: x.head(h))(x.h_BxSxD[None], t[None], None, ())[0]
+                     for x, t in zip(logits, targets)])
+  return list(nll)
+
+
+def _nll(logits_BxSxV, targets_BxS, split):
+  """-log p(target) from logits whose vocabulary may be split over the mesh axes `split` (inside a
+  shard_map: each device holds a contiguous slice, the log-sum-exp and the target's logit summed
+  over them, as Megatron's vocabulary-parallel cross-entropy)."""
   logits = logits_BxSxV.astype(jnp.float32)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets_BxS[..., None], axis=-1)[..., 0]
-  return logz - picked
+  if not split:
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    return logz - jnp.take_along_axis(logits, targets_BxS[..., None], axis=-1)[..., 0]
+  v = logits.shape[-1]
+  top = jax.lax.pmax(jax.lax.stop_gradient(logits.max(axis=-1)), split)  # (for range only: no gradient)
+  logz = top + jnp.log(jax.lax.psum(jnp.exp(logits - top[..., None]).sum(axis=-1), split))
+  local = targets_BxS - jax.lax.axis_index(split) * v
+  here = (local >= 0) & (local < v)
+  picked = jnp.take_along_axis(logits, jnp.clip(local, 0, v - 1)[..., None], axis=-1)[..., 0]
+  return logz - jax.lax.psum(jnp.where(here, picked, 0.0), split)
 
 
-def _chunked_nll(deferred: HeadInput, targets_BxS):
-  h, n = deferred.h_BxSxD, deferred.chunks
-  if n == 1:
-    return token_nll(deferred.head(h), targets_BxS)
-  b, s, d = h.shape
-  h_NxBxCxD = h.reshape(b, n, s // n, d).swapaxes(0, 1)
-  t_NxBxC = targets_BxS.reshape(b, n, s // n).swapaxes(0, 1)
+def _by_chunks(n: int, head):
+  """nll(h [heads, batch, seq, hidden], targets, w, split): the loss over n chunks of each sequence,
+  each chunk's logits `head`(h chunk, w) computed again in the backward."""
+  def nll(h, targets, w, split):
+    k, b, s, d = h.shape
+    chunked = lambda a: a.reshape(k, b, n, s // n, *a.shape[3:]).swapaxes(1, 2).reshape(k * n, b, s // n, *a.shape[3:])
 
-  @jax.checkpoint
-  def chunk(_, xs):
-    return None, token_nll(deferred.head(xs[0]), xs[1])
+    @jax.checkpoint
+    def chunk(_, xs):
+      return None, _nll(head(xs[0], w), xs[1], split)
 
-  _, nll_NxBxC = jax.lax.scan(chunk, None, (h_NxBxCxD, t_NxBxC))
-  return nll_NxBxC.swapaxes(0, 1).reshape(b, s)
+    _, nll_KNxBxC = jax.lax.scan(chunk, None, (chunked(h), chunked(targets)))
+    return nll_KNxBxC.reshape(k, n, b, s // n).swapaxes(1, 2).reshape(k, b, s)
+  return nll
 
 
 def mtp_targets(batch, k: int):
@@ -77,15 +112,16 @@ def objective(out, batch, counts, n_micro: int, mtp_lambda: float, balance_alpha
   targets laid out as the logits are (`out.order`: context parallelism's balanced layout)."""
   lay = lambda x: take_seq(x, out.order)
   mask = lay(batch["loss_mask"]).astype(jnp.float32)
-  lm = (token_nll(out.logits, lay(batch["targets"])) * mask).sum() / jnp.maximum(counts["lm"], 1.0)
+  depths = [mtp_targets(batch, k) for k in range(1, len(out.mtp_logits) + 1)]
+  nll, *mtp_nll = token_nlls([out.logits, *out.mtp_logits], [lay(batch["targets"]), *(lay(t) for t, _ in depths)])
+  lm = (nll * mask).sum() / jnp.maximum(counts["lm"], 1.0)
   balance = out.moe_stats.balance_loss.sum() / n_micro if out.moe_stats is not None else jnp.zeros(())
   parts = {"lm_loss": lm, "balance_loss": balance}
   loss = lm + balance_alpha * balance
   if out.mtp_logits:
     per_depth = []
-    for k, logits in enumerate(out.mtp_logits, start=1):
-      targets, m = mtp_targets(batch, k)
-      per_depth.append((token_nll(logits, lay(targets)) * lay(m)).sum() / jnp.maximum(counts["mtp"][k - 1], 1.0))
+    for k, (nll_k, (_, m)) in enumerate(zip(mtp_nll, depths), start=1):
+      per_depth.append((nll_k * lay(m)).sum() / jnp.maximum(counts["mtp"][k - 1], 1.0))
     parts["mtp_loss"] = jnp.stack(per_depth).mean()
     loss = loss + mtp_lambda * parts["mtp_loss"]
   return loss, parts
