@@ -56,6 +56,12 @@ GPU_COLLECTIVES_IN_FLIGHT = 8
 # fit a peak the step never has (1.569x the model's FLOPs executed, 213.8 s a step forecast; with 110:
 # 1.449x, 205.7 s, 65.51 GiB; fb_overlap 207.5 -> 200.4 s). train.aot checks the compiled peak.
 GPU_OFFLOAD_MEMORY_SLOP = 110
+# ... and with that budget its rematerialization still recomputed to fit a peak its count puts 13 GiB
+# above the compiled one (V3 on h100x256, 3 sequences a GPU with fb_overlap: 80.8 GiB counted, 67.5
+# compiled without it, 63.4 with it; 1.450x the model's FLOPs executed, 185.4 s forecast; without it
+# 1.397x, 179.3 s), so such steps compile without XLA's rematerialization: the remat policy says what is
+# recomputed, and train.aot checks the compiled peak against the device's memory.
+GPU_OFFLOAD_PASSES_OFF = "rematerialization"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,15 +355,16 @@ class Parallelism:
     forecast, docs/pods.md), with up to GPU_COLLECTIVES_IN_FLIGHT collectives in flight at once (it
     allows one by default, and then a layer's all-to-alls wait behind its weights' all-gathers), and
     with `host_offload` (a step keeping its layer inputs in host memory) the memory budget
-    GPU_OFFLOAD_MEMORY_SLOP, and with mesh.early_collectives each collective started as soon as its
-    operands are ready.
+    GPU_OFFLOAD_MEMORY_SLOP and no rematerialization by XLA (GPU_OFFLOAD_PASSES_OFF), and with
+    mesh.early_collectives each collective started as soon as its operands are ready.
     TPU: mesh.ep_overlap: asynchronous all-to-alls, which libtpu otherwise runs synchronously, so
     that one half's exchange can run under the other half's compute; mesh.gather_overlap:
     all-gathers fused, in steps, into the compute around them."""
     if self.platform == "gpu":
       return {"xla_gpu_enable_latency_hiding_scheduler": True,
               "xla_gpu_experimental_parallel_collective_overlap_limit": GPU_COLLECTIVES_IN_FLIGHT,
-              **({"xla_gpu_memory_limit_slop_factor": GPU_OFFLOAD_MEMORY_SLOP} if host_offload else {}),
+              **({"xla_gpu_memory_limit_slop_factor": GPU_OFFLOAD_MEMORY_SLOP,
+                  "xla_disable_hlo_passes": GPU_OFFLOAD_PASSES_OFF} if host_offload else {}),
               **({"xla_gpu_experimental_collective_start_as_early_as_possible": True}
                  if self.cfg.early_collectives else {})}
     if self.platform != "tpu":

@@ -559,13 +559,20 @@ def test_early_collectives_are_searched_on_gpus_and_say_when_they_do_nothing(cap
 def test_gpu_steps_with_layer_inputs_in_host_memory_raise_xla_memory_budget():
   """needs the cuda extra: with remat full_offload XLA:GPU's rematerialization counts the layer inputs
   it keeps in host memory as device memory, so the step compiles with mesh.GPU_OFFLOAD_MEMORY_SLOP
-  (V3 on h100x256: 213.8 -> 205.7 s a step forecast, the matmuls XLA had recomputed gone, docs/pods.md);
-  other steps, and TPU's, with XLA's default."""
+  (V3 on h100x256: 213.8 -> 205.7 s a step forecast, the matmuls XLA had recomputed gone, docs/pods.md)
+  and without XLA's rematerialization, which still recomputed to fit a peak 13 GiB above the compiled
+  one (185.4 -> 179.3 s); other steps, and TPU's, with XLA's default."""
   from parallel import mesh as mesh_lib
   cfg = load_train_config(ROOT / "configs/tiny.yaml", ["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2"])
   gpu = Parallelism.from_config(cfg.mesh, targets.devices(targets.parse("h100x8")))
-  assert gpu.compiler_options(host_offload=True)["xla_gpu_memory_limit_slop_factor"] == mesh_lib.GPU_OFFLOAD_MEMORY_SLOP
-  assert "xla_gpu_memory_limit_slop_factor" not in gpu.compiler_options()
+  offload = gpu.compiler_options(host_offload=True)
+  assert offload["xla_gpu_memory_limit_slop_factor"] == mesh_lib.GPU_OFFLOAD_MEMORY_SLOP
+  assert offload["xla_disable_hlo_passes"] == "rematerialization"
+  assert not {"xla_gpu_memory_limit_slop_factor", "xla_disable_hlo_passes"} & set(gpu.compiler_options())
+  # the step compiles with it (an unknown pass name or option would fail here)
+  cfg = load_train_config(ROOT / "configs/tiny.yaml", ["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2", "precision=bf16",
+                                                        "impl.remat_policy=full_offload"])
+  assert _compiled(cfg, targets.parse("h100x8")).memory_analysis() is not None
   tpu = Parallelism.from_config(MeshConfig(data=1, fsdp=2, expert=2), targets.devices(targets.parse("v5p-8")))
   assert not any(k.startswith("xla_gpu") for k in tpu.compiler_options(host_offload=True))
 
