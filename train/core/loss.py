@@ -31,10 +31,10 @@ def token_nll(logits_BxSxV, targets_BxS):
 
 def token_nlls(logits: list, targets: list) -> list:
   """token_nll of each pair; HeadInputs of one head (the main and MTP heads) in one pass over their
-  chunks, on each device's tokens with the head's weight gathered once for all of them
-  (parallel.sharding.tokens_with_weight: its gradient reduce-scattered once, not at every chunk and
-  head; each head's whole gradient held until then). Where the hidden dimension is split over
-  devices, XLA's partitioning of each chunk."""
+  chunks, on each device's tokens with the head's weight gathered once for all of them and its
+  gradient, summed over them, reduce-scattered once (parallel.sharding.tokens_with_weight; XLA had
+  done both at every chunk of every head, and one pass a head held each head's whole gradient across
+  the MTP block). Where the hidden dimension is split over devices, XLA's partitioning of each chunk."""
   first = logits[0]
   if not all(isinstance(x, HeadInput) and x.chunks == first.chunks for x in logits):
     return [token_nll(x, t) for x, t in zip(logits, targets)]
