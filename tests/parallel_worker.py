@@ -166,24 +166,24 @@ def accumulate(meshes, extra=(), ref_mesh=dict(data=1), chunk=4, table=ACCUMULAT
   batch, extra = test_batch(), ["grad_accum=2", *extra]
   ref_m, ref_before, ref_after, _ = one_step(config(ref_mesh, extra), batch)
   out = {"ref": {k: float(v) for k, v in ref_m.items() if np.ndim(v) == 0}}
-  traced = {"accumulating": 0, "chunks": [], "per_rows": []}
+  traced = {"accumulating": 0, "chunks": [], "on_tokens": []}
   scan, chunked, shipped = decoder.accumulating, loss_lib.token_nlls, model_lib.LOSS_CHUNK
-  rows = loss_lib.tokens_with_weight
+  on_tokens = loss_lib.tokens_with_weight
   decoder.accumulating = lambda *a, **k: traced.__setitem__("accumulating", traced["accumulating"] + 1) or scan(*a, **k)
   loss_lib.token_nlls = lambda ds, ts: traced["chunks"].extend(d.chunks for d in ds) or chunked(ds, ts)
   # whether the chunked heads ran on each device's tokens with the weight gathered once (or XLA's partitioning)
-  loss_lib.tokens_with_weight = lambda *a: (lambda r: traced["per_rows"].append(r is not None) or r)(rows(*a))
+  loss_lib.tokens_with_weight = lambda *a: (lambda r: traced["on_tokens"].append(r is not None) or r)(on_tokens(*a))
   model_lib.LOSS_CHUNK = chunk
   try:
     for name in meshes:
       mesh, over = table[name]
-      traced.update(accumulating=0, chunks=[], per_rows=[])
+      traced.update(accumulating=0, chunks=[], on_tokens=[])
       m, before, after, _ = one_step(config(mesh, [*extra, *over]), batch)
       out[name] = {**compare((ref_before, ref_after, ref_m), before, after, m, None),
-                   "accumulating": traced["accumulating"], "chunks": traced["chunks"], "per_rows": traced["per_rows"]}
+                   "accumulating": traced["accumulating"], "chunks": traced["chunks"], "on_tokens": traced["on_tokens"]}
   finally:
     decoder.accumulating, loss_lib.token_nlls, model_lib.LOSS_CHUNK = scan, chunked, shipped
-    loss_lib.tokens_with_weight = rows
+    loss_lib.tokens_with_weight = on_tokens
   return out
 
 

@@ -321,16 +321,16 @@ def test_gradients_accumulated_in_the_layer_stacks_on_every_mesh(eight):
   # the chunked heads on each device's rows, the weight gathered once (over fsdp x expert; its vocabulary
   # over tensor, with vocab_parallel over tensor x fsdp: the vocabulary-parallel loss); on d2f2e2 (4 rows a
   # micro-batch over 8 devices: the hidden dimension split over expert) XLA's partitioning of each chunk
-  per_rows = lambda name, chunks: [] if chunks[0] == 1 else [name != "d2f2e2"] * 2  # (main and MTP in one)
+  on_tokens = lambda name, chunks: [] if chunks[0] == 1 else [name != "d2f2e2"] * 2  # (main and MTP in one)
   for name, chunks in want_chunks.items():
     check_mesh(name, acc[name], acc["ref"])
     assert acc[name]["accumulating"] == 2 and acc[name]["chunks"] == chunks, name
-    assert acc[name]["per_rows"] == per_rows(name, chunks), (name, acc[name]["per_rows"])
+    assert acc[name]["on_tokens"] == on_tokens(name, chunks), (name, acc[name]["on_tokens"])
   # impl.fb_overlap (train/core/overlapped.py): the MoE stack's backward its own, the dense stack's by autodiff
   for name, chunks in {"f2e2t2_fb_overlap": [4] * 4, "f2c2e2_fb_overlap": [1] * 4}.items():
     check_mesh(name, acc[name], acc["ref"])
     assert acc[name]["accumulating"] == 0 and acc[name]["chunks"] == chunks, name
-    assert acc[name]["per_rows"] == per_rows(name, chunks), (name, acc[name]["per_rows"])
+    assert acc[name]["on_tokens"] == on_tokens(name, chunks), (name, acc[name]["on_tokens"])
   fp8 = eight["accumulate_fp8"]
   check_mesh("fp8", fp8["d2f2e2"], fp8["ref"])
   assert fp8["d2f2e2"]["accumulating"] == 2 and fp8["d2f2e2"]["update_diff"] < 1e-8
